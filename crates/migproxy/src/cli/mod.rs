@@ -1,0 +1,134 @@
+//! The `migproxy` command line.
+//!
+//! Exit codes: 0 success; 1 a relay or migration failed or was cancelled, or the command could
+//! not do its job (a listen address in use); 2 usage (bad flags or endpoints).
+
+mod demo;
+mod relay;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::endpoint::Endpoint;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "migproxy",
+    version,
+    about = "Carries QEMU live-migration streams between hosts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (tracing syntax), e.g. `info` or `migproxy=debug`; also MIGPROXY_LOG.
+    #[arg(long, global = true, env = "MIGPROXY_LOG", default_value = "warn")]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Accept connections on one endpoint and relay each to another, zero-copy.
+    Relay(relay::Args),
+    /// Stream a synthetic migration through the relay on this machine and check it.
+    Demo(demo::Args),
+}
+
+/// Exit code for a command that ran but did not succeed.
+pub const EXIT_FAILED: u8 = 1;
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("migproxy: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Relay(args) => relay::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    ExitCode::from(code)
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|error| {
+        eprintln!("migproxy: ignoring log filter {filter:?}: {error}");
+        tracing_subscriber::EnvFilter::new("warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// clap parser for endpoints: errors read `invalid endpoint "tcp:foo": missing port`.
+fn endpoint(text: &str) -> Result<Endpoint, String> {
+    text.parse()
+        .map_err(|e: crate::endpoint::EndpointError| e.to_string())
+}
+
+/// clap parser for durations in seconds, fractions allowed: `10`, `0.5`.
+fn seconds(text: &str) -> Result<Duration, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a number of seconds"))?;
+    Duration::try_from_secs_f64(value).map_err(|_| format!("{text} s is not a usable duration"))
+}
+
+/// clap parser for sizes: `1073741824`, `512M`, `1G`, `1GiB` (binary units).
+fn size(text: &str) -> Result<u64, String> {
+    let bad = || format!("\"{text}\" is not a size (examples: 4096, 512M, 1G)");
+    let trimmed = text.trim_end_matches("iB").trim_end_matches('B');
+    let (digits, shift) = match trimmed.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&trimmed[..i], 10),
+        Some((i, 'M' | 'm')) => (&trimmed[..i], 20),
+        Some((i, 'G' | 'g')) => (&trimmed[..i], 30),
+        Some((i, 'T' | 't')) => (&trimmed[..i], 40),
+        _ => (trimmed, 0),
+    };
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    value.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size("4096"), Ok(4096));
+        assert_eq!(size("512M"), Ok(512 << 20));
+        assert_eq!(size("1G"), Ok(1 << 30));
+        assert_eq!(size("1GiB"), Ok(1 << 30));
+        assert_eq!(size("2KB"), Ok(2048));
+        assert!(size("").is_err());
+        assert!(size("G").is_err());
+        assert!(size("-1G").is_err());
+        assert!(size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert!(seconds("-1").is_err());
+        assert!(seconds("soon").is_err());
+        assert!(seconds("inf").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,87 @@
+//! `migproxy relay`: accept on one endpoint, relay each connection to another.
+
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use super::EXIT_FAILED;
+use crate::endpoint::Endpoint;
+use crate::proxy::{self, Config};
+use crate::relay::Options;
+use crate::transport::Listener;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where to accept connections: unix:PATH, tcp:HOST:PORT or tcp:[IPV6]:PORT.
+    #[arg(long, value_name = "ENDPOINT", value_parser = super::endpoint)]
+    listen: Endpoint,
+    /// Where to carry each accepted connection, in the same syntax.
+    #[arg(long, value_name = "ENDPOINT", value_parser = super::endpoint)]
+    connect: Endpoint,
+    /// Stop accepting after N connections, exit once their relays have ended.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// Give up connecting onwards after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = super::seconds)]
+    connect_timeout: Duration,
+    /// Copy through user space instead of splice(2) (for comparison and diagnosis).
+    #[arg(long)]
+    no_splice: bool,
+}
+
+/// Runs until SIGINT/SIGTERM or `--max-connections`; one report line per connection on
+/// stdout, then a summary.
+pub async fn run(args: Args) -> u8 {
+    let listener = match Listener::bind(&args.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("migproxy relay: {error}");
+            return EXIT_FAILED;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    if let Err(error) = cancel_on_signals(shutdown.clone()) {
+        eprintln!("migproxy relay: cannot install signal handlers: {error}");
+        return EXIT_FAILED;
+    }
+    eprintln!(
+        "migproxy relay: listening on {}, relaying to {}",
+        listener.endpoint(),
+        args.connect
+    );
+    let config = Config {
+        connect: args.connect,
+        max_connections: args.max_connections,
+        connect_timeout: args.connect_timeout,
+        relay: Options {
+            zero_copy: !args.no_splice,
+            ..Options::default()
+        },
+    };
+    let summary = proxy::run(listener, config, shutdown, |n, report| {
+        println!("#{n} {} → {}: {report}", report.source, report.destination);
+    })
+    .await;
+    println!("migproxy relay: {summary}");
+    if summary.all_completed() {
+        0
+    } else {
+        EXIT_FAILED
+    }
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM.
+fn cancel_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        eprintln!("migproxy relay: {name} received, cancelling every relay");
+        shutdown.cancel();
+    });
+    Ok(())
+}

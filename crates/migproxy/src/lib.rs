@@ -1,0 +1,13 @@
+//! migproxy carries QEMU live-migration streams between hosts.
+//!
+//! - [`endpoint`]: QEMU's URI syntax (`unix:PATH`, `tcp:HOST:PORT`).
+//! - [`transport`]: one stream type over unix sockets and TCP, listeners and connects.
+//! - [`relay`]: the zero-copy engine that moves one channel and reports exactly how it ended.
+//! - [`human`]: how sizes, durations and OS errors read in reports.
+
+pub mod cli;
+pub mod endpoint;
+pub mod human;
+pub mod proxy;
+pub mod relay;
+pub mod transport;

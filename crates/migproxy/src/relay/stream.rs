@@ -1,0 +1,41 @@
+//! One direction between two byte streams that are not both plain sockets (TLS, in-memory):
+//! a copy through one large buffer, reused for the whole stream.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{Counters, Direction, Op, Options, PumpError};
+
+/// Moves one direction until end of stream, then shuts the writer down.
+pub(super) async fn pump(
+    mut reader: impl AsyncRead + Unpin,
+    mut writer: impl AsyncWrite + Unpin,
+    direction: Direction,
+    counters: &Counters,
+    options: &Options,
+) -> Result<(), PumpError> {
+    let mut buf = vec![0u8; options.copy_buffer].into_boxed_slice();
+    loop {
+        let filled = reader.read(&mut buf).await.map_err(PumpError::read)?;
+        if filled == 0 {
+            break;
+        }
+        let mut written = 0;
+        while written < filled {
+            let n = writer
+                .write(&buf[written..filled])
+                .await
+                .map_err(PumpError::write)?;
+            if n == 0 {
+                return Err(PumpError::write(std::io::ErrorKind::WriteZero.into()));
+            }
+            written += n;
+            counters.record(direction, n, false);
+        }
+        // A layer that buffers (TLS) must not sit on a small return-path message.
+        writer.flush().await.map_err(PumpError::write)?;
+    }
+    writer.shutdown().await.map_err(|error| PumpError {
+        op: Op::Shutdown,
+        error,
+    })
+}
