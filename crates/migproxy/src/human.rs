@@ -103,8 +103,8 @@ pub fn errno_name(error: &io::Error) -> Option<String> {
 fn lower_first(text: &str) -> String {
     let first_word = text.split(' ').next().unwrap_or_default();
     let mut chars = first_word.chars();
-    let plain = chars.next().is_some_and(char::is_uppercase)
-        && chars.all(|c| c.is_ascii_lowercase());
+    let plain =
+        chars.next().is_some_and(char::is_uppercase) && chars.all(|c| c.is_ascii_lowercase());
     if plain {
         let mut lowered = first_word.to_lowercase();
         lowered.push_str(&text[first_word.len()..]);

@@ -9,5 +9,6 @@ pub mod cli;
 pub mod endpoint;
 pub mod human;
 pub mod proxy;
+pub mod qmp;
 pub mod relay;
 pub mod transport;

@@ -18,8 +18,11 @@ const BIG: usize = 64 << 20;
 async fn exchange(source: Kind, destination: Kind, options: Options) -> Report {
     let (src_peer, src_leg) = pair(source).await;
     let (dst_peer, dst_leg) = pair(destination).await;
-    let relay = Relay::new(Leg::new("source", src_leg), Leg::new("destination", dst_leg))
-        .with_options(options);
+    let relay = Relay::new(
+        Leg::new("source", src_leg),
+        Leg::new("destination", dst_leg),
+    )
+    .with_options(options);
     let forward = random_data(1, BIG);
     let backward = random_data(2, BIG);
     let running = tokio::spawn(relay.run());
@@ -34,8 +37,14 @@ async fn exchange(source: Kind, destination: Kind, options: Options) -> Report {
     );
     sent_fwd.unwrap().unwrap();
     sent_back.unwrap().unwrap();
-    assert_eq!(got_fwd.unwrap().unwrap(), (BIG as u64, blake3::hash(&forward)));
-    assert_eq!(got_back.unwrap().unwrap(), (BIG as u64, blake3::hash(&backward)));
+    assert_eq!(
+        got_fwd.unwrap().unwrap(),
+        (BIG as u64, blake3::hash(&forward))
+    );
+    assert_eq!(
+        got_back.unwrap().unwrap(),
+        (BIG as u64, blake3::hash(&backward))
+    );
 
     let report = running.await.unwrap();
     assert!(report.is_completed(), "{report}");
@@ -47,7 +56,10 @@ async fn exchange(source: Kind, destination: Kind, options: Options) -> Report {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unix_to_tcp_is_exact_both_ways_and_spliced() {
     let report = exchange(Kind::Unix, Kind::Tcp, Options::default()).await;
-    assert_eq!(report.spliced, report.bytes, "every byte should have been spliced");
+    assert_eq!(
+        report.spliced, report.bytes,
+        "every byte should have been spliced"
+    );
     assert_eq!(report.data_path(), "zero-copy");
 }
 
@@ -121,7 +133,11 @@ async fn half_close_keeps_the_other_direction_flowing() {
         let (src_peer, src_leg) = pair(source).await;
         let (dst_peer, dst_leg) = pair(destination).await;
         let running = tokio::spawn(
-            Relay::new(Leg::new("source", src_leg), Leg::new("destination", dst_leg)).run(),
+            Relay::new(
+                Leg::new("source", src_leg),
+                Leg::new("destination", dst_leg),
+            )
+            .run(),
         );
         let (mut src_read, src_write) = tokio::io::split(src_peer);
         let (dst_read, mut dst_write) = tokio::io::split(dst_peer);
@@ -131,13 +147,19 @@ async fn half_close_keeps_the_other_direction_flowing() {
         dst_write.shutdown().await.unwrap();
         let mut reply = Vec::new();
         src_read.read_to_end(&mut reply).await.unwrap();
-        assert_eq!(reply, b"early reply", "source must see the reply, then end of stream");
+        assert_eq!(
+            reply, b"early reply",
+            "source must see the reply, then end of stream"
+        );
 
         // ...while the source's direction, still open, carries all of its data afterwards.
         let data = random_data(4, 16 << 20);
         let receiver = tokio::spawn(receive_all(dst_read));
         send_all(src_write, Arc::clone(&data), 5).await.unwrap();
-        assert_eq!(receiver.await.unwrap().unwrap(), (16 << 20, blake3::hash(&data)));
+        assert_eq!(
+            receiver.await.unwrap().unwrap(),
+            (16 << 20, blake3::hash(&data))
+        );
         let report = running.await.unwrap();
         assert!(report.is_completed(), "{report}");
         assert_eq!(report.bytes.to_source, 11);
@@ -186,14 +208,20 @@ async fn source_reset_is_a_read_failure_on_the_source_leg() {
         text.contains("read from tcp:qemu-source failed after 97.7 KiB source→destination and 0 B destination→source"),
         "{text}"
     );
-    assert!(text.ends_with("connection reset by peer (ECONNRESET)"), "{text}");
+    assert!(
+        text.ends_with("connection reset by peer (ECONNRESET)"),
+        "{text}"
+    );
     // The destination must not take the broken stream for a complete one.
     let mut rest = Vec::new();
     let Stream::Unix(mut dst_peer) = dst_peer else {
         unreachable!()
     };
     let end = dst_peer.read_to_end(&mut rest).await;
-    assert!(end.is_err() || rest.len() == 100_000, "destination end: {end:?}");
+    assert!(
+        end.is_err() || rest.len() == 100_000,
+        "destination end: {end:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,7 +267,10 @@ async fn cancel_ends_a_stuck_relay_at_once_and_both_peers_notice() {
     for (source, destination) in [(Kind::Unix, Kind::Tcp), (Kind::Tcp, Kind::Unix)] {
         let (src_peer, src_leg) = pair(source).await;
         let (dst_peer, dst_leg) = pair(destination).await;
-        let relay = Relay::new(Leg::new("source", src_leg), Leg::new("destination", dst_leg));
+        let relay = Relay::new(
+            Leg::new("source", src_leg),
+            Leg::new("destination", dst_leg),
+        );
         let counters = relay.counters();
         let cancel = relay.cancel_token();
         let running = tokio::spawn(relay.run());
@@ -254,13 +285,17 @@ async fn cancel_ends_a_stuck_relay_at_once_and_both_peers_notice() {
             Ok::<(), std::io::Error>(())
         });
         let mut last = (0, Instant::now());
-        wait_until(Duration::from_secs(10), "the relay to stall on full buffers", || {
-            let now = counters.bytes().to_destination;
-            if now != last.0 {
-                last = (now, Instant::now());
-            }
-            now > 0 && last.1.elapsed() > Duration::from_millis(200)
-        })
+        wait_until(
+            Duration::from_secs(10),
+            "the relay to stall on full buffers",
+            || {
+                let now = counters.bytes().to_destination;
+                if now != last.0 {
+                    last = (now, Instant::now());
+                }
+                now > 0 && last.1.elapsed() > Duration::from_millis(200)
+            },
+        )
         .await;
 
         let asked = Instant::now();
@@ -270,11 +305,17 @@ async fn cancel_ends_a_stuck_relay_at_once_and_both_peers_notice() {
         assert!(took < Duration::from_millis(100), "cancel took {took:?}");
         assert!(matches!(report.end, End::Cancelled), "{report}");
         assert!(report.bytes.to_destination > 0);
-        assert!(report.to_string().starts_with("cancelled after "), "{report}");
+        assert!(
+            report.to_string().starts_with("cancelled after "),
+            "{report}"
+        );
 
         // The source's blocked write fails; the destination's read ends.
         let written = tokio::time::timeout(Duration::from_secs(1), writer).await;
-        assert!(matches!(written, Ok(Ok(Err(_)))), "source writer: {written:?}");
+        assert!(
+            matches!(written, Ok(Ok(Err(_)))),
+            "source writer: {written:?}"
+        );
         let (mut dst_read, _dst_write) = tokio::io::split(dst_peer);
         let drained = tokio::time::timeout(Duration::from_secs(1), async {
             let mut buf = vec![0u8; 1 << 20];

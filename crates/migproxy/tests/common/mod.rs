@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: real socket pairs and checked data streams.
 #![allow(dead_code)]
 
+pub mod qemu;
+
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,7 +52,11 @@ pub fn random_data(seed: u64, len: usize) -> Arc<Vec<u8>> {
 }
 
 /// Writes `data` in writes of random sizes (1 B to 256 KiB), then shuts the write side down.
-pub async fn send_all(mut writer: impl AsyncWrite + Unpin, data: Arc<Vec<u8>>, seed: u64) -> io::Result<()> {
+pub async fn send_all(
+    mut writer: impl AsyncWrite + Unpin,
+    data: Arc<Vec<u8>>,
+    seed: u64,
+) -> io::Result<()> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut at = 0;
     while at < data.len() {
@@ -80,14 +86,20 @@ pub async fn receive_all(mut reader: impl AsyncRead + Unpin) -> io::Result<(u64,
 pub async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 /// A fresh temporary directory with a short path (unix socket paths are limited to 107 bytes).
 pub fn short_tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("mp-").tempdir_in("/tmp").unwrap()
+    tempfile::Builder::new()
+        .prefix("mp-")
+        .tempdir_in("/tmp")
+        .unwrap()
 }
 
 pub fn sock(dir: &tempfile::TempDir, name: &str) -> PathBuf {
