@@ -1,5 +1,7 @@
 //! `migproxy relay` between a real source and destination QEMU on one host.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! The relay engine on real sockets: exactness, half-close, data path, failures, cancel.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;

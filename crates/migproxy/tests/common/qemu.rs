@@ -79,16 +79,11 @@ impl Qemu {
         if incoming {
             command.args(["-incoming", "defer"]);
         }
-        let child = command.spawn().unwrap_or_else(|e| {
+        let mut child = command.spawn().unwrap_or_else(|e| {
             panic!("cannot start {QEMU} ({e}): run scripts/test, which installs qemu-system-x86")
         });
-        let mut child = Some(child);
-        let qmp = connect_qmp(&qmp_path, child.as_mut().unwrap(), &log).await;
-        Qemu {
-            qmp,
-            child: child.take().unwrap(),
-            log,
-        }
+        let qmp = connect_qmp(&qmp_path, &mut child, &log).await;
+        Qemu { qmp, child, log }
     }
 
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Value {
