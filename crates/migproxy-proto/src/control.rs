@@ -1,0 +1,465 @@
+//! Control frames, exchanged both ways on a migration's control connection.
+//!
+//! ```text
+//! frame     length u32 (of what follows) │ type u8 │ payload
+//! 1 Heartbeat
+//! 2 ChannelOpened   channel u32
+//! 3 ChannelClosed   channel u32 │ end u8 │ totals
+//! 4 Failed          attribution
+//! 5 Cancel          by host u8
+//! 6 Done            channels u32 │ totals
+//! totals            to_destination u64 │ to_source u64
+//! attribution       host u8 │ leg u8 │ has channel u8 │ channel u32 │ direction u8 │ op u8 │
+//!                   errno (u8 length + text) │ message (u16 length + text) │ totals │
+//!                   elapsed ms u64
+//! ```
+
+use crate::codec::{DecodeError, Reader, Writer};
+
+/// Largest control frame (length field included).
+pub const MAX_CONTROL_FRAME: usize = 16 * 1024;
+/// Longest failure message carried; longer ones are cut.
+const MAX_MESSAGE: usize = 4096;
+
+/// Which host a fact is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Host {
+    Source,
+    Destination,
+}
+
+/// Which side of a daemon a failure was on: its local QEMU or the link to the other daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leg {
+    Qemu,
+    Peer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    ToDestination,
+    ToSource,
+}
+
+/// The operation that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Connect,
+    Read,
+    Write,
+    Splice,
+    Shutdown,
+    /// The hello exchange on a peer connection.
+    Handshake,
+    /// Nothing moved or nothing was heard for too long.
+    Timeout,
+    /// The peer broke the protocol.
+    Protocol,
+}
+
+/// Bytes per direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub to_destination: u64,
+    pub to_source: u64,
+}
+
+/// How one channel ended on one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelEnd {
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+/// Who and what failed, so that both hosts can report the same cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribution {
+    pub host: Host,
+    pub leg: Leg,
+    pub channel: Option<u32>,
+    pub direction: Option<Direction>,
+    pub op: Op,
+    /// Symbolic errno (`ECONNRESET`), when there was one.
+    pub errno: Option<String>,
+    /// The OS or protocol error text.
+    pub message: String,
+    /// Bytes moved on the failing channel (or the whole migration when no channel).
+    pub bytes: Totals,
+    pub elapsed_ms: u64,
+}
+
+/// A control frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Sent every heartbeat interval, both ways; silence means the link is dead.
+    Heartbeat,
+    /// The sender has established its local leg of this channel.
+    ChannelOpened { channel: u32 },
+    /// The sender's relay for this channel has ended.
+    ChannelClosed {
+        channel: u32,
+        end: ChannelEnd,
+        bytes: Totals,
+    },
+    /// The migration failed on the sender's host, for this reason.
+    Failed(Attribution),
+    /// The migration was cancelled on the sender's host.
+    Cancel { by: Host },
+    /// Every channel has ended cleanly on the sender's host, with these totals.
+    Done { channels: u32, bytes: Totals },
+}
+
+/// Checks a frame's 4-byte length prefix; returns the number of bytes that follow it.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len == 0 {
+        return Err(DecodeError::Truncated { needed: 1 });
+    }
+    if len > MAX_CONTROL_FRAME - 4 {
+        return Err(DecodeError::Oversized {
+            what: "control frame",
+            len,
+            max: MAX_CONTROL_FRAME - 4,
+        });
+    }
+    Ok(len)
+}
+
+impl Control {
+    /// Appends the whole frame, length prefix included.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let mut w = Writer { buf: out };
+        match self {
+            Control::Heartbeat => w.u8(1),
+            Control::ChannelOpened { channel } => {
+                w.u8(2);
+                w.u32(*channel);
+            }
+            Control::ChannelClosed {
+                channel,
+                end,
+                bytes,
+            } => {
+                w.u8(3);
+                w.u32(*channel);
+                w.u8(end_code(*end));
+                totals(&mut w, bytes);
+            }
+            Control::Failed(attribution) => {
+                w.u8(4);
+                encode_attribution(&mut w, attribution);
+            }
+            Control::Cancel { by } => {
+                w.u8(5);
+                w.u8(host_code(*by));
+            }
+            Control::Done { channels, bytes } => {
+                w.u8(6);
+                w.u32(*channels);
+                totals(&mut w, bytes);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Decodes one whole frame (length prefix included) and returns it with its size, or
+    /// `Truncated` when `buf` does not hold all of it yet.
+    pub fn decode_frame(buf: &[u8]) -> Result<(Control, usize), DecodeError> {
+        let mut r = Reader::new(buf);
+        let len = frame_len(r.array()?)?;
+        let body = r.bytes(len)?;
+        Ok((Control::decode(body)?, 4 + len))
+    }
+
+    /// Decodes a frame's body (what follows the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Control, DecodeError> {
+        let mut r = Reader::new(body);
+        let message = match r.u8()? {
+            1 => Control::Heartbeat,
+            2 => Control::ChannelOpened { channel: r.u32()? },
+            3 => Control::ChannelClosed {
+                channel: r.u32()?,
+                end: end_from(r.u8()?)?,
+                bytes: read_totals(&mut r)?,
+            },
+            4 => Control::Failed(decode_attribution(&mut r)?),
+            5 => Control::Cancel {
+                by: host_from(r.u8()?)?,
+            },
+            6 => Control::Done {
+                channels: r.u32()?,
+                bytes: read_totals(&mut r)?,
+            },
+            other => return Err(DecodeError::UnknownMessage(other)),
+        };
+        r.finish()?;
+        Ok(message)
+    }
+}
+
+fn totals(w: &mut Writer<'_>, t: &Totals) {
+    w.u64(t.to_destination);
+    w.u64(t.to_source);
+}
+
+fn read_totals(r: &mut Reader<'_>) -> Result<Totals, DecodeError> {
+    Ok(Totals {
+        to_destination: r.u64()?,
+        to_source: r.u64()?,
+    })
+}
+
+fn encode_attribution(w: &mut Writer<'_>, a: &Attribution) {
+    w.u8(host_code(a.host));
+    w.u8(match a.leg {
+        Leg::Qemu => 0,
+        Leg::Peer => 1,
+    });
+    w.u8(a.channel.is_some().into());
+    w.u32(a.channel.unwrap_or(0));
+    w.u8(match a.direction {
+        None => 0,
+        Some(Direction::ToDestination) => 1,
+        Some(Direction::ToSource) => 2,
+    });
+    w.u8(OPS.iter().position(|op| *op == a.op).unwrap_or(0) as u8);
+    w.short_str(a.errno.as_deref().unwrap_or(""));
+    w.str16(&a.message, MAX_MESSAGE);
+    totals(w, &a.bytes);
+    w.u64(a.elapsed_ms);
+}
+
+fn decode_attribution(r: &mut Reader<'_>) -> Result<Attribution, DecodeError> {
+    let host = host_from(r.u8()?)?;
+    let leg = match r.u8()? {
+        0 => Leg::Qemu,
+        1 => Leg::Peer,
+        other => return Err(invalid("leg", other)),
+    };
+    let channel = match (r.u8()?, r.u32()?) {
+        (0, _) => None,
+        (1, channel) => Some(channel),
+        (other, _) => return Err(invalid("channel flag", other)),
+    };
+    let direction = match r.u8()? {
+        0 => None,
+        1 => Some(Direction::ToDestination),
+        2 => Some(Direction::ToSource),
+        other => return Err(invalid("direction", other)),
+    };
+    let op = r.u8()?;
+    let op = *OPS.get(op as usize).ok_or(invalid("op", op))?;
+    let errno = Some(r.short_str("errno")?).filter(|e| !e.is_empty());
+    let message = r.str16("message")?;
+    if message.len() > MAX_MESSAGE {
+        return Err(DecodeError::Oversized {
+            what: "message",
+            len: message.len(),
+            max: MAX_MESSAGE,
+        });
+    }
+    Ok(Attribution {
+        host,
+        leg,
+        channel,
+        direction,
+        op,
+        errno,
+        message,
+        bytes: read_totals(r)?,
+        elapsed_ms: r.u64()?,
+    })
+}
+
+const OPS: [Op; 8] = [
+    Op::Connect,
+    Op::Read,
+    Op::Write,
+    Op::Splice,
+    Op::Shutdown,
+    Op::Handshake,
+    Op::Timeout,
+    Op::Protocol,
+];
+
+fn invalid(field: &'static str, value: u8) -> DecodeError {
+    DecodeError::InvalidValue {
+        field,
+        value: value.into(),
+    }
+}
+
+fn host_code(host: Host) -> u8 {
+    match host {
+        Host::Source => 0,
+        Host::Destination => 1,
+    }
+}
+
+fn host_from(code: u8) -> Result<Host, DecodeError> {
+    match code {
+        0 => Ok(Host::Source),
+        1 => Ok(Host::Destination),
+        other => Err(invalid("host", other)),
+    }
+}
+
+fn end_code(end: ChannelEnd) -> u8 {
+    match end {
+        ChannelEnd::Completed => 0,
+        ChannelEnd::Cancelled => 1,
+        ChannelEnd::Failed => 2,
+    }
+}
+
+fn end_from(code: u8) -> Result<ChannelEnd, DecodeError> {
+    match code {
+        0 => Ok(ChannelEnd::Completed),
+        1 => Ok(ChannelEnd::Cancelled),
+        2 => Ok(ChannelEnd::Failed),
+        other => Err(invalid("channel end", other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attribution() -> Attribution {
+        Attribution {
+            host: Host::Destination,
+            leg: Leg::Qemu,
+            channel: Some(0),
+            direction: Some(Direction::ToDestination),
+            op: Op::Write,
+            errno: Some("EPIPE".into()),
+            message: "broken pipe".into(),
+            bytes: Totals {
+                to_destination: 512 << 20,
+                to_source: 312,
+            },
+            elapsed_ms: 3400,
+        }
+    }
+
+    fn every_message() -> Vec<Control> {
+        let bytes = Totals {
+            to_destination: u64::MAX,
+            to_source: 1,
+        };
+        let mut no_channel = attribution();
+        no_channel.channel = None;
+        no_channel.direction = None;
+        no_channel.errno = None;
+        no_channel.op = Op::Timeout;
+        no_channel.leg = Leg::Peer;
+        no_channel.host = Host::Source;
+        vec![
+            Control::Heartbeat,
+            Control::ChannelOpened { channel: 7 },
+            Control::ChannelClosed {
+                channel: 1,
+                end: ChannelEnd::Completed,
+                bytes,
+            },
+            Control::ChannelClosed {
+                channel: 2,
+                end: ChannelEnd::Failed,
+                bytes,
+            },
+            Control::ChannelClosed {
+                channel: 2,
+                end: ChannelEnd::Cancelled,
+                bytes,
+            },
+            Control::Failed(attribution()),
+            Control::Failed(no_channel),
+            Control::Cancel { by: Host::Source },
+            Control::Cancel {
+                by: Host::Destination,
+            },
+            Control::Done { channels: 5, bytes },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for message in every_message() {
+            let mut buf = Vec::new();
+            message.encode(&mut buf);
+            assert_eq!(
+                Control::decode_frame(&buf),
+                Ok((message.clone(), buf.len()))
+            );
+            for cut in 0..buf.len() {
+                assert!(
+                    matches!(
+                        Control::decode_frame(&buf[..cut]),
+                        Err(DecodeError::Truncated { .. })
+                    ),
+                    "{message:?} cut at {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn frames_decode_back_to_back() {
+        let mut buf = Vec::new();
+        for message in every_message() {
+            message.encode(&mut buf);
+        }
+        let mut at = 0;
+        let mut decoded = Vec::new();
+        while at < buf.len() {
+            let (message, used) = Control::decode_frame(&buf[at..]).unwrap();
+            decoded.push(message);
+            at += used;
+        }
+        assert_eq!(decoded, every_message());
+    }
+
+    #[test]
+    fn long_messages_are_cut_to_the_limit() {
+        let mut long = attribution();
+        long.message = "x".repeat(100_000);
+        let mut buf = Vec::new();
+        Control::Failed(long).encode(&mut buf);
+        let (Control::Failed(back), _) = Control::decode_frame(&buf).unwrap() else {
+            panic!("not a failure")
+        };
+        assert_eq!(back.message.len(), MAX_MESSAGE);
+        assert!(buf.len() <= MAX_CONTROL_FRAME);
+    }
+
+    #[test]
+    fn rejects_each_defect_distinctly() {
+        assert!(matches!(
+            frame_len(u32::MAX.to_be_bytes()),
+            Err(DecodeError::Oversized { .. })
+        ));
+        assert_eq!(Control::decode(&[99]), Err(DecodeError::UnknownMessage(99)));
+        assert_eq!(Control::decode(&[1, 0]), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(
+            Control::decode(&[5, 9]),
+            Err(DecodeError::InvalidValue {
+                field: "host",
+                value: 9
+            })
+        );
+        let mut buf = Vec::new();
+        Control::Failed(attribution()).encode(&mut buf);
+        buf[4 + 1 + 8] = 42; // length, type, host, leg, channel flag and index, direction: op
+        assert!(matches!(
+            Control::decode_frame(&buf),
+            Err(DecodeError::InvalidValue {
+                field: "op",
+                value: 42
+            })
+        ));
+    }
+}

@@ -1,0 +1,392 @@
+//! The first message of every peer connection, and its answer.
+//!
+//! ```text
+//! Hello       "MGPX" │ version u16 │ body length u16 │ body
+//!   body      kind u8 │ channel u32 │ token [32] │ id length u8 │ id
+//! HelloReply  "MGPX" │ version u16 │ status u8 │ message length u8 │ message (UTF-8)
+//! ```
+//! All integers are big-endian.
+
+use std::fmt;
+
+use crate::codec::{DecodeError, Reader, Writer};
+
+pub const MAGIC: [u8; 4] = *b"MGPX";
+/// The protocol version this code speaks.
+pub const VERSION: u16 = 1;
+/// The oldest version accepted: the current one and the one before.
+pub const MIN_VERSION: u16 = if VERSION > 1 { VERSION - 1 } else { 1 };
+/// Magic, version and body length.
+pub const HELLO_HEADER: usize = 8;
+pub const TOKEN_LEN: usize = 32;
+/// Longest migration id.
+pub const MAX_ID: usize = 64;
+/// Largest hello body: kind, channel, token, id length, id.
+pub const MAX_HELLO_BODY: usize = 1 + 4 + TOKEN_LEN + 1 + MAX_ID;
+/// Magic, version, status and message length.
+const REPLY_HEADER: usize = 8;
+
+/// What a connection between daemons is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The migration's control link.
+    Control,
+    /// One migration channel's data.
+    Data,
+}
+
+/// The dialler's introduction.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub kind: Kind,
+    pub migration: String,
+    /// Channel index for data connections (0 for control).
+    pub channel: u32,
+    pub token: [u8; TOKEN_LEN],
+}
+
+/// Tokens never appear in logs, not even in Debug output.
+impl fmt::Debug for Hello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("kind", &self.kind)
+            .field("migration", &self.migration)
+            .field("channel", &self.channel)
+            .field("token", &"MASKED")
+            .finish()
+    }
+}
+
+/// A migration id: 1 to 64 characters from `[A-Za-z0-9._-]`, so it is safe in file names,
+/// URLs and log lines.
+pub fn valid_id(id: &str) -> bool {
+    (1..=MAX_ID).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id != "."
+        && id != ".."
+}
+
+/// Checks a hello's header (magic, version, length) and returns the body length to read next.
+pub fn hello_body_len(header: &[u8]) -> Result<usize, DecodeError> {
+    let mut r = Reader::new(header);
+    check_magic(r.array()?)?;
+    check_version(r.u16()?)?;
+    let len = r.u16()? as usize;
+    if len > MAX_HELLO_BODY {
+        return Err(DecodeError::Oversized {
+            what: "hello",
+            len,
+            max: MAX_HELLO_BODY,
+        });
+    }
+    Ok(len)
+}
+
+fn check_magic(magic: [u8; 4]) -> Result<(), DecodeError> {
+    if magic == MAGIC {
+        Ok(())
+    } else {
+        Err(DecodeError::BadMagic(magic))
+    }
+}
+
+fn check_version(version: u16) -> Result<u16, DecodeError> {
+    if (MIN_VERSION..=VERSION).contains(&version) {
+        Ok(version)
+    } else {
+        Err(DecodeError::UnsupportedVersion(version))
+    }
+}
+
+impl Hello {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut w = Writer { buf: out };
+        w.bytes(&MAGIC);
+        w.u16(self.version);
+        let id = &self.migration.as_bytes()[..self.migration.len().min(MAX_ID)];
+        w.u16((1 + 4 + TOKEN_LEN + 1 + id.len()) as u16);
+        w.u8(match self.kind {
+            Kind::Control => 1,
+            Kind::Data => 2,
+        });
+        w.u32(self.channel);
+        w.bytes(&self.token);
+        w.u8(id.len() as u8);
+        w.bytes(id);
+    }
+
+    /// Decodes a whole hello: header and body, nothing after it.
+    pub fn decode(buf: &[u8]) -> Result<Hello, DecodeError> {
+        let header = buf
+            .get(..HELLO_HEADER)
+            .ok_or_else(|| DecodeError::Truncated {
+                needed: HELLO_HEADER - buf.len(),
+            })?;
+        let len = hello_body_len(header)?;
+        let version = u16::from_be_bytes([header[4], header[5]]);
+        let mut r = Reader::new(&buf[HELLO_HEADER..]);
+        let body = r.bytes(len)?;
+        r.finish()?;
+        Self::decode_body(version, body)
+    }
+
+    /// Decodes the body that follows a header accepted by [`hello_body_len`].
+    pub fn decode_body(version: u16, body: &[u8]) -> Result<Hello, DecodeError> {
+        let mut r = Reader::new(body);
+        let kind = match r.u8()? {
+            1 => Kind::Control,
+            2 => Kind::Data,
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        let channel = r.u32()?;
+        let token = r.array()?;
+        let id_len = r.u8()? as usize;
+        let id = r.bytes(id_len)?;
+        r.finish()?;
+        let migration = std::str::from_utf8(id)
+            .ok()
+            .filter(|id| valid_id(id))
+            .ok_or(DecodeError::InvalidId)?;
+        Ok(Hello {
+            version: check_version(version)?,
+            kind,
+            migration: migration.to_owned(),
+            channel,
+            token,
+        })
+    }
+}
+
+/// The answer to a hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    UnknownMigration,
+    BadToken,
+    /// The migration was never started in time, or has ended.
+    Expired,
+    UnsupportedVersion,
+    Malformed,
+    /// The migration cannot take this connection (channel limit, control already attached).
+    Refused,
+    /// The daemon is at a limit (too many connections or migrations).
+    Busy,
+}
+
+impl Status {
+    fn code(self) -> u8 {
+        match self {
+            Status::Ok => 0,
+            Status::UnknownMigration => 1,
+            Status::BadToken => 2,
+            Status::Expired => 3,
+            Status::UnsupportedVersion => 4,
+            Status::Malformed => 5,
+            Status::Refused => 6,
+            Status::Busy => 7,
+        }
+    }
+
+    fn from_code(code: u8) -> Result<Status, DecodeError> {
+        Ok(match code {
+            0 => Status::Ok,
+            1 => Status::UnknownMigration,
+            2 => Status::BadToken,
+            3 => Status::Expired,
+            4 => Status::UnsupportedVersion,
+            5 => Status::Malformed,
+            6 => Status::Refused,
+            7 => Status::Busy,
+            other => {
+                return Err(DecodeError::InvalidValue {
+                    field: "status",
+                    value: other.into(),
+                });
+            }
+        })
+    }
+
+    /// Stable snake_case name, for metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::UnknownMigration => "unknown_migration",
+            Status::BadToken => "bad_token",
+            Status::Expired => "expired",
+            Status::UnsupportedVersion => "unsupported_version",
+            Status::Malformed => "malformed",
+            Status::Refused => "refused",
+            Status::Busy => "busy",
+        }
+    }
+}
+
+/// The destination's answer: the version both will speak, a status, and a short reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    pub version: u16,
+    pub status: Status,
+    pub message: String,
+}
+
+/// Checks a reply's header and returns the length of the message that follows.
+pub fn reply_len(header: &[u8]) -> Result<usize, DecodeError> {
+    let mut r = Reader::new(header);
+    check_magic(r.array()?)?;
+    check_version(r.u16()?)?;
+    Status::from_code(r.u8()?)?;
+    Ok(r.u8()? as usize)
+}
+
+impl HelloReply {
+    /// Bytes in a reply's fixed header.
+    pub const HEADER: usize = REPLY_HEADER;
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut w = Writer { buf: out };
+        w.bytes(&MAGIC);
+        w.u16(self.version);
+        w.u8(self.status.code());
+        w.short_str(&self.message);
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<HelloReply, DecodeError> {
+        let mut r = Reader::new(buf);
+        check_magic(r.array()?)?;
+        let version = check_version(r.u16()?)?;
+        let status = Status::from_code(r.u8()?)?;
+        let message = r.short_str("reply message")?;
+        r.finish()?;
+        Ok(HelloReply {
+            version,
+            status,
+            message,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(kind: Kind) -> Hello {
+        Hello {
+            version: VERSION,
+            kind,
+            migration: "vm-42.migration_1".into(),
+            channel: 3,
+            token: [0xab; TOKEN_LEN],
+        }
+    }
+
+    fn encoded(h: &Hello) -> Vec<u8> {
+        let mut buf = Vec::new();
+        h.encode(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn hello_round_trips() {
+        for kind in [Kind::Control, Kind::Data] {
+            let h = hello(kind);
+            let buf = encoded(&h);
+            assert_eq!(
+                hello_body_len(&buf[..HELLO_HEADER]),
+                Ok(buf.len() - HELLO_HEADER)
+            );
+            assert_eq!(Hello::decode(&buf), Ok(h));
+        }
+    }
+
+    #[test]
+    fn hello_debug_masks_the_token() {
+        let text = format!("{:?}", hello(Kind::Data));
+        assert!(text.contains("MASKED") && !text.contains("171"), "{text}");
+    }
+
+    #[test]
+    fn hello_rejects_each_defect_distinctly() {
+        let good = encoded(&hello(Kind::Data));
+        for cut in 0..good.len() {
+            assert!(
+                matches!(
+                    Hello::decode(&good[..cut]),
+                    Err(DecodeError::Truncated { .. })
+                ),
+                "cut at {cut}"
+            );
+        }
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(Hello::decode(&bad), Err(DecodeError::BadMagic(_))));
+        let mut bad = good.clone();
+        bad[4..6].copy_from_slice(&(VERSION + 1).to_be_bytes());
+        assert_eq!(
+            Hello::decode(&bad),
+            Err(DecodeError::UnsupportedVersion(VERSION + 1))
+        );
+        bad[4..6].copy_from_slice(&0u16.to_be_bytes());
+        assert_eq!(Hello::decode(&bad), Err(DecodeError::UnsupportedVersion(0)));
+        let mut bad = good.clone();
+        bad[6..8].copy_from_slice(&1000u16.to_be_bytes());
+        assert!(matches!(
+            Hello::decode(&bad),
+            Err(DecodeError::Oversized { len: 1000, .. })
+        ));
+        let mut bad = good.clone();
+        bad[HELLO_HEADER] = 9;
+        assert_eq!(Hello::decode(&bad), Err(DecodeError::UnknownKind(9)));
+        let mut bad = good.clone();
+        *bad.last_mut().unwrap() = b'/';
+        assert_eq!(Hello::decode(&bad), Err(DecodeError::InvalidId));
+        let mut bad = good.clone();
+        bad.push(0);
+        assert_eq!(Hello::decode(&bad), Err(DecodeError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn ids_are_safe_names() {
+        assert!(valid_id("vm-1.mig_2"));
+        assert!(valid_id(&"a".repeat(MAX_ID)));
+        for bad in ["", ".", "..", "a/b", "a b", "ü", &"a".repeat(MAX_ID + 1)] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reply_round_trips_and_rejects_defects() {
+        for status in [Status::Ok, Status::BadToken, Status::Busy, Status::Refused] {
+            let reply = HelloReply {
+                version: VERSION,
+                status,
+                message: "token does not match migration vm-1".into(),
+            };
+            let mut buf = Vec::new();
+            reply.encode(&mut buf);
+            assert_eq!(
+                reply_len(&buf[..HelloReply::HEADER]),
+                Ok(buf.len() - HelloReply::HEADER)
+            );
+            assert_eq!(HelloReply::decode(&buf), Ok(reply));
+        }
+        let mut buf = Vec::new();
+        HelloReply {
+            version: VERSION,
+            status: Status::Ok,
+            message: String::new(),
+        }
+        .encode(&mut buf);
+        buf[6] = 99;
+        assert!(matches!(
+            HelloReply::decode(&buf),
+            Err(DecodeError::InvalidValue {
+                field: "status",
+                value: 99
+            })
+        ));
+    }
+}
