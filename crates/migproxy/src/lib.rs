@@ -5,7 +5,9 @@
 //! - [`relay`]: the zero-copy engine that moves one channel and reports exactly how it ended.
 //! - [`human`]: how sizes, durations and OS errors read in reports.
 
+pub mod api;
 pub mod cli;
+pub mod daemon;
 pub mod endpoint;
 pub mod human;
 pub mod proxy;

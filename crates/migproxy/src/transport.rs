@@ -207,7 +207,9 @@ impl Drop for Listener {
     }
 }
 
-fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+/// Binds a unix listener at `path`, replacing a stale socket file (one nobody answers on);
+/// a live socket or any other file is `EADDRINUSE`.
+pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
     match UnixListener::bind(path) {
         Err(error) if error.kind() == io::ErrorKind::AddrInUse && is_stale_socket(path) => {
             std::fs::remove_file(path)?;

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a relay or migration failed or was cancelled, or the command could
 //! not do its job (a listen address in use); 2 usage (bad flags or endpoints).
 
+mod daemon;
 mod demo;
 mod relay;
 
@@ -31,6 +32,8 @@ struct Cli {
 enum Command {
     /// Accept connections on one endpoint and relay each to another, zero-copy.
     Relay(relay::Args),
+    /// Run the daemon of this host: REST API, peer port, migrations.
+    Daemon(daemon::Args),
     /// Stream a synthetic migration through the relay on this machine and check it.
     Demo(demo::Args),
 }
@@ -56,6 +59,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Relay(args) => relay::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Daemon(args) => daemon::run(args).await,
         }
     });
     ExitCode::from(code)
@@ -70,6 +74,27 @@ fn init_logging(filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; says on stderr, as `who`, that `what`
+/// is being cancelled.
+fn cancel_on_signals(
+    shutdown: tokio_util::sync::CancellationToken,
+    who: &'static str,
+    what: &'static str,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        eprintln!("{who}: {name} received, cancelling {what}");
+        shutdown.cancel();
+    });
+    Ok(())
 }
 
 /// clap parser for endpoints: errors read `invalid endpoint "tcp:foo": missing port`.

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::EXIT_FAILED;
@@ -41,7 +40,8 @@ pub async fn run(args: Args) -> u8 {
         }
     };
     let shutdown = CancellationToken::new();
-    if let Err(error) = cancel_on_signals(shutdown.clone()) {
+    if let Err(error) = super::cancel_on_signals(shutdown.clone(), "migproxy relay", "every relay")
+    {
         eprintln!("migproxy relay: cannot install signal handlers: {error}");
         return EXIT_FAILED;
     }
@@ -69,19 +69,4 @@ pub async fn run(args: Args) -> u8 {
     } else {
         EXIT_FAILED
     }
-}
-
-/// Cancels `shutdown` on the first SIGINT or SIGTERM.
-fn cancel_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = interrupt.recv() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
-        };
-        eprintln!("migproxy relay: {name} received, cancelling every relay");
-        shutdown.cancel();
-    });
-    Ok(())
 }

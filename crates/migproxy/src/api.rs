@@ -1,0 +1,258 @@
+//! The daemon's REST API, on a unix socket.
+//!
+//! | route | does |
+//! | --- | --- |
+//! | `POST /v1/migrations` | create an incoming (destination) or outgoing (source) migration |
+//! | `GET /v1/migrations` | every migration |
+//! | `GET /v1/migrations/{id}` | one migration: state, bytes, channels, error |
+//! | `POST /v1/migrations/{id}/cancel` | cancel on both hosts |
+//!
+//! Errors are JSON `{"error": "...", "causes": [...]}` with a status that says whose fault it
+//! is: 400 bad input (naming the field), 404 unknown id, 409 conflict, 502 the peer daemon
+//! refused or could not be reached, 503 a limit was reached.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use migproxy_proto::valid_id;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::migration::Migration;
+use crate::daemon::token::Token;
+use crate::daemon::{Daemon, RegisterError, incoming, outgoing};
+use crate::endpoint::Endpoint;
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: CancellationToken) {
+    let router = router(daemon);
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(error) = result {
+        tracing::error!(%error, "API server stopped");
+    }
+}
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/migrations", post(create).get(list))
+        .route("/v1/migrations/{id}", get(show))
+        .route("/v1/migrations/{id}/cancel", post(cancel))
+        .with_state(daemon)
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    causes: Vec<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            error: error.into(),
+            causes: Vec::new(),
+        }
+    }
+
+    fn bad_request(error: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, error)
+    }
+
+    /// `error` as the message, its sources as the causes.
+    fn chain(status: StatusCode, error: &dyn std::error::Error) -> ApiError {
+        let mut causes = Vec::new();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            causes.push(cause.to_string());
+            source = cause.source();
+        }
+        ApiError {
+            status,
+            error: error.to_string(),
+            causes,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.error, "causes": self.causes });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "direction", rename_all = "snake_case")]
+enum CreateRequest {
+    Incoming(IncomingBody),
+    Outgoing(OutgoingBody),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncomingBody {
+    /// Where the destination QEMU listens: `unix:PATH` or `tcp:HOST:PORT`.
+    target: String,
+    id: Option<String>,
+    max_channels: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutgoingBody {
+    id: String,
+    token: String,
+    /// The destination daemon's peer address, `HOST:PORT`.
+    peer: String,
+}
+
+async fn create(
+    State(daemon): State<Arc<Daemon>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let request: CreateRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
+    match request {
+        CreateRequest::Incoming(body) => create_incoming(&daemon, body),
+        CreateRequest::Outgoing(body) => create_outgoing(&daemon, body).await,
+    }
+}
+
+fn create_incoming(
+    daemon: &Arc<Daemon>,
+    body: IncomingBody,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let target: Endpoint = body
+        .target
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
+    let id = match body.id {
+        Some(id) => checked_id(id)?,
+        None => Token::generate().to_hex()[..16].to_owned(),
+    };
+    if body.max_channels == Some(0) {
+        return Err(ApiError::bad_request("max_channels: must be at least 1"));
+    }
+    let request = incoming::Request {
+        id,
+        target,
+        max_channels: body.max_channels,
+    };
+    let (migration, token) = incoming::create(daemon, request).map_err(register_error)?;
+    let body = json!({
+        "id": migration.spec.id,
+        "token": token.to_hex(),
+        "peer": migration.spec.peer,
+        "state": migration.state(),
+    });
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+async fn create_outgoing(
+    daemon: &Arc<Daemon>,
+    body: OutgoingBody,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let id = checked_id(body.id)?;
+    let token = Token::from_hex(&body.token)
+        .ok_or_else(|| ApiError::bad_request("token: expected the 64 hex digits handed out"))?;
+    let peer = checked_peer(&body.peer)?;
+    let request = outgoing::Request { id, token, peer };
+    let migration = outgoing::create(daemon, request)
+        .await
+        .map_err(|e| match e {
+            outgoing::CreateError::Register(e) => register_error(e),
+            outgoing::CreateError::Listen(e) => {
+                ApiError::chain(StatusCode::INTERNAL_SERVER_ERROR, &e)
+            }
+            outgoing::CreateError::Peer(e) => ApiError::chain(StatusCode::BAD_GATEWAY, &e),
+        })?;
+    let body = json!({
+        "id": migration.spec.id,
+        "qemu_uri": migration.spec.local.to_string(),
+        "state": migration.state(),
+    });
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+fn checked_id(id: String) -> Result<String, ApiError> {
+    if valid_id(&id) {
+        Ok(id)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "id: \"{id}\" must be 1 to 64 characters from A-Z a-z 0-9 . _ -"
+        )))
+    }
+}
+
+/// `HOST:PORT` (or `tcp:HOST:PORT`), with brackets around an IPv6 address.
+fn checked_peer(peer: &str) -> Result<String, ApiError> {
+    let uri = if peer.starts_with("tcp:") {
+        peer.to_owned()
+    } else {
+        format!("tcp:{peer}")
+    };
+    match uri.parse::<Endpoint>() {
+        Ok(Endpoint::Tcp { host, port }) if !host.is_empty() && port != 0 => {
+            Ok(uri.trim_start_matches("tcp:").to_owned())
+        }
+        Ok(_) => Err(ApiError::bad_request(format!(
+            "peer: \"{peer}\" needs a host and a port"
+        ))),
+        Err(e) => Err(ApiError::bad_request(format!("peer: {}", e.reason))),
+    }
+}
+
+fn register_error(error: RegisterError) -> ApiError {
+    let status = match error {
+        RegisterError::Exists(_) => StatusCode::CONFLICT,
+        RegisterError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError::new(status, error.to_string())
+}
+
+fn find(daemon: &Daemon, id: &str) -> Result<Arc<Migration>, ApiError> {
+    daemon
+        .get(id)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no migration \"{id}\"")))
+}
+
+async fn list(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
+    let all: Vec<_> = daemon.list().iter().map(|m| m.snapshot()).collect();
+    Json(json!({ "migrations": all }))
+}
+
+async fn show(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let migration = find(&daemon, &id)?;
+    Ok(Json(json!(migration.snapshot())))
+}
+
+async fn cancel(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let migration = find(&daemon, &id)?;
+    if !migration.cancel(migration.host()) {
+        let state = migration.state();
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("migration \"{id}\" has already ended: {state:?}").to_lowercase(),
+        ));
+    }
+    Ok(Json(json!(migration.snapshot())))
+}

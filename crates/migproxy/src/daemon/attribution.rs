@@ -1,0 +1,210 @@
+//! Who and what failed, in the one form both daemons report: built from relay failures,
+//! carried in [`Control::Failed`](migproxy_proto::Control::Failed), rendered for people and
+//! serialised for the API.
+
+use std::fmt;
+
+use migproxy_proto::{Attribution, Direction, Host, Leg, Op, Totals};
+use serde::Serialize;
+
+use crate::human::{Bytes, Elapsed, errno_name};
+use crate::relay::{self, Failure};
+
+/// Attribution of a relay failure on `channel` of this `host`. `qemu_leg` is the name of the
+/// relay leg facing the local QEMU; the other leg is the peer link.
+pub fn of_relay(host: Host, channel: u32, failure: &Failure, qemu_leg: &str) -> Attribution {
+    let leg = if failure.leg == qemu_leg {
+        Leg::Qemu
+    } else {
+        Leg::Peer
+    };
+    Attribution {
+        host,
+        leg,
+        channel: Some(channel),
+        direction: failure.direction.map(|d| match d {
+            relay::Direction::ToDestination => Direction::ToDestination,
+            relay::Direction::ToSource => Direction::ToSource,
+        }),
+        op: match failure.op {
+            relay::Op::Connect => Op::Connect,
+            relay::Op::Read => Op::Read,
+            relay::Op::Write => Op::Write,
+            relay::Op::Splice => Op::Splice,
+            relay::Op::Shutdown => Op::Shutdown,
+        },
+        errno: errno_name(&failure.error),
+        message: os_message(&failure.error),
+        bytes: Totals {
+            to_destination: failure.bytes.to_destination,
+            to_source: failure.bytes.to_source,
+        },
+        elapsed_ms: failure.elapsed.as_millis() as u64,
+    }
+}
+
+/// The OS error's text without the errno (which travels apart).
+pub fn os_message(error: &std::io::Error) -> String {
+    match error.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_lowercase(),
+        None => error.to_string(),
+    }
+}
+
+/// Both hosts saw every channel complete, but the byte counts differ.
+pub fn disagreement(host: Host, local: (u32, Totals), peer: (u32, Totals)) -> Attribution {
+    let (mine, theirs) = (local.1, peer.1);
+    Attribution {
+        host,
+        leg: Leg::Peer,
+        channel: None,
+        direction: None,
+        op: Op::Protocol,
+        errno: None,
+        message: format!(
+            "byte counts disagree: this host moved {} to destination and {} to source, the \
+             peer {} and {}",
+            mine.to_destination, mine.to_source, theirs.to_destination, theirs.to_source
+        ),
+        bytes: mine,
+        elapsed_ms: 0,
+    }
+}
+
+pub fn host_name(host: Host) -> &'static str {
+    match host {
+        Host::Source => "source",
+        Host::Destination => "destination",
+    }
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Connect => "connect",
+        Op::Read => "read",
+        Op::Write => "write",
+        Op::Splice => "splice",
+        Op::Shutdown => "shutdown",
+        Op::Handshake => "handshake",
+        Op::Timeout => "timeout",
+        Op::Protocol => "protocol",
+    }
+}
+
+/// One line for people:
+/// `destination QEMU: write failed on channel 0 after 512 MiB to destination and 0 B to
+/// source (3.4 s): broken pipe (EPIPE)`.
+#[derive(Debug)]
+pub struct Rendered<'a>(pub &'a Attribution);
+
+impl fmt::Display for Rendered<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let a = self.0;
+        match a.leg {
+            Leg::Qemu => write!(f, "{} QEMU: ", host_name(a.host))?,
+            Leg::Peer => write!(f, "peer link, seen from the {}: ", host_name(a.host))?,
+        }
+        match a.op {
+            Op::Timeout => f.write_str("timed out")?,
+            Op::Protocol => f.write_str("protocol error")?,
+            op => write!(f, "{} failed", op_name(op))?,
+        }
+        if let Some(channel) = a.channel {
+            write!(f, " on channel {channel}")?;
+        }
+        if a.bytes.to_destination + a.bytes.to_source == 0 {
+            f.write_str(" before any byte moved")?;
+        } else {
+            write!(
+                f,
+                " after {} to destination and {} to source",
+                Bytes(a.bytes.to_destination),
+                Bytes(a.bytes.to_source)
+            )?;
+        }
+        if a.elapsed_ms > 0 {
+            write!(
+                f,
+                " ({})",
+                Elapsed(std::time::Duration::from_millis(a.elapsed_ms))
+            )?;
+        }
+        write!(f, ": {}", a.message)?;
+        if let Some(errno) = &a.errno {
+            write!(f, " ({errno})")?;
+        }
+        Ok(())
+    }
+}
+
+/// An attribution as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The whole story in one line.
+    pub message: String,
+    pub host: &'static str,
+    /// `qemu` (the daemon's local QEMU) or `peer` (the link between the daemons).
+    pub leg: &'static str,
+    pub channel: Option<u32>,
+    pub direction: Option<&'static str>,
+    pub op: &'static str,
+    pub errno: Option<String>,
+    /// The OS or protocol error text.
+    pub detail: String,
+    pub bytes: relay::ByteCounts,
+    pub elapsed_ms: u64,
+}
+
+impl From<&Attribution> for Report {
+    fn from(a: &Attribution) -> Report {
+        Report {
+            message: Rendered(a).to_string(),
+            host: host_name(a.host),
+            leg: match a.leg {
+                Leg::Qemu => "qemu",
+                Leg::Peer => "peer",
+            },
+            channel: a.channel,
+            direction: a.direction.map(|d| match d {
+                Direction::ToDestination => "to_destination",
+                Direction::ToSource => "to_source",
+            }),
+            op: op_name(a.op),
+            errno: a.errno.clone(),
+            detail: a.message.clone(),
+            bytes: relay::ByteCounts {
+                to_destination: a.bytes.to_destination,
+                to_source: a.bytes.to_source,
+            },
+            elapsed_ms: a.elapsed_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_host_leg_channel_op_bytes_and_errno() {
+        let a = Attribution {
+            host: Host::Destination,
+            leg: Leg::Qemu,
+            channel: Some(0),
+            direction: Some(Direction::ToDestination),
+            op: Op::Write,
+            errno: Some("EPIPE".into()),
+            message: "broken pipe".into(),
+            bytes: Totals {
+                to_destination: 512 << 20,
+                to_source: 0,
+            },
+            elapsed_ms: 3400,
+        };
+        assert_eq!(
+            Rendered(&a).to_string(),
+            "destination QEMU: write failed on channel 0 after 512 MiB to destination and 0 B \
+             to source (3.4 s): broken pipe (EPIPE)"
+        );
+    }
+}

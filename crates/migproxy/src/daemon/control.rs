@@ -1,0 +1,115 @@
+//! The control link of one migration, the same on both hosts: it sends what the migration
+//! queues (channel events, failures, cancel, done) plus a heartbeat every interval, and applies
+//! what the peer sends. Silence for longer than the peer timeout, a broken socket, or an end of
+//! stream before the migration has ended are failures of the peer link.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use migproxy_proto::{Control, Op};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::attribution::os_message;
+use super::migration::{Migration, Outbound};
+use super::peer::{ReadError, Timing, read_control, write_control};
+use crate::human::{Elapsed, errno_name};
+
+/// After the migration has ended, how long to wait for the peer to close its side.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Runs the control link until both sides have closed it or it breaks.
+pub async fn run(
+    migration: Arc<Migration>,
+    stream: TcpStream,
+    queue: mpsc::UnboundedReceiver<Outbound>,
+    timing: Timing,
+) {
+    let (reader, writer) = stream.into_split();
+    let sending = send(&migration, writer, queue, timing.heartbeat_interval);
+    let receiving = async {
+        tokio::select! {
+            () = receive(&migration, reader, timing.peer_timeout) => {}
+            // Once ended, give the peer a moment to close, then stop listening.
+            () = async {
+                migration.stop.cancelled().await;
+                tokio::time::sleep(CLOSE_LINGER).await;
+            } => {}
+        }
+    };
+    tokio::join!(sending, receiving);
+}
+
+async fn send(
+    migration: &Arc<Migration>,
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<Outbound>,
+    heartbeat: Duration,
+) {
+    let mut tick = tokio::time::interval(heartbeat);
+    let mut buf = Vec::new();
+    loop {
+        let control = tokio::select! {
+            outbound = queue.recv() => match outbound {
+                Some(Outbound::Frame(control)) => control,
+                Some(Outbound::Close) | None => break,
+            },
+            _ = tick.tick() => Control::Heartbeat,
+        };
+        if let Err(error) = write_control(&mut writer, &control, &mut buf).await {
+            let blame = migration.peer_link_failure(
+                Op::Write,
+                errno_name(&error),
+                format!("control link: {}", os_message(&error)),
+            );
+            migration.fail_or_wait(blame);
+            return;
+        }
+    }
+    // Everything queued before the end has been written: a clean close.
+    let _ = writer.shutdown().await;
+}
+
+async fn receive(
+    migration: &Arc<Migration>,
+    mut reader: tokio::net::tcp::OwnedReadHalf,
+    peer_timeout: Duration,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let read = tokio::time::timeout(peer_timeout, read_control(&mut reader, &mut buf)).await;
+        let blame = match read {
+            Ok(Ok(Some(control))) => {
+                migration.on_peer(control);
+                continue;
+            }
+            Ok(Ok(None)) if migration.state().is_final() => return,
+            Ok(Ok(None)) => migration.peer_link_failure(
+                Op::Read,
+                None,
+                "control link closed by the peer daemon".to_owned(),
+            ),
+            Ok(Err(ReadError::Io(error))) => migration.peer_link_failure(
+                Op::Read,
+                errno_name(&error),
+                format!("control link: {}", os_message(&error)),
+            ),
+            Ok(Err(ReadError::Decode(error))) => {
+                migration.peer_link_failure(Op::Protocol, None, format!("control link: {error}"))
+            }
+            Err(_) => migration.peer_link_failure(
+                Op::Timeout,
+                None,
+                format!(
+                    "nothing heard from the peer daemon for {}",
+                    Elapsed(peer_timeout)
+                ),
+            ),
+        };
+        if !migration.state().is_final() {
+            migration.fail_or_wait(blame);
+        }
+        return;
+    }
+}

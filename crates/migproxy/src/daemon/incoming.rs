@@ -1,0 +1,259 @@
+//! The destination side: migrations created for a destination QEMU, the peer port where
+//! source daemons connect, the hello check, and channels delivered to QEMU in order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use migproxy_proto::{Attribution, Hello, Kind, Leg, Op, Status, Totals};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::attribution::os_message;
+use super::migration::{Migration, Role, Spec, State};
+use super::peer::{self, ReadError};
+use super::token::Token;
+use super::{Daemon, RegisterError, channel, control};
+use crate::endpoint::Endpoint;
+use crate::human::errno_name;
+use crate::relay;
+use crate::transport::{self, Stream, TransportError};
+
+/// What the API asks for.
+#[derive(Debug)]
+pub struct Request {
+    pub id: String,
+    /// Where the destination QEMU listens (`-incoming` / `migrate-incoming`).
+    pub target: Endpoint,
+    pub max_channels: Option<u32>,
+}
+
+/// Registers an incoming migration and starts its expiry clock. Returns it and its token.
+pub fn create(
+    daemon: &Arc<Daemon>,
+    request: Request,
+) -> Result<(Arc<Migration>, Token), RegisterError> {
+    let token = Token::generate();
+    let max_channels = request
+        .max_channels
+        .unwrap_or(daemon.config.max_channels)
+        .min(daemon.config.max_channels);
+    let migration = Migration::new(Spec {
+        id: request.id,
+        role: Role::Incoming,
+        token: token.clone(),
+        peer: daemon.config.advertise.clone(),
+        local: request.target,
+        max_channels,
+    });
+    daemon.register(Arc::clone(&migration))?;
+    let ttl = daemon.config.token_ttl;
+    let expiring = Arc::clone(&migration);
+    daemon.tasks.spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(ttl) => expiring.expire(),
+            () = expiring.stop.cancelled() => {}
+        }
+    });
+    Ok((migration, token))
+}
+
+/// Accepts connections from source daemons until `shutdown`.
+pub async fn serve_peers(daemon: Arc<Daemon>, listener: TcpListener, shutdown: CancellationToken) {
+    let handshakes = Arc::new(Semaphore::new(daemon.config.max_handshakes));
+    loop {
+        let (stream, from) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Unauthenticated connections are bounded: beyond the limit they are closed at once.
+        let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+            tracing::warn!(%from, "too many peer handshakes in progress, connection dropped");
+            continue;
+        };
+        let daemon_for_task = Arc::clone(&daemon);
+        daemon.tasks.spawn(async move {
+            handshake(daemon_for_task, stream, from.to_string()).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Reads and checks the hello, answers it, and hands the connection to its migration.
+async fn handshake(daemon: Arc<Daemon>, mut stream: TcpStream, from: String) {
+    let timing = daemon.config.timing.clone();
+    if let Err(error) = peer::tune(&stream, &timing) {
+        tracing::debug!(%from, %error, "peer socket options");
+    }
+    let hello = match tokio::time::timeout(timing.handshake_timeout, peer::read_hello(&mut stream))
+        .await
+    {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(ReadError::Decode(error))) => {
+            let status = match error {
+                migproxy_proto::DecodeError::UnsupportedVersion(_) => Status::UnsupportedVersion,
+                _ => Status::Malformed,
+            };
+            reject(&mut stream, &from, status, &error.to_string()).await;
+            return;
+        }
+        Ok(Err(ReadError::Io(error))) => {
+            tracing::debug!(%from, %error, "peer hello unreadable");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%from, "peer sent no hello within {:?}, dropped", timing.handshake_timeout);
+            return;
+        }
+    };
+    let migration = match admit(&daemon, &hello) {
+        Ok(migration) => migration,
+        Err((status, message)) => {
+            reject(&mut stream, &from, status, &message).await;
+            return;
+        }
+    };
+    let accepted = match hello.kind {
+        Kind::Control => migration.attach_control(),
+        Kind::Data => migration.open_channel(hello.channel).is_ok(),
+    };
+    if !accepted {
+        let message = format!(
+            "migration {} cannot take this {:?} connection (state {:?})",
+            hello.migration,
+            hello.kind,
+            migration.state()
+        );
+        reject(&mut stream, &from, Status::Refused, &message).await;
+        return;
+    }
+    if let Err(error) = peer::reply(&mut stream, Status::Ok, "").await {
+        tracing::debug!(%from, %error, "peer vanished during the handshake");
+        return;
+    }
+    match hello.kind {
+        Kind::Control => {
+            if let Some(queue) = migration.take_queue() {
+                control::run(migration, stream, queue, timing).await;
+            }
+        }
+        Kind::Data => deliver(daemon, migration, hello.channel, stream, from).await,
+    }
+}
+
+/// Finds the migration a hello names and checks its token.
+fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, String)> {
+    let unknown = || {
+        (
+            Status::UnknownMigration,
+            format!("no incoming migration \"{}\"", hello.migration),
+        )
+    };
+    let migration = daemon.get(&hello.migration).ok_or_else(unknown)?;
+    if migration.spec.role != Role::Incoming {
+        return Err(unknown());
+    }
+    if !migration.spec.token.matches(&hello.token) {
+        return Err((
+            Status::BadToken,
+            format!("wrong token for migration \"{}\"", hello.migration),
+        ));
+    }
+    match migration.state() {
+        State::Pending | State::Active | State::Paused => Ok(migration),
+        state => Err((
+            Status::Expired,
+            format!("migration \"{}\" is {state:?}", hello.migration),
+        )),
+    }
+}
+
+/// Answers with a typed refusal and closes cleanly: the rest of what the peer sent is read
+/// and dropped first (briefly, and only so much), so the refusal is not lost to a reset.
+async fn reject(stream: &mut TcpStream, from: &str, status: Status, message: &str) {
+    tracing::warn!(%from, status = status.name(), "peer connection rejected: {message}");
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        peer::reply(stream, status, message).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left -= n.min(left),
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
+
+/// Connects channel `index` to the destination QEMU once every earlier channel is connected,
+/// then relays it.
+async fn deliver(
+    daemon: Arc<Daemon>,
+    migration: Arc<Migration>,
+    index: u32,
+    link: TcpStream,
+    from: String,
+) {
+    let mut next = migration.next_channel.subscribe();
+    let turn = tokio::select! {
+        () = migration.stop.cancelled() => false,
+        turn = next.wait_for(|next| *next == index) => turn.is_ok(),
+    };
+    if !turn {
+        migration.channel_abandoned(index);
+        return;
+    }
+    let target = migration.spec.local.clone();
+    let connected = tokio::select! {
+        () = migration.stop.cancelled() => None,
+        connected = transport::connect(&target, daemon.config.timing.connect_timeout) => Some(connected),
+    };
+    let qemu = match connected {
+        Some(Ok(qemu)) => qemu,
+        Some(Err(error)) => {
+            Stream::Tcp(link).abort();
+            migration.channel_abandoned(index);
+            migration.fail(connect_failure(&migration, index, &error), true);
+            return;
+        }
+        None => {
+            Stream::Tcp(link).abort();
+            migration.channel_abandoned(index);
+            return;
+        }
+    };
+    migration.next_channel.send_replace(index + 1);
+    let qemu_name = target.to_string();
+    let source = relay::Leg::new(format!("tcp:{from}"), Stream::Tcp(link));
+    let destination = relay::Leg::new(qemu_name.clone(), qemu);
+    channel::run(migration, index, source, destination, qemu_name).await;
+}
+
+fn connect_failure(migration: &Migration, index: u32, error: &TransportError) -> Attribution {
+    let (errno, message) = match error.os_error() {
+        Some(os) => (errno_name(os), os_message(os)),
+        None => (None, error.to_string()),
+    };
+    Attribution {
+        host: migration.host(),
+        leg: Leg::Qemu,
+        channel: Some(index),
+        direction: None,
+        op: Op::Connect,
+        errno,
+        message: format!("{}: {message}", migration.spec.local),
+        bytes: Totals::default(),
+        elapsed_ms: migration.elapsed().as_millis() as u64,
+    }
+}

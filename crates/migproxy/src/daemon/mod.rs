@@ -1,0 +1,184 @@
+//! `migproxy daemon`: one per host, carrying migrations between hosts.
+//!
+//! ```text
+//!  source host                                          destination host
+//!  QEMU ─migrate unix:RUNTIME/ID.sock─► daemon ══peer link (TCP)══► daemon ─► QEMU -incoming
+//!                                        │  control connection (one per migration)  │
+//!                                        │  data connection per channel, in order   │
+//! ```
+//!
+//! The destination daemon creates the migration first (`direction: incoming`) and hands out
+//! its id, a one-time token and its peer address; the source daemon is given those
+//! (`direction: outgoing`), dials the control link at once, and hands back the unix socket
+//! URI for QEMU's `migrate`. Each connection QEMU opens there becomes a channel: a data
+//! connection to the destination daemon, which connects the destination QEMU for it — in
+//! the source's accept order, each only after the previous one is established.
+//!
+//! Modules: [`migration`] (state machine, shared by both roles), [`outgoing`] (source),
+//! [`incoming`] (destination), [`control`] (the control link), [`peer`] (hello, socket
+//! options, framing), [`channel`] (one relay), [`attribution`] (who failed, rendered).
+
+pub mod attribution;
+mod channel;
+mod control;
+pub mod incoming;
+pub mod migration;
+pub mod outgoing;
+pub mod peer;
+pub mod token;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::migration::Migration;
+pub use self::peer::Timing;
+
+/// Everything a daemon needs besides its listeners.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address handed to source daemons (HOST:PORT).
+    pub advertise: String,
+    /// Where per-migration sockets for the source QEMU are created.
+    pub runtime_dir: PathBuf,
+    pub timing: Timing,
+    /// How long an incoming migration waits for its source daemon.
+    pub token_ttl: Duration,
+    /// Migrations not yet ended, at most.
+    pub max_migrations: usize,
+    /// Channels per migration, unless the migration asks for fewer.
+    pub max_channels: u32,
+    /// Peer connections still in their handshake, at most.
+    pub max_handshakes: usize,
+    /// Finished migrations kept for the API.
+    pub keep_finished: usize,
+}
+
+impl Config {
+    pub fn new(advertise: String, runtime_dir: PathBuf) -> Config {
+        Config {
+            advertise,
+            runtime_dir,
+            timing: Timing::default(),
+            token_ttl: Duration::from_secs(300),
+            max_migrations: 64,
+            max_channels: 64,
+            max_handshakes: 64,
+            keep_finished: 1000,
+        }
+    }
+}
+
+/// The daemon's shared state: its configuration and its migrations.
+#[derive(Debug)]
+pub struct Daemon {
+    pub config: Config,
+    migrations: Mutex<HashMap<String, Arc<Migration>>>,
+    /// Every task working for a migration (control links, channels, accept loops, timers),
+    /// so that shutdown can wait for them and tests can count them.
+    pub tasks: TaskTracker,
+}
+
+/// Why a migration could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("a migration with id \"{0}\" already exists")]
+    Exists(String),
+    #[error("this daemon already runs its maximum of {0} migrations")]
+    Full(usize),
+}
+
+impl Daemon {
+    pub fn new(config: Config) -> Arc<Daemon> {
+        Arc::new(Daemon {
+            config,
+            migrations: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Migration>>> {
+        self.migrations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Migration>> {
+        self.map().get(id).cloned()
+    }
+
+    /// Every migration, oldest first.
+    pub fn list(&self) -> Vec<Arc<Migration>> {
+        let mut all: Vec<_> = self.map().values().cloned().collect();
+        all.sort_by_key(|m| std::cmp::Reverse(m.elapsed()));
+        all
+    }
+
+    /// Reserves the id of a new migration.
+    pub fn register(&self, migration: Arc<Migration>) -> Result<(), RegisterError> {
+        let mut map = self.map();
+        if map.contains_key(&migration.spec.id) {
+            return Err(RegisterError::Exists(migration.spec.id.clone()));
+        }
+        let running = map.values().filter(|m| !m.state().is_final()).count();
+        if running >= self.config.max_migrations {
+            return Err(RegisterError::Full(self.config.max_migrations));
+        }
+        self.prune(&mut map);
+        map.insert(migration.spec.id.clone(), migration);
+        Ok(())
+    }
+
+    /// Takes back a registration whose setup failed.
+    pub fn unregister(&self, id: &str) {
+        self.map().remove(id);
+    }
+
+    /// Keeps at most `keep_finished` ended migrations, forgetting the longest-ended first.
+    fn prune(&self, map: &mut HashMap<String, Arc<Migration>>) {
+        let mut ended: Vec<(Duration, String)> = map
+            .values()
+            .filter_map(|m| m.ended_for().map(|age| (age, m.spec.id.clone())))
+            .collect();
+        if ended.len() < self.config.keep_finished {
+            return;
+        }
+        ended.sort();
+        for (_, id) in ended.drain(self.config.keep_finished.saturating_sub(1)..) {
+            map.remove(&id);
+        }
+    }
+
+    /// Cancels every migration still running (daemon shutdown): the peers are told.
+    pub fn cancel_all(&self) {
+        for migration in self.list() {
+            migration.cancel(migration.host());
+        }
+    }
+}
+
+/// Runs a daemon on bound listeners until `shutdown` is cancelled; then cancels what is
+/// still running and returns once the peers have been told.
+pub async fn run(
+    daemon: Arc<Daemon>,
+    api: UnixListener,
+    peers: TcpListener,
+    shutdown: CancellationToken,
+) {
+    let api_task = tokio::spawn(crate::api::serve(
+        Arc::clone(&daemon),
+        api,
+        shutdown.clone(),
+    ));
+    incoming::serve_peers(Arc::clone(&daemon), peers, shutdown.clone()).await;
+    daemon.cancel_all();
+    // Let the control links carry the cancels out, but do not hang on a dead peer.
+    daemon.tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), daemon.tasks.wait()).await;
+    let _ = api_task.await;
+}

@@ -1,0 +1,182 @@
+//! The source side: a unix socket for the source QEMU, the control link dialled at creation,
+//! and one data connection to the destination daemon per connection QEMU opens.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use migproxy_proto::{Attribution, Hello, Kind, Leg, Op, Totals, VERSION};
+
+use super::attribution::os_message;
+use super::migration::{Migration, Role, Spec};
+use super::peer::{self, PeerError};
+use super::token::Token;
+use super::{Daemon, RegisterError, channel, control};
+use crate::endpoint::Endpoint;
+use crate::human::errno_name;
+use crate::relay;
+use crate::transport::{Listener, Stream, TransportError};
+
+/// What the API asks for.
+#[derive(Debug)]
+pub struct Request {
+    pub id: String,
+    pub token: Token,
+    /// The destination daemon's peer address, HOST:PORT.
+    pub peer: String,
+}
+
+/// Why an outgoing migration could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    #[error("cannot create the socket for QEMU: {0}")]
+    Listen(#[from] TransportError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+}
+
+/// Creates the migration: binds the socket QEMU will connect to, opens the control link
+/// (so that a wrong token or an unreachable peer is reported now, not when QEMU starts), and
+/// starts accepting QEMU's channels.
+pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migration>, CreateError> {
+    let path = daemon
+        .config
+        .runtime_dir
+        .join(format!("{}.sock", request.id));
+    let local = Endpoint::Unix(path.clone());
+    let migration = Migration::new(Spec {
+        id: request.id.clone(),
+        role: Role::Outgoing,
+        token: request.token,
+        peer: request.peer.clone(),
+        local: local.clone(),
+        max_channels: daemon.config.max_channels,
+    });
+    daemon.register(Arc::clone(&migration))?;
+    match connect(daemon, &migration, &local).await {
+        Ok((listener, control_link)) => {
+            let queue = migration.take_queue();
+            migration.attach_control();
+            let timing = daemon.config.timing.clone();
+            if let Some(queue) = queue {
+                daemon.tasks.spawn(control::run(
+                    Arc::clone(&migration),
+                    control_link,
+                    queue,
+                    timing,
+                ));
+            }
+            daemon.tasks.spawn(accept_channels(
+                Arc::clone(daemon),
+                Arc::clone(&migration),
+                listener,
+            ));
+            Ok(migration)
+        }
+        Err(error) => {
+            daemon.unregister(&request.id);
+            Err(error)
+        }
+    }
+}
+
+async fn connect(
+    daemon: &Daemon,
+    migration: &Migration,
+    local: &Endpoint,
+) -> Result<(Listener, tokio::net::TcpStream), CreateError> {
+    let listener = Listener::bind(local).await?;
+    if let Some(path) = local.unix_path() {
+        // Only the daemon's user (and QEMU running as it) may connect.
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    let hello = hello(migration, Kind::Control, 0);
+    let control = peer::dial(&migration.spec.peer, &hello, &daemon.config.timing).await?;
+    Ok((listener, control))
+}
+
+fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
+    Hello {
+        version: VERSION,
+        kind,
+        migration: migration.spec.id.clone(),
+        channel,
+        token: *migration.spec.token.bytes(),
+    }
+}
+
+/// Accepts QEMU's connections in order; each becomes channel 0, 1, … to the peer.
+async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listener: Listener) {
+    let mut index = 0;
+    loop {
+        let accepted = tokio::select! {
+            () = migration.stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (qemu, qemu_name) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(migration = %migration.spec.id, %error, "accept failed");
+                continue;
+            }
+        };
+        if let Err(refused) = migration.open_channel(index) {
+            tracing::warn!(migration = %migration.spec.id, "QEMU connection refused: {refused}");
+            qemu.abort();
+            continue;
+        }
+        let hello = hello(&migration, Kind::Data, index);
+        let dialled = tokio::select! {
+            () = migration.stop.cancelled() => None,
+            dialled = peer::dial(&migration.spec.peer, &hello, &daemon.config.timing) => Some(dialled),
+        };
+        match dialled {
+            Some(Ok(link)) => {
+                let source = relay::Leg::new(qemu_name.clone(), qemu);
+                let destination =
+                    relay::Leg::new(format!("tcp:{}", migration.spec.peer), Stream::Tcp(link));
+                daemon.tasks.spawn(channel::run(
+                    Arc::clone(&migration),
+                    index,
+                    source,
+                    destination,
+                    qemu_name,
+                ));
+            }
+            Some(Err(error)) => {
+                qemu.abort();
+                migration.channel_abandoned(index);
+                migration.fail(dial_failure(&migration, index, &error), true);
+                break;
+            }
+            None => {
+                qemu.abort();
+                migration.channel_abandoned(index);
+                break;
+            }
+        }
+        index += 1;
+    }
+    // Dropping the listener removes QEMU's socket file.
+}
+
+/// A data connection to the peer could not be opened.
+fn dial_failure(migration: &Migration, index: u32, error: &PeerError) -> Attribution {
+    let (op, errno, message) = match error {
+        PeerError::Connect { error, .. } => (Op::Connect, errno_name(error), os_message(error)),
+        PeerError::Io { error, .. } => (Op::Handshake, errno_name(error), os_message(error)),
+        other => (Op::Handshake, None, other.to_string()),
+    };
+    Attribution {
+        host: migration.host(),
+        leg: Leg::Peer,
+        channel: Some(index),
+        direction: None,
+        op,
+        errno,
+        message,
+        bytes: Totals::default(),
+        elapsed_ms: migration.elapsed().as_millis() as u64,
+    }
+}

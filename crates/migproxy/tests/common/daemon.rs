@@ -1,0 +1,147 @@
+//! Daemons in-process on loopback, and a tiny HTTP client for their unix-socket API.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migproxy::daemon::{self, Config, Daemon};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestDaemon {
+    pub daemon: Arc<Daemon>,
+    pub api: PathBuf,
+    pub peer: String,
+    pub shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDaemon {
+    pub async fn start(name: &str) -> TestDaemon {
+        Self::start_with(name, |_| {}).await
+    }
+
+    pub async fn start_with(name: &str, tweak: impl FnOnce(&mut Config)) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("mpd-{name}-"))
+            .tempdir_in("/tmp")
+            .unwrap();
+        let api = dir.path().join("api.sock");
+        let api_listener = UnixListener::bind(&api).unwrap();
+        let peers = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = peers.local_addr().unwrap().to_string();
+        let mut config = Config::new(peer.clone(), dir.path().join("run"));
+        std::fs::create_dir(&config.runtime_dir).unwrap();
+        tweak(&mut config);
+        let daemon = Daemon::new(config);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(daemon::run(
+            Arc::clone(&daemon),
+            api_listener,
+            peers,
+            shutdown.clone(),
+        ));
+        TestDaemon {
+            daemon,
+            api,
+            peer,
+            shutdown,
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    pub async fn request(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        http(&self.api, method, path, body).await
+    }
+
+    pub async fn show(&self, id: &str) -> Value {
+        let (status, body) = self
+            .request("GET", &format!("/v1/migrations/{id}"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Polls until the migration's state is final; returns the last view.
+    pub async fn wait_final(&self, id: &str, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let view = self.show(id).await;
+            match view["state"].as_str() {
+                Some("completed" | "failed" | "cancelled" | "expired") => return view,
+                _ if start.elapsed() > limit => panic!("still running after {limit:?}: {view}"),
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("daemon did not stop")
+                .unwrap();
+        }
+    }
+}
+
+/// Creates an incoming migration on `destination` and the matching outgoing one on `source`;
+/// returns the id and the URI for the source QEMU.
+pub async fn migration_pair(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+    target: &str,
+) -> String {
+    let (status, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": id, "target": target})),
+        )
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let (status, outgoing) = source
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({
+                "direction": "outgoing",
+                "id": id,
+                "token": incoming["token"],
+                "peer": incoming["peer"],
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{outgoing}");
+    outgoing["qemu_uri"].as_str().unwrap().to_owned()
+}
+
+/// One HTTP/1.1 request over a unix socket; returns the status and the JSON body.
+pub async fn http(socket: &PathBuf, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut stream = UnixStream::connect(socket).await.unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: migproxy\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()))
+    };
+    (status, value)
+}

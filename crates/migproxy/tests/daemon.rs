@@ -1,0 +1,520 @@
+//! Two daemons in-process on loopback: multi-channel exactness, agreeing reports, cancel from
+//! either side, failures attributed alike on both hosts, handshake rejections.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::daemon::{TestDaemon, migration_pair};
+use common::{random_data, receive_all, send_all, short_tempdir, wait_until};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+
+fn unix_path(uri: &str) -> &str {
+    uri.strip_prefix("unix:").unwrap()
+}
+
+fn error_of(view: &Value) -> &Value {
+    assert!(!view["error"].is_null(), "no error in {view}");
+    &view["error"]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_channels_cross_exactly_in_order_and_both_hosts_agree() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let uri = migration_pair(
+        &source,
+        &destination,
+        "m1",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    assert_eq!(source.show("m1").await["state"], "active");
+    assert_eq!(destination.show("m1").await["state"], "active");
+
+    const FORWARD: usize = 8 << 20;
+    const BACKWARD: usize = 1 << 20;
+    // The destination QEMU stand-in: channels must arrive in the order the source opened them.
+    let receiver = tokio::spawn(async move {
+        let mut results = Vec::new();
+        for channel in 0..3u64 {
+            let (stream, _) = qemu_in.accept().await.unwrap();
+            let (read, write) = stream.into_split();
+            let reply = random_data(100 + channel, BACKWARD);
+            let sending = tokio::spawn(send_all(write, Arc::clone(&reply), channel));
+            let mut read = read;
+            let mut first = [0u8; 8];
+            read.read_exact(&mut first).await.unwrap();
+            let (n, digest) = receive_all(read).await.unwrap();
+            sending.await.unwrap().unwrap();
+            results.push((u64::from_be_bytes(first), n + 8, digest));
+        }
+        results
+    });
+    // The source QEMU stand-in opens three channels one after the other.
+    let mut senders = Vec::new();
+    let mut expected = Vec::new();
+    for channel in 0..3u64 {
+        let stream = UnixStream::connect(unix_path(&uri)).await.unwrap();
+        let mut data = random_data(channel, FORWARD).as_ref().clone();
+        data[..8].copy_from_slice(&channel.to_be_bytes());
+        expected.push(blake3::hash(&data[8..]));
+        let (read, write) = stream.into_split();
+        senders.push(tokio::spawn(async move {
+            send_all(write, Arc::new(data), channel).await.unwrap();
+            receive_all(read).await.unwrap()
+        }));
+    }
+    for (channel, sender) in senders.into_iter().enumerate() {
+        let back = sender.await.unwrap();
+        assert_eq!(
+            back,
+            (
+                BACKWARD as u64,
+                blake3::hash(&random_data(100 + channel as u64, BACKWARD))
+            )
+        );
+    }
+    for (channel, (tag, n, digest)) in receiver.await.unwrap().into_iter().enumerate() {
+        assert_eq!(
+            tag, channel as u64,
+            "channel {channel} arrived out of order"
+        );
+        assert_eq!(n, FORWARD as u64);
+        assert_eq!(digest, expected[channel]);
+    }
+
+    let at_source = source.wait_final("m1", Duration::from_secs(10)).await;
+    let at_destination = destination.wait_final("m1", Duration::from_secs(10)).await;
+    for view in [&at_source, &at_destination] {
+        assert_eq!(view["state"], "completed", "{view}");
+        assert_eq!(
+            view["bytes"]["to_destination"],
+            3 * FORWARD as u64,
+            "{view}"
+        );
+        assert_eq!(view["bytes"]["to_source"], 3 * BACKWARD as u64, "{view}");
+        assert_eq!(view["channels"].as_array().unwrap().len(), 3);
+        assert!(view["error"].is_null());
+    }
+    assert_eq!(
+        at_source["channels"], at_destination["channels"],
+        "per-channel views differ"
+    );
+    assert!(
+        !std::path::Path::new(unix_path(&uri)).exists(),
+        "QEMU socket left behind"
+    );
+    source.stop().await;
+    destination.stop().await;
+}
+
+/// A migration whose destination QEMU stand-in accepts but never reads; returns the source
+/// stand-in's writer task (which ends with the error its blocked write got).
+async fn stuck_migration(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+) -> (
+    tokio::task::JoinHandle<std::io::Error>,
+    UnixListener,
+    tempfile::TempDir,
+) {
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let uri = migration_pair(
+        source,
+        destination,
+        id,
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let stream = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (_read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let _keep = _read;
+        let block = vec![7u8; 1 << 20];
+        loop {
+            if let Err(error) = write.write_all(&block).await {
+                return error;
+            }
+        }
+    });
+    // Wait until bytes are piling up at the destination.
+    let mut last = (0, Instant::now());
+    let mut view = Value::Null;
+    let start = Instant::now();
+    while last.1.elapsed() < Duration::from_millis(300) {
+        view = destination.show(id).await;
+        let now = view["bytes"]["to_destination"].as_u64().unwrap();
+        if now != last.0 || now == 0 {
+            last = (now, Instant::now());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never stalled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(view["state"], "active");
+    (writer, qemu_in, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_on_the_source_ends_both_hosts_quickly() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (writer, _qemu_in, _dir) = stuck_migration(&source, &destination, "c1").await;
+
+    let asked = Instant::now();
+    let (status, view) = source
+        .request("POST", "/v1/migrations/c1/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["state"], "cancelled");
+    assert_eq!(view["cancelled_by"], "source");
+    let error = tokio::time::timeout(
+        Duration::from_millis(100)
+            .saturating_sub(asked.elapsed())
+            .max(Duration::from_millis(1)),
+        writer,
+    )
+    .await
+    .expect("the source QEMU's blocked write must fail within 100 ms")
+    .unwrap();
+    eprintln!(
+        "source write failed with {error} after {:?}",
+        asked.elapsed()
+    );
+    let at_destination = destination.wait_final("c1", Duration::from_secs(1)).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(at_destination["state"], "cancelled");
+    assert_eq!(at_destination["cancelled_by"], "source");
+    let (status, again) = source
+        .request("POST", "/v1/migrations/c1/cancel", None)
+        .await;
+    assert_eq!(status, 409, "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_on_the_destination_ends_both_hosts_quickly() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (writer, _qemu_in, _dir) = stuck_migration(&source, &destination, "c2").await;
+
+    let asked = Instant::now();
+    let (status, view) = destination
+        .request("POST", "/v1/migrations/c2/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    let at_source = source.wait_final("c2", Duration::from_secs(1)).await;
+    assert_eq!(at_source["state"], "cancelled", "{at_source}");
+    assert_eq!(at_source["cancelled_by"], "destination");
+    tokio::time::timeout(Duration::from_secs(1), writer)
+        .await
+        .expect("the source QEMU's blocked write must fail within 1 s")
+        .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_qemu_missing_is_blamed_on_both_hosts() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let uri = migration_pair(&source, &destination, "r1", "unix:/nonexistent/qemu.sock").await;
+    let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    qemu.write_all(b"QEVM").await.unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), qemu.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the source QEMU's connection must end");
+
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("r1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = error_of(&view);
+        assert_eq!(error["host"], "destination", "{view}");
+        assert_eq!(error["leg"], "qemu");
+        assert_eq!(error["channel"], 0);
+        assert_eq!(error["op"], "connect");
+        assert_eq!(error["errno"], "ENOENT");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("destination QEMU: connect failed on channel 0"),
+            "{message}"
+        );
+        assert!(message.contains("unix:/nonexistent/qemu.sock"), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_closing_mid_stream_is_blamed_on_the_destination_qemu() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let uri = migration_pair(
+        &source,
+        &destination,
+        "d1",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let stream = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (_read, write) = stream.into_split();
+    let sender = tokio::spawn(send_all(write, random_data(9, 64 << 20), 9));
+    let (mut accepted, _) = qemu_in.accept().await.unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    accepted.read_exact(&mut first).await.unwrap();
+    drop(accepted); // the destination QEMU goes away with data unread
+
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("d1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = error_of(&view);
+        assert_eq!(error["host"], "destination", "{view}");
+        assert_eq!(error["leg"], "qemu", "{view}");
+        assert_eq!(error["channel"], 0);
+        assert!(
+            ["EPIPE", "ECONNRESET"].contains(&error["errno"].as_str().unwrap()),
+            "{view}"
+        );
+        assert!(error["bytes"]["to_destination"].as_u64().unwrap() >= 1 << 20);
+    }
+    let sent = tokio::time::timeout(Duration::from_secs(5), sender).await;
+    assert!(matches!(sent, Ok(Ok(Err(_)))), "source writer: {sent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_reset_mid_stream_is_blamed_on_the_source_qemu() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let uri = migration_pair(
+        &source,
+        &destination,
+        "s1",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    qemu.write_all(&[1u8; 100_000]).await.unwrap();
+    let (mut accepted, _) = qemu_in.accept().await.unwrap();
+    let mut got = vec![0u8; 100_000];
+    accepted.read_exact(&mut got).await.unwrap();
+    // The source QEMU dies with a reply unread: its socket is reset.
+    accepted.write_all(b"reply").await.unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the reply to reach the source host",
+        || {
+            let view = futures_lite_show(&source, "s1");
+            view["bytes"]["to_source"] == 5
+        },
+    )
+    .await;
+    drop(qemu);
+
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("s1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = error_of(&view);
+        assert_eq!(error["host"], "source", "{view}");
+        assert_eq!(error["leg"], "qemu", "{view}");
+        assert_eq!(error["channel"], 0);
+        assert_eq!(error["bytes"]["to_destination"], 100_000, "{view}");
+    }
+}
+
+/// A synchronous look at a migration, for `wait_until` predicates.
+fn futures_lite_show(daemon: &TestDaemon, id: &str) -> Value {
+    let migration = daemon.daemon.get(id).unwrap();
+    serde_json::to_value(migration.snapshot()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_id_wrong_token_and_expired_are_refused_clearly() {
+    let source = TestDaemon::start("src").await;
+    let destination =
+        TestDaemon::start_with("dst", |c| c.token_ttl = Duration::from_millis(200)).await;
+    let (_, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "e1", "target": "unix:/x"})),
+        )
+        .await;
+    let outgoing = |id: &str, token: &Value| json!({"direction": "outgoing", "id": id, "token": token, "peer": destination.peer});
+
+    let (status, body) = source
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(outgoing("nope", &incoming["token"])),
+        )
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no incoming migration \"nope\" (unknown_migration)"),
+        "{body}"
+    );
+
+    let wrong = "00".repeat(32);
+    let (status, body) = source
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(outgoing("e1", &json!(wrong))),
+        )
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("wrong token for migration \"e1\" (bad_token)"),
+        "{body}"
+    );
+    assert_eq!(
+        destination.show("e1").await["state"],
+        "pending",
+        "a bad token must not touch it"
+    );
+
+    let expired = destination.wait_final("e1", Duration::from_secs(5)).await;
+    assert_eq!(expired["state"], "expired");
+    let (status, body) = source
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(outgoing("e1", &incoming["token"])),
+        )
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("(expired)"),
+        "{body}"
+    );
+    // Nothing was left on the source host by the refused attempts.
+    assert!(source.daemon.list().is_empty());
+    let leftovers: Vec<_> = std::fs::read_dir(&source.daemon.config.runtime_dir)
+        .unwrap()
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_silence_on_the_peer_port_leave_running_migrations_alone() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start_with("dst", |c| {
+        c.timing.handshake_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let (_writer, _qemu_in, _dir) = stuck_migration(&source, &destination, "g1").await;
+
+    let mut garbage = TcpStream::connect(&destination.peer).await.unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut reply = Vec::new();
+    garbage.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(&reply[..4], b"MGPX", "a typed rejection is sent back");
+    assert_eq!(reply[6], 5, "status malformed");
+
+    let mut silent = TcpStream::connect(&destination.peer).await.unwrap();
+    let started = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut [0u8; 16])).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent peer is dropped: {n:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    assert_eq!(destination.show("g1").await["state"], "active");
+    assert_eq!(source.show("g1").await["state"], "active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_rejects_bad_requests_naming_the_field() {
+    let daemon = TestDaemon::start("api").await;
+    let cases = [
+        (json!({"direction": "incoming"}), "missing field `target`"),
+        (
+            json!({"direction": "incoming", "target": "tcp:foo"}),
+            "target: invalid endpoint \"tcp:foo\": missing port",
+        ),
+        (
+            json!({"direction": "incoming", "target": "unix:/x", "colour": 1}),
+            "unknown field `colour`",
+        ),
+        (
+            json!({"direction": "incoming", "target": "unix:/x", "id": "../etc"}),
+            "id: \"../etc\"",
+        ),
+        (
+            json!({"direction": "incoming", "target": "unix:/x", "max_channels": 0}),
+            "max_channels",
+        ),
+        (
+            json!({"direction": "sideways"}),
+            "unknown variant `sideways`",
+        ),
+        (
+            json!({"direction": "outgoing", "id": "a", "token": "x", "peer": "h:1"}),
+            "token: expected the 64 hex digits",
+        ),
+        (
+            json!({"direction": "outgoing", "id": "a", "token": "0".repeat(64), "peer": "nohost"}),
+            "peer: missing port",
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, reply) = daemon
+            .request("POST", "/v1/migrations", Some(body.clone()))
+            .await;
+        assert_eq!(status, 400, "{body}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains(expected),
+            "{body}: {reply}"
+        );
+    }
+    let (status, reply) = daemon.request("GET", "/v1/migrations/ghost", None).await;
+    assert_eq!(status, 404, "{reply}");
+    assert_eq!(reply["error"], "no migration \"ghost\"");
+    let (status, _) = daemon
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "dup", "target": "unix:/x"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, reply) = daemon
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "dup", "target": "unix:/x"})),
+        )
+        .await;
+    assert_eq!(status, 409, "{reply}");
+}
