@@ -519,3 +519,103 @@ async fn api_rejects_bad_requests_naming_the_field() {
         .await;
     assert_eq!(status, 409, "{reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_migration_fails_on_both_hosts_with_a_timeout() {
+    let stall = |c: &mut migproxy::daemon::Config| c.stall_timeout = Duration::from_millis(800);
+    let source = TestDaemon::start_with("src", stall).await;
+    let destination = TestDaemon::start_with("dst", stall).await;
+    let (writer, _qemu_in, _dir) = stuck_migration(&source, &destination, "st1").await;
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("st1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = error_of(&view);
+        assert_eq!(error["op"], "timeout", "{view}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("no byte moved on any channel for 800 ms"),
+            "{view}"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(1), writer)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_migrations_leave_no_fd_task_or_socket_behind() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let target = format!("unix:{}", target.display());
+    // The destination QEMU stand-in: reads a channel to its end, answers, closes.
+    let stand_in = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = qemu_in.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                stream.read_to_end(&mut got).await.unwrap();
+                stream
+                    .write_all(&(got.len() as u64).to_be_bytes())
+                    .await
+                    .unwrap();
+            });
+        }
+    });
+    let migrate = |n: usize| {
+        let (source, destination, target) = (&source, &destination, &target);
+        async move {
+            let id = format!("leak-{n}");
+            let uri = migration_pair(source, destination, &id, target).await;
+            let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+            qemu.write_all(&vec![n as u8; 4096]).await.unwrap();
+            qemu.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            qemu.read_to_end(&mut reply).await.unwrap();
+            assert_eq!(reply, 4096u64.to_be_bytes());
+            for daemon in [source, destination] {
+                let view = daemon.wait_final(&id, Duration::from_secs(5)).await;
+                assert_eq!(view["state"], "completed", "{view}");
+            }
+        }
+    };
+    let settled =
+        |daemons: [&TestDaemon; 2]| daemons.iter().map(|d| d.daemon.tasks.len()).sum::<usize>();
+    migrate(0).await; // warm up lazily created state (runtime threads, pools)
+    wait_until(Duration::from_secs(5), "tasks to settle", || {
+        settled([&source, &destination]) == 0
+    })
+    .await;
+    let fds = open_fds();
+
+    for n in 1..=200 {
+        migrate(n).await;
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "every migration task to end",
+        || settled([&source, &destination]) == 0,
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(5),
+        "fds to return to their count",
+        || open_fds() <= fds,
+    )
+    .await;
+    assert_eq!(open_fds(), fds, "file descriptors leaked");
+    let leftovers: Vec<_> = std::fs::read_dir(&source.daemon.config.runtime_dir)
+        .unwrap()
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    stand_in.abort();
+}

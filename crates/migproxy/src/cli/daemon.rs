@@ -33,6 +33,9 @@ pub struct Args {
     /// Declare the peer daemon gone after this many seconds without a word.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = super::seconds)]
     peer_timeout: Duration,
+    /// Fail an active migration when no byte moves on any channel for this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = super::seconds)]
+    stall_timeout: Duration,
     /// How long an incoming migration waits for its source daemon.
     #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = super::seconds)]
     token_ttl: Duration,
@@ -88,6 +91,7 @@ async fn start(args: Args) -> Result<(), String> {
     let mut config = Config::new(advertise, args.runtime_dir);
     config.timing.peer_timeout = args.peer_timeout;
     config.token_ttl = args.token_ttl;
+    config.stall_timeout = args.stall_timeout;
     let shutdown = CancellationToken::new();
     super::cancel_on_signals(shutdown.clone(), "migproxy daemon", "every migration")
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::attribution::{self, Rendered};
 use super::token::Token;
 use crate::endpoint::Endpoint;
+use crate::human::Elapsed;
 use crate::relay::{ByteCounts, Counters, End, Report};
 
 /// Which end of the migration this daemon is.
@@ -508,6 +509,32 @@ impl Migration {
                 .unwrap_or_else(Instant::now)
                 .duration_since(self.started)
                 .as_millis() as u64,
+        }
+    }
+
+    /// Fails the migration when no byte has moved on any of its channels for `limit` while
+    /// it is active with at least one channel (a QEMU that stopped sending or reading, or a
+    /// link that stalls without breaking). Returns when the migration ends.
+    pub async fn watch_stall(self: Arc<Self>, limit: Duration) {
+        let tick = (limit / 4).max(Duration::from_millis(50));
+        let mut last = (self.bytes().total(), Instant::now());
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(tick) => {}
+            }
+            let moved = self.bytes().total();
+            if moved != last.0 || self.state() != State::Active || self.channel_count() == 0 {
+                last = (moved, Instant::now());
+            } else if last.1.elapsed() >= limit {
+                let blame = self.peer_link_failure(
+                    Op::Timeout,
+                    None,
+                    format!("no byte moved on any channel for {}", Elapsed(limit)),
+                );
+                self.fail(blame, true);
+                return;
+            }
         }
     }
 

@@ -57,6 +57,8 @@ pub struct Config {
     pub max_handshakes: usize,
     /// Finished migrations kept for the API.
     pub keep_finished: usize,
+    /// An active migration with channels fails when no byte moves for this long.
+    pub stall_timeout: Duration,
 }
 
 impl Config {
@@ -70,6 +72,7 @@ impl Config {
             max_channels: 64,
             max_handshakes: 64,
             keep_finished: 1000,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -130,6 +133,7 @@ impl Daemon {
             return Err(RegisterError::Full(self.config.max_migrations));
         }
         self.prune(&mut map);
+        self.watch(&migration);
         map.insert(migration.spec.id.clone(), migration);
         Ok(())
     }
@@ -152,6 +156,12 @@ impl Daemon {
         for (_, id) in ended.drain(self.config.keep_finished.saturating_sub(1)..) {
             map.remove(&id);
         }
+    }
+
+    /// Starts the timers every migration has.
+    fn watch(&self, migration: &Arc<Migration>) {
+        self.tasks
+            .spawn(Arc::clone(migration).watch_stall(self.config.stall_timeout));
     }
 
     /// Cancels every migration still running (daemon shutdown): the peers are told.

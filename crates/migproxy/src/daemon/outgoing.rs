@@ -75,6 +75,7 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
             Ok(migration)
         }
         Err(error) => {
+            migration.stop.cancel(); // ends its timers
             daemon.unregister(&request.id);
             Err(error)
         }

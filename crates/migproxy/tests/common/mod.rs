@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod netns;
+pub mod process;
 pub mod qemu;
 
 use std::io;

@@ -1,0 +1,246 @@
+//! Two `migproxy daemon` processes: a daemon killed, a cable cut between network namespaces,
+//! and a real QEMU migration through both.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::netns::TwoHosts;
+use common::process::DaemonProcess;
+use common::qemu::{Qemu, Ram, random_ram_file};
+use common::{short_tempdir, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Creates the migration on both daemons; returns the socket path for the source QEMU.
+async fn pair(
+    source: &DaemonProcess,
+    destination: &DaemonProcess,
+    id: &str,
+    target: &str,
+) -> String {
+    let (status, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": id, "target": target})),
+        )
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"], "peer": incoming["peer"]});
+    let (status, outgoing) = source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 201, "{outgoing}");
+    outgoing["qemu_uri"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("unix:")
+        .to_owned()
+}
+
+/// A source QEMU stand-in that writes until its connection breaks; returns the error.
+fn endless_writer(stream: UnixStream) -> tokio::task::JoinHandle<std::io::Error> {
+    let (read, mut write) = stream.into_split();
+    tokio::spawn(async move {
+        let _keep = read;
+        let block = vec![3u8; 256 * 1024];
+        loop {
+            if let Err(error) = write.write_all(&block).await {
+                return error;
+            }
+        }
+    })
+}
+
+/// A destination QEMU stand-in that reads and discards everything.
+fn sink(listener: UnixListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 20];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    })
+}
+
+async fn moving(daemon: &DaemonProcess, id: &str) {
+    let limit = Instant::now();
+    loop {
+        let (_, view) = daemon
+            .request("GET", &format!("/v1/migrations/{id}"), None)
+            .await;
+        if view["bytes"]["to_destination"].as_u64().unwrap_or(0) > (4 << 20) {
+            return;
+        }
+        assert!(
+            limit.elapsed() < Duration::from_secs(10),
+            "no data moving: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_destination_daemon_is_reported_by_the_source_as_a_peer_link_failure() {
+    let dir = short_tempdir();
+    let mut destination = DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, &[]).await;
+    let source = DaemonProcess::start(dir.path(), "src", "127.0.0.1:0", None, &[]).await;
+    let target = dir.path().join("qemu-in.sock");
+    let _sink = sink(UnixListener::bind(&target).unwrap());
+    let qemu_uri = pair(
+        &source,
+        &destination,
+        "k1",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let writer = endless_writer(UnixStream::connect(&qemu_uri).await.unwrap());
+    moving(&source, "k1").await;
+
+    kill(
+        Pid::from_raw(destination.child.id().unwrap() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    destination.child.wait().await.unwrap();
+    let view = source.wait_final("k1", Duration::from_secs(5)).await;
+    assert_eq!(view["state"], "failed", "{view}");
+    let error = &view["error"];
+    assert_eq!(error["host"], "source", "{view}");
+    assert_eq!(error["leg"], "peer", "{view}");
+    assert!(
+        error["bytes"]["to_destination"].as_u64().unwrap() > 0,
+        "{view}"
+    );
+    eprintln!("source reports: {}", error["message"]);
+    tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .expect("the source QEMU's write must fail once the migration failed")
+        .unwrap();
+    wait_until(Duration::from_secs(2), "the QEMU socket to go", || {
+        !std::path::Path::new(&qemu_uri).exists()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_link_is_detected_within_the_bound_on_both_hosts() {
+    let hosts = TwoHosts::new("bh");
+    let dir = short_tempdir();
+    let timeout = ["--peer-timeout", "3"];
+    let destination = DaemonProcess::start(
+        dir.path(),
+        "dst",
+        &format!("{}:0", hosts.b_addr),
+        Some(&hosts.b),
+        &timeout,
+    )
+    .await;
+    let source = DaemonProcess::start(
+        dir.path(),
+        "src",
+        &format!("{}:0", hosts.a_addr),
+        Some(&hosts.a),
+        &timeout,
+    )
+    .await;
+    let target = dir.path().join("qemu-in.sock");
+    let _sink = sink(UnixListener::bind(&target).unwrap());
+    let qemu_uri = pair(
+        &source,
+        &destination,
+        "b1",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let writer = endless_writer(UnixStream::connect(&qemu_uri).await.unwrap());
+    moving(&source, "b1").await;
+
+    let cut = Instant::now();
+    hosts.blackhole_b();
+    // Bound: the peer timeout (3 s) plus a heartbeat interval, plus the 1 s wait for an
+    // explanation from the peer, plus scheduling slack.
+    let bound = Duration::from_secs(6);
+    let mut views: Vec<Value> = Vec::new();
+    for daemon in [&source, &destination] {
+        views.push(daemon.wait_final("b1", bound).await);
+    }
+    let took = cut.elapsed();
+    assert!(took < bound, "detected after {took:?}");
+    for (view, host) in views.iter().zip(["source", "destination"]) {
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = &view["error"];
+        assert_eq!(error["leg"], "peer", "{host}: {view}");
+        assert_eq!(
+            error["host"], host,
+            "each host blames the network from its side: {view}"
+        );
+        eprintln!("{host} reports after {took:?}: {}", error["message"]);
+    }
+    tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_qemu_migrates_through_two_daemons() {
+    const MIB: u64 = 256;
+    let dir = short_tempdir();
+    let ram = dir.path().join("source.img");
+    random_ram_file(&ram, MIB, 7);
+    let mut src_vm = Qemu::start(dir.path(), "src", Ram::File(&ram), MIB, false).await;
+    let mut dst_vm = Qemu::start(dir.path(), "dst", Ram::Anonymous, MIB, true).await;
+    let source = DaemonProcess::start(dir.path(), "srcd", "127.0.0.1:0", None, &[]).await;
+    let destination = DaemonProcess::start(dir.path(), "dstd", "127.0.0.1:0", None, &[]).await;
+
+    let incoming = dir.path().join("incoming.sock");
+    dst_vm
+        .execute(
+            "migrate-incoming",
+            json!({"uri": format!("unix:{}", incoming.display())}),
+        )
+        .await;
+    let qemu_uri = pair(
+        &source,
+        &destination,
+        "vm1",
+        &format!("unix:{}", incoming.display()),
+    )
+    .await;
+    src_vm
+        .execute(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 107_374_182_400u64}),
+        )
+        .await;
+    src_vm
+        .execute("migrate", json!({"uri": format!("unix:{qemu_uri}")}))
+        .await;
+    let info = src_vm.wait_migration(Duration::from_secs(120)).await;
+    assert_eq!(info["status"], "completed", "{info}\n{}", src_vm.log_text());
+
+    let at_source = source.wait_final("vm1", Duration::from_secs(10)).await;
+    let at_destination = destination.wait_final("vm1", Duration::from_secs(10)).await;
+    for view in [&at_source, &at_destination] {
+        assert_eq!(view["state"], "completed", "{view}");
+    }
+    assert_eq!(at_source["bytes"], at_destination["bytes"]);
+    let carried = at_source["bytes"]["to_destination"].as_u64().unwrap();
+    let transferred = info["ram"]["transferred"].as_u64().unwrap();
+    eprintln!(
+        "migproxy carried {carried} B to the destination; QEMU ram.transferred {transferred} B"
+    );
+    assert!(carried >= transferred, "{carried} < {transferred}");
+    let (src_digest, _) = src_vm.ram_digest(dir.path(), "src", MIB).await;
+    let (dst_digest, _) = dst_vm.ram_digest(dir.path(), "dst", MIB).await;
+    assert_eq!(
+        src_digest, dst_digest,
+        "destination RAM differs from the source's"
+    );
+}
