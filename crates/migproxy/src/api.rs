@@ -108,6 +108,9 @@ struct IncomingBody {
     target: String,
     id: Option<String>,
     max_channels: Option<u32>,
+    /// Pause instead of failing when a channel breaks (postcopy recovery).
+    #[serde(default)]
+    recoverable: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +120,9 @@ struct OutgoingBody {
     token: String,
     /// The destination daemon's peer address, `HOST:PORT`.
     peer: String,
+    /// Pause instead of failing when a channel breaks (postcopy recovery).
+    #[serde(default)]
+    recoverable: bool,
 }
 
 async fn create(
@@ -150,6 +156,7 @@ fn create_incoming(
         id,
         target,
         max_channels: body.max_channels,
+        recoverable: body.recoverable,
     };
     let (migration, token) = incoming::create(daemon, request).map_err(register_error)?;
     let body = json!({
@@ -169,7 +176,12 @@ async fn create_outgoing(
     let token = Token::from_hex(&body.token)
         .ok_or_else(|| ApiError::bad_request("token: expected the 64 hex digits handed out"))?;
     let peer = checked_peer(&body.peer)?;
-    let request = outgoing::Request { id, token, peer };
+    let request = outgoing::Request {
+        id,
+        token,
+        peer,
+        recoverable: body.recoverable,
+    };
     let migration = outgoing::create(daemon, request)
         .await
         .map_err(|e| match e {

@@ -619,3 +619,95 @@ async fn two_hundred_migrations_leave_no_fd_task_or_socket_behind() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     stand_in.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recoverable_migration_pauses_and_completes_on_fresh_channels() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let target = format!("unix:{}", target.display());
+    let uri = common::daemon::migration_pair_with(&source, &destination, "p1", &target, true).await;
+
+    // Epoch 1: the destination QEMU's connection breaks mid-stream.
+    let first = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (mut first_read, first_write) = first.into_split();
+    let first_sender = tokio::spawn(send_all(first_write, random_data(20, 32 << 20), 20));
+    let (mut broken, _) = qemu_in.accept().await.unwrap();
+    let mut some = vec![0u8; 1 << 20];
+    broken.read_exact(&mut some).await.unwrap();
+    drop(broken);
+    for daemon in [&source, &destination] {
+        let view = daemon
+            .wait_state("p1", "paused", Duration::from_secs(5))
+            .await;
+        let error = error_of(&view);
+        assert_eq!(error["host"], "destination", "{view}");
+        assert_eq!(error["leg"], "qemu", "{view}");
+        assert_eq!(view["pauses"].as_array().unwrap().len(), 1, "{view}");
+    }
+    // The source QEMU sees its channel end, as it would before `postcopy-paused`.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), first_read.read_to_end(&mut rest))
+        .await
+        .expect("the paused channel must be closed on the source QEMU");
+    let _ = first_sender.await;
+
+    // Epoch 2: QEMU reconnects (`migrate … resume=true`) with two fresh channels.
+    let receiver = tokio::spawn(async move {
+        let mut tags = Vec::new();
+        for _ in 0..2 {
+            let (mut stream, _) = qemu_in.accept().await.unwrap();
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).await.unwrap();
+            tags.push(got[0]);
+            stream.write_all(b"ok").await.unwrap();
+        }
+        tags
+    });
+    // Both channels are open before either ends, as QEMU's are.
+    let mut channels = Vec::new();
+    for tag in [b'a', b'b'] {
+        channels.push((tag, UnixStream::connect(unix_path(&uri)).await.unwrap()));
+    }
+    for (tag, mut qemu) in channels {
+        let mut data = random_data(tag.into(), 2 << 20).as_ref().clone();
+        data[0] = tag;
+        qemu.write_all(&data).await.unwrap();
+        qemu.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        qemu.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"ok");
+    }
+    assert_eq!(
+        receiver.await.unwrap(),
+        b"ab",
+        "recovery channels out of order"
+    );
+    let mut views = Vec::new();
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("p1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "completed", "{view}");
+        assert!(view["error"].is_null(), "{view}");
+        assert_eq!(view["pauses"].as_array().unwrap().len(), 1);
+        let states: Vec<_> = view["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["state"].clone())
+            .collect();
+        assert_eq!(
+            states[1..],
+            [json!("completed"), json!("completed")],
+            "{view}"
+        );
+        views.push(view);
+    }
+    let recovered = |v: &Value| v["channels"].as_array().unwrap()[1..].to_vec();
+    assert_eq!(
+        recovered(&views[0]),
+        recovered(&views[1]),
+        "the hosts disagree"
+    );
+}

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::attribution::os_message;
-use super::migration::{Migration, Outbound};
+use super::migration::{Epoch, Link, Migration, Outbound};
 use super::peer::{ReadError, Timing, read_control, write_control};
 use crate::human::{Elapsed, errno_name};
 
@@ -20,20 +20,16 @@ use crate::human::{Elapsed, errno_name};
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Runs the control link until both sides have closed it or it breaks.
-pub async fn run(
-    migration: Arc<Migration>,
-    stream: TcpStream,
-    queue: mpsc::UnboundedReceiver<Outbound>,
-    timing: Timing,
-) {
+pub async fn run(migration: Arc<Migration>, stream: TcpStream, link: Link, timing: Timing) {
     let (reader, writer) = stream.into_split();
-    let sending = send(&migration, writer, queue, timing.heartbeat_interval);
+    let Link { queue, epoch, stop } = link;
+    let sending = send(&migration, epoch, writer, queue, timing.heartbeat_interval);
     let receiving = async {
         tokio::select! {
-            () = receive(&migration, reader, timing.peer_timeout) => {}
-            // Once ended, give the peer a moment to close, then stop listening.
+            () = receive(&migration, epoch, &stop, reader, timing.peer_timeout) => {}
+            // Once the epoch has ended, give the peer a moment to close, then stop listening.
             () = async {
-                migration.stop.cancelled().await;
+                stop.cancelled().await;
                 tokio::time::sleep(CLOSE_LINGER).await;
             } => {}
         }
@@ -43,6 +39,7 @@ pub async fn run(
 
 async fn send(
     migration: &Arc<Migration>,
+    epoch: Epoch,
     mut writer: tokio::net::tcp::OwnedWriteHalf,
     mut queue: mpsc::UnboundedReceiver<Outbound>,
     heartbeat: Duration,
@@ -63,7 +60,7 @@ async fn send(
                 errno_name(&error),
                 format!("control link: {}", os_message(&error)),
             );
-            migration.fail_or_wait(blame);
+            migration.fail_or_wait(epoch, blame);
             return;
         }
     }
@@ -73,6 +70,8 @@ async fn send(
 
 async fn receive(
     migration: &Arc<Migration>,
+    epoch: Epoch,
+    ended: &tokio_util::sync::CancellationToken,
     mut reader: tokio::net::tcp::OwnedReadHalf,
     peer_timeout: Duration,
 ) {
@@ -81,10 +80,10 @@ async fn receive(
         let read = tokio::time::timeout(peer_timeout, read_control(&mut reader, &mut buf)).await;
         let blame = match read {
             Ok(Ok(Some(control))) => {
-                migration.on_peer(control);
+                migration.on_peer(epoch, control);
                 continue;
             }
-            Ok(Ok(None)) if migration.state().is_final() => return,
+            Ok(Ok(None)) if ended.is_cancelled() => return,
             Ok(Ok(None)) => migration.peer_link_failure(
                 Op::Read,
                 None,
@@ -107,9 +106,8 @@ async fn receive(
                 ),
             ),
         };
-        if !migration.state().is_final() {
-            migration.fail_or_wait(blame);
-        }
+        // Ignored if the epoch has ended meanwhile.
+        migration.fail_or_wait(epoch, blame);
         return;
     }
 }

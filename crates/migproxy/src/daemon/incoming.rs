@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::attribution::os_message;
-use super::migration::{Migration, Role, Spec, State};
+use super::migration::{Admitted, Migration, Role, Spec, State};
 use super::peer::{self, ReadError};
 use super::token::Token;
 use super::{Daemon, RegisterError, channel, control};
@@ -27,6 +27,8 @@ pub struct Request {
     /// Where the destination QEMU listens (`-incoming` / `migrate-incoming`).
     pub target: Endpoint,
     pub max_channels: Option<u32>,
+    /// Pause instead of failing, for postcopy recovery.
+    pub recoverable: bool,
 }
 
 /// Registers an incoming migration and starts its expiry clock. Returns it and its token.
@@ -46,6 +48,7 @@ pub fn create(
         peer: daemon.config.advertise.clone(),
         local: request.target,
         max_channels,
+        recoverable: request.recoverable,
     });
     daemon.register(Arc::clone(&migration))?;
     let ttl = daemon.config.token_ttl;
@@ -121,11 +124,11 @@ async fn handshake(daemon: Arc<Daemon>, mut stream: TcpStream, from: String) {
             return;
         }
     };
-    let accepted = match hello.kind {
-        Kind::Control => migration.attach_control(),
-        Kind::Data => migration.open_channel(hello.channel).is_ok(),
+    let attached = match hello.kind {
+        Kind::Control => migration.attach_control(hello.channel).map(Ok),
+        Kind::Data => migration.open_channel(hello.channel).ok().map(Err),
     };
-    if !accepted {
+    let Some(attached) = attached else {
         let message = format!(
             "migration {} cannot take this {:?} connection (state {:?})",
             hello.migration,
@@ -134,18 +137,15 @@ async fn handshake(daemon: Arc<Daemon>, mut stream: TcpStream, from: String) {
         );
         reject(&mut stream, &from, Status::Refused, &message).await;
         return;
-    }
+    };
     if let Err(error) = peer::reply(&mut stream, Status::Ok, "").await {
         tracing::debug!(%from, %error, "peer vanished during the handshake");
+        // The migration's own checks (heartbeats, the source's view) take it from here.
         return;
     }
-    match hello.kind {
-        Kind::Control => {
-            if let Some(queue) = migration.take_queue() {
-                control::run(migration, stream, queue, timing).await;
-            }
-        }
-        Kind::Data => deliver(daemon, migration, hello.channel, stream, from).await,
+    match attached {
+        Ok(link) => control::run(migration, stream, link, timing).await,
+        Err(admitted) => deliver(daemon, migration, hello.channel, admitted, stream, from).await,
     }
 }
 
@@ -202,21 +202,23 @@ async fn deliver(
     daemon: Arc<Daemon>,
     migration: Arc<Migration>,
     index: u32,
+    admitted: Admitted,
     link: TcpStream,
     from: String,
 ) {
     let mut next = migration.next_channel.subscribe();
     let turn = tokio::select! {
-        () = migration.stop.cancelled() => false,
+        () = admitted.stop.cancelled() => false,
         turn = next.wait_for(|next| *next == index) => turn.is_ok(),
     };
     if !turn {
+        Stream::Tcp(link).abort();
         migration.channel_abandoned(index);
         return;
     }
     let target = migration.spec.local.clone();
     let connected = tokio::select! {
-        () = migration.stop.cancelled() => None,
+        () = admitted.stop.cancelled() => None,
         connected = transport::connect(&target, daemon.config.timing.connect_timeout) => Some(connected),
     };
     let qemu = match connected {
@@ -224,7 +226,8 @@ async fn deliver(
         Some(Err(error)) => {
             Stream::Tcp(link).abort();
             migration.channel_abandoned(index);
-            migration.fail(connect_failure(&migration, index, &error), true);
+            let blame = connect_failure(&migration, index, &error);
+            migration.fail(admitted.epoch, blame, true);
             return;
         }
         None => {
@@ -237,7 +240,7 @@ async fn deliver(
     let qemu_name = target.to_string();
     let source = relay::Leg::new(format!("tcp:{from}"), Stream::Tcp(link));
     let destination = relay::Leg::new(qemu_name.clone(), qemu);
-    channel::run(migration, index, source, destination, qemu_name).await;
+    channel::run(migration, index, admitted, source, destination, qemu_name).await;
 }
 
 fn connect_failure(migration: &Migration, index: u32, error: &TransportError) -> Attribution {

@@ -4,9 +4,18 @@
 //! ```text
 //!            control link up           every channel clean on both hosts, counts agree
 //!  pending ───────────────────► active ─────────────────────────────────────────► completed
-//!     │ token unused for ttl       │ cancel (either host)  ─────────────────────► cancelled
-//!     └──────────► expired         │ failure (either host) ─────────────────────► failed
+//!     │ token unused for ttl     │  ▲   cancel (either host)  ─────────────────────► cancelled
+//!     └──────────► expired       │  │   failure (either host) ─────────────────────► failed
+//!                     failure,   ▼  │ QEMU reconnects: control link dialled again
+//!                   recoverable  paused   (postcopy recovery)
 //! ```
+//!
+//! A *recoverable* migration (postcopy) does not fail when a channel or the link breaks: it
+//! pauses, as QEMU does (`postcopy-paused`). Every channel of the broken *epoch* is torn down
+//! and the control link is closed; when the source QEMU reconnects (`migrate … resume=true`),
+//! the source daemon dials a new control link whose hello names the first channel of the new
+//! epoch, and fresh channels follow. Completion then counts the last epoch only: bytes lost in
+//! flight when the old one broke are QEMU's to resend.
 //!
 //! Every transition to an end state happens once, under the lock, and is mirrored to the peer
 //! daemon over the control link: a local failure is sent as [`Control::Failed`] with its
@@ -100,8 +109,15 @@ pub struct Spec {
     pub peer: String,
     /// Incoming: the destination QEMU's endpoint. Outgoing: the socket handed to QEMU.
     pub local: Endpoint,
+    /// Channels per epoch, at most.
     pub max_channels: u32,
+    /// Pause instead of failing (postcopy recovery).
+    pub recoverable: bool,
 }
+
+/// Identifies one epoch of a migration: the span of one control link and its channels.
+/// Reports from an older epoch (a link or channel torn down by a pause) are ignored.
+pub type Epoch = u64;
 
 /// A migration, shared between the API, the control link and the channel tasks.
 #[derive(Debug)]
@@ -112,26 +128,32 @@ pub struct Migration {
     /// Cancelled when the migration ends: stops accepting, aborts every channel still running.
     pub stop: CancellationToken,
     inner: Mutex<Inner>,
-    outbound: mpsc::UnboundedSender<Outbound>,
     /// The state, for those who wait on it.
     state_tx: watch::Sender<State>,
     /// Incoming: the next channel index allowed to connect to the destination QEMU.
     pub next_channel: watch::Sender<u32>,
-    /// The control writer's queue, until the control link takes it.
-    queue: Mutex<Option<mpsc::UnboundedReceiver<Outbound>>>,
 }
 
 #[derive(Debug)]
 struct Inner {
     state: State,
     channels: Vec<Channel>,
+    /// The failure that ended the migration, or paused it last.
     error: Option<Attribution>,
+    /// Every failure that paused the migration, oldest first.
+    pauses: Vec<Attribution>,
     /// Who cancelled, when cancelled.
     cancelled_by: Option<Host>,
     local_done: Option<(u32, Totals)>,
     peer_done: Option<(u32, Totals)>,
-    control_attached: bool,
     ended: Option<Instant>,
+    /// The control writer's queue, while a control link is up.
+    outbound: Option<mpsc::UnboundedSender<Outbound>>,
+    epoch: Epoch,
+    /// Cancelled when the epoch ends (pause or end): its channels are torn down.
+    epoch_stop: CancellationToken,
+    /// First channel index of the current epoch.
+    epoch_start: u32,
 }
 
 #[derive(Debug)]
@@ -145,6 +167,16 @@ struct Channel {
 }
 
 impl Channel {
+    fn new() -> Channel {
+        Channel {
+            claimed: false,
+            state: ChannelState::Opening,
+            counters: None,
+            bytes: ByteCounts::default(),
+            peer_end: None,
+        }
+    }
+
     fn bytes(&self) -> ByteCounts {
         match &self.counters {
             Some(counters) if !self.is_final() => counters.bytes(),
@@ -171,39 +203,50 @@ pub enum ChannelRefused {
     Duplicate { id: String, index: u32 },
 }
 
+/// A control link just attached: what it must send, and the epoch it belongs to.
+#[derive(Debug)]
+pub struct Link {
+    pub queue: mpsc::UnboundedReceiver<Outbound>,
+    pub epoch: Epoch,
+    /// Cancelled when the epoch ends.
+    pub stop: CancellationToken,
+}
+
+/// A channel admitted into the current epoch.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub epoch: Epoch,
+    /// Cancelled when the epoch ends.
+    pub stop: CancellationToken,
+}
+
 impl Migration {
     /// A new migration in `pending`.
     pub fn new(spec: Spec) -> Arc<Migration> {
-        let (outbound, queue) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
         let migration = Migration {
             spec,
             created: SystemTime::now(),
             started: Instant::now(),
-            stop: CancellationToken::new(),
             inner: Mutex::new(Inner {
                 state: State::Pending,
                 channels: Vec::new(),
                 error: None,
+                pauses: Vec::new(),
                 cancelled_by: None,
                 local_done: None,
                 peer_done: None,
-                control_attached: false,
                 ended: None,
+                outbound: None,
+                epoch: 0,
+                epoch_stop: stop.child_token(),
+                epoch_start: 0,
             }),
-            outbound,
+            stop,
             state_tx: watch::channel(State::Pending).0,
             next_channel: watch::channel(0).0,
-            queue: Mutex::new(Some(queue)),
         };
         Arc::new(migration)
-    }
-
-    /// What the control link must send, for the one control link there is.
-    pub fn take_queue(&self) -> Option<mpsc::UnboundedReceiver<Outbound>> {
-        self.queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -231,42 +274,61 @@ impl Migration {
         self.lock().ended.map(|at| at.elapsed())
     }
 
-    fn send(&self, control: Control) {
-        // The control writer may be gone already (link broken): then nobody is left to tell.
-        let _ = self.outbound.send(Outbound::Frame(control));
-    }
-
-    /// The control link is up: `pending` → `active`. False if the migration cannot take one.
-    pub fn attach_control(&self) -> bool {
-        let mut inner = self.lock();
-        if inner.control_attached || inner.state != State::Pending {
-            return false;
+    /// Queues a frame for the peer. Without a control link (broken, or paused) nobody is
+    /// left to tell, and the frame is dropped.
+    fn send(inner: &Inner, control: Control) {
+        if let Some(outbound) = &inner.outbound {
+            let _ = outbound.send(Outbound::Frame(control));
         }
-        inner.control_attached = true;
-        self.set_state(&mut inner, State::Active);
-        true
     }
 
-    /// Registers channel `index` (which must be the next one for outgoing migrations).
-    pub fn open_channel(&self, index: u32) -> Result<(), ChannelRefused> {
+    /// A control link is up: `pending` → `active`, or `paused` → `active` with a new epoch
+    /// whose channels start at `first_channel`. `None` if the migration cannot take a link
+    /// now (one is attached, or it has ended).
+    pub fn attach_control(&self, first_channel: u32) -> Option<Link> {
+        let mut inner = self.lock();
+        let resuming = match inner.state {
+            State::Pending => false,
+            State::Paused if self.spec.recoverable => true,
+            _ => return None,
+        };
+        if inner.outbound.is_some() || (resuming && first_channel < inner.channels.len() as u32) {
+            return None;
+        }
+        let (outbound, queue) = mpsc::unbounded_channel();
+        inner.outbound = Some(outbound);
+        inner.epoch += 1;
+        inner.epoch_stop = self.stop.child_token();
+        inner.epoch_start = first_channel;
+        inner.local_done = None;
+        inner.peer_done = None;
+        if resuming {
+            inner.error = None;
+            tracing::info!(migration = %self.spec.id, first_channel, "resuming");
+        }
+        self.next_channel.send_replace(first_channel);
+        self.set_state(&mut inner, State::Active);
+        Some(Link {
+            queue,
+            epoch: inner.epoch,
+            stop: inner.epoch_stop.clone(),
+        })
+    }
+
+    /// Admits channel `index` into the current epoch.
+    pub fn open_channel(&self, index: u32) -> Result<Admitted, ChannelRefused> {
         let mut inner = self.lock();
         if inner.state != State::Active {
             return Err(ChannelRefused::NotActive(self.spec.id.clone(), inner.state));
         }
-        if index >= self.spec.max_channels {
+        if index < inner.epoch_start || index - inner.epoch_start >= self.spec.max_channels {
             return Err(ChannelRefused::TooMany {
                 id: self.spec.id.clone(),
                 max: self.spec.max_channels,
             });
         }
         while inner.channels.len() <= index as usize {
-            inner.channels.push(Channel {
-                claimed: false,
-                state: ChannelState::Opening,
-                counters: None,
-                bytes: ByteCounts::default(),
-                peer_end: None,
-            });
+            inner.channels.push(Channel::new());
         }
         let channel = &mut inner.channels[index as usize];
         if channel.claimed {
@@ -278,19 +340,22 @@ impl Migration {
         channel.claimed = true;
         // A new channel means this host is not done after all.
         inner.local_done = None;
-        Ok(())
+        Ok(Admitted {
+            epoch: inner.epoch,
+            stop: inner.epoch_stop.clone(),
+        })
     }
 
-    /// A channel that was opened but never ran (the migration ended first).
+    /// A channel that was opened but never ran (its epoch ended first).
     pub fn channel_abandoned(&self, index: u32) {
-        if let Some(channel) = self.lock().channels.get_mut(index as usize) {
-            if channel.state == ChannelState::Opening {
-                channel.state = ChannelState::Cancelled;
-            }
+        if let Some(channel) = self.lock().channels.get_mut(index as usize)
+            && channel.state == ChannelState::Opening
+        {
+            channel.state = ChannelState::Cancelled;
         }
     }
 
-    /// Number of channels registered so far.
+    /// Number of channels registered so far, over every epoch.
     pub fn channel_count(&self) -> u32 {
         self.lock().channels.len() as u32
     }
@@ -302,19 +367,23 @@ impl Migration {
             channel.state = ChannelState::Active;
             channel.counters = Some(counters);
         }
-        drop(inner);
-        self.send(Control::ChannelOpened { channel: index });
+        Self::send(&inner, Control::ChannelOpened { channel: index });
     }
 
     /// Records how a channel's relay ended, and what that means for the migration.
     /// `qemu_leg` is the name of the relay leg that faces the local QEMU.
-    pub fn channel_ended(self: &Arc<Self>, index: u32, report: &Report, qemu_leg: &str) {
+    pub fn channel_ended(
+        self: &Arc<Self>,
+        index: u32,
+        epoch: Epoch,
+        report: &Report,
+        qemu_leg: &str,
+    ) {
         let end = match &report.end {
             End::Completed => ChannelEnd::Completed,
             End::Cancelled => ChannelEnd::Cancelled,
             End::Failed(_) => ChannelEnd::Failed,
         };
-        let bytes = report.bytes;
         {
             let mut inner = self.lock();
             if let Some(channel) = inner.channels.get_mut(index as usize) {
@@ -323,36 +392,40 @@ impl Migration {
                     ChannelEnd::Cancelled => ChannelState::Cancelled,
                     ChannelEnd::Failed => ChannelState::Failed,
                 };
-                channel.bytes = bytes;
+                channel.bytes = report.bytes;
             }
+            let bytes = totals(report.bytes);
+            Self::send(
+                &inner,
+                Control::ChannelClosed {
+                    channel: index,
+                    end,
+                    bytes,
+                },
+            );
         }
-        self.send(Control::ChannelClosed {
-            channel: index,
-            end,
-            bytes: totals(bytes),
-        });
         match &report.end {
             End::Completed => self.check_done(),
             End::Cancelled => {}
             End::Failed(failure) => {
                 let blame = attribution::of_relay(self.host(), index, failure, qemu_leg);
-                self.fail_or_wait(blame);
+                self.fail_or_wait(epoch, blame);
             }
         }
     }
 
     /// A failure on this host's QEMU leg is certain: fail now. One on the peer link may be
     /// the echo of a failure on the other host: give its explanation a moment to arrive.
-    pub fn fail_or_wait(self: &Arc<Self>, blame: Attribution) {
+    pub fn fail_or_wait(self: &Arc<Self>, epoch: Epoch, blame: Attribution) {
         if blame.leg == Leg::Qemu {
-            self.fail(blame, true);
+            self.fail(epoch, blame, true);
             return;
         }
         let migration = Arc::clone(self);
         tokio::spawn(async move {
             let mut state = migration.watch_state();
             let explained = tokio::time::timeout(EXPLANATION_GRACE, async {
-                while !state.borrow_and_update().is_final() {
+                while *state.borrow_and_update() == State::Active {
                     if state.changed().await.is_err() {
                         return;
                     }
@@ -360,23 +433,31 @@ impl Migration {
             })
             .await;
             if explained.is_err() {
-                migration.fail(blame, true);
+                migration.fail(epoch, blame, true);
             }
         });
     }
 
-    /// Ends the migration as failed (first cause wins) and tears down every channel.
-    pub fn fail(&self, blame: Attribution, tell_peer: bool) {
+    /// Ends the current epoch with a failure: a recoverable migration pauses, any other
+    /// fails (first cause wins). Reports about an older epoch are ignored.
+    pub fn fail(&self, epoch: Epoch, blame: Attribution, tell_peer: bool) {
         let mut inner = self.lock();
-        if inner.state.is_final() {
+        if inner.epoch != epoch || inner.state != State::Active && inner.state != State::Pending {
             return;
         }
-        tracing::warn!(migration = %self.spec.id, "failed: {}", Rendered(&blame));
+        tracing::warn!(migration = %self.spec.id, "{}: {}",
+            if self.spec.recoverable { "paused" } else { "failed" }, Rendered(&blame));
         if tell_peer {
-            self.send(Control::Failed(blame.clone()));
+            Self::send(&inner, Control::Failed(blame.clone()));
         }
-        inner.error = Some(blame);
-        self.finish(&mut inner, State::Failed);
+        inner.error = Some(blame.clone());
+        if self.spec.recoverable && inner.state == State::Active {
+            inner.pauses.push(blame);
+            self.end_epoch(&mut inner);
+            self.set_state(&mut inner, State::Paused);
+        } else {
+            self.finish(&mut inner, State::Failed);
+        }
     }
 
     /// Cancels the migration on behalf of `by`; tells the peer if the cancel is ours.
@@ -387,7 +468,7 @@ impl Migration {
             return false;
         }
         if by == self.host() {
-            self.send(Control::Cancel { by });
+            Self::send(&inner, Control::Cancel { by });
         }
         inner.cancelled_by = Some(by);
         self.finish(&mut inner, State::Cancelled);
@@ -402,8 +483,11 @@ impl Migration {
         }
     }
 
-    /// Applies a control frame from the peer daemon.
-    pub fn on_peer(self: &Arc<Self>, control: Control) {
+    /// Applies a control frame from the peer daemon, received on the link of `epoch`.
+    pub fn on_peer(self: &Arc<Self>, epoch: Epoch, control: Control) {
+        if self.lock().epoch != epoch {
+            return;
+        }
         match control {
             Control::Heartbeat | Control::ChannelOpened { .. } => {}
             Control::ChannelClosed {
@@ -415,7 +499,7 @@ impl Migration {
                     c.peer_end = Some((end, bytes));
                 }
             }
-            Control::Failed(blame) => self.fail(blame, false),
+            Control::Failed(blame) => self.fail(epoch, blame, false),
             Control::Cancel { by } => {
                 self.cancel(by);
             }
@@ -426,25 +510,24 @@ impl Migration {
         }
     }
 
-    /// When every channel has completed here, says so to the peer; when the peer has said
-    /// the same with equal counts, the migration is completed.
+    /// When every channel of the epoch has completed here, says so to the peer; when the
+    /// peer has said the same with equal counts, the migration is completed.
     fn check_done(&self) {
         let mut inner = self.lock();
-        if inner.state != State::Active || inner.channels.is_empty() {
+        let epoch = &inner.channels[(inner.epoch_start as usize).min(inner.channels.len())..];
+        if inner.state != State::Active || epoch.is_empty() {
             return;
         }
-        if inner.local_done.is_none()
-            && inner
-                .channels
-                .iter()
-                .all(|c| c.state == ChannelState::Completed)
-        {
-            let done = (inner.channels.len() as u32, totals(sum(&inner.channels)));
+        if inner.local_done.is_none() && epoch.iter().all(|c| c.state == ChannelState::Completed) {
+            let done = (epoch.len() as u32, totals(sum(epoch)));
             inner.local_done = Some(done);
-            self.send(Control::Done {
-                channels: done.0,
-                bytes: done.1,
-            });
+            Self::send(
+                &inner,
+                Control::Done {
+                    channels: done.0,
+                    bytes: done.1,
+                },
+            );
         }
         match (inner.local_done, inner.peer_done) {
             (Some(local), Some(peer)) if local == peer => {
@@ -454,7 +537,7 @@ impl Migration {
                 // Same channels, different bytes: something between the daemons lost data.
                 let blame = attribution::disagreement(self.host(), local, peer);
                 tracing::warn!(migration = %self.spec.id, "failed: {}", Rendered(&blame));
-                self.send(Control::Failed(blame.clone()));
+                Self::send(&inner, Control::Failed(blame.clone()));
                 inner.error = Some(blame);
                 self.finish(&mut inner, State::Failed);
             }
@@ -463,10 +546,18 @@ impl Migration {
         }
     }
 
+    /// Closes the control link after what is queued, and tears down the epoch's channels.
+    fn end_epoch(&self, inner: &mut Inner) {
+        if let Some(outbound) = inner.outbound.take() {
+            let _ = outbound.send(Outbound::Close);
+        }
+        inner.epoch_stop.cancel();
+    }
+
     fn finish(&self, inner: &mut Inner, state: State) {
         inner.ended = Some(Instant::now());
+        self.end_epoch(inner);
         self.set_state(inner, state);
-        let _ = self.outbound.send(Outbound::Close);
         self.stop.cancel();
     }
 
@@ -495,9 +586,11 @@ impl Migration {
             state: inner.state,
             peer: self.spec.peer.clone(),
             local: self.spec.local.to_string(),
+            recoverable: self.spec.recoverable,
             bytes: sum(&inner.channels),
             channels,
             error: inner.error.as_ref().map(attribution::Report::from),
+            pauses: inner.pauses.iter().map(attribution::Report::from).collect(),
             cancelled_by: inner.cancelled_by.map(attribution::host_name),
             created_at: self
                 .created
@@ -512,30 +605,35 @@ impl Migration {
         }
     }
 
-    /// Fails the migration when no byte has moved on any of its channels for `limit` while
-    /// it is active with at least one channel (a QEMU that stopped sending or reading, or a
-    /// link that stalls without breaking). Returns when the migration ends.
+    /// Fails the current epoch when no byte has moved on any channel for `limit` while the
+    /// migration is active with at least one channel (a QEMU that stopped sending or reading,
+    /// or a link that stalls without breaking). Returns when the migration ends.
     pub async fn watch_stall(self: Arc<Self>, limit: Duration) {
         let tick = (limit / 4).max(Duration::from_millis(50));
-        let mut last = (self.bytes().total(), Instant::now());
+        let mut last = (self.bytes().total(), Instant::now(), self.epoch());
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => return,
                 () = tokio::time::sleep(tick) => {}
             }
-            let moved = self.bytes().total();
-            if moved != last.0 || self.state() != State::Active || self.channel_count() == 0 {
-                last = (moved, Instant::now());
+            let (moved, epoch) = (self.bytes().total(), self.epoch());
+            let idle = self.state() != State::Active || self.channel_count() == 0;
+            if moved != last.0 || epoch != last.2 || idle {
+                last = (moved, Instant::now(), epoch);
             } else if last.1.elapsed() >= limit {
                 let blame = self.peer_link_failure(
                     Op::Timeout,
                     None,
                     format!("no byte moved on any channel for {}", Elapsed(limit)),
                 );
-                self.fail(blame, true);
-                return;
+                self.fail(epoch, blame, true);
             }
         }
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.lock().epoch
     }
 
     /// Time since creation, for attributions without a channel.
@@ -591,9 +689,14 @@ pub struct Snapshot {
     pub peer: String,
     /// Incoming: the destination QEMU's endpoint; outgoing: the URI handed to QEMU.
     pub local: String,
+    /// Pauses instead of failing (postcopy recovery).
+    pub recoverable: bool,
     pub bytes: ByteCounts,
     pub channels: Vec<ChannelSnapshot>,
+    /// The failure that ended the migration, or paused it (while paused).
     pub error: Option<attribution::Report>,
+    /// Every failure that paused it, oldest first.
+    pub pauses: Vec<attribution::Report>,
     pub cancelled_by: Option<&'static str>,
     /// Seconds since the Unix epoch.
     pub created_at: f64,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use migproxy_proto::{Attribution, Hello, Kind, Leg, Op, Totals, VERSION};
 
 use super::attribution::os_message;
-use super::migration::{Migration, Role, Spec};
+use super::migration::{Migration, Role, Spec, State};
 use super::peer::{self, PeerError};
 use super::token::Token;
 use super::{Daemon, RegisterError, channel, control};
@@ -15,6 +15,7 @@ use crate::endpoint::Endpoint;
 use crate::human::errno_name;
 use crate::relay;
 use crate::transport::{Listener, Stream, TransportError};
+use tokio::net::TcpStream;
 
 /// What the API asks for.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub struct Request {
     pub token: Token,
     /// The destination daemon's peer address, HOST:PORT.
     pub peer: String,
+    /// Pause instead of failing, for postcopy recovery.
+    pub recoverable: bool,
 }
 
 /// Why an outgoing migration could not be created.
@@ -52,21 +55,12 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
         peer: request.peer.clone(),
         local: local.clone(),
         max_channels: daemon.config.max_channels,
+        recoverable: request.recoverable,
     });
     daemon.register(Arc::clone(&migration))?;
     match connect(daemon, &migration, &local).await {
         Ok((listener, control_link)) => {
-            let queue = migration.take_queue();
-            migration.attach_control();
-            let timing = daemon.config.timing.clone();
-            if let Some(queue) = queue {
-                daemon.tasks.spawn(control::run(
-                    Arc::clone(&migration),
-                    control_link,
-                    queue,
-                    timing,
-                ));
-            }
+            start_control(daemon, &migration, control_link, 0);
             daemon.tasks.spawn(accept_channels(
                 Arc::clone(daemon),
                 Arc::clone(&migration),
@@ -86,7 +80,7 @@ async fn connect(
     daemon: &Daemon,
     migration: &Migration,
     local: &Endpoint,
-) -> Result<(Listener, tokio::net::TcpStream), CreateError> {
+) -> Result<(Listener, TcpStream), CreateError> {
     let listener = Listener::bind(local).await?;
     if let Some(path) = local.unix_path() {
         // Only the daemon's user (and QEMU running as it) may connect.
@@ -95,6 +89,43 @@ async fn connect(
     let hello = hello(migration, Kind::Control, 0);
     let control = peer::dial(&migration.spec.peer, &hello, &daemon.config.timing).await?;
     Ok((listener, control))
+}
+
+/// Attaches a dialled control link (whose hello named `first_channel`) and runs it.
+fn start_control(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    link: TcpStream,
+    first_channel: u32,
+) -> bool {
+    let Some(attached) = migration.attach_control(first_channel) else {
+        return false;
+    };
+    let timing = daemon.config.timing.clone();
+    daemon
+        .tasks
+        .spawn(control::run(Arc::clone(migration), link, attached, timing));
+    true
+}
+
+/// A paused migration whose QEMU reconnects: dial a new control link for the epoch that
+/// starts at channel `first_channel`.
+async fn resume(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    first_channel: u32,
+) -> Result<(), String> {
+    let hello = hello(migration, Kind::Control, first_channel);
+    let link = tokio::select! {
+        () = migration.stop.cancelled() => return Err("the migration ended".into()),
+        link = peer::dial(&migration.spec.peer, &hello, &daemon.config.timing) => link,
+    };
+    let link = link.map_err(|e| e.to_string())?;
+    if start_control(daemon, migration, link, first_channel) {
+        Ok(())
+    } else {
+        Err(format!("cannot resume from state {:?}", migration.state()))
+    }
 }
 
 fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
@@ -107,7 +138,8 @@ fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
     }
 }
 
-/// Accepts QEMU's connections in order; each becomes channel 0, 1, … to the peer.
+/// Accepts QEMU's connections in order; each becomes channel 0, 1, … to the peer. While the
+/// migration is paused, a connection from QEMU (its recovery) resumes it first.
 async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listener: Listener) {
     let mut index = 0;
     loop {
@@ -122,14 +154,24 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
                 continue;
             }
         };
-        if let Err(refused) = migration.open_channel(index) {
-            tracing::warn!(migration = %migration.spec.id, "QEMU connection refused: {refused}");
-            qemu.abort();
-            continue;
+        if migration.state() == State::Paused {
+            if let Err(why) = resume(&daemon, &migration, index).await {
+                tracing::warn!(migration = %migration.spec.id, "cannot resume: {why}");
+                qemu.abort();
+                continue;
+            }
         }
+        let admitted = match migration.open_channel(index) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                tracing::warn!(migration = %migration.spec.id, "QEMU connection refused: {refused}");
+                qemu.abort();
+                continue;
+            }
+        };
         let hello = hello(&migration, Kind::Data, index);
         let dialled = tokio::select! {
-            () = migration.stop.cancelled() => None,
+            () = admitted.stop.cancelled() => None,
             dialled = peer::dial(&migration.spec.peer, &hello, &daemon.config.timing) => Some(dialled),
         };
         match dialled {
@@ -140,6 +182,7 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
                 daemon.tasks.spawn(channel::run(
                     Arc::clone(&migration),
                     index,
+                    admitted,
                     source,
                     destination,
                     qemu_name,
@@ -148,13 +191,15 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
             Some(Err(error)) => {
                 qemu.abort();
                 migration.channel_abandoned(index);
-                migration.fail(dial_failure(&migration, index, &error), true);
-                break;
+                migration.fail(
+                    admitted.epoch,
+                    dial_failure(&migration, index, &error),
+                    true,
+                );
             }
             None => {
                 qemu.abort();
                 migration.channel_abandoned(index);
-                break;
             }
         }
         index += 1;

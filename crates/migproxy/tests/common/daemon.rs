@@ -67,6 +67,22 @@ impl TestDaemon {
         body
     }
 
+    /// Polls until the migration is in `state`; returns the view.
+    pub async fn wait_state(&self, id: &str, state: &str, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let view = self.show(id).await;
+            if view["state"] == state {
+                return view;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "not {state} after {limit:?}: {view}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Polls until the migration's state is final; returns the last view.
     pub async fn wait_final(&self, id: &str, limit: Duration) -> Value {
         let start = Instant::now();
@@ -99,11 +115,23 @@ pub async fn migration_pair(
     id: &str,
     target: &str,
 ) -> String {
+    migration_pair_with(source, destination, id, target, false).await
+}
+
+/// As [`migration_pair`], optionally recoverable (postcopy recovery) on both sides.
+pub async fn migration_pair_with(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+    target: &str,
+    recoverable: bool,
+) -> String {
     let (status, incoming) = destination
         .request(
             "POST",
             "/v1/migrations",
-            Some(json!({"direction": "incoming", "id": id, "target": target})),
+            Some(json!({"direction": "incoming", "id": id, "target": target,
+                        "recoverable": recoverable})),
         )
         .await;
     assert_eq!(status, 201, "{incoming}");
@@ -116,6 +144,7 @@ pub async fn migration_pair(
                 "id": id,
                 "token": incoming["token"],
                 "peer": incoming["peer"],
+                "recoverable": recoverable,
             })),
         )
         .await;
