@@ -2,6 +2,7 @@
 //!
 //! | route | does |
 //! | --- | --- |
+//! | `GET /v1/info` | version, protocol, TLS or plaintext, limits, uptime |
 //! | `POST /v1/migrations` | create an incoming (destination) or outgoing (source) migration |
 //! | `GET /v1/migrations` | every migration |
 //! | `GET /v1/migrations/{id}` | one migration: state, bytes, channels, error |
@@ -44,6 +45,7 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Cancel
 
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
+        .route("/v1/info", get(info))
         .route("/v1/migrations", post(create).get(list))
         .route("/v1/migrations/{id}", get(show))
         .route("/v1/migrations/{id}/cancel", post(cancel))
@@ -123,6 +125,8 @@ struct OutgoingBody {
     /// Pause instead of failing when a channel breaks (postcopy recovery).
     #[serde(default)]
     recoverable: bool,
+    /// The name the destination daemon's certificate must carry; default the peer's host.
+    tls_hostname: Option<String>,
 }
 
 async fn create(
@@ -181,6 +185,7 @@ async fn create_outgoing(
         token,
         peer,
         recoverable: body.recoverable,
+        tls_hostname: body.tls_hostname,
     };
     let migration = outgoing::create(daemon, request)
         .await
@@ -239,6 +244,33 @@ fn find(daemon: &Daemon, id: &str) -> Result<Arc<Migration>, ApiError> {
     daemon
         .get(id)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no migration \"{id}\"")))
+}
+
+async fn info(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
+    let config = &daemon.config;
+    let timing = &config.timing;
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol_version": migproxy_proto::VERSION,
+        "link": if config.tls.is_some() { "tls" } else { "plaintext" },
+        "tls_dir": config.tls.as_ref().map(|tls| tls.dir().display().to_string()),
+        "advertise": config.advertise,
+        "runtime_dir": config.runtime_dir.display().to_string(),
+        "limits": {
+            "max_migrations": config.max_migrations,
+            "max_channels": config.max_channels,
+            "max_handshakes": config.max_handshakes,
+        },
+        "timeouts_ms": {
+            "connect": timing.connect_timeout.as_millis() as u64,
+            "handshake": timing.handshake_timeout.as_millis() as u64,
+            "heartbeat": timing.heartbeat_interval.as_millis() as u64,
+            "peer": timing.peer_timeout.as_millis() as u64,
+            "stall": config.stall_timeout.as_millis() as u64,
+            "token_ttl": config.token_ttl.as_millis() as u64,
+        },
+        "uptime_s": daemon.started.elapsed().as_secs(),
+    }))
 }
 
 async fn list(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {

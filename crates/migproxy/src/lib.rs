@@ -13,4 +13,5 @@ pub mod human;
 pub mod proxy;
 pub mod qmp;
 pub mod relay;
+pub mod tls;
 pub mod transport;

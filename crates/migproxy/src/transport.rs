@@ -32,7 +32,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
-    /// A stream with no plain socket underneath (TLS, in-memory); relayed by copying.
+    /// TLS over TCP (between daemons); relayed by copying through the TLS buffers.
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// Any other stream with no plain socket underneath (in-memory); relayed by copying.
     Other(Box<dyn AsyncStream>),
 }
 
@@ -244,8 +246,13 @@ impl Stream {
         match self {
             Stream::Tcp(s) => Some(Socket::Tcp(s)),
             Stream::Unix(s) => Some(Socket::Unix(s)),
-            Stream::Other(_) => None,
+            Stream::Tls(_) | Stream::Other(_) => None,
         }
+    }
+
+    /// Whether the stream is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
     }
 
     /// Ends the stream abruptly so that the peer notices at once, even if it is blocked
@@ -258,6 +265,9 @@ impl Stream {
             }
             Stream::Unix(s) => {
                 let _ = SockRef::from(s).shutdown(std::net::Shutdown::Both);
+            }
+            Stream::Tls(s) => {
+                let _ = SockRef::from(s.get_ref().0).set_linger(Some(Duration::ZERO));
             }
             Stream::Other(_) => {}
         }
@@ -311,6 +321,7 @@ impl fmt::Debug for Stream {
         match self {
             Stream::Tcp(s) => f.debug_tuple("Tcp").field(s).finish(),
             Stream::Unix(s) => f.debug_tuple("Unix").field(s).finish(),
+            Stream::Tls(s) => f.debug_tuple("Tls").field(s.get_ref().0).finish(),
             Stream::Other(_) => f.write_str("Other"),
         }
     }
@@ -325,6 +336,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Other(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -339,6 +351,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Other(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -347,6 +360,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
             Stream::Other(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -355,6 +369,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Other(s) => Pin::new(s).poll_shutdown(cx),
         }
     }

@@ -3,14 +3,17 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::EXIT_FAILED;
 use crate::daemon::{self, Config, Daemon};
 use crate::human::OsError;
+use crate::tls::TlsHandle;
 use crate::transport::bind_unix;
 
 #[derive(Debug, clap::Args)]
@@ -27,6 +30,15 @@ pub struct Args {
     /// Directory for the per-migration sockets handed to the source QEMU.
     #[arg(long, value_name = "DIR", default_value = "/run/migproxy")]
     runtime_dir: PathBuf,
+    /// Directory of x509 material in QEMU's layout (ca-cert.pem, server-cert.pem,
+    /// server-key.pem, client-cert.pem, client-key.pem, optional ca-crl.pem): mutual TLS on
+    /// every peer connection.
+    #[arg(long, value_name = "DIR", conflicts_with = "insecure_plaintext")]
+    tls_dir: Option<PathBuf>,
+    /// Accept only source daemons whose certificate matches: a subject DN (`CN=src*, O=Example`)
+    /// or a subject alternative name (`DNS:*.example.org`, `IP:10.0.0.1`). Repeatable.
+    #[arg(long, value_name = "PATTERN")]
+    tls_allow: Vec<String>,
     /// Carry migrations between daemons unencrypted and unauthenticated (but for the token).
     #[arg(long)]
     insecure_plaintext: bool,
@@ -42,6 +54,10 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> u8 {
+    if !args.tls_allow.is_empty() && args.tls_dir.is_none() {
+        eprintln!("error: --tls-allow needs --tls-dir: only TLS peers have identities to allow");
+        return super::EXIT_USAGE;
+    }
     match start(args).await {
         Ok(()) => 0,
         Err(message) => {
@@ -52,13 +68,15 @@ pub async fn run(args: Args) -> u8 {
 }
 
 async fn start(args: Args) -> Result<(), String> {
+    // Everything that can be refused is checked before anything is bound or created.
+    let tls = security(&args)?;
     let peers = TcpListener::bind(&args.peer_listen)
         .await
         .map_err(|e| format!("listen on tcp:{} failed: {}", args.peer_listen, OsError(&e)))?;
     let bound = peers
         .local_addr()
         .map_err(|e| format!("peer listener: {}", OsError(&e)))?;
-    let advertise = advertised(args.advertise, bound)?;
+    let advertise = advertised(args.advertise.clone(), bound)?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -70,33 +88,90 @@ async fn start(args: Args) -> Result<(), String> {
                 OsError(&e)
             )
         })?;
-    let api = bind_unix(&args.api).map_err(|e| {
-        format!(
-            "listen on unix:{} failed: {}",
-            args.api.display(),
-            OsError(&e)
-        )
-    })?;
-    std::fs::set_permissions(&args.api, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("API socket {}: {}", args.api.display(), OsError(&e)))?;
-
-    if !args.insecure_plaintext {
-        tracing::warn!("TLS is not available yet: the peer link is plaintext");
-    }
-    tracing::warn!("peer link is PLAINTEXT: migration data crosses the network unencrypted");
-    eprintln!(
-        "migproxy daemon: API on unix:{}, peers on tcp:{bound} (advertised as {advertise}), plaintext",
-        args.api.display()
-    );
-    let mut config = Config::new(advertise, args.runtime_dir);
-    config.timing.peer_timeout = args.peer_timeout;
-    config.token_ttl = args.token_ttl;
-    config.stall_timeout = args.stall_timeout;
     let shutdown = CancellationToken::new();
     super::cancel_on_signals(shutdown.clone(), "migproxy daemon", "every migration")
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    if let Some(tls) = &tls {
+        reload_on_sighup(Arc::clone(tls))
+            .map_err(|e| format!("cannot install SIGHUP handler: {e}"))?;
+    }
+    let (api_file, api) = ApiSocket::bind(&args.api)?;
+    eprintln!(
+        "migproxy daemon: API on unix:{}, peers on tcp:{bound} (advertised as {advertise}), {}",
+        args.api.display(),
+        match &args.tls_dir {
+            Some(dir) => format!("mutual TLS from {}", dir.display()),
+            None => "PLAINTEXT".to_owned(),
+        }
+    );
+    let mut config = Config::new(advertise, args.runtime_dir);
+    config.tls = tls;
+    config.timing.peer_timeout = args.peer_timeout;
+    config.token_ttl = args.token_ttl;
+    config.stall_timeout = args.stall_timeout;
     daemon::run(Daemon::new(config), api, peers, shutdown).await;
-    let _ = std::fs::remove_file(&args.api);
+    drop(api_file);
+    Ok(())
+}
+
+/// The API socket file, removed when dropped (also on an early error).
+struct ApiSocket(PathBuf);
+
+impl ApiSocket {
+    /// Binds the API socket, readable and writable by this user only.
+    fn bind(path: &std::path::Path) -> Result<(ApiSocket, tokio::net::UnixListener), String> {
+        let listener = bind_unix(path)
+            .map_err(|e| format!("listen on unix:{} failed: {}", path.display(), OsError(&e)))?;
+        let file = ApiSocket(path.to_owned());
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("API socket {}: {}", path.display(), OsError(&e)))?;
+        Ok((file, listener))
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// TLS material, or the operator's explicit consent to plaintext.
+fn security(args: &Args) -> Result<Option<Arc<TlsHandle>>, String> {
+    match (&args.tls_dir, args.insecure_plaintext) {
+        (Some(dir), _) => TlsHandle::load(dir, args.tls_allow.clone())
+            .map(|tls| Some(Arc::new(tls)))
+            .map_err(|e| e.to_string()),
+        (None, true) => {
+            tracing::warn!(
+                "peer link is PLAINTEXT: migration data crosses the network unencrypted"
+            );
+            Ok(None)
+        }
+        (None, false) => Err(
+            "no --tls-dir given: the peer link must be secured with mutual TLS \
+                              (QEMU's x509 directory layout), or --insecure-plaintext must say \
+                              that it need not be"
+                .into(),
+        ),
+    }
+}
+
+/// Reloads the TLS material on every SIGHUP; connections already made keep theirs.
+fn reload_on_sighup(tls: Arc<TlsHandle>) -> std::io::Result<()> {
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => eprintln!(
+                    "migproxy daemon: SIGHUP: TLS material reloaded from {}",
+                    tls.dir().display()
+                ),
+                Err(error) => eprintln!(
+                    "migproxy daemon: SIGHUP: reload failed, keeping the old TLS material: {error}"
+                ),
+            }
+        }
+    });
     Ok(())
 }
 

@@ -40,6 +40,8 @@ enum Command {
 
 /// Exit code for a command that ran but did not succeed.
 pub const EXIT_FAILED: u8 = 1;
+/// Exit code for bad flags or arguments (clap uses it too).
+pub const EXIT_USAGE: u8 = 2;
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {

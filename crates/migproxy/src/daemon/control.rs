@@ -7,21 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use migproxy_proto::{Control, Op};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 
 use super::attribution::os_message;
 use super::migration::{Epoch, Link, Migration, Outbound};
 use super::peer::{ReadError, Timing, read_control, write_control};
 use crate::human::{Elapsed, errno_name};
+use crate::transport::Stream;
 
 /// After the migration has ended, how long to wait for the peer to close its side.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Runs the control link until both sides have closed it or it breaks.
-pub async fn run(migration: Arc<Migration>, stream: TcpStream, link: Link, timing: Timing) {
-    let (reader, writer) = stream.into_split();
+pub async fn run(migration: Arc<Migration>, stream: Stream, link: Link, timing: Timing) {
+    let (reader, writer) = tokio::io::split(stream);
     let Link { queue, epoch, stop } = link;
     let sending = send(&migration, epoch, writer, queue, timing.heartbeat_interval);
     let receiving = async {
@@ -40,7 +40,7 @@ pub async fn run(migration: Arc<Migration>, stream: TcpStream, link: Link, timin
 async fn send(
     migration: &Arc<Migration>,
     epoch: Epoch,
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    mut writer: WriteHalf<Stream>,
     mut queue: mpsc::UnboundedReceiver<Outbound>,
     heartbeat: Duration,
 ) {
@@ -72,7 +72,7 @@ async fn receive(
     migration: &Arc<Migration>,
     epoch: Epoch,
     ended: &tokio_util::sync::CancellationToken,
-    mut reader: tokio::net::tcp::OwnedReadHalf,
+    mut reader: ReadHalf<Stream>,
     peer_timeout: Duration,
 ) {
     let mut buf = Vec::new();

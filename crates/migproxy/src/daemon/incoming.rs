@@ -18,6 +18,7 @@ use super::{Daemon, RegisterError, channel, control};
 use crate::endpoint::Endpoint;
 use crate::human::errno_name;
 use crate::relay;
+use crate::tls::Identity;
 use crate::transport::{self, Stream, TransportError};
 
 /// What the API asks for.
@@ -49,6 +50,8 @@ pub fn create(
         local: request.target,
         max_channels,
         recoverable: request.recoverable,
+        server_name: String::new(),
+        tls: daemon.config.tls.is_some(),
     });
     daemon.register(Arc::clone(&migration))?;
     let ttl = daemon.config.token_ttl;
@@ -90,33 +93,38 @@ pub async fn serve_peers(daemon: Arc<Daemon>, listener: TcpListener, shutdown: C
     }
 }
 
-/// Reads and checks the hello, answers it, and hands the connection to its migration.
-async fn handshake(daemon: Arc<Daemon>, mut stream: TcpStream, from: String) {
+/// Secures the connection (TLS), reads and checks the hello, answers it, and hands the
+/// connection to its migration.
+async fn handshake(daemon: Arc<Daemon>, tcp: TcpStream, from: String) {
     let timing = daemon.config.timing.clone();
-    if let Err(error) = peer::tune(&stream, &timing) {
+    if let Err(error) = peer::tune(&tcp, &timing) {
         tracing::debug!(%from, %error, "peer socket options");
     }
-    let hello = match tokio::time::timeout(timing.handshake_timeout, peer::read_hello(&mut stream))
-        .await
-    {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(ReadError::Decode(error))) => {
-            let status = match error {
-                migproxy_proto::DecodeError::UnsupportedVersion(_) => Status::UnsupportedVersion,
-                _ => Status::Malformed,
-            };
-            reject(&mut stream, &from, status, &error.to_string()).await;
-            return;
-        }
-        Ok(Err(ReadError::Io(error))) => {
-            tracing::debug!(%from, %error, "peer hello unreadable");
+    let opened = tokio::time::timeout(timing.handshake_timeout, open(&daemon, tcp, &from)).await;
+    let (mut stream, hello, identity) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(None)) => return,
+        Ok(Err(Some((mut stream, status, message)))) => {
+            reject(&mut stream, &from, status, &message).await;
             return;
         }
         Err(_) => {
-            tracing::warn!(%from, "peer sent no hello within {:?}, dropped", timing.handshake_timeout);
+            tracing::warn!(%from, "peer did not complete its handshake within {:?}, dropped", timing.handshake_timeout);
             return;
         }
     };
+    if let Some(identity) = &identity {
+        let allowed = daemon
+            .config
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.current().allows(identity));
+        if !allowed {
+            let message = format!("peer identity {identity} is not allowed here (--tls-allow)");
+            reject(&mut stream, &from, Status::Refused, &message).await;
+            return;
+        }
+    }
     let migration = match admit(&daemon, &hello) {
         Ok(migration) => migration,
         Err((status, message)) => {
@@ -140,12 +148,58 @@ async fn handshake(daemon: Arc<Daemon>, mut stream: TcpStream, from: String) {
     };
     if let Err(error) = peer::reply(&mut stream, Status::Ok, "").await {
         tracing::debug!(%from, %error, "peer vanished during the handshake");
-        // The migration's own checks (heartbeats, the source's view) take it from here.
+        match attached {
+            // The source will not see this link: without it the migration cannot go on.
+            Ok(link) => {
+                let blame = migration.peer_link_failure(
+                    Op::Handshake,
+                    errno_name(&error),
+                    format!("control link: {}", os_message(&error)),
+                );
+                migration.fail(link.epoch, blame, false);
+            }
+            Err(_) => migration.channel_abandoned(hello.channel),
+        }
         return;
     }
     match attached {
         Ok(link) => control::run(migration, stream, link, timing).await,
         Err(admitted) => deliver(daemon, migration, hello.channel, admitted, stream, from).await,
+    }
+}
+
+/// A refusal to send before closing.
+type Refusal = (Stream, Status, String);
+
+/// Secures the connection and reads the hello. `Err(None)`: nothing worth answering.
+async fn open(
+    daemon: &Daemon,
+    tcp: TcpStream,
+    from: &str,
+) -> Result<(Stream, Hello, Option<Identity>), Option<Refusal>> {
+    let (mut stream, identity) = match &daemon.config.tls {
+        Some(tls) => match tls.current().accept(tcp, from).await {
+            Ok((stream, identity)) => (Stream::Tls(Box::new(stream)), Some(identity)),
+            Err(error) => {
+                tracing::warn!(%from, "peer connection rejected: {error}");
+                return Err(None);
+            }
+        },
+        None => (Stream::Tcp(tcp), None),
+    };
+    match peer::read_hello(&mut stream).await {
+        Ok(hello) => Ok((stream, hello, identity)),
+        Err(ReadError::Decode(error)) => {
+            let status = match error {
+                migproxy_proto::DecodeError::UnsupportedVersion(_) => Status::UnsupportedVersion,
+                _ => Status::Malformed,
+            };
+            Err(Some((stream, status, error.to_string())))
+        }
+        Err(ReadError::Io(error)) => {
+            tracing::debug!(%from, %error, "peer hello unreadable");
+            Err(None)
+        }
     }
 }
 
@@ -178,7 +232,7 @@ fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, Stri
 
 /// Answers with a typed refusal and closes cleanly: the rest of what the peer sent is read
 /// and dropped first (briefly, and only so much), so the refusal is not lost to a reset.
-async fn reject(stream: &mut TcpStream, from: &str, status: Status, message: &str) {
+async fn reject(stream: &mut Stream, from: &str, status: Status, message: &str) {
     tracing::warn!(%from, status = status.name(), "peer connection rejected: {message}");
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         peer::reply(stream, status, message).await?;
@@ -203,7 +257,7 @@ async fn deliver(
     migration: Arc<Migration>,
     index: u32,
     admitted: Admitted,
-    link: TcpStream,
+    link: Stream,
     from: String,
 ) {
     let mut next = migration.next_channel.subscribe();
@@ -212,7 +266,7 @@ async fn deliver(
         turn = next.wait_for(|next| *next == index) => turn.is_ok(),
     };
     if !turn {
-        Stream::Tcp(link).abort();
+        link.abort();
         migration.channel_abandoned(index);
         return;
     }
@@ -224,21 +278,21 @@ async fn deliver(
     let qemu = match connected {
         Some(Ok(qemu)) => qemu,
         Some(Err(error)) => {
-            Stream::Tcp(link).abort();
+            link.abort();
             migration.channel_abandoned(index);
             let blame = connect_failure(&migration, index, &error);
             migration.fail(admitted.epoch, blame, true);
             return;
         }
         None => {
-            Stream::Tcp(link).abort();
+            link.abort();
             migration.channel_abandoned(index);
             return;
         }
     };
     migration.next_channel.send_replace(index + 1);
     let qemu_name = target.to_string();
-    let source = relay::Leg::new(format!("tcp:{from}"), Stream::Tcp(link));
+    let source = relay::Leg::new(format!("tcp:{from}"), link);
     let destination = relay::Leg::new(qemu_name.clone(), qemu);
     channel::run(migration, index, admitted, source, destination, qemu_name).await;
 }

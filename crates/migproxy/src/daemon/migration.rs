@@ -113,6 +113,10 @@ pub struct Spec {
     pub max_channels: u32,
     /// Pause instead of failing (postcopy recovery).
     pub recoverable: bool,
+    /// Outgoing: the name the destination daemon's certificate must carry.
+    pub server_name: String,
+    /// Whether the peer link is encrypted and authenticated (TLS) or plaintext.
+    pub tls: bool,
 }
 
 /// Identifies one epoch of a migration: the span of one control link and its channels.
@@ -587,6 +591,7 @@ impl Migration {
             peer: self.spec.peer.clone(),
             local: self.spec.local.to_string(),
             recoverable: self.spec.recoverable,
+            link: if self.spec.tls { "tls" } else { "plaintext" },
             bytes: sum(&inner.channels),
             channels,
             error: inner.error.as_ref().map(attribution::Report::from),
@@ -691,6 +696,8 @@ pub struct Snapshot {
     pub local: String,
     /// Pauses instead of failing (postcopy recovery).
     pub recoverable: bool,
+    /// `tls` (mutual TLS between the daemons) or `plaintext`.
+    pub link: &'static str,
     pub bytes: ByteCounts,
     pub channels: Vec<ChannelSnapshot>,
     /// The failure that ended the migration, or paused it (while paused).

@@ -59,6 +59,8 @@ pub struct Config {
     pub keep_finished: usize,
     /// An active migration with channels fails when no byte moves for this long.
     pub stall_timeout: Duration,
+    /// Mutual TLS on every peer connection; `None` is plaintext (`--insecure-plaintext`).
+    pub tls: Option<Arc<crate::tls::TlsHandle>>,
 }
 
 impl Config {
@@ -73,6 +75,7 @@ impl Config {
             max_handshakes: 64,
             keep_finished: 1000,
             stall_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -85,6 +88,7 @@ pub struct Daemon {
     /// Every task working for a migration (control links, channels, accept loops, timers),
     /// so that shutdown can wait for them and tests can count them.
     pub tasks: TaskTracker,
+    pub started: std::time::Instant,
 }
 
 /// Why a migration could not be registered.
@@ -102,6 +106,7 @@ impl Daemon {
             config,
             migrations: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
+            started: std::time::Instant::now(),
         })
     }
 

@@ -15,7 +15,6 @@ use crate::endpoint::Endpoint;
 use crate::human::errno_name;
 use crate::relay;
 use crate::transport::{Listener, Stream, TransportError};
-use tokio::net::TcpStream;
 
 /// What the API asks for.
 #[derive(Debug)]
@@ -26,6 +25,8 @@ pub struct Request {
     pub peer: String,
     /// Pause instead of failing, for postcopy recovery.
     pub recoverable: bool,
+    /// The name the destination's certificate must carry; default the host of `peer`.
+    pub tls_hostname: Option<String>,
 }
 
 /// Why an outgoing migration could not be created.
@@ -48,6 +49,10 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
         .runtime_dir
         .join(format!("{}.sock", request.id));
     let local = Endpoint::Unix(path.clone());
+    let server_name = request
+        .tls_hostname
+        .clone()
+        .unwrap_or_else(|| host_of(&request.peer).to_owned());
     let migration = Migration::new(Spec {
         id: request.id.clone(),
         role: Role::Outgoing,
@@ -56,6 +61,8 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
         local: local.clone(),
         max_channels: daemon.config.max_channels,
         recoverable: request.recoverable,
+        server_name,
+        tls: daemon.config.tls.is_some(),
     });
     daemon.register(Arc::clone(&migration))?;
     match connect(daemon, &migration, &local).await {
@@ -80,14 +87,14 @@ async fn connect(
     daemon: &Daemon,
     migration: &Migration,
     local: &Endpoint,
-) -> Result<(Listener, TcpStream), CreateError> {
+) -> Result<(Listener, Stream), CreateError> {
     let listener = Listener::bind(local).await?;
     if let Some(path) = local.unix_path() {
         // Only the daemon's user (and QEMU running as it) may connect.
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     }
     let hello = hello(migration, Kind::Control, 0);
-    let control = peer::dial(&migration.spec.peer, &hello, &daemon.config.timing).await?;
+    let control = dial(daemon, migration, &hello).await?;
     Ok((listener, control))
 }
 
@@ -95,7 +102,7 @@ async fn connect(
 fn start_control(
     daemon: &Daemon,
     migration: &Arc<Migration>,
-    link: TcpStream,
+    link: Stream,
     first_channel: u32,
 ) -> bool {
     let Some(attached) = migration.attach_control(first_channel) else {
@@ -118,7 +125,7 @@ async fn resume(
     let hello = hello(migration, Kind::Control, first_channel);
     let link = tokio::select! {
         () = migration.stop.cancelled() => return Err("the migration ended".into()),
-        link = peer::dial(&migration.spec.peer, &hello, &daemon.config.timing) => link,
+        link = dial(daemon, migration, &hello) => link,
     };
     let link = link.map_err(|e| e.to_string())?;
     if start_control(daemon, migration, link, first_channel) {
@@ -126,6 +133,24 @@ async fn resume(
     } else {
         Err(format!("cannot resume from state {:?}", migration.state()))
     }
+}
+
+/// Dials the peer daemon for `migration`, with TLS unless the daemon is plaintext.
+async fn dial(daemon: &Daemon, migration: &Migration, hello: &Hello) -> Result<Stream, PeerError> {
+    let tls = daemon.config.tls.as_ref().map(|handle| handle.current());
+    let to = peer::Dial {
+        peer: &migration.spec.peer,
+        tls: tls
+            .as_deref()
+            .map(|tls| (tls, migration.spec.server_name.as_str())),
+    };
+    peer::dial(to, hello, &daemon.config.timing).await
+}
+
+/// `host` of `host:port`, without the brackets of an IPv6 address.
+fn host_of(peer: &str) -> &str {
+    let host = peer.rsplit_once(':').map_or(peer, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
@@ -172,13 +197,12 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
         let hello = hello(&migration, Kind::Data, index);
         let dialled = tokio::select! {
             () = admitted.stop.cancelled() => None,
-            dialled = peer::dial(&migration.spec.peer, &hello, &daemon.config.timing) => Some(dialled),
+            dialled = dial(&daemon, &migration, &hello) => Some(dialled),
         };
         match dialled {
             Some(Ok(link)) => {
                 let source = relay::Leg::new(qemu_name.clone(), qemu);
-                let destination =
-                    relay::Leg::new(format!("tcp:{}", migration.spec.peer), Stream::Tcp(link));
+                let destination = relay::Leg::new(format!("tcp:{}", migration.spec.peer), link);
                 daemon.tasks.spawn(channel::run(
                     Arc::clone(&migration),
                     index,

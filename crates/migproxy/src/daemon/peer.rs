@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::human::{Elapsed, OsError};
+use crate::transport::Stream;
 
 /// The time budgets of the peer link.
 #[derive(Debug, Clone)]
@@ -57,6 +58,8 @@ pub enum PeerError {
     HandshakeTimeout { peer: String, after: Duration },
     #[error("peer {peer} answered with something that is not migproxy: {error}")]
     Decode { peer: String, error: DecodeError },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("peer {peer} refused: {message} ({})", .status.name())]
     Refused {
         peer: String,
@@ -86,10 +89,20 @@ pub fn tune(stream: &TcpStream, timing: &Timing) -> io::Result<()> {
     socket.set_tcp_user_timeout(Some(timing.user_timeout))
 }
 
-/// Connects to the peer daemon at `peer` (HOST:PORT) and introduces the connection.
-pub async fn dial(peer: &str, hello: &Hello, timing: &Timing) -> Result<TcpStream, PeerError> {
+/// How to reach the peer daemon.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial<'a> {
+    /// HOST:PORT.
+    pub peer: &'a str,
+    /// TLS with this configuration, verifying the server as `server_name`; `None`: plaintext.
+    pub tls: Option<(&'a crate::tls::Tls, &'a str)>,
+}
+
+/// Connects to the peer daemon and introduces the connection.
+pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Stream, PeerError> {
+    let peer = to.peer;
     let connect = tokio::time::timeout(timing.connect_timeout, TcpStream::connect(peer));
-    let mut stream = match connect.await {
+    let tcp = match connect.await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             return Err(PeerError::Connect {
@@ -108,20 +121,26 @@ pub async fn dial(peer: &str, hello: &Hello, timing: &Timing) -> Result<TcpStrea
         peer: peer.to_owned(),
         error,
     };
-    tune(&stream, timing).map_err(io_error)?;
+    tune(&tcp, timing).map_err(io_error)?;
     let exchange = async {
+        let mut stream = match to.tls {
+            Some((tls, server_name)) => Stream::Tls(Box::new(tls.connect(tcp, server_name).await?)),
+            None => Stream::Tcp(tcp),
+        };
         let mut buf = Vec::with_capacity(HELLO_HEADER + MAX_HELLO_BODY);
         hello.encode(&mut buf);
         stream.write_all(&buf).await.map_err(io_error)?;
-        read_reply(&mut stream).await.map_err(|e| match e {
+        stream.flush().await.map_err(io_error)?;
+        let reply = read_reply(&mut stream).await.map_err(|e| match e {
             ReadError::Io(error) => io_error(error),
             ReadError::Decode(error) => PeerError::Decode {
                 peer: peer.to_owned(),
                 error,
             },
-        })
+        })?;
+        Ok::<_, PeerError>((stream, reply))
     };
-    let reply = tokio::time::timeout(timing.handshake_timeout, exchange)
+    let (stream, reply) = tokio::time::timeout(timing.handshake_timeout, exchange)
         .await
         .map_err(|_| PeerError::HandshakeTimeout {
             peer: peer.to_owned(),
@@ -156,7 +175,7 @@ impl From<DecodeError> for ReadError {
     }
 }
 
-async fn read_reply(stream: &mut TcpStream) -> Result<HelloReply, ReadError> {
+async fn read_reply(stream: &mut (impl AsyncRead + Unpin)) -> Result<HelloReply, ReadError> {
     let mut buf = vec![0u8; HelloReply::HEADER];
     stream.read_exact(&mut buf).await?;
     let len = reply_len(&buf)?;
@@ -166,7 +185,7 @@ async fn read_reply(stream: &mut TcpStream) -> Result<HelloReply, ReadError> {
 }
 
 /// Reads a hello, never more than its declared (and limited) size.
-pub async fn read_hello(stream: &mut TcpStream) -> Result<Hello, ReadError> {
+pub async fn read_hello(stream: &mut (impl AsyncRead + Unpin)) -> Result<Hello, ReadError> {
     let mut header = [0u8; HELLO_HEADER];
     stream.read_exact(&mut header).await?;
     let len = hello_body_len(&header)?;
@@ -177,7 +196,11 @@ pub async fn read_hello(stream: &mut TcpStream) -> Result<Hello, ReadError> {
 }
 
 /// Answers a hello.
-pub async fn reply(stream: &mut TcpStream, status: Status, message: &str) -> io::Result<()> {
+pub async fn reply(
+    stream: &mut (impl AsyncWrite + Unpin),
+    status: Status,
+    message: &str,
+) -> io::Result<()> {
     let mut buf = Vec::new();
     HelloReply {
         version: VERSION,
@@ -185,7 +208,8 @@ pub async fn reply(stream: &mut TcpStream, status: Status, message: &str) -> io:
         message: message.to_owned(),
     }
     .encode(&mut buf);
-    stream.write_all(&buf).await
+    stream.write_all(&buf).await?;
+    stream.flush().await
 }
 
 /// Reads one control frame; `None` at a clean end of stream between frames.
@@ -213,5 +237,7 @@ pub async fn write_control(
 ) -> io::Result<()> {
     buf.clear();
     control.encode(buf);
-    writer.write_all(buf).await
+    writer.write_all(buf).await?;
+    // TLS buffers: a control frame must leave now, not with the next one.
+    writer.flush().await
 }

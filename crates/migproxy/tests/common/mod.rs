@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: real socket pairs and checked data streams.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod daemon;
 pub mod netns;
 pub mod process;

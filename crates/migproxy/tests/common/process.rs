@@ -45,7 +45,11 @@ impl DaemonProcess {
             .args(["--peer-listen", listen])
             .arg("--runtime-dir")
             .arg(&runtime)
-            .arg("--insecure-plaintext")
+            .args(if extra.contains(&"--tls-dir") {
+                None
+            } else {
+                Some("--insecure-plaintext")
+            })
             .args(extra)
             .env("MIGPROXY_LOG", "info")
             .stdout(Stdio::null())

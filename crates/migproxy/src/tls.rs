@@ -1,0 +1,354 @@
+//! Mutual TLS 1.3 between daemons, from QEMU's and libvirt's x509 directory layout.
+//!
+//! ```text
+//! DIR/ca-cert.pem       CA(s) both sides trust
+//! DIR/server-cert.pem   this daemon's certificate when others connect to it
+//! DIR/server-key.pem
+//! DIR/client-cert.pem   this daemon's certificate when it connects to others
+//! DIR/client-key.pem
+//! DIR/ca-crl.pem        optional revocation list
+//! ```
+//!
+//! An existing `/etc/pki/qemu` works unchanged. The source verifies the destination's
+//! certificate against the host it dialled (or an explicit TLS hostname); the destination
+//! verifies the client certificate against the CA and the CRL, then against an optional
+//! allow-list of identities, like QEMU's `tls-authz`.
+//!
+//! One crypto provider, chosen here only: `ring`, with AES-128-GCM preferred — on these
+//! machines it is the fastest AEAD (about 1.7× aws-lc-rs), and the data path is bound by it.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+
+/// Failures to load or use TLS material, naming the file or the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS file {}: {error}", .path.display())]
+    Load { path: PathBuf, error: String },
+    #[error("TLS configuration from {}: {error}", .dir.display())]
+    Config { dir: PathBuf, error: rustls::Error },
+    #[error("invalid --tls-allow pattern \"{0}\": it is empty")]
+    Pattern(String),
+    #[error("\"{0}\" is not a valid TLS server name")]
+    ServerName(String),
+    #[error("TLS handshake with {peer} failed: {error}")]
+    Handshake { peer: String, error: io::Error },
+}
+
+/// The certificate identity of a connected peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// Subject distinguished name, as `CN=…, O=…`.
+    pub subject: String,
+    /// Subject alternative names, as `DNS:name` and `IP:address`.
+    pub names: Vec<String>,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{}\"", self.subject)?;
+        if !self.names.is_empty() {
+            write!(f, " ({})", self.names.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Loaded TLS configuration for both roles.
+#[derive(Debug)]
+pub struct Tls {
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+    allow: Vec<String>,
+}
+
+/// The crypto provider: `ring`, TLS 1.3 suites, AES-128-GCM first.
+fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::{cipher_suite, default_provider};
+    let mut provider = default_provider();
+    provider.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(provider)
+}
+
+fn load_error(path: &Path, error: impl fmt::Display) -> TlsError {
+    TlsError::Load {
+        path: path.to_owned(),
+        error: error.to_string(),
+    }
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| load_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| load_error(path, e))?;
+    if certs.is_empty() {
+        return Err(load_error(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| load_error(path, e))
+}
+
+fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| load_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| load_error(path, e))
+}
+
+impl Tls {
+    /// Loads `dir` in QEMU's layout; `allow` lists the client identities accepted (empty:
+    /// any certificate the CA signed).
+    pub fn load(dir: &Path, allow: Vec<String>) -> Result<Tls, TlsError> {
+        if let Some(empty) = allow.iter().find(|p| p.trim().is_empty()) {
+            return Err(TlsError::Pattern(empty.clone()));
+        }
+        let config_error = |error| TlsError::Config {
+            dir: dir.to_owned(),
+            error,
+        };
+        let ca_path = dir.join("ca-cert.pem");
+        let mut roots = RootCertStore::empty();
+        for cert in certificates(&ca_path)? {
+            roots.add(cert).map_err(|e| load_error(&ca_path, e))?;
+        }
+        let roots = Arc::new(roots);
+        let crls = crls(&dir.join("ca-crl.pem"))?;
+        let provider = provider();
+
+        let server_verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
+                .with_crls(crls.clone())
+                .build()
+                .map_err(|e| load_error(&ca_path, e))?;
+        let client = ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_error)?
+            .with_webpki_verifier(server_verifier)
+            .with_client_auth_cert(
+                certificates(&dir.join("client-cert.pem"))?,
+                key(&dir.join("client-key.pem"))?,
+            )
+            .map_err(config_error)?;
+
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+                .with_crls(crls)
+                .build()
+                .map_err(|e| load_error(&ca_path, e))?;
+        let server = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_error)?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(
+                certificates(&dir.join("server-cert.pem"))?,
+                key(&dir.join("server-key.pem"))?,
+            )
+            .map_err(config_error)?;
+        Ok(Tls {
+            client: Arc::new(client),
+            server: Arc::new(server),
+            allow,
+        })
+    }
+
+    /// Wraps a connected socket as the client, verifying the server as `server_name`.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        server_name: &str,
+    ) -> Result<TlsStream<TcpStream>, TlsError> {
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
+        TlsConnector::from(Arc::clone(&self.client))
+            .connect(name, tcp)
+            .await
+            .map(TlsStream::Client)
+            .map_err(|error| TlsError::Handshake {
+                peer: server_name.to_owned(),
+                error,
+            })
+    }
+
+    /// Wraps an accepted socket as the server; returns the verified client's identity.
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+        peer: &str,
+    ) -> Result<(TlsStream<TcpStream>, Identity), TlsError> {
+        let stream = TlsAcceptor::from(Arc::clone(&self.server))
+            .accept(tcp)
+            .await
+            .map_err(|error| TlsError::Handshake {
+                peer: peer.to_owned(),
+                error,
+            })?;
+        let identity = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| identity(leaf))
+            .unwrap_or_default();
+        Ok((TlsStream::Server(stream), identity))
+    }
+
+    /// Whether the allow-list admits `identity` (an empty list admits every certificate the
+    /// CA signed). A pattern `DNS:…` or `IP:…` matches a subject alternative name; any other
+    /// pattern matches the subject DN. `*` matches any run of characters.
+    pub fn allows(&self, identity: &Identity) -> bool {
+        self.allow.is_empty()
+            || self.allow.iter().any(|pattern| {
+                if pattern.starts_with("DNS:") || pattern.starts_with("IP:") {
+                    identity.names.iter().any(|name| glob(pattern, name))
+                } else {
+                    glob(&normalize_dn(pattern), &normalize_dn(&identity.subject))
+                }
+            })
+    }
+}
+
+/// The subject and alternative names of a certificate.
+fn identity(leaf: &CertificateDer<'_>) -> Identity {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+        return Identity::default();
+    };
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => {
+                    names.push(format!("DNS:{dns}"))
+                }
+                x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                    if let Some(ip) = ip_text(ip) {
+                        names.push(format!("IP:{ip}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Identity {
+        subject: cert.subject().to_string(),
+        names,
+    }
+}
+
+fn ip_text(bytes: &[u8]) -> Option<String> {
+    match bytes.len() {
+        4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?).to_string()),
+        16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?).to_string()),
+        _ => None,
+    }
+}
+
+/// `CN = a ,O=b` and `CN=a, O=b` compare equal.
+fn normalize_dn(dn: &str) -> String {
+    dn.split(',')
+        .map(|part| {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            format!("{}={}", key.trim().to_ascii_uppercase(), value.trim())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Glob match with `*` only.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// TLS material that can be reloaded (SIGHUP) while connections made with the old one go on.
+#[derive(Debug)]
+pub struct TlsHandle {
+    dir: PathBuf,
+    allow: Vec<String>,
+    current: RwLock<Arc<Tls>>,
+}
+
+impl TlsHandle {
+    pub fn load(dir: &Path, allow: Vec<String>) -> Result<TlsHandle, TlsError> {
+        let tls = Tls::load(dir, allow.clone())?;
+        Ok(TlsHandle {
+            dir: dir.to_owned(),
+            allow,
+            current: RwLock::new(Arc::new(tls)),
+        })
+    }
+
+    /// The configuration for new connections.
+    pub fn current(&self) -> Arc<Tls> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Reads the directory again; on error the old configuration stays in force.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let tls = Tls::load(&self.dir, self.allow.clone())?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tls);
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("CN=src*", "CN=src-1"));
+        assert!(glob("*", "anything"));
+        assert!(glob("DNS:*.example.org", "DNS:a.example.org"));
+        assert!(!glob("DNS:*.example.org", "DNS:example.org"));
+        assert!(glob("a*b*c", "a-b-c"));
+        assert!(!glob("a*b*c", "a-c-b"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exactly"));
+        assert!(!glob("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn distinguished_names_compare_without_spacing() {
+        assert_eq!(normalize_dn("cn = a ,O=b"), normalize_dn("CN=a, O=b"));
+    }
+}

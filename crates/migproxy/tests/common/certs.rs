@@ -1,0 +1,103 @@
+//! Test PKIs in QEMU's x509 directory layout, made with rcgen.
+
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SerialNumber, date_time_ymd,
+};
+
+/// A certificate authority that signs host certificates.
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    next_serial: u64,
+}
+
+/// What a host certificate pair was issued with.
+pub struct Issued {
+    pub client_serial: u64,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            cert,
+            key,
+            next_serial: 100,
+        }
+    }
+
+    fn issue(
+        &mut self,
+        cn: &str,
+        names: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+    ) -> (String, String, u64) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "migproxy tests");
+        params.extended_key_usages = vec![usage];
+        self.next_serial += 1;
+        params.serial_number = Some(SerialNumber::from(self.next_serial));
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem(), self.next_serial)
+    }
+
+    /// Writes a host's directory: this CA, a server certificate for `names`, and a client
+    /// certificate with common name `client_cn`.
+    pub fn write_host(&mut self, dir: &Path, names: &[&str], client_cn: &str) -> Issued {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
+        let (cert, key, _) = self.issue(names[0], names, ExtendedKeyUsagePurpose::ServerAuth);
+        std::fs::write(dir.join("server-cert.pem"), cert).unwrap();
+        std::fs::write(dir.join("server-key.pem"), key).unwrap();
+        let (cert, key, client_serial) =
+            self.issue(client_cn, &[], ExtendedKeyUsagePurpose::ClientAuth);
+        std::fs::write(dir.join("client-cert.pem"), cert).unwrap();
+        std::fs::write(dir.join("client-key.pem"), key).unwrap();
+        Issued { client_serial }
+    }
+
+    /// Writes `DIR/ca-crl.pem` revoking the given serials.
+    pub fn write_crl(&self, dir: &Path, revoked: &[u64]) {
+        let params = CertificateRevocationListParams {
+            this_update: date_time_ymd(2024, 1, 1),
+            next_update: date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(*serial),
+                    revocation_time: date_time_ymd(2024, 1, 1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.cert, &self.key).unwrap();
+        std::fs::write(dir.join("ca-crl.pem"), crl.pem().unwrap()).unwrap();
+    }
+
+    /// Writes only this CA as `ca-cert.pem` (to trust it instead of another).
+    pub fn write_trust(&self, dir: &Path) {
+        std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
+    }
+}

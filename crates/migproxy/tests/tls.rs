@@ -1,0 +1,353 @@
+//! Mutual TLS between daemons: real handshakes with certificates in QEMU's layout, and every
+//! way a peer can fail to prove who it is.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::certs::Ca;
+use common::daemon::{TestDaemon, migration_pair};
+use common::{random_data, receive_all, send_all, short_tempdir};
+use migproxy::tls::TlsHandle;
+use serde_json::{Value, json};
+use tokio::net::{UnixListener, UnixStream};
+
+async fn tls_daemon(name: &str, dir: &Path, allow: &[&str]) -> TestDaemon {
+    let allow: Vec<String> = allow.iter().map(|a| a.to_string()).collect();
+    let tls = Arc::new(TlsHandle::load(dir, allow).unwrap());
+    TestDaemon::start_with(name, move |config| config.tls = Some(tls)).await
+}
+
+/// Destination and source host directories signed by one CA.
+fn pki(root: &Path) -> (Ca, std::path::PathBuf, std::path::PathBuf, u64) {
+    let mut ca = Ca::new("migproxy test CA");
+    let (src, dst) = (root.join("src"), root.join("dst"));
+    let issued = ca.write_host(&src, &["source.test", "127.0.0.1"], "source-daemon");
+    ca.write_host(
+        &dst,
+        &["destination.test", "127.0.0.1"],
+        "destination-daemon",
+    );
+    (ca, src, dst, issued.client_serial)
+}
+
+async fn outgoing(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+    extra: Value,
+) -> (u16, Value) {
+    let (status, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": id, "target": "unix:/x"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let mut body = json!({"direction": "outgoing", "id": id, "token": incoming["token"], "peer": incoming["peer"]});
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    source.request("POST", "/v1/migrations", Some(body)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_over_mutual_tls_is_exact_and_says_so() {
+    let root = short_tempdir();
+    let (_ca, src_dir, dst_dir, _) = pki(root.path());
+    let source = tls_daemon("src", &src_dir, &[]).await;
+    let destination = tls_daemon("dst", &dst_dir, &["CN=source-*"]).await;
+    let target = root.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let uri = migration_pair(
+        &source,
+        &destination,
+        "t1",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+
+    const SIZE: usize = 16 << 20;
+    let data = random_data(5, SIZE);
+    let back = random_data(6, 1 << 20);
+    let receiver = {
+        let back = Arc::clone(&back);
+        tokio::spawn(async move {
+            let (stream, _) = qemu_in.accept().await.unwrap();
+            let (read, write) = stream.into_split();
+            let sending = tokio::spawn(send_all(write, back, 1));
+            let got = receive_all(read).await.unwrap();
+            sending.await.unwrap().unwrap();
+            got
+        })
+    };
+    let qemu = UnixStream::connect(uri.trim_start_matches("unix:"))
+        .await
+        .unwrap();
+    let (read, write) = qemu.into_split();
+    let (sent, got_back) = tokio::join!(send_all(write, Arc::clone(&data), 2), receive_all(read));
+    sent.unwrap();
+    assert_eq!(got_back.unwrap(), (1 << 20, blake3::hash(&back)));
+    assert_eq!(receiver.await.unwrap(), (SIZE as u64, blake3::hash(&data)));
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("t1", Duration::from_secs(10)).await;
+        assert_eq!(view["state"], "completed", "{view}");
+        assert_eq!(view["link"], "tls");
+        assert_eq!(view["bytes"]["to_destination"], SIZE as u64);
+        let (_, info) = daemon.request("GET", "/v1/info", None).await;
+        assert_eq!(info["link"], "tls", "{info}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_daemons_say_so_everywhere() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (status, _) = outgoing(&source, &destination, "p1", json!({})).await;
+    assert_eq!(status, 201);
+    for daemon in [&source, &destination] {
+        assert_eq!(daemon.show("p1").await["link"], "plaintext");
+        let (_, info) = daemon.request("GET", "/v1/info", None).await;
+        assert_eq!(info["link"], "plaintext", "{info}");
+    }
+}
+
+/// Creating the outgoing migration fails with 502 and an error containing `expected`; the
+/// destination's migration is left pending, untouched.
+async fn refused(source: &TestDaemon, destination: &TestDaemon, extra: Value, expected: &str) {
+    let (status, body) = outgoing(source, destination, "r1", extra).await;
+    assert_eq!(status, 502, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains(expected), "expected {expected:?} in {error}");
+    assert_eq!(destination.show("r1").await["state"], "pending");
+    assert!(source.daemon.list().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_another_ca_is_refused() {
+    let root = short_tempdir();
+    let (_ca, _src_dir, dst_dir, _) = pki(root.path());
+    let mut other = Ca::new("some other CA");
+    let rogue = root.path().join("rogue");
+    other.write_host(&rogue, &["rogue.test"], "source-daemon");
+    // The rogue trusts the real CA, so it could verify the destination: only its own
+    // certificate is wrong.
+    std::fs::copy(dst_dir.join("ca-cert.pem"), rogue.join("ca-cert.pem")).unwrap();
+    let source = tls_daemon("rogue", &rogue, &[]).await;
+    let destination = tls_daemon("dst", &dst_dir, &[]).await;
+    refused(
+        &source,
+        &destination,
+        json!({}),
+        "received fatal alert: UnknownCA",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_certificate_for_another_name_is_refused() {
+    let root = short_tempdir();
+    let (_ca, src_dir, dst_dir, _) = pki(root.path());
+    let source = tls_daemon("src", &src_dir, &[]).await;
+    let destination = tls_daemon("dst", &dst_dir, &[]).await;
+    refused(
+        &source,
+        &destination,
+        json!({"tls_hostname": "impostor.test"}),
+        "certificate",
+    )
+    .await;
+    // The right name works.
+    let (status, body) = outgoing(
+        &source,
+        &destination,
+        "ok1",
+        json!({"tls_hostname": "destination.test"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_outside_the_allow_list_is_refused() {
+    let root = short_tempdir();
+    let (_ca, src_dir, dst_dir, _) = pki(root.path());
+    let source = tls_daemon("src", &src_dir, &[]).await;
+    let destination = tls_daemon("dst", &dst_dir, &["CN=backup-*", "DNS:*.example.org"]).await;
+    refused(
+        &source,
+        &destination,
+        json!({}),
+        "is not allowed here (--tls-allow)",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_is_refused() {
+    let root = short_tempdir();
+    let (ca, src_dir, dst_dir, client_serial) = pki(root.path());
+    ca.write_crl(&dst_dir, &[client_serial]);
+    let source = tls_daemon("src", &src_dir, &[]).await;
+    let destination = tls_daemon("dst", &dst_dir, &[]).await;
+    refused(
+        &source,
+        &destination,
+        json!({}),
+        "received fatal alert: CertificateRevoked",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_source_cannot_talk_to_a_tls_destination() {
+    let root = short_tempdir();
+    let (_ca, _src_dir, dst_dir, _) = pki(root.path());
+    let source = TestDaemon::start("src").await;
+    let destination = tls_daemon("dst", &dst_dir, &[]).await;
+    refused(&source, &destination, json!({}), "handshake with peer").await;
+}
+
+#[test]
+fn missing_tls_files_are_named() {
+    let root = short_tempdir();
+    let error = TlsHandle::load(root.path(), vec![])
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("ca-cert.pem"), "{error}");
+    let (_ca, src_dir, _, _) = pki(root.path());
+    std::fs::remove_file(src_dir.join("client-key.pem")).unwrap();
+    let error = TlsHandle::load(&src_dir, vec![]).unwrap_err().to_string();
+    assert!(error.contains("client-key.pem"), "{error}");
+}
+
+#[test]
+fn the_daemon_will_not_start_insecure_unless_told() {
+    let dir = short_tempdir();
+    let api = dir.path().join("api.sock");
+    let run = |extra: &[&str]| {
+        let mut child = std::process::Command::new(common::process::BIN)
+            .arg("daemon")
+            .arg("--api")
+            .arg(&api)
+            .args(["--peer-listen", "127.0.0.1:0"])
+            .arg("--runtime-dir")
+            .arg(dir.path().join("run"))
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A daemon that starts when it should have refused would run forever.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("migproxy daemon {extra:?} started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no --tls-dir given"), "{stderr}");
+    assert!(!api.exists(), "nothing is left behind");
+
+    let out = run(&["--tls-dir", "/nonexistent", "--insecure-plaintext"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["--tls-allow", "CN=x", "--insecure-plaintext"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["--tls-dir", "/nonexistent"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ca-cert.pem"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_certificates_without_dropping_running_migrations() {
+    use common::process::DaemonProcess;
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let root = short_tempdir();
+    let (_ca, src_dir, dst_dir, _) = pki(root.path());
+    let source = tls_daemon("src", &src_dir, &[]).await;
+    let dst_dir_arg = dst_dir.display().to_string();
+    let destination = DaemonProcess::start(
+        root.path(),
+        "dst",
+        "127.0.0.1:0",
+        None,
+        &["--tls-dir", &dst_dir_arg],
+    )
+    .await;
+    let create = |id: &str| {
+        let id = id.to_owned();
+        let (source, destination) = (&source, &destination);
+        async move {
+            let (status, incoming) = destination
+                .request(
+                    "POST",
+                    "/v1/migrations",
+                    Some(json!({"direction": "incoming", "id": id, "target": "unix:/x"})),
+                )
+                .await;
+            assert_eq!(status, 201, "{incoming}");
+            let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"], "peer": incoming["peer"]});
+            source.request("POST", "/v1/migrations", Some(body)).await
+        }
+    };
+    let (status, body) = create("before").await;
+    assert_eq!(status, 201, "{body}");
+
+    // The destination's material is replaced by another CA's, which the source does not trust.
+    let mut other = Ca::new("replacement CA");
+    other.write_host(
+        &dst_dir,
+        &["destination.test", "127.0.0.1"],
+        "destination-daemon",
+    );
+    kill(
+        Pid::from_raw(destination.child.id().unwrap() as i32),
+        Signal::SIGHUP,
+    )
+    .unwrap();
+    common::wait_until(Duration::from_secs(5), "the reload to be logged", || {
+        std::fs::read_to_string(root.path().join("dst.log"))
+            .unwrap_or_default()
+            .contains("TLS material reloaded")
+    })
+    .await;
+
+    let (status, body) = create("after").await;
+    assert_eq!(
+        status, 502,
+        "new connections must use the new certificate: {body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("UnknownIssuer"),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // more than a heartbeat
+    assert_eq!(
+        source.show("before").await["state"],
+        "active",
+        "the running migration survives"
+    );
+}
