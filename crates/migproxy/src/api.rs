@@ -187,15 +187,26 @@ async fn create_outgoing(
         recoverable: body.recoverable,
         tls_hostname: body.tls_hostname,
     };
-    let migration = outgoing::create(daemon, request)
-        .await
-        .map_err(|e| match e {
-            outgoing::CreateError::Register(e) => register_error(e),
-            outgoing::CreateError::Listen(e) => {
-                ApiError::chain(StatusCode::INTERNAL_SERVER_ERROR, &e)
-            }
-            outgoing::CreateError::Peer(e) => ApiError::chain(StatusCode::BAD_GATEWAY, &e),
-        })?;
+    // Created in a task of the daemon's, not in this request: a client that hangs up must
+    // not leave a half-made migration behind.
+    let creating = {
+        let owned = Arc::clone(daemon);
+        daemon
+            .tasks
+            .spawn(async move { outgoing::create(&owned, request).await })
+    };
+    let created = creating.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("creation failed: {e}"),
+        )
+    })?;
+    let migration = created.map_err(|e| match e {
+        outgoing::CreateError::Register(e) => register_error(e),
+        outgoing::CreateError::Listen(e) => ApiError::chain(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        outgoing::CreateError::Peer(e) => ApiError::chain(StatusCode::BAD_GATEWAY, &e),
+        e @ outgoing::CreateError::Ended(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+    })?;
     let body = json!({
         "id": migration.spec.id,
         "qemu_uri": migration.spec.local.to_string(),

@@ -26,7 +26,9 @@ fn error_of(view: &Value) -> &Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_channels_cross_exactly_in_order_and_both_hosts_agree() {
     let source = TestDaemon::start("src").await;
-    let destination = TestDaemon::start("dst").await;
+    // Established connections do not count against the handshake limit: one is enough for a
+    // control link and three channels.
+    let destination = TestDaemon::start_with("dst", |c| c.max_handshakes = 1).await;
     let dir = short_tempdir();
     let target = dir.path().join("qemu-in.sock");
     let qemu_in = UnixListener::bind(&target).unwrap();
@@ -430,7 +432,7 @@ async fn unknown_id_wrong_token_and_expired_are_refused_clearly() {
 async fn garbage_and_silence_on_the_peer_port_leave_running_migrations_alone() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start_with("dst", |c| {
-        c.timing.handshake_timeout = Duration::from_millis(300)
+        c.timing.handshake_timeout = Duration::from_millis(300);
     })
     .await;
     let (_writer, _qemu_in, _dir) = stuck_migration(&source, &destination, "g1").await;
@@ -442,6 +444,7 @@ async fn garbage_and_silence_on_the_peer_port_leave_running_migrations_alone() {
     assert_eq!(&reply[..4], b"MGPX", "a typed rejection is sent back");
     assert_eq!(reply[6], 5, "status malformed");
 
+    drop(garbage);
     let mut silent = TcpStream::connect(&destination.peer).await.unwrap();
     let started = Instant::now();
     let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut [0u8; 16])).await;
@@ -710,4 +713,68 @@ async fn a_recoverable_migration_pauses_and_completes_on_fresh_channels() {
         recovered(&views[1]),
         "the hosts disagree"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_channel_index_in_a_hello_is_refused() {
+    use migproxy_proto::{Hello, HelloReply, Kind, Status, VERSION};
+    let destination = TestDaemon::start("dst").await;
+    let (_, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "big", "target": "unix:/x"})),
+        )
+        .await;
+    let token =
+        migproxy::daemon::token::Token::from_hex(incoming["token"].as_str().unwrap()).unwrap();
+    for (kind, channel) in [
+        (Kind::Control, u32::MAX),
+        (Kind::Control, 5),
+        (Kind::Data, u32::MAX),
+    ] {
+        let mut stream = TcpStream::connect(&destination.peer).await.unwrap();
+        let mut hello = Vec::new();
+        Hello {
+            version: VERSION,
+            kind,
+            migration: "big".into(),
+            channel,
+            token: *token.bytes(),
+        }
+        .encode(&mut hello);
+        stream.write_all(&hello).await.unwrap();
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await.unwrap();
+        let reply = HelloReply::decode(&reply).unwrap();
+        assert_eq!(
+            reply.status,
+            Status::Refused,
+            "{kind:?} {channel}: {reply:?}"
+        );
+    }
+    assert_eq!(destination.show("big").await["state"], "pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_handshake_limit_are_told_busy() {
+    let destination = TestDaemon::start_with("dst", |c| {
+        c.max_handshakes = 1;
+        c.timing.handshake_timeout = Duration::from_millis(500);
+    })
+    .await;
+    // Two silent connections, one slot: exactly one is turned away at once, with a reason;
+    // the other is dropped when its handshake deadline passes.
+    let mut a = TcpStream::connect(&destination.peer).await.unwrap();
+    let mut b = TcpStream::connect(&destination.peer).await.unwrap();
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    let (ra, rb) = tokio::join!(a.read_to_end(&mut got_a), b.read_to_end(&mut got_b));
+    let _ = (ra, rb);
+    let busy: Vec<_> = [&got_a, &got_b]
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .collect();
+    assert_eq!(busy.len(), 1, "{got_a:?} {got_b:?}");
+    let reply = migproxy_proto::HelloReply::decode(busy[0]).unwrap();
+    assert_eq!(reply.status, migproxy_proto::Status::Busy);
 }

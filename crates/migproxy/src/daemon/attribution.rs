@@ -51,22 +51,25 @@ pub fn os_message(error: &std::io::Error) -> String {
     }
 }
 
-/// Both hosts saw every channel complete, but the byte counts differ.
-pub fn disagreement(host: Host, local: (u32, Totals), peer: (u32, Totals)) -> Attribution {
-    let (mine, theirs) = (local.1, peer.1);
+/// Both hosts saw every channel complete, but the byte counts differ. Both hosts build the
+/// same attribution from the same two counts, so they report it alike.
+pub fn disagreement(source: Totals, destination: Totals) -> Attribution {
     Attribution {
-        host,
+        host: Host::Destination,
         leg: Leg::Peer,
         channel: None,
         direction: None,
         op: Op::Protocol,
         errno: None,
         message: format!(
-            "byte counts disagree: this host moved {} to destination and {} to source, the \
-             peer {} and {}",
-            mine.to_destination, mine.to_source, theirs.to_destination, theirs.to_source
+            "byte counts disagree: the source daemon moved {} to destination and {} to \
+             source, the destination daemon {} and {}",
+            source.to_destination,
+            source.to_source,
+            destination.to_destination,
+            destination.to_source
         ),
-        bytes: mine,
+        bytes: destination,
         elapsed_ms: 0,
     }
 }
@@ -112,7 +115,7 @@ impl fmt::Display for Rendered<'_> {
         if let Some(channel) = a.channel {
             write!(f, " on channel {channel}")?;
         }
-        if a.bytes.to_destination + a.bytes.to_source == 0 {
+        if a.bytes.to_destination == 0 && a.bytes.to_source == 0 {
             f.write_str(" before any byte moved")?;
         } else {
             write!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use migproxy_proto::{Attribution, Hello, Kind, Leg, Op, Status, Totals};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::attribution::os_message;
@@ -80,22 +80,30 @@ pub async fn serve_peers(daemon: Arc<Daemon>, listener: TcpListener, shutdown: C
                 }
             },
         };
-        // Unauthenticated connections are bounded: beyond the limit they are closed at once.
+        // Connections still in their handshake are bounded: beyond the limit they are
+        // turned away at once (with a typed answer where no TLS handshake stands before it).
         let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
-            tracing::warn!(%from, "too many peer handshakes in progress, connection dropped");
+            tracing::warn!(%from, "too many peer handshakes in progress, connection refused");
+            if daemon.config.tls.is_none() {
+                let _ = stream.try_write(&busy_reply());
+            }
             continue;
         };
         let daemon_for_task = Arc::clone(&daemon);
-        daemon.tasks.spawn(async move {
-            handshake(daemon_for_task, stream, from.to_string()).await;
-            drop(permit);
-        });
+        daemon
+            .tasks
+            .spawn(handshake(daemon_for_task, stream, from.to_string(), permit));
     }
 }
 
 /// Secures the connection (TLS), reads and checks the hello, answers it, and hands the
 /// connection to its migration.
-async fn handshake(daemon: Arc<Daemon>, tcp: TcpStream, from: String) {
+async fn handshake(
+    daemon: Arc<Daemon>,
+    tcp: TcpStream,
+    from: String,
+    permit: OwnedSemaphorePermit,
+) {
     let timing = daemon.config.timing.clone();
     if let Err(error) = peer::tune(&tcp, &timing) {
         tracing::debug!(%from, %error, "peer socket options");
@@ -162,10 +170,24 @@ async fn handshake(daemon: Arc<Daemon>, tcp: TcpStream, from: String) {
         }
         return;
     }
+    // Authenticated and admitted: this connection no longer counts as a handshake.
+    drop(permit);
     match attached {
         Ok(link) => control::run(migration, stream, link, timing).await,
         Err(admitted) => deliver(daemon, migration, hello.channel, admitted, stream, from).await,
     }
+}
+
+/// The refusal sent to connections beyond the handshake limit.
+fn busy_reply() -> Vec<u8> {
+    let mut buf = Vec::new();
+    migproxy_proto::HelloReply {
+        version: migproxy_proto::VERSION,
+        status: Status::Busy,
+        message: "too many connections in their handshake, try again".to_owned(),
+    }
+    .encode(&mut buf);
+    buf
 }
 
 /// A refusal to send before closing.
@@ -290,7 +312,13 @@ async fn deliver(
             return;
         }
     };
-    migration.next_channel.send_replace(index + 1);
+    if !migration.channel_connected(admitted.epoch, index) {
+        // The epoch ended while connecting: this connection belongs to no one.
+        qemu.abort();
+        link.abort();
+        migration.channel_abandoned(index);
+        return;
+    }
     let qemu_name = target.to_string();
     let source = relay::Leg::new(format!("tcp:{from}"), link);
     let destination = relay::Leg::new(qemu_name.clone(), qemu);

@@ -291,12 +291,31 @@ impl Migration {
     /// now (one is attached, or it has ended).
     pub fn attach_control(&self, first_channel: u32) -> Option<Link> {
         let mut inner = self.lock();
+        let known = inner.channels.len() as u32;
+        // A resume names the first channel after every one this host has seen, and not
+        // absurdly far beyond (each index up to it gets a slot).
+        let plausible = first_channel >= known && first_channel - known <= self.spec.max_channels;
         let resuming = match inner.state {
-            State::Pending => false,
-            State::Paused if self.spec.recoverable => true,
+            State::Pending if first_channel == 0 => false,
+            State::Paused if self.spec.recoverable && plausible => true,
+            // The source paused and came back before this host noticed the break (a
+            // blackholed link is only detected by silence): the old epoch is over.
+            State::Active
+                if self.spec.recoverable && plausible && first_channel > inner.epoch_start =>
+            {
+                let blame = self.peer_link_failure_locked(
+                    &inner,
+                    Op::Read,
+                    None,
+                    "the source daemon resumed on a new control link".to_owned(),
+                );
+                inner.pauses.push(blame);
+                self.end_epoch(&mut inner);
+                true
+            }
             _ => return None,
         };
-        if inner.outbound.is_some() || (resuming && first_channel < inner.channels.len() as u32) {
+        if inner.outbound.is_some() {
             return None;
         }
         let (outbound, queue) = mpsc::unbounded_channel();
@@ -317,6 +336,17 @@ impl Migration {
             epoch: inner.epoch,
             stop: inner.epoch_stop.clone(),
         })
+    }
+
+    /// Channel `index` of `epoch` is connected to the destination QEMU: the next one may go.
+    /// False if the epoch has ended meanwhile (the connection must then be dropped).
+    pub fn channel_connected(&self, epoch: Epoch, index: u32) -> bool {
+        let inner = self.lock();
+        if inner.epoch != epoch || inner.epoch_stop.is_cancelled() {
+            return false;
+        }
+        self.next_channel.send_replace(index.saturating_add(1));
+        true
     }
 
     /// Admits channel `index` into the current epoch.
@@ -468,7 +498,10 @@ impl Migration {
     /// Returns false when the migration had already ended.
     pub fn cancel(&self, by: Host) -> bool {
         let mut inner = self.lock();
-        if inner.state.is_final() {
+        // Once this host has told the peer it is done, the peer may already have completed:
+        // a cancel now would leave the hosts with different stories.
+        let completing = by == self.host() && inner.local_done.is_some();
+        if inner.state.is_final() || completing {
             return false;
         }
         if by == self.host() {
@@ -489,7 +522,8 @@ impl Migration {
 
     /// Applies a control frame from the peer daemon, received on the link of `epoch`.
     pub fn on_peer(self: &Arc<Self>, epoch: Epoch, control: Control) {
-        if self.lock().epoch != epoch {
+        let mut inner = self.lock();
+        if inner.epoch != epoch {
             return;
         }
         match control {
@@ -499,17 +533,21 @@ impl Migration {
                 end,
                 bytes,
             } => {
-                if let Some(c) = self.lock().channels.get_mut(channel as usize) {
+                if let Some(c) = inner.channels.get_mut(channel as usize) {
                     c.peer_end = Some((end, bytes));
                 }
             }
-            Control::Failed(blame) => self.fail(epoch, blame, false),
+            Control::Failed(blame) => {
+                drop(inner);
+                self.fail(epoch, blame, false);
+            }
             Control::Cancel { by } => {
+                drop(inner);
                 self.cancel(by);
             }
             Control::Done { channels, bytes } => {
-                self.lock().peer_done = Some((channels, bytes));
-                self.check_done();
+                inner.peer_done = Some((channels, bytes));
+                self.check_done_locked(&mut inner);
             }
         }
     }
@@ -518,6 +556,10 @@ impl Migration {
     /// peer has said the same with equal counts, the migration is completed.
     fn check_done(&self) {
         let mut inner = self.lock();
+        self.check_done_locked(&mut inner);
+    }
+
+    fn check_done_locked(&self, inner: &mut Inner) {
         let epoch = &inner.channels[(inner.epoch_start as usize).min(inner.channels.len())..];
         if inner.state != State::Active || epoch.is_empty() {
             return;
@@ -526,7 +568,7 @@ impl Migration {
             let done = (epoch.len() as u32, totals(sum(epoch)));
             inner.local_done = Some(done);
             Self::send(
-                &inner,
+                inner,
                 Control::Done {
                     channels: done.0,
                     bytes: done.1,
@@ -535,15 +577,19 @@ impl Migration {
         }
         match (inner.local_done, inner.peer_done) {
             (Some(local), Some(peer)) if local == peer => {
-                self.finish(&mut inner, State::Completed);
+                self.finish(inner, State::Completed);
             }
             (Some(local), Some(peer)) if local.0 == peer.0 => {
                 // Same channels, different bytes: something between the daemons lost data.
-                let blame = attribution::disagreement(self.host(), local, peer);
+                let (source, destination) = match self.spec.role {
+                    Role::Outgoing => (local.1, peer.1),
+                    Role::Incoming => (peer.1, local.1),
+                };
+                let blame = attribution::disagreement(source, destination);
                 tracing::warn!(migration = %self.spec.id, "failed: {}", Rendered(&blame));
-                Self::send(&inner, Control::Failed(blame.clone()));
+                Self::send(inner, Control::Failed(blame.clone()));
                 inner.error = Some(blame);
-                self.finish(&mut inner, State::Failed);
+                self.finish(inner, State::Failed);
             }
             // Otherwise one side has seen fewer channels so far: wait for the rest.
             _ => {}
@@ -653,6 +699,17 @@ impl Migration {
 
     /// Failure to attribute when the peer link (control) breaks.
     pub fn peer_link_failure(&self, op: Op, errno: Option<String>, message: String) -> Attribution {
+        let inner = self.lock();
+        self.peer_link_failure_locked(&inner, op, errno, message)
+    }
+
+    fn peer_link_failure_locked(
+        &self,
+        inner: &Inner,
+        op: Op,
+        errno: Option<String>,
+        message: String,
+    ) -> Attribution {
         Attribution {
             host: self.host(),
             leg: Leg::Peer,
@@ -661,7 +718,7 @@ impl Migration {
             op,
             errno,
             message,
-            bytes: totals(self.bytes()),
+            bytes: totals(sum(&inner.channels)),
             elapsed_ms: self.elapsed().as_millis() as u64,
         }
     }
@@ -671,8 +728,8 @@ fn sum(channels: &[Channel]) -> ByteCounts {
     channels.iter().fold(ByteCounts::default(), |acc, c| {
         let b = c.bytes();
         ByteCounts {
-            to_destination: acc.to_destination + b.to_destination,
-            to_source: acc.to_source + b.to_source,
+            to_destination: acc.to_destination.saturating_add(b.to_destination),
+            to_source: acc.to_source.saturating_add(b.to_source),
         }
     })
 }

@@ -163,10 +163,13 @@ impl Daemon {
         }
     }
 
-    /// Starts the timers every migration has.
+    /// Starts the stall timer. Only the source decides that a migration stalled (and tells
+    /// the destination), so that both hosts report the same cause.
     fn watch(&self, migration: &Arc<Migration>) {
-        self.tasks
-            .spawn(Arc::clone(migration).watch_stall(self.config.stall_timeout));
+        if migration.spec.role == migration::Role::Outgoing {
+            self.tasks
+                .spawn(Arc::clone(migration).watch_stall(self.config.stall_timeout));
+        }
     }
 
     /// Cancels every migration still running (daemon shutdown): the peers are told.

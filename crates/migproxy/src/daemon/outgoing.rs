@@ -4,7 +4,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-use migproxy_proto::{Attribution, Hello, Kind, Leg, Op, Totals, VERSION};
+use migproxy_proto::{Attribution, Control, Hello, Host, Kind, Leg, Op, Totals, VERSION};
+use tokio::io::AsyncWriteExt;
 
 use super::attribution::os_message;
 use super::migration::{Migration, Role, Spec, State};
@@ -38,6 +39,8 @@ pub enum CreateError {
     Listen(#[from] TransportError),
     #[error(transparent)]
     Peer(#[from] PeerError),
+    #[error("the migration ended ({0:?}) while it was being created")]
+    Ended(State),
 }
 
 /// Creates the migration: binds the socket QEMU will connect to, opens the control link
@@ -67,7 +70,12 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
     daemon.register(Arc::clone(&migration))?;
     match connect(daemon, &migration, &local).await {
         Ok((listener, control_link)) => {
-            start_control(daemon, &migration, control_link, 0);
+            if let Err(link) = start_control(daemon, &migration, control_link, 0) {
+                // Cancelled while the link was being dialled: the destination, which has
+                // already attached it, must hear the cancel rather than a broken link.
+                tell_cancelled(link).await;
+                return Err(CreateError::Ended(migration.state()));
+            }
             daemon.tasks.spawn(accept_channels(
                 Arc::clone(daemon),
                 Arc::clone(&migration),
@@ -104,15 +112,25 @@ fn start_control(
     migration: &Arc<Migration>,
     link: Stream,
     first_channel: u32,
-) -> bool {
+) -> Result<(), Stream> {
     let Some(attached) = migration.attach_control(first_channel) else {
-        return false;
+        return Err(link);
     };
     let timing = daemon.config.timing.clone();
     daemon
         .tasks
         .spawn(control::run(Arc::clone(migration), link, attached, timing));
-    true
+    Ok(())
+}
+
+/// Sends a cancel on a control link the migration could not take, and closes it.
+async fn tell_cancelled(mut link: Stream) {
+    let cancel = Control::Cancel { by: Host::Source };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        peer::write_control(&mut link, &cancel, &mut Vec::new()).await?;
+        link.shutdown().await
+    })
+    .await;
 }
 
 /// A paused migration whose QEMU reconnects: dial a new control link for the epoch that
@@ -128,10 +146,12 @@ async fn resume(
         link = dial(daemon, migration, &hello) => link,
     };
     let link = link.map_err(|e| e.to_string())?;
-    if start_control(daemon, migration, link, first_channel) {
-        Ok(())
-    } else {
-        Err(format!("cannot resume from state {:?}", migration.state()))
+    match start_control(daemon, migration, link, first_channel) {
+        Ok(()) => Ok(()),
+        Err(link) => {
+            link.abort();
+            Err(format!("cannot resume from state {:?}", migration.state()))
+        }
     }
 }
 

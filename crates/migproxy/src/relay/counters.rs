@@ -22,7 +22,7 @@ pub struct ByteCounts {
 
 impl ByteCounts {
     pub fn total(&self) -> u64 {
-        self.to_destination + self.to_source
+        self.to_destination.saturating_add(self.to_source)
     }
 }
 
