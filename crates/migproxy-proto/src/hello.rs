@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! Hello       "MGPX" │ version u16 │ body length u16 │ body
-//!   body      kind u8 │ channel u32 │ token [32] │ id length u8 │ id
+//!   body      kind u8 │ flags u8 │ channel u32 │ token [32] │ id length u8 │ id
+//!   flags     bit 0: the migration is recoverable (postcopy); other bits must be 0
 //! HelloReply  "MGPX" │ version u16 │ status u8 │ message length u8 │ message (UTF-8)
 //! ```
 //! All integers are big-endian.
@@ -21,8 +22,10 @@ pub const HELLO_HEADER: usize = 8;
 pub const TOKEN_LEN: usize = 32;
 /// Longest migration id.
 pub const MAX_ID: usize = 64;
-/// Largest hello body: kind, channel, token, id length, id.
-pub const MAX_HELLO_BODY: usize = 1 + 4 + TOKEN_LEN + 1 + MAX_ID;
+/// Largest hello body: kind, flags, channel, token, id length, id.
+pub const MAX_HELLO_BODY: usize = 1 + 1 + 4 + TOKEN_LEN + 1 + MAX_ID;
+/// Hello flag: the dialler created the migration recoverable (postcopy recovery).
+pub const FLAG_RECOVERABLE: u8 = 1;
 /// Magic, version, status and message length.
 const REPLY_HEADER: usize = 8;
 
@@ -41,9 +44,12 @@ pub struct Hello {
     pub version: u16,
     pub kind: Kind,
     pub migration: String,
-    /// Channel index for data connections (0 for control).
+    /// Channel index for data connections; for control, the first channel of the epoch it
+    /// starts (0, or the next channel when resuming a paused migration).
     pub channel: u32,
     pub token: [u8; TOKEN_LEN],
+    /// [`FLAG_RECOVERABLE`] or 0.
+    pub flags: u8,
 }
 
 /// Tokens never appear in logs, not even in Debug output.
@@ -54,6 +60,7 @@ impl fmt::Debug for Hello {
             .field("kind", &self.kind)
             .field("migration", &self.migration)
             .field("channel", &self.channel)
+            .field("flags", &self.flags)
             .field("token", &"MASKED")
             .finish()
     }
@@ -108,11 +115,12 @@ impl Hello {
         w.bytes(&MAGIC);
         w.u16(self.version);
         let id = &self.migration.as_bytes()[..self.migration.len().min(MAX_ID)];
-        w.u16((1 + 4 + TOKEN_LEN + 1 + id.len()) as u16);
+        w.u16((1 + 1 + 4 + TOKEN_LEN + 1 + id.len()) as u16);
         w.u8(match self.kind {
             Kind::Control => 1,
             Kind::Data => 2,
         });
+        w.u8(self.flags);
         w.u32(self.channel);
         w.bytes(&self.token);
         w.u8(id.len() as u8);
@@ -142,6 +150,13 @@ impl Hello {
             2 => Kind::Data,
             other => return Err(DecodeError::UnknownKind(other)),
         };
+        let flags = r.u8()?;
+        if flags & !FLAG_RECOVERABLE != 0 {
+            return Err(DecodeError::InvalidValue {
+                field: "flags",
+                value: flags.into(),
+            });
+        }
         let channel = r.u32()?;
         let token = r.array()?;
         let id_len = r.u8()? as usize;
@@ -157,6 +172,7 @@ impl Hello {
             migration: migration.to_owned(),
             channel,
             token,
+            flags,
         })
     }
 }
@@ -280,6 +296,7 @@ mod tests {
             migration: "vm-42.migration_1".into(),
             channel: 3,
             token: [0xab; TOKEN_LEN],
+            flags: FLAG_RECOVERABLE,
         }
     }
 
@@ -340,6 +357,12 @@ mod tests {
         let mut bad = good.clone();
         bad[HELLO_HEADER] = 9;
         assert_eq!(Hello::decode(&bad), Err(DecodeError::UnknownKind(9)));
+        let mut bad = good.clone();
+        bad[HELLO_HEADER + 1] = 0x80;
+        assert!(matches!(
+            Hello::decode(&bad),
+            Err(DecodeError::InvalidValue { field: "flags", .. })
+        ));
         let mut bad = good.clone();
         *bad.last_mut().unwrap() = b'/';
         assert_eq!(Hello::decode(&bad), Err(DecodeError::InvalidId));

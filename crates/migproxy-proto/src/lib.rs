@@ -16,7 +16,7 @@
 //!
 //! ```text
 //!  source daemon                                          destination daemon
-//!    │ ── Hello{control, id, token} ───────────────────────────────► │ token checked
+//!    │ ── Hello{control, id, token, flags} ────────────────────────► │ token checked
 //!    │ ◄──────────────────────────────────────── HelloReply{Ok} ──── │ migration active
 //!    │ ── Hello{data, id, channel 0, token} ───────────────────────► │
 //!    │ ◄──────────────────────────────────────── HelloReply{Ok} ──── │ connects QEMU #0
@@ -68,8 +68,8 @@ pub use control::{
     frame_len as control_frame_len,
 };
 pub use hello::{
-    HELLO_HEADER, Hello, HelloReply, Kind, MAGIC, MAX_HELLO_BODY, MAX_ID, MIN_VERSION, Status,
-    TOKEN_LEN, VERSION, hello_body_len, reply_len, valid_id,
+    FLAG_RECOVERABLE, HELLO_HEADER, Hello, HelloReply, Kind, MAGIC, MAX_HELLO_BODY, MAX_ID,
+    MIN_VERSION, Status, TOKEN_LEN, VERSION, hello_body_len, reply_len, valid_id,
 };
 
 /// The fuzz target's property on a deterministic stream of mutated inputs, on every test run
@@ -97,6 +97,7 @@ mod smoke_fuzz {
             migration: "vm".into(),
             channel: 1,
             token: [7; TOKEN_LEN],
+            flags: 0,
         };
         let mut buf = Vec::new();
         hello.encode(&mut buf);

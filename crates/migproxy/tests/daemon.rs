@@ -741,6 +741,7 @@ async fn an_absurd_channel_index_in_a_hello_is_refused() {
             migration: "big".into(),
             channel,
             token: *token.bytes(),
+            flags: 0,
         }
         .encode(&mut hello);
         stream.write_all(&hello).await.unwrap();
@@ -777,4 +778,27 @@ async fn connections_beyond_the_handshake_limit_are_told_busy() {
     assert_eq!(busy.len(), 1, "{got_a:?} {got_b:?}");
     let reply = migproxy_proto::HelloReply::decode(busy[0]).unwrap();
     assert_eq!(reply.status, migproxy_proto::Status::Busy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_that_disagree_on_recoverability_are_refused() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (_, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "mix", "target": "unix:/x", "recoverable": true})),
+        )
+        .await;
+    let body = json!({"direction": "outgoing", "id": "mix", "token": incoming["token"], "peer": incoming["peer"]});
+    let (status, reply) = source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 502, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("is recoverable here but not recoverable on the source"),
+        "{reply}"
+    );
 }

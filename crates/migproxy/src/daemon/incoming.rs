@@ -140,6 +140,22 @@ async fn handshake(
             return;
         }
     };
+    let recoverable = hello.flags & migproxy_proto::FLAG_RECOVERABLE != 0;
+    if hello.kind == Kind::Control && recoverable != migration.spec.recoverable {
+        let message = format!(
+            "migration {} is {}recoverable here but {}recoverable on the source: create both \
+             with the same \"recoverable\"",
+            hello.migration,
+            if migration.spec.recoverable {
+                ""
+            } else {
+                "not "
+            },
+            if recoverable { "" } else { "not " },
+        );
+        reject(&mut stream, &from, Status::Refused, &message).await;
+        return;
+    }
     let attached = match hello.kind {
         Kind::Control => migration.attach_control(hello.channel).map(Ok),
         Kind::Data => migration.open_channel(hello.channel).ok().map(Err),

@@ -4,7 +4,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-use migproxy_proto::{Attribution, Control, Hello, Host, Kind, Leg, Op, Totals, VERSION};
+use migproxy_proto::{
+    Attribution, Control, FLAG_RECOVERABLE, Hello, Host, Kind, Leg, Op, Totals, VERSION,
+};
 use tokio::io::AsyncWriteExt;
 
 use super::attribution::os_message;
@@ -174,12 +176,15 @@ fn host_of(peer: &str) -> &str {
 }
 
 fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
+    // Both daemons must agree whether a failure pauses or fails the migration.
+    let recoverable = kind == Kind::Control && migration.spec.recoverable;
     Hello {
         version: VERSION,
         kind,
         migration: migration.spec.id.clone(),
         channel,
         token: *migration.spec.token.bytes(),
+        flags: if recoverable { FLAG_RECOVERABLE } else { 0 },
     }
 }
 
