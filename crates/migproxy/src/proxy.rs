@@ -134,6 +134,7 @@ pub async fn run(
                     bytes: ByteCounts::default(),
                     spliced: ByteCounts::default(),
                     elapsed: started.elapsed(),
+                    first_end: None,
                 };
                 finish((n, report), &mut summary);
             }

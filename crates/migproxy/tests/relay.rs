@@ -165,6 +165,11 @@ async fn half_close_keeps_the_other_direction_flowing() {
         let report = running.await.unwrap();
         assert!(report.is_completed(), "{report}");
         assert_eq!(report.bytes.to_source, 11);
+        assert_eq!(
+            report.first_end,
+            Some(Direction::ToSource),
+            "the destination ended first"
+        );
     }
 }
 
@@ -352,6 +357,7 @@ fn failure_renders_like_the_contract() {
         bytes: Default::default(),
         spliced: Default::default(),
         elapsed: Duration::from_millis(3400),
+        first_end: None,
     };
     let End::Failed(failure) = &report.end else {
         unreachable!()

@@ -3,8 +3,11 @@
 
 use std::sync::Arc;
 
-use super::migration::{Admitted, Migration};
-use crate::relay::{Leg, Relay};
+use std::sync::Mutex;
+
+use super::migration::{Admitted, Migration, Role};
+use super::returnpath::ReturnPath;
+use crate::relay::{Leg, Options, Relay, TapFn};
 
 /// Relays channel `index` from `source` to `destination` until it ends or its epoch does.
 /// One of the legs faces the local QEMU; its name is `qemu_leg`, so that a failure can be
@@ -17,10 +20,33 @@ pub async fn run(
     destination: Leg,
     qemu_leg: String,
 ) {
-    let relay = Relay::new(source, destination).with_cancel(admitted.stop.child_token());
+    // The source host watches the main channel's return path of a recoverable migration, to
+    // tell a finished postcopy migration from a paused one.
+    let watch =
+        migration.spec.recoverable && admitted.main && migration.spec.role == Role::Outgoing;
+    let return_path = watch.then(|| Arc::new(Mutex::new(ReturnPath::default())));
+    let mut options = Options::default();
+    if let Some(parser) = &return_path {
+        let parser = Arc::clone(parser);
+        options.tap_to_source = Some(TapFn(Arc::new(move |bytes| {
+            parser.lock().unwrap_or_else(|p| p.into_inner()).feed(bytes);
+        })));
+    }
+    let relay = Relay::new(source, destination)
+        .with_options(options)
+        .with_cancel(admitted.stop.child_token());
     migration.channel_running(index, relay.counters());
     tracing::debug!(migration = %migration.spec.id, channel = index, "channel open");
     let report = relay.run().await;
     tracing::info!(migration = %migration.spec.id, channel = index, "channel {report}");
-    migration.channel_ended(index, admitted.epoch, &report, &qemu_leg);
+    let shut = return_path.map(|parser| {
+        let parser = parser.lock().unwrap_or_else(|p| p.into_inner());
+        // A parser that lost the thread concludes nothing: take the end as QEMU's word.
+        if parser.in_sync() {
+            parser.shut()
+        } else {
+            Some(0)
+        }
+    });
+    migration.channel_ended(index, admitted.epoch, &report, &qemu_leg, shut);
 }

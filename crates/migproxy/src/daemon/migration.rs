@@ -222,6 +222,8 @@ pub struct Admitted {
     pub epoch: Epoch,
     /// Cancelled when the epoch ends.
     pub stop: CancellationToken,
+    /// The first channel of its epoch: QEMU's main stream, which carries the return path.
+    pub main: bool,
 }
 
 impl Migration {
@@ -377,6 +379,7 @@ impl Migration {
         Ok(Admitted {
             epoch: inner.epoch,
             stop: inner.epoch_stop.clone(),
+            main: index == inner.epoch_start,
         })
     }
 
@@ -405,13 +408,16 @@ impl Migration {
     }
 
     /// Records how a channel's relay ended, and what that means for the migration.
-    /// `qemu_leg` is the name of the relay leg that faces the local QEMU.
+    /// `qemu_leg` is the name of the relay leg that faces the local QEMU. `shut` is what the
+    /// return path said at its end, when it was watched (recoverable migrations, main
+    /// channel, source host): `Some(None)` means it closed without a word.
     pub fn channel_ended(
         self: &Arc<Self>,
         index: u32,
         epoch: Epoch,
         report: &Report,
         qemu_leg: &str,
+        shut: Option<Option<u32>>,
     ) {
         let end = match &report.end {
             End::Completed => ChannelEnd::Completed,
@@ -439,6 +445,10 @@ impl Migration {
             );
         }
         match &report.end {
+            End::Completed if shut.is_some_and(|status| status != Some(0)) => {
+                let blame = unfinished(index, report, shut.flatten());
+                self.fail(epoch, blame, true);
+            }
             End::Completed => self.check_done(),
             End::Cancelled => {}
             End::Failed(failure) => {
@@ -721,6 +731,34 @@ impl Migration {
             bytes: totals(sum(&inner.channels)),
             elapsed_ms: self.elapsed().as_millis() as u64,
         }
+    }
+}
+
+/// A main channel that closed cleanly without QEMU's end-of-migration message: postcopy
+/// paused (or, with a status, the destination failed).
+fn unfinished(index: u32, report: &Report, status: Option<u32>) -> Attribution {
+    let (host, message) = match status {
+        None => (
+            Host::Source,
+            "QEMU closed the migration stream without finishing it (no SHUT on the return \
+             path): paused"
+                .to_owned(),
+        ),
+        Some(status) => (
+            Host::Destination,
+            format!("the destination QEMU ended the migration with error status {status}"),
+        ),
+    };
+    Attribution {
+        host,
+        leg: Leg::Qemu,
+        channel: Some(index),
+        direction: None,
+        op: Op::Shutdown,
+        errno: None,
+        message,
+        bytes: totals(report.bytes),
+        elapsed_ms: report.elapsed.as_millis() as u64,
     }
 }
 

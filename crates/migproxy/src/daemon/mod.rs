@@ -25,6 +25,7 @@ pub mod incoming;
 pub mod migration;
 pub mod outgoing;
 pub mod peer;
+mod returnpath;
 pub mod token;
 
 use std::collections::HashMap;

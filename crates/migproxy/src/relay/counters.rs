@@ -4,7 +4,7 @@
 //! reader may see the byte count a moment before the progress time, never a torn value, and
 //! the hot path takes no lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -72,6 +72,8 @@ pub struct Counters {
     started: Instant,
     to_destination: DirectionCounters,
     to_source: DirectionCounters,
+    /// The direction whose sender finished first: 0 none yet, 1 to_destination, 2 to_source.
+    first_end: AtomicU8,
 }
 
 impl Counters {
@@ -80,7 +82,27 @@ impl Counters {
             started: Instant::now(),
             to_destination: DirectionCounters::default(),
             to_source: DirectionCounters::default(),
+            first_end: AtomicU8::new(0),
         }
+    }
+
+    /// The direction that reached end of stream first, if any has.
+    pub fn first_end(&self) -> Option<Direction> {
+        match self.first_end.load(Ordering::Relaxed) {
+            1 => Some(Direction::ToDestination),
+            2 => Some(Direction::ToSource),
+            _ => None,
+        }
+    }
+
+    pub(super) fn mark_end(&self, direction: Direction) {
+        let code = match direction {
+            Direction::ToDestination => 1,
+            Direction::ToSource => 2,
+        };
+        let _ = self
+            .first_end
+            .compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     pub fn direction(&self, direction: Direction) -> &DirectionCounters {

@@ -16,7 +16,7 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::sys::socket::{MsgFlags, send};
 use tokio::io::Interest;
 
-use super::{Counters, Direction, Op, Options, PumpError};
+use super::{Counters, Direction, Op, Options, PumpError, TapFn};
 use crate::transport::Socket;
 
 /// Moves one direction until end of stream, then shuts the destination's write side.
@@ -26,12 +26,21 @@ pub(super) async fn pump(
     direction: Direction,
     counters: &Counters,
     options: &Options,
+    tap: Option<TapFn>,
 ) -> Result<(), PumpError> {
-    let mut carrier = Carrier::new(options);
+    // A tapped direction must pass through user space to be seen.
+    let mut carrier = match tap {
+        Some(_) => Carrier::buffer(options.copy_buffer),
+        None => Carrier::new(options),
+    };
     loop {
         let filled = fill(&src, &mut carrier).await?;
         if filled == 0 {
+            counters.mark_end(direction);
             break;
+        }
+        if let (Some(TapFn(tap)), Carrier::Buffer { buf, .. }) = (&tap, &carrier) {
+            tap(&buf[..filled]);
         }
         drain(&dst, &mut carrier, filled, direction, counters).await?;
     }

@@ -107,6 +107,11 @@ impl Leg {
     }
 }
 
+/// Sees every byte of one direction as it passes, in order (a protocol observer). A tapped
+/// direction is copied rather than spliced: taps are for small flows such as QEMU's return
+/// path.
+pub type Tap = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Tuning of a relay.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -114,6 +119,18 @@ pub struct Options {
     pub zero_copy: bool,
     /// Size of the copy buffer per direction, at least [`MIN_COPY_BUFFER`].
     pub copy_buffer: usize,
+    /// Observer of the destination→source direction.
+    pub tap_to_source: Option<TapFn>,
+}
+
+/// A [`Tap`] with a Debug form, so that options stay printable.
+#[derive(Clone)]
+pub struct TapFn(pub Tap);
+
+impl fmt::Debug for TapFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Tap")
+    }
 }
 
 impl Default for Options {
@@ -121,6 +138,7 @@ impl Default for Options {
         Options {
             zero_copy: true,
             copy_buffer: MIN_COPY_BUFFER,
+            tap_to_source: None,
         }
     }
 }
@@ -191,6 +209,8 @@ pub struct Report {
     /// Of `bytes`, those moved by splice(2).
     pub spliced: ByteCounts,
     pub elapsed: Duration,
+    /// The direction whose sender ended its stream first (who closed first), if any did.
+    pub first_end: Option<Direction>,
 }
 
 impl Report {
@@ -320,8 +340,16 @@ impl Relay {
         } = self;
         let result =
             if let (Some(src), Some(dst)) = (source.stream.socket(), destination.stream.socket()) {
-                let forward = fd::pump(src, dst, Direction::ToDestination, &counters, &options);
-                let backward = fd::pump(dst, src, Direction::ToSource, &counters, &options);
+                let tap = options.tap_to_source.clone();
+                let forward = fd::pump(
+                    src,
+                    dst,
+                    Direction::ToDestination,
+                    &counters,
+                    &options,
+                    None,
+                );
+                let backward = fd::pump(dst, src, Direction::ToSource, &counters, &options, tap);
                 both(&cancel, forward, backward).await
             } else {
                 run_streams(
@@ -355,6 +383,7 @@ fn report(source: String, destination: String, end: End, counters: &Counters) ->
         bytes: counters.bytes(),
         spliced: counters.spliced(),
         elapsed: counters.elapsed(),
+        first_end: counters.first_end(),
     }
 }
 
@@ -396,8 +425,17 @@ async fn run_streams(
         Direction::ToDestination,
         counters,
         options,
+        None,
     );
-    let backward = stream::pump(dst_read, src_write, Direction::ToSource, counters, options);
+    let tap = options.tap_to_source.clone();
+    let backward = stream::pump(
+        dst_read,
+        src_write,
+        Direction::ToSource,
+        counters,
+        options,
+        tap,
+    );
     both(cancel, forward, backward).await
 }
 

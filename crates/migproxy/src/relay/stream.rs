@@ -3,7 +3,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Counters, Direction, Op, Options, PumpError};
+use super::{Counters, Direction, Op, Options, PumpError, TapFn};
 
 /// Moves one direction until end of stream, then shuts the writer down.
 pub(super) async fn pump(
@@ -12,12 +12,17 @@ pub(super) async fn pump(
     direction: Direction,
     counters: &Counters,
     options: &Options,
+    tap: Option<TapFn>,
 ) -> Result<(), PumpError> {
     let mut buf = vec![0u8; options.copy_buffer].into_boxed_slice();
     loop {
         let filled = reader.read(&mut buf).await.map_err(PumpError::read)?;
         if filled == 0 {
+            counters.mark_end(direction);
             break;
+        }
+        if let Some(TapFn(tap)) = &tap {
+            tap(&buf[..filled]);
         }
         let mut written = 0;
         while written < filled {
