@@ -623,6 +623,9 @@ async fn two_hundred_migrations_leave_no_fd_task_or_socket_behind() {
     stand_in.abort();
 }
 
+/// QEMU's return-path message MIG_RP_MSG_SHUT (type 1, length 4) with status 0.
+const SHUT_OK: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 0];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recoverable_migration_pauses_and_completes_on_fresh_channels() {
     let source = TestDaemon::start("src").await;
@@ -660,12 +663,15 @@ async fn a_recoverable_migration_pauses_and_completes_on_fresh_channels() {
     // Epoch 2: QEMU reconnects (`migrate … resume=true`) with two fresh channels.
     let receiver = tokio::spawn(async move {
         let mut tags = Vec::new();
-        for _ in 0..2 {
+        for channel in 0..2 {
             let (mut stream, _) = qemu_in.accept().await.unwrap();
             let mut got = Vec::new();
             stream.read_to_end(&mut got).await.unwrap();
             tags.push(got[0]);
-            stream.write_all(b"ok").await.unwrap();
+            // Like QEMU, the destination ends the main channel with a SHUT(0) message on its
+            // return path: without it, the source would take the close for another pause.
+            let reply: &[u8] = if channel == 0 { &SHUT_OK } else { b"ok" };
+            stream.write_all(reply).await.unwrap();
         }
         tags
     });
@@ -681,7 +687,8 @@ async fn a_recoverable_migration_pauses_and_completes_on_fresh_channels() {
         qemu.shutdown().await.unwrap();
         let mut reply = Vec::new();
         qemu.read_to_end(&mut reply).await.unwrap();
-        assert_eq!(reply, b"ok");
+        let expected: &[u8] = if tag == b'a' { &SHUT_OK } else { b"ok" };
+        assert_eq!(reply, expected);
     }
     assert_eq!(
         receiver.await.unwrap(),
@@ -801,4 +808,41 @@ async fn hosts_that_disagree_on_recoverability_are_refused() {
             .contains("is recoverable here but not recoverable on the source"),
         "{reply}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recoverable_main_channel_closed_without_shut_pauses() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let target = format!("unix:{}", target.display());
+    let uri = common::daemon::migration_pair_with(&source, &destination, "ns", &target, true).await;
+    let accepting = tokio::spawn(async move {
+        let (mut stream, _) = qemu_in.accept().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        stream.write_all(&[0, 2, 0, 4, 0, 0, 0, 9]).await.unwrap(); // a PONG, no SHUT
+        got.len()
+    });
+    let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    qemu.write_all(&[5u8; 4096]).await.unwrap();
+    qemu.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    qemu.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(accepting.await.unwrap(), 4096);
+    for daemon in [&source, &destination] {
+        let view = daemon
+            .wait_state("ns", "paused", Duration::from_secs(5))
+            .await;
+        let error = error_of(&view);
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("no SHUT on the return path"),
+            "{view}"
+        );
+    }
 }
