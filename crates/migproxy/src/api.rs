@@ -149,6 +149,10 @@ fn create_incoming(
         .target
         .parse()
         .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
+    if let Some(path) = target.unix_path() {
+        crate::daemon::paths::check_target(path, &daemon.config.target_dirs)
+            .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
+    }
     let id = match body.id {
         Some(id) => checked_id(id)?,
         None => Token::generate().to_hex()[..16].to_owned(),
@@ -281,6 +285,7 @@ async fn info(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
             "token_ttl": config.token_ttl.as_millis() as u64,
         },
         "uptime_s": daemon.started.elapsed().as_secs(),
+        "peer_rejections": daemon.rejections.counts(),
     }))
 }
 

@@ -846,3 +846,83 @@ async fn a_recoverable_main_channel_closed_without_shut_pauses() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_outside_the_allowed_directories_or_through_symlinks_are_refused() {
+    let allowed = short_tempdir();
+    let allowed_path = allowed.path().to_owned();
+    let destination =
+        TestDaemon::start_with("dst", move |c| c.target_dirs = vec![allowed_path]).await;
+    let create = |target: String| {
+        let destination = &destination;
+        async move {
+            destination
+                .request(
+                    "POST",
+                    "/v1/migrations",
+                    Some(json!({"direction": "incoming", "target": target})),
+                )
+                .await
+        }
+    };
+    let (status, body) = create("unix:/tmp/elsewhere.sock".into()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("outside the allowed directories"),
+        "{body}"
+    );
+    let (status, body) = create(format!("unix:{}/../x.sock", allowed.path().display())).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("without . or .."),
+        "{body}"
+    );
+
+    // A symbolic link where the socket should be is not followed when the channel connects.
+    let source = TestDaemon::start("src").await;
+    let real = short_tempdir();
+    let _real_listener = UnixListener::bind(real.path().join("real.sock")).unwrap();
+    let link = allowed.path().join("vm.sock");
+    std::os::unix::fs::symlink(real.path().join("real.sock"), &link).unwrap();
+    let uri = migration_pair(
+        &source,
+        &destination,
+        "sl",
+        &format!("unix:{}", link.display()),
+    )
+    .await;
+    let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let _ = qemu.write_all(b"QEVM").await;
+    let view = destination.wait_final("sl", Duration::from_secs(5)).await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert!(
+        view["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("symbolic link"),
+        "{view}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_counted_by_reason() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (_, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "c", "target": "unix:/x"})),
+        )
+        .await;
+    for _ in 0..3 {
+        let body = json!({"direction": "outgoing", "id": "c", "token": "11".repeat(32), "peer": incoming["peer"]});
+        let (status, _) = source.request("POST", "/v1/migrations", Some(body)).await;
+        assert_eq!(status, 502);
+    }
+    let (_, info) = destination.request("GET", "/v1/info", None).await;
+    assert_eq!(info["peer_rejections"]["bad_token"], 3, "{info}");
+}

@@ -277,6 +277,20 @@ fn the_daemon_will_not_start_insecure_unless_told() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("/nonexistent/ca-cert.pem"), "{stderr}");
+
+    // A runtime directory others can write to is refused.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("run"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let out = run(&["--insecure-plaintext"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is writable by every user"), "{stderr}");
+    assert!(!api.exists(), "nothing is left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

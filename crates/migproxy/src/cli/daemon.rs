@@ -27,9 +27,17 @@ pub struct Args {
     /// Address handed to source daemons; default the --peer-listen address.
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Option<String>,
-    /// Directory for the per-migration sockets handed to the source QEMU.
+    /// Directory for the per-migration sockets handed to the source QEMU (created 0700; it
+    /// must belong to the daemon's user and must not be writable by others).
     #[arg(long, value_name = "DIR", default_value = "/run/migproxy")]
     runtime_dir: PathBuf,
+    /// Allow incoming migrations to target unix sockets only inside this directory
+    /// (repeatable; default: any absolute path).
+    #[arg(long, value_name = "DIR")]
+    target_dir: Vec<PathBuf>,
+    /// Let this group use the API socket too (mode 0660 instead of 0600).
+    #[arg(long, value_name = "GROUP")]
+    api_group: Option<String>,
     /// Directory of x509 material in QEMU's layout (ca-cert.pem, server-cert.pem,
     /// server-key.pem, client-cert.pem, client-key.pem, optional ca-crl.pem): mutual TLS on
     /// every peer connection.
@@ -88,6 +96,7 @@ async fn start(args: Args) -> Result<(), String> {
                 OsError(&e)
             )
         })?;
+    check_private(&args.runtime_dir)?;
     let shutdown = CancellationToken::new();
     super::cancel_on_signals(shutdown.clone(), "migproxy daemon", "every migration")
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -95,7 +104,7 @@ async fn start(args: Args) -> Result<(), String> {
         reload_on_sighup(Arc::clone(tls))
             .map_err(|e| format!("cannot install SIGHUP handler: {e}"))?;
     }
-    let (api_file, api) = ApiSocket::bind(&args.api)?;
+    let (api_file, api) = ApiSocket::bind(&args.api, args.api_group.as_deref())?;
     eprintln!(
         "migproxy daemon: API on unix:{}, peers on tcp:{bound} (advertised as {advertise}), {}",
         args.api.display(),
@@ -109,6 +118,7 @@ async fn start(args: Args) -> Result<(), String> {
     config.timing.peer_timeout = args.peer_timeout;
     config.token_ttl = args.token_ttl;
     config.stall_timeout = args.stall_timeout;
+    config.target_dirs = args.target_dir;
     daemon::run(Daemon::new(config), api, peers, shutdown).await;
     drop(api_file);
     Ok(())
@@ -118,13 +128,26 @@ async fn start(args: Args) -> Result<(), String> {
 struct ApiSocket(PathBuf);
 
 impl ApiSocket {
-    /// Binds the API socket, readable and writable by this user only.
-    fn bind(path: &std::path::Path) -> Result<(ApiSocket, tokio::net::UnixListener), String> {
+    /// Binds the API socket, usable by this user only (and `group`, when given).
+    fn bind(
+        path: &std::path::Path,
+        group: Option<&str>,
+    ) -> Result<(ApiSocket, tokio::net::UnixListener), String> {
         let listener = bind_unix(path)
             .map_err(|e| format!("listen on unix:{} failed: {}", path.display(), OsError(&e)))?;
         let file = ApiSocket(path.to_owned());
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("API socket {}: {}", path.display(), OsError(&e)))?;
+        let failed = |e: std::io::Error| format!("API socket {}: {}", path.display(), OsError(&e));
+        let mode = match group {
+            Some(name) => {
+                let group = nix::unistd::Group::from_name(name)
+                    .map_err(|e| failed(e.into()))?
+                    .ok_or_else(|| format!("--api-group {name}: no such group"))?;
+                nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| failed(e.into()))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
         Ok((file, listener))
     }
 }
@@ -133,6 +156,30 @@ impl Drop for ApiSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// The runtime directory must be the daemon's own: another user able to write there could
+/// put a socket of theirs where QEMU's migration stream is expected.
+fn check_private(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| format!("runtime dir {}: {}", dir.display(), OsError(&e)))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(format!(
+            "runtime dir {} belongs to uid {}, not to the daemon's user (uid {me})",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err(format!(
+            "runtime dir {} is writable by every user (mode {:o}): make it 0700",
+            dir.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// TLS material, or the operator's explicit consent to plaintext.

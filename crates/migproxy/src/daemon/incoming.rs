@@ -14,7 +14,7 @@ use super::attribution::os_message;
 use super::migration::{Admitted, Migration, Role, Spec, State};
 use super::peer::{self, ReadError};
 use super::token::Token;
-use super::{Daemon, RegisterError, channel, control};
+use super::{Daemon, RegisterError, channel, control, paths};
 use crate::endpoint::Endpoint;
 use crate::human::errno_name;
 use crate::relay;
@@ -83,7 +83,9 @@ pub async fn serve_peers(daemon: Arc<Daemon>, listener: TcpListener, shutdown: C
         // Connections still in their handshake are bounded: beyond the limit they are
         // turned away at once (with a typed answer where no TLS handshake stands before it).
         let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
-            tracing::warn!(%from, "too many peer handshakes in progress, connection refused");
+            if let Some(suppressed) = daemon.rejections.record(Status::Busy.name()) {
+                tracing::warn!(%from, suppressed, "too many peer handshakes in progress, connection refused");
+            }
             if daemon.config.tls.is_none() {
                 let _ = stream.try_write(&busy_reply());
             }
@@ -113,11 +115,13 @@ async fn handshake(
         Ok(Ok(opened)) => opened,
         Ok(Err(None)) => return,
         Ok(Err(Some((mut stream, status, message)))) => {
-            reject(&mut stream, &from, status, &message).await;
+            reject(&daemon, &mut stream, &from, status, &message).await;
             return;
         }
         Err(_) => {
-            tracing::warn!(%from, "peer did not complete its handshake within {:?}, dropped", timing.handshake_timeout);
+            if let Some(suppressed) = daemon.rejections.record("handshake_timeout") {
+                tracing::warn!(%from, suppressed, "peer did not complete its handshake within {:?}, dropped", timing.handshake_timeout);
+            }
             return;
         }
     };
@@ -129,14 +133,14 @@ async fn handshake(
             .is_some_and(|tls| tls.current().allows(identity));
         if !allowed {
             let message = format!("peer identity {identity} is not allowed here (--tls-allow)");
-            reject(&mut stream, &from, Status::Refused, &message).await;
+            reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
             return;
         }
     }
     let migration = match admit(&daemon, &hello) {
         Ok(migration) => migration,
         Err((status, message)) => {
-            reject(&mut stream, &from, status, &message).await;
+            reject(&daemon, &mut stream, &from, status, &message).await;
             return;
         }
     };
@@ -153,7 +157,7 @@ async fn handshake(
             },
             if recoverable { "" } else { "not " },
         );
-        reject(&mut stream, &from, Status::Refused, &message).await;
+        reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
         return;
     }
     let attached = match hello.kind {
@@ -167,7 +171,7 @@ async fn handshake(
             hello.kind,
             migration.state()
         );
-        reject(&mut stream, &from, Status::Refused, &message).await;
+        reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
         return;
     };
     if let Err(error) = peer::reply(&mut stream, Status::Ok, "").await {
@@ -219,7 +223,9 @@ async fn open(
         Some(tls) => match tls.current().accept(tcp, from).await {
             Ok((stream, identity)) => (Stream::Tls(Box::new(stream)), Some(identity)),
             Err(error) => {
-                tracing::warn!(%from, "peer connection rejected: {error}");
+                if let Some(suppressed) = daemon.rejections.record("tls") {
+                    tracing::warn!(%from, suppressed, "peer connection rejected: {error}");
+                }
                 return Err(None);
             }
         },
@@ -270,8 +276,10 @@ fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, Stri
 
 /// Answers with a typed refusal and closes cleanly: the rest of what the peer sent is read
 /// and dropped first (briefly, and only so much), so the refusal is not lost to a reset.
-async fn reject(stream: &mut Stream, from: &str, status: Status, message: &str) {
-    tracing::warn!(%from, status = status.name(), "peer connection rejected: {message}");
+async fn reject(daemon: &Daemon, stream: &mut Stream, from: &str, status: Status, message: &str) {
+    if let Some(suppressed) = daemon.rejections.record(status.name()) {
+        tracing::warn!(%from, status = status.name(), suppressed, "peer connection rejected: {message}");
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         peer::reply(stream, status, message).await?;
         stream.shutdown().await?;
@@ -309,6 +317,20 @@ async fn deliver(
         return;
     }
     let target = migration.spec.local.clone();
+    if let Some(Err(error)) = target.unix_path().map(paths::refuse_symlink) {
+        link.abort();
+        migration.channel_abandoned(index);
+        let error = TransportError::Connect {
+            endpoint: target.clone(),
+            error,
+        };
+        migration.fail(
+            admitted.epoch,
+            connect_failure(&migration, index, &error),
+            true,
+        );
+        return;
+    }
     let connected = tokio::select! {
         () = admitted.stop.cancelled() => None,
         connected = transport::connect(&target, daemon.config.timing.connect_timeout) => Some(connected),

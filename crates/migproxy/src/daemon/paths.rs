@@ -1,0 +1,103 @@
+//! Checks on paths that come from API requests: an incoming migration's unix target must be
+//! an absolute, plain path inside the configured directories, and is never reached through a
+//! symbolic link.
+
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+/// Why a target path is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("\"{0}\" must be an absolute path without . or .. components")]
+    NotPlain(PathBuf),
+    #[error("\"{path}\" is outside the allowed directories ({allowed}; see --target-dir)")]
+    Outside { path: PathBuf, allowed: String },
+    #[error("\"{0}\": its directory cannot be resolved: {1}")]
+    Unresolvable(PathBuf, io::Error),
+}
+
+/// Checks a unix target given through the API against `allowed` (empty: any directory).
+pub fn check_target(path: &Path, allowed: &[PathBuf]) -> Result<(), PathError> {
+    let plain = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !plain {
+        return Err(PathError::NotPlain(path.to_owned()));
+    }
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    // The directory, with every symbolic link resolved, must be inside an allowed one (also
+    // resolved): a link inside an allowed directory cannot lead out of it.
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let real = parent
+        .canonicalize()
+        .map_err(|e| PathError::Unresolvable(path.to_owned(), e))?;
+    let inside = allowed.iter().any(|dir| {
+        dir.canonicalize()
+            .map(|dir| real.starts_with(dir))
+            .unwrap_or(false)
+    });
+    if inside {
+        Ok(())
+    } else {
+        Err(PathError::Outside {
+            path: path.to_owned(),
+            allowed: allowed
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+}
+
+/// Refuses to connect through a symbolic link placed where the target socket should be.
+pub fn refuse_symlink(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the target is a symbolic link, which migproxy does not follow",
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_must_be_plain_and_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = vec![dir.path().to_owned()];
+        let inside = dir.path().join("vm.sock");
+        check_target(&inside, &allowed).unwrap();
+        check_target(&inside, &[]).unwrap();
+        for bad in ["relative.sock", "/a/../b.sock", "/a/./b.sock"] {
+            assert!(
+                matches!(
+                    check_target(Path::new(bad), &[]),
+                    Err(PathError::NotPlain(_))
+                ),
+                "{bad}"
+            );
+        }
+        let outside = Path::new("/tmp/elsewhere.sock");
+        let error = check_target(outside, &allowed).unwrap_err().to_string();
+        assert!(error.contains("outside the allowed directories"), "{error}");
+        // A symlinked directory inside the allowed one that points out of it.
+        let link = dir.path().join("escape");
+        std::os::unix::fs::symlink("/tmp", &link).unwrap();
+        assert!(matches!(
+            check_target(&link.join("x.sock"), &allowed),
+            Err(PathError::Outside { .. })
+        ));
+        // A symlink in place of the socket is refused at connect time.
+        let sock_link = dir.path().join("sock-link");
+        std::os::unix::fs::symlink("/tmp/whatever.sock", &sock_link).unwrap();
+        assert!(refuse_symlink(&sock_link).is_err());
+        assert!(refuse_symlink(&inside).is_ok());
+    }
+}
