@@ -3,7 +3,7 @@
 //! symbolic link.
 
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Why a target path is refused.
 #[derive(Debug, thiserror::Error)]
@@ -18,10 +18,14 @@ pub enum PathError {
 
 /// Checks a unix target given through the API against `allowed` (empty: any directory).
 pub fn check_target(path: &Path, allowed: &[PathBuf]) -> Result<(), PathError> {
+    // Checked on the bytes: `Path::components` quietly drops inner `.` segments.
+    use std::os::unix::ffi::OsStrExt;
     let plain = path.is_absolute()
         && path
-            .components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+            .as_os_str()
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .all(|segment| segment != b"." && segment != b"..");
     if !plain {
         return Err(PathError::NotPlain(path.to_owned()));
     }
