@@ -926,3 +926,147 @@ async fn refusals_are_counted_by_reason() {
     let (_, info) = destination.request("GET", "/v1/info", None).await;
     assert_eq!(info["peer_rejections"]["bad_token"], 3, "{info}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_single_use_and_bound_to_their_migration() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let target = format!("unix:{}", target.display());
+    let create = |id: &str| {
+        let (destination, target) = (&destination, &target);
+        let id = id.to_owned();
+        async move {
+            let (_, incoming) = destination
+                .request(
+                    "POST",
+                    "/v1/migrations",
+                    Some(json!({"direction": "incoming", "id": id, "target": target})),
+                )
+                .await;
+            incoming
+        }
+    };
+    let outgoing = |id: &str, token: &Value| json!({"direction": "outgoing", "id": id, "token": token, "peer": destination.peer});
+    let first = create("one").await;
+    let second = create("two").await;
+    // Another migration's token opens nothing.
+    let (status, body) = source
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(outgoing("two", &first["token"])),
+        )
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("bad_token"),
+        "{body}"
+    );
+    let _ = second;
+
+    // Used once, to completion...
+    let (status, body) = source
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(outgoing("one", &first["token"])),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let accepting = tokio::spawn(async move {
+        let (mut stream, _) = qemu_in.accept().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+    });
+    let mut qemu = UnixStream::connect(unix_path(body["qemu_uri"].as_str().unwrap()))
+        .await
+        .unwrap();
+    qemu.write_all(b"all of it").await.unwrap();
+    qemu.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    qemu.read_to_end(&mut rest).await.unwrap();
+    accepting.await.unwrap();
+    assert_eq!(
+        destination.wait_final("one", Duration::from_secs(5)).await["state"],
+        "completed"
+    );
+    source.daemon.unregister("one"); // the source host forgets it; the token must still not work
+    // ...and never again.
+    let (status, body) = source
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(outgoing("one", &first["token"])),
+        )
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("(expired)"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_garbage_connections_leaves_the_daemon_able_to_migrate() {
+    use rand::{Rng, SeedableRng};
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start_with("dst", |c| {
+        c.timing.handshake_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(99);
+    // 300 connections in waves of 50, each sending up to 4 KiB of random bytes.
+    for _ in 0..6 {
+        let mut wave = Vec::new();
+        for _ in 0..50 {
+            let len = rng.gen_range(0..4096);
+            let garbage: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+            let peer = destination.peer.clone();
+            wave.push(tokio::spawn(async move {
+                if let Ok(mut stream) = TcpStream::connect(peer).await {
+                    let _ = stream.write_all(&garbage).await;
+                    let mut sink = Vec::new();
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut sink))
+                            .await;
+                }
+            }));
+        }
+        for connection in wave {
+            connection.await.unwrap();
+        }
+    }
+    let counted: u64 = destination.daemon.rejections.counts().values().sum();
+    assert!(counted >= 250, "refusals counted: {counted}");
+
+    // A real (synthetic) migration still goes through.
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let uri = migration_pair(
+        &source,
+        &destination,
+        "after",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let data = random_data(77, 8 << 20);
+    let receiver = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        receive_all(stream).await.unwrap()
+    });
+    let qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (_read, write) = qemu.into_split();
+    send_all(write, Arc::clone(&data), 1).await.unwrap();
+    assert_eq!(receiver.await.unwrap(), (8 << 20, blake3::hash(&data)));
+    drop(_read);
+    for daemon in [&source, &destination] {
+        assert_eq!(
+            daemon.wait_final("after", Duration::from_secs(5)).await["state"],
+            "completed"
+        );
+    }
+}

@@ -13,6 +13,7 @@ use common::certs::Ca;
 use common::daemon::{TestDaemon, migration_pair};
 use common::{random_data, receive_all, send_all, short_tempdir};
 use migproxy::tls::TlsHandle;
+use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -364,4 +365,74 @@ async fn sighup_reloads_certificates_without_dropping_running_migrations() {
         "active",
         "the running migration survives"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_not_yet_valid_certificates_are_refused() {
+    use common::certs::Validity;
+    let root = short_tempdir();
+    // The destination's server certificate has expired: the source refuses it.
+    let mut ca = Ca::new("migproxy test CA");
+    let (src, dst) = (root.path().join("src"), root.path().join("dst"));
+    ca.write_host(&src, &["source.test", "127.0.0.1"], "source-daemon");
+    ca.write_host_valid(
+        &dst,
+        &["destination.test", "127.0.0.1"],
+        "destination-daemon",
+        Validity::EXPIRED,
+    );
+    let source = tls_daemon("src", &src, &[]).await;
+    let destination = tls_daemon("dst", &dst, &[]).await;
+    refused(&source, &destination, json!({}), "certificate expired").await;
+
+    // The source's client certificate is not valid yet: the destination refuses it.
+    let (src2, dst2) = (root.path().join("src2"), root.path().join("dst2"));
+    ca.write_host_valid(
+        &src2,
+        &["source.test", "127.0.0.1"],
+        "source-daemon",
+        Validity::NOT_YET,
+    );
+    ca.write_host(
+        &dst2,
+        &["destination.test", "127.0.0.1"],
+        "destination-daemon",
+    );
+    let source = tls_daemon("src2", &src2, &[]).await;
+    let destination = tls_daemon("dst2", &dst2, &[]).await;
+    refused(&source, &destination, json!({}), "received fatal alert").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_certificate_gets_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = short_tempdir();
+    let (ca, _src, dst_dir, _) = pki(root.path());
+    let destination = tls_daemon("dst", &dst_dir, &[]).await;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap();
+    roots.add(ca_der).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(&destination.peer)
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("destination.test").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    // TLS 1.3 lets the client finish first; the server's refusal arrives on the first read.
+    if let Ok(mut stream) = connector.connect(name, tcp).await {
+        let _ = stream.write_all(b"MGPX").await;
+        let mut buf = Vec::new();
+        let read = stream.read_to_end(&mut buf).await;
+        assert!(read.is_err() || buf.is_empty(), "got {buf:?}");
+    }
+    common::wait_until(Duration::from_secs(2), "the refusal to be counted", || {
+        destination.daemon.rejections.counts().get("tls") == Some(&1)
+    })
+    .await;
 }

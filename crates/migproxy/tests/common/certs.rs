@@ -20,6 +20,28 @@ pub struct Issued {
     pub client_serial: u64,
 }
 
+/// When a certificate is valid, in whole years from 1975 to 4096.
+#[derive(Clone, Copy)]
+pub struct Validity {
+    pub from_year: i32,
+    pub to_year: i32,
+}
+
+impl Validity {
+    pub const NOW: Validity = Validity {
+        from_year: 2020,
+        to_year: 2099,
+    };
+    pub const EXPIRED: Validity = Validity {
+        from_year: 2001,
+        to_year: 2002,
+    };
+    pub const NOT_YET: Validity = Validity {
+        from_year: 2098,
+        to_year: 2099,
+    };
+}
+
 impl Ca {
     pub fn new(name: &str) -> Ca {
         let key = KeyPair::generate().unwrap();
@@ -44,6 +66,7 @@ impl Ca {
         cn: &str,
         names: &[&str],
         usage: ExtendedKeyUsagePurpose,
+        validity: Validity,
     ) -> (String, String, u64) {
         let key = KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
@@ -53,6 +76,8 @@ impl Ca {
             .distinguished_name
             .push(DnType::OrganizationName, "migproxy tests");
         params.extended_key_usages = vec![usage];
+        params.not_before = date_time_ymd(validity.from_year, 1, 1);
+        params.not_after = date_time_ymd(validity.to_year, 1, 1);
         self.next_serial += 1;
         params.serial_number = Some(SerialNumber::from(self.next_serial));
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
@@ -62,13 +87,33 @@ impl Ca {
     /// Writes a host's directory: this CA, a server certificate for `names`, and a client
     /// certificate with common name `client_cn`.
     pub fn write_host(&mut self, dir: &Path, names: &[&str], client_cn: &str) -> Issued {
+        self.write_host_valid(dir, names, client_cn, Validity::NOW)
+    }
+
+    /// As [`write_host`](Self::write_host), with both certificates valid only in `validity`.
+    pub fn write_host_valid(
+        &mut self,
+        dir: &Path,
+        names: &[&str],
+        client_cn: &str,
+        validity: Validity,
+    ) -> Issued {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
-        let (cert, key, _) = self.issue(names[0], names, ExtendedKeyUsagePurpose::ServerAuth);
+        let (cert, key, _) = self.issue(
+            names[0],
+            names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            validity,
+        );
         std::fs::write(dir.join("server-cert.pem"), cert).unwrap();
         std::fs::write(dir.join("server-key.pem"), key).unwrap();
-        let (cert, key, client_serial) =
-            self.issue(client_cn, &[], ExtendedKeyUsagePurpose::ClientAuth);
+        let (cert, key, client_serial) = self.issue(
+            client_cn,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            validity,
+        );
         std::fs::write(dir.join("client-cert.pem"), cert).unwrap();
         std::fs::write(dir.join("client-key.pem"), key).unwrap();
         Issued { client_serial }
@@ -96,8 +141,8 @@ impl Ca {
         std::fs::write(dir.join("ca-crl.pem"), crl.pem().unwrap()).unwrap();
     }
 
-    /// Writes only this CA as `ca-cert.pem` (to trust it instead of another).
-    pub fn write_trust(&self, dir: &Path) {
-        std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
+    /// This CA's certificate, PEM.
+    pub fn pem(&self) -> String {
+        self.cert.pem()
     }
 }
