@@ -4,9 +4,11 @@
 //! | --- | --- |
 //! | `GET /v1/info` | version, protocol, TLS or plaintext, limits, uptime |
 //! | `POST /v1/migrations` | create an incoming (destination) or outgoing (source) migration |
-//! | `GET /v1/migrations` | every migration |
-//! | `GET /v1/migrations/{id}` | one migration: state, bytes, channels, error |
+//! | `GET /v1/migrations[?state=S]` | every migration (or those in state S) |
+//! | `GET /v1/migrations/{id}` | one migration: state, bytes, throughput, channels, error |
+//! | `DELETE /v1/migrations/{id}` | forget an ended migration |
 //! | `POST /v1/migrations/{id}/cancel` | cancel on both hosts |
+//! | `GET /metrics` | Prometheus text |
 //!
 //! Errors are JSON `{"error": "...", "causes": [...]}` with a status that says whose fault it
 //! is: 400 bad input (naming the field), 404 unknown id, 409 conflict, 502 the peer daemon
@@ -46,8 +48,9 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Cancel
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/info", get(info))
+        .route("/metrics", get(metrics))
         .route("/v1/migrations", post(create).get(list))
-        .route("/v1/migrations/{id}", get(show))
+        .route("/v1/migrations/{id}", get(show).delete(forget))
         .route("/v1/migrations/{id}/cancel", post(cancel))
         .with_state(daemon)
 }
@@ -289,9 +292,74 @@ async fn info(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn list(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
-    let all: Vec<_> = daemon.list().iter().map(|m| m.snapshot()).collect();
-    Json(json!({ "migrations": all }))
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+}
+
+const STATES: [&str; 7] = [
+    "pending",
+    "active",
+    "paused",
+    "completed",
+    "failed",
+    "cancelled",
+    "expired",
+];
+
+async fn list(
+    State(daemon): State<Arc<Daemon>>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let query = query.map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))?;
+    if let Some(state) = &query.state
+        && !STATES.contains(&state.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "state: \"{state}\" is not one of {}",
+            STATES.join(", ")
+        )));
+    }
+    let all: Vec<_> = daemon
+        .list()
+        .iter()
+        .map(|m| m.snapshot())
+        .filter(|snapshot| {
+            query
+                .state
+                .as_ref()
+                .is_none_or(|state| serde_json::to_value(snapshot.state).ok() == Some(json!(state)))
+        })
+        .collect();
+    Ok(Json(json!({ "migrations": all })))
+}
+
+async fn forget(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match daemon.forget(&id) {
+        Ok(Some(_)) => Ok(StatusCode::NO_CONTENT),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no migration \"{id}\""),
+        )),
+        Err(state) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("migration \"{id}\" is still {state:?}: cancel it first").to_lowercase(),
+        )),
+    }
+}
+
+async fn metrics(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        daemon.render_metrics(),
+    )
 }
 
 async fn show(

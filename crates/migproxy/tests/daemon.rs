@@ -1070,3 +1070,142 @@ async fn a_flood_of_garbage_connections_leaves_the_daemon_able_to_migrate() {
         );
     }
 }
+
+/// Parses Prometheus text into (series with labels, value).
+fn scrape(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+async fn metrics_text(daemon: &TestDaemon) -> String {
+    let mut stream = UnixStream::connect(&daemon.api).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_lists_filters_forgets_and_exports_metrics() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let uri = migration_pair(
+        &source,
+        &destination,
+        "m",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let (status, running) = source.request("DELETE", "/v1/migrations/m", None).await;
+    assert_eq!(
+        status, 409,
+        "a running migration cannot be forgotten: {running}"
+    );
+
+    let accepting = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        receive_all(stream).await.unwrap()
+    });
+    let qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (_read, write) = qemu.into_split();
+    send_all(write, random_data(1, 3 << 20), 1).await.unwrap();
+    accepting.await.unwrap();
+    drop(_read);
+    let done = source.wait_final("m", Duration::from_secs(5)).await;
+    assert_eq!(done["state"], "completed");
+    assert!(
+        done["throughput"]["average_bytes_per_second"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{done}"
+    );
+    assert!(
+        done["timestamps"]["active"].as_f64().unwrap()
+            >= done["timestamps"]["created"].as_f64().unwrap()
+    );
+    assert!(done["timestamps"]["ended"].is_f64(), "{done}");
+    assert_eq!(
+        done["peer_view"]["done"]["bytes"]["to_destination"],
+        3 << 20,
+        "{done}"
+    );
+
+    // A second migration, cancelled, for the other counters.
+    let _ = migration_pair(&source, &destination, "c", "unix:/nowhere").await;
+    let (status, _) = source
+        .request("POST", "/v1/migrations/c/cancel", None)
+        .await;
+    assert_eq!(status, 200);
+    destination.wait_final("c", Duration::from_secs(2)).await;
+
+    let (_, all) = source.request("GET", "/v1/migrations", None).await;
+    assert_eq!(all["migrations"].as_array().unwrap().len(), 2);
+    let (_, completed) = source
+        .request("GET", "/v1/migrations?state=completed", None)
+        .await;
+    let ids: Vec<_> = completed["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!("m")]);
+    let (status, bad) = source
+        .request("GET", "/v1/migrations?state=done", None)
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("state: \"done\" is not one of"),
+        "{bad}"
+    );
+
+    let metrics = scrape(&metrics_text(&source).await);
+    assert_eq!(
+        metrics["migproxy_bytes_total{direction=\"to_destination\"}"],
+        (3u64 << 20) as f64
+    );
+    assert_eq!(
+        metrics["migproxy_migrations_total{state=\"completed\"}"],
+        1.0
+    );
+    assert_eq!(
+        metrics["migproxy_migrations_total{state=\"cancelled\"}"],
+        1.0
+    );
+    assert_eq!(metrics["migproxy_migrations_active"], 0.0);
+    assert_eq!(metrics["migproxy_cancel_seconds_count"], 1.0);
+    assert_eq!(metrics["migproxy_tls_enabled"], 0.0);
+    let at_destination = scrape(&metrics_text(&destination).await);
+    assert_eq!(
+        at_destination["migproxy_bytes_total{direction=\"to_destination\"}"],
+        (3u64 << 20) as f64
+    );
+
+    let (status, _) = source.request("DELETE", "/v1/migrations/m", None).await;
+    assert_eq!(status, 204);
+    let (status, _) = source.request("GET", "/v1/migrations/m", None).await;
+    assert_eq!(status, 404);
+    let metrics = scrape(&metrics_text(&source).await);
+    assert_eq!(
+        metrics["migproxy_bytes_total{direction=\"to_destination\"}"],
+        (3u64 << 20) as f64,
+        "counters survive forgetting"
+    );
+}

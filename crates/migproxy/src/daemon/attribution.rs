@@ -154,6 +154,8 @@ pub struct Report {
     pub errno: Option<String>,
     /// The OS or protocol error text.
     pub detail: String,
+    /// The causes under `message`, outermost first (today: the OS or protocol error).
+    pub causes: Vec<String>,
     pub bytes: relay::ByteCounts,
     pub elapsed_ms: u64,
 }
@@ -175,6 +177,10 @@ impl From<&Attribution> for Report {
             op: op_name(a.op),
             errno: a.errno.clone(),
             detail: a.message.clone(),
+            causes: vec![match &a.errno {
+                Some(errno) => format!("{} ({errno})", a.message),
+                None => a.message.clone(),
+            }],
             bytes: relay::ByteCounts {
                 to_destination: a.bytes.to_destination,
                 to_source: a.bytes.to_source,

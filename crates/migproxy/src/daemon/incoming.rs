@@ -42,17 +42,20 @@ pub fn create(
         .max_channels
         .unwrap_or(daemon.config.max_channels)
         .min(daemon.config.max_channels);
-    let migration = Migration::new(Spec {
-        id: request.id,
-        role: Role::Incoming,
-        token: token.clone(),
-        peer: daemon.config.advertise.clone(),
-        local: request.target,
-        max_channels,
-        recoverable: request.recoverable,
-        server_name: String::new(),
-        tls: daemon.config.tls.is_some(),
-    });
+    let migration = Migration::new(
+        Spec {
+            id: request.id,
+            role: Role::Incoming,
+            token: token.clone(),
+            peer: daemon.config.advertise.clone(),
+            local: request.target,
+            max_channels,
+            recoverable: request.recoverable,
+            server_name: String::new(),
+            tls: daemon.config.tls.is_some(),
+        },
+        Arc::clone(&daemon.metrics),
+    );
     daemon.register(Arc::clone(&migration))?;
     let ttl = daemon.config.token_ttl;
     let expiring = Arc::clone(&migration);

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::attribution::{self, Rendered};
+use super::metrics::Metrics;
 use super::token::Token;
 use crate::endpoint::Endpoint;
 use crate::human::Elapsed;
@@ -127,6 +128,7 @@ pub type Epoch = u64;
 #[derive(Debug)]
 pub struct Migration {
     pub spec: Spec,
+    metrics: Arc<Metrics>,
     created: SystemTime,
     started: Instant,
     /// Cancelled when the migration ends: stops accepting, aborts every channel still running.
@@ -158,6 +160,14 @@ struct Inner {
     epoch_stop: CancellationToken,
     /// First channel index of the current epoch.
     epoch_start: u32,
+    /// When this host was asked to cancel, until every channel has closed.
+    cancel_asked: Option<Instant>,
+    /// Phase timestamps, for the API.
+    activated: Option<SystemTime>,
+    paused: Option<SystemTime>,
+    ended_at: Option<SystemTime>,
+    /// Bytes moved and when, for the current throughput.
+    rate_sample: (Instant, u64),
 }
 
 #[derive(Debug)]
@@ -227,11 +237,12 @@ pub struct Admitted {
 }
 
 impl Migration {
-    /// A new migration in `pending`.
-    pub fn new(spec: Spec) -> Arc<Migration> {
+    /// A new migration in `pending`, reporting to `metrics`.
+    pub fn new(spec: Spec, metrics: Arc<Metrics>) -> Arc<Migration> {
         let stop = CancellationToken::new();
         let migration = Migration {
             spec,
+            metrics,
             created: SystemTime::now(),
             started: Instant::now(),
             inner: Mutex::new(Inner {
@@ -247,6 +258,11 @@ impl Migration {
                 epoch: 0,
                 epoch_stop: stop.child_token(),
                 epoch_start: 0,
+                cancel_asked: None,
+                activated: None,
+                paused: None,
+                ended_at: None,
+                rate_sample: (Instant::now(), 0),
             }),
             stop,
             state_tx: watch::channel(State::Pending).0,
@@ -332,6 +348,7 @@ impl Migration {
             tracing::info!(migration = %self.spec.id, first_channel, "resuming");
         }
         self.next_channel.send_replace(first_channel);
+        inner.activated.get_or_insert_with(SystemTime::now);
         self.set_state(&mut inner, State::Active);
         Some(Link {
             queue,
@@ -385,10 +402,22 @@ impl Migration {
 
     /// A channel that was opened but never ran (its epoch ended first).
     pub fn channel_abandoned(&self, index: u32) {
-        if let Some(channel) = self.lock().channels.get_mut(index as usize)
+        let mut inner = self.lock();
+        if let Some(channel) = inner.channels.get_mut(index as usize)
             && channel.state == ChannelState::Opening
         {
             channel.state = ChannelState::Cancelled;
+        }
+        self.observe_cancel(&mut inner);
+    }
+
+    /// Once every channel has closed after a cancel, records how long that took.
+    fn observe_cancel(&self, inner: &mut Inner) {
+        if let Some(asked) = inner.cancel_asked
+            && inner.channels.iter().all(Channel::is_final)
+        {
+            self.metrics.cancelled_in(asked.elapsed());
+            inner.cancel_asked = None;
         }
     }
 
@@ -434,6 +463,8 @@ impl Migration {
                 };
                 channel.bytes = report.bytes;
             }
+            self.metrics.channel_ended(report.bytes);
+            self.observe_cancel(&mut inner);
             let bytes = totals(report.bytes);
             Self::send(
                 &inner,
@@ -496,7 +527,9 @@ impl Migration {
         }
         inner.error = Some(blame.clone());
         if self.spec.recoverable && inner.state == State::Active {
+            self.metrics.migration_ended(State::Paused, Some(&blame));
             inner.pauses.push(blame);
+            inner.paused = Some(SystemTime::now());
             self.end_epoch(&mut inner);
             self.set_state(&mut inner, State::Paused);
         } else {
@@ -518,7 +551,9 @@ impl Migration {
             Self::send(&inner, Control::Cancel { by });
         }
         inner.cancelled_by = Some(by);
+        inner.cancel_asked = Some(Instant::now());
         self.finish(&mut inner, State::Cancelled);
+        self.observe_cancel(&mut inner);
         true
     }
 
@@ -616,6 +651,13 @@ impl Migration {
 
     fn finish(&self, inner: &mut Inner, state: State) {
         inner.ended = Some(Instant::now());
+        inner.ended_at = Some(SystemTime::now());
+        let cause = if state == State::Failed {
+            inner.error.as_ref()
+        } else {
+            None
+        };
+        self.metrics.migration_ended(state, cause);
         self.end_epoch(inner);
         self.set_state(inner, state);
         self.stop.cancel();
@@ -627,9 +669,63 @@ impl Migration {
         self.state_tx.send_replace(state);
     }
 
+    /// Bytes of channels still being relayed (the finished ones are in the metrics).
+    pub fn live_bytes(&self) -> (ByteCounts, u64) {
+        let inner = self.lock();
+        let running: Vec<&Channel> = inner.channels.iter().filter(|c| !c.is_final()).collect();
+        let bytes = running.iter().fold(ByteCounts::default(), |acc, c| {
+            let b = c.bytes();
+            ByteCounts {
+                to_destination: acc.to_destination.saturating_add(b.to_destination),
+                to_source: acc.to_source.saturating_add(b.to_source),
+            }
+        });
+        let active = running
+            .iter()
+            .filter(|c| c.state == ChannelState::Active)
+            .count();
+        (bytes, active as u64)
+    }
+
     /// A consistent view for the API.
     pub fn snapshot(&self) -> Snapshot {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        let total = sum(&inner.channels);
+        let now = Instant::now();
+        let (since, then) = inner.rate_sample;
+        let window = now.duration_since(since).as_secs_f64();
+        let current = if inner.state == State::Active && window > 0.0 {
+            (total.to_destination.saturating_sub(then) as f64 / window) as u64
+        } else {
+            0
+        };
+        if window >= 1.0 {
+            inner.rate_sample = (now, total.to_destination);
+        }
+        let elapsed = inner.ended.unwrap_or(now).duration_since(self.started);
+        let average = match elapsed.as_secs_f64() {
+            secs if secs > 0.0 => (total.to_destination as f64 / secs) as u64,
+            _ => 0,
+        };
+        let peer_channels: Vec<PeerChannel> = inner
+            .channels
+            .iter()
+            .enumerate()
+            .filter_map(|(index, c)| {
+                c.peer_end.map(|(end, bytes)| PeerChannel {
+                    index: index as u32,
+                    end: match end {
+                        ChannelEnd::Completed => "completed",
+                        ChannelEnd::Cancelled => "cancelled",
+                        ChannelEnd::Failed => "failed",
+                    },
+                    bytes: ByteCounts {
+                        to_destination: bytes.to_destination,
+                        to_source: bytes.to_source,
+                    },
+                })
+            })
+            .collect();
         let channels: Vec<ChannelSnapshot> = inner
             .channels
             .iter()
@@ -648,7 +744,7 @@ impl Migration {
             local: self.spec.local.to_string(),
             recoverable: self.spec.recoverable,
             link: if self.spec.tls { "tls" } else { "plaintext" },
-            bytes: sum(&inner.channels),
+            bytes: total,
             channels,
             error: inner.error.as_ref().map(attribution::Report::from),
             pauses: inner.pauses.iter().map(attribution::Report::from).collect(),
@@ -658,11 +754,27 @@ impl Migration {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or_default(),
-            elapsed_ms: inner
-                .ended
-                .unwrap_or_else(Instant::now)
-                .duration_since(self.started)
-                .as_millis() as u64,
+            elapsed_ms: elapsed.as_millis() as u64,
+            throughput: Throughput {
+                current_bytes_per_second: current,
+                average_bytes_per_second: average,
+            },
+            timestamps: Timestamps {
+                created: unix_seconds(Some(self.created)),
+                active: unix_seconds(inner.activated),
+                paused: unix_seconds(inner.paused),
+                ended: unix_seconds(inner.ended_at),
+            },
+            peer_view: PeerView {
+                channels: peer_channels,
+                done: inner.peer_done.map(|(channels, bytes)| PeerDone {
+                    channels,
+                    bytes: ByteCounts {
+                        to_destination: bytes.to_destination,
+                        to_source: bytes.to_source,
+                    },
+                }),
+            },
         }
     }
 
@@ -779,6 +891,52 @@ pub fn totals(bytes: ByteCounts) -> Totals {
     }
 }
 
+fn unix_seconds(at: Option<SystemTime>) -> Option<f64> {
+    at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64())
+}
+
+/// Bytes per second towards the destination.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// Over the last second or so (0 unless active).
+    pub current_bytes_per_second: u64,
+    /// Since the migration was created.
+    pub average_bytes_per_second: u64,
+}
+
+/// When each phase began, in seconds since the Unix epoch.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timestamps {
+    pub created: Option<f64>,
+    pub active: Option<f64>,
+    /// The last pause.
+    pub paused: Option<f64>,
+    pub ended: Option<f64>,
+}
+
+/// What the other daemon has reported over the control link.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerView {
+    /// Channels the peer has reported ended, with its counts.
+    pub channels: Vec<PeerChannel>,
+    /// The peer's totals once every channel ended cleanly there.
+    pub done: Option<PeerDone>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerChannel {
+    pub index: u32,
+    pub end: &'static str,
+    pub bytes: ByteCounts,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerDone {
+    pub channels: u32,
+    pub bytes: ByteCounts,
+}
+
 /// A migration as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
@@ -803,6 +961,10 @@ pub struct Snapshot {
     /// Seconds since the Unix epoch.
     pub created_at: f64,
     pub elapsed_ms: u64,
+    pub throughput: Throughput,
+    pub timestamps: Timestamps,
+    /// The other daemon's reports.
+    pub peer_view: PeerView,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -22,6 +22,7 @@ pub mod attribution;
 mod channel;
 mod control;
 pub mod incoming;
+pub mod metrics;
 pub mod migration;
 pub mod outgoing;
 pub mod paths;
@@ -96,6 +97,7 @@ pub struct Daemon {
     pub started: std::time::Instant,
     /// Peer connections turned away, by reason.
     pub rejections: Rejections,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// Counts of refused peer connections by reason, and a limit on how often they are logged,
@@ -170,6 +172,7 @@ impl Daemon {
             tasks: TaskTracker::new(),
             started: std::time::Instant::now(),
             rejections: Rejections::default(),
+            metrics: Arc::default(),
         })
     }
 
@@ -204,6 +207,40 @@ impl Daemon {
         self.watch(&migration);
         map.insert(migration.spec.id.clone(), migration);
         Ok(())
+    }
+
+    /// Forgets an ended migration. `Err` carries the state of one still running.
+    pub fn forget(&self, id: &str) -> Result<Option<Arc<Migration>>, migration::State> {
+        let mut map = self.map();
+        match map.get(id).map(|m| m.state()) {
+            None => Ok(None),
+            Some(state) if !state.is_final() => Err(state),
+            Some(_) => Ok(map.remove(id)),
+        }
+    }
+
+    /// The metrics text, with what only the running migrations know.
+    pub fn render_metrics(&self) -> String {
+        let mut live = metrics::Live {
+            tls: self.config.tls.is_some(),
+            ..metrics::Live::default()
+        };
+        for migration in self.list() {
+            if !migration.state().is_final() {
+                live.migrations_active += 1;
+            }
+            let (bytes, channels) = migration.live_bytes();
+            live.bytes.to_destination = live
+                .bytes
+                .to_destination
+                .saturating_add(bytes.to_destination);
+            live.bytes.to_source = live.bytes.to_source.saturating_add(bytes.to_source);
+            live.channels_active += channels;
+        }
+        let mut rejections: Vec<_> = self.rejections.counts().into_iter().collect();
+        rejections.sort();
+        live.rejections = rejections;
+        self.metrics.render(&live)
     }
 
     /// Takes back a registration whose setup failed.

@@ -58,17 +58,20 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
         .tls_hostname
         .clone()
         .unwrap_or_else(|| host_of(&request.peer).to_owned());
-    let migration = Migration::new(Spec {
-        id: request.id.clone(),
-        role: Role::Outgoing,
-        token: request.token,
-        peer: request.peer.clone(),
-        local: local.clone(),
-        max_channels: daemon.config.max_channels,
-        recoverable: request.recoverable,
-        server_name,
-        tls: daemon.config.tls.is_some(),
-    });
+    let migration = Migration::new(
+        Spec {
+            id: request.id.clone(),
+            role: Role::Outgoing,
+            token: request.token,
+            peer: request.peer.clone(),
+            local: local.clone(),
+            max_channels: daemon.config.max_channels,
+            recoverable: request.recoverable,
+            server_name,
+            tls: daemon.config.tls.is_some(),
+        },
+        Arc::clone(&daemon.metrics),
+    );
     daemon.register(Arc::clone(&migration))?;
     match connect(daemon, &migration, &local).await {
         Ok((listener, control_link)) => {

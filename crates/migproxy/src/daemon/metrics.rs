@@ -1,0 +1,242 @@
+//! The daemon's Prometheus metrics, rendered in the text exposition format on `GET /metrics`.
+//!
+//! Counters that outlive migrations (bytes of finished channels, migrations by final state,
+//! failures by cause, cancel latencies) live here; gauges and the bytes of channels still
+//! running are read from the migrations at scrape time, so the byte counters are exact and
+//! never go backwards.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use migproxy_proto::Attribution;
+
+use super::attribution;
+use super::migration::State;
+use crate::relay::ByteCounts;
+
+/// Upper bounds of the cancel-latency histogram, in seconds.
+const CANCEL_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    /// Bytes of channels that have ended.
+    finished: ByteCounts,
+    by_state: BTreeMap<&'static str, u64>,
+    /// Failures by (host, leg, op).
+    failures: BTreeMap<(&'static str, &'static str, &'static str), u64>,
+    cancel_buckets: [u64; CANCEL_BUCKETS.len()],
+    cancel_count: u64,
+    cancel_sum: f64,
+}
+
+/// What the daemon knows at scrape time.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub bytes: ByteCounts,
+    pub migrations_active: u64,
+    pub channels_active: u64,
+    pub tls: bool,
+    pub rejections: Vec<(&'static str, u64)>,
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A channel ended having moved `bytes`.
+    pub fn channel_ended(&self, bytes: ByteCounts) {
+        let mut c = self.lock();
+        c.finished.to_destination = c
+            .finished
+            .to_destination
+            .saturating_add(bytes.to_destination);
+        c.finished.to_source = c.finished.to_source.saturating_add(bytes.to_source);
+    }
+
+    /// A migration reached a final state (or paused), for this cause.
+    pub fn migration_ended(&self, state: State, cause: Option<&Attribution>) {
+        let mut c = self.lock();
+        let name = match state {
+            State::Completed => "completed",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+            State::Expired => "expired",
+            State::Paused => "paused",
+            State::Pending | State::Active => return,
+        };
+        *c.by_state.entry(name).or_default() += 1;
+        if let Some(cause) = cause {
+            let report = attribution::Report::from(cause);
+            *c.failures
+                .entry((report.host, report.leg, report.op))
+                .or_default() += 1;
+        }
+    }
+
+    /// Every channel of a cancelled migration had closed this long after the cancel.
+    pub fn cancelled_in(&self, latency: Duration) {
+        let mut c = self.lock();
+        let seconds = latency.as_secs_f64();
+        for (bucket, bound) in c.cancel_buckets.iter_mut().zip(CANCEL_BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        c.cancel_count += 1;
+        c.cancel_sum += seconds;
+    }
+
+    /// The exposition text.
+    pub fn render(&self, live: &Live) -> String {
+        let c = self.lock();
+        let mut out = String::new();
+        let total = |a: u64, b: u64| a.saturating_add(b);
+        family(
+            &mut out,
+            "migproxy_bytes_total",
+            "counter",
+            "Bytes carried, by direction.",
+        );
+        let _ = writeln!(
+            out,
+            "migproxy_bytes_total{{direction=\"to_destination\"}} {}",
+            total(c.finished.to_destination, live.bytes.to_destination)
+        );
+        let _ = writeln!(
+            out,
+            "migproxy_bytes_total{{direction=\"to_source\"}} {}",
+            total(c.finished.to_source, live.bytes.to_source)
+        );
+        family(
+            &mut out,
+            "migproxy_migrations_active",
+            "gauge",
+            "Migrations not yet ended.",
+        );
+        let _ = writeln!(out, "migproxy_migrations_active {}", live.migrations_active);
+        family(
+            &mut out,
+            "migproxy_channels_active",
+            "gauge",
+            "Channels being relayed.",
+        );
+        let _ = writeln!(out, "migproxy_channels_active {}", live.channels_active);
+        family(
+            &mut out,
+            "migproxy_migrations_total",
+            "counter",
+            "Migrations by final state (and pauses).",
+        );
+        for state in ["completed", "failed", "cancelled", "expired", "paused"] {
+            let n = c.by_state.get(state).copied().unwrap_or(0);
+            let _ = writeln!(out, "migproxy_migrations_total{{state=\"{state}\"}} {n}");
+        }
+        family(
+            &mut out,
+            "migproxy_failures_total",
+            "counter",
+            "Failures and pauses by cause.",
+        );
+        for ((host, leg, op), n) in &c.failures {
+            let _ = writeln!(
+                out,
+                "migproxy_failures_total{{host=\"{host}\",leg=\"{leg}\",op=\"{op}\"}} {n}"
+            );
+        }
+        family(
+            &mut out,
+            "migproxy_cancel_seconds",
+            "histogram",
+            "Time from a cancel to every local channel closed.",
+        );
+        for (bucket, bound) in c.cancel_buckets.iter().zip(CANCEL_BUCKETS) {
+            let _ = writeln!(
+                out,
+                "migproxy_cancel_seconds_bucket{{le=\"{bound}\"}} {bucket}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "migproxy_cancel_seconds_bucket{{le=\"+Inf\"}} {}",
+            c.cancel_count
+        );
+        let _ = writeln!(out, "migproxy_cancel_seconds_sum {}", c.cancel_sum);
+        let _ = writeln!(out, "migproxy_cancel_seconds_count {}", c.cancel_count);
+        family(
+            &mut out,
+            "migproxy_peer_rejections_total",
+            "counter",
+            "Peer connections refused, by reason.",
+        );
+        for (reason, n) in &live.rejections {
+            let _ = writeln!(
+                out,
+                "migproxy_peer_rejections_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        family(
+            &mut out,
+            "migproxy_tls_enabled",
+            "gauge",
+            "1 when the peer link is mutual TLS, 0 when plaintext.",
+        );
+        let _ = writeln!(out, "migproxy_tls_enabled {}", u8::from(live.tls));
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_consistent_histogram() {
+        let metrics = Metrics::default();
+        metrics.channel_ended(ByteCounts {
+            to_destination: 10,
+            to_source: 2,
+        });
+        metrics.migration_ended(State::Completed, None);
+        metrics.cancelled_in(Duration::from_millis(3));
+        metrics.cancelled_in(Duration::from_secs(2));
+        let live = Live {
+            bytes: ByteCounts {
+                to_destination: 5,
+                to_source: 0,
+            },
+            migrations_active: 1,
+            channels_active: 2,
+            tls: true,
+            rejections: vec![("bad_token", 4)],
+        };
+        let text = metrics.render(&live);
+        for line in [
+            "migproxy_bytes_total{direction=\"to_destination\"} 15",
+            "migproxy_migrations_total{state=\"completed\"} 1",
+            "migproxy_cancel_seconds_bucket{le=\"0.005\"} 1",
+            "migproxy_cancel_seconds_bucket{le=\"1\"} 1",
+            "migproxy_cancel_seconds_bucket{le=\"+Inf\"} 2",
+            "migproxy_cancel_seconds_count 2",
+            "migproxy_peer_rejections_total{reason=\"bad_token\"} 4",
+            "migproxy_tls_enabled 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}
