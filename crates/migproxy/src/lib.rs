@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod daemon;
 pub mod endpoint;
 pub mod human;

@@ -1,10 +1,12 @@
 //! The `migproxy` command line.
 //!
 //! Exit codes: 0 success; 1 a relay or migration failed or was cancelled, or the command could
-//! not do its job (a listen address in use); 2 usage (bad flags or endpoints).
+//! not do its job (a listen address in use, a request the daemon refused); 2 usage (bad flags
+//! or endpoints); 3 the daemon could not be reached (`migproxy migration …`).
 
 mod daemon;
 mod demo;
+mod migration;
 mod relay;
 
 use std::process::ExitCode;
@@ -34,6 +36,8 @@ enum Command {
     Relay(relay::Args),
     /// Run the daemon of this host: REST API, peer port, migrations.
     Daemon(daemon::Args),
+    /// Create, watch, cancel and inspect migrations through a daemon's API.
+    Migration(migration::Args),
     /// Stream a synthetic migration through the relay on this machine and check it.
     Demo(demo::Args),
 }
@@ -62,6 +66,7 @@ pub fn main() -> ExitCode {
             Command::Relay(args) => relay::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Daemon(args) => daemon::run(args).await,
+            Command::Migration(args) => migration::run(args).await,
         }
     });
     ExitCode::from(code)

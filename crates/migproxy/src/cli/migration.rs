@@ -1,0 +1,374 @@
+//! `migproxy migration …`: drive a daemon through its API socket.
+//!
+//! Exit codes: 0 success; 1 the migration failed, was cancelled or expired (for `watch` and
+//! `create-outgoing --watch`), or the daemon refused the request; 2 usage; 3 the daemon could
+//! not be reached.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use super::EXIT_FAILED;
+use crate::client::{Client, ClientError};
+use crate::human::{Bytes, Elapsed};
+
+/// Exit code when the daemon cannot be reached.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The daemon's API socket.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "MIGPROXY_API",
+        default_value = "/run/migproxy/api.sock",
+        global = true
+    )]
+    api: PathBuf,
+    /// Print the API's JSON instead of text, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// On the destination host: accept a migration into the QEMU listening on TARGET.
+    CreateIncoming {
+        /// Where the destination QEMU listens: unix:PATH or tcp:HOST:PORT.
+        #[arg(long, value_name = "ENDPOINT")]
+        target: String,
+        /// The migration's id (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, value_name = "N")]
+        max_channels: Option<u32>,
+        /// Pause instead of failing when a channel breaks (postcopy recovery).
+        #[arg(long)]
+        recoverable: bool,
+    },
+    /// On the source host: carry a migration to the destination daemon.
+    CreateOutgoing {
+        #[arg(long)]
+        id: String,
+        /// The token the destination handed out.
+        #[arg(long)]
+        token: String,
+        /// The destination daemon's peer address, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        peer: String,
+        /// The name the destination's certificate must carry (default: the peer's host).
+        #[arg(long, value_name = "NAME")]
+        tls_hostname: Option<String>,
+        #[arg(long)]
+        recoverable: bool,
+        /// Then watch it to its end.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Every migration, or those in one state.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One migration in full.
+    Show { id: String },
+    /// Cancel on both hosts.
+    Cancel { id: String },
+    /// Live progress per channel until the migration ends, then its report.
+    Watch {
+        id: String,
+        /// Seconds between updates.
+        #[arg(long, default_value = "0.5", value_parser = super::seconds)]
+        interval: Duration,
+    },
+    /// Forget an ended migration.
+    Forget { id: String },
+}
+
+pub async fn run(args: Args) -> u8 {
+    let client = Client::new(&args.api);
+    match execute(&client, args.command, args.json).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            for (n, cause) in error.causes().iter().enumerate() {
+                eprintln!("  {}: {cause}", n + 1);
+            }
+            match error {
+                ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+                _ => EXIT_FAILED,
+            }
+        }
+    }
+}
+
+async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, ClientError> {
+    match command {
+        Command::CreateIncoming {
+            target,
+            id,
+            max_channels,
+            recoverable,
+        } => {
+            let body = json!({"direction": "incoming", "target": target, "id": id,
+                              "max_channels": max_channels, "recoverable": recoverable});
+            let created = client
+                .post("/v1/migrations", Some(without_nulls(body)))
+                .await?;
+            print_created_incoming(&created, json);
+            Ok(0)
+        }
+        Command::CreateOutgoing {
+            id,
+            token,
+            peer,
+            tls_hostname,
+            recoverable,
+            watch,
+        } => {
+            let body = json!({"direction": "outgoing", "id": id, "token": token, "peer": peer,
+                              "tls_hostname": tls_hostname, "recoverable": recoverable});
+            let created = client
+                .post("/v1/migrations", Some(without_nulls(body)))
+                .await?;
+            if json {
+                println!("{created}");
+            } else {
+                println!(
+                    "created outgoing migration {}",
+                    created["id"].as_str().unwrap_or("?")
+                );
+                println!(
+                    "  source QEMU: migrate {}",
+                    created["qemu_uri"].as_str().unwrap_or("?")
+                );
+            }
+            if watch {
+                return watch_until_end(client, &id, Duration::from_millis(500), json).await;
+            }
+            Ok(0)
+        }
+        Command::List { state } => {
+            let path = match state {
+                Some(state) => format!("/v1/migrations?state={state}"),
+                None => "/v1/migrations".to_owned(),
+            };
+            let all = client.get(&path).await?;
+            if json {
+                println!("{all}");
+            } else {
+                print_list(&all);
+            }
+            Ok(0)
+        }
+        Command::Show { id } => {
+            let migration = client.get(&format!("/v1/migrations/{id}")).await?;
+            print_report(&migration, json);
+            Ok(0)
+        }
+        Command::Cancel { id } => {
+            let migration = client
+                .post(&format!("/v1/migrations/{id}/cancel"), None)
+                .await?;
+            print_report(&migration, json);
+            Ok(0)
+        }
+        Command::Watch { id, interval } => watch_until_end(client, &id, interval, json).await,
+        Command::Forget { id } => {
+            client.delete(&format!("/v1/migrations/{id}")).await?;
+            if !json {
+                println!("forgot migration {id}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Drops null fields, so that optional flags not given are not sent.
+fn without_nulls(mut body: Value) -> Value {
+    if let Some(object) = body.as_object_mut() {
+        object.retain(|_, v| !v.is_null());
+    }
+    body
+}
+
+fn print_created_incoming(created: &Value, json: bool) {
+    if json {
+        println!("{created}");
+        return;
+    }
+    let (id, token, peer) = (
+        created["id"].as_str().unwrap_or("?"),
+        created["token"].as_str().unwrap_or("?"),
+        created["peer"].as_str().unwrap_or("?"),
+    );
+    println!("created incoming migration {id}");
+    println!("  token {token}");
+    println!("  peer  {peer}");
+    println!("on the source host:");
+    println!("  migproxy migration create-outgoing --id {id} --token {token} --peer {peer}");
+}
+
+fn print_list(all: &Value) {
+    let migrations = all["migrations"].as_array().cloned().unwrap_or_default();
+    if migrations.is_empty() {
+        println!("no migrations");
+        return;
+    }
+    println!(
+        "{:<24} {:<9} {:<10} {:>11} {:>11} {:<9}",
+        "ID", "DIRECTION", "STATE", "TO DEST", "TO SOURCE", "LINK"
+    );
+    for m in migrations {
+        println!(
+            "{:<24} {:<9} {:<10} {:>11} {:>11} {:<9}",
+            m["id"].as_str().unwrap_or("?"),
+            m["direction"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            Bytes(m["bytes"]["to_destination"].as_u64().unwrap_or(0)).to_string(),
+            Bytes(m["bytes"]["to_source"].as_u64().unwrap_or(0)).to_string(),
+            m["link"].as_str().unwrap_or("?"),
+        );
+    }
+}
+
+/// The final (or current) report of a migration.
+fn print_report(m: &Value, json: bool) {
+    if json {
+        println!("{m}");
+        return;
+    }
+    let bytes = |v: &Value, key: &str| Bytes(v["bytes"][key].as_u64().unwrap_or(0));
+    println!(
+        "migration {} ({}, {}): {}",
+        m["id"].as_str().unwrap_or("?"),
+        m["direction"].as_str().unwrap_or("?"),
+        m["link"].as_str().unwrap_or("?"),
+        m["state"].as_str().unwrap_or("?"),
+    );
+    println!(
+        "  peer {} · local {}",
+        m["peer"].as_str().unwrap_or("?"),
+        m["local"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  {} to destination, {} to source in {} (average {}/s)",
+        bytes(m, "to_destination"),
+        bytes(m, "to_source"),
+        Elapsed(Duration::from_millis(m["elapsed_ms"].as_u64().unwrap_or(0))),
+        Bytes(
+            m["throughput"]["average_bytes_per_second"]
+                .as_u64()
+                .unwrap_or(0)
+        ),
+    );
+    for c in m["channels"].as_array().into_iter().flatten() {
+        println!(
+            "  channel {}: {}, {} to destination, {} to source",
+            c["index"],
+            c["state"].as_str().unwrap_or("?"),
+            bytes(c, "to_destination"),
+            bytes(c, "to_source")
+        );
+    }
+    for pause in m["pauses"].as_array().into_iter().flatten() {
+        println!("  paused: {}", pause["message"].as_str().unwrap_or("?"));
+    }
+    if let Some(by) = m["cancelled_by"].as_str() {
+        println!("  cancelled by the {by} host");
+    }
+    if let Some(message) = m["error"]["message"].as_str() {
+        println!("  error: {message}");
+        for (n, cause) in m["error"]["causes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            println!("    {}: {}", n + 1, cause.as_str().unwrap_or("?"));
+        }
+    }
+}
+
+const FINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];
+
+/// Draws a line per channel until the migration ends; exit code 0 only if it completed.
+async fn watch_until_end(
+    client: &Client,
+    id: &str,
+    interval: Duration,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>10} {spinner} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let overall = bars.add(
+        ProgressBar::new_spinner()
+            .with_style(style.clone())
+            .with_prefix(id.to_owned()),
+    );
+    let mut lines: Vec<ProgressBar> = Vec::new();
+    let mut last: HashMap<u64, (u64, Instant)> = HashMap::new();
+    let migration = loop {
+        let m = client.get(&format!("/v1/migrations/{id}")).await?;
+        let state = m["state"].as_str().unwrap_or("?").to_owned();
+        overall.set_message(format!(
+            "{state}  {} → {} ←  {}/s",
+            Bytes(m["bytes"]["to_destination"].as_u64().unwrap_or(0)),
+            Bytes(m["bytes"]["to_source"].as_u64().unwrap_or(0)),
+            Bytes(
+                m["throughput"]["current_bytes_per_second"]
+                    .as_u64()
+                    .unwrap_or(0)
+            ),
+        ));
+        for c in m["channels"].as_array().into_iter().flatten() {
+            let index = c["index"].as_u64().unwrap_or(0);
+            while lines.len() <= index as usize {
+                let line = ProgressBar::new_spinner()
+                    .with_style(style.clone())
+                    .with_prefix(format!("channel {}", lines.len()));
+                lines.push(bars.add(line));
+            }
+            let sent = c["bytes"]["to_destination"].as_u64().unwrap_or(0);
+            let now = Instant::now();
+            let rate = last.get(&index).map_or(0, |(before, at)| {
+                let secs = now.duration_since(*at).as_secs_f64();
+                if secs > 0.0 {
+                    (sent.saturating_sub(*before) as f64 / secs) as u64
+                } else {
+                    0
+                }
+            });
+            last.insert(index, (sent, now));
+            lines[index as usize].set_message(format!(
+                "{}  {} → {} ←  {}/s",
+                c["state"].as_str().unwrap_or("?"),
+                Bytes(sent),
+                Bytes(c["bytes"]["to_source"].as_u64().unwrap_or(0)),
+                Bytes(rate)
+            ));
+            lines[index as usize].tick();
+        }
+        overall.tick();
+        if FINAL.contains(&state.as_str()) {
+            break m;
+        }
+        tokio::time::sleep(interval).await;
+    };
+    for line in lines.iter().chain(std::iter::once(&overall)) {
+        line.finish_and_clear();
+    }
+    print_report(&migration, json);
+    Ok(if migration["state"] == "completed" {
+        0
+    } else {
+        EXIT_FAILED
+    })
+}

@@ -1,0 +1,251 @@
+//! `migproxy migration …`: the real binary against real daemons.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::daemon::TestDaemon;
+use common::{random_data, receive_all, send_all, short_tempdir};
+use serde_json::Value;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_migproxy");
+
+async fn cli(daemon: &TestDaemon, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("migration")
+        .arg("--api")
+        .arg(&daemon.api)
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Creates the migration on both daemons through the CLI; returns QEMU's socket path.
+async fn create(source: &TestDaemon, destination: &TestDaemon, id: &str, target: &str) -> String {
+    let out = cli(
+        destination,
+        &["--json", "create-incoming", "--target", target, "--id", id],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let incoming: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = incoming["token"].as_str().unwrap();
+    let peer = incoming["peer"].as_str().unwrap();
+    let out = cli(
+        source,
+        &[
+            "--json",
+            "create-outgoing",
+            "--id",
+            id,
+            "--token",
+            token,
+            "--peer",
+            peer,
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let outgoing: Value = serde_json::from_slice(&out.stdout).unwrap();
+    outgoing["qemu_uri"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("unix:")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_watch_to_completion_list_and_forget() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+
+    // The human form tells the operator what to run on the other host.
+    let out = cli(
+        &destination,
+        &[
+            "create-incoming",
+            "--target",
+            &format!("unix:{}", target.display()),
+            "--id",
+            "probe",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("migproxy migration create-outgoing --id probe --token "),
+        "{}",
+        stdout(&out)
+    );
+
+    let qemu_uri = create(
+        &source,
+        &destination,
+        "w1",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let data = random_data(3, 16 << 20);
+    let receiver = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        receive_all(stream).await.unwrap()
+    });
+    let watcher = {
+        let api = source.api.clone();
+        tokio::spawn(async move {
+            Command::new(BIN)
+                .args(["migration", "--api"])
+                .arg(api)
+                .args(["watch", "w1", "--interval", "0.05"])
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    let qemu = UnixStream::connect(&qemu_uri).await.unwrap();
+    let (_read, write) = qemu.into_split();
+    send_all(write, Arc::clone(&data), 1).await.unwrap();
+    assert_eq!(receiver.await.unwrap().0, 16 << 20);
+    drop(_read);
+    let watched = tokio::time::timeout(Duration::from_secs(20), watcher)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        watched.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&watched),
+        stderr(&watched)
+    );
+    let report = stdout(&watched);
+    assert!(
+        report.contains("migration w1 (outgoing, plaintext): completed"),
+        "{report}"
+    );
+    assert!(
+        report.contains("channel 0: completed, 16.0 MiB to destination"),
+        "{report}"
+    );
+
+    let out = cli(&source, &["list"]).await;
+    assert!(
+        stdout(&out).contains("w1") && stdout(&out).contains("completed"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(&source, &["forget", "w1"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = cli(&source, &["show", "w1"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("error: no migration \"w1\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_a_failure_read_well() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let _ = create(&source, &destination, "c1", "unix:/nowhere/qemu.sock").await;
+    let out = cli(&destination, &["cancel", "c1"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains(": cancelled"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("cancelled by the destination host"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(&source, &["watch", "c1"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a cancelled migration is not a success"
+    );
+
+    // A failure: the destination QEMU is not there.
+    let qemu_uri = create(&source, &destination, "f1", "unix:/nowhere/qemu.sock").await;
+    let _qemu = UnixStream::connect(&qemu_uri).await.unwrap();
+    let out = cli(&source, &["watch", "f1"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let report = stdout(&out);
+    assert!(report.contains(": failed"), "{report}");
+    assert!(
+        report.contains("error: destination QEMU: connect failed on channel 0"),
+        "{report}"
+    );
+    assert!(
+        report.contains("    1: unix:/nowhere/qemu.sock: no such file or directory (ENOENT)"),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_an_unreachable_daemon_have_their_exit_codes() {
+    let daemon = TestDaemon::start("api").await;
+    let out = cli(
+        &daemon,
+        &[
+            "create-outgoing",
+            "--id",
+            "x",
+            "--token",
+            "00",
+            "--peer",
+            "127.0.0.1:1",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("error: token: expected the 64 hex digits"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = cli(&daemon, &["list", "--state", "sleeping"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("state: \"sleeping\" is not one of"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = Command::new(BIN)
+        .args(["migration", "--api", "/nonexistent/api.sock", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the migproxy daemon at /nonexistent/api.sock: no such file or directory (ENOENT)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(BIN)
+        .args(["migration", "show"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a missing id is a usage error");
+}
