@@ -249,3 +249,67 @@ async fn refusals_and_an_unreachable_daemon_have_their_exit_codes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "a missing id is a usage error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_and_the_cli_read_the_config_file() {
+    let dir = short_tempdir();
+    let api = dir.path().join("api.sock");
+    let config = dir.path().join("migproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "api = \"{}\"\npeer_listen = \"127.0.0.1:0\"\nruntime_dir = \"{}\"\n\
+             insecure_plaintext = true\n\n[limits]\nmax_channels = 7\n\n[timeouts]\npeer = 4\n",
+            api.display(),
+            dir.path().join("run").display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new(BIN)
+        .arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .args(["--stall-timeout", "9"]) // a flag overrides the file (and the default)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    common::wait_until(Duration::from_secs(10), "the API socket", || {
+        std::os::unix::net::UnixStream::connect(&api).is_ok()
+    })
+    .await;
+    let (_, info) = common::daemon::http(&api, "GET", "/v1/info", None).await;
+    assert_eq!(info["limits"]["max_channels"], 7, "{info}");
+    assert_eq!(info["timeouts_ms"]["peer"], 4000, "{info}");
+    assert_eq!(info["timeouts_ms"]["stall"], 9000, "{info}");
+    let out = Command::new(BIN)
+        .args(["migration", "--config"])
+        .arg(&config)
+        .arg("list")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("no migrations"), "{}", stdout(&out));
+    daemon.start_kill().unwrap();
+    daemon.wait().await.unwrap();
+
+    std::fs::write(
+        &config,
+        "api = \"/x\"\npeer_listen = \"127.0.0.1:0\"\ncolour = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let error = stderr(&out);
+    assert!(error.contains(&config.display().to_string()), "{error}");
+    assert!(
+        error.contains("line 3") && error.contains("colour"),
+        "{error}"
+    );
+}

@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::EXIT_FAILED;
+use crate::config::{self, ConfigError, Flags, Settings};
 use crate::daemon::{self, Config, Daemon};
 use crate::human::OsError;
 use crate::tls::TlsHandle;
@@ -18,19 +19,23 @@ use crate::transport::bind_unix;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// TOML configuration file (see docs/config.md); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Unix socket of the local REST API (created 0600).
     #[arg(long, value_name = "PATH")]
-    api: PathBuf,
+    api: Option<PathBuf>,
     /// TCP address where other daemons connect (HOST:PORT).
     #[arg(long, value_name = "HOST:PORT")]
-    peer_listen: String,
+    peer_listen: Option<String>,
     /// Address handed to source daemons; default the --peer-listen address.
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Option<String>,
-    /// Directory for the per-migration sockets handed to the source QEMU (created 0700; it
-    /// must belong to the daemon's user and must not be writable by others).
-    #[arg(long, value_name = "DIR", default_value = "/run/migproxy")]
-    runtime_dir: PathBuf,
+    /// Directory for the per-migration sockets handed to the source QEMU (default
+    /// /run/migproxy; created 0700; it must belong to the daemon's user and must not be
+    /// writable by others).
+    #[arg(long, value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
     /// Allow incoming migrations to target unix sockets only inside this directory
     /// (repeatable; default: any absolute path).
     #[arg(long, value_name = "DIR")]
@@ -50,23 +55,62 @@ pub struct Args {
     /// Carry migrations between daemons unencrypted and unauthenticated (but for the token).
     #[arg(long)]
     insecure_plaintext: bool,
-    /// Declare the peer daemon gone after this many seconds without a word.
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = super::seconds)]
-    peer_timeout: Duration,
-    /// Fail an active migration when no byte moves on any channel for this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = super::seconds)]
-    stall_timeout: Duration,
-    /// How long an incoming migration waits for its source daemon.
-    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = super::seconds)]
-    token_ttl: Duration,
+    /// Declare the peer daemon gone after this many seconds without a word (default 10).
+    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    peer_timeout: Option<Duration>,
+    /// Fail an active migration when no byte moves on any channel for this many seconds
+    /// (default 30).
+    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    stall_timeout: Option<Duration>,
+    /// How long an incoming migration waits for its source daemon (default 300).
+    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    token_ttl: Option<Duration>,
+}
+
+impl Args {
+    /// The configuration in force: flags over the file over the defaults.
+    fn settings(self) -> Result<Settings, ConfigError> {
+        let file = match &self.config {
+            Some(path) => config::File::load(path)?,
+            None => config::File::default(),
+        };
+        let flags = Flags {
+            api: self.api,
+            api_group: self.api_group,
+            peer_listen: self.peer_listen,
+            advertise: self.advertise,
+            runtime_dir: self.runtime_dir,
+            target_dirs: self.target_dir,
+            insecure_plaintext: self.insecure_plaintext,
+            tls_dir: self.tls_dir,
+            tls_allow: self.tls_allow,
+            peer_timeout: self.peer_timeout,
+            stall_timeout: self.stall_timeout,
+            token_ttl: self.token_ttl,
+        };
+        Settings::resolve(flags, file)
+    }
 }
 
 pub async fn run(args: Args) -> u8 {
-    if !args.tls_allow.is_empty() && args.tls_dir.is_none() {
+    let settings = match args.settings() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("migproxy daemon: {error}");
+            return super::EXIT_USAGE;
+        }
+    };
+    if settings.tls_dir.is_some() && settings.insecure_plaintext {
+        eprintln!(
+            "migproxy daemon: TLS (--tls-dir, tls.dir) and insecure_plaintext exclude each other"
+        );
+        return super::EXIT_USAGE;
+    }
+    if !settings.tls_allow.is_empty() && settings.tls_dir.is_none() {
         eprintln!("error: --tls-allow needs --tls-dir: only TLS peers have identities to allow");
         return super::EXIT_USAGE;
     }
-    match start(args).await {
+    match start(settings).await {
         Ok(()) => 0,
         Err(message) => {
             eprintln!("migproxy daemon: {message}");
@@ -75,7 +119,7 @@ pub async fn run(args: Args) -> u8 {
     }
 }
 
-async fn start(args: Args) -> Result<(), String> {
+async fn start(args: Settings) -> Result<(), String> {
     // Everything that can be refused is checked before anything is bound or created.
     let tls = security(&args)?;
     let peers = TcpListener::bind(&args.peer_listen)
@@ -116,9 +160,15 @@ async fn start(args: Args) -> Result<(), String> {
     let mut config = Config::new(advertise, args.runtime_dir);
     config.tls = tls;
     config.timing.peer_timeout = args.peer_timeout;
+    config.timing.connect_timeout = args.connect_timeout;
+    config.timing.handshake_timeout = args.handshake_timeout;
+    config.timing.heartbeat_interval = args.heartbeat_interval;
     config.token_ttl = args.token_ttl;
     config.stall_timeout = args.stall_timeout;
-    config.target_dirs = args.target_dir;
+    config.target_dirs = args.target_dirs;
+    config.max_migrations = args.max_migrations;
+    config.max_channels = args.max_channels;
+    config.max_handshakes = args.max_handshakes;
     daemon::run(Daemon::new(config), api, peers, shutdown).await;
     drop(api_file);
     Ok(())
@@ -183,7 +233,7 @@ fn check_private(dir: &std::path::Path) -> Result<(), String> {
 }
 
 /// TLS material, or the operator's explicit consent to plaintext.
-fn security(args: &Args) -> Result<Option<Arc<TlsHandle>>, String> {
+fn security(args: &Settings) -> Result<Option<Arc<TlsHandle>>, String> {
     match (&args.tls_dir, args.insecure_plaintext) {
         (Some(dir), _) => TlsHandle::load(dir, args.tls_allow.clone())
             .map(|tls| Some(Arc::new(tls)))

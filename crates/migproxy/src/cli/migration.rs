@@ -20,15 +20,14 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The daemon's API socket.
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "MIGPROXY_API",
-        default_value = "/run/migproxy/api.sock",
-        global = true
-    )]
-    api: PathBuf,
+    /// The daemon's API socket. Default: MIGPROXY_API, else `api` in the config file, else
+    /// /run/migproxy/api.sock.
+    #[arg(long, value_name = "PATH", env = "MIGPROXY_API", global = true)]
+    api: Option<PathBuf>,
+    /// The daemon's config file, to find its API socket (default
+    /// /etc/migproxy/migproxy.toml, when it exists).
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
     /// Print the API's JSON instead of text, for scripts.
     #[arg(long, global = true)]
     json: bool,
@@ -91,8 +90,34 @@ enum Command {
     Forget { id: String },
 }
 
+/// The config file read when none is named.
+const DEFAULT_CONFIG: &str = "/etc/migproxy/migproxy.toml";
+
+/// Where the API socket is: the flag (or MIGPROXY_API), else the config file, else the default.
+fn api_socket(args: &Args) -> Result<PathBuf, String> {
+    if let Some(api) = &args.api {
+        return Ok(api.clone());
+    }
+    let config = match &args.config {
+        Some(path) => Some(path.clone()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
+    };
+    let from_file = match config {
+        Some(path) => crate::config::api_of(&path).map_err(|e| e.to_string())?,
+        None => None,
+    };
+    Ok(from_file.unwrap_or_else(|| PathBuf::from("/run/migproxy/api.sock")))
+}
+
 pub async fn run(args: Args) -> u8 {
-    let client = Client::new(&args.api);
+    let api = match api_socket(&args) {
+        Ok(api) => api,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return super::EXIT_USAGE;
+        }
+    };
+    let client = Client::new(&api);
     match execute(&client, args.command, args.json).await {
         Ok(code) => code,
         Err(error) => {

@@ -1,0 +1,308 @@
+//! The daemon's configuration: a TOML file (`migproxy daemon --config FILE`) under the
+//! command-line flags, which override it. Every key is documented in `docs/config.md`.
+//!
+//! The file's types ([`File`]) are kept apart from the validated result ([`Settings`]):
+//! unknown keys are rejected, and every error names the file, and the line and key at fault.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {}: {error}", .path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The TOML error says the line, the column and the key.
+    #[error("config file {}: {error}", .path.display())]
+    Parse { path: PathBuf, error: String },
+    #[error("config file {}: {key}: {problem}", .path.display())]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+    #[error("missing {flag} (or `{key}` in the config file)")]
+    Missing {
+        flag: &'static str,
+        key: &'static str,
+    },
+}
+
+/// The file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub api: Option<PathBuf>,
+    pub api_group: Option<String>,
+    pub peer_listen: Option<String>,
+    pub advertise: Option<String>,
+    pub runtime_dir: Option<PathBuf>,
+    pub target_dirs: Option<Vec<PathBuf>>,
+    pub insecure_plaintext: Option<bool>,
+    #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub timeouts: TimeoutsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub dir: Option<PathBuf>,
+    pub allow: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_migrations: Option<usize>,
+    pub max_channels: Option<u32>,
+    pub max_handshakes: Option<usize>,
+}
+
+/// Seconds, fractions allowed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSection {
+    pub connect: Option<f64>,
+    pub handshake: Option<f64>,
+    pub heartbeat: Option<f64>,
+    pub peer: Option<f64>,
+    pub stall: Option<f64>,
+    pub token_ttl: Option<f64>,
+}
+
+impl File {
+    /// Reads and parses `path`, and checks every value it sets.
+    pub fn load(path: &Path) -> Result<File, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        let file: File = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            error: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        file.check(path)?;
+        Ok(file)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key, problem: &str| ConfigError::Value {
+            path: path.to_owned(),
+            key,
+            problem: problem.to_owned(),
+        };
+        let t = &self.timeouts;
+        for (key, value) in [
+            ("timeouts.connect", t.connect),
+            ("timeouts.handshake", t.handshake),
+            ("timeouts.heartbeat", t.heartbeat),
+            ("timeouts.peer", t.peer),
+            ("timeouts.stall", t.stall),
+            ("timeouts.token_ttl", t.token_ttl),
+        ] {
+            if let Some(seconds) = value
+                && !(seconds.is_finite() && seconds > 0.0 && seconds < 1e9)
+            {
+                return Err(bad(key, "must be a positive number of seconds"));
+            }
+        }
+        let l = &self.limits;
+        if l.max_migrations == Some(0) {
+            return Err(bad("limits.max_migrations", "must be at least 1"));
+        }
+        if l.max_channels == Some(0) {
+            return Err(bad("limits.max_channels", "must be at least 1"));
+        }
+        if l.max_handshakes == Some(0) {
+            return Err(bad("limits.max_handshakes", "must be at least 1"));
+        }
+        if self
+            .tls
+            .allow
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|p| p.trim().is_empty()))
+        {
+            return Err(bad("tls.allow", "patterns must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// The flags of `migproxy daemon`, each overriding the file.
+#[derive(Debug, Default)]
+pub struct Flags {
+    pub api: Option<PathBuf>,
+    pub api_group: Option<String>,
+    pub peer_listen: Option<String>,
+    pub advertise: Option<String>,
+    pub runtime_dir: Option<PathBuf>,
+    pub target_dirs: Vec<PathBuf>,
+    pub insecure_plaintext: bool,
+    pub tls_dir: Option<PathBuf>,
+    pub tls_allow: Vec<String>,
+    pub peer_timeout: Option<Duration>,
+    pub stall_timeout: Option<Duration>,
+    pub token_ttl: Option<Duration>,
+}
+
+/// The configuration in force.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub api: PathBuf,
+    pub api_group: Option<String>,
+    pub peer_listen: String,
+    pub advertise: Option<String>,
+    pub runtime_dir: PathBuf,
+    pub target_dirs: Vec<PathBuf>,
+    pub insecure_plaintext: bool,
+    pub tls_dir: Option<PathBuf>,
+    pub tls_allow: Vec<String>,
+    pub max_migrations: usize,
+    pub max_channels: u32,
+    pub max_handshakes: usize,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub peer_timeout: Duration,
+    pub stall_timeout: Duration,
+    pub token_ttl: Duration,
+}
+
+/// A repeatable flag given at least once replaces the file's list.
+fn flag_or_file<T>(flag: Vec<T>, file: Option<Vec<T>>) -> Vec<T> {
+    if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag
+    }
+}
+
+/// Defaults, as documented in `docs/config.md`.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/migproxy";
+
+fn secs(value: Option<f64>, default: u64) -> Duration {
+    value.map_or(Duration::from_secs(default), Duration::from_secs_f64)
+}
+
+impl Settings {
+    /// Flags over the file over the defaults.
+    pub fn resolve(flags: Flags, file: File) -> Result<Settings, ConfigError> {
+        let t = file.timeouts;
+
+        Ok(Settings {
+            api: flags.api.or(file.api).ok_or(ConfigError::Missing {
+                flag: "--api",
+                key: "api",
+            })?,
+            api_group: flags.api_group.or(file.api_group),
+            peer_listen: flags
+                .peer_listen
+                .or(file.peer_listen)
+                .ok_or(ConfigError::Missing {
+                    flag: "--peer-listen",
+                    key: "peer_listen",
+                })?,
+            advertise: flags.advertise.or(file.advertise),
+            runtime_dir: flags
+                .runtime_dir
+                .or(file.runtime_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR)),
+            target_dirs: flag_or_file(flags.target_dirs, file.target_dirs),
+            insecure_plaintext: flags.insecure_plaintext
+                || file.insecure_plaintext.unwrap_or(false),
+            tls_dir: flags.tls_dir.or(file.tls.dir),
+            tls_allow: flag_or_file(flags.tls_allow, file.tls.allow),
+            max_migrations: file.limits.max_migrations.unwrap_or(64),
+            max_channels: file.limits.max_channels.unwrap_or(64),
+            max_handshakes: file.limits.max_handshakes.unwrap_or(64),
+            connect_timeout: secs(t.connect, 10),
+            handshake_timeout: secs(t.handshake, 10),
+            heartbeat_interval: secs(t.heartbeat, 1),
+            peer_timeout: flags.peer_timeout.unwrap_or(secs(t.peer, 10)),
+            stall_timeout: flags.stall_timeout.unwrap_or(secs(t.stall, 30)),
+            token_ttl: flags.token_ttl.unwrap_or(secs(t.token_ttl, 300)),
+        })
+    }
+}
+
+/// The API socket named in a config file, for `migproxy migration --config FILE`.
+pub fn api_of(path: &Path) -> Result<Option<PathBuf>, ConfigError> {
+    Ok(File::load(path)?.api)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("migproxy.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let (_dir, path) = write(
+            "api = \"/run/a.sock\"\npeer_listen = \"127.0.0.1:4700\"\n\
+             [timeouts]\npeer = 3.5\nstall = 12\n[limits]\nmax_channels = 8\n",
+        );
+        let file = File::load(&path).unwrap();
+        let flags = Flags {
+            peer_timeout: Some(Duration::from_secs(2)),
+            ..Flags::default()
+        };
+        let settings = Settings::resolve(flags, file).unwrap();
+        assert_eq!(settings.api, PathBuf::from("/run/a.sock"));
+        assert_eq!(
+            settings.peer_timeout,
+            Duration::from_secs(2),
+            "the flag wins"
+        );
+        assert_eq!(
+            settings.stall_timeout,
+            Duration::from_secs(12),
+            "the file wins over the default"
+        );
+        assert_eq!(settings.max_channels, 8);
+        assert_eq!(settings.token_ttl, Duration::from_secs(300), "the default");
+        assert_eq!(settings.runtime_dir, PathBuf::from(DEFAULT_RUNTIME_DIR));
+    }
+
+    #[test]
+    fn errors_name_the_file_the_line_and_the_key() {
+        let (_dir, path) = write("api = \"/a\"\ncolour = \"blue\"\n");
+        let error = File::load(&path).unwrap_err().to_string();
+        assert!(error.contains(&path.display().to_string()), "{error}");
+        assert!(error.contains("line 2"), "{error}");
+        assert!(error.contains("colour"), "{error}");
+
+        let (_dir, path) = write("[timeouts]\npeer = -1\n");
+        let error = File::load(&path).unwrap_err().to_string();
+        assert!(
+            error.ends_with("timeouts.peer: must be a positive number of seconds"),
+            "{error}"
+        );
+
+        let (_dir, path) = write("[limits]\nmax_channels = \"many\"\n");
+        let error = File::load(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("line 2") && error.contains("max_channels"),
+            "{error}"
+        );
+
+        let error = Settings::resolve(Flags::default(), File::default())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, "missing --api (or `api` in the config file)");
+    }
+}
