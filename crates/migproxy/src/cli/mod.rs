@@ -28,6 +28,22 @@ struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `migproxy=debug`; also MIGPROXY_LOG.
     #[arg(long, global = true, env = "MIGPROXY_LOG", default_value = "warn")]
     log: String,
+    /// Log lines as text for people or as JSON objects for collectors; also
+    /// MIGPROXY_LOG_FORMAT.
+    #[arg(
+        long,
+        global = true,
+        env = "MIGPROXY_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,7 +66,7 @@ pub const EXIT_USAGE: u8 = 2;
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -72,15 +88,23 @@ pub fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_logging(filter: &str) {
+/// Logs go to stderr; every line inside a migration's work carries its id (and channel).
+fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|error| {
         eprintln!("migproxy: ignoring log filter {filter:?}: {error}");
         tracing_subscriber::EnvFilter::new("warn")
     });
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; says on stderr, as `who`, that `what`

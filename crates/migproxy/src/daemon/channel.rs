@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use std::sync::Mutex;
 
+use tracing::Instrument;
+
 use super::migration::{Admitted, Migration, Role};
 use super::returnpath::ReturnPath;
 use crate::relay::{Leg, Options, Relay, TapFn};
@@ -13,6 +15,20 @@ use crate::relay::{Leg, Options, Relay, TapFn};
 /// One of the legs faces the local QEMU; its name is `qemu_leg`, so that a failure can be
 /// attributed.
 pub async fn run(
+    migration: Arc<Migration>,
+    index: u32,
+    admitted: Admitted,
+    source: Leg,
+    destination: Leg,
+    qemu_leg: String,
+) {
+    let span = tracing::info_span!("channel", migration = %migration.spec.id, channel = index);
+    relay(migration, index, admitted, source, destination, qemu_leg)
+        .instrument(span)
+        .await;
+}
+
+async fn relay(
     migration: Arc<Migration>,
     index: u32,
     admitted: Admitted,

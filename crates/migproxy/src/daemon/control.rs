@@ -9,6 +9,7 @@ use std::time::Duration;
 use migproxy_proto::{Control, Op};
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::attribution::os_message;
 use super::migration::{Epoch, Link, Migration, Outbound};
@@ -21,6 +22,13 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Runs the control link until both sides have closed it or it breaks.
 pub async fn run(migration: Arc<Migration>, stream: Stream, link: Link, timing: Timing) {
+    let span = tracing::info_span!("control", migration = %migration.spec.id, epoch = link.epoch);
+    serve(migration, stream, link, timing)
+        .instrument(span)
+        .await;
+}
+
+async fn serve(migration: Arc<Migration>, stream: Stream, link: Link, timing: Timing) {
     let (reader, writer) = tokio::io::split(stream);
     let Link { queue, epoch, stop } = link;
     let sending = send(&migration, epoch, writer, queue, timing.heartbeat_interval);

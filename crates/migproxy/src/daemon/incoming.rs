@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::attribution::os_message;
 use super::migration::{Admitted, Migration, Role, Spec, State};
@@ -95,9 +96,10 @@ pub async fn serve_peers(daemon: Arc<Daemon>, listener: TcpListener, shutdown: C
             continue;
         };
         let daemon_for_task = Arc::clone(&daemon);
+        let span = tracing::info_span!("peer", %from);
         daemon
             .tasks
-            .spawn(handshake(daemon_for_task, stream, from.to_string(), permit));
+            .spawn(handshake(daemon_for_task, stream, from.to_string(), permit).instrument(span));
     }
 }
 

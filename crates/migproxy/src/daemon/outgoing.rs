@@ -8,6 +8,7 @@ use migproxy_proto::{
     Attribution, Control, FLAG_RECOVERABLE, Hello, Host, Kind, Leg, Op, Totals, VERSION,
 };
 use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
 
 use super::attribution::os_message;
 use super::migration::{Migration, Role, Spec, State};
@@ -81,11 +82,11 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
                 tell_cancelled(link).await;
                 return Err(CreateError::Ended(migration.state()));
             }
-            daemon.tasks.spawn(accept_channels(
-                Arc::clone(daemon),
-                Arc::clone(&migration),
-                listener,
-            ));
+            let span = tracing::info_span!("migration", migration = %migration.spec.id);
+            daemon.tasks.spawn(
+                accept_channels(Arc::clone(daemon), Arc::clone(&migration), listener)
+                    .instrument(span),
+            );
             Ok(migration)
         }
         Err(error) => {
