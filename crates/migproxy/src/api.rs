@@ -8,6 +8,7 @@
 //! | `GET /v1/migrations/{id}` | one migration: state, bytes, throughput, channels, error |
 //! | `DELETE /v1/migrations/{id}` | forget an ended migration |
 //! | `POST /v1/migrations/{id}/cancel` | cancel on both hosts |
+//! | `GET /v1/events[?migration=ID]` | server-sent events: state changes, channels opening and closing, errors |
 //! | `GET /metrics` | Prometheus text |
 //!
 //! Errors are JSON `{"error": "...", "causes": [...]}` with a status that says whose fault it
@@ -49,6 +50,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/info", get(info))
         .route("/metrics", get(metrics))
+        .route("/v1/events", get(events))
         .route("/v1/migrations", post(create).get(list))
         .route("/v1/migrations/{id}", get(show).delete(forget))
         .route("/v1/migrations/{id}/cancel", post(cancel))
@@ -350,6 +352,45 @@ async fn forget(
             format!("migration \"{id}\" is still {state:?}: cancel it first").to_lowercase(),
         )),
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    migration: Option<String>,
+}
+
+/// Server-sent events, one per state change or channel event, as JSON; a client too slow to
+/// keep up gets a `lagged` event saying how many it missed.
+async fn events(
+    State(daemon): State<Arc<Daemon>>,
+    query: Result<axum::extract::Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio_stream::StreamExt;
+    use tokio_stream::wrappers::BroadcastStream;
+    use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+    let query = query.map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))?;
+    let wanted = query.0.migration;
+    let stream =
+        BroadcastStream::new(daemon.events.subscribe()).filter_map(move |event| match event {
+            Ok(crate::daemon::migration::Event(value)) => {
+                let matches = wanted
+                    .as_ref()
+                    .is_none_or(|id| value["migration"] == json!(id));
+                let kind = value["type"].as_str().unwrap_or("event").to_owned();
+                matches.then(|| {
+                    Ok::<_, std::convert::Infallible>(
+                        Event::default().event(kind).data(value.to_string()),
+                    )
+                })
+            }
+            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(Event::default()
+                .event("lagged")
+                .data(json!({"missed": missed}).to_string()))),
+        });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn metrics(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {

@@ -1209,3 +1209,73 @@ async fn the_api_lists_filters_forgets_and_exports_metrics() {
         "counters survive forgetting"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_state_changes_and_channels() {
+    use tokio::io::AsyncBufReadExt;
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let mut subscription = UnixStream::connect(&source.api).await.unwrap();
+    subscription
+        .write_all(b"GET /v1/events?migration=ev HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(subscription).lines();
+    // The response head arrives before any event: the subscription is in place.
+    while lines.next_line().await.unwrap().unwrap() != "" {}
+
+    let dir = short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let _ = migration_pair(&source, &destination, "other", "unix:/x").await; // filtered out
+    let uri = migration_pair(
+        &source,
+        &destination,
+        "ev",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let accepting = tokio::spawn(async move {
+        let (mut stream, _) = qemu_in.accept().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+    });
+    let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    qemu.write_all(b"stream").await.unwrap();
+    qemu.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    qemu.read_to_end(&mut rest).await.unwrap();
+    accepting.await.unwrap();
+
+    let mut seen = Vec::new();
+    let collected = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(data) = line.strip_prefix("data: ") {
+                let event: Value = serde_json::from_str(data).unwrap();
+                assert_eq!(event["migration"], "ev", "{event}");
+                seen.push(format!(
+                    "{} {}",
+                    event["type"].as_str().unwrap(),
+                    event["state"]
+                        .as_str()
+                        .or(event["end"].as_str())
+                        .unwrap_or("")
+                ));
+                if event["state"] == "completed" {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(collected.is_ok(), "events so far: {seen:?}");
+    assert_eq!(
+        seen,
+        [
+            "state active",
+            "channel_opened ",
+            "channel_closed completed",
+            "state completed"
+        ]
+    );
+}

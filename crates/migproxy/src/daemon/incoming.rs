@@ -56,6 +56,7 @@ pub fn create(
             tls: daemon.config.tls.is_some(),
         },
         Arc::clone(&daemon.metrics),
+        daemon.events.clone(),
     );
     daemon.register(Arc::clone(&migration))?;
     let ttl = daemon.config.token_ttl;

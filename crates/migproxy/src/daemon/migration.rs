@@ -28,7 +28,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use migproxy_proto::{Attribution, ChannelEnd, Control, Host, Leg, Op, Totals};
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::attribution::{self, Rendered};
@@ -129,6 +130,7 @@ pub type Epoch = u64;
 pub struct Migration {
     pub spec: Spec,
     metrics: Arc<Metrics>,
+    events: broadcast::Sender<Event>,
     created: SystemTime,
     started: Instant,
     /// Cancelled when the migration ends: stops accepting, aborts every channel still running.
@@ -237,12 +239,17 @@ pub struct Admitted {
 }
 
 impl Migration {
-    /// A new migration in `pending`, reporting to `metrics`.
-    pub fn new(spec: Spec, metrics: Arc<Metrics>) -> Arc<Migration> {
+    /// A new migration in `pending`, reporting to `metrics` and publishing to `events`.
+    pub fn new(
+        spec: Spec,
+        metrics: Arc<Metrics>,
+        events: broadcast::Sender<Event>,
+    ) -> Arc<Migration> {
         let stop = CancellationToken::new();
         let migration = Migration {
             spec,
             metrics,
+            events,
             created: SystemTime::now(),
             started: Instant::now(),
             inner: Mutex::new(Inner {
@@ -434,6 +441,14 @@ impl Migration {
             channel.counters = Some(counters);
         }
         Self::send(&inner, Control::ChannelOpened { channel: index });
+        self.publish(json!({"type": "channel_opened", "channel": index}));
+    }
+
+    /// Publishes an event about this migration (nobody listening is fine).
+    fn publish(&self, mut event: serde_json::Value) {
+        event["migration"] = json!(self.spec.id);
+        event["time"] = json!(unix_seconds(Some(SystemTime::now())));
+        let _ = self.events.send(Event(event));
     }
 
     /// Records how a channel's relay ended, and what that means for the migration.
@@ -465,6 +480,15 @@ impl Migration {
             }
             self.metrics.channel_ended(report.bytes);
             self.observe_cancel(&mut inner);
+            let end_name = match end {
+                ChannelEnd::Completed => "completed",
+                ChannelEnd::Cancelled => "cancelled",
+                ChannelEnd::Failed => "failed",
+            };
+            self.publish(
+                json!({"type": "channel_closed", "channel": index, "end": end_name,
+                                "bytes": report.bytes}),
+            );
             let bytes = totals(report.bytes);
             Self::send(
                 &inner,
@@ -667,6 +691,11 @@ impl Migration {
         inner.state = state;
         tracing::info!(migration = %self.spec.id, ?state, "state");
         self.state_tx.send_replace(state);
+        let error = match state {
+            State::Failed | State::Paused => inner.error.as_ref().map(attribution::Report::from),
+            _ => None,
+        };
+        self.publish(json!({"type": "state", "state": state, "error": error}));
     }
 
     /// Bytes of channels still being relayed (the finished ones are in the metrics).
@@ -895,6 +924,11 @@ fn unix_seconds(at: Option<SystemTime>) -> Option<f64> {
     at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
         .map(|d| d.as_secs_f64())
 }
+
+/// Something that happened to a migration, as `GET /v1/events` sends it: a JSON object with
+/// `type` (`state`, `channel_opened`, `channel_closed`), `migration` and `time`.
+#[derive(Debug, Clone)]
+pub struct Event(pub serde_json::Value);
 
 /// Bytes per second towards the destination.
 #[derive(Debug, Clone, Serialize)]

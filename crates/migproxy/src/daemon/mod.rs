@@ -98,6 +98,8 @@ pub struct Daemon {
     /// Peer connections turned away, by reason.
     pub rejections: Rejections,
     pub metrics: Arc<metrics::Metrics>,
+    /// Every migration's events, for `GET /v1/events`.
+    pub events: tokio::sync::broadcast::Sender<migration::Event>,
 }
 
 /// Counts of refused peer connections by reason, and a limit on how often they are logged,
@@ -173,6 +175,7 @@ impl Daemon {
             started: std::time::Instant::now(),
             rejections: Rejections::default(),
             metrics: Arc::default(),
+            events: tokio::sync::broadcast::channel(1024).0,
         })
     }
 

@@ -72,6 +72,7 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
             tls: daemon.config.tls.is_some(),
         },
         Arc::clone(&daemon.metrics),
+        daemon.events.clone(),
     );
     daemon.register(Arc::clone(&migration))?;
     match connect(daemon, &migration, &local).await {
