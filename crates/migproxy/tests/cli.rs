@@ -294,15 +294,24 @@ async fn stale_socket_file_is_replaced() {
 }
 
 #[test]
-fn demo_streams_and_verifies() {
+fn demo_streams_through_two_daemons_and_verifies() {
     let out = run(&["demo", "--size", "64M"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
     assert!(
-        stdout.contains("relay completed: 64.0 MiB source→destination"),
+        stdout.contains(
+            "the source daemon reports:\nmigration demo (outgoing, plaintext): completed"
+        ),
         "{stdout}"
     );
+    assert!(
+        stdout.contains(
+            "the destination daemon reports:\nmigration demo (incoming, plaintext): completed"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("64.0 MiB to destination"), "{stdout}");
     assert!(stdout.contains(": identical"), "{stdout}");
-    assert!(stdout.contains("zero-copy"), "{stdout}");
+    assert!(stdout.contains("the same byte counts: yes"), "{stdout}");
     assert!(stdout.trim_end().ends_with("migproxy demo: OK"), "{stdout}");
 }

@@ -1,37 +1,41 @@
-//! `migproxy demo`: a synthetic migration through the relay engine on this machine.
+//! `migproxy demo`: a synthetic migration through two daemons on this machine.
 //!
 //! ```text
-//!  source ──unix:DIR/migrate.sock──► relay (splice) ──tcp:127.0.0.1:PORT──► destination
-//!    │  pseudo-random stream, hashed as sent                hashed as received  │
-//!    ◄──────────── acknowledgements every 64 MiB, then the digest ──────────────┘
+//!  source ─unix─► source daemon ══tcp (loopback)══► destination daemon ─unix─► destination
+//!    │  pseudo-random stream, hashed as sent                    hashed as received  │
+//!    ◄──────────────── acknowledgements every 64 MiB, then the digest ───────────────┘
 //! ```
+//!
+//! The migration is created through both daemons' REST APIs, as a management layer would,
+//! and both daemons' reports are printed at the end.
 //!
 //! The destination sends small messages back while the stream flows, as QEMU's return path
 //! does, and its digest of everything it received comes back last: the demo checks it against
 //! the source's own digest, so a lost, reordered or duplicated byte fails the demo.
 
+use std::path::Path;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
 
 use super::EXIT_FAILED;
+use crate::client::Client;
+use crate::daemon::{self, Config, Daemon};
 use crate::endpoint::Endpoint;
-use crate::human::{Bytes, Elapsed};
-use crate::relay::{Leg, Options, Relay, Report};
-use crate::transport::{self, Listener, Stream};
+use crate::human::Bytes;
+use crate::transport::{Listener, Stream};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// How much synthetic migration data to stream (binary units: 512M, 1G, 4G).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = super::size)]
     size: u64,
-    /// Copy through user space instead of splice(2), to compare.
-    #[arg(long)]
-    no_splice: bool,
 }
 
 /// The destination acknowledges this much data at a time.
@@ -55,52 +59,114 @@ async fn demo(args: Args) -> Result<bool, DemoError> {
     let dir = tempfile::Builder::new()
         .prefix("migproxy-demo-")
         .tempdir()?;
-    let source_path = dir.path().join("migrate.sock");
-    let source_side = Listener::bind(&Endpoint::Unix(source_path.clone())).await?;
-    let destination_side = Listener::bind(&"tcp:127.0.0.1:0".parse()?).await?;
-    let onward = destination_side.endpoint().clone();
+    // Two daemons, as on two hosts: here both on loopback, plaintext.
+    let source_host = DemoDaemon::start(dir.path(), "source").await?;
+    let destination_host = DemoDaemon::start(dir.path(), "destination").await?;
+    let target = Endpoint::Unix(dir.path().join("qemu-incoming.sock"));
+    let qemu_in = Listener::bind(&target).await?;
+
+    // What a management layer does: incoming on the destination, outgoing on the source.
+    let body = json!({"direction": "incoming", "id": "demo", "target": target.to_string()});
+    let incoming = destination_host
+        .client
+        .post("/v1/migrations", Some(body))
+        .await?;
+    let body = json!({"direction": "outgoing", "id": "demo", "token": incoming["token"],
+                      "peer": incoming["peer"]});
+    let outgoing = source_host
+        .client
+        .post("/v1/migrations", Some(body))
+        .await?;
+    let qemu_uri = outgoing["qemu_uri"].as_str().unwrap_or_default().to_owned();
     println!(
-        "migproxy demo: streaming {} of pseudo-random migration data\n  \
-         source → {} → migproxy relay → {onward} → destination",
+        "migproxy demo: streaming {} of pseudo-random migration data between two daemons\n  \
+         source \"QEMU\" → {qemu_uri} → source daemon ═ tcp:{} ═ destination daemon → {target} → destination \"QEMU\"",
         Bytes(args.size),
-        source_side.endpoint(),
+        incoming["peer"].as_str().unwrap_or("?"),
     );
 
-    let source = tokio::spawn(source(UnixStream::connect(&source_path).await?, args.size));
-    let destination = tokio::spawn(destination(destination_side));
-    let (stream, label) = source_side.accept().await?;
-    let onward_stream = transport::connect(&onward, Duration::from_secs(10)).await?;
-    let relay = Relay::new(
-        Leg::new(label, stream),
-        Leg::new(onward.to_string(), onward_stream),
-    )
-    .with_options(Options {
-        zero_copy: !args.no_splice,
-        ..Options::default()
-    });
-    let report = show_progress(relay, args.size).await?;
-
+    let destination = tokio::spawn(destination(qemu_in));
+    let socket = qemu_uri.trim_start_matches("unix:");
+    let source = tokio::spawn(source(UnixStream::connect(socket).await?, args.size));
+    show_progress(&source_host.client, args.size).await?;
     let sent = source.await??;
     let received = destination.await??;
-    Ok(print_result(&report, &sent, &received))
+
+    let at_source = wait_final(&source_host.client).await?;
+    let at_destination = wait_final(&destination_host.client).await?;
+    println!("\nthe source daemon reports:");
+    super::migration::print_report(&at_source, false);
+    println!("the destination daemon reports:");
+    super::migration::print_report(&at_destination, false);
+    source_host.stop().await;
+    destination_host.stop().await;
+    Ok(print_result(&at_source, &at_destination, &sent, &received))
 }
 
-/// Runs the relay while drawing a progress bar from its live counters.
-async fn show_progress(relay: Relay, size: u64) -> Result<Report, DemoError> {
-    let counters = relay.counters();
+/// A daemon run in this process, on loopback.
+struct DemoDaemon {
+    client: Client,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DemoDaemon {
+    async fn start(dir: &Path, name: &str) -> Result<DemoDaemon, DemoError> {
+        let api_path = dir.join(format!("{name}-api.sock"));
+        let api = UnixListener::bind(&api_path)?;
+        let peers = TcpListener::bind("127.0.0.1:0").await?;
+        let runtime = dir.join(format!("{name}-run"));
+        std::fs::create_dir(&runtime)?;
+        let config = Config::new(peers.local_addr()?.to_string(), runtime);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(daemon::run(
+            Daemon::new(config),
+            api,
+            peers,
+            shutdown.clone(),
+        ));
+        Ok(DemoDaemon {
+            client: Client::new(api_path),
+            shutdown,
+            task,
+        })
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Draws a progress bar from the source daemon's API until the migration ends.
+async fn show_progress(client: &Client, size: u64) -> Result<(), DemoError> {
     let bar = ProgressBar::new(size).with_style(ProgressStyle::with_template(
         "  {bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
     )?);
-    let mut running = tokio::spawn(relay.run());
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let report = loop {
-        tokio::select! {
-            report = &mut running => break report?,
-            _ = tick.tick() => bar.set_position(counters.bytes().to_destination),
+    loop {
+        let migration = client.get("/v1/migrations/demo").await?;
+        bar.set_position(migration["bytes"]["to_destination"].as_u64().unwrap_or(0));
+        if FINAL.contains(&migration["state"].as_str().unwrap_or("")) {
+            break;
         }
-    };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     bar.finish_and_clear();
-    Ok(report)
+    Ok(())
+}
+
+const FINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];
+
+/// The migration once it has ended on this daemon (both daemons agree before they end).
+async fn wait_final(client: &Client) -> Result<Value, DemoError> {
+    for _ in 0..100 {
+        let migration = client.get("/v1/migrations/demo").await?;
+        if FINAL.contains(&migration["state"].as_str().unwrap_or("")) {
+            return Ok(migration);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("the migration did not end within 5 s of the stream".into())
 }
 
 /// What the source sent and what came back on the return path.
@@ -157,13 +223,10 @@ async fn source(stream: UnixStream, size: u64) -> Result<Sent, DemoError> {
 /// Receives one stream to its end, acknowledging as it goes, then sends its digest back.
 async fn destination(listener: Listener) -> Result<Received, DemoError> {
     let (stream, _) = listener.accept().await?;
-    let Stream::Tcp(stream) = stream else {
-        return Err("the destination expected a TCP connection".into());
-    };
     receive_and_acknowledge(stream).await
 }
 
-async fn receive_and_acknowledge(mut stream: TcpStream) -> Result<Received, DemoError> {
+async fn receive_and_acknowledge(mut stream: Stream) -> Result<Received, DemoError> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
     let mut bytes = 0u64;
@@ -185,26 +248,37 @@ async fn receive_and_acknowledge(mut stream: TcpStream) -> Result<Received, Demo
     Ok(Received { bytes, digest })
 }
 
-/// Prints the relay's report and the end-to-end check; true when everything agrees.
-fn print_result(report: &Report, sent: &Sent, received: &Received) -> bool {
-    println!("migproxy demo: relay {report}");
-    let intact = sent.digest == received.digest
-        && sent.digest_from_destination == Some(received.digest)
-        && received.bytes == report.bytes.to_destination;
+/// Prints the end-to-end check; true when everything agrees.
+fn print_result(
+    at_source: &Value,
+    at_destination: &Value,
+    sent: &Sent,
+    received: &Received,
+) -> bool {
+    let intact =
+        sent.digest == received.digest && sent.digest_from_destination == Some(received.digest);
     println!(
-        "  received {} with blake3 {}…, source sent {}… : {}",
+        "received {} with blake3 {}…, the source sent {}…: {}",
         Bytes(received.bytes),
         &received.digest.to_hex()[..16],
         &sent.digest.to_hex()[..16],
         if intact { "identical" } else { "MISMATCH" }
     );
     println!(
-        "  return path: {} acknowledgements and the digest came back in {} ({})",
-        sent.acks,
-        Bytes(report.bytes.to_source),
-        Elapsed(report.elapsed)
+        "return path: {} acknowledgements and the digest came back through both daemons",
+        sent.acks
     );
-    let ok = intact && report.is_completed();
+    let agree = at_source["bytes"] == at_destination["bytes"]
+        && at_source["bytes"]["to_destination"] == json!(received.bytes);
+    println!(
+        "both daemons report {} and the same byte counts: {}",
+        at_source["state"].as_str().unwrap_or("?"),
+        if agree { "yes" } else { "NO" }
+    );
+    let ok = intact
+        && agree
+        && at_source["state"] == "completed"
+        && at_destination["state"] == "completed";
     println!("migproxy demo: {}", if ok { "OK" } else { "FAILED" });
     ok
 }

@@ -264,7 +264,7 @@ fn print_list(all: &Value) {
 }
 
 /// The final (or current) report of a migration.
-fn print_report(m: &Value, json: bool) {
+pub(super) fn print_report(m: &Value, json: bool) {
     if json {
         println!("{m}");
         return;
