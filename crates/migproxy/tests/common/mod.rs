@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod netns;
 pub mod process;
 pub mod qemu;
+pub mod scenario;
 
 use std::io;
 use std::path::PathBuf;

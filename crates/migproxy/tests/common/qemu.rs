@@ -137,6 +137,11 @@ impl Qemu {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGKILL, as when QEMU crashes.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
