@@ -27,7 +27,13 @@ use axum::routing::{get, post};
 use migproxy_proto::valid_id;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::UnixListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsStream;
+
+use crate::tls::TlsHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::migration::Migration;
@@ -43,6 +49,92 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Cancel
         .await;
     if let Err(error) = result {
         tracing::error!(%error, "API server stopped");
+    }
+}
+
+/// Serves the same API on TCP behind the peer port's mutual TLS (same CA, CRL and
+/// allow-list), for management from other hosts.
+pub async fn serve_tls(daemon: Arc<Daemon>, listener: TcpListener, tls: Arc<TlsHandle>, shutdown: CancellationToken) {
+    let (sender, accepted) = mpsc::channel(16);
+    let local = listener.local_addr();
+    let handshakes = tokio::spawn(tls_handshakes(Arc::clone(&daemon), listener, tls, sender, shutdown.clone()));
+    let listener = TlsListener { accepted, local };
+    let result = axum::serve(listener, router(daemon))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(error) = result {
+        tracing::error!(%error, "API (TLS) server stopped");
+    }
+    handshakes.abort();
+}
+
+/// Accepts TCP connections and runs their TLS handshakes concurrently (a slow client cannot
+/// hold up the others), handing authenticated, allowed ones to the HTTP server.
+async fn tls_handshakes(
+    daemon: Arc<Daemon>,
+    listener: TcpListener,
+    tls: Arc<TlsHandle>,
+    sender: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    shutdown: CancellationToken,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(daemon.config.max_handshakes));
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((tcp, from)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            daemon.rejections.record("api_busy");
+            continue;
+        };
+        let (tls, sender, daemon) = (tls.current(), sender.clone(), Arc::clone(&daemon));
+        tokio::spawn(async move {
+            let timeout = daemon.config.timing.handshake_timeout;
+            let handshake = tokio::time::timeout(timeout, tls.accept(tcp, &from.to_string())).await;
+            let refusal = match handshake {
+                Ok(Ok((stream, identity))) if tls.allows(&identity) => {
+                    let _ = sender.send((stream, from)).await;
+                    drop(permit);
+                    return;
+                }
+                Ok(Ok((_, identity))) => format!("identity {identity} is not allowed"),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "no TLS handshake in time".to_owned(),
+            };
+            if let Some(suppressed) = daemon.rejections.record("api_tls") {
+                tracing::warn!(%from, suppressed, "API connection refused: {refusal}");
+            }
+        });
+    }
+}
+
+/// Authenticated TLS connections, for axum.
+struct TlsListener {
+    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: std::io::Result<SocketAddr>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(accepted) => accepted,
+            // The handshake task is gone (shutdown): wait for the server to stop.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        match &self.local {
+            Ok(addr) => Ok(*addr),
+            Err(error) => Err(std::io::Error::new(error.kind(), error.to_string())),
+        }
     }
 }
 
@@ -275,6 +367,7 @@ async fn info(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
         "link": if config.tls.is_some() { "tls" } else { "plaintext" },
         "tls_dir": config.tls.as_ref().map(|tls| tls.dir().display().to_string()),
         "advertise": config.advertise,
+        "api_tls": config.api_tls,
         "runtime_dir": config.runtime_dir.display().to_string(),
         "limits": {
             "max_migrations": config.max_migrations,

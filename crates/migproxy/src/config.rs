@@ -39,6 +39,7 @@ pub enum ConfigError {
 pub struct File {
     pub api: Option<PathBuf>,
     pub api_group: Option<String>,
+    pub api_listen: Option<String>,
     pub peer_listen: Option<String>,
     pub advertise: Option<String>,
     pub runtime_dir: Option<PathBuf>,
@@ -142,6 +143,7 @@ impl File {
 pub struct Flags {
     pub api: Option<PathBuf>,
     pub api_group: Option<String>,
+    pub api_listen: Option<String>,
     pub peer_listen: Option<String>,
     pub advertise: Option<String>,
     pub runtime_dir: Option<PathBuf>,
@@ -159,6 +161,8 @@ pub struct Flags {
 pub struct Settings {
     pub api: PathBuf,
     pub api_group: Option<String>,
+    /// `HOST:PORT` for the API over TCP behind mutual TLS.
+    pub api_listen: Option<String>,
     pub peer_listen: String,
     pub advertise: Option<String>,
     pub runtime_dir: PathBuf,
@@ -204,6 +208,7 @@ impl Settings {
                 key: "api",
             })?,
             api_group: flags.api_group.or(file.api_group),
+            api_listen: flags.api_listen.or(file.api_listen),
             peer_listen: flags
                 .peer_listen
                 .or(file.peer_listen)

@@ -43,6 +43,9 @@ pub struct Args {
     /// Let this group use the API socket too (mode 0660 instead of 0600).
     #[arg(long, value_name = "GROUP")]
     api_group: Option<String>,
+    /// Also serve the API on TCP (HOST:PORT) behind the peer port's mutual TLS.
+    #[arg(long, value_name = "HOST:PORT")]
+    api_listen: Option<String>,
     /// Directory of x509 material in QEMU's layout (ca-cert.pem, server-cert.pem,
     /// server-key.pem, client-cert.pem, client-key.pem, optional ca-crl.pem): mutual TLS on
     /// every peer connection.
@@ -77,6 +80,7 @@ impl Args {
         let flags = Flags {
             api: self.api,
             api_group: self.api_group,
+            api_listen: self.api_listen,
             peer_listen: self.peer_listen,
             advertise: self.advertise,
             runtime_dir: self.runtime_dir,
@@ -104,6 +108,10 @@ pub async fn run(args: Args) -> u8 {
         eprintln!(
             "migproxy daemon: TLS (--tls-dir, tls.dir) and insecure_plaintext exclude each other"
         );
+        return super::EXIT_USAGE;
+    }
+    if settings.api_listen.is_some() && settings.tls_dir.is_none() {
+        eprintln!("error: --api-listen needs --tls-dir: the API on TCP is only served over mutual TLS");
         return super::EXIT_USAGE;
     }
     if !settings.tls_allow.is_empty() && settings.tls_dir.is_none() {
@@ -148,6 +156,13 @@ async fn start(args: Settings) -> Result<(), String> {
         reload_on_sighup(Arc::clone(tls))
             .map_err(|e| format!("cannot install SIGHUP handler: {e}"))?;
     }
+    let api_tls = match &args.api_listen {
+        Some(address) => Some(TcpListener::bind(address).await.map_err(|e| {
+            format!("listen on tcp:{address} (API) failed: {}", OsError(&e))
+        })?),
+        None => None,
+    };
+    let api_tls_address = api_tls.as_ref().and_then(|l| l.local_addr().ok());
     let (api_file, api) = ApiSocket::bind(&args.api, args.api_group.as_deref())?;
     eprintln!(
         "migproxy daemon: API on unix:{}, peers on tcp:{bound} (advertised as {advertise}), {}",
@@ -169,7 +184,8 @@ async fn start(args: Settings) -> Result<(), String> {
     config.max_migrations = args.max_migrations;
     config.max_channels = args.max_channels;
     config.max_handshakes = args.max_handshakes;
-    daemon::run(Daemon::new(config), api, peers, shutdown).await;
+    config.api_tls = api_tls_address.map(|a| a.to_string());
+    daemon::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;
     drop(api_file);
     Ok(())
 }

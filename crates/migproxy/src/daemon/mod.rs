@@ -66,6 +66,8 @@ pub struct Config {
     pub tls: Option<Arc<crate::tls::TlsHandle>>,
     /// Directories an incoming migration's unix target must be in; empty: anywhere.
     pub target_dirs: Vec<PathBuf>,
+    /// Where the API is also served over mutual TLS, if it is.
+    pub api_tls: Option<String>,
 }
 
 impl Config {
@@ -82,6 +84,7 @@ impl Config {
             stall_timeout: Duration::from_secs(30),
             tls: None,
             target_dirs: Vec::new(),
+            api_tls: None,
         }
     }
 }
@@ -291,15 +294,38 @@ pub async fn run(
     peers: TcpListener,
     shutdown: CancellationToken,
 ) {
+    run_with(daemon, api, None, peers, shutdown).await;
+}
+
+/// As [`run`], also serving the API on `api_tls` behind mutual TLS (the daemon must have TLS).
+pub async fn run_with(
+    daemon: Arc<Daemon>,
+    api: UnixListener,
+    api_tls: Option<TcpListener>,
+    peers: TcpListener,
+    shutdown: CancellationToken,
+) {
     let api_task = tokio::spawn(crate::api::serve(
         Arc::clone(&daemon),
         api,
         shutdown.clone(),
     ));
+    let tls_api_task = match (api_tls, &daemon.config.tls) {
+        (Some(listener), Some(tls)) => Some(tokio::spawn(crate::api::serve_tls(
+            Arc::clone(&daemon),
+            listener,
+            Arc::clone(tls),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
     incoming::serve_peers(Arc::clone(&daemon), peers, shutdown.clone()).await;
     daemon.cancel_all();
     // Let the control links carry the cancels out, but do not hang on a dead peer.
     daemon.tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(3), daemon.tasks.wait()).await;
     let _ = api_task.await;
+    if let Some(task) = tls_api_task {
+        let _ = task.await;
+    }
 }
