@@ -54,10 +54,21 @@ pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: Cancel
 
 /// Serves the same API on TCP behind the peer port's mutual TLS (same CA, CRL and
 /// allow-list), for management from other hosts.
-pub async fn serve_tls(daemon: Arc<Daemon>, listener: TcpListener, tls: Arc<TlsHandle>, shutdown: CancellationToken) {
+pub async fn serve_tls(
+    daemon: Arc<Daemon>,
+    listener: TcpListener,
+    tls: Arc<TlsHandle>,
+    shutdown: CancellationToken,
+) {
     let (sender, accepted) = mpsc::channel(16);
     let local = listener.local_addr();
-    let handshakes = tokio::spawn(tls_handshakes(Arc::clone(&daemon), listener, tls, sender, shutdown.clone()));
+    let handshakes = tokio::spawn(tls_handshakes(
+        Arc::clone(&daemon),
+        listener,
+        tls,
+        sender,
+        shutdown.clone(),
+    ));
     let listener = TlsListener { accepted, local };
     let result = axum::serve(listener, router(daemon))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -111,7 +111,9 @@ pub async fn run(args: Args) -> u8 {
         return super::EXIT_USAGE;
     }
     if settings.api_listen.is_some() && settings.tls_dir.is_none() {
-        eprintln!("error: --api-listen needs --tls-dir: the API on TCP is only served over mutual TLS");
+        eprintln!(
+            "error: --api-listen needs --tls-dir: the API on TCP is only served over mutual TLS"
+        );
         return super::EXIT_USAGE;
     }
     if !settings.tls_allow.is_empty() && settings.tls_dir.is_none() {
@@ -157,9 +159,11 @@ async fn start(args: Settings) -> Result<(), String> {
             .map_err(|e| format!("cannot install SIGHUP handler: {e}"))?;
     }
     let api_tls = match &args.api_listen {
-        Some(address) => Some(TcpListener::bind(address).await.map_err(|e| {
-            format!("listen on tcp:{address} (API) failed: {}", OsError(&e))
-        })?),
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|e| format!("listen on tcp:{address} (API) failed: {}", OsError(&e)))?,
+        ),
         None => None,
     };
     let api_tls_address = api_tls.as_ref().and_then(|l| l.local_addr().ok());
