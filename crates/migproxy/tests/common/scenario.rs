@@ -27,7 +27,8 @@ pub struct Scenario {
 pub struct Options {
     /// Guest RAM in MiB (default 256).
     pub mib: Option<u64>,
-    /// Put the daemons in two network namespaces joined by veth (needs root).
+    /// Put the daemons in two network namespaces joined by veth even when not root (which
+    /// then fails loudly). As root — CI — they always are; otherwise they share loopback.
     pub netns: bool,
     /// Extra flags for both daemons.
     pub daemon_args: Vec<String>,
@@ -41,7 +42,8 @@ impl Scenario {
         random_ram_file(&ram, mib, 5);
         let src_vm = Qemu::start(dir.path(), "src", Ram::File(&ram), mib, false).await;
         let dst_vm = Qemu::start(dir.path(), "dst", Ram::Anonymous, mib, true).await;
-        let hosts = options.netns.then(|| TwoHosts::new("sc"));
+        let root = nix::unistd::Uid::effective().is_root();
+        let hosts = (options.netns || root).then(|| TwoHosts::new("sc"));
         let args: Vec<&str> = options.daemon_args.iter().map(String::as_str).collect();
         let (src_listen, dst_listen, src_ns, dst_ns) = match &hosts {
             Some(h) => (
