@@ -8,7 +8,7 @@
 //! | `GET /v1/migrations/{id}` | one migration: state, bytes, throughput, channels, error |
 //! | `DELETE /v1/migrations/{id}` | forget an ended migration |
 //! | `POST /v1/migrations/{id}/cancel` | cancel on both hosts |
-//! | `GET /v1/events[?migration=ID]` | server-sent events: state changes, channels opening and closing, errors |
+//! | `GET /v1/events[?migration=ID]` | server-sent events: state changes (with the error when failed or paused), channels opening and closing |
 //! | `GET /metrics` | Prometheus text |
 //!
 //! Errors are JSON `{"error": "...", "causes": [...]}` with a status that says whose fault it
@@ -477,8 +477,11 @@ async fn events(
 
     let query = query.map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))?;
     let wanted = query.0.migration;
-    let stream =
-        BroadcastStream::new(daemon.events.subscribe()).filter_map(move |event| match event {
+    // The daemon publishes a `shutdown` event when it stops: the stream ends there, so that
+    // an open subscription does not hold up graceful shutdown.
+    let stream = BroadcastStream::new(daemon.events.subscribe())
+        .take_while(|event| !matches!(event, Ok(e) if e.0["type"] == "shutdown"))
+        .filter_map(move |event| match event {
             Ok(crate::daemon::migration::Event(value)) => {
                 let matches = wanted
                     .as_ref()

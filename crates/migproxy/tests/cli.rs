@@ -294,10 +294,15 @@ async fn stale_socket_file_is_replaced() {
 }
 
 #[test]
-fn demo_streams_through_two_daemons_and_verifies() {
+fn demo_migrates_a_real_qemu_vm_through_two_daemons() {
+    // The test suite installs QEMU, so the demo takes its real-VM path here.
     let out = run(&["demo", "--size", "64M"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.starts_with("migproxy demo: migrating a real QEMU VM (64.0 MiB"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(
             "the source daemon reports:\nmigration demo (outgoing, plaintext): completed"
@@ -307,6 +312,29 @@ fn demo_streams_through_two_daemons_and_verifies() {
     assert!(
         stdout.contains(
             "the destination daemon reports:\nmigration demo (incoming, plaintext): completed"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("QEMU reports: completed in "), "{stdout}");
+    assert!(
+        stdout.contains("guest RAM: source ") && stdout.contains(": identical"),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("migproxy demo: OK"), "{stdout}");
+}
+
+#[test]
+fn demo_streams_synthetic_data_through_two_daemons_without_qemu() {
+    let out = run(&["demo", "--size", "64M", "--synthetic"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("streaming 64.0 MiB of pseudo-random migration data between two daemons"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "the source daemon reports:\nmigration demo (outgoing, plaintext): completed"
         ),
         "{stdout}"
     );

@@ -1278,4 +1278,11 @@ async fn events_stream_state_changes_and_channels() {
             "state completed"
         ]
     );
+    // An open event stream does not hold up the daemon's shutdown, and ends with it.
+    source.stop().await;
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(Some(_)) = lines.next_line().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the event stream outlived the daemon");
 }

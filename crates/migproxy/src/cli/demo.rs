@@ -33,9 +33,12 @@ use crate::transport::{Listener, Stream};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// How much synthetic migration data to stream (binary units: 512M, 1G, 4G).
+    /// How much to migrate: the guest RAM, or the synthetic stream (binary units: 512M, 1G).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = super::size)]
     size: u64,
+    /// Stream synthetic data even when QEMU is installed.
+    #[arg(long)]
+    synthetic: bool,
 }
 
 /// The destination acknowledges this much data at a time.
@@ -53,12 +56,15 @@ pub async fn run(args: Args) -> u8 {
     }
 }
 
-type DemoError = Box<dyn std::error::Error + Send + Sync>;
+pub(super) type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn demo(args: Args) -> Result<bool, DemoError> {
     let dir = tempfile::Builder::new()
         .prefix("migproxy-demo-")
         .tempdir()?;
+    if !args.synthetic && super::demo_qemu::available() {
+        return super::demo_qemu::demo(dir.path(), args.size).await;
+    }
     // Two daemons, as on two hosts: here both on loopback, plaintext.
     let source_host = DemoDaemon::start(dir.path(), "source").await?;
     let destination_host = DemoDaemon::start(dir.path(), "destination").await?;
@@ -79,7 +85,8 @@ async fn demo(args: Args) -> Result<bool, DemoError> {
         .await?;
     let qemu_uri = outgoing["qemu_uri"].as_str().unwrap_or_default().to_owned();
     println!(
-        "migproxy demo: streaming {} of pseudo-random migration data between two daemons\n  \
+        "migproxy demo: QEMU is not installed here (or --synthetic): streaming {} of \
+         pseudo-random migration data between two daemons instead\n  \
          source \"QEMU\" → {qemu_uri} → source daemon ═ tcp:{} ═ destination daemon → {target} → destination \"QEMU\"",
         Bytes(args.size),
         incoming["peer"].as_str().unwrap_or("?"),
@@ -104,14 +111,14 @@ async fn demo(args: Args) -> Result<bool, DemoError> {
 }
 
 /// A daemon run in this process, on loopback.
-struct DemoDaemon {
-    client: Client,
+pub(super) struct DemoDaemon {
+    pub(super) client: Client,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl DemoDaemon {
-    async fn start(dir: &Path, name: &str) -> Result<DemoDaemon, DemoError> {
+    pub(super) async fn start(dir: &Path, name: &str) -> Result<DemoDaemon, DemoError> {
         let api_path = dir.join(format!("{name}-api.sock"));
         let api = UnixListener::bind(&api_path)?;
         let peers = TcpListener::bind("127.0.0.1:0").await?;
@@ -132,7 +139,7 @@ impl DemoDaemon {
         })
     }
 
-    async fn stop(self) {
+    pub(super) async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
     }
@@ -155,10 +162,10 @@ async fn show_progress(client: &Client, size: u64) -> Result<(), DemoError> {
     Ok(())
 }
 
-const FINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];
+pub(super) const FINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];
 
 /// The migration once it has ended on this daemon (both daemons agree before they end).
-async fn wait_final(client: &Client) -> Result<Value, DemoError> {
+pub(super) async fn wait_final(client: &Client) -> Result<Value, DemoError> {
     for _ in 0..100 {
         let migration = client.get("/v1/migrations/demo").await?;
         if FINAL.contains(&migration["state"].as_str().unwrap_or("")) {

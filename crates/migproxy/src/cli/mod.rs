@@ -6,6 +6,7 @@
 
 mod daemon;
 mod demo;
+mod demo_qemu;
 mod migration;
 mod relay;
 
@@ -54,7 +55,8 @@ enum Command {
     Daemon(daemon::Args),
     /// Create, watch, cancel and inspect migrations through a daemon's API.
     Migration(migration::Args),
-    /// Stream a synthetic migration through the relay on this machine and check it.
+    /// Migrate a real QEMU VM (or, without QEMU, a synthetic stream) through two daemons on
+    /// this machine, and check it.
     Demo(demo::Args),
 }
 

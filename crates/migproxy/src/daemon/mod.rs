@@ -321,11 +321,22 @@ pub async fn run_with(
     };
     incoming::serve_peers(Arc::clone(&daemon), peers, shutdown.clone()).await;
     daemon.cancel_all();
+    // After the cancellations' own events: event streams end here.
+    let _ = daemon
+        .events
+        .send(migration::Event(serde_json::json!({"type": "shutdown"})));
     // Let the control links carry the cancels out, but do not hang on a dead peer.
     daemon.tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(3), daemon.tasks.wait()).await;
-    let _ = api_task.await;
-    if let Some(task) = tls_api_task {
-        let _ = task.await;
+    // In-flight API requests get a moment to finish; long-lived ones (event streams) do not
+    // hold the daemon up beyond it.
+    for task in std::iter::once(api_task).chain(tls_api_task) {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
 }

@@ -22,7 +22,8 @@ impl Token {
 
     /// Parses the 64 hex digits the API hands out.
     pub fn from_hex(text: &str) -> Option<Token> {
-        if text.len() != TOKEN_LEN * 2 || !text.is_ascii() {
+        // Exactly 64 hex digits (from_str_radix alone would take a "+" too).
+        if text.len() != TOKEN_LEN * 2 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut bytes = [0u8; TOKEN_LEN];
@@ -74,5 +75,6 @@ mod tests {
         assert_eq!(Token::from_hex("zz"), None);
         assert_eq!(Token::from_hex(&"g".repeat(64)), None);
         assert_eq!(Token::from_hex(&"é".repeat(32)), None);
+        assert_eq!(Token::from_hex(&"+f".repeat(32)), None);
     }
 }
