@@ -1,0 +1,418 @@
+//! migproxy-bench: migproxy measured side by side with a direct connection and other proxies,
+//! in one run, interleaved, on this machine. See `docs/benchmarks.md`.
+//!
+//! `synthetic`: a Rust source writes a pseudo-random stream over TCP to a Rust sink that
+//! hashes it, directly or through a proxy; the sink's digest must equal the source's. For
+//! each path: throughput, CPU seconds per GiB of the proxy process (utime+stime from
+//! /proc/PID/stat) and its peak RSS. Runs are interleaved (ABCABC…) and summarised by median
+//! and spread, with ratios to the direct connection.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "migproxy-bench",
+    about = "migproxy against direct and other proxies, side by side"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// A verified synthetic stream through each path.
+    Synthetic {
+        /// Bytes per run (binary units: 512M, 2G).
+        #[arg(long, default_value = "2G", value_parser = size)]
+        size: u64,
+        /// Repetitions of every path, interleaved.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Seconds-long configuration for CI: 128 MiB, one repetition.
+        #[arg(long)]
+        smoke: bool,
+        /// Where to write the markdown table.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+}
+
+fn size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'M')) => (&text[..i], 20),
+        Some((i, 'G')) => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a size"))?;
+    Ok(value << shift)
+}
+
+/// A way from the source to the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Direct,
+    Relay,
+    RelayCopy,
+    Socat,
+    Haproxy,
+}
+
+impl Route {
+    const ALL: [Route; 5] = [
+        Route::Direct,
+        Route::Relay,
+        Route::RelayCopy,
+        Route::Socat,
+        Route::Haproxy,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct TCP",
+            Route::Relay => "migproxy relay (splice)",
+            Route::RelayCopy => "migproxy relay --no-splice",
+            Route::Socat => "socat 1.7",
+            Route::Haproxy => "haproxy (splice-auto)",
+        }
+    }
+
+    /// The program this route needs, if it is missing here.
+    fn missing(self, migproxy: &Path) -> Option<String> {
+        let program = match self {
+            Route::Direct => return None,
+            Route::Relay | Route::RelayCopy => {
+                return (!migproxy.exists()).then(|| migproxy.display().to_string());
+            }
+            Route::Socat => "socat",
+            Route::Haproxy => "haproxy",
+        };
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        (!found).then(|| program.to_owned())
+    }
+}
+
+/// One measured run.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    seconds: f64,
+    cpu_seconds: Option<f64>,
+    peak_rss_kib: Option<u64>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let Bench::Synthetic {
+        size,
+        reps,
+        smoke,
+        out,
+    } = cli.command;
+    let (size, reps) = if smoke { (128 << 20, 1) } else { (size, reps) };
+    if let Err(error) = synthetic(size, reps, &out) {
+        eprintln!("migproxy-bench: {error}");
+        std::process::exit(1);
+    }
+}
+
+type BenchError = Box<dyn std::error::Error>;
+
+fn synthetic(size: u64, reps: usize, out: &Path) -> Result<(), BenchError> {
+    let migproxy = sibling("migproxy")?;
+    let mut routes = Vec::new();
+    for route in Route::ALL {
+        match route.missing(&migproxy) {
+            None => routes.push(route),
+            Some(program) => eprintln!("{}: skipped, {program} is not installed", route.name()),
+        }
+    }
+    let block = random_block();
+    let expected = expected_digest(&block, size);
+    let mut samples: Vec<(Route, Vec<Sample>)> = routes.iter().map(|r| (*r, Vec::new())).collect();
+    for rep in 0..reps {
+        for (route, runs) in &mut samples {
+            let sample = run(*route, &migproxy, &block, size, expected)?;
+            eprintln!(
+                "rep {}/{reps} {:<28} {:>6.2} GiB/s",
+                rep + 1,
+                route.name(),
+                gib(size) / sample.seconds
+            );
+            runs.push(sample);
+        }
+    }
+    let table = render(&samples, size, reps);
+    println!("{table}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("synthetic.md"), &table)?;
+    Ok(())
+}
+
+/// A binary built next to this one (`cargo build --release` builds both).
+fn sibling(name: &str) -> Result<PathBuf, BenchError> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.with_file_name(name))
+}
+
+const BLOCK: usize = 16 << 20;
+
+fn random_block() -> Vec<u8> {
+    let mut block = vec![0u8; BLOCK];
+    SmallRng::seed_from_u64(7).fill_bytes(&mut block);
+    block
+}
+
+/// The digest of `size` bytes made of `block` repeated.
+fn expected_digest(block: &[u8], size: u64) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        hasher.update(&block[..n]);
+        left -= n as u64;
+    }
+    hasher.finalize()
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+fn free_port() -> Result<u16, BenchError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts the proxy of `route` in front of the sink; returns where the source connects.
+fn start_proxy(
+    route: Route,
+    migproxy: &Path,
+    sink: u16,
+    dir: &Path,
+) -> Result<(u16, Option<Child>), BenchError> {
+    if route == Route::Direct {
+        return Ok((sink, None));
+    }
+    let port = free_port()?;
+    let mut command = match route {
+        Route::Relay | Route::RelayCopy => {
+            let mut c = Command::new(migproxy);
+            c.args(["relay", "--listen", &format!("tcp:127.0.0.1:{port}")])
+                .args(["--connect", &format!("tcp:127.0.0.1:{sink}")]);
+            if route == Route::RelayCopy {
+                c.arg("--no-splice");
+            }
+            c
+        }
+        Route::Socat => {
+            let mut c = Command::new("socat");
+            c.arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"))
+                .arg(format!("TCP:127.0.0.1:{sink}"));
+            c
+        }
+        Route::Haproxy => {
+            let config = dir.join("haproxy.cfg");
+            std::fs::write(
+                &config,
+                format!(
+                    "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+                     timeout client 60s\n  timeout server 60s\n  option splice-auto\n\
+                     listen bench\n  bind 127.0.0.1:{port}\n  server sink 127.0.0.1:{sink}\n"
+                ),
+            )?;
+            let mut c = Command::new("haproxy");
+            c.arg("-db").arg("-f").arg(config);
+            c
+        }
+        Route::Direct => unreachable!("handled above"),
+    };
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok((port, Some(child)))
+}
+
+/// Connects, retrying while the proxy starts.
+fn connect(port: u16) -> Result<TcpStream, BenchError> {
+    let start = Instant::now();
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => return Ok(stream),
+            Err(_) if start.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(error) => return Err(format!("connect to 127.0.0.1:{port}: {error}").into()),
+        }
+    }
+}
+
+fn run(
+    route: Route,
+    migproxy: &Path,
+    block: &[u8],
+    size: u64,
+    expected: blake3::Hash,
+) -> Result<Sample, BenchError> {
+    let dir = std::env::temp_dir().join(format!("migproxy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sink = TcpListener::bind("127.0.0.1:0")?;
+    let sink_port = sink.local_addr()?.port();
+    let receiver = std::thread::spawn(move || -> std::io::Result<(u64, blake3::Hash)> {
+        let (mut stream, _) = sink.accept()?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                return Ok((total, hasher.finalize()));
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
+        }
+    });
+    let (port, mut proxy) = start_proxy(route, migproxy, sink_port, &dir)?;
+    let mut stream = connect(port)?;
+    let started = Instant::now();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        stream.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let (received, digest) = receiver.join().map_err(|_| "the sink panicked")??;
+    let seconds = started.elapsed().as_secs_f64();
+    if received != size || digest != expected {
+        return Err(format!(
+            "{}: the sink received {received} bytes with a different digest",
+            route.name()
+        )
+        .into());
+    }
+    let (cpu_seconds, peak_rss_kib) = match &proxy {
+        Some(child) => (cpu_seconds(child.id()), peak_rss(child.id())),
+        None => (None, None),
+    };
+    if let Some(child) = &mut proxy {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Sample {
+        seconds,
+        cpu_seconds,
+        peak_rss_kib,
+    })
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 0 && mid > 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn render(samples: &[(Route, Vec<Sample>)], size: u64, reps: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Synthetic stream, {} per run, {reps} interleaved repetitions",
+        human(size)
+    );
+    let _ = writeln!(out, "\n{}\n", machine());
+    let _ = writeln!(
+        out,
+        "| path | median GiB/s | min–max | × direct | proxy CPU s/GiB | proxy peak RSS |"
+    );
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
+    let direct = samples
+        .iter()
+        .find(|(r, _)| *r == Route::Direct)
+        .map(|(_, s)| median(&mut s.iter().map(|s| gib(size) / s.seconds).collect::<Vec<_>>()));
+    for (route, runs) in samples {
+        let mut rates: Vec<f64> = runs.iter().map(|s| gib(size) / s.seconds).collect();
+        let med = median(&mut rates);
+        let (min, max) = (rates[0], rates[rates.len() - 1]);
+        let ratio = direct.map_or("-".into(), |d| format!("{:.2}", med / d));
+        let mut cpu: Vec<f64> = runs
+            .iter()
+            .filter_map(|s| s.cpu_seconds)
+            .map(|c| c / gib(size))
+            .collect();
+        let cpu = if cpu.is_empty() {
+            "-".into()
+        } else {
+            format!("{:.2}", median(&mut cpu))
+        };
+        let rss = runs
+            .iter()
+            .filter_map(|s| s.peak_rss_kib)
+            .max()
+            .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+        let _ = writeln!(
+            out,
+            "| {} | {med:.2} | {min:.2}–{max:.2} | {ratio} | {cpu} | {rss} |",
+            route.name()
+        );
+    }
+    out
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", gib(bytes))
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
