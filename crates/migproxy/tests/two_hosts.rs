@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::netns::TwoHosts;
 use common::process::DaemonProcess;
 use common::qemu::{Qemu, Ram, random_ram_file};
+use common::scenario::qemu_status;
 use common::{short_tempdir, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -291,22 +292,6 @@ async fn migrate_through_daemons(recoverable: bool, tls: bool) {
     );
 }
 
-async fn wait_status(vm: &mut Qemu, wanted: &[&str], limit: Duration) -> Value {
-    let start = Instant::now();
-    loop {
-        let info = vm.execute("query-migrate", Value::Null).await;
-        if wanted.contains(&info["status"].as_str().unwrap_or("")) {
-            return info;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "waiting for {wanted:?}: {info}\n{}",
-            vm.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn wait_daemon_state(
     daemon: &DaemonProcess,
     id: &str,
@@ -380,7 +365,7 @@ async fn postcopy_pause_and_recovery_through_two_daemons() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     src_vm.execute("migrate-start-postcopy", Value::Null).await;
-    let active = wait_status(&mut src_vm, &["postcopy-active"], Duration::from_secs(30)).await;
+    let active = qemu_status(&mut src_vm, &["postcopy-active"], Duration::from_secs(30)).await;
     // `postcopy-active` is reported before the switch is complete: pausing inside it makes
     // QEMU 7.2 fail instead of pause. Let postcopy carry some pages first.
     let switched = active["ram"]["transferred"].as_u64().unwrap_or(0) + (16 << 20);
@@ -395,8 +380,8 @@ async fn postcopy_pause_and_recovery_through_two_daemons() {
     }
 
     src_vm.execute("migrate-pause", Value::Null).await;
-    wait_status(&mut src_vm, &["postcopy-paused"], Duration::from_secs(30)).await;
-    wait_status(&mut dst_vm, &["postcopy-paused"], Duration::from_secs(30)).await;
+    qemu_status(&mut src_vm, &["postcopy-paused"], Duration::from_secs(30)).await;
+    qemu_status(&mut dst_vm, &["postcopy-paused"], Duration::from_secs(30)).await;
     for daemon in [&source, &destination] {
         let view = wait_daemon_state(daemon, "pc", "paused", Duration::from_secs(10)).await;
         eprintln!("paused: {}", view["error"]["message"]);
@@ -414,7 +399,7 @@ async fn postcopy_pause_and_recovery_through_two_daemons() {
     src_vm
         .execute("migrate", json!({"uri": qemu_uri, "resume": true}))
         .await;
-    let info = wait_status(
+    let info = qemu_status(
         &mut src_vm,
         &["completed", "failed"],
         Duration::from_secs(120),
