@@ -18,6 +18,9 @@ use clap::{Parser, Subcommand};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
+mod daemons;
+mod pki;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "migproxy-bench",
@@ -67,15 +70,20 @@ enum Route {
     RelayCopy,
     Socat,
     Haproxy,
+    /// unix → source daemon → TCP → destination daemon → unix, as QEMU's stream goes.
+    Daemons,
+    DaemonsTls,
 }
 
 impl Route {
-    const ALL: [Route; 5] = [
+    const ALL: [Route; 7] = [
         Route::Direct,
         Route::Relay,
         Route::RelayCopy,
         Route::Socat,
         Route::Haproxy,
+        Route::Daemons,
+        Route::DaemonsTls,
     ];
 
     fn name(self) -> &'static str {
@@ -85,6 +93,8 @@ impl Route {
             Route::RelayCopy => "migproxy relay --no-splice",
             Route::Socat => "socat 1.7",
             Route::Haproxy => "haproxy (splice-auto)",
+            Route::Daemons => "two migproxy daemons, plaintext (unix legs)",
+            Route::DaemonsTls => "two migproxy daemons, TLS (unix legs)",
         }
     }
 
@@ -92,7 +102,7 @@ impl Route {
     fn missing(self, migproxy: &Path) -> Option<String> {
         let program = match self {
             Route::Direct => return None,
-            Route::Relay | Route::RelayCopy => {
+            Route::Relay | Route::RelayCopy | Route::Daemons | Route::DaemonsTls => {
                 return (!migproxy.exists()).then(|| migproxy.display().to_string());
             }
             Route::Socat => "socat",
@@ -238,7 +248,7 @@ fn start_proxy(
             c.arg("-db").arg("-f").arg(config);
             c
         }
-        Route::Direct => unreachable!("handled above"),
+        Route::Direct | Route::Daemons | Route::DaemonsTls => unreachable!("not a TCP proxy"),
     };
     let child = command
         .stdout(Stdio::null())
@@ -268,6 +278,9 @@ fn run(
     size: u64,
     expected: blake3::Hash,
 ) -> Result<Sample, BenchError> {
+    if let Route::Daemons | Route::DaemonsTls = route {
+        return daemons::run(route == Route::DaemonsTls, migproxy, block, size, expected);
+    }
     let dir = std::env::temp_dir().join(format!("migproxy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let sink = TcpListener::bind("127.0.0.1:0")?;
@@ -319,6 +332,32 @@ fn run(
         cpu_seconds,
         peak_rss_kib,
     })
+}
+
+/// Hashes a stream to its end.
+fn sink_digest(mut stream: impl Read) -> std::io::Result<(u64, blake3::Hash)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+/// Writes `size` bytes of `block` repeated.
+fn source_write(stream: &mut impl Write, block: &[u8], size: u64) -> std::io::Result<()> {
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        stream.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// utime + stime of a process, in seconds.

@@ -1,0 +1,147 @@
+//! The two-daemon route: the stream enters the source daemon on a unix socket (as from QEMU's
+//! `migrate`), crosses TCP to the destination daemon, and leaves on a unix socket (as into
+//! QEMU's `-incoming`). CPU is the sum of both daemons'.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{BenchError, Sample, cpu_seconds, peak_rss, sink_digest, source_write};
+
+struct Daemon {
+    child: Child,
+    api: std::path::PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(
+    migproxy: &Path,
+    dir: &Path,
+    name: &str,
+    tls: Option<&Path>,
+) -> Result<Daemon, BenchError> {
+    let api = dir.join(format!("{name}.sock"));
+    let mut command = Command::new(migproxy);
+    command
+        .arg("daemon")
+        .arg("--api")
+        .arg(&api)
+        .args(["--peer-listen", "127.0.0.1:0"])
+        .arg("--runtime-dir")
+        .arg(dir.join(format!("{name}-run")));
+    match tls {
+        Some(tls) => command.arg("--tls-dir").arg(tls),
+        None => command.arg("--insecure-plaintext"),
+    };
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let daemon = Daemon { child, api };
+    let started = Instant::now();
+    while UnixStream::connect(&daemon.api).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(format!("migproxy daemon {name} did not start").into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(daemon)
+}
+
+/// POST a JSON body to a daemon's API; the response body.
+fn post(api: &Path, body: &str) -> Result<String, BenchError> {
+    let mut stream = UnixStream::connect(api)?;
+    write!(
+        stream,
+        "POST /v1/migrations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 201") => Ok(body.to_owned()),
+        _ => Err(format!("the daemon refused: {response}").into()),
+    }
+}
+
+/// The string value of `key` in a flat JSON object (enough for the API's answers).
+fn field(json: &str, key: &str) -> Option<String> {
+    let start = json.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let end = json[start..].find('"')? + start;
+    Some(json[start..end].to_owned())
+}
+
+pub fn run(
+    tls: bool,
+    migproxy: &Path,
+    block: &[u8],
+    size: u64,
+    expected: blake3::Hash,
+) -> Result<Sample, BenchError> {
+    let dir = std::env::temp_dir().join(format!("migproxy-bench-d{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let pki = dir.join("pki");
+    if tls {
+        crate::pki::write(&pki)?;
+    }
+    let tls_dir = tls.then_some(pki.as_path());
+    let source = start(migproxy, &dir, "source", tls_dir)?;
+    let destination = start(migproxy, &dir, "destination", tls_dir)?;
+    let target = dir.join("incoming.sock");
+    let sink = UnixListener::bind(&target)?;
+    let incoming = post(
+        &destination.api,
+        &format!(
+            "{{\"direction\":\"incoming\",\"id\":\"bench\",\"target\":\"unix:{}\"}}",
+            target.display()
+        ),
+    )?;
+    let (token, peer) = (field(&incoming, "token"), field(&incoming, "peer"));
+    let (Some(token), Some(peer)) = (token, peer) else {
+        return Err(format!("unexpected answer {incoming}").into());
+    };
+    let outgoing = post(
+        &source.api,
+        &format!(
+            "{{\"direction\":\"outgoing\",\"id\":\"bench\",\"token\":\"{token}\",\"peer\":\"{peer}\",\"tls_hostname\":\"localhost\"}}"
+        ),
+    )?;
+    let uri = field(&outgoing, "qemu_uri").ok_or("no qemu_uri")?;
+    let receiver = std::thread::spawn(move || {
+        let (stream, _) = sink.accept()?;
+        sink_digest(stream)
+    });
+    let mut stream = UnixStream::connect(uri.trim_start_matches("unix:"))?;
+    let started = Instant::now();
+    source_write(&mut stream, block, size)?;
+    stream.shutdown(Shutdown::Write)?;
+    let (received, digest) = receiver.join().map_err(|_| "the sink panicked")??;
+    let seconds = started.elapsed().as_secs_f64();
+    if received != size || digest != expected {
+        return Err("two daemons: the sink received different data".into());
+    }
+    let cpu = cpu_seconds(source.child.id())
+        .zip(cpu_seconds(destination.child.id()))
+        .map(|(a, b)| a + b);
+    let rss = peak_rss(source.child.id())
+        .zip(peak_rss(destination.child.id()))
+        .map(|(a, b)| a.max(b));
+    drop((source, destination));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Sample {
+        seconds,
+        cpu_seconds: cpu,
+        peak_rss_kib: rss,
+    })
+}
