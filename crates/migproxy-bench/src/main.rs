@@ -70,18 +70,21 @@ enum Route {
     RelayCopy,
     Socat,
     Haproxy,
+    /// A stunnel client and server: TLS between them.
+    Stunnel,
     /// unix → source daemon → TCP → destination daemon → unix, as QEMU's stream goes.
     Daemons,
     DaemonsTls,
 }
 
 impl Route {
-    const ALL: [Route; 7] = [
+    const ALL: [Route; 8] = [
         Route::Direct,
         Route::Relay,
         Route::RelayCopy,
         Route::Socat,
         Route::Haproxy,
+        Route::Stunnel,
         Route::Daemons,
         Route::DaemonsTls,
     ];
@@ -93,6 +96,7 @@ impl Route {
             Route::RelayCopy => "migproxy relay --no-splice",
             Route::Socat => "socat 1.7",
             Route::Haproxy => "haproxy (splice-auto)",
+            Route::Stunnel => "stunnel pair (TLS)",
             Route::Daemons => "two migproxy daemons, plaintext (unix legs)",
             Route::DaemonsTls => "two migproxy daemons, TLS (unix legs)",
         }
@@ -107,6 +111,7 @@ impl Route {
             }
             Route::Socat => "socat",
             Route::Haproxy => "haproxy",
+            Route::Stunnel => "stunnel4",
         };
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {program}")])
@@ -213,11 +218,14 @@ fn start_proxy(
     migproxy: &Path,
     sink: u16,
     dir: &Path,
-) -> Result<(u16, Option<Child>), BenchError> {
+) -> Result<(u16, Vec<Child>), BenchError> {
     if route == Route::Direct {
-        return Ok((sink, None));
+        return Ok((sink, Vec::new()));
     }
     let port = free_port()?;
+    if route == Route::Stunnel {
+        return stunnel_pair(port, sink, dir);
+    }
     let mut command = match route {
         Route::Relay | Route::RelayCopy => {
             let mut c = Command::new(migproxy);
@@ -248,13 +256,52 @@ fn start_proxy(
             c.arg("-db").arg("-f").arg(config);
             c
         }
-        Route::Direct | Route::Daemons | Route::DaemonsTls => unreachable!("not a TCP proxy"),
+        Route::Direct | Route::Stunnel | Route::Daemons | Route::DaemonsTls => {
+            unreachable!("handled apart")
+        }
     };
     let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    Ok((port, Some(child)))
+    Ok((port, vec![child]))
+}
+
+/// A stunnel client on `port` and a stunnel server in front of the sink, TLS between them.
+fn stunnel_pair(port: u16, sink: u16, dir: &Path) -> Result<(u16, Vec<Child>), BenchError> {
+    let pki = dir.join("pki");
+    pki::write(&pki)?;
+    let middle = free_port()?;
+    let server = dir.join("stunnel-server.conf");
+    std::fs::write(
+        &server,
+        format!(
+            "foreground = yes\npid =\ncert = {}\nkey = {}\n[s]\naccept = 127.0.0.1:{middle}\n\
+             connect = 127.0.0.1:{sink}\n",
+            pki.join("server-cert.pem").display(),
+            pki.join("server-key.pem").display()
+        ),
+    )?;
+    let client = dir.join("stunnel-client.conf");
+    std::fs::write(
+        &client,
+        format!(
+            "foreground = yes\npid =\n[c]\nclient = yes\naccept = 127.0.0.1:{port}\n\
+             connect = 127.0.0.1:{middle}\nCAfile = {}\nverifyChain = yes\n",
+            pki.join("ca-cert.pem").display()
+        ),
+    )?;
+    let mut children = Vec::new();
+    for config in [server, client] {
+        children.push(
+            Command::new("stunnel4")
+                .arg(config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+    }
+    Ok((port, children))
 }
 
 /// Connects, retrying while the proxy starts.
@@ -285,29 +332,14 @@ fn run(
     std::fs::create_dir_all(&dir)?;
     let sink = TcpListener::bind("127.0.0.1:0")?;
     let sink_port = sink.local_addr()?.port();
-    let receiver = std::thread::spawn(move || -> std::io::Result<(u64, blake3::Hash)> {
-        let (mut stream, _) = sink.accept()?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = stream.read(&mut buf)?;
-            if n == 0 {
-                return Ok((total, hasher.finalize()));
-            }
-            hasher.update(&buf[..n]);
-            total += n as u64;
-        }
+    let receiver = std::thread::spawn(move || {
+        let (stream, _) = sink.accept()?;
+        sink_digest(stream)
     });
-    let (port, mut proxy) = start_proxy(route, migproxy, sink_port, &dir)?;
+    let (port, mut proxies) = start_proxy(route, migproxy, sink_port, &dir)?;
     let mut stream = connect(port)?;
     let started = Instant::now();
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(block.len() as u64) as usize;
-        stream.write_all(&block[..n])?;
-        left -= n as u64;
-    }
+    source_write(&mut stream, block, size)?;
     stream.shutdown(Shutdown::Write)?;
     let (received, digest) = receiver.join().map_err(|_| "the sink panicked")??;
     let seconds = started.elapsed().as_secs_f64();
@@ -318,11 +350,11 @@ fn run(
         )
         .into());
     }
-    let (cpu_seconds, peak_rss_kib) = match &proxy {
-        Some(child) => (cpu_seconds(child.id()), peak_rss(child.id())),
-        None => (None, None),
-    };
-    if let Some(child) = &mut proxy {
+    // Every process of the proxy counts (both ends of a stunnel pair).
+    let cpu: Option<Vec<f64>> = proxies.iter().map(|c| cpu_seconds(c.id())).collect();
+    let cpu_seconds = cpu.filter(|c| !c.is_empty()).map(|c| c.iter().sum());
+    let peak_rss_kib = proxies.iter().filter_map(|c| peak_rss(c.id())).max();
+    for child in &mut proxies {
         let _ = child.kill();
         let _ = child.wait();
     }
