@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::{BenchError, Sample, cpu_seconds, peak_rss, sink_digest, source_write};
 
-struct Daemon {
-    child: Child,
-    api: std::path::PathBuf,
+pub struct Daemon {
+    pub child: Child,
+    pub api: std::path::PathBuf,
 }
 
 impl Drop for Daemon {
@@ -23,7 +23,7 @@ impl Drop for Daemon {
     }
 }
 
-fn start(
+pub fn start(
     migproxy: &Path,
     dir: &Path,
     name: &str,
@@ -57,25 +57,25 @@ fn start(
     Ok(daemon)
 }
 
-/// POST a JSON body to a daemon's API; the response body.
-fn post(api: &Path, body: &str) -> Result<String, BenchError> {
+/// POST a JSON body to a daemon's API; the response body of a 2xx answer.
+pub fn post(api: &Path, path: &str, body: &str) -> Result<String, BenchError> {
     let mut stream = UnixStream::connect(api)?;
     write!(
         stream,
-        "POST /v1/migrations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 201") => Ok(body.to_owned()),
+        Some((head, body)) if head.starts_with("HTTP/1.1 2") => Ok(body.to_owned()),
         _ => Err(format!("the daemon refused: {response}").into()),
     }
 }
 
 /// The string value of `key` in a flat JSON object (enough for the API's answers).
-fn field(json: &str, key: &str) -> Option<String> {
+pub fn field(json: &str, key: &str) -> Option<String> {
     let start = json.find(&format!("\"{key}\":\""))? + key.len() + 4;
     let end = json[start..].find('"')? + start;
     Some(json[start..end].to_owned())
@@ -102,6 +102,7 @@ pub fn run(
     let sink = UnixListener::bind(&target)?;
     let incoming = post(
         &destination.api,
+        "/v1/migrations",
         &format!(
             "{{\"direction\":\"incoming\",\"id\":\"bench\",\"target\":\"unix:{}\"}}",
             target.display()
@@ -113,6 +114,7 @@ pub fn run(
     };
     let outgoing = post(
         &source.api,
+        "/v1/migrations",
         &format!(
             "{{\"direction\":\"outgoing\",\"id\":\"bench\",\"token\":\"{token}\",\"peer\":\"{peer}\",\"tls_hostname\":\"localhost\"}}"
         ),

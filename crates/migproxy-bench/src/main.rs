@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
+mod cancel;
 mod daemons;
 mod pki;
 
@@ -45,6 +46,14 @@ enum Bench {
         #[arg(long)]
         smoke: bool,
         /// Where to write the markdown table.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Cancel latency under full load, through two daemons.
+    Cancel {
+        /// How many migrations to cancel.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -132,14 +141,21 @@ struct Sample {
 
 fn main() {
     let cli = Cli::parse();
-    let Bench::Synthetic {
-        size,
-        reps,
-        smoke,
-        out,
-    } = cli.command;
-    let (size, reps) = if smoke { (128 << 20, 1) } else { (size, reps) };
-    if let Err(error) = synthetic(size, reps, &out) {
+    let result = match cli.command {
+        Bench::Synthetic {
+            size,
+            reps,
+            smoke,
+            out,
+        } => {
+            let (size, reps) = if smoke { (128 << 20, 1) } else { (size, reps) };
+            synthetic(size, reps, &out)
+        }
+        Bench::Cancel { count, out } => {
+            sibling("migproxy").and_then(|migproxy| cancel::run(&migproxy, count, &out))
+        }
+    };
+    if let Err(error) = result {
         eprintln!("migproxy-bench: {error}");
         std::process::exit(1);
     }

@@ -1,0 +1,101 @@
+//! Cancel latency under full load: a stream runs at full speed through two daemons; the
+//! source daemon's API cancels it; the time until both ends of the stream (the source QEMU's
+//! socket and the destination QEMU's) have seen their connection end.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::BenchError;
+use crate::daemons::{self, field};
+
+pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> {
+    let dir = std::env::temp_dir().join(format!("migproxy-bench-c{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let source = daemons::start(migproxy, &dir, "source", None)?;
+    let destination = daemons::start(migproxy, &dir, "destination", None)?;
+    let block = vec![0x5a_u8; 1 << 20];
+    let mut latencies = Vec::with_capacity(count);
+    for n in 0..count {
+        let target = dir.join(format!("in-{n}.sock"));
+        let sink = UnixListener::bind(&target)?;
+        let id = format!("cancel-{n}");
+        let incoming = daemons::post(
+            &destination.api,
+            "/v1/migrations",
+            &format!(
+                "{{\"direction\":\"incoming\",\"id\":\"{id}\",\"target\":\"unix:{}\"}}",
+                target.display()
+            ),
+        )?;
+        let (token, peer) = (field(&incoming, "token"), field(&incoming, "peer"));
+        let (Some(token), Some(peer)) = (token, peer) else {
+            return Err(format!("unexpected answer {incoming}").into());
+        };
+        let outgoing = daemons::post(
+            &source.api,
+            "/v1/migrations",
+            &format!(
+                "{{\"direction\":\"outgoing\",\"id\":\"{id}\",\"token\":\"{token}\",\"peer\":\"{peer}\"}}"
+            ),
+        )?;
+        let uri = field(&outgoing, "qemu_uri").ok_or("no qemu_uri")?;
+        let (ended, ends) = mpsc::channel::<Instant>();
+        // The destination QEMU stand-in reads as fast as it can, until its connection ends.
+        let sink_ended = ended.clone();
+        let reader = std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = sink.accept() {
+                let mut buf = vec![0u8; 1 << 20];
+                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+            }
+            let _ = sink_ended.send(Instant::now());
+        });
+        // The source QEMU stand-in writes as fast as it can, until its connection ends.
+        let mut stream = UnixStream::connect(uri.trim_start_matches("unix:"))?;
+        let writer_block = block.clone();
+        let writer = std::thread::spawn(move || {
+            while stream.write_all(&writer_block).is_ok() {}
+            let _ = ended.send(Instant::now());
+        });
+        std::thread::sleep(Duration::from_millis(100)); // full speed by now
+        let asked = Instant::now();
+        daemons::post(&source.api, &format!("/v1/migrations/{id}/cancel"), "")?;
+        let mut last = asked;
+        for _ in 0..2 {
+            let at = ends
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| format!("{id}: a socket was still open 10 s after the cancel"))?;
+            last = last.max(at);
+        }
+        let _ = (reader.join(), writer.join());
+        latencies.push(last.duration_since(asked).as_secs_f64());
+        let _ = std::fs::remove_file(&target);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let percentile = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    let table = format!(
+        "# Cancel latency under full load, {count} cancels\n\n\
+         From the source daemon's cancel API call to both stream ends closed (source and\n\
+         destination QEMU stand-ins), two daemons on loopback, plaintext.\n\n\
+         | p50 | p90 | p99 | max | target p99 |\n| --- | --- | --- | --- | --- |\n\
+         | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | < 100 ms: {} |\n",
+        percentile(0.5) * 1e3,
+        percentile(0.9) * 1e3,
+        percentile(0.99) * 1e3,
+        latencies[latencies.len() - 1] * 1e3,
+        if percentile(0.99) < 0.1 {
+            "holds"
+        } else {
+            "NOT met"
+        },
+    );
+    println!("{table}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("cancel.md"), table)?;
+    drop((source, destination));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
