@@ -19,6 +19,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
 mod cancel;
+mod concurrency;
 mod daemons;
 mod pki;
 
@@ -46,6 +47,14 @@ enum Bench {
         #[arg(long)]
         smoke: bool,
         /// Where to write the markdown table.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// 1, 4 and 16 simultaneous streams through one pair of daemons: total and fairness.
+    Concurrency {
+        /// Bytes per stream.
+        #[arg(long, default_value = "256M", value_parser = size)]
+        size: u64,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -151,6 +160,8 @@ fn main() {
             let (size, reps) = if smoke { (128 << 20, 1) } else { (size, reps) };
             synthetic(size, reps, &out)
         }
+        Bench::Concurrency { size, out } => sibling("migproxy")
+            .and_then(|migproxy| concurrency::run(&migproxy, size, &[1, 4, 16], &out)),
         Bench::Cancel { count, out } => {
             sibling("migproxy").and_then(|migproxy| cancel::run(&migproxy, count, &out))
         }

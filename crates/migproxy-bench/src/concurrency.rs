@@ -1,0 +1,102 @@
+//! Concurrency: 1, 4 and 16 simultaneous streams through one pair of daemons (one migration
+//! each), the total throughput and how fairly it is shared (Jain's index).
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Instant;
+
+use crate::daemons::{self, field};
+use crate::{BenchError, sink_digest, source_write};
+
+pub fn run(
+    migproxy: &Path,
+    per_stream: u64,
+    counts: &[usize],
+    out: &Path,
+) -> Result<(), BenchError> {
+    let dir = std::env::temp_dir().join(format!("migproxy-bench-n{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let source = daemons::start(migproxy, &dir, "source", None)?;
+    let destination = daemons::start(migproxy, &dir, "destination", None)?;
+    let block = vec![0xa5_u8; 16 << 20];
+    let mut table = format!(
+        "# Concurrent streams through one pair of daemons, {} each\n\n\
+         | streams | total GiB/s | slowest stream GiB/s | fastest GiB/s | Jain's index |\n\
+         | --- | --- | --- | --- | --- |\n",
+        crate::human(per_stream)
+    );
+    let mut round = 0;
+    for &count in counts {
+        let mut sockets = Vec::new();
+        for _ in 0..count {
+            round += 1;
+            let id = format!("s{round}");
+            let target = dir.join(format!("{id}.sock"));
+            let sink = UnixListener::bind(&target)?;
+            let body = format!(
+                "{{\"direction\":\"incoming\",\"id\":\"{id}\",\"target\":\"unix:{}\"}}",
+                target.display()
+            );
+            let incoming = daemons::post(&destination.api, "/v1/migrations", &body)?;
+            let (Some(token), Some(peer)) = (field(&incoming, "token"), field(&incoming, "peer"))
+            else {
+                return Err(format!("unexpected answer {incoming}").into());
+            };
+            let body = format!(
+                "{{\"direction\":\"outgoing\",\"id\":\"{id}\",\"token\":\"{token}\",\"peer\":\"{peer}\"}}"
+            );
+            let outgoing = daemons::post(&source.api, "/v1/migrations", &body)?;
+            let uri = field(&outgoing, "qemu_uri").ok_or("no qemu_uri")?;
+            sockets.push((sink, uri));
+        }
+        let started = Instant::now();
+        let mut streams = Vec::new();
+        for (sink, uri) in sockets {
+            let block = block.clone();
+            streams.push(std::thread::spawn(move || -> Result<f64, String> {
+                let receiver = std::thread::spawn(move || {
+                    let (stream, _) = sink.accept().map_err(|e| e.to_string())?;
+                    sink_digest(stream).map_err(|e| e.to_string())
+                });
+                let mut stream = UnixStream::connect(uri.trim_start_matches("unix:"))
+                    .map_err(|e| e.to_string())?;
+                let begun = Instant::now();
+                source_write(&mut stream, &block, per_stream).map_err(|e| e.to_string())?;
+                stream
+                    .shutdown(std::net::Shutdown::Write)
+                    .map_err(|e| e.to_string())?;
+                let (received, _) = receiver.join().map_err(|_| "sink panicked")??;
+                if received != per_stream {
+                    return Err(format!("received {received} of {per_stream} bytes"));
+                }
+                Ok(crate::gib(per_stream) / begun.elapsed().as_secs_f64())
+            }));
+        }
+        let rates: Vec<f64> = streams
+            .into_iter()
+            .map(|s| {
+                s.join()
+                    .map_err(|_| "a stream panicked".to_owned())
+                    .and_then(|r| r)
+            })
+            .collect::<Result<_, _>>()?;
+        let total = crate::gib(per_stream * count as u64) / started.elapsed().as_secs_f64();
+        let sum: f64 = rates.iter().sum();
+        let squares: f64 = rates.iter().map(|r| r * r).sum();
+        let jain = sum * sum / (rates.len() as f64 * squares);
+        let (slowest, fastest) = rates
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        eprintln!("{count:>2} streams: {total:.2} GiB/s in total, Jain {jain:.3}");
+        table.push_str(&format!(
+            "| {count} | {total:.2} | {slowest:.2} | {fastest:.2} | {jain:.3} |\n"
+        ));
+    }
+    println!("{table}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("concurrency.md"), &table)?;
+    drop((source, destination));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
