@@ -22,6 +22,7 @@ mod cancel;
 mod concurrency;
 mod daemons;
 mod pki;
+mod qemu;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,6 +56,17 @@ enum Bench {
         /// Bytes per stream.
         #[arg(long, default_value = "256M", value_parser = size)]
         size: u64,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Real QEMU migrations, interleaved: direct, migproxy (plaintext, TLS), QEMU's own TLS,
+    /// socat, and multifd direct against migproxy.
+    Qemu {
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -162,6 +174,9 @@ fn main() {
         }
         Bench::Concurrency { size, out } => sibling("migproxy")
             .and_then(|migproxy| concurrency::run(&migproxy, size, &[1, 4, 16], &out)),
+        Bench::Qemu { mib, reps, out } => {
+            sibling("migproxy").and_then(|migproxy| qemu::run(&migproxy, mib, reps, &out))
+        }
         Bench::Cancel { count, out } => {
             sibling("migproxy").and_then(|migproxy| cancel::run(&migproxy, count, &out))
         }

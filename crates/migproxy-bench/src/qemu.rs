@@ -1,0 +1,345 @@
+//! Real QEMU migrations, interleaved: direct TCP, through two migproxy daemons in plaintext
+//! and with TLS, QEMU's own TLS, and socat; plus multifd (4 channels) direct against through
+//! migproxy. A paused guest whose RAM is one random file (written once, reused: a freshly
+//! written file makes every migration slow), an anonymous destination RAM, the RAM compared by
+//! `pmemsave` digest after every run. Timed from `migrate` to `completed` here (a paused
+//! guest's `total-time` is not reliable).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use migproxy::qmp::Qmp;
+use serde_json::{Value, json};
+
+use crate::BenchError;
+use crate::daemons::{self, field};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path_ {
+    DirectTcp,
+    Daemons,
+    DaemonsTls,
+    QemuTls,
+    Socat,
+    MultifdDirect,
+    MultifdDaemons,
+}
+
+impl Path_ {
+    const ALL: [Path_; 7] = [
+        Path_::DirectTcp,
+        Path_::Daemons,
+        Path_::DaemonsTls,
+        Path_::QemuTls,
+        Path_::Socat,
+        Path_::MultifdDirect,
+        Path_::MultifdDaemons,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path_::DirectTcp => "direct TCP",
+            Path_::Daemons => "two migproxy daemons, plaintext",
+            Path_::DaemonsTls => "two migproxy daemons, TLS",
+            Path_::QemuTls => "QEMU native TLS (x509)",
+            Path_::Socat => "socat (unix → TCP)",
+            Path_::MultifdDirect => "multifd ×4, direct TCP",
+            Path_::MultifdDaemons => "multifd ×4, two migproxy daemons",
+        }
+    }
+}
+
+struct Vm {
+    qmp: Qmp,
+    child: Child,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn accel() -> &'static str {
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if usable { "kvm" } else { "tcg" }
+}
+
+async fn vm(dir: &Path, name: &str, mib: u64, ram: Option<&Path>) -> Result<Vm, BenchError> {
+    let qmp = dir.join(format!("{name}.qmp"));
+    let backend = match ram {
+        Some(file) => format!(
+            "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off",
+            file.display()
+        ),
+        None => format!("memory-backend-ram,id=mem,size={mib}M"),
+    };
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args([
+            "-accel",
+            accel(),
+            "-M",
+            "pc",
+            "-m",
+            &format!("{mib}M"),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+        ])
+        .args(["-machine", "memory-backend=mem", "-object", &backend])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if ram.is_none() {
+        command.args(["-incoming", "defer"]);
+    }
+    let child = command.spawn()?;
+    let started = Instant::now();
+    loop {
+        match Qmp::connect(&qmp).await {
+            Ok(qmp) => return Ok(Vm { qmp, child }),
+            Err(_) if started.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+fn free_port() -> Result<u16, BenchError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn digest(
+    vm: &mut Vm,
+    dir: &Path,
+    name: &str,
+    size: u64,
+) -> Result<blake3::Hash, BenchError> {
+    let path = dir.join(format!("{name}.dump"));
+    vm.qmp
+        .execute(
+            "pmemsave",
+            json!({"val": 0, "size": size, "filename": path.display().to_string()}),
+        )
+        .await?;
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(&mut std::fs::File::open(&path)?, &mut hasher)?;
+    std::fs::remove_file(&path)?;
+    Ok(hasher.finalize())
+}
+
+/// One migration along `path`; its wall time in seconds.
+async fn once(
+    path: Path_,
+    migproxy: &Path,
+    dir: &Path,
+    ram: &Path,
+    mib: u64,
+    pki: &Path,
+) -> Result<f64, BenchError> {
+    let mut src = vm(dir, "src", mib, Some(ram)).await?;
+    let mut dst = vm(dir, "dst", mib, None).await?;
+    let multifd = matches!(path, Path_::MultifdDirect | Path_::MultifdDaemons);
+    for vm in [&mut src, &mut dst] {
+        if multifd {
+            let caps = json!({"capabilities": [{"capability": "multifd", "state": true}]});
+            vm.qmp.execute("migrate-set-capabilities", caps).await?;
+            vm.qmp
+                .execute("migrate-set-parameters", json!({"multifd-channels": 4}))
+                .await?;
+        }
+    }
+    src.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 107_374_182_400u64}),
+        )
+        .await?;
+    let mut helpers: Vec<daemons::Daemon> = Vec::new();
+    let mut socat: Option<Child> = None;
+    let uri = match path {
+        Path_::DirectTcp | Path_::QemuTls | Path_::MultifdDirect => {
+            if path == Path_::QemuTls {
+                for (vm, endpoint) in [(&mut src, "client"), (&mut dst, "server")] {
+                    let mut creds = json!({"qom-type": "tls-creds-x509", "id": "tls0",
+                                           "dir": pki.display().to_string(), "endpoint": endpoint});
+                    if endpoint == "server" {
+                        creds["verify-peer"] = json!(true);
+                    }
+                    vm.qmp.execute("object-add", creds).await?;
+                }
+                dst.qmp
+                    .execute("migrate-set-parameters", json!({"tls-creds": "tls0"}))
+                    .await?;
+                src.qmp
+                    .execute(
+                        "migrate-set-parameters",
+                        json!({"tls-creds": "tls0", "tls-hostname": "localhost"}),
+                    )
+                    .await?;
+            }
+            let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+            dst.qmp
+                .execute("migrate-incoming", json!({"uri": uri}))
+                .await?;
+            uri
+        }
+        Path_::Socat => {
+            let port = free_port()?;
+            dst.qmp
+                .execute(
+                    "migrate-incoming",
+                    json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+                )
+                .await?;
+            let listen = dir.join("socat.sock");
+            let _ = std::fs::remove_file(&listen);
+            // One connection, no probe: the socket file appearing means socat listens.
+            socat = Some(
+                Command::new("socat")
+                    .arg(format!("UNIX-LISTEN:{}", listen.display()))
+                    .arg(format!("TCP:127.0.0.1:{port}"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            );
+            while !listen.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            format!("unix:{}", listen.display())
+        }
+        Path_::Daemons | Path_::DaemonsTls | Path_::MultifdDaemons => {
+            let tls = (path == Path_::DaemonsTls).then_some(pki);
+            let source = daemons::start(migproxy, dir, "srcd", tls)?;
+            let destination = daemons::start(migproxy, dir, "dstd", tls)?;
+            let target = format!("unix:{}", dir.join("incoming.sock").display());
+            dst.qmp
+                .execute("migrate-incoming", json!({"uri": target}))
+                .await?;
+            let incoming = daemons::post(
+                &destination.api,
+                "/v1/migrations",
+                &format!("{{\"direction\":\"incoming\",\"id\":\"q\",\"target\":\"{target}\"}}"),
+            )?;
+            let (Some(token), Some(peer)) = (field(&incoming, "token"), field(&incoming, "peer"))
+            else {
+                return Err(format!("unexpected answer {incoming}").into());
+            };
+            let outgoing = daemons::post(
+                &source.api,
+                "/v1/migrations",
+                &format!(
+                    "{{\"direction\":\"outgoing\",\"id\":\"q\",\"token\":\"{token}\",\"peer\":\"{peer}\",\"tls_hostname\":\"localhost\"}}"
+                ),
+            )?;
+            helpers.push(source);
+            helpers.push(destination);
+            field(&outgoing, "qemu_uri").ok_or("no qemu_uri")?
+        }
+    };
+    let started = Instant::now();
+    src.qmp.execute("migrate", json!({"uri": uri})).await?;
+    let status = loop {
+        let info: Value = src.qmp.execute("query-migrate", Value::Null).await?;
+        match info["status"].as_str() {
+            Some("completed") => break "completed".to_owned(),
+            Some("failed") | Some("cancelled") => break format!("{info}"),
+            _ if started.elapsed() > Duration::from_secs(300) => break "timed out".to_owned(),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if status != "completed" {
+        return Err(format!("{}: {status}", path.name()).into());
+    }
+    let size = mib << 20;
+    if digest(&mut src, dir, "src", size).await? != digest(&mut dst, dir, "dst", size).await? {
+        return Err(format!("{}: destination RAM differs", path.name()).into());
+    }
+    if let Some(mut socat) = socat {
+        let _ = socat.kill();
+        let _ = socat.wait();
+    }
+    drop(helpers);
+    Ok(seconds)
+}
+
+pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), BenchError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let dir: PathBuf = std::env::temp_dir().join(format!("migproxy-bench-q{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let pki = dir.join("pki");
+        crate::pki::write(&pki)?;
+        let ram = dir.join("ram.img");
+        {
+            use rand::{RngCore, SeedableRng};
+            use std::io::Write;
+            let mut file = std::fs::File::create(&ram)?;
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+            let mut block = vec![0u8; 1 << 20];
+            for _ in 0..mib {
+                rng.fill_bytes(&mut block);
+                file.write_all(&block)?;
+            }
+            file.sync_all()?;
+        }
+        let socat_here = Command::new("sh").args(["-c", "command -v socat"]).stdout(Stdio::null()).status()?.success();
+        let paths: Vec<Path_> = Path_::ALL.into_iter().filter(|p| *p != Path_::Socat || socat_here).collect();
+        let mut times: Vec<(Path_, Vec<f64>)> = paths.iter().map(|p| (*p, Vec::new())).collect();
+        for rep in 0..reps {
+            for (path, runs) in &mut times {
+                let seconds = once(*path, migproxy, &dir, &ram, mib, &pki).await?;
+                eprintln!("rep {}/{reps} {:<36} {seconds:.2} s", rep + 1, path.name());
+                runs.push(seconds);
+            }
+        }
+        let direct = median(times.iter().find(|(p, _)| *p == Path_::DirectTcp).map(|(_, t)| t.clone()).unwrap_or_default());
+        let mut table = format!(
+            "# Real QEMU, {mib} MiB of random guest RAM, paused guest ({}), {reps} interleaved repetitions\n\n\
+             Wall time from `migrate` to `completed`, destination RAM verified equal every run.\n\n\
+             | path | median s | min–max s | × direct TCP time |\n| --- | --- | --- | --- |\n",
+            accel().to_uppercase()
+        );
+        for (path, runs) in &times {
+            let mut sorted = runs.clone();
+            sorted.sort_by(f64::total_cmp);
+            let med = median(runs.clone());
+            table.push_str(&format!(
+                "| {} | {med:.2} | {:.2}–{:.2} | {:.2} |\n",
+                path.name(),
+                sorted[0],
+                sorted[sorted.len() - 1],
+                med / direct
+            ));
+        }
+        println!("{table}");
+        std::fs::create_dir_all(out)?;
+        std::fs::write(out.join("qemu.md"), table)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
