@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use migproxy::qmp::Qmp;
+use migproxy::vm::{Ram, Vm, accel, random_ram_file};
 use serde_json::{Value, json};
 
 use crate::BenchError;
@@ -50,94 +50,10 @@ impl Path_ {
     }
 }
 
-struct Vm {
-    qmp: Qmp,
-    child: Child,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn accel() -> &'static str {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if usable { "kvm" } else { "tcg" }
-}
-
-async fn vm(dir: &Path, name: &str, mib: u64, ram: Option<&Path>) -> Result<Vm, BenchError> {
-    let qmp = dir.join(format!("{name}.qmp"));
-    let backend = match ram {
-        Some(file) => format!(
-            "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off",
-            file.display()
-        ),
-        None => format!("memory-backend-ram,id=mem,size={mib}M"),
-    };
-    let mut command = Command::new("qemu-system-x86_64");
-    command
-        .args([
-            "-accel",
-            accel(),
-            "-M",
-            "pc",
-            "-m",
-            &format!("{mib}M"),
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-        ])
-        .args(["-machine", "memory-backend=mem", "-object", &backend])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if ram.is_none() {
-        command.args(["-incoming", "defer"]);
-    }
-    let child = command.spawn()?;
-    let started = Instant::now();
-    loop {
-        match Qmp::connect(&qmp).await {
-            Ok(qmp) => return Ok(Vm { qmp, child }),
-            Err(_) if started.elapsed() < Duration::from_secs(20) => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
-}
-
 fn free_port() -> Result<u16, BenchError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-async fn digest(
-    vm: &mut Vm,
-    dir: &Path,
-    name: &str,
-    size: u64,
-) -> Result<blake3::Hash, BenchError> {
-    let path = dir.join(format!("{name}.dump"));
-    vm.qmp
-        .execute(
-            "pmemsave",
-            json!({"val": 0, "size": size, "filename": path.display().to_string()}),
-        )
-        .await?;
-    let mut hasher = blake3::Hasher::new();
-    std::io::copy(&mut std::fs::File::open(&path)?, &mut hasher)?;
-    std::fs::remove_file(&path)?;
-    Ok(hasher.finalize())
 }
 
 /// One migration along `path`; its wall time in seconds.
@@ -149,8 +65,11 @@ async fn once(
     mib: u64,
     pki: &Path,
 ) -> Result<f64, BenchError> {
-    let mut src = vm(dir, "src", mib, Some(ram)).await?;
-    let mut dst = vm(dir, "dst", mib, None).await?;
+    // Fresh names every run: the previous run's QEMUs may still be on their way out.
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut src = Vm::start(dir, &format!("src{run}"), Ram::File(ram), mib, None).await?;
+    let mut dst = Vm::start(dir, &format!("dst{run}"), Ram::Anonymous, mib, None).await?;
     let multifd = matches!(path, Path_::MultifdDirect | Path_::MultifdDaemons);
     for vm in [&mut src, &mut dst] {
         if multifd {
@@ -204,7 +123,7 @@ async fn once(
                     json!({"uri": format!("tcp:127.0.0.1:{port}")}),
                 )
                 .await?;
-            let listen = dir.join("socat.sock");
+            let listen = dir.join(format!("socat{run}.sock"));
             let _ = std::fs::remove_file(&listen);
             // One connection, no probe: the socket file appearing means socat listens.
             socat = Some(
@@ -224,7 +143,7 @@ async fn once(
             let tls = (path == Path_::DaemonsTls).then_some(pki);
             let source = daemons::start(migproxy, dir, "srcd", tls)?;
             let destination = daemons::start(migproxy, dir, "dstd", tls)?;
-            let target = format!("unix:{}", dir.join("incoming.sock").display());
+            let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
             dst.qmp
                 .execute("migrate-incoming", json!({"uri": target}))
                 .await?;
@@ -265,7 +184,7 @@ async fn once(
         return Err(format!("{}: {status}", path.name()).into());
     }
     let size = mib << 20;
-    if digest(&mut src, dir, "src", size).await? != digest(&mut dst, dir, "dst", size).await? {
+    if src.ram_digest(dir, "src", size).await? != dst.ram_digest(dir, "dst", size).await? {
         return Err(format!("{}: destination RAM differs", path.name()).into());
     }
     if let Some(mut socat) = socat {
@@ -287,21 +206,12 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
         let pki = dir.join("pki");
         crate::pki::write(&pki)?;
         let ram = dir.join("ram.img");
-        {
-            use rand::{RngCore, SeedableRng};
-            use std::io::Write;
-            let mut file = std::fs::File::create(&ram)?;
-            let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
-            let mut block = vec![0u8; 1 << 20];
-            for _ in 0..mib {
-                rng.fill_bytes(&mut block);
-                file.write_all(&block)?;
-            }
-            file.sync_all()?;
-        }
+        random_ram_file(&ram, mib, 11)?;
         let socat_here = Command::new("sh").args(["-c", "command -v socat"]).stdout(Stdio::null()).status()?.success();
         let paths: Vec<Path_> = Path_::ALL.into_iter().filter(|p| *p != Path_::Socat || socat_here).collect();
         let mut times: Vec<(Path_, Vec<f64>)> = paths.iter().map(|p| (*p, Vec::new())).collect();
+        // One discarded run first: it pages the RAM file in and warms QEMU up.
+        once(Path_::DirectTcp, migproxy, &dir, &ram, mib, &pki).await?;
         for rep in 0..reps {
             for (path, runs) in &mut times {
                 let seconds = once(*path, migproxy, &dir, &ram, mib, &pki).await?;

@@ -17,3 +17,4 @@ pub mod qmp;
 pub mod relay;
 pub mod tls;
 pub mod transport;
+pub mod vm;

@@ -5,118 +5,16 @@
 //! proves that every byte crossed. The guest is paused (`-S`): no OS image is needed.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
-use tokio::process::{Child, Command};
 
 use super::demo::{DemoDaemon, DemoError, wait_final};
 use crate::human::{Bytes, Elapsed};
 use crate::qmp::Qmp;
+use crate::vm::{Ram, Vm, accel, random_ram_file};
 
-const QEMU: &str = "qemu-system-x86_64";
-
-/// Whether QEMU can be run here.
-pub fn available() -> bool {
-    std::process::Command::new(QEMU)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// KVM when /dev/kvm can be used, else TCG.
-fn accel() -> &'static str {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if usable { "kvm" } else { "tcg" }
-}
-
-/// A paused QEMU and its QMP session; killed when dropped.
-struct Vm {
-    qmp: Qmp,
-    _child: Child,
-}
-
-impl Vm {
-    async fn start(
-        dir: &Path,
-        name: &str,
-        mib: u64,
-        ram_file: Option<&Path>,
-    ) -> Result<Vm, DemoError> {
-        let qmp_path = dir.join(format!("{name}.qmp"));
-        let backend = match ram_file {
-            Some(file) => format!(
-                "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off",
-                file.display()
-            ),
-            None => format!("memory-backend-ram,id=mem,size={mib}M"),
-        };
-        let mut command = Command::new(QEMU);
-        command
-            .args(["-accel", accel(), "-M", "pc", "-m", &format!("{mib}M")])
-            .args(["-nodefaults", "-display", "none", "-S"])
-            .args(["-machine", "memory-backend=mem", "-object", &backend])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        if ram_file.is_none() {
-            command.args(["-incoming", "defer"]);
-        }
-        let child = command.spawn()?;
-        let started = Instant::now();
-        loop {
-            match Qmp::connect(&qmp_path).await {
-                Ok(qmp) => return Ok(Vm { qmp, _child: child }),
-                Err(_) if started.elapsed() < Duration::from_secs(20) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
-    }
-
-    /// blake3 of guest memory 0..size, through `pmemsave`.
-    async fn ram_digest(
-        &mut self,
-        dir: &Path,
-        name: &str,
-        size: u64,
-    ) -> Result<blake3::Hash, DemoError> {
-        let path = dir.join(format!("{name}.ram"));
-        let args = json!({"val": 0, "size": size, "filename": path.display().to_string()});
-        self.qmp.execute("pmemsave", args).await?;
-        let mut hasher = blake3::Hasher::new();
-        let mut file = std::fs::File::open(&path)?;
-        std::io::copy(&mut file, &mut hasher)?;
-        std::fs::remove_file(&path)?;
-        Ok(hasher.finalize())
-    }
-}
-
-async fn random_file(path: &Path, size: u64) -> Result<(), DemoError> {
-    let mut file = tokio::fs::File::create(path).await?;
-    let mut rng = SmallRng::seed_from_u64(0x6d69_6770_726f_7879);
-    let mut block = vec![0u8; 1 << 20];
-    for _ in 0..size >> 20 {
-        rng.fill_bytes(&mut block);
-        file.write_all(&block).await?;
-    }
-    file.flush().await?;
-    Ok(())
-}
+pub use crate::vm::available;
 
 /// Migrates a paused VM with `size` bytes of random RAM through two daemons.
 pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
@@ -128,9 +26,9 @@ pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
         accel().to_uppercase()
     );
     let ram = dir.join("guest-ram.img");
-    random_file(&ram, size).await?;
-    let mut source_vm = Vm::start(dir, "source-vm", mib, Some(&ram)).await?;
-    let mut destination_vm = Vm::start(dir, "destination-vm", mib, None).await?;
+    random_ram_file(&ram, mib, 0x6d69_6770_726f_7879)?;
+    let mut source_vm = Vm::start(dir, "source-vm", Ram::File(&ram), mib, None).await?;
+    let mut destination_vm = Vm::start(dir, "destination-vm", Ram::Anonymous, mib, None).await?;
     let source_host = DemoDaemon::start(dir, "source").await?;
     let destination_host = DemoDaemon::start(dir, "destination").await?;
 

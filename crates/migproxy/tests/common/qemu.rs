@@ -4,34 +4,19 @@
 //! destination's RAM is anonymous and starts as zeros, so equal RAM afterwards proves that
 //! every byte crossed.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use migproxy::qmp::{Qmp, QmpError};
-use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
+use migproxy::qmp::QmpError;
+use migproxy::vm::{self, Vm};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
 
-pub const QEMU: &str = "qemu-system-x86_64";
+#[allow(unused_imports)]
+pub use migproxy::vm::accel;
 
-/// `kvm` when /dev/kvm can be used, else `tcg`: the tests run either way, never skip.
-pub fn accel() -> &'static str {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if usable { "kvm" } else { "tcg" }
-}
-
-/// A running QEMU, killed when dropped.
+/// A running QEMU, killed when dropped; every failure panics with QEMU's own log.
 pub struct Qemu {
-    pub qmp: Qmp,
-    child: Child,
+    vm: Vm,
     log: PathBuf,
 }
 
@@ -44,50 +29,31 @@ pub enum Ram<'a> {
 
 /// Writes `mib` MiB of pseudo-random bytes to `path`.
 pub fn random_ram_file(path: &Path, mib: u64, seed: u64) {
-    let mut file = File::create(path).unwrap();
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let mut block = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        rng.fill_bytes(&mut block);
-        file.write_all(&block).unwrap();
-    }
+    vm::random_ram_file(path, mib, seed).unwrap();
 }
 
 impl Qemu {
-    /// Starts a paused guest with `mib` MiB of RAM; `incoming` adds `-incoming defer`.
+    /// Starts a paused guest with `mib` MiB of RAM; `incoming` (anonymous RAM) adds
+    /// `-incoming defer`.
     pub async fn start(dir: &Path, name: &str, ram: Ram<'_>, mib: u64, incoming: bool) -> Qemu {
-        let qmp_path = dir.join(format!("{name}.qmp"));
         let log = dir.join(format!("{name}.log"));
-        let backend = match ram {
-            Ram::File(path) => format!(
-                "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off",
-                path.display()
-            ),
-            Ram::Anonymous => format!("memory-backend-ram,id=mem,size={mib}M"),
+        let ram = match ram {
+            Ram::File(path) => vm::Ram::File(path),
+            Ram::Anonymous => vm::Ram::Anonymous,
         };
-        let mut command = Command::new(QEMU);
-        command
-            .args(["-accel", accel(), "-M", "pc", "-m", &format!("{mib}M")])
-            .args(["-nodefaults", "-display", "none", "-S"])
-            .args(["-machine", "memory-backend=mem", "-object", &backend])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .kill_on_drop(true);
-        if incoming {
-            command.args(["-incoming", "defer"]);
+        assert_eq!(
+            incoming,
+            matches!(ram, vm::Ram::Anonymous),
+            "destinations have anonymous RAM"
+        );
+        match Vm::start(dir, name, ram, mib, Some(&log)).await {
+            Ok(vm) => Qemu { vm, log },
+            Err(e) => panic!("{e} (run scripts/test, which installs qemu-system-x86)"),
         }
-        let mut child = command.spawn().unwrap_or_else(|e| {
-            panic!("cannot start {QEMU} ({e}): run scripts/test, which installs qemu-system-x86")
-        });
-        let qmp = connect_qmp(&qmp_path, &mut child, &log).await;
-        Qemu { qmp, child, log }
     }
 
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Value {
-        match self.qmp.execute(command, arguments).await {
+        match self.vm.qmp.execute(command, arguments).await {
             Ok(value) => value,
             Err(e) => panic!("{e}\nQEMU log:\n{}", self.log_text()),
         }
@@ -98,7 +64,7 @@ impl Qemu {
         command: &str,
         arguments: Value,
     ) -> Result<Value, QmpError> {
-        self.qmp.execute(command, arguments).await
+        self.vm.qmp.execute(command, arguments).await
     }
 
     /// Polls `query-migrate` until the status is final; returns the last answer.
@@ -139,27 +105,10 @@ impl Qemu {
 
     /// SIGKILL, as when QEMU crashes.
     pub async fn kill(&mut self) {
-        self.child.kill().await.unwrap();
+        self.vm.kill().await.unwrap();
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-async fn connect_qmp(path: &Path, child: &mut Child, log: &Path) -> Qmp {
-    let start = Instant::now();
-    loop {
-        match Qmp::connect(path).await {
-            Ok(qmp) => return qmp,
-            Err(QmpError::Connect { .. }) if start.elapsed() < Duration::from_secs(30) => {
-                if let Ok(Some(status)) = child.try_wait() {
-                    let log = std::fs::read_to_string(log).unwrap_or_default();
-                    panic!("{QEMU} exited with {status} before QMP was up:\n{log}");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("{e}"),
-        }
+        self.vm.is_running()
     }
 }
