@@ -116,7 +116,7 @@ pub fn run(
         &source.api,
         "/v1/migrations",
         &format!(
-            "{{\"direction\":\"outgoing\",\"id\":\"bench\",\"token\":\"{token}\",\"peer\":\"{peer}\",\"tls_hostname\":\"localhost\"}}"
+            "{{\"direction\":\"outgoing\",\"id\":\"bench\",\"token\":\"{token}\",\"peer\":\"{peer}\"}}"
         ),
     )?;
     let uri = field(&outgoing, "qemu_uri").ok_or("no qemu_uri")?;

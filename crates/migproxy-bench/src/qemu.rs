@@ -160,7 +160,7 @@ async fn once(
                 &source.api,
                 "/v1/migrations",
                 &format!(
-                    "{{\"direction\":\"outgoing\",\"id\":\"q\",\"token\":\"{token}\",\"peer\":\"{peer}\",\"tls_hostname\":\"localhost\"}}"
+                    "{{\"direction\":\"outgoing\",\"id\":\"q\",\"token\":\"{token}\",\"peer\":\"{peer}\"}}"
                 ),
             )?;
             helpers.push(source);

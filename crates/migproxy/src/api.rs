@@ -292,6 +292,12 @@ async fn create_outgoing(
     let token = Token::from_hex(&body.token)
         .ok_or_else(|| ApiError::bad_request("token: expected the 64 hex digits handed out"))?;
     let peer = checked_peer(&body.peer)?;
+    if body.tls_hostname.is_some() && daemon.config.tls.is_none() {
+        return Err(ApiError::bad_request(
+            "tls_hostname: this daemon's peer link is plaintext (no --tls-dir), there is no \
+             certificate to check",
+        ));
+    }
     let request = outgoing::Request {
         id,
         token,

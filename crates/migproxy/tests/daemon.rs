@@ -491,6 +491,11 @@ async fn api_rejects_bad_requests_naming_the_field() {
             json!({"direction": "outgoing", "id": "a", "token": "0".repeat(64), "peer": "nohost"}),
             "peer: missing port",
         ),
+        (
+            json!({"direction": "outgoing", "id": "a", "token": "0".repeat(64), "peer": "h:1",
+                   "tls_hostname": "h"}),
+            "tls_hostname: this daemon's peer link is plaintext",
+        ),
     ];
     for (body, expected) in cases {
         let (status, reply) = daemon

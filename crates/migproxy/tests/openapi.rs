@@ -921,7 +921,6 @@ async fn real_responses_match_the_document() {
         "token": created["token"],
         "peer": created["peer"],
         "recoverable": false,
-        "tls_hostname": "localhost",
     });
     let (status, started) = api
         .call(&source, "POST", CREATE, CREATE, Some(outgoing))
