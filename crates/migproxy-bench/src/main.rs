@@ -132,6 +132,11 @@ impl Route {
         }
     }
 
+    /// A route through another project's proxy (socat, haproxy, stunnel).
+    fn is_peer(self) -> bool {
+        matches!(self, Route::Socat | Route::Haproxy | Route::Stunnel)
+    }
+
     /// The program this route needs, if it is missing here.
     fn missing(self, migproxy: &Path) -> Option<String> {
         let program = match self {
@@ -203,7 +208,15 @@ fn synthetic(size: u64, reps: usize, out: &Path) -> Result<(), BenchError> {
     let mut samples: Vec<(Route, Vec<Sample>)> = routes.iter().map(|r| (*r, Vec::new())).collect();
     for rep in 0..reps {
         for (route, runs) in &mut samples {
-            let sample = run(*route, &migproxy, &block, size, expected)?;
+            let sample = match run(*route, &migproxy, &block, size, expected) {
+                Ok(sample) => sample,
+                // Another project's tool failing is reported, not fatal; migproxy failing is.
+                Err(error) if route.is_peer() => {
+                    eprintln!("rep {}/{reps} {}: FAILED: {error}", rep + 1, route.name());
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             eprintln!(
                 "rep {}/{reps} {:<28} {:>6.2} GiB/s",
                 rep + 1,
@@ -333,16 +346,23 @@ fn stunnel_pair(port: u16, sink: u16, dir: &Path) -> Result<(u16, Vec<Child>), B
             pki.join("ca-cert.pem").display()
         ),
     )?;
-    let mut children = Vec::new();
-    for config in [server, client] {
-        children.push(
-            Command::new("stunnel4")
-                .arg(config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
+    let start = |config: &Path| {
+        Command::new("stunnel4")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    };
+    let mut children = vec![start(&server)?];
+    // The client stunnel drops connections it cannot carry on: the server must listen first.
+    let waited = Instant::now();
+    while TcpStream::connect(("127.0.0.1", middle)).is_err() {
+        if waited.elapsed() > Duration::from_secs(5) {
+            return Err("the stunnel server did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
+    children.push(start(&client)?);
     Ok((port, children))
 }
 
@@ -494,6 +514,10 @@ fn render(samples: &[(Route, Vec<Sample>)], size: u64, reps: usize) -> String {
         .find(|(r, _)| *r == Route::Direct)
         .map(|(_, s)| median(&mut s.iter().map(|s| gib(size) / s.seconds).collect::<Vec<_>>()));
     for (route, runs) in samples {
+        if runs.is_empty() {
+            let _ = writeln!(out, "| {} | failed | - | - | - | - |", route.name());
+            continue;
+        }
         let mut rates: Vec<f64> = runs.iter().map(|s| gib(size) / s.seconds).collect();
         let med = median(&mut rates);
         let (min, max) = (rates[0], rates[rates.len() - 1]);
