@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::BenchError;
-use crate::daemons::{self, field};
+use crate::daemons;
 
 pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> {
     let dir = std::env::temp_dir().join(format!("migproxy-bench-c{}", std::process::id()));
@@ -23,26 +23,12 @@ pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> 
         let target = dir.join(format!("in-{n}.sock"));
         let sink = UnixListener::bind(&target)?;
         let id = format!("cancel-{n}");
-        let incoming = daemons::post(
-            &destination.api,
-            "/v1/migrations",
-            &format!(
-                "{{\"direction\":\"incoming\",\"id\":\"{id}\",\"target\":\"unix:{}\"}}",
-                target.display()
-            ),
+        let socket = daemons::create(
+            &source,
+            &destination,
+            &id,
+            &format!("unix:{}", target.display()),
         )?;
-        let (token, peer) = (field(&incoming, "token"), field(&incoming, "peer"));
-        let (Some(token), Some(peer)) = (token, peer) else {
-            return Err(format!("unexpected answer {incoming}").into());
-        };
-        let outgoing = daemons::post(
-            &source.api,
-            "/v1/migrations",
-            &format!(
-                "{{\"direction\":\"outgoing\",\"id\":\"{id}\",\"token\":\"{token}\",\"peer\":\"{peer}\"}}"
-            ),
-        )?;
-        let uri = field(&outgoing, "qemu_uri").ok_or("no qemu_uri")?;
         let (ended, ends) = mpsc::channel::<Instant>();
         // The destination QEMU stand-in reads as fast as it can, until its connection ends.
         let sink_ended = ended.clone();
@@ -54,7 +40,7 @@ pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> 
             let _ = sink_ended.send(Instant::now());
         });
         // The source QEMU stand-in writes as fast as it can, until its connection ends.
-        let mut stream = UnixStream::connect(uri.trim_start_matches("unix:"))?;
+        let mut stream = UnixStream::connect(socket)?;
         let writer_block = block.clone();
         let writer = std::thread::spawn(move || {
             while stream.write_all(&writer_block).is_ok() {}
@@ -62,7 +48,11 @@ pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> 
         });
         std::thread::sleep(Duration::from_millis(100)); // full speed by now
         let asked = Instant::now();
-        daemons::post(&source.api, &format!("/v1/migrations/{id}/cancel"), "")?;
+        daemons::post(
+            &source.api,
+            &format!("/v1/migrations/{id}/cancel"),
+            &serde_json::Value::Null,
+        )?;
         let mut last = asked;
         for _ in 0..2 {
             let at = ends

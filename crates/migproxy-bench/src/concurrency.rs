@@ -5,7 +5,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Instant;
 
-use crate::daemons::{self, field};
+use crate::daemons;
 use crate::{BenchError, sink_digest, source_write};
 
 pub fn run(
@@ -34,20 +34,12 @@ pub fn run(
             let id = format!("s{round}");
             let target = dir.join(format!("{id}.sock"));
             let sink = UnixListener::bind(&target)?;
-            let body = format!(
-                "{{\"direction\":\"incoming\",\"id\":\"{id}\",\"target\":\"unix:{}\"}}",
-                target.display()
-            );
-            let incoming = daemons::post(&destination.api, "/v1/migrations", &body)?;
-            let (Some(token), Some(peer)) = (field(&incoming, "token"), field(&incoming, "peer"))
-            else {
-                return Err(format!("unexpected answer {incoming}").into());
-            };
-            let body = format!(
-                "{{\"direction\":\"outgoing\",\"id\":\"{id}\",\"token\":\"{token}\",\"peer\":\"{peer}\"}}"
-            );
-            let outgoing = daemons::post(&source.api, "/v1/migrations", &body)?;
-            let uri = field(&outgoing, "qemu_uri").ok_or("no qemu_uri")?;
+            let uri = daemons::create(
+                &source,
+                &destination,
+                &id,
+                &format!("unix:{}", target.display()),
+            )?;
             sockets.push((sink, uri));
         }
         let started = Instant::now();
@@ -59,8 +51,7 @@ pub fn run(
                     let (stream, _) = sink.accept().map_err(|e| e.to_string())?;
                     sink_digest(stream).map_err(|e| e.to_string())
                 });
-                let mut stream = UnixStream::connect(uri.trim_start_matches("unix:"))
-                    .map_err(|e| e.to_string())?;
+                let mut stream = UnixStream::connect(&uri).map_err(|e| e.to_string())?;
                 let begun = Instant::now();
                 source_write(&mut stream, &block, per_stream).map_err(|e| e.to_string())?;
                 stream

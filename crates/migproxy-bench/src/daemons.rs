@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+
 use crate::{BenchError, Sample, cpu_seconds, peak_rss, sink_digest, source_write};
 
 pub struct Daemon {
@@ -57,8 +59,9 @@ pub fn start(
     Ok(daemon)
 }
 
-/// POST a JSON body to a daemon's API; the response body of a 2xx answer.
-pub fn post(api: &Path, path: &str, body: &str) -> Result<String, BenchError> {
+/// POSTs `body` to a daemon's API; the JSON answer of a 2xx response.
+pub fn post(api: &Path, path: &str, body: &Value) -> Result<Value, BenchError> {
+    let body = body.to_string();
     let mut stream = UnixStream::connect(api)?;
     write!(
         stream,
@@ -69,16 +72,36 @@ pub fn post(api: &Path, path: &str, body: &str) -> Result<String, BenchError> {
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 2") => Ok(body.to_owned()),
+        Some((head, body)) if head.starts_with("HTTP/1.1 2") => {
+            Ok(serde_json::from_str(body).unwrap_or(Value::Null))
+        }
         _ => Err(format!("the daemon refused: {response}").into()),
     }
 }
 
-/// The string value of `key` in a flat JSON object (enough for the API's answers).
-pub fn field(json: &str, key: &str) -> Option<String> {
-    let start = json.find(&format!("\"{key}\":\""))? + key.len() + 4;
-    let end = json[start..].find('"')? + start;
-    Some(json[start..end].to_owned())
+/// Creates migration `id` on both daemons, the destination delivering to `target`
+/// (`unix:PATH`); returns the socket path the source QEMU (or stand-in) connects to.
+pub fn create(
+    source: &Daemon,
+    destination: &Daemon,
+    id: &str,
+    target: &str,
+) -> Result<String, BenchError> {
+    let incoming = post(
+        &destination.api,
+        "/v1/migrations",
+        &json!({"direction": "incoming", "id": id, "target": target}),
+    )?;
+    let outgoing = post(
+        &source.api,
+        "/v1/migrations",
+        &json!({"direction": "outgoing", "id": id, "token": incoming["token"],
+                "peer": incoming["peer"]}),
+    )?;
+    let uri = outgoing["qemu_uri"]
+        .as_str()
+        .ok_or_else(|| format!("unexpected answer {outgoing}"))?;
+    Ok(uri.trim_start_matches("unix:").to_owned())
 }
 
 pub fn run(
@@ -100,31 +123,17 @@ pub fn run(
     let destination = start(migproxy, &dir, "destination", tls_dir)?;
     let target = dir.join("incoming.sock");
     let sink = UnixListener::bind(&target)?;
-    let incoming = post(
-        &destination.api,
-        "/v1/migrations",
-        &format!(
-            "{{\"direction\":\"incoming\",\"id\":\"bench\",\"target\":\"unix:{}\"}}",
-            target.display()
-        ),
+    let socket = create(
+        &source,
+        &destination,
+        "bench",
+        &format!("unix:{}", target.display()),
     )?;
-    let (token, peer) = (field(&incoming, "token"), field(&incoming, "peer"));
-    let (Some(token), Some(peer)) = (token, peer) else {
-        return Err(format!("unexpected answer {incoming}").into());
-    };
-    let outgoing = post(
-        &source.api,
-        "/v1/migrations",
-        &format!(
-            "{{\"direction\":\"outgoing\",\"id\":\"bench\",\"token\":\"{token}\",\"peer\":\"{peer}\"}}"
-        ),
-    )?;
-    let uri = field(&outgoing, "qemu_uri").ok_or("no qemu_uri")?;
     let receiver = std::thread::spawn(move || {
         let (stream, _) = sink.accept()?;
         sink_digest(stream)
     });
-    let mut stream = UnixStream::connect(uri.trim_start_matches("unix:"))?;
+    let mut stream = UnixStream::connect(socket)?;
     let started = Instant::now();
     source_write(&mut stream, block, size)?;
     stream.shutdown(Shutdown::Write)?;

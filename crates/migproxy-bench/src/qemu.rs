@@ -13,7 +13,7 @@ use migproxy::vm::{Ram, Vm, accel, random_ram_file};
 use serde_json::{Value, json};
 
 use crate::BenchError;
-use crate::daemons::{self, field};
+use crate::daemons;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path_ {
@@ -147,25 +147,10 @@ async fn once(
             dst.qmp
                 .execute("migrate-incoming", json!({"uri": target}))
                 .await?;
-            let incoming = daemons::post(
-                &destination.api,
-                "/v1/migrations",
-                &format!("{{\"direction\":\"incoming\",\"id\":\"q\",\"target\":\"{target}\"}}"),
-            )?;
-            let (Some(token), Some(peer)) = (field(&incoming, "token"), field(&incoming, "peer"))
-            else {
-                return Err(format!("unexpected answer {incoming}").into());
-            };
-            let outgoing = daemons::post(
-                &source.api,
-                "/v1/migrations",
-                &format!(
-                    "{{\"direction\":\"outgoing\",\"id\":\"q\",\"token\":\"{token}\",\"peer\":\"{peer}\"}}"
-                ),
-            )?;
+            let socket = daemons::create(&source, &destination, "q", &target)?;
             helpers.push(source);
             helpers.push(destination);
-            field(&outgoing, "qemu_uri").ok_or("no qemu_uri")?
+            format!("unix:{socket}")
         }
     };
     let started = Instant::now();
