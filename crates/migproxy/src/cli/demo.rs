@@ -71,25 +71,14 @@ async fn demo(args: Args) -> Result<bool, DemoError> {
     let target = Endpoint::Unix(dir.path().join("qemu-incoming.sock"));
     let qemu_in = Listener::bind(&target).await?;
 
-    // What a management layer does: incoming on the destination, outgoing on the source.
-    let body = json!({"direction": "incoming", "id": "demo", "target": target.to_string()});
-    let incoming = destination_host
-        .client
-        .post("/v1/migrations", Some(body))
-        .await?;
-    let body = json!({"direction": "outgoing", "id": "demo", "token": incoming["token"],
-                      "peer": incoming["peer"]});
-    let outgoing = source_host
-        .client
-        .post("/v1/migrations", Some(body))
-        .await?;
-    let qemu_uri = outgoing["qemu_uri"].as_str().unwrap_or_default().to_owned();
+    let (peer, qemu_uri) =
+        create_migration(&source_host, &destination_host, &target.to_string()).await?;
     println!(
         "migproxy demo: QEMU is not installed here (or --synthetic): streaming {} of \
          pseudo-random migration data between two daemons instead\n  \
          source \"QEMU\" → {qemu_uri} → source daemon ═ tcp:{} ═ destination daemon → {target} → destination \"QEMU\"",
         Bytes(args.size),
-        incoming["peer"].as_str().unwrap_or("?"),
+        peer,
     );
 
     let destination = tokio::spawn(destination(qemu_in));
@@ -143,6 +132,26 @@ impl DemoDaemon {
         self.shutdown.cancel();
         let _ = self.task.await;
     }
+}
+
+/// What a management layer does: the migration `demo` incoming on the destination (delivering
+/// to `target`), then outgoing on the source. Returns the destination's peer address and the
+/// URI for the source QEMU.
+pub(super) async fn create_migration(
+    source: &DemoDaemon,
+    destination: &DemoDaemon,
+    target: &str,
+) -> Result<(String, String), DemoError> {
+    let body = json!({"direction": "incoming", "id": "demo", "target": target});
+    let incoming = destination
+        .client
+        .post("/v1/migrations", Some(body))
+        .await?;
+    let body = json!({"direction": "outgoing", "id": "demo", "token": incoming["token"],
+                      "peer": incoming["peer"]});
+    let outgoing = source.client.post("/v1/migrations", Some(body)).await?;
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    Ok((text(&incoming["peer"]), text(&outgoing["qemu_uri"])))
 }
 
 /// Draws a progress bar from the source daemon's API until the migration ends.

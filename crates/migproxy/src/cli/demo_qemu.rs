@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::demo::{DemoDaemon, DemoError, wait_final};
+use super::demo::{DemoDaemon, DemoError, create_migration, wait_final};
 use crate::human::{Bytes, Elapsed};
 use crate::qmp::Qmp;
 use crate::vm::{Ram, Vm, accel, random_ram_file};
@@ -37,18 +37,7 @@ pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
         .qmp
         .execute("migrate-incoming", json!({"uri": target}))
         .await?;
-    let body = json!({"direction": "incoming", "id": "demo", "target": target});
-    let incoming = destination_host
-        .client
-        .post("/v1/migrations", Some(body))
-        .await?;
-    let body = json!({"direction": "outgoing", "id": "demo", "token": incoming["token"],
-                      "peer": incoming["peer"]});
-    let outgoing = source_host
-        .client
-        .post("/v1/migrations", Some(body))
-        .await?;
-    let uri = outgoing["qemu_uri"].as_str().unwrap_or_default().to_owned();
+    let (_, uri) = create_migration(&source_host, &destination_host, &target).await?;
     println!("  source QEMU: migrate {uri}\n  destination QEMU: migrate-incoming {target}");
 
     let qemu = &mut source_vm.qmp;
