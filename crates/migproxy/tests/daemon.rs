@@ -14,6 +14,15 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 
+/// A unix listener standing in for the destination QEMU, and its endpoint (`unix:…`); the
+/// directory lives as long as the returned guard.
+fn stand_in_target() -> (tempfile::TempDir, UnixListener, String) {
+    let dir = short_tempdir();
+    let path = dir.path().join("qemu-in.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    (dir, listener, format!("unix:{}", path.display()))
+}
+
 fn unix_path(uri: &str) -> &str {
     uri.strip_prefix("unix:").unwrap()
 }
@@ -29,16 +38,8 @@ async fn three_channels_cross_exactly_in_order_and_both_hosts_agree() {
     // Established connections do not count against the handshake limit: one is enough for a
     // control link and three channels.
     let destination = TestDaemon::start_with("dst", |c| c.max_handshakes = 1).await;
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let uri = migration_pair(
-        &source,
-        &destination,
-        "m1",
-        &format!("unix:{}", target.display()),
-    )
-    .await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = migration_pair(&source, &destination, "m1", &target).await;
     assert_eq!(source.show("m1").await["state"], "active");
     assert_eq!(destination.show("m1").await["state"], "active");
 
@@ -130,16 +131,8 @@ async fn stuck_migration(
     UnixListener,
     tempfile::TempDir,
 ) {
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let uri = migration_pair(
-        source,
-        destination,
-        id,
-        &format!("unix:{}", target.display()),
-    )
-    .await;
+    let (dir, qemu_in, target) = stand_in_target();
+    let uri = migration_pair(source, destination, id, &target).await;
     let stream = UnixStream::connect(unix_path(&uri)).await.unwrap();
     let (_read, mut write) = stream.into_split();
     let writer = tokio::spawn(async move {
@@ -270,16 +263,8 @@ async fn destination_qemu_missing_is_blamed_on_both_hosts() {
 async fn destination_closing_mid_stream_is_blamed_on_the_destination_qemu() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let uri = migration_pair(
-        &source,
-        &destination,
-        "d1",
-        &format!("unix:{}", target.display()),
-    )
-    .await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = migration_pair(&source, &destination, "d1", &target).await;
     let stream = UnixStream::connect(unix_path(&uri)).await.unwrap();
     let (_read, write) = stream.into_split();
     let sender = tokio::spawn(send_all(write, random_data(9, 64 << 20), 9));
@@ -309,16 +294,8 @@ async fn destination_closing_mid_stream_is_blamed_on_the_destination_qemu() {
 async fn source_reset_mid_stream_is_blamed_on_the_source_qemu() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let uri = migration_pair(
-        &source,
-        &destination,
-        "s1",
-        &format!("unix:{}", target.display()),
-    )
-    .await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = migration_pair(&source, &destination, "s1", &target).await;
     let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
     qemu.write_all(&[1u8; 100_000]).await.unwrap();
     let (mut accepted, _) = qemu_in.accept().await.unwrap();
@@ -561,10 +538,7 @@ fn open_fds() -> usize {
 async fn two_hundred_migrations_leave_no_fd_task_or_socket_behind() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let target = format!("unix:{}", target.display());
+    let (_dir, qemu_in, target) = stand_in_target();
     // The destination QEMU stand-in: reads a channel to its end, answers, closes.
     let stand_in = tokio::spawn(async move {
         loop {
@@ -635,10 +609,7 @@ const SHUT_OK: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 0];
 async fn a_recoverable_migration_pauses_and_completes_on_fresh_channels() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let target = format!("unix:{}", target.display());
+    let (_dir, qemu_in, target) = stand_in_target();
     let uri = common::daemon::migration_pair_with(&source, &destination, "p1", &target, true).await;
 
     // Epoch 1: the destination QEMU's connection breaks mid-stream.
@@ -819,10 +790,7 @@ async fn hosts_that_disagree_on_recoverability_are_refused() {
 async fn a_recoverable_main_channel_closed_without_shut_pauses() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let target = format!("unix:{}", target.display());
+    let (_dir, qemu_in, target) = stand_in_target();
     let uri = common::daemon::migration_pair_with(&source, &destination, "ns", &target, true).await;
     let accepting = tokio::spawn(async move {
         let (mut stream, _) = qemu_in.accept().await.unwrap();
@@ -936,10 +904,7 @@ async fn refusals_are_counted_by_reason() {
 async fn tokens_are_single_use_and_bound_to_their_migration() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let target = format!("unix:{}", target.display());
+    let (_dir, qemu_in, target) = stand_in_target();
     let create = |id: &str| {
         let (destination, target) = (&destination, &target);
         let id = id.to_owned();
@@ -1048,16 +1013,8 @@ async fn a_flood_of_garbage_connections_leaves_the_daemon_able_to_migrate() {
     assert!(counted >= 250, "refusals counted: {counted}");
 
     // A real (synthetic) migration still goes through.
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let uri = migration_pair(
-        &source,
-        &destination,
-        "after",
-        &format!("unix:{}", target.display()),
-    )
-    .await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = migration_pair(&source, &destination, "after", &target).await;
     let data = random_data(77, 8 << 20);
     let receiver = tokio::spawn(async move {
         let (stream, _) = qemu_in.accept().await.unwrap();
@@ -1104,16 +1061,8 @@ async fn metrics_text(daemon: &TestDaemon) -> String {
 async fn the_api_lists_filters_forgets_and_exports_metrics() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let uri = migration_pair(
-        &source,
-        &destination,
-        "m",
-        &format!("unix:{}", target.display()),
-    )
-    .await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = migration_pair(&source, &destination, "m", &target).await;
     let (status, running) = source.request("DELETE", "/v1/migrations/m", None).await;
     assert_eq!(
         status, 409,
@@ -1229,17 +1178,9 @@ async fn events_stream_state_changes_and_channels() {
     // The response head arrives before any event: the subscription is in place.
     while lines.next_line().await.unwrap().unwrap() != "" {}
 
-    let dir = short_tempdir();
-    let target = dir.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
+    let (_dir, qemu_in, target) = stand_in_target();
     let _ = migration_pair(&source, &destination, "other", "unix:/x").await; // filtered out
-    let uri = migration_pair(
-        &source,
-        &destination,
-        "ev",
-        &format!("unix:{}", target.display()),
-    )
-    .await;
+    let uri = migration_pair(&source, &destination, "ev", &target).await;
     let accepting = tokio::spawn(async move {
         let (mut stream, _) = qemu_in.accept().await.unwrap();
         let mut got = Vec::new();
