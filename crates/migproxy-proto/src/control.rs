@@ -55,6 +55,9 @@ pub enum Op {
     Timeout,
     /// The peer broke the protocol.
     Protocol,
+    /// QEMU's own migration failed, by QEMU's verdict over QMP (its `error-desc` is the
+    /// message).
+    Migrate,
 }
 
 /// Bytes per direction.
@@ -275,7 +278,7 @@ fn decode_attribution(r: &mut Reader<'_>) -> Result<Attribution, DecodeError> {
     })
 }
 
-const OPS: [Op; 8] = [
+const OPS: [Op; 9] = [
     Op::Connect,
     Op::Read,
     Op::Write,
@@ -284,6 +287,7 @@ const OPS: [Op; 8] = [
     Op::Handshake,
     Op::Timeout,
     Op::Protocol,
+    Op::Migrate,
 ];
 
 fn invalid(field: &'static str, value: u8) -> DecodeError {

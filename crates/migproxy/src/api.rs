@@ -214,13 +214,32 @@ enum CreateRequest {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IncomingBody {
-    /// Where the destination QEMU listens: `unix:PATH` or `tcp:HOST:PORT`.
-    target: String,
+    /// Where the destination QEMU listens: `unix:PATH` or `tcp:HOST:PORT`. Optional with
+    /// `qmp`: the daemon then chooses a socket and runs `migrate-incoming` on it.
+    target: Option<String>,
     id: Option<String>,
     max_channels: Option<u32>,
     /// Pause instead of failing when a channel breaks (postcopy recovery).
     #[serde(default)]
     recoverable: bool,
+    /// The local QEMU's QMP socket (absolute path): the daemon drives that QEMU.
+    qmp: Option<String>,
+    /// multifd channels (1 to 255); needs `qmp`.
+    multifd: Option<u32>,
+    /// The postcopy-ram capability; needs `qmp`.
+    #[serde(default)]
+    postcopy: bool,
+}
+
+/// The QEMU fields of either request, to check in one place.
+#[derive(Debug, Default)]
+struct QemuBody {
+    qmp: Option<String>,
+    multifd: Option<u32>,
+    postcopy: bool,
+    postcopy_after: Option<f64>,
+    max_bandwidth: Option<u64>,
+    downtime_limit: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -235,6 +254,19 @@ struct OutgoingBody {
     recoverable: bool,
     /// The name the destination daemon's certificate must carry; default the peer's host.
     tls_hostname: Option<String>,
+    /// The local QEMU's QMP socket (absolute path): the daemon drives that QEMU.
+    qmp: Option<String>,
+    /// multifd channels (1 to 255); needs `qmp`.
+    multifd: Option<u32>,
+    /// The postcopy-ram capability; needs `qmp`.
+    #[serde(default)]
+    postcopy: bool,
+    /// Seconds after `migrate` to switch to postcopy (implies `postcopy`); needs `qmp`.
+    postcopy_after: Option<f64>,
+    /// Bytes per second, default unlimited; needs `qmp`.
+    max_bandwidth: Option<u64>,
+    /// Milliseconds; needs `qmp`.
+    downtime_limit: Option<u64>,
 }
 
 async fn create(
@@ -244,20 +276,21 @@ async fn create(
     let request: CreateRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
     match request {
-        CreateRequest::Incoming(body) => create_incoming(&daemon, body),
+        CreateRequest::Incoming(body) => create_incoming(&daemon, body).await,
         CreateRequest::Outgoing(body) => create_outgoing(&daemon, body).await,
     }
 }
 
-fn create_incoming(
+async fn create_incoming(
     daemon: &Arc<Daemon>,
     body: IncomingBody,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let target: Endpoint = body
+    let target: Option<Endpoint> = body
         .target
-        .parse()
+        .map(|target| target.parse())
+        .transpose()
         .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
-    if let Some(path) = target.unix_path() {
+    if let Some(path) = target.as_ref().and_then(Endpoint::unix_path) {
         crate::daemon::paths::check_target(path, &daemon.config.target_dirs)
             .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
     }
@@ -268,20 +301,145 @@ fn create_incoming(
     if body.max_channels == Some(0) {
         return Err(ApiError::bad_request("max_channels: must be at least 1"));
     }
+    let qemu = QemuBody {
+        qmp: body.qmp,
+        multifd: body.multifd,
+        postcopy: body.postcopy,
+        ..QemuBody::default()
+    };
+    let qemu = qemu_settings(qemu, Direction::Incoming)?;
     let request = incoming::Request {
         id,
         target,
         max_channels: body.max_channels,
         recoverable: body.recoverable,
+        qemu,
     };
-    let (migration, token) = incoming::create(daemon, request).map_err(register_error)?;
+    let created = in_daemon_task(daemon, |daemon| async move {
+        incoming::create(&daemon, request).await
+    })
+    .await?;
+    let (migration, token) = created.map_err(|e| match e {
+        incoming::CreateError::Register(e) => register_error(e),
+        incoming::CreateError::Qemu(e) => qemu_error(&e),
+        e @ incoming::CreateError::NoTarget => ApiError::bad_request(e.to_string()),
+    })?;
     let body = json!({
         "id": migration.spec.id,
         "token": token.to_hex(),
         "peer": migration.spec.peer,
+        "target": migration.spec.local.to_string(),
         "state": migration.state(),
     });
     Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Incoming,
+    Outgoing,
+}
+
+/// Checks the QEMU fields of a request; `None` when the request names no QMP socket.
+fn qemu_settings(
+    body: QemuBody,
+    direction: Direction,
+) -> Result<Option<crate::daemon::qemu::Settings>, ApiError> {
+    let Some(qmp) = body.qmp else {
+        let stray = [
+            ("multifd", body.multifd.is_some()),
+            ("postcopy", body.postcopy),
+            ("postcopy_after", body.postcopy_after.is_some()),
+            ("max_bandwidth", body.max_bandwidth.is_some()),
+            ("downtime_limit", body.downtime_limit.is_some()),
+        ];
+        return match stray.iter().find(|(_, given)| *given) {
+            Some((field, _)) => Err(ApiError::bad_request(format!(
+                "{field}: only with qmp (the daemon sets it on the QEMU it drives)"
+            ))),
+            None => Ok(None),
+        };
+    };
+    let qmp = std::path::PathBuf::from(qmp);
+    if !qmp.is_absolute() {
+        return Err(ApiError::bad_request(format!(
+            "qmp: \"{}\" must be an absolute path to QEMU's QMP socket",
+            qmp.display()
+        )));
+    }
+    if body.multifd.is_some_and(|n| !(1..=255).contains(&n)) {
+        return Err(ApiError::bad_request("multifd: 1 to 255 channels"));
+    }
+    if direction == Direction::Incoming {
+        let source_only = [
+            ("postcopy_after", body.postcopy_after.is_some()),
+            ("max_bandwidth", body.max_bandwidth.is_some()),
+            ("downtime_limit", body.downtime_limit.is_some()),
+        ];
+        if let Some((field, _)) = source_only.iter().find(|(_, given)| *given) {
+            return Err(ApiError::bad_request(format!(
+                "{field}: set on the source (outgoing) migration"
+            )));
+        }
+    }
+    let postcopy_after = match body.postcopy_after {
+        Some(secs) => Some(
+            std::time::Duration::try_from_secs_f64(secs)
+                .map_err(|_| ApiError::bad_request("postcopy_after: seconds, 0 or more"))?,
+        ),
+        None => None,
+    };
+    if body.max_bandwidth == Some(0) {
+        return Err(ApiError::bad_request(
+            "max_bandwidth: bytes per second, at least 1 (leave it out for unlimited)",
+        ));
+    }
+    if body.downtime_limit.is_some_and(|ms| ms > 2_000_000) {
+        return Err(ApiError::bad_request(
+            "downtime_limit: milliseconds, at most 2000000 (QEMU's limit)",
+        ));
+    }
+    Ok(Some(crate::daemon::qemu::Settings {
+        qmp,
+        multifd: body.multifd,
+        postcopy: body.postcopy || postcopy_after.is_some(),
+        postcopy_after_ms: postcopy_after.map(|d| d.as_millis() as u64),
+        max_bandwidth: body.max_bandwidth,
+        downtime_limit_ms: body.downtime_limit,
+    }))
+}
+
+/// A QEMU that could not be prepared: a wrong path is the request's fault, a QEMU in the
+/// wrong state a conflict.
+fn qemu_error(error: &crate::daemon::qemu::QemuError) -> ApiError {
+    let status = if error.is_unreachable() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::CONFLICT
+    };
+    ApiError::new(status, format!("qmp: {error}"))
+}
+
+/// Runs a creation in a task of the daemon's, not in the request: a client that hangs up
+/// must not leave a half-made migration behind.
+async fn in_daemon_task<F, T>(
+    daemon: &Arc<Daemon>,
+    work: impl FnOnce(Arc<Daemon>) -> F,
+) -> Result<T, ApiError>
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    daemon
+        .tasks
+        .spawn(work(Arc::clone(daemon)))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("creation failed: {e}"),
+            )
+        })
 }
 
 async fn create_outgoing(
@@ -298,28 +456,29 @@ async fn create_outgoing(
              certificate to check",
         ));
     }
+    let qemu = QemuBody {
+        qmp: body.qmp,
+        multifd: body.multifd,
+        postcopy: body.postcopy,
+        postcopy_after: body.postcopy_after,
+        max_bandwidth: body.max_bandwidth,
+        downtime_limit: body.downtime_limit,
+    };
+    let qemu = qemu_settings(qemu, Direction::Outgoing)?;
     let request = outgoing::Request {
         id,
         token,
         peer,
         recoverable: body.recoverable,
         tls_hostname: body.tls_hostname,
+        qemu,
     };
-    // Created in a task of the daemon's, not in this request: a client that hangs up must
-    // not leave a half-made migration behind.
-    let creating = {
-        let owned = Arc::clone(daemon);
-        daemon
-            .tasks
-            .spawn(async move { outgoing::create(&owned, request).await })
-    };
-    let created = creating.await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("creation failed: {e}"),
-        )
-    })?;
+    let created = in_daemon_task(daemon, |daemon| async move {
+        outgoing::create(&daemon, request).await
+    })
+    .await?;
     let migration = created.map_err(|e| match e {
+        outgoing::CreateError::Qemu(e) => qemu_error(&e),
         outgoing::CreateError::Register(e) => register_error(e),
         outgoing::CreateError::Listen(e) => ApiError::chain(StatusCode::INTERNAL_SERVER_ERROR, &e),
         outgoing::CreateError::Peer(e) => ApiError::chain(StatusCode::BAD_GATEWAY, &e),
@@ -529,7 +688,11 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let migration = find(&daemon, &id)?;
-    if !migration.cancel(migration.host()) {
+    let cancelled = migration
+        .cancel_here()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("migration \"{id}\": {e}")))?;
+    if !cancelled {
         let state = migration.state();
         return Err(ApiError::new(
             StatusCode::CONFLICT,

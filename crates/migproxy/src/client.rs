@@ -1,27 +1,38 @@
-//! A client of the daemon's REST API over its unix socket, for the CLI and for scripts that
-//! link the library.
+//! A client of the daemon's REST API, over its unix socket or, from another host, over the
+//! API's mutual-TLS listener (`--api-listen`); for the CLI and for programs that link the
+//! library.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::human::OsError;
+use crate::tls::Tls;
+
+/// How long connecting to a remote API may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request got no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The daemon could not be reached at all.
-    #[error("cannot reach the migproxy daemon at {}: {}", .socket.display(), OsError(.error))]
-    Unreachable { socket: PathBuf, error: io::Error },
+    #[error("cannot reach the migproxy daemon at {target}: {}", OsError(.error))]
+    Unreachable { target: String, error: io::Error },
+    /// The TLS handshake with a remote API failed (certificates, allow-list).
+    #[error("cannot reach the migproxy daemon at {target}: {error}")]
+    Tls { target: String, error: String },
     /// The connection broke or the answer was not HTTP/JSON.
-    #[error("the migproxy daemon at {} gave no usable answer: {detail}", .socket.display())]
-    Protocol { socket: PathBuf, detail: String },
+    #[error("the migproxy daemon at {target} gave no usable answer: {detail}")]
+    Protocol { target: String, detail: String },
     /// The daemon refused the request.
     #[error("{error}")]
     Api {
@@ -44,18 +55,51 @@ impl ClientError {
 /// The API of one daemon.
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
+    target: Target,
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Unix(PathBuf),
+    /// `HOST:PORT`, verified as `server_name`, with this host's client certificate.
+    Tls {
+        address: String,
+        server_name: String,
+        tls: Arc<Tls>,
+    },
 }
 
 impl Client {
+    /// The API on its unix socket (this host's daemon).
     pub fn new(socket: impl Into<PathBuf>) -> Client {
         Client {
-            socket: socket.into(),
+            target: Target::Unix(socket.into()),
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The API of a daemon on another host, at `address` (`HOST:PORT`) behind mutual TLS;
+    /// its certificate must carry `server_name`.
+    pub fn tls(address: String, server_name: String, tls: Arc<Tls>) -> Client {
+        Client {
+            target: Target::Tls {
+                address,
+                server_name,
+                tls,
+            },
+        }
+    }
+
+    /// Whether the daemon is on this host (its unix socket).
+    pub fn is_local(&self) -> bool {
+        matches!(self.target, Target::Unix(_))
+    }
+
+    /// Where requests go, for messages: `unix:PATH` or `https://HOST:PORT`.
+    pub fn target(&self) -> String {
+        match &self.target {
+            Target::Unix(path) => format!("unix:{}", path.display()),
+            Target::Tls { address, .. } => format!("https://{address}"),
+        }
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
@@ -106,21 +150,6 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<(StatusCode, Value), ClientError> {
-        let protocol = |detail: String| ClientError::Protocol {
-            socket: self.socket.clone(),
-            detail,
-        };
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|error| ClientError::Unreachable {
-                    socket: self.socket.clone(),
-                    error,
-                })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| protocol(e.to_string()))?;
-        tokio::spawn(connection);
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let request = Request::builder()
             .method(method)
@@ -128,25 +157,76 @@ impl Client {
             .header("host", "migproxy")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| protocol(e.to_string()))?;
+            .map_err(|e| self.protocol(e.to_string()))?;
+        let unreachable = |error| ClientError::Unreachable {
+            target: self.target(),
+            error,
+        };
+        match &self.target {
+            Target::Unix(socket) => {
+                let stream = UnixStream::connect(socket).await.map_err(unreachable)?;
+                self.send(stream, request).await
+            }
+            Target::Tls {
+                address,
+                server_name,
+                tls,
+            } => {
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+                    .await
+                    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+                    .map_err(unreachable)?;
+                let stream =
+                    tls.connect(tcp, server_name)
+                        .await
+                        .map_err(|error| ClientError::Tls {
+                            target: self.target(),
+                            error: error.to_string(),
+                        })?;
+                self.send(stream, request).await
+            }
+        }
+    }
+
+    /// One request on a fresh connection; the answer as JSON (or as a string when not JSON).
+    async fn send<IO>(
+        &self,
+        stream: IO,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Value), ClientError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol(e.to_string()))?;
+        tokio::spawn(connection);
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| protocol(e.to_string()))?;
+            .map_err(|e| self.protocol(e.to_string()))?;
         let status = response.status();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| protocol(e.to_string()))?
+            .map_err(|e| self.protocol(e.to_string()))?
             .to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
         } else if bytes.first() == Some(&b'{') {
-            serde_json::from_slice(&bytes).map_err(|e| protocol(format!("invalid JSON: {e}")))?
+            serde_json::from_slice(&bytes)
+                .map_err(|e| self.protocol(format!("invalid JSON: {e}")))?
         } else {
             Value::String(String::from_utf8_lossy(&bytes).into_owned())
         };
         Ok((status, value))
+    }
+
+    fn protocol(&self, detail: String) -> ClientError {
+        ClientError::Protocol {
+            target: self.target(),
+            detail,
+        }
     }
 }

@@ -239,11 +239,6 @@ impl Settings {
     }
 }
 
-/// The API socket named in a config file, for `migproxy migration --config FILE`.
-pub fn api_of(path: &Path) -> Result<Option<PathBuf>, ConfigError> {
-    Ok(File::load(path)?.api)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,6 +28,10 @@ use crate::human::OsError;
 /// Longest line accepted from QEMU.
 const MAX_LINE: u64 = 16 << 20;
 
+/// How long QEMU may take to greet a new client. A monitor already serving another client
+/// accepts the connection but stays silent.
+const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Failures talking to QEMU, each naming the socket or the command.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -39,6 +43,12 @@ pub enum QmpError {
     Closed { path: PathBuf },
     #[error("QMP socket {} sent something that is not QMP: {detail}", .path.display())]
     Protocol { path: PathBuf, detail: String },
+    #[error(
+        "QMP socket {} sent no greeting within {} s: another client may hold it (QEMU serves \
+         one client per monitor: give migproxy a -qmp socket of its own)",
+        .path.display(), GREETING_TIMEOUT.as_secs()
+    )]
+    NoGreeting { path: PathBuf },
     #[error("QMP command {command} failed: {desc} ({class})")]
     Command {
         command: String,
@@ -82,7 +92,11 @@ impl Qmp {
             events: VecDeque::new(),
             next_id: 1,
         };
-        let greeting = qmp.read_message().await?;
+        let greeting = tokio::time::timeout(GREETING_TIMEOUT, qmp.read_message())
+            .await
+            .map_err(|_| QmpError::NoGreeting {
+                path: path.to_owned(),
+            })??;
         if greeting.get("QMP").is_none() {
             return Err(qmp.protocol(format!("expected a greeting, got {greeting}")));
         }
@@ -113,6 +127,11 @@ impl Qmp {
             }
             return self.response(command, message);
         }
+    }
+
+    /// The socket this session is on.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Events received so far, oldest first.

@@ -39,9 +39,20 @@ pub struct Args {
 enum Command {
     /// On the destination host: accept a migration into the QEMU listening on TARGET.
     CreateIncoming {
-        /// Where the destination QEMU listens: unix:PATH or tcp:HOST:PORT.
-        #[arg(long, value_name = "ENDPOINT")]
-        target: String,
+        /// Where the destination QEMU listens: unix:PATH or tcp:HOST:PORT. Optional with
+        /// --qmp: the daemon then picks a socket and runs migrate-incoming on it.
+        #[arg(long, value_name = "ENDPOINT", required_unless_present = "qmp")]
+        target: Option<String>,
+        /// The destination QEMU's QMP socket (one of its own for migproxy; QEMU started with
+        /// -incoming defer): the daemon sets it up and takes its verdict.
+        #[arg(long, value_name = "PATH")]
+        qmp: Option<PathBuf>,
+        /// multifd with N channels (the source must ask the same); needs --qmp.
+        #[arg(long, value_name = "N", requires = "qmp")]
+        multifd: Option<u32>,
+        /// Enable postcopy (the source must too); needs --qmp.
+        #[arg(long, requires = "qmp")]
+        postcopy: bool,
         /// The migration's id (default: generated).
         #[arg(long)]
         id: Option<String>,
@@ -69,6 +80,8 @@ enum Command {
         /// Then watch it to its end.
         #[arg(long)]
         watch: bool,
+        #[command(flatten)]
+        qemu: QemuFlags,
     },
     /// Every migration, or those in one state.
     List {
@@ -90,23 +103,90 @@ enum Command {
     Forget { id: String },
 }
 
+/// How the source daemon drives its QEMU (`create-outgoing`, `migrate`).
+#[derive(Debug, Clone, clap::Args)]
+pub(super) struct QemuFlags {
+    /// The source QEMU's QMP socket (one of its own for migproxy): the daemon configures
+    /// QEMU, runs migrate, follows it and takes its verdict.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+    /// multifd with N channels (the destination must ask the same).
+    #[arg(long, value_name = "N", requires = "qmp")]
+    pub multifd: Option<u32>,
+    /// Enable postcopy (the destination must too).
+    #[arg(long, requires = "qmp")]
+    pub postcopy: bool,
+    /// Switch to postcopy this many seconds after migrate starts (implies --postcopy).
+    #[arg(long, value_name = "SECS", value_parser = super::seconds, requires = "qmp")]
+    pub postcopy_after: Option<Duration>,
+    /// QEMU's bandwidth limit per second, e.g. 512M or 1G (default: unlimited).
+    #[arg(long, value_name = "RATE", value_parser = super::size, requires = "qmp")]
+    pub max_bandwidth: Option<u64>,
+    /// The longest pause of the guest QEMU should aim for, in milliseconds.
+    #[arg(long, value_name = "MS", requires = "qmp")]
+    pub downtime_limit: Option<u64>,
+}
+
+impl QemuFlags {
+    /// The API fields (nulls for what is not given).
+    pub(super) fn fields(&self) -> Value {
+        json!({
+            "qmp": self.qmp.as_ref().map(|p| absolute(p).display().to_string()),
+            "multifd": self.multifd,
+            "postcopy": self.postcopy || self.postcopy_after.is_some(),
+            "postcopy_after": self.postcopy_after.map(|d| d.as_secs_f64()),
+            "max_bandwidth": self.max_bandwidth,
+            "downtime_limit": self.downtime_limit,
+        })
+    }
+}
+
+/// A path as the daemon (whose working directory differs) must see it.
+pub(super) fn absolute(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// Adds `extra`'s fields to `body`, dropping nulls and false flags.
+pub(super) fn merged(body: Value, extra: Value) -> Value {
+    let mut body = without_nulls(body);
+    if let (Some(object), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            if !value.is_null() && *value != json!(false) {
+                object.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    body
+}
+
 /// The config file read when none is named.
 const DEFAULT_CONFIG: &str = "/etc/migproxy/migproxy.toml";
 
 /// Where the API socket is: the flag (or MIGPROXY_API), else the config file, else the default.
 fn api_socket(args: &Args) -> Result<PathBuf, String> {
-    if let Some(api) = &args.api {
-        return Ok(api.clone());
-    }
-    let config = match &args.config {
+    Ok(local_daemon(args.api.as_ref(), args.config.as_ref())?.0)
+}
+
+/// This host's daemon: its API socket (the flag, else the config file, else the default)
+/// and its TLS directory (from the config file), to reach other daemons' APIs.
+pub(super) fn local_daemon(
+    api: Option<&PathBuf>,
+    config: Option<&PathBuf>,
+) -> Result<(PathBuf, Option<PathBuf>), String> {
+    let config = match config {
         Some(path) => Some(path.clone()),
         None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
     };
-    let from_file = match config {
-        Some(path) => crate::config::api_of(&path).map_err(|e| e.to_string())?,
+    let file = match config {
+        Some(path) => Some(crate::config::File::load(&path).map_err(|e| e.to_string())?),
         None => None,
     };
-    Ok(from_file.unwrap_or_else(|| PathBuf::from("/run/migproxy/api.sock")))
+    let (from_file, tls_dir) = file.map_or((None, None), |f| (f.api, f.tls.dir));
+    let api = api
+        .cloned()
+        .or(from_file)
+        .unwrap_or_else(|| PathBuf::from("/run/migproxy/api.sock"));
+    Ok((api, tls_dir))
 }
 
 pub async fn run(args: Args) -> u8 {
@@ -137,12 +217,17 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
     match command {
         Command::CreateIncoming {
             target,
+            qmp,
+            multifd,
+            postcopy,
             id,
             max_channels,
             recoverable,
         } => {
             let body = json!({"direction": "incoming", "target": target, "id": id,
-                              "max_channels": max_channels, "recoverable": recoverable});
+                              "max_channels": max_channels, "recoverable": recoverable,
+                              "qmp": qmp.map(|p| absolute(&p).display().to_string()),
+                              "multifd": multifd, "postcopy": postcopy});
             let created = client
                 .post("/v1/migrations", Some(without_nulls(body)))
                 .await?;
@@ -156,11 +241,12 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
             tls_hostname,
             recoverable,
             watch,
+            qemu,
         } => {
             let body = json!({"direction": "outgoing", "id": id, "token": token, "peer": peer,
                               "tls_hostname": tls_hostname, "recoverable": recoverable});
             let created = client
-                .post("/v1/migrations", Some(without_nulls(body)))
+                .post("/v1/migrations", Some(merged(body, qemu.fields())))
                 .await?;
             if json {
                 println!("{created}");
@@ -169,10 +255,14 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
                     "created outgoing migration {}",
                     created["id"].as_str().unwrap_or("?")
                 );
-                println!(
-                    "  source QEMU: migrate {}",
-                    created["qemu_uri"].as_str().unwrap_or("?")
-                );
+                if qemu.qmp.is_some() {
+                    println!("  source QEMU: migrating (driven by the daemon)");
+                } else {
+                    println!(
+                        "  source QEMU: migrate {}",
+                        created["qemu_uri"].as_str().unwrap_or("?")
+                    );
+                }
             }
             if watch {
                 return watch_until_end(client, &id, Duration::from_millis(500), json).await;
@@ -216,7 +306,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
 }
 
 /// Drops null fields, so that optional flags not given are not sent.
-fn without_nulls(mut body: Value) -> Value {
+pub(super) fn without_nulls(mut body: Value) -> Value {
     if let Some(object) = body.as_object_mut() {
         object.retain(|_, v| !v.is_null());
     }
@@ -234,8 +324,9 @@ fn print_created_incoming(created: &Value, json: bool) {
         created["peer"].as_str().unwrap_or("?"),
     );
     println!("created incoming migration {id}");
-    println!("  token {token}");
-    println!("  peer  {peer}");
+    println!("  token  {token}");
+    println!("  peer   {peer}");
+    println!("  target {}", created["target"].as_str().unwrap_or("?"));
     println!("on the source host:");
     println!("  migproxy migration create-outgoing --id {id} --token {token} --peer {peer}");
 }
@@ -302,6 +393,7 @@ pub(super) fn print_report(m: &Value, json: bool) {
             bytes(c, "to_source")
         );
     }
+    print_qemu(&m["qemu"], "QEMU");
     for pause in m["pauses"].as_array().into_iter().flatten() {
         println!("  paused: {}", pause["message"].as_str().unwrap_or("?"));
     }
@@ -321,7 +413,49 @@ pub(super) fn print_report(m: &Value, json: bool) {
     }
 }
 
-const FINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];
+/// QEMU's side of a report, when the daemon drives QEMU: one or two lines.
+pub(super) fn print_qemu(q: &Value, who: &str) {
+    if q.is_null() {
+        return;
+    }
+    let ms = |key: &str| {
+        q[key]
+            .as_u64()
+            .map(|ms| Elapsed(Duration::from_millis(ms)).to_string())
+    };
+    let mut line = format!("  {who}: {}", q["status"].as_str().unwrap_or("?"));
+    if q["status"] != "none" {
+        line += &format!(" after {}", ms("wall_time_ms").unwrap_or_default());
+    }
+    if let Some(total) = ms("total_time_ms").filter(|_| q["total_time_ms"] != 0) {
+        line += &format!(", QEMU total {total}");
+    }
+    if let Some(downtime) = ms("downtime_ms") {
+        line += &format!(", downtime {downtime}");
+    }
+    if q["pass"].as_u64().is_some_and(|p| p > 0) {
+        line += &format!(", {} passes", q["pass"]);
+    }
+    if q["postcopy_started"] == true {
+        line += ", switched to postcopy";
+    }
+    println!("{line}");
+    let ram = &q["ram"];
+    if !ram.is_null() {
+        println!(
+            "    RAM {} of {} transferred, {} remaining, {:.0} Mbit/s",
+            Bytes(ram["transferred"].as_u64().unwrap_or(0)),
+            Bytes(ram["total"].as_u64().unwrap_or(0)),
+            Bytes(ram["remaining"].as_u64().unwrap_or(0)),
+            ram["mbps"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(desc) = q["error_desc"].as_str() {
+        println!("    QEMU error: {desc}");
+    }
+}
+
+pub(super) const FINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];
 
 /// Draws a line per channel until the migration ends; exit code 0 only if it completed.
 async fn watch_until_end(

@@ -7,6 +7,7 @@
 mod daemon;
 mod demo;
 mod demo_qemu;
+mod migrate;
 mod migration;
 mod relay;
 
@@ -55,6 +56,9 @@ enum Command {
     Daemon(daemon::Args),
     /// Create, watch, cancel and inspect migrations through a daemon's API.
     Migration(migration::Args),
+    /// Migrate a QEMU VM in one command, run on the source host: QMP on both hosts, live
+    /// progress, Ctrl-C cancels, one report.
+    Migrate(migrate::Args),
     /// Migrate a real QEMU VM (or, without QEMU, a synthetic stream) through two daemons on
     /// this machine, and check it.
     Demo(demo::Args),
@@ -85,6 +89,7 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Daemon(args) => daemon::run(args).await,
             Command::Migration(args) => migration::run(args).await,
+            Command::Migrate(args) => migrate::run(args).await,
         }
     });
     ExitCode::from(code)

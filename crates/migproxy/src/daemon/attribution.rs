@@ -91,6 +91,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Handshake => "handshake",
         Op::Timeout => "timeout",
         Op::Protocol => "protocol",
+        Op::Migrate => "migrate",
     }
 }
 
@@ -110,6 +111,7 @@ impl fmt::Display for Rendered<'_> {
         match a.op {
             Op::Timeout => f.write_str("timed out")?,
             Op::Protocol => f.write_str("protocol error")?,
+            Op::Migrate => f.write_str("migration failed")?,
             op => write!(f, "{} failed", op_name(op))?,
         }
         if let Some(channel) = a.channel {

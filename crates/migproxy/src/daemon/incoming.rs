@@ -15,7 +15,7 @@ use super::attribution::os_message;
 use super::migration::{Admitted, Migration, Role, Spec, State};
 use super::peer::{self, ReadError};
 use super::token::Token;
-use super::{Daemon, RegisterError, channel, control, paths};
+use super::{Daemon, RegisterError, channel, control, paths, qemu};
 use crate::endpoint::Endpoint;
 use crate::human::errno_name;
 use crate::relay;
@@ -26,18 +26,41 @@ use crate::transport::{self, Stream, TransportError};
 #[derive(Debug)]
 pub struct Request {
     pub id: String,
-    /// Where the destination QEMU listens (`-incoming` / `migrate-incoming`).
-    pub target: Endpoint,
+    /// Where the destination QEMU listens (`-incoming` / `migrate-incoming`). With `qemu` and
+    /// no target, a socket of the daemon's choosing.
+    pub target: Option<Endpoint>,
     pub max_channels: Option<u32>,
     /// Pause instead of failing, for postcopy recovery.
     pub recoverable: bool,
+    /// Drive the destination QEMU over QMP: capabilities, `migrate-incoming`, its verdict.
+    pub qemu: Option<qemu::Settings>,
 }
 
-/// Registers an incoming migration and starts its expiry clock. Returns it and its token.
-pub fn create(
+/// Why an incoming migration could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
+    #[error("target: needed unless qmp is given (then the daemon chooses where QEMU listens)")]
+    NoTarget,
+}
+
+/// Registers an incoming migration, prepares the destination QEMU when it is driven here,
+/// and starts the expiry clock. Returns the migration and its token.
+pub async fn create(
     daemon: &Arc<Daemon>,
     request: Request,
-) -> Result<(Arc<Migration>, Token), RegisterError> {
+) -> Result<(Arc<Migration>, Token), CreateError> {
+    let (target, own_socket) = match (request.target, &request.qemu) {
+        (Some(target), _) => (target, None),
+        (None, Some(_)) => {
+            let path = qemu::incoming_socket(&daemon.config.runtime_dir, &request.id);
+            (Endpoint::Unix(path.clone()), Some(path))
+        }
+        (None, None) => return Err(CreateError::NoTarget),
+    };
     let token = Token::generate();
     let max_channels = request
         .max_channels
@@ -49,16 +72,33 @@ pub fn create(
             role: Role::Incoming,
             token: token.clone(),
             peer: daemon.config.advertise.clone(),
-            local: request.target,
+            local: target.clone(),
             max_channels,
             recoverable: request.recoverable,
             server_name: String::new(),
             tls: daemon.config.tls.is_some(),
+            qemu: request.qemu.clone(),
         },
         Arc::clone(&daemon.metrics),
         daemon.events.clone(),
     );
     daemon.register(Arc::clone(&migration))?;
+    if let Some(settings) = &request.qemu {
+        match qemu::prepare_incoming(settings, &target).await {
+            Ok(qmp) => {
+                // The destination QEMU has nothing to cancel: no canceller.
+                let (_, cancels) = tokio::sync::mpsc::channel(1);
+                let follow = qemu::follow(Arc::clone(&migration), qmp, cancels, own_socket);
+                let span = tracing::info_span!("qemu", migration = %migration.spec.id);
+                daemon.tasks.spawn(follow.instrument(span));
+            }
+            Err(error) => {
+                migration.stop.cancel();
+                daemon.unregister(&migration.spec.id);
+                return Err(error.into());
+            }
+        }
+    }
     let ttl = daemon.config.token_ttl;
     let expiring = Arc::clone(&migration);
     daemon.tasks.spawn(async move {

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::attribution::{self, Rendered};
 use super::metrics::Metrics;
+use super::qemu;
 use super::token::Token;
 use crate::endpoint::Endpoint;
 use crate::human::Elapsed;
@@ -98,6 +99,20 @@ pub enum Outbound {
     Close,
 }
 
+/// How long a cancel waits for QEMU's `migrate_cancel` before tearing the sockets down
+/// regardless.
+const QEMU_CANCEL: Duration = Duration::from_secs(2);
+
+/// Why a cancel was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CancelRefused {
+    #[error(
+        "the migration has switched to postcopy: the destination runs the guest now, and a \
+         cancel would lose it"
+    )]
+    Postcopy,
+}
+
 /// How long a failure seen only on the peer link waits for the peer's explanation.
 const EXPLANATION_GRACE: Duration = Duration::from_millis(1000);
 
@@ -119,6 +134,8 @@ pub struct Spec {
     pub server_name: String,
     /// Whether the peer link is encrypted and authenticated (TLS) or plaintext.
     pub tls: bool,
+    /// The local QEMU, when the daemon drives it over QMP.
+    pub qemu: Option<qemu::Settings>,
 }
 
 /// Identifies one epoch of a migration: the span of one control link and its channels.
@@ -170,6 +187,10 @@ struct Inner {
     ended_at: Option<SystemTime>,
     /// Bytes moved and when, for the current throughput.
     rate_sample: (Instant, u64),
+    /// QEMU's view, when the daemon drives QEMU.
+    qemu: Option<qemu::Report>,
+    /// The task following QEMU, which cancels QEMU before the sockets (source).
+    qemu_cancel: Option<mpsc::Sender<qemu::CancelRequest>>,
 }
 
 #[derive(Debug)]
@@ -246,6 +267,10 @@ impl Migration {
         events: broadcast::Sender<Event>,
     ) -> Arc<Migration> {
         let stop = CancellationToken::new();
+        let qemu = spec.qemu.as_ref().map(|_| qemu::Report {
+            status: "none".to_owned(),
+            ..qemu::Report::default()
+        });
         let migration = Migration {
             spec,
             metrics,
@@ -270,6 +295,8 @@ impl Migration {
                 paused: None,
                 ended_at: None,
                 rate_sample: (Instant::now(), 0),
+                qemu,
+                qemu_cancel: None,
             }),
             stop,
             state_tx: watch::channel(State::Pending).0,
@@ -520,6 +547,16 @@ impl Migration {
             self.fail(epoch, blame, true);
             return;
         }
+        self.fail_later(epoch, blame);
+    }
+
+    /// Fails with `blame` unless, within a grace period, the migration ends otherwise (the
+    /// peer's explanation arrives). A migration still pending fails at once.
+    pub fn fail_later(self: &Arc<Self>, epoch: Epoch, blame: Attribution) {
+        if self.state() == State::Pending {
+            self.fail(epoch, blame, true);
+            return;
+        }
         let migration = Arc::clone(self);
         tokio::spawn(async move {
             let mut state = migration.watch_state();
@@ -633,7 +670,12 @@ impl Migration {
         if inner.state != State::Active || epoch.is_empty() {
             return;
         }
-        if inner.local_done.is_none() && epoch.iter().all(|c| c.state == ChannelState::Completed) {
+        // With QEMU driven here, QEMU's word is needed too: `completed` on both hosts.
+        let qemu_done = inner.qemu.as_ref().is_none_or(|q| q.status == "completed");
+        if inner.local_done.is_none()
+            && qemu_done
+            && epoch.iter().all(|c| c.state == ChannelState::Completed)
+        {
             let done = (epoch.len() as u32, totals(sum(epoch)));
             inner.local_done = Some(done);
             Self::send(
@@ -794,6 +836,15 @@ impl Migration {
                 paused: unix_seconds(inner.paused),
                 ended: unix_seconds(inner.ended_at),
             },
+            qemu: self
+                .spec
+                .qemu
+                .as_ref()
+                .zip(inner.qemu.clone())
+                .map(|(settings, report)| QemuView {
+                    settings: settings.clone(),
+                    report,
+                }),
             peer_view: PeerView {
                 channels: peer_channels,
                 done: inner.peer_done.map(|(channels, bytes)| PeerDone {
@@ -831,6 +882,78 @@ impl Migration {
                 self.fail(epoch, blame, true);
             }
         }
+    }
+
+    /// Records a `query-migrate` answer from the local QEMU; publishes a `qemu` event when
+    /// QEMU's status or pass changes.
+    pub fn qemu_observed(&self, info: serde_json::Value, pass: Option<u64>, wall: Duration) {
+        let mut inner = self.lock();
+        let Some(report) = inner.qemu.as_mut() else {
+            return;
+        };
+        let before = (report.status.clone(), report.pass);
+        report.update(&info, pass, wall);
+        if before != (report.status.clone(), report.pass) {
+            let event = json!({"type": "qemu", "status": report.status, "pass": report.pass,
+                "ram_remaining": report.ram.as_ref().map(|r| r.remaining),
+                "error_desc": report.error_desc});
+            drop(inner);
+            self.publish(event);
+        }
+    }
+
+    /// The local QEMU says `completed`: this host may say `Done` once its channels are.
+    pub fn qemu_completed(&self) {
+        self.check_done();
+    }
+
+    /// Whether the local QEMU has given its verdict (`completed`, `failed`, `cancelled`).
+    pub fn qemu_final(&self) -> bool {
+        self.lock()
+            .qemu
+            .as_ref()
+            .is_some_and(qemu::Report::is_final)
+    }
+
+    /// QEMU's `error-desc`, if it gave one.
+    pub fn qemu_error(&self) -> Option<String> {
+        self.lock().qemu.as_ref().and_then(|q| q.error_desc.clone())
+    }
+
+    /// A failure of this host's QEMU, as QEMU told it.
+    pub fn qemu_failure(&self, message: String) -> Attribution {
+        qemu::attribution(self, message)
+    }
+
+    /// Registers the task that cancels QEMU first.
+    pub fn set_qemu_canceller(&self, canceller: mpsc::Sender<qemu::CancelRequest>) {
+        self.lock().qemu_cancel = Some(canceller);
+    }
+
+    /// Cancels on behalf of this host, through QEMU first when the daemon drives it (so that
+    /// QEMU reports `cancelled` and resumes the guest). Refused once QEMU has switched to
+    /// postcopy: the destination then runs the guest, and a cancel would lose it.
+    pub async fn cancel_here(&self) -> Result<bool, CancelRefused> {
+        let canceller = {
+            let inner = self.lock();
+            if inner
+                .qemu
+                .as_ref()
+                .is_some_and(|q| q.status.starts_with("postcopy"))
+            {
+                return Err(CancelRefused::Postcopy);
+            }
+            inner.qemu_cancel.clone()
+        };
+        if let Some(canceller) = canceller {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if canceller.send(reply).await.is_ok()
+                && let Ok(Ok(cancelled)) = tokio::time::timeout(QEMU_CANCEL, answer).await
+            {
+                return Ok(cancelled || self.state() == State::Cancelled);
+            }
+        }
+        Ok(self.cancel(self.host()))
     }
 
     /// The current epoch.
@@ -997,8 +1120,18 @@ pub struct Snapshot {
     pub elapsed_ms: u64,
     pub throughput: Throughput,
     pub timestamps: Timestamps,
+    /// The local QEMU's view, when the daemon drives it (the migration's `qmp`).
+    pub qemu: Option<QemuView>,
     /// The other daemon's reports.
     pub peer_view: PeerView,
+}
+
+/// What the daemon asked of its QEMU, and what QEMU says.
+#[derive(Debug, Clone, Serialize)]
+pub struct QemuView {
+    pub settings: qemu::Settings,
+    #[serde(flatten)]
+    pub report: qemu::Report,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -27,6 +27,7 @@ pub mod migration;
 pub mod outgoing;
 pub mod paths;
 pub mod peer;
+pub mod qemu;
 mod returnpath;
 pub mod token;
 

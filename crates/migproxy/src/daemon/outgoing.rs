@@ -14,7 +14,7 @@ use super::attribution::os_message;
 use super::migration::{Migration, Role, Spec, State};
 use super::peer::{self, PeerError};
 use super::token::Token;
-use super::{Daemon, RegisterError, channel, control};
+use super::{Daemon, RegisterError, channel, control, qemu};
 use crate::endpoint::Endpoint;
 use crate::human::errno_name;
 use crate::relay;
@@ -31,6 +31,8 @@ pub struct Request {
     pub recoverable: bool,
     /// The name the destination's certificate must carry; default the host of `peer`.
     pub tls_hostname: Option<String>,
+    /// Drive the source QEMU over QMP: capabilities, parameters, `migrate`, its verdict.
+    pub qemu: Option<qemu::Settings>,
 }
 
 /// Why an outgoing migration could not be created.
@@ -44,12 +46,20 @@ pub enum CreateError {
     Peer(#[from] PeerError),
     #[error("the migration ended ({0:?}) while it was being created")]
     Ended(State),
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
 }
 
 /// Creates the migration: binds the socket QEMU will connect to, opens the control link
 /// (so that a wrong token or an unreachable peer is reported now, not when QEMU starts), and
 /// starts accepting QEMU's channels.
 pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migration>, CreateError> {
+    // QEMU is checked and configured before anything else: a wrong QMP path or a QEMU in
+    // the wrong state is reported before any connection is made.
+    let qmp = match &request.qemu {
+        Some(settings) => Some(qemu::prepare_outgoing(settings).await?),
+        None => None,
+    };
     let path = daemon
         .config
         .runtime_dir
@@ -70,6 +80,7 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
             recoverable: request.recoverable,
             server_name,
             tls: daemon.config.tls.is_some(),
+            qemu: request.qemu.clone(),
         },
         Arc::clone(&daemon.metrics),
         daemon.events.clone(),
@@ -88,6 +99,9 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
                 accept_channels(Arc::clone(daemon), Arc::clone(&migration), listener)
                     .instrument(span),
             );
+            if let Some(qmp) = qmp {
+                start_qemu(daemon, &migration, qmp).await?;
+            }
             Ok(migration)
         }
         Err(error) => {
@@ -96,6 +110,26 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
             Err(error)
         }
     }
+}
+
+/// Runs `migrate` to the migration's socket and follows QEMU; if QEMU refuses, the
+/// migration is cancelled on both hosts.
+async fn start_qemu(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    mut qmp: crate::qmp::Qmp,
+) -> Result<(), CreateError> {
+    if let Err(error) = qemu::start(&mut qmp, &migration.spec.local).await {
+        migration.cancel(migration.host());
+        return Err(error.into());
+    }
+    let (canceller, cancels) = tokio::sync::mpsc::channel(1);
+    migration.set_qemu_canceller(canceller);
+    let span = tracing::info_span!("qemu", migration = %migration.spec.id);
+    daemon
+        .tasks
+        .spawn(qemu::follow(Arc::clone(migration), qmp, cancels, None).instrument(span));
+    Ok(())
 }
 
 async fn connect(

@@ -1,0 +1,379 @@
+//! `migproxy migrate`: one command, run on the source host, migrates a QEMU VM through the
+//! daemons of both hosts.
+//!
+//! ```text
+//!  migproxy migrate                  destination daemon            source daemon
+//!     │ POST incoming {qmp, multifd} ──► QMP: checks, capabilities,
+//!     │ ◄── id, token, peer ─────────    migrate-incoming
+//!     │ POST outgoing {token, peer, qmp, …} ─────────────────────► QMP: checks, capabilities,
+//!     │                                                             migrate
+//!     │ GET both, every interval: QEMU status, pass, RAM left, dirty rate, channels
+//!     │ Ctrl-C ─► POST cancel (source) ───────────────────────────► migrate_cancel, teardown
+//!     │ final report: QEMU on both hosts, migproxy's channels, the error if any
+//! ```
+//!
+//! The destination daemon's API is its unix socket (same host) or its mutual-TLS listener
+//! (`--api-listen` on the destination), reached with this host's certificates.
+//!
+//! Exit codes: 0 completed; 1 failed, cancelled or refused; 2 usage; 3 a daemon could not
+//! be reached.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::migration::{self, EXIT_UNREACHABLE, QemuFlags};
+use super::{EXIT_FAILED, EXIT_USAGE};
+use crate::client::{Client, ClientError};
+use crate::human::{Bytes, Elapsed};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The destination daemon's API: unix:PATH (or a path) on this host, or HOST:PORT of
+    /// its mutual-TLS API listener (`--api-listen`) on another host.
+    #[arg(long, value_name = "DEST_API")]
+    to: String,
+    /// The destination QEMU's QMP socket, on the destination host (QEMU started with
+    /// -incoming defer).
+    #[arg(long, value_name = "PATH")]
+    dest_qmp: PathBuf,
+    #[command(flatten)]
+    qemu: QemuFlags,
+    /// The migration's id (default: generated).
+    #[arg(long)]
+    id: Option<String>,
+    /// This host's daemon API socket. Default: MIGPROXY_API, else `api` in the config file,
+    /// else /run/migproxy/api.sock.
+    #[arg(long, value_name = "PATH", env = "MIGPROXY_API")]
+    api: Option<PathBuf>,
+    /// This host's config file (default /etc/migproxy/migproxy.toml, when it exists).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Certificates to reach a remote destination API, in QEMU's layout (default: the
+    /// config file's tls dir, else /etc/pki/qemu).
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The name the destination API's certificate must carry (default: its host).
+    #[arg(long, value_name = "NAME")]
+    tls_hostname: Option<String>,
+    /// Seconds between progress updates.
+    #[arg(long, default_value = "0.5", value_parser = super::seconds)]
+    interval: Duration,
+    /// Print the final reports of both daemons as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What went wrong, and the exit code it means.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    fn usage(message: String) -> Failure {
+        Failure {
+            message,
+            code: EXIT_USAGE,
+        }
+    }
+
+    /// A daemon's refusal or silence, naming which daemon.
+    fn from_client(who: &str, error: ClientError) -> Failure {
+        let code = match error {
+            ClientError::Unreachable { .. } | ClientError::Tls { .. } => EXIT_UNREACHABLE,
+            _ => EXIT_FAILED,
+        };
+        let mut message = format!("{who}: {error}");
+        for (n, cause) in error.causes().iter().enumerate() {
+            message += &format!("\n  {}: {cause}", n + 1);
+        }
+        Failure { message, code }
+    }
+}
+
+pub async fn run(args: Args) -> u8 {
+    match migrate(args).await {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            failure.code
+        }
+    }
+}
+
+async fn migrate(args: Args) -> Result<u8, Failure> {
+    let (api, tls_dir) =
+        migration::local_daemon(args.api.as_ref(), args.config.as_ref()).map_err(Failure::usage)?;
+    let source = Client::new(api);
+    let destination = destination(&args, tls_dir)?;
+    let id = args.id.clone().unwrap_or_else(|| {
+        format!(
+            "migrate-{}",
+            &crate::daemon::token::Token::generate().to_hex()[..12]
+        )
+    });
+    let (token, peer) = create_incoming(&destination, &args, &id).await?;
+    if let Err(failure) = create_outgoing(&source, &args, &id, &token, &peer).await {
+        // Nothing moved: take the destination's half back.
+        let _ = destination
+            .post(&format!("/v1/migrations/{id}/cancel"), None)
+            .await;
+        return Err(failure);
+    }
+    if !args.json {
+        eprintln!(
+            "migrating {id}: {} → {} (Ctrl-C cancels)",
+            source.target(),
+            destination.target()
+        );
+    }
+    let shutdown = CancellationToken::new();
+    if let Err(error) = super::cancel_on_signals(shutdown.clone(), "migproxy", "the migration") {
+        eprintln!("migproxy: cannot watch for signals ({error}); Ctrl-C will not cancel cleanly");
+    }
+    let end = follow(&source, &id, args.interval, &shutdown).await?;
+    let far = final_of(&destination, &id).await;
+    report(&end, far.as_ref(), args.json);
+    Ok(if end["state"] == "completed" {
+        0
+    } else {
+        EXIT_FAILED
+    })
+}
+
+/// The destination daemon's API client, from `--to`.
+fn destination(args: &Args, tls_dir: Option<PathBuf>) -> Result<Client, Failure> {
+    let to = args.to.as_str();
+    if let Some(path) = to.strip_prefix("unix:") {
+        return Ok(Client::new(path));
+    }
+    if to.starts_with('/') {
+        return Ok(Client::new(to));
+    }
+    let address = to
+        .strip_prefix("https://")
+        .unwrap_or(to)
+        .trim_end_matches('/');
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            host.trim_start_matches('[').trim_end_matches(']')
+        }
+        _ => {
+            return Err(Failure::usage(format!(
+                "--to: \"{to}\" is neither unix:PATH nor HOST:PORT of a destination API"
+            )));
+        }
+    };
+    let dir = args
+        .tls_dir
+        .clone()
+        .or(tls_dir)
+        .unwrap_or_else(|| PathBuf::from("/etc/pki/qemu"));
+    let tls = crate::tls::Tls::load(&dir, Vec::new()).map_err(|e| Failure {
+        message: format!("--tls-dir: {e}"),
+        code: EXIT_USAGE,
+    })?;
+    let name = args.tls_hostname.clone().unwrap_or_else(|| host.to_owned());
+    Ok(Client::tls(address.to_owned(), name, Arc::new(tls)))
+}
+
+/// Creates the destination's half: returns its token and peer address.
+async fn create_incoming(
+    destination: &Client,
+    args: &Args,
+    id: &str,
+) -> Result<(String, String), Failure> {
+    // A relative path means something only on this host: when the destination is here.
+    let dest_qmp = if destination.is_local() {
+        migration::absolute(&args.dest_qmp)
+    } else {
+        args.dest_qmp.clone()
+    };
+    let body = json!({
+        "direction": "incoming",
+        "id": id,
+        "qmp": dest_qmp.display().to_string(),
+        "multifd": args.qemu.multifd,
+        "postcopy": args.qemu.postcopy || args.qemu.postcopy_after.is_some(),
+    });
+    let created = destination
+        .post("/v1/migrations", Some(migration::merged(body, json!({}))))
+        .await
+        .map_err(|e| Failure::from_client("destination daemon", e))?;
+    let field = |key: &str| created[key].as_str().unwrap_or_default().to_owned();
+    Ok((field("token"), field("peer")))
+}
+
+async fn create_outgoing(
+    source: &Client,
+    args: &Args,
+    id: &str,
+    token: &str,
+    peer: &str,
+) -> Result<(), Failure> {
+    if args.qemu.qmp.is_none() {
+        return Err(Failure::usage(
+            "--qmp: the source QEMU's QMP socket is needed".into(),
+        ));
+    }
+    let body = json!({"direction": "outgoing", "id": id, "token": token, "peer": peer});
+    source
+        .post(
+            "/v1/migrations",
+            Some(migration::merged(body, args.qemu.fields())),
+        )
+        .await
+        .map_err(|e| Failure::from_client("source daemon", e))?;
+    Ok(())
+}
+
+/// Shows progress until the migration ends; the first signal cancels it (and the watch
+/// goes on until the cancel has taken effect). Returns the source's final report.
+async fn follow(
+    source: &Client,
+    id: &str,
+    interval: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Value, Failure> {
+    let line = ProgressBar::new_spinner().with_style(
+        ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    let mut cancel_sent = false;
+    let path = format!("/v1/migrations/{id}");
+    let end = loop {
+        if shutdown.is_cancelled() && !cancel_sent {
+            cancel_sent = true;
+            line.suspend(|| eprintln!("cancelling {id} on both hosts"));
+            if let Err(error) = source.post(&format!("{path}/cancel"), None).await {
+                line.suspend(|| eprintln!("cancel refused: {error}"));
+            }
+        }
+        let m = source
+            .get(&path)
+            .await
+            .map_err(|e| Failure::from_client("source daemon", e))?;
+        if migration::FINAL.contains(&m["state"].as_str().unwrap_or("")) {
+            break m;
+        }
+        line.set_message(progress(&m));
+        line.tick();
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled(), if !cancel_sent => {}
+        }
+    };
+    line.finish_and_clear();
+    Ok(end)
+}
+
+/// One line: QEMU's status and pass, RAM left, dirty rate, throughput, channels.
+fn progress(m: &Value) -> String {
+    let q = &m["qemu"];
+    let ram = &q["ram"];
+    let channels = m["channels"].as_array().map_or(0, Vec::len);
+    let mut text = format!(
+        "{} · QEMU {}",
+        m["state"].as_str().unwrap_or("?"),
+        q["status"].as_str().unwrap_or("?")
+    );
+    if q["pass"].as_u64().is_some_and(|p| p > 0) {
+        text += &format!(" pass {}", q["pass"]);
+    }
+    if !ram.is_null() {
+        text += &format!(
+            " · RAM {} left of {} · dirty {}/s",
+            Bytes(ram["remaining"].as_u64().unwrap_or(0)),
+            Bytes(ram["total"].as_u64().unwrap_or(0)),
+            Bytes(ram["dirty_bytes_per_second"].as_u64().unwrap_or(0)),
+        );
+    }
+    text += &format!(
+        " · {}/s · {} moved · {channels} channel{}",
+        Bytes(
+            m["throughput"]["current_bytes_per_second"]
+                .as_u64()
+                .unwrap_or(0)
+        ),
+        Bytes(m["bytes"]["to_destination"].as_u64().unwrap_or(0)),
+        if channels == 1 { "" } else { "s" },
+    );
+    text
+}
+
+/// The destination's report once it has ended too (it may lag by a moment); `None` if the
+/// destination cannot tell.
+async fn final_of(destination: &Client, id: &str) -> Option<Value> {
+    let path = format!("/v1/migrations/{id}");
+    let mut last = None;
+    for _ in 0..30 {
+        match destination.get(&path).await {
+            Ok(m) if migration::FINAL.contains(&m["state"].as_str().unwrap_or("")) => {
+                return Some(m);
+            }
+            Ok(m) => last = Some(m),
+            Err(_) => return last,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+/// The merged report: migproxy's story (the source's, which both hosts share), then QEMU on
+/// each host.
+fn report(source: &Value, destination: Option<&Value>, json: bool) {
+    if json {
+        println!("{}", json!({"source": source, "destination": destination}));
+        return;
+    }
+    let elapsed = Elapsed(Duration::from_millis(
+        source["elapsed_ms"].as_u64().unwrap_or(0),
+    ));
+    let qemu_verdict = |m: Option<&Value>| {
+        m.and_then(|m| m["qemu"]["status"].as_str())
+            .unwrap_or("unknown")
+            .to_owned()
+    };
+    println!(
+        "migration {}: {} in {elapsed} (QEMU: {} on the source, {} on the destination)",
+        source["id"].as_str().unwrap_or("?"),
+        source["state"].as_str().unwrap_or("?"),
+        qemu_verdict(Some(source)),
+        qemu_verdict(destination),
+    );
+    migration::print_qemu(&source["qemu"], "source QEMU");
+    if let Some(destination) = destination {
+        migration::print_qemu(&destination["qemu"], "destination QEMU");
+    }
+    println!(
+        "  migproxy ({}): {} to destination, {} to source, average {}/s",
+        source["link"].as_str().unwrap_or("?"),
+        Bytes(source["bytes"]["to_destination"].as_u64().unwrap_or(0)),
+        Bytes(source["bytes"]["to_source"].as_u64().unwrap_or(0)),
+        Bytes(
+            source["throughput"]["average_bytes_per_second"]
+                .as_u64()
+                .unwrap_or(0)
+        ),
+    );
+    for c in source["channels"].as_array().into_iter().flatten() {
+        println!(
+            "    channel {}: {}, {} to destination, {} to source",
+            c["index"],
+            c["state"].as_str().unwrap_or("?"),
+            Bytes(c["bytes"]["to_destination"].as_u64().unwrap_or(0)),
+            Bytes(c["bytes"]["to_source"].as_u64().unwrap_or(0))
+        );
+    }
+    if let Some(by) = source["cancelled_by"].as_str() {
+        println!("  cancelled by the {by} host; the VM stays on the source");
+    }
+    if let Some(message) = source["error"]["message"].as_str() {
+        println!("  error: {message}");
+    }
+}

@@ -1,0 +1,495 @@
+//! QEMU orchestration: a migration that names the local QEMU's QMP socket is driven by the
+//! daemon itself, which then takes QEMU's verdict.
+//!
+//! ```text
+//!  destination daemon                               source daemon
+//!  create(qmp) ─► query-status: inmigrate?
+//!                 query-migrate: not yet listening?
+//!                 migrate-set-capabilities/-parameters
+//!                 migrate-incoming unix:RUNTIME/ID.incoming.sock
+//!                                                   create(qmp) ─► query-status: not incoming?
+//!                                                                  query-migrate: idle?
+//!                                                                  migrate-set-capabilities/-parameters
+//!                          ◄═══════ control link ═══════
+//!                                                                  migrate unix:RUNTIME/ID.sock
+//!  follow: query-migrate every 100 ms               follow: query-migrate every 100 ms,
+//!                                                           migrate-start-postcopy after N s
+//!  QEMU completed and every channel clean ─► Done   QEMU completed and every channel clean ─► Done
+//! ```
+//!
+//! A daemon says `Done` to its peer only when its channels ended cleanly *and* its QEMU says
+//! `completed`, so a migration is `completed` only when QEMU says so on both hosts. QEMU's
+//! `failed` becomes the migration's failure, attributed to that host's QEMU with QEMU's own
+//! `error-desc`, after a short grace in which the peer may explain it (a source QEMU whose
+//! writes fail is usually the echo of something on the destination). A cancel through the
+//! API runs `migrate_cancel` on the source QEMU first, so that QEMU reports `cancelled` (and
+//! resumes the guest) rather than failing on the sockets torn down under it.
+//!
+//! QEMU serves one client per QMP monitor: migproxy needs a `-qmp` socket of its own.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migproxy_proto::{Attribution, Leg, Op};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use super::migration::{self, Migration, Role, State};
+use crate::endpoint::Endpoint;
+use crate::qmp::{Qmp, QmpError};
+
+/// How often QEMU is asked how the migration goes.
+const POLL: Duration = Duration::from_millis(100);
+
+/// How long QEMU may take to settle (`cancelled`, `failed`) once the migration has ended.
+const WIND_DOWN: Duration = Duration::from_secs(3);
+
+/// `max-bandwidth` when none is asked for: unlimited in practice (100 GiB/s), as libvirt
+/// does. QEMU's own default (128 MiB/s) is a trap for anyone migrating more than a toy.
+pub const UNLIMITED_BANDWIDTH: u64 = 100 << 30;
+
+/// QEMU's statuses once a migration is over.
+const FINAL: [&str; 3] = ["completed", "failed", "cancelled"];
+
+/// What to ask of QEMU, as given at creation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// The local QEMU's QMP socket (one of its own for migproxy).
+    pub qmp: PathBuf,
+    /// multifd with this many channels; `None`: one stream.
+    pub multifd: Option<u32>,
+    /// The `postcopy-ram` capability (both hosts must agree).
+    pub postcopy: bool,
+    /// Source: switch to postcopy this long after `migrate`.
+    pub postcopy_after_ms: Option<u64>,
+    /// Source: bytes per second (default: unlimited).
+    pub max_bandwidth: Option<u64>,
+    /// Source: the longest pause of the guest QEMU should aim for.
+    pub downtime_limit_ms: Option<u64>,
+}
+
+/// Why QEMU could not be prepared, each naming the QMP socket.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// The monitor could not be reached or spoke no QMP.
+    #[error(transparent)]
+    Qmp(QmpError),
+    #[error("QEMU at {}: {error}{hint}", .qmp.display())]
+    Command {
+        qmp: PathBuf,
+        error: QmpError,
+        hint: &'static str,
+    },
+    #[error(
+        "QEMU at {} is {status}, not waiting for an incoming migration: start the destination \
+         QEMU with -incoming defer", .qmp.display()
+    )]
+    NotIncoming { qmp: PathBuf, status: String },
+    #[error(
+        "QEMU at {} already listens for its migration on {listening} (started with -incoming \
+         URI): start it with -incoming defer, so that migproxy chooses where it listens",
+        .qmp.display()
+    )]
+    Listening { qmp: PathBuf, listening: String },
+    #[error(
+        "QEMU at {} waits for an incoming migration: it is a destination, not a source",
+        .qmp.display()
+    )]
+    NotSource { qmp: PathBuf },
+    #[error("QEMU at {} already has a migration in state {status}", .qmp.display())]
+    Busy { qmp: PathBuf, status: String },
+}
+
+impl QemuError {
+    /// Whether the QMP socket itself could not be reached (the caller's path is wrong), as
+    /// opposed to a QEMU in the wrong state.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            QemuError::Qmp(QmpError::Connect { .. } | QmpError::NoGreeting { .. })
+        )
+    }
+}
+
+/// Runs one command; QEMU's refusals name the socket and carry `hint`.
+async fn run(
+    qmp: &mut Qmp,
+    command: &str,
+    arguments: Value,
+    hint: &'static str,
+) -> Result<Value, QemuError> {
+    qmp.execute(command, arguments)
+        .await
+        .map_err(|error| match error {
+            error @ QmpError::Command { .. } => QemuError::Command {
+                qmp: qmp.path().to_owned(),
+                error,
+                hint,
+            },
+            other => QemuError::Qmp(other),
+        })
+}
+
+async fn run_status(qmp: &mut Qmp) -> Result<String, QemuError> {
+    let status = run(qmp, "query-status", Value::Null, "").await?;
+    Ok(status["status"].as_str().unwrap_or("unknown").to_owned())
+}
+
+/// Destination: checks that QEMU waits for `migrate-incoming`, sets the capabilities both
+/// sides must share, and makes QEMU listen on `uri`.
+pub async fn prepare_incoming(settings: &Settings, uri: &Endpoint) -> Result<Qmp, QemuError> {
+    let mut qmp = Qmp::connect(&settings.qmp).await.map_err(QemuError::Qmp)?;
+    let status = run_status(&mut qmp).await?;
+    if status != "inmigrate" {
+        return Err(QemuError::NotIncoming {
+            qmp: settings.qmp.clone(),
+            status,
+        });
+    }
+    let info = run(&mut qmp, "query-migrate", Value::Null, "").await?;
+    if let Some(addresses) = info.get("socket-address") {
+        return Err(QemuError::Listening {
+            qmp: settings.qmp.clone(),
+            listening: addresses.to_string(),
+        });
+    }
+    configure(&mut qmp, settings, Role::Incoming).await?;
+    let hint = " (start the destination QEMU with -incoming defer)";
+    run(
+        &mut qmp,
+        "migrate-incoming",
+        json!({"uri": uri.to_string()}),
+        hint,
+    )
+    .await?;
+    Ok(qmp)
+}
+
+/// Source: checks that QEMU is a source with no migration running, and sets capabilities
+/// and parameters. `migrate` itself comes once the control link is up ([`start`]).
+pub async fn prepare_outgoing(settings: &Settings) -> Result<Qmp, QemuError> {
+    let mut qmp = Qmp::connect(&settings.qmp).await.map_err(QemuError::Qmp)?;
+    if run_status(&mut qmp).await? == "inmigrate" {
+        return Err(QemuError::NotSource {
+            qmp: settings.qmp.clone(),
+        });
+    }
+    let info = run(&mut qmp, "query-migrate", Value::Null, "").await?;
+    if let Some(status) = info["status"].as_str()
+        && !FINAL.contains(&status)
+    {
+        return Err(QemuError::Busy {
+            qmp: settings.qmp.clone(),
+            status: status.to_owned(),
+        });
+    }
+    configure(&mut qmp, settings, Role::Outgoing).await?;
+    Ok(qmp)
+}
+
+/// Source: `migrate` to the daemon's socket.
+pub async fn start(qmp: &mut Qmp, uri: &Endpoint) -> Result<(), QemuError> {
+    run(qmp, "migrate", json!({"uri": uri.to_string()}), "").await?;
+    Ok(())
+}
+
+async fn configure(qmp: &mut Qmp, settings: &Settings, role: Role) -> Result<(), QemuError> {
+    let capabilities: Vec<Value> = [
+        ("events", true),
+        ("multifd", settings.multifd.is_some()),
+        ("postcopy-ram", settings.postcopy),
+    ]
+    .iter()
+    .map(|(capability, state)| json!({"capability": capability, "state": state}))
+    .collect();
+    run(
+        qmp,
+        "migrate-set-capabilities",
+        json!({ "capabilities": capabilities }),
+        "",
+    )
+    .await?;
+    let mut parameters = serde_json::Map::new();
+    if let Some(channels) = settings.multifd {
+        parameters.insert("multifd-channels".into(), json!(channels));
+    }
+    if role == Role::Outgoing {
+        let bandwidth = settings.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH);
+        parameters.insert("max-bandwidth".into(), json!(bandwidth));
+        if let Some(ms) = settings.downtime_limit_ms {
+            parameters.insert("downtime-limit".into(), json!(ms));
+        }
+    }
+    if !parameters.is_empty() {
+        run(qmp, "migrate-set-parameters", Value::Object(parameters), "").await?;
+    }
+    Ok(())
+}
+
+/// Asks the task following QEMU to cancel: it runs `migrate_cancel`, then cancels the
+/// migration, and answers whether it did.
+pub type CancelRequest = oneshot::Sender<bool>;
+
+/// Follows QEMU's migration until QEMU's verdict, feeding the migration's report; then, once
+/// the migration has ended, removes `cleanup` (the socket the destination QEMU listened on).
+pub async fn follow(
+    migration: Arc<Migration>,
+    mut qmp: Qmp,
+    mut cancels: mpsc::Receiver<CancelRequest>,
+    cleanup: Option<PathBuf>,
+) {
+    let started = Instant::now();
+    let postcopy_after = migration
+        .spec
+        .qemu
+        .as_ref()
+        .and_then(|q| q.postcopy_after_ms)
+        .map(Duration::from_millis);
+    let mut switched = false;
+    loop {
+        let ended = tokio::select! {
+            () = migration.stop.cancelled() => true,
+            Some(reply) = cancels.recv() => {
+                let _ = run(&mut qmp, "migrate_cancel", Value::Null, "").await;
+                let _ = reply.send(migration.cancel(migration.host()));
+                false
+            }
+            () = tokio::time::sleep(POLL) => false,
+        };
+        if ended {
+            wind_down(&migration, &mut qmp, started).await;
+            break;
+        }
+        let status = match observe(&migration, &mut qmp, started).await {
+            Ok(status) => status,
+            Err(error) => {
+                migration.fail_later(migration.epoch(), lost(&migration, &error));
+                break;
+            }
+        };
+        match status.as_str() {
+            "completed" => {
+                migration.qemu_completed();
+                break;
+            }
+            "failed" | "cancelled" => {
+                verdict(&migration, &status);
+                break;
+            }
+            "active"
+                if !switched && postcopy_after.is_some_and(|after| started.elapsed() >= after) =>
+            {
+                switched = true;
+                if let Err(error) = run(&mut qmp, "migrate-start-postcopy", Value::Null, "").await {
+                    tracing::warn!(migration = %migration.spec.id, "{error}");
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(path) = cleanup {
+        migration.stop.cancelled().await;
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// One `query-migrate`, recorded in the migration; returns QEMU's status.
+async fn observe(
+    migration: &Migration,
+    qmp: &mut Qmp,
+    started: Instant,
+) -> Result<String, QemuError> {
+    let info = run(qmp, "query-migrate", Value::Null, "").await?;
+    let passes = qmp
+        .take_events()
+        .into_iter()
+        .filter(|e| e.event == "MIGRATION_PASS")
+        .filter_map(|e| e.data["pass"].as_u64())
+        .max();
+    let status = info["status"].as_str().unwrap_or("none").to_owned();
+    migration.qemu_observed(info, passes, started.elapsed());
+    Ok(status)
+}
+
+/// The migration ended (cancelled, failed elsewhere): on a cancel, the source QEMU is told
+/// to cancel too; then QEMU's last word is recorded while it settles.
+async fn wind_down(migration: &Migration, qmp: &mut Qmp, started: Instant) {
+    let cancel = migration.spec.role == Role::Outgoing && migration.state() == State::Cancelled;
+    if cancel && !migration.qemu_final() {
+        let _ = run(qmp, "migrate_cancel", Value::Null, "").await;
+    }
+    let deadline = Instant::now() + WIND_DOWN;
+    while Instant::now() < deadline {
+        match observe(migration, qmp, started).await {
+            Ok(status) if FINAL.contains(&status.as_str()) || status == "none" => return,
+            Ok(_) => tokio::time::sleep(POLL).await,
+            // The destination QEMU exits when its incoming migration breaks (QEMU 7.2).
+            Err(_) => return,
+        }
+    }
+}
+
+/// QEMU says the migration failed, or someone cancelled it in QEMU directly.
+fn verdict(migration: &Arc<Migration>, status: &str) {
+    if status == "cancelled" {
+        migration.cancel(migration.host());
+        return;
+    }
+    let desc = migration
+        .qemu_error()
+        .unwrap_or_else(|| "no error-desc given".to_owned());
+    let blame = migration.qemu_failure(format!("QEMU reports the migration failed: {desc}"));
+    migration.fail_later(migration.epoch(), blame);
+}
+
+/// The monitor broke while the migration ran: QEMU exited or crashed.
+fn lost(migration: &Migration, error: &QemuError) -> Attribution {
+    migration.qemu_failure(format!(
+        "QEMU's monitor broke during the migration (QEMU exited or crashed?): {error}"
+    ))
+}
+
+/// An attribution to this host's QEMU with `message`, at the current counts.
+pub(super) fn attribution(migration: &Migration, message: String) -> Attribution {
+    let bytes = migration::totals(migration.bytes());
+    Attribution {
+        host: migration.host(),
+        leg: Leg::Qemu,
+        channel: None,
+        direction: None,
+        op: Op::Migrate,
+        errno: None,
+        message,
+        bytes,
+        elapsed_ms: migration.elapsed().as_millis() as u64,
+    }
+}
+
+/// Where the destination QEMU listens when the request names no target: a socket in the
+/// daemon's runtime directory, removed when the migration ends.
+pub fn incoming_socket(runtime_dir: &Path, id: &str) -> PathBuf {
+    runtime_dir.join(format!("{id}.incoming.sock"))
+}
+
+/// QEMU's view of the migration, for the API: the last `query-migrate`, digested.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// QEMU's status: `setup`, `active`, `postcopy-active`, `completed`, `failed`,
+    /// `cancelled`…; `none` before QEMU has started.
+    pub status: String,
+    pub error_desc: Option<String>,
+    /// Memory passes so far (QEMU's `dirty-sync-count`).
+    pub pass: u64,
+    /// Whether the migration switched to postcopy.
+    pub postcopy_started: bool,
+    /// QEMU's own figures (milliseconds), when it gives them.
+    pub total_time_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub expected_downtime_ms: Option<u64>,
+    pub setup_time_ms: Option<u64>,
+    /// From the daemon's start of QEMU's migration to QEMU's verdict, measured here (QEMU's
+    /// `total-time` reads 0 for a paused guest).
+    pub wall_time_ms: u64,
+    pub ram: Option<Ram>,
+}
+
+/// QEMU's RAM figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ram {
+    pub total: u64,
+    pub transferred: u64,
+    pub remaining: u64,
+    /// Bytes dirtied per second by the guest (`dirty-pages-rate` × `page-size`).
+    pub dirty_bytes_per_second: u64,
+    /// QEMU's throughput, megabits per second.
+    pub mbps: f64,
+    pub postcopy_requests: u64,
+    pub multifd_bytes: u64,
+}
+
+impl Report {
+    /// Digests a `query-migrate` answer; keeps what an emptier answer (QEMU forgets its
+    /// figures on some paths) no longer carries.
+    pub fn update(&mut self, info: &Value, pass: Option<u64>, wall: Duration) {
+        let number = |key: &str| info[key].as_u64();
+        let was_final = self.is_final();
+        self.status = info["status"].as_str().unwrap_or("none").to_owned();
+        if let Some(desc) = info["error-desc"].as_str() {
+            self.error_desc = Some(desc.to_owned());
+        }
+        self.postcopy_started |= self.status.starts_with("postcopy");
+        self.total_time_ms = number("total-time").or(self.total_time_ms);
+        self.downtime_ms = number("downtime").or(self.downtime_ms);
+        self.expected_downtime_ms = number("expected-downtime").or(self.expected_downtime_ms);
+        self.setup_time_ms = number("setup-time").or(self.setup_time_ms);
+        if !was_final {
+            self.wall_time_ms = wall.as_millis() as u64;
+        }
+        if let Some(ram) = info.get("ram") {
+            let field = |key: &str| ram[key].as_u64().unwrap_or(0);
+            self.pass = field("dirty-sync-count");
+            self.ram = Some(Ram {
+                total: field("total"),
+                transferred: field("transferred"),
+                remaining: field("remaining"),
+                dirty_bytes_per_second: field("dirty-pages-rate")
+                    .saturating_mul(field("page-size")),
+                mbps: ram["mbps"].as_f64().unwrap_or(0.0),
+                postcopy_requests: field("postcopy-requests"),
+                multifd_bytes: field("multifd-bytes"),
+            });
+        }
+        if let Some(pass) = pass {
+            self.pass = self.pass.max(pass);
+        }
+    }
+
+    pub fn is_final(&self) -> bool {
+        FINAL.contains(&self.status.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_digests_query_migrate() {
+        let mut report = Report::default();
+        let active = json!({"status": "active", "total-time": 120, "expected-downtime": 300,
+            "setup-time": 2, "ram": {"total": 1024, "transferred": 512, "remaining": 512,
+            "dirty-pages-rate": 10, "page-size": 4096, "mbps": 800.5, "dirty-sync-count": 2}});
+        report.update(&active, Some(3), Duration::from_millis(130));
+        assert_eq!(report.status, "active");
+        assert_eq!(
+            report.pass, 3,
+            "a MIGRATION_PASS event newer than the poll counts"
+        );
+        let ram = report.ram.clone().expect("ram");
+        assert_eq!((ram.remaining, ram.dirty_bytes_per_second), (512, 40960));
+        assert!(!report.is_final());
+
+        // A final answer without figures keeps the last ones; the wall time stops.
+        report.update(
+            &json!({"status": "failed", "error-desc": "boom"}),
+            None,
+            Duration::from_millis(200),
+        );
+        report.update(&json!({"status": "failed"}), None, Duration::from_secs(9));
+        assert!(report.is_final());
+        assert_eq!(report.error_desc.as_deref(), Some("boom"));
+        assert_eq!(report.total_time_ms, Some(120));
+        assert_eq!(report.wall_time_ms, 200);
+        assert_eq!(report.ram.map(|r| r.transferred), Some(512));
+    }
+
+    #[test]
+    fn postcopy_is_remembered() {
+        let mut report = Report::default();
+        report.update(&json!({"status": "postcopy-active"}), None, Duration::ZERO);
+        report.update(&json!({"status": "completed"}), None, Duration::ZERO);
+        assert!(report.postcopy_started);
+    }
+}
