@@ -307,7 +307,7 @@ async fn create_incoming(
         postcopy: body.postcopy,
         ..QemuBody::default()
     };
-    let qemu = qemu_settings(qemu, Direction::Incoming)?;
+    let qemu = qemu_settings(qemu)?;
     let request = incoming::Request {
         id,
         target,
@@ -334,17 +334,8 @@ async fn create_incoming(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    Incoming,
-    Outgoing,
-}
-
 /// Checks the QEMU fields of a request; `None` when the request names no QMP socket.
-fn qemu_settings(
-    body: QemuBody,
-    direction: Direction,
-) -> Result<Option<crate::daemon::qemu::Settings>, ApiError> {
+fn qemu_settings(body: QemuBody) -> Result<Option<crate::daemon::qemu::Settings>, ApiError> {
     let Some(qmp) = body.qmp else {
         let stray = [
             ("multifd", body.multifd.is_some()),
@@ -369,18 +360,6 @@ fn qemu_settings(
     }
     if body.multifd.is_some_and(|n| !(1..=255).contains(&n)) {
         return Err(ApiError::bad_request("multifd: 1 to 255 channels"));
-    }
-    if direction == Direction::Incoming {
-        let source_only = [
-            ("postcopy_after", body.postcopy_after.is_some()),
-            ("max_bandwidth", body.max_bandwidth.is_some()),
-            ("downtime_limit", body.downtime_limit.is_some()),
-        ];
-        if let Some((field, _)) = source_only.iter().find(|(_, given)| *given) {
-            return Err(ApiError::bad_request(format!(
-                "{field}: set on the source (outgoing) migration"
-            )));
-        }
     }
     let postcopy_after = match body.postcopy_after {
         Some(secs) => Some(
@@ -464,7 +443,7 @@ async fn create_outgoing(
         max_bandwidth: body.max_bandwidth,
         downtime_limit: body.downtime_limit,
     };
-    let qemu = qemu_settings(qemu, Direction::Outgoing)?;
+    let qemu = qemu_settings(qemu)?;
     let request = outgoing::Request {
         id,
         token,

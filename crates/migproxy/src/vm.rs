@@ -91,6 +91,9 @@ pub enum Ram<'a> {
 #[derive(Debug)]
 pub struct Vm {
     pub qmp: Qmp,
+    /// A second QMP socket, left free for a management tool (QEMU serves one client per
+    /// monitor, and [`qmp`](Self::qmp) holds the first): migproxy's own.
+    pub spare_qmp: PathBuf,
     child: Child,
 }
 
@@ -105,6 +108,7 @@ impl Vm {
         log: Option<&Path>,
     ) -> Result<Vm, VmError> {
         let qmp_path = dir.join(format!("{name}.qmp"));
+        let spare_qmp = dir.join(format!("{name}.tool.qmp"));
         let backend = match ram {
             Ram::File(path) => format!(
                 "memory-backend-file,id=mem,size={mib}M,mem-path={},share=off",
@@ -123,6 +127,8 @@ impl Vm {
             .args(["-machine", "memory-backend=mem", "-object", &backend])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", spare_qmp.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -134,7 +140,13 @@ impl Vm {
         let started = Instant::now();
         loop {
             match Qmp::connect(&qmp_path).await {
-                Ok(qmp) => return Ok(Vm { qmp, child }),
+                Ok(qmp) => {
+                    return Ok(Vm {
+                        qmp,
+                        spare_qmp,
+                        child,
+                    });
+                }
                 Err(QmpError::Connect { .. }) if started.elapsed() < Duration::from_secs(30) => {
                     if let Ok(Some(status)) = child.try_wait() {
                         return Err(VmError::Exited {

@@ -246,6 +246,7 @@ async fn follow(
     );
     let mut cancel_sent = false;
     let path = format!("/v1/migrations/{id}");
+    let mut ended_at = None;
     let end = loop {
         if shutdown.is_cancelled() && !cancel_sent {
             cancel_sent = true;
@@ -258,8 +259,13 @@ async fn follow(
             .get(&path)
             .await
             .map_err(|e| Failure::from_client("source daemon", e))?;
+        // Once migproxy's verdict is in, QEMU gets a moment to settle (`cancelling` →
+        // `cancelled`) so that the report shows its last word.
         if migration::FINAL.contains(&m["state"].as_str().unwrap_or("")) {
-            break m;
+            let since = *ended_at.get_or_insert_with(std::time::Instant::now);
+            if migration::settled(&m) || since.elapsed() > SETTLE {
+                break m;
+            }
         }
         line.set_message(progress(&m));
         line.tick();
@@ -306,16 +312,17 @@ fn progress(m: &Value) -> String {
     text
 }
 
-/// The destination's report once it has ended too (it may lag by a moment); `None` if the
+/// How long QEMU may take to settle after migproxy's verdict, in the report.
+const SETTLE: Duration = Duration::from_secs(4);
+
+/// The destination's report once it has settled too (it may lag by a moment); `None` if the
 /// destination cannot tell.
 async fn final_of(destination: &Client, id: &str) -> Option<Value> {
     let path = format!("/v1/migrations/{id}");
     let mut last = None;
-    for _ in 0..30 {
+    for _ in 0..40 {
         match destination.get(&path).await {
-            Ok(m) if migration::FINAL.contains(&m["state"].as_str().unwrap_or("")) => {
-                return Some(m);
-            }
+            Ok(m) if migration::settled(&m) => return Some(m),
             Ok(m) => last = Some(m),
             Err(_) => return last,
         }

@@ -439,6 +439,9 @@ pub(super) fn print_qemu(q: &Value, who: &str) {
     if q["postcopy_started"] == true {
         line += ", switched to postcopy";
     }
+    if q["monitor_closed"] == true {
+        line += ", then QEMU exited (its monitor closed)";
+    }
     println!("{line}");
     let ram = &q["ram"];
     if !ram.is_null() {
@@ -453,6 +456,17 @@ pub(super) fn print_qemu(q: &Value, who: &str) {
     if let Some(desc) = q["error_desc"].as_str() {
         println!("    QEMU error: {desc}");
     }
+}
+
+/// Whether a migration's report will not change any more: migproxy's state is final, and
+/// QEMU (when the daemon drives it) has given its verdict or gone.
+pub(super) fn settled(m: &Value) -> bool {
+    let qemu = &m["qemu"];
+    FINAL.contains(&m["state"].as_str().unwrap_or(""))
+        && (qemu.is_null()
+            || qemu["monitor_closed"] == true
+            || ["completed", "failed", "cancelled"]
+                .contains(&qemu["status"].as_str().unwrap_or("")))
 }
 
 pub(super) const FINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];

@@ -84,11 +84,9 @@ pub async fn create(
     );
     daemon.register(Arc::clone(&migration))?;
     if let Some(settings) = &request.qemu {
-        match qemu::prepare_incoming(settings, &target).await {
+        match qemu::prepare_incoming(settings).await {
             Ok(qmp) => {
-                // The destination QEMU has nothing to cancel: no canceller.
-                let (_, cancels) = tokio::sync::mpsc::channel(1);
-                let follow = qemu::follow(Arc::clone(&migration), qmp, cancels, own_socket);
+                let follow = qemu::follow_incoming(Arc::clone(&migration), qmp, own_socket);
                 let span = tracing::info_span!("qemu", migration = %migration.spec.id);
                 daemon.tasks.spawn(follow.instrument(span));
             }
@@ -353,9 +351,14 @@ async fn deliver(
     from: String,
 ) {
     let mut next = migration.next_channel.subscribe();
+    let mut ready = migration.qemu_ready.subscribe();
     let turn = tokio::select! {
         () = admitted.stop.cancelled() => false,
-        turn = next.wait_for(|next| *next == index) => turn.is_ok(),
+        // A QEMU driven here listens only once the source has come (`migrate-incoming`).
+        turn = async {
+            ready.wait_for(|ready| *ready).await.is_ok()
+                && next.wait_for(|next| *next == index).await.is_ok()
+        } => turn,
     };
     if !turn {
         link.abort();

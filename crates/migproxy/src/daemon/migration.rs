@@ -157,6 +157,9 @@ pub struct Migration {
     state_tx: watch::Sender<State>,
     /// Incoming: the next channel index allowed to connect to the destination QEMU.
     pub next_channel: watch::Sender<u32>,
+    /// Incoming: whether the destination QEMU listens (at once, unless QEMU is driven here
+    /// and told to listen only once the source daemon has come).
+    pub qemu_ready: watch::Sender<bool>,
 }
 
 #[derive(Debug)]
@@ -267,6 +270,7 @@ impl Migration {
         events: broadcast::Sender<Event>,
     ) -> Arc<Migration> {
         let stop = CancellationToken::new();
+        let spec_has_no_qemu = spec.qemu.is_none();
         let qemu = spec.qemu.as_ref().map(|_| qemu::Report {
             status: "none".to_owned(),
             ..qemu::Report::default()
@@ -301,6 +305,7 @@ impl Migration {
             stop,
             state_tx: watch::channel(State::Pending).0,
             next_channel: watch::channel(0).0,
+            qemu_ready: watch::channel(spec_has_no_qemu).0,
         };
         Arc::new(migration)
     }
@@ -900,6 +905,16 @@ impl Migration {
             drop(inner);
             self.publish(event);
         }
+    }
+
+    /// The local QEMU's monitor closed: QEMU exited or crashed.
+    pub fn qemu_monitor_closed(&self) {
+        let mut inner = self.lock();
+        if let Some(report) = inner.qemu.as_mut() {
+            report.monitor_closed = true;
+        }
+        drop(inner);
+        self.publish(json!({"type": "qemu", "monitor_closed": true}));
     }
 
     /// The local QEMU says `completed`: this host may say `Done` once its channels are.

@@ -6,16 +6,20 @@
 //!  create(qmp) ─► query-status: inmigrate?
 //!                 query-migrate: not yet listening?
 //!                 migrate-set-capabilities/-parameters
-//!                 migrate-incoming unix:RUNTIME/ID.incoming.sock
 //!                                                   create(qmp) ─► query-status: not incoming?
 //!                                                                  query-migrate: idle?
 //!                                                                  migrate-set-capabilities/-parameters
 //!                          ◄═══════ control link ═══════
-//!                                                                  migrate unix:RUNTIME/ID.sock
+//!  migrate-incoming unix:RUNTIME/ID.incoming.sock                  migrate unix:RUNTIME/ID.sock
+//!  (channels wait for it before connecting QEMU)
 //!  follow: query-migrate every 100 ms               follow: query-migrate every 100 ms,
 //!                                                           migrate-start-postcopy after N s
 //!  QEMU completed and every channel clean ─► Done   QEMU completed and every channel clean ─► Done
 //! ```
+//!
+//! Both QEMUs are checked before anything moves, and the destination QEMU is told to listen
+//! only once the source daemon has come with its own QEMU checked: a refusal on either host
+//! leaves both QEMUs as they were (but for capabilities), ready for another attempt.
 //!
 //! A daemon says `Done` to its peer only when its channels ended cleanly *and* its QEMU says
 //! `completed`, so a migration is `completed` only when QEMU says so on both hosts. QEMU's
@@ -137,9 +141,10 @@ async fn run_status(qmp: &mut Qmp) -> Result<String, QemuError> {
     Ok(status["status"].as_str().unwrap_or("unknown").to_owned())
 }
 
-/// Destination: checks that QEMU waits for `migrate-incoming`, sets the capabilities both
-/// sides must share, and makes QEMU listen on `uri`.
-pub async fn prepare_incoming(settings: &Settings, uri: &Endpoint) -> Result<Qmp, QemuError> {
+/// Destination: checks that QEMU waits for `migrate-incoming` and sets the capabilities
+/// both sides must share. QEMU is told to listen only once the source daemon has come
+/// ([`follow_incoming`]): until then the QEMU is left reusable.
+pub async fn prepare_incoming(settings: &Settings) -> Result<Qmp, QemuError> {
     let mut qmp = Qmp::connect(&settings.qmp).await.map_err(QemuError::Qmp)?;
     let status = run_status(&mut qmp).await?;
     if status != "inmigrate" {
@@ -156,15 +161,36 @@ pub async fn prepare_incoming(settings: &Settings, uri: &Endpoint) -> Result<Qmp
         });
     }
     configure(&mut qmp, settings, Role::Incoming).await?;
-    let hint = " (start the destination QEMU with -incoming defer)";
-    run(
-        &mut qmp,
-        "migrate-incoming",
-        json!({"uri": uri.to_string()}),
-        hint,
-    )
-    .await?;
     Ok(qmp)
+}
+
+/// Destination: once the source daemon's control link is up, makes QEMU listen on the
+/// migration's target, lets the channels through, and follows QEMU.
+pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: Option<PathBuf>) {
+    let mut state = migration.watch_state();
+    let came = tokio::select! {
+        () = migration.stop.cancelled() => false,
+        came = state.wait_for(|state| *state != State::Pending) => came.is_ok(),
+    };
+    let uri = migration.spec.local.to_string();
+    let hint = " (start the destination QEMU with -incoming defer)";
+    let listening = match came && !migration.stop.is_cancelled() {
+        true => run(&mut qmp, "migrate-incoming", json!({ "uri": uri }), hint).await,
+        false => Ok(Value::Null),
+    };
+    match listening {
+        Ok(_) if came => {
+            migration.qemu_ready.send_replace(true);
+            // The destination QEMU has nothing to cancel: no canceller.
+            let (_, cancels) = mpsc::channel(1);
+            follow(migration, qmp, cancels, cleanup).await;
+        }
+        Ok(_) => {}
+        Err(error) => {
+            let blame = migration.qemu_failure(format!("migrate-incoming {uri} failed: {error}"));
+            migration.fail(migration.epoch(), blame, true);
+        }
+    }
 }
 
 /// Source: checks that QEMU is a source with no migration running, and sets capabilities
@@ -265,6 +291,7 @@ pub async fn follow(
         let status = match observe(&migration, &mut qmp, started).await {
             Ok(status) => status,
             Err(error) => {
+                migration.qemu_monitor_closed();
                 migration.fail_later(migration.epoch(), lost(&migration, &error));
                 break;
             }
@@ -326,7 +353,10 @@ async fn wind_down(migration: &Migration, qmp: &mut Qmp, started: Instant) {
             Ok(status) if FINAL.contains(&status.as_str()) || status == "none" => return,
             Ok(_) => tokio::time::sleep(POLL).await,
             // The destination QEMU exits when its incoming migration breaks (QEMU 7.2).
-            Err(_) => return,
+            Err(_) => {
+                migration.qemu_monitor_closed();
+                return;
+            }
         }
     }
 }
@@ -384,6 +414,9 @@ pub struct Report {
     pub pass: u64,
     /// Whether the migration switched to postcopy.
     pub postcopy_started: bool,
+    /// QEMU's monitor closed before QEMU's verdict: QEMU exited (as a destination QEMU does
+    /// when its incoming migration breaks) or crashed.
+    pub monitor_closed: bool,
     /// QEMU's own figures (milliseconds), when it gives them.
     pub total_time_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
@@ -448,6 +481,11 @@ impl Report {
 
     pub fn is_final(&self) -> bool {
         FINAL.contains(&self.status.as_str())
+    }
+
+    /// Whether QEMU will say no more: its verdict is in, or its monitor is gone.
+    pub fn is_settled(&self) -> bool {
+        self.is_final() || self.monitor_closed
     }
 }
 

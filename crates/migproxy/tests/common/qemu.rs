@@ -99,6 +99,11 @@ impl Qemu {
         (blake3::hash(&bytes), bytes[(2 << 20)..(3 << 20)].to_vec())
     }
 
+    /// A QMP socket of its own for migproxy (the test holds the first).
+    pub fn spare_qmp(&self) -> &Path {
+        &self.vm.spare_qmp
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,0 +1,438 @@
+//! `migproxy migrate`: one command drives real QEMUs on both "hosts" over QMP, through two
+//! real daemon processes (see shared FIELD-NOTES for how QEMU migrates here).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::certs::Ca;
+use common::process::{BIN, DaemonProcess};
+use common::qemu::{Qemu, Ram, random_ram_file};
+use common::short_tempdir;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::process::Command;
+
+const RAM_MIB: u64 = 256;
+
+/// Two daemons and two QEMUs: a source with random RAM, a destination waiting with
+/// `-incoming defer`.
+struct Hosts {
+    dir: tempfile::TempDir,
+    source: DaemonProcess,
+    destination: DaemonProcess,
+    src_vm: Qemu,
+    dst_vm: Qemu,
+    /// blake3 of the source guest's RAM before the migration.
+    expected: blake3::Hash,
+}
+
+impl Hosts {
+    async fn start(seed: u64) -> Hosts {
+        Hosts::start_with(seed, &[], &[]).await
+    }
+
+    async fn start_with(seed: u64, src_flags: &[&str], dst_flags: &[&str]) -> Hosts {
+        let dir = short_tempdir();
+        let ram = dir.path().join("source.img");
+        random_ram_file(&ram, RAM_MIB, seed);
+        let source = DaemonProcess::start(dir.path(), "src", "127.0.0.1:0", None, src_flags).await;
+        let destination =
+            DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, dst_flags).await;
+        let mut src_vm = Qemu::start(dir.path(), "srcvm", Ram::File(&ram), RAM_MIB, false).await;
+        let dst_vm = Qemu::start(dir.path(), "dstvm", Ram::Anonymous, RAM_MIB, true).await;
+        // Before anything moves: postcopy discards source pages (and punches holes into a
+        // file behind them), so the source is digested now.
+        let (expected, _) = src_vm.ram_digest(dir.path(), "before", RAM_MIB).await;
+        Hosts {
+            dir,
+            source,
+            destination,
+            src_vm,
+            dst_vm,
+            expected,
+        }
+    }
+
+    /// `migproxy migrate` from the source host to the destination daemon's API socket.
+    fn migrate(&self, extra: &[&str]) -> Command {
+        let to = format!("unix:{}", self.destination.api.display());
+        self.migrate_to(&to, extra)
+    }
+
+    fn migrate_to(&self, to: &str, extra: &[&str]) -> Command {
+        self.migrate_with(self.src_vm.spare_qmp(), self.dst_vm.spare_qmp(), to, extra)
+    }
+
+    fn migrate_with(&self, qmp: &Path, dest_qmp: &Path, to: &str, extra: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .arg("migrate")
+            .arg("--api")
+            .arg(&self.source.api)
+            .args(["--to", to])
+            .arg("--qmp")
+            .arg(qmp)
+            .arg("--dest-qmp")
+            .arg(dest_qmp)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs `migproxy migrate … --json`; returns the exit code and both daemons' reports.
+    async fn run(&self, mut command: Command) -> (i32, Value, Output) {
+        let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+            .await
+            .expect("migproxy migrate finished within 60 s")
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let report = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+        (output.status.code().unwrap_or(-1), report, output)
+    }
+
+    async fn assert_ram_equal(&mut self) {
+        let (got, _) = self
+            .dst_vm
+            .ram_digest(self.dir.path(), "after", RAM_MIB)
+            .await;
+        assert_eq!(
+            got, self.expected,
+            "destination RAM differs from the source's"
+        );
+    }
+
+    async fn migrations(&self, daemon: &DaemonProcess) -> Vec<Value> {
+        let (_, all) = daemon.request("GET", "/v1/migrations", None).await;
+        all["migrations"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The destination QEMU never started listening: it can still take a migration.
+    async fn assert_destination_untouched(&mut self) {
+        let info = self.dst_vm.execute("query-migrate", Value::Null).await;
+        assert!(info.get("socket-address").is_none(), "{info}");
+        let status = self.dst_vm.execute("query-status", Value::Null).await;
+        assert_eq!(status["status"], "inmigrate", "{status}");
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// QEMU's verdict on both hosts and migproxy's on both daemons: completed.
+fn assert_completed(report: &Value, output: &Output) {
+    for host in ["source", "destination"] {
+        let m = &report[host];
+        assert_eq!(m["state"], "completed", "{host}: {}", text(output));
+        assert_eq!(m["qemu"]["status"], "completed", "{host}: {m}");
+        assert!(m["error"].is_null(), "{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_command_migrates_a_vm_with_equal_ram_and_one_report() {
+    let mut hosts = Hosts::start(81).await;
+    let (code, report, output) = hosts.run(hosts.migrate(&["--json"])).await;
+    assert_eq!(code, 0, "{}", text(&output));
+    assert_completed(&report, &output);
+    hosts.assert_ram_equal().await;
+
+    // The merged report: QEMU's figures beside migproxy's channels.
+    let source = &report["source"];
+    let ram = &source["qemu"]["ram"];
+    assert!(ram["total"].as_u64().unwrap() >= RAM_MIB << 20, "{source}");
+    assert_eq!(ram["remaining"], 0, "{source}");
+    assert!(source["qemu"]["pass"].as_u64().unwrap() >= 1, "{source}");
+    assert!(
+        source["qemu"]["wall_time_ms"].as_u64().unwrap() > 0,
+        "{source}"
+    );
+    assert!(source["qemu"]["downtime_ms"].is_u64(), "{source}");
+    assert_eq!(source["channels"].as_array().unwrap().len(), 1, "{source}");
+    let moved = source["bytes"]["to_destination"].as_u64().unwrap();
+    assert!(moved >= RAM_MIB << 20, "{source}");
+    assert_eq!(
+        report["destination"]["bytes"]["to_destination"], moved,
+        "both daemons count the same bytes"
+    );
+    // The socket the destination QEMU listened on is gone with the migration.
+    let id = source["id"].as_str().unwrap();
+    let incoming = hosts
+        .destination
+        .runtime
+        .join(format!("{id}.incoming.sock"));
+    assert!(!incoming.exists(), "{} left behind", incoming.display());
+
+    // Without --json: one readable report.
+    let mut again = Hosts::start(82).await;
+    let (code, _, output) = again.run(again.migrate(&[])).await;
+    assert_eq!(code, 0, "{}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("completed on the source, completed on the destination"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("source QEMU: completed"), "{stdout}");
+    assert!(stdout.contains("downtime"), "{stdout}");
+    assert!(stdout.contains("channel 0: completed"), "{stdout}");
+    again.assert_ram_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_migration_over_tls_with_the_destination_api_over_tls() {
+    let root = short_tempdir();
+    let mut ca = Ca::new("migproxy test CA");
+    let (src_pki, dst_pki) = (root.path().join("src"), root.path().join("dst"));
+    ca.write_host(&src_pki, &["127.0.0.1"], "source-daemon");
+    ca.write_host(&dst_pki, &["127.0.0.1"], "destination-daemon");
+    let (src_dir, dst_dir) = (src_pki.display().to_string(), dst_pki.display().to_string());
+    let mut hosts = Hosts::start_with(
+        83,
+        &["--tls-dir", &src_dir],
+        &["--tls-dir", &dst_dir, "--api-listen", "127.0.0.1:0"],
+    )
+    .await;
+    let (_, info) = hosts.destination.request("GET", "/v1/info", None).await;
+    let api = info["api_tls"].as_str().unwrap().to_owned();
+
+    // The destination's QMP path is given as it is on the destination host.
+    let command = hosts.migrate_to(&api, &["--multifd", "4", "--tls-dir", &src_dir, "--json"]);
+    let (code, report, output) = hosts.run(command).await;
+    assert_eq!(code, 0, "{}", text(&output));
+    assert_completed(&report, &output);
+    let source = &report["source"];
+    assert_eq!(source["link"], "tls", "{source}");
+    assert_eq!(source["qemu"]["settings"]["multifd"], 4, "{source}");
+    assert_eq!(
+        source["channels"].as_array().unwrap().len(),
+        5,
+        "the main stream and four multifd channels: {source}"
+    );
+    assert!(source["qemu"]["ram"]["multifd_bytes"].as_u64().unwrap() > 0);
+    hosts.assert_ram_equal().await;
+
+    // Certificates that the destination's CA did not sign: refused before anything is made.
+    let stranger = root.path().join("stranger");
+    Ca::new("another CA").write_host(&stranger, &["127.0.0.1"], "source-daemon");
+    let stranger = stranger.display().to_string();
+    let command = hosts.migrate_to(&api, &["--tls-dir", &stranger]);
+    let (code, _, output) = hosts.run(command).await;
+    assert_eq!(code, 3, "unreachable: {}", text(&output));
+    assert!(
+        text(&output).contains("destination daemon"),
+        "{}",
+        text(&output)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_switch_completes_with_equal_ram() {
+    let mut hosts = Hosts::start(84).await;
+    // Slow precopy (64 MiB/s for 256 MiB) so that the switch after 0.3 s lands mid-way.
+    let flags = [
+        "--postcopy-after",
+        "0.3",
+        "--max-bandwidth",
+        "64M",
+        "--json",
+    ];
+    let (code, report, output) = hosts.run(hosts.migrate(&flags)).await;
+    assert_eq!(code, 0, "{}", text(&output));
+    assert_completed(&report, &output);
+    for host in ["source", "destination"] {
+        let qemu = &report[host]["qemu"];
+        assert_eq!(qemu["postcopy_started"], true, "{host}: {qemu}");
+        assert_eq!(qemu["settings"]["postcopy"], true, "{host}: {qemu}");
+    }
+    hosts.assert_ram_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_cancels_on_both_hosts_and_the_vm_keeps_running_on_the_source() {
+    let mut hosts = Hosts::start(85).await;
+    hosts.src_vm.execute("cont", Value::Null).await;
+    // 32 MiB/s for 256 MiB: eight seconds, plenty to interrupt.
+    let child = hosts
+        .migrate(&["--max-bandwidth", "32M", "--id", "interrupted"])
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let (status, m) = hosts
+            .source
+            .request("GET", "/v1/migrations/interrupted", None)
+            .await;
+        let moved = m["bytes"]["to_destination"].as_u64().unwrap_or(0);
+        if status == 200 && moved > 8 << 20 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no progress: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = Pid::from_raw(child.id().unwrap() as i32);
+    kill(pid, Signal::SIGINT).unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("migproxy migrate exits after SIGINT")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("cancelled"), "{}", text(&output));
+
+    // The source QEMU cancelled its migration and runs the guest.
+    let status = hosts.src_vm.execute("query-status", Value::Null).await;
+    assert_eq!(status["status"], "running", "{status}");
+    let info = hosts.src_vm.execute("query-migrate", Value::Null).await;
+    assert_eq!(info["status"], "cancelled", "{info}");
+
+    // Both daemons tell the same story; the destination is cleaned up.
+    let source = hosts
+        .source
+        .wait_final("interrupted", Duration::from_secs(5))
+        .await;
+    let destination = hosts
+        .destination
+        .wait_final("interrupted", Duration::from_secs(5))
+        .await;
+    for m in [&source, &destination] {
+        assert_eq!(m["state"], "cancelled", "{m}");
+        assert_eq!(m["cancelled_by"], "source", "{m}");
+    }
+    assert_eq!(source["qemu"]["status"], "cancelled", "{source}");
+    // QEMU 7.2 ends a destination process whose incoming migration broke.
+    let limit = Instant::now() + Duration::from_secs(10);
+    while hosts.dst_vm.is_running() {
+        assert!(Instant::now() < limit, "destination QEMU still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&hosts.destination.runtime)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "left in the runtime dir: {leftovers:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_qmp_paths_and_a_destination_without_incoming_defer_fail_before_anything_moves() {
+    let mut hosts = Hosts::start(86).await;
+    let missing_path = hosts.dir.path().join("missing.qmp");
+    let missing = missing_path.display().to_string();
+    let to = format!("unix:{}", hosts.destination.api.display());
+
+    // The source's QMP path is wrong.
+    let command = hosts.migrate_with(&missing_path, hosts.dst_vm.spare_qmp(), &to, &[]);
+    let (code, _, output) = hosts.run(command).await;
+    assert_eq!(code, 1, "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("source daemon") && stderr.contains(&missing) && stderr.contains("ENOENT"),
+        "{stderr}"
+    );
+    assert!(hosts.migrations(&hosts.source).await.is_empty());
+    let taken_back = hosts.migrations(&hosts.destination).await;
+    assert!(
+        taken_back.iter().all(|m| m["state"] == "cancelled"),
+        "{taken_back:?}"
+    );
+    hosts.assert_destination_untouched().await;
+
+    // The destination's QMP path is wrong.
+    let command = hosts.migrate_with(hosts.src_vm.spare_qmp(), &missing_path, &to, &[]);
+    let (code, _, output) = hosts.run(command).await;
+    assert_eq!(code, 1, "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("destination daemon") && stderr.contains(&missing),
+        "{stderr}"
+    );
+    assert!(hosts.migrations(&hosts.source).await.is_empty());
+
+    // A "destination" QEMU that was not started with -incoming defer (the source itself).
+    let own = hosts.src_vm.spare_qmp();
+    let command = hosts.migrate_with(own, own, &to, &[]);
+    let (code, _, output) = hosts.run(command).await;
+    assert_eq!(code, 1, "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("-incoming defer"), "{stderr}");
+    assert!(hosts.migrations(&hosts.source).await.is_empty());
+    let status = hosts.src_vm.execute("query-migrate", Value::Null).await;
+    assert!(status.get("status").is_none(), "nothing ran: {status}");
+
+    // After all that, the same QEMUs still migrate.
+    let (code, report, output) = hosts.run(hosts.migrate(&["--json"])).await;
+    assert_eq!(code, 0, "{}", text(&output));
+    assert_completed(&report, &output);
+    hosts.assert_ram_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_fields_are_checked_by_the_api() {
+    let dir = short_tempdir();
+    let daemon = DaemonProcess::start(dir.path(), "d", "127.0.0.1:0", None, &[]).await;
+    let cases = [
+        (
+            json!({"direction": "incoming", "id": "a"}),
+            "target: needed unless qmp",
+        ),
+        (
+            json!({"direction": "incoming", "target": "unix:/x", "multifd": 2}),
+            "multifd: only with qmp",
+        ),
+        (
+            json!({"direction": "incoming", "qmp": "relative.qmp"}),
+            "must be an absolute path",
+        ),
+        (
+            json!({"direction": "incoming", "qmp": "/q", "max_bandwidth": 5}),
+            "unknown field `max_bandwidth`",
+        ),
+        (
+            json!({"direction": "incoming", "qmp": "/q", "multifd": 0}),
+            "multifd: 1 to 255",
+        ),
+        (
+            json!({"direction": "outgoing", "id": "b", "token": "00".repeat(32),
+                   "peer": "127.0.0.1:1", "qmp": "/q", "postcopy_after": -1.0}),
+            "postcopy_after",
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, answer) = daemon
+            .request("POST", "/v1/migrations", Some(body.clone()))
+            .await;
+        assert_eq!(status, 400, "{body} → {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(expected), "{body} → {error}");
+    }
+    // A QMP socket that is not there: the request's fault, named.
+    let body = json!({"direction": "incoming", "qmp": "/nonexistent/qemu.qmp"});
+    let (status, answer) = daemon.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/qemu.qmp"),
+        "{answer}"
+    );
+    let (_, all) = daemon.request("GET", "/v1/migrations", None).await;
+    assert_eq!(all["migrations"], json!([]), "nothing registered");
+}
