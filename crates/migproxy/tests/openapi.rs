@@ -867,7 +867,7 @@ fn the_validator_rejects_missing_undocumented_and_mistyped_fields() {
     assert!(!doc.validate(state, &json!("running")).is_empty());
     let created =
         &doc.response("POST", "/v1/migrations", 201)["content"]["application/json"]["schema"];
-    let incoming = json!({"id": "a", "token": "0".repeat(64), "peer": "h:1", "state": "pending"});
+    let incoming = json!({"id": "a", "token": "0".repeat(64), "peer": "h:1", "target": "unix:/q", "state": "pending"});
     assert!(doc.validate(created, &incoming).is_empty());
     must_reject(
         &doc,

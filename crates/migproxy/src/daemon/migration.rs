@@ -899,9 +899,7 @@ impl Migration {
         let before = (report.status.clone(), report.pass);
         report.update(&info, pass, wall);
         if before != (report.status.clone(), report.pass) {
-            let event = json!({"type": "qemu", "status": report.status, "pass": report.pass,
-                "ram_remaining": report.ram.as_ref().map(|r| r.remaining),
-                "error_desc": report.error_desc});
+            let event = qemu_event(report);
             drop(inner);
             self.publish(event);
         }
@@ -910,11 +908,13 @@ impl Migration {
     /// The local QEMU's monitor closed: QEMU exited or crashed.
     pub fn qemu_monitor_closed(&self) {
         let mut inner = self.lock();
-        if let Some(report) = inner.qemu.as_mut() {
-            report.monitor_closed = true;
-        }
+        let Some(report) = inner.qemu.as_mut() else {
+            return;
+        };
+        report.monitor_closed = true;
+        let event = qemu_event(report);
         drop(inner);
-        self.publish(json!({"type": "qemu", "monitor_closed": true}));
+        self.publish(event);
     }
 
     /// The local QEMU says `completed`: this host may say `Done` once its channels are.
@@ -1039,6 +1039,13 @@ fn unfinished(index: u32, report: &Report, status: Option<u32>) -> Attribution {
         bytes: totals(report.bytes),
         elapsed_ms: report.elapsed.as_millis() as u64,
     }
+}
+
+/// A `qemu` event: QEMU's status, pass and RAM left, or its monitor gone.
+fn qemu_event(report: &qemu::Report) -> serde_json::Value {
+    json!({"type": "qemu", "status": report.status, "pass": report.pass,
+        "ram_remaining": report.ram.as_ref().map(|r| r.remaining),
+        "error_desc": report.error_desc, "monitor_closed": report.monitor_closed})
 }
 
 fn sum(channels: &[Channel]) -> ByteCounts {
