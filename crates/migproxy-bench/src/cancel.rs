@@ -8,8 +8,31 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::BenchError;
-use crate::daemons;
+use crate::{BenchError, chart, daemons};
+
+/// Cancel latencies in seconds, as the table and the chart show them.
+#[derive(Debug)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// None for no latencies.
+    fn of(mut latencies: Vec<f64>) -> Option<Self> {
+        latencies.sort_by(f64::total_cmp);
+        let last = latencies.len().checked_sub(1)?;
+        let at = |p: f64| latencies[(last as f64 * p).round() as usize];
+        Some(Self {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            max: latencies[last],
+        })
+    }
+}
 
 pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> {
     let dir = std::env::temp_dir().join(format!("migproxy-bench-c{}", std::process::id()));
@@ -64,28 +87,33 @@ pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> 
         latencies.push(last.duration_since(asked).as_secs_f64());
         let _ = std::fs::remove_file(&target);
     }
-    latencies.sort_by(f64::total_cmp);
-    let percentile = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
-    let table = format!(
-        "# Cancel latency under full load, {count} cancels\n\n\
+    drop((source, destination));
+    let _ = std::fs::remove_dir_all(&dir);
+    let latency = Percentiles::of(latencies).ok_or("no cancel was measured")?;
+    let title = format!("Cancel latency under full load, {count} cancels");
+    let machine = crate::machine();
+    let table = render(&latency, &title, &machine);
+    println!("{table}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("cancel.md"), table)?;
+    chart::cancel(&out.join("cancel.png"), &title, &machine, &latency)
+}
+
+fn render(latency: &Percentiles, title: &str, machine: &str) -> String {
+    format!(
+        "# {title}\n\n{machine}\n\n\
          From the source daemon's cancel API call to both stream ends closed (source and\n\
          destination QEMU stand-ins), two daemons on loopback, plaintext.\n\n\
          | p50 | p90 | p99 | max | target p99 |\n| --- | --- | --- | --- | --- |\n\
          | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | < 100 ms: {} |\n",
-        percentile(0.5) * 1e3,
-        percentile(0.9) * 1e3,
-        percentile(0.99) * 1e3,
-        latencies[latencies.len() - 1] * 1e3,
-        if percentile(0.99) < 0.1 {
+        latency.p50 * 1e3,
+        latency.p90 * 1e3,
+        latency.p99 * 1e3,
+        latency.max * 1e3,
+        if latency.p99 < 0.1 {
             "holds"
         } else {
             "NOT met"
         },
-    );
-    println!("{table}");
-    std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("cancel.md"), table)?;
-    drop((source, destination));
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    )
 }

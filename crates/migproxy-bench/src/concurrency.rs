@@ -5,8 +5,20 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Instant;
 
-use crate::daemons;
-use crate::{BenchError, sink_digest, source_write};
+use crate::{BenchError, chart, daemons, sink_digest, source_write};
+
+/// One stream count's result, as the table and the chart show it.
+#[derive(Debug)]
+pub struct Streams {
+    pub streams: usize,
+    /// GiB/s of all streams together.
+    pub total: f64,
+    /// GiB/s of the slowest and the fastest stream.
+    pub slowest: f64,
+    pub fastest: f64,
+    /// Jain's fairness index over the streams' own throughputs.
+    pub jain: f64,
+}
 
 pub fn run(
     migproxy: &Path,
@@ -20,12 +32,7 @@ pub fn run(
     let source = daemons::start(migproxy, &dir, "source", None)?;
     let destination = daemons::start(migproxy, &dir, "destination", None)?;
     let block = vec![0xa5_u8; 16 << 20];
-    let mut table = format!(
-        "# Concurrent streams through one pair of daemons, {} each\n\n\
-         | streams | total GiB/s | slowest stream GiB/s | fastest GiB/s | Jain's index |\n\
-         | --- | --- | --- | --- | --- |\n",
-        crate::human(per_stream)
-    );
+    let mut results = Vec::new();
     let mut round = 0;
     for &count in counts {
         let mut sockets = Vec::new();
@@ -80,14 +87,39 @@ pub fn run(
             .iter()
             .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
         eprintln!("{count:>2} streams: {total:.2} GiB/s in total, Jain {jain:.3}");
-        table.push_str(&format!(
-            "| {count} | {total:.2} | {slowest:.2} | {fastest:.2} | {jain:.3} |\n"
-        ));
+        results.push(Streams {
+            streams: count,
+            total,
+            slowest,
+            fastest,
+            jain,
+        });
     }
+    drop((source, destination));
+    let _ = std::fs::remove_dir_all(&dir);
+    let title = format!(
+        "Concurrent streams through one pair of daemons, {} each",
+        crate::human(per_stream)
+    );
+    let machine = crate::machine();
+    let table = render(&results, &title, &machine);
     println!("{table}");
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("concurrency.md"), &table)?;
-    drop((source, destination));
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    chart::concurrency(&out.join("concurrency.png"), &title, &machine, &results)
+}
+
+fn render(results: &[Streams], title: &str, machine: &str) -> String {
+    let mut table = format!(
+        "# {title}\n\n{machine}\n\n\
+         | streams | total GiB/s | slowest stream GiB/s | fastest GiB/s | Jain's index |\n\
+         | --- | --- | --- | --- | --- |\n"
+    );
+    for r in results {
+        table.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.3} |\n",
+            r.streams, r.total, r.slowest, r.fastest, r.jain
+        ));
+    }
+    table
 }

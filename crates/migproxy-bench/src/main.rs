@@ -19,6 +19,7 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
 mod cancel;
+mod chart;
 mod concurrency;
 mod daemons;
 mod pki;
@@ -226,11 +227,20 @@ fn synthetic(size: u64, reps: usize, out: &Path) -> Result<(), BenchError> {
             runs.push(sample);
         }
     }
-    let table = render(&samples, size, reps);
+    let summaries: Vec<Summary> = samples
+        .iter()
+        .map(|(r, s)| summarise(*r, s, size))
+        .collect();
+    let title = format!(
+        "Synthetic stream, {} per run, {reps} interleaved repetitions",
+        human(size)
+    );
+    let machine = machine();
+    let table = render(&summaries, &title, &machine);
     println!("{table}");
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("synthetic.md"), &table)?;
-    Ok(())
+    chart::synthetic(&out.join("synthetic.png"), &title, &machine, &summaries)
 }
 
 /// A binary built next to this one (`cargo build --release` builds both).
@@ -493,54 +503,100 @@ fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+    format!(
+        "{cpu}, {cores} cores, Linux {}, {}",
+        kernel.trim(),
+        qemu_version()
+    )
 }
 
-fn render(samples: &[(Route, Vec<Sample>)], size: u64, reps: usize) -> String {
+/// "QEMU 7.2.22 (Debian …)", from the first line of `qemu-system-x86_64 --version`.
+fn qemu_version() -> String {
+    Command::new(migproxy::vm::QEMU)
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|text| {
+            let line = text.lines().next()?.trim();
+            Some(line.replace("QEMU emulator version", "QEMU"))
+        })
+        .unwrap_or_else(|| format!("no {}", migproxy::vm::QEMU))
+}
+
+/// Median, min and max of a set of runs.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+/// A route's runs as the table and the chart show them.
+#[derive(Debug)]
+struct Summary {
+    route: Route,
+    /// GiB/s; none when every run failed.
+    rate: Option<Spread>,
+    /// Median CPU seconds of the proxy processes per GiB; none without a proxy process.
+    cpu_per_gib: Option<f64>,
+    peak_rss_kib: Option<u64>,
+}
+
+fn summarise(route: Route, runs: &[Sample], size: u64) -> Summary {
+    let mut rates: Vec<f64> = runs.iter().map(|s| gib(size) / s.seconds).collect();
+    let rate = (!rates.is_empty()).then(|| {
+        let median = median(&mut rates);
+        Spread {
+            median,
+            min: rates[0],
+            max: rates[rates.len() - 1],
+        }
+    });
+    let mut cpu: Vec<f64> = runs
+        .iter()
+        .filter_map(|s| s.cpu_seconds)
+        .map(|c| c / gib(size))
+        .collect();
+    Summary {
+        route,
+        rate,
+        cpu_per_gib: (!cpu.is_empty()).then(|| median(&mut cpu)),
+        peak_rss_kib: runs.iter().filter_map(|s| s.peak_rss_kib).max(),
+    }
+}
+
+fn render(summaries: &[Summary], title: &str, machine: &str) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# Synthetic stream, {} per run, {reps} interleaved repetitions",
-        human(size)
-    );
-    let _ = writeln!(out, "\n{}\n", machine());
+    let _ = writeln!(out, "# {title}\n\n{machine}\n");
     let _ = writeln!(
         out,
         "| path | median GiB/s | min–max | × direct | proxy CPU s/GiB | proxy peak RSS |"
     );
     let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
-    let direct = samples
+    let direct = summaries
         .iter()
-        .find(|(r, _)| *r == Route::Direct)
-        .map(|(_, s)| median(&mut s.iter().map(|s| gib(size) / s.seconds).collect::<Vec<_>>()));
-    for (route, runs) in samples {
-        if runs.is_empty() {
-            let _ = writeln!(out, "| {} | failed | - | - | - | - |", route.name());
+        .find(|s| s.route == Route::Direct)
+        .and_then(|s| s.rate);
+    for summary in summaries {
+        let name = summary.route.name();
+        let Some(rate) = summary.rate else {
+            let _ = writeln!(out, "| {name} | failed | - | - | - | - |");
             continue;
-        }
-        let mut rates: Vec<f64> = runs.iter().map(|s| gib(size) / s.seconds).collect();
-        let med = median(&mut rates);
-        let (min, max) = (rates[0], rates[rates.len() - 1]);
-        let ratio = direct.map_or("-".into(), |d| format!("{:.2}", med / d));
-        let mut cpu: Vec<f64> = runs
-            .iter()
-            .filter_map(|s| s.cpu_seconds)
-            .map(|c| c / gib(size))
-            .collect();
-        let cpu = if cpu.is_empty() {
-            "-".into()
-        } else {
-            format!("{:.2}", median(&mut cpu))
         };
-        let rss = runs
-            .iter()
-            .filter_map(|s| s.peak_rss_kib)
-            .max()
+        let (med, min, max) = (rate.median, rate.min, rate.max);
+        let ratio = direct.map_or("-".into(), |d| format!("{:.2}", med / d.median));
+        let cpu = summary
+            .cpu_per_gib
+            .map_or("-".into(), |c| format!("{c:.2}"));
+        let rss = summary
+            .peak_rss_kib
             .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
         let _ = writeln!(
             out,
-            "| {} | {med:.2} | {min:.2}–{max:.2} | {ratio} | {cpu} | {rss} |",
-            route.name()
+            "| {name} | {med:.2} | {min:.2}–{max:.2} | {ratio} | {cpu} | {rss} |"
         );
     }
     out

@@ -12,8 +12,17 @@ use std::time::{Duration, Instant};
 use migproxy::vm::{Ram, Vm, accel, random_ram_file};
 use serde_json::{Value, json};
 
-use crate::BenchError;
 use crate::daemons;
+use crate::{BenchError, Spread, chart};
+
+/// One path's migration times, as the table and the chart show them.
+#[derive(Debug)]
+pub struct PathTimes {
+    pub path: &'static str,
+    pub seconds: Spread,
+    /// The median over direct TCP's median.
+    pub ratio: f64,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path_ {
@@ -204,31 +213,59 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
                 runs.push(seconds);
             }
         }
-        let direct = median(times.iter().find(|(p, _)| *p == Path_::DirectTcp).map(|(_, t)| t.clone()).unwrap_or_default());
-        let mut table = format!(
-            "# Real QEMU, {mib} MiB of random guest RAM, paused guest ({}), {reps} interleaved repetitions\n\n\
-             Wall time from `migrate` to `completed`, destination RAM verified equal every run.\n\n\
-             | path | median s | min–max s | × direct TCP time |\n| --- | --- | --- | --- |\n",
+        let rows = summarise(&times);
+        let title = format!(
+            "Real QEMU, {mib} MiB of random guest RAM, paused guest ({}), {reps} interleaved repetitions",
             accel().to_uppercase()
         );
-        for (path, runs) in &times {
-            let mut sorted = runs.clone();
-            sorted.sort_by(f64::total_cmp);
-            let med = median(runs.clone());
-            table.push_str(&format!(
-                "| {} | {med:.2} | {:.2}–{:.2} | {:.2} |\n",
-                path.name(),
-                sorted[0],
-                sorted[sorted.len() - 1],
-                med / direct
-            ));
-        }
+        let machine = crate::machine();
+        let table = render(&rows, &title, &machine);
         println!("{table}");
         std::fs::create_dir_all(out)?;
         std::fs::write(out.join("qemu.md"), table)?;
+        chart::qemu(&out.join("qemu.png"), &title, &machine, &rows)?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     })
+}
+
+fn summarise(times: &[(Path_, Vec<f64>)]) -> Vec<PathTimes> {
+    let direct = median(
+        times
+            .iter()
+            .find(|(p, _)| *p == Path_::DirectTcp)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default(),
+    );
+    times
+        .iter()
+        .map(|(path, runs)| {
+            let median = median(runs.clone());
+            let min = runs.iter().copied().fold(f64::NAN, f64::min);
+            let max = runs.iter().copied().fold(f64::NAN, f64::max);
+            PathTimes {
+                path: path.name(),
+                seconds: Spread { median, min, max },
+                ratio: median / direct,
+            }
+        })
+        .collect()
+}
+
+fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
+    let mut table = format!(
+        "# {title}\n\n{machine}\n\n\
+         Wall time from `migrate` to `completed`, destination RAM verified equal every run.\n\n\
+         | path | median s | min–max s | × direct TCP time |\n| --- | --- | --- | --- |\n"
+    );
+    for row in rows {
+        let s = row.seconds;
+        table.push_str(&format!(
+            "| {} | {:.2} | {:.2}–{:.2} | {:.2} |\n",
+            row.path, s.median, s.min, s.max, row.ratio
+        ));
+    }
+    table
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
