@@ -142,13 +142,27 @@ pub(super) async fn create_migration(
     destination: &DemoDaemon,
     target: &str,
 ) -> Result<(String, String), DemoError> {
-    let body = json!({"direction": "incoming", "id": "demo", "target": target});
+    let incoming = json!({"direction": "incoming", "id": "demo", "target": target});
+    create_both(source, destination, incoming, json!({})).await
+}
+
+/// Creates the incoming half from `incoming`, then the outgoing half with `outgoing`'s
+/// extra fields; returns the destination's peer address and the source QEMU's URI.
+pub(super) async fn create_both(
+    source: &DemoDaemon,
+    destination: &DemoDaemon,
+    incoming: Value,
+    outgoing: Value,
+) -> Result<(String, String), DemoError> {
     let incoming = destination
         .client
-        .post("/v1/migrations", Some(body))
+        .post("/v1/migrations", Some(incoming))
         .await?;
-    let body = json!({"direction": "outgoing", "id": "demo", "token": incoming["token"],
+    let mut body = json!({"direction": "outgoing", "id": "demo", "token": incoming["token"],
                       "peer": incoming["peer"]});
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), outgoing.as_object()) {
+        body.extend(extra.clone());
+    }
     let outgoing = source.client.post("/v1/migrations", Some(body)).await?;
     let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
     Ok((text(&incoming["peer"]), text(&outgoing["qemu_uri"])))

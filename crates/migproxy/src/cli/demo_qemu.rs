@@ -1,17 +1,17 @@
-//! `migproxy demo` with QEMU installed: a real VM migrated through two daemons.
+//! `migproxy demo` with QEMU installed: a real VM migrated through two daemons, which drive
+//! both QEMUs over QMP themselves (as `migproxy migrate` has them do).
 //!
 //! The source guest's RAM is a private mapping of a file of random bytes, so every page is
 //! real data; the destination's starts as zeros. Equal RAM afterwards (by `pmemsave` digest)
 //! proves that every byte crossed. The guest is paused (`-S`): no OS image is needed.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::demo::{DemoDaemon, DemoError, create_migration, wait_final};
-use crate::human::{Bytes, Elapsed};
-use crate::qmp::Qmp;
+use super::demo::{DemoDaemon, DemoError, create_both, wait_final};
+use crate::human::Bytes;
 use crate::vm::{Ram, Vm, accel, random_ram_file};
 
 pub use crate::vm::available;
@@ -32,24 +32,13 @@ pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     let source_host = DemoDaemon::start(dir, "source").await?;
     let destination_host = DemoDaemon::start(dir, "destination").await?;
 
-    let target = format!("unix:{}", dir.join("qemu-incoming.sock").display());
-    destination_vm
-        .qmp
-        .execute("migrate-incoming", json!({"uri": target}))
-        .await?;
-    let (_, uri) = create_migration(&source_host, &destination_host, &target).await?;
-    println!("  source QEMU: migrate {uri}\n  destination QEMU: migrate-incoming {target}");
-
-    let qemu = &mut source_vm.qmp;
-    qemu.execute(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 107_374_182_400u64}),
-    )
-    .await?;
-    let started = Instant::now();
-    qemu.execute("migrate", json!({"uri": uri})).await?;
-    let info = follow(qemu, &source_host, size).await?;
-    let took = started.elapsed();
+    // Each daemon drives its own QEMU through a QMP socket of its own.
+    let incoming = json!({"direction": "incoming", "id": "demo",
+                          "qmp": destination_vm.spare_qmp.display().to_string()});
+    let outgoing = json!({"qmp": source_vm.spare_qmp.display().to_string()});
+    create_both(&source_host, &destination_host, incoming, outgoing).await?;
+    println!("  both daemons drive their QEMU over QMP: migrate-incoming, migrate, query-migrate");
+    follow(&source_host, size).await?;
 
     let at_source = wait_final(&source_host.client).await?;
     let at_destination = wait_final(&destination_host.client).await?;
@@ -57,14 +46,7 @@ pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     super::migration::print_report(&at_source, false);
     println!("the destination daemon reports:");
     super::migration::print_report(&at_destination, false);
-    println!(
-        "QEMU reports: {} in {} (measured here), {} of RAM transferred, downtime {} ms",
-        info["status"].as_str().unwrap_or("?"),
-        Elapsed(took),
-        Bytes(info["ram"]["transferred"].as_u64().unwrap_or(0)),
-        info["downtime"].as_u64().unwrap_or(0),
-    );
-    let equal = if info["status"] == "completed" {
+    let equal = if at_source["qemu"]["status"] == "completed" {
         let a = source_vm.ram_digest(dir, "source", size).await?;
         let b = destination_vm.ram_digest(dir, "destination", size).await?;
         println!(
@@ -84,20 +66,20 @@ pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     Ok(ok)
 }
 
-/// Follows QEMU's migration with a progress bar until QEMU says it is done.
-async fn follow(qemu: &mut Qmp, source: &DemoDaemon, size: u64) -> Result<Value, DemoError> {
+/// Shows the source daemon's view (migproxy's bytes, QEMU's status) until QEMU is done.
+async fn follow(source: &DemoDaemon, size: u64) -> Result<(), DemoError> {
     let bar =
         indicatif::ProgressBar::new(size).with_style(indicatif::ProgressStyle::with_template(
             "  {bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
         )?);
     loop {
-        let info = qemu.execute("query-migrate", Value::Null).await?;
         let carried = source.client.get("/v1/migrations/demo").await?;
         bar.set_position(carried["bytes"]["to_destination"].as_u64().unwrap_or(0));
-        bar.set_message(info["status"].as_str().unwrap_or("?").to_owned());
-        if ["completed", "failed", "cancelled"].contains(&info["status"].as_str().unwrap_or("")) {
+        let qemu = carried["qemu"]["status"].as_str().unwrap_or("?");
+        bar.set_message(format!("QEMU {qemu}"));
+        if super::migration::settled(&carried) {
             bar.finish_and_clear();
-            return Ok(info);
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
