@@ -316,6 +316,8 @@ pub async fn follow(
             _ => {}
         }
     }
+    // The monitor is QEMU's to give to someone else now.
+    drop(qmp);
     if let Some(path) = cleanup {
         migration.stop.cancelled().await;
         let _ = std::fs::remove_file(&path);
