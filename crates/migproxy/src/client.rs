@@ -94,10 +94,10 @@ impl Client {
         matches!(self.target, Target::Unix(_))
     }
 
-    /// Where requests go, for messages: `unix:PATH` or `https://HOST:PORT`.
+    /// Where requests go, for messages: the socket's path or `https://HOST:PORT`.
     pub fn target(&self) -> String {
         match &self.target {
-            Target::Unix(path) => format!("unix:{}", path.display()),
+            Target::Unix(path) => path.display().to_string(),
             Target::Tls { address, .. } => format!("https://{address}"),
         }
     }
