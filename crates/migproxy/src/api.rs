@@ -308,6 +308,7 @@ async fn create_incoming(
         ..QemuBody::default()
     };
     let qemu = qemu_settings(qemu)?;
+    refuse_recoverable_qemu(body.recoverable, &qemu)?;
     let request = incoming::Request {
         id,
         target,
@@ -322,7 +323,9 @@ async fn create_incoming(
     let (migration, token) = created.map_err(|e| match e {
         incoming::CreateError::Register(e) => register_error(e),
         incoming::CreateError::Qemu(e) => qemu_error(&e),
-        e @ incoming::CreateError::NoTarget => ApiError::bad_request(e.to_string()),
+        e @ (incoming::CreateError::NoTarget | incoming::CreateError::PathTooLong(_)) => {
+            ApiError::bad_request(e.to_string())
+        }
     })?;
     let body = json!({
         "id": migration.spec.id,
@@ -388,13 +391,29 @@ fn qemu_settings(body: QemuBody) -> Result<Option<crate::daemon::qemu::Settings>
     }))
 }
 
+/// Postcopy recovery is not driven over QMP yet: a recoverable migration would pause and
+/// wait for a `migrate-recover` nobody issues.
+fn refuse_recoverable_qemu(
+    recoverable: bool,
+    qemu: &Option<crate::daemon::qemu::Settings>,
+) -> Result<(), ApiError> {
+    if recoverable && qemu.is_some() {
+        return Err(ApiError::bad_request(
+            "recoverable: not with qmp yet (postcopy recovery is not driven over QMP; leave \
+             out qmp and run migrate-recover and migrate resume=true yourself)",
+        ));
+    }
+    Ok(())
+}
+
 /// A QEMU that could not be prepared: a wrong path is the request's fault, a QEMU in the
 /// wrong state a conflict.
 fn qemu_error(error: &crate::daemon::qemu::QemuError) -> ApiError {
-    let status = if error.is_unreachable() {
-        StatusCode::BAD_REQUEST
-    } else {
-        StatusCode::CONFLICT
+    use crate::daemon::qemu::Fault;
+    let status = match error.fault() {
+        Fault::Request => StatusCode::BAD_REQUEST,
+        Fault::State => StatusCode::CONFLICT,
+        Fault::Qemu => StatusCode::BAD_GATEWAY,
     };
     ApiError::new(status, format!("qmp: {error}"))
 }
@@ -444,6 +463,7 @@ async fn create_outgoing(
         downtime_limit: body.downtime_limit,
     };
     let qemu = qemu_settings(qemu)?;
+    refuse_recoverable_qemu(body.recoverable, &qemu)?;
     let request = outgoing::Request {
         id,
         token,
@@ -668,7 +688,7 @@ async fn cancel(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let migration = find(&daemon, &id)?;
     let cancelled = migration
-        .cancel_here()
+        .cancel_through_qemu(migration.host())
         .await
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("migration \"{id}\": {e}")))?;
     if !cancelled {

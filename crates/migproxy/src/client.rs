@@ -21,6 +21,9 @@ use crate::tls::Tls;
 /// How long connecting to a remote API may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a TLS handshake, and then a request, with a remote API may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Why a request got no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -176,14 +179,22 @@ impl Client {
                     .await
                     .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
                     .map_err(unreachable)?;
-                let stream =
-                    tls.connect(tcp, server_name)
-                        .await
-                        .map_err(|error| ClientError::Tls {
+                let handshake =
+                    tokio::time::timeout(REQUEST_TIMEOUT, tls.connect(tcp, server_name));
+                let stream = match handshake.await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        return Err(ClientError::Tls {
                             target: self.target(),
                             error: error.to_string(),
-                        })?;
-                self.send(stream, request).await
+                        });
+                    }
+                    Err(_) => return Err(unreachable(io::ErrorKind::TimedOut.into())),
+                };
+                // Across the network an answer may never come: bounded.
+                tokio::time::timeout(REQUEST_TIMEOUT, self.send(stream, request))
+                    .await
+                    .unwrap_or_else(|_| Err(self.protocol("no answer within 30 s".into())))
             }
         }
     }

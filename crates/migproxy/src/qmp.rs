@@ -100,7 +100,15 @@ impl Qmp {
         if greeting.get("QMP").is_none() {
             return Err(qmp.protocol(format!("expected a greeting, got {greeting}")));
         }
-        qmp.execute("qmp_capabilities", Value::Null).await?;
+        qmp.execute("qmp_capabilities", Value::Null)
+            .await
+            .map_err(|error| match error {
+                QmpError::Command { desc, .. } => QmpError::Protocol {
+                    path: path.to_owned(),
+                    detail: format!("qmp_capabilities refused: {desc}"),
+                },
+                other => other,
+            })?;
         Ok(qmp)
     }
 

@@ -439,7 +439,10 @@ async fn garbage_and_silence_on_the_peer_port_leave_running_migrations_alone() {
 async fn api_rejects_bad_requests_naming_the_field() {
     let daemon = TestDaemon::start("api").await;
     let cases = [
-        (json!({"direction": "incoming"}), "target: needed unless qmp"),
+        (
+            json!({"direction": "incoming"}),
+            "target: needed unless qmp",
+        ),
         (
             json!({"direction": "incoming", "target": "tcp:foo"}),
             "target: invalid endpoint \"tcp:foo\": missing port",

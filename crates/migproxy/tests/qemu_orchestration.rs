@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::certs::Ca;
 use common::process::{BIN, DaemonProcess};
 use common::qemu::{Qemu, Ram, random_ram_file};
-use common::short_tempdir;
+use common::{short_tempdir, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -173,7 +173,12 @@ async fn one_command_migrates_a_vm_with_equal_ram_and_one_report() {
         .destination
         .runtime
         .join(format!("{id}.incoming.sock"));
-    assert!(!incoming.exists(), "{} left behind", incoming.display());
+    wait_until(
+        Duration::from_secs(5),
+        "the incoming socket removed",
+        || !incoming.exists(),
+    )
+    .await;
 
     // Without --json: one readable report.
     let mut again = Hosts::start(82).await;
@@ -238,18 +243,51 @@ async fn multifd_migration_over_tls_with_the_destination_api_over_tls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postcopy_switch_completes_with_equal_ram() {
+async fn postcopy_switch_completes_with_equal_ram_and_cannot_be_cancelled_once_switched() {
     let mut hosts = Hosts::start(84).await;
-    // Slow precopy (64 MiB/s for 256 MiB) so that the switch after 0.3 s lands mid-way.
+    // Slow precopy (64 MiB/s for 256 MiB) so that the switch after 0.3 s lands mid-way, and
+    // slow postcopy (set here, on the test's own monitor) so that a cancel can be tried.
+    let slow = json!({"max-postcopy-bandwidth": 64u64 << 20});
+    hosts.src_vm.execute("migrate-set-parameters", slow).await;
     let flags = [
         "--postcopy-after",
         "0.3",
         "--max-bandwidth",
         "64M",
+        "--id",
+        "pc",
         "--json",
     ];
-    let (code, report, output) = hosts.run(hosts.migrate(&flags)).await;
-    assert_eq!(code, 0, "{}", text(&output));
+    let child = hosts.migrate(&flags).spawn().unwrap();
+    let start = Instant::now();
+    loop {
+        let (_, m) = hosts.source.request("GET", "/v1/migrations/pc", None).await;
+        if m["qemu"]["status"] == "postcopy-active" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no postcopy: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The destination runs the guest now: neither host may cancel.
+    for daemon in [&hosts.source, &hosts.destination] {
+        let (status, refusal) = daemon
+            .request("POST", "/v1/migrations/pc/cancel", None)
+            .await;
+        assert_eq!(status, 409, "{refusal}");
+        assert!(
+            refusal["error"].as_str().unwrap().contains("postcopy"),
+            "{refusal}"
+        );
+    }
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     assert_completed(&report, &output);
     for host in ["source", "destination"] {
         let qemu = &report[host]["qemu"];
@@ -257,6 +295,47 @@ async fn postcopy_switch_completes_with_equal_ram() {
         assert_eq!(qemu["settings"]["postcopy"], true, "{host}: {qemu}");
     }
     hosts.assert_ram_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_from_the_destination_cancels_the_source_qemu_too() {
+    let mut hosts = Hosts::start(87).await;
+    let child = hosts
+        .migrate(&["--max-bandwidth", "32M", "--id", "fromdst", "--json"])
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let (_, m) = hosts
+            .destination
+            .request("GET", "/v1/migrations/fromdst", None)
+            .await;
+        if m["bytes"]["to_destination"].as_u64().unwrap_or(0) > 8 << 20 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no progress: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, m) = hosts
+        .destination
+        .request("POST", "/v1/migrations/fromdst/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{m}");
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["source"]["state"], "cancelled", "{report}");
+    assert_eq!(report["source"]["cancelled_by"], "destination", "{report}");
+    // QEMU was cancelled before its sockets went: `cancelled`, not `failed`.
+    let info = hosts.src_vm.execute("query-migrate", Value::Null).await;
+    assert_eq!(info["status"], "cancelled", "{info}");
+    assert_eq!(report["source"]["qemu"]["status"], "cancelled", "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,14 +399,11 @@ async fn sigint_cancels_on_both_hosts_and_the_vm_keeps_running_on_the_source() {
         assert!(Instant::now() < limit, "destination QEMU still running");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let leftovers: Vec<_> = std::fs::read_dir(&hosts.destination.runtime)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(
-        leftovers.is_empty(),
-        "left in the runtime dir: {leftovers:?}"
-    );
+    let runtime = hosts.destination.runtime.clone();
+    wait_until(Duration::from_secs(5), "an empty runtime dir", || {
+        std::fs::read_dir(&runtime).unwrap().next().is_none()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,10 +424,8 @@ async fn wrong_qmp_paths_and_a_destination_without_incoming_defer_fail_before_an
     );
     assert!(hosts.migrations(&hosts.source).await.is_empty());
     let taken_back = hosts.migrations(&hosts.destination).await;
-    assert!(
-        taken_back.iter().all(|m| m["state"] == "cancelled"),
-        "{taken_back:?}"
-    );
+    assert_eq!(taken_back.len(), 1, "{taken_back:?}");
+    assert_eq!(taken_back[0]["state"], "cancelled", "{taken_back:?}");
     hosts.assert_destination_untouched().await;
 
     // The destination's QMP path is wrong.
@@ -407,6 +481,10 @@ async fn qemu_fields_are_checked_by_the_api() {
         (
             json!({"direction": "incoming", "qmp": "/q", "multifd": 0}),
             "multifd: 1 to 255",
+        ),
+        (
+            json!({"direction": "incoming", "qmp": "/q", "recoverable": true}),
+            "recoverable: not with qmp",
         ),
         (
             json!({"direction": "outgoing", "id": "b", "token": "00".repeat(32),

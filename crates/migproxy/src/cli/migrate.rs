@@ -60,12 +60,20 @@ pub struct Args {
     /// The name the destination API's certificate must carry (default: its host).
     #[arg(long, value_name = "NAME")]
     tls_hostname: Option<String>,
-    /// Seconds between progress updates.
-    #[arg(long, default_value = "0.5", value_parser = super::seconds)]
+    /// Seconds between progress updates (at least 0.05).
+    #[arg(long, default_value = "0.5", value_parser = interval)]
     interval: Duration,
     /// Print the final reports of both daemons as JSON.
     #[arg(long)]
     json: bool,
+}
+
+fn interval(text: &str) -> Result<Duration, String> {
+    let interval = super::seconds(text)?;
+    if interval < Duration::from_millis(50) {
+        return Err(format!("{text} s: at least 0.05"));
+    }
+    Ok(interval)
 }
 
 /// What went wrong, and the exit code it means.
@@ -97,16 +105,63 @@ impl Failure {
 }
 
 pub async fn run(args: Args) -> u8 {
+    let json = args.json;
     match migrate(args).await {
         Ok(code) => code,
         Err(failure) => {
             eprintln!("error: {}", failure.message);
+            if json {
+                println!(
+                    "{}",
+                    json!({"error": failure.message, "exit_code": failure.code})
+                );
+            }
             failure.code
         }
     }
 }
 
+/// The first SIGINT or SIGTERM cancels `shutdown`; a second one leaves at once (exit 1),
+/// for when the cancel itself hangs.
+fn watch_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        for n in 0.. {
+            let name = tokio::select! {
+                _ = interrupt.recv() => "SIGINT",
+                _ = terminate.recv() => "SIGTERM",
+            };
+            if n > 0 {
+                eprintln!("migproxy: {name} again: leaving without waiting for the cancel");
+                std::process::exit(EXIT_FAILED.into());
+            }
+            eprintln!("migproxy: {name} received, cancelling the migration");
+            shutdown.cancel();
+        }
+    });
+    Ok(())
+}
+
+/// Interrupted between two steps: nothing more is started.
+fn interrupted() -> Failure {
+    Failure {
+        message: "interrupted before the migration started".into(),
+        code: EXIT_FAILED,
+    }
+}
+
 async fn migrate(args: Args) -> Result<u8, Failure> {
+    if args.qemu.qmp.is_none() {
+        return Err(Failure::usage(
+            "--qmp: the source QEMU's QMP socket is needed".into(),
+        ));
+    }
+    let shutdown = CancellationToken::new();
+    if let Err(error) = watch_signals(shutdown.clone()) {
+        eprintln!("migproxy: cannot watch for signals ({error}); Ctrl-C will not cancel cleanly");
+    }
     let (api, tls_dir) =
         migration::local_daemon(args.api.as_ref(), args.config.as_ref()).map_err(Failure::usage)?;
     let source = Client::new(api);
@@ -118,7 +173,11 @@ async fn migrate(args: Args) -> Result<u8, Failure> {
         )
     });
     let (token, peer) = create_incoming(&destination, &args, &id).await?;
-    if let Err(failure) = create_outgoing(&source, &args, &id, &token, &peer).await {
+    let outgoing = match shutdown.is_cancelled() {
+        true => Err(interrupted()),
+        false => create_outgoing(&source, &args, &id, &token, &peer).await,
+    };
+    if let Err(failure) = outgoing {
         // Nothing moved: take the destination's half back.
         let _ = destination
             .post(&format!("/v1/migrations/{id}/cancel"), None)
@@ -131,10 +190,6 @@ async fn migrate(args: Args) -> Result<u8, Failure> {
             source.target(),
             destination.target()
         );
-    }
-    let shutdown = CancellationToken::new();
-    if let Err(error) = super::cancel_on_signals(shutdown.clone(), "migproxy", "the migration") {
-        eprintln!("migproxy: cannot watch for signals ({error}); Ctrl-C will not cancel cleanly");
     }
     let end = follow(&source, &id, args.interval, &shutdown).await?;
     let far = final_of(&destination, &id).await;

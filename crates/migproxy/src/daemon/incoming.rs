@@ -45,7 +45,15 @@ pub enum CreateError {
     Qemu(#[from] qemu::QemuError),
     #[error("target: needed unless qmp is given (then the daemon chooses where QEMU listens)")]
     NoTarget,
+    #[error(
+        "id: too long for the socket QEMU would listen on, {} (at most {MAX_SOCKET_PATH} \
+         bytes): choose a shorter id, or give a target", .0.display()
+    )]
+    PathTooLong(std::path::PathBuf),
 }
+
+/// The longest unix socket path (`sun_path` holds 108 bytes with the terminating zero).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Registers an incoming migration, prepares the destination QEMU when it is driven here,
 /// and starts the expiry clock. Returns the migration and its token.
@@ -57,6 +65,9 @@ pub async fn create(
         (Some(target), _) => (target, None),
         (None, Some(_)) => {
             let path = qemu::incoming_socket(&daemon.config.runtime_dir, &request.id);
+            if path.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(CreateError::PathTooLong(path));
+            }
             (Endpoint::Unix(path.clone()), Some(path))
         }
         (None, None) => return Err(CreateError::NoTarget),

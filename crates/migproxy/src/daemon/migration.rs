@@ -103,15 +103,7 @@ pub enum Outbound {
 /// regardless.
 const QEMU_CANCEL: Duration = Duration::from_secs(2);
 
-/// Why a cancel was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum CancelRefused {
-    #[error(
-        "the migration has switched to postcopy: the destination runs the guest now, and a \
-         cancel would lose it"
-    )]
-    Postcopy,
-}
+pub use super::qemu::CancelRefused;
 
 /// How long a failure seen only on the peer link waits for the peer's explanation.
 const EXPLANATION_GRACE: Duration = Duration::from_millis(1000);
@@ -608,8 +600,10 @@ impl Migration {
     pub fn cancel(&self, by: Host) -> bool {
         let mut inner = self.lock();
         // Once this host has told the peer it is done, the peer may already have completed:
-        // a cancel now would leave the hosts with different stories.
-        let completing = by == self.host() && inner.local_done.is_some();
+        // a cancel now would leave the hosts with different stories. Once QEMU has completed
+        // here, the guest is the destination's.
+        let qemu_completed = inner.qemu.as_ref().is_some_and(|q| q.status == "completed");
+        let completing = by == self.host() && (inner.local_done.is_some() || qemu_completed);
         if inner.state.is_final() || completing {
             return false;
         }
@@ -651,6 +645,11 @@ impl Migration {
             Control::Failed(blame) => {
                 drop(inner);
                 self.fail(epoch, blame, false);
+            }
+            Control::Cancel { by } if inner.qemu_cancel.is_some() => {
+                drop(inner);
+                let migration = Arc::clone(self);
+                tokio::spawn(async move { migration.cancel_through_qemu(by).await });
             }
             Control::Cancel { by } => {
                 drop(inner);
@@ -891,13 +890,19 @@ impl Migration {
 
     /// Records a `query-migrate` answer from the local QEMU; publishes a `qemu` event when
     /// QEMU's status or pass changes.
-    pub fn qemu_observed(&self, info: serde_json::Value, pass: Option<u64>, wall: Duration) {
+    pub fn qemu_observed(
+        &self,
+        info: serde_json::Value,
+        pass: Option<u64>,
+        statuses: &[&str],
+        wall: Duration,
+    ) {
         let mut inner = self.lock();
         let Some(report) = inner.qemu.as_mut() else {
             return;
         };
         let before = (report.status.clone(), report.pass);
-        report.update(&info, pass, wall);
+        report.update(&info, pass, statuses, wall);
         if before != (report.status.clone(), report.pass) {
             let event = qemu_event(report);
             drop(inner);
@@ -940,35 +945,43 @@ impl Migration {
         qemu::attribution(self, message)
     }
 
-    /// Registers the task that cancels QEMU first.
+    /// Registers the task that cancels the source QEMU first.
     pub fn set_qemu_canceller(&self, canceller: mpsc::Sender<qemu::CancelRequest>) {
         self.lock().qemu_cancel = Some(canceller);
     }
 
-    /// Cancels on behalf of this host, through QEMU first when the daemon drives it (so that
-    /// QEMU reports `cancelled` and resumes the guest). Refused once QEMU has switched to
-    /// postcopy: the destination then runs the guest, and a cancel would lose it.
-    pub async fn cancel_here(&self) -> Result<bool, CancelRefused> {
+    /// Cancels on behalf of `by`, through the source QEMU first when the daemon drives it
+    /// (so that QEMU reports `cancelled` and resumes the guest rather than failing on the
+    /// sockets torn down under it). A cancel asked on this host is refused once QEMU has
+    /// switched to postcopy or completed here: the guest would be lost.
+    pub async fn cancel_through_qemu(&self, by: Host) -> Result<bool, CancelRefused> {
         let canceller = {
             let inner = self.lock();
-            if inner
-                .qemu
-                .as_ref()
-                .is_some_and(|q| q.status.starts_with("postcopy"))
-            {
+            if inner.state.is_final() {
+                return Ok(false);
+            }
+            let status = inner.qemu.as_ref().map_or("", |q| q.status.as_str());
+            if by == self.host() && status.starts_with("postcopy") {
                 return Err(CancelRefused::Postcopy);
+            }
+            if by == self.host() && status == "completed" {
+                return Err(CancelRefused::Completed);
+            }
+            let postcopy = self.spec.qemu.as_ref().is_some_and(|q| q.postcopy);
+            if by == self.host() && self.spec.role == Role::Incoming && postcopy {
+                return Err(CancelRefused::AskTheSource);
             }
             inner.qemu_cancel.clone()
         };
-        if let Some(canceller) = canceller {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            if canceller.send(reply).await.is_ok()
-                && let Ok(Ok(cancelled)) = tokio::time::timeout(QEMU_CANCEL, answer).await
-            {
-                return Ok(cancelled || self.state() == State::Cancelled);
-            }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = qemu::CancelRequest { by, reply };
+        if let Some(canceller) = canceller
+            && canceller.try_send(request).is_ok()
+            && let Ok(Ok(outcome)) = tokio::time::timeout(QEMU_CANCEL, answer).await
+        {
+            return outcome.map(|cancelled| cancelled || self.state() == State::Cancelled);
         }
-        Ok(self.cancel(self.host()))
+        Ok(self.cancel(by))
     }
 
     /// The current epoch.

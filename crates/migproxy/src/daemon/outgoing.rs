@@ -113,14 +113,16 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
 }
 
 /// Runs `migrate` to the migration's socket and follows QEMU; if QEMU refuses, the
-/// migration is cancelled on both hosts.
+/// migration fails on both hosts, blamed on the source QEMU.
 async fn start_qemu(
     daemon: &Daemon,
     migration: &Arc<Migration>,
     mut qmp: crate::qmp::Qmp,
 ) -> Result<(), CreateError> {
     if let Err(error) = qemu::start(&mut qmp, &migration.spec.local).await {
-        migration.cancel(migration.host());
+        // The destination may already listen: both hosts must hear whose fault it was.
+        let blame = migration.qemu_failure(format!("migrate refused: {error}"));
+        migration.fail(migration.epoch(), blame, true);
         return Err(error.into());
     }
     let (canceller, cancels) = tokio::sync::mpsc::channel(1);

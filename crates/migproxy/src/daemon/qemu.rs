@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use migproxy_proto::{Attribution, Leg, Op};
+use migproxy_proto::{Attribution, Host, Leg, Op};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -46,6 +46,9 @@ use crate::qmp::{Qmp, QmpError};
 
 /// How often QEMU is asked how the migration goes.
 const POLL: Duration = Duration::from_millis(100);
+
+/// How long one QMP command may take while following QEMU before its monitor is given up.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long QEMU may take to settle (`cancelled`, `failed`) once the migration has ended.
 const WIND_DOWN: Duration = Duration::from_secs(3);
@@ -104,17 +107,31 @@ pub enum QemuError {
     NotSource { qmp: PathBuf },
     #[error("QEMU at {} already has a migration in state {status}", .qmp.display())]
     Busy { qmp: PathBuf, status: String },
+    #[error("QEMU at {} cannot migrate: {reasons}", .qmp.display())]
+    Blocked { qmp: PathBuf, reasons: String },
+    #[error("QEMU at {} did not answer {command} within {} s", .qmp.display(), COMMAND_TIMEOUT.as_secs())]
+    Timeout { qmp: PathBuf, command: &'static str },
 }
 
 impl QemuError {
-    /// Whether the QMP socket itself could not be reached (the caller's path is wrong), as
-    /// opposed to a QEMU in the wrong state.
-    pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            QemuError::Qmp(QmpError::Connect { .. } | QmpError::NoGreeting { .. })
-        )
+    /// Whose fault it is: the request's (a path that is no QMP socket), a QEMU in the wrong
+    /// state (or whose monitor is held by another client), or a QEMU that broke off.
+    pub fn fault(&self) -> Fault {
+        match self {
+            QemuError::Qmp(QmpError::Connect { .. } | QmpError::Protocol { .. }) => Fault::Request,
+            QemuError::Qmp(QmpError::Io { .. } | QmpError::Closed { .. })
+            | QemuError::Timeout { .. } => Fault::Qemu,
+            _ => Fault::State,
+        }
     }
+}
+
+/// See [`QemuError::fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Request,
+    State,
+    Qemu,
 }
 
 /// Runs one command; QEMU's refusals name the socket and carry `hint`.
@@ -170,7 +187,9 @@ pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: O
     let mut state = migration.watch_state();
     let came = tokio::select! {
         () = migration.stop.cancelled() => false,
-        came = state.wait_for(|state| *state != State::Pending) => came.is_ok(),
+        came = state.wait_for(|state| *state != State::Pending) => {
+            came.is_ok_and(|state| *state == State::Active)
+        }
     };
     let uri = migration.spec.local.to_string();
     let hint = " (start the destination QEMU with -incoming defer)";
@@ -209,6 +228,13 @@ pub async fn prepare_outgoing(settings: &Settings) -> Result<Qmp, QemuError> {
         return Err(QemuError::Busy {
             qmp: settings.qmp.clone(),
             status: status.to_owned(),
+        });
+    }
+    if let Some(reasons) = info["blocked-reasons"].as_array().filter(|r| !r.is_empty()) {
+        let reasons: Vec<&str> = reasons.iter().filter_map(Value::as_str).collect();
+        return Err(QemuError::Blocked {
+            qmp: settings.qmp.clone(),
+            reasons: reasons.join("; "),
         });
     }
     configure(&mut qmp, settings, Role::Outgoing).await?;
@@ -254,9 +280,53 @@ async fn configure(qmp: &mut Qmp, settings: &Settings, role: Role) -> Result<(),
     Ok(())
 }
 
-/// Asks the task following QEMU to cancel: it runs `migrate_cancel`, then cancels the
-/// migration, and answers whether it did.
-pub type CancelRequest = oneshot::Sender<bool>;
+/// A cancel asked of the task following the source QEMU: it runs `migrate_cancel` (unless
+/// that would lose the guest), then cancels the migration on behalf of `by`, and answers.
+#[derive(Debug)]
+pub struct CancelRequest {
+    pub by: Host,
+    pub reply: oneshot::Sender<Result<bool, CancelRefused>>,
+}
+
+/// Why a cancel asked on this host was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CancelRefused {
+    #[error(
+        "the migration has switched to postcopy: the destination runs the guest now, and a \
+         cancel would lose it"
+    )]
+    Postcopy,
+    #[error(
+        "QEMU has completed the migration on this host: the guest now belongs to the \
+         destination"
+    )]
+    Completed,
+    #[error(
+        "postcopy is enabled, and only the source knows whether it has switched (the \
+         destination's QEMU learns it later): cancel on the source host"
+    )]
+    AskTheSource,
+}
+
+/// How a cancel through QEMU went.
+enum Cancelled {
+    Done,
+    Refused(CancelRefused),
+    /// QEMU's monitor failed: the session is unusable.
+    Lost(QemuError),
+}
+
+/// Runs one command, giving QEMU [`COMMAND_TIMEOUT`]. After a timeout the session must not be
+/// used again (a reply may be half read).
+async fn timed(qmp: &mut Qmp, command: &'static str) -> Result<Value, QemuError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, run(qmp, command, Value::Null, "")).await {
+        Ok(answer) => answer,
+        Err(_) => Err(QemuError::Timeout {
+            qmp: qmp.path().to_owned(),
+            command,
+        }),
+    }
+}
 
 /// Follows QEMU's migration until QEMU's verdict, feeding the migration's report; then, once
 /// the migration has ended, removes `cleanup` (the socket the destination QEMU listened on).
@@ -277,22 +347,23 @@ pub async fn follow(
     loop {
         let ended = tokio::select! {
             () = migration.stop.cancelled() => true,
-            Some(reply) = cancels.recv() => {
-                let _ = run(&mut qmp, "migrate_cancel", Value::Null, "").await;
-                let _ = reply.send(migration.cancel(migration.host()));
+            Some(request) = cancels.recv() => {
+                let outcome = cancel_qemu(&mut qmp, switched).await;
+                if !answer(&migration, request, outcome) {
+                    break;
+                }
                 false
             }
             () = tokio::time::sleep(POLL) => false,
         };
         if ended {
-            wind_down(&migration, &mut qmp, started).await;
+            wind_down(&migration, &mut qmp, started, switched).await;
             break;
         }
         let status = match observe(&migration, &mut qmp, started).await {
             Ok(status) => status,
             Err(error) => {
-                migration.qemu_monitor_closed();
-                migration.fail_later(migration.epoch(), lost(&migration, &error));
+                monitor_lost(&migration, &error);
                 break;
             }
         };
@@ -309,7 +380,7 @@ pub async fn follow(
                 if !switched && postcopy_after.is_some_and(|after| started.elapsed() >= after) =>
             {
                 switched = true;
-                if let Err(error) = run(&mut qmp, "migrate-start-postcopy", Value::Null, "").await {
+                if let Err(error) = timed(&mut qmp, "migrate-start-postcopy").await {
                     tracing::warn!(migration = %migration.spec.id, "{error}");
                 }
             }
@@ -324,30 +395,100 @@ pub async fn follow(
     }
 }
 
-/// One `query-migrate`, recorded in the migration; returns QEMU's status.
+/// Answers a cancel request; false when QEMU's monitor is lost (stop following).
+fn answer(migration: &Arc<Migration>, request: CancelRequest, outcome: Cancelled) -> bool {
+    let here = request.by == migration.host();
+    let (reply, following) = match outcome {
+        Cancelled::Done => (Ok(migration.cancel(request.by)), true),
+        // The peer has already cancelled its side: this host cannot refuse, only spare QEMU.
+        Cancelled::Refused(refused) if here => (Err(refused), true),
+        Cancelled::Refused(_) => (Ok(migration.cancel(request.by)), true),
+        Cancelled::Lost(error) => {
+            monitor_lost(migration, &error);
+            (Ok(migration.cancel(request.by)), false)
+        }
+    };
+    let _ = request.reply.send(reply);
+    following
+}
+
+/// `migrate_cancel`, unless the migration is past the point where the source can take the
+/// guest back: switched to postcopy, or completed.
+async fn cancel_qemu(qmp: &mut Qmp, switched: bool) -> Cancelled {
+    let status = |info: &Value| info["status"].as_str().unwrap_or("none").to_owned();
+    let before = match timed(qmp, "query-migrate").await {
+        Ok(info) => status(&info),
+        Err(error) => return Cancelled::Lost(error),
+    };
+    if switched || before.starts_with("postcopy") {
+        return Cancelled::Refused(CancelRefused::Postcopy);
+    }
+    if before == "completed" {
+        return Cancelled::Refused(CancelRefused::Completed);
+    }
+    if let Err(error) = timed(qmp, "migrate_cancel").await {
+        return Cancelled::Lost(error);
+    }
+    // A migration that completed meanwhile ignores the cancel: look again.
+    match timed(qmp, "query-migrate").await {
+        Ok(info) if status(&info) == "completed" => Cancelled::Refused(CancelRefused::Completed),
+        Ok(_) => Cancelled::Done,
+        Err(error) => Cancelled::Lost(error),
+    }
+}
+
+/// QEMU's monitor closed or stopped answering: recorded, and the migration fails unless the
+/// peer explains it first.
+fn monitor_lost(migration: &Arc<Migration>, error: &QemuError) {
+    migration.qemu_monitor_closed();
+    if !migration.state().is_final() {
+        migration.fail_later(migration.epoch(), lost(migration, error));
+    }
+}
+
+/// One `query-migrate`, recorded in the migration with the events queued meanwhile; returns
+/// QEMU's status.
 async fn observe(
     migration: &Migration,
     qmp: &mut Qmp,
     started: Instant,
 ) -> Result<String, QemuError> {
-    let info = run(qmp, "query-migrate", Value::Null, "").await?;
-    let passes = qmp
-        .take_events()
-        .into_iter()
+    let answer = timed(qmp, "query-migrate").await;
+    let events = qmp.take_events();
+    let pass = events
+        .iter()
         .filter(|e| e.event == "MIGRATION_PASS")
         .filter_map(|e| e.data["pass"].as_u64())
         .max();
+    let statuses: Vec<&str> = events
+        .iter()
+        .filter(|e| e.event == "MIGRATION")
+        .filter_map(|e| e.data["status"].as_str())
+        .collect();
+    let info = match answer {
+        Ok(info) => info,
+        // QEMU said `completed` and then went (a management tool quit it at once).
+        Err(_) if statuses.last() == Some(&"completed") => json!({"status": "completed"}),
+        Err(error) => return Err(error),
+    };
     let status = info["status"].as_str().unwrap_or("none").to_owned();
-    migration.qemu_observed(info, passes, started.elapsed());
+    migration.qemu_observed(info, pass, &statuses, started.elapsed());
     Ok(status)
 }
 
 /// The migration ended (cancelled, failed elsewhere): on a cancel, the source QEMU is told
-/// to cancel too; then QEMU's last word is recorded while it settles.
-async fn wind_down(migration: &Migration, qmp: &mut Qmp, started: Instant) {
-    let cancel = migration.spec.role == Role::Outgoing && migration.state() == State::Cancelled;
-    if cancel && !migration.qemu_final() {
-        let _ = run(qmp, "migrate_cancel", Value::Null, "").await;
+/// to cancel too — never once it has switched to postcopy or completed, which would lose
+/// the guest; then QEMU's last word is recorded while it settles.
+async fn wind_down(migration: &Arc<Migration>, qmp: &mut Qmp, started: Instant, switched: bool) {
+    let cancelled = migration.spec.role == Role::Outgoing && migration.state() == State::Cancelled;
+    if cancelled && !migration.qemu_final() {
+        match cancel_qemu(qmp, switched).await {
+            Cancelled::Lost(_) => {
+                migration.qemu_monitor_closed();
+                return;
+            }
+            Cancelled::Done | Cancelled::Refused(_) => {}
+        }
     }
     let deadline = Instant::now() + WIND_DOWN;
     while Instant::now() < deadline {
@@ -447,14 +588,17 @@ pub struct Ram {
 impl Report {
     /// Digests a `query-migrate` answer; keeps what an emptier answer (QEMU forgets its
     /// figures on some paths) no longer carries.
-    pub fn update(&mut self, info: &Value, pass: Option<u64>, wall: Duration) {
+    /// `statuses` are those QEMU's `MIGRATION` events announced since the last answer.
+    pub fn update(&mut self, info: &Value, pass: Option<u64>, statuses: &[&str], wall: Duration) {
         let number = |key: &str| info[key].as_u64();
         let was_final = self.is_final();
         self.status = info["status"].as_str().unwrap_or("none").to_owned();
         if let Some(desc) = info["error-desc"].as_str() {
             self.error_desc = Some(desc.to_owned());
         }
-        self.postcopy_started |= self.status.starts_with("postcopy");
+        self.postcopy_started |= std::iter::once(self.status.as_str())
+            .chain(statuses.iter().copied())
+            .any(|status| status.starts_with("postcopy"));
         self.total_time_ms = number("total-time").or(self.total_time_ms);
         self.downtime_ms = number("downtime").or(self.downtime_ms);
         self.expected_downtime_ms = number("expected-downtime").or(self.expected_downtime_ms);
@@ -464,7 +608,7 @@ impl Report {
         }
         if let Some(ram) = info.get("ram") {
             let field = |key: &str| ram[key].as_u64().unwrap_or(0);
-            self.pass = field("dirty-sync-count");
+            self.pass = self.pass.max(field("dirty-sync-count"));
             self.ram = Some(Ram {
                 total: field("total"),
                 transferred: field("transferred"),
@@ -501,7 +645,7 @@ mod tests {
         let active = json!({"status": "active", "total-time": 120, "expected-downtime": 300,
             "setup-time": 2, "ram": {"total": 1024, "transferred": 512, "remaining": 512,
             "dirty-pages-rate": 10, "page-size": 4096, "mbps": 800.5, "dirty-sync-count": 2}});
-        report.update(&active, Some(3), Duration::from_millis(130));
+        report.update(&active, Some(3), &[], Duration::from_millis(130));
         assert_eq!(report.status, "active");
         assert_eq!(
             report.pass, 3,
@@ -515,9 +659,15 @@ mod tests {
         report.update(
             &json!({"status": "failed", "error-desc": "boom"}),
             None,
+            &[],
             Duration::from_millis(200),
         );
-        report.update(&json!({"status": "failed"}), None, Duration::from_secs(9));
+        report.update(
+            &json!({"status": "failed"}),
+            None,
+            &[],
+            Duration::from_secs(9),
+        );
         assert!(report.is_final());
         assert_eq!(report.error_desc.as_deref(), Some("boom"));
         assert_eq!(report.total_time_ms, Some(120));
@@ -528,8 +678,11 @@ mod tests {
     #[test]
     fn postcopy_is_remembered() {
         let mut report = Report::default();
-        report.update(&json!({"status": "postcopy-active"}), None, Duration::ZERO);
-        report.update(&json!({"status": "completed"}), None, Duration::ZERO);
+        report.update(&json!({"status": "active"}), None, &[], Duration::ZERO);
+        assert!(!report.postcopy_started);
+        // Seen only in an event between two polls.
+        let seen = ["postcopy-active", "completed"];
+        report.update(&json!({"status": "completed"}), None, &seen, Duration::ZERO);
         assert!(report.postcopy_started);
     }
 }
