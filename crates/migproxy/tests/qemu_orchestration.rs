@@ -439,6 +439,15 @@ async fn wrong_qmp_paths_and_a_destination_without_incoming_defer_fail_before_an
     );
     assert!(hosts.migrations(&hosts.source).await.is_empty());
 
+    // The destination's monitor that the test itself holds: QEMU never greets a second
+    // client there.
+    let held = hosts.dir.path().join("dstvm.qmp");
+    let command = hosts.migrate_with(hosts.src_vm.spare_qmp(), &held, &to, &[]);
+    let (code, _, output) = hosts.run(command).await;
+    assert_eq!(code, 1, "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another client"), "{stderr}");
+
     // A "destination" QEMU that was not started with -incoming defer (the source itself).
     let own = hosts.src_vm.spare_qmp();
     let command = hosts.migrate_with(own, own, &to, &[]);
