@@ -121,5 +121,20 @@ fn render(results: &[Streams], title: &str, machine: &str) -> String {
             r.streams, r.total, r.slowest, r.fastest, r.jain
         ));
     }
+    let most = results.iter().max_by_key(|r| r.streams);
+    let single = results.iter().find(|r| r.streams == 1);
+    let targets = [
+        crate::Target {
+            goal: "Jain's index ≥ 0.95 with the most streams",
+            measured: most.map_or("not measured".into(), |r| format!("{:.3}", r.jain)),
+            holds: most.map(|r| r.jain >= 0.95),
+        },
+        crate::Target::ratio(
+            "total with the most streams ≥ the single stream's",
+            most.zip(single).map(|(m, s)| m.total / s.total),
+            1.0,
+        ),
+    ];
+    table.push_str(&crate::render_targets(&targets));
     table
 }

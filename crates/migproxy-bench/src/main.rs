@@ -599,7 +599,73 @@ fn render(summaries: &[Summary], title: &str, machine: &str) -> String {
             "| {name} | {med:.2} | {min:.2}–{max:.2} | {ratio} | {cpu} | {rss} |"
         );
     }
+    out.push_str(&render_targets(&synthetic_targets(summaries)));
     out
+}
+
+/// One target of the benchmark issue: what it asks, what was measured, whether it holds.
+#[derive(Debug)]
+pub struct Target {
+    pub goal: &'static str,
+    pub measured: String,
+    pub holds: Option<bool>,
+}
+
+impl Target {
+    /// A ratio that must reach `at_least` (none when a path did not run).
+    pub fn ratio(goal: &'static str, ratio: Option<f64>, at_least: f64) -> Target {
+        Target {
+            goal,
+            measured: ratio.map_or("not measured".into(), |r| format!("{r:.2}×")),
+            holds: ratio.map(|r| r >= at_least),
+        }
+    }
+}
+
+/// The targets as a markdown table, printed with every result.
+pub fn render_targets(targets: &[Target]) -> String {
+    let mut out = String::from("\n| target | measured | holds |\n| --- | --- | --- |\n");
+    for t in targets {
+        let holds = match t.holds {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        };
+        let _ = writeln!(out, "| {} | {} | {holds} |", t.goal, t.measured);
+    }
+    out
+}
+
+/// The synthetic stream's targets: the relay against haproxy and socat, the TLS pair
+/// against stunnel.
+fn synthetic_targets(summaries: &[Summary]) -> Vec<Target> {
+    let find = |route| summaries.iter().find(|s| s.route == route);
+    let rate = |route| find(route).and_then(|s| s.rate).map(|r| r.median);
+    let cpu = |route| find(route).and_then(|s| s.cpu_per_gib);
+    let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    let cpu_ratio = over(cpu(Route::Relay), cpu(Route::Haproxy));
+    vec![
+        Target::ratio(
+            "relay throughput ≥ 1.5× haproxy's",
+            over(rate(Route::Relay), rate(Route::Haproxy)),
+            1.5,
+        ),
+        Target {
+            goal: "relay CPU per GiB ≤ haproxy's",
+            measured: cpu_ratio.map_or("not measured".into(), |r| format!("{r:.2}×")),
+            holds: cpu_ratio.map(|r| r <= 1.0),
+        },
+        Target::ratio(
+            "relay throughput ≥ 3× socat's",
+            over(rate(Route::Relay), rate(Route::Socat)),
+            3.0,
+        ),
+        Target::ratio(
+            "TLS daemon pair throughput ≥ 1.5× the stunnel pair's",
+            over(rate(Route::DaemonsTls), rate(Route::Stunnel)),
+            1.5,
+        ),
+    ]
 }
 
 fn human(bytes: u64) -> String {

@@ -265,7 +265,30 @@ fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
             row.path, s.median, s.min, s.max, row.ratio
         ));
     }
+    table.push_str(&crate::render_targets(&targets(rows)));
     table
+}
+
+/// Through migproxy in plaintext nearly as fast as direct; with TLS twice as fast as QEMU's.
+fn targets(rows: &[PathTimes]) -> Vec<crate::Target> {
+    let time = |path: Path_| {
+        rows.iter()
+            .find(|r| r.path == path.name())
+            .map(|r| r.seconds.median)
+    };
+    let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    vec![
+        crate::Target::ratio(
+            "plaintext through migproxy ≥ 0.95× direct TCP's speed",
+            over(time(Path_::DirectTcp), time(Path_::Daemons)),
+            0.95,
+        ),
+        crate::Target::ratio(
+            "TLS through migproxy ≥ 2× QEMU native TLS's speed",
+            over(time(Path_::QemuTls), time(Path_::DaemonsTls)),
+            2.0,
+        ),
+    ]
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
