@@ -17,6 +17,12 @@
 //! One crypto provider, chosen here only: `ring`, with AES-128-GCM preferred — on these
 //! machines it is the fastest AEAD (about 1.7× aws-lc-rs), and the data path is bound by it.
 
+mod handshake;
+mod record;
+mod stream;
+
+pub use stream::RecordStream;
+
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -142,7 +148,7 @@ impl Tls {
                 .with_crls(crls.clone())
                 .build()
                 .map_err(|e| load_error(&ca_path, e))?;
-        let client = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        let mut client = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_error)?
             .with_webpki_verifier(server_verifier)
@@ -157,7 +163,7 @@ impl Tls {
                 .with_crls(crls)
                 .build()
                 .map_err(|e| load_error(&ca_path, e))?;
-        let server = ServerConfig::builder_with_provider(provider)
+        let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_error)?
             .with_client_cert_verifier(client_verifier)
@@ -166,6 +172,11 @@ impl Tls {
                 key(&dir.join("server-key.pem"))?,
             )
             .map_err(config_error)?;
+        // Peer connections hand the record layer over to migproxy after the handshake
+        // (`RecordStream`); session tickets would only be records it has to skip.
+        client.enable_secret_extraction = true;
+        server.enable_secret_extraction = true;
+        server.send_tls13_tickets = 0;
         Ok(Tls {
             client: Arc::new(client),
             server: Arc::new(server),
@@ -173,7 +184,41 @@ impl Tls {
         })
     }
 
-    /// Wraps a connected socket as the client, verifying the server as `server_name`.
+    /// A peer connection as the client, verifying the server as `server_name`: rustls's
+    /// handshake, then migproxy's record layer ([`RecordStream`]).
+    pub async fn connect_peer(
+        &self,
+        tcp: TcpStream,
+        server_name: &str,
+    ) -> Result<RecordStream, TlsError> {
+        let name = ServerName::try_from(server_name.to_owned())
+            .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
+        handshake::client(tcp, Arc::clone(&self.client), name)
+            .await
+            .map_err(|error| TlsError::Handshake {
+                peer: server_name.to_owned(),
+                error,
+            })
+    }
+
+    /// A peer connection as the server; returns the verified client's identity.
+    pub async fn accept_peer(
+        &self,
+        tcp: TcpStream,
+        peer: &str,
+    ) -> Result<(RecordStream, Identity), TlsError> {
+        let (stream, leaf) = handshake::server(tcp, Arc::clone(&self.server))
+            .await
+            .map_err(|error| TlsError::Handshake {
+                peer: peer.to_owned(),
+                error,
+            })?;
+        let identity = leaf.as_ref().map(identity).unwrap_or_default();
+        Ok((stream, identity))
+    }
+
+    /// Wraps a connected socket as the client (rustls's own record layer: the API over
+    /// TLS), verifying the server as `server_name`.
     pub async fn connect(
         &self,
         tcp: TcpStream,

@@ -33,7 +33,7 @@ pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     /// TLS over TCP (between daemons); relayed by copying through the TLS buffers.
-    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Tls(Box<crate::tls::RecordStream>),
     /// Any other stream with no plain socket underneath (in-memory); relayed by copying.
     Other(Box<dyn AsyncStream>),
 }
@@ -267,7 +267,7 @@ impl Stream {
                 let _ = SockRef::from(s).shutdown(std::net::Shutdown::Both);
             }
             Stream::Tls(s) => {
-                let _ = SockRef::from(s.get_ref().0).set_linger(Some(Duration::ZERO));
+                let _ = SockRef::from(s.tcp()).set_linger(Some(Duration::ZERO));
             }
             Stream::Other(_) => {}
         }
@@ -321,7 +321,7 @@ impl fmt::Debug for Stream {
         match self {
             Stream::Tcp(s) => f.debug_tuple("Tcp").field(s).finish(),
             Stream::Unix(s) => f.debug_tuple("Unix").field(s).finish(),
-            Stream::Tls(s) => f.debug_tuple("Tls").field(s.get_ref().0).finish(),
+            Stream::Tls(s) => f.debug_tuple("Tls").field(s.tcp()).finish(),
             Stream::Other(_) => f.write_str("Other"),
         }
     }

@@ -275,7 +275,7 @@ async fn open(
     from: &str,
 ) -> Result<(Stream, Hello, Option<Identity>), Option<Refusal>> {
     let (mut stream, identity) = match &daemon.config.tls {
-        Some(tls) => match tls.current().accept(tcp, from).await {
+        Some(tls) => match tls.current().accept_peer(tcp, from).await {
             Ok((stream, identity)) => (Stream::Tls(Box::new(stream)), Some(identity)),
             Err(error) => {
                 if let Some(suppressed) = daemon.rejections.record("tls") {

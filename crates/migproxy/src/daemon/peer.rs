@@ -124,7 +124,9 @@ pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Stream
     tune(&tcp, timing).map_err(io_error)?;
     let exchange = async {
         let mut stream = match to.tls {
-            Some((tls, server_name)) => Stream::Tls(Box::new(tls.connect(tcp, server_name).await?)),
+            Some((tls, server_name)) => {
+                Stream::Tls(Box::new(tls.connect_peer(tcp, server_name).await?))
+            }
             None => Stream::Tcp(tcp),
         };
         let mut buf = Vec::with_capacity(HELLO_HEADER + MAX_HELLO_BODY);

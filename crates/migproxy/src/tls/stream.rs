@@ -1,0 +1,362 @@
+//! A TLS 1.3 connection whose records migproxy seals and opens itself, after rustls has
+//! done the handshake (rustls's "kernel connection" API, made for kTLS: rustls keeps the key
+//! schedule, for key updates; the record layer is ours).
+//!
+//! Why: rustls's own record path allocates a buffer per record and copies every byte once
+//! more. Here the buffers are allocated once per connection and reused; a write seals up to
+//! 16 full records (256 KiB) straight into the send buffer, one copy; a read opens records
+//! in place in the receive buffer and copies the content out, one copy.
+//!
+//! ```text
+//!  rustls (unbuffered)        handshake records, one at a time on the server side, so that
+//!  ─────────────────────────  it never swallows the first application record behind the
+//!  dangerous_into_kernel_…    client's Finished
+//!  RecordStream               application data, alerts (close_notify), key updates
+//! ```
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use rustls::client::ClientConnectionData;
+use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
+use rustls::{AlertDescription, ExtractedSecrets, SupportedCipherSuite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::record::{Content, HEADER, MAX_CONTENT, MAX_RECORD, MAX_SEALED, Opener, Sealer};
+
+/// Receive buffer: many full records per read.
+const RX_BUFFER: usize = 256 << 10;
+/// Records sealed per write, at most (16 × 16 KiB = 256 KiB of content).
+const TX_RECORDS: usize = 16;
+
+/// rustls's side of the connection, for key updates.
+pub(super) enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn suite(&self) -> SupportedCipherSuite {
+        match self {
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+        }
+    }
+
+    fn update_tx(&mut self) -> Result<Sealer, io::Error> {
+        let (seq, secrets) = match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+        .map_err(invalid)?;
+        Sealer::new(&secrets, seq).map_err(invalid)
+    }
+
+    fn update_rx(&mut self) -> Result<Opener, io::Error> {
+        let (seq, secrets) = match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+        .map_err(invalid)?;
+        Opener::new(&secrets, seq).map_err(invalid)
+    }
+}
+
+fn invalid(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+/// Handshake message types this layer understands after the handshake.
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
+
+/// A TLS 1.3 connection over TCP with migproxy's record layer.
+pub struct RecordStream {
+    tcp: TcpStream,
+    kernel: Kernel,
+    sealer: Sealer,
+    opener: Opener,
+    /// Records sealed with one key before it is updated (the cipher's confidentiality
+    /// limit, with a margin).
+    key_limit: u64,
+    /// Received bytes: `rx[start..end]` not yet opened; `plain` opened content to hand out.
+    rx: Box<[u8]>,
+    rx_start: usize,
+    rx_end: usize,
+    plain: std::ops::Range<usize>,
+    /// Sealed records not yet written: `tx[tx_start..tx_end]`.
+    tx: Box<[u8]>,
+    tx_start: usize,
+    tx_end: usize,
+    /// The peer sent close_notify: its direction has ended cleanly.
+    read_closed: bool,
+    /// This side sent close_notify.
+    write_closed: bool,
+    /// The peer asked for a key update of our direction.
+    update_requested: bool,
+}
+
+impl std::fmt::Debug for RecordStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordStream")
+            .field("tcp", &self.tcp)
+            .field("sent_records", &self.sealer.sequence())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecordStream {
+    /// Takes over from rustls after the handshake; `received` holds the bytes read past it.
+    pub(super) fn new(
+        tcp: TcpStream,
+        secrets: ExtractedSecrets,
+        kernel: Kernel,
+        received: &[u8],
+    ) -> io::Result<RecordStream> {
+        let (tx_seq, tx) = secrets.tx;
+        let (rx_seq, rx) = secrets.rx;
+        let key_limit = match kernel.suite() {
+            SupportedCipherSuite::Tls13(suite) => suite.common.confidentiality_limit,
+            _ => return Err(invalid(super::record::RecordError::Cipher)),
+        };
+        let mut stream = RecordStream {
+            tcp,
+            kernel,
+            sealer: Sealer::new(&tx, tx_seq).map_err(invalid)?,
+            opener: Opener::new(&rx, rx_seq).map_err(invalid)?,
+            key_limit: key_limit.saturating_sub(1 << 10).max(1),
+            rx: vec![0; RX_BUFFER + MAX_RECORD].into_boxed_slice(),
+            rx_start: 0,
+            rx_end: 0,
+            plain: 0..0,
+            tx: vec![0; TX_RECORDS * MAX_SEALED + 2 * MAX_SEALED].into_boxed_slice(),
+            tx_start: 0,
+            tx_end: 0,
+            read_closed: false,
+            write_closed: false,
+            update_requested: false,
+        };
+        if received.len() > stream.rx.len() {
+            return Err(invalid(super::record::RecordError::TooLong(received.len())));
+        }
+        stream.rx[..received.len()].copy_from_slice(received);
+        stream.rx_end = received.len();
+        Ok(stream)
+    }
+
+    /// The TCP socket underneath (for socket options).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// For tests: update the sending key after this many records.
+    #[doc(hidden)]
+    pub fn set_key_limit(&mut self, records: u64) {
+        self.key_limit = records.max(1);
+    }
+
+    /// Opens the next whole record in the receive buffer, if there is one, and acts on it.
+    /// Returns whether a record was opened.
+    fn open_next(&mut self) -> io::Result<bool> {
+        let buffered = &self.rx[self.rx_start..self.rx_end];
+        let Some(len) = Opener::record_len(buffered).map_err(invalid)? else {
+            return Ok(false);
+        };
+        if buffered.len() < len {
+            return Ok(false);
+        }
+        let start = self.rx_start;
+        let record = &mut self.rx[start..start + len];
+        let (content, range) = self.opener.open(record).map_err(invalid)?;
+        self.rx_start += len;
+        let content_range = start + range.start..start + range.end;
+        match content {
+            Content::ApplicationData => self.plain = content_range,
+            Content::Alert => self.alert(content_range)?,
+            Content::Handshake => self.handshake(content_range)?,
+        }
+        Ok(true)
+    }
+
+    /// close_notify ends the peer's direction; any other alert is an error.
+    fn alert(&mut self, range: std::ops::Range<usize>) -> io::Result<()> {
+        match self.rx[range] {
+            [_, 0] => {
+                self.read_closed = true;
+                Ok(())
+            }
+            [_, description] => Err(invalid(rustls::Error::AlertReceived(
+                AlertDescription::from(description),
+            ))),
+            _ => Err(invalid(super::record::RecordError::NoType)),
+        }
+    }
+
+    /// Post-handshake messages: key updates (and session tickets, which are not used).
+    fn handshake(&mut self, range: std::ops::Range<usize>) -> io::Result<()> {
+        let mut at = range.start;
+        while at < range.end {
+            let header = self.rx.get(at..at + 4).filter(|_| at + 4 <= range.end);
+            let Some(&[typ, a, b, c]) = header else {
+                return Err(invalid(super::record::RecordError::NoType));
+            };
+            let len = u32::from_be_bytes([0, a, b, c]) as usize;
+            let body = at + 4..at + 4 + len;
+            if body.end > range.end {
+                return Err(invalid(super::record::RecordError::TooLong(len)));
+            }
+            match typ {
+                KEY_UPDATE => {
+                    self.opener = self.kernel.update_rx()?;
+                    if self.rx.get(body.start) == Some(&1) {
+                        self.update_requested = true;
+                    }
+                }
+                NEW_SESSION_TICKET => {}
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unexpected TLS handshake message {other} after the handshake"),
+                    ));
+                }
+            }
+            at = body.end;
+        }
+        Ok(())
+    }
+
+    /// Reads more from TCP into the receive buffer. `Ok(0)` is the peer's FIN.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rx.len() - self.rx_end < MAX_RECORD {
+            // Nothing opened is waiting to be handed out: the partial record moves to the front.
+            self.rx.copy_within(self.rx_start..self.rx_end, 0);
+            self.rx_end -= self.rx_start;
+            self.rx_start = 0;
+        }
+        let mut buf = ReadBuf::new(&mut self.rx[self.rx_end..]);
+        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        self.rx_end += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Seals `content` as one record of type `typ` at the end of the send buffer (which has
+    /// room), updating the key first when its limit is reached or the peer asked.
+    fn seal(&mut self, content: &[u8], typ: Content) -> io::Result<()> {
+        if self.sealer.sequence() >= self.key_limit || self.update_requested {
+            self.update_requested = false;
+            // KeyUpdate, update_not_requested, under the old key; the new key from here on.
+            self.seal_with_current(&[KEY_UPDATE, 0, 0, 1, 0], Content::Handshake);
+            self.sealer = self.kernel.update_tx()?;
+        }
+        self.seal_with_current(content, typ);
+        Ok(())
+    }
+
+    fn seal_with_current(&mut self, content: &[u8], typ: Content) {
+        let at = self.tx_end;
+        self.tx[at + HEADER..at + HEADER + content.len()].copy_from_slice(content);
+        self.tx_end += self.sealer.seal(&mut self.tx[at..], content.len(), typ);
+    }
+
+    /// Writes out what is sealed; ready when the send buffer is empty.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.tx_start < self.tx_end {
+            let n = ready!(
+                Pin::new(&mut self.tcp).poll_write(cx, &self.tx[self.tx_start..self.tx_end])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.tx_start += n;
+        }
+        self.tx_start = 0;
+        self.tx_end = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for RecordStream {
+    /// Hands out as much opened content as fits, opening every whole record already
+    /// received before reading again.
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        loop {
+            if !this.plain.is_empty() {
+                let n = this.plain.len().min(buf.remaining());
+                buf.put_slice(&this.rx[this.plain.start..this.plain.start + n]);
+                this.plain.start += n;
+                if buf.remaining() == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            if this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if this.open_next()? {
+                continue;
+            }
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            if ready!(this.poll_fill(cx))? == 0 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without a TLS close_notify (truncated)",
+                )));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for RecordStream {
+    /// Seals up to 16 records of `buf` into the send buffer once the previous ones are out.
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        ready!(this.poll_drain(cx))?;
+        let mut taken = 0;
+        for chunk in buf.chunks(MAX_CONTENT).take(TX_RECORDS) {
+            this.seal(chunk, Content::ApplicationData)?;
+            taken += chunk.len();
+        }
+        // Start sending now; what does not go yet goes on the next write or flush.
+        if let Poll::Ready(Err(error)) = this.poll_drain(cx) {
+            return Poll::Ready(Err(error));
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    /// close_notify, then FIN: this direction ended cleanly; the other may go on.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_closed {
+            ready!(this.poll_drain(cx))?;
+            this.seal(&[1, 0], Content::Alert)?;
+            this.write_closed = true;
+        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
