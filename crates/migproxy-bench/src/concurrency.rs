@@ -1,9 +1,18 @@
 //! Concurrency: 1, 4 and 16 simultaneous streams through one pair of daemons (one migration
 //! each), the total throughput and how fairly it is shared (Jain's index).
+//!
+//! Fairness is measured while every stream competes: all streams start writing at one
+//! barrier, and each stream's rate is what it delivered between the barrier and the moment
+//! the first stream finished. (Rates over each stream's whole life would reward a stream
+//! that ran alone at the end, after the others had finished, and blame the daemons for the
+//! benchmark's own thread scheduling.)
 
+use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
 
 use crate::{BenchError, chart, daemons, sink_digest, source_write};
 
@@ -16,7 +25,7 @@ pub struct Streams {
     /// GiB/s of the slowest and the fastest stream.
     pub slowest: f64,
     pub fastest: f64,
-    /// Jain's fairness index over the streams' own throughputs.
+    /// Jain's fairness index over the streams' throughputs while all of them ran.
     pub jain: f64,
 }
 
@@ -49,17 +58,24 @@ pub fn run(
             )?;
             sockets.push((sink, uri));
         }
-        let started = Instant::now();
+        let barrier = Arc::new(Barrier::new(count + 1));
+        let delivered: Vec<Arc<AtomicU64>> =
+            (0..count).map(|_| Arc::new(AtomicU64::new(0))).collect();
         let mut streams = Vec::new();
-        for (sink, uri) in sockets {
-            let block = block.clone();
-            streams.push(std::thread::spawn(move || -> Result<f64, String> {
+        for ((sink, uri), counter) in sockets.into_iter().zip(&delivered) {
+            let (block, barrier, counter) =
+                (block.clone(), Arc::clone(&barrier), Arc::clone(counter));
+            streams.push(std::thread::spawn(move || -> Result<(), String> {
                 let receiver = std::thread::spawn(move || {
                     let (stream, _) = sink.accept().map_err(|e| e.to_string())?;
-                    sink_digest(stream).map_err(|e| e.to_string())
+                    sink_digest(Counted {
+                        inner: stream,
+                        counter,
+                    })
+                    .map_err(|e| e.to_string())
                 });
                 let mut stream = UnixStream::connect(&uri).map_err(|e| e.to_string())?;
-                let begun = Instant::now();
+                barrier.wait();
                 source_write(&mut stream, &block, per_stream).map_err(|e| e.to_string())?;
                 stream
                     .shutdown(std::net::Shutdown::Write)
@@ -68,17 +84,20 @@ pub fn run(
                 if received != per_stream {
                     return Err(format!("received {received} of {per_stream} bytes"));
                 }
-                Ok(crate::gib(per_stream) / begun.elapsed().as_secs_f64())
+                Ok(())
             }));
         }
-        let rates: Vec<f64> = streams
-            .into_iter()
-            .map(|s| {
-                s.join()
-                    .map_err(|_| "a stream panicked".to_owned())
-                    .and_then(|r| r)
-            })
-            .collect::<Result<_, _>>()?;
+        barrier.wait();
+        let started = Instant::now();
+        let rates = window_rates(&delivered, per_stream, started, || {
+            streams.iter().any(|s| s.is_finished())
+        });
+        for stream in streams {
+            stream
+                .join()
+                .map_err(|_| "a stream panicked".to_owned())
+                .and_then(|r| r)?;
+        }
         let total = crate::gib(per_stream * count as u64) / started.elapsed().as_secs_f64();
         let sum: f64 = rates.iter().sum();
         let squares: f64 = rates.iter().map(|r| r * r).sum();
@@ -107,6 +126,41 @@ pub fn run(
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("concurrency.md"), &table)?;
     chart::concurrency(&out.join("concurrency.png"), &title, &machine, &results)
+}
+
+/// Each stream's GiB/s from `started` until the first stream has delivered everything (or
+/// a stream has ended otherwise: `ended`).
+fn window_rates(
+    delivered: &[Arc<AtomicU64>],
+    per_stream: u64,
+    started: Instant,
+    ended: impl Fn() -> bool,
+) -> Vec<f64> {
+    loop {
+        let now: Vec<u64> = delivered
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .collect();
+        if now.iter().any(|&bytes| bytes >= per_stream) || ended() {
+            let secs = started.elapsed().as_secs_f64();
+            return now.iter().map(|&bytes| crate::gib(bytes) / secs).collect();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A reader that counts what it delivers, for the window rates.
+struct Counted<R> {
+    inner: R,
+    counter: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.counter.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
 }
 
 fn render(results: &[Streams], title: &str, machine: &str) -> String {
