@@ -537,3 +537,74 @@ async fn the_api_is_served_over_mutual_tls_on_tcp_when_asked() {
     let (_, info) = destination.request("GET", "/v1/info", None).await;
     assert_eq!(info["peer_rejections"]["api_tls"], 2, "{info}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_the_tls_handshake_is_refused_and_a_real_migration_still_goes_through() {
+    use rand::{Rng, SeedableRng};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = short_tempdir();
+    let (_ca, src_dir, dst_dir, _) = pki(root.path());
+    let source = tls_daemon("src", &src_dir, &[]).await;
+    let destination = {
+        let tls = Arc::new(TlsHandle::load(&dst_dir, Vec::new()).unwrap());
+        TestDaemon::start_with("dst", move |config| {
+            config.tls = Some(tls);
+            config.timing.handshake_timeout = Duration::from_millis(500);
+        })
+        .await
+    };
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut wave = Vec::new();
+    for n in 0..120 {
+        let len = rng.gen_range(0..6000);
+        let mut garbage: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+        // A third look like TLS records (handshake type, version 3.x, any length), so that
+        // they reach rustls and the record framing rather than being refused at byte one.
+        if n % 3 == 0 && garbage.len() >= 5 {
+            garbage[..3].copy_from_slice(&[22, 3, 1 + (n % 3) as u8]);
+        }
+        let peer = destination.peer.clone();
+        wave.push(tokio::spawn(async move {
+            if let Ok(mut stream) = tokio::net::TcpStream::connect(peer).await {
+                let _ = stream.write_all(&garbage).await;
+                let mut sink = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut sink))
+                    .await;
+            }
+        }));
+    }
+    for connection in wave {
+        connection.await.unwrap();
+    }
+    // Refused in the handshake ("tls"), or turned away while 64 handshakes ran ("busy").
+    let counts = destination.daemon.rejections.counts();
+    let counted: u64 = counts.values().sum();
+    assert!(counted >= 100, "refusals counted: {counts:?}");
+    assert!(counts["tls"] >= 40, "{counts:?}");
+
+    // A real migration still goes through, over TLS.
+    let target = root.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let uri = migration_pair(
+        &source,
+        &destination,
+        "after",
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let data = random_data(78, 4 << 20);
+    let receiver = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        receive_all(stream).await.unwrap()
+    });
+    let qemu = UnixStream::connect(uri.trim_start_matches("unix:"))
+        .await
+        .unwrap();
+    let (_read, write) = qemu.into_split();
+    send_all(write, Arc::clone(&data), 3).await.unwrap();
+    assert_eq!(receiver.await.unwrap(), (4 << 20, blake3::hash(&data)));
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("after", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "completed", "{view}");
+    }
+}
