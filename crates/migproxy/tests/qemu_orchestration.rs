@@ -10,6 +10,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::certs::Ca;
+use common::openapi::Doc;
 use common::process::{BIN, DaemonProcess};
 use common::qemu::{Qemu, Ram, random_ram_file};
 use common::{short_tempdir, wait_until};
@@ -131,13 +132,27 @@ fn text(output: &Output) -> String {
     )
 }
 
-/// QEMU's verdict on both hosts and migproxy's on both daemons: completed.
+/// QEMU's verdict on both hosts and migproxy's on both daemons: completed; and both reports
+/// as `docs/api.yaml` documents them.
 fn assert_completed(report: &Value, output: &Output) {
     for host in ["source", "destination"] {
         let m = &report[host];
         assert_eq!(m["state"], "completed", "{host}: {}", text(output));
         assert_eq!(m["qemu"]["status"], "completed", "{host}: {m}");
         assert!(m["error"].is_null(), "{m}");
+    }
+    assert_documented(report);
+}
+
+/// Both daemons' reports validate against the API document's `Migration` schema.
+fn assert_documented(report: &Value) {
+    let doc = Doc::load();
+    for host in ["source", "destination"] {
+        let errors = doc.validate(doc.schema("Migration"), &report[host]);
+        assert!(
+            errors.is_empty(),
+            "{host} report vs docs/api.yaml: {errors:?}"
+        );
     }
 }
 
@@ -330,6 +345,7 @@ async fn a_cancel_from_the_destination_cancels_the_source_qemu_too() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_documented(&report);
     assert_eq!(report["source"]["state"], "cancelled", "{report}");
     assert_eq!(report["source"]["cancelled_by"], "destination", "{report}");
     // QEMU was cancelled before its sockets went: `cancelled`, not `failed`.

@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod daemon;
 pub mod netns;
+pub mod openapi;
 pub mod process;
 pub mod qemu;
 pub mod scenario;
