@@ -430,11 +430,17 @@ mod tests {
                 path: "direct TCP",
                 seconds: spread(0.55, 0.52, 2.42),
                 ratio: 1.0,
+                qemu_cpu: 0.9,
+                proxy_cpu: 0.0,
+                busy_cores: 1.6,
             },
             PathTimes {
                 path: "two migproxy daemons, TLS",
                 seconds: spread(2.25, 2.17, 2.61),
                 ratio: 4.07,
+                qemu_cpu: 1.5,
+                proxy_cpu: 1.2,
+                busy_cores: 1.9,
             },
         ];
         qemu(&dir.path().join("qemu.png"), "Real QEMU", MACHINE, &rows).unwrap();

@@ -465,7 +465,8 @@ fn source_write(stream: &mut impl Write, block: &[u8], size: u64) -> std::io::Re
 }
 
 /// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+/// utime + stime of process `pid` (all its threads), in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces: fields are counted after its closing parenthesis.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();

@@ -22,6 +22,24 @@ pub struct PathTimes {
     pub seconds: Spread,
     /// The median over direct TCP's median.
     pub ratio: f64,
+    /// Median CPU seconds of both QEMUs, and of the proxy processes, during a migration.
+    pub qemu_cpu: f64,
+    pub proxy_cpu: f64,
+    /// Median cores kept busy: all that CPU over the wall time.
+    pub busy_cores: f64,
+}
+
+/// One measured migration.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    seconds: f64,
+    qemu_cpu: f64,
+    proxy_cpu: f64,
+}
+
+/// CPU seconds of these processes so far (those gone count nothing).
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&pid| crate::cpu_seconds(pid)).sum()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +83,7 @@ fn free_port() -> Result<u16, BenchError> {
         .port())
 }
 
-/// One migration along `path`; its wall time in seconds.
+/// One migration along `path`: its wall time and the CPU the QEMUs and the proxies spent.
 async fn once(
     path: Path_,
     migproxy: &Path,
@@ -73,7 +91,7 @@ async fn once(
     ram: &Path,
     mib: u64,
     pki: &Path,
-) -> Result<f64, BenchError> {
+) -> Result<Run, BenchError> {
     // Fresh names every run: the previous run's QEMUs may still be on their way out.
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -162,6 +180,13 @@ async fn once(
             format!("unix:{socket}")
         }
     };
+    let qemus: Vec<u32> = [src.pid(), dst.pid()].into_iter().flatten().collect();
+    let proxies: Vec<u32> = helpers
+        .iter()
+        .map(|d| d.child.id())
+        .chain(socat.as_ref().map(Child::id))
+        .collect();
+    let cpu_before = (cpu_of(&qemus), cpu_of(&proxies));
     let started = Instant::now();
     src.qmp.execute("migrate", json!({"uri": uri})).await?;
     let status = loop {
@@ -174,6 +199,8 @@ async fn once(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
+    let qemu_cpu = cpu_of(&qemus) - cpu_before.0;
+    let proxy_cpu = cpu_of(&proxies) - cpu_before.1;
     if status != "completed" {
         return Err(format!("{}: {status}", path.name()).into());
     }
@@ -186,7 +213,11 @@ async fn once(
         let _ = socat.wait();
     }
     drop(helpers);
-    Ok(seconds)
+    Ok(Run {
+        seconds,
+        qemu_cpu,
+        proxy_cpu,
+    })
 }
 
 pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), BenchError> {
@@ -203,14 +234,21 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
         random_ram_file(&ram, mib, 11)?;
         let socat_here = Command::new("sh").args(["-c", "command -v socat"]).stdout(Stdio::null()).status()?.success();
         let paths: Vec<Path_> = Path_::ALL.into_iter().filter(|p| *p != Path_::Socat || socat_here).collect();
-        let mut times: Vec<(Path_, Vec<f64>)> = paths.iter().map(|p| (*p, Vec::new())).collect();
+        let mut times: Vec<(Path_, Vec<Run>)> = paths.iter().map(|p| (*p, Vec::new())).collect();
         // One discarded run first: it pages the RAM file in and warms QEMU up.
         once(Path_::DirectTcp, migproxy, &dir, &ram, mib, &pki).await?;
         for rep in 0..reps {
             for (path, runs) in &mut times {
-                let seconds = once(*path, migproxy, &dir, &ram, mib, &pki).await?;
-                eprintln!("rep {}/{reps} {:<36} {seconds:.2} s", rep + 1, path.name());
-                runs.push(seconds);
+                let run = once(*path, migproxy, &dir, &ram, mib, &pki).await?;
+                eprintln!(
+                    "rep {}/{reps} {:<36} {:.2} s (CPU: QEMUs {:.2} s, proxies {:.2} s)",
+                    rep + 1,
+                    path.name(),
+                    run.seconds,
+                    run.qemu_cpu,
+                    run.proxy_cpu
+                );
+                runs.push(run);
             }
         }
         let rows = summarise(&times);
@@ -229,24 +267,35 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
     })
 }
 
-fn summarise(times: &[(Path_, Vec<f64>)]) -> Vec<PathTimes> {
+fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
+    let seconds = |runs: &[Run]| runs.iter().map(|r| r.seconds).collect::<Vec<f64>>();
     let direct = median(
         times
             .iter()
             .find(|(p, _)| *p == Path_::DirectTcp)
-            .map(|(_, t)| t.clone())
+            .map(|(_, runs)| seconds(runs))
             .unwrap_or_default(),
     );
     times
         .iter()
         .map(|(path, runs)| {
-            let median = median(runs.clone());
-            let min = runs.iter().copied().fold(f64::NAN, f64::min);
-            let max = runs.iter().copied().fold(f64::NAN, f64::max);
+            let wall = seconds(runs);
+            let median_wall = median(wall.clone());
             PathTimes {
                 path: path.name(),
-                seconds: Spread { median, min, max },
-                ratio: median / direct,
+                seconds: Spread {
+                    median: median_wall,
+                    min: wall.iter().copied().fold(f64::NAN, f64::min),
+                    max: wall.iter().copied().fold(f64::NAN, f64::max),
+                },
+                ratio: median_wall / direct,
+                qemu_cpu: median(runs.iter().map(|r| r.qemu_cpu).collect()),
+                proxy_cpu: median(runs.iter().map(|r| r.proxy_cpu).collect()),
+                busy_cores: median(
+                    runs.iter()
+                        .map(|r| (r.qemu_cpu + r.proxy_cpu) / r.seconds)
+                        .collect(),
+                ),
             }
         })
         .collect()
@@ -255,14 +304,24 @@ fn summarise(times: &[(Path_, Vec<f64>)]) -> Vec<PathTimes> {
 fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
     let mut table = format!(
         "# {title}\n\n{machine}\n\n\
-         Wall time from `migrate` to `completed`, destination RAM verified equal every run.\n\n\
-         | path | median s | min–max s | × direct TCP time |\n| --- | --- | --- | --- |\n"
+         Wall time from `migrate` to `completed`, destination RAM verified equal every run. \
+         CPU: utime+stime of both QEMUs and of the proxy processes during the migration \
+         (medians); busy cores: all of it over the wall time.\n\n\
+         | path | median s | min–max s | × direct TCP time | QEMUs CPU s | proxies CPU s | busy cores |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n"
     );
     for row in rows {
         let s = row.seconds;
         table.push_str(&format!(
-            "| {} | {:.2} | {:.2}–{:.2} | {:.2} |\n",
-            row.path, s.median, s.min, s.max, row.ratio
+            "| {} | {:.2} | {:.2}–{:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            row.path,
+            s.median,
+            s.min,
+            s.max,
+            row.ratio,
+            row.qemu_cpu,
+            row.proxy_cpu,
+            row.busy_cores
         ));
     }
     table.push_str(&crate::render_targets(&targets(rows)));

@@ -191,6 +191,11 @@ impl Vm {
         self.child.kill().await
     }
 
+    /// The QEMU process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
