@@ -258,6 +258,25 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_are_refused_without_panicking() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let mut opener = Opener::new(&secrets(9), 0).unwrap();
+        for _ in 0..2000 {
+            let len = rng.gen_range(0..2 * MAX_RECORD);
+            let mut buf: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+            if rng.gen_bool(0.5) && buf.len() >= HEADER {
+                buf[0] = APPLICATION_DATA;
+            }
+            if let Ok(Some(n)) = Opener::record_len(&buf)
+                && n <= buf.len()
+            {
+                assert_eq!(opener.open(&mut buf[..n]), Err(RecordError::Forged));
+            }
+        }
+    }
+
+    #[test]
     fn bad_headers_are_named() {
         assert_eq!(
             Opener::record_len(&[22, 3, 3, 0, 40]),

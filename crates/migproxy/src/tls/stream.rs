@@ -209,10 +209,17 @@ impl RecordStream {
                 return Err(invalid(super::record::RecordError::TooLong(len)));
             }
             match typ {
-                KEY_UPDATE => {
+                KEY_UPDATE if len == 1 => {
                     self.opener = self.kernel.update_rx()?;
-                    if self.rx.get(body.start) == Some(&1) {
-                        self.update_requested = true;
+                    match self.rx[body.start] {
+                        0 => {}
+                        1 => self.update_requested = true,
+                        other => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("TLS KeyUpdate with request value {other}"),
+                            ));
+                        }
                     }
                 }
                 NEW_SESSION_TICKET => {}
