@@ -124,6 +124,26 @@ impl Hosts {
     }
 }
 
+/// Polls `daemon`'s view of migration `id` until `ready` holds (at most 20 s).
+async fn wait_for(daemon: &DaemonProcess, id: &str, what: &str, ready: impl Fn(&Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let (_, m) = daemon
+            .request("GET", &format!("/v1/migrations/{id}"), None)
+            .await;
+        if ready(&m) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no {what}: {m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether more than `bytes` have crossed.
+fn moved_more_than(bytes: u64) -> impl Fn(&Value) -> bool {
+    move |m| m["bytes"]["to_destination"].as_u64().unwrap_or(0) > bytes
+}
+
 fn text(output: &Output) -> String {
     format!(
         "stdout:\n{}\nstderr:\n{}",
@@ -319,21 +339,8 @@ async fn a_cancel_from_the_destination_cancels_the_source_qemu_too() {
         .migrate(&["--max-bandwidth", "32M", "--id", "fromdst", "--json"])
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    loop {
-        let (_, m) = hosts
-            .destination
-            .request("GET", "/v1/migrations/fromdst", None)
-            .await;
-        if m["bytes"]["to_destination"].as_u64().unwrap_or(0) > 8 << 20 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no progress: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let progress = moved_more_than(8 << 20);
+    wait_for(&hosts.destination, "fromdst", "progress", progress).await;
     let (status, m) = hosts
         .destination
         .request("POST", "/v1/migrations/fromdst/cancel", None)
@@ -363,22 +370,8 @@ async fn sigint_cancels_on_both_hosts_and_the_vm_keeps_running_on_the_source() {
         .migrate(&["--max-bandwidth", "32M", "--id", "interrupted"])
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    loop {
-        let (status, m) = hosts
-            .source
-            .request("GET", "/v1/migrations/interrupted", None)
-            .await;
-        let moved = m["bytes"]["to_destination"].as_u64().unwrap_or(0);
-        if status == 200 && moved > 8 << 20 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no progress: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let progress = moved_more_than(8 << 20);
+    wait_for(&hosts.source, "interrupted", "progress", progress).await;
     let pid = Pid::from_raw(child.id().unwrap() as i32);
     kill(pid, Signal::SIGINT).unwrap();
     let output = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())

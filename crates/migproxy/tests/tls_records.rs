@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::certs::Ca;
 use common::{random_data, short_tempdir};
-use migproxy::tls::Tls;
+use migproxy::tls::{RecordStream, Tls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -110,6 +110,16 @@ async fn exchange(
     assert_eq!(at_a.unwrap(), (size / 3, blake3::hash(&to_a)));
 }
 
+/// Two migproxy ends connected: client and server.
+async fn our_pair(client: &Tls, server: &Tls) -> (RecordStream, RecordStream) {
+    let (c, s) = tcp_pair().await;
+    let (a, b) = tokio::join!(
+        client.connect_peer(c, "server.test"),
+        server.accept_peer(s, "t")
+    );
+    (a.unwrap(), b.unwrap().0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migproxy_records_interoperate_with_rustls_records_both_ways() {
     let root = short_tempdir();
@@ -149,12 +159,7 @@ async fn keys_are_updated_and_rustls_follows() {
     exchange(ours, rustls_server.unwrap().0, 4 << 20).await;
 
     // And between two migproxy ends, each updating its own direction.
-    let (c, s) = tcp_pair().await;
-    let (a, b) = tokio::join!(
-        client.connect_peer(c, "server.test"),
-        server.accept_peer(s, "t")
-    );
-    let (mut a, (mut b, _)) = (a.unwrap(), b.unwrap());
+    let (mut a, mut b) = our_pair(&client, &server).await;
     a.set_key_limit(2);
     b.set_key_limit(5);
     exchange(a, b, 4 << 20).await;
@@ -164,12 +169,7 @@ async fn keys_are_updated_and_rustls_follows() {
 async fn a_connection_cut_without_close_notify_is_reported_truncated() {
     let root = short_tempdir();
     let (client, server) = pki(root.path());
-    let (c, s) = tcp_pair().await;
-    let (a, b) = tokio::join!(
-        client.connect_peer(c, "server.test"),
-        server.accept_peer(s, "t")
-    );
-    let (mut a, (b, _)) = (a.unwrap(), b.unwrap());
+    let (mut a, b) = our_pair(&client, &server).await;
     a.write_all(b"some bytes").await.unwrap();
     a.flush().await.unwrap();
     // FIN with no close_notify before it: an attacker (or a crash) cutting the stream short.
@@ -217,12 +217,8 @@ const RECORDS: u64 = (TOTAL >> 14) as u64;
 async fn the_record_path_does_not_allocate_per_record() {
     let root = short_tempdir();
     let (client, server) = pki(root.path());
-    let (c, s) = tcp_pair().await;
-    let (a, b) = tokio::join!(
-        client.connect_peer(c, "server.test"),
-        server.accept_peer(s, "t")
-    );
-    let (allocations, received) = allocations_moving(a.unwrap(), b.unwrap().0).await;
+    let (a, b) = our_pair(&client, &server).await;
+    let (allocations, received) = allocations_moving(a, b).await;
     assert_eq!(received, TOTAL);
     eprintln!("migproxy's records: {allocations} allocations for {RECORDS} records");
     assert!(
