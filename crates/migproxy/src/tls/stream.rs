@@ -4,7 +4,7 @@
 //!
 //! Why: rustls's own record path allocates a buffer per record and copies every byte once
 //! more. Here the buffers are allocated once per connection and reused; a write seals up to
-//! 16 full records (256 KiB) straight into the send buffer, one copy; a read opens records
+//! 64 full records (1 MiB) straight into the send buffer, one copy; a read opens records
 //! in place in the receive buffer and copies the content out, one copy.
 //!
 //! ```text
@@ -28,9 +28,10 @@ use tokio::net::TcpStream;
 use super::record::{Content, HEADER, MAX_CONTENT, MAX_RECORD, MAX_SEALED, Opener, Sealer};
 
 /// Receive buffer: many full records per read.
-const RX_BUFFER: usize = 256 << 10;
-/// Records sealed per write, at most (16 × 16 KiB = 256 KiB of content).
-const TX_RECORDS: usize = 16;
+const RX_BUFFER: usize = 1 << 20;
+/// Records sealed per write, at most (64 × 16 KiB = 1 MiB of content). With 16 (and a
+/// 256 KiB receive buffer) the daemon pair carried 1.20 GiB/s; with 64 and 1 MiB, 1.54.
+const TX_RECORDS: usize = 64;
 
 /// rustls's side of the connection, for key updates.
 pub(super) enum Kernel {
@@ -326,7 +327,7 @@ impl AsyncRead for RecordStream {
 }
 
 impl AsyncWrite for RecordStream {
-    /// Seals up to 16 records of `buf` into the send buffer once the previous ones are out.
+    /// Seals up to 64 records of `buf` into the send buffer once the previous ones are out.
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
