@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::daemon::{TestDaemon, migration_pair};
+use common::daemon::{TestDaemon, carry, migration_pair};
 use common::{random_data, receive_all, send_all, short_tempdir, wait_until};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1016,24 +1016,7 @@ async fn a_flood_of_garbage_connections_leaves_the_daemon_able_to_migrate() {
     assert!(counted >= 250, "refusals counted: {counted}");
 
     // A real (synthetic) migration still goes through.
-    let (_dir, qemu_in, target) = stand_in_target();
-    let uri = migration_pair(&source, &destination, "after", &target).await;
-    let data = random_data(77, 8 << 20);
-    let receiver = tokio::spawn(async move {
-        let (stream, _) = qemu_in.accept().await.unwrap();
-        receive_all(stream).await.unwrap()
-    });
-    let qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
-    let (_read, write) = qemu.into_split();
-    send_all(write, Arc::clone(&data), 1).await.unwrap();
-    assert_eq!(receiver.await.unwrap(), (8 << 20, blake3::hash(&data)));
-    drop(_read);
-    for daemon in [&source, &destination] {
-        assert_eq!(
-            daemon.wait_final("after", Duration::from_secs(5)).await["state"],
-            "completed"
-        );
-    }
+    carry(&source, &destination, "after", 8 << 20).await;
 }
 
 /// Parses Prometheus text into (series with labels, value).

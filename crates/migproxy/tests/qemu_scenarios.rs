@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::scenario::{Options, Scenario, qemu_status};
+use common::scenario::{Options, Scenario, qemu_completed, qemu_status};
 use serde_json::{Value, json};
 
 const FAST: u64 = 107_374_182_400;
@@ -19,21 +19,7 @@ async fn multifd_with_four_channels_completes_with_equal_ram() {
     s.parameters(json!({"multifd-channels": 4})).await;
     let uri = s.create("mfd", false).await;
     s.migrate(&uri, FAST).await;
-    let info = qemu_status(
-        &mut s.src_vm,
-        &["completed", "failed"],
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_eq!(
-        info["status"],
-        "completed",
-        "{info}\n{}",
-        s.src_vm.log_text()
-    );
-    for daemon in [&s.source, &s.destination] {
-        let view = daemon.wait_final("mfd", Duration::from_secs(10)).await;
-        assert_eq!(view["state"], "completed", "{view}");
+    for view in s.completes("mfd").await {
         // The main channel and four multifd channels.
         assert_eq!(view["channels"].as_array().unwrap().len(), 5, "{view}");
     }
@@ -54,21 +40,7 @@ async fn postcopy_with_the_return_path_completes_with_equal_ram() {
     s.src_vm
         .execute("migrate-set-parameters", json!({"max-bandwidth": FAST}))
         .await;
-    let info = qemu_status(
-        &mut s.src_vm,
-        &["completed", "failed"],
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_eq!(
-        info["status"],
-        "completed",
-        "{info}\n{}",
-        s.src_vm.log_text()
-    );
-    for daemon in [&s.source, &s.destination] {
-        let view = daemon.wait_final("pc", Duration::from_secs(10)).await;
-        assert_eq!(view["state"], "completed", "{view}");
+    for view in s.completes("pc").await {
         assert!(
             view["bytes"]["to_source"].as_u64().unwrap() > 0,
             "the return path carried: {view}"
@@ -160,13 +132,7 @@ async fn a_vm_migrates_there_and_back_through_the_same_daemons() {
     let mut s = Scenario::start(Options::default()).await;
     let uri = s.create("there", false).await;
     s.migrate(&uri, FAST).await;
-    let info = qemu_status(
-        &mut s.src_vm,
-        &["completed", "failed"],
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_eq!(info["status"], "completed", "{info}");
+    s.completes("there").await;
     s.assert_ram_equal().await;
 
     // Back: the destination VM becomes the source, a fresh VM on the first host receives it,
@@ -198,18 +164,7 @@ async fn a_vm_migrates_there_and_back_through_the_same_daemons() {
     s.dst_vm
         .execute("migrate", json!({"uri": outgoing["qemu_uri"]}))
         .await;
-    let info = qemu_status(
-        &mut s.dst_vm,
-        &["completed", "failed"],
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_eq!(
-        info["status"],
-        "completed",
-        "{info}\n{}",
-        s.dst_vm.log_text()
-    );
+    qemu_completed(&mut s.dst_vm).await;
     for daemon in [&s.source, &s.destination] {
         assert_eq!(
             daemon.wait_final("back", Duration::from_secs(10)).await["state"],

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::certs::Ca;
-use common::daemon::{TestDaemon, migration_pair};
+use common::daemon::{TestDaemon, carry, migration_pair};
 use common::{random_data, receive_all, send_all, short_tempdir};
 use migproxy::tls::TlsHandle;
 use rustls_pki_types::pem::PemObject;
@@ -583,28 +583,5 @@ async fn garbage_in_the_tls_handshake_is_refused_and_a_real_migration_still_goes
     assert!(counts["tls"] >= 40, "{counts:?}");
 
     // A real migration still goes through, over TLS.
-    let target = root.path().join("qemu-in.sock");
-    let qemu_in = UnixListener::bind(&target).unwrap();
-    let uri = migration_pair(
-        &source,
-        &destination,
-        "after",
-        &format!("unix:{}", target.display()),
-    )
-    .await;
-    let data = random_data(78, 4 << 20);
-    let receiver = tokio::spawn(async move {
-        let (stream, _) = qemu_in.accept().await.unwrap();
-        receive_all(stream).await.unwrap()
-    });
-    let qemu = UnixStream::connect(uri.trim_start_matches("unix:"))
-        .await
-        .unwrap();
-    let (_read, write) = qemu.into_split();
-    send_all(write, Arc::clone(&data), 3).await.unwrap();
-    assert_eq!(receiver.await.unwrap(), (4 << 20, blake3::hash(&data)));
-    for daemon in [&source, &destination] {
-        let view = daemon.wait_final("after", Duration::from_secs(5)).await;
-        assert_eq!(view["state"], "completed", "{view}");
-    }
+    carry(&source, &destination, "after", 4 << 20).await;
 }

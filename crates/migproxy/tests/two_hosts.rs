@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::netns::TwoHosts;
 use common::process::DaemonProcess;
 use common::qemu::{Qemu, Ram, random_ram_file};
-use common::scenario::qemu_status;
+use common::scenario::{qemu_completed, qemu_status};
 use common::{short_tempdir, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -399,13 +399,7 @@ async fn postcopy_pause_and_recovery_through_two_daemons() {
     src_vm
         .execute("migrate", json!({"uri": qemu_uri, "resume": true}))
         .await;
-    let info = qemu_status(
-        &mut src_vm,
-        &["completed", "failed"],
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_eq!(info["status"], "completed", "{info}\n{}", src_vm.log_text());
+    qemu_completed(&mut src_vm).await;
     for daemon in [&source, &destination] {
         let view = daemon.wait_final("pc", Duration::from_secs(10)).await;
         assert_eq!(view["state"], "completed", "{view}");

@@ -88,12 +88,7 @@ async fn demo(args: Args) -> Result<bool, DemoError> {
     let sent = source.await??;
     let received = destination.await??;
 
-    let at_source = wait_final(&source_host.client).await?;
-    let at_destination = wait_final(&destination_host.client).await?;
-    println!("\nthe source daemon reports:");
-    super::migration::print_report(&at_source, false);
-    println!("the destination daemon reports:");
-    super::migration::print_report(&at_destination, false);
+    let (at_source, at_destination) = reports(&source_host, &destination_host).await?;
     source_host.stop().await;
     destination_host.stop().await;
     Ok(print_result(&at_source, &at_destination, &sent, &received))
@@ -186,6 +181,20 @@ async fn show_progress(client: &Client, size: u64) -> Result<(), DemoError> {
 }
 
 pub(super) const FINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];
+
+/// Both daemons' final reports, printed one after the other.
+pub(super) async fn reports(
+    source: &DemoDaemon,
+    destination: &DemoDaemon,
+) -> Result<(Value, Value), DemoError> {
+    let at_source = wait_final(&source.client).await?;
+    let at_destination = wait_final(&destination.client).await?;
+    println!("\nthe source daemon reports:");
+    super::migration::print_report(&at_source, false);
+    println!("the destination daemon reports:");
+    super::migration::print_report(&at_destination, false);
+    Ok((at_source, at_destination))
+}
 
 /// The migration once it has ended on this daemon (both daemons agree before they end).
 pub(super) async fn wait_final(client: &Client) -> Result<Value, DemoError> {

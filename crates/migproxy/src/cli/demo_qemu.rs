@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::demo::{DemoDaemon, DemoError, create_both, wait_final};
+use super::demo::{DemoDaemon, DemoError, create_both, reports};
 use crate::human::Bytes;
 use crate::vm::{Ram, Vm, accel, random_ram_file};
 
@@ -40,12 +40,7 @@ pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     println!("  both daemons drive their QEMU over QMP: migrate-incoming, migrate, query-migrate");
     follow(&source_host, size).await?;
 
-    let at_source = wait_final(&source_host.client).await?;
-    let at_destination = wait_final(&destination_host.client).await?;
-    println!("\nthe source daemon reports:");
-    super::migration::print_report(&at_source, false);
-    println!("the destination daemon reports:");
-    super::migration::print_report(&at_destination, false);
+    let (at_source, at_destination) = reports(&source_host, &destination_host).await?;
     let equal = if at_source["qemu"]["status"] == "completed" {
         let a = source_vm.ram_digest(dir, "source", size).await?;
         let b = destination_vm.ram_digest(dir, "destination", size).await?;

@@ -152,6 +152,37 @@ pub async fn migration_pair_with(
     outgoing["qemu_uri"].as_str().unwrap().to_owned()
 }
 
+/// Carries `bytes` of pseudo-random data through a fresh migration `id` between the two
+/// daemons, from a source QEMU stand-in to a destination one (real unix sockets), checks
+/// the digest, and that both daemons call the migration completed.
+pub async fn carry(source: &TestDaemon, destination: &TestDaemon, id: &str, bytes: usize) {
+    let dir = super::short_tempdir();
+    let target = dir.path().join("qemu-in.sock");
+    let qemu_in = UnixListener::bind(&target).unwrap();
+    let uri = migration_pair(
+        source,
+        destination,
+        id,
+        &format!("unix:{}", target.display()),
+    )
+    .await;
+    let data = super::random_data(bytes as u64, bytes);
+    let receiver = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        super::receive_all(stream).await.unwrap()
+    });
+    let qemu = UnixStream::connect(uri.trim_start_matches("unix:"))
+        .await
+        .unwrap();
+    let (_read, write) = qemu.into_split();
+    super::send_all(write, Arc::clone(&data), 3).await.unwrap();
+    assert_eq!(receiver.await.unwrap(), (bytes as u64, blake3::hash(&data)));
+    for daemon in [source, destination] {
+        let view = daemon.wait_final(id, Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "completed", "{view}");
+    }
+}
+
 /// One HTTP/1.1 request over a unix socket; returns the status and the JSON body.
 pub async fn http(socket: &PathBuf, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let mut stream = UnixStream::connect(socket).await.unwrap();

@@ -149,9 +149,29 @@ impl Scenario {
         assert_eq!(src, dst, "destination RAM differs from the source's");
     }
 
+    /// The source QEMU says `completed` and both daemons completed migration `id`; returns
+    /// the daemons' views (source, destination).
+    pub async fn completes(&mut self, id: &str) -> [Value; 2] {
+        qemu_completed(&mut self.src_vm).await;
+        let mut views = Vec::new();
+        for daemon in [&self.source, &self.destination] {
+            let view = daemon.wait_final(id, Duration::from_secs(10)).await;
+            assert_eq!(view["state"], "completed", "{view}");
+            views.push(view);
+        }
+        [views.remove(0), views.remove(0)]
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+}
+
+/// Waits (up to 2 minutes) for `vm`'s migration to end, and asserts it `completed`.
+pub async fn qemu_completed(vm: &mut Qemu) -> Value {
+    let info = qemu_status(vm, &["completed", "failed"], Duration::from_secs(120)).await;
+    assert_eq!(info["status"], "completed", "{info}\n{}", vm.log_text());
+    info
 }
 
 /// Polls a QEMU's `query-migrate` until its status is one of `wanted`.
