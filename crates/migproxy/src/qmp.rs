@@ -147,19 +147,8 @@ impl Qmp {
         self.events.drain(..).collect()
     }
 
-    /// Waits for the next event.
-    pub async fn next_event(&mut self) -> Result<Event, QmpError> {
-        loop {
-            if let Some(event) = self.events.pop_front() {
-                return Ok(event);
-            }
-            let message = self.read_message().await?;
-            self.queue_event(message)?;
-        }
-    }
-
     fn queue_event(&mut self, message: Value) -> Result<(), QmpError> {
-        match serde_json::from_value::<Event>(message.clone()) {
+        match Event::deserialize(&message) {
             Ok(event) => {
                 self.events.push_back(event);
                 Ok(())

@@ -250,11 +250,6 @@ impl Stream {
         }
     }
 
-    /// Whether the stream is encrypted.
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
-    }
-
     /// Ends the stream abruptly so that the peer notices at once, even if it is blocked
     /// writing into full buffers: TCP closes with `SO_LINGER` 0 (the peer sees a reset), a
     /// unix socket is shut down both ways before it is closed.

@@ -75,6 +75,8 @@ async fn drain(
     while left > 0 {
         dst.writable().await.map_err(PumpError::write)?;
         match dst.try_io(Interest::WRITABLE, || carrier.drain_to(dst.fd(), left)) {
+            // A socket that takes nothing while writable would make this loop spin.
+            Ok(0) => return Err(PumpError::write(io::ErrorKind::WriteZero.into())),
             Ok(n) => {
                 left -= n;
                 counters.record(direction, n, carrier.is_pipe());

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::record::{HEADER, MAX_RECORD};
-use super::stream::{Kernel, RecordStream};
+use super::stream::{Kernel, RecordStream, invalid};
 
 /// The longest handshake flight buffered (certificate chains are a few KiB).
 const MAX_HANDSHAKE: usize = 256 << 10;
@@ -49,10 +49,6 @@ impl Unbuffered for UnbufferedServerConnection {
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
-}
-
-fn invalid(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
 /// Runs the client's handshake on `tcp`.

@@ -52,6 +52,10 @@ pub enum RecordError {
     NoType,
     #[error("a record of unknown content type {0}")]
     UnknownType(u8),
+    #[error("a record with {0} bytes of content, more than TLS allows (record overflow)")]
+    Overflow(usize),
+    #[error("the AEAD refused to seal a record")]
+    Seal,
 }
 
 /// One direction's key, static IV and sequence number.
@@ -119,7 +123,12 @@ impl Sealer {
     /// `content`: writes the header before them and the type and tag after them. `record`
     /// must hold `len + HEADER + 1 + TAG` bytes and `len` be at most [`MAX_CONTENT`].
     /// Returns the record's length.
-    pub fn seal(&mut self, record: &mut [u8], len: usize, content: Content) -> usize {
+    pub fn seal(
+        &mut self,
+        record: &mut [u8],
+        len: usize,
+        content: Content,
+    ) -> Result<usize, RecordError> {
         debug_assert!(len <= MAX_CONTENT && record.len() >= len + HEADER + 1 + TAG);
         let inner = len + 1;
         let protected = inner + TAG;
@@ -134,22 +143,16 @@ impl Sealer {
         record[HEADER + len] = content as u8;
         let nonce = self.0.next_nonce();
         let (body, rest) = record[HEADER..].split_at_mut(inner);
-        match self
+        // ring refuses only inputs longer than any record; should it ever, nothing half-sealed
+        // may leave: the caller gets an error, not a record.
+        let tag = self
             .0
             .key
             .seal_in_place_separate_tag(nonce, Aad::from(header), body)
-        {
-            Ok(tag) => rest[..TAG].copy_from_slice(tag.as_ref()),
-            // ring fails only on inputs longer than any record: excluded above.
-            Err(_) => unreachable_seal(),
-        }
-        HEADER + protected
+            .map_err(|_| RecordError::Seal)?;
+        rest[..TAG].copy_from_slice(tag.as_ref());
+        Ok(HEADER + protected)
     }
-}
-
-#[cold]
-fn unreachable_seal() {
-    tracing::error!("AEAD seal refused a record within TLS limits");
 }
 
 /// Opens incoming records.
@@ -192,6 +195,9 @@ impl Opener {
             .iter()
             .rposition(|&b| b != 0)
             .ok_or(RecordError::NoType)?;
+        if end > MAX_CONTENT {
+            return Err(RecordError::Overflow(end));
+        }
         let content = match plain[end] {
             21 => Content::Alert,
             22 => Content::Handshake,
@@ -217,7 +223,7 @@ mod tests {
     fn sealed(sealer: &mut Sealer, content: &[u8], typ: Content) -> Vec<u8> {
         let mut record = vec![0u8; content.len() + HEADER + 1 + TAG];
         record[HEADER..HEADER + content.len()].copy_from_slice(content);
-        let n = sealer.seal(&mut record, content.len(), typ);
+        let n = sealer.seal(&mut record, content.len(), typ).unwrap();
         record.truncate(n);
         record
     }

@@ -66,7 +66,7 @@ impl Kernel {
     }
 }
 
-fn invalid(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+pub(super) fn invalid(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
@@ -98,6 +98,8 @@ pub struct RecordStream {
     write_closed: bool,
     /// The peer asked for a key update of our direction.
     update_requested: bool,
+    /// A bad record found after good content was handed out: reported on the next read.
+    pending_error: Option<io::Error>,
 }
 
 impl std::fmt::Debug for RecordStream {
@@ -139,6 +141,7 @@ impl RecordStream {
             read_closed: false,
             write_closed: false,
             update_requested: false,
+            pending_error: None,
         };
         if received.len() > stream.rx.len() {
             return Err(invalid(super::record::RecordError::TooLong(received.len())));
@@ -210,7 +213,8 @@ impl RecordStream {
                 return Err(invalid(super::record::RecordError::TooLong(len)));
             }
             match typ {
-                KEY_UPDATE if len == 1 => {
+                // Keys change at a record boundary: nothing may follow a KeyUpdate in its record.
+                KEY_UPDATE if len == 1 && body.end == range.end => {
                     self.opener = self.kernel.update_rx()?;
                     match self.rx[body.start] {
                         0 => {}
@@ -238,12 +242,11 @@ impl RecordStream {
 
     /// Reads more from TCP into the receive buffer. `Ok(0)` is the peer's FIN.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rx.len() - self.rx_end < MAX_RECORD {
-            // Nothing opened is waiting to be handed out: the partial record moves to the front.
-            self.rx.copy_within(self.rx_start..self.rx_end, 0);
-            self.rx_end -= self.rx_start;
-            self.rx_start = 0;
-        }
+        // Nothing opened is waiting to be handed out: what is left (at most one partial
+        // record) moves to the front, so that every read has the whole buffer.
+        self.rx.copy_within(self.rx_start..self.rx_end, 0);
+        self.rx_end -= self.rx_start;
+        self.rx_start = 0;
         let mut buf = ReadBuf::new(&mut self.rx[self.rx_end..]);
         ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut buf))?;
         let n = buf.filled().len();
@@ -257,17 +260,21 @@ impl RecordStream {
         if self.sealer.sequence() >= self.key_limit || self.update_requested {
             self.update_requested = false;
             // KeyUpdate, update_not_requested, under the old key; the new key from here on.
-            self.seal_with_current(&[KEY_UPDATE, 0, 0, 1, 0], Content::Handshake);
+            self.seal_with_current(&[KEY_UPDATE, 0, 0, 1, 0], Content::Handshake)?;
             self.sealer = self.kernel.update_tx()?;
         }
-        self.seal_with_current(content, typ);
-        Ok(())
+        self.seal_with_current(content, typ)
     }
 
-    fn seal_with_current(&mut self, content: &[u8], typ: Content) {
+    fn seal_with_current(&mut self, content: &[u8], typ: Content) -> io::Result<()> {
         let at = self.tx_end;
         self.tx[at + HEADER..at + HEADER + content.len()].copy_from_slice(content);
-        self.tx_end += self.sealer.seal(&mut self.tx[at..], content.len(), typ);
+        let len = self
+            .sealer
+            .seal(&mut self.tx[at..], content.len(), typ)
+            .map_err(invalid)?;
+        self.tx_end += len;
+        Ok(())
     }
 
     /// Writes out what is sealed; ready when the send buffer is empty.
@@ -296,6 +303,9 @@ impl AsyncRead for RecordStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(error) = this.pending_error.take() {
+            return Poll::Ready(Err(error));
+        }
         let before = buf.filled().len();
         loop {
             if !this.plain.is_empty() {
@@ -310,8 +320,15 @@ impl AsyncRead for RecordStream {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            if this.open_next()? {
-                continue;
+            match this.open_next() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                // What was opened before is authentic: it goes out now, the error next time.
+                Err(error) if buf.filled().len() > before => {
+                    this.pending_error = Some(error);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) => return Poll::Ready(Err(error)),
             }
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));
