@@ -415,7 +415,9 @@ fn qemu_error(error: &crate::daemon::qemu::QemuError) -> ApiError {
         Fault::State => StatusCode::CONFLICT,
         Fault::Qemu => StatusCode::BAD_GATEWAY,
     };
-    ApiError::new(status, format!("qmp: {error}"))
+    let mut answer = ApiError::chain(status, error);
+    answer.error = format!("qmp: {}", answer.error);
+    answer
 }
 
 /// Runs a creation in a task of the daemon's, not in the request: a client that hangs up
@@ -527,6 +529,14 @@ fn register_error(error: RegisterError) -> ApiError {
     ApiError::new(status, error.to_string())
 }
 
+/// A state as the API spells it (`active`, `completed`…), for messages; ids keep their case.
+fn state_name(state: crate::daemon::migration::State) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 fn find(daemon: &Daemon, id: &str) -> Result<Arc<Migration>, ApiError> {
     daemon
         .get(id)
@@ -617,7 +627,10 @@ async fn forget(
         )),
         Err(state) => Err(ApiError::new(
             StatusCode::CONFLICT,
-            format!("migration \"{id}\" is still {state:?}: cancel it first").to_lowercase(),
+            format!(
+                "migration \"{id}\" is still {}: cancel it first",
+                state_name(state)
+            ),
         )),
     }
 }
@@ -695,7 +708,10 @@ async fn cancel(
         let state = migration.state();
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            format!("migration \"{id}\" has already ended: {state:?}").to_lowercase(),
+            format!(
+                "migration \"{id}\" has already ended: {}",
+                state_name(state)
+            ),
         ));
     }
     Ok(Json(json!(migration.snapshot())))

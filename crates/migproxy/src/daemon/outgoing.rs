@@ -255,8 +255,12 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
         let admitted = match migration.open_channel(index) {
             Ok(admitted) => admitted,
             Err(refused) => {
+                // QEMU opened a connection this migration cannot take (one too many, or
+                // after its end): the report says so, on the channel it would have been.
                 tracing::warn!(migration = %migration.spec.id, "QEMU connection refused: {refused}");
                 qemu.abort();
+                let blame = refused_channel(&migration, index, &refused);
+                migration.fail(migration.epoch(), blame, true);
                 continue;
             }
         };
@@ -297,21 +301,38 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
     // Dropping the listener removes QEMU's socket file.
 }
 
+/// A connection from the source QEMU that the migration refused.
+fn refused_channel(
+    migration: &Migration,
+    index: u32,
+    refused: &super::migration::ChannelRefused,
+) -> Attribution {
+    Attribution {
+        host: migration.host(),
+        leg: Leg::Qemu,
+        channel: Some(index),
+        direction: None,
+        op: Op::Protocol,
+        errno: None,
+        message: format!("QEMU opened a connection the migration refused: {refused}"),
+        bytes: super::migration::totals(migration.bytes()),
+        elapsed_ms: migration.elapsed().as_millis() as u64,
+    }
+}
+
 /// A data connection to the peer could not be opened.
 fn dial_failure(migration: &Migration, index: u32, error: &PeerError) -> Attribution {
-    let (op, errno, message) = match error {
-        PeerError::Connect { error, .. } => (Op::Connect, errno_name(error), os_message(error)),
-        PeerError::Io { error, .. } => (Op::Handshake, errno_name(error), os_message(error)),
-        other => (Op::Handshake, None, other.to_string()),
-    };
     Attribution {
         host: migration.host(),
         leg: Leg::Peer,
         channel: Some(index),
         direction: None,
-        op,
-        errno,
-        message,
+        op: error.op(),
+        errno: error.os_error().and_then(errno_name),
+        // The errno travels apart; the message is the OS's text when there is one.
+        message: error
+            .os_error()
+            .map_or_else(|| error.to_string(), os_message),
         bytes: Totals::default(),
         elapsed_ms: migration.elapsed().as_millis() as u64,
     }

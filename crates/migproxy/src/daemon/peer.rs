@@ -69,10 +69,25 @@ pub enum PeerError {
 }
 
 impl PeerError {
+    /// The OS error underneath, when there is one (a TLS handshake's included).
     pub fn os_error(&self) -> Option<&io::Error> {
         match self {
-            PeerError::Connect { error, .. } | PeerError::Io { error, .. } => Some(error),
+            PeerError::Connect { error, .. }
+            | PeerError::Io { error, .. }
+            | PeerError::Tls(crate::tls::TlsError::Handshake { error, .. }) => Some(error),
             _ => None,
+        }
+    }
+
+    /// The operation that failed, for an attribution.
+    pub fn op(&self) -> migproxy_proto::Op {
+        match self {
+            PeerError::Connect { .. } => migproxy_proto::Op::Connect,
+            PeerError::ConnectTimeout { .. } | PeerError::HandshakeTimeout { .. } => {
+                migproxy_proto::Op::Timeout
+            }
+            PeerError::Decode { .. } => migproxy_proto::Op::Protocol,
+            _ => migproxy_proto::Op::Handshake,
         }
     }
 }

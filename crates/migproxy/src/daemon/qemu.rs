@@ -114,6 +114,16 @@ pub enum QemuError {
 }
 
 impl QemuError {
+    /// The OS error underneath, when the monitor's socket failed.
+    pub fn os_error(&self) -> Option<&std::io::Error> {
+        match self {
+            QemuError::Qmp(QmpError::Connect { error, .. } | QmpError::Io { error, .. }) => {
+                Some(error)
+            }
+            _ => None,
+        }
+    }
+
     /// Whose fault it is: the request's (a path that is no QMP socket), a QEMU in the wrong
     /// state (or whose monitor is held by another client), or a QEMU that broke off.
     pub fn fault(&self) -> Fault {
@@ -519,9 +529,11 @@ fn verdict(migration: &Arc<Migration>, status: &str) {
 
 /// The monitor broke while the migration ran: QEMU exited or crashed.
 fn lost(migration: &Migration, error: &QemuError) -> Attribution {
-    migration.qemu_failure(format!(
+    let mut blame = migration.qemu_failure(format!(
         "QEMU's monitor broke during the migration (QEMU exited or crashed?): {error}"
-    ))
+    ));
+    blame.errno = error.os_error().and_then(crate::human::errno_name);
+    blame
 }
 
 /// An attribution to this host's QEMU with `message`, at the current counts.
