@@ -369,13 +369,17 @@ async fn postcopy_pause_and_recovery_through_two_daemons() {
     // `postcopy-active` is reported before the switch is complete: pausing inside it makes
     // QEMU 7.2 fail instead of pause. Let postcopy carry some pages first.
     let switched = active["ram"]["transferred"].as_u64().unwrap_or(0) + (16 << 20);
+    let since = Instant::now();
     loop {
         let info = src_vm.execute("query-migrate", Value::Null).await;
-        if info["status"] != "postcopy-active"
-            || info["ram"]["transferred"].as_u64().unwrap_or(0) > switched
-        {
+        assert_eq!(info["status"], "postcopy-active", "{info}");
+        if info["ram"]["transferred"].as_u64().unwrap_or(0) > switched {
             break;
         }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "postcopy stalled: {info}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
