@@ -241,7 +241,9 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
         let (qemu, qemu_name) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
+                // Out of descriptors (EMFILE) fails every accept at once: do not spin.
                 tracing::warn!(migration = %migration.spec.id, %error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
