@@ -406,6 +406,8 @@ mod tests {
             rate,
             cpu_per_gib,
             peak_rss_kib: None,
+            endpoints_per_gib: 0.7,
+            busy_cores: 1.5,
         };
         let summaries = [
             summary(Route::Direct, Some(spread(2.75, 2.56, 2.82)), None),
@@ -433,6 +435,7 @@ mod tests {
                 qemu_cpu: 0.9,
                 proxy_cpu: 0.0,
                 busy_cores: 1.6,
+                cpu_floor: 0.45,
             },
             PathTimes {
                 path: "two migproxy daemons, TLS",
@@ -441,6 +444,7 @@ mod tests {
                 qemu_cpu: 1.5,
                 proxy_cpu: 1.2,
                 busy_cores: 1.9,
+                cpu_floor: 1.35,
             },
         ];
         qemu(&dir.path().join("qemu.png"), "Real QEMU", MACHINE, &rows).unwrap();

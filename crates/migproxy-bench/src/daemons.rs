@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::{BenchError, Sample, cpu_seconds, peak_rss, sink_digest, source_write};
+use crate::{BenchError, Meter, Sample, cpu_seconds, peak_rss, sink_digest, source_write};
 
 pub struct Daemon {
     pub child: Child,
@@ -134,11 +134,13 @@ pub fn run(
         sink_digest(stream)
     });
     let mut stream = UnixStream::connect(socket)?;
+    let meter = Meter::start();
     let started = Instant::now();
     source_write(&mut stream, block, size)?;
     stream.shutdown(Shutdown::Write)?;
     let (received, digest) = receiver.join().map_err(|_| "the sink panicked")??;
     let seconds = started.elapsed().as_secs_f64();
+    let spent = meter.stop();
     if received != size || digest != expected {
         return Err("two daemons: the sink received different data".into());
     }
@@ -154,5 +156,6 @@ pub fn run(
         seconds,
         cpu_seconds: cpu,
         peak_rss_kib: rss,
+        spent,
     })
 }
