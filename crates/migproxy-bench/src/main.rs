@@ -49,6 +49,10 @@ enum Bench {
         /// Seconds-long configuration for CI: 128 MiB, one repetition.
         #[arg(long)]
         smoke: bool,
+        /// Only the paths whose name contains this text (direct TCP always runs: every
+        /// ratio is to it), e.g. `--only daemons`.
+        #[arg(long)]
+        only: Option<String>,
         /// Where to write the markdown table.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
@@ -237,10 +241,11 @@ fn main() {
             size,
             reps,
             smoke,
+            only,
             out,
         } => {
             let (size, reps) = if smoke { (128 << 20, 1) } else { (size, reps) };
-            synthetic(size, reps, &out)
+            synthetic(size, reps, only.as_deref(), &out)
         }
         Bench::Concurrency { size, out } => sibling("migproxy")
             .and_then(|migproxy| concurrency::run(&migproxy, size, &[1, 4, 16], &out)),
@@ -260,10 +265,13 @@ fn main() {
 
 type BenchError = Box<dyn std::error::Error>;
 
-fn synthetic(size: u64, reps: usize, out: &Path) -> Result<(), BenchError> {
+fn synthetic(size: u64, reps: usize, only: Option<&str>, out: &Path) -> Result<(), BenchError> {
     let migproxy = sibling("migproxy")?;
     let mut routes = Vec::new();
-    for route in Route::ALL {
+    let chosen = |route: &Route| {
+        *route == Route::Direct || only.is_none_or(|text| route.name().contains(text))
+    };
+    for route in Route::ALL.into_iter().filter(chosen) {
         match route.missing(&migproxy) {
             None => routes.push(route),
             Some(program) => eprintln!("{}: skipped, {program} is not installed", route.name()),
