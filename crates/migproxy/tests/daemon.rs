@@ -257,6 +257,9 @@ async fn destination_qemu_missing_is_blamed_on_both_hosts() {
         );
         assert!(message.contains("unix:/nonexistent/qemu.sock"), "{message}");
     }
+    // The channel that could not connect failed; it was not cancelled.
+    let view = destination.show("r1").await;
+    assert_eq!(view["channels"][0]["state"], "failed", "{view}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1217,4 +1220,220 @@ async fn events_stream_state_changes_and_channels() {
     })
     .await;
     assert!(ended.is_ok(), "the event stream outlived the daemon");
+}
+
+/// Speaks the peer protocol as a source daemon would, up to the hello's reply.
+async fn peer_hello(
+    destination: &TestDaemon,
+    kind: migproxy_proto::Kind,
+    id: &str,
+    token: &str,
+    (channel, flags): (u32, u8),
+) -> TcpStream {
+    use migproxy_proto::{Hello, HelloReply, Status, VERSION};
+    let token = migproxy::daemon::token::Token::from_hex(token).unwrap();
+    let mut stream = TcpStream::connect(&destination.peer).await.unwrap();
+    let mut hello = Vec::new();
+    Hello {
+        version: VERSION,
+        kind,
+        migration: id.into(),
+        channel,
+        token: *token.bytes(),
+        flags,
+    }
+    .encode(&mut hello);
+    stream.write_all(&hello).await.unwrap();
+    let mut reply = vec![0; HelloReply::HEADER];
+    stream.read_exact(&mut reply).await.unwrap();
+    let len = migproxy_proto::reply_len(&reply).unwrap();
+    reply.resize(HelloReply::HEADER + len, 0);
+    stream
+        .read_exact(&mut reply[HelloReply::HEADER..])
+        .await
+        .unwrap();
+    assert_eq!(HelloReply::decode(&reply).unwrap().status, Status::Ok);
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_counts_that_disagree_fail_the_migration_naming_channel_and_direction() {
+    use migproxy_proto::{ChannelEnd, Control, Kind, Totals};
+    let destination = TestDaemon::start("dst").await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let (_, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "lie", "target": target})),
+        )
+        .await;
+    let token = incoming["token"].as_str().unwrap();
+    // A source that claims one byte more than it sent on channel 0.
+    let mut control = peer_hello(&destination, Kind::Control, "lie", token, (0, 0)).await;
+    let mut data = peer_hello(&destination, Kind::Data, "lie", token, (0, 0)).await;
+    let (mut qemu, _) = qemu_in.accept().await.unwrap();
+    data.write_all(&[7u8; 4096]).await.unwrap();
+    data.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    qemu.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got.len(), 4096);
+    drop(qemu);
+    let claimed = Totals {
+        to_destination: 4097,
+        to_source: 0,
+    };
+    let mut frames = Vec::new();
+    Control::ChannelClosed {
+        channel: 0,
+        end: ChannelEnd::Completed,
+        bytes: claimed,
+    }
+    .encode(&mut frames);
+    Control::Done {
+        channels: 1,
+        bytes: claimed,
+    }
+    .encode(&mut frames);
+    control.write_all(&frames).await.unwrap();
+    let view = destination
+        .wait_state("lie", "failed", Duration::from_secs(5))
+        .await;
+    let error = error_of(&view);
+    assert_eq!(error["op"], "protocol", "{view}");
+    assert_eq!(error["channel"], 0, "{view}");
+    assert_eq!(error["direction"], "to_destination", "{view}");
+    assert!(
+        error["message"].as_str().unwrap().contains(
+            "first on channel 0 to destination: 4097 at the source, 4096 at the destination"
+        ),
+        "{view}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_resumes_before_the_destination_noticed_records_the_pause() {
+    use migproxy_proto::{FLAG_RECOVERABLE, Kind};
+    let destination = TestDaemon::start("dst").await;
+    let mut events = subscribe(&destination, "quick").await;
+    let (_, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(
+                json!({"direction": "incoming", "id": "quick", "target": "unix:/x",
+                "recoverable": true}),
+            ),
+        )
+        .await;
+    let token = incoming["token"].as_str().unwrap();
+    let hello = |first| {
+        peer_hello(
+            &destination,
+            Kind::Control,
+            "quick",
+            token,
+            (first, FLAG_RECOVERABLE),
+        )
+    };
+    let _old = hello(0).await;
+    // The old link still looks alive here (a blackholed link is noticed only by its
+    // silence) when the source comes back with a new epoch.
+    let _new = hello(1).await;
+    let view = destination.show("quick").await;
+    assert_eq!(view["state"], "active", "{view}");
+    let pauses = view["pauses"].as_array().unwrap();
+    assert_eq!(pauses.len(), 1, "{view}");
+    assert!(
+        pauses[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("resumed on a new control link"),
+        "{view}"
+    );
+    assert!(!view["timestamps"]["paused"].is_null(), "{view}");
+    let mut states = Vec::new();
+    let collected = tokio::time::timeout(Duration::from_secs(5), async {
+        while states.len() < 3 {
+            let line = events.next_line().await.unwrap().unwrap();
+            if let Some(data) = line.strip_prefix("data: ") {
+                let event: Value = serde_json::from_str(data).unwrap();
+                if event["type"] == "state" {
+                    states.push(event["state"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+    })
+    .await;
+    assert!(collected.is_ok(), "states so far: {states:?}");
+    assert_eq!(states, ["active", "paused", "active"]);
+}
+
+/// The event stream of one migration, subscribed before anything happens to it.
+async fn subscribe(
+    daemon: &TestDaemon,
+    id: &str,
+) -> tokio::io::Lines<tokio::io::BufReader<UnixStream>> {
+    use tokio::io::AsyncBufReadExt;
+    let mut subscription = UnixStream::connect(&daemon.api).await.unwrap();
+    let request = format!("GET /v1/events?migration={id} HTTP/1.1\r\nHost: x\r\n\r\n");
+    subscription.write_all(request.as_bytes()).await.unwrap();
+    let mut lines = tokio::io::BufReader::new(subscription).lines();
+    // The response head arrives before any event: the subscription is in place.
+    while lines.next_line().await.unwrap().unwrap() != "" {}
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_that_cannot_reach_the_destination_stays_paused_and_says_why() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri =
+        common::daemon::migration_pair_with(&source, &destination, "gone", &target, true).await;
+    // The main channel closes without QEMU's SHUT: paused.
+    let accepting = tokio::spawn(async move {
+        let (mut stream, _) = qemu_in.accept().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+    });
+    let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    qemu.write_all(&[5u8; 4096]).await.unwrap();
+    qemu.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    qemu.read_to_end(&mut rest).await.unwrap();
+    accepting.await.unwrap();
+    source
+        .wait_state("gone", "paused", Duration::from_secs(5))
+        .await;
+    // The destination host is gone; QEMU's recovery connects to the source daemon.
+    destination.stop().await;
+    let mut recovery = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), recovery.read_to_end(&mut rest));
+    assert!(
+        closed.await.is_ok(),
+        "QEMU's recovery connection must be closed"
+    );
+    let started = Instant::now();
+    let view = loop {
+        let view = source.show("gone").await;
+        if view["pauses"].as_array().unwrap().len() == 2 {
+            break view;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{view}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(view["state"], "paused", "{view}");
+    let error = error_of(&view);
+    assert_eq!(error["leg"], "peer", "{view}");
+    assert_eq!(error["host"], "source", "{view}");
+    assert_eq!(error["errno"], "ECONNREFUSED", "{view}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("resume: control link"),
+        "{view}"
+    );
 }

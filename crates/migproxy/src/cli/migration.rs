@@ -439,6 +439,9 @@ pub(super) fn print_qemu(q: &Value, who: &str) {
     if q["postcopy_started"] == true {
         line += ", switched to postcopy";
     }
+    if let Some(refused) = q["postcopy_error"].as_str() {
+        line += &format!(", did not switch to postcopy: {refused}");
+    }
     if q["monitor_closed"] == true {
         line += ", then QEMU exited (its monitor closed)";
     }

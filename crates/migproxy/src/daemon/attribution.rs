@@ -51,24 +51,56 @@ pub fn os_message(error: &std::io::Error) -> String {
     }
 }
 
-/// Both hosts saw every channel complete, but the byte counts differ. Both hosts build the
-/// same attribution from the same two counts, so they report it alike.
-pub fn disagreement(source: Totals, destination: Totals) -> Attribution {
+/// Where the byte counts of the two hosts first differ: one channel, one direction, and
+/// that channel's counts on each host.
+#[derive(Debug, Clone, Copy)]
+pub struct Disagreement {
+    pub channel: u32,
+    pub direction: Direction,
+    pub source: Totals,
+    pub destination: Totals,
+}
+
+/// Both hosts saw every channel complete, but the byte counts differ (`source` and
+/// `destination` are the totals of each). Both hosts build the same attribution from the
+/// same counts, so they report it alike; `first` names the channel and direction.
+pub fn disagreement(
+    source: Totals,
+    destination: Totals,
+    first: Option<Disagreement>,
+) -> Attribution {
+    let mut message = format!(
+        "byte counts disagree: the source daemon moved {} to destination and {} to source, \
+         the destination daemon {} and {}",
+        source.to_destination, source.to_source, destination.to_destination, destination.to_source
+    );
+    if let Some(first) = first {
+        let (at_source, at_destination, way) = match first.direction {
+            Direction::ToDestination => (
+                first.source.to_destination,
+                first.destination.to_destination,
+                "to destination",
+            ),
+            Direction::ToSource => (
+                first.source.to_source,
+                first.destination.to_source,
+                "to source",
+            ),
+        };
+        message += &format!(
+            "; first on channel {} {way}: {at_source} at the source, {at_destination} at the \
+             destination",
+            first.channel
+        );
+    }
     Attribution {
         host: Host::Destination,
         leg: Leg::Peer,
-        channel: None,
-        direction: None,
+        channel: first.map(|f| f.channel),
+        direction: first.map(|f| f.direction),
         op: Op::Protocol,
         errno: None,
-        message: format!(
-            "byte counts disagree: the source daemon moved {} to destination and {} to \
-             source, the destination daemon {} and {}",
-            source.to_destination,
-            source.to_source,
-            destination.to_destination,
-            destination.to_source
-        ),
+        message,
         bytes: destination,
         elapsed_ms: 0,
     }

@@ -390,16 +390,12 @@ async fn deliver(
     let target = migration.spec.local.clone();
     if let Some(Err(error)) = target.unix_path().map(paths::refuse_symlink) {
         link.abort();
-        migration.channel_abandoned(index);
         let error = TransportError::Connect {
             endpoint: target.clone(),
             error,
         };
-        migration.fail(
-            admitted.epoch,
-            connect_failure(&migration, index, &error),
-            true,
-        );
+        let blame = connect_failure(&migration, index, &error);
+        migration.channel_failed(admitted.epoch, index, blame);
         return;
     }
     let connected = tokio::select! {
@@ -413,9 +409,8 @@ async fn deliver(
         }
         Some(Err(error)) => {
             link.abort();
-            migration.channel_abandoned(index);
             let blame = connect_failure(&migration, index, &error);
-            migration.fail(admitted.epoch, blame, true);
+            migration.channel_failed(admitted.epoch, index, blame);
             return;
         }
         None => {

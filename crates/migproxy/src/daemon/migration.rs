@@ -26,7 +26,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use migproxy_proto::{Attribution, ChannelEnd, Control, Host, Leg, Op, Totals};
+use migproxy_proto::{Attribution, ChannelEnd, Control, Direction, Host, Leg, Op, Totals};
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -180,8 +180,8 @@ struct Inner {
     activated: Option<SystemTime>,
     paused: Option<SystemTime>,
     ended_at: Option<SystemTime>,
-    /// Bytes moved and when, for the current throughput.
-    rate_sample: (Instant, u64),
+    /// The two latest (time, bytes to destination) samples, a second or more apart.
+    rate_samples: [(Instant, u64); 2],
     /// QEMU's view, when the daemon drives QEMU.
     qemu: Option<qemu::Report>,
     /// The task following QEMU, which cancels QEMU before the sockets (source).
@@ -290,7 +290,7 @@ impl Migration {
                 activated: None,
                 paused: None,
                 ended_at: None,
-                rate_sample: (Instant::now(), 0),
+                rate_samples: [(Instant::now(), 0); 2],
                 qemu,
                 qemu_cancel: None,
             }),
@@ -358,8 +358,8 @@ impl Migration {
                     None,
                     "the source daemon resumed on a new control link".to_owned(),
                 );
-                inner.pauses.push(blame);
-                self.end_epoch(&mut inner);
+                tracing::warn!(migration = %self.spec.id, "paused: {}", Rendered(&blame));
+                self.pause_locked(&mut inner, blame);
                 true
             }
             _ => return None,
@@ -440,6 +440,23 @@ impl Migration {
             channel.state = ChannelState::Cancelled;
         }
         self.observe_cancel(&mut inner);
+    }
+
+    /// A channel that could not be set up (its dial or its connect failed): it failed, and
+    /// with it the epoch.
+    pub fn channel_failed(&self, epoch: Epoch, index: u32, blame: Attribution) {
+        {
+            let mut inner = self.lock();
+            if let Some(channel) = inner.channels.get_mut(index as usize)
+                && channel.state == ChannelState::Opening
+            {
+                channel.state = ChannelState::Failed;
+                self.publish(json!({"type": "channel_closed", "channel": index,
+                    "end": "failed", "bytes": ByteCounts::default()}));
+            }
+            self.observe_cancel(&mut inner);
+        }
+        self.fail(epoch, blame, true);
     }
 
     /// Once every channel has closed after a cancel, records how long that took.
@@ -583,16 +600,36 @@ impl Migration {
         if tell_peer {
             Self::send(&inner, Control::Failed(blame.clone()));
         }
-        inner.error = Some(blame.clone());
         if self.spec.recoverable && inner.state == State::Active {
-            self.metrics.migration_ended(State::Paused, Some(&blame));
-            inner.pauses.push(blame);
-            inner.paused = Some(SystemTime::now());
-            self.end_epoch(&mut inner);
-            self.set_state(&mut inner, State::Paused);
+            self.pause_locked(&mut inner, blame);
         } else {
+            inner.error = Some(blame);
             self.finish(&mut inner, State::Failed);
         }
+    }
+
+    /// Ends the current epoch of a recoverable migration, which waits for QEMU's recovery.
+    fn pause_locked(&self, inner: &mut Inner, blame: Attribution) {
+        self.metrics.migration_ended(State::Paused, Some(&blame));
+        inner.error = Some(blame.clone());
+        inner.pauses.push(blame);
+        inner.paused = Some(SystemTime::now());
+        self.end_epoch(inner);
+        self.set_state(inner, State::Paused);
+    }
+
+    /// A paused migration's resume failed (QEMU's recovery came, the peer could not be
+    /// reached): it stays paused, and the failure is its latest cause.
+    pub fn resume_failed(&self, blame: Attribution) {
+        let mut inner = self.lock();
+        if inner.state != State::Paused {
+            return;
+        }
+        tracing::warn!(migration = %self.spec.id, "resume failed: {}", Rendered(&blame));
+        inner.error = Some(blame.clone());
+        inner.pauses.push(blame);
+        let error = inner.error.as_ref().map(attribution::Report::from);
+        self.publish(json!({"type": "state", "state": State::Paused, "error": error}));
     }
 
     /// Cancels the migration on behalf of `by`; tells the peer if the cancel is ours.
@@ -696,11 +733,10 @@ impl Migration {
             }
             (Some(local), Some(peer)) if local.0 == peer.0 => {
                 // Same channels, different bytes: something between the daemons lost data.
-                let (source, destination) = match self.spec.role {
-                    Role::Outgoing => (local.1, peer.1),
-                    Role::Incoming => (peer.1, local.1),
-                };
-                let blame = attribution::disagreement(source, destination);
+                let (source, destination) = self.as_source_destination(local.1, peer.1);
+                let start = inner.epoch_start;
+                let first = self.first_disagreement(start, &inner.channels[start as usize..]);
+                let blame = attribution::disagreement(source, destination, first);
                 tracing::warn!(migration = %self.spec.id, "failed: {}", Rendered(&blame));
                 Self::send(inner, Control::Failed(blame.clone()));
                 inner.error = Some(blame);
@@ -709,6 +745,41 @@ impl Migration {
             // Otherwise one side has seen fewer channels so far: wait for the rest.
             _ => {}
         }
+    }
+
+    /// This host's and the peer's figures, as (source's, destination's).
+    fn as_source_destination(&self, local: Totals, peer: Totals) -> (Totals, Totals) {
+        match self.spec.role {
+            Role::Outgoing => (local, peer),
+            Role::Incoming => (peer, local),
+        }
+    }
+
+    /// The first channel and direction (to destination first) whose count differs between
+    /// this host and the peer's `ChannelClosed`, which the peer sent before its `Done`: both
+    /// hosts find the same one.
+    fn first_disagreement(
+        &self,
+        start: u32,
+        epoch: &[Channel],
+    ) -> Option<attribution::Disagreement> {
+        epoch.iter().enumerate().find_map(|(i, channel)| {
+            let (_, peer) = channel.peer_end?;
+            let (source, destination) = self.as_source_destination(totals(channel.bytes), peer);
+            let direction = if source.to_destination != destination.to_destination {
+                Direction::ToDestination
+            } else if source.to_source != destination.to_source {
+                Direction::ToSource
+            } else {
+                return None;
+            };
+            Some(attribution::Disagreement {
+                channel: start + i as u32,
+                direction,
+                source,
+                destination,
+            })
+        })
     }
 
     /// Closes the control link after what is queued, and tears down the epoch's channels.
@@ -748,13 +819,9 @@ impl Migration {
     pub fn live_bytes(&self) -> (ByteCounts, u64) {
         let inner = self.lock();
         let running: Vec<&Channel> = inner.channels.iter().filter(|c| !c.is_final()).collect();
-        let bytes = running.iter().fold(ByteCounts::default(), |acc, c| {
-            let b = c.bytes();
-            ByteCounts {
-                to_destination: acc.to_destination.saturating_add(b.to_destination),
-                to_source: acc.to_source.saturating_add(b.to_source),
-            }
-        });
+        let bytes = running
+            .iter()
+            .fold(ByteCounts::default(), |acc, c| add(acc, c.bytes()));
         let active = running
             .iter()
             .filter(|c| c.state == ChannelState::Active)
@@ -765,18 +832,33 @@ impl Migration {
     /// A consistent view for the API.
     pub fn snapshot(&self) -> Snapshot {
         let mut inner = self.lock();
-        let total = sum(&inner.channels);
+        // Live counters move while they are read: read each once, and add those up.
+        let channels: Vec<ChannelSnapshot> = inner
+            .channels
+            .iter()
+            .enumerate()
+            .map(|(index, c)| ChannelSnapshot {
+                index: index as u32,
+                state: c.state,
+                bytes: c.bytes(),
+            })
+            .collect();
+        let total = channels
+            .iter()
+            .fold(ByteCounts::default(), |acc, c| add(acc, c.bytes));
         let now = Instant::now();
-        let (since, then) = inner.rate_sample;
+        // Samples move on once a second whoever reads: the current rate is over the last
+        // one to two seconds, however many readers poll and however often.
+        if now.duration_since(inner.rate_samples[1].0) >= Duration::from_secs(1) {
+            inner.rate_samples = [inner.rate_samples[1], (now, total.to_destination)];
+        }
+        let (since, then) = inner.rate_samples[0];
         let window = now.duration_since(since).as_secs_f64();
         let current = if inner.state == State::Active && window > 0.0 {
             (total.to_destination.saturating_sub(then) as f64 / window) as u64
         } else {
             0
         };
-        if window >= 1.0 {
-            inner.rate_sample = (now, total.to_destination);
-        }
         let elapsed = inner.ended.unwrap_or(now).duration_since(self.started);
         let average = match elapsed.as_secs_f64() {
             secs if secs > 0.0 => (total.to_destination as f64 / secs) as u64,
@@ -799,16 +881,6 @@ impl Migration {
                         to_source: bytes.to_source,
                     },
                 })
-            })
-            .collect();
-        let channels: Vec<ChannelSnapshot> = inner
-            .channels
-            .iter()
-            .enumerate()
-            .map(|(index, c)| ChannelSnapshot {
-                index: index as u32,
-                state: c.state,
-                bytes: c.bytes(),
             })
             .collect();
         Snapshot {
@@ -867,14 +939,21 @@ impl Migration {
     /// or a link that stalls without breaking). Returns when the migration ends.
     pub async fn watch_stall(self: Arc<Self>, limit: Duration) {
         let tick = (limit / 4).max(Duration::from_millis(50));
-        let mut last = (self.bytes().total(), Instant::now(), self.epoch());
+        let progress = || {
+            let inner = self.lock();
+            let idle = inner.state != State::Active || inner.channels.is_empty();
+            (sum(&inner.channels).total(), inner.epoch, idle)
+        };
+        let mut last = {
+            let (moved, epoch, _) = progress();
+            (moved, Instant::now(), epoch)
+        };
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => return,
                 () = tokio::time::sleep(tick) => {}
             }
-            let (moved, epoch) = (self.bytes().total(), self.epoch());
-            let idle = self.state() != State::Active || self.channel_count() == 0;
+            let (moved, epoch, idle) = progress();
             if moved != last.0 || epoch != last.2 || idle {
                 last = (moved, Instant::now(), epoch);
             } else if last.1.elapsed() >= limit {
@@ -908,6 +987,20 @@ impl Migration {
             drop(inner);
             self.publish(event);
         }
+    }
+
+    /// QEMU refused to switch to postcopy: the migration goes on in precopy, and the
+    /// report and a `qemu` event say why.
+    pub fn qemu_postcopy_refused(&self, error: String) {
+        tracing::warn!(migration = %self.spec.id, "QEMU did not switch to postcopy: {error}");
+        let mut inner = self.lock();
+        let Some(report) = inner.qemu.as_mut() else {
+            return;
+        };
+        report.postcopy_error = Some(error);
+        let event = qemu_event(report);
+        drop(inner);
+        self.publish(event);
     }
 
     /// The local QEMU's monitor closed: QEMU exited or crashed.
@@ -1045,7 +1138,8 @@ fn unfinished(index: u32, report: &Report, status: Option<u32>) -> Attribution {
         host,
         leg: Leg::Qemu,
         channel: Some(index),
-        direction: None,
+        // What was missing would have come back on the return path.
+        direction: Some(Direction::ToSource),
         op: Op::Shutdown,
         errno: None,
         message,
@@ -1058,17 +1152,21 @@ fn unfinished(index: u32, report: &Report, status: Option<u32>) -> Attribution {
 fn qemu_event(report: &qemu::Report) -> serde_json::Value {
     json!({"type": "qemu", "status": report.status, "pass": report.pass,
         "ram_remaining": report.ram.as_ref().map(|r| r.remaining),
-        "error_desc": report.error_desc, "monitor_closed": report.monitor_closed})
+        "error_desc": report.error_desc, "monitor_closed": report.monitor_closed,
+        "postcopy_error": report.postcopy_error})
 }
 
 fn sum(channels: &[Channel]) -> ByteCounts {
-    channels.iter().fold(ByteCounts::default(), |acc, c| {
-        let b = c.bytes();
-        ByteCounts {
-            to_destination: acc.to_destination.saturating_add(b.to_destination),
-            to_source: acc.to_source.saturating_add(b.to_source),
-        }
-    })
+    channels
+        .iter()
+        .fold(ByteCounts::default(), |acc, c| add(acc, c.bytes()))
+}
+
+fn add(a: ByteCounts, b: ByteCounts) -> ByteCounts {
+    ByteCounts {
+        to_destination: a.to_destination.saturating_add(b.to_destination),
+        to_source: a.to_source.saturating_add(b.to_source),
+    }
 }
 
 pub fn totals(bytes: ByteCounts) -> Totals {

@@ -178,22 +178,32 @@ async fn tell_cancelled(mut link: Stream) {
 
 /// A paused migration whose QEMU reconnects: dial a new control link for the epoch that
 /// starts at channel `first_channel`.
+/// True when resumed; false when there was nothing to resume any more (the migration
+/// ended, or another link attached). A failure is what to report: the dial's, with its errno.
 async fn resume(
     daemon: &Daemon,
     migration: &Arc<Migration>,
     first_channel: u32,
-) -> Result<(), String> {
+) -> Result<bool, Attribution> {
     let hello = hello(migration, Kind::Control, first_channel);
     let link = tokio::select! {
-        () = migration.stop.cancelled() => return Err("the migration ended".into()),
+        () = migration.stop.cancelled() => return Ok(false),
         link = dial(daemon, migration, &hello) => link,
     };
-    let link = link.map_err(|e| e.to_string())?;
+    let link = link.map_err(|error| {
+        let mut blame = dial_failure(migration, first_channel, &error);
+        // The control link failed, not a channel.
+        blame.channel = None;
+        blame.message = format!("resume: control link: {}", blame.message);
+        blame
+    })?;
     match start_control(daemon, migration, link, first_channel) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(link) => {
+            tracing::debug!(migration = %migration.spec.id, state = ?migration.state(),
+                "nothing to resume");
             link.abort();
-            Err(format!("cannot resume from state {:?}", migration.state()))
+            Ok(false)
         }
     }
 }
@@ -248,10 +258,19 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
             }
         };
         if migration.state() == State::Paused {
-            if let Err(why) = resume(&daemon, &migration, index).await {
-                tracing::warn!(migration = %migration.spec.id, "cannot resume: {why}");
-                qemu.abort();
-                continue;
+            match resume(&daemon, &migration, index).await {
+                Ok(true) => {}
+                // Ended, or resumed otherwise meanwhile: this connection belongs to no one.
+                Ok(false) => {
+                    qemu.abort();
+                    continue;
+                }
+                Err(blame) => {
+                    // QEMU's recovery connection goes unanswered; QEMU may try again.
+                    qemu.abort();
+                    migration.resume_failed(blame);
+                    continue;
+                }
             }
         }
         let admitted = match migration.open_channel(index) {
@@ -286,12 +305,8 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
             }
             Some(Err(error)) => {
                 qemu.abort();
-                migration.channel_abandoned(index);
-                migration.fail(
-                    admitted.epoch,
-                    dial_failure(&migration, index, &error),
-                    true,
-                );
+                let blame = dial_failure(&migration, index, &error);
+                migration.channel_failed(admitted.epoch, index, blame);
             }
             None => {
                 qemu.abort();

@@ -391,7 +391,7 @@ pub async fn follow(
             {
                 switched = true;
                 if let Err(error) = timed(&mut qmp, "migrate-start-postcopy").await {
-                    tracing::warn!(migration = %migration.spec.id, "{error}");
+                    migration.qemu_postcopy_refused(error.to_string());
                 }
             }
             _ => {}
@@ -569,6 +569,8 @@ pub struct Report {
     pub pass: u64,
     /// Whether the migration switched to postcopy.
     pub postcopy_started: bool,
+    /// QEMU's refusal of `migrate-start-postcopy` (the migration goes on in precopy).
+    pub postcopy_error: Option<String>,
     /// QEMU's monitor closed before QEMU's verdict: QEMU exited (as a destination QEMU does
     /// when its incoming migration breaks) or crashed.
     pub monitor_closed: bool,
