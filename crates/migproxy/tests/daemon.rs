@@ -177,14 +177,16 @@ async fn cancel_on_the_source_ends_both_hosts_quickly() {
     assert_eq!(status, 200, "{view}");
     assert_eq!(view["state"], "cancelled");
     assert_eq!(view["cancelled_by"], "source");
+    // At once, not after a timeout (every timeout here is seconds): the benchmark measures
+    // how fast (p99 < 100 ms); a test on a loaded machine only checks that it is prompt.
     let error = tokio::time::timeout(
-        Duration::from_millis(100)
+        Duration::from_secs(1)
             .saturating_sub(asked.elapsed())
             .max(Duration::from_millis(1)),
         writer,
     )
     .await
-    .expect("the source QEMU's blocked write must fail within 100 ms")
+    .expect("the source QEMU's blocked write must fail within 1 s")
     .unwrap();
     eprintln!(
         "source write failed with {error} after {:?}",
@@ -337,8 +339,7 @@ fn futures_lite_show(daemon: &TestDaemon, id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_id_wrong_token_and_expired_are_refused_clearly() {
     let source = TestDaemon::start("src").await;
-    let destination =
-        TestDaemon::start_with("dst", |c| c.token_ttl = Duration::from_millis(200)).await;
+    let destination = TestDaemon::start_with("dst", |c| c.token_ttl = Duration::from_secs(1)).await;
     let (_, incoming) = destination
         .request(
             "POST",

@@ -532,3 +532,59 @@ async fn qemu_fields_are_checked_by_the_api() {
     let (_, all) = daemon.request("GET", "/v1/migrations", None).await;
     assert_eq!(all["migrations"], json!([]), "nothing registered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_qemu_cancelled_before_any_connection_does_not_wait_for_ever() {
+    let mut hosts = Hosts::start(88).await;
+    // The destination daemon drives its QEMU; the source QEMU is left to a person, who
+    // never runs `migrate`: QEMU listens, and nothing comes.
+    let (status, incoming) = hosts
+        .destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "early",
+                "qmp": hosts.dst_vm.spare_qmp()})),
+        )
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let body = json!({"direction": "outgoing", "id": "early", "token": incoming["token"],
+        "peer": incoming["peer"]});
+    let (status, outgoing) = hosts
+        .source
+        .request("POST", "/v1/migrations", Some(body))
+        .await;
+    assert_eq!(status, 201, "{outgoing}");
+    let listening = hosts.destination.runtime.join("early.incoming.sock");
+    wait_until(
+        Duration::from_secs(10),
+        "the destination QEMU to listen",
+        || listening.exists(),
+    )
+    .await;
+    let (status, m) = hosts
+        .source
+        .request("POST", "/v1/migrations/early/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{m}");
+    // Its incoming migration ends as a broken one does: QEMU 7.2 exits.
+    let limit = Instant::now() + Duration::from_secs(10);
+    while hosts.dst_vm.is_running() {
+        assert!(Instant::now() < limit, "the destination QEMU still waits");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = hosts
+        .destination
+        .wait_final("early", Duration::from_secs(5))
+        .await;
+    assert_eq!(m["state"], "cancelled", "{m}");
+    wait_for(&hosts.destination, "early", "monitor closed", |m| {
+        m["qemu"]["monitor_closed"] == true
+    })
+    .await;
+    let runtime = hosts.destination.runtime.clone();
+    wait_until(Duration::from_secs(5), "an empty runtime dir", || {
+        std::fs::read_dir(&runtime).unwrap().next().is_none()
+    })
+    .await;
+}

@@ -500,6 +500,7 @@ async fn wind_down(migration: &Arc<Migration>, qmp: &mut Qmp, started: Instant, 
             Cancelled::Done | Cancelled::Refused(_) => {}
         }
     }
+    end_unreached_incoming(migration).await;
     let deadline = Instant::now() + WIND_DOWN;
     while Instant::now() < deadline {
         match observe(migration, qmp, started).await {
@@ -511,6 +512,25 @@ async fn wind_down(migration: &Arc<Migration>, qmp: &mut Qmp, started: Instant, 
                 return;
             }
         }
+    }
+}
+
+/// A destination QEMU told to listen, whose migration ended before any channel reached it,
+/// would wait for ever on a socket nobody will connect to (its file is removed). One empty
+/// connection ends its incoming migration as a broken one ends — QEMU 7.2 then exits, as it
+/// does when a migration is cancelled a moment later — rather than leaving it hanging.
+async fn end_unreached_incoming(migration: &Migration) {
+    let reached = *migration.next_channel.borrow() > 0;
+    if migration.spec.role != Role::Incoming || migration.state() == State::Completed || reached {
+        return;
+    }
+    let Some(path) = migration.spec.local.unix_path() else {
+        return;
+    };
+    tracing::info!(migration = %migration.spec.id, "ending the destination QEMU's wait");
+    let poke = tokio::net::UnixStream::connect(path);
+    if let Ok(Ok(stream)) = tokio::time::timeout(COMMAND_TIMEOUT, poke).await {
+        drop(stream);
     }
 }
 
