@@ -62,15 +62,18 @@ pub fn start(
 /// POSTs `body` to a daemon's API; the JSON answer of a 2xx response.
 pub fn post(api: &Path, path: &str, body: &Value) -> Result<Value, BenchError> {
     let body = body.to_string();
-    let mut stream = UnixStream::connect(api)?;
-    write!(
-        stream,
+    let failed = |error: std::io::Error| format!("POST {path} to {}: {error}", api.display());
+    let mut stream = UnixStream::connect(api).map_err(failed)?;
+    // One write: the server may answer (and close) as soon as it has the head, and a body
+    // still being written in pieces would then meet a closed socket.
+    let request = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    stream.write_all(request.as_bytes()).map_err(failed)?;
     let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    stream.read_to_string(&mut response).map_err(failed)?;
     match response.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 2") => {
             Ok(serde_json::from_str(body).unwrap_or(Value::Null))

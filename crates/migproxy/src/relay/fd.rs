@@ -33,6 +33,7 @@ pub(super) async fn pump(
         Some(_) => Carrier::buffer(options.copy_buffer),
         None => Carrier::new(options),
     };
+    let mut turn = super::Turn::new();
     loop {
         let filled = fill(&src, &mut carrier).await?;
         if filled == 0 {
@@ -43,6 +44,7 @@ pub(super) async fn pump(
             tap(&buf[..filled]);
         }
         drain(&dst, &mut carrier, filled, direction, counters).await?;
+        turn.take().await;
     }
     dst.shutdown_write().map_err(|error| PumpError {
         op: Op::Shutdown,

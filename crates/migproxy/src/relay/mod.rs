@@ -45,6 +45,34 @@ pub use self::counters::{ByteCounts, Counters, DirectionCounters};
 use crate::human::{Bytes, Elapsed, OsError, Rate};
 use crate::transport::Stream;
 
+/// Gives the worker thread up now and then. A stream that never runs dry never returns
+/// `Pending`, and tokio's budget counts calls, not bytes: a pump could keep its worker for
+/// tens of milliseconds, and a task woken onto that worker — an API call, a cancel — would
+/// wait behind it (cancel p99 was 99 ms under full load, max 162 ms). Yielding after every
+/// chunk cost the daemon pair a quarter of its throughput here (a yielded task wakes an idle
+/// worker to steal it); once every [`TURN`] costs nothing measurable.
+struct Turn {
+    since: std::time::Instant,
+}
+
+/// How long a pump may keep its worker before letting others run.
+const TURN: Duration = Duration::from_millis(2);
+
+impl Turn {
+    fn new() -> Turn {
+        Turn {
+            since: std::time::Instant::now(),
+        }
+    }
+
+    async fn take(&mut self) {
+        if self.since.elapsed() >= TURN {
+            tokio::task::yield_now().await;
+            self.since = std::time::Instant::now();
+        }
+    }
+}
+
 /// The smallest copy buffer: large reads keep the per-byte syscall cost low.
 pub const MIN_COPY_BUFFER: usize = 256 * 1024;
 

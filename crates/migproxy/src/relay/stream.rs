@@ -15,6 +15,7 @@ pub(super) async fn pump(
     tap: Option<TapFn>,
 ) -> Result<(), PumpError> {
     let mut buf = vec![0u8; options.copy_buffer].into_boxed_slice();
+    let mut turn = super::Turn::new();
     loop {
         let filled = reader.read(&mut buf).await.map_err(PumpError::read)?;
         if filled == 0 {
@@ -38,6 +39,7 @@ pub(super) async fn pump(
         }
         // A layer that buffers (TLS) must not sit on a small return-path message.
         writer.flush().await.map_err(PumpError::write)?;
+        turn.take().await;
     }
     writer.shutdown().await.map_err(|error| PumpError {
         op: Op::Shutdown,
