@@ -1,13 +1,16 @@
 //! The simplest splice relay there can be, as a yardstick: one connection, two blocking
 //! threads, each `splice(socket → pipe)` then `splice(pipe → socket)` until end of stream —
-//! no event loop, no counters, no cancellation, no error reports. Whatever a splice relay
-//! does on this machine, this does no more, so its throughput is the ceiling of every
-//! splice-based proxy here (migproxy's relay and haproxy's `splice-auto` alike). Run by the
-//! synthetic benchmark as `migproxy-bench splice-floor PORT SINK_PORT`.
+//! no event loop, no counters, no cancellation, no error reports. It does only what every
+//! splice-based proxy must (migproxy's relay and daemons, haproxy's `splice-auto`): when
+//! migproxy is as fast, what it adds costs nothing measurable, and what is left between it
+//! and a target is the kernel's socket and splice path that any such proxy pays.
+//! Run by the benchmarks as `migproxy-bench splice-floor LISTEN CONNECT`, each `PORT` (TCP on
+//! 127.0.0.1) or `unix:PATH`.
 
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 
 use nix::fcntl::{FcntlArg, SpliceFFlags, fcntl, splice};
 
@@ -15,13 +18,89 @@ use crate::BenchError;
 
 const PIPE: usize = 1 << 20;
 
-/// Accepts one connection on `port`, connects it to `sink`, relays both ways to their ends.
-pub fn run(port: u16, sink: u16) -> Result<(), BenchError> {
-    let listener = TcpListener::bind(("127.0.0.1", port))?;
-    let (client, _) = listener.accept()?;
-    let server = TcpStream::connect(("127.0.0.1", sink))?;
-    for stream in [&client, &server] {
-        stream.set_nodelay(true)?;
+/// A connected socket of either kind.
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn accept(listen: &str) -> io::Result<Conn> {
+        Ok(match listen.strip_prefix("unix:") {
+            Some(path) => {
+                // Bound and listening under another name first: the file appears ready.
+                let early = format!("{path}.binding");
+                let _ = std::fs::remove_file(&early);
+                let listener = UnixListener::bind(&early)?;
+                std::fs::rename(&early, path)?;
+                Conn::Unix(listener.accept()?.0)
+            }
+            None => Conn::Tcp(TcpListener::bind(("127.0.0.1", port(listen)?))?.accept()?.0),
+        })
+    }
+
+    /// Connects, retrying for a few seconds while nobody listens yet (the other relay of a
+    /// pair may still be starting).
+    fn connect(to: &str) -> io::Result<Conn> {
+        let started = std::time::Instant::now();
+        loop {
+            match Conn::connect_once(to) {
+                Err(e)
+                    if e.kind() == io::ErrorKind::ConnectionRefused
+                        && started.elapsed() < std::time::Duration::from_secs(5) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn connect_once(to: &str) -> io::Result<Conn> {
+        Ok(match to.strip_prefix("unix:") {
+            Some(path) => Conn::Unix(UnixStream::connect(path)?),
+            None => {
+                let stream = TcpStream::connect(("127.0.0.1", port(to)?))?;
+                stream.set_nodelay(true)?;
+                Conn::Tcp(stream)
+            }
+        })
+    }
+
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Conn::Tcp(s) => s.as_fd(),
+            Conn::Unix(s) => s.as_fd(),
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.shutdown(Shutdown::Write),
+            Conn::Unix(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+}
+
+fn port(text: &str) -> io::Result<u16> {
+    text.parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("not a port: {text}")))
+}
+
+/// Accepts one connection on `listen`, connects it to `connect`, relays both ways to their
+/// ends, then waits to be killed.
+pub fn run(listen: &str, connect: &str) -> Result<(), BenchError> {
+    let client = Conn::accept(listen)?;
+    let server = Conn::connect(connect)?;
+    if let Conn::Tcp(s) = &client {
+        s.set_nodelay(true)?;
     }
     let (client2, server2) = (client.try_clone()?, server.try_clone()?);
     let back = std::thread::spawn(move || pump(&server2, &client2));
@@ -34,12 +113,12 @@ pub fn run(port: u16, sink: u16) -> Result<(), BenchError> {
     }
 }
 
-fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
+fn pump(from: &Conn, to: &Conn) -> io::Result<()> {
     let (read, write) = nix::unistd::pipe()?;
     fcntl(write.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE as i32))?;
     loop {
         let mut held = splice(
-            from.as_fd(),
+            from.fd(),
             None,
             &write,
             None,
@@ -47,14 +126,13 @@ fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
             SpliceFFlags::SPLICE_F_MOVE,
         )?;
         if held == 0 {
-            to.shutdown(Shutdown::Write)?;
-            return Ok(());
+            return to.shutdown_write();
         }
         while held > 0 {
             held -= splice(
                 &read,
                 None,
-                to.as_fd(),
+                to.fd(),
                 None,
                 held,
                 SpliceFFlags::SPLICE_F_MOVE,

@@ -53,17 +53,21 @@ enum Path_ {
     DaemonsTls,
     QemuTls,
     Socat,
+    /// unix → the simplest splice relay → TCP → another → unix: the daemons' two hops with
+    /// nothing else (see floor.rs).
+    SpliceFloor,
     MultifdDirect,
     MultifdDaemons,
 }
 
 impl Path_ {
-    const ALL: [Path_; 7] = [
+    const ALL: [Path_; 8] = [
         Path_::DirectTcp,
         Path_::Daemons,
         Path_::DaemonsTls,
         Path_::QemuTls,
         Path_::Socat,
+        Path_::SpliceFloor,
         Path_::MultifdDirect,
         Path_::MultifdDaemons,
     ];
@@ -75,6 +79,7 @@ impl Path_ {
             Path_::DaemonsTls => "two migproxy daemons, TLS",
             Path_::QemuTls => "QEMU native TLS (x509)",
             Path_::Socat => "socat (unix → TCP)",
+            Path_::SpliceFloor => "two simplest splice relays (yardstick)",
             Path_::MultifdDirect => "multifd ×4, direct TCP",
             Path_::MultifdDaemons => "multifd ×4, two migproxy daemons",
         }
@@ -118,7 +123,8 @@ async fn once(
         )
         .await?;
     let mut helpers: Vec<daemons::Daemon> = Vec::new();
-    let mut socat: Option<Child> = None;
+    // socat, or the yardstick's two relays.
+    let mut children: Vec<Child> = Vec::new();
     let uri = match path {
         Path_::DirectTcp | Path_::QemuTls | Path_::MultifdDirect => {
             if path == Path_::QemuTls {
@@ -157,7 +163,7 @@ async fn once(
             let listen = dir.join(format!("socat{run}.sock"));
             let _ = std::fs::remove_file(&listen);
             // One connection, no probe: the socket file appearing means socat listens.
-            socat = Some(
+            children.push(
                 Command::new("socat")
                     .arg(format!("UNIX-LISTEN:{}", listen.display()))
                     .arg(format!("TCP:127.0.0.1:{port}"))
@@ -165,6 +171,33 @@ async fn once(
                     .stderr(Stdio::null())
                     .spawn()?,
             );
+            while !listen.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            format!("unix:{}", listen.display())
+        }
+        Path_::SpliceFloor => {
+            let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
+            dst.qmp
+                .execute("migrate-incoming", json!({"uri": target}))
+                .await?;
+            let port = free_port()?;
+            let listen = dir.join(format!("floor{run}.sock"));
+            let _ = std::fs::remove_file(&listen);
+            // The destination's relay first: the source's connects to it once QEMU has come.
+            let bench = std::env::current_exe()?;
+            for (from, to) in [
+                (port.to_string(), target),
+                (format!("unix:{}", listen.display()), port.to_string()),
+            ] {
+                children.push(
+                    Command::new(&bench)
+                        .args(["splice-floor", &from, &to])
+                        .stdout(Stdio::null())
+                        .spawn()?,
+                );
+            }
+            // The socket file appears only once it listens (see floor.rs).
             while !listen.exists() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -188,7 +221,7 @@ async fn once(
     let proxies: Vec<u32> = helpers
         .iter()
         .map(|d| d.child.id())
-        .chain(socat.as_ref().map(Child::id))
+        .chain(children.iter().map(Child::id))
         .collect();
     let cpu_before = (cpu_of(&qemus), cpu_of(&proxies));
     let started = Instant::now();
@@ -212,9 +245,9 @@ async fn once(
     if src.ram_digest(dir, "src", size).await? != dst.ram_digest(dir, "dst", size).await? {
         return Err(format!("{}: destination RAM differs", path.name()).into());
     }
-    if let Some(mut socat) = socat {
-        let _ = socat.kill();
-        let _ = socat.wait();
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
     }
     drop(helpers);
     Ok(Run {
@@ -342,51 +375,66 @@ fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
 }
 
 /// Through migproxy in plaintext nearly as fast as direct; with TLS twice as fast as QEMU's.
-/// Each also says what the ratio would be at migproxy's CPU floor: when even that misses the
-/// target, no scheduling could reach it on this machine, only spending less CPU.
+/// Each also says what bounds it on this machine: the ratio at migproxy's CPU floor (when even
+/// that misses, no scheduling could reach the target, only spending less CPU), and the ratio
+/// of the yardstick (two of the simplest splice relays: the two socket hops and nothing else).
+/// For TLS, plaintext through migproxy too: encryption only adds work.
 fn targets(rows: &[PathTimes]) -> Vec<crate::Target> {
     let row = |path: Path_| rows.iter().find(|r| r.path == path.name());
     let time = |path: Path_| row(path).map(|r| r.seconds.median);
     let floor = |path: Path_| row(path).map(|r| r.cpu_floor);
     let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
-    // Encryption only adds work: when plaintext through the same daemons is not twice as
-    // fast as QEMU's TLS, no encrypting proxy pair is.
-    let without_tls = |mut target: crate::Target, plaintext: Option<f64>| {
-        if let Some(best) = plaintext {
-            target.measured = format!(
-                "{}; plaintext through migproxy, no encryption: {best:.2}×",
-                target.measured
-            );
-        }
-        target
-    };
-    let with_floor = |mut target: crate::Target, at_floor: Option<f64>| {
-        if let Some(best) = at_floor {
-            target.measured = format!("{} (at migproxy's CPU floor: {best:.2}×)", target.measured);
-        }
-        target
-    };
-    vec![
-        with_floor(
-            crate::Target::ratio(
-                "plaintext through migproxy ≥ 0.95× direct TCP's speed",
-                over(time(Path_::DirectTcp), time(Path_::Daemons)),
-                0.95,
-            ),
-            over(time(Path_::DirectTcp), floor(Path_::Daemons)),
+    let plaintext = annotate(
+        crate::Target::ratio(
+            "plaintext through migproxy ≥ 0.95× direct TCP's speed",
+            over(time(Path_::DirectTcp), time(Path_::Daemons)),
+            0.95,
         ),
-        without_tls(
-            with_floor(
-                crate::Target::ratio(
-                    "TLS through migproxy ≥ 2× QEMU native TLS's speed",
-                    over(time(Path_::QemuTls), time(Path_::DaemonsTls)),
-                    2.0,
-                ),
+        &[
+            (
+                "at migproxy's CPU floor",
+                over(time(Path_::DirectTcp), floor(Path_::Daemons)),
+            ),
+            (
+                "two simplest splice relays",
+                over(time(Path_::DirectTcp), time(Path_::SpliceFloor)),
+            ),
+        ],
+    );
+    let tls = annotate(
+        crate::Target::ratio(
+            "TLS through migproxy ≥ 2× QEMU native TLS's speed",
+            over(time(Path_::QemuTls), time(Path_::DaemonsTls)),
+            2.0,
+        ),
+        &[
+            (
+                "at migproxy's CPU floor",
                 over(time(Path_::QemuTls), floor(Path_::DaemonsTls)),
             ),
-            over(time(Path_::QemuTls), time(Path_::Daemons)),
-        ),
-    ]
+            (
+                "no encryption: plaintext through migproxy",
+                over(time(Path_::QemuTls), time(Path_::Daemons)),
+            ),
+            (
+                "two simplest splice relays",
+                over(time(Path_::QemuTls), time(Path_::SpliceFloor)),
+            ),
+        ],
+    );
+    vec![plaintext, tls]
+}
+
+/// Appends "(label: 1.23×; …)" for the bounds that were measured.
+fn annotate(mut target: crate::Target, bounds: &[(&str, Option<f64>)]) -> crate::Target {
+    let known: Vec<String> = bounds
+        .iter()
+        .filter_map(|(label, ratio)| ratio.map(|r| format!("{label}: {r:.2}×")))
+        .collect();
+    if !known.is_empty() {
+        target.measured = format!("{} ({})", target.measured, known.join("; "));
+    }
+    target
 }
 
 fn cores() -> f64 {
