@@ -263,6 +263,14 @@ async fn destination_closing_mid_stream_is_a_failure_on_the_destination_leg() {
             "{report}"
         );
         assert!(failure.bytes.to_destination >= 1 << 20);
+        if failure.op == Op::Write {
+            // A write that failed had something to write: the report says how much.
+            assert!(failure.undelivered > 0, "{report}");
+            assert!(
+                report.to_string().contains("read but not delivered"),
+                "{report}"
+            );
+        }
         // The source peer is told too: its writes fail instead of hanging.
         let sent = tokio::time::timeout(Duration::from_secs(5), sender).await;
         assert!(matches!(sent, Ok(Ok(Err(_)))), "source writer: {sent:?}");
@@ -353,6 +361,7 @@ fn failure_renders_like_the_contract() {
                 to_destination: 1_299_227_607,
                 to_source: 312,
             },
+            undelivered: 65536,
             elapsed: Duration::from_millis(3400),
         }),
         bytes: Default::default(),
@@ -366,6 +375,7 @@ fn failure_renders_like_the_contract() {
     assert_eq!(
         failure.to_string(),
         "write to tcp:10.0.0.2:49152 failed after 1.21 GiB source→destination and 312 B \
-         destination→source (3.4 s): connection reset by peer (ECONNRESET)"
+         destination→source, 64.0 KiB read but not delivered (3.4 s): connection reset by \
+         peer (ECONNRESET)"
     );
 }

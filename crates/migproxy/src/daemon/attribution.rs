@@ -34,7 +34,14 @@ pub fn of_relay(host: Host, channel: u32, failure: &Failure, qemu_leg: &str) -> 
             relay::Op::Shutdown => Op::Shutdown,
         },
         errno: errno_name(&failure.error),
-        message: os_message(&failure.error),
+        message: match failure.undelivered {
+            0 => os_message(&failure.error),
+            held => format!(
+                "{} ({} read from the other leg, not delivered)",
+                os_message(&failure.error),
+                Bytes(held)
+            ),
+        },
         bytes: Totals {
             to_destination: failure.bytes.to_destination,
             to_source: failure.bytes.to_source,

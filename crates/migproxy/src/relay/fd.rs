@@ -49,6 +49,7 @@ pub(super) async fn pump(
     dst.shutdown_write().map_err(|error| PumpError {
         op: Op::Shutdown,
         error,
+        held: 0,
     })
 }
 
@@ -75,17 +76,19 @@ async fn drain(
 ) -> Result<(), PumpError> {
     let mut left = filled;
     while left > 0 {
-        dst.writable().await.map_err(PumpError::write)?;
+        dst.writable()
+            .await
+            .map_err(|e| PumpError::write(e).holding(left))?;
         match dst.try_io(Interest::WRITABLE, || carrier.drain_to(dst.fd(), left)) {
             // A socket that takes nothing while writable would make this loop spin.
-            Ok(0) => return Err(PumpError::write(io::ErrorKind::WriteZero.into())),
+            Ok(0) => return Err(PumpError::write(io::ErrorKind::WriteZero.into()).holding(left)),
             Ok(n) => {
                 left -= n;
                 counters.record(direction, n, carrier.is_pipe());
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) if is_splice_refused(&e, carrier) => carrier.fall_back(left, dst)?,
-            Err(e) => return Err(PumpError::write(e)),
+            Err(e) => return Err(PumpError::write(e).holding(left)),
         }
     }
     Ok(())
@@ -163,6 +166,7 @@ impl Carrier {
                 .map_err(|error| PumpError {
                     op: Op::Splice,
                     error,
+                    held: held as u64,
                 })?;
             *len = held;
         }

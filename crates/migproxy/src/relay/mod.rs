@@ -181,7 +181,12 @@ pub struct Failure {
     pub direction: Option<Direction>,
     pub op: Op,
     pub error: Arc<io::Error>,
+    /// Bytes delivered each way.
     pub bytes: ByteCounts,
+    /// Bytes of the failed direction read from its source leg and never delivered (in the
+    /// pipe or the copy buffer when the write failed). A TLS leg's own send buffer is not
+    /// seen: bytes it accepted count as delivered.
+    pub undelivered: u64,
     pub elapsed: Duration,
 }
 
@@ -194,6 +199,7 @@ impl Failure {
             op: Op::Connect,
             error: Arc::new(error),
             bytes: ByteCounts::default(),
+            undelivered: 0,
             elapsed,
         }
     }
@@ -211,6 +217,9 @@ impl fmt::Display for Failure {
                 Bytes(self.bytes.to_destination),
                 Bytes(self.bytes.to_source)
             )?;
+        }
+        if self.undelivered > 0 {
+            write!(f, ", {} read but not delivered", Bytes(self.undelivered))?;
         }
         write!(f, " ({}): {}", Elapsed(self.elapsed), OsError(&self.error))
     }
@@ -289,6 +298,8 @@ impl fmt::Display for Report {
 struct PumpError {
     op: Op,
     error: io::Error,
+    /// Bytes read from the source of the direction and not delivered when it failed.
+    held: u64,
 }
 
 impl PumpError {
@@ -296,13 +307,19 @@ impl PumpError {
         PumpError {
             op: Op::Read,
             error,
+            held: 0,
         }
     }
     fn write(error: io::Error) -> PumpError {
         PumpError {
             op: Op::Write,
             error,
+            held: 0,
         }
+    }
+    fn holding(mut self, held: usize) -> PumpError {
+        self.held = held as u64;
+        self
     }
 }
 
@@ -419,7 +436,7 @@ fn report(source: String, destination: String, end: End, counters: &Counters) ->
 fn end_of(stop: Stop, source: &str, destination: &str, counters: &Counters) -> End {
     match stop {
         Stop::Cancelled => End::Cancelled,
-        Stop::Failed(direction, PumpError { op, error }) => {
+        Stop::Failed(direction, PumpError { op, error, held }) => {
             // A read fails on the leg the direction comes from, anything else on the leg it
             // goes to.
             let (from, to) = match direction {
@@ -433,6 +450,7 @@ fn end_of(stop: Stop, source: &str, destination: &str, counters: &Counters) -> E
                 op,
                 error: Arc::new(error),
                 bytes: counters.bytes(),
+                undelivered: held,
                 elapsed: counters.elapsed(),
             })
         }

@@ -30,9 +30,10 @@ pub(super) async fn pump(
             let n = writer
                 .write(&buf[written..filled])
                 .await
-                .map_err(PumpError::write)?;
+                .map_err(|e| PumpError::write(e).holding(filled - written))?;
             if n == 0 {
-                return Err(PumpError::write(std::io::ErrorKind::WriteZero.into()));
+                let zero = std::io::ErrorKind::WriteZero.into();
+                return Err(PumpError::write(zero).holding(filled - written));
             }
             written += n;
             counters.record(direction, n, false);
@@ -44,5 +45,6 @@ pub(super) async fn pump(
     writer.shutdown().await.map_err(|error| PumpError {
         op: Op::Shutdown,
         error,
+        held: 0,
     })
 }
