@@ -108,7 +108,8 @@ pub fn disagreement(
         op: Op::Protocol,
         errno: None,
         message,
-        bytes: destination,
+        // Like every attribution that names a channel, that channel's bytes.
+        bytes: first.map_or(destination, |f| f.destination),
         elapsed_ms: 0,
     }
 }

@@ -399,6 +399,8 @@ async fn deliver(
         return;
     }
     let connected = tokio::select! {
+        // An ended epoch first: a failure racing it is only its echo.
+        biased;
         () = admitted.stop.cancelled() => None,
         connected = transport::connect(&target, daemon.config.timing.connect_timeout) => Some(connected),
     };

@@ -444,19 +444,34 @@ impl Migration {
 
     /// A channel that could not be set up (its dial or its connect failed): it failed, and
     /// with it the epoch.
-    pub fn channel_failed(&self, epoch: Epoch, index: u32, blame: Attribution) {
+    /// If the epoch ended meanwhile (cancel, pause, another failure), the channel was only
+    /// abandoned: the migration's verdict is that other cause. A failure on the peer link
+    /// waits for the peer's explanation, as every peer-leg failure does.
+    pub fn channel_failed(self: &Arc<Self>, epoch: Epoch, index: u32, blame: Attribution) {
         {
             let mut inner = self.lock();
+            let current = inner.epoch == epoch
+                && !inner.epoch_stop.is_cancelled()
+                && matches!(inner.state, State::Active | State::Pending);
             if let Some(channel) = inner.channels.get_mut(index as usize)
                 && channel.state == ChannelState::Opening
             {
-                channel.state = ChannelState::Failed;
-                self.publish(json!({"type": "channel_closed", "channel": index,
-                    "end": "failed", "bytes": ByteCounts::default()}));
+                channel.state = if current {
+                    ChannelState::Failed
+                } else {
+                    ChannelState::Cancelled
+                };
+                if current {
+                    self.publish(json!({"type": "channel_closed", "channel": index,
+                        "end": "failed", "bytes": ByteCounts::default()}));
+                }
             }
             self.observe_cancel(&mut inner);
+            if !current {
+                return;
+            }
         }
-        self.fail(epoch, blame, true);
+        self.fail_or_wait(epoch, blame);
     }
 
     /// Once every channel has closed after a cancel, records how long that took.
@@ -847,8 +862,10 @@ impl Migration {
             .iter()
             .fold(ByteCounts::default(), |acc, c| add(acc, c.bytes));
         let now = Instant::now();
-        // Samples move on once a second whoever reads: the current rate is over the last
-        // one to two seconds, however many readers poll and however often.
+        // Samples move on at most once a second, whoever reads: readers polling at least
+        // once a second (the CLI's live line) see the rate over the last one to two seconds,
+        // and no reader shortens another's window; a rarer reader sees the rate since the
+        // read before.
         if now.duration_since(inner.rate_samples[1].0) >= Duration::from_secs(1) {
             inner.rate_samples = [inner.rate_samples[1], (now, total.to_destination)];
         }

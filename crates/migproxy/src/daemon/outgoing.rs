@@ -192,8 +192,9 @@ async fn resume(
     };
     let link = link.map_err(|error| {
         let mut blame = dial_failure(migration, first_channel, &error);
-        // The control link failed, not a channel.
+        // The control link failed, not a channel, after all that moved before the pause.
         blame.channel = None;
+        blame.bytes = super::migration::totals(migration.bytes());
         blame.message = format!("resume: control link: {}", blame.message);
         blame
     })?;
@@ -287,6 +288,8 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
         };
         let hello = hello(&migration, Kind::Data, index);
         let dialled = tokio::select! {
+            // An ended epoch first: a failure racing it is only its echo.
+            biased;
             () = admitted.stop.cancelled() => None,
             dialled = dial(&daemon, &migration, &hello) => Some(dialled),
         };

@@ -203,12 +203,14 @@ pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: O
     };
     let uri = migration.spec.local.to_string();
     let hint = " (start the destination QEMU with -incoming defer)";
-    let listening = match came && !migration.stop.is_cancelled() {
+    // Told to listen only if the migration is still on: otherwise QEMU stays reusable.
+    let told = came && !migration.stop.is_cancelled();
+    let listening = match told {
         true => run(&mut qmp, "migrate-incoming", json!({ "uri": uri }), hint).await,
         false => Ok(Value::Null),
     };
     match listening {
-        Ok(_) if came => {
+        Ok(_) if told => {
             migration.qemu_ready.send_replace(true);
             // The destination QEMU has nothing to cancel: no canceller.
             let (_, cancels) = mpsc::channel(1);
@@ -353,7 +355,8 @@ pub async fn follow(
         .as_ref()
         .and_then(|q| q.postcopy_after_ms)
         .map(Duration::from_millis);
-    let mut switched = false;
+    // Whether `migrate-start-postcopy` was sent, and whether QEMU (may have) switched.
+    let (mut asked, mut switched) = (false, false);
     loop {
         let ended = tokio::select! {
             () = migration.stop.cancelled() => true,
@@ -387,11 +390,21 @@ pub async fn follow(
                 break;
             }
             "active"
-                if !switched && postcopy_after.is_some_and(|after| started.elapsed() >= after) =>
+                if !asked && postcopy_after.is_some_and(|after| started.elapsed() >= after) =>
             {
-                switched = true;
-                if let Err(error) = timed(&mut qmp, "migrate-start-postcopy").await {
-                    migration.qemu_postcopy_refused(error.to_string());
+                asked = true;
+                match timed(&mut qmp, "migrate-start-postcopy").await {
+                    // QEMU said no: the migration goes on in precopy, still cancellable.
+                    Err(error @ QemuError::Command { .. }) => {
+                        migration.qemu_postcopy_refused(error.to_string());
+                    }
+                    // No answer (timeout, monitor gone): a monitor that does not answer is
+                    // lost, as when `query-migrate` goes unanswered.
+                    Err(error) => {
+                        monitor_lost(&migration, &error);
+                        break;
+                    }
+                    Ok(_) => switched = true,
                 }
             }
             _ => {}
@@ -500,7 +513,7 @@ async fn wind_down(migration: &Arc<Migration>, qmp: &mut Qmp, started: Instant, 
             Cancelled::Done | Cancelled::Refused(_) => {}
         }
     }
-    end_unreached_incoming(migration).await;
+    end_unreached_incoming(migration, qmp).await;
     let deadline = Instant::now() + WIND_DOWN;
     while Instant::now() < deadline {
         match observe(migration, qmp, started).await {
@@ -519,14 +532,25 @@ async fn wind_down(migration: &Arc<Migration>, qmp: &mut Qmp, started: Instant, 
 /// would wait for ever on a socket nobody will connect to (its file is removed). One empty
 /// connection ends its incoming migration as a broken one ends — QEMU 7.2 then exits, as it
 /// does when a migration is cancelled a moment later — rather than leaving it hanging.
-async fn end_unreached_incoming(migration: &Migration) {
-    let reached = *migration.next_channel.borrow() > 0;
-    if migration.spec.role != Role::Incoming || migration.state() == State::Completed || reached {
+/// Whether a connection reached QEMU is QEMU's to say: its status leaves `none`/`setup` once
+/// it has accepted one.
+async fn end_unreached_incoming(migration: &Migration, qmp: &mut Qmp) {
+    if migration.spec.role != Role::Incoming || migration.state() == State::Completed {
+        return;
+    }
+    let status = match timed(qmp, "query-migrate").await {
+        Ok(info) => info["status"].as_str().unwrap_or("none").to_owned(),
+        Err(_) => return,
+    };
+    if status != "none" && status != "setup" {
         return;
     }
     let Some(path) = migration.spec.local.unix_path() else {
         return;
     };
+    if super::paths::refuse_symlink(path).is_err() {
+        return;
+    }
     tracing::info!(migration = %migration.spec.id, "ending the destination QEMU's wait");
     let poke = tokio::net::UnixStream::connect(path);
     if let Ok(Ok(stream)) = tokio::time::timeout(COMMAND_TIMEOUT, poke).await {
