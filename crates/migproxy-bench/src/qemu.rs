@@ -270,6 +270,9 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
         let ram = dir.join("ram.img");
         random_ram_file(&ram, mib, 11)?;
         let socat_here = Command::new("sh").args(["-c", "command -v socat"]).stdout(Stdio::null()).status()?.success();
+        if !socat_here {
+            eprintln!("{}: skipped, socat is not installed", Path_::Socat.name());
+        }
         let paths: Vec<Path_> = Path_::ALL.into_iter().filter(|p| *p != Path_::Socat || socat_here).collect();
         let mut times: Vec<(Path_, Vec<Run>)> = paths.iter().map(|p| (*p, Vec::new())).collect();
         // One discarded run first: it pages the RAM file in and warms QEMU up.
