@@ -1,5 +1,6 @@
 //! Concurrency: 1, 4 and 16 simultaneous streams through one pair of daemons (one migration
-//! each), the total throughput and how fairly it is shared (Jain's index).
+//! each, each stream's digest checked), the total throughput and how fairly it is shared
+//! (Jain's index).
 //!
 //! Fairness is measured while every stream competes: all streams start writing at one
 //! barrier, and each stream's rate is what it delivered between the barrier and the moment
@@ -40,7 +41,10 @@ pub fn run(
     std::fs::create_dir_all(&dir)?;
     let source = daemons::start(migproxy, &dir, "source", None)?;
     let destination = daemons::start(migproxy, &dir, "destination", None)?;
-    let block = vec![0xa5_u8; 16 << 20];
+    // Pseudo-random, and every stream's digest checked: a daemon that mixed up two streams'
+    // bytes would be caught, not measured.
+    let block = crate::random_block();
+    let expected = crate::expected_digest(&block, per_stream);
     let mut results = Vec::new();
     let mut round = 0;
     for &count in counts {
@@ -80,9 +84,16 @@ pub fn run(
                 stream
                     .shutdown(std::net::Shutdown::Write)
                     .map_err(|e| e.to_string())?;
-                let (received, _) = receiver.join().map_err(|_| "sink panicked")??;
-                if received != per_stream {
-                    return Err(format!("received {received} of {per_stream} bytes"));
+                let (received, digest) = receiver.join().map_err(|_| "sink panicked")??;
+                if received != per_stream || digest != expected {
+                    return Err(format!(
+                        "received {received} of {per_stream} bytes, {}",
+                        if digest == expected {
+                            "equal"
+                        } else {
+                            "different"
+                        }
+                    ));
                 }
                 Ok(())
             }));
