@@ -730,6 +730,19 @@ impl Target {
             holds: ratio.map(|r| r >= at_least),
         }
     }
+
+    /// Appends what bounds the target on this machine, measured in the same run:
+    /// "(label: 1.23×; …)" for each bound that was measured.
+    pub fn bounded_by(mut self, bounds: &[(&str, Option<f64>)]) -> Target {
+        let known: Vec<String> = bounds
+            .iter()
+            .filter_map(|(label, ratio)| ratio.map(|r| format!("{label}: {r:.2}×")))
+            .collect();
+        if !known.is_empty() {
+            self.measured = format!("{} ({})", self.measured, known.join("; "));
+        }
+        self
+    }
 }
 
 /// The targets as a markdown table, printed with every result.
@@ -756,29 +769,25 @@ fn synthetic_targets(summaries: &[Summary]) -> Vec<Target> {
     let cpu_ratio = over(cpu(Route::Relay), cpu(Route::Haproxy));
     // The yardstick: what the plainest splice relay reaches here. Beside migproxy's ratio it
     // shows whether the gap to the target is the engine's or the kernel's splice path's.
-    let mut against_haproxy = Target::ratio(
+    let against_haproxy = Target::ratio(
         "relay throughput ≥ 1.5× haproxy's",
         over(rate(Route::Relay), rate(Route::Haproxy)),
         1.5,
-    );
-    if let Some(best) = over(rate(Route::SpliceFloor), rate(Route::Haproxy)) {
-        against_haproxy.measured = format!(
-            "{} (the simplest splice relay: {best:.2}×)",
-            against_haproxy.measured
-        );
-    }
+    )
+    .bounded_by(&[(
+        "the simplest splice relay",
+        over(rate(Route::SpliceFloor), rate(Route::Haproxy)),
+    )]);
     // No proxy is faster than no proxy: when direct TCP itself is not 3× socat, no relay is.
-    let mut against_socat = Target::ratio(
+    let against_socat = Target::ratio(
         "relay throughput ≥ 3× socat's",
         over(rate(Route::Relay), rate(Route::Socat)),
         3.0,
-    );
-    if let Some(best) = over(rate(Route::Direct), rate(Route::Socat)) {
-        against_socat.measured = format!(
-            "{} (direct TCP, no proxy at all: {best:.2}×)",
-            against_socat.measured
-        );
-    }
+    )
+    .bounded_by(&[(
+        "direct TCP, no proxy at all",
+        over(rate(Route::Direct), rate(Route::Socat)),
+    )]);
     vec![
         against_haproxy,
         Target {
@@ -800,5 +809,21 @@ fn human(bytes: u64) -> String {
         format!("{:.1} GiB", gib(bytes))
     } else {
         format!("{} MiB", bytes >> 20)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Target;
+
+    #[test]
+    fn a_target_shows_the_bounds_that_were_measured() {
+        let target = Target::ratio("relay ≥ 1.5× haproxy's", Some(1.06), 1.5)
+            .bounded_by(&[("yardstick", Some(1.04)), ("not run", None)]);
+        assert_eq!(target.measured, "1.06× (yardstick: 1.04×)");
+        assert_eq!(target.holds, Some(false));
+        let unmeasured = Target::ratio("x", None, 1.0).bounded_by(&[("not run", None)]);
+        assert_eq!(unmeasured.measured, "not measured");
+        assert_eq!(unmeasured.holds, None);
     }
 }

@@ -387,57 +387,41 @@ fn targets(rows: &[PathTimes]) -> Vec<crate::Target> {
     let time = |path: Path_| row(path).map(|r| r.seconds.median);
     let floor = |path: Path_| row(path).map(|r| r.cpu_floor);
     let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
-    let plaintext = annotate(
-        crate::Target::ratio(
-            "plaintext through migproxy ≥ 0.95× direct TCP's speed",
-            over(time(Path_::DirectTcp), time(Path_::Daemons)),
-            0.95,
+    let plaintext = crate::Target::ratio(
+        "plaintext through migproxy ≥ 0.95× direct TCP's speed",
+        over(time(Path_::DirectTcp), time(Path_::Daemons)),
+        0.95,
+    )
+    .bounded_by(&[
+        (
+            "at migproxy's CPU floor",
+            over(time(Path_::DirectTcp), floor(Path_::Daemons)),
         ),
-        &[
-            (
-                "at migproxy's CPU floor",
-                over(time(Path_::DirectTcp), floor(Path_::Daemons)),
-            ),
-            (
-                "two simplest splice relays",
-                over(time(Path_::DirectTcp), time(Path_::SpliceFloor)),
-            ),
-        ],
-    );
-    let tls = annotate(
-        crate::Target::ratio(
-            "TLS through migproxy ≥ 2× QEMU native TLS's speed",
-            over(time(Path_::QemuTls), time(Path_::DaemonsTls)),
-            2.0,
+        (
+            "two simplest splice relays",
+            over(time(Path_::DirectTcp), time(Path_::SpliceFloor)),
         ),
-        &[
-            (
-                "at migproxy's CPU floor",
-                over(time(Path_::QemuTls), floor(Path_::DaemonsTls)),
-            ),
-            (
-                "no encryption: plaintext through migproxy",
-                over(time(Path_::QemuTls), time(Path_::Daemons)),
-            ),
-            (
-                "two simplest splice relays",
-                over(time(Path_::QemuTls), time(Path_::SpliceFloor)),
-            ),
-        ],
-    );
+    ]);
+    let tls = crate::Target::ratio(
+        "TLS through migproxy ≥ 2× QEMU native TLS's speed",
+        over(time(Path_::QemuTls), time(Path_::DaemonsTls)),
+        2.0,
+    )
+    .bounded_by(&[
+        (
+            "at migproxy's CPU floor",
+            over(time(Path_::QemuTls), floor(Path_::DaemonsTls)),
+        ),
+        (
+            "no encryption: plaintext through migproxy",
+            over(time(Path_::QemuTls), time(Path_::Daemons)),
+        ),
+        (
+            "two simplest splice relays",
+            over(time(Path_::QemuTls), time(Path_::SpliceFloor)),
+        ),
+    ]);
     vec![plaintext, tls]
-}
-
-/// Appends "(label: 1.23×; …)" for the bounds that were measured.
-fn annotate(mut target: crate::Target, bounds: &[(&str, Option<f64>)]) -> crate::Target {
-    let known: Vec<String> = bounds
-        .iter()
-        .filter_map(|(label, ratio)| ratio.map(|r| format!("{label}: {r:.2}×")))
-        .collect();
-    if !known.is_empty() {
-        target.measured = format!("{} ({})", target.measured, known.join("; "));
-    }
-    target
 }
 
 fn cores() -> f64 {
