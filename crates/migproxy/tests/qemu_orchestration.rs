@@ -359,6 +359,12 @@ async fn a_cancel_from_the_destination_cancels_the_source_qemu_too() {
     let info = hosts.src_vm.execute("query-migrate", Value::Null).await;
     assert_eq!(info["status"], "cancelled", "{info}");
     assert_eq!(report["source"]["qemu"]["status"], "cancelled", "{report}");
+    // The destination asked the source to cancel and let it end its side: its channels were
+    // cancelled, not broken.
+    assert_eq!(report["destination"]["state"], "cancelled", "{report}");
+    for channel in report["destination"]["channels"].as_array().unwrap() {
+        assert_eq!(channel["state"], "cancelled", "{report}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,7 +91,7 @@ async fn receive(
                 migration.on_peer(epoch, control);
                 continue;
             }
-            Ok(Ok(None)) if ended.is_cancelled() => return,
+            Ok(Ok(None)) if ended.is_cancelled() || migration.link_closed(epoch) => return,
             Ok(Ok(None)) => migration.peer_link_failure(
                 Op::Read,
                 None,

@@ -176,6 +176,9 @@ struct Inner {
     epoch_start: u32,
     /// When this host was asked to cancel, until every channel has closed.
     cancel_asked: Option<Instant>,
+    /// The destination asked the source to cancel and waits for it to end its side (see
+    /// [`Migration::cancel_through_qemu`]); failures meanwhile are the cancel's echoes.
+    cancelling: Option<Host>,
     /// Phase timestamps, for the API.
     activated: Option<SystemTime>,
     paused: Option<SystemTime>,
@@ -287,6 +290,7 @@ impl Migration {
                 epoch_stop: stop.child_token(),
                 epoch_start: 0,
                 cancel_asked: None,
+                cancelling: None,
                 activated: None,
                 paused: None,
                 ended_at: None,
@@ -519,13 +523,17 @@ impl Migration {
         qemu_leg: &str,
         shut: Option<Option<u32>>,
     ) {
-        let end = match &report.end {
+        let mut end = match &report.end {
             End::Completed => ChannelEnd::Completed,
             End::Cancelled => ChannelEnd::Cancelled,
             End::Failed(_) => ChannelEnd::Failed,
         };
         {
             let mut inner = self.lock();
+            // Torn down by the source while it carries out this host's cancel.
+            if end == ChannelEnd::Failed && inner.cancelling.is_some() {
+                end = ChannelEnd::Cancelled;
+            }
             if let Some(channel) = inner.channels.get_mut(index as usize) {
                 channel.state = match end {
                     ChannelEnd::Completed => ChannelState::Completed,
@@ -610,6 +618,10 @@ impl Migration {
         if inner.epoch != epoch || inner.state != State::Active && inner.state != State::Pending {
             return;
         }
+        if inner.cancelling.is_some() {
+            tracing::debug!(migration = %self.spec.id, "while cancelling: {}", Rendered(&blame));
+            return;
+        }
         tracing::warn!(migration = %self.spec.id, "{}: {}",
             if self.spec.recoverable { "paused" } else { "failed" }, Rendered(&blame));
         if tell_peer {
@@ -659,13 +671,55 @@ impl Migration {
         if inner.state.is_final() || completing {
             return false;
         }
-        if by == self.host() {
+        if by == self.host() && inner.cancelling.is_none() {
             Self::send(&inner, Control::Cancel { by });
         }
+        self.finish_cancel_locked(&mut inner, by);
+        true
+    }
+
+    fn finish_cancel_locked(&self, inner: &mut Inner, by: Host) {
         inner.cancelled_by = Some(by);
-        inner.cancel_asked = Some(Instant::now());
-        self.finish(&mut inner, State::Cancelled);
-        self.observe_cancel(&mut inner);
+        inner.cancel_asked.get_or_insert_with(Instant::now);
+        self.finish(inner, State::Cancelled);
+        self.observe_cancel(inner);
+    }
+
+    /// The peer closed the control link of `epoch`. True when that ends a cancel this host
+    /// asked for: the source has ended its side, the migration is cancelled here too.
+    pub fn link_closed(&self, epoch: Epoch) -> bool {
+        let mut inner = self.lock();
+        let Some(by) = inner.cancelling else {
+            return false;
+        };
+        if inner.epoch == epoch && !inner.state.is_final() {
+            self.finish_cancel_locked(&mut inner, by);
+        }
+        true
+    }
+
+    /// Destination: asks the source to cancel first, when a control link is up. Its QEMU,
+    /// when the source daemon drives one, must be cancelled before the sockets under it go:
+    /// tearing this host's channels down at once would reset them under the source QEMU,
+    /// which then fails ("Connection reset by peer") instead of cancelling. False when there
+    /// is nobody to ask.
+    fn ask_source_to_cancel(&self, by: Host) -> bool {
+        let mut inner = self.lock();
+        let qemu_completed = inner.qemu.as_ref().is_some_and(|q| q.status == "completed");
+        if self.spec.role != Role::Incoming
+            || inner.state != State::Active
+            || inner.outbound.is_none()
+            // Done here: the cancel is refused (see `cancel`).
+            || inner.local_done.is_some()
+            || qemu_completed
+        {
+            return false;
+        }
+        if inner.cancelling.is_none() {
+            Self::send(&inner, Control::Cancel { by });
+            inner.cancelling = Some(by);
+            inner.cancel_asked = Some(Instant::now());
+        }
         true
     }
 
@@ -1083,6 +1137,13 @@ impl Migration {
             }
             inner.qemu_cancel.clone()
         };
+        if by == self.host() && self.ask_source_to_cancel(by) {
+            // The source ends its side (QEMU first), then closes the link: `link_closed`
+            // finishes the cancel here. A source that does not is not waited for long.
+            let mut state = self.watch_state();
+            let _ = tokio::time::timeout(QEMU_CANCEL, state.wait_for(|s| s.is_final())).await;
+            return Ok(self.cancel(by) || self.cancelled_by() == Some(by));
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = qemu::CancelRequest { by, reply };
         if let Some(canceller) = canceller
@@ -1092,6 +1153,11 @@ impl Migration {
             return outcome.map(|cancelled| cancelled || self.state() == State::Cancelled);
         }
         Ok(self.cancel(by))
+    }
+
+    /// Who cancelled the migration, once cancelled.
+    fn cancelled_by(&self) -> Option<Host> {
+        self.lock().cancelled_by
     }
 
     /// The current epoch.
