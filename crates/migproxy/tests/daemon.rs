@@ -1416,15 +1416,10 @@ async fn a_resume_that_cannot_reach_the_destination_stays_paused_and_says_why() 
         closed.await.is_ok(),
         "QEMU's recovery connection must be closed"
     );
-    let started = Instant::now();
-    let view = loop {
-        let view = source.show("gone").await;
-        if view["pauses"].as_array().unwrap().len() == 2 {
-            break view;
-        }
-        assert!(started.elapsed() < Duration::from_secs(5), "{view}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let second_pause = |view: &Value| view["pauses"].as_array().unwrap().len() == 2;
+    let view = source
+        .wait_for("gone", "paused twice", Duration::from_secs(5), second_pause)
+        .await;
     assert_eq!(view["state"], "paused", "{view}");
     let error = error_of(&view);
     assert_eq!(error["leg"], "peer", "{view}");

@@ -67,33 +67,43 @@ impl TestDaemon {
         body
     }
 
-    /// Polls until the migration is in `state`; returns the view.
-    pub async fn wait_state(&self, id: &str, state: &str, limit: Duration) -> Value {
+    /// Polls the migration's view until `ready` says so; returns that view.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Value {
         let start = Instant::now();
         loop {
             let view = self.show(id).await;
-            if view["state"] == state {
+            if ready(&view) {
                 return view;
             }
             assert!(
                 start.elapsed() < limit,
-                "not {state} after {limit:?}: {view}"
+                "not {what} after {limit:?}: {view}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
+    /// Polls until the migration is in `state`; returns the view.
+    pub async fn wait_state(&self, id: &str, state: &str, limit: Duration) -> Value {
+        self.wait_for(id, state, limit, |view| view["state"] == state)
+            .await
+    }
+
     /// Polls until the migration's state is final; returns the last view.
     pub async fn wait_final(&self, id: &str, limit: Duration) -> Value {
-        let start = Instant::now();
-        loop {
-            let view = self.show(id).await;
-            match view["state"].as_str() {
-                Some("completed" | "failed" | "cancelled" | "expired") => return view,
-                _ if start.elapsed() > limit => panic!("still running after {limit:?}: {view}"),
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
+        let ended = |view: &Value| {
+            matches!(
+                view["state"].as_str(),
+                Some("completed" | "failed" | "cancelled" | "expired")
+            )
+        };
+        self.wait_for(id, "ended", limit, ended).await
     }
 
     pub async fn stop(mut self) {
