@@ -91,7 +91,9 @@ async fn receive(
                 migration.on_peer(epoch, control);
                 continue;
             }
-            Ok(Ok(None)) if ended.is_cancelled() || migration.link_closed(epoch) => return,
+            Ok(Ok(None)) if ended.is_cancelled() => return,
+            // However the link ends, it ends a cancel this host asked the source for.
+            _ if migration.link_closed(epoch) => return,
             Ok(Ok(None)) => migration.peer_link_failure(
                 Op::Read,
                 None,

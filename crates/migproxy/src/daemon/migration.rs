@@ -456,7 +456,8 @@ impl Migration {
             let mut inner = self.lock();
             let current = inner.epoch == epoch
                 && !inner.epoch_stop.is_cancelled()
-                && matches!(inner.state, State::Active | State::Pending);
+                && inner.cancelling.is_none()
+                && inner.state == State::Active;
             if let Some(channel) = inner.channels.get_mut(index as usize)
                 && channel.state == ChannelState::Opening
             {
@@ -486,11 +487,6 @@ impl Migration {
             self.metrics.cancelled_in(asked.elapsed());
             inner.cancel_asked = None;
         }
-    }
-
-    /// Number of channels registered so far, over every epoch.
-    pub fn channel_count(&self) -> u32 {
-        self.lock().channels.len() as u32
     }
 
     /// The channel's local leg is up and its relay is running with these counters.
@@ -749,6 +745,9 @@ impl Migration {
                 }
             }
             Control::Failed(blame) => {
+                // The source failed before it saw this host's cancel: its story is the one
+                // both hosts tell.
+                inner.cancelling = None;
                 drop(inner);
                 self.fail(epoch, blame, false);
             }
@@ -1118,7 +1117,7 @@ impl Migration {
     /// (so that QEMU reports `cancelled` and resumes the guest rather than failing on the
     /// sockets torn down under it). A cancel asked on this host is refused once QEMU has
     /// switched to postcopy or completed here: the guest would be lost.
-    pub async fn cancel_through_qemu(&self, by: Host) -> Result<bool, CancelRefused> {
+    pub async fn cancel_through_qemu(self: &Arc<Self>, by: Host) -> Result<bool, CancelRefused> {
         let canceller = {
             let inner = self.lock();
             if inner.state.is_final() {
@@ -1139,10 +1138,17 @@ impl Migration {
         };
         if by == self.host() && self.ask_source_to_cancel(by) {
             // The source ends its side (QEMU first), then closes the link: `link_closed`
-            // finishes the cancel here. A source that does not is not waited for long.
+            // finishes the cancel here. A source that does not is not waited for long — by
+            // a task of its own, so that a caller who leaves (an API client hanging up) does
+            // not leave the migration waiting.
+            let migration = Arc::clone(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(QEMU_CANCEL).await;
+                migration.cancel(by);
+            });
             let mut state = self.watch_state();
-            let _ = tokio::time::timeout(QEMU_CANCEL, state.wait_for(|s| s.is_final())).await;
-            return Ok(self.cancel(by) || self.cancelled_by() == Some(by));
+            let _ = state.wait_for(|s| s.is_final()).await;
+            return Ok(self.cancelled_by() == Some(by));
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = qemu::CancelRequest { by, reply };

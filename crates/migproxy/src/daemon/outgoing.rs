@@ -190,13 +190,13 @@ async fn resume(
         () = migration.stop.cancelled() => return Ok(false),
         link = dial(daemon, migration, &hello) => link,
     };
+    // The control link failed, not a channel, after all that moved before the pause.
     let link = link.map_err(|error| {
-        let mut blame = dial_failure(migration, first_channel, &error);
-        // The control link failed, not a channel, after all that moved before the pause.
-        blame.channel = None;
-        blame.bytes = super::migration::totals(migration.bytes());
-        blame.message = format!("resume: control link: {}", blame.message);
-        blame
+        migration.peer_link_failure(
+            error.op(),
+            error.os_error().and_then(errno_name),
+            format!("resume: control link: {}", dial_detail(&error)),
+        )
     })?;
     match start_control(daemon, migration, link, first_channel) {
         Ok(()) => Ok(true),
@@ -335,9 +335,18 @@ fn refused_channel(
         op: Op::Protocol,
         errno: None,
         message: format!("QEMU opened a connection the migration refused: {refused}"),
-        bytes: super::migration::totals(migration.bytes()),
+        // Like every attribution naming a channel, that channel's bytes: none moved.
+        bytes: Totals::default(),
         elapsed_ms: migration.elapsed().as_millis() as u64,
     }
+}
+
+/// What went wrong dialling, without the errno (which travels apart): the OS's text when
+/// there is one.
+fn dial_detail(error: &PeerError) -> String {
+    error
+        .os_error()
+        .map_or_else(|| error.to_string(), os_message)
 }
 
 /// A data connection to the peer could not be opened.
@@ -349,10 +358,7 @@ fn dial_failure(migration: &Migration, index: u32, error: &PeerError) -> Attribu
         direction: None,
         op: error.op(),
         errno: error.os_error().and_then(errno_name),
-        // The errno travels apart; the message is the OS's text when there is one.
-        message: error
-            .os_error()
-            .map_or_else(|| error.to_string(), os_message),
+        message: dial_detail(error),
         bytes: Totals::default(),
         elapsed_ms: migration.elapsed().as_millis() as u64,
     }
