@@ -112,7 +112,7 @@ enum Carrier {
 impl Carrier {
     fn new(options: &Options) -> Carrier {
         if options.zero_copy {
-            match Pipe::new() {
+            match Pipe::new(options.copy_buffer) {
                 Ok(pipe) => return Carrier::Pipe(pipe),
                 Err(error) => tracing::warn!(%error, "no pipe for splice, copying instead"),
             }
@@ -185,19 +185,20 @@ struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
-    /// Copy buffer size to fall back to.
+    /// Copy buffer size to fall back to (the relay's `copy_buffer`), never less than what
+    /// the pipe may hold.
     copy_size: usize,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    fn new(copy_buffer: usize) -> io::Result<Pipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let capacity = grow(&write);
         Ok(Pipe {
             read,
             write,
             capacity,
-            copy_size: capacity.max(super::MIN_COPY_BUFFER),
+            copy_size: copy_buffer.max(capacity),
         })
     }
 

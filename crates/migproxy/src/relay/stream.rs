@@ -25,21 +25,15 @@ pub(super) async fn pump(
         if let Some(TapFn(tap)) = &tap {
             tap(&buf[..filled]);
         }
-        let mut written = 0;
-        while written < filled {
-            let n = writer
-                .write(&buf[written..filled])
-                .await
-                .map_err(|e| PumpError::write(e).holding(filled - written))?;
-            if n == 0 {
-                let zero = std::io::ErrorKind::WriteZero.into();
-                return Err(PumpError::write(zero).holding(filled - written));
-            }
-            written += n;
-            counters.record(direction, n, false);
-        }
-        // A layer that buffers (TLS) must not sit on a small return-path message.
-        writer.flush().await.map_err(PumpError::write)?;
+        // Delivered once flushed: a layer that buffers (TLS, up to 1 MiB of sealed records)
+        // has not delivered what it merely accepted, and must not sit on a small
+        // return-path message either. On failure the whole chunk counts as undelivered.
+        writer
+            .write_all(&buf[..filled])
+            .await
+            .and(writer.flush().await)
+            .map_err(|e| PumpError::write(e).holding(filled))?;
+        counters.record(direction, filled, false);
         turn.take().await;
     }
     writer.shutdown().await.map_err(|error| PumpError {
