@@ -351,7 +351,7 @@ fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
-fn free_port() -> Result<u16, BenchError> {
+pub fn free_port() -> Result<u16, BenchError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -550,7 +550,6 @@ fn source_write(stream: &mut impl Write, block: &[u8], size: u64) -> std::io::Re
     Ok(())
 }
 
-/// utime + stime of a process, in seconds.
 /// utime + stime of process `pid` (all its threads), in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -568,14 +567,27 @@ fn peak_rss(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
 }
 
+/// The median (sorting `values` in place); NaN for none.
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    if values.len() % 2 == 0 && mid > 0 {
+    if values.is_empty() {
+        f64::NAN
+    } else if values.len() % 2 == 0 {
         (values[mid - 1] + values[mid]) / 2.0
     } else {
         values[mid]
     }
+}
+
+/// The median of some values; NaN for none.
+pub fn median_of(values: impl IntoIterator<Item = f64>) -> f64 {
+    median(&mut values.into_iter().collect::<Vec<f64>>())
+}
+
+/// Cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn machine() -> String {
@@ -588,7 +600,7 @@ fn machine() -> String {
             })
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = cores();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
         "{cpu}, {cores} cores, Linux {}, {}",
@@ -658,16 +670,8 @@ fn summarise(route: Route, runs: &[Sample], size: u64) -> Summary {
         rate,
         cpu_per_gib: (!cpu.is_empty()).then(|| median(&mut cpu)),
         peak_rss_kib: runs.iter().filter_map(|s| s.peak_rss_kib).max(),
-        endpoints_per_gib: if runs.is_empty() {
-            f64::NAN
-        } else {
-            median(&mut endpoints)
-        },
-        busy_cores: if runs.is_empty() {
-            f64::NAN
-        } else {
-            median(&mut busy)
-        },
+        endpoints_per_gib: median(&mut endpoints),
+        busy_cores: median(&mut busy),
     }
 }
 

@@ -86,10 +86,21 @@ impl Path_ {
     }
 }
 
-fn free_port() -> Result<u16, BenchError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Waits for a proxy's unix socket to appear, failing if a proxy exits or 10 s pass.
+async fn listening(socket: &Path, proxies: &mut [Child]) -> Result<(), BenchError> {
+    let started = Instant::now();
+    while !socket.exists() {
+        for proxy in proxies.iter_mut() {
+            if let Some(status) = proxy.try_wait()? {
+                return Err(format!("a proxy for {} exited: {status}", socket.display()).into());
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(format!("nothing listens on {} after 10 s", socket.display()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// One migration along `path`: its wall time and the CPU the QEMUs and the proxies spent.
@@ -146,14 +157,14 @@ async fn once(
                     )
                     .await?;
             }
-            let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+            let uri = format!("tcp:127.0.0.1:{}", crate::free_port()?);
             dst.qmp
                 .execute("migrate-incoming", json!({"uri": uri}))
                 .await?;
             uri
         }
         Path_::Socat => {
-            let port = free_port()?;
+            let port = crate::free_port()?;
             dst.qmp
                 .execute(
                     "migrate-incoming",
@@ -171,9 +182,7 @@ async fn once(
                     .stderr(Stdio::null())
                     .spawn()?,
             );
-            while !listen.exists() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            listening(&listen, &mut children).await?;
             format!("unix:{}", listen.display())
         }
         Path_::SpliceFloor => {
@@ -181,7 +190,7 @@ async fn once(
             dst.qmp
                 .execute("migrate-incoming", json!({"uri": target}))
                 .await?;
-            let port = free_port()?;
+            let port = crate::free_port()?;
             let listen = dir.join(format!("floor{run}.sock"));
             let _ = std::fs::remove_file(&listen);
             // The destination's relay first: the source's connects to it once QEMU has come.
@@ -198,9 +207,7 @@ async fn once(
                 );
             }
             // The socket file appears only once it listens (see floor.rs).
-            while !listen.exists() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            listening(&listen, &mut children).await?;
             format!("unix:{}", listen.display())
         }
         Path_::Daemons | Path_::DaemonsTls | Path_::MultifdDaemons => {
@@ -309,7 +316,7 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
 
 fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
     let seconds = |runs: &[Run]| runs.iter().map(|r| r.seconds).collect::<Vec<f64>>();
-    let direct = median(
+    let direct = crate::median_of(
         times
             .iter()
             .find(|(p, _)| *p == Path_::DirectTcp)
@@ -320,7 +327,7 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
         .iter()
         .map(|(path, runs)| {
             let wall = seconds(runs);
-            let median_wall = median(wall.clone());
+            let median_wall = crate::median_of(wall.iter().copied());
             PathTimes {
                 path: path.name(),
                 seconds: Spread {
@@ -329,17 +336,14 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
                     max: wall.iter().copied().fold(f64::NAN, f64::max),
                 },
                 ratio: median_wall / direct,
-                qemu_cpu: median(runs.iter().map(|r| r.qemu_cpu).collect()),
-                proxy_cpu: median(runs.iter().map(|r| r.proxy_cpu).collect()),
-                busy_cores: median(
-                    runs.iter()
-                        .map(|r| (r.qemu_cpu + r.proxy_cpu) / r.seconds)
-                        .collect(),
+                qemu_cpu: crate::median_of(runs.iter().map(|r| r.qemu_cpu)),
+                proxy_cpu: crate::median_of(runs.iter().map(|r| r.proxy_cpu)),
+                busy_cores: crate::median_of(
+                    runs.iter().map(|r| (r.qemu_cpu + r.proxy_cpu) / r.seconds),
                 ),
-                cpu_floor: median(
+                cpu_floor: crate::median_of(
                     runs.iter()
-                        .map(|r| (r.qemu_cpu + r.proxy_cpu) / cores())
-                        .collect(),
+                        .map(|r| (r.qemu_cpu + r.proxy_cpu) / crate::cores() as f64),
                 ),
             }
         })
@@ -356,7 +360,7 @@ fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
          less CPU.\n\n\
          | path | median s | min–max s | × direct TCP time | QEMUs CPU s | proxies CPU s | busy cores | CPU floor s |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- |\n",
-        cores = cores()
+        cores = crate::cores()
     );
     for row in rows {
         let s = row.seconds;
@@ -422,16 +426,4 @@ fn targets(rows: &[PathTimes]) -> Vec<crate::Target> {
         ),
     ]);
     vec![plaintext, tls]
-}
-
-fn cores() -> f64 {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
