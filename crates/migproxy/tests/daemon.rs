@@ -1156,17 +1156,9 @@ async fn the_api_lists_filters_forgets_and_exports_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_stream_state_changes_and_channels() {
-    use tokio::io::AsyncBufReadExt;
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
-    let mut subscription = UnixStream::connect(&source.api).await.unwrap();
-    subscription
-        .write_all(b"GET /v1/events?migration=ev HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(subscription).lines();
-    // The response head arrives before any event: the subscription is in place.
-    while lines.next_line().await.unwrap().unwrap() != "" {}
+    let mut lines = subscribe(&source, "ev").await;
 
     let (_dir, qemu_in, target) = stand_in_target();
     let _ = migration_pair(&source, &destination, "other", "unix:/x").await; // filtered out

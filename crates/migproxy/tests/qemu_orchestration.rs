@@ -584,8 +584,9 @@ async fn a_destination_qemu_cancelled_before_any_connection_does_not_wait_for_ev
         .wait_final("early", Duration::from_secs(5))
         .await;
     assert_eq!(m["state"], "cancelled", "{m}");
-    wait_for(&hosts.destination, "early", "monitor closed", |m| {
-        m["qemu"]["monitor_closed"] == true
+    // The daemon saw QEMU's end: its monitor gone, or its `failed` just before it exited.
+    wait_for(&hosts.destination, "early", "QEMU's end", |m| {
+        m["qemu"]["monitor_closed"] == true || m["qemu"]["status"] == "failed"
     })
     .await;
     let runtime = hosts.destination.runtime.clone();

@@ -562,7 +562,7 @@ async fn garbage_in_the_tls_handshake_is_refused_and_a_real_migration_still_goes
         // A third look like TLS records (handshake type, version 3.x, any length), so that
         // they reach rustls and the record framing rather than being refused at byte one.
         if n % 3 == 0 && garbage.len() >= 5 {
-            garbage[..3].copy_from_slice(&[22, 3, 1 + (n % 3) as u8]);
+            garbage[..3].copy_from_slice(&[22, 3, rng.gen_range(1..=4)]);
         }
         let peer = destination.peer.clone();
         wave.push(tokio::spawn(async move {
