@@ -444,7 +444,11 @@ fn connect_failure(migration: &Migration, index: u32, error: &TransportError) ->
         leg: Leg::Qemu,
         channel: Some(index),
         direction: None,
-        op: Op::Connect,
+        // As on the source's dials: a connect that got no answer in time is a timeout.
+        op: match error {
+            TransportError::ConnectTimeout { .. } => Op::Timeout,
+            _ => Op::Connect,
+        },
         errno,
         message: format!("{}: {message}", migration.spec.local),
         bytes: Totals::default(),

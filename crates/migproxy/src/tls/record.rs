@@ -56,6 +56,12 @@ pub enum RecordError {
     Overflow(usize),
     #[error("the AEAD refused to seal a record")]
     Seal,
+    #[error("a TLS KeyUpdate of {0} bytes, or not last in its record")]
+    KeyUpdateFraming(usize),
+    #[error("a TLS KeyUpdate with request value {0}")]
+    KeyUpdateRequest(u8),
+    #[error("unexpected TLS handshake message {0} after the handshake")]
+    LateHandshake(u8),
 }
 
 /// One direction's key, static IV and sequence number.

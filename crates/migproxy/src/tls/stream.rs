@@ -25,7 +25,9 @@ use rustls::{AlertDescription, ExtractedSecrets, SupportedCipherSuite};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::record::{Content, HEADER, MAX_CONTENT, MAX_RECORD, MAX_SEALED, Opener, Sealer};
+use super::record::{
+    Content, HEADER, MAX_CONTENT, MAX_RECORD, MAX_SEALED, Opener, RecordError, Sealer,
+};
 
 /// Receive buffer: many full records per read.
 const RX_BUFFER: usize = 1 << 20;
@@ -123,7 +125,7 @@ impl RecordStream {
         let (rx_seq, rx) = secrets.rx;
         let key_limit = match kernel.suite() {
             SupportedCipherSuite::Tls13(suite) => suite.common.confidentiality_limit,
-            _ => return Err(invalid(super::record::RecordError::Cipher)),
+            _ => return Err(invalid(RecordError::Cipher)),
         };
         let mut stream = RecordStream {
             tcp,
@@ -144,7 +146,7 @@ impl RecordStream {
             pending_error: None,
         };
         if received.len() > stream.rx.len() {
-            return Err(invalid(super::record::RecordError::TooLong(received.len())));
+            return Err(invalid(RecordError::TooLong(received.len())));
         }
         stream.rx[..received.len()].copy_from_slice(received);
         stream.rx_end = received.len();
@@ -195,7 +197,7 @@ impl RecordStream {
             [_, description] => Err(invalid(rustls::Error::AlertReceived(
                 AlertDescription::from(description),
             ))),
-            _ => Err(invalid(super::record::RecordError::NoType)),
+            _ => Err(invalid(RecordError::NoType)),
         }
     }
 
@@ -205,35 +207,28 @@ impl RecordStream {
         while at < range.end {
             let header = self.rx.get(at..at + 4).filter(|_| at + 4 <= range.end);
             let Some(&[typ, a, b, c]) = header else {
-                return Err(invalid(super::record::RecordError::NoType));
+                return Err(invalid(RecordError::NoType));
             };
             let len = u32::from_be_bytes([0, a, b, c]) as usize;
             let body = at + 4..at + 4 + len;
             if body.end > range.end {
-                return Err(invalid(super::record::RecordError::TooLong(len)));
+                return Err(invalid(RecordError::TooLong(len)));
             }
             match typ {
                 // Keys change at a record boundary: nothing may follow a KeyUpdate in its record.
-                KEY_UPDATE if len == 1 && body.end == range.end => {
+                KEY_UPDATE if len != 1 || body.end != range.end => {
+                    return Err(invalid(RecordError::KeyUpdateFraming(len)));
+                }
+                KEY_UPDATE => {
                     self.opener = self.kernel.update_rx()?;
                     match self.rx[body.start] {
                         0 => {}
                         1 => self.update_requested = true,
-                        other => {
-                            return Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                format!("TLS KeyUpdate with request value {other}"),
-                            ));
-                        }
+                        other => return Err(invalid(RecordError::KeyUpdateRequest(other))),
                     }
                 }
                 NEW_SESSION_TICKET => {}
-                other => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("unexpected TLS handshake message {other} after the handshake"),
-                    ));
-                }
+                other => return Err(invalid(RecordError::LateHandshake(other))),
             }
             at = body.end;
         }
@@ -244,9 +239,11 @@ impl RecordStream {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         // Nothing opened is waiting to be handed out: what is left (at most one partial
         // record) moves to the front, so that every read has the whole buffer.
-        self.rx.copy_within(self.rx_start..self.rx_end, 0);
-        self.rx_end -= self.rx_start;
-        self.rx_start = 0;
+        if self.rx_start > 0 {
+            self.rx.copy_within(self.rx_start..self.rx_end, 0);
+            self.rx_end -= self.rx_start;
+            self.rx_start = 0;
+        }
         let mut buf = ReadBuf::new(&mut self.rx[self.rx_end..]);
         ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut buf))?;
         let n = buf.filled().len();
