@@ -7,7 +7,10 @@
 //! 3 ChannelClosed   channel u32 │ end u8 │ totals
 //! 4 Failed          attribution
 //! 5 Cancel          by host u8
-//! 6 Done            channels u32 │ totals
+//! 6 Done            channels u32 │ totals                  (version 1)
+//! 7 Done            channels u32 │ totals │ verdict u8      (version 2 on)
+//! verdict           0 unknown │ 1 QEMU said completed (QMP) │ 2 the destination QEMU's SHUT
+//!                   was seen on the return path
 //! totals            to_destination u64 │ to_source u64
 //! attribution       host u8 │ leg u8 │ has channel u8 │ channel u32 │ direction u8 │ op u8 │
 //!                   errno (u8 length + text) │ message (u16 length + text) │ totals │
@@ -109,8 +112,24 @@ pub enum Control {
     Failed(Attribution),
     /// The migration was cancelled on the sender's host.
     Cancel { by: Host },
-    /// Every channel has ended cleanly on the sender's host, with these totals.
-    Done { channels: u32, bytes: Totals },
+    /// Every channel has ended cleanly on the sender's host, with these totals, and this
+    /// evidence that QEMU finished.
+    Done {
+        channels: u32,
+        bytes: Totals,
+        verdict: Verdict,
+    },
+}
+
+/// What a host knows of QEMU's own verdict when its channels have ended cleanly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing: no QMP, and no acknowledgement on the return path (or a version 1 peer).
+    Unknown,
+    /// QEMU said `completed` over QMP on this host.
+    Qemu,
+    /// The destination QEMU's `SHUT(0)` crossed the return path: it loaded everything.
+    ReturnPath,
 }
 
 /// Checks a frame's 4-byte length prefix; returns the number of bytes that follow it.
@@ -130,8 +149,14 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
 }
 
 impl Control {
-    /// Appends the whole frame, length prefix included.
+    /// Appends the whole frame, length prefix included, as this version speaks it.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_for(crate::VERSION, out);
+    }
+
+    /// Appends the whole frame as protocol `version` has it: a version 1 peer gets `Done`
+    /// without its verdict.
+    pub fn encode_for(&self, version: u16, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
         let mut w = Writer { buf: out };
@@ -159,10 +184,21 @@ impl Control {
                 w.u8(5);
                 w.u8(host_code(*by));
             }
-            Control::Done { channels, bytes } => {
-                w.u8(6);
+            Control::Done {
+                channels,
+                bytes,
+                verdict,
+            } => {
+                w.u8(if version < 2 { 6 } else { 7 });
                 w.u32(*channels);
                 totals(&mut w, bytes);
+                if version >= 2 {
+                    w.u8(match verdict {
+                        Verdict::Unknown => 0,
+                        Verdict::Qemu => 1,
+                        Verdict::ReturnPath => 2,
+                    });
+                }
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -196,6 +232,17 @@ impl Control {
             6 => Control::Done {
                 channels: r.u32()?,
                 bytes: read_totals(&mut r)?,
+                verdict: Verdict::Unknown,
+            },
+            7 => Control::Done {
+                channels: r.u32()?,
+                bytes: read_totals(&mut r)?,
+                verdict: match r.u8()? {
+                    0 => Verdict::Unknown,
+                    1 => Verdict::Qemu,
+                    2 => Verdict::ReturnPath,
+                    other => return Err(invalid("verdict", other)),
+                },
             },
             other => return Err(DecodeError::UnknownMessage(other)),
         };
@@ -386,8 +433,59 @@ mod tests {
             Control::Cancel {
                 by: Host::Destination,
             },
-            Control::Done { channels: 5, bytes },
+            Control::Done {
+                channels: 5,
+                bytes,
+                verdict: Verdict::Unknown,
+            },
+            Control::Done {
+                channels: 5,
+                bytes,
+                verdict: Verdict::Qemu,
+            },
+            Control::Done {
+                channels: 1,
+                bytes,
+                verdict: Verdict::ReturnPath,
+            },
         ]
+    }
+
+    #[test]
+    fn a_version_1_peer_gets_done_without_its_verdict() {
+        let bytes = Totals {
+            to_destination: 9,
+            to_source: 16,
+        };
+        let done = Control::Done {
+            channels: 2,
+            bytes,
+            verdict: Verdict::ReturnPath,
+        };
+        let mut v1 = Vec::new();
+        done.encode_for(1, &mut v1);
+        assert_eq!(v1[4], 6, "type 6, as version 1 knows it");
+        let (back, _) = Control::decode_frame(&v1).unwrap();
+        assert_eq!(
+            back,
+            Control::Done {
+                channels: 2,
+                bytes,
+                verdict: Verdict::Unknown
+            }
+        );
+        let mut v2 = Vec::new();
+        done.encode_for(2, &mut v2);
+        assert_eq!(v2[4], 7);
+        assert_eq!(Control::decode_frame(&v2).unwrap().0, done);
+        *v2.last_mut().unwrap() = 3;
+        assert_eq!(
+            Control::decode_frame(&v2),
+            Err(DecodeError::InvalidValue {
+                field: "verdict",
+                value: 3
+            })
+        );
     }
 
     #[test]

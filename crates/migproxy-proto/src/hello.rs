@@ -13,8 +13,8 @@ use std::fmt;
 use crate::codec::{DecodeError, Reader, Writer};
 
 pub const MAGIC: [u8; 4] = *b"MGPX";
-/// The protocol version this code speaks.
-pub const VERSION: u16 = 1;
+/// The highest protocol version this code speaks.
+pub const VERSION: u16 = 2;
 /// The oldest version accepted: the current one and the one before.
 pub const MIN_VERSION: u16 = if VERSION > 1 { VERSION - 1 } else { 1 };
 /// Magic, version and body length.
@@ -81,7 +81,7 @@ pub fn valid_id(id: &str) -> bool {
 pub fn hello_body_len(header: &[u8]) -> Result<usize, DecodeError> {
     let mut r = Reader::new(header);
     check_magic(r.array()?)?;
-    check_version(r.u16()?)?;
+    check_dialler(r.u16()?)?;
     let len = r.u16()? as usize;
     if len > MAX_HELLO_BODY {
         return Err(DecodeError::Oversized {
@@ -99,6 +99,20 @@ fn check_magic(magic: [u8; 4]) -> Result<(), DecodeError> {
     } else {
         Err(DecodeError::BadMagic(magic))
     }
+}
+
+/// A dialler may speak newer versions than this one: the reply settles on one both speak.
+fn check_dialler(version: u16) -> Result<u16, DecodeError> {
+    if version >= MIN_VERSION {
+        Ok(version)
+    } else {
+        Err(DecodeError::UnsupportedVersion(version))
+    }
+}
+
+/// The version a connection speaks when the dialler's hello says `dialler`.
+pub fn negotiate(dialler: u16) -> u16 {
+    dialler.min(VERSION)
 }
 
 fn check_version(version: u16) -> Result<u16, DecodeError> {
@@ -167,7 +181,7 @@ impl Hello {
             .filter(|id| valid_id(id))
             .ok_or(DecodeError::InvalidId)?;
         Ok(Hello {
-            version: check_version(version)?,
+            version: check_dialler(version)?,
             kind,
             migration: migration.to_owned(),
             channel,
@@ -341,10 +355,16 @@ mod tests {
         bad[0] = b'X';
         assert!(matches!(Hello::decode(&bad), Err(DecodeError::BadMagic(_))));
         let mut bad = good.clone();
+        // A newer dialler is answered in the version both speak; an older one is refused.
         bad[4..6].copy_from_slice(&(VERSION + 1).to_be_bytes());
+        let newer = Hello::decode(&bad).expect("a newer dialler's hello");
+        assert_eq!(newer.version, VERSION + 1);
+        assert_eq!(negotiate(newer.version), VERSION);
+        assert_eq!(negotiate(MIN_VERSION), MIN_VERSION);
+        bad[4..6].copy_from_slice(&(MIN_VERSION - 1).to_be_bytes());
         assert_eq!(
             Hello::decode(&bad),
-            Err(DecodeError::UnsupportedVersion(VERSION + 1))
+            Err(DecodeError::UnsupportedVersion(MIN_VERSION - 1))
         );
         bad[4..6].copy_from_slice(&0u16.to_be_bytes());
         assert_eq!(Hello::decode(&bad), Err(DecodeError::UnsupportedVersion(0)));

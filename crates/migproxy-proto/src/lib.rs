@@ -48,9 +48,14 @@
 //!
 //! # Versions
 //!
-//! [`Hello`] carries the dialler's protocol version. A daemon accepts its own version and the
-//! one before ([`MIN_VERSION`]..=[`VERSION`]) and answers with the version both will speak;
-//! anything else gets [`Status::UnsupportedVersion`]. Version 1 is the first.
+//! [`Hello`] carries the highest protocol version the dialler speaks; its layout is the same in
+//! every version. The destination accepts any version from [`MIN_VERSION`] (its own and the
+//! one before) and answers with the version both will speak, the lower of the two
+//! ([`negotiate`]); an older one gets [`Status::UnsupportedVersion`]. The dialler accepts a
+//! reply in [`MIN_VERSION`]..=[`VERSION`] and speaks that version on the connection.
+//!
+//! - Version 1: the first.
+//! - Version 2: `Done` carries the host's evidence that QEMU finished ([`Verdict`]).
 //!
 //! # Limits
 //!
@@ -64,12 +69,12 @@ mod hello;
 
 pub use codec::DecodeError;
 pub use control::{
-    Attribution, ChannelEnd, Control, Direction, Host, Leg, MAX_CONTROL_FRAME, Op, Totals,
+    Attribution, ChannelEnd, Control, Direction, Host, Leg, MAX_CONTROL_FRAME, Op, Totals, Verdict,
     frame_len as control_frame_len,
 };
 pub use hello::{
     FLAG_RECOVERABLE, HELLO_HEADER, Hello, HelloReply, Kind, MAGIC, MAX_HELLO_BODY, MAX_ID,
-    MIN_VERSION, Status, TOKEN_LEN, VERSION, hello_body_len, reply_len, valid_id,
+    MIN_VERSION, Status, TOKEN_LEN, VERSION, hello_body_len, negotiate, reply_len, valid_id,
 };
 
 /// The fuzz target's property on a deterministic stream of mutated inputs, on every test run
@@ -118,6 +123,7 @@ mod smoke_fuzz {
         Control::Done {
             channels: 1,
             bytes: Totals::default(),
+            verdict: Verdict::ReturnPath,
         }
         .encode(&mut buf);
         seeds.push(buf);

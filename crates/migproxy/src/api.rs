@@ -578,39 +578,27 @@ struct ListQuery {
     state: Option<String>,
 }
 
-const STATES: [&str; 7] = [
-    "pending",
-    "active",
-    "paused",
-    "completed",
-    "failed",
-    "cancelled",
-    "expired",
-];
-
 async fn list(
     State(daemon): State<Arc<Daemon>>,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let query = query.map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))?;
-    if let Some(state) = &query.state
-        && !STATES.contains(&state.as_str())
-    {
-        return Err(ApiError::bad_request(format!(
-            "state: \"{state}\" is not one of {}",
-            STATES.join(", ")
-        )));
-    }
+    use crate::daemon::migration::State as Wanted;
+    let wanted = match &query.state {
+        None => None,
+        Some(name) => Some(Wanted::parse(name).ok_or_else(|| {
+            let names: Vec<_> = Wanted::ALL.iter().map(|s| s.name()).collect();
+            ApiError::bad_request(format!(
+                "state: \"{name}\" is not one of {}",
+                names.join(", ")
+            ))
+        })?),
+    };
     let all: Vec<_> = daemon
         .list()
         .iter()
         .map(|m| m.snapshot())
-        .filter(|snapshot| {
-            query
-                .state
-                .as_ref()
-                .is_none_or(|state| serde_json::to_value(snapshot.state).ok() == Some(json!(state)))
-        })
+        .filter(|snapshot| wanted.is_none_or(|state| snapshot.state == state))
         .collect();
     Ok(Json(json!({ "migrations": all })))
 }
@@ -657,16 +645,16 @@ async fn events(
     // The daemon publishes a `shutdown` event when it stops: the stream ends there, so that
     // an open subscription does not hold up graceful shutdown.
     let stream = BroadcastStream::new(daemon.events.subscribe())
-        .take_while(|event| !matches!(event, Ok(e) if e.0["type"] == "shutdown"))
+        .take_while(|event| !matches!(event, Ok(e) if e.name() == "shutdown"))
         .filter_map(move |event| match event {
-            Ok(crate::daemon::migration::Event(value)) => {
+            Ok(event) => {
                 let matches = wanted
                     .as_ref()
-                    .is_none_or(|id| value["migration"] == json!(id));
-                let kind = value["type"].as_str().unwrap_or("event").to_owned();
+                    .is_none_or(|id| event.migration.as_ref() == Some(id));
+                let data = serde_json::to_string(&event).unwrap_or_default();
                 matches.then(|| {
                     Ok::<_, std::convert::Infallible>(
-                        Event::default().event(kind).data(value.to_string()),
+                        Event::default().event(event.name()).data(data),
                     )
                 })
             }

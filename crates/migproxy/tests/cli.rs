@@ -305,7 +305,7 @@ fn demo_migrates_a_real_qemu_vm_through_two_daemons() {
     );
     assert!(
         stdout.contains(
-            "the source daemon reports:\nmigration demo (outgoing, plaintext): completed"
+            "the source daemon reports:\nmigration demo (outgoing, plaintext): transferred"
         ),
         "{stdout}"
     );
@@ -339,7 +339,7 @@ fn demo_streams_synthetic_data_through_two_daemons_without_qemu() {
     );
     assert!(
         stdout.contains(
-            "the source daemon reports:\nmigration demo (outgoing, plaintext): completed"
+            "the source daemon reports:\nmigration demo (outgoing, plaintext): transferred"
         ),
         "{stdout}"
     );

@@ -138,7 +138,8 @@ async fn create_watch_to_completion_list_and_forget() {
     );
     let report = stdout(&watched);
     assert!(
-        report.contains("migration w1 (outgoing, plaintext): completed"),
+        report.contains("migration w1 (outgoing, plaintext): transferred")
+            && report.contains("QEMU's verdict unknown"),
         "{report}"
     );
     assert!(
@@ -148,7 +149,7 @@ async fn create_watch_to_completion_list_and_forget() {
 
     let out = cli(&source, &["list"]).await;
     assert!(
-        stdout(&out).contains("w1") && stdout(&out).contains("completed"),
+        stdout(&out).contains("w1") && stdout(&out).contains("transferred"),
         "{}",
         stdout(&out)
     );

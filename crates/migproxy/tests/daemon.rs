@@ -98,7 +98,7 @@ async fn three_channels_cross_exactly_in_order_and_both_hosts_agree() {
     let at_source = source.wait_final("m1", Duration::from_secs(10)).await;
     let at_destination = destination.wait_final("m1", Duration::from_secs(10)).await;
     for view in [&at_source, &at_destination] {
-        assert_eq!(view["state"], "completed", "{view}");
+        assert_eq!(view["state"], "transferred", "{view}");
         assert_eq!(
             view["bytes"]["to_destination"],
             3 * FORWARD as u64,
@@ -517,17 +517,22 @@ async fn a_stalled_migration_fails_on_both_hosts_with_a_timeout() {
     let stall = |c: &mut migproxy::daemon::Config| c.stall_timeout = Duration::from_millis(800);
     let source = TestDaemon::start_with("src", stall).await;
     let destination = TestDaemon::start_with("dst", stall).await;
+    // The destination QEMU (a socket nobody reads) stops taking the stream: its host sees
+    // its write held, and both hosts blame it, not the link whose heartbeats still flow.
     let (writer, _qemu_in, _dir) = stuck_migration(&source, &destination, "st1").await;
     for daemon in [&source, &destination] {
         let view = daemon.wait_final("st1", Duration::from_secs(5)).await;
         assert_eq!(view["state"], "failed", "{view}");
         let error = error_of(&view);
-        assert_eq!(error["op"], "timeout", "{view}");
+        assert_eq!(
+            (&error["host"], &error["leg"], &error["op"]),
+            (&json!("destination"), &json!("qemu"), &json!("timeout")),
+            "{view}"
+        );
+        assert_eq!(error["direction"], "to_destination", "{view}");
+        let message = error["message"].as_str().unwrap();
         assert!(
-            error["message"]
-                .as_str()
-                .unwrap()
-                .contains("no byte moved on any channel for 800 ms"),
+            message.contains("QEMU stopped reading") && message.contains("waited 800 ms"),
             "{view}"
         );
     }
@@ -535,6 +540,42 @@ async fn a_stalled_migration_fails_on_both_hosts_with_a_timeout() {
         .await
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_qemu_that_stops_sending_is_blamed_on_both_hosts() {
+    let stall = |c: &mut migproxy::daemon::Config| c.stall_timeout = Duration::from_millis(800);
+    let source = TestDaemon::start_with("src", stall).await;
+    let destination = TestDaemon::start_with("dst", stall).await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = migration_pair(&source, &destination, "quiet", &target).await;
+    // The destination reads everything; the source sends a little and then nothing.
+    let reader = tokio::spawn(async move {
+        let (mut stream, _) = qemu_in.accept().await.unwrap();
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+        sink.len()
+    });
+    let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    qemu.write_all(&[1u8; 64 << 10]).await.unwrap();
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("quiet", Duration::from_secs(5)).await;
+        let error = error_of(&view);
+        assert_eq!(
+            (&error["host"], &error["leg"], &error["op"]),
+            (&json!("source"), &json!("qemu"), &json!("timeout")),
+            "{view}"
+        );
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("the source QEMU sent nothing on any channel for 800 ms"),
+            "{view}"
+        );
+    }
+    drop(qemu);
+    assert_eq!(reader.await.unwrap(), 64 << 10);
 }
 
 fn open_fds() -> usize {
@@ -573,7 +614,7 @@ async fn two_hundred_migrations_leave_no_fd_task_or_socket_behind() {
             assert_eq!(reply, 4096u64.to_be_bytes());
             for daemon in [source, destination] {
                 let view = daemon.wait_final(&id, Duration::from_secs(5)).await;
-                assert_eq!(view["state"], "completed", "{view}");
+                assert_eq!(view["state"], "transferred", "{view}");
             }
         }
     };
@@ -968,7 +1009,7 @@ async fn tokens_are_single_use_and_bound_to_their_migration() {
     accepting.await.unwrap();
     assert_eq!(
         destination.wait_final("one", Duration::from_secs(5)).await["state"],
-        "completed"
+        "transferred"
     );
     source.daemon.unregister("one"); // the source host forgets it; the token must still not work
     // ...and never again.
@@ -1069,7 +1110,7 @@ async fn the_api_lists_filters_forgets_and_exports_metrics() {
     accepting.await.unwrap();
     drop(_read);
     let done = source.wait_final("m", Duration::from_secs(5)).await;
-    assert_eq!(done["state"], "completed");
+    assert_eq!(done["state"], "transferred");
     assert!(
         done["throughput"]["average_bytes_per_second"]
             .as_u64()
@@ -1099,7 +1140,7 @@ async fn the_api_lists_filters_forgets_and_exports_metrics() {
     let (_, all) = source.request("GET", "/v1/migrations", None).await;
     assert_eq!(all["migrations"].as_array().unwrap().len(), 2);
     let (_, completed) = source
-        .request("GET", "/v1/migrations?state=completed", None)
+        .request("GET", "/v1/migrations?state=transferred", None)
         .await;
     let ids: Vec<_> = completed["migrations"]
         .as_array()
@@ -1126,7 +1167,7 @@ async fn the_api_lists_filters_forgets_and_exports_metrics() {
         (3u64 << 20) as f64
     );
     assert_eq!(
-        metrics["migproxy_migrations_total{state=\"completed\"}"],
+        metrics["migproxy_migrations_total{state=\"transferred\"}"],
         1.0
     );
     assert_eq!(
@@ -1189,7 +1230,7 @@ async fn events_stream_state_changes_and_channels() {
                         .or(event["end"].as_str())
                         .unwrap_or("")
                 ));
-                if event["state"] == "completed" {
+                if event["state"] == "transferred" {
                     return;
                 }
             }
@@ -1203,7 +1244,7 @@ async fn events_stream_state_changes_and_channels() {
             "state active",
             "channel_opened ",
             "channel_closed completed",
-            "state completed"
+            "state transferred"
         ]
     );
     // An open event stream does not hold up the daemon's shutdown, and ends with it.
@@ -1286,6 +1327,7 @@ async fn byte_counts_that_disagree_fail_the_migration_naming_channel_and_directi
     Control::Done {
         channels: 1,
         bytes: claimed,
+        verdict: migproxy_proto::Verdict::Unknown,
     }
     .encode(&mut frames);
     control.write_all(&frames).await.unwrap();

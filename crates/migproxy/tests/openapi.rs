@@ -802,7 +802,7 @@ async fn real_responses_match_the_document() {
     let mut completed = Vec::new();
     for daemon in [&source, &destination] {
         let view = daemon.wait_final("ok", Duration::from_secs(5)).await;
-        assert_eq!(view["state"], "completed", "{view}");
+        assert_eq!(view["state"], "transferred", "{view}");
         let (status, view) = api
             .call(daemon, "GET", ONE, "/v1/migrations/ok", None)
             .await;
@@ -897,7 +897,7 @@ async fn real_responses_match_the_document() {
             &source,
             "GET",
             CREATE,
-            "/v1/migrations?state=completed",
+            "/v1/migrations?state=transferred",
             None,
         )
         .await;
@@ -983,7 +983,7 @@ async fn real_responses_match_the_document() {
     let events = api
         .events_until(&mut source_events, |name, data| {
             if name == "state"
-                && ["completed", "failed", "cancelled"].contains(&data["state"].as_str().unwrap())
+                && ["transferred", "failed", "cancelled"].contains(&data["state"].as_str().unwrap())
             {
                 ends.insert(
                     data["migration"].as_str().unwrap().to_owned(),
@@ -998,7 +998,7 @@ async fn real_responses_match_the_document() {
         BTreeMap::from([
             ("bad".to_owned(), json!("failed")),
             ("c".to_owned(), json!("cancelled")),
-            ("ok".to_owned(), json!("completed")),
+            ("ok".to_owned(), json!("transferred")),
         ])
     );
     let names: BTreeSet<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
@@ -1013,7 +1013,7 @@ async fn real_responses_match_the_document() {
     );
     let filtered = api
         .events_until(&mut ok_events, |name, data| {
-            name == "state" && data["state"] == "completed"
+            name == "state" && data["state"] == "transferred"
         })
         .await;
     for (_, data) in &filtered {

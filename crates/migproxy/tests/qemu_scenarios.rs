@@ -19,7 +19,7 @@ async fn multifd_with_four_channels_completes_with_equal_ram() {
     s.parameters(json!({"multifd-channels": 4})).await;
     let uri = s.create("mfd", false).await;
     s.migrate(&uri, FAST).await;
-    for view in s.completes("mfd").await {
+    for view in s.completes("mfd", "transferred").await {
         // The main channel and four multifd channels.
         assert_eq!(view["channels"].as_array().unwrap().len(), 5, "{view}");
     }
@@ -40,7 +40,7 @@ async fn postcopy_with_the_return_path_completes_with_equal_ram() {
     s.src_vm
         .execute("migrate-set-parameters", json!({"max-bandwidth": FAST}))
         .await;
-    for view in s.completes("pc").await {
+    for view in s.completes("pc", "completed").await {
         assert!(
             view["bytes"]["to_source"].as_u64().unwrap() > 0,
             "the return path carried: {view}"
@@ -134,7 +134,7 @@ async fn a_vm_migrates_there_and_back_through_the_same_daemons() {
     let mut s = Scenario::start(Options::default()).await;
     let uri = s.create("there", false).await;
     s.migrate(&uri, FAST).await;
-    s.completes("there").await;
+    s.completes("there", "transferred").await;
     s.assert_ram_equal().await;
 
     // Back: the destination VM becomes the source, a fresh VM on the first host receives it,
@@ -170,7 +170,7 @@ async fn a_vm_migrates_there_and_back_through_the_same_daemons() {
     for daemon in [&s.source, &s.destination] {
         assert_eq!(
             daemon.wait_final("back", Duration::from_secs(10)).await["state"],
-            "completed"
+            "transferred"
         );
     }
     let dir = s.dir.path().to_owned();

@@ -97,7 +97,7 @@ async fn a_migration_over_mutual_tls_is_exact_and_says_so() {
     assert_eq!(receiver.await.unwrap(), (SIZE as u64, blake3::hash(&data)));
     for daemon in [&source, &destination] {
         let view = daemon.wait_final("t1", Duration::from_secs(10)).await;
-        assert_eq!(view["state"], "completed", "{view}");
+        assert_eq!(view["state"], "transferred", "{view}");
         assert_eq!(view["link"], "tls");
         assert_eq!(view["bytes"]["to_destination"], SIZE as u64);
         let (_, info) = daemon.request("GET", "/v1/info", None).await;

@@ -316,7 +316,7 @@ async fn follow(
             .map_err(|e| Failure::from_client("source daemon", e))?;
         // Once migproxy's verdict is in, QEMU gets a moment to settle (`cancelling` →
         // `cancelled`) so that the report shows its last word.
-        if migration::FINAL.contains(&m["state"].as_str().unwrap_or("")) {
+        if migration::is_final(&m) {
             let since = *ended_at.get_or_insert_with(std::time::Instant::now);
             if migration::settled(&m) || since.elapsed() > SETTLE {
                 break m;

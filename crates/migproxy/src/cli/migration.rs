@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use super::EXIT_FAILED;
 use crate::client::{Client, ClientError};
+use crate::daemon::migration::State;
 use crate::human::{Bytes, Elapsed};
 
 /// Exit code when the daemon cannot be reached.
@@ -373,6 +374,9 @@ pub(super) fn print_report(m: &Value, json: bool) {
         m["peer"].as_str().unwrap_or("?"),
         m["local"].as_str().unwrap_or("?")
     );
+    if m["state"] == State::Transferred.name() {
+        println!("  QEMU's verdict unknown (no QMP, no return path): ask QEMU whether it finished");
+    }
     println!(
         "  {} to destination, {} to source in {} (average {}/s)",
         bytes(m, "to_destination"),
@@ -465,14 +469,24 @@ pub(super) fn print_qemu(q: &Value, who: &str) {
 /// QEMU (when the daemon drives it) has given its verdict or gone.
 pub(super) fn settled(m: &Value) -> bool {
     let qemu = &m["qemu"];
-    FINAL.contains(&m["state"].as_str().unwrap_or(""))
+    is_final(m)
         && (qemu.is_null()
             || qemu["monitor_closed"] == true
             || ["completed", "failed", "cancelled"]
                 .contains(&qemu["status"].as_str().unwrap_or("")))
 }
 
-pub(super) const FINAL: [&str; 4] = ["completed", "failed", "cancelled", "expired"];
+/// Whether a migration's report names a final state.
+pub(super) fn is_final(m: &Value) -> bool {
+    let state = m["state"].as_str().unwrap_or("");
+    State::FINAL.iter().any(|s| s.name() == state)
+}
+
+/// Whether migproxy carried the migration to its end: QEMU finished (`completed`), or every
+/// byte crossed and QEMU's verdict is unknown (`transferred`, no QMP).
+pub(super) fn succeeded(m: &Value) -> bool {
+    m["state"] == State::Completed.name() || m["state"] == State::Transferred.name()
+}
 
 /// Draws a line per channel until the migration ends; exit code 0 only if it completed.
 async fn watch_until_end(
@@ -533,7 +547,7 @@ async fn watch_until_end(
             lines[index as usize].tick();
         }
         overall.tick();
-        if FINAL.contains(&state.as_str()) {
+        if is_final(&m) {
             break m;
         }
         tokio::time::sleep(interval).await;
@@ -542,7 +556,7 @@ async fn watch_until_end(
         line.finish_and_clear();
     }
     print_report(&migration, json);
-    Ok(if migration["state"] == "completed" {
+    Ok(if succeeded(&migration) {
         0
     } else {
         EXIT_FAILED

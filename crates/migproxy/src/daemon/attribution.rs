@@ -22,10 +22,7 @@ pub fn of_relay(host: Host, channel: u32, failure: &Failure, qemu_leg: &str) -> 
         host,
         leg,
         channel: Some(channel),
-        direction: failure.direction.map(|d| match d {
-            relay::Direction::ToDestination => Direction::ToDestination,
-            relay::Direction::ToSource => Direction::ToSource,
-        }),
+        direction: failure.direction.map(direction),
         op: match failure.op {
             relay::Op::Connect => Op::Connect,
             relay::Op::Read => Op::Read,
@@ -66,6 +63,227 @@ pub struct Disagreement {
     pub direction: Direction,
     pub source: Totals,
     pub destination: Totals,
+}
+
+impl Disagreement {
+    /// Where `channel`'s counts differ between the hosts (to destination first), if they do.
+    pub fn between(channel: u32, source: Totals, destination: Totals) -> Option<Disagreement> {
+        let direction = if source.to_destination != destination.to_destination {
+            Direction::ToDestination
+        } else if source.to_source != destination.to_source {
+            Direction::ToSource
+        } else {
+            return None;
+        };
+        Some(Disagreement {
+            channel,
+            direction,
+            source,
+            destination,
+        })
+    }
+}
+
+/// A failure of the link between the daemons, seen from `host`, with no channel of its own:
+/// `bytes` are the whole migration's.
+pub fn peer_link(
+    host: Host,
+    op: Op,
+    errno: Option<String>,
+    message: String,
+    bytes: Totals,
+    elapsed_ms: u64,
+) -> Attribution {
+    Attribution {
+        host,
+        leg: Leg::Peer,
+        channel: None,
+        direction: None,
+        op,
+        errno,
+        message,
+        bytes,
+        elapsed_ms,
+    }
+}
+
+/// This host's QEMU failed, as QEMU (or its monitor) told it.
+pub fn qemu(host: Host, message: String, bytes: Totals, elapsed_ms: u64) -> Attribution {
+    Attribution {
+        host,
+        leg: Leg::Qemu,
+        channel: None,
+        direction: None,
+        op: Op::Migrate,
+        errno: None,
+        message,
+        bytes,
+        elapsed_ms,
+    }
+}
+
+/// A main channel that closed cleanly without the destination QEMU's acknowledgement where
+/// one was to come: QEMU did not finish (`status`: the destination said it failed).
+pub fn unfinished(
+    channel: u32,
+    bytes: Totals,
+    status: Option<u32>,
+    paused: bool,
+    elapsed_ms: u64,
+) -> Attribution {
+    let (host, message) = match status {
+        None if paused => (
+            Host::Source,
+            "QEMU closed the migration stream without finishing it (no SHUT on the return \
+             path): paused"
+                .to_owned(),
+        ),
+        None => (
+            Host::Source,
+            "the migration stream ended without the destination QEMU's acknowledgement (no SHUT \
+             on its return path): QEMU did not finish the migration (cancelled or killed on the \
+             source?)"
+                .to_owned(),
+        ),
+        Some(status) => (
+            Host::Destination,
+            format!("the destination QEMU ended the migration with error status {status}"),
+        ),
+    };
+    Attribution {
+        host,
+        leg: Leg::Qemu,
+        channel: Some(channel),
+        // What was missing would have come back on the return path.
+        direction: Some(Direction::ToSource),
+        op: Op::Shutdown,
+        errno: None,
+        message,
+        bytes,
+        elapsed_ms,
+    }
+}
+
+/// The control link came up, and no channel followed within `limit_ms`: the source QEMU
+/// never connected (its `migrate` never ran, or failed before connecting).
+pub fn no_first_channel(limit_ms: u64, elapsed_ms: u64) -> Attribution {
+    Attribution {
+        host: Host::Source,
+        leg: Leg::Qemu,
+        channel: None,
+        direction: None,
+        op: Op::Timeout,
+        errno: None,
+        message: format!(
+            "the source QEMU did not connect within {} of the control link coming up \
+             (first-channel deadline)",
+            Elapsed(std::time::Duration::from_millis(limit_ms)),
+        ),
+        bytes: Totals::default(),
+        elapsed_ms,
+    }
+}
+
+/// What a stall watch saw: on `host`, nothing moved for `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct Stall {
+    pub host: Host,
+    pub limit: std::time::Duration,
+    pub elapsed_ms: u64,
+}
+
+impl Stall {
+    fn attribution(
+        &self,
+        leg: Leg,
+        channel: Option<u32>,
+        direction: Option<Direction>,
+        message: String,
+        bytes: Totals,
+    ) -> Attribution {
+        Attribution {
+            host: self.host,
+            leg,
+            channel,
+            direction,
+            op: Op::Timeout,
+            errno: None,
+            message,
+            bytes,
+            elapsed_ms: self.elapsed_ms,
+        }
+    }
+
+    /// This host's QEMU took none of the `held` bytes waiting for it on `channel`.
+    pub fn qemu_not_reading(
+        &self,
+        channel: u32,
+        way: relay::Direction,
+        held: u64,
+        bytes: Totals,
+    ) -> Attribution {
+        let message = format!(
+            "QEMU stopped reading: {} waited {} to be written to it",
+            Bytes(held),
+            Elapsed(self.limit)
+        );
+        self.attribution(
+            Leg::Qemu,
+            Some(channel),
+            Some(direction(way)),
+            message,
+            bytes,
+        )
+    }
+
+    /// The source's link to the destination took none of the `held` bytes, while the control
+    /// link is alive.
+    pub fn link_not_taking(&self, channel: u32, held: u64, bytes: Totals) -> Attribution {
+        let message = format!(
+            "the link to the destination daemon took none of {} for {} (the destination \
+             daemon still answers on the control link)",
+            Bytes(held),
+            Elapsed(self.limit)
+        );
+        let way = Some(Direction::ToDestination);
+        self.attribution(Leg::Peer, Some(channel), way, message, bytes)
+    }
+
+    /// The source QEMU sent nothing on any channel, and nothing waits to be written.
+    pub fn source_silent(&self, bytes: Totals) -> Attribution {
+        let message = format!(
+            "the source QEMU sent nothing on any channel for {}",
+            Elapsed(self.limit)
+        );
+        let way = Some(Direction::ToDestination);
+        self.attribution(Leg::Qemu, None, way, message, bytes)
+    }
+}
+
+fn direction(way: relay::Direction) -> Direction {
+    match way {
+        relay::Direction::ToDestination => Direction::ToDestination,
+        relay::Direction::ToSource => Direction::ToSource,
+    }
+}
+
+/// The destination carried more channels than the source opened: a connection the source
+/// never made was admitted.
+pub fn channel_count(source: u32, destination: u32) -> Attribution {
+    Attribution {
+        host: Host::Destination,
+        leg: Leg::Peer,
+        channel: Some(source),
+        direction: None,
+        op: Op::Protocol,
+        errno: None,
+        message: format!(
+            "channel counts disagree: the source daemon opened {source} channel(s), the \
+             destination daemon carried {destination}"
+        ),
+        bytes: Totals::default(),
+        elapsed_ms: 0,
+    }
 }
 
 /// Both hosts saw every channel complete, but the byte counts differ (`source` and
@@ -111,6 +329,18 @@ pub fn disagreement(
         // Like every attribution that names a channel, that channel's bytes.
         bytes: first.map_or(destination, |f| f.destination),
         elapsed_ms: 0,
+    }
+}
+
+/// The (host, leg, op) labels of an attribution, as metrics count failures.
+pub fn labels(a: &Attribution) -> (&'static str, &'static str, &'static str) {
+    (host_name(a.host), leg_name(a.leg), op_name(a.op))
+}
+
+fn leg_name(leg: Leg) -> &'static str {
+    match leg {
+        Leg::Qemu => "qemu",
+        Leg::Peer => "peer",
     }
 }
 
@@ -207,10 +437,7 @@ impl From<&Attribution> for Report {
         Report {
             message: Rendered(a).to_string(),
             host: host_name(a.host),
-            leg: match a.leg {
-                Leg::Qemu => "qemu",
-                Leg::Peer => "peer",
-            },
+            leg: leg_name(a.leg),
             channel: a.channel,
             direction: a.direction.map(|d| match d {
                 Direction::ToDestination => "to_destination",

@@ -7,7 +7,8 @@ use std::sync::Mutex;
 
 use tracing::Instrument;
 
-use super::migration::{Admitted, Migration, Role};
+use super::migration::state::ReturnPath as Verdict;
+use super::migration::{Admitted, Migration};
 use super::returnpath::ReturnPath;
 use crate::relay::{Leg, Options, Relay, TapFn};
 
@@ -36,11 +37,12 @@ async fn relay(
     destination: Leg,
     qemu_leg: String,
 ) {
-    // The source host watches the main channel's return path of a recoverable migration, to
-    // tell a finished postcopy migration from a paused one.
-    let watch =
-        migration.spec.recoverable && admitted.main && migration.spec.role == Role::Outgoing;
-    let return_path = watch.then(|| Arc::new(Mutex::new(ReturnPath::default())));
+    // Both hosts watch the main channel's return path (the same bytes on each): the
+    // destination QEMU's `SHUT` tells a finished migration from one that stopped (postcopy
+    // paused, a source QEMU cancelled or killed), where the bytes alone end cleanly alike.
+    let return_path = admitted
+        .main
+        .then(|| Arc::new(Mutex::new(ReturnPath::default())));
     let mut options = Options::default();
     if let Some(parser) = &return_path {
         let parser = Arc::clone(parser);
@@ -55,14 +57,18 @@ async fn relay(
     tracing::debug!(migration = %migration.spec.id, channel = index, "channel open");
     let report = relay.run().await;
     tracing::info!(migration = %migration.spec.id, channel = index, "channel {report}");
-    let shut = return_path.map(|parser| {
-        let parser = parser.lock().unwrap_or_else(|p| p.into_inner());
-        // A parser that lost the thread concludes nothing: take the end as QEMU's word.
-        if parser.in_sync() {
-            parser.shut()
-        } else {
-            Some(0)
+    let verdict = match return_path {
+        Some(parser) if report.is_completed() => {
+            let parser = parser.lock().unwrap_or_else(|p| p.into_inner());
+            // A parser that lost the thread concludes nothing.
+            match (parser.in_sync(), parser.shut(), report.bytes.to_source) {
+                (false, _, _) => Verdict::Unknown,
+                (true, Some(status), _) => Verdict::Shut(status),
+                (true, None, 0) => Verdict::Silent,
+                (true, None, _) => Verdict::Unfinished,
+            }
         }
-    });
-    migration.channel_ended(index, admitted.epoch, &report, &qemu_leg, shut);
+        _ => Verdict::NotWatched,
+    };
+    migration.channel_ended(index, admitted.epoch, &report, &qemu_leg, verdict);
 }

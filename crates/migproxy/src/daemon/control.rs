@@ -20,17 +20,38 @@ use crate::transport::Stream;
 /// After the migration has ended, how long to wait for the peer to close its side.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// After the peer fell silent, how long to keep reading for its explanation (as long as a
+/// failure waits for one).
+const EXPLANATION_WINDOW: Duration = Duration::from_secs(1);
+
 /// Runs the control link until both sides have closed it or it breaks.
-pub async fn run(migration: Arc<Migration>, stream: Stream, link: Link, timing: Timing) {
+/// `version` is the protocol version the link speaks (negotiated in its hello).
+pub async fn run(
+    migration: Arc<Migration>,
+    stream: Stream,
+    link: Link,
+    timing: Timing,
+    version: u16,
+) {
     let span = tracing::info_span!("control", migration = %migration.spec.id, epoch = link.epoch);
-    serve(migration, stream, link, timing)
+    serve(migration, stream, link, timing, version)
         .instrument(span)
         .await;
 }
 
-async fn serve(migration: Arc<Migration>, stream: Stream, link: Link, timing: Timing) {
+async fn serve(
+    migration: Arc<Migration>,
+    stream: Stream,
+    link: Link,
+    timing: Timing,
+    version: u16,
+) {
     let (reader, writer) = tokio::io::split(stream);
     let Link { queue, epoch, stop } = link;
+    let writer = Writer {
+        half: writer,
+        version,
+    };
     let sending = send(&migration, epoch, writer, queue, timing.heartbeat_interval);
     let receiving = async {
         tokio::select! {
@@ -45,10 +66,16 @@ async fn serve(migration: Arc<Migration>, stream: Stream, link: Link, timing: Ti
     tokio::join!(sending, receiving);
 }
 
+/// The link's writing half and the protocol version it speaks.
+struct Writer {
+    half: WriteHalf<Stream>,
+    version: u16,
+}
+
 async fn send(
     migration: &Arc<Migration>,
     epoch: Epoch,
-    mut writer: WriteHalf<Stream>,
+    mut writer: Writer,
     mut queue: mpsc::UnboundedReceiver<Outbound>,
     heartbeat: Duration,
 ) {
@@ -62,7 +89,9 @@ async fn send(
             },
             _ = tick.tick() => Control::Heartbeat,
         };
-        if let Err(error) = write_control(&mut writer, &control, &mut buf).await {
+        if let Err(error) =
+            write_control(&mut writer.half, writer.version, &control, &mut buf).await
+        {
             let blame = migration.peer_link_failure(
                 Op::Write,
                 errno_name(&error),
@@ -73,7 +102,7 @@ async fn send(
         }
     }
     // Everything queued before the end has been written: a clean close.
-    let _ = writer.shutdown().await;
+    let _ = writer.half.shutdown().await;
 }
 
 async fn receive(
@@ -86,6 +115,7 @@ async fn receive(
     let mut buf = Vec::new();
     loop {
         let read = tokio::time::timeout(peer_timeout, read_control(&mut reader, &mut buf)).await;
+        let silent = read.is_err();
         let blame = match read {
             Ok(Ok(Some(control))) => {
                 migration.on_peer(epoch, control);
@@ -118,6 +148,27 @@ async fn receive(
         };
         // Ignored if the epoch has ended meanwhile.
         migration.fail_or_wait(epoch, blame);
+        if silent {
+            // Silence may be this host's own doing (a daemon frozen while the peer failed it):
+            // the peer's explanation may already wait in the socket buffer. Read what is there
+            // while the failure waits for an explanation, so both hosts tell the peer's story.
+            drain(migration, epoch, &mut reader, &mut buf).await;
+        }
         return;
+    }
+}
+
+/// Applies the frames that arrive within the explanation grace, then gives up the link.
+async fn drain(
+    migration: &Arc<Migration>,
+    epoch: Epoch,
+    reader: &mut ReadHalf<Stream>,
+    buf: &mut Vec<u8>,
+) {
+    let until = tokio::time::Instant::now() + EXPLANATION_WINDOW;
+    while let Ok(Ok(Some(control))) =
+        tokio::time::timeout_at(until, read_control(reader, buf)).await
+    {
+        migration.on_peer(epoch, control);
     }
 }

@@ -73,10 +73,13 @@ pub async fn create(
         (None, None) => return Err(CreateError::NoTarget),
     };
     let token = Token::generate();
+    // With QEMU driven here its settings say how many connections it opens: no more are
+    // admitted.
     let max_channels = request
         .max_channels
         .unwrap_or(daemon.config.max_channels)
-        .min(daemon.config.max_channels);
+        .min(daemon.config.max_channels)
+        .min(request.qemu.as_ref().map_or(u32::MAX, |q| q.channels()));
     let migration = Migration::new(
         Spec {
             id: request.id,
@@ -90,10 +93,12 @@ pub async fn create(
             tls: daemon.config.tls.is_some(),
             qemu: request.qemu.clone(),
         },
-        Arc::clone(&daemon.metrics),
-        daemon.events.clone(),
+        daemon.context(),
     );
-    daemon.register(Arc::clone(&migration))?;
+    if let Err(error) = daemon.register(Arc::clone(&migration)) {
+        migration.withdraw();
+        return Err(error.into());
+    }
     if let Some(settings) = &request.qemu {
         match qemu::prepare_incoming(settings).await {
             Ok(qmp) => {
@@ -102,20 +107,12 @@ pub async fn create(
                 daemon.tasks.spawn(follow.instrument(span));
             }
             Err(error) => {
-                migration.stop.cancel();
+                migration.withdraw();
                 daemon.unregister(&migration.spec.id);
                 return Err(error.into());
             }
         }
     }
-    let ttl = daemon.config.token_ttl;
-    let expiring = Arc::clone(&migration);
-    daemon.tasks.spawn(async move {
-        tokio::select! {
-            () = tokio::time::sleep(ttl) => expiring.expire(),
-            () = expiring.stop.cancelled() => {}
-        }
-    });
     Ok((migration, token))
 }
 
@@ -226,21 +223,35 @@ async fn handshake(
         reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
         return;
     }
+    let version = migproxy_proto::negotiate(hello.version);
+    // From version 2 on, the epoch's data connections carry a secret handed out here, on the
+    // control link, rather than the token: holding the token is not enough to add a channel.
+    let credential = (hello.kind == Kind::Control && version >= 2).then(Token::generate);
     let attached = match hello.kind {
-        Kind::Control => migration.attach_control(hello.channel).map(Ok),
-        Kind::Data => migration.open_channel(hello.channel).ok().map(Err),
+        Kind::Control => migration
+            .attach_control(hello.channel, credential.clone())
+            .map(Ok)
+            .ok_or_else(|| {
+                format!(
+                    "migration {} cannot take a control link now (it is {})",
+                    hello.migration,
+                    migration.phase().name()
+                )
+            }),
+        Kind::Data => migration
+            .open_channel(hello.channel)
+            .map(Err)
+            .map_err(|refused| refused.to_string()),
     };
-    let Some(attached) = attached else {
-        let message = format!(
-            "migration {} cannot take this {:?} connection (state {:?})",
-            hello.migration,
-            hello.kind,
-            migration.state()
-        );
-        reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
-        return;
+    let attached = match attached {
+        Ok(attached) => attached,
+        Err(message) => {
+            reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
+            return;
+        }
     };
-    if let Err(error) = peer::reply(&mut stream, Status::Ok, "").await {
+    let handed_out = credential.map(|c| c.to_hex()).unwrap_or_default();
+    if let Err(error) = peer::reply(&mut stream, version, Status::Ok, &handed_out).await {
         tracing::debug!(%from, %error, "peer vanished during the handshake");
         match attached {
             // The source will not see this link: without it the migration cannot go on.
@@ -250,7 +261,7 @@ async fn handshake(
                     errno_name(&error),
                     format!("control link: {}", os_message(&error)),
                 );
-                migration.fail(link.epoch, blame, false);
+                migration.fail(link.epoch, blame);
             }
             Err(_) => migration.channel_abandoned(hello.channel),
         }
@@ -259,7 +270,7 @@ async fn handshake(
     // Authenticated and admitted: this connection no longer counts as a handshake.
     drop(permit);
     match attached {
-        Ok(link) => control::run(migration, stream, link, timing).await,
+        Ok(link) => control::run(migration, stream, link, timing, version).await,
         Err(admitted) => deliver(daemon, migration, hello.channel, admitted, stream, from).await,
     }
 }
@@ -268,7 +279,8 @@ async fn handshake(
 fn busy_reply() -> Vec<u8> {
     let mut buf = Vec::new();
     migproxy_proto::HelloReply {
-        version: migproxy_proto::VERSION,
+        // Before the hello: the oldest version, which every dialler reads.
+        version: migproxy_proto::MIN_VERSION,
         status: Status::Busy,
         message: "too many connections in their handshake, try again".to_owned(),
     }
@@ -325,10 +337,20 @@ fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, Stri
     if migration.spec.role != Role::Incoming {
         return Err(unknown());
     }
-    if !migration.spec.token.matches(&hello.token) {
+    // A control link presents the one-time token; a data connection what its control link
+    // was handed (the token itself on a version 1 link).
+    let presented = match hello.kind {
+        Kind::Control => migration.spec.token.matches(&hello.token),
+        Kind::Data => migration.admits_data(&hello.token),
+    };
+    if !presented {
+        let what = match hello.kind {
+            Kind::Control => "wrong token",
+            Kind::Data => "wrong credential (not the one its control link was given)",
+        };
         return Err((
             Status::BadToken,
-            format!("wrong token for migration \"{}\"", hello.migration),
+            format!("{what} for migration \"{}\"", hello.migration),
         ));
     }
     match migration.state() {
@@ -347,7 +369,8 @@ async fn reject(daemon: &Daemon, stream: &mut Stream, from: &str, status: Status
         tracing::warn!(%from, status = status.name(), suppressed, "peer connection rejected: {message}");
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        peer::reply(stream, status, message).await?;
+        // A refusal ends the connection: the oldest version, which every dialler reads.
+        peer::reply(stream, migproxy_proto::MIN_VERSION, status, message).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];
         let mut left = 64 * 1024;
@@ -372,8 +395,8 @@ async fn deliver(
     link: Stream,
     from: String,
 ) {
-    let mut next = migration.next_channel.subscribe();
-    let mut ready = migration.qemu_ready.subscribe();
+    let mut next = migration.next_channel();
+    let mut ready = migration.qemu_ready();
     let turn = tokio::select! {
         () = admitted.stop.cancelled() => false,
         // A QEMU driven here listens only once the source has come (`migrate-incoming`).

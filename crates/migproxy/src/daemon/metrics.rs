@@ -10,10 +10,6 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use migproxy_proto::Attribution;
-
-use super::attribution;
-use super::migration::State;
 use crate::relay::ByteCounts;
 
 /// Upper bounds of the cancel-latency histogram, in seconds.
@@ -61,23 +57,17 @@ impl Metrics {
         c.finished.to_source = c.finished.to_source.saturating_add(bytes.to_source);
     }
 
-    /// A migration reached a final state (or paused), for this cause.
-    pub fn migration_ended(&self, state: State, cause: Option<&Attribution>) {
+    /// A migration reached the final state (or paused) named `state`; a failure or pause
+    /// with its cause's (host, leg, op) labels.
+    pub fn migration_ended(
+        &self,
+        state: &'static str,
+        cause: Option<(&'static str, &'static str, &'static str)>,
+    ) {
         let mut c = self.lock();
-        let name = match state {
-            State::Completed => "completed",
-            State::Failed => "failed",
-            State::Cancelled => "cancelled",
-            State::Expired => "expired",
-            State::Paused => "paused",
-            State::Pending | State::Active => return,
-        };
-        *c.by_state.entry(name).or_default() += 1;
-        if let Some(cause) = cause {
-            let report = attribution::Report::from(cause);
-            *c.failures
-                .entry((report.host, report.leg, report.op))
-                .or_default() += 1;
+        *c.by_state.entry(state).or_default() += 1;
+        if let Some(labels) = cause {
+            *c.failures.entry(labels).or_default() += 1;
         }
     }
 
@@ -135,7 +125,14 @@ impl Metrics {
             "counter",
             "Migrations by final state (and pauses).",
         );
-        for state in ["completed", "failed", "cancelled", "expired", "paused"] {
+        for state in [
+            "completed",
+            "transferred",
+            "failed",
+            "cancelled",
+            "expired",
+            "paused",
+        ] {
             let n = c.by_state.get(state).copied().unwrap_or(0);
             let _ = writeln!(out, "migproxy_migrations_total{{state=\"{state}\"}} {n}");
         }
@@ -209,7 +206,8 @@ mod tests {
             to_destination: 10,
             to_source: 2,
         });
-        metrics.migration_ended(State::Completed, None);
+        metrics.migration_ended("completed", None);
+        metrics.migration_ended("failed", Some(("source", "qemu", "migrate")));
         metrics.cancelled_in(Duration::from_millis(3));
         metrics.cancelled_in(Duration::from_secs(2));
         let live = Live {
@@ -226,6 +224,8 @@ mod tests {
         for line in [
             "migproxy_bytes_total{direction=\"to_destination\"} 15",
             "migproxy_migrations_total{state=\"completed\"} 1",
+            "migproxy_migrations_total{state=\"transferred\"} 0",
+            "migproxy_failures_total{host=\"source\",leg=\"qemu\",op=\"migrate\"} 1",
             "migproxy_cancel_seconds_bucket{le=\"0.005\"} 1",
             "migproxy_cancel_seconds_bucket{le=\"1\"} 1",
             "migproxy_cancel_seconds_bucket{le=\"+Inf\"} 2",

@@ -28,7 +28,7 @@ pub mod outgoing;
 pub mod paths;
 pub mod peer;
 pub mod qemu;
-mod returnpath;
+pub mod returnpath;
 pub mod token;
 
 use std::collections::HashMap;
@@ -53,6 +53,8 @@ pub struct Config {
     pub timing: Timing,
     /// How long an incoming migration waits for its source daemon.
     pub token_ttl: Duration,
+    /// How long a migration whose control link is up waits for its first channel.
+    pub first_channel_timeout: Duration,
     /// Migrations not yet ended, at most.
     pub max_migrations: usize,
     /// Channels per migration, unless the migration asks for fewer.
@@ -78,6 +80,7 @@ impl Config {
             runtime_dir,
             timing: Timing::default(),
             token_ttl: Duration::from_secs(300),
+            first_channel_timeout: Duration::from_secs(300),
             max_migrations: 64,
             max_channels: 64,
             max_handshakes: 64,
@@ -183,6 +186,21 @@ impl Daemon {
         })
     }
 
+    /// What a new migration shares with the daemon: metrics, events, the task tracker and
+    /// its timers.
+    pub fn context(&self) -> migration::Context {
+        migration::Context {
+            metrics: Arc::clone(&self.metrics),
+            events: self.events.clone(),
+            tasks: self.tasks.clone(),
+            timers: migration::Timers {
+                token_ttl: self.config.token_ttl,
+                first_channel: self.config.first_channel_timeout,
+                ..migration::Timers::default()
+            },
+        }
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Migration>>> {
         self.migrations
             .lock()
@@ -270,13 +288,11 @@ impl Daemon {
         }
     }
 
-    /// Starts the stall timer. Only the source decides that a migration stalled (and tells
-    /// the destination), so that both hosts report the same cause.
+    /// Starts the stall watch: on both hosts, each concluding what it can see (see
+    /// [`Migration::watch_stall`]); the first to conclude tells the other.
     fn watch(&self, migration: &Arc<Migration>) {
-        if migration.spec.role == migration::Role::Outgoing {
-            self.tasks
-                .spawn(Arc::clone(migration).watch_stall(self.config.stall_timeout));
-        }
+        self.tasks
+            .spawn(Arc::clone(migration).watch_stall(self.config.stall_timeout));
     }
 
     /// Cancels every migration still running (daemon shutdown): the peers are told.
@@ -323,9 +339,7 @@ pub async fn run_with(
     incoming::serve_peers(Arc::clone(&daemon), peers, shutdown.clone()).await;
     daemon.cancel_all();
     // After the cancellations' own events: event streams end here.
-    let _ = daemon
-        .events
-        .send(migration::Event(serde_json::json!({"type": "shutdown"})));
+    let _ = daemon.events.send(migration::Event::shutdown());
     // Let the control links carry the cancels out, but do not hang on a dead peer.
     daemon.tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(3), daemon.tasks.wait()).await;

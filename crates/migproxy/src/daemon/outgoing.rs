@@ -76,16 +76,23 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
             token: request.token,
             peer: request.peer.clone(),
             local: local.clone(),
-            max_channels: daemon.config.max_channels,
+            // With QEMU driven here its settings say how many connections it opens.
+            max_channels: request
+                .qemu
+                .as_ref()
+                .map_or(daemon.config.max_channels, |q| q.channels())
+                .min(daemon.config.max_channels),
             recoverable: request.recoverable,
             server_name,
             tls: daemon.config.tls.is_some(),
             qemu: request.qemu.clone(),
         },
-        Arc::clone(&daemon.metrics),
-        daemon.events.clone(),
+        daemon.context(),
     );
-    daemon.register(Arc::clone(&migration))?;
+    if let Err(error) = daemon.register(Arc::clone(&migration)) {
+        migration.withdraw();
+        return Err(error.into());
+    }
     match connect(daemon, &migration, &local).await {
         Ok((listener, control_link)) => {
             if let Err(link) = start_control(daemon, &migration, control_link, 0) {
@@ -105,7 +112,7 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
             Ok(migration)
         }
         Err(error) => {
-            migration.stop.cancel(); // ends its timers
+            migration.withdraw(); // ends its timers
             daemon.unregister(&request.id);
             Err(error)
         }
@@ -122,7 +129,7 @@ async fn start_qemu(
     if let Err(error) = qemu::start(&mut qmp, &migration.spec.local).await {
         // The destination may already listen: both hosts must hear whose fault it was.
         let blame = migration.qemu_failure(format!("migrate refused: {error}"));
-        migration.fail(migration.epoch(), blame, true);
+        migration.fail(migration.epoch(), blame);
         return Err(error.into());
     }
     let (canceller, cancels) = tokio::sync::mpsc::channel(1);
@@ -134,18 +141,51 @@ async fn start_qemu(
     Ok(())
 }
 
+/// A control link as dialled: the stream, the protocol version it speaks, and the
+/// credential its data connections must carry (from version 2 on).
+struct ControlLink {
+    stream: Stream,
+    version: u16,
+    credential: Option<Token>,
+}
+
+impl ControlLink {
+    /// A dialled control link; from version 2 on its acceptance must carry a credential.
+    fn from(dialled: peer::Dialled, peer: &str) -> Result<ControlLink, PeerError> {
+        let credential =
+            match dialled.version {
+                1 => None,
+                _ => Some(Token::from_hex(&dialled.message).ok_or_else(|| {
+                    PeerError::Refused {
+                        peer: peer.to_owned(),
+                        status: migproxy_proto::Status::Malformed,
+                        message:
+                            "the destination accepted the control link without a data credential"
+                                .to_owned(),
+                    }
+                })?),
+            };
+        Ok(ControlLink {
+            stream: dialled.stream,
+            version: dialled.version,
+            credential,
+        })
+    }
+}
+
 async fn connect(
     daemon: &Daemon,
     migration: &Migration,
     local: &Endpoint,
-) -> Result<(Listener, Stream), CreateError> {
+) -> Result<(Listener, ControlLink), CreateError> {
     let listener = Listener::bind(local).await?;
     if let Some(path) = local.unix_path() {
         // Only the daemon's user (and QEMU running as it) may connect.
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     }
     let hello = hello(migration, Kind::Control, 0);
-    let control = dial(daemon, migration, &hello).await?;
+    let dialled = dial(daemon, migration, &hello).await?;
+    let control = ControlLink::from(dialled, &migration.spec.peer)?;
     Ok((listener, control))
 }
 
@@ -153,25 +193,34 @@ async fn connect(
 fn start_control(
     daemon: &Daemon,
     migration: &Arc<Migration>,
-    link: Stream,
+    link: ControlLink,
     first_channel: u32,
-) -> Result<(), Stream> {
-    let Some(attached) = migration.attach_control(first_channel) else {
+) -> Result<(), ControlLink> {
+    let Some(attached) = migration.attach_control(first_channel, link.credential.clone()) else {
         return Err(link);
     };
     let timing = daemon.config.timing.clone();
-    daemon
-        .tasks
-        .spawn(control::run(Arc::clone(migration), link, attached, timing));
+    daemon.tasks.spawn(control::run(
+        Arc::clone(migration),
+        link.stream,
+        attached,
+        timing,
+        link.version,
+    ));
     Ok(())
 }
 
 /// Sends a cancel on a control link the migration could not take, and closes it.
-async fn tell_cancelled(mut link: Stream) {
+async fn tell_cancelled(link: ControlLink) {
     let cancel = Control::Cancel { by: Host::Source };
+    let ControlLink {
+        mut stream,
+        version,
+        ..
+    } = link;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        peer::write_control(&mut link, &cancel, &mut Vec::new()).await?;
-        link.shutdown().await
+        peer::write_control(&mut stream, version, &cancel, &mut Vec::new()).await?;
+        stream.shutdown().await
     })
     .await;
 }
@@ -187,30 +236,36 @@ async fn resume(
 ) -> Result<bool, Attribution> {
     let hello = hello(migration, Kind::Control, first_channel);
     let link = tokio::select! {
-        () = migration.stop.cancelled() => return Ok(false),
+        () = migration.stopped() => return Ok(false),
         link = dial(daemon, migration, &hello) => link,
     };
     // The control link failed, not a channel, after all that moved before the pause.
-    let link = link.map_err(|error| {
-        migration.peer_link_failure(
-            error.op(),
-            error.os_error().and_then(errno_name),
-            format!("resume: control link: {}", dial_detail(&error)),
-        )
-    })?;
+    let link = link
+        .and_then(|dialled| ControlLink::from(dialled, &migration.spec.peer))
+        .map_err(|error| {
+            migration.peer_link_failure(
+                error.op(),
+                error.os_error().and_then(errno_name),
+                format!("resume: control link: {}", dial_detail(&error)),
+            )
+        })?;
     match start_control(daemon, migration, link, first_channel) {
         Ok(()) => Ok(true),
         Err(link) => {
             tracing::debug!(migration = %migration.spec.id, state = ?migration.state(),
                 "nothing to resume");
-            link.abort();
+            link.stream.abort();
             Ok(false)
         }
     }
 }
 
 /// Dials the peer daemon for `migration`, with TLS unless the daemon is plaintext.
-async fn dial(daemon: &Daemon, migration: &Migration, hello: &Hello) -> Result<Stream, PeerError> {
+async fn dial(
+    daemon: &Daemon,
+    migration: &Migration,
+    hello: &Hello,
+) -> Result<peer::Dialled, PeerError> {
     let tls = daemon.config.tls.as_ref().map(|handle| handle.current());
     let to = peer::Dial {
         peer: &migration.spec.peer,
@@ -235,7 +290,12 @@ fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
         kind,
         migration: migration.spec.id.clone(),
         channel,
-        token: *migration.spec.token.bytes(),
+        // A control link presents the one-time token; a data connection the credential its
+        // control link was handed.
+        token: match kind {
+            Kind::Control => *migration.spec.token.bytes(),
+            Kind::Data => *migration.data_credential().bytes(),
+        },
         flags: if recoverable { FLAG_RECOVERABLE } else { 0 },
     }
 }
@@ -246,7 +306,7 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
     let mut index = 0;
     loop {
         let accepted = tokio::select! {
-            () = migration.stop.cancelled() => break,
+            () = migration.stopped() => break,
             accepted = listener.accept() => accepted,
         };
         let (qemu, qemu_name) = match accepted {
@@ -282,7 +342,7 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
                 tracing::warn!(migration = %migration.spec.id, "QEMU connection refused: {refused}");
                 qemu.abort();
                 let blame = refused_channel(&migration, index, &refused);
-                migration.fail(migration.epoch(), blame, true);
+                migration.fail(migration.epoch(), blame);
                 continue;
             }
         };
@@ -294,9 +354,10 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
             dialled = dial(&daemon, &migration, &hello) => Some(dialled),
         };
         match dialled {
-            Some(Ok(link)) => {
+            Some(Ok(dialled)) => {
                 let source = relay::Leg::new(qemu_name.clone(), qemu);
-                let destination = relay::Leg::new(format!("tcp:{}", migration.spec.peer), link);
+                let peer = format!("tcp:{}", migration.spec.peer);
+                let destination = relay::Leg::new(peer, dialled.stream);
                 daemon.tasks.spawn(channel::run(
                     Arc::clone(&migration),
                     index,

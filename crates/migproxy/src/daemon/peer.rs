@@ -10,7 +10,7 @@ use std::io;
 use std::time::Duration;
 
 use migproxy_proto::{
-    Control, DecodeError, HELLO_HEADER, Hello, HelloReply, MAX_HELLO_BODY, Status, VERSION,
+    Control, DecodeError, HELLO_HEADER, Hello, HelloReply, MAX_HELLO_BODY, Status,
     control_frame_len, hello_body_len, reply_len,
 };
 use socket2::{SockRef, TcpKeepalive};
@@ -113,8 +113,18 @@ pub struct Dial<'a> {
     pub tls: Option<(&'a crate::tls::Tls, &'a str)>,
 }
 
+/// A connection the destination daemon accepted.
+#[derive(Debug)]
+pub struct Dialled {
+    pub stream: Stream,
+    /// The protocol version the destination answered in, which the connection speaks.
+    pub version: u16,
+    /// What the acceptance carried (a control link's data credential, from version 2 on).
+    pub message: String,
+}
+
 /// Connects to the peer daemon and introduces the connection.
-pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Stream, PeerError> {
+pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Dialled, PeerError> {
     let peer = to.peer;
     let connect = tokio::time::timeout(timing.connect_timeout, TcpStream::connect(peer));
     let tcp = match connect.await {
@@ -170,7 +180,11 @@ pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Stream
             message: reply.message,
         });
     }
-    Ok(stream)
+    Ok(Dialled {
+        stream,
+        version: reply.version,
+        message: reply.message,
+    })
 }
 
 /// A failure reading a hello or a frame.
@@ -212,15 +226,16 @@ pub async fn read_hello(stream: &mut (impl AsyncRead + Unpin)) -> Result<Hello, 
     Ok(Hello::decode_body(version, &body)?)
 }
 
-/// Answers a hello.
+/// Answers a hello in protocol `version` (see [`migproxy_proto::negotiate`]).
 pub async fn reply(
     stream: &mut (impl AsyncWrite + Unpin),
+    version: u16,
     status: Status,
     message: &str,
 ) -> io::Result<()> {
     let mut buf = Vec::new();
     HelloReply {
-        version: VERSION,
+        version,
         status,
         message: message.to_owned(),
     }
@@ -246,14 +261,15 @@ pub async fn read_control(
     Ok(Some(Control::decode(buf)?))
 }
 
-/// Writes one control frame.
+/// Writes one control frame as protocol `version` has it.
 pub async fn write_control(
     writer: &mut (impl AsyncWrite + Unpin),
+    version: u16,
     control: &Control,
     buf: &mut Vec<u8>,
 ) -> io::Result<()> {
     buf.clear();
-    control.encode(buf);
+    control.encode_for(version, buf);
     writer.write_all(buf).await?;
     // TLS buffers: a control frame must leave now, not with the next one.
     writer.flush().await

@@ -33,6 +33,9 @@ pub struct DirectionCounters {
     spliced: AtomicU64,
     /// Microseconds after the relay started at which bytes last moved; 0 = never.
     last_progress_us: AtomicU64,
+    /// Bytes read from the sending leg and not yet written to the receiving one: non-zero
+    /// while the pump waits to write (the receiver does not take them).
+    held: AtomicU64,
 }
 
 impl DirectionCounters {
@@ -46,6 +49,12 @@ impl DirectionCounters {
         self.spliced.load(Ordering::Relaxed)
     }
 
+    /// Bytes read and not yet delivered: a pump that holds bytes and makes no progress waits
+    /// for its receiving leg.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
     /// When bytes last moved, as time since the relay started.
     pub fn last_progress(&self) -> Option<Duration> {
         match self.last_progress_us.load(Ordering::Relaxed) {
@@ -57,6 +66,10 @@ impl DirectionCounters {
     fn record(&self, bytes: usize, spliced: bool, since_start: Duration) {
         let bytes = bytes as u64;
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        // One writer per direction: a load and a store, no read-modify-write needed.
+        let held = self.held.load(Ordering::Relaxed);
+        self.held
+            .store(held.saturating_sub(bytes), Ordering::Relaxed);
         if spliced {
             self.spliced.fetch_add(bytes, Ordering::Relaxed);
         }
@@ -131,6 +144,13 @@ impl Counters {
     /// Time since the relay was created.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// `bytes` were read in `direction` and wait to be written.
+    pub(super) fn hold(&self, direction: Direction, bytes: usize) {
+        self.direction(direction)
+            .held
+            .store(bytes as u64, Ordering::Relaxed);
     }
 
     pub(super) fn record(&self, direction: Direction, bytes: usize, spliced: bool) {

@@ -43,6 +43,7 @@ pub(super) async fn pump(
         if let (Some(TapFn(tap)), Carrier::Buffer { buf, .. }) = (&tap, &carrier) {
             tap(&buf[..filled]);
         }
+        counters.hold(direction, filled);
         drain(&dst, &mut carrier, filled, direction, counters).await?;
         turn.take().await;
     }

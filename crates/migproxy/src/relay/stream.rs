@@ -25,6 +25,7 @@ pub(super) async fn pump(
         if let Some(TapFn(tap)) = &tap {
             tap(&buf[..filled]);
         }
+        counters.hold(direction, filled);
         // Delivered once flushed: a layer that buffers (TLS, up to 1 MiB of sealed records)
         // has not delivered what it merely accepted, and must not sit on a small
         // return-path message either. On failure the whole chunk counts as undelivered.

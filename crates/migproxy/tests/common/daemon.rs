@@ -100,7 +100,7 @@ impl TestDaemon {
         let ended = |view: &Value| {
             matches!(
                 view["state"].as_str(),
-                Some("completed" | "failed" | "cancelled" | "expired")
+                Some("completed" | "transferred" | "failed" | "cancelled" | "expired")
             )
         };
         self.wait_for(id, "ended", limit, ended).await
@@ -189,7 +189,7 @@ pub async fn carry(source: &TestDaemon, destination: &TestDaemon, id: &str, byte
     assert_eq!(receiver.await.unwrap(), (bytes as u64, blake3::hash(&data)));
     for daemon in [source, destination] {
         let view = daemon.wait_final(id, Duration::from_secs(5)).await;
-        assert_eq!(view["state"], "completed", "{view}");
+        assert_eq!(view["state"], "transferred", "{view}");
     }
 }
 

@@ -80,7 +80,9 @@ impl DaemonProcess {
                 .await;
             assert_eq!(status, 200, "{view}");
             match view["state"].as_str() {
-                Some("completed" | "failed" | "cancelled" | "expired") => return view,
+                Some("completed" | "transferred" | "failed" | "cancelled" | "expired") => {
+                    return view;
+                }
                 _ if start.elapsed() > limit => panic!("still running after {limit:?}: {view}"),
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }

@@ -149,14 +149,16 @@ impl Scenario {
         assert_eq!(src, dst, "destination RAM differs from the source's");
     }
 
-    /// The source QEMU says `completed` and both daemons completed migration `id`; returns
-    /// the daemons' views (source, destination).
-    pub async fn completes(&mut self, id: &str) -> [Value; 2] {
+    /// The source QEMU says `completed` and both daemons ended migration `id` in `verdict`:
+    /// `completed` where QEMU's return path carried the destination's `SHUT` (postcopy),
+    /// `transferred` where nothing told QEMU's verdict (precopy without QMP); returns the
+    /// daemons' views (source, destination).
+    pub async fn completes(&mut self, id: &str, verdict: &str) -> [Value; 2] {
         qemu_completed(&mut self.src_vm).await;
         let mut views = Vec::new();
         for daemon in [&self.source, &self.destination] {
             let view = daemon.wait_final(id, Duration::from_secs(10)).await;
-            assert_eq!(view["state"], "completed", "{view}");
+            assert_eq!(view["state"], verdict, "{view}");
             views.push(view);
         }
         [views.remove(0), views.remove(0)]

@@ -35,12 +35,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use migproxy_proto::{Attribution, Host, Leg, Op};
-use serde::Serialize;
-use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+pub mod report;
 
-use super::migration::{self, Migration, Role, State};
+use migproxy_proto::Attribution;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+pub use self::report::{CancelRefused, Report, Settings, Status};
+use super::migration::{CancelRequest, Migration, Role, State};
 use crate::endpoint::Endpoint;
 use crate::qmp::{Qmp, QmpError};
 
@@ -56,26 +58,6 @@ const WIND_DOWN: Duration = Duration::from_secs(3);
 /// `max-bandwidth` when none is asked for: unlimited in practice (100 GiB/s), as libvirt
 /// does. QEMU's own default (128 MiB/s) is a trap for anyone migrating more than a toy.
 pub const UNLIMITED_BANDWIDTH: u64 = 100 << 30;
-
-/// QEMU's statuses once a migration is over.
-const FINAL: [&str; 3] = ["completed", "failed", "cancelled"];
-
-/// What to ask of QEMU, as given at creation.
-#[derive(Debug, Clone, Serialize)]
-pub struct Settings {
-    /// The local QEMU's QMP socket (one of its own for migproxy).
-    pub qmp: PathBuf,
-    /// multifd with this many channels; `None`: one stream.
-    pub multifd: Option<u32>,
-    /// The `postcopy-ram` capability (both hosts must agree).
-    pub postcopy: bool,
-    /// Source: switch to postcopy this long after `migrate`.
-    pub postcopy_after_ms: Option<u64>,
-    /// Source: bytes per second (default: unlimited).
-    pub max_bandwidth: Option<u64>,
-    /// Source: the longest pause of the guest QEMU should aim for.
-    pub downtime_limit_ms: Option<u64>,
-}
 
 /// Why QEMU could not be prepared, each naming the QMP socket.
 #[derive(Debug, thiserror::Error)]
@@ -196,7 +178,7 @@ pub async fn prepare_incoming(settings: &Settings) -> Result<Qmp, QemuError> {
 pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: Option<PathBuf>) {
     let mut state = migration.watch_state();
     let came = tokio::select! {
-        () = migration.stop.cancelled() => false,
+        () = migration.stopped() => false,
         came = state.wait_for(|state| *state != State::Pending) => {
             came.is_ok_and(|state| *state == State::Active)
         }
@@ -204,14 +186,14 @@ pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: O
     let uri = migration.spec.local.to_string();
     let hint = " (start the destination QEMU with -incoming defer)";
     // Told to listen only if the migration is still on: otherwise QEMU stays reusable.
-    let told = came && !migration.stop.is_cancelled();
+    let told = came && !migration.is_stopped();
     let listening = match told {
         true => run(&mut qmp, "migrate-incoming", json!({ "uri": uri }), hint).await,
         false => Ok(Value::Null),
     };
     match listening {
         Ok(_) if told => {
-            migration.qemu_ready.send_replace(true);
+            migration.qemu_listening();
             // The destination QEMU has nothing to cancel: no canceller.
             let (_, cancels) = mpsc::channel(1);
             follow(migration, qmp, cancels, cleanup).await;
@@ -219,7 +201,7 @@ pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: O
         Ok(_) => {}
         Err(error) => {
             let blame = migration.qemu_failure(format!("migrate-incoming {uri} failed: {error}"));
-            migration.fail(migration.epoch(), blame, true);
+            migration.fail(migration.epoch(), blame);
         }
     }
 }
@@ -234,12 +216,11 @@ pub async fn prepare_outgoing(settings: &Settings) -> Result<Qmp, QemuError> {
         });
     }
     let info = run(&mut qmp, "query-migrate", Value::Null, "").await?;
-    if let Some(status) = info["status"].as_str()
-        && !FINAL.contains(&status)
-    {
+    let status = Status::of(&info);
+    if status != Status::None && !status.is_final() {
         return Err(QemuError::Busy {
             qmp: settings.qmp.clone(),
-            status: status.to_owned(),
+            status: status.to_string(),
         });
     }
     if let Some(reasons) = info["blocked-reasons"].as_array().filter(|r| !r.is_empty()) {
@@ -292,34 +273,6 @@ async fn configure(qmp: &mut Qmp, settings: &Settings, role: Role) -> Result<(),
     Ok(())
 }
 
-/// A cancel asked of the task following the source QEMU: it runs `migrate_cancel` (unless
-/// that would lose the guest), then cancels the migration on behalf of `by`, and answers.
-#[derive(Debug)]
-pub struct CancelRequest {
-    pub by: Host,
-    pub reply: oneshot::Sender<Result<bool, CancelRefused>>,
-}
-
-/// Why a cancel asked on this host was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum CancelRefused {
-    #[error(
-        "the migration has switched to postcopy: the destination runs the guest now, and a \
-         cancel would lose it"
-    )]
-    Postcopy,
-    #[error(
-        "QEMU has completed the migration on this host: the guest now belongs to the \
-         destination"
-    )]
-    Completed,
-    #[error(
-        "postcopy is enabled, and only the source knows whether it has switched (the \
-         destination's QEMU learns it later): cancel on the source host"
-    )]
-    AskTheSource,
-}
-
 /// How a cancel through QEMU went.
 enum Cancelled {
     Done,
@@ -359,7 +312,7 @@ pub async fn follow(
     let (mut asked, mut switched) = (false, false);
     loop {
         let ended = tokio::select! {
-            () = migration.stop.cancelled() => true,
+            () = migration.stopped() => true,
             Some(request) = cancels.recv() => {
                 let outcome = cancel_qemu(&mut qmp, switched).await;
                 if !answer(&migration, request, outcome) {
@@ -380,16 +333,13 @@ pub async fn follow(
                 break;
             }
         };
-        match status.as_str() {
-            "completed" => {
-                migration.qemu_completed();
-                break;
-            }
-            "failed" | "cancelled" => {
+        match status {
+            Status::Completed => break,
+            Status::Failed | Status::Cancelled => {
                 verdict(&migration, &status);
                 break;
             }
-            "active"
+            Status::Active
                 if !asked && postcopy_after.is_some_and(|after| started.elapsed() >= after) =>
             {
                 asked = true;
@@ -413,7 +363,7 @@ pub async fn follow(
     // The monitor is QEMU's to give to someone else now.
     drop(qmp);
     if let Some(path) = cleanup {
-        migration.stop.cancelled().await;
+        migration.stopped().await;
         let _ = std::fs::remove_file(&path);
     }
 }
@@ -438,15 +388,14 @@ fn answer(migration: &Arc<Migration>, request: CancelRequest, outcome: Cancelled
 /// `migrate_cancel`, unless the migration is past the point where the source can take the
 /// guest back: switched to postcopy, or completed.
 async fn cancel_qemu(qmp: &mut Qmp, switched: bool) -> Cancelled {
-    let status = |info: &Value| info["status"].as_str().unwrap_or("none").to_owned();
     let before = match timed(qmp, "query-migrate").await {
-        Ok(info) => status(&info),
+        Ok(info) => Status::of(&info),
         Err(error) => return Cancelled::Lost(error),
     };
-    if switched || before.starts_with("postcopy") {
+    if switched || before.is_postcopy() {
         return Cancelled::Refused(CancelRefused::Postcopy);
     }
-    if before == "completed" {
+    if before == Status::Completed {
         return Cancelled::Refused(CancelRefused::Completed);
     }
     if let Err(error) = timed(qmp, "migrate_cancel").await {
@@ -454,28 +403,38 @@ async fn cancel_qemu(qmp: &mut Qmp, switched: bool) -> Cancelled {
     }
     // A migration that completed meanwhile ignores the cancel: look again.
     match timed(qmp, "query-migrate").await {
-        Ok(info) if status(&info) == "completed" => Cancelled::Refused(CancelRefused::Completed),
+        Ok(info) if Status::of(&info) == Status::Completed => {
+            Cancelled::Refused(CancelRefused::Completed)
+        }
         Ok(_) => Cancelled::Done,
         Err(error) => Cancelled::Lost(error),
     }
 }
 
-/// QEMU's monitor closed or stopped answering: recorded, and the migration fails unless the
-/// peer explains it first.
+/// QEMU's monitor closed or stopped answering: recorded, and the migration fails. On the
+/// source that is the cause: the source QEMU died, and the destination's failure follows
+/// from it. A destination QEMU exits by itself when its incoming migration breaks (QEMU 7.2),
+/// so there it is usually the echo of a failure on the source: the peer's explanation is
+/// waited for.
 fn monitor_lost(migration: &Arc<Migration>, error: &QemuError) {
     migration.qemu_monitor_closed();
-    if !migration.state().is_final() {
-        migration.fail_later(migration.epoch(), lost(migration, error));
+    if migration.state().is_final() {
+        return;
+    }
+    let blame = lost(migration, error);
+    match migration.spec.role {
+        Role::Outgoing => migration.fail(migration.epoch(), blame),
+        Role::Incoming => migration.fail_later(migration.epoch(), blame),
     }
 }
 
 /// One `query-migrate`, recorded in the migration with the events queued meanwhile; returns
 /// QEMU's status.
 async fn observe(
-    migration: &Migration,
+    migration: &Arc<Migration>,
     qmp: &mut Qmp,
     started: Instant,
-) -> Result<String, QemuError> {
+) -> Result<Status, QemuError> {
     let answer = timed(qmp, "query-migrate").await;
     let events = qmp.take_events();
     let pass = events
@@ -483,18 +442,19 @@ async fn observe(
         .filter(|e| e.event == "MIGRATION_PASS")
         .filter_map(|e| e.data["pass"].as_u64())
         .max();
-    let statuses: Vec<&str> = events
+    let statuses: Vec<Status> = events
         .iter()
         .filter(|e| e.event == "MIGRATION")
         .filter_map(|e| e.data["status"].as_str())
+        .map(Status::parse)
         .collect();
     let info = match answer {
         Ok(info) => info,
         // QEMU said `completed` and then went (a management tool quit it at once).
-        Err(_) if statuses.last() == Some(&"completed") => json!({"status": "completed"}),
+        Err(_) if statuses.last() == Some(&Status::Completed) => json!({"status": "completed"}),
         Err(error) => return Err(error),
     };
-    let status = info["status"].as_str().unwrap_or("none").to_owned();
+    let status = Status::of(&info);
     migration.qemu_observed(info, pass, &statuses, started.elapsed());
     Ok(status)
 }
@@ -517,7 +477,7 @@ async fn wind_down(migration: &Arc<Migration>, qmp: &mut Qmp, started: Instant, 
     let deadline = Instant::now() + WIND_DOWN;
     while Instant::now() < deadline {
         match observe(migration, qmp, started).await {
-            Ok(status) if FINAL.contains(&status.as_str()) || status == "none" => return,
+            Ok(status) if status.is_final() || status == Status::None => return,
             Ok(_) => tokio::time::sleep(POLL).await,
             // The destination QEMU exits when its incoming migration breaks (QEMU 7.2).
             Err(_) => {
@@ -539,10 +499,10 @@ async fn end_unreached_incoming(migration: &Migration, qmp: &mut Qmp) {
         return;
     }
     let status = match timed(qmp, "query-migrate").await {
-        Ok(info) => info["status"].as_str().unwrap_or("none").to_owned(),
+        Ok(info) => Status::of(&info),
         Err(_) => return,
     };
-    if status != "none" && status != "setup" {
+    if !matches!(status, Status::None | Status::Setup) {
         return;
     }
     let Some(path) = migration.spec.local.unix_path() else {
@@ -559,8 +519,8 @@ async fn end_unreached_incoming(migration: &Migration, qmp: &mut Qmp) {
 }
 
 /// QEMU says the migration failed, or someone cancelled it in QEMU directly.
-fn verdict(migration: &Arc<Migration>, status: &str) {
-    if status == "cancelled" {
+fn verdict(migration: &Arc<Migration>, status: &Status) {
+    if *status == Status::Cancelled {
         migration.cancel(migration.host());
         return;
     }
@@ -580,167 +540,8 @@ fn lost(migration: &Migration, error: &QemuError) -> Attribution {
     blame
 }
 
-/// An attribution to this host's QEMU with `message`, at the current counts.
-pub(super) fn attribution(migration: &Migration, message: String) -> Attribution {
-    let bytes = migration::totals(migration.bytes());
-    Attribution {
-        host: migration.host(),
-        leg: Leg::Qemu,
-        channel: None,
-        direction: None,
-        op: Op::Migrate,
-        errno: None,
-        message,
-        bytes,
-        elapsed_ms: migration.elapsed().as_millis() as u64,
-    }
-}
-
 /// Where the destination QEMU listens when the request names no target: a socket in the
 /// daemon's runtime directory, removed when the migration ends.
 pub fn incoming_socket(runtime_dir: &Path, id: &str) -> PathBuf {
     runtime_dir.join(format!("{id}.incoming.sock"))
-}
-
-/// QEMU's view of the migration, for the API: the last `query-migrate`, digested.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Report {
-    /// QEMU's status: `setup`, `active`, `postcopy-active`, `completed`, `failed`,
-    /// `cancelled`…; `none` before QEMU has started.
-    pub status: String,
-    pub error_desc: Option<String>,
-    /// Memory passes so far (QEMU's `dirty-sync-count`).
-    pub pass: u64,
-    /// Whether the migration switched to postcopy.
-    pub postcopy_started: bool,
-    /// QEMU's refusal of `migrate-start-postcopy` (the migration goes on in precopy).
-    pub postcopy_error: Option<String>,
-    /// QEMU's monitor closed before QEMU's verdict: QEMU exited (as a destination QEMU does
-    /// when its incoming migration breaks) or crashed.
-    pub monitor_closed: bool,
-    /// QEMU's own figures (milliseconds), when it gives them.
-    pub total_time_ms: Option<u64>,
-    pub downtime_ms: Option<u64>,
-    pub expected_downtime_ms: Option<u64>,
-    pub setup_time_ms: Option<u64>,
-    /// From the daemon's start of QEMU's migration to QEMU's verdict, measured here (QEMU's
-    /// `total-time` reads 0 for a paused guest).
-    pub wall_time_ms: u64,
-    pub ram: Option<Ram>,
-}
-
-/// QEMU's RAM figures.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Ram {
-    pub total: u64,
-    pub transferred: u64,
-    pub remaining: u64,
-    /// Bytes dirtied per second by the guest (`dirty-pages-rate` × `page-size`).
-    pub dirty_bytes_per_second: u64,
-    /// QEMU's throughput, megabits per second.
-    pub mbps: f64,
-    pub postcopy_requests: u64,
-    pub multifd_bytes: u64,
-}
-
-impl Report {
-    /// Digests a `query-migrate` answer; keeps what an emptier answer (QEMU forgets its
-    /// figures on some paths) no longer carries.
-    /// `statuses` are those QEMU's `MIGRATION` events announced since the last answer.
-    pub fn update(&mut self, info: &Value, pass: Option<u64>, statuses: &[&str], wall: Duration) {
-        let number = |key: &str| info[key].as_u64();
-        let was_final = self.is_final();
-        self.status = info["status"].as_str().unwrap_or("none").to_owned();
-        if let Some(desc) = info["error-desc"].as_str() {
-            self.error_desc = Some(desc.to_owned());
-        }
-        self.postcopy_started |= std::iter::once(self.status.as_str())
-            .chain(statuses.iter().copied())
-            .any(|status| status.starts_with("postcopy"));
-        self.total_time_ms = number("total-time").or(self.total_time_ms);
-        self.downtime_ms = number("downtime").or(self.downtime_ms);
-        self.expected_downtime_ms = number("expected-downtime").or(self.expected_downtime_ms);
-        self.setup_time_ms = number("setup-time").or(self.setup_time_ms);
-        if !was_final {
-            self.wall_time_ms = wall.as_millis() as u64;
-        }
-        if let Some(ram) = info.get("ram") {
-            let field = |key: &str| ram[key].as_u64().unwrap_or(0);
-            self.pass = self.pass.max(field("dirty-sync-count"));
-            self.ram = Some(Ram {
-                total: field("total"),
-                transferred: field("transferred"),
-                remaining: field("remaining"),
-                dirty_bytes_per_second: field("dirty-pages-rate")
-                    .saturating_mul(field("page-size")),
-                mbps: ram["mbps"].as_f64().unwrap_or(0.0),
-                postcopy_requests: field("postcopy-requests"),
-                multifd_bytes: field("multifd-bytes"),
-            });
-        }
-        if let Some(pass) = pass {
-            self.pass = self.pass.max(pass);
-        }
-    }
-
-    pub fn is_final(&self) -> bool {
-        FINAL.contains(&self.status.as_str())
-    }
-
-    /// Whether QEMU will say no more: its verdict is in, or its monitor is gone.
-    pub fn is_settled(&self) -> bool {
-        self.is_final() || self.monitor_closed
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn report_digests_query_migrate() {
-        let mut report = Report::default();
-        let active = json!({"status": "active", "total-time": 120, "expected-downtime": 300,
-            "setup-time": 2, "ram": {"total": 1024, "transferred": 512, "remaining": 512,
-            "dirty-pages-rate": 10, "page-size": 4096, "mbps": 800.5, "dirty-sync-count": 2}});
-        report.update(&active, Some(3), &[], Duration::from_millis(130));
-        assert_eq!(report.status, "active");
-        assert_eq!(
-            report.pass, 3,
-            "a MIGRATION_PASS event newer than the poll counts"
-        );
-        let ram = report.ram.clone().expect("ram");
-        assert_eq!((ram.remaining, ram.dirty_bytes_per_second), (512, 40960));
-        assert!(!report.is_final());
-
-        // A final answer without figures keeps the last ones; the wall time stops.
-        report.update(
-            &json!({"status": "failed", "error-desc": "boom"}),
-            None,
-            &[],
-            Duration::from_millis(200),
-        );
-        report.update(
-            &json!({"status": "failed"}),
-            None,
-            &[],
-            Duration::from_secs(9),
-        );
-        assert!(report.is_final());
-        assert_eq!(report.error_desc.as_deref(), Some("boom"));
-        assert_eq!(report.total_time_ms, Some(120));
-        assert_eq!(report.wall_time_ms, 200);
-        assert_eq!(report.ram.map(|r| r.transferred), Some(512));
-    }
-
-    #[test]
-    fn postcopy_is_remembered() {
-        let mut report = Report::default();
-        report.update(&json!({"status": "active"}), None, &[], Duration::ZERO);
-        assert!(!report.postcopy_started);
-        // Seen only in an event between two polls.
-        let seen = ["postcopy-active", "completed"];
-        report.update(&json!({"status": "completed"}), None, &seen, Duration::ZERO);
-        assert!(report.postcopy_started);
-    }
 }

@@ -1,0 +1,1025 @@
+//! One migration as one daemon sees it: the lifecycle ([`state`], pure), the wrapper that
+//! carries out its effects ([`Migration`]: sockets, tasks, the clock), the channel table's
+//! live half ([`channels`]) and what the API shows ([`view`]).
+//!
+//! Every input — a control link attached, a channel opened or ended, a frame from the peer,
+//! a timer, QEMU's status, a cancel — goes through [`Migration::step`]: one lock, one call
+//! of [`state::Core::step`], then the effects, in order, under the same lock. Timers
+//! (explanation grace, cancel wait, first-channel deadline, token TTL, stall watch) are tasks
+//! on the daemon's tracker that feed inputs back; none decides anything itself.
+//!
+//! A *recoverable* migration (postcopy) does not fail when a channel or the link breaks: it
+//! pauses, as QEMU does (`postcopy-paused`). Every channel of the broken *epoch* is torn down
+//! and the control link is closed; when the source QEMU reconnects (`migrate … resume=true`),
+//! the source daemon dials a new control link whose hello names the first channel of the new
+//! epoch, and fresh channels follow. Completion then counts the last epoch only: bytes lost in
+//! flight when the old one broke are QEMU's to resend.
+//!
+//! Every ending is mirrored to the peer daemon over the control link: a local failure is sent
+//! as [`Control::Failed`] with its attribution, so that the peer reports the same cause
+//! instead of the symptom it sees (a reset data connection). A failure seen only on the peer
+//! link waits briefly for such an explanation before blaming the network.
+
+pub mod channels;
+pub mod state;
+pub mod view;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use migproxy_proto::{Attribution, Control, Host, Leg, Op, Totals};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::state::{CancelRoute, Core, Effect, Input, Now, Refusal, ReturnPath};
+pub use self::state::{ChannelState, Epoch, Phase, Role, State};
+pub use self::view::Event;
+use self::view::{EventKind, Snapshot};
+use super::attribution::{self, Rendered};
+use super::metrics::Metrics;
+use super::qemu::report::{self as qemu, CancelRefused, Status};
+use crate::endpoint::Endpoint;
+use crate::relay::{ByteCounts, Counters, End, Report};
+
+/// What goes to the control writer.
+#[derive(Debug)]
+pub enum Outbound {
+    Frame(Control),
+    /// Everything queued has been sent: close the control link.
+    Close,
+}
+
+/// How long the timers of a migration run.
+#[derive(Debug, Clone, Copy)]
+pub struct Timers {
+    /// How long a failure seen only on the peer link waits for the peer's explanation.
+    pub explanation: Duration,
+    /// How long a cancel waits for the source (or its QEMU) to end its side.
+    pub cancel_wait: Duration,
+    /// How long an incoming migration waits for its source daemon.
+    pub token_ttl: Duration,
+    /// How long a migration whose control link is up waits for its first channel.
+    pub first_channel: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Timers {
+        Timers {
+            explanation: Duration::from_millis(1000),
+            cancel_wait: Duration::from_secs(2),
+            token_ttl: Duration::from_secs(300),
+            first_channel: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a migration shares with its daemon.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub metrics: Arc<Metrics>,
+    pub events: broadcast::Sender<Event>,
+    /// The daemon's tracker: every task of the migration runs on it.
+    pub tasks: TaskTracker,
+    pub timers: Timers,
+}
+
+/// Fixed facts about a migration, given at creation.
+#[derive(Debug)]
+pub struct Spec {
+    pub id: String,
+    pub role: Role,
+    pub token: super::token::Token,
+    /// The other daemon's peer address (as given to, or handed out by, this daemon).
+    pub peer: String,
+    /// Incoming: the destination QEMU's endpoint. Outgoing: the socket handed to QEMU.
+    pub local: Endpoint,
+    /// Channels per epoch, at most.
+    pub max_channels: u32,
+    /// Pause instead of failing (postcopy recovery).
+    pub recoverable: bool,
+    /// Outgoing: the name the destination daemon's certificate must carry.
+    pub server_name: String,
+    /// Whether the peer link is encrypted and authenticated (TLS) or plaintext.
+    pub tls: bool,
+    /// The local QEMU, when the daemon drives it over QMP.
+    pub qemu: Option<qemu::Settings>,
+}
+
+/// A cancel asked of the task following the source QEMU: it runs `migrate_cancel` (unless
+/// that would lose the guest), then cancels the migration on behalf of `by`, and answers.
+#[derive(Debug)]
+pub struct CancelRequest {
+    pub by: Host,
+    pub reply: oneshot::Sender<Result<bool, CancelRefused>>,
+}
+
+/// Why a channel could not be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("migration {id}: {reason}")]
+pub struct ChannelRefused {
+    pub id: String,
+    #[source]
+    pub reason: Refusal,
+}
+
+/// A control link just attached: what it must send, and the epoch it belongs to.
+#[derive(Debug)]
+pub struct Link {
+    pub queue: mpsc::UnboundedReceiver<Outbound>,
+    pub epoch: Epoch,
+    /// Cancelled when the epoch ends.
+    pub stop: CancellationToken,
+}
+
+/// A channel admitted into the current epoch.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub epoch: Epoch,
+    /// Cancelled when the epoch ends.
+    pub stop: CancellationToken,
+    /// The first channel of its epoch: QEMU's main stream, which carries the return path.
+    pub main: bool,
+}
+
+/// A migration, shared between the API, the control link and the channel tasks.
+#[derive(Debug)]
+pub struct Migration {
+    pub spec: Spec,
+    context: Context,
+    created: SystemTime,
+    started: Instant,
+    /// Cancelled when the migration ends: stops accepting, aborts every channel still running.
+    stop: CancellationToken,
+    inner: Mutex<Inner>,
+    /// The state, for those who wait on it.
+    state_tx: watch::Sender<State>,
+    /// Incoming: the next channel index allowed to connect to the destination QEMU.
+    next_channel: watch::Sender<u32>,
+    /// Incoming: whether the destination QEMU listens (at once, unless QEMU is driven here
+    /// and told to listen only once the source daemon has come).
+    qemu_ready: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    core: Core,
+    live: channels::Live,
+    /// The control writer's queue, while a control link is up.
+    outbound: Option<mpsc::UnboundedSender<Outbound>>,
+    /// The queue a new epoch's link takes, between `BeginEpoch` and `attach_control`.
+    new_link: Option<mpsc::UnboundedReceiver<Outbound>>,
+    /// Cancelled when the epoch ends (pause or end): its channels are torn down.
+    epoch_stop: CancellationToken,
+    /// When this host was asked to cancel.
+    cancel_asked: Option<Instant>,
+    /// The time from the cancel until every channel closed has been recorded.
+    cancel_timed: bool,
+    /// Phase timestamps, for the API.
+    activated: Option<SystemTime>,
+    paused: Option<SystemTime>,
+    ended_at: Option<SystemTime>,
+    ended: Option<Instant>,
+    /// The two latest (time, bytes to destination) samples, a second or more apart.
+    rate_samples: [(Instant, u64); 2],
+    /// QEMU's view, when the daemon drives QEMU.
+    qemu: Option<qemu::Report>,
+    /// The task following QEMU, which cancels QEMU before the sockets (source).
+    qemu_cancel: Option<mpsc::Sender<CancelRequest>>,
+    /// The last state announced (event, watchers).
+    announced: State,
+    /// What data connections of the current epoch must carry instead of the one-time token:
+    /// a secret the destination handed out on this epoch's control link (protocol 2 on).
+    credential: Option<super::token::Token>,
+}
+
+impl Migration {
+    /// A new migration in `pending`, whose timers run on `context.tasks`.
+    pub fn new(spec: Spec, context: Context) -> Arc<Migration> {
+        let stop = CancellationToken::new();
+        let core = Core::new(state::Config {
+            role: spec.role,
+            recoverable: spec.recoverable,
+            max_channels: spec.max_channels,
+            qemu: spec.qemu.is_some(),
+            postcopy: spec.qemu.as_ref().is_some_and(|q| q.postcopy),
+        });
+        let qemu_driven = spec.qemu.is_some();
+        let migration = Arc::new(Migration {
+            context,
+            created: SystemTime::now(),
+            started: Instant::now(),
+            inner: Mutex::new(Inner {
+                core,
+                live: channels::Live::default(),
+                outbound: None,
+                new_link: None,
+                epoch_stop: stop.child_token(),
+                cancel_asked: None,
+                cancel_timed: false,
+                activated: None,
+                paused: None,
+                ended_at: None,
+                ended: None,
+                rate_samples: [(Instant::now(), 0); 2],
+                qemu: qemu_driven.then(qemu::Report::default),
+                qemu_cancel: None,
+                announced: State::Pending,
+                credential: None,
+            }),
+            stop,
+            state_tx: watch::channel(State::Pending).0,
+            next_channel: watch::channel(0).0,
+            qemu_ready: watch::channel(!qemu_driven).0,
+            spec,
+        });
+        migration.start_ttl();
+        migration
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug elsewhere; the state is still usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Feeds one input to the lifecycle and carries out its effects, under one lock.
+    fn step(self: &Arc<Self>, input: Input) -> Result<(), Refusal> {
+        let mut inner = self.lock();
+        self.step_locked(&mut inner, input)
+    }
+
+    fn step_locked(self: &Arc<Self>, inner: &mut Inner, input: Input) -> Result<(), Refusal> {
+        self.step_then(inner, input, |_| {})
+    }
+
+    /// As [`step_locked`](Self::step_locked); `first` runs between the lifecycle's step and
+    /// its effects (an event that must precede the state change it causes).
+    fn step_then(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        input: Input,
+        first: impl FnOnce(&Inner),
+    ) -> Result<(), Refusal> {
+        let name = input.name();
+        let before = (inner.core.phase(), inner.core.paused());
+        let now = self.now(inner);
+        let effects = inner.core.step(input, now).inspect_err(|refusal| {
+            tracing::debug!(migration = %self.spec.id, input = name, %refusal, "not taken");
+        })?;
+        first(inner);
+        self.apply(inner, effects);
+        self.observe(inner, before);
+        Ok(())
+    }
+
+    fn now(&self, inner: &Inner) -> Now {
+        Now {
+            bytes: channels::totals(inner.live.total(inner.core.channels())),
+            elapsed_ms: self.elapsed().as_millis() as u64,
+        }
+    }
+
+    fn apply(self: &Arc<Self>, inner: &mut Inner, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Send(control) => {
+                    if let Some(outbound) = &inner.outbound {
+                        let _ = outbound.send(Outbound::Frame(control));
+                    }
+                }
+                Effect::BeginEpoch { .. } => {
+                    let (outbound, queue) = mpsc::unbounded_channel();
+                    inner.outbound = Some(outbound);
+                    inner.new_link = Some(queue);
+                    inner.epoch_stop = self.stop.child_token();
+                    inner.activated.get_or_insert_with(SystemTime::now);
+                }
+                Effect::EndEpoch => {
+                    if let Some(outbound) = inner.outbound.take() {
+                        let _ = outbound.send(Outbound::Close);
+                    }
+                    inner.epoch_stop.cancel();
+                }
+                Effect::Release { index } => {
+                    self.next_channel.send_replace(index);
+                }
+                Effect::AwaitExplanation { epoch, blame } => {
+                    let wait = self.context.timers.explanation;
+                    self.after(wait, Input::GraceOver { epoch, blame });
+                }
+                Effect::AwaitSourceCancel => {
+                    inner.cancel_asked = Some(Instant::now());
+                    self.after(self.context.timers.cancel_wait, Input::CancelWaitOver);
+                }
+                Effect::AwaitFirstChannel => {
+                    let limit = self.context.timers.first_channel;
+                    let input = Input::FirstChannelOver {
+                        epoch: inner.core.epoch(),
+                        limit_ms: limit.as_millis() as u64,
+                    };
+                    self.after(limit, input);
+                }
+                Effect::CancelQemu { by } => self.spawn_qemu_cancel(inner, by),
+                Effect::Stop => {
+                    inner.ended = Some(Instant::now());
+                    inner.ended_at = Some(SystemTime::now());
+                    self.stop.cancel();
+                }
+            }
+        }
+    }
+
+    /// Feeds `input` after `delay`, unless the migration ends first.
+    fn after(self: &Arc<Self>, delay: Duration, input: Input) {
+        let migration = Arc::clone(self);
+        self.context.tasks.spawn(async move {
+            tokio::select! {
+                () = migration.stop.cancelled() => {}
+                () = tokio::time::sleep(delay) => {
+                    let _ = migration.step(input);
+                }
+            }
+        });
+    }
+
+    /// What follows a step: the state for watchers, the event, the log, the metrics — once
+    /// per change of state (a pause hidden inside one step counts too).
+    fn observe(&self, inner: &mut Inner, before: (Phase, u32)) {
+        self.observe_cancel(inner);
+        if inner.core.paused() != before.1 {
+            inner.paused = Some(SystemTime::now());
+            self.announce(inner, Phase::Paused);
+        }
+        let phase = inner.core.phase();
+        if phase.state() != inner.announced {
+            self.announce(inner, phase);
+        } else if phase != before.0 {
+            tracing::debug!(migration = %self.spec.id, phase = phase.name(), "phase");
+        }
+    }
+
+    fn announce(&self, inner: &mut Inner, phase: Phase) {
+        let state = phase.state();
+        inner.announced = state;
+        self.state_tx.send_replace(inner.core.state());
+        let cause = inner
+            .core
+            .error()
+            .filter(|_| matches!(state, State::Failed | State::Paused));
+        match cause {
+            Some(cause) => {
+                tracing::warn!(migration = %self.spec.id, "{}: {}", state.name(), Rendered(cause))
+            }
+            None => tracing::info!(migration = %self.spec.id, phase = phase.name(), "state"),
+        }
+        if state.is_final() || state == State::Paused {
+            self.context
+                .metrics
+                .migration_ended(state.name(), cause.map(attribution::labels));
+        }
+        self.publish(EventKind::State {
+            state,
+            phase: phase.name(),
+            error: cause.map(attribution::Report::from),
+        });
+    }
+
+    /// Once every channel has closed after a cancel, records how long that took.
+    fn observe_cancel(&self, inner: &mut Inner) {
+        if inner.cancel_timed || inner.core.state() != State::Cancelled {
+            return;
+        }
+        let asked = *inner.cancel_asked.get_or_insert_with(Instant::now);
+        if inner.core.channels().iter().all(|c| c.state.is_final()) {
+            self.context.metrics.cancelled_in(asked.elapsed());
+            inner.cancel_timed = true;
+        }
+    }
+
+    /// Publishes an event about this migration (nobody listening is fine).
+    fn publish(&self, kind: EventKind) {
+        let _ = self.context.events.send(Event::about(&self.spec.id, kind));
+    }
+
+    pub fn host(&self) -> Host {
+        self.spec.role.host()
+    }
+
+    pub fn state(&self) -> State {
+        self.lock().core.state()
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.lock().core.phase()
+    }
+
+    /// A receiver that sees every state change.
+    pub fn watch_state(&self) -> watch::Receiver<State> {
+        self.state_tx.subscribe()
+    }
+
+    /// Time since the migration ended, if it has.
+    pub fn ended_for(&self) -> Option<Duration> {
+        self.lock().ended.map(|at| at.elapsed())
+    }
+
+    /// Resolves once the migration has ended (or was withdrawn).
+    pub fn stopped(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.stop.cancelled()
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Creation failed before anyone saw the migration: its timers end, nothing is reported.
+    pub fn withdraw(&self) {
+        self.stop.cancel();
+    }
+
+    /// Incoming: the index of the next channel allowed to connect to the destination QEMU.
+    pub fn next_channel(&self) -> watch::Receiver<u32> {
+        self.next_channel.subscribe()
+    }
+
+    /// Incoming: whether the destination QEMU listens yet.
+    pub fn qemu_ready(&self) -> watch::Receiver<bool> {
+        self.qemu_ready.subscribe()
+    }
+
+    /// Incoming: the destination QEMU listens now; channels may connect to it.
+    pub fn qemu_listening(&self) {
+        self.qemu_ready.send_replace(true);
+    }
+
+    /// Starts the token's clock: a migration still pending when it runs out expires.
+    fn start_ttl(self: &Arc<Self>) {
+        if self.spec.role == Role::Incoming {
+            self.after(self.context.timers.token_ttl, Input::TtlOver);
+        }
+    }
+
+    /// A control link is up: `pending` → `attached`, or `paused` → `attached` with a new
+    /// epoch whose channels start at `first_channel`. `None` if the migration cannot take a
+    /// link now (one is attached, or it has ended). `credential` is what the epoch's data
+    /// connections must carry instead of the token (`None`: a version 1 link, the token).
+    pub fn attach_control(
+        self: &Arc<Self>,
+        first_channel: u32,
+        credential: Option<super::token::Token>,
+    ) -> Option<Link> {
+        let mut inner = self.lock();
+        self.step_locked(&mut inner, Input::Attach { first_channel })
+            .ok()?;
+        inner.credential = credential;
+        tracing::info!(migration = %self.spec.id, first_channel, epoch = inner.core.epoch(), "control link attached");
+        Some(Link {
+            queue: inner.new_link.take()?,
+            epoch: inner.core.epoch(),
+            stop: inner.epoch_stop.clone(),
+        })
+    }
+
+    /// Whether a data connection's hello carries what this epoch's data connections must:
+    /// the secret handed out on its control link, or the token where the link speaks
+    /// version 1. A token holder who is not the control link's peer cannot add channels.
+    pub fn admits_data(&self, presented: &[u8; migproxy_proto::TOKEN_LEN]) -> bool {
+        match &self.lock().credential {
+            Some(credential) => credential.matches(presented),
+            None => self.spec.token.matches(presented),
+        }
+    }
+
+    /// What this host's data connections present (source).
+    pub fn data_credential(&self) -> super::token::Token {
+        self.lock()
+            .credential
+            .clone()
+            .unwrap_or_else(|| self.spec.token.clone())
+    }
+
+    /// Channel `index` of `epoch` is connected to the destination QEMU: the next one may go.
+    /// False if the epoch has ended meanwhile (the connection must then be dropped).
+    pub fn channel_connected(self: &Arc<Self>, epoch: Epoch, index: u32) -> bool {
+        self.step(Input::Connected { epoch, index }).is_ok()
+    }
+
+    /// Admits channel `index` into the current epoch.
+    pub fn open_channel(self: &Arc<Self>, index: u32) -> Result<Admitted, ChannelRefused> {
+        let mut inner = self.lock();
+        self.step_locked(&mut inner, Input::Open { index })
+            .map_err(|reason| ChannelRefused {
+                id: self.spec.id.clone(),
+                reason,
+            })?;
+        Ok(Admitted {
+            epoch: inner.core.epoch(),
+            stop: inner.epoch_stop.clone(),
+            main: index == inner.core.epoch_start(),
+        })
+    }
+
+    /// A channel that was opened but never ran (its epoch ended first).
+    pub fn channel_abandoned(self: &Arc<Self>, index: u32) {
+        let _ = self.step(Input::Abandoned { index });
+    }
+
+    /// A channel that could not be set up (its dial or its connect failed): it failed, and
+    /// with it the epoch — unless the epoch ended meanwhile. A failure on the peer link waits
+    /// for the peer's explanation, as every peer-leg failure does.
+    pub fn channel_failed(self: &Arc<Self>, epoch: Epoch, index: u32, blame: Attribution) {
+        let mut inner = self.lock();
+        let wait = blame.leg == Leg::Peer;
+        let input = Input::SetupFailed {
+            epoch,
+            index,
+            blame,
+            wait,
+        };
+        let _ = self.step_then(&mut inner, input, |inner| {
+            if inner.core.channels().get(index as usize).map(|c| c.state)
+                == Some(ChannelState::Failed)
+            {
+                self.publish(EventKind::ChannelClosed {
+                    channel: index,
+                    end: "failed",
+                    bytes: ByteCounts::default(),
+                });
+            }
+        });
+    }
+
+    /// The channel's local leg is up and its relay is running with these counters.
+    pub fn channel_running(self: &Arc<Self>, index: u32, counters: Arc<Counters>) {
+        let mut inner = self.lock();
+        inner.live.running(index, counters);
+        let _ = self.step_then(&mut inner, Input::Running { index }, |_| {
+            self.publish(EventKind::ChannelOpened { channel: index });
+        });
+    }
+
+    /// Records how a channel's relay ended, and what that means for the migration.
+    /// `qemu_leg` is the name of the relay leg that faces the local QEMU; `return_path` is
+    /// what the main channel's return path said.
+    pub fn channel_ended(
+        self: &Arc<Self>,
+        index: u32,
+        epoch: Epoch,
+        report: &Report,
+        qemu_leg: &str,
+        return_path: ReturnPath,
+    ) {
+        let (end, failure) = match &report.end {
+            End::Completed => (migproxy_proto::ChannelEnd::Completed, None),
+            End::Cancelled => (migproxy_proto::ChannelEnd::Cancelled, None),
+            End::Failed(failure) => {
+                let blame = attribution::of_relay(self.host(), index, failure, qemu_leg);
+                let wait = blame.leg == Leg::Peer;
+                (migproxy_proto::ChannelEnd::Failed, Some((blame, wait)))
+            }
+        };
+        self.context.metrics.channel_ended(report.bytes);
+        let mut inner = self.lock();
+        let input = Input::Ended {
+            epoch,
+            index,
+            end,
+            bytes: channels::totals(report.bytes),
+            failure,
+            return_path,
+        };
+        let _ = self.step_then(&mut inner, input, |inner| {
+            let end = match inner.core.channels().get(index as usize).map(|c| c.state) {
+                Some(ChannelState::Completed) => "completed",
+                Some(ChannelState::Failed) => "failed",
+                _ => "cancelled",
+            };
+            self.publish(EventKind::ChannelClosed {
+                channel: index,
+                end,
+                bytes: report.bytes,
+            });
+        });
+    }
+
+    /// A failure on this host's QEMU leg is certain: fail now. One on the peer link may be
+    /// the echo of a failure on the other host: give its explanation a moment to arrive.
+    pub fn fail_or_wait(self: &Arc<Self>, epoch: Epoch, blame: Attribution) {
+        let wait = blame.leg == Leg::Peer;
+        let _ = self.step(Input::Failure { epoch, blame, wait });
+    }
+
+    /// Fails with `blame` unless, within a grace period, the peer's explanation arrives. A
+    /// migration still pending fails at once.
+    pub fn fail_later(self: &Arc<Self>, epoch: Epoch, blame: Attribution) {
+        let _ = self.step(Input::Failure {
+            epoch,
+            blame,
+            wait: true,
+        });
+    }
+
+    /// Ends the current epoch with a failure now: a recoverable migration pauses, any other
+    /// fails (first cause wins). The peer is told.
+    pub fn fail(self: &Arc<Self>, epoch: Epoch, blame: Attribution) {
+        let _ = self.step(Input::Failure {
+            epoch,
+            blame,
+            wait: false,
+        });
+    }
+
+    /// A paused migration's resume failed (QEMU's recovery came, the peer could not be
+    /// reached): it stays paused, and the failure is its latest cause.
+    pub fn resume_failed(self: &Arc<Self>, blame: Attribution) {
+        let mut inner = self.lock();
+        tracing::warn!(migration = %self.spec.id, "resume failed: {}", Rendered(&blame));
+        if self
+            .step_locked(&mut inner, Input::ResumeFailed { blame })
+            .is_ok()
+        {
+            let error = inner.core.error().map(attribution::Report::from);
+            self.publish(EventKind::State {
+                state: State::Paused,
+                phase: "paused",
+                error,
+            });
+        }
+    }
+
+    /// Cancels the migration on behalf of `by` now; tells the peer if the cancel is ours.
+    /// Returns false when the migration had already ended or the cancel is refused.
+    pub fn cancel(self: &Arc<Self>, by: Host) -> bool {
+        self.step(Input::Cancel { by }).is_ok()
+    }
+
+    /// The peer closed (or broke) the control link of `epoch`. True when that ends a cancel
+    /// this host asked for: the source has ended its side, the migration is cancelled here
+    /// too.
+    pub fn link_closed(self: &Arc<Self>, epoch: Epoch) -> bool {
+        self.step(Input::LinkClosed { epoch }).is_ok()
+    }
+
+    /// Applies a control frame from the peer daemon, received on the link of `epoch`.
+    pub fn on_peer(self: &Arc<Self>, epoch: Epoch, control: Control) {
+        let _ = self.step(Input::Peer { epoch, control });
+    }
+
+    /// Cancels on behalf of `by`, through the source QEMU first when the daemon drives it
+    /// (so that QEMU reports `cancelled` and resumes the guest rather than failing on the
+    /// sockets torn down under it); from the destination, by asking the source first. A
+    /// cancel asked on this host is refused once the guest may be the destination's.
+    /// `Ok(false)`: the migration had already ended.
+    pub async fn cancel_through_qemu(self: &Arc<Self>, by: Host) -> Result<bool, CancelRefused> {
+        let route = {
+            let mut inner = self.lock();
+            let before = (inner.core.phase(), inner.core.paused());
+            match inner.core.ask(by) {
+                Ok((effects, route)) => {
+                    // The QEMU route is carried out here, so that its answer reaches the caller.
+                    let effects = effects
+                        .into_iter()
+                        .filter(|e| !matches!(e, Effect::CancelQemu { .. }))
+                        .collect();
+                    self.apply(&mut inner, effects);
+                    self.observe(&mut inner, before);
+                    route
+                }
+                Err(Refusal::Cancel(refused)) => return Err(refused),
+                Err(_) => return Ok(false),
+            }
+        };
+        match route {
+            CancelRoute::Now => Ok(true),
+            CancelRoute::AskedTheSource => {
+                let mut state = self.watch_state();
+                let _ = state.wait_for(|s| s.is_final()).await;
+                let inner = self.lock();
+                Ok(inner.core.cancelled_by() == Some(by))
+            }
+            CancelRoute::ThroughQemu => self.cancel_qemu_first(by).await,
+        }
+    }
+
+    /// Asks the task following QEMU to cancel it, then the migration; if that task does not
+    /// answer in time, cancels the migration regardless.
+    async fn cancel_qemu_first(self: &Arc<Self>, by: Host) -> Result<bool, CancelRefused> {
+        let canceller = self.lock().qemu_cancel.clone();
+        let (reply, answer) = oneshot::channel();
+        let request = CancelRequest { by, reply };
+        let wait = self.context.timers.cancel_wait;
+        if let Some(canceller) = canceller {
+            let asked = tokio::time::timeout(wait, async {
+                canceller.send(request).await.ok()?;
+                answer.await.ok()
+            })
+            .await;
+            if let Ok(Some(outcome)) = asked {
+                return outcome.map(|cancelled| cancelled || self.state() == State::Cancelled);
+            }
+        }
+        Ok(self.cancel(by))
+    }
+
+    fn spawn_qemu_cancel(self: &Arc<Self>, inner: &Inner, by: Host) {
+        if inner.qemu_cancel.is_none() {
+            return;
+        }
+        let migration = Arc::clone(self);
+        self.context.tasks.spawn(async move {
+            let _ = migration.cancel_qemu_first(by).await;
+        });
+    }
+
+    /// Fails the current epoch when no byte has moved on any channel for `limit` while the
+    /// migration is active: a QEMU that stopped sending or reading, or a link that stalls
+    /// without breaking. Runs on both hosts; each concludes only what it can see (below).
+    /// Returns when the migration ends.
+    pub async fn watch_stall(self: Arc<Self>, limit: Duration) {
+        // Checked often enough that a stall is reported within a twentieth of its limit.
+        let tick = (limit / 20).clamp(Duration::from_millis(10), Duration::from_millis(500));
+        let mut last = (u64::MAX, Instant::now(), 0);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(tick) => {}
+            }
+            let (moved, epoch, running) = self.progress();
+            if moved != last.0 || epoch != last.2 || running.is_empty() {
+                last = (moved, Instant::now(), epoch);
+            } else if last.1.elapsed() >= limit
+                && let Some((blame, wait)) = self.stall_cause(&running, limit)
+            {
+                let _ = self.step(Input::Failure { epoch, blame, wait });
+                last.1 = Instant::now();
+            }
+        }
+    }
+
+    /// Bytes moved so far, the epoch, and the counters of the channels running in it (none
+    /// unless the migration is active).
+    fn progress(&self) -> (u64, Epoch, Vec<(u32, Arc<Counters>)>) {
+        let inner = self.lock();
+        let channels = inner.core.channels();
+        let running = match inner.core.state() {
+            State::Active => inner.live.running_counters(channels),
+            _ => Vec::new(),
+        };
+        let moved = inner.live.total(channels).total();
+        (moved, inner.core.epoch(), running)
+    }
+
+    /// Who stalled, as far as this host can see, and whether the other host may know better.
+    /// A pump that holds bytes it cannot write waits for its receiver: this host's QEMU not
+    /// reading is certain. The source also knows when its QEMU sends nothing; a link that
+    /// takes nothing while heartbeats flow may be the destination QEMU not reading, which
+    /// the destination says. The destination concludes nothing else: the source decides.
+    fn stall_cause(
+        &self,
+        running: &[(u32, Arc<Counters>)],
+        limit: Duration,
+    ) -> Option<(Attribution, bool)> {
+        use crate::relay::Direction as Way;
+        let (to_qemu, to_link) = match self.spec.role {
+            Role::Incoming => (Way::ToDestination, Way::ToSource),
+            Role::Outgoing => (Way::ToSource, Way::ToDestination),
+        };
+        let held = |way: Way| {
+            running
+                .iter()
+                .find(|(_, c)| c.direction(way).held() > 0)
+                .map(|(index, c)| (*index, c.direction(way).held(), channels::totals(c.bytes())))
+        };
+        let elapsed_ms = self.elapsed().as_millis() as u64;
+        let stall = attribution::Stall {
+            host: self.host(),
+            limit,
+            elapsed_ms,
+        };
+        if let Some((index, held, bytes)) = held(to_qemu) {
+            return Some((stall.qemu_not_reading(index, to_qemu, held, bytes), false));
+        }
+        if self.spec.role == Role::Incoming {
+            return None;
+        }
+        let bytes = channels::totals(self.bytes());
+        match held(to_link) {
+            Some((index, held, bytes)) => Some((stall.link_not_taking(index, held, bytes), true)),
+            None => Some((stall.source_silent(bytes), false)),
+        }
+    }
+
+    /// Records a `query-migrate` answer from the local QEMU; publishes a `qemu` event when
+    /// QEMU's status or pass changes.
+    pub fn qemu_observed(
+        self: &Arc<Self>,
+        info: serde_json::Value,
+        pass: Option<u64>,
+        statuses: &[Status],
+        wall: Duration,
+    ) {
+        let mut inner = self.lock();
+        let Some(report) = inner.qemu.as_mut() else {
+            return;
+        };
+        let before = (report.status.clone(), report.pass);
+        report.update(&info, pass, statuses, wall);
+        if before == (report.status.clone(), report.pass) {
+            return;
+        }
+        let event = view::qemu_event(report);
+        let status = report.status.clone();
+        self.publish(event);
+        let _ = self.step_locked(&mut inner, Input::Qemu { status });
+    }
+
+    /// QEMU refused to switch to postcopy: the migration goes on in precopy, and the
+    /// report and a `qemu` event say why.
+    pub fn qemu_postcopy_refused(&self, error: String) {
+        tracing::warn!(migration = %self.spec.id, "QEMU did not switch to postcopy: {error}");
+        self.with_qemu_report(|report| report.postcopy_error = Some(error));
+    }
+
+    /// The local QEMU's monitor closed: QEMU exited or crashed.
+    pub fn qemu_monitor_closed(&self) {
+        self.with_qemu_report(|report| report.monitor_closed = true);
+    }
+
+    fn with_qemu_report(&self, change: impl FnOnce(&mut qemu::Report)) {
+        let mut inner = self.lock();
+        let Some(report) = inner.qemu.as_mut() else {
+            return;
+        };
+        change(report);
+        let event = view::qemu_event(report);
+        drop(inner);
+        self.publish(event);
+    }
+
+    /// Whether the local QEMU has given its verdict (`completed`, `failed`, `cancelled`).
+    pub fn qemu_final(&self) -> bool {
+        self.lock()
+            .qemu
+            .as_ref()
+            .is_some_and(qemu::Report::is_final)
+    }
+
+    /// QEMU's `error-desc`, if it gave one.
+    pub fn qemu_error(&self) -> Option<String> {
+        self.lock().qemu.as_ref().and_then(|q| q.error_desc.clone())
+    }
+
+    /// A failure of this host's QEMU, as QEMU told it.
+    pub fn qemu_failure(&self, message: String) -> Attribution {
+        let now = self.now(&self.lock());
+        attribution::qemu(self.host(), message, now.bytes, now.elapsed_ms)
+    }
+
+    /// Registers the task that cancels the source QEMU first.
+    pub fn set_qemu_canceller(self: &Arc<Self>, canceller: mpsc::Sender<CancelRequest>) {
+        let mut inner = self.lock();
+        inner.qemu_cancel = Some(canceller);
+        let _ = self.step_locked(&mut inner, Input::QemuFollowing);
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.lock().core.epoch()
+    }
+
+    /// Time since creation, for attributions without a channel.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Bytes moved so far on every channel.
+    pub fn bytes(&self) -> ByteCounts {
+        let inner = self.lock();
+        inner.live.total(inner.core.channels())
+    }
+
+    /// Failure to attribute when the peer link (control) breaks.
+    pub fn peer_link_failure(&self, op: Op, errno: Option<String>, message: String) -> Attribution {
+        let now = self.now(&self.lock());
+        attribution::peer_link(self.host(), op, errno, message, now.bytes, now.elapsed_ms)
+    }
+
+    /// Bytes of channels still being relayed (the finished ones are in the metrics).
+    pub fn live_bytes(&self) -> (ByteCounts, u64) {
+        let inner = self.lock();
+        inner.live.running_bytes(inner.core.channels())
+    }
+
+    /// A consistent view for the API.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut inner = self.lock();
+        // Live counters move while they are read: read each once, and add those up.
+        let channels = inner.live.rows(inner.core.channels());
+        let total = channels
+            .iter()
+            .fold(ByteCounts::default(), |acc, c| channels::add(acc, c.bytes));
+        let throughput = self.throughput(&mut inner, total);
+        let state = inner.core.state();
+        let elapsed = inner.ended.unwrap_or_else(Instant::now) - self.started;
+        Snapshot {
+            id: self.spec.id.clone(),
+            direction: self.spec.role,
+            state,
+            phase: inner.core.phase().name(),
+            peer: self.spec.peer.clone(),
+            local: self.spec.local.to_string(),
+            recoverable: self.spec.recoverable,
+            link: if self.spec.tls { "tls" } else { "plaintext" },
+            bytes: total,
+            channels,
+            error: inner.core.error().map(attribution::Report::from),
+            pauses: inner
+                .core
+                .pauses()
+                .iter()
+                .map(attribution::Report::from)
+                .collect(),
+            cancelled_by: inner.core.cancelled_by().map(attribution::host_name),
+            verdict: view::verdict(state),
+            created_at: view::unix_seconds(Some(self.created)).unwrap_or_default(),
+            elapsed_ms: elapsed.as_millis() as u64,
+            throughput,
+            timestamps: view::Timestamps {
+                created: view::unix_seconds(Some(self.created)),
+                active: view::unix_seconds(inner.activated),
+                paused: view::unix_seconds(inner.paused),
+                ended: view::unix_seconds(inner.ended_at),
+            },
+            qemu: self
+                .spec
+                .qemu
+                .as_ref()
+                .zip(inner.qemu.clone())
+                .map(|(settings, report)| view::QemuView {
+                    settings: settings.clone(),
+                    report,
+                }),
+            peer_view: peer_view(&inner.core),
+        }
+    }
+
+    /// Throughput now and on average. Samples move on at most once a second, whoever reads:
+    /// readers polling at least once a second (the CLI's live line) see the rate over the
+    /// last one to two seconds, and no reader shortens another's window; a rarer reader sees
+    /// the rate since the read before.
+    fn throughput(&self, inner: &mut Inner, total: ByteCounts) -> view::Throughput {
+        let now = Instant::now();
+        if now.duration_since(inner.rate_samples[1].0) >= Duration::from_secs(1) {
+            inner.rate_samples = [inner.rate_samples[1], (now, total.to_destination)];
+        }
+        let (since, then) = inner.rate_samples[0];
+        let window = now.duration_since(since).as_secs_f64();
+        let current = if inner.core.state() == State::Active && window > 0.0 {
+            (total.to_destination.saturating_sub(then) as f64 / window) as u64
+        } else {
+            0
+        };
+        let elapsed = inner.ended.unwrap_or(now).duration_since(self.started);
+        let average = match elapsed.as_secs_f64() {
+            secs if secs > 0.0 => (total.to_destination as f64 / secs) as u64,
+            _ => 0,
+        };
+        view::Throughput {
+            current_bytes_per_second: current,
+            average_bytes_per_second: average,
+        }
+    }
+}
+
+fn peer_view(core: &Core) -> view::PeerView {
+    let channels = core
+        .channels()
+        .iter()
+        .enumerate()
+        .filter_map(|(index, c)| {
+            c.peer_end.map(|(end, bytes)| view::PeerChannel {
+                index: index as u32,
+                end: view::end_name(end),
+                bytes: channels::counts(bytes),
+            })
+        })
+        .collect();
+    view::PeerView {
+        channels,
+        done: core.peer_done().map(|done| view::PeerDone {
+            channels: done.channels,
+            bytes: channels::counts(done.bytes),
+            verdict: match done.verdict {
+                migproxy_proto::Verdict::Unknown => "unknown",
+                migproxy_proto::Verdict::Qemu => "qemu",
+                migproxy_proto::Verdict::ReturnPath => "return_path",
+            },
+        }),
+    }
+}
+
+pub fn totals(bytes: ByteCounts) -> Totals {
+    channels::totals(bytes)
+}

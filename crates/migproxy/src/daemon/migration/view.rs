@@ -1,0 +1,229 @@
+//! What the API shows of a migration: the snapshot (`GET /v1/migrations/ID`) and the events
+//! (`GET /v1/events`), typed. Built from the lifecycle and the live counters; nothing here
+//! decides anything.
+
+use std::time::SystemTime;
+
+use migproxy_proto::{ChannelEnd, Host};
+use serde::Serialize;
+
+use super::super::attribution;
+use super::super::qemu::report::{Report as QemuReport, Settings as QemuSettings, Status};
+use super::state::{ChannelState, Phase, Role, State};
+use crate::relay::ByteCounts;
+
+/// Bytes per second towards the destination.
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// Over the last second or so (0 unless active).
+    pub current_bytes_per_second: u64,
+    /// Since the migration was created.
+    pub average_bytes_per_second: u64,
+}
+
+/// When each phase began, in seconds since the Unix epoch.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timestamps {
+    pub created: Option<f64>,
+    pub active: Option<f64>,
+    /// The last pause.
+    pub paused: Option<f64>,
+    pub ended: Option<f64>,
+}
+
+/// What the other daemon has reported over the control link.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerView {
+    /// Channels the peer has reported ended, with its counts.
+    pub channels: Vec<PeerChannel>,
+    /// The peer's totals once every channel ended cleanly there.
+    pub done: Option<PeerDone>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerChannel {
+    pub index: u32,
+    pub end: &'static str,
+    pub bytes: ByteCounts,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerDone {
+    pub channels: u32,
+    pub bytes: ByteCounts,
+    /// The peer's evidence that QEMU finished: `qemu`, `return_path` or `unknown`.
+    pub verdict: &'static str,
+}
+
+/// A migration as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub direction: Role,
+    pub state: State,
+    /// The state in more detail: `attached` (no channel yet), `completing` (this host is
+    /// done, the peer not yet), `cancelling` (waiting for the source to end its side).
+    pub phase: &'static str,
+    /// The other daemon's peer address.
+    pub peer: String,
+    /// Incoming: the destination QEMU's endpoint; outgoing: the URI handed to QEMU.
+    pub local: String,
+    /// Pauses instead of failing (postcopy recovery).
+    pub recoverable: bool,
+    /// `tls` (mutual TLS between the daemons) or `plaintext`.
+    pub link: &'static str,
+    pub bytes: ByteCounts,
+    pub channels: Vec<ChannelSnapshot>,
+    /// The failure that ended the migration, or paused it (while paused).
+    pub error: Option<attribution::Report>,
+    /// Every failure that paused it, oldest first.
+    pub pauses: Vec<attribution::Report>,
+    pub cancelled_by: Option<&'static str>,
+    /// What is known of QEMU's own verdict, in a sentence (`completed`, `transferred`).
+    pub verdict: Option<&'static str>,
+    /// Seconds since the Unix epoch.
+    pub created_at: f64,
+    pub elapsed_ms: u64,
+    pub throughput: Throughput,
+    pub timestamps: Timestamps,
+    /// The local QEMU's view, when the daemon drives it (the migration's `qmp`).
+    pub qemu: Option<QemuView>,
+    /// The other daemon's reports.
+    pub peer_view: PeerView,
+}
+
+/// What the daemon asked of its QEMU, and what QEMU says.
+#[derive(Debug, Clone, Serialize)]
+pub struct QemuView {
+    pub settings: QemuSettings,
+    #[serde(flatten)]
+    pub report: QemuReport,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelSnapshot {
+    pub index: u32,
+    pub state: ChannelState,
+    pub bytes: ByteCounts,
+}
+
+/// The sentence a final state carries about QEMU's own verdict.
+pub fn verdict(state: State) -> Option<&'static str> {
+    match state {
+        State::Completed => Some(
+            "QEMU finished the migration (its word over QMP, or the destination's acknowledgement on the return path)",
+        ),
+        State::Transferred => Some(
+            "every byte was carried and both hosts agree on the counts; QEMU's verdict unknown \
+             (no QMP, no return path): ask QEMU",
+        ),
+        _ => None,
+    }
+}
+
+pub fn phase_name(phase: Phase) -> &'static str {
+    phase.name()
+}
+
+pub fn end_name(end: ChannelEnd) -> &'static str {
+    match end {
+        ChannelEnd::Completed => "completed",
+        ChannelEnd::Cancelled => "cancelled",
+        ChannelEnd::Failed => "failed",
+    }
+}
+
+pub fn host_name(host: Host) -> &'static str {
+    attribution::host_name(host)
+}
+
+/// Something that happened to a migration, as `GET /v1/events` sends it: a JSON object with
+/// `type`, `migration` and `time`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// The migration it is about (none for the daemon's own `shutdown`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+    /// Seconds since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<f64>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// What an [`Event`] says.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The state changed (or a paused migration's resume failed: same state, new error).
+    State {
+        state: State,
+        phase: &'static str,
+        error: Option<attribution::Report>,
+    },
+    ChannelOpened {
+        channel: u32,
+    },
+    ChannelClosed {
+        channel: u32,
+        end: &'static str,
+        bytes: ByteCounts,
+    },
+    /// QEMU's status or pass changed, its monitor closed, or it refused to switch to postcopy.
+    Qemu {
+        status: Status,
+        pass: u64,
+        ram_remaining: Option<u64>,
+        error_desc: Option<String>,
+        monitor_closed: bool,
+        postcopy_error: Option<String>,
+    },
+    /// The daemon stops: event streams end here.
+    Shutdown,
+}
+
+impl Event {
+    pub fn about(migration: &str, kind: EventKind) -> Event {
+        Event {
+            migration: Some(migration.to_owned()),
+            time: unix_seconds(Some(SystemTime::now())),
+            kind,
+        }
+    }
+
+    pub fn shutdown() -> Event {
+        Event {
+            migration: None,
+            time: None,
+            kind: EventKind::Shutdown,
+        }
+    }
+
+    /// The SSE event name: its `type`.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            EventKind::State { .. } => "state",
+            EventKind::ChannelOpened { .. } => "channel_opened",
+            EventKind::ChannelClosed { .. } => "channel_closed",
+            EventKind::Qemu { .. } => "qemu",
+            EventKind::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A `qemu` event: QEMU's status, pass and RAM left, or its monitor gone.
+pub fn qemu_event(report: &QemuReport) -> EventKind {
+    EventKind::Qemu {
+        status: report.status.clone(),
+        pass: report.pass,
+        ram_remaining: report.ram.as_ref().map(|r| r.remaining),
+        error_desc: report.error_desc.clone(),
+        monitor_closed: report.monitor_closed,
+        postcopy_error: report.postcopy_error.clone(),
+    }
+}
+
+pub fn unix_seconds(at: Option<SystemTime>) -> Option<f64> {
+    at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64())
+}
