@@ -667,6 +667,56 @@ async fn a_refused_client_certificate_is_said_to_be_not_yet_valid_or_expired() {
     }
 }
 
+/// The destination learns of the source's refusal of its certificate by the same alert, and
+/// its log says which of the two it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_logs_why_its_expired_certificate_was_refused() {
+    use common::certs::Validity;
+    use common::process::DaemonProcess;
+    let root = short_tempdir();
+    let mut ca = Ca::new("migproxy test CA");
+    let (src, dst) = (root.path().join("src"), root.path().join("dst"));
+    ca.write_host(&src, &["source.test", "127.0.0.1"], "source-daemon");
+    ca.write_host_valid(
+        &dst,
+        &["destination.test", "127.0.0.1"],
+        "destination-daemon",
+        Validity::EXPIRED,
+    );
+    let source = tls_daemon("src", &src, &[]).await;
+    let dst_arg = dst.display().to_string();
+    let destination = DaemonProcess::start(
+        root.path(),
+        "dst",
+        "127.0.0.1:0",
+        None,
+        &["--tls-dir", &dst_arg],
+    )
+    .await;
+    let (status, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "e1", "target": "unix:/x"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let body = json!({"direction": "outgoing", "id": "e1", "token": incoming["token"], "peer": incoming["peer"]});
+    let (status, body) = source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 502, "{body}");
+    let expected = format!(
+        "the peer refused this daemon's certificate {} as expired or not yet valid (alert \
+         CertificateExpired): it expired on Jan  1 00:00:00 2002",
+        dst.join("server-cert.pem").display()
+    );
+    common::wait_until(Duration::from_secs(5), "the refusal to be logged", || {
+        std::fs::read_to_string(root.path().join("dst.log"))
+            .unwrap_or_default()
+            .contains(&expected)
+    })
+    .await;
+}
+
 /// The source judges the destination's certificate itself: rustls names a not yet valid one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_certificate_not_yet_valid_is_said_to_be() {
