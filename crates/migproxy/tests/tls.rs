@@ -271,8 +271,14 @@ fn a_crl_file_that_holds_no_list_stops_the_load_naming_it() {
         chain.contains("ca-crl.pem") && chain.contains("does not exist"),
         "{chain}"
     );
-    // No file at all: nothing is revoked.
+    // One that cannot be read (as root, a directory stands in for a file without permission).
     std::fs::remove_file(dst_dir.join("ca-crl.pem")).unwrap();
+    std::fs::create_dir(dst_dir.join("ca-crl.pem")).unwrap();
+    let error = TlsHandle::load(&dst_dir, vec![]).expect_err("a directory");
+    let chain = migproxy::human::Chain(&error).to_string();
+    assert!(chain.contains("ca-crl.pem: cannot read it: "), "{chain}");
+    // No file at all: nothing is revoked.
+    std::fs::remove_dir(dst_dir.join("ca-crl.pem")).unwrap();
     TlsHandle::load(&dst_dir, vec![]).unwrap();
 }
 
