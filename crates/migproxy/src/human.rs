@@ -1,4 +1,4 @@
-//! Rendering for people: byte counts, durations, rates and OS errors.
+//! Rendering for people: byte counts, durations, rates, OS errors and error chains.
 //!
 //! Every report line migproxy prints goes through these, so that a failure reads the same in
 //! the CLI, the logs and (later) the API: `1.21 GiB`, `3.4 s`,
@@ -98,6 +98,24 @@ pub fn errno_name(error: &io::Error) -> Option<String> {
         .map(|code| format!("{:?}", nix::errno::Errno::from_raw(code)))
 }
 
+/// An error and its sources on one line, each after a colon: `TLS revocation list
+/// /etc/pki/qemu/ca-crl.pem: the file is empty`. Errors keep their causes as `source()`
+/// rather than in their own text; a line for people needs both.
+#[derive(Debug, Clone, Copy)]
+pub struct Chain<'a>(pub &'a dyn std::error::Error);
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
 /// "Connection reset by peer" → "connection reset by peer", but keep "I/O error" as it is:
 /// only a plain capitalised first word is lowered.
 fn lower_first(text: &str) -> String {
@@ -117,6 +135,15 @@ fn lower_first(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chain_names_every_cause() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] io::Error);
+        let error = Outer(io::Error::other("inner"));
+        assert_eq!(Chain(&error).to_string(), "outer: inner");
+    }
 
     #[test]
     fn bytes_use_three_significant_digits() {

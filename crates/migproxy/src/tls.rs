@@ -6,7 +6,7 @@
 //! DIR/server-key.pem
 //! DIR/client-cert.pem   this daemon's certificate when it connects to others
 //! DIR/client-key.pem
-//! DIR/ca-crl.pem        optional revocation list
+//! DIR/ca-crl.pem        optional revocation list(s), PEM or DER
 //! ```
 //!
 //! An existing `/etc/pki/qemu` works unchanged. The source verifies the destination's
@@ -17,25 +17,34 @@
 //! One crypto provider, chosen here only: `ring`, with AES-128-GCM preferred — on these
 //! machines it is the fastest AEAD (about 1.7× aws-lc-rs), and the data path is bound by it.
 
+mod allow;
+mod crl;
 mod handshake;
 mod record;
 mod stream;
+mod validity;
 
+pub use allow::PatternError;
+pub use crl::CrlError;
 pub use stream::RecordStream;
+pub use validity::CertificateRefused;
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{VerifierBuilderError, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+
+use allow::AllowList;
+use validity::OwnCertificate;
 
 /// Failures to load or use TLS material, naming the file or the peer.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +53,18 @@ pub enum TlsError {
     Load { path: PathBuf, error: String },
     #[error("TLS configuration from {}: {error}", .dir.display())]
     Config { dir: PathBuf, error: rustls::Error },
-    #[error("invalid --tls-allow pattern \"{0}\": it is empty")]
-    Pattern(String),
+    #[error("TLS revocation list {}", .path.display())]
+    Crl {
+        path: PathBuf,
+        #[source]
+        source: CrlError,
+    },
+    #[error("invalid --tls-allow pattern \"{pattern}\"")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: PatternError,
+    },
     #[error("\"{0}\" is not a valid TLS server name")]
     ServerName(String),
     #[error("TLS handshake with {peer} failed: {error}")]
@@ -55,8 +74,11 @@ pub enum TlsError {
 /// The certificate identity of a connected peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
-    /// Subject distinguished name, as `CN=…, O=…`.
+    /// Subject distinguished name, as `CN=…, O=…`, in the certificate's order.
     pub subject: String,
+    /// The subject's attributes as `(TYPE, value)`, the type's short name in upper case:
+    /// what `--tls-allow` patterns match.
+    pub attributes: Vec<(String, String)>,
     /// Subject alternative names, as `DNS:name` and `IP:address`.
     pub names: Vec<String>,
 }
@@ -76,7 +98,11 @@ impl fmt::Display for Identity {
 pub struct Tls {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
-    allow: Vec<String>,
+    allow: AllowList,
+    /// The client certificate, to explain a peer's refusal of it.
+    client_cert: Option<Arc<OwnCertificate>>,
+    /// The server certificate, likewise.
+    server_cert: Option<Arc<OwnCertificate>>,
 }
 
 /// The crypto provider: `ring`, TLS 1.3 suites, AES-128-GCM first.
@@ -113,23 +139,39 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| load_error(path, e))
 }
 
-fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    if !path.exists() {
-        return Ok(Vec::new());
+fn crl_error(path: &Path, source: CrlError) -> TlsError {
+    TlsError::Crl {
+        path: path.to_owned(),
+        source,
     }
-    CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| load_error(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| load_error(path, e))
+}
+
+/// A verifier that cannot be built has a CRL that does not parse, or no CA: blame that file.
+fn verifier_error(ca_path: &Path, crl_path: &Path, error: VerifierBuilderError) -> TlsError {
+    match error {
+        VerifierBuilderError::InvalidCrl(_) => crl_error(crl_path, CrlError::Invalid(error)),
+        error => load_error(ca_path, error),
+    }
+}
+
+/// A certificate chain and the description of its leaf.
+fn own_certificates(
+    path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, Option<Arc<OwnCertificate>>), TlsError> {
+    let chain = certificates(path)?;
+    let own = chain
+        .first()
+        .and_then(|leaf| OwnCertificate::new(path, leaf))
+        .map(Arc::new);
+    Ok((chain, own))
 }
 
 impl Tls {
     /// Loads `dir` in QEMU's layout; `allow` lists the client identities accepted (empty:
     /// any certificate the CA signed).
     pub fn load(dir: &Path, allow: Vec<String>) -> Result<Tls, TlsError> {
-        if let Some(empty) = allow.iter().find(|p| p.trim().is_empty()) {
-            return Err(TlsError::Pattern(empty.clone()));
-        }
+        let allow = AllowList::parse(&allow)
+            .map_err(|(pattern, source)| TlsError::Pattern { pattern, source })?;
         let config_error = |error| TlsError::Config {
             dir: dir.to_owned(),
             error,
@@ -140,37 +182,34 @@ impl Tls {
             roots.add(cert).map_err(|e| load_error(&ca_path, e))?;
         }
         let roots = Arc::new(roots);
-        let crls = crls(&dir.join("ca-crl.pem"))?;
+        let crl_path = dir.join("ca-crl.pem");
+        let crls = crl::load(&crl_path).map_err(|e| crl_error(&crl_path, e))?;
         let provider = provider();
+        let (client_chain, client_cert) = own_certificates(&dir.join("client-cert.pem"))?;
+        let (server_chain, server_cert) = own_certificates(&dir.join("server-cert.pem"))?;
 
         let server_verifier =
             WebPkiServerVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
                 .with_crls(crls.clone())
                 .build()
-                .map_err(|e| load_error(&ca_path, e))?;
+                .map_err(|e| verifier_error(&ca_path, &crl_path, e))?;
         let mut client = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_error)?
             .with_webpki_verifier(server_verifier)
-            .with_client_auth_cert(
-                certificates(&dir.join("client-cert.pem"))?,
-                key(&dir.join("client-key.pem"))?,
-            )
+            .with_client_auth_cert(client_chain, key(&dir.join("client-key.pem"))?)
             .map_err(config_error)?;
 
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
                 .with_crls(crls)
                 .build()
-                .map_err(|e| load_error(&ca_path, e))?;
+                .map_err(|e| verifier_error(&ca_path, &crl_path, e))?;
         let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_error)?
             .with_client_cert_verifier(client_verifier)
-            .with_single_cert(
-                certificates(&dir.join("server-cert.pem"))?,
-                key(&dir.join("server-key.pem"))?,
-            )
+            .with_single_cert(server_chain, key(&dir.join("server-key.pem"))?)
             .map_err(config_error)?;
         // Peer connections hand the record layer over to migproxy after the handshake
         // (`RecordStream`); session tickets would only be records it has to skip.
@@ -181,6 +220,8 @@ impl Tls {
             client: Arc::new(client),
             server: Arc::new(server),
             allow,
+            client_cert,
+            server_cert,
         })
     }
 
@@ -193,12 +234,14 @@ impl Tls {
     ) -> Result<RecordStream, TlsError> {
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
-        handshake::client(tcp, Arc::clone(&self.client), name)
+        let mut stream = handshake::client(tcp, Arc::clone(&self.client), name)
             .await
             .map_err(|error| TlsError::Handshake {
                 peer: server_name.to_owned(),
                 error,
-            })
+            })?;
+        stream.explain_refusals_with(self.client_cert.clone());
+        Ok(stream)
     }
 
     /// A peer connection as the server; returns the verified client's identity.
@@ -207,11 +250,16 @@ impl Tls {
         tcp: TcpStream,
         peer: &str,
     ) -> Result<(RecordStream, Identity), TlsError> {
+        // The client judges the server's certificate during the handshake: its refusal
+        // arrives here.
         let (stream, leaf) = handshake::server(tcp, Arc::clone(&self.server))
             .await
             .map_err(|error| TlsError::Handshake {
                 peer: peer.to_owned(),
-                error,
+                error: match &self.server_cert {
+                    Some(own) => own.explain(error),
+                    None => error,
+                },
             })?;
         let identity = leaf.as_ref().map(identity).unwrap_or_default();
         Ok((stream, identity))
@@ -260,17 +308,9 @@ impl Tls {
     }
 
     /// Whether the allow-list admits `identity` (an empty list admits every certificate the
-    /// CA signed). A pattern `DNS:…` or `IP:…` matches a subject alternative name; any other
-    /// pattern matches the subject DN. `*` matches any run of characters.
+    /// CA signed); the patterns are described in [`allow`].
     pub fn allows(&self, identity: &Identity) -> bool {
-        self.allow.is_empty()
-            || self.allow.iter().any(|pattern| {
-                if pattern.starts_with("DNS:") || pattern.starts_with("IP:") {
-                    identity.names.iter().any(|name| glob(pattern, name))
-                } else {
-                    glob(&normalize_dn(pattern), &normalize_dn(&identity.subject))
-                }
-            })
+        self.allow.allows(identity)
     }
 }
 
@@ -297,8 +337,24 @@ fn identity(leaf: &CertificateDer<'_>) -> Identity {
     }
     Identity {
         subject: cert.subject().to_string(),
+        attributes: attributes(cert.subject()),
         names,
     }
+}
+
+/// The subject's attributes whose values are text (the others cannot match a pattern).
+fn attributes(subject: &x509_parser::x509::X509Name<'_>) -> Vec<(String, String)> {
+    let registry = x509_parser::objects::oid_registry();
+    subject
+        .iter_attributes()
+        .filter_map(|attribute| {
+            let value = attribute.as_str().ok()?;
+            let key = x509_parser::objects::oid2abbrev(attribute.attr_type(), registry)
+                .map(str::to_owned)
+                .unwrap_or_else(|_| attribute.attr_type().to_id_string());
+            Some((key.to_ascii_uppercase(), value.to_owned()))
+        })
+        .collect()
 }
 
 fn ip_text(bytes: &[u8]) -> Option<String> {
@@ -307,37 +363,6 @@ fn ip_text(bytes: &[u8]) -> Option<String> {
         16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?).to_string()),
         _ => None,
     }
-}
-
-/// `CN = a ,O=b` and `CN=a, O=b` compare equal.
-fn normalize_dn(dn: &str) -> String {
-    dn.split(',')
-        .map(|part| {
-            let (key, value) = part.split_once('=').unwrap_or((part, ""));
-            format!("{}={}", key.trim().to_ascii_uppercase(), value.trim())
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Glob match with `*` only.
-fn glob(pattern: &str, text: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let first = parts.next().unwrap_or_default();
-    let Some(mut rest) = text.strip_prefix(first) else {
-        return false;
-    };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
-        return rest.is_empty();
-    };
-    for part in middle {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// TLS material that can be reloaded (SIGHUP) while connections made with the old one go on.
@@ -372,28 +397,5 @@ impl TlsHandle {
 
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob("CN=src*", "CN=src-1"));
-        assert!(glob("*", "anything"));
-        assert!(glob("DNS:*.example.org", "DNS:a.example.org"));
-        assert!(!glob("DNS:*.example.org", "DNS:example.org"));
-        assert!(glob("a*b*c", "a-b-c"));
-        assert!(!glob("a*b*c", "a-c-b"));
-        assert!(glob("exact", "exact"));
-        assert!(!glob("exact", "exactly"));
-        assert!(!glob("ab*ba", "aba"));
-    }
-
-    #[test]
-    fn distinguished_names_compare_without_spacing() {
-        assert_eq!(normalize_dn("cn = a ,O=b"), normalize_dn("CN=a, O=b"));
     }
 }

@@ -206,6 +206,256 @@ async fn a_revoked_client_certificate_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_is_refused_with_a_der_crl() {
+    let root = short_tempdir();
+    let (ca, src_dir, dst_dir, client_serial) = pki(root.path());
+    ca.write_crl_der(&dst_dir, &[client_serial]);
+    let source = tls_daemon("src", &src_dir, &[]).await;
+    let destination = tls_daemon("dst", &dst_dir, &[]).await;
+    refused(
+        &source,
+        &destination,
+        json!({}),
+        "received fatal alert: CertificateRevoked",
+    )
+    .await;
+}
+
+/// What `ca-crl.pem` may hold that is not a revocation list, and what the error must say.
+fn broken_crls(ca: &Ca) -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    let pem = ca.crl(&[1]).pem().unwrap();
+    let der = ca.crl(&[1]).der().to_vec();
+    vec![
+        ("empty", Vec::new(), "the file is empty"),
+        (
+            "garbage",
+            b"this is not a CRL\n".to_vec(),
+            "neither PEM with an \"X509 CRL\" block nor a DER revocation list",
+        ),
+        (
+            "mistyped PEM header",
+            pem.replace("X509 CRL", "X509 CRLS").into_bytes(),
+            "1 PEM blocks of which 0 are \"X509 CRL\"",
+        ),
+        (
+            "truncated DER",
+            der[..der.len() / 2].to_vec(),
+            "not a valid revocation list",
+        ),
+        (
+            "a PEM block that does not parse",
+            b"-----BEGIN X509 CRL-----\nMAA=\n-----END X509 CRL-----\n".to_vec(),
+            "not a valid revocation list",
+        ),
+    ]
+}
+
+#[test]
+fn a_crl_file_that_holds_no_list_stops_the_load_naming_it() {
+    let root = short_tempdir();
+    let (ca, _src_dir, dst_dir, _) = pki(root.path());
+    for (what, content, reason) in broken_crls(&ca) {
+        std::fs::write(dst_dir.join("ca-crl.pem"), content).unwrap();
+        let error = TlsHandle::load(&dst_dir, vec![]).expect_err(what);
+        let chain = migproxy::human::Chain(&error).to_string();
+        assert!(chain.contains("ca-crl.pem"), "{what}: {chain}");
+        assert!(!chain.contains("ca-cert.pem"), "{what}: {chain}");
+        assert!(chain.contains(reason), "{what}: {chain}");
+    }
+    // A link to nowhere is a broken deployment, not "no revocation list".
+    std::fs::remove_file(dst_dir.join("ca-crl.pem")).unwrap();
+    std::os::unix::fs::symlink(root.path().join("gone.pem"), dst_dir.join("ca-crl.pem")).unwrap();
+    let error = TlsHandle::load(&dst_dir, vec![]).expect_err("dangling link");
+    let chain = migproxy::human::Chain(&error).to_string();
+    assert!(
+        chain.contains("ca-crl.pem") && chain.contains("does not exist"),
+        "{chain}"
+    );
+    // One that cannot be read (as root, a directory stands in for a file without permission).
+    std::fs::remove_file(dst_dir.join("ca-crl.pem")).unwrap();
+    std::fs::create_dir(dst_dir.join("ca-crl.pem")).unwrap();
+    let error = TlsHandle::load(&dst_dir, vec![]).expect_err("a directory");
+    let chain = migproxy::human::Chain(&error).to_string();
+    assert!(chain.contains("ca-crl.pem: cannot read it: "), "{chain}");
+    // No file at all: nothing is revoked.
+    std::fs::remove_dir(dst_dir.join("ca-crl.pem")).unwrap();
+    TlsHandle::load(&dst_dir, vec![]).unwrap();
+}
+
+#[test]
+fn a_daemon_with_a_broken_crl_does_not_start() {
+    let root = short_tempdir();
+    let (_ca, _src_dir, dst_dir, _) = pki(root.path());
+    std::fs::write(dst_dir.join("ca-crl.pem"), b"garbage\n").unwrap();
+    let out = std::process::Command::new(common::process::BIN)
+        .arg("daemon")
+        .arg("--api")
+        .arg(root.path().join("api.sock"))
+        .args(["--peer-listen", "127.0.0.1:0"])
+        .arg("--runtime-dir")
+        .arg(root.path().join("run"))
+        .arg("--tls-dir")
+        .arg(&dst_dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_for_exit(out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let expected = format!(
+        "TLS revocation list {}: it is neither PEM",
+        dst_dir.join("ca-crl.pem").display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+}
+
+/// The child's output once it exits; a child still running after 10 s is killed and fails
+/// the test (a daemon that should have refused to start runs forever).
+fn wait_for_exit(mut child: std::process::Child) -> std::process::Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the daemon started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_broken_crl_keeps_the_old_revocations() {
+    use common::process::DaemonProcess;
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let root = short_tempdir();
+    let (ca, src_dir, dst_dir, client_serial) = pki(root.path());
+    ca.write_crl(&dst_dir, &[client_serial]);
+    let source = tls_daemon("src", &src_dir, &[]).await;
+    let dst = dst_dir.display().to_string();
+    let destination = DaemonProcess::start(
+        root.path(),
+        "dst",
+        "127.0.0.1:0",
+        None,
+        &["--tls-dir", &dst],
+    )
+    .await;
+    let log = root.path().join("dst.log");
+    for (n, (what, content, reason)) in broken_crls(&ca).into_iter().enumerate() {
+        std::fs::write(dst_dir.join("ca-crl.pem"), content).unwrap();
+        kill(
+            Pid::from_raw(destination.child.id().unwrap() as i32),
+            Signal::SIGHUP,
+        )
+        .unwrap();
+        common::wait_until(
+            Duration::from_secs(5),
+            "the failed reload to be logged",
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.matches("reload failed, keeping the old TLS material")
+                    .count()
+                    > n
+            },
+        )
+        .await;
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(reason), "{what}: {text}");
+
+        let id = format!("r{n}");
+        let (status, incoming) = destination
+            .request(
+                "POST",
+                "/v1/migrations",
+                Some(json!({"direction": "incoming", "id": id, "target": "unix:/x"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{incoming}");
+        let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"], "peer": incoming["peer"]});
+        let (status, body) = source.request("POST", "/v1/migrations", Some(body)).await;
+        assert_eq!(
+            status, 502,
+            "{what}: the revoked source was admitted: {body}"
+        );
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("CertificateRevoked"),
+            "{what}: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_star_alone_admits_every_identity() {
+    let root = short_tempdir();
+    let (_ca, src_dir, dst_dir, _) = pki(root.path());
+    let source = tls_daemon("src", &src_dir, &[]).await;
+    let destination = tls_daemon("dst", &dst_dir, &["*"]).await;
+    let (status, body) = outgoing(&source, &destination, "s1", json!({})).await;
+    assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_patterns_match_by_attribute_in_either_order() {
+    use rcgen::DnType::{CommonName, OrganizationName};
+    let root = short_tempdir();
+    let mut ca = Ca::new("migproxy test CA");
+    let dst_dir = root.path().join("dst");
+    ca.write_host(
+        &dst_dir,
+        &["destination.test", "127.0.0.1"],
+        "destination-daemon",
+    );
+    let cn_first = root.path().join("cn-first");
+    ca.write_host_as(
+        &cn_first,
+        &["source.test"],
+        &[(CommonName, "source-daemon"), (OrganizationName, "Example")],
+        common::certs::Validity::NOW,
+    );
+    // The order `openssl req -subj /O=Example/CN=source-daemon` gives.
+    let o_first = root.path().join("o-first");
+    ca.write_host_as(
+        &o_first,
+        &["source.test"],
+        &[(OrganizationName, "Example"), (CommonName, "source-daemon")],
+        common::certs::Validity::NOW,
+    );
+    let sources = [
+        tls_daemon("cn-first", &cn_first, &[]).await,
+        tls_daemon("o-first", &o_first, &[]).await,
+    ];
+    let cases = [
+        ("CN=source-daemon", true),
+        ("O=Example, CN=source-*", true),
+        ("cn = source-daemon , o = Example", true),
+        ("CN=source-daemon, O=Elsewhere", false),
+        ("CN=source", false),
+    ];
+    for (n, (pattern, admitted)) in cases.into_iter().enumerate() {
+        let destination = tls_daemon("dst", &dst_dir, &[pattern]).await;
+        for (m, source) in sources.iter().enumerate() {
+            let (status, body) =
+                outgoing(source, &destination, &format!("p{n}-{m}"), json!({})).await;
+            if admitted {
+                assert_eq!(status, 201, "{pattern} must admit source {m}: {body}");
+            } else {
+                assert_eq!(status, 502, "{pattern} must refuse source {m}: {body}");
+                let error = body["error"].as_str().unwrap();
+                assert!(
+                    error.contains("is not allowed here (--tls-allow)"),
+                    "{error}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_source_cannot_talk_to_a_tls_destination() {
     let root = short_tempdir();
     let (_ca, _src_dir, dst_dir, _) = pki(root.path());
@@ -368,7 +618,7 @@ async fn sighup_reloads_certificates_without_dropping_running_migrations() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_and_not_yet_valid_certificates_are_refused() {
+async fn an_expired_destination_certificate_is_refused() {
     use common::certs::Validity;
     let root = short_tempdir();
     // The destination's server certificate has expired: the source refuses it.
@@ -384,23 +634,118 @@ async fn expired_and_not_yet_valid_certificates_are_refused() {
     let source = tls_daemon("src", &src, &[]).await;
     let destination = tls_daemon("dst", &dst, &[]).await;
     refused(&source, &destination, json!({}), "certificate expired").await;
+}
 
-    // The source's client certificate is not valid yet: the destination refuses it.
-    let (src2, dst2) = (root.path().join("src2"), root.path().join("dst2"));
-    ca.write_host_valid(
-        &src2,
-        &["source.test", "127.0.0.1"],
-        "source-daemon",
-        Validity::NOT_YET,
-    );
+/// TLS has one alert for an expired and a not yet valid certificate: the source, which knows
+/// its own certificate, says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_certificate_is_said_to_be_not_yet_valid_or_expired() {
+    use common::certs::Validity;
+    let root = short_tempdir();
+    let mut ca = Ca::new("migproxy test CA");
+    let dst = root.path().join("dst");
     ca.write_host(
-        &dst2,
+        &dst,
         &["destination.test", "127.0.0.1"],
         "destination-daemon",
     );
-    let source = tls_daemon("src2", &src2, &[]).await;
-    let destination = tls_daemon("dst2", &dst2, &[]).await;
-    refused(&source, &destination, json!({}), "received fatal alert").await;
+    let destination = tls_daemon("dst", &dst, &[]).await;
+    let cases = [
+        (
+            Validity::NOT_YET,
+            "it is not valid yet, only from Jan  1 00:00:00 2098",
+        ),
+        (Validity::EXPIRED, "it expired on Jan  1 00:00:00 2002"),
+    ];
+    for (n, (validity, expected)) in cases.into_iter().enumerate() {
+        let src = root.path().join(format!("src{n}"));
+        ca.write_host_valid(&src, &["source.test"], "source-daemon", validity);
+        let source = tls_daemon("src", &src, &[]).await;
+        let (status, body) = outgoing(&source, &destination, &format!("v{n}"), json!({})).await;
+        assert_eq!(status, 502, "{body}");
+        let error = body["error"].as_str().unwrap();
+        let refused = format!(
+            "the peer refused this daemon's certificate {}",
+            src.join("client-cert.pem").display()
+        );
+        assert!(error.contains(&refused), "{error}");
+        assert!(error.contains(expected), "expected {expected:?} in {error}");
+    }
+}
+
+/// The destination learns of the source's refusal of its certificate by the same alert, and
+/// its log says which of the two it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_logs_why_its_expired_certificate_was_refused() {
+    use common::certs::Validity;
+    use common::process::DaemonProcess;
+    let root = short_tempdir();
+    let mut ca = Ca::new("migproxy test CA");
+    let (src, dst) = (root.path().join("src"), root.path().join("dst"));
+    ca.write_host(&src, &["source.test", "127.0.0.1"], "source-daemon");
+    ca.write_host_valid(
+        &dst,
+        &["destination.test", "127.0.0.1"],
+        "destination-daemon",
+        Validity::EXPIRED,
+    );
+    let source = tls_daemon("src", &src, &[]).await;
+    let dst_arg = dst.display().to_string();
+    let destination = DaemonProcess::start(
+        root.path(),
+        "dst",
+        "127.0.0.1:0",
+        None,
+        &["--tls-dir", &dst_arg],
+    )
+    .await;
+    let (status, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "e1", "target": "unix:/x"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let body = json!({"direction": "outgoing", "id": "e1", "token": incoming["token"], "peer": incoming["peer"]});
+    let (status, body) = source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 502, "{body}");
+    let expected = format!(
+        "the peer refused this daemon's certificate {} as expired or not yet valid (alert \
+         CertificateExpired): it expired on Jan  1 00:00:00 2002",
+        dst.join("server-cert.pem").display()
+    );
+    common::wait_until(Duration::from_secs(5), "the refusal to be logged", || {
+        std::fs::read_to_string(root.path().join("dst.log"))
+            .unwrap_or_default()
+            .contains(&expected)
+    })
+    .await;
+}
+
+/// The source judges the destination's certificate itself: rustls names a not yet valid one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_certificate_not_yet_valid_is_said_to_be() {
+    use common::certs::Validity;
+    let root = short_tempdir();
+    let mut ca = Ca::new("migproxy test CA");
+    let (src, dst) = (root.path().join("src"), root.path().join("dst"));
+    ca.write_host(&src, &["source.test", "127.0.0.1"], "source-daemon");
+    ca.write_host_valid(
+        &dst,
+        &["destination.test", "127.0.0.1"],
+        "destination-daemon",
+        Validity::NOT_YET,
+    );
+    let source = tls_daemon("src", &src, &[]).await;
+    let destination = tls_daemon("dst", &dst, &[]).await;
+    refused(
+        &source,
+        &destination,
+        json!({}),
+        "certificate not valid yet",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::EXIT_FAILED;
 use crate::config::{self, ConfigError, Flags, Settings};
 use crate::daemon::{self, Config, Daemon};
-use crate::human::OsError;
+use crate::human::{Chain, OsError};
 use crate::tls::TlsHandle;
 use crate::transport::bind_unix;
 
@@ -257,7 +257,7 @@ fn security(args: &Settings) -> Result<Option<Arc<TlsHandle>>, String> {
     match (&args.tls_dir, args.insecure_plaintext) {
         (Some(dir), _) => TlsHandle::load(dir, args.tls_allow.clone())
             .map(|tls| Some(Arc::new(tls)))
-            .map_err(|e| e.to_string()),
+            .map_err(|e| Chain(&e).to_string()),
         (None, true) => {
             tracing::warn!(
                 "peer link is PLAINTEXT: migration data crosses the network unencrypted"
@@ -284,7 +284,8 @@ fn reload_on_sighup(tls: Arc<TlsHandle>) -> std::io::Result<()> {
                     tls.dir().display()
                 ),
                 Err(error) => eprintln!(
-                    "migproxy daemon: SIGHUP: reload failed, keeping the old TLS material: {error}"
+                    "migproxy daemon: SIGHUP: reload failed, keeping the old TLS material: {}",
+                    Chain(&error)
                 ),
             }
         }

@@ -230,7 +230,7 @@ fn destination(args: &Args, tls_dir: Option<PathBuf>) -> Result<Client, Failure>
         .or(tls_dir)
         .unwrap_or_else(|| PathBuf::from("/etc/pki/qemu"));
     let tls = crate::tls::Tls::load(&dir, Vec::new()).map_err(|e| Failure {
-        message: format!("--tls-dir: {e}"),
+        message: format!("--tls-dir: {}", crate::human::Chain(&e)),
         code: EXIT_USAGE,
     })?;
     let name = args.tls_hostname.clone().unwrap_or_else(|| host.to_owned());

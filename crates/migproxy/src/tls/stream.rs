@@ -16,6 +16,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use rustls::client::ClientConnectionData;
@@ -28,6 +29,7 @@ use tokio::net::TcpStream;
 use super::record::{
     Content, HEADER, MAX_CONTENT, MAX_RECORD, MAX_SEALED, Opener, RecordError, Sealer,
 };
+use super::validity::OwnCertificate;
 
 /// Receive buffer: many full records per read.
 const RX_BUFFER: usize = 1 << 20;
@@ -102,6 +104,8 @@ pub struct RecordStream {
     update_requested: bool,
     /// A bad record found after good content was handed out: reported on the next read.
     pending_error: Option<io::Error>,
+    /// This side's certificate, to explain the peer's refusal of it.
+    own: Option<Arc<OwnCertificate>>,
 }
 
 impl std::fmt::Debug for RecordStream {
@@ -144,6 +148,7 @@ impl RecordStream {
             write_closed: false,
             update_requested: false,
             pending_error: None,
+            own: None,
         };
         if received.len() > stream.rx.len() {
             return Err(invalid(RecordError::TooLong(received.len())));
@@ -151,6 +156,13 @@ impl RecordStream {
         stream.rx[..received.len()].copy_from_slice(received);
         stream.rx_end = received.len();
         Ok(stream)
+    }
+
+    /// The certificate this side sent: a peer's `CertificateExpired` alert is explained
+    /// with it. (TLS 1.3 lets the client finish first: the server's verdict on the client's
+    /// certificate arrives here, as the first record.)
+    pub(super) fn explain_refusals_with(&mut self, own: Option<Arc<OwnCertificate>>) {
+        self.own = own;
     }
 
     /// The TCP socket underneath (for socket options).
@@ -194,9 +206,15 @@ impl RecordStream {
                 self.read_closed = true;
                 Ok(())
             }
-            [_, description] => Err(invalid(rustls::Error::AlertReceived(
-                AlertDescription::from(description),
-            ))),
+            [_, description] => {
+                let error = invalid(rustls::Error::AlertReceived(AlertDescription::from(
+                    description,
+                )));
+                Err(match &self.own {
+                    Some(own) => own.explain(error),
+                    None => error,
+                })
+            }
             _ => Err(invalid(RecordError::NoType)),
         }
     }

@@ -63,7 +63,7 @@ impl Ca {
 
     fn issue(
         &mut self,
-        cn: &str,
+        subject: &[(DnType, &str)],
         names: &[&str],
         usage: ExtendedKeyUsagePurpose,
         validity: Validity,
@@ -71,10 +71,9 @@ impl Ca {
         let key = KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "migproxy tests");
+        for (kind, value) in subject {
+            params.distinguished_name.push(kind.clone(), *value);
+        }
         params.extended_key_usages = vec![usage];
         params.not_before = date_time_ymd(validity.from_year, 1, 1);
         params.not_after = date_time_ymd(validity.to_year, 1, 1);
@@ -98,10 +97,30 @@ impl Ca {
         client_cn: &str,
         validity: Validity,
     ) -> Issued {
+        let subject = [
+            (DnType::CommonName, client_cn),
+            (DnType::OrganizationName, "migproxy tests"),
+        ];
+        self.write_host_as(dir, names, &subject, validity)
+    }
+
+    /// As [`write_host_valid`](Self::write_host_valid), with the client certificate's
+    /// subject attributes in the order given.
+    pub fn write_host_as(
+        &mut self,
+        dir: &Path,
+        names: &[&str],
+        client_subject: &[(DnType, &str)],
+        validity: Validity,
+    ) -> Issued {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
+        let server_subject = [
+            (DnType::CommonName, names[0]),
+            (DnType::OrganizationName, "migproxy tests"),
+        ];
         let (cert, key, _) = self.issue(
-            names[0],
+            &server_subject,
             names,
             ExtendedKeyUsagePurpose::ServerAuth,
             validity,
@@ -109,7 +128,7 @@ impl Ca {
         std::fs::write(dir.join("server-cert.pem"), cert).unwrap();
         std::fs::write(dir.join("server-key.pem"), key).unwrap();
         let (cert, key, client_serial) = self.issue(
-            client_cn,
+            client_subject,
             &[],
             ExtendedKeyUsagePurpose::ClientAuth,
             validity,
@@ -121,6 +140,16 @@ impl Ca {
 
     /// Writes `DIR/ca-crl.pem` revoking the given serials.
     pub fn write_crl(&self, dir: &Path, revoked: &[u64]) {
+        std::fs::write(dir.join("ca-crl.pem"), self.crl(revoked).pem().unwrap()).unwrap();
+    }
+
+    /// As [`write_crl`](Self::write_crl), in DER (as `openssl crl -outform DER` writes).
+    pub fn write_crl_der(&self, dir: &Path, revoked: &[u64]) {
+        std::fs::write(dir.join("ca-crl.pem"), self.crl(revoked).der()).unwrap();
+    }
+
+    /// A revocation list signed by this CA.
+    pub fn crl(&self, revoked: &[u64]) -> rcgen::CertificateRevocationList {
         let params = CertificateRevocationListParams {
             this_update: date_time_ymd(2024, 1, 1),
             next_update: date_time_ymd(2099, 1, 1),
@@ -137,8 +166,7 @@ impl Ca {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        let crl = params.signed_by(&self.cert, &self.key).unwrap();
-        std::fs::write(dir.join("ca-crl.pem"), crl.pem().unwrap()).unwrap();
+        params.signed_by(&self.cert, &self.key).unwrap()
     }
 
     /// This CA's certificate, PEM.
