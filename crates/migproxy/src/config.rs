@@ -31,6 +31,13 @@ pub enum ConfigError {
         flag: &'static str,
         key: &'static str,
     },
+    /// Every quiet migration would fail: the peer is declared gone between two heartbeats.
+    #[error(
+        "timeouts.heartbeat ({} s) must be shorter than the peer timeout ({} s, --peer-timeout \
+         or timeouts.peer): the peer daemon would be declared gone between two heartbeats",
+        .heartbeat.as_secs_f64(), .peer.as_secs_f64()
+    )]
+    HeartbeatNotBelowPeerTimeout { heartbeat: Duration, peer: Duration },
 }
 
 /// The file, as written.
@@ -202,7 +209,7 @@ impl Settings {
     pub fn resolve(flags: Flags, file: File) -> Result<Settings, ConfigError> {
         let t = file.timeouts;
 
-        Ok(Settings {
+        let settings = Settings {
             api: flags.api.or(file.api).ok_or(ConfigError::Missing {
                 flag: "--api",
                 key: "api",
@@ -235,7 +242,20 @@ impl Settings {
             peer_timeout: flags.peer_timeout.unwrap_or(secs(t.peer, 10)),
             stall_timeout: flags.stall_timeout.unwrap_or(secs(t.stall, 30)),
             token_ttl: flags.token_ttl.unwrap_or(secs(t.token_ttl, 300)),
-        })
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// What no single value shows: values that contradict each other.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval >= self.peer_timeout {
+            return Err(ConfigError::HeartbeatNotBelowPeerTimeout {
+                heartbeat: self.heartbeat_interval,
+                peer: self.peer_timeout,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -304,5 +324,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(error, "missing --api (or `api` in the config file)");
+    }
+
+    #[test]
+    fn a_heartbeat_not_below_the_peer_timeout_is_refused_naming_both() {
+        let (_dir, path) =
+            write("api = \"/a\"\npeer_listen = \"127.0.0.1:0\"\n[timeouts]\nheartbeat = 2\n");
+        let flags = || Flags {
+            peer_timeout: Some(Duration::from_secs(2)),
+            ..Flags::default()
+        };
+        let error = Settings::resolve(flags(), File::load(&path).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error
+                .starts_with("timeouts.heartbeat (2 s) must be shorter than the peer timeout (2 s"),
+            "{error}"
+        );
+        let below = Flags {
+            peer_timeout: Some(Duration::from_millis(2001)),
+            ..flags()
+        };
+        Settings::resolve(below, File::load(&path).unwrap()).unwrap();
     }
 }

@@ -59,14 +59,14 @@ pub struct Args {
     #[arg(long)]
     insecure_plaintext: bool,
     /// Declare the peer daemon gone after this many seconds without a word (default 10).
-    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
     peer_timeout: Option<Duration>,
     /// Fail an active migration when no byte moves on any channel for this many seconds
     /// (default 30).
-    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
     stall_timeout: Option<Duration>,
     /// How long an incoming migration waits for its source daemon (default 300).
-    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
     token_ttl: Option<Duration>,
 }
 

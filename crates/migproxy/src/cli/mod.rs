@@ -149,6 +149,16 @@ fn seconds(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value).map_err(|_| format!("{text} s is not a usable duration"))
 }
 
+/// As [`seconds`], for the daemon's timeouts, with the config file's bounds: 0 would mean
+/// "at once" and fail everything, and an absurd value overflows the clock's arithmetic.
+fn positive_seconds(text: &str) -> Result<Duration, String> {
+    let duration = seconds(text)?;
+    if duration.is_zero() || duration.as_secs_f64() >= 1e9 {
+        return Err("must be a positive number of seconds (below 1e9)".to_owned());
+    }
+    Ok(duration)
+}
+
 /// clap parser for sizes: `1073741824`, `512M`, `1G`, `1GiB` (binary units).
 fn size(text: &str) -> Result<u64, String> {
     let bad = || format!("\"{text}\" is not a size (examples: 4096, 512M, 1G)");
@@ -187,6 +197,9 @@ mod tests {
         assert!(seconds("-1").is_err());
         assert!(seconds("soon").is_err());
         assert!(seconds("inf").is_err());
+        assert_eq!(positive_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert!(positive_seconds("0").is_err());
+        assert!(positive_seconds("0.0").is_err());
     }
 
     #[test]
