@@ -290,8 +290,8 @@ async fn create_incoming(
         .map(|target| target.parse())
         .transpose()
         .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
-    if let Some(path) = target.as_ref().and_then(Endpoint::unix_path) {
-        crate::daemon::paths::check_target(path, &daemon.config.target_dirs)
+    if let Some(target) = &target {
+        crate::daemon::paths::check_endpoint(target, &daemon.config.target_dirs)
             .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
     }
     let id = match body.id {

@@ -1,0 +1,141 @@
+//! Input the daemon must not trust: targets that escape `--target-dir`, text from the peer
+//! daemon that would forge log lines, socket paths two migrations would share, a runtime
+//! directory changed under the daemon's feet, API clients that never finish, and what a
+//! SIGKILLed daemon left behind.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::TestDaemon;
+use common::process::DaemonProcess;
+use common::short_tempdir;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn error_text(body: &Value) -> &str {
+    body["error"].as_str().unwrap_or_else(|| panic!("{body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_targets_are_refused_when_target_dirs_are_set() {
+    let allowed = short_tempdir();
+    let allowed_path = allowed.path().to_owned();
+    let destination =
+        TestDaemon::start_with("dst", move |c| c.target_dirs = vec![allowed_path]).await;
+    let (status, body) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "target": "tcp:127.0.0.1:4444"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let error = error_text(&body);
+    assert!(
+        error.starts_with("target: \"tcp:127.0.0.1:4444\": only unix sockets inside")
+            && error.contains("--target-dir"),
+        "{body}"
+    );
+    let (status, list) = destination.request("GET", "/v1/migrations", None).await;
+    assert_eq!((status, &list["migrations"]), (200, &json!([])), "{list}");
+
+    // Without target directories, a TCP target is still allowed.
+    let open = TestDaemon::start("open").await;
+    let (status, body) = open
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "target": "tcp:127.0.0.1:4444"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+/// Speaks the peer protocol to a daemon process as a source daemon would, up to the reply.
+async fn hello_to(peer: &str, kind: migproxy_proto::Kind, id: &str, token: &str) -> TcpStream {
+    use migproxy_proto::{Hello, HelloReply, Status, VERSION};
+    let token = migproxy::daemon::token::Token::from_hex(token).unwrap();
+    let mut stream = TcpStream::connect(peer).await.unwrap();
+    let mut hello = Vec::new();
+    Hello {
+        version: VERSION,
+        kind,
+        migration: id.into(),
+        channel: 0,
+        token: *token.bytes(),
+        flags: 0,
+    }
+    .encode(&mut hello);
+    stream.write_all(&hello).await.unwrap();
+    let mut reply = vec![0; HelloReply::HEADER];
+    stream.read_exact(&mut reply).await.unwrap();
+    let len = migproxy_proto::reply_len(&reply).unwrap();
+    reply.resize(HelloReply::HEADER + len, 0);
+    stream
+        .read_exact(&mut reply[HelloReply::HEADER..])
+        .await
+        .unwrap();
+    assert_eq!(HelloReply::decode(&reply).unwrap().status, Status::Ok);
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newline_or_escape_sequence_from_the_peer_does_not_reach_the_log_raw() {
+    use migproxy_proto::{Attribution, Control, Host, Kind, Leg, Op, Totals};
+    let dir = short_tempdir();
+    let destination = DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, &[]).await;
+    let (_, info) = destination.request("GET", "/v1/info", None).await;
+    let peer = info["advertise"].as_str().unwrap().to_owned();
+    let target = format!("unix:{}", dir.path().join("qemu-in.sock").display());
+    let (status, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "forge", "target": target})),
+        )
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let token = incoming["token"].as_str().unwrap();
+    let mut control = hello_to(&peer, Kind::Control, "forge", token).await;
+    let forged = "2099-01-01T00:00:00.000000Z  INFO migproxy: all is well";
+    let mut frame = Vec::new();
+    Control::Failed(Attribution {
+        host: Host::Source,
+        leg: Leg::Qemu,
+        channel: None,
+        direction: None,
+        op: Op::Read,
+        errno: None,
+        message: format!("boom\n{forged}\u{1b}[2J"),
+        bytes: Totals::default(),
+        elapsed_ms: 0,
+    })
+    .encode(&mut frame);
+    control.write_all(&frame).await.unwrap();
+    let view = destination
+        .wait_final("forge", Duration::from_secs(5))
+        .await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert!(
+        view["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("boom\\n{forged}\\u{{1b}}[2J")),
+        "{view}"
+    );
+
+    let log = std::fs::read_to_string(dir.path().join("dst.log")).unwrap();
+    assert!(
+        log.contains(&format!("boom\\n{forged}\\u{{1b}}[2J")),
+        "the failure is logged, escaped: {log}"
+    );
+    assert!(
+        !log.lines().any(|line| line.starts_with("2099-01-01")),
+        "a forged line: {log}"
+    );
+    assert!(!log.contains("\u{1b}[2J"), "a raw escape sequence: {log:?}");
+}
