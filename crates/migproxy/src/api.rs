@@ -41,15 +41,14 @@ use crate::daemon::token::Token;
 use crate::daemon::{Daemon, RegisterError, incoming, outgoing};
 use crate::endpoint::Endpoint;
 
+mod server;
+
+pub use server::Limits;
+
 /// Serves the API on `listener` until `shutdown`.
 pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: CancellationToken) {
-    let router = router(daemon);
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(error) = result {
-        tracing::error!(%error, "API server stopped");
-    }
+    let router = router(Arc::clone(&daemon));
+    server::serve(daemon, listener, router, shutdown).await;
 }
 
 /// Serves the same API on TCP behind the peer port's mutual TLS (same CA, CRL and
@@ -70,12 +69,8 @@ pub async fn serve_tls(
         shutdown.clone(),
     ));
     let listener = TlsListener { accepted, local };
-    let result = axum::serve(listener, router(daemon))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(error) = result {
-        tracing::error!(%error, "API (TLS) server stopped");
-    }
+    let router = router(Arc::clone(&daemon));
+    server::serve(daemon, listener, router, shutdown).await;
     handshakes.abort();
 }
 

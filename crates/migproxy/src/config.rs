@@ -73,6 +73,7 @@ pub struct LimitsSection {
     pub max_migrations: Option<usize>,
     pub max_channels: Option<u32>,
     pub max_handshakes: Option<usize>,
+    pub max_api_connections: Option<usize>,
 }
 
 /// Seconds, fractions allowed.
@@ -85,6 +86,8 @@ pub struct TimeoutsSection {
     pub peer: Option<f64>,
     pub stall: Option<f64>,
     pub token_ttl: Option<f64>,
+    pub api_header: Option<f64>,
+    pub api_idle: Option<f64>,
 }
 
 impl File {
@@ -116,6 +119,8 @@ impl File {
             ("timeouts.peer", t.peer),
             ("timeouts.stall", t.stall),
             ("timeouts.token_ttl", t.token_ttl),
+            ("timeouts.api_header", t.api_header),
+            ("timeouts.api_idle", t.api_idle),
         ] {
             if let Some(seconds) = value
                 && !(seconds.is_finite() && seconds > 0.0 && seconds < 1e9)
@@ -132,6 +137,9 @@ impl File {
         }
         if l.max_handshakes == Some(0) {
             return Err(bad("limits.max_handshakes", "must be at least 1"));
+        }
+        if l.max_api_connections == Some(0) {
+            return Err(bad("limits.max_api_connections", "must be at least 1"));
         }
         if self
             .tls
@@ -180,6 +188,7 @@ pub struct Settings {
     pub max_migrations: usize,
     pub max_channels: u32,
     pub max_handshakes: usize,
+    pub api_limits: crate::api::Limits,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub heartbeat_interval: Duration,
@@ -236,6 +245,11 @@ impl Settings {
             max_migrations: file.limits.max_migrations.unwrap_or(64),
             max_channels: file.limits.max_channels.unwrap_or(64),
             max_handshakes: file.limits.max_handshakes.unwrap_or(64),
+            api_limits: crate::api::Limits {
+                header_timeout: secs(t.api_header, 10),
+                idle_timeout: secs(t.api_idle, 60),
+                max_connections: file.limits.max_api_connections.unwrap_or(64),
+            },
             connect_timeout: secs(t.connect, 10),
             handshake_timeout: secs(t.handshake, 10),
             heartbeat_interval: secs(t.heartbeat, 1),

@@ -139,3 +139,107 @@ async fn a_newline_or_escape_sequence_from_the_peer_does_not_reach_the_log_raw()
     );
     assert!(!log.contains("\u{1b}[2J"), "a raw escape sequence: {log:?}");
 }
+
+/// Reads until the server closes the connection; fails if it is still open after `limit`.
+async fn closed_within(stream: &mut tokio::net::UnixStream, limit: Duration) -> Vec<u8> {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the API connection is still open after {limit:?}"
+    );
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_connections_that_send_nothing_or_stall_are_closed() {
+    use tokio::net::UnixStream;
+    let daemon = TestDaemon::start_with("api", |c| {
+        c.api_limits.header_timeout = Duration::from_millis(300);
+        c.api_limits.idle_timeout = Duration::from_millis(600);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut silent = UnixStream::connect(&daemon.api).await.unwrap();
+    closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    // Half a request head, then nothing.
+    let mut slow = UnixStream::connect(&daemon.api).await.unwrap();
+    slow.write_all(b"GET /v1/info HTTP/1.1\r\nHost: m")
+        .await
+        .unwrap();
+    closed_within(&mut slow, Duration::from_secs(5)).await;
+
+    // A whole head announcing a body that never comes: the idle timeout ends it.
+    let mut stalled = UnixStream::connect(&daemon.api).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/migrations HTTP/1.1\r\nHost: m\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    closed_within(&mut stalled, Duration::from_secs(5)).await;
+
+    // A kept-alive connection is answered, then closed once idle.
+    let mut kept = UnixStream::connect(&daemon.api).await.unwrap();
+    kept.write_all(b"GET /v1/info HTTP/1.1\r\nHost: m\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = closed_within(&mut kept, Duration::from_secs(5)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let (status, _) = daemon.request("GET", "/v1/info", None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_connections_beyond_the_limit_are_closed_at_once() {
+    use tokio::net::UnixStream;
+    let daemon = TestDaemon::start_with("apilimit", |c| c.api_limits.max_connections = 2).await;
+    // Two kept-alive connections, each answered once: both are held by the server.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = UnixStream::connect(&daemon.api).await.unwrap();
+        stream
+            .write_all(b"GET /v1/info HTTP/1.1\r\nHost: m\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(stream);
+    }
+    let mut third = UnixStream::connect(&daemon.api).await.unwrap();
+    let _ = third
+        .write_all(b"GET /v1/info HTTP/1.1\r\nHost: m\r\n\r\n")
+        .await;
+    let answer = closed_within(&mut third, Duration::from_secs(2)).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(daemon.daemon.rejections.counts().get("api_busy"), Some(&1));
+    // Once one is closed, the API answers again (when the server has seen it close).
+    drop(held.pop());
+    let mut answered = false;
+    for _ in 0..200 {
+        let mut stream = UnixStream::connect(&daemon.api).await.unwrap();
+        let _ = stream
+            .write_all(b"GET /v1/info HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+            .await;
+        let answer = closed_within(&mut stream, Duration::from_secs(2)).await;
+        if answer.starts_with(b"HTTP/1.1 200") {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(answered, "the API never answered again");
+}

@@ -188,6 +188,7 @@ async fn start(args: Settings) -> Result<(), String> {
     config.max_migrations = args.max_migrations;
     config.max_channels = args.max_channels;
     config.max_handshakes = args.max_handshakes;
+    config.api_limits = args.api_limits;
     config.api_tls = api_tls_address.map(|a| a.to_string());
     daemon::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;
     drop(api_file);

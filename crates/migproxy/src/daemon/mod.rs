@@ -69,6 +69,8 @@ pub struct Config {
     pub target_dirs: Vec<PathBuf>,
     /// Where the API is also served over mutual TLS, if it is.
     pub api_tls: Option<String>,
+    /// Deadlines and a cap for API connections (unix and TLS).
+    pub api_limits: crate::api::Limits,
 }
 
 impl Config {
@@ -86,6 +88,7 @@ impl Config {
             tls: None,
             target_dirs: Vec::new(),
             api_tls: None,
+            api_limits: crate::api::Limits::default(),
         }
     }
 }
