@@ -518,10 +518,12 @@ fn checked_peer(peer: &str) -> Result<String, ApiError> {
 
 fn register_error(error: RegisterError) -> ApiError {
     let status = match error {
-        RegisterError::Exists(_) => StatusCode::CONFLICT,
+        RegisterError::Exists(_) | RegisterError::SocketTaken { .. } => StatusCode::CONFLICT,
         RegisterError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // The daemon's own directory is at fault, not the request.
+        RegisterError::RuntimeDir(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    ApiError::new(status, error.to_string())
+    ApiError::chain(status, &error)
 }
 
 /// A state as the API spells it (`active`, `completed`…), for messages; ids keep their case.

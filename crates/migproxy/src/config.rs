@@ -50,6 +50,7 @@ pub struct File {
     pub peer_listen: Option<String>,
     pub advertise: Option<String>,
     pub runtime_dir: Option<PathBuf>,
+    pub runtime_dir_group: Option<String>,
     pub target_dirs: Option<Vec<PathBuf>>,
     pub insecure_plaintext: Option<bool>,
     #[serde(default)]
@@ -162,6 +163,7 @@ pub struct Flags {
     pub peer_listen: Option<String>,
     pub advertise: Option<String>,
     pub runtime_dir: Option<PathBuf>,
+    pub runtime_dir_group: Option<String>,
     pub target_dirs: Vec<PathBuf>,
     pub insecure_plaintext: bool,
     pub tls_dir: Option<PathBuf>,
@@ -181,6 +183,8 @@ pub struct Settings {
     pub peer_listen: String,
     pub advertise: Option<String>,
     pub runtime_dir: PathBuf,
+    /// QEMU's group, which may create sockets in the runtime directory (mode 1770).
+    pub runtime_dir_group: Option<String>,
     pub target_dirs: Vec<PathBuf>,
     pub insecure_plaintext: bool,
     pub tls_dir: Option<PathBuf>,
@@ -237,6 +241,7 @@ impl Settings {
                 .runtime_dir
                 .or(file.runtime_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR)),
+            runtime_dir_group: flags.runtime_dir_group.or(file.runtime_dir_group),
             target_dirs: flag_or_file(flags.target_dirs, file.target_dirs),
             insecure_plaintext: flags.insecure_plaintext
                 || file.insecure_plaintext.unwrap_or(false),
