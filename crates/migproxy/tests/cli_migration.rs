@@ -316,3 +316,53 @@ async fn the_daemon_and_the_cli_read_the_config_file() {
         "{error}"
     );
 }
+
+/// Runs `migproxy migration ARGS` with stdout a pipe whose reader is already gone, as in
+/// `migproxy migration show ID | head -1` once head has exited.
+async fn cli_into_closed_pipe(daemon: &TestDaemon, args: &[&str]) -> Output {
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    Command::new(BIN)
+        .arg("migration")
+        .arg("--api")
+        .arg(&daemon.api)
+        .args(args)
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        // Not `output()`, which would replace stdout with a pipe of its own.
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let destination = TestDaemon::start("dst").await;
+    let out = cli(
+        &destination,
+        &["create-incoming", "--target", "unix:/x", "--id", "p"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let commands: &[&[&str]] = &[
+        &["show", "p"],
+        &["--json", "show", "p"],
+        &["list"],
+        &["--json", "list"],
+        &["create-incoming", "--target", "unix:/y", "--id", "q"],
+    ];
+    for args in commands {
+        let out = cli_into_closed_pipe(&destination, args).await;
+        assert_eq!(
+            out.status.signal(),
+            Some(nix::libc::SIGPIPE),
+            "{args:?}: {:?}, {}",
+            out.status,
+            stderr(&out)
+        );
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+}

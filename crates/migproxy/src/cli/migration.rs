@@ -249,16 +249,16 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
                 .post("/v1/migrations", Some(merged(body, qemu.fields())))
                 .await?;
             if json {
-                println!("{created}");
+                say!("{created}");
             } else {
-                println!(
+                say!(
                     "created outgoing migration {}",
                     created["id"].as_str().unwrap_or("?")
                 );
                 if qemu.qmp.is_some() {
-                    println!("  source QEMU: migrating (driven by the daemon)");
+                    say!("  source QEMU: migrating (driven by the daemon)");
                 } else {
-                    println!(
+                    say!(
                         "  source QEMU: migrate {}",
                         created["qemu_uri"].as_str().unwrap_or("?")
                     );
@@ -276,7 +276,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
             };
             let all = client.get(&path).await?;
             if json {
-                println!("{all}");
+                say!("{all}");
             } else {
                 print_list(&all);
             }
@@ -298,7 +298,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
         Command::Forget { id } => {
             client.delete(&format!("/v1/migrations/{id}")).await?;
             if !json {
-                println!("forgot migration {id}");
+                say!("forgot migration {id}");
             }
             Ok(0)
         }
@@ -315,7 +315,7 @@ pub(super) fn without_nulls(mut body: Value) -> Value {
 
 fn print_created_incoming(created: &Value, json: bool) {
     if json {
-        println!("{created}");
+        say!("{created}");
         return;
     }
     let (id, token, peer) = (
@@ -323,26 +323,31 @@ fn print_created_incoming(created: &Value, json: bool) {
         created["token"].as_str().unwrap_or("?"),
         created["peer"].as_str().unwrap_or("?"),
     );
-    println!("created incoming migration {id}");
-    println!("  token  {token}");
-    println!("  peer   {peer}");
-    println!("  target {}", created["target"].as_str().unwrap_or("?"));
-    println!("on the source host:");
-    println!("  migproxy migration create-outgoing --id {id} --token {token} --peer {peer}");
+    say!("created incoming migration {id}");
+    say!("  token  {token}");
+    say!("  peer   {peer}");
+    say!("  target {}", created["target"].as_str().unwrap_or("?"));
+    say!("on the source host:");
+    say!("  migproxy migration create-outgoing --id {id} --token {token} --peer {peer}");
 }
 
 fn print_list(all: &Value) {
     let migrations = all["migrations"].as_array().cloned().unwrap_or_default();
     if migrations.is_empty() {
-        println!("no migrations");
+        say!("no migrations");
         return;
     }
-    println!(
+    say!(
         "{:<24} {:<9} {:<10} {:>11} {:>11} {:<9}",
-        "ID", "DIRECTION", "STATE", "TO DEST", "TO SOURCE", "LINK"
+        "ID",
+        "DIRECTION",
+        "STATE",
+        "TO DEST",
+        "TO SOURCE",
+        "LINK"
     );
     for m in migrations {
-        println!(
+        say!(
             "{:<24} {:<9} {:<10} {:>11} {:>11} {:<9}",
             m["id"].as_str().unwrap_or("?"),
             m["direction"].as_str().unwrap_or("?"),
@@ -357,23 +362,23 @@ fn print_list(all: &Value) {
 /// The final (or current) report of a migration.
 pub(super) fn print_report(m: &Value, json: bool) {
     if json {
-        println!("{m}");
+        say!("{m}");
         return;
     }
     let bytes = |v: &Value, key: &str| Bytes(v["bytes"][key].as_u64().unwrap_or(0));
-    println!(
+    say!(
         "migration {} ({}, {}): {}",
         m["id"].as_str().unwrap_or("?"),
         m["direction"].as_str().unwrap_or("?"),
         m["link"].as_str().unwrap_or("?"),
         m["state"].as_str().unwrap_or("?"),
     );
-    println!(
+    say!(
         "  peer {} · local {}",
         m["peer"].as_str().unwrap_or("?"),
         m["local"].as_str().unwrap_or("?")
     );
-    println!(
+    say!(
         "  {} to destination, {} to source in {} (average {}/s)",
         bytes(m, "to_destination"),
         bytes(m, "to_source"),
@@ -385,7 +390,7 @@ pub(super) fn print_report(m: &Value, json: bool) {
         ),
     );
     for c in m["channels"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "  channel {}: {}, {} to destination, {} to source",
             c["index"],
             c["state"].as_str().unwrap_or("?"),
@@ -395,20 +400,20 @@ pub(super) fn print_report(m: &Value, json: bool) {
     }
     print_qemu(&m["qemu"], "QEMU");
     for pause in m["pauses"].as_array().into_iter().flatten() {
-        println!("  paused: {}", pause["message"].as_str().unwrap_or("?"));
+        say!("  paused: {}", pause["message"].as_str().unwrap_or("?"));
     }
     if let Some(by) = m["cancelled_by"].as_str() {
-        println!("  cancelled by the {by} host");
+        say!("  cancelled by the {by} host");
     }
     if let Some(message) = m["error"]["message"].as_str() {
-        println!("  error: {message}");
+        say!("  error: {message}");
         for (n, cause) in m["error"]["causes"]
             .as_array()
             .into_iter()
             .flatten()
             .enumerate()
         {
-            println!("    {}: {}", n + 1, cause.as_str().unwrap_or("?"));
+            say!("    {}: {}", n + 1, cause.as_str().unwrap_or("?"));
         }
     }
 }
@@ -445,10 +450,10 @@ pub(super) fn print_qemu(q: &Value, who: &str) {
     if q["monitor_closed"] == true {
         line += ", then QEMU exited (its monitor closed)";
     }
-    println!("{line}");
+    say!("{line}");
     let ram = &q["ram"];
     if !ram.is_null() {
-        println!(
+        say!(
             "    RAM {} of {} transferred, {} remaining, {:.0} Mbit/s",
             Bytes(ram["transferred"].as_u64().unwrap_or(0)),
             Bytes(ram["total"].as_u64().unwrap_or(0)),
@@ -457,7 +462,7 @@ pub(super) fn print_qemu(q: &Value, who: &str) {
         );
     }
     if let Some(desc) = q["error_desc"].as_str() {
-        println!("    QEMU error: {desc}");
+        say!("    QEMU error: {desc}");
     }
 }
 

@@ -4,6 +4,20 @@
 //! not do its job (a listen address in use, a request the daemon refused); 2 usage (bad flags
 //! or endpoints); 3 the daemon could not be reached (`migproxy migration …`).
 
+/// `println!` for the command's output on stdout. When the reader has gone away
+/// (`migproxy migration show ID | head -1`), the process ends as other Unix tools do, killed by
+/// SIGPIPE, without the panic `println!` would raise. (Restoring SIGPIPE's default at start
+/// would do the same for stdout, but would also kill the daemon and the relay on every write
+/// to a unix socket whose reader has gone.)
+macro_rules! say {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod daemon;
 mod demo;
 mod demo_qemu;
@@ -93,6 +107,34 @@ pub fn main() -> ExitCode {
         }
     });
     ExitCode::from(code)
+}
+
+/// Writes the command's output; see [`say!`].
+pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            die_of_sigpipe();
+        }
+        eprintln!(
+            "migproxy: cannot write to stdout: {}",
+            crate::human::OsError(&error)
+        );
+        std::process::exit(EXIT_FAILED.into());
+    }
+}
+
+/// Ends the process as the kernel ends a writer to a closed pipe, so that the shell sees
+/// what it sees of `yes | head -1`.
+#[allow(unsafe_code)]
+fn die_of_sigpipe() -> ! {
+    use nix::sys::signal::{SigHandler, Signal, raise, signal};
+    // SAFETY: SIG_DFL installs no handler of ours, so no code of ours runs in signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let _ = raise(Signal::SIGPIPE);
+    // Not reached: SIGPIPE's default action ends the process. 128 + 13 as the shell would say.
+    std::process::exit(141)
 }
 
 /// Logs go to stderr; every line inside a migration's work carries its id (and channel).
