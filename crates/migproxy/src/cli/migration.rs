@@ -5,7 +5,7 @@
 //! not be reached.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -66,9 +66,15 @@ enum Command {
     CreateOutgoing {
         #[arg(long)]
         id: String,
-        /// The token the destination handed out.
-        #[arg(long)]
-        token: String,
+        /// The token the destination handed out. On the command line every local user can
+        /// read it (ps, /proc/PID/cmdline) until the command ends: prefer --token-file or
+        /// MIGPROXY_TOKEN.
+        #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
+        token: Option<String>,
+        /// Read the token from this file, or from stdin with `-` (its first line). Without
+        /// --token or --token-file, the token is taken from MIGPROXY_TOKEN.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// The destination daemon's peer address, HOST:PORT.
         #[arg(long, value_name = "HOST:PORT")]
         peer: String,
@@ -142,7 +148,7 @@ impl QemuFlags {
 }
 
 /// A path as the daemon (whose working directory differs) must see it.
-pub(super) fn absolute(path: &std::path::Path) -> PathBuf {
+pub(super) fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
@@ -197,8 +203,15 @@ pub async fn run(args: Args) -> u8 {
             return super::EXIT_USAGE;
         }
     };
+    let command = match with_token(args.command) {
+        Ok(command) => command,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return super::EXIT_USAGE;
+        }
+    };
     let client = Client::new(&api);
-    match execute(&client, args.command, args.json).await {
+    match execute(&client, command, args.json).await {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error}");
@@ -210,6 +223,66 @@ pub async fn run(args: Args) -> u8 {
                 _ => EXIT_FAILED,
             }
         }
+    }
+}
+
+/// Why the token of `create-outgoing` could not be had.
+#[derive(Debug, thiserror::Error)]
+enum TokenError {
+    #[error("--token-file {}: cannot read it", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("--token-file {}: no token in it", .0.display())]
+    Empty(PathBuf),
+    #[error(
+        "create-outgoing needs the token: --token-file PATH (or - for stdin), MIGPROXY_TOKEN, or --token"
+    )]
+    Missing,
+}
+
+/// `create-outgoing` with its token from wherever it was given: the flag, a file, stdin
+/// (`--token-file -`) or `MIGPROXY_TOKEN`, in that order.
+fn with_token(mut command: Command) -> Result<Command, String> {
+    if let Command::CreateOutgoing {
+        token, token_file, ..
+    } = &mut command
+        && token.is_none()
+    {
+        let found = match token_file {
+            Some(path) => read_token(path),
+            None => std::env::var("MIGPROXY_TOKEN")
+                .map(|t| t.trim().to_owned())
+                .map_err(|_| TokenError::Missing),
+        };
+        *token = Some(found.map_err(|error| match &error {
+            TokenError::Read { error: cause, .. } => {
+                format!("{error}: {}", crate::human::OsError(cause))
+            }
+            _ => error.to_string(),
+        })?);
+    }
+    Ok(command)
+}
+
+/// The first line of `path` (stdin for `-`), without surrounding whitespace.
+fn read_token(path: &Path) -> Result<String, TokenError> {
+    let read = |error| TokenError::Read {
+        path: path.to_owned(),
+        error,
+    };
+    let mut line = String::new();
+    if path == Path::new("-") {
+        std::io::stdin().read_line(&mut line).map_err(read)?;
+    } else {
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        line = text.lines().next().unwrap_or_default().to_owned();
+    }
+    match line.trim() {
+        "" => Err(TokenError::Empty(path.to_owned())),
+        token => Ok(token.to_owned()),
     }
 }
 
@@ -237,6 +310,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
         Command::CreateOutgoing {
             id,
             token,
+            token_file: _,
             peer,
             tls_hostname,
             recoverable,
