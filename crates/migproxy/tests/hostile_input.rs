@@ -515,3 +515,43 @@ async fn sockets_left_by_a_killed_daemon_are_removed_at_its_next_start() {
     assert!(live.exists() && plain.exists());
     drop(restarted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outgoing_migration_cannot_take_the_socket_of_a_qmp_driven_incoming_one() {
+    use common::qemu::{Qemu, Ram};
+    let dir = short_tempdir();
+    let qemu = Qemu::start(dir.path(), "dstvm", Ram::Anonymous, 64, true).await;
+    let daemon = TestDaemon::start("both").await;
+    let (status, body) = daemon
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(json!({"direction": "incoming", "id": "vm", "qmp": qemu.spare_qmp()})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let socket = daemon.daemon.config.runtime_dir.join("vm.incoming.sock");
+    assert_eq!(
+        body["target"],
+        format!("unix:{}", socket.display()),
+        "{body}"
+    );
+    let (status, body) = daemon
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(
+                json!({"direction": "outgoing", "id": "vm.incoming", "token": "ab".repeat(32),
+                        "peer": "127.0.0.1:9"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(
+        error_text(&body),
+        format!(
+            "{} is already the socket of migration \"vm\"",
+            socket.display()
+        )
+    );
+}
