@@ -41,15 +41,14 @@ use crate::daemon::token::Token;
 use crate::daemon::{Daemon, RegisterError, incoming, outgoing};
 use crate::endpoint::Endpoint;
 
+mod server;
+
+pub use server::Limits;
+
 /// Serves the API on `listener` until `shutdown`.
 pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: CancellationToken) {
-    let router = router(daemon);
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(error) = result {
-        tracing::error!(%error, "API server stopped");
-    }
+    let router = router(Arc::clone(&daemon));
+    server::serve(daemon, listener, router, shutdown).await;
 }
 
 /// Serves the same API on TCP behind the peer port's mutual TLS (same CA, CRL and
@@ -70,12 +69,8 @@ pub async fn serve_tls(
         shutdown.clone(),
     ));
     let listener = TlsListener { accepted, local };
-    let result = axum::serve(listener, router(daemon))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(error) = result {
-        tracing::error!(%error, "API (TLS) server stopped");
-    }
+    let router = router(Arc::clone(&daemon));
+    server::serve(daemon, listener, router, shutdown).await;
     handshakes.abort();
 }
 
@@ -290,8 +285,8 @@ async fn create_incoming(
         .map(|target| target.parse())
         .transpose()
         .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
-    if let Some(path) = target.as_ref().and_then(Endpoint::unix_path) {
-        crate::daemon::paths::check_target(path, &daemon.config.target_dirs)
+    if let Some(target) = &target {
+        crate::daemon::paths::check_endpoint(target, &daemon.config.target_dirs)
             .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
     }
     let id = match body.id {
@@ -523,10 +518,12 @@ fn checked_peer(peer: &str) -> Result<String, ApiError> {
 
 fn register_error(error: RegisterError) -> ApiError {
     let status = match error {
-        RegisterError::Exists(_) => StatusCode::CONFLICT,
+        RegisterError::Exists(_) | RegisterError::SocketTaken { .. } => StatusCode::CONFLICT,
         RegisterError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // The daemon's own directory is at fault, not the request.
+        RegisterError::RuntimeDir(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    ApiError::new(status, error.to_string())
+    ApiError::chain(status, &error)
 }
 
 /// A state as the API spells it (`active`, `completed`…), for messages; ids keep their case.

@@ -31,6 +31,13 @@ pub enum ConfigError {
         flag: &'static str,
         key: &'static str,
     },
+    /// Every quiet migration would fail: the peer is declared gone between two heartbeats.
+    #[error(
+        "timeouts.heartbeat ({} s) must be shorter than the peer timeout ({} s, --peer-timeout \
+         or timeouts.peer): the peer daemon would be declared gone between two heartbeats",
+        .heartbeat.as_secs_f64(), .peer.as_secs_f64()
+    )]
+    HeartbeatNotBelowPeerTimeout { heartbeat: Duration, peer: Duration },
 }
 
 /// The file, as written.
@@ -43,6 +50,7 @@ pub struct File {
     pub peer_listen: Option<String>,
     pub advertise: Option<String>,
     pub runtime_dir: Option<PathBuf>,
+    pub runtime_dir_group: Option<String>,
     pub target_dirs: Option<Vec<PathBuf>>,
     pub insecure_plaintext: Option<bool>,
     #[serde(default)]
@@ -66,6 +74,7 @@ pub struct LimitsSection {
     pub max_migrations: Option<usize>,
     pub max_channels: Option<u32>,
     pub max_handshakes: Option<usize>,
+    pub max_api_connections: Option<usize>,
 }
 
 /// Seconds, fractions allowed.
@@ -78,6 +87,8 @@ pub struct TimeoutsSection {
     pub peer: Option<f64>,
     pub stall: Option<f64>,
     pub token_ttl: Option<f64>,
+    pub api_header: Option<f64>,
+    pub api_idle: Option<f64>,
 }
 
 impl File {
@@ -109,6 +120,8 @@ impl File {
             ("timeouts.peer", t.peer),
             ("timeouts.stall", t.stall),
             ("timeouts.token_ttl", t.token_ttl),
+            ("timeouts.api_header", t.api_header),
+            ("timeouts.api_idle", t.api_idle),
         ] {
             if let Some(seconds) = value
                 && !(seconds.is_finite() && seconds > 0.0 && seconds < 1e9)
@@ -125,6 +138,9 @@ impl File {
         }
         if l.max_handshakes == Some(0) {
             return Err(bad("limits.max_handshakes", "must be at least 1"));
+        }
+        if l.max_api_connections == Some(0) {
+            return Err(bad("limits.max_api_connections", "must be at least 1"));
         }
         if self
             .tls
@@ -147,6 +163,7 @@ pub struct Flags {
     pub peer_listen: Option<String>,
     pub advertise: Option<String>,
     pub runtime_dir: Option<PathBuf>,
+    pub runtime_dir_group: Option<String>,
     pub target_dirs: Vec<PathBuf>,
     pub insecure_plaintext: bool,
     pub tls_dir: Option<PathBuf>,
@@ -166,6 +183,8 @@ pub struct Settings {
     pub peer_listen: String,
     pub advertise: Option<String>,
     pub runtime_dir: PathBuf,
+    /// QEMU's group, which may create sockets in the runtime directory (mode 1770).
+    pub runtime_dir_group: Option<String>,
     pub target_dirs: Vec<PathBuf>,
     pub insecure_plaintext: bool,
     pub tls_dir: Option<PathBuf>,
@@ -173,6 +192,7 @@ pub struct Settings {
     pub max_migrations: usize,
     pub max_channels: u32,
     pub max_handshakes: usize,
+    pub api_limits: crate::api::Limits,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub heartbeat_interval: Duration,
@@ -202,7 +222,7 @@ impl Settings {
     pub fn resolve(flags: Flags, file: File) -> Result<Settings, ConfigError> {
         let t = file.timeouts;
 
-        Ok(Settings {
+        let settings = Settings {
             api: flags.api.or(file.api).ok_or(ConfigError::Missing {
                 flag: "--api",
                 key: "api",
@@ -221,6 +241,7 @@ impl Settings {
                 .runtime_dir
                 .or(file.runtime_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR)),
+            runtime_dir_group: flags.runtime_dir_group.or(file.runtime_dir_group),
             target_dirs: flag_or_file(flags.target_dirs, file.target_dirs),
             insecure_plaintext: flags.insecure_plaintext
                 || file.insecure_plaintext.unwrap_or(false),
@@ -229,13 +250,31 @@ impl Settings {
             max_migrations: file.limits.max_migrations.unwrap_or(64),
             max_channels: file.limits.max_channels.unwrap_or(64),
             max_handshakes: file.limits.max_handshakes.unwrap_or(64),
+            api_limits: crate::api::Limits {
+                header_timeout: secs(t.api_header, 10),
+                idle_timeout: secs(t.api_idle, 60),
+                max_connections: file.limits.max_api_connections.unwrap_or(64),
+            },
             connect_timeout: secs(t.connect, 10),
             handshake_timeout: secs(t.handshake, 10),
             heartbeat_interval: secs(t.heartbeat, 1),
             peer_timeout: flags.peer_timeout.unwrap_or(secs(t.peer, 10)),
             stall_timeout: flags.stall_timeout.unwrap_or(secs(t.stall, 30)),
             token_ttl: flags.token_ttl.unwrap_or(secs(t.token_ttl, 300)),
-        })
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// What no single value shows: values that contradict each other.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval >= self.peer_timeout {
+            return Err(ConfigError::HeartbeatNotBelowPeerTimeout {
+                heartbeat: self.heartbeat_interval,
+                peer: self.peer_timeout,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -304,5 +343,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(error, "missing --api (or `api` in the config file)");
+    }
+
+    #[test]
+    fn a_heartbeat_not_below_the_peer_timeout_is_refused_naming_both() {
+        let (_dir, path) =
+            write("api = \"/a\"\npeer_listen = \"127.0.0.1:0\"\n[timeouts]\nheartbeat = 2\n");
+        let flags = || Flags {
+            peer_timeout: Some(Duration::from_secs(2)),
+            ..Flags::default()
+        };
+        let error = Settings::resolve(flags(), File::load(&path).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error
+                .starts_with("timeouts.heartbeat (2 s) must be shorter than the peer timeout (2 s"),
+            "{error}"
+        );
+        let below = Flags {
+            peer_timeout: Some(Duration::from_millis(2001)),
+            ..flags()
+        };
+        Settings::resolve(below, File::load(&path).unwrap()).unwrap();
     }
 }

@@ -20,6 +20,27 @@ fn run(args: &[&str]) -> Output {
     std::process::Command::new(BIN).args(args).output().unwrap()
 }
 
+/// As [`run`], for a command that must exit at once: one that runs on (a daemon that
+/// accepted what it should have refused) is killed and the test fails.
+fn run_refused(args: &[&str]) -> Output {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(10) {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!("{args:?} is still running: {}", text(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -78,6 +99,55 @@ fn bad_flags_and_endpoints_exit_2_with_a_clear_message() {
         );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn daemon_timeouts_must_be_positive_and_the_heartbeat_below_the_peer_timeout() {
+    let dir = short_tempdir();
+    let api = sock(&dir, "api.sock");
+    let api = api.to_str().unwrap();
+    let base = [
+        "daemon",
+        "--api",
+        api,
+        "--peer-listen",
+        "127.0.0.1:0",
+        "--insecure-plaintext",
+    ];
+    for flag in ["--peer-timeout", "--stall-timeout", "--token-ttl"] {
+        let out = run_refused(&[&base[..], &[flag, "0"]].concat());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("'{flag} <SECONDS>'"))
+                && stderr.contains("must be a positive number of seconds"),
+            "{flag}: {stderr}"
+        );
+    }
+    // The default heartbeat is 1 s: a peer timeout of 1 s or less fails every quiet migration.
+    let out = run_refused(&[&base[..], &["--peer-timeout", "1"]].concat());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "timeouts.heartbeat (1 s) must be shorter than the peer timeout (1 s, --peer-timeout"
+        ),
+        "{stderr}"
+    );
+    let config = dir.path().join("migproxy.toml");
+    std::fs::write(&config, "[timeouts]\nheartbeat = 20\n").unwrap();
+    let out = run_refused(&[&base[..], &["--config", config.to_str().unwrap()]].concat());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("timeouts.heartbeat (20 s) must be shorter than the peer timeout (10 s"),
+        "{stderr}"
+    );
+    assert!(!api_exists(&dir), "nothing was started");
+}
+
+fn api_exists(dir: &tempfile::TempDir) -> bool {
+    sock(dir, "api.sock").exists()
 }
 
 #[test]

@@ -95,6 +95,9 @@ async fn create_watch_to_completion_list_and_forget() {
         "{}",
         stdout(&out)
     );
+    // Two live migrations may not share a target: the probe makes way.
+    let out = cli(&destination, &["cancel", "probe"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
     let qemu_uri = create(
         &source,
@@ -313,4 +316,186 @@ async fn the_daemon_and_the_cli_read_the_config_file() {
         error.contains("line 3") && error.contains("colour"),
         "{error}"
     );
+}
+
+/// Runs `migproxy migration ARGS` with stdout a pipe whose reader is already gone, as in
+/// `migproxy migration show ID | head -1` once head has exited.
+async fn cli_into_closed_pipe(daemon: &TestDaemon, args: &[&str]) -> Output {
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    Command::new(BIN)
+        .arg("migration")
+        .arg("--api")
+        .arg(&daemon.api)
+        .args(args)
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        // Not `output()`, which would replace stdout with a pipe of its own.
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let destination = TestDaemon::start("dst").await;
+    let out = cli(
+        &destination,
+        &["create-incoming", "--target", "unix:/x", "--id", "p"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let commands: &[&[&str]] = &[
+        &["show", "p"],
+        &["--json", "show", "p"],
+        &["list"],
+        &["--json", "list"],
+        &["create-incoming", "--target", "unix:/y", "--id", "q"],
+    ];
+    for args in commands {
+        let out = cli_into_closed_pipe(&destination, args).await;
+        assert_eq!(
+            out.status.signal(),
+            Some(nix::libc::SIGPIPE),
+            "{args:?}: {:?}, {}",
+            out.status,
+            stderr(&out)
+        );
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+}
+
+/// `create-outgoing --id ID --peer PEER` plus `extra`, with `env` and `stdin`.
+async fn create_outgoing(
+    source: &TestDaemon,
+    (id, peer): (&str, &str),
+    extra: &[&str],
+    env: Option<&str>,
+    stdin: Option<&str>,
+) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut command = Command::new(BIN);
+    command
+        .arg("migration")
+        .arg("--api")
+        .arg(&source.api)
+        .args(["--json", "create-outgoing", "--id", id, "--peer", peer])
+        .args(extra)
+        .env_remove("MIGPROXY_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(token) = env {
+        command.env("MIGPROXY_TOKEN", token);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    child.wait_with_output().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_comes_from_a_file_stdin_or_the_environment() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let dir = short_tempdir();
+    let incoming = |id: &'static str| {
+        let destination = &destination;
+        async move {
+            let out = cli(
+                destination,
+                &[
+                    "--json",
+                    "create-incoming",
+                    "--target",
+                    &format!("unix:/x-{id}"),
+                    "--id",
+                    id,
+                ],
+            )
+            .await;
+            let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+            (
+                created["token"].as_str().unwrap().to_owned(),
+                created["peer"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let created = |out: &Output, id: &str| {
+        assert_eq!(out.status.code(), Some(0), "{id}: {}", stderr(out));
+        let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(body["id"], id, "{body}");
+    };
+
+    let (token, peer) = incoming("file").await;
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let out = create_outgoing(
+        &source,
+        ("file", &peer),
+        &["--token-file", file.to_str().unwrap()],
+        None,
+        None,
+    )
+    .await;
+    created(&out, "file");
+
+    let (token, peer) = incoming("stdin").await;
+    let out = create_outgoing(
+        &source,
+        ("stdin", &peer),
+        &["--token-file", "-"],
+        None,
+        Some(&format!("{token}\n")),
+    )
+    .await;
+    created(&out, "stdin");
+
+    let (token, peer) = incoming("env").await;
+    let out = create_outgoing(&source, ("env", &peer), &[], Some(&token), None).await;
+    created(&out, "env");
+
+    // Refusals: no token anywhere, a file that is not there or empty, two sources at once.
+    let (token, peer) = incoming("refused").await;
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let missing = dir.path().join("missing");
+    let cases: [(&[&str], String); 4] = [
+        (
+            &[],
+            "create-outgoing needs the token: --token-file PATH".to_owned(),
+        ),
+        (
+            &["--token-file", missing.to_str().unwrap()],
+            format!(
+                "--token-file {}: cannot read it: no such file",
+                missing.display()
+            ),
+        ),
+        (
+            &["--token-file", empty.to_str().unwrap()],
+            format!("--token-file {}: no token in it", empty.display()),
+        ),
+        (
+            &["--token", &token, "--token-file", "-"],
+            "'--token <TOKEN>' cannot be used with '--token-file <PATH>'".to_owned(),
+        ),
+    ];
+    for (extra, expected) in cases {
+        let out = create_outgoing(&source, ("refused", &peer), extra, None, None).await;
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&expected),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    }
+    let (status, _) = source.request("GET", "/v1/migrations/refused", None).await;
+    assert_eq!(status, 404, "nothing was created");
 }

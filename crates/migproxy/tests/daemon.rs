@@ -961,7 +961,9 @@ async fn tokens_are_single_use_and_bound_to_their_migration() {
                 .request(
                     "POST",
                     "/v1/migrations",
-                    Some(json!({"direction": "incoming", "id": id, "target": target})),
+                    // Each its own target: two live migrations cannot share one.
+                    Some(json!({"direction": "incoming", "id": id,
+                                "target": if id == "one" { target.clone() } else { format!("{target}-{id}") }})),
                 )
                 .await;
             incoming

@@ -1,7 +1,7 @@
 //! `migproxy daemon`: one per host; see [`crate::daemon`].
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::EXIT_FAILED;
 use crate::config::{self, ConfigError, Flags, Settings};
+use crate::daemon::runtime::RuntimeDir;
 use crate::daemon::{self, Config, Daemon};
 use crate::human::{Chain, OsError};
 use crate::tls::TlsHandle;
@@ -32,10 +33,14 @@ pub struct Args {
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Option<String>,
     /// Directory for the per-migration sockets handed to the source QEMU (default
-    /// /run/migproxy; created 0700; it must belong to the daemon's user and must not be
-    /// writable by others).
+    /// /run/migproxy; created 0700; it must belong to the daemon's user, must not be a
+    /// symbolic link, and must not be writable by its group or others).
     #[arg(long, value_name = "DIR")]
     runtime_dir: Option<PathBuf>,
+    /// Let this group (QEMU's, e.g. kvm) create sockets in the runtime directory: it must
+    /// then be owned by the daemon's user and this group, mode 1770 (created so if missing).
+    #[arg(long, value_name = "GROUP")]
+    runtime_dir_group: Option<String>,
     /// Allow incoming migrations to target unix sockets only inside this directory
     /// (repeatable; default: any absolute path).
     #[arg(long, value_name = "DIR")]
@@ -59,14 +64,14 @@ pub struct Args {
     #[arg(long)]
     insecure_plaintext: bool,
     /// Declare the peer daemon gone after this many seconds without a word (default 10).
-    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
     peer_timeout: Option<Duration>,
     /// Fail an active migration when no byte moves on any channel for this many seconds
     /// (default 30).
-    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
     stall_timeout: Option<Duration>,
     /// How long an incoming migration waits for its source daemon (default 300).
-    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
     token_ttl: Option<Duration>,
 }
 
@@ -84,6 +89,7 @@ impl Args {
             peer_listen: self.peer_listen,
             advertise: self.advertise,
             runtime_dir: self.runtime_dir,
+            runtime_dir_group: self.runtime_dir_group,
             target_dirs: self.target_dir,
             insecure_plaintext: self.insecure_plaintext,
             tls_dir: self.tls_dir,
@@ -139,18 +145,15 @@ async fn start(args: Settings) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("peer listener: {}", OsError(&e)))?;
     let advertise = advertised(args.advertise.clone(), bound)?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&args.runtime_dir)
-        .map_err(|e| {
-            format!(
-                "runtime dir {}: {}",
-                args.runtime_dir.display(),
-                OsError(&e)
-            )
-        })?;
-    check_private(&args.runtime_dir)?;
+    let runtime = RuntimeDir::open(&args.runtime_dir, args.runtime_dir_group.as_deref())
+        .map_err(|e| with_causes(&e))?;
+    for stale in runtime
+        .remove_stale_sockets()
+        .await
+        .map_err(|e| with_causes(&e))?
+    {
+        tracing::info!(path = %stale.display(), "removed a stale socket (its daemon did not stop cleanly)");
+    }
     let shutdown = CancellationToken::new();
     super::cancel_on_signals(shutdown.clone(), "migproxy daemon", "every migration")
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -177,6 +180,7 @@ async fn start(args: Settings) -> Result<(), String> {
         }
     );
     let mut config = Config::new(advertise, args.runtime_dir);
+    config.runtime = Some(Arc::new(runtime));
     config.tls = tls;
     config.timing.peer_timeout = args.peer_timeout;
     config.timing.connect_timeout = args.connect_timeout;
@@ -188,6 +192,7 @@ async fn start(args: Settings) -> Result<(), String> {
     config.max_migrations = args.max_migrations;
     config.max_channels = args.max_channels;
     config.max_handshakes = args.max_handshakes;
+    config.api_limits = args.api_limits;
     config.api_tls = api_tls_address.map(|a| a.to_string());
     daemon::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;
     drop(api_file);
@@ -228,28 +233,28 @@ impl Drop for ApiSocket {
     }
 }
 
-/// The runtime directory must be the daemon's own: another user able to write there could
-/// put a socket of theirs where QEMU's migration stream is expected.
-fn check_private(dir: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir)
-        .map_err(|e| format!("runtime dir {}: {}", dir.display(), OsError(&e)))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(format!(
-            "runtime dir {} belongs to uid {}, not to the daemon's user (uid {me})",
-            dir.display(),
-            meta.uid()
-        ));
+/// An error and its causes on one line, for the start-up message.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line += &format!(": {}", OsErrorText(cause));
+        source = cause.source();
     }
-    if meta.mode() & 0o002 != 0 {
-        return Err(format!(
-            "runtime dir {} is writable by every user (mode {:o}): make it 0700",
-            dir.display(),
-            meta.mode() & 0o7777
-        ));
+    line
+}
+
+/// An OS error as `human::OsError` writes it (`permission denied (EACCES)`), other errors
+/// as they are.
+struct OsErrorText<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for OsErrorText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.downcast_ref::<std::io::Error>() {
+            Some(error) => write!(f, "{}", OsError(error)),
+            None => write!(f, "{}", self.0),
+        }
     }
-    Ok(())
 }
 
 /// TLS material, or the operator's explicit consent to plaintext.

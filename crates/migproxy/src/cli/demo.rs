@@ -73,7 +73,7 @@ async fn demo(args: Args) -> Result<bool, DemoError> {
 
     let (peer, qemu_uri) =
         create_migration(&source_host, &destination_host, &target.to_string()).await?;
-    println!(
+    say!(
         "migproxy demo: QEMU is not installed here (or --synthetic): streaming {} of \
          pseudo-random migration data between two daemons instead\n  \
          source \"QEMU\" → {qemu_uri} → source daemon ═ tcp:{} ═ destination daemon → {target} → destination \"QEMU\"",
@@ -187,9 +187,9 @@ pub(super) async fn reports(
 ) -> Result<(Value, Value), DemoError> {
     let at_source = wait_final(&source.client).await?;
     let at_destination = wait_final(&destination.client).await?;
-    println!("\nthe source daemon reports:");
+    say!("\nthe source daemon reports:");
     super::migration::print_report(&at_source, false);
-    println!("the destination daemon reports:");
+    say!("the destination daemon reports:");
     super::migration::print_report(&at_destination, false);
     Ok((at_source, at_destination))
 }
@@ -294,20 +294,20 @@ fn print_result(
 ) -> bool {
     let intact =
         sent.digest == received.digest && sent.digest_from_destination == Some(received.digest);
-    println!(
+    say!(
         "received {} with blake3 {}…, the source sent {}…: {}",
         Bytes(received.bytes),
         &received.digest.to_hex()[..16],
         &sent.digest.to_hex()[..16],
         if intact { "identical" } else { "MISMATCH" }
     );
-    println!(
+    say!(
         "return path: {} acknowledgements and the digest came back through both daemons",
         sent.acks
     );
     let agree = at_source["bytes"] == at_destination["bytes"]
         && at_source["bytes"]["to_destination"] == json!(received.bytes);
-    println!(
+    say!(
         "both daemons report {} and the same byte counts: {}",
         at_source["state"].as_str().unwrap_or("?"),
         if agree { "yes" } else { "NO" }
@@ -317,6 +317,6 @@ fn print_result(
         && agree
         && at_source["state"] == "transferred"
         && at_destination["state"] == "transferred";
-    println!("migproxy demo: {}", if ok { "OK" } else { "FAILED" });
+    say!("migproxy demo: {}", if ok { "OK" } else { "FAILED" });
     ok
 }

@@ -20,7 +20,7 @@ pub use crate::vm::available;
 pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     let mib = (size >> 20).max(16);
     let size = mib << 20;
-    println!(
+    say!(
         "migproxy demo: migrating a real QEMU VM ({} of random guest RAM, {}) through two daemons",
         Bytes(size),
         accel().to_uppercase()
@@ -37,14 +37,14 @@ pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
                           "qmp": destination_vm.spare_qmp.display().to_string()});
     let outgoing = json!({"qmp": source_vm.spare_qmp.display().to_string()});
     create_both(&source_host, &destination_host, incoming, outgoing).await?;
-    println!("  both daemons drive their QEMU over QMP: migrate-incoming, migrate, query-migrate");
+    say!("  both daemons drive their QEMU over QMP: migrate-incoming, migrate, query-migrate");
     follow(&source_host, size).await?;
 
     let (at_source, at_destination) = reports(&source_host, &destination_host).await?;
     let equal = if at_source["qemu"]["status"] == "completed" {
         let a = source_vm.ram_digest(dir, "source", size).await?;
         let b = destination_vm.ram_digest(dir, "destination", size).await?;
-        println!(
+        say!(
             "guest RAM: source {}…, destination {}…: {}",
             &a.to_hex()[..16],
             &b.to_hex()[..16],
@@ -57,7 +57,7 @@ pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     source_host.stop().await;
     destination_host.stop().await;
     let ok = equal && at_source["state"] == "completed" && at_destination["state"] == "completed";
-    println!("migproxy demo: {}", if ok { "OK" } else { "FAILED" });
+    say!("migproxy demo: {}", if ok { "OK" } else { "FAILED" });
     Ok(ok)
 }
 

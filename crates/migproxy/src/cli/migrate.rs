@@ -111,7 +111,7 @@ pub async fn run(args: Args) -> u8 {
         Err(failure) => {
             eprintln!("error: {}", failure.message);
             if json {
-                println!(
+                say!(
                     "{}",
                     json!({"error": failure.message, "exit_code": failure.code})
                 );
@@ -390,7 +390,7 @@ async fn final_of(destination: &Client, id: &str) -> Option<Value> {
 /// each host.
 fn report(source: &Value, destination: Option<&Value>, json: bool) {
     if json {
-        println!("{}", json!({"source": source, "destination": destination}));
+        say!("{}", json!({"source": source, "destination": destination}));
         return;
     }
     let elapsed = Elapsed(Duration::from_millis(
@@ -401,7 +401,7 @@ fn report(source: &Value, destination: Option<&Value>, json: bool) {
             .unwrap_or("unknown")
             .to_owned()
     };
-    println!(
+    say!(
         "migration {}: {} in {elapsed} (QEMU: {} on the source, {} on the destination)",
         source["id"].as_str().unwrap_or("?"),
         source["state"].as_str().unwrap_or("?"),
@@ -412,7 +412,7 @@ fn report(source: &Value, destination: Option<&Value>, json: bool) {
     if let Some(destination) = destination {
         migration::print_qemu(&destination["qemu"], "destination QEMU");
     }
-    println!(
+    say!(
         "  migproxy ({}): {} to destination, {} to source, average {}/s",
         source["link"].as_str().unwrap_or("?"),
         Bytes(source["bytes"]["to_destination"].as_u64().unwrap_or(0)),
@@ -424,7 +424,7 @@ fn report(source: &Value, destination: Option<&Value>, json: bool) {
         ),
     );
     for c in source["channels"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "    channel {}: {}, {} to destination, {} to source",
             c["index"],
             c["state"].as_str().unwrap_or("?"),
@@ -433,9 +433,9 @@ fn report(source: &Value, destination: Option<&Value>, json: bool) {
         );
     }
     if let Some(by) = source["cancelled_by"].as_str() {
-        println!("  cancelled by the {by} host; the VM stays on the source");
+        say!("  cancelled by the {by} host; the VM stays on the source");
     }
     if let Some(message) = source["error"]["message"].as_str() {
-        println!("  error: {message}");
+        say!("  error: {message}");
     }
 }

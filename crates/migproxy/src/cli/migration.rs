@@ -5,7 +5,7 @@
 //! not be reached.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -67,9 +67,15 @@ enum Command {
     CreateOutgoing {
         #[arg(long)]
         id: String,
-        /// The token the destination handed out.
-        #[arg(long)]
-        token: String,
+        /// The token the destination handed out. On the command line every local user can
+        /// read it (ps, /proc/PID/cmdline) until the command ends: prefer --token-file or
+        /// MIGPROXY_TOKEN.
+        #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
+        token: Option<String>,
+        /// Read the token from this file, or from stdin with `-` (its first line). Without
+        /// --token or --token-file, the token is taken from MIGPROXY_TOKEN.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// The destination daemon's peer address, HOST:PORT.
         #[arg(long, value_name = "HOST:PORT")]
         peer: String,
@@ -143,7 +149,7 @@ impl QemuFlags {
 }
 
 /// A path as the daemon (whose working directory differs) must see it.
-pub(super) fn absolute(path: &std::path::Path) -> PathBuf {
+pub(super) fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
@@ -198,8 +204,15 @@ pub async fn run(args: Args) -> u8 {
             return super::EXIT_USAGE;
         }
     };
+    let command = match with_token(args.command) {
+        Ok(command) => command,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return super::EXIT_USAGE;
+        }
+    };
     let client = Client::new(&api);
-    match execute(&client, args.command, args.json).await {
+    match execute(&client, command, args.json).await {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error}");
@@ -211,6 +224,66 @@ pub async fn run(args: Args) -> u8 {
                 _ => EXIT_FAILED,
             }
         }
+    }
+}
+
+/// Why the token of `create-outgoing` could not be had.
+#[derive(Debug, thiserror::Error)]
+enum TokenError {
+    #[error("--token-file {}: cannot read it", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("--token-file {}: no token in it", .0.display())]
+    Empty(PathBuf),
+    #[error(
+        "create-outgoing needs the token: --token-file PATH (or - for stdin), MIGPROXY_TOKEN, or --token"
+    )]
+    Missing,
+}
+
+/// `create-outgoing` with its token from wherever it was given: the flag, a file, stdin
+/// (`--token-file -`) or `MIGPROXY_TOKEN`, in that order.
+fn with_token(mut command: Command) -> Result<Command, String> {
+    if let Command::CreateOutgoing {
+        token, token_file, ..
+    } = &mut command
+        && token.is_none()
+    {
+        let found = match token_file {
+            Some(path) => read_token(path),
+            None => std::env::var("MIGPROXY_TOKEN")
+                .map(|t| t.trim().to_owned())
+                .map_err(|_| TokenError::Missing),
+        };
+        *token = Some(found.map_err(|error| match &error {
+            TokenError::Read { error: cause, .. } => {
+                format!("{error}: {}", crate::human::OsError(cause))
+            }
+            _ => error.to_string(),
+        })?);
+    }
+    Ok(command)
+}
+
+/// The first line of `path` (stdin for `-`), without surrounding whitespace.
+fn read_token(path: &Path) -> Result<String, TokenError> {
+    let read = |error| TokenError::Read {
+        path: path.to_owned(),
+        error,
+    };
+    let mut line = String::new();
+    if path == Path::new("-") {
+        std::io::stdin().read_line(&mut line).map_err(read)?;
+    } else {
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        line = text.lines().next().unwrap_or_default().to_owned();
+    }
+    match line.trim() {
+        "" => Err(TokenError::Empty(path.to_owned())),
+        token => Ok(token.to_owned()),
     }
 }
 
@@ -238,6 +311,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
         Command::CreateOutgoing {
             id,
             token,
+            token_file: _,
             peer,
             tls_hostname,
             recoverable,
@@ -250,16 +324,16 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
                 .post("/v1/migrations", Some(merged(body, qemu.fields())))
                 .await?;
             if json {
-                println!("{created}");
+                say!("{created}");
             } else {
-                println!(
+                say!(
                     "created outgoing migration {}",
                     created["id"].as_str().unwrap_or("?")
                 );
                 if qemu.qmp.is_some() {
-                    println!("  source QEMU: migrating (driven by the daemon)");
+                    say!("  source QEMU: migrating (driven by the daemon)");
                 } else {
-                    println!(
+                    say!(
                         "  source QEMU: migrate {}",
                         created["qemu_uri"].as_str().unwrap_or("?")
                     );
@@ -277,7 +351,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
             };
             let all = client.get(&path).await?;
             if json {
-                println!("{all}");
+                say!("{all}");
             } else {
                 print_list(&all);
             }
@@ -299,7 +373,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
         Command::Forget { id } => {
             client.delete(&format!("/v1/migrations/{id}")).await?;
             if !json {
-                println!("forgot migration {id}");
+                say!("forgot migration {id}");
             }
             Ok(0)
         }
@@ -316,7 +390,7 @@ pub(super) fn without_nulls(mut body: Value) -> Value {
 
 fn print_created_incoming(created: &Value, json: bool) {
     if json {
-        println!("{created}");
+        say!("{created}");
         return;
     }
     let (id, token, peer) = (
@@ -324,26 +398,31 @@ fn print_created_incoming(created: &Value, json: bool) {
         created["token"].as_str().unwrap_or("?"),
         created["peer"].as_str().unwrap_or("?"),
     );
-    println!("created incoming migration {id}");
-    println!("  token  {token}");
-    println!("  peer   {peer}");
-    println!("  target {}", created["target"].as_str().unwrap_or("?"));
-    println!("on the source host:");
-    println!("  migproxy migration create-outgoing --id {id} --token {token} --peer {peer}");
+    say!("created incoming migration {id}");
+    say!("  token  {token}");
+    say!("  peer   {peer}");
+    say!("  target {}", created["target"].as_str().unwrap_or("?"));
+    say!("on the source host:");
+    say!("  migproxy migration create-outgoing --id {id} --token {token} --peer {peer}");
 }
 
 fn print_list(all: &Value) {
     let migrations = all["migrations"].as_array().cloned().unwrap_or_default();
     if migrations.is_empty() {
-        println!("no migrations");
+        say!("no migrations");
         return;
     }
-    println!(
+    say!(
         "{:<24} {:<9} {:<10} {:>11} {:>11} {:<9}",
-        "ID", "DIRECTION", "STATE", "TO DEST", "TO SOURCE", "LINK"
+        "ID",
+        "DIRECTION",
+        "STATE",
+        "TO DEST",
+        "TO SOURCE",
+        "LINK"
     );
     for m in migrations {
-        println!(
+        say!(
             "{:<24} {:<9} {:<10} {:>11} {:>11} {:<9}",
             m["id"].as_str().unwrap_or("?"),
             m["direction"].as_str().unwrap_or("?"),
@@ -358,26 +437,26 @@ fn print_list(all: &Value) {
 /// The final (or current) report of a migration.
 pub(super) fn print_report(m: &Value, json: bool) {
     if json {
-        println!("{m}");
+        say!("{m}");
         return;
     }
     let bytes = |v: &Value, key: &str| Bytes(v["bytes"][key].as_u64().unwrap_or(0));
-    println!(
+    say!(
         "migration {} ({}, {}): {}",
         m["id"].as_str().unwrap_or("?"),
         m["direction"].as_str().unwrap_or("?"),
         m["link"].as_str().unwrap_or("?"),
         m["state"].as_str().unwrap_or("?"),
     );
-    println!(
+    say!(
         "  peer {} · local {}",
         m["peer"].as_str().unwrap_or("?"),
         m["local"].as_str().unwrap_or("?")
     );
     if m["state"] == State::Transferred.name() {
-        println!("  QEMU's verdict unknown (no QMP, no return path): ask QEMU whether it finished");
+        say!("  QEMU's verdict unknown (no QMP, no return path): ask QEMU whether it finished");
     }
-    println!(
+    say!(
         "  {} to destination, {} to source in {} (average {}/s)",
         bytes(m, "to_destination"),
         bytes(m, "to_source"),
@@ -389,7 +468,7 @@ pub(super) fn print_report(m: &Value, json: bool) {
         ),
     );
     for c in m["channels"].as_array().into_iter().flatten() {
-        println!(
+        say!(
             "  channel {}: {}, {} to destination, {} to source",
             c["index"],
             c["state"].as_str().unwrap_or("?"),
@@ -399,20 +478,20 @@ pub(super) fn print_report(m: &Value, json: bool) {
     }
     print_qemu(&m["qemu"], "QEMU");
     for pause in m["pauses"].as_array().into_iter().flatten() {
-        println!("  paused: {}", pause["message"].as_str().unwrap_or("?"));
+        say!("  paused: {}", pause["message"].as_str().unwrap_or("?"));
     }
     if let Some(by) = m["cancelled_by"].as_str() {
-        println!("  cancelled by the {by} host");
+        say!("  cancelled by the {by} host");
     }
     if let Some(message) = m["error"]["message"].as_str() {
-        println!("  error: {message}");
+        say!("  error: {message}");
         for (n, cause) in m["error"]["causes"]
             .as_array()
             .into_iter()
             .flatten()
             .enumerate()
         {
-            println!("    {}: {}", n + 1, cause.as_str().unwrap_or("?"));
+            say!("    {}: {}", n + 1, cause.as_str().unwrap_or("?"));
         }
     }
 }
@@ -449,10 +528,10 @@ pub(super) fn print_qemu(q: &Value, who: &str) {
     if q["monitor_closed"] == true {
         line += ", then QEMU exited (its monitor closed)";
     }
-    println!("{line}");
+    say!("{line}");
     let ram = &q["ram"];
     if !ram.is_null() {
-        println!(
+        say!(
             "    RAM {} of {} transferred, {} remaining, {:.0} Mbit/s",
             Bytes(ram["transferred"].as_u64().unwrap_or(0)),
             Bytes(ram["total"].as_u64().unwrap_or(0)),
@@ -461,7 +540,7 @@ pub(super) fn print_qemu(q: &Value, who: &str) {
         );
     }
     if let Some(desc) = q["error_desc"].as_str() {
-        println!("    QEMU error: {desc}");
+        say!("    QEMU error: {desc}");
     }
 }
 

@@ -4,6 +4,20 @@
 //! not do its job (a listen address in use, a request the daemon refused); 2 usage (bad flags
 //! or endpoints); 3 the daemon could not be reached (`migproxy migration …`).
 
+/// `println!` for the command's output on stdout. When the reader has gone away
+/// (`migproxy migration show ID | head -1`), the process ends as other Unix tools do, killed by
+/// SIGPIPE, without the panic `println!` would raise. (Restoring SIGPIPE's default at start
+/// would do the same for stdout, but would also kill the daemon and the relay on every write
+/// to a unix socket whose reader has gone.)
+macro_rules! say {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod daemon;
 mod demo;
 mod demo_qemu;
@@ -95,6 +109,34 @@ pub fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Writes the command's output; see [`say!`].
+pub(crate) fn write_stdout(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            die_of_sigpipe();
+        }
+        eprintln!(
+            "migproxy: cannot write to stdout: {}",
+            crate::human::OsError(&error)
+        );
+        std::process::exit(EXIT_FAILED.into());
+    }
+}
+
+/// Ends the process as the kernel ends a writer to a closed pipe, so that the shell sees
+/// what it sees of `yes | head -1`.
+#[allow(unsafe_code)]
+fn die_of_sigpipe() -> ! {
+    use nix::sys::signal::{SigHandler, Signal, raise, signal};
+    // SAFETY: SIG_DFL installs no handler of ours, so no code of ours runs in signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let _ = raise(Signal::SIGPIPE);
+    // Not reached: SIGPIPE's default action ends the process. 128 + 13 as the shell would say.
+    std::process::exit(141)
+}
+
 /// Logs go to stderr; every line inside a migration's work carries its id (and channel).
 fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|error| {
@@ -149,6 +191,16 @@ fn seconds(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value).map_err(|_| format!("{text} s is not a usable duration"))
 }
 
+/// As [`seconds`], for the daemon's timeouts, with the config file's bounds: 0 would mean
+/// "at once" and fail everything, and an absurd value overflows the clock's arithmetic.
+fn positive_seconds(text: &str) -> Result<Duration, String> {
+    let duration = seconds(text)?;
+    if duration.is_zero() || duration.as_secs_f64() >= 1e9 {
+        return Err("must be a positive number of seconds (below 1e9)".to_owned());
+    }
+    Ok(duration)
+}
+
 /// clap parser for sizes: `1073741824`, `512M`, `1G`, `1GiB` (binary units).
 fn size(text: &str) -> Result<u64, String> {
     let bad = || format!("\"{text}\" is not a size (examples: 4096, 512M, 1G)");
@@ -187,6 +239,9 @@ mod tests {
         assert!(seconds("-1").is_err());
         assert!(seconds("soon").is_err());
         assert!(seconds("inf").is_err());
+        assert_eq!(positive_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert!(positive_seconds("0").is_err());
+        assert!(positive_seconds("0.0").is_err());
     }
 
     #[test]

@@ -60,10 +60,10 @@ pub async fn run(args: Args) -> u8 {
         },
     };
     let summary = proxy::run(listener, config, shutdown, |n, report| {
-        println!("#{n} {} → {}: {report}", report.source, report.destination);
+        say!("#{n} {} → {}: {report}", report.source, report.destination);
     })
     .await;
-    println!("migproxy relay: {summary}");
+    say!("migproxy relay: {summary}");
     if summary.all_completed() {
         0
     } else {

@@ -2,6 +2,7 @@
 //! carried in [`Control::Failed`](migproxy_proto::Control::Failed), rendered for people and
 //! serialised for the API.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use migproxy_proto::{Attribution, Direction, Host, Leg, Op, Totals};
@@ -365,7 +366,33 @@ fn op_name(op: Op) -> &'static str {
     }
 }
 
-/// One line for people:
+/// Text that came from elsewhere (the peer daemon, QEMU) with every control character
+/// escaped as Rust writes it (`\n`, `\u{1b}`), and the bidirectional overrides too: shown
+/// raw, a newline would forge a log line and an escape sequence would drive the terminal of
+/// whoever reads the report.
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    let hostile = |c: char| c.is_control() || is_bidi_control(c);
+    if !text.chars().any(hostile) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if hostile(c) {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    Cow::Owned(escaped)
+}
+
+/// The characters that reorder what follows them on screen (U+202A–U+202E, U+2066–U+2069,
+/// and the marks U+200E, U+200F).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// One line for people (the peer's text escaped, see [`escape_controls`]):
 /// `destination QEMU: write failed on channel 0 after 512 MiB to destination and 0 B to
 /// source (3.4 s): broken pipe (EPIPE)`.
 #[derive(Debug)]
@@ -404,9 +431,9 @@ impl fmt::Display for Rendered<'_> {
                 Elapsed(std::time::Duration::from_millis(a.elapsed_ms))
             )?;
         }
-        write!(f, ": {}", a.message)?;
+        write!(f, ": {}", escape_controls(&a.message))?;
         if let Some(errno) = &a.errno {
-            write!(f, " ({errno})")?;
+            write!(f, " ({})", escape_controls(errno))?;
         }
         Ok(())
     }
@@ -444,11 +471,15 @@ impl From<&Attribution> for Report {
                 Direction::ToSource => "to_source",
             }),
             op: op_name(a.op),
-            errno: a.errno.clone(),
-            detail: a.message.clone(),
+            errno: a.errno.as_deref().map(|e| escape_controls(e).into_owned()),
+            detail: escape_controls(&a.message).into_owned(),
             causes: vec![match &a.errno {
-                Some(errno) => format!("{} ({errno})", a.message),
-                None => a.message.clone(),
+                Some(errno) => format!(
+                    "{} ({})",
+                    escape_controls(&a.message),
+                    escape_controls(errno)
+                ),
+                None => escape_controls(&a.message).into_owned(),
             }],
             bytes: relay::ByteCounts {
                 to_destination: a.bytes.to_destination,
@@ -462,6 +493,44 @@ impl From<&Attribution> for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_text_is_borrowed() {
+        assert!(matches!(
+            escape_controls("broken pipe – café"),
+            Cow::Borrowed("broken pipe – café")
+        ));
+        assert_eq!(
+            escape_controls("bad\n2025-01-01 WARN forged\r\t\u{1b}[31mred\u{7f}"),
+            "bad\\n2025-01-01 WARN forged\\r\\t\\u{1b}[31mred\\u{7f}"
+        );
+        assert_eq!(escape_controls("a\u{202e}b"), "a\\u{202e}b");
+    }
+
+    #[test]
+    fn a_peer_message_cannot_break_the_line_it_is_rendered_in() {
+        let a = Attribution {
+            host: Host::Source,
+            leg: Leg::Qemu,
+            channel: None,
+            direction: None,
+            op: Op::Read,
+            errno: Some("EIO\n".into()),
+            message: "x\nWARN forged line\u{1b}[2J".into(),
+            bytes: Totals::default(),
+            elapsed_ms: 0,
+        };
+        let line = Rendered(&a).to_string();
+        assert_eq!(
+            line,
+            "source QEMU: read failed before any byte moved: x\\nWARN forged line\\u{1b}[2J \
+             (EIO\\n)"
+        );
+        let report = Report::from(&a);
+        for text in [&report.message, &report.detail, &report.causes[0]] {
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+        }
+    }
 
     #[test]
     fn renders_host_leg_channel_op_bytes_and_errno() {

@@ -29,6 +29,7 @@ pub mod paths;
 pub mod peer;
 pub mod qemu;
 pub mod returnpath;
+pub mod runtime;
 pub mod token;
 
 use std::collections::HashMap;
@@ -50,6 +51,9 @@ pub struct Config {
     pub advertise: String,
     /// Where per-migration sockets for the source QEMU are created.
     pub runtime_dir: PathBuf,
+    /// `runtime_dir`, opened and checked at start; checked again before each socket is
+    /// created or handed out there. `None` leaves the directory unchecked (in-process tests).
+    pub runtime: Option<Arc<runtime::RuntimeDir>>,
     pub timing: Timing,
     /// How long an incoming migration waits for its source daemon.
     pub token_ttl: Duration,
@@ -71,6 +75,8 @@ pub struct Config {
     pub target_dirs: Vec<PathBuf>,
     /// Where the API is also served over mutual TLS, if it is.
     pub api_tls: Option<String>,
+    /// Deadlines and a cap for API connections (unix and TLS).
+    pub api_limits: crate::api::Limits,
 }
 
 impl Config {
@@ -78,6 +84,7 @@ impl Config {
         Config {
             advertise,
             runtime_dir,
+            runtime: None,
             timing: Timing::default(),
             token_ttl: Duration::from_secs(300),
             first_channel_timeout: Duration::from_secs(300),
@@ -89,6 +96,7 @@ impl Config {
             tls: None,
             target_dirs: Vec::new(),
             api_tls: None,
+            api_limits: crate::api::Limits::default(),
         }
     }
 }
@@ -171,6 +179,12 @@ pub enum RegisterError {
     Exists(String),
     #[error("this daemon already runs its maximum of {0} migrations")]
     Full(usize),
+    /// Two migrations on one socket would deliver one's stream to the other's QEMU, and the
+    /// first to end would remove the other's socket.
+    #[error("{} is already the socket of migration \"{other}\"", .path.display())]
+    SocketTaken { path: PathBuf, other: String },
+    #[error(transparent)]
+    RuntimeDir(#[from] runtime::RuntimeDirError),
 }
 
 impl Daemon {
@@ -218,8 +232,12 @@ impl Daemon {
         all
     }
 
-    /// Reserves the id of a new migration.
+    /// Reserves the id and the unix socket of a new migration.
     pub fn register(&self, migration: Arc<Migration>) -> Result<(), RegisterError> {
+        let socket = migration.spec.local.unix_path();
+        if let Some(path) = socket {
+            self.check_runtime_dir(path)?;
+        }
         let mut map = self.map();
         if map.contains_key(&migration.spec.id) {
             return Err(RegisterError::Exists(migration.spec.id.clone()));
@@ -228,9 +246,37 @@ impl Daemon {
         if running >= self.config.max_migrations {
             return Err(RegisterError::Full(self.config.max_migrations));
         }
+        if let Some(path) = socket
+            && let Some(other) = socket_owner(&map, path)
+        {
+            return Err(RegisterError::SocketTaken {
+                path: path.to_owned(),
+                other,
+            });
+        }
         self.prune(&mut map);
         self.watch(&migration);
         map.insert(migration.spec.id.clone(), migration);
+        Ok(())
+    }
+
+    /// A socket about to be created or handed out in the runtime directory: the directory
+    /// must still be the one checked at start.
+    fn check_runtime_dir(&self, socket: &std::path::Path) -> Result<(), RegisterError> {
+        let Some(runtime) = &self.config.runtime else {
+            return Ok(());
+        };
+        let parent = socket.parent().unwrap_or(std::path::Path::new("/"));
+        let same = |a: &std::path::Path, b: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt;
+            match (std::fs::metadata(a), std::fs::metadata(b)) {
+                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+                _ => false,
+            }
+        };
+        if parent == runtime.path() || same(parent, runtime.path()) {
+            runtime.check()?;
+        }
         Ok(())
     }
 
@@ -300,6 +346,24 @@ impl Daemon {
         for migration in self.list() {
             migration.cancel(migration.host());
         }
+    }
+}
+
+/// The running migration whose socket (or incoming target) `path` is already.
+fn socket_owner(map: &HashMap<String, Arc<Migration>>, path: &std::path::Path) -> Option<String> {
+    let wanted = socket_key(path);
+    map.values()
+        .filter(|m| !m.state().is_final())
+        .find(|m| m.spec.local.unix_path().map(socket_key).as_ref() == Some(&wanted))
+        .map(|m| m.spec.id.clone())
+}
+
+/// A unix socket path as the kernel will find it: its directory with every symbolic link
+/// resolved (when it can be), so that two spellings of one path are seen as one.
+fn socket_key(path: &std::path::Path) -> PathBuf {
+    match (path.parent().map(std::fs::canonicalize), path.file_name()) {
+        (Some(Ok(dir)), Some(name)) => dir.join(name),
+        _ => path.to_owned(),
     }
 }
 

@@ -5,6 +5,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::endpoint::Endpoint;
+
 /// Why a target path is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PathError {
@@ -14,6 +16,29 @@ pub enum PathError {
     Outside { path: PathBuf, allowed: String },
     #[error("\"{0}\": its directory cannot be resolved: {1}")]
     Unresolvable(PathBuf, io::Error),
+    /// A TCP target escapes `--target-dir` entirely: it could be any listener on the network.
+    #[error(
+        "\"{0}\": only unix sockets inside the allowed directories ({allowed}; see \
+         --target-dir) may be targets, not TCP addresses", allowed = .1
+    )]
+    NotUnix(Endpoint, String),
+}
+
+/// Checks an incoming migration's target: with `allowed` directories, only a unix socket
+/// inside them; without, any TCP address or plain absolute unix path.
+pub fn check_endpoint(target: &Endpoint, allowed: &[PathBuf]) -> Result<(), PathError> {
+    match target.unix_path() {
+        Some(path) => check_target(path, allowed),
+        None if allowed.is_empty() => Ok(()),
+        None => Err(PathError::NotUnix(target.clone(), listed(allowed))),
+    }
+}
+
+fn listed(dirs: &[PathBuf]) -> String {
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Checks a unix target given through the API against `allowed` (empty: any directory).
@@ -48,11 +73,7 @@ pub fn check_target(path: &Path, allowed: &[PathBuf]) -> Result<(), PathError> {
     } else {
         Err(PathError::Outside {
             path: path.to_owned(),
-            allowed: allowed
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            allowed: listed(allowed),
         })
     }
 }
@@ -103,5 +124,21 @@ mod tests {
         std::os::unix::fs::symlink("/tmp/whatever.sock", &sock_link).unwrap();
         assert!(refuse_symlink(&sock_link).is_err());
         assert!(refuse_symlink(&inside).is_ok());
+    }
+
+    #[test]
+    fn tcp_targets_only_without_target_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let tcp: Endpoint = "tcp:127.0.0.1:4444".parse().unwrap();
+        check_endpoint(&tcp, &[]).unwrap();
+        let error = check_endpoint(&tcp, &[dir.path().to_owned()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("tcp:127.0.0.1:4444") && error.contains("--target-dir"),
+            "{error}"
+        );
+        let unix = Endpoint::Unix(dir.path().join("vm.sock"));
+        check_endpoint(&unix, &[dir.path().to_owned()]).unwrap();
     }
 }

@@ -177,7 +177,8 @@ pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Dialle
         return Err(PeerError::Refused {
             peer: peer.to_owned(),
             status: reply.status,
-            message: reply.message,
+            // The peer's own words, logged and shown: no control characters.
+            message: super::attribution::escape_controls(&reply.message).into_owned(),
         });
     }
     Ok(Dialled {
