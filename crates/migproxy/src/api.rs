@@ -563,6 +563,7 @@ async fn info(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
             "peer": timing.peer_timeout.as_millis() as u64,
             "stall": config.stall_timeout.as_millis() as u64,
             "token_ttl": config.token_ttl.as_millis() as u64,
+            "first_channel": config.first_channel_timeout.as_millis() as u64,
         },
         "uptime_s": daemon.started.elapsed().as_secs(),
         "peer_rejections": daemon.rejections.counts(),

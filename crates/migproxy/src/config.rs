@@ -87,6 +87,7 @@ pub struct TimeoutsSection {
     pub peer: Option<f64>,
     pub stall: Option<f64>,
     pub token_ttl: Option<f64>,
+    pub first_channel: Option<f64>,
     pub api_header: Option<f64>,
     pub api_idle: Option<f64>,
 }
@@ -120,6 +121,7 @@ impl File {
             ("timeouts.peer", t.peer),
             ("timeouts.stall", t.stall),
             ("timeouts.token_ttl", t.token_ttl),
+            ("timeouts.first_channel", t.first_channel),
             ("timeouts.api_header", t.api_header),
             ("timeouts.api_idle", t.api_idle),
         ] {
@@ -171,6 +173,7 @@ pub struct Flags {
     pub peer_timeout: Option<Duration>,
     pub stall_timeout: Option<Duration>,
     pub token_ttl: Option<Duration>,
+    pub first_channel_timeout: Option<Duration>,
 }
 
 /// The configuration in force.
@@ -199,6 +202,9 @@ pub struct Settings {
     pub peer_timeout: Duration,
     pub stall_timeout: Duration,
     pub token_ttl: Duration,
+    /// How long a migration whose control link is up waits for the source QEMU's first
+    /// connection.
+    pub first_channel_timeout: Duration,
 }
 
 /// A repeatable flag given at least once replaces the file's list.
@@ -261,6 +267,9 @@ impl Settings {
             peer_timeout: flags.peer_timeout.unwrap_or(secs(t.peer, 10)),
             stall_timeout: flags.stall_timeout.unwrap_or(secs(t.stall, 30)),
             token_ttl: flags.token_ttl.unwrap_or(secs(t.token_ttl, 300)),
+            first_channel_timeout: flags
+                .first_channel_timeout
+                .unwrap_or(secs(t.first_channel, 300)),
         };
         settings.check()?;
         Ok(settings)

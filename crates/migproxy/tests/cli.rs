@@ -375,7 +375,7 @@ fn demo_migrates_a_real_qemu_vm_through_two_daemons() {
     );
     assert!(
         stdout.contains(
-            "the source daemon reports:\nmigration demo (outgoing, plaintext): transferred"
+            "the source daemon reports:\nmigration demo (outgoing, plaintext): completed"
         ),
         "{stdout}"
     );

@@ -1259,19 +1259,22 @@ async fn events_stream_state_changes_and_channels() {
 }
 
 /// Speaks the peer protocol as a source daemon would, up to the hello's reply.
-async fn peer_hello(
+/// A stand-in source daemon's hello, in protocol `version`, presenting `token` (hex); the
+/// connection and the destination's answer.
+async fn hello_as(
     destination: &TestDaemon,
+    version: u16,
     kind: migproxy_proto::Kind,
     id: &str,
     token: &str,
     (channel, flags): (u32, u8),
-) -> TcpStream {
-    use migproxy_proto::{Hello, HelloReply, Status, VERSION};
+) -> (TcpStream, migproxy_proto::HelloReply) {
+    use migproxy_proto::{Hello, HelloReply};
     let token = migproxy::daemon::token::Token::from_hex(token).unwrap();
     let mut stream = TcpStream::connect(&destination.peer).await.unwrap();
     let mut hello = Vec::new();
     Hello {
-        version: VERSION,
+        version,
         kind,
         migration: id.into(),
         channel,
@@ -1288,8 +1291,22 @@ async fn peer_hello(
         .read_exact(&mut reply[HelloReply::HEADER..])
         .await
         .unwrap();
-    assert_eq!(HelloReply::decode(&reply).unwrap().status, Status::Ok);
-    stream
+    (stream, HelloReply::decode(&reply).unwrap())
+}
+
+/// A stand-in source daemon's accepted hello in this build's protocol version; for a control
+/// link, also the credential its data connections must present.
+async fn peer_hello(
+    destination: &TestDaemon,
+    kind: migproxy_proto::Kind,
+    id: &str,
+    token: &str,
+    channel_and_flags: (u32, u8),
+) -> (TcpStream, String) {
+    use migproxy_proto::{Status, VERSION};
+    let (stream, reply) = hello_as(destination, VERSION, kind, id, token, channel_and_flags).await;
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    (stream, reply.message)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1306,8 +1323,9 @@ async fn byte_counts_that_disagree_fail_the_migration_naming_channel_and_directi
         .await;
     let token = incoming["token"].as_str().unwrap();
     // A source that claims one byte more than it sent on channel 0.
-    let mut control = peer_hello(&destination, Kind::Control, "lie", token, (0, 0)).await;
-    let mut data = peer_hello(&destination, Kind::Data, "lie", token, (0, 0)).await;
+    let (mut control, credential) =
+        peer_hello(&destination, Kind::Control, "lie", token, (0, 0)).await;
+    let (mut data, _) = peer_hello(&destination, Kind::Data, "lie", &credential, (0, 0)).await;
     let (mut qemu, _) = qemu_in.accept().await.unwrap();
     data.write_all(&[7u8; 4096]).await.unwrap();
     data.shutdown().await.unwrap();
@@ -1467,5 +1485,117 @@ async fn a_resume_that_cannot_reach_the_destination_stays_paused_and_says_why() 
             .unwrap()
             .contains("resume: control link"),
         "{view}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_holder_cannot_add_a_channel_and_a_stray_one_fails_the_migration() {
+    use migproxy_proto::{Control, Kind, Status, Totals, Verdict};
+    let destination = TestDaemon::start("dst").await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let create = |id: &'static str, target: String| {
+        let destination = &destination;
+        async move {
+            let body = json!({"direction": "incoming", "id": id, "target": target});
+            let (status, incoming) = destination
+                .request("POST", "/v1/migrations", Some(body))
+                .await;
+            assert_eq!(status, 201, "{incoming}");
+            incoming["token"].as_str().unwrap().to_owned()
+        }
+    };
+    // Version 2: the control link is handed a credential; the token no longer opens a data
+    // connection, so whoever else holds it cannot add a channel.
+    let token = create("v2", target.clone()).await;
+    let (_control, credential) =
+        peer_hello(&destination, Kind::Control, "v2", &token, (0, 0)).await;
+    assert_eq!(credential.len(), 64, "a credential in hex: {credential:?}");
+    let (_, refused) = hello_as(&destination, 2, Kind::Data, "v2", &token, (0, 0)).await;
+    assert_eq!(refused.status, Status::BadToken, "{refused:?}");
+    assert!(refused.message.contains("credential"), "{refused:?}");
+    let (_data, _) = peer_hello(&destination, Kind::Data, "v2", &credential, (0, 0)).await;
+    let _accepted = qemu_in.accept().await.unwrap();
+
+    // Version 1 (an older source): answered in version 1, data connections present the token.
+    // A stray second channel is admitted, but the migration fails at once when the source's
+    // count disagrees.
+    let (_dir1, qemu_in1, target1) = stand_in_target();
+    let token = create("v1", target1).await;
+    let (mut control, reply) = hello_as(&destination, 1, Kind::Control, "v1", &token, (0, 0)).await;
+    assert_eq!((reply.status, reply.version), (Status::Ok, 1), "{reply:?}");
+    assert_eq!(reply.message, "", "no credential for a version 1 source");
+    let (mut data, reply) = hello_as(&destination, 1, Kind::Data, "v1", &token, (0, 0)).await;
+    assert_eq!(reply.status, Status::Ok);
+    let (mut qemu, _) = qemu_in1.accept().await.unwrap();
+    let (_stray, reply) = hello_as(&destination, 1, Kind::Data, "v1", &token, (1, 0)).await;
+    assert_eq!(
+        reply.status,
+        Status::Ok,
+        "version 1 cannot tell the stray apart"
+    );
+    data.write_all(b"stream").await.unwrap();
+    data.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    qemu.read_to_end(&mut got).await.unwrap();
+    drop(qemu);
+    let mut done = Vec::new();
+    Control::Done {
+        channels: 1,
+        bytes: Totals {
+            to_destination: 6,
+            to_source: 0,
+        },
+        verdict: Verdict::Unknown,
+    }
+    .encode_for(1, &mut done);
+    control.write_all(&done).await.unwrap();
+    let view = destination
+        .wait_state("v1", "failed", Duration::from_secs(5))
+        .await;
+    let error = error_of(&view);
+    assert!(
+        error["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the source daemon opened 1 channel(s), the destination daemon carried 2"),
+        "{view}"
+    );
+    // A newer source is answered in this build's version, with a credential.
+    let (_dir3, _qemu_in3, target3) = stand_in_target();
+    let token = create("v3", target3).await;
+    let (_control, reply) = hello_as(&destination, 3, Kind::Control, "v3", &token, (0, 0)).await;
+    assert_eq!((reply.status, reply.version), (Status::Ok, 2), "{reply:?}");
+    assert_eq!(reply.message.len(), 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_qemu_that_never_connects_ends_the_migration_at_the_deadline() {
+    let deadline = |c: &mut migproxy::daemon::Config| {
+        c.first_channel_timeout = Duration::from_millis(500);
+    };
+    let source = TestDaemon::start_with("src", deadline).await;
+    let destination = TestDaemon::start_with("dst", deadline).await;
+    let (_dir, _qemu_in, target) = stand_in_target();
+    let uri = migration_pair(&source, &destination, "never", &target).await;
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("never", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = error_of(&view);
+        assert_eq!(
+            (&error["host"], &error["leg"], &error["op"]),
+            (&json!("source"), &json!("qemu"), &json!("timeout")),
+            "{view}"
+        );
+        assert!(
+            error["detail"]
+                .as_str()
+                .unwrap()
+                .contains("the source QEMU did not connect within 500 ms"),
+            "{view}"
+        );
+    }
+    assert!(
+        !std::path::Path::new(unix_path(&uri)).exists(),
+        "the socket handed to QEMU is gone"
     );
 }

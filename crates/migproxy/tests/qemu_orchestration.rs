@@ -368,6 +368,33 @@ async fn a_cancel_from_the_destination_cancels_the_source_qemu_too() {
     }
 }
 
+/// The source QEMU SIGKILLed while the daemons drive both QEMUs: its monitor breaks, and
+/// that is the cause on both hosts — not the destination QEMU, which exits because its
+/// incoming stream broke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_source_qemu_is_blamed_on_both_hosts() {
+    let mut hosts = Hosts::start(91).await;
+    let child = hosts
+        .migrate(&["--max-bandwidth", "32M", "--id", "ksrc", "--json"])
+        .spawn()
+        .unwrap();
+    wait_for(&hosts.source, "ksrc", "progress", moved_more_than(8 << 20)).await;
+    hosts.src_vm.kill().await;
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for host in ["source", "destination"] {
+        let view = &report[host];
+        assert_eq!(view["state"], "failed", "{host}: {report}");
+        assert_eq!(view["error"]["host"], "source", "{host}: {report}");
+        assert_eq!(view["error"]["leg"], "qemu", "{host}: {report}");
+    }
+    assert_eq!(report["source"]["qemu"]["monitor_closed"], true, "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_cancels_on_both_hosts_and_the_vm_keeps_running_on_the_source() {
     let mut hosts = Hosts::start(85).await;

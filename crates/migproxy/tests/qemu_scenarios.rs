@@ -103,6 +103,45 @@ async fn a_killed_destination_qemu_is_blamed_with_bytes_on_both_hosts() {
     }
 }
 
+/// A source QEMU killed mid-migration, with nobody driving QEMU over QMP: its sockets close
+/// as cleanly as a finished stream's. With the return path on (as libvirt has it) the missing
+/// SHUT tells both daemons QEMU did not finish; without it nothing can, and neither claims
+/// `completed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_source_qemu_is_never_completed() {
+    for (return_path, verdict) in [(true, "failed"), (false, "transferred")] {
+        let mut s = Scenario::start(Options::default()).await;
+        if return_path {
+            s.capabilities(&["return-path"]).await;
+        }
+        let uri = s.create("ks", false).await;
+        s.migrate(&uri, 32 << 20).await;
+        s.sent_at_least(8 << 20).await;
+        s.src_vm.kill().await;
+        let mut stories = Vec::new();
+        for daemon in [&s.source, &s.destination] {
+            let view = daemon.wait_final("ks", Duration::from_secs(10)).await;
+            assert_eq!(view["state"], verdict, "return path {return_path}: {view}");
+            if return_path {
+                let error = &view["error"];
+                assert_eq!(error["host"], "source", "{view}");
+                assert_eq!(error["leg"], "qemu", "{view}");
+                assert!(
+                    error["detail"].as_str().unwrap().contains("no SHUT"),
+                    "{view}"
+                );
+            } else {
+                assert!(
+                    view["verdict"].as_str().unwrap().contains("unknown"),
+                    "{view}"
+                );
+            }
+            stories.push(view["error"]["message"].clone());
+        }
+        assert_eq!(stories[0], stories[1], "one story on both hosts");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_network_is_reported_as_such_on_both_hosts() {
     let mut s = Scenario::start(Options {

@@ -369,7 +369,7 @@ async fn a_reload_with_a_broken_crl_keeps_the_old_revocations() {
             .request(
                 "POST",
                 "/v1/migrations",
-                Some(json!({"direction": "incoming", "id": id, "target": "unix:/x"})),
+                Some(json!({"direction": "incoming", "id": id, "target": format!("unix:/x-{n}")})),
             )
             .await;
         assert_eq!(status, 201, "{incoming}");

@@ -139,6 +139,39 @@ async fn killed_destination_daemon_is_reported_by_the_source_as_a_peer_link_fail
     .await;
 }
 
+/// A daemon frozen (SIGSTOP) past the peer timeout is failed by its peer, whose `Failed`
+/// waits in the frozen daemon's socket buffer. Woken, the frozen daemon must read it before
+/// concluding anything of its own: both hosts tell the peer's story.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_daemon_tells_its_peers_story_when_it_wakes() {
+    let dir = short_tempdir();
+    let quick = ["--peer-timeout", "2"];
+    let destination = DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, &quick).await;
+    let source = DaemonProcess::start(dir.path(), "src", "127.0.0.1:0", None, &quick).await;
+    let target = dir.path().join("qemu-in.sock");
+    let _sink = sink(UnixListener::bind(&target).unwrap());
+    let target = format!("unix:{}", target.display());
+    let qemu_uri = pair(&source, &destination, "fz", &target).await;
+    let _writer = endless_writer(UnixStream::connect(&qemu_uri).await.unwrap());
+    moving(&source, "fz").await;
+
+    let frozen = Pid::from_raw(destination.child.id().unwrap() as i32);
+    kill(frozen, Signal::SIGSTOP).unwrap();
+    let at_source = source.wait_final("fz", Duration::from_secs(10)).await;
+    assert_eq!(at_source["state"], "failed", "{at_source}");
+    assert_eq!(at_source["error"]["host"], "source", "{at_source}");
+    assert_eq!(at_source["error"]["leg"], "peer", "{at_source}");
+    // Long past the frozen daemon's own peer timeout, so that on waking its timer has run out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kill(frozen, Signal::SIGCONT).unwrap();
+    let at_destination = destination.wait_final("fz", Duration::from_secs(10)).await;
+    assert_eq!(at_destination["state"], "failed", "{at_destination}");
+    assert_eq!(
+        at_destination["error"]["message"], at_source["error"]["message"],
+        "one story on both hosts: {at_destination}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blackholed_link_is_detected_within_the_bound_on_both_hosts() {
     let hosts = TwoHosts::new("bh");

@@ -73,6 +73,10 @@ pub struct Args {
     /// How long an incoming migration waits for its source daemon (default 300).
     #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
     token_ttl: Option<Duration>,
+    /// Fail a migration whose source QEMU has not connected this many seconds after the
+    /// daemons linked up (default 300): a `migrate` that never came holds no slot for ever.
+    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
+    first_channel_timeout: Option<Duration>,
 }
 
 impl Args {
@@ -97,6 +101,7 @@ impl Args {
             peer_timeout: self.peer_timeout,
             stall_timeout: self.stall_timeout,
             token_ttl: self.token_ttl,
+            first_channel_timeout: self.first_channel_timeout,
         };
         Settings::resolve(flags, file)
     }
@@ -187,6 +192,7 @@ async fn start(args: Settings) -> Result<(), String> {
     config.timing.handshake_timeout = args.handshake_timeout;
     config.timing.heartbeat_interval = args.heartbeat_interval;
     config.token_ttl = args.token_ttl;
+    config.first_channel_timeout = args.first_channel_timeout;
     config.stall_timeout = args.stall_timeout;
     config.target_dirs = args.target_dirs;
     config.max_migrations = args.max_migrations;

@@ -840,7 +840,8 @@ impl Core {
 
     /// A main channel that closed cleanly without the destination QEMU's `SHUT`, where one
     /// was to come: QEMU did not finish. A recoverable migration pauses at once (postcopy
-    /// paused); otherwise the peer's cancel, racing it, may explain it.
+    /// paused). Otherwise the host whose QEMU it is about concludes, and the other waits for
+    /// its word, so that both tell one story.
     fn unfinished(&self, index: u32, bytes: Totals, now: Now) -> Option<(Attribution, bool)> {
         if index != self.epoch_start || self.config.qemu {
             return None;
@@ -853,14 +854,10 @@ impl Core {
             (ReturnPath::Shut(status), _) => Some(status),
             (ReturnPath::Silent | ReturnPath::Unfinished, _) => None,
         };
-        let blame = attribution::unfinished(
-            index,
-            bytes,
-            status,
-            self.config.recoverable,
-            now.elapsed_ms,
-        );
-        Some((blame, !self.config.recoverable))
+        let recoverable = self.config.recoverable;
+        let blame = attribution::unfinished(index, bytes, status, recoverable, now.elapsed_ms);
+        let wait = !recoverable && blame.host != self.host();
+        Some((blame, wait))
     }
 
     fn failure(&mut self, epoch: Epoch, blame: Attribution, wait: bool) -> Steps {

@@ -478,7 +478,14 @@ fn a_channel_whose_setup_fails_fails_the_epoch_unless_it_ended(seen: &mut Seen) 
 }
 
 fn a_stream_that_ends_without_the_destinations_shut_is_not_completed(seen: &mut Seen) {
-    let mut d = Driver::new(config(Role::Incoming), seen);
+    // The source concludes about its own QEMU at once, and tells the destination.
+    let mut d = Driver::new(config(Role::Outgoing), seen);
+    d.active(1);
+    let effects = d.end_clean(0, 100, ReturnPath::Unfinished);
+    assert!(sends_failed(&effects));
+    assert_eq!(d.core.state(), State::Failed);
+    // The destination waits for the source's word.
+    let mut d = Driver::new(config(Role::Incoming), d.seen);
     d.active(1);
     let effects = d.end_clean(0, 100, ReturnPath::Unfinished);
     assert_eq!(sent_done(&effects), None);
@@ -493,7 +500,7 @@ fn a_stream_that_ends_without_the_destinations_shut_is_not_completed(seen: &mut 
     let blame = blame.clone();
     d.ok(Input::GraceOver { epoch: 1, blame });
     assert_eq!(d.core.state(), State::Failed);
-    // The destination said it failed: its own story.
+    // The destination said it failed: its own story, which the source waits for.
     let mut d = Driver::new(config(Role::Outgoing), d.seen);
     d.active(1);
     let effects = d.end_clean(0, 100, ReturnPath::Shut(1));
