@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod daemon;
+pub mod libvirt;
 pub mod netns;
 pub mod openapi;
 pub mod process;
