@@ -70,7 +70,7 @@ async fn ended(lv: &Libvirt, id: &str, limit: Duration) -> (Value, Value) {
 /// hosts: the destination QEMU's SHUT never came back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manual_recipe_migrates_and_an_abort_is_never_completed() {
-    let lv = Libvirt::start("lr", &["--insecure-plaintext"]).await;
+    let lv = Libvirt::start("lr", &[]).await;
     let path = create_by_hand(&lv, "there").await;
     let out = lv
         .source
@@ -168,11 +168,7 @@ async fn create_by_hand_reverse(lv: &Libvirt, id: &str) -> String {
 /// both hosts and its socket is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virsh_migrate_that_fails_before_connecting_leaves_nothing_active() {
-    let lv = Libvirt::start(
-        "lf",
-        &["--insecure-plaintext", "--first-channel-timeout", "3"],
-    )
-    .await;
+    let lv = Libvirt::start("lf", &["--first-channel-timeout", "3"]).await;
     let path = create_by_hand(&lv, "nowhere").await;
     let out = lv
         .source
@@ -195,12 +191,131 @@ async fn a_virsh_migrate_that_fails_before_connecting_leaves_nothing_active() {
             "{view}"
         );
     }
-    let left = lv
-        .source
-        .command("ls")
-        .arg("/run/migproxy")
-        .output()
-        .unwrap();
-    assert_eq!(text(&left).trim(), "", "no socket left behind");
+    no_socket_left(&lv.source).await;
+    no_socket_left(&lv.destination).await;
     assert_eq!(lv.source.guest_state(), "running");
+}
+
+/// Nothing left in the host's runtime directory, within the daemon's sweep of a failed
+/// migration's destination socket (10 s).
+async fn no_socket_left(host: &common::libvirt::Host) {
+    let start = Instant::now();
+    loop {
+        let left = host.command("ls").arg("/run/migproxy").output().unwrap();
+        if text(&left).trim().is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(12),
+            "left on {}: {}",
+            host.name,
+            text(&left)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `migproxy migrate --libvirt`, run on the source host.
+fn one_command(lv: &Libvirt, to: &str, extra: &[&str]) -> tokio::process::Command {
+    let mut command = lv.source.async_command(common::process::BIN);
+    command
+        .arg("migrate")
+        .arg("--api")
+        .arg(&lv.source.api)
+        .args([
+            "--libvirt",
+            "g1",
+            "--dest-libvirt",
+            &lv.dest_uri(),
+            "--to",
+            to,
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// The one command over mutual TLS (daemons and the destination's API) with two multifd
+/// channels: libvirt says the guest runs on the destination, its RAM arrived, migproxy says
+/// completed on both hosts with three channels, and the report merges libvirt's statistics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_command_migrates_a_libvirt_guest_over_tls_with_parallel_channels() {
+    let lv = Libvirt::start_tls("lt", &[]).await;
+    let to = format!("{}:4701", lv.destination.addr);
+    let pki = lv.pki(&lv.source).display().to_string();
+    let out = one_command(
+        &lv,
+        &to,
+        &["--parallel", "2", "--tls-dir", &pki, "--id", "one"],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let report = text(&out);
+    assert!(
+        report.contains("libvirt: g1 is running on the destination"),
+        "{report}"
+    );
+    assert!(
+        report.contains("Total downtime"),
+        "libvirt's statistics: {report}"
+    );
+    assert!(report.contains("migproxy one: completed"), "{report}");
+    assert_eq!(lv.destination.guest_state(), "running");
+    assert_eq!(lv.source.guest_state(), "shut off");
+    lv.assert_ram_migrated();
+    for host in [&lv.source, &lv.destination] {
+        let view = show(host, "one").await;
+        assert_eq!(view["state"], "completed", "{view}");
+        assert_eq!(view["link"], "tls", "{view}");
+        assert_eq!(
+            view["channels"].as_array().unwrap().len(),
+            3,
+            "the main stream and two multifd channels: {view}"
+        );
+    }
+}
+
+/// Ctrl-C (SIGINT) during a bandwidth-limited migration: libvirt's job is aborted, both
+/// daemons' migrations end cancelled and are forgotten, the command exits 1 and the guest
+/// runs on the source; no socket is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_aborts_libvirts_job_and_leaves_the_guest_on_the_source() {
+    let lv = Libvirt::start("lc", &[]).await;
+    let to = format!("unix:{}", lv.destination.api.display());
+    let child = one_command(&lv, &to, &["--max-bandwidth", "8M", "--id", "slow"])
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while show(&lv.source, "slow").await["bytes"]["to_destination"]
+        .as_u64()
+        .unwrap_or(0)
+        < 4 << 20
+    {
+        assert!(start.elapsed() < Duration::from_secs(30), "nothing moved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    // The nsenter in front passes the signal on to migproxy.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the command ends after Ctrl-C")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(lv.source.guest_state(), "running", "{}", text(&out));
+    assert!(
+        text(&out).contains("migproxy slow: cancelled"),
+        "both daemons cancelled: {}",
+        text(&out)
+    );
+    for host in [&lv.source, &lv.destination] {
+        let (status, _) = host.request("GET", "/v1/migrations/slow", None).await;
+        assert_eq!(status, 404, "forgotten on {}", host.name);
+        // The destination QEMU's own socket goes once libvirt has stopped that QEMU.
+        no_socket_left(host).await;
+    }
 }

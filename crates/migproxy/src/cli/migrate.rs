@@ -16,7 +16,7 @@
 //! (`--api-listen` on the destination), reached with this host's certificates.
 //!
 //! Exit codes: 0 completed; 1 failed, cancelled or refused; 2 usage; 3 a daemon could not
-//! be reached.
+//! be reached. With `--libvirt DOMAIN` libvirt drives QEMU instead (see [`super::libvirt`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,10 +39,13 @@ pub struct Args {
     to: String,
     /// The destination QEMU's QMP socket, on the destination host (QEMU started with
     /// -incoming defer).
-    #[arg(long, value_name = "PATH")]
-    dest_qmp: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "libvirt")]
+    dest_qmp: Option<PathBuf>,
     #[command(flatten)]
     qemu: QemuFlags,
+    /// A libvirt guest instead of a bare QEMU (see `--libvirt`).
+    #[command(flatten)]
+    libvirt: super::libvirt::LibvirtFlags,
     /// The migration's id (default: generated).
     #[arg(long)]
     id: Option<String>,
@@ -77,21 +80,33 @@ fn interval(text: &str) -> Result<Duration, String> {
 }
 
 /// What went wrong, and the exit code it means.
-struct Failure {
+pub(super) struct Failure {
     message: String,
     code: u8,
 }
 
 impl Failure {
-    fn usage(message: String) -> Failure {
+    pub(super) fn usage(message: String) -> Failure {
         Failure {
             message,
             code: EXIT_USAGE,
         }
     }
 
+    pub(super) fn failed(message: String) -> Failure {
+        Failure {
+            message,
+            code: EXIT_FAILED,
+        }
+    }
+
+    /// Interrupted between two steps: nothing more is started.
+    pub(super) fn interrupted() -> Failure {
+        Failure::failed("interrupted before the migration started".into())
+    }
+
     /// A daemon's refusal or silence, naming which daemon.
-    fn from_client(who: &str, error: ClientError) -> Failure {
+    pub(super) fn from_client(who: &str, error: ClientError) -> Failure {
         let code = match error {
             ClientError::Unreachable { .. } | ClientError::Tls { .. } => EXIT_UNREACHABLE,
             _ => EXIT_FAILED,
@@ -144,18 +159,10 @@ fn watch_signals(shutdown: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Interrupted between two steps: nothing more is started.
-fn interrupted() -> Failure {
-    Failure {
-        message: "interrupted before the migration started".into(),
-        code: EXIT_FAILED,
-    }
-}
-
 async fn migrate(args: Args) -> Result<u8, Failure> {
-    if args.qemu.qmp.is_none() {
+    if args.qemu.qmp.is_none() && args.libvirt.libvirt.is_none() {
         return Err(Failure::usage(
-            "--qmp: the source QEMU's QMP socket is needed".into(),
+            "--qmp (the source QEMU's QMP socket) or --libvirt (a libvirt domain) is needed".into(),
         ));
     }
     let shutdown = CancellationToken::new();
@@ -172,9 +179,22 @@ async fn migrate(args: Args) -> Result<u8, Failure> {
             &crate::daemon::token::Token::generate().to_hex()[..12]
         )
     });
+    if args.libvirt.libvirt.is_some() {
+        let run = super::libvirt::Run {
+            source: &source,
+            destination: &destination,
+            id: &id,
+            flags: &args.libvirt,
+            qemu: &args.qemu,
+            interval: args.interval,
+            json: args.json,
+            shutdown: &shutdown,
+        };
+        return run.migrate().await;
+    }
     let (token, peer) = create_incoming(&destination, &args, &id).await?;
     let outgoing = match shutdown.is_cancelled() {
-        true => Err(interrupted()),
+        true => Err(Failure::interrupted()),
         false => create_outgoing(&source, &args, &id, &token, &peer).await,
     };
     if let Err(failure) = outgoing {
@@ -243,11 +263,16 @@ async fn create_incoming(
     args: &Args,
     id: &str,
 ) -> Result<(String, String), Failure> {
+    let Some(dest_qmp) = &args.dest_qmp else {
+        return Err(Failure::usage(
+            "--dest-qmp: the destination QEMU's QMP socket is needed".into(),
+        ));
+    };
     // A relative path means something only on this host: when the destination is here.
     let dest_qmp = if destination.is_local() {
-        migration::absolute(&args.dest_qmp)
+        migration::absolute(dest_qmp)
     } else {
-        args.dest_qmp.clone()
+        dest_qmp.clone()
     };
     let body = json!({
         "direction": "incoming",

@@ -110,12 +110,14 @@ enum Command {
     Forget { id: String },
 }
 
-/// How the source daemon drives its QEMU (`create-outgoing`, `migrate`).
+/// How the source daemon drives its QEMU (`create-outgoing`, `migrate`). The settings need
+/// something that drives QEMU: `--qmp` (or, on `migrate`, `--libvirt`), the `driver` group.
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("driver").multiple(true)))]
 pub(super) struct QemuFlags {
     /// The source QEMU's QMP socket (one of its own for migproxy): the daemon configures
     /// QEMU, runs migrate, follows it and takes its verdict.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", group = "driver")]
     pub qmp: Option<PathBuf>,
     /// multifd with N channels (the destination must ask the same).
     #[arg(long, value_name = "N", requires = "qmp")]
@@ -124,13 +126,13 @@ pub(super) struct QemuFlags {
     #[arg(long, requires = "qmp")]
     pub postcopy: bool,
     /// Switch to postcopy this many seconds after migrate starts (implies --postcopy).
-    #[arg(long, value_name = "SECS", value_parser = super::seconds, requires = "qmp")]
+    #[arg(long, value_name = "SECS", value_parser = super::seconds, requires = "driver")]
     pub postcopy_after: Option<Duration>,
     /// QEMU's bandwidth limit per second, e.g. 512M or 1G (default: unlimited).
-    #[arg(long, value_name = "RATE", value_parser = super::size, requires = "qmp")]
+    #[arg(long, value_name = "RATE", value_parser = super::size, requires = "driver")]
     pub max_bandwidth: Option<u64>,
     /// The longest pause of the guest QEMU should aim for, in milliseconds.
-    #[arg(long, value_name = "MS", requires = "qmp")]
+    #[arg(long, value_name = "MS", requires = "driver")]
     pub downtime_limit: Option<u64>,
 }
 

@@ -21,6 +21,7 @@ macro_rules! say {
 mod daemon;
 mod demo;
 mod demo_qemu;
+mod libvirt;
 mod migrate;
 mod migration;
 mod relay;

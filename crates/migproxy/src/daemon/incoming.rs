@@ -113,8 +113,34 @@ pub async fn create(
             }
         }
     }
+    if let Some(path) = target
+        .unix_path()
+        .filter(|p| p.starts_with(&daemon.config.runtime_dir))
+    {
+        daemon
+            .tasks
+            .spawn(sweep(Arc::clone(&migration), path.to_owned()));
+    }
     Ok((migration, token))
 }
+
+/// Once the migration has ended, removes the destination QEMU's socket if it was left in the
+/// daemon's runtime directory with nobody listening (QEMU creates it; libvirt's QEMU leaves
+/// it when the migration fails). Watched for a while: the QEMU may take a moment to go.
+async fn sweep(migration: Arc<Migration>, path: std::path::PathBuf) {
+    migration.stopped().await;
+    for _ in 0..SWEEP_TRIES {
+        if !path.exists() || paths::remove_if_stale(&path) {
+            return;
+        }
+        tokio::time::sleep(SWEEP_EVERY).await;
+    }
+}
+
+/// How long a destination socket left behind is watched for: long enough for libvirt to
+/// stop the destination QEMU of a failed migration.
+const SWEEP_TRIES: u32 = 40;
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// A unix socket's send buffer bounds what this daemon can hand the destination QEMU before
 /// it must wait for QEMU to read: the default (~200 KiB) makes a 1 MiB write a dozen

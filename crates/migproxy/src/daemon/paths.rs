@@ -89,6 +89,30 @@ pub fn refuse_symlink(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Whether some process in this network namespace listens on the unix socket at `path`
+/// (`/proc/net/unix`: bound path, state 01 = listening). Asked without connecting, so that a
+/// live QEMU's incoming migration is never disturbed.
+pub fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return true; // Cannot tell: assume alive and leave it.
+    };
+    let wanted = path.as_os_str().to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Num RefCount Protocol Flags Type St Inode Path
+        fields.len() >= 8 && fields[5] == "01" && fields[7] == wanted
+    })
+}
+
+/// Removes a socket file nobody listens on: the leftover of a destination QEMU that failed
+/// or was killed after it created its incoming socket (QEMU removes it only on success).
+/// Never through a symbolic link, never anything but a socket. True when removed.
+pub fn remove_if_stale(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    is_socket && !listening(path) && std::fs::remove_file(path).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +148,27 @@ mod tests {
         std::os::unix::fs::symlink("/tmp/whatever.sock", &sock_link).unwrap();
         assert!(refuse_symlink(&sock_link).is_err());
         assert!(refuse_symlink(&inside).is_ok());
+    }
+
+    #[test]
+    fn only_a_socket_nobody_listens_on_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        assert!(listening(&live));
+        assert!(!remove_if_stale(&live), "a socket someone listens on stays");
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        assert!(!listening(&stale));
+        assert!(remove_if_stale(&stale));
+        assert!(!stale.exists());
+        let plain = dir.path().join("plain.sock");
+        std::fs::write(&plain, b"not a socket").unwrap();
+        assert!(!remove_if_stale(&plain), "only sockets");
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&stale, &link).unwrap();
+        assert!(!remove_if_stale(&link), "never through a link");
+        drop(listener);
     }
 
     #[test]

@@ -62,9 +62,26 @@ fn require_libvirt() {
 }
 
 impl Libvirt {
-    /// Both hosts, each with libvirtd and a migproxy daemon (`daemon_args` for both), and
-    /// the guest `g1` running on the source.
+    /// Both hosts, each with libvirtd and a plaintext migproxy daemon (`daemon_args` for
+    /// both), and the guest `g1` running on the source.
     pub async fn start(tag: &str, daemon_args: &[&str]) -> Libvirt {
+        let mut args = vec!["--insecure-plaintext"];
+        args.extend_from_slice(daemon_args);
+        Self::start_with(tag, &args, false).await
+    }
+
+    /// The same over mutual TLS: certificates in QEMU's layout under `DIR/pki-HOST` from one
+    /// CA, and the destination's API also served over mutual TLS on port 4701.
+    pub async fn start_tls(tag: &str, daemon_args: &[&str]) -> Libvirt {
+        Self::start_with(tag, daemon_args, true).await
+    }
+
+    /// The path of `host`'s certificates (with [`start_tls`](Self::start_tls)).
+    pub fn pki(&self, host: &Host) -> PathBuf {
+        self.dir.path().join(format!("pki-{}", host.name))
+    }
+
+    async fn start_with(tag: &str, daemon_args: &[&str], tls: bool) -> Libvirt {
         require_libvirt();
         let net = TwoHosts::new(tag);
         let dir = tempfile::Builder::new()
@@ -83,9 +100,20 @@ impl Libvirt {
         };
         lv.source.image(true);
         lv.destination.image(false);
+        let mut ca = tls.then(|| super::certs::Ca::new("migproxy libvirt test CA"));
         for host in [&mut lv.source, &mut lv.destination] {
             host.wait_libvirtd().await;
-            host.start_daemon(daemon_args).await;
+            let mut args: Vec<String> = daemon_args.iter().map(|a| a.to_string()).collect();
+            if let Some(ca) = &mut ca {
+                let pki = lv.dir.path().join(format!("pki-{}", host.name));
+                ca.write_host(&pki, &[&host.addr], &format!("{}-daemon", host.name));
+                args.extend(["--tls-dir".into(), pki.display().to_string()]);
+                if host.name == "destination" {
+                    args.extend(["--api-listen".into(), format!("{}:4701", host.addr)]);
+                }
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            host.start_daemon(&args).await;
         }
         lv.source.define_and_start_guest(lv.dir.path());
         lv
@@ -218,7 +246,20 @@ impl Host {
             .unwrap();
         self.daemon = Some(child);
         let api = self.api.clone();
-        wait(&format!("migproxy on {}", self.name), || api.exists()).await;
+        let start = Instant::now();
+        while !api.exists() {
+            let exited = self
+                .daemon
+                .as_mut()
+                .and_then(|d| d.try_wait().ok().flatten());
+            assert!(
+                exited.is_none() && start.elapsed() < Duration::from_secs(30),
+                "migproxy on {} did not start ({exited:?}): {}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn image_path(&self) -> PathBuf {
