@@ -36,6 +36,7 @@ use tokio_rustls::TlsStream;
 use crate::tls::TlsHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::daemon::gate::{self, FirstByte, Gate};
 use crate::daemon::migration::Migration;
 use crate::daemon::token::Token;
 use crate::daemon::{Daemon, RegisterError, incoming, outgoing};
@@ -75,7 +76,8 @@ pub async fn serve_tls(
 }
 
 /// Accepts TCP connections and runs their TLS handshakes concurrently (a slow client cannot
-/// hold up the others), handing authenticated, allowed ones to the HTTP server.
+/// hold up the others), admitting them through the same [`gate`] as the peer port (without
+/// its reserve), and hands authenticated, allowed ones to the HTTP server.
 async fn tls_handshakes(
     daemon: Arc<Daemon>,
     listener: TcpListener,
@@ -83,33 +85,67 @@ async fn tls_handshakes(
     sender: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
     shutdown: CancellationToken,
 ) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(daemon.config.max_handshakes));
+    let gate = Gate::new(gate::Limits {
+        reserved: 0,
+        ..daemon.config.gate_limits()
+    });
+    let mut spare = gate::Spare::new();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok((tcp, from)) = accepted else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            continue;
-        };
-        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-            daemon.rejections.record("api_busy");
-            continue;
-        };
-        let (tls, sender, daemon) = (tls.current(), sender.clone(), Arc::clone(&daemon));
-        tokio::spawn(async move {
-            let timeout = daemon.config.timing.handshake_timeout;
-            let handshake = tokio::time::timeout(timeout, tls.accept(tcp, &from.to_string())).await;
-            let refusal = match handshake {
-                Ok(Ok((stream, identity))) if tls.allows(&identity) => {
-                    let _ = sender.send((stream, from)).await;
-                    drop(permit);
-                    return;
+        let (tcp, from) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                gate::accept_failed(&daemon.rejections, "TLS API port", &error);
+                if let Some(tcp) = spare.answer_one(&listener, &error).await {
+                    gate.refuse(tcp, &gate::TLS_BUSY_ALERT).await;
+                    spare.restore();
                 }
-                Ok(Ok((_, identity))) => format!("identity {identity} is not allowed"),
-                Ok(Err(error)) => error.to_string(),
-                Err(_) => "no TLS handshake in time".to_owned(),
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        spare.restore();
+        let (waiting, _) = gate.wait(from.ip());
+        let (tls, sender, daemon, gate) = (
+            tls.current(),
+            sender.clone(),
+            Arc::clone(&daemon),
+            Arc::clone(&gate),
+        );
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + daemon.config.timing.handshake_timeout;
+            let heard = waiting.first_byte(&tcp).await;
+            drop(waiting);
+            let refusal = match heard {
+                FirstByte::Heard => match gate.enter(from.ip()) {
+                    Ok(slot) => {
+                        let handshake =
+                            tokio::time::timeout_at(deadline, tls.accept(tcp, &from.to_string()))
+                                .await;
+                        match handshake {
+                            Ok(Ok((stream, identity))) if tls.allows(&identity) => {
+                                let _ = sender.send((stream, from)).await;
+                                drop(slot);
+                                return;
+                            }
+                            Ok(Ok((_, identity))) => format!("identity {identity} is not allowed"),
+                            Ok(Err(error)) => error.to_string(),
+                            Err(_) => "no TLS handshake in time".to_owned(),
+                        }
+                    }
+                    Err(refused) => {
+                        if let Some(suppressed) = daemon.rejections.record("api_busy") {
+                            tracing::warn!(%from, suppressed, "API connection refused: {refused}");
+                        }
+                        gate.refuse(tcp, &gate::TLS_BUSY_ALERT).await;
+                        return;
+                    }
+                },
+                FirstByte::Gone | FirstByte::Evicted => return,
+                FirstByte::Silent => "nothing sent within the first-byte deadline".to_owned(),
             };
             if let Some(suppressed) = daemon.rejections.record("api_tls") {
                 tracing::warn!(%from, suppressed, "API connection refused: {refusal}");
@@ -555,10 +591,14 @@ async fn info(State(daemon): State<Arc<Daemon>>) -> Json<serde_json::Value> {
             "max_migrations": config.max_migrations,
             "max_channels": config.max_channels,
             "max_handshakes": config.max_handshakes,
+            "max_handshakes_per_address": config.max_handshakes_per_address,
+            "reserved_handshakes": config.reserved_handshakes,
+            "max_silent_connections": config.max_silent_connections,
         },
         "timeouts_ms": {
             "connect": timing.connect_timeout.as_millis() as u64,
             "handshake": timing.handshake_timeout.as_millis() as u64,
+            "first_byte": config.first_byte_timeout.as_millis() as u64,
             "heartbeat": timing.heartbeat_interval.as_millis() as u64,
             "peer": timing.peer_timeout.as_millis() as u64,
             "stall": config.stall_timeout.as_millis() as u64,

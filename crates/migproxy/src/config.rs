@@ -74,6 +74,9 @@ pub struct LimitsSection {
     pub max_migrations: Option<usize>,
     pub max_channels: Option<u32>,
     pub max_handshakes: Option<usize>,
+    pub max_handshakes_per_address: Option<usize>,
+    pub reserved_handshakes: Option<usize>,
+    pub max_silent_connections: Option<usize>,
     pub max_api_connections: Option<usize>,
 }
 
@@ -88,6 +91,7 @@ pub struct TimeoutsSection {
     pub stall: Option<f64>,
     pub token_ttl: Option<f64>,
     pub first_channel: Option<f64>,
+    pub first_byte: Option<f64>,
     pub api_header: Option<f64>,
     pub api_idle: Option<f64>,
 }
@@ -122,6 +126,7 @@ impl File {
             ("timeouts.stall", t.stall),
             ("timeouts.token_ttl", t.token_ttl),
             ("timeouts.first_channel", t.first_channel),
+            ("timeouts.first_byte", t.first_byte),
             ("timeouts.api_header", t.api_header),
             ("timeouts.api_idle", t.api_idle),
         ] {
@@ -140,6 +145,15 @@ impl File {
         }
         if l.max_handshakes == Some(0) {
             return Err(bad("limits.max_handshakes", "must be at least 1"));
+        }
+        if l.max_handshakes_per_address == Some(0) {
+            return Err(bad(
+                "limits.max_handshakes_per_address",
+                "must be at least 1",
+            ));
+        }
+        if l.max_silent_connections == Some(0) {
+            return Err(bad("limits.max_silent_connections", "must be at least 1"));
         }
         if l.max_api_connections == Some(0) {
             return Err(bad("limits.max_api_connections", "must be at least 1"));
@@ -195,9 +209,14 @@ pub struct Settings {
     pub max_migrations: usize,
     pub max_channels: u32,
     pub max_handshakes: usize,
+    pub max_handshakes_per_address: usize,
+    pub reserved_handshakes: usize,
+    pub max_silent_connections: usize,
     pub api_limits: crate::api::Limits,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// How long a new connection may stay silent.
+    pub first_byte_timeout: Duration,
     pub heartbeat_interval: Duration,
     pub peer_timeout: Duration,
     pub stall_timeout: Duration,
@@ -256,6 +275,9 @@ impl Settings {
             max_migrations: file.limits.max_migrations.unwrap_or(64),
             max_channels: file.limits.max_channels.unwrap_or(64),
             max_handshakes: file.limits.max_handshakes.unwrap_or(64),
+            max_handshakes_per_address: file.limits.max_handshakes_per_address.unwrap_or(8),
+            reserved_handshakes: file.limits.reserved_handshakes.unwrap_or(16),
+            max_silent_connections: file.limits.max_silent_connections.unwrap_or(256),
             api_limits: crate::api::Limits {
                 header_timeout: secs(t.api_header, 10),
                 idle_timeout: secs(t.api_idle, 60),
@@ -263,6 +285,7 @@ impl Settings {
             },
             connect_timeout: secs(t.connect, 10),
             handshake_timeout: secs(t.handshake, 10),
+            first_byte_timeout: secs(t.first_byte, 2),
             heartbeat_interval: secs(t.heartbeat, 1),
             peer_timeout: flags.peer_timeout.unwrap_or(secs(t.peer, 10)),
             stall_timeout: flags.stall_timeout.unwrap_or(secs(t.stall, 30)),

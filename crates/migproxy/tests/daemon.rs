@@ -795,10 +795,13 @@ async fn connections_beyond_the_handshake_limit_are_told_busy() {
         c.timing.handshake_timeout = Duration::from_millis(500);
     })
     .await;
-    // Two silent connections, one slot: exactly one is turned away at once, with a reason;
-    // the other is dropped when its handshake deadline passes.
+    // Two connections that have spoken (silent ones wait apart, see tests/flood.rs), one
+    // slot: exactly one is turned away at once, with a reason; the other is dropped when its
+    // handshake deadline passes.
     let mut a = TcpStream::connect(&destination.peer).await.unwrap();
     let mut b = TcpStream::connect(&destination.peer).await.unwrap();
+    a.write_all(b"M").await.unwrap();
+    b.write_all(b"M").await.unwrap();
     let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
     let (ra, rb) = tokio::join!(a.read_to_end(&mut got_a), b.read_to_end(&mut got_b));
     let _ = (ra, rb);
@@ -809,6 +812,10 @@ async fn connections_beyond_the_handshake_limit_are_told_busy() {
     assert_eq!(busy.len(), 1, "{got_a:?} {got_b:?}");
     let reply = migproxy_proto::HelloReply::decode(busy[0]).unwrap();
     assert_eq!(reply.status, migproxy_proto::Status::Busy);
+    assert_eq!(
+        reply.message,
+        "1 connections are already in their handshake, try again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,6 +198,10 @@ async fn start(args: Settings) -> Result<(), String> {
     config.max_migrations = args.max_migrations;
     config.max_channels = args.max_channels;
     config.max_handshakes = args.max_handshakes;
+    config.max_handshakes_per_address = args.max_handshakes_per_address;
+    config.reserved_handshakes = args.reserved_handshakes;
+    config.max_silent_connections = args.max_silent_connections;
+    config.first_byte_timeout = args.first_byte_timeout;
     config.api_limits = args.api_limits;
     config.api_tls = api_tls_address.map(|a| a.to_string());
     daemon::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;

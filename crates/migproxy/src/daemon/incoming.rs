@@ -1,17 +1,18 @@
 //! The destination side: migrations created for a destination QEMU, the peer port where
 //! source daemons connect, the hello check, and channels delivered to QEMU in order.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use migproxy_proto::{Attribution, Hello, Kind, Leg, Op, Status, Totals};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::attribution::os_message;
+use super::gate::{self, FirstByte, Gate, Spare};
 use super::migration::{Admitted, Migration, Role, Spec, State};
 use super::peer::{self, ReadError};
 use super::token::Token;
@@ -153,53 +154,113 @@ fn deepen(qemu: &Stream) {
 
 const QEMU_SEND_BUFFER: usize = 2 << 20;
 
-/// Accepts connections from source daemons until `shutdown`.
+/// Accepts connections from source daemons until `shutdown`, admitting them through the
+/// [`gate`](super::gate): silent ones never take a handshake slot, one address cannot take
+/// them all, and the channels of attached migrations have a reserve.
 pub async fn serve_peers(daemon: Arc<Daemon>, listener: TcpListener, shutdown: CancellationToken) {
-    let handshakes = Arc::new(Semaphore::new(daemon.config.max_handshakes));
+    let gate = Gate::new(daemon.config.gate_limits());
+    let mut spare = Spare::new();
     loop {
         let (stream, from) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(%error, "peer accept failed");
+                    gate::accept_failed(&daemon.rejections, "peer port", &error);
+                    // Out of fds: one pending connection is told so rather than left hanging.
+                    // (Inline: nothing else can be accepted meanwhile anyway.)
+                    if let Some(stream) = spare.answer_one(&listener, &error).await {
+                        let answer = refusal(&daemon, "the destination daemon is out of file descriptors (EMFILE), try again");
+                        gate.refuse(stream, &answer).await;
+                        spare.restore();
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
-        // Connections still in their handshake are bounded: beyond the limit they are
-        // turned away at once (with a typed answer where no TLS handshake stands before it).
-        let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
-            if let Some(suppressed) = daemon.rejections.record(Status::Busy.name()) {
-                tracing::warn!(%from, suppressed, "too many peer handshakes in progress, connection refused");
-            }
-            if daemon.config.tls.is_none() {
-                let _ = stream.try_write(&busy_reply());
-            }
-            continue;
-        };
-        let daemon_for_task = Arc::clone(&daemon);
+        spare.restore();
+        let (waiting, evicted) = gate.wait(from.ip());
+        if let Some(address) = evicted
+            && let Some(suppressed) = daemon.rejections.record("evicted")
+        {
+            tracing::warn!(%address, suppressed, "{} connections wait for their first byte: the oldest from {address} was dropped", daemon.config.max_silent_connections);
+        }
         let span = tracing::info_span!("peer", %from);
-        daemon
-            .tasks
-            .spawn(handshake(daemon_for_task, stream, from.to_string(), permit).instrument(span));
+        let task = handshake(
+            Arc::clone(&daemon),
+            Arc::clone(&gate),
+            stream,
+            from,
+            waiting,
+        );
+        daemon.tasks.spawn(task.instrument(span));
     }
+}
+
+/// The refusal a connection turned away before its handshake can read: a typed `Busy`
+/// reply, or under TLS a `user_canceled` alert (no handshake has happened to carry more).
+fn refusal(daemon: &Daemon, message: &str) -> Vec<u8> {
+    match daemon.config.tls {
+        Some(_) => gate::TLS_BUSY_ALERT.to_vec(),
+        None => busy_reply(message),
+    }
+}
+
+/// Waits for the connection's first byte and a handshake slot, then runs [`handshake`].
+async fn handshake(
+    daemon: Arc<Daemon>,
+    gate: Arc<Gate>,
+    tcp: TcpStream,
+    from: SocketAddr,
+    waiting: gate::Waiting,
+) {
+    let deadline = tokio::time::Instant::now() + daemon.config.timing.handshake_timeout;
+    let reason = match waiting.first_byte(&tcp).await {
+        FirstByte::Heard => None,
+        FirstByte::Gone => return,
+        FirstByte::Silent => Some("first_byte_timeout"),
+        FirstByte::Evicted => Some("evicted"),
+    };
+    drop(waiting);
+    if let Some(reason) = reason {
+        if reason == "first_byte_timeout"
+            && let Some(suppressed) = daemon.rejections.record(reason)
+        {
+            tracing::warn!(%from, suppressed, "peer sent nothing within {:?}, dropped", daemon.config.first_byte_timeout);
+        }
+        return;
+    }
+    let slot = match gate.enter(from.ip()) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            if let Some(suppressed) = daemon.rejections.record(Status::Busy.name()) {
+                tracing::warn!(%from, suppressed, "peer connection refused: {refused}");
+            }
+            gate.refuse(tcp, &refusal(&daemon, &refused.to_string()))
+                .await;
+            return;
+        }
+    };
+    authenticate(daemon, gate, tcp, from, slot, deadline).await;
 }
 
 /// Secures the connection (TLS), reads and checks the hello, answers it, and hands the
 /// connection to its migration.
-async fn handshake(
+async fn authenticate(
     daemon: Arc<Daemon>,
+    gate: Arc<Gate>,
     tcp: TcpStream,
-    from: String,
-    permit: OwnedSemaphorePermit,
+    address: SocketAddr,
+    permit: gate::Slot,
+    deadline: tokio::time::Instant,
 ) {
+    let from = address.to_string();
     let timing = daemon.config.timing.clone();
     if let Err(error) = peer::tune(&tcp, &timing) {
         tracing::debug!(%from, %error, "peer socket options");
     }
-    let opened = tokio::time::timeout(timing.handshake_timeout, open(&daemon, tcp, &from)).await;
+    let opened = tokio::time::timeout_at(deadline, open(&daemon, tcp, &from)).await;
     let (mut stream, hello, identity) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(None)) => return,
@@ -296,19 +357,23 @@ async fn handshake(
     // Authenticated and admitted: this connection no longer counts as a handshake.
     drop(permit);
     match attached {
-        Ok(link) => control::run(migration, stream, link, timing, version).await,
+        Ok(link) => {
+            // While this link is up, its address may use the reserve for its channels.
+            let _trusted = gate.trust(address.ip());
+            control::run(migration, stream, link, timing, version).await;
+        }
         Err(admitted) => deliver(daemon, migration, hello.channel, admitted, stream, from).await,
     }
 }
 
-/// The refusal sent to connections beyond the handshake limit.
-fn busy_reply() -> Vec<u8> {
+/// The refusal sent to connections turned away before their hello.
+fn busy_reply(message: &str) -> Vec<u8> {
     let mut buf = Vec::new();
     migproxy_proto::HelloReply {
         // Before the hello: the oldest version, which every dialler reads.
         version: migproxy_proto::MIN_VERSION,
         status: Status::Busy,
-        message: "too many connections in their handshake, try again".to_owned(),
+        message: message.to_owned(),
     }
     .encode(&mut buf);
     buf

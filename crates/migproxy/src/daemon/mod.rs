@@ -21,6 +21,7 @@
 pub mod attribution;
 mod channel;
 mod control;
+pub mod gate;
 pub mod incoming;
 pub mod metrics;
 pub mod migration;
@@ -63,8 +64,18 @@ pub struct Config {
     pub max_migrations: usize,
     /// Channels per migration, unless the migration asks for fewer.
     pub max_channels: u32,
-    /// Peer connections still in their handshake, at most.
+    /// Peer connections still in their handshake, at most (and as many on the TLS API port).
     pub max_handshakes: usize,
+    /// Of those, from one source address.
+    pub max_handshakes_per_address: usize,
+    /// Further handshake slots on the peer port, only for addresses from which a migration's
+    /// control link is attached (its channels).
+    pub reserved_handshakes: usize,
+    /// Connections that have not sent their first byte, at most, per listener; when full,
+    /// the oldest of the address holding the most is dropped.
+    pub max_silent_connections: usize,
+    /// How long a new connection may stay silent before it is dropped.
+    pub first_byte_timeout: Duration,
     /// Finished migrations kept for the API.
     pub keep_finished: usize,
     /// An active migration with channels fails when no byte moves for this long.
@@ -91,12 +102,27 @@ impl Config {
             max_migrations: 64,
             max_channels: 64,
             max_handshakes: 64,
+            max_handshakes_per_address: 8,
+            reserved_handshakes: 16,
+            max_silent_connections: 256,
+            first_byte_timeout: Duration::from_secs(2),
             keep_finished: 1000,
             stall_timeout: Duration::from_secs(30),
             tls: None,
             target_dirs: Vec::new(),
             api_tls: None,
             api_limits: crate::api::Limits::default(),
+        }
+    }
+
+    /// The admission limits of the peer port; the TLS API port has no reserve.
+    pub fn gate_limits(&self) -> gate::Limits {
+        gate::Limits {
+            max: self.max_handshakes,
+            per_address: self.max_handshakes_per_address,
+            reserved: self.reserved_handshakes,
+            max_silent: self.max_silent_connections,
+            first_byte: self.first_byte_timeout,
         }
     }
 }

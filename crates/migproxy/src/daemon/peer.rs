@@ -149,9 +149,20 @@ pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Dialle
     tune(&tcp, timing).map_err(io_error)?;
     let exchange = async {
         let mut stream = match to.tls {
-            Some((tls, server_name)) => {
-                Stream::Tls(Box::new(tls.connect_peer(tcp, server_name).await?))
-            }
+            Some((tls, server_name)) => match tls.connect_peer(tcp, server_name).await {
+                Ok(stream) => Stream::Tls(Box::new(stream)),
+                Err(error) if is_busy_alert(&error) => {
+                    return Err(PeerError::Refused {
+                        peer: peer.to_owned(),
+                        status: Status::Busy,
+                        message: "too many connections in their handshake, or out of file \
+                                  descriptors (it ended the TLS handshake at once with \
+                                  user_canceled), try again"
+                            .to_owned(),
+                    });
+                }
+                Err(error) => return Err(error.into()),
+            },
             None => Stream::Tcp(tcp),
         };
         let mut buf = Vec::with_capacity(HELLO_HEADER + MAX_HELLO_BODY);
@@ -186,6 +197,23 @@ pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Dialle
         version: reply.version,
         message: reply.message,
     })
+}
+
+/// The destination daemon's refusal of a TLS connection before the handshake (a
+/// `user_canceled` alert, see `daemon::gate::TLS_BUSY_ALERT`).
+fn is_busy_alert(error: &crate::tls::TlsError) -> bool {
+    let crate::tls::TlsError::Handshake { error, .. } = error else {
+        return false;
+    };
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|inner| {
+            matches!(
+                inner,
+                rustls::Error::AlertReceived(rustls::AlertDescription::UserCanceled)
+            )
+        })
 }
 
 /// A failure reading a hello or a frame.
