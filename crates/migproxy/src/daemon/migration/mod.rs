@@ -20,7 +20,11 @@
 //! instead of the symptom it sees (a reset data connection). A failure seen only on the peer
 //! link waits briefly for such an explanation before blaming the network.
 
+mod cancel;
 pub mod channels;
+mod local_qemu;
+mod snapshot;
+mod stall;
 pub mod state;
 pub mod view;
 
@@ -32,13 +36,13 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::state::{CancelRoute, Core, Effect, Input, Now, Refusal, ReturnPath};
 pub use self::state::{ChannelState, Epoch, Phase, Role, State};
+use self::state::{Core, Effect, Input, Now, Refusal, ReturnPath};
 pub use self::view::Event;
-use self::view::{EventKind, Snapshot};
+use self::view::EventKind;
 use super::attribution::{self, Rendered};
 use super::metrics::Metrics;
-use super::qemu::report::{self as qemu, CancelRefused, Status};
+use super::qemu::report::{self as qemu, CancelRefused};
 use crate::endpoint::Endpoint;
 use crate::relay::{ByteCounts, Counters, End, Report};
 
@@ -649,241 +653,6 @@ impl Migration {
         }
     }
 
-    /// Cancels the migration on behalf of `by` now; tells the peer if the cancel is ours.
-    /// Returns false when the migration had already ended or the cancel is refused.
-    pub fn cancel(self: &Arc<Self>, by: Host) -> bool {
-        self.step(Input::Cancel { by }).is_ok()
-    }
-
-    /// The peer closed (or broke) the control link of `epoch`. True when that ends a cancel
-    /// this host asked for: the source has ended its side, the migration is cancelled here
-    /// too.
-    pub fn link_closed(self: &Arc<Self>, epoch: Epoch) -> bool {
-        self.step(Input::LinkClosed { epoch }).is_ok()
-    }
-
-    /// Applies a control frame from the peer daemon, received on the link of `epoch`.
-    pub fn on_peer(self: &Arc<Self>, epoch: Epoch, control: Control) {
-        let _ = self.step(Input::Peer { epoch, control });
-    }
-
-    /// Cancels on behalf of `by`, through the source QEMU first when the daemon drives it
-    /// (so that QEMU reports `cancelled` and resumes the guest rather than failing on the
-    /// sockets torn down under it); from the destination, by asking the source first. A
-    /// cancel asked on this host is refused once the guest may be the destination's.
-    /// `Ok(false)`: the migration had already ended.
-    pub async fn cancel_through_qemu(self: &Arc<Self>, by: Host) -> Result<bool, CancelRefused> {
-        let route = {
-            let mut inner = self.lock();
-            let before = (inner.core.phase(), inner.core.paused());
-            match inner.core.ask(by) {
-                Ok((effects, route)) => {
-                    // The QEMU route is carried out here, so that its answer reaches the caller.
-                    let effects = effects
-                        .into_iter()
-                        .filter(|e| !matches!(e, Effect::CancelQemu { .. }))
-                        .collect();
-                    self.apply(&mut inner, effects);
-                    self.observe(&mut inner, before);
-                    route
-                }
-                Err(Refusal::Cancel(refused)) => return Err(refused),
-                Err(_) => return Ok(false),
-            }
-        };
-        match route {
-            CancelRoute::Now => Ok(true),
-            CancelRoute::AskedTheSource => {
-                let mut state = self.watch_state();
-                let _ = state.wait_for(|s| s.is_final()).await;
-                let inner = self.lock();
-                Ok(inner.core.cancelled_by() == Some(by))
-            }
-            CancelRoute::ThroughQemu => self.cancel_qemu_first(by).await,
-        }
-    }
-
-    /// Asks the task following QEMU to cancel it, then the migration; if that task does not
-    /// answer in time, cancels the migration regardless.
-    async fn cancel_qemu_first(self: &Arc<Self>, by: Host) -> Result<bool, CancelRefused> {
-        let canceller = self.lock().qemu_cancel.clone();
-        let (reply, answer) = oneshot::channel();
-        let request = CancelRequest { by, reply };
-        let wait = self.context.timers.cancel_wait;
-        if let Some(canceller) = canceller {
-            let asked = tokio::time::timeout(wait, async {
-                canceller.send(request).await.ok()?;
-                answer.await.ok()
-            })
-            .await;
-            if let Ok(Some(outcome)) = asked {
-                return outcome.map(|cancelled| cancelled || self.state() == State::Cancelled);
-            }
-        }
-        Ok(self.cancel(by))
-    }
-
-    fn spawn_qemu_cancel(self: &Arc<Self>, inner: &Inner, by: Host) {
-        if inner.qemu_cancel.is_none() {
-            return;
-        }
-        let migration = Arc::clone(self);
-        self.context.tasks.spawn(async move {
-            let _ = migration.cancel_qemu_first(by).await;
-        });
-    }
-
-    /// Fails the current epoch when no byte has moved on any channel for `limit` while the
-    /// migration is active: a QEMU that stopped sending or reading, or a link that stalls
-    /// without breaking. Runs on both hosts; each concludes only what it can see (below).
-    /// Returns when the migration ends.
-    pub async fn watch_stall(self: Arc<Self>, limit: Duration) {
-        // Checked often enough that a stall is reported within a twentieth of its limit.
-        let tick = (limit / 20).clamp(Duration::from_millis(10), Duration::from_millis(500));
-        let mut last = (u64::MAX, Instant::now(), 0);
-        loop {
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                () = tokio::time::sleep(tick) => {}
-            }
-            let (moved, epoch, running) = self.progress();
-            if moved != last.0 || epoch != last.2 || running.is_empty() {
-                last = (moved, Instant::now(), epoch);
-            } else if last.1.elapsed() >= limit
-                && let Some((blame, wait)) = self.stall_cause(&running, limit)
-            {
-                let _ = self.step(Input::Failure { epoch, blame, wait });
-                last.1 = Instant::now();
-            }
-        }
-    }
-
-    /// Bytes moved so far, the epoch, and the counters of the channels running in it (none
-    /// unless the migration is active).
-    fn progress(&self) -> (u64, Epoch, Vec<(u32, Arc<Counters>)>) {
-        let inner = self.lock();
-        let channels = inner.core.channels();
-        let running = match inner.core.state() {
-            State::Active => inner.live.running_counters(channels),
-            _ => Vec::new(),
-        };
-        let moved = inner.live.total(channels).total();
-        (moved, inner.core.epoch(), running)
-    }
-
-    /// Who stalled, as far as this host can see, and whether the other host may know better.
-    /// A pump that holds bytes it cannot write waits for its receiver: this host's QEMU not
-    /// reading is certain. The source also knows when its QEMU sends nothing; a link that
-    /// takes nothing while heartbeats flow may be the destination QEMU not reading, which
-    /// the destination says. The destination concludes nothing else: the source decides.
-    fn stall_cause(
-        &self,
-        running: &[(u32, Arc<Counters>)],
-        limit: Duration,
-    ) -> Option<(Attribution, bool)> {
-        use crate::relay::Direction as Way;
-        let (to_qemu, to_link) = match self.spec.role {
-            Role::Incoming => (Way::ToDestination, Way::ToSource),
-            Role::Outgoing => (Way::ToSource, Way::ToDestination),
-        };
-        let held = |way: Way| {
-            running
-                .iter()
-                .find(|(_, c)| c.direction(way).held() > 0)
-                .map(|(index, c)| (*index, c.direction(way).held(), channels::totals(c.bytes())))
-        };
-        let elapsed_ms = self.elapsed().as_millis() as u64;
-        let stall = attribution::Stall {
-            host: self.host(),
-            limit,
-            elapsed_ms,
-        };
-        if let Some((index, held, bytes)) = held(to_qemu) {
-            return Some((stall.qemu_not_reading(index, to_qemu, held, bytes), false));
-        }
-        if self.spec.role == Role::Incoming {
-            return None;
-        }
-        let bytes = channels::totals(self.bytes());
-        match held(to_link) {
-            Some((index, held, bytes)) => Some((stall.link_not_taking(index, held, bytes), true)),
-            None => Some((stall.source_silent(bytes), false)),
-        }
-    }
-
-    /// Records a `query-migrate` answer from the local QEMU; publishes a `qemu` event when
-    /// QEMU's status or pass changes.
-    pub fn qemu_observed(
-        self: &Arc<Self>,
-        info: serde_json::Value,
-        pass: Option<u64>,
-        statuses: &[Status],
-        wall: Duration,
-    ) {
-        let mut inner = self.lock();
-        let Some(report) = inner.qemu.as_mut() else {
-            return;
-        };
-        let before = (report.status.clone(), report.pass);
-        report.update(&info, pass, statuses, wall);
-        if before == (report.status.clone(), report.pass) {
-            return;
-        }
-        let event = view::qemu_event(report);
-        let status = report.status.clone();
-        self.publish(event);
-        let _ = self.step_locked(&mut inner, Input::Qemu { status });
-    }
-
-    /// QEMU refused to switch to postcopy: the migration goes on in precopy, and the
-    /// report and a `qemu` event say why.
-    pub fn qemu_postcopy_refused(&self, error: String) {
-        tracing::warn!(migration = %self.spec.id, "QEMU did not switch to postcopy: {error}");
-        self.with_qemu_report(|report| report.postcopy_error = Some(error));
-    }
-
-    /// The local QEMU's monitor closed: QEMU exited or crashed.
-    pub fn qemu_monitor_closed(&self) {
-        self.with_qemu_report(|report| report.monitor_closed = true);
-    }
-
-    fn with_qemu_report(&self, change: impl FnOnce(&mut qemu::Report)) {
-        let mut inner = self.lock();
-        let Some(report) = inner.qemu.as_mut() else {
-            return;
-        };
-        change(report);
-        let event = view::qemu_event(report);
-        drop(inner);
-        self.publish(event);
-    }
-
-    /// Whether the local QEMU has given its verdict (`completed`, `failed`, `cancelled`).
-    pub fn qemu_final(&self) -> bool {
-        self.lock()
-            .qemu
-            .as_ref()
-            .is_some_and(qemu::Report::is_final)
-    }
-
-    /// QEMU's `error-desc`, if it gave one.
-    pub fn qemu_error(&self) -> Option<String> {
-        self.lock().qemu.as_ref().and_then(|q| q.error_desc.clone())
-    }
-
-    /// A failure of this host's QEMU, as QEMU told it.
-    pub fn qemu_failure(&self, message: String) -> Attribution {
-        let now = self.now(&self.lock());
-        attribution::qemu(self.host(), message, now.bytes, now.elapsed_ms)
-    }
-
-    /// Registers the task that cancels the source QEMU first.
-    pub fn set_qemu_canceller(self: &Arc<Self>, canceller: mpsc::Sender<CancelRequest>) {
-        let mut inner = self.lock();
-        inner.qemu_cancel = Some(canceller);
-        let _ = self.step_locked(&mut inner, Input::QemuFollowing);
-    }
-
     /// The current epoch.
     pub fn epoch(&self) -> Epoch {
         self.lock().core.epoch()
@@ -910,113 +679,6 @@ impl Migration {
     pub fn live_bytes(&self) -> (ByteCounts, u64) {
         let inner = self.lock();
         inner.live.running_bytes(inner.core.channels())
-    }
-
-    /// A consistent view for the API.
-    pub fn snapshot(&self) -> Snapshot {
-        let mut inner = self.lock();
-        // Live counters move while they are read: read each once, and add those up.
-        let channels = inner.live.rows(inner.core.channels());
-        let total = channels
-            .iter()
-            .fold(ByteCounts::default(), |acc, c| channels::add(acc, c.bytes));
-        let throughput = self.throughput(&mut inner, total);
-        let state = inner.core.state();
-        let elapsed = inner.ended.unwrap_or_else(Instant::now) - self.started;
-        Snapshot {
-            id: self.spec.id.clone(),
-            direction: self.spec.role,
-            state,
-            phase: inner.core.phase().name(),
-            peer: self.spec.peer.clone(),
-            local: self.spec.local.to_string(),
-            recoverable: self.spec.recoverable,
-            link: if self.spec.tls { "tls" } else { "plaintext" },
-            bytes: total,
-            channels,
-            error: inner.core.error().map(attribution::Report::from),
-            pauses: inner
-                .core
-                .pauses()
-                .iter()
-                .map(attribution::Report::from)
-                .collect(),
-            cancelled_by: inner.core.cancelled_by().map(attribution::host_name),
-            verdict: view::verdict(state),
-            created_at: view::unix_seconds(Some(self.created)).unwrap_or_default(),
-            elapsed_ms: elapsed.as_millis() as u64,
-            throughput,
-            timestamps: view::Timestamps {
-                created: view::unix_seconds(Some(self.created)),
-                active: view::unix_seconds(inner.activated),
-                paused: view::unix_seconds(inner.paused),
-                ended: view::unix_seconds(inner.ended_at),
-            },
-            qemu: self
-                .spec
-                .qemu
-                .as_ref()
-                .zip(inner.qemu.clone())
-                .map(|(settings, report)| view::QemuView {
-                    settings: settings.clone(),
-                    report,
-                }),
-            peer_view: peer_view(&inner.core),
-        }
-    }
-
-    /// Throughput now and on average. Samples move on at most once a second, whoever reads:
-    /// readers polling at least once a second (the CLI's live line) see the rate over the
-    /// last one to two seconds, and no reader shortens another's window; a rarer reader sees
-    /// the rate since the read before.
-    fn throughput(&self, inner: &mut Inner, total: ByteCounts) -> view::Throughput {
-        let now = Instant::now();
-        if now.duration_since(inner.rate_samples[1].0) >= Duration::from_secs(1) {
-            inner.rate_samples = [inner.rate_samples[1], (now, total.to_destination)];
-        }
-        let (since, then) = inner.rate_samples[0];
-        let window = now.duration_since(since).as_secs_f64();
-        let current = if inner.core.state() == State::Active && window > 0.0 {
-            (total.to_destination.saturating_sub(then) as f64 / window) as u64
-        } else {
-            0
-        };
-        let elapsed = inner.ended.unwrap_or(now).duration_since(self.started);
-        let average = match elapsed.as_secs_f64() {
-            secs if secs > 0.0 => (total.to_destination as f64 / secs) as u64,
-            _ => 0,
-        };
-        view::Throughput {
-            current_bytes_per_second: current,
-            average_bytes_per_second: average,
-        }
-    }
-}
-
-fn peer_view(core: &Core) -> view::PeerView {
-    let channels = core
-        .channels()
-        .iter()
-        .enumerate()
-        .filter_map(|(index, c)| {
-            c.peer_end.map(|(end, bytes)| view::PeerChannel {
-                index: index as u32,
-                end: view::end_name(end),
-                bytes: channels::counts(bytes),
-            })
-        })
-        .collect();
-    view::PeerView {
-        channels,
-        done: core.peer_done().map(|done| view::PeerDone {
-            channels: done.channels,
-            bytes: channels::counts(done.bytes),
-            verdict: match done.verdict {
-                migproxy_proto::Verdict::Unknown => "unknown",
-                migproxy_proto::Verdict::Qemu => "qemu",
-                migproxy_proto::Verdict::ReturnPath => "return_path",
-            },
-        }),
     }
 }
 

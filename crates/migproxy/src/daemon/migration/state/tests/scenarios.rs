@@ -1,154 +1,11 @@
-//! Every transition of the lifecycle and every refused input, driven by hand. Each scenario
-//! records the phase changes it sees; `the_table_lists_every_transition_taken` runs them all
-//! and checks the record against [`TRANSITIONS`], so the table cannot drift from the code.
-
-use std::collections::BTreeSet;
-
-use migproxy_proto::{Direction, Leg, Op};
+//! The lifecycle's scenarios, one function each: completion, disagreements, deadlines,
+//! failures, cancels, epochs and refusals.
 
 use super::*;
 
-type Seen = BTreeSet<(&'static str, &'static str, &'static str)>;
-
-struct Driver<'a> {
-    core: Core,
-    seen: &'a mut Seen,
-}
-
-fn config(role: Role) -> Config {
-    Config {
-        role,
-        recoverable: false,
-        max_channels: 4,
-        qemu: false,
-        postcopy: false,
-    }
-}
-
-fn now() -> Now {
-    Now {
-        bytes: Totals {
-            to_destination: 10,
-            to_source: 0,
-        },
-        elapsed_ms: 5,
-    }
-}
-
-fn blame(leg: Leg) -> Attribution {
-    Attribution {
-        host: Host::Source,
-        leg,
-        channel: Some(0),
-        direction: Some(Direction::ToDestination),
-        op: Op::Write,
-        errno: Some("EPIPE".into()),
-        message: "broken pipe".into(),
-        bytes: Totals::default(),
-        elapsed_ms: 1,
-    }
-}
-
-fn bytes(n: u64) -> Totals {
-    Totals {
-        to_destination: n,
-        to_source: 16,
-    }
-}
-
-impl Driver<'_> {
-    fn new(config: Config, seen: &mut Seen) -> Driver<'_> {
-        Driver {
-            core: Core::new(config),
-            seen,
-        }
-    }
-
-    fn step(&mut self, input: Input) -> Steps {
-        let from = self.core.phase().name();
-        let name = input.name();
-        let result = self.core.step(input, now());
-        let to = self.core.phase().name();
-        if result.is_err() {
-            assert_eq!(from, to, "a refused {name} changed the phase");
-        } else if from != to || name == "attach" {
-            self.seen.insert((from, name, to));
-        }
-        result
-    }
-
-    fn ok(&mut self, input: Input) -> Vec<Effect> {
-        let name = input.name();
-        self.step(input)
-            .unwrap_or_else(|refusal| panic!("{name} refused: {refusal}"))
-    }
-
-    fn refused(&mut self, input: Input) -> Refusal {
-        let name = input.name();
-        match self.step(input) {
-            Err(refusal) => refusal,
-            Ok(effects) => panic!("{name} taken: {effects:?}"),
-        }
-    }
-
-    fn phase(&self) -> &'static str {
-        self.core.phase().name()
-    }
-
-    fn epoch(&self) -> Epoch {
-        self.core.epoch()
-    }
-
-    /// Attached, and channels `0..n` open and running.
-    fn active(&mut self, n: u32) {
-        self.ok(Input::Attach { first_channel: 0 });
-        for index in 0..n {
-            self.ok(Input::Open { index });
-            self.ok(Input::Running { index });
-        }
-    }
-
-    fn end_clean(&mut self, index: u32, n: u64, return_path: ReturnPath) -> Vec<Effect> {
-        self.ok(Input::Ended {
-            epoch: self.epoch(),
-            index,
-            end: ChannelEnd::Completed,
-            bytes: bytes(n),
-            failure: None,
-            return_path,
-        })
-    }
-
-    fn peer(&mut self, control: Control) -> Steps {
-        let epoch = self.epoch();
-        self.step(Input::Peer { epoch, control })
-    }
-
-    fn peer_done(&mut self, channels: u32, n: u64, verdict: Verdict) -> Steps {
-        self.peer(Control::Done {
-            channels,
-            bytes: bytes(n),
-            verdict,
-        })
-    }
-}
-
-fn sent_done(effects: &[Effect]) -> Option<Verdict> {
-    effects.iter().find_map(|e| match e {
-        Effect::Send(Control::Done { verdict, .. }) => Some(*verdict),
-        _ => None,
-    })
-}
-
-fn sends_failed(effects: &[Effect]) -> bool {
-    effects
-        .iter()
-        .any(|e| matches!(e, Effect::Send(Control::Failed(_))))
-}
-
 // ---- completion ----
 
-fn without_qmp_or_return_path_it_is_transferred(seen: &mut Seen) {
+pub(super) fn without_qmp_or_return_path_it_is_transferred(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     assert_eq!(d.phase(), "pending");
     let effects = d.ok(Input::Attach { first_channel: 0 });
@@ -174,7 +31,7 @@ fn without_qmp_or_return_path_it_is_transferred(seen: &mut Seen) {
     );
 }
 
-fn the_destinations_shut_makes_it_completed(seen: &mut Seen) {
+pub(super) fn the_destinations_shut_makes_it_completed(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Outgoing), seen);
     d.active(1);
     // The peer's Done first: the last channel's end completes it directly from active.
@@ -186,7 +43,7 @@ fn the_destinations_shut_makes_it_completed(seen: &mut Seen) {
     assert!(effects.contains(&Effect::Stop));
 }
 
-fn one_host_without_evidence_makes_it_transferred(seen: &mut Seen) {
+pub(super) fn one_host_without_evidence_makes_it_transferred(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     d.active(1);
     d.end_clean(0, 100, ReturnPath::Shut(0));
@@ -198,7 +55,7 @@ fn one_host_without_evidence_makes_it_transferred(seen: &mut Seen) {
     );
 }
 
-fn with_qmp_qemus_word_is_needed(seen: &mut Seen) {
+pub(super) fn with_qmp_qemus_word_is_needed(seen: &mut Seen) {
     let mut d = Driver::new(
         Config {
             qemu: true,
@@ -234,7 +91,7 @@ fn with_qmp_qemus_word_is_needed(seen: &mut Seen) {
     assert_eq!(d.core.state(), State::Completed);
 }
 
-fn a_new_channel_reopens_a_completing_epoch(seen: &mut Seen) {
+pub(super) fn a_new_channel_reopens_a_completing_epoch(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     d.active(1);
     d.end_clean(0, 100, ReturnPath::Silent);
@@ -261,7 +118,7 @@ fn a_new_channel_reopens_a_completing_epoch(seen: &mut Seen) {
 
 // ---- disagreements ----
 
-fn byte_counts_that_disagree_fail_it_naming_the_channel(seen: &mut Seen) {
+pub(super) fn byte_counts_that_disagree_fail_it_naming_the_channel(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     d.active(1);
     d.peer(Control::ChannelClosed {
@@ -283,7 +140,7 @@ fn byte_counts_that_disagree_fail_it_naming_the_channel(seen: &mut Seen) {
     );
 }
 
-fn a_destination_with_a_channel_the_source_never_opened_fails(seen: &mut Seen) {
+pub(super) fn a_destination_with_a_channel_the_source_never_opened_fails(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     d.active(2);
     d.end_clean(0, 100, ReturnPath::Silent);
@@ -299,7 +156,7 @@ fn a_destination_with_a_channel_the_source_never_opened_fails(seen: &mut Seen) {
     );
 }
 
-fn a_source_told_of_more_channels_than_it_opened_fails(seen: &mut Seen) {
+pub(super) fn a_source_told_of_more_channels_than_it_opened_fails(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Outgoing), seen);
     d.active(1);
     d.end_clean(0, 100, ReturnPath::Silent);
@@ -316,7 +173,7 @@ fn a_source_told_of_more_channels_than_it_opened_fails(seen: &mut Seen) {
 
 // ---- deadlines ----
 
-fn an_unused_token_expires_and_only_while_pending(seen: &mut Seen) {
+pub(super) fn an_unused_token_expires_and_only_while_pending(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     let effects = d.ok(Input::TtlOver);
     assert_eq!(d.core.state(), State::Expired);
@@ -326,7 +183,7 @@ fn an_unused_token_expires_and_only_while_pending(seen: &mut Seen) {
     assert_eq!(d.refused(Input::TtlOver), Refusal::Phase("attached"));
 }
 
-fn a_first_channel_that_never_comes_ends_it(seen: &mut Seen) {
+pub(super) fn a_first_channel_that_never_comes_ends_it(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     d.ok(Input::Attach { first_channel: 0 });
     let over = |epoch| Input::FirstChannelOver {
@@ -362,7 +219,7 @@ fn a_first_channel_that_never_comes_ends_it(seen: &mut Seen) {
 
 // ---- failures ----
 
-fn a_peer_leg_failure_waits_for_the_explanation(seen: &mut Seen) {
+pub(super) fn a_peer_leg_failure_waits_for_the_explanation(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Outgoing), seen);
     d.active(1);
     let effects = d.ok(Input::Failure {
@@ -391,7 +248,7 @@ fn a_peer_leg_failure_waits_for_the_explanation(seen: &mut Seen) {
     );
 }
 
-fn no_explanation_in_time_fails_with_its_own_cause(seen: &mut Seen) {
+pub(super) fn no_explanation_in_time_fails_with_its_own_cause(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Outgoing), seen);
     d.ok(Input::Attach { first_channel: 0 });
     d.ok(Input::Failure {
@@ -415,7 +272,7 @@ fn no_explanation_in_time_fails_with_its_own_cause(seen: &mut Seen) {
     assert_eq!(d.core.state(), State::Failed);
 }
 
-fn a_certain_failure_ends_it_at_once_and_the_first_cause_wins(seen: &mut Seen) {
+pub(super) fn a_certain_failure_ends_it_at_once_and_the_first_cause_wins(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     d.active(1);
     let first = blame(Leg::Qemu);
@@ -439,7 +296,7 @@ fn a_certain_failure_ends_it_at_once_and_the_first_cause_wins(seen: &mut Seen) {
     assert_eq!(d.core.error(), Some(&first));
 }
 
-fn a_pending_migration_fails_at_once_even_when_it_could_wait(seen: &mut Seen) {
+pub(super) fn a_pending_migration_fails_at_once_even_when_it_could_wait(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Outgoing), seen);
     d.ok(Input::Failure {
         epoch: 0,
@@ -449,7 +306,7 @@ fn a_pending_migration_fails_at_once_even_when_it_could_wait(seen: &mut Seen) {
     assert_eq!(d.core.state(), State::Failed);
 }
 
-fn a_channel_whose_setup_fails_fails_the_epoch_unless_it_ended(seen: &mut Seen) {
+pub(super) fn a_channel_whose_setup_fails_fails_the_epoch_unless_it_ended(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Outgoing), seen);
     d.ok(Input::Attach { first_channel: 0 });
     d.ok(Input::Open { index: 0 });
@@ -477,7 +334,7 @@ fn a_channel_whose_setup_fails_fails_the_epoch_unless_it_ended(seen: &mut Seen) 
     assert_eq!(d.refused(Input::Abandoned { index: 1 }), Refusal::Stale);
 }
 
-fn a_stream_that_ends_without_the_destinations_shut_is_not_completed(seen: &mut Seen) {
+pub(super) fn a_stream_that_ends_without_the_destinations_shut_is_not_completed(seen: &mut Seen) {
     // The source concludes about its own QEMU at once, and tells the destination.
     let mut d = Driver::new(config(Role::Outgoing), seen);
     d.active(1);
@@ -523,7 +380,7 @@ fn a_stream_that_ends_without_the_destinations_shut_is_not_completed(seen: &mut 
 
 // ---- cancel ----
 
-fn a_cancel_on_the_source_ends_both_hosts_at_once(seen: &mut Seen) {
+pub(super) fn a_cancel_on_the_source_ends_both_hosts_at_once(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Outgoing), seen);
     d.active(1);
     let (effects, route) = d.core.ask(Host::Source).unwrap();
@@ -555,7 +412,7 @@ fn a_cancel_on_the_source_ends_both_hosts_at_once(seen: &mut Seen) {
     assert_eq!(d.core.state(), State::Cancelled);
 }
 
-fn a_cancel_on_the_destination_asks_the_source_first(seen: &mut Seen) {
+pub(super) fn a_cancel_on_the_destination_asks_the_source_first(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     d.active(2);
     let (effects, route) = d.core.ask(Host::Destination).unwrap();
@@ -626,7 +483,7 @@ fn a_cancel_on_the_destination_asks_the_source_first(seen: &mut Seen) {
     assert_eq!(d.core.state(), State::Completed);
 }
 
-fn a_cancel_the_guest_would_not_survive_is_refused(seen: &mut Seen) {
+pub(super) fn a_cancel_the_guest_would_not_survive_is_refused(seen: &mut Seen) {
     let qemu = Config {
         qemu: true,
         postcopy: true,
@@ -677,7 +534,7 @@ fn a_cancel_the_guest_would_not_survive_is_refused(seen: &mut Seen) {
     assert_eq!(d.core.state(), State::Cancelled);
 }
 
-fn a_source_driving_qemu_cancels_through_it(seen: &mut Seen) {
+pub(super) fn a_source_driving_qemu_cancels_through_it(seen: &mut Seen) {
     let mut d = Driver::new(
         Config {
             qemu: true,
@@ -710,7 +567,7 @@ fn a_source_driving_qemu_cancels_through_it(seen: &mut Seen) {
 
 // ---- epochs: pause and resume ----
 
-fn a_recoverable_migration_pauses_and_resumes_in_a_new_epoch(seen: &mut Seen) {
+pub(super) fn a_recoverable_migration_pauses_and_resumes_in_a_new_epoch(seen: &mut Seen) {
     let recoverable = Config {
         recoverable: true,
         ..config(Role::Incoming)
@@ -759,7 +616,7 @@ fn a_recoverable_migration_pauses_and_resumes_in_a_new_epoch(seen: &mut Seen) {
     assert_eq!(d.core.state(), State::Completed, "the last epoch counts");
 }
 
-fn a_source_back_before_this_host_noticed_pauses_and_resumes_at_once(seen: &mut Seen) {
+pub(super) fn a_source_back_before_this_host_noticed_pauses_and_resumes_at_once(seen: &mut Seen) {
     let recoverable = Config {
         recoverable: true,
         ..config(Role::Incoming)
@@ -774,7 +631,9 @@ fn a_source_back_before_this_host_noticed_pauses_and_resumes_at_once(seen: &mut 
     assert_eq!(cause.bytes, now().bytes);
 }
 
-fn a_recoverable_migration_fails_in_pending_and_pauses_on_the_peers_word(seen: &mut Seen) {
+pub(super) fn a_recoverable_migration_fails_in_pending_and_pauses_on_the_peers_word(
+    seen: &mut Seen,
+) {
     let recoverable = Config {
         recoverable: true,
         ..config(Role::Incoming)
@@ -794,7 +653,7 @@ fn a_recoverable_migration_fails_in_pending_and_pauses_on_the_peers_word(seen: &
 
 // ---- refusals ----
 
-fn inputs_that_do_not_fit_are_refused(seen: &mut Seen) {
+pub(super) fn inputs_that_do_not_fit_are_refused(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), seen);
     assert_eq!(
         d.refused(Input::Open { index: 0 }),
@@ -856,188 +715,5 @@ fn inputs_that_do_not_fit_are_refused(seen: &mut Seen) {
     assert_eq!(
         d.refused(Input::Attach { first_channel: 0 }),
         Refusal::Phase("cancelled")
-    );
-}
-
-/// From every live phase, on either host, recoverable or not: a certain failure, the peer's
-/// failure, the peer's cancel and a cancel asked here each end the epoch (or are refused,
-/// which leaves the phase as it was).
-fn every_live_phase_ends_on_failure_or_cancel(seen: &mut Seen) {
-    type Reach = fn(&mut Driver<'_>);
-    let phases: [(&str, Reach); 4] = [
-        ("attached", |d| {
-            d.ok(Input::Attach { first_channel: 0 });
-        }),
-        ("active", |d| d.active(1)),
-        ("completing", |d| {
-            d.active(1);
-            d.end_clean(0, 1, ReturnPath::Shut(0));
-        }),
-        ("cancelling", |d| {
-            d.active(1);
-            d.ok(Input::AskCancel {
-                by: Host::Destination,
-            });
-        }),
-    ];
-    for role in [Role::Incoming, Role::Outgoing] {
-        for recoverable in [false, true] {
-            for (name, reach) in phases {
-                if name == "cancelling" && role == Role::Outgoing {
-                    continue;
-                }
-                let inputs: [fn(Host) -> Input; 4] = [
-                    |_| Input::Failure {
-                        epoch: 1,
-                        blame: blame(Leg::Qemu),
-                        wait: false,
-                    },
-                    |_| Input::Peer {
-                        epoch: 1,
-                        control: Control::Failed(blame(Leg::Qemu)),
-                    },
-                    |here| Input::Peer {
-                        epoch: 1,
-                        control: Control::Cancel {
-                            by: match here {
-                                Host::Source => Host::Destination,
-                                Host::Destination => Host::Source,
-                            },
-                        },
-                    },
-                    |here| Input::AskCancel { by: here },
-                ];
-                for input in inputs {
-                    let config = Config {
-                        recoverable,
-                        ..config(role)
-                    };
-                    let mut d = Driver::new(config, seen);
-                    reach(&mut d);
-                    assert_eq!(d.phase(), name);
-                    let input = input(role.host());
-                    let label = input.name();
-                    match d.step(input) {
-                        Ok(_) => assert!(
-                            matches!(d.phase(), "failed" | "paused" | "cancelled" | "cancelling"),
-                            "{name} --{label}--> {}",
-                            d.phase()
-                        ),
-                        Err(refusal) => assert!(
-                            matches!(
-                                refusal,
-                                Refusal::Phase("cancelling")
-                                    | Refusal::Cancel(CancelRefused::Completing)
-                            ),
-                            "{name} --{label}--> refused: {refusal}"
-                        ),
-                    }
-                }
-            }
-        }
-    }
-}
-
-type Scenario = fn(&mut Seen);
-
-const SCENARIOS: &[(&str, Scenario)] = &[
-    ("endings", every_live_phase_ends_on_failure_or_cancel),
-    ("transferred", without_qmp_or_return_path_it_is_transferred),
-    ("shut", the_destinations_shut_makes_it_completed),
-    ("one story", one_host_without_evidence_makes_it_transferred),
-    ("qmp", with_qmp_qemus_word_is_needed),
-    ("reopen", a_new_channel_reopens_a_completing_epoch),
-    (
-        "bytes",
-        byte_counts_that_disagree_fail_it_naming_the_channel,
-    ),
-    (
-        "intruder",
-        a_destination_with_a_channel_the_source_never_opened_fails,
-    ),
-    (
-        "counts",
-        a_source_told_of_more_channels_than_it_opened_fails,
-    ),
-    ("ttl", an_unused_token_expires_and_only_while_pending),
-    ("first channel", a_first_channel_that_never_comes_ends_it),
-    ("grace", a_peer_leg_failure_waits_for_the_explanation),
-    (
-        "grace over",
-        no_explanation_in_time_fails_with_its_own_cause,
-    ),
-    (
-        "certain",
-        a_certain_failure_ends_it_at_once_and_the_first_cause_wins,
-    ),
-    (
-        "pending",
-        a_pending_migration_fails_at_once_even_when_it_could_wait,
-    ),
-    (
-        "setup",
-        a_channel_whose_setup_fails_fails_the_epoch_unless_it_ended,
-    ),
-    (
-        "unfinished",
-        a_stream_that_ends_without_the_destinations_shut_is_not_completed,
-    ),
-    ("cancel", a_cancel_on_the_source_ends_both_hosts_at_once),
-    (
-        "cancelling",
-        a_cancel_on_the_destination_asks_the_source_first,
-    ),
-    (
-        "refused cancel",
-        a_cancel_the_guest_would_not_survive_is_refused,
-    ),
-    ("qemu cancel", a_source_driving_qemu_cancels_through_it),
-    (
-        "pause",
-        a_recoverable_migration_pauses_and_resumes_in_a_new_epoch,
-    ),
-    (
-        "early resume",
-        a_source_back_before_this_host_noticed_pauses_and_resumes_at_once,
-    ),
-    (
-        "recoverable",
-        a_recoverable_migration_fails_in_pending_and_pauses_on_the_peers_word,
-    ),
-    ("refusals", inputs_that_do_not_fit_are_refused),
-];
-
-#[test]
-fn every_scenario() {
-    for (name, scenario) in SCENARIOS {
-        let mut seen = Seen::new();
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut seen)));
-        assert!(run.is_ok(), "scenario {name} failed");
-    }
-}
-
-#[test]
-fn the_table_lists_every_transition_taken() {
-    let mut seen = Seen::new();
-    for (_, scenario) in SCENARIOS {
-        scenario(&mut seen);
-    }
-    let table: Seen = TRANSITIONS.iter().copied().collect();
-    let missing: Vec<_> = seen.difference(&table).collect();
-    let untested: Vec<_> = table.difference(&seen).collect();
-    assert!(
-        missing.is_empty() && untested.is_empty(),
-        "taken but not in TRANSITIONS: {missing:#?}\nin TRANSITIONS but never taken: {untested:#?}"
-    );
-}
-
-#[test]
-fn docs_carry_the_table() {
-    let doc = include_str!("../../../../../../docs/daemon.md");
-    let table = transition_table();
-    assert!(
-        doc.contains(&table),
-        "docs/daemon.md must carry the lifecycle table exactly as `transition_table()` renders \
-         it:\n{table}"
     );
 }

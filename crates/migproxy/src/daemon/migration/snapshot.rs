@@ -1,0 +1,119 @@
+//! A migration as the API shows it: one consistent snapshot of the lifecycle and the live
+//! counters, and the throughput a reader sees.
+
+use std::time::{Duration, Instant};
+
+use super::state::Core;
+use super::view::{self, Snapshot};
+use super::{Inner, Migration, State, channels};
+use crate::daemon::attribution;
+use crate::relay::ByteCounts;
+
+impl Migration {
+    /// A consistent view for the API.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut inner = self.lock();
+        // Live counters move while they are read: read each once, and add those up.
+        let channels = inner.live.rows(inner.core.channels());
+        let total = channels
+            .iter()
+            .fold(ByteCounts::default(), |acc, c| channels::add(acc, c.bytes));
+        let throughput = self.throughput(&mut inner, total);
+        let state = inner.core.state();
+        let elapsed = inner.ended.unwrap_or_else(Instant::now) - self.started;
+        Snapshot {
+            id: self.spec.id.clone(),
+            direction: self.spec.role,
+            state,
+            phase: inner.core.phase().name(),
+            peer: self.spec.peer.clone(),
+            local: self.spec.local.to_string(),
+            recoverable: self.spec.recoverable,
+            link: if self.spec.tls { "tls" } else { "plaintext" },
+            bytes: total,
+            channels,
+            error: inner.core.error().map(attribution::Report::from),
+            pauses: inner
+                .core
+                .pauses()
+                .iter()
+                .map(attribution::Report::from)
+                .collect(),
+            cancelled_by: inner.core.cancelled_by().map(attribution::host_name),
+            verdict: view::verdict(state),
+            created_at: view::unix_seconds(Some(self.created)).unwrap_or_default(),
+            elapsed_ms: elapsed.as_millis() as u64,
+            throughput,
+            timestamps: view::Timestamps {
+                created: view::unix_seconds(Some(self.created)),
+                active: view::unix_seconds(inner.activated),
+                paused: view::unix_seconds(inner.paused),
+                ended: view::unix_seconds(inner.ended_at),
+            },
+            qemu: self
+                .spec
+                .qemu
+                .as_ref()
+                .zip(inner.qemu.clone())
+                .map(|(settings, report)| view::QemuView {
+                    settings: settings.clone(),
+                    report,
+                }),
+            peer_view: peer_view(&inner.core),
+        }
+    }
+
+    /// Throughput now and on average. Samples move on at most once a second, whoever reads:
+    /// readers polling at least once a second (the CLI's live line) see the rate over the
+    /// last one to two seconds, and no reader shortens another's window; a rarer reader sees
+    /// the rate since the read before.
+    fn throughput(&self, inner: &mut Inner, total: ByteCounts) -> view::Throughput {
+        let now = Instant::now();
+        if now.duration_since(inner.rate_samples[1].0) >= Duration::from_secs(1) {
+            inner.rate_samples = [inner.rate_samples[1], (now, total.to_destination)];
+        }
+        let (since, then) = inner.rate_samples[0];
+        let window = now.duration_since(since).as_secs_f64();
+        let current = if inner.core.state() == State::Active && window > 0.0 {
+            (total.to_destination.saturating_sub(then) as f64 / window) as u64
+        } else {
+            0
+        };
+        let elapsed = inner.ended.unwrap_or(now).duration_since(self.started);
+        let average = match elapsed.as_secs_f64() {
+            secs if secs > 0.0 => (total.to_destination as f64 / secs) as u64,
+            _ => 0,
+        };
+        view::Throughput {
+            current_bytes_per_second: current,
+            average_bytes_per_second: average,
+        }
+    }
+}
+
+fn peer_view(core: &Core) -> view::PeerView {
+    let channels = core
+        .channels()
+        .iter()
+        .enumerate()
+        .filter_map(|(index, c)| {
+            c.peer_end.map(|(end, bytes)| view::PeerChannel {
+                index: index as u32,
+                end: view::end_name(end),
+                bytes: channels::counts(bytes),
+            })
+        })
+        .collect();
+    view::PeerView {
+        channels,
+        done: core.peer_done().map(|done| view::PeerDone {
+            channels: done.channels,
+            bytes: channels::counts(done.bytes),
+            verdict: match done.verdict {
+                migproxy_proto::Verdict::Unknown => "unknown",
+                migproxy_proto::Verdict::Qemu => "qemu",
+                migproxy_proto::Verdict::ReturnPath => "return_path",
+            },
+        }),
+    }
+}

@@ -1,0 +1,257 @@
+//! Every transition of the lifecycle and every refused input, driven by hand. Each scenario
+//! records the phase changes it sees; `the_table_lists_every_transition_taken` runs them all
+//! and checks the record against [`TRANSITIONS`], so the table cannot drift from the code.
+
+use std::collections::BTreeSet;
+
+use migproxy_proto::{Direction, Leg, Op};
+
+use super::*;
+
+mod endings;
+mod scenarios;
+
+use endings::*;
+use scenarios::*;
+
+type Seen = BTreeSet<(&'static str, &'static str, &'static str)>;
+
+struct Driver<'a> {
+    core: Core,
+    seen: &'a mut Seen,
+}
+
+fn config(role: Role) -> Config {
+    Config {
+        role,
+        recoverable: false,
+        max_channels: 4,
+        qemu: false,
+        postcopy: false,
+    }
+}
+
+fn now() -> Now {
+    Now {
+        bytes: Totals {
+            to_destination: 10,
+            to_source: 0,
+        },
+        elapsed_ms: 5,
+    }
+}
+
+fn blame(leg: Leg) -> Attribution {
+    Attribution {
+        host: Host::Source,
+        leg,
+        channel: Some(0),
+        direction: Some(Direction::ToDestination),
+        op: Op::Write,
+        errno: Some("EPIPE".into()),
+        message: "broken pipe".into(),
+        bytes: Totals::default(),
+        elapsed_ms: 1,
+    }
+}
+
+fn bytes(n: u64) -> Totals {
+    Totals {
+        to_destination: n,
+        to_source: 16,
+    }
+}
+
+impl Driver<'_> {
+    fn new(config: Config, seen: &mut Seen) -> Driver<'_> {
+        Driver {
+            core: Core::new(config),
+            seen,
+        }
+    }
+
+    fn step(&mut self, input: Input) -> Steps {
+        let from = self.core.phase().name();
+        let name = input.name();
+        let result = self.core.step(input, now());
+        let to = self.core.phase().name();
+        if result.is_err() {
+            assert_eq!(from, to, "a refused {name} changed the phase");
+        } else if from != to || name == "attach" {
+            self.seen.insert((from, name, to));
+        }
+        result
+    }
+
+    fn ok(&mut self, input: Input) -> Vec<Effect> {
+        let name = input.name();
+        self.step(input)
+            .unwrap_or_else(|refusal| panic!("{name} refused: {refusal}"))
+    }
+
+    fn refused(&mut self, input: Input) -> Refusal {
+        let name = input.name();
+        match self.step(input) {
+            Err(refusal) => refusal,
+            Ok(effects) => panic!("{name} taken: {effects:?}"),
+        }
+    }
+
+    fn phase(&self) -> &'static str {
+        self.core.phase().name()
+    }
+
+    fn epoch(&self) -> Epoch {
+        self.core.epoch()
+    }
+
+    /// Attached, and channels `0..n` open and running.
+    fn active(&mut self, n: u32) {
+        self.ok(Input::Attach { first_channel: 0 });
+        for index in 0..n {
+            self.ok(Input::Open { index });
+            self.ok(Input::Running { index });
+        }
+    }
+
+    fn end_clean(&mut self, index: u32, n: u64, return_path: ReturnPath) -> Vec<Effect> {
+        self.ok(Input::Ended {
+            epoch: self.epoch(),
+            index,
+            end: ChannelEnd::Completed,
+            bytes: bytes(n),
+            failure: None,
+            return_path,
+        })
+    }
+
+    fn peer(&mut self, control: Control) -> Steps {
+        let epoch = self.epoch();
+        self.step(Input::Peer { epoch, control })
+    }
+
+    fn peer_done(&mut self, channels: u32, n: u64, verdict: Verdict) -> Steps {
+        self.peer(Control::Done {
+            channels,
+            bytes: bytes(n),
+            verdict,
+        })
+    }
+}
+
+fn sent_done(effects: &[Effect]) -> Option<Verdict> {
+    effects.iter().find_map(|e| match e {
+        Effect::Send(Control::Done { verdict, .. }) => Some(*verdict),
+        _ => None,
+    })
+}
+
+fn sends_failed(effects: &[Effect]) -> bool {
+    effects
+        .iter()
+        .any(|e| matches!(e, Effect::Send(Control::Failed(_))))
+}
+
+type Scenario = fn(&mut Seen);
+
+const SCENARIOS: &[(&str, Scenario)] = &[
+    ("endings", every_live_phase_ends_on_failure_or_cancel),
+    ("transferred", without_qmp_or_return_path_it_is_transferred),
+    ("shut", the_destinations_shut_makes_it_completed),
+    ("one story", one_host_without_evidence_makes_it_transferred),
+    ("qmp", with_qmp_qemus_word_is_needed),
+    ("reopen", a_new_channel_reopens_a_completing_epoch),
+    (
+        "bytes",
+        byte_counts_that_disagree_fail_it_naming_the_channel,
+    ),
+    (
+        "intruder",
+        a_destination_with_a_channel_the_source_never_opened_fails,
+    ),
+    (
+        "counts",
+        a_source_told_of_more_channels_than_it_opened_fails,
+    ),
+    ("ttl", an_unused_token_expires_and_only_while_pending),
+    ("first channel", a_first_channel_that_never_comes_ends_it),
+    ("grace", a_peer_leg_failure_waits_for_the_explanation),
+    (
+        "grace over",
+        no_explanation_in_time_fails_with_its_own_cause,
+    ),
+    (
+        "certain",
+        a_certain_failure_ends_it_at_once_and_the_first_cause_wins,
+    ),
+    (
+        "pending",
+        a_pending_migration_fails_at_once_even_when_it_could_wait,
+    ),
+    (
+        "setup",
+        a_channel_whose_setup_fails_fails_the_epoch_unless_it_ended,
+    ),
+    (
+        "unfinished",
+        a_stream_that_ends_without_the_destinations_shut_is_not_completed,
+    ),
+    ("cancel", a_cancel_on_the_source_ends_both_hosts_at_once),
+    (
+        "cancelling",
+        a_cancel_on_the_destination_asks_the_source_first,
+    ),
+    (
+        "refused cancel",
+        a_cancel_the_guest_would_not_survive_is_refused,
+    ),
+    ("qemu cancel", a_source_driving_qemu_cancels_through_it),
+    (
+        "pause",
+        a_recoverable_migration_pauses_and_resumes_in_a_new_epoch,
+    ),
+    (
+        "early resume",
+        a_source_back_before_this_host_noticed_pauses_and_resumes_at_once,
+    ),
+    (
+        "recoverable",
+        a_recoverable_migration_fails_in_pending_and_pauses_on_the_peers_word,
+    ),
+    ("refusals", inputs_that_do_not_fit_are_refused),
+];
+
+#[test]
+fn every_scenario() {
+    for (name, scenario) in SCENARIOS {
+        let mut seen = Seen::new();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut seen)));
+        assert!(run.is_ok(), "scenario {name} failed");
+    }
+}
+
+#[test]
+fn the_table_lists_every_transition_taken() {
+    let mut seen = Seen::new();
+    for (_, scenario) in SCENARIOS {
+        scenario(&mut seen);
+    }
+    let table: Seen = TRANSITIONS.iter().copied().collect();
+    let missing: Vec<_> = seen.difference(&table).collect();
+    let untested: Vec<_> = table.difference(&seen).collect();
+    assert!(
+        missing.is_empty() && untested.is_empty(),
+        "taken but not in TRANSITIONS: {missing:#?}\nin TRANSITIONS but never taken: {untested:#?}"
+    );
+}
+
+#[test]
+fn docs_carry_the_table() {
+    let doc = include_str!("../../../../../../../docs/daemon.md");
+    let table = transition_table();
+    assert!(
+        doc.contains(&table),
+        "docs/daemon.md must carry the lifecycle table exactly as `transition_table()` renders \
+         it:\n{table}"
+    );
+}
