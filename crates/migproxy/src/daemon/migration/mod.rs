@@ -28,6 +28,9 @@ mod stall;
 pub mod state;
 pub mod view;
 
+#[cfg(test)]
+mod timers;
+
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -335,13 +338,15 @@ impl Migration {
         }
     }
 
-    /// Feeds `input` after `delay`, unless the migration ends first.
+    /// Feeds `input` after `delay` (counted from now, not from when the task first runs),
+    /// unless the migration ends first.
     fn after(self: &Arc<Self>, delay: Duration, input: Input) {
+        let deadline = tokio::time::Instant::now() + delay;
         let migration = Arc::clone(self);
         self.context.tasks.spawn(async move {
             tokio::select! {
                 () = migration.stop.cancelled() => {}
-                () = tokio::time::sleep(delay) => {
+                () = tokio::time::sleep_until(deadline) => {
                     let _ = migration.step(input);
                 }
             }

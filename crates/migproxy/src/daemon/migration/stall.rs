@@ -3,7 +3,9 @@
 //! that takes nothing).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use migproxy_proto::Attribution;
 
