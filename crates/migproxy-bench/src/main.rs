@@ -611,7 +611,7 @@ fn machine() -> String {
 
 /// "QEMU 7.2.22 (Debian …)", from the first line of `qemu-system-x86_64 --version`.
 fn qemu_version() -> String {
-    Command::new(migproxy::vm::QEMU)
+    Command::new(migproxy::testkit::vm::QEMU)
         .arg("--version")
         .stderr(Stdio::null())
         .output()
@@ -622,7 +622,7 @@ fn qemu_version() -> String {
             let line = text.lines().next()?.trim();
             Some(line.replace("QEMU emulator version", "QEMU"))
         })
-        .unwrap_or_else(|| format!("no {}", migproxy::vm::QEMU))
+        .unwrap_or_else(|| format!("no {}", migproxy::testkit::vm::QEMU))
 }
 
 /// Median, min and max of a set of runs.

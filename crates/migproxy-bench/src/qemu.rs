@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use migproxy::vm::{Ram, Vm, accel, random_ram_file};
+use migproxy::testkit::vm::{Ram, Vm, accel, random_ram_file};
 use serde_json::{Value, json};
 
 use crate::daemons;

@@ -43,8 +43,6 @@ use crate::endpoint::Endpoint;
 
 mod server;
 
-pub use server::Limits;
-
 /// Serves the API on `listener` until `shutdown`.
 pub async fn serve(daemon: Arc<Daemon>, listener: UnixListener, shutdown: CancellationToken) {
     let router = router(Arc::clone(&daemon));

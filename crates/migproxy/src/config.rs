@@ -195,7 +195,7 @@ pub struct Settings {
     pub max_migrations: usize,
     pub max_channels: u32,
     pub max_handshakes: usize,
-    pub api_limits: crate::api::Limits,
+    pub api_limits: crate::daemon::ApiLimits,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub heartbeat_interval: Duration,
@@ -256,7 +256,7 @@ impl Settings {
             max_migrations: file.limits.max_migrations.unwrap_or(64),
             max_channels: file.limits.max_channels.unwrap_or(64),
             max_handshakes: file.limits.max_handshakes.unwrap_or(64),
-            api_limits: crate::api::Limits {
+            api_limits: crate::daemon::ApiLimits {
                 header_timeout: secs(t.api_header, 10),
                 idle_timeout: secs(t.api_idle, 60),
                 max_connections: file.limits.max_api_connections.unwrap_or(64),

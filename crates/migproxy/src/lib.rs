@@ -15,6 +15,9 @@ pub mod human;
 pub mod proxy;
 pub mod qmp;
 pub mod relay;
+pub mod server;
 pub mod tls;
 pub mod transport;
-pub mod vm;
+
+#[doc(hidden)]
+pub mod testkit;

@@ -10,10 +10,10 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use super::EXIT_FAILED;
+use super::process::EXIT_FAILED;
 use crate::config::{self, ConfigError, Flags, Settings};
 use crate::daemon::runtime::RuntimeDir;
-use crate::daemon::{self, Config, Daemon};
+use crate::daemon::{Config, Daemon};
 use crate::human::{Chain, OsError};
 use crate::tls::TlsHandle;
 use crate::transport::bind_unix;
@@ -64,18 +64,18 @@ pub struct Args {
     #[arg(long)]
     insecure_plaintext: bool,
     /// Declare the peer daemon gone after this many seconds without a word (default 10).
-    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     peer_timeout: Option<Duration>,
     /// Fail an active migration when no byte moves on any channel for this many seconds
     /// (default 30).
-    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     stall_timeout: Option<Duration>,
     /// How long an incoming migration waits for its source daemon (default 300).
-    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     token_ttl: Option<Duration>,
     /// Fail a migration whose source QEMU has not connected this many seconds after the
     /// daemons linked up (default 300): a `migrate` that never came holds no slot for ever.
-    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     first_channel_timeout: Option<Duration>,
 }
 
@@ -112,24 +112,24 @@ pub async fn run(args: Args) -> u8 {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("migproxy daemon: {error}");
-            return super::EXIT_USAGE;
+            return super::process::EXIT_USAGE;
         }
     };
     if settings.tls_dir.is_some() && settings.insecure_plaintext {
         eprintln!(
             "migproxy daemon: TLS (--tls-dir, tls.dir) and insecure_plaintext exclude each other"
         );
-        return super::EXIT_USAGE;
+        return super::process::EXIT_USAGE;
     }
     if settings.api_listen.is_some() && settings.tls_dir.is_none() {
         eprintln!(
             "error: --api-listen needs --tls-dir: the API on TCP is only served over mutual TLS"
         );
-        return super::EXIT_USAGE;
+        return super::process::EXIT_USAGE;
     }
     if !settings.tls_allow.is_empty() && settings.tls_dir.is_none() {
         eprintln!("error: --tls-allow needs --tls-dir: only TLS peers have identities to allow");
-        return super::EXIT_USAGE;
+        return super::process::EXIT_USAGE;
     }
     match start(settings).await {
         Ok(()) => 0,
@@ -160,7 +160,7 @@ async fn start(args: Settings) -> Result<(), String> {
         tracing::info!(path = %stale.display(), "removed a stale socket (its daemon did not stop cleanly)");
     }
     let shutdown = CancellationToken::new();
-    super::cancel_on_signals(shutdown.clone(), "migproxy daemon", "every migration")
+    super::process::cancel_on_signals(shutdown.clone(), "migproxy daemon", "every migration")
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     if let Some(tls) = &tls {
         reload_on_sighup(Arc::clone(tls))
@@ -200,7 +200,7 @@ async fn start(args: Settings) -> Result<(), String> {
     config.max_handshakes = args.max_handshakes;
     config.api_limits = args.api_limits;
     config.api_tls = api_tls_address.map(|a| a.to_string());
-    daemon::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;
+    crate::server::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;
     drop(api_file);
     Ok(())
 }

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::migration::{self, EXIT_UNREACHABLE, QemuFlags};
-use super::{EXIT_FAILED, EXIT_USAGE};
+use super::process::{EXIT_FAILED, EXIT_USAGE};
 use crate::client::{Client, ClientError};
 use crate::human::{Bytes, Elapsed};
 
@@ -69,7 +69,7 @@ pub struct Args {
 }
 
 fn interval(text: &str) -> Result<Duration, String> {
-    let interval = super::seconds(text)?;
+    let interval = super::args::seconds(text)?;
     if interval < Duration::from_millis(50) {
         return Err(format!("{text} s: at least 0.05"));
     }

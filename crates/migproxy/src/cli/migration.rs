@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-use super::EXIT_FAILED;
+use super::process::EXIT_FAILED;
 use crate::client::{Client, ClientError};
 use crate::daemon::migration::State;
 use crate::human::{Bytes, Elapsed};
@@ -103,7 +103,7 @@ enum Command {
     Watch {
         id: String,
         /// Seconds between updates.
-        #[arg(long, default_value = "0.5", value_parser = super::seconds)]
+        #[arg(long, default_value = "0.5", value_parser = super::args::seconds)]
         interval: Duration,
     },
     /// Forget an ended migration.
@@ -124,10 +124,10 @@ pub(super) struct QemuFlags {
     #[arg(long, requires = "qmp")]
     pub postcopy: bool,
     /// Switch to postcopy this many seconds after migrate starts (implies --postcopy).
-    #[arg(long, value_name = "SECS", value_parser = super::seconds, requires = "qmp")]
+    #[arg(long, value_name = "SECS", value_parser = super::args::seconds, requires = "qmp")]
     pub postcopy_after: Option<Duration>,
     /// QEMU's bandwidth limit per second, e.g. 512M or 1G (default: unlimited).
-    #[arg(long, value_name = "RATE", value_parser = super::size, requires = "qmp")]
+    #[arg(long, value_name = "RATE", value_parser = super::args::size, requires = "qmp")]
     pub max_bandwidth: Option<u64>,
     /// The longest pause of the guest QEMU should aim for, in milliseconds.
     #[arg(long, value_name = "MS", requires = "qmp")]
@@ -201,14 +201,14 @@ pub async fn run(args: Args) -> u8 {
         Ok(api) => api,
         Err(error) => {
             eprintln!("error: {error}");
-            return super::EXIT_USAGE;
+            return super::process::EXIT_USAGE;
         }
     };
     let command = match with_token(args.command) {
         Ok(command) => command,
         Err(error) => {
             eprintln!("error: {error}");
-            return super::EXIT_USAGE;
+            return super::process::EXIT_USAGE;
         }
     };
     let client = Client::new(&api);

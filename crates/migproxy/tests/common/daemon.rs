@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use migproxy::daemon::{self, Config, Daemon};
+use migproxy::daemon::{Config, Daemon};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -39,7 +39,7 @@ impl TestDaemon {
         tweak(&mut config);
         let daemon = Daemon::new(config);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(daemon::run(
+        let task = tokio::spawn(migproxy::server::run(
             Arc::clone(&daemon),
             api_listener,
             peers,

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use migproxy::qmp::QmpError;
-use migproxy::vm::{self, Vm};
+use migproxy::testkit::vm::{self, Vm};
 use serde_json::{Value, json};
 
 #[allow(unused_imports)]
-pub use migproxy::vm::accel;
+pub use migproxy::testkit::vm::accel;
 
 /// A running QEMU, killed when dropped; every failure panics with QEMU's own log.
 pub struct Qemu {
