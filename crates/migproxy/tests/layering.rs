@@ -22,6 +22,12 @@ fn library_modules_import_in_one_direction() {
 }
 
 #[test]
+fn benchmark_modules_import_in_one_direction() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migproxy-bench/src");
+    assert_acyclic(&src, "main.rs");
+}
+
+#[test]
 fn the_checker_sees_a_circle() {
     let files = BTreeMap::from([
         (vec![], "mod a; mod b;".to_owned()),
