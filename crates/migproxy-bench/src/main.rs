@@ -126,7 +126,7 @@ fn main() {
         }
     };
     if let Err(error) = result {
-        eprintln!("migproxy-bench: {error}");
+        eprintln!("migproxy-bench: {}", migproxy::human::Chain(error.as_ref()));
         std::process::exit(1);
     }
 }

@@ -106,7 +106,7 @@ async fn tls_handshakes(
                     return;
                 }
                 Ok(Ok((_, identity))) => format!("identity {identity} is not allowed"),
-                Ok(Err(error)) => error.to_string(),
+                Ok(Err(error)) => crate::human::Chain(&error).to_string(),
                 Err(_) => "no TLS handshake in time".to_owned(),
             };
             if let Some(suppressed) = daemon.rejections.record("api_tls") {
@@ -176,17 +176,27 @@ impl ApiError {
 
     /// `error` as the message, its sources as the causes.
     fn chain(status: StatusCode, error: &dyn std::error::Error) -> ApiError {
-        let mut causes = Vec::new();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            causes.push(cause.to_string());
-            source = cause.source();
-        }
         ApiError {
             status,
             error: error.to_string(),
-            causes,
+            causes: crate::human::causes(error),
         }
+    }
+
+    /// A request field that does not hold: the field named, then the error; its sources as
+    /// the causes.
+    fn field(field: &str, error: &dyn std::error::Error) -> ApiError {
+        let mut answer = ApiError::chain(StatusCode::BAD_REQUEST, error);
+        answer.error = format!("{field}: {}", answer.error);
+        answer
+    }
+
+    /// `self` with `cause` and its sources as the causes.
+    fn caused_by(mut self, cause: &dyn std::error::Error) -> ApiError {
+        self.causes = std::iter::once(cause.to_string())
+            .chain(crate::human::causes(cause))
+            .collect();
+        self
     }
 }
 
@@ -266,8 +276,8 @@ async fn create(
     State(daemon): State<Arc<Daemon>>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let request: CreateRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
+    let request: CreateRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::field("invalid request body", &e))?;
     match request {
         CreateRequest::Incoming(body) => create_incoming(&daemon, body).await,
         CreateRequest::Outgoing(body) => create_outgoing(&daemon, body).await,
@@ -282,10 +292,10 @@ async fn create_incoming(
         .target
         .map(|target| target.parse())
         .transpose()
-        .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
+        .map_err(|e| ApiError::field("target", &e))?;
     if let Some(target) = &target {
         crate::daemon::paths::check_endpoint(target, &daemon.config.target_dirs)
-            .map_err(|e| ApiError::bad_request(format!("target: {e}")))?;
+            .map_err(|e| ApiError::field("target", &e))?;
     }
     let id = match body.id {
         Some(id) => checked_id(id)?,
@@ -428,10 +438,7 @@ where
         .spawn(work(Arc::clone(daemon)))
         .await
         .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("creation failed: {e}"),
-            )
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "creation failed").caused_by(&e)
         })
 }
 
@@ -687,7 +694,7 @@ async fn cancel(
     let cancelled = migration
         .cancel_through_qemu(migration.host())
         .await
-        .map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("migration \"{id}\": {e}")))?;
+        .map_err(|e| ApiError::chain(StatusCode::CONFLICT, &e))?;
     if !cancelled {
         let state = migration.state();
         return Err(ApiError::new(

@@ -12,14 +12,19 @@ use serde::Deserialize;
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {}: {error}", .path.display())]
+    #[error("config file {}", .path.display())]
     Read {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
     /// The TOML error says the line, the column and the key.
-    #[error("config file {}: {error}", .path.display())]
-    Parse { path: PathBuf, error: String },
+    #[error("config file {}", .path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        error: Box<toml::de::Error>,
+    },
     #[error("config file {}: {key}: {problem}", .path.display())]
     Value {
         path: PathBuf,
@@ -101,7 +106,7 @@ impl File {
         })?;
         let file: File = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            error: e.to_string().trim_end().replace('\n', " "),
+            error: Box::new(e),
         })?;
         file.check(path)?;
         Ok(file)
@@ -329,20 +334,20 @@ mod tests {
     #[test]
     fn errors_name_the_file_the_line_and_the_key() {
         let (_dir, path) = write("api = \"/a\"\ncolour = \"blue\"\n");
-        let error = File::load(&path).unwrap_err().to_string();
+        let error = crate::human::Chain(&File::load(&path).unwrap_err()).to_string();
         assert!(error.contains(&path.display().to_string()), "{error}");
         assert!(error.contains("line 2"), "{error}");
         assert!(error.contains("colour"), "{error}");
 
         let (_dir, path) = write("[timeouts]\npeer = -1\n");
-        let error = File::load(&path).unwrap_err().to_string();
+        let error = crate::human::Chain(&File::load(&path).unwrap_err()).to_string();
         assert!(
             error.ends_with("timeouts.peer: must be a positive number of seconds"),
             "{error}"
         );
 
         let (_dir, path) = write("[limits]\nmax_channels = \"many\"\n");
-        let error = File::load(&path).unwrap_err().to_string();
+        let error = crate::human::Chain(&File::load(&path).unwrap_err()).to_string();
         assert!(
             error.contains("line 2") && error.contains("max_channels"),
             "{error}"

@@ -31,7 +31,6 @@ pub use identity::Identity;
 pub use stream::RecordStream;
 pub use validity::CertificateRefused;
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -51,10 +50,18 @@ use validity::OwnCertificate;
 /// Failures to load or use TLS material, naming the file or the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("TLS file {}: {error}", .path.display())]
-    Load { path: PathBuf, error: String },
-    #[error("TLS configuration from {}: {error}", .dir.display())]
-    Config { dir: PathBuf, error: rustls::Error },
+    #[error("TLS file {}", .path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        error: LoadError,
+    },
+    #[error("TLS configuration from {}", .dir.display())]
+    Config {
+        dir: PathBuf,
+        #[source]
+        error: rustls::Error,
+    },
     #[error("TLS revocation list {}", .path.display())]
     Crl {
         path: PathBuf,
@@ -69,8 +76,25 @@ pub enum TlsError {
     },
     #[error("\"{0}\" is not a valid TLS server name")]
     ServerName(String),
-    #[error("TLS handshake with {peer} failed: {error}")]
-    Handshake { peer: String, error: io::Error },
+    #[error("TLS handshake with {peer} failed")]
+    Handshake {
+        peer: String,
+        #[source]
+        error: io::Error,
+    },
+}
+
+/// What is wrong with a TLS file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    #[error(transparent)]
+    Verifier(#[from] VerifierBuilderError),
+    #[error("no certificate in the file")]
+    NoCertificate,
 }
 
 /// Loaded TLS configuration for both roles.
@@ -97,10 +121,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
-fn load_error(path: &Path, error: impl fmt::Display) -> TlsError {
+fn load_error(path: &Path, error: impl Into<LoadError>) -> TlsError {
     TlsError::Load {
         path: path.to_owned(),
-        error: error.to_string(),
+        error: error.into(),
     }
 }
 
@@ -110,7 +134,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| load_error(path, e))?;
     if certs.is_empty() {
-        return Err(load_error(path, "no certificate in the file"));
+        return Err(load_error(path, LoadError::NoCertificate));
     }
     Ok(certs)
 }

@@ -2,12 +2,11 @@
 
 use std::time::Duration;
 
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, EndpointError};
 
 /// clap parser for endpoints: errors read `invalid endpoint "tcp:foo": missing port`.
-pub(super) fn endpoint(text: &str) -> Result<Endpoint, String> {
+pub(super) fn endpoint(text: &str) -> Result<Endpoint, EndpointError> {
     text.parse()
-        .map_err(|e: crate::endpoint::EndpointError| e.to_string())
 }
 
 /// clap parser for durations in seconds, fractions allowed: `10`, `0.5`.

@@ -162,8 +162,8 @@ async fn migrate(args: Args) -> Result<u8, Failure> {
     if let Err(error) = watch_signals(shutdown.clone()) {
         eprintln!("migproxy: cannot watch for signals ({error}); Ctrl-C will not cancel cleanly");
     }
-    let (api, tls_dir) =
-        migration::local_daemon(args.api.as_ref(), args.config.as_ref()).map_err(Failure::usage)?;
+    let (api, tls_dir) = migration::local_daemon(args.api.as_ref(), args.config.as_ref())
+        .map_err(|e| Failure::usage(crate::human::Chain(&e).to_string()))?;
     let source = Client::new(api);
     let destination = destination(&args, tls_dir)?;
     let id = args.id.clone().unwrap_or_else(|| {

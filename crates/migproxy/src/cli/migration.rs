@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 
 use super::process::EXIT_FAILED;
 use crate::client::{Client, ClientError};
+use crate::config::ConfigError;
 use crate::daemon::migration::State;
-use crate::human::{Bytes, Elapsed};
+use crate::human::{Bytes, Chain, Elapsed};
 
 /// Exit code when the daemon cannot be reached.
 pub const EXIT_UNREACHABLE: u8 = 3;
@@ -170,7 +171,7 @@ pub(super) fn merged(body: Value, extra: Value) -> Value {
 const DEFAULT_CONFIG: &str = "/etc/migproxy/migproxy.toml";
 
 /// Where the API socket is: the flag (or MIGPROXY_API), else the config file, else the default.
-fn api_socket(args: &Args) -> Result<PathBuf, String> {
+fn api_socket(args: &Args) -> Result<PathBuf, ConfigError> {
     Ok(local_daemon(args.api.as_ref(), args.config.as_ref())?.0)
 }
 
@@ -179,13 +180,13 @@ fn api_socket(args: &Args) -> Result<PathBuf, String> {
 pub(super) fn local_daemon(
     api: Option<&PathBuf>,
     config: Option<&PathBuf>,
-) -> Result<(PathBuf, Option<PathBuf>), String> {
+) -> Result<(PathBuf, Option<PathBuf>), ConfigError> {
     let config = match config {
         Some(path) => Some(path.clone()),
         None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
     };
     let file = match config {
-        Some(path) => Some(crate::config::File::load(&path).map_err(|e| e.to_string())?),
+        Some(path) => Some(crate::config::File::load(&path)?),
         None => None,
     };
     let (from_file, tls_dir) = file.map_or((None, None), |f| (f.api, f.tls.dir));
@@ -200,14 +201,14 @@ pub async fn run(args: Args) -> u8 {
     let api = match api_socket(&args) {
         Ok(api) => api,
         Err(error) => {
-            eprintln!("error: {error}");
+            eprintln!("error: {}", Chain(&error));
             return super::process::EXIT_USAGE;
         }
     };
     let command = match with_token(args.command) {
         Ok(command) => command,
         Err(error) => {
-            eprintln!("error: {error}");
+            eprintln!("error: {}", Chain(&error));
             return super::process::EXIT_USAGE;
         }
     };
@@ -246,7 +247,7 @@ enum TokenError {
 
 /// `create-outgoing` with its token from wherever it was given: the flag, a file, stdin
 /// (`--token-file -`) or `MIGPROXY_TOKEN`, in that order.
-fn with_token(mut command: Command) -> Result<Command, String> {
+fn with_token(mut command: Command) -> Result<Command, TokenError> {
     if let Command::CreateOutgoing {
         token, token_file, ..
     } = &mut command
@@ -258,12 +259,7 @@ fn with_token(mut command: Command) -> Result<Command, String> {
                 .map(|t| t.trim().to_owned())
                 .map_err(|_| TokenError::Missing),
         };
-        *token = Some(found.map_err(|error| match &error {
-            TokenError::Read { error: cause, .. } => {
-                format!("{error}: {}", crate::human::OsError(cause))
-            }
-            _ => error.to_string(),
-        })?);
+        *token = Some(found?);
     }
     Ok(command)
 }

@@ -35,7 +35,7 @@ pub async fn run(args: Args) -> u8 {
     let listener = match Listener::bind(&args.listen).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("migproxy relay: {error}");
+            eprintln!("migproxy relay: {}", crate::human::Chain(&error));
             return EXIT_FAILED;
         }
     };

@@ -215,3 +215,13 @@ pub async fn http(socket: &PathBuf, method: &str, path: &str, body: Option<Value
     };
     (status, value)
 }
+
+/// An API error body as one line: `error`, then each of its `causes` after a colon.
+pub fn story(body: &Value) -> String {
+    let mut line = body["error"].as_str().unwrap_or_default().to_owned();
+    for cause in body["causes"].as_array().into_iter().flatten() {
+        line.push_str(": ");
+        line.push_str(cause.as_str().unwrap_or_default());
+    }
+    line
+}

@@ -24,7 +24,7 @@ pub async fn run(args: Args) -> u8 {
         Ok(true) => 0,
         Ok(false) => EXIT_FAILED,
         Err(error) => {
-            eprintln!("migproxy demo: {error}");
+            eprintln!("migproxy demo: {}", crate::human::Chain(error.as_ref()));
             EXIT_FAILED
         }
     }
