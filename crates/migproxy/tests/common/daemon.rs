@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use migproxy::daemon::{Config, Daemon};
 use serde_json::{Value, json};
@@ -75,18 +75,11 @@ impl TestDaemon {
         limit: Duration,
         ready: impl Fn(&Value) -> bool,
     ) -> Value {
-        let start = Instant::now();
-        loop {
+        super::poll(what, limit, async || {
             let view = self.show(id).await;
-            if ready(&view) {
-                return view;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "not {what} after {limit:?}: {view}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            if ready(&view) { Ok(view) } else { Err(view) }
+        })
+        .await
     }
 
     /// Polls until the migration is in `state`; returns the view.
@@ -97,13 +90,7 @@ impl TestDaemon {
 
     /// Polls until the migration's state is final; returns the last view.
     pub async fn wait_final(&self, id: &str, limit: Duration) -> Value {
-        let ended = |view: &Value| {
-            matches!(
-                view["state"].as_str(),
-                Some("completed" | "transferred" | "failed" | "cancelled" | "expired")
-            )
-        };
-        self.wait_for(id, "ended", limit, ended).await
+        self.wait_for(id, "ended", limit, super::is_final).await
     }
 
     pub async fn stop(mut self) {
