@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::{BenchError, chart, daemons};
+use crate::chart::{self, Bar, Panel};
+use crate::daemons;
+use crate::measure::{BenchError, machine};
 
 /// Cancel latencies in seconds, as the table and the chart show them.
 #[derive(Debug)]
@@ -91,12 +93,36 @@ pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> 
     let _ = std::fs::remove_dir_all(&dir);
     let latency = Percentiles::of(latencies).ok_or("no cancel was measured")?;
     let title = format!("Cancel latency under full load, {count} cancels");
-    let machine = crate::machine();
+    let machine = machine();
     let table = render(&latency, &title, &machine);
     println!("{table}");
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("cancel.md"), table)?;
-    chart::cancel(&out.join("cancel.png"), &title, &machine, &latency)
+    chart::draw(
+        &out.join("cancel.png"),
+        &title,
+        &machine,
+        &[panel(&latency)],
+    )
+}
+
+/// The chart: the percentiles against the target.
+fn panel(latency: &Percentiles) -> Panel {
+    let mut panel = Panel::new(
+        "From the cancel API call to both stream ends closed",
+        "milliseconds",
+        1,
+    );
+    panel.target = Some((100.0, "target p99 < 100 ms"));
+    for (label, seconds) in [
+        ("p50", latency.p50),
+        ("p90", latency.p90),
+        ("p99", latency.p99),
+        ("max", latency.max),
+    ] {
+        panel.bars.push(Bar::of_migproxy(label, seconds * 1e3));
+    }
+    panel
 }
 
 fn render(latency: &Percentiles, title: &str, machine: &str) -> String {
@@ -116,4 +142,23 @@ fn render(latency: &Percentiles, title: &str, machine: &str) -> String {
             "NOT met"
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_chart() {
+        let dir = tempfile::tempdir().unwrap();
+        let latency = Percentiles {
+            p50: 0.0043,
+            p90: 0.0394,
+            p99: 0.0709,
+            max: 0.0743,
+        };
+        let path = dir.path().join("cancel.png");
+        chart::draw(&path, "Cancel", chart::tests::MACHINE, &[panel(&latency)]).unwrap();
+        chart::tests::assert_png(&path);
+    }
 }

@@ -11,10 +11,8 @@ use plotters::coord::types::{RangedCoordf64, RangedCoordusize};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::cancel::Percentiles;
-use crate::concurrency::Streams;
-use crate::qemu::PathTimes;
-use crate::{BenchError, Summary};
+/// Why a chart could not be drawn or written.
+pub type ChartError = Box<dyn std::error::Error>;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 const FAMILY: &str = "sans-serif";
@@ -29,7 +27,7 @@ const TARGET: RGBColor = RGBColor(214, 39, 40);
 
 /// One bar: a path (or stream count, or percentile) and its value.
 #[derive(Debug)]
-struct Bar {
+pub struct Bar {
     label: String,
     /// The value, or why there is none.
     value: Result<f64, &'static str>,
@@ -41,7 +39,7 @@ struct Bar {
 
 impl Bar {
     /// A bar in migproxy's colour when its label names migproxy.
-    fn new(label: impl Into<String>, value: f64) -> Self {
+    pub fn new(label: impl Into<String>, value: f64) -> Self {
         let label = label.into();
         Self {
             migproxy: label.contains("migproxy"),
@@ -52,14 +50,14 @@ impl Bar {
     }
 
     /// A bar of a benchmark of migproxy alone.
-    fn of_migproxy(label: impl Into<String>, value: f64) -> Self {
+    pub fn of_migproxy(label: impl Into<String>, value: f64) -> Self {
         Self {
             migproxy: true,
             ..Self::new(label, value)
         }
     }
 
-    fn failed(label: &str, why: &'static str) -> Self {
+    pub fn failed(label: &str, why: &'static str) -> Self {
         Self {
             label: label.to_owned(),
             value: Err(why),
@@ -68,7 +66,7 @@ impl Bar {
         }
     }
 
-    fn spread(mut self, min: f64, max: f64) -> Self {
+    pub fn spread(mut self, min: f64, max: f64) -> Self {
         self.spread = Some((min, max));
         self
     }
@@ -94,17 +92,17 @@ impl Bar {
 
 /// Bars that share a value axis.
 #[derive(Debug)]
-struct Panel {
+pub struct Panel {
     caption: String,
     axis: &'static str,
     decimals: usize,
-    bars: Vec<Bar>,
+    pub bars: Vec<Bar>,
     /// A target drawn as a vertical line: its value and what it says.
-    target: Option<(f64, &'static str)>,
+    pub target: Option<(f64, &'static str)>,
 }
 
 impl Panel {
-    fn new(caption: impl Into<String>, axis: &'static str, decimals: usize) -> Self {
+    pub fn new(caption: impl Into<String>, axis: &'static str, decimals: usize) -> Self {
         Self {
             caption: caption.into(),
             axis,
@@ -126,97 +124,8 @@ impl Panel {
     }
 }
 
-pub fn synthetic(
-    path: &Path,
-    title: &str,
-    machine: &str,
-    summaries: &[Summary],
-) -> Result<(), BenchError> {
-    let mut rate = Panel::new(
-        "Throughput, median of the runs (whiskers: min–max)",
-        "GiB/s",
-        2,
-    );
-    let mut cpu = Panel::new(
-        "CPU seconds of the proxy processes per GiB carried, median (lower is better)",
-        "CPU s/GiB",
-        2,
-    );
-    for summary in summaries {
-        let name = summary.route.name();
-        rate.bars.push(match summary.rate {
-            Some(r) => Bar::new(name, r.median).spread(r.min, r.max),
-            None => Bar::failed(name, "every run failed"),
-        });
-        cpu.bars.push(match summary.cpu_per_gib {
-            Some(c) => Bar::new(name, c),
-            None if summary.rate.is_none() => Bar::failed(name, "every run failed"),
-            None => Bar::failed(name, "no proxy process"),
-        });
-    }
-    draw(path, title, machine, &[rate, cpu])
-}
-
-pub fn qemu(path: &Path, title: &str, machine: &str, rows: &[PathTimes]) -> Result<(), BenchError> {
-    let mut panel = Panel::new(
-        "Wall time from migrate to completed, median (whiskers: min–max; lower is better)",
-        "seconds",
-        2,
-    );
-    for row in rows {
-        let s = row.seconds;
-        panel
-            .bars
-            .push(Bar::new(row.path, s.median).spread(s.min, s.max));
-    }
-    draw(path, title, machine, &[panel])
-}
-
-pub fn concurrency(
-    path: &Path,
-    title: &str,
-    machine: &str,
-    rows: &[Streams],
-) -> Result<(), BenchError> {
-    let mut total = Panel::new("Total throughput of all streams", "GiB/s", 2);
-    let mut jain = Panel::new("Jain's fairness index over the streams", "index", 3);
-    jain.target = Some((0.95, "target ≥ 0.95"));
-    for row in rows {
-        let label = match row.streams {
-            1 => "1 stream".to_owned(),
-            n => format!("{n} streams"),
-        };
-        total.bars.push(Bar::of_migproxy(label.clone(), row.total));
-        jain.bars.push(Bar::of_migproxy(label, row.jain));
-    }
-    draw(path, title, machine, &[total, jain])
-}
-
-pub fn cancel(
-    path: &Path,
-    title: &str,
-    machine: &str,
-    latency: &Percentiles,
-) -> Result<(), BenchError> {
-    let mut panel = Panel::new(
-        "From the cancel API call to both stream ends closed",
-        "milliseconds",
-        1,
-    );
-    panel.target = Some((100.0, "target p99 < 100 ms"));
-    for (label, seconds) in [
-        ("p50", latency.p50),
-        ("p90", latency.p90),
-        ("p99", latency.p99),
-        ("max", latency.max),
-    ] {
-        panel.bars.push(Bar::of_migproxy(label, seconds * 1e3));
-    }
-    draw(path, title, machine, &[panel])
-}
-
 /// The title and machine line on top, then the panels one below the other.
-fn draw(path: &Path, title: &str, machine: &str, panels: &[Panel]) -> Result<(), BenchError> {
+pub fn draw(path: &Path, title: &str, machine: &str, panels: &[Panel]) -> Result<(), ChartError> {
     register_font()?;
     let height = HEADING + panels.iter().map(Panel::height).sum::<u32>();
     let root = BitMapBackend::new(path, (WIDTH, height)).into_drawing_area();
@@ -232,7 +141,7 @@ fn draw(path: &Path, title: &str, machine: &str, panels: &[Panel]) -> Result<(),
     Ok(())
 }
 
-fn register_font() -> Result<(), BenchError> {
+fn register_font() -> Result<(), ChartError> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let registered = REGISTERED
         .get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
@@ -243,7 +152,7 @@ fn register_font() -> Result<(), BenchError> {
     }
 }
 
-fn draw_heading(area: &Area<'_>, title: &str, machine: &str) -> Result<(), BenchError> {
+fn draw_heading(area: &Area<'_>, title: &str, machine: &str) -> Result<(), ChartError> {
     let centre = Pos::new(HPos::Center, VPos::Center);
     let x = WIDTH as i32 / 2;
     area.draw(&Text::new(
@@ -266,7 +175,7 @@ type Chart<'a, 'b> = ChartContext<
     Cartesian2d<RangedCoordf64, SegmentedCoord<RangedCoordusize>>,
 >;
 
-fn draw_panel(area: &Area<'_>, panel: &Panel) -> Result<(), BenchError> {
+fn draw_panel(area: &Area<'_>, panel: &Panel) -> Result<(), ChartError> {
     let mut chart = axes(area, panel)?;
     // Bar 0 at the top: row `rows - 1 - i` holds bar `i`.
     let rows = panel.bars.len();
@@ -286,7 +195,7 @@ fn draw_panel(area: &Area<'_>, panel: &Panel) -> Result<(), BenchError> {
 }
 
 /// The caption, the value axis below and the bars' names on the left.
-fn axes<'a, 'b>(area: &'a Area<'b>, panel: &Panel) -> Result<Chart<'a, 'b>, BenchError> {
+fn axes<'a, 'b>(area: &'a Area<'b>, panel: &Panel) -> Result<Chart<'a, 'b>, ChartError> {
     let labels: Vec<&str> = panel.bars.iter().map(|b| b.label.as_str()).collect();
     let label_width = labels
         .iter()
@@ -335,7 +244,7 @@ fn bar_element(row: usize, bar: &Bar) -> Option<Rectangle<(f64, SegmentValue<usi
 }
 
 /// A line from the runs' min to their max with a mark at each end; none for a single run.
-fn draw_whiskers(chart: &mut Chart<'_, '_>, bars: &[(usize, &Bar)]) -> Result<(), BenchError> {
+fn draw_whiskers(chart: &mut Chart<'_, '_>, bars: &[(usize, &Bar)]) -> Result<(), ChartError> {
     let style = BLACK.stroke_width(2);
     let spreads: Vec<(usize, f64, f64)> = bars
         .iter()
@@ -358,7 +267,7 @@ fn draw_whiskers(chart: &mut Chart<'_, '_>, bars: &[(usize, &Bar)]) -> Result<()
 }
 
 /// A vertical line at the target, named at its top.
-fn draw_target(chart: &mut Chart<'_, '_>, value: f64, what: &str) -> Result<(), BenchError> {
+fn draw_target(chart: &mut Chart<'_, '_>, value: f64, what: &str) -> Result<(), ChartError> {
     chart.draw_series(std::iter::once(PathElement::new(
         [(value, SegmentValue::Exact(0)), (value, SegmentValue::Last)],
         TARGET.stroke_width(2),
@@ -372,18 +281,13 @@ fn draw_target(chart: &mut Chart<'_, '_>, value: f64, what: &str) -> Result<(), 
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
-    use crate::{Route, Spread};
 
-    const MACHINE: &str = "Intel(R) Xeon(R) Processor, 2 cores, Linux 6.18, QEMU 7.2.22";
-
-    fn spread(median: f64, min: f64, max: f64) -> Spread {
-        Spread { median, min, max }
-    }
+    pub const MACHINE: &str = "Intel(R) Xeon(R) Processor, 2 cores, Linux 6.18, QEMU 7.2.22";
 
     /// A PNG of some size, not a truncated file.
-    fn assert_png(path: &Path) {
+    pub fn assert_png(path: &Path) {
         let bytes = std::fs::read(path).unwrap();
         assert!(
             bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
@@ -399,92 +303,28 @@ mod tests {
     }
 
     #[test]
-    fn synthetic_chart_with_failed_and_proxyless_routes() {
+    fn panels_with_spreads_failures_and_a_target() {
         let dir = tempfile::tempdir().unwrap();
-        let summary = |route, rate, cpu_per_gib| Summary {
-            route,
-            rate,
-            cpu_per_gib,
-            peak_rss_kib: None,
-            endpoints_per_gib: 0.7,
-            busy_cores: 1.5,
-        };
-        let summaries = [
-            summary(Route::Direct, Some(spread(2.75, 2.56, 2.82)), None),
-            summary(Route::Relay, Some(spread(1.57, 1.46, 1.58)), Some(0.29)),
-            summary(Route::Socat, None, None),
-            summary(
-                Route::DaemonsTls,
-                Some(spread(1.25, 1.11, 1.56)),
-                Some(1.04),
-            ),
-        ];
-        let path = dir.path().join("synthetic.png");
-        synthetic(&path, "Synthetic stream", MACHINE, &summaries).unwrap();
+        let mut rate = Panel::new("Throughput", "GiB/s", 2);
+        rate.bars
+            .push(Bar::new("direct TCP", 2.75).spread(2.56, 2.82));
+        rate.bars
+            .push(Bar::new("migproxy relay", 1.57).spread(1.46, 1.58));
+        rate.bars.push(Bar::failed("socat", "every run failed"));
+        let mut jain = Panel::new("Fairness", "index", 3);
+        jain.target = Some((0.95, "target ≥ 0.95"));
+        jain.bars.push(Bar::of_migproxy("16 streams", 0.994));
+        let path = dir.path().join("chart.png");
+        draw(&path, "Chart", MACHINE, &[rate, jain]).unwrap();
         assert_png(&path);
-    }
-
-    #[test]
-    fn qemu_concurrency_and_cancel_charts() {
-        let dir = tempfile::tempdir().unwrap();
-        let rows = [
-            PathTimes {
-                path: "direct TCP",
-                seconds: spread(0.55, 0.52, 2.42),
-                ratio: 1.0,
-                qemu_cpu: 0.9,
-                proxy_cpu: 0.0,
-                busy_cores: 1.6,
-                cpu_floor: 0.45,
-            },
-            PathTimes {
-                path: "two migproxy daemons, TLS",
-                seconds: spread(2.25, 2.17, 2.61),
-                ratio: 4.07,
-                qemu_cpu: 1.5,
-                proxy_cpu: 1.2,
-                busy_cores: 1.9,
-                cpu_floor: 1.35,
-            },
-        ];
-        qemu(&dir.path().join("qemu.png"), "Real QEMU", MACHINE, &rows).unwrap();
-        let streams = |streams, total, jain| Streams {
-            streams,
-            total,
-            slowest: 0.0,
-            fastest: 0.0,
-            jain,
-        };
-        let rows = [streams(1, 1.05, 1.0), streams(16, 1.39, 0.994)];
-        concurrency(
-            &dir.path().join("concurrency.png"),
-            "Concurrent",
-            MACHINE,
-            &rows,
-        )
-        .unwrap();
-        let latency = Percentiles {
-            p50: 0.0043,
-            p90: 0.0394,
-            p99: 0.0709,
-            max: 0.0743,
-        };
-        cancel(&dir.path().join("cancel.png"), "Cancel", MACHINE, &latency).unwrap();
-        for name in ["qemu.png", "concurrency.png", "cancel.png"] {
-            assert_png(&dir.path().join(name));
-        }
     }
 
     #[test]
     fn an_unwritable_path_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing").join("cancel.png");
-        let latency = Percentiles {
-            p50: 0.001,
-            p90: 0.002,
-            p99: 0.003,
-            max: 0.004,
-        };
-        assert!(cancel(&path, "Cancel", MACHINE, &latency).is_err());
+        let mut panel = Panel::new("Cancel", "milliseconds", 1);
+        panel.bars.push(Bar::of_migproxy("p50", 1.0));
+        assert!(draw(&path, "Cancel", MACHINE, &[panel]).is_err());
     }
 }

@@ -15,7 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use crate::{BenchError, chart, daemons, sink_digest, source_write};
+use crate::chart::{self, Bar, Panel};
+use crate::daemons;
+use crate::measure::{BenchError, gib, human, machine};
+use crate::report::{Target, render_targets};
+use crate::stream::{expected_digest, random_block, sink_digest, source_write};
 
 /// One stream count's result, as the table and the chart show it.
 #[derive(Debug)]
@@ -43,8 +47,8 @@ pub fn run(
     let destination = daemons::start(migproxy, &dir, "destination", None)?;
     // Pseudo-random, and every stream's digest checked: a daemon that mixed up two streams'
     // bytes would be caught, not measured.
-    let block = crate::random_block();
-    let expected = crate::expected_digest(&block, per_stream);
+    let block = random_block();
+    let expected = expected_digest(&block, per_stream);
     let mut results = Vec::new();
     let mut round = 0;
     for &count in counts {
@@ -109,7 +113,7 @@ pub fn run(
                 .map_err(|_| "a stream panicked".to_owned())
                 .and_then(|r| r)?;
         }
-        let total = crate::gib(per_stream * count as u64) / started.elapsed().as_secs_f64();
+        let total = gib(per_stream * count as u64) / started.elapsed().as_secs_f64();
         let sum: f64 = rates.iter().sum();
         let squares: f64 = rates.iter().map(|r| r * r).sum();
         let jain = sum * sum / (rates.len() as f64 * squares);
@@ -129,14 +133,35 @@ pub fn run(
     let _ = std::fs::remove_dir_all(&dir);
     let title = format!(
         "Concurrent streams through one pair of daemons, {} each",
-        crate::human(per_stream)
+        human(per_stream)
     );
-    let machine = crate::machine();
+    let machine = machine();
     let table = render(&results, &title, &machine);
     println!("{table}");
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("concurrency.md"), &table)?;
-    chart::concurrency(&out.join("concurrency.png"), &title, &machine, &results)
+    chart::draw(
+        &out.join("concurrency.png"),
+        &title,
+        &machine,
+        &panels(&results),
+    )
+}
+
+/// The chart: total throughput, and fairness against its target.
+fn panels(rows: &[Streams]) -> [Panel; 2] {
+    let mut total = Panel::new("Total throughput of all streams", "GiB/s", 2);
+    let mut jain = Panel::new("Jain's fairness index over the streams", "index", 3);
+    jain.target = Some((0.95, "target ≥ 0.95"));
+    for row in rows {
+        let label = match row.streams {
+            1 => "1 stream".to_owned(),
+            n => format!("{n} streams"),
+        };
+        total.bars.push(Bar::of_migproxy(label.clone(), row.total));
+        jain.bars.push(Bar::of_migproxy(label, row.jain));
+    }
+    [total, jain]
 }
 
 /// Each stream's GiB/s from `started` until the first stream has delivered everything (or
@@ -154,7 +179,7 @@ fn window_rates(
             .collect();
         if now.iter().any(|&bytes| bytes >= per_stream) || ended() {
             let secs = started.elapsed().as_secs_f64();
-            return now.iter().map(|&bytes| crate::gib(bytes) / secs).collect();
+            return now.iter().map(|&bytes| gib(bytes) / secs).collect();
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -189,17 +214,38 @@ fn render(results: &[Streams], title: &str, machine: &str) -> String {
     let most = results.iter().max_by_key(|r| r.streams);
     let single = results.iter().find(|r| r.streams == 1);
     let targets = [
-        crate::Target {
+        Target {
             goal: "Jain's index ≥ 0.95 with the most streams",
             measured: most.map_or("not measured".into(), |r| format!("{:.3}", r.jain)),
             holds: most.map(|r| r.jain >= 0.95),
         },
-        crate::Target::ratio(
+        Target::ratio(
             "total with the most streams ≥ the single stream's",
             most.zip(single).map(|(m, s)| m.total / s.total),
             1.0,
         ),
     ];
-    table.push_str(&crate::render_targets(&targets));
+    table.push_str(&render_targets(&targets));
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrency_chart() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = |streams, total, jain| Streams {
+            streams,
+            total,
+            slowest: 0.0,
+            fastest: 0.0,
+            jain,
+        };
+        let rows = [streams(1, 1.05, 1.0), streams(16, 1.39, 0.994)];
+        let path = dir.path().join("concurrency.png");
+        chart::draw(&path, "Concurrent", chart::tests::MACHINE, &panels(&rows)).unwrap();
+        chart::tests::assert_png(&path);
+    }
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::{BenchError, Meter, Sample, cpu_seconds, peak_rss, sink_digest, source_write};
+use crate::measure::{BenchError, Meter, Sample, cpu_seconds, peak_rss};
+use crate::pki;
+use crate::stream::{sink_digest, source_write};
 
 pub struct Daemon {
     pub child: Child,
@@ -119,7 +121,7 @@ pub fn run(
     std::fs::create_dir_all(&dir)?;
     let pki = dir.join("pki");
     if tls {
-        crate::pki::write(&pki)?;
+        pki::write(&pki)?;
     }
     let tls_dir = tls.then_some(pki.as_path());
     let source = start(migproxy, &dir, "source", tls_dir)?;

@@ -14,7 +14,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 
 use nix::fcntl::{FcntlArg, SpliceFFlags, fcntl, splice};
 
-use crate::BenchError;
+use crate::measure::BenchError;
 
 const PIPE: usize = 1 << 20;
 

@@ -7,7 +7,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::BenchError;
+use crate::measure::BenchError;
 
 /// Writes ca-cert.pem, server-cert/key and client-cert/key (for `localhost`, 127.0.0.1).
 pub fn write(dir: &Path) -> Result<(), BenchError> {

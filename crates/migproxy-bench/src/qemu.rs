@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use migproxy::vm::{Ram, Vm, accel, random_ram_file};
+use migproxy::testkit::vm::{Ram, Vm, accel, random_ram_file};
 use serde_json::{Value, json};
 
-use crate::daemons;
-use crate::{BenchError, Spread, chart};
+use crate::chart::{self, Bar, Panel};
+use crate::measure::{BenchError, cores, cpu_seconds, free_port, machine};
+use crate::report::{Spread, Target, median_of, render_targets};
+use crate::{daemons, pki};
 
 /// One path's migration times, as the table and the chart show them.
 #[derive(Debug)]
@@ -43,7 +45,7 @@ struct Run {
 
 /// CPU seconds of these processes so far (those gone count nothing).
 fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|&pid| crate::cpu_seconds(pid)).sum()
+    pids.iter().filter_map(|&pid| cpu_seconds(pid)).sum()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,14 +159,14 @@ async fn once(
                     )
                     .await?;
             }
-            let uri = format!("tcp:127.0.0.1:{}", crate::free_port()?);
+            let uri = format!("tcp:127.0.0.1:{}", free_port()?);
             dst.qmp
                 .execute("migrate-incoming", json!({"uri": uri}))
                 .await?;
             uri
         }
         Path_::Socat => {
-            let port = crate::free_port()?;
+            let port = free_port()?;
             dst.qmp
                 .execute(
                     "migrate-incoming",
@@ -190,7 +192,7 @@ async fn once(
             dst.qmp
                 .execute("migrate-incoming", json!({"uri": target}))
                 .await?;
-            let port = crate::free_port()?;
+            let port = free_port()?;
             let listen = dir.join(format!("floor{run}.sock"));
             let _ = std::fs::remove_file(&listen);
             // The destination's relay first: the source's connects to it once QEMU has come.
@@ -273,7 +275,7 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let pki = dir.join("pki");
-        crate::pki::write(&pki)?;
+        pki::write(&pki)?;
         let ram = dir.join("ram.img");
         random_ram_file(&ram, mib, 11)?;
         let socat_here = Command::new("sh").args(["-c", "command -v socat"]).stdout(Stdio::null()).status()?.success();
@@ -303,20 +305,36 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
             "Real QEMU, {mib} MiB of random guest RAM, paused guest ({}), {reps} interleaved repetitions",
             accel().to_uppercase()
         );
-        let machine = crate::machine();
+        let machine = machine();
         let table = render(&rows, &title, &machine);
         println!("{table}");
         std::fs::create_dir_all(out)?;
         std::fs::write(out.join("qemu.md"), table)?;
-        chart::qemu(&out.join("qemu.png"), &title, &machine, &rows)?;
+        chart::draw(&out.join("qemu.png"), &title, &machine, &[panel(&rows)])?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     })
 }
 
+/// The chart: wall time per path, with its spread.
+fn panel(rows: &[PathTimes]) -> Panel {
+    let mut panel = Panel::new(
+        "Wall time from migrate to completed, median (whiskers: min–max; lower is better)",
+        "seconds",
+        2,
+    );
+    for row in rows {
+        let s = row.seconds;
+        panel
+            .bars
+            .push(Bar::new(row.path, s.median).spread(s.min, s.max));
+    }
+    panel
+}
+
 fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
     let seconds = |runs: &[Run]| runs.iter().map(|r| r.seconds).collect::<Vec<f64>>();
-    let direct = crate::median_of(
+    let direct = median_of(
         times
             .iter()
             .find(|(p, _)| *p == Path_::DirectTcp)
@@ -327,7 +345,7 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
         .iter()
         .map(|(path, runs)| {
             let wall = seconds(runs);
-            let median_wall = crate::median_of(wall.iter().copied());
+            let median_wall = median_of(wall.iter().copied());
             PathTimes {
                 path: path.name(),
                 seconds: Spread {
@@ -336,14 +354,12 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
                     max: wall.iter().copied().fold(f64::NAN, f64::max),
                 },
                 ratio: median_wall / direct,
-                qemu_cpu: crate::median_of(runs.iter().map(|r| r.qemu_cpu)),
-                proxy_cpu: crate::median_of(runs.iter().map(|r| r.proxy_cpu)),
-                busy_cores: crate::median_of(
-                    runs.iter().map(|r| (r.qemu_cpu + r.proxy_cpu) / r.seconds),
-                ),
-                cpu_floor: crate::median_of(
+                qemu_cpu: median_of(runs.iter().map(|r| r.qemu_cpu)),
+                proxy_cpu: median_of(runs.iter().map(|r| r.proxy_cpu)),
+                busy_cores: median_of(runs.iter().map(|r| (r.qemu_cpu + r.proxy_cpu) / r.seconds)),
+                cpu_floor: median_of(
                     runs.iter()
-                        .map(|r| (r.qemu_cpu + r.proxy_cpu) / crate::cores() as f64),
+                        .map(|r| (r.qemu_cpu + r.proxy_cpu) / cores() as f64),
                 ),
             }
         })
@@ -360,7 +376,7 @@ fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
          less CPU.\n\n\
          | path | median s | min–max s | × direct TCP time | QEMUs CPU s | proxies CPU s | busy cores | CPU floor s |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- |\n",
-        cores = crate::cores()
+        cores = cores()
     );
     for row in rows {
         let s = row.seconds;
@@ -377,7 +393,7 @@ fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
             row.cpu_floor
         ));
     }
-    table.push_str(&crate::render_targets(&targets(rows)));
+    table.push_str(&render_targets(&targets(rows)));
     table
 }
 
@@ -386,12 +402,12 @@ fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
 /// that misses, no scheduling could reach the target, only spending less CPU), and the ratio
 /// of the yardstick (two of the simplest splice relays: the two socket hops and nothing else).
 /// For TLS, plaintext through migproxy too: encryption only adds work.
-fn targets(rows: &[PathTimes]) -> Vec<crate::Target> {
+fn targets(rows: &[PathTimes]) -> Vec<Target> {
     let row = |path: Path_| rows.iter().find(|r| r.path == path.name());
     let time = |path: Path_| row(path).map(|r| r.seconds.median);
     let floor = |path: Path_| row(path).map(|r| r.cpu_floor);
     let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
-    let plaintext = crate::Target::ratio(
+    let plaintext = Target::ratio(
         "plaintext through migproxy ≥ 0.95× direct TCP's speed",
         over(time(Path_::DirectTcp), time(Path_::Daemons)),
         0.95,
@@ -406,7 +422,7 @@ fn targets(rows: &[PathTimes]) -> Vec<crate::Target> {
             over(time(Path_::DirectTcp), time(Path_::SpliceFloor)),
         ),
     ]);
-    let tls = crate::Target::ratio(
+    let tls = Target::ratio(
         "TLS through migproxy ≥ 2× QEMU native TLS's speed",
         over(time(Path_::QemuTls), time(Path_::DaemonsTls)),
         2.0,
@@ -426,4 +442,30 @@ fn targets(rows: &[PathTimes]) -> Vec<crate::Target> {
         ),
     ]);
     vec![plaintext, tls]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_chart() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = |path, median, min, max| PathTimes {
+            path,
+            seconds: Spread { median, min, max },
+            ratio: 1.0,
+            qemu_cpu: 0.9,
+            proxy_cpu: 0.0,
+            busy_cores: 1.6,
+            cpu_floor: 0.45,
+        };
+        let rows = [
+            row("direct TCP", 0.55, 0.52, 2.42),
+            row("two migproxy daemons, TLS", 2.25, 2.17, 2.61),
+        ];
+        let path = dir.path().join("qemu.png");
+        chart::draw(&path, "Real QEMU", chart::tests::MACHINE, &[panel(&rows)]).unwrap();
+        chart::tests::assert_png(&path);
+    }
 }

@@ -15,8 +15,7 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::human::OsError;
-use crate::tls::Tls;
+use crate::tls::{Tls, TlsError};
 
 /// How long connecting to a remote API may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,14 +27,26 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The daemon could not be reached at all.
-    #[error("cannot reach the migproxy daemon at {target}: {}", OsError(.error))]
-    Unreachable { target: String, error: io::Error },
+    #[error("cannot reach the migproxy daemon at {target}")]
+    Unreachable {
+        target: String,
+        #[source]
+        error: io::Error,
+    },
     /// The TLS handshake with a remote API failed (certificates, allow-list).
-    #[error("cannot reach the migproxy daemon at {target}: {error}")]
-    Tls { target: String, error: String },
+    #[error("cannot reach the migproxy daemon at {target}")]
+    Tls {
+        target: String,
+        #[source]
+        error: TlsError,
+    },
     /// The connection broke or the answer was not HTTP/JSON.
-    #[error("the migproxy daemon at {target} gave no usable answer: {detail}")]
-    Protocol { target: String, detail: String },
+    #[error("the migproxy daemon at {target} gave no usable answer")]
+    Protocol {
+        target: String,
+        #[source]
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The daemon refused the request.
     #[error("{error}")]
     Api {
@@ -46,11 +57,12 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The numbered causes under the error, for the CLI.
-    pub fn causes(&self) -> &[String] {
+    /// The numbered causes under the error, for the CLI: the daemon's when it refused, else
+    /// this error's sources.
+    pub fn causes(&self) -> Vec<String> {
         match self {
-            ClientError::Api { causes, .. } => causes,
-            _ => &[],
+            ClientError::Api { causes, .. } => causes.clone(),
+            _ => crate::human::causes(self),
         }
     }
 }
@@ -160,7 +172,7 @@ impl Client {
             .header("host", "migproxy")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| self.protocol(e.to_string()))?;
+            .map_err(|e| self.protocol(e))?;
         let unreachable = |error| ClientError::Unreachable {
             target: self.target(),
             error,
@@ -186,7 +198,7 @@ impl Client {
                     Ok(Err(error)) => {
                         return Err(ClientError::Tls {
                             target: self.target(),
-                            error: error.to_string(),
+                            error,
                         });
                     }
                     Err(_) => return Err(unreachable(io::ErrorKind::TimedOut.into())),
@@ -194,7 +206,10 @@ impl Client {
                 // Across the network an answer may never come: bounded.
                 tokio::time::timeout(REQUEST_TIMEOUT, self.send(stream, request))
                     .await
-                    .unwrap_or_else(|_| Err(self.protocol("no answer within 30 s".into())))
+                    .unwrap_or_else(|_| {
+                        let late = io::Error::new(io::ErrorKind::TimedOut, "no answer within 30 s");
+                        Err(self.protocol(late))
+                    })
             }
         }
     }
@@ -210,34 +225,33 @@ impl Client {
     {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| self.protocol(e.to_string()))?;
+            .map_err(|e| self.protocol(e))?;
         tokio::spawn(connection);
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| self.protocol(e.to_string()))?;
+            .map_err(|e| self.protocol(e))?;
         let status = response.status();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| self.protocol(e.to_string()))?
+            .map_err(|e| self.protocol(e))?
             .to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
         } else if bytes.first() == Some(&b'{') {
-            serde_json::from_slice(&bytes)
-                .map_err(|e| self.protocol(format!("invalid JSON: {e}")))?
+            serde_json::from_slice(&bytes).map_err(|e| self.protocol(e))?
         } else {
             Value::String(String::from_utf8_lossy(&bytes).into_owned())
         };
         Ok((status, value))
     }
 
-    fn protocol(&self, detail: String) -> ClientError {
+    fn protocol(&self, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ClientError {
         ClientError::Protocol {
             target: self.target(),
-            detail,
+            error: error.into(),
         }
     }
 }

@@ -12,14 +12,19 @@ use serde::Deserialize;
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {}: {error}", .path.display())]
+    #[error("config file {}", .path.display())]
     Read {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
     /// The TOML error says the line, the column and the key.
-    #[error("config file {}: {error}", .path.display())]
-    Parse { path: PathBuf, error: String },
+    #[error("config file {}", .path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        error: Box<toml::de::Error>,
+    },
     #[error("config file {}: {key}: {problem}", .path.display())]
     Value {
         path: PathBuf,
@@ -105,7 +110,7 @@ impl File {
         })?;
         let file: File = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            error: e.to_string().trim_end().replace('\n', " "),
+            error: Box::new(e),
         })?;
         file.check(path)?;
         Ok(file)
@@ -212,7 +217,7 @@ pub struct Settings {
     pub max_handshakes_per_address: usize,
     pub reserved_handshakes: usize,
     pub max_silent_connections: usize,
-    pub api_limits: crate::api::Limits,
+    pub api_limits: crate::daemon::ApiLimits,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     /// How long a new connection may stay silent.
@@ -278,7 +283,7 @@ impl Settings {
             max_handshakes_per_address: file.limits.max_handshakes_per_address.unwrap_or(8),
             reserved_handshakes: file.limits.reserved_handshakes.unwrap_or(16),
             max_silent_connections: file.limits.max_silent_connections.unwrap_or(256),
-            api_limits: crate::api::Limits {
+            api_limits: crate::daemon::ApiLimits {
                 header_timeout: secs(t.api_header, 10),
                 idle_timeout: secs(t.api_idle, 60),
                 max_connections: file.limits.max_api_connections.unwrap_or(64),
@@ -352,20 +357,20 @@ mod tests {
     #[test]
     fn errors_name_the_file_the_line_and_the_key() {
         let (_dir, path) = write("api = \"/a\"\ncolour = \"blue\"\n");
-        let error = File::load(&path).unwrap_err().to_string();
+        let error = crate::human::Chain(&File::load(&path).unwrap_err()).to_string();
         assert!(error.contains(&path.display().to_string()), "{error}");
         assert!(error.contains("line 2"), "{error}");
         assert!(error.contains("colour"), "{error}");
 
         let (_dir, path) = write("[timeouts]\npeer = -1\n");
-        let error = File::load(&path).unwrap_err().to_string();
+        let error = crate::human::Chain(&File::load(&path).unwrap_err()).to_string();
         assert!(
             error.ends_with("timeouts.peer: must be a positive number of seconds"),
             "{error}"
         );
 
         let (_dir, path) = write("[limits]\nmax_channels = \"many\"\n");
-        let error = File::load(&path).unwrap_err().to_string();
+        let error = crate::human::Chain(&File::load(&path).unwrap_err()).to_string();
         assert!(
             error.contains("line 2") && error.contains("max_channels"),
             "{error}"

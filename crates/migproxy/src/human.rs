@@ -107,13 +107,38 @@ pub struct Chain<'a>(pub &'a dyn std::error::Error);
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
+        for cause in causes(self.0) {
             write!(f, ": {cause}")?;
-            source = cause.source();
         }
         Ok(())
     }
+}
+
+/// The texts of an error's sources, outermost first: what the API returns as `causes` and the
+/// CLI numbers. An OS error reads as [`OsError`] does; a cause written on several lines (a
+/// TOML error with its snippet) is put on one.
+pub fn causes(error: &dyn std::error::Error) -> Vec<String> {
+    let mut causes = Vec::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = match cause.downcast_ref::<io::Error>() {
+            Some(os) => OsError(os).to_string(),
+            None => cause.to_string(),
+        };
+        causes.push(one_line(&text));
+        source = cause.source();
+    }
+    causes
+}
+
+/// Lines joined with a space, blank ones dropped.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines.join(" ")
 }
 
 /// "Connection reset by peer" → "connection reset by peer", but keep "I/O error" as it is:
@@ -143,6 +168,8 @@ mod tests {
         struct Outer(#[source] io::Error);
         let error = Outer(io::Error::other("inner"));
         assert_eq!(Chain(&error).to_string(), "outer: inner");
+        let refused = Outer(io::Error::from_raw_os_error(nix::libc::ECONNREFUSED));
+        assert_eq!(causes(&refused), ["connection refused (ECONNREFUSED)"]);
     }
 
     #[test]

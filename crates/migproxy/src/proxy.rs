@@ -110,7 +110,7 @@ pub async fn run(
             Ok(accepted) => accepted,
             Err(error) => {
                 // Usually EMFILE or ENOBUFS: back off instead of spinning, keep serving.
-                tracing::warn!(%error, "accept failed");
+                tracing::warn!(error = %crate::human::Chain(&error), "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

@@ -23,8 +23,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::human::OsError;
-
 /// Longest line accepted from QEMU.
 const MAX_LINE: u64 = 16 << 20;
 
@@ -35,14 +33,28 @@ const GREETING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Failures talking to QEMU, each naming the socket or the command.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("connect to QMP socket {} failed: {}", .path.display(), OsError(.error))]
-    Connect { path: PathBuf, error: io::Error },
-    #[error("QMP socket {}: {}", .path.display(), OsError(.error))]
-    Io { path: PathBuf, error: io::Error },
+    #[error("connect to QMP socket {} failed", .path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        error: io::Error,
+    },
+    #[error("QMP socket {}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        error: io::Error,
+    },
     #[error("QMP socket {} closed by QEMU", .path.display())]
     Closed { path: PathBuf },
     #[error("QMP socket {} sent something that is not QMP: {detail}", .path.display())]
     Protocol { path: PathBuf, detail: String },
+    #[error("QMP socket {} sent something that is not QMP: invalid JSON", .path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        error: serde_json::Error,
+    },
     #[error(
         "QMP socket {} sent no greeting within {} s: another client may hold it (QEMU serves \
          one client per monitor: give migproxy a -qmp socket of its own)",
@@ -172,7 +184,10 @@ impl Qmp {
         if line.last() != Some(&b'\n') {
             return Err(self.protocol(format!("line longer than {MAX_LINE} bytes or cut short")));
         }
-        serde_json::from_slice(&line).map_err(|e| self.protocol(format!("invalid JSON: {e}")))
+        serde_json::from_slice(&line).map_err(|error| QmpError::Json {
+            path: self.path.clone(),
+            error,
+        })
     }
 
     /// The `return` of a response, or its error.

@@ -20,16 +20,17 @@
 mod allow;
 mod crl;
 mod handshake;
+mod identity;
 mod record;
 mod stream;
 mod validity;
 
 pub use allow::PatternError;
 pub use crl::CrlError;
+pub use identity::Identity;
 pub use stream::RecordStream;
 pub use validity::CertificateRefused;
 
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -49,10 +50,18 @@ use validity::OwnCertificate;
 /// Failures to load or use TLS material, naming the file or the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("TLS file {}: {error}", .path.display())]
-    Load { path: PathBuf, error: String },
-    #[error("TLS configuration from {}: {error}", .dir.display())]
-    Config { dir: PathBuf, error: rustls::Error },
+    #[error("TLS file {}", .path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        error: LoadError,
+    },
+    #[error("TLS configuration from {}", .dir.display())]
+    Config {
+        dir: PathBuf,
+        #[source]
+        error: rustls::Error,
+    },
     #[error("TLS revocation list {}", .path.display())]
     Crl {
         path: PathBuf,
@@ -67,30 +76,25 @@ pub enum TlsError {
     },
     #[error("\"{0}\" is not a valid TLS server name")]
     ServerName(String),
-    #[error("TLS handshake with {peer} failed: {error}")]
-    Handshake { peer: String, error: io::Error },
+    #[error("TLS handshake with {peer} failed")]
+    Handshake {
+        peer: String,
+        #[source]
+        error: io::Error,
+    },
 }
 
-/// The certificate identity of a connected peer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Identity {
-    /// Subject distinguished name, as `CN=…, O=…`, in the certificate's order.
-    pub subject: String,
-    /// The subject's attributes as `(TYPE, value)`, the type's short name in upper case:
-    /// what `--tls-allow` patterns match.
-    pub attributes: Vec<(String, String)>,
-    /// Subject alternative names, as `DNS:name` and `IP:address`.
-    pub names: Vec<String>,
-}
-
-impl fmt::Display for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{}\"", self.subject)?;
-        if !self.names.is_empty() {
-            write!(f, " ({})", self.names.join(", "))?;
-        }
-        Ok(())
-    }
+/// What is wrong with a TLS file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    #[error(transparent)]
+    Verifier(#[from] VerifierBuilderError),
+    #[error("no certificate in the file")]
+    NoCertificate,
 }
 
 /// Loaded TLS configuration for both roles.
@@ -117,10 +121,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
-fn load_error(path: &Path, error: impl fmt::Display) -> TlsError {
+fn load_error(path: &Path, error: impl Into<LoadError>) -> TlsError {
     TlsError::Load {
         path: path.to_owned(),
-        error: error.to_string(),
+        error: error.into(),
     }
 }
 
@@ -130,7 +134,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| load_error(path, e))?;
     if certs.is_empty() {
-        return Err(load_error(path, "no certificate in the file"));
+        return Err(load_error(path, LoadError::NoCertificate));
     }
     Ok(certs)
 }
@@ -261,7 +265,10 @@ impl Tls {
                     None => error,
                 },
             })?;
-        let identity = leaf.as_ref().map(identity).unwrap_or_default();
+        let identity = leaf
+            .as_ref()
+            .map(identity::of_certificate)
+            .unwrap_or_default();
         Ok((stream, identity))
     }
 
@@ -302,7 +309,7 @@ impl Tls {
             .1
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .map(|leaf| identity(leaf))
+            .map(identity::of_certificate)
             .unwrap_or_default();
         Ok((TlsStream::Server(stream), identity))
     }
@@ -311,57 +318,6 @@ impl Tls {
     /// CA signed); the patterns are described in [`allow`].
     pub fn allows(&self, identity: &Identity) -> bool {
         self.allow.allows(identity)
-    }
-}
-
-/// The subject and alternative names of a certificate.
-fn identity(leaf: &CertificateDer<'_>) -> Identity {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
-        return Identity::default();
-    };
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            match name {
-                x509_parser::extensions::GeneralName::DNSName(dns) => {
-                    names.push(format!("DNS:{dns}"))
-                }
-                x509_parser::extensions::GeneralName::IPAddress(ip) => {
-                    if let Some(ip) = ip_text(ip) {
-                        names.push(format!("IP:{ip}"));
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    Identity {
-        subject: cert.subject().to_string(),
-        attributes: attributes(cert.subject()),
-        names,
-    }
-}
-
-/// The subject's attributes whose values are text (the others cannot match a pattern).
-fn attributes(subject: &x509_parser::x509::X509Name<'_>) -> Vec<(String, String)> {
-    let registry = x509_parser::objects::oid_registry();
-    subject
-        .iter_attributes()
-        .filter_map(|attribute| {
-            let value = attribute.as_str().ok()?;
-            let key = x509_parser::objects::oid2abbrev(attribute.attr_type(), registry)
-                .map(str::to_owned)
-                .unwrap_or_else(|_| attribute.attr_type().to_id_string());
-            Some((key.to_ascii_uppercase(), value.to_owned()))
-        })
-        .collect()
-}
-
-fn ip_text(bytes: &[u8]) -> Option<String> {
-    match bytes.len() {
-        4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?).to_string()),
-        16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?).to_string()),
-        _ => None,
     }
 }
 

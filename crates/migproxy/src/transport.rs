@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::endpoint::Endpoint;
-use crate::human::{Elapsed, OsError};
+use crate::human::Elapsed;
 
 /// Any byte stream the relay can carry by copying.
 pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -41,19 +41,22 @@ pub enum Stream {
 /// Failures to set up a stream, each naming the endpoint at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("listen on {endpoint} failed: {}", OsError(.error))]
+    #[error("listen on {endpoint} failed")]
     Listen {
         endpoint: Endpoint,
+        #[source]
         error: io::Error,
     },
-    #[error("accept on {endpoint} failed: {}", OsError(.error))]
+    #[error("accept on {endpoint} failed")]
     Accept {
         endpoint: Endpoint,
+        #[source]
         error: io::Error,
     },
-    #[error("connect to {endpoint} failed: {}", OsError(.error))]
+    #[error("connect to {endpoint} failed")]
     Connect {
         endpoint: Endpoint,
+        #[source]
         error: io::Error,
     },
     #[error("connect to {endpoint} failed: no answer within {}", Elapsed(*.timeout))]

@@ -242,7 +242,10 @@ async fn refusals_and_an_unreachable_daemon_have_their_exit_codes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("cannot reach the migproxy daemon at /nonexistent/api.sock: no such file or directory (ENOENT)"),
+        stderr(&out).contains(
+            "error: cannot reach the migproxy daemon at /nonexistent/api.sock\n  \
+             1: no such file or directory (ENOENT)"
+        ),
         "{}",
         stderr(&out)
     );

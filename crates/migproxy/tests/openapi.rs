@@ -780,20 +780,18 @@ async fn real_responses_match_the_document() {
         .unwrap();
     qemu.write_all(b"a migration stream").await.unwrap();
     // Mid-migration, with a channel running.
-    let running = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let (status, view) = api
-                .call(&source, "GET", ONE, "/v1/migrations/ok", None)
-                .await;
-            assert_eq!(status, 200, "{view}");
-            if view["channels"][0]["state"] == "active" {
-                return view;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    let running = common::poll("channel 0 active", Duration::from_secs(5), async || {
+        let (status, view) = api
+            .call(&source, "GET", ONE, "/v1/migrations/ok", None)
+            .await;
+        assert_eq!(status, 200, "{view}");
+        if view["channels"][0]["state"] == "active" {
+            Ok(view)
+        } else {
+            Err(view)
         }
     })
-    .await
-    .expect("channel 0 never active");
+    .await;
     assert_eq!(running["state"], "active", "{running}");
     qemu.shutdown().await.unwrap();
     let mut rest = Vec::new();

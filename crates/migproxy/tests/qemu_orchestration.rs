@@ -126,17 +126,9 @@ impl Hosts {
 
 /// Polls `daemon`'s view of migration `id` until `ready` holds (at most 20 s).
 async fn wait_for(daemon: &DaemonProcess, id: &str, what: &str, ready: impl Fn(&Value) -> bool) {
-    let start = Instant::now();
-    loop {
-        let (_, m) = daemon
-            .request("GET", &format!("/v1/migrations/{id}"), None)
-            .await;
-        if ready(&m) {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "no {what}: {m}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    daemon
+        .wait_for(id, what, Duration::from_secs(20), ready)
+        .await;
 }
 
 /// Whether more than `bytes` have crossed.
@@ -294,18 +286,8 @@ async fn postcopy_switch_completes_with_equal_ram_and_cannot_be_cancelled_once_s
         "--json",
     ];
     let child = hosts.migrate(&flags).spawn().unwrap();
-    let start = Instant::now();
-    loop {
-        let (_, m) = hosts.source.request("GET", "/v1/migrations/pc", None).await;
-        if m["qemu"]["status"] == "postcopy-active" {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no postcopy: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let postcopy = |m: &Value| m["qemu"]["status"] == "postcopy-active";
+    wait_for(&hosts.source, "pc", "postcopy", postcopy).await;
     // The destination runs the guest now: neither host may cancel.
     for daemon in [&hosts.source, &hosts.destination] {
         let (status, refusal) = daemon

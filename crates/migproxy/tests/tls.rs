@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::certs::Ca;
-use common::daemon::{TestDaemon, carry, migration_pair};
+use common::daemon::{TestDaemon, carry, migration_pair, story};
 use common::{random_data, receive_all, send_all, short_tempdir};
 use migproxy::tls::TlsHandle;
 use rustls_pki_types::pem::PemObject;
@@ -123,7 +123,7 @@ async fn plaintext_daemons_say_so_everywhere() {
 async fn refused(source: &TestDaemon, destination: &TestDaemon, extra: Value, expected: &str) {
     let (status, body) = outgoing(source, destination, "r1", extra).await;
     assert_eq!(status, 502, "{body}");
-    let error = body["error"].as_str().unwrap();
+    let error = story(&body);
     assert!(error.contains(expected), "expected {expected:?} in {error}");
     assert_eq!(destination.show("r1").await["state"], "pending");
     assert!(source.daemon.list().is_empty());
@@ -380,10 +380,7 @@ async fn a_reload_with_a_broken_crl_keeps_the_old_revocations() {
             "{what}: the revoked source was admitted: {body}"
         );
         assert!(
-            body["error"]
-                .as_str()
-                .unwrap()
-                .contains("CertificateRevoked"),
+            story(&body).contains("CertificateRevoked"),
             "{what}: {body}"
         );
     }
@@ -445,7 +442,7 @@ async fn subject_patterns_match_by_attribute_in_either_order() {
                 assert_eq!(status, 201, "{pattern} must admit source {m}: {body}");
             } else {
                 assert_eq!(status, 502, "{pattern} must refuse source {m}: {body}");
-                let error = body["error"].as_str().unwrap();
+                let error = story(&body);
                 assert!(
                     error.contains("is not allowed here (--tls-allow)"),
                     "{error}"
@@ -608,10 +605,7 @@ async fn sighup_reloads_certificates_without_dropping_running_migrations() {
         status, 502,
         "new connections must use the new certificate: {body}"
     );
-    assert!(
-        body["error"].as_str().unwrap().contains("UnknownIssuer"),
-        "{body}"
-    );
+    assert!(story(&body).contains("UnknownIssuer"), "{body}");
     tokio::time::sleep(Duration::from_millis(1500)).await; // more than a heartbeat
     assert_eq!(
         source.show("before").await["state"],
@@ -666,7 +660,7 @@ async fn a_refused_client_certificate_is_said_to_be_not_yet_valid_or_expired() {
         let source = tls_daemon("src", &src, &[]).await;
         let (status, body) = outgoing(&source, &destination, &format!("v{n}"), json!({})).await;
         assert_eq!(status, 502, "{body}");
-        let error = body["error"].as_str().unwrap();
+        let error = story(&body);
         let refused = format!(
             "the peer refused this daemon's certificate {}",
             src.join("client-cert.pem").display()

@@ -10,9 +10,9 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::certs::Ca;
 use common::{random_data, short_tempdir};
@@ -20,15 +20,30 @@ use migproxy::tls::{RecordStream, Tls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Counts every allocation of the test process.
+/// Counts every allocation, per thread.
 struct Counting;
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Allocations made on this thread. The allocation test runs on a current-thread runtime
+    /// and counts its own thread's only: tests that `cargo test` runs beside it, on other
+    /// threads of this process, do not add to its count. Const-initialised and without a
+    /// destructor, so reaching it never allocates.
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_one() {
+    // `try_with`: a thread being torn down may still free and allocate.
+    let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+}
+
+fn allocations_here() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
 
 // SAFETY: forwards to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count_one();
         // SAFETY: the caller's contract is passed on as is.
         unsafe { System.alloc(layout) }
     }
@@ -39,7 +54,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count_one();
         // SAFETY: the caller's contract is passed on as is.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -181,15 +196,15 @@ async fn a_connection_cut_without_close_notify_is_reported_truncated() {
     assert!(error.to_string().contains("truncated"), "{error}");
 }
 
-/// Allocations made while `a` sends 64 MiB to `b` in 256 KiB writes (one task, so that
-/// nothing else runs meanwhile).
+/// Allocations made on this thread while `a` sends 64 MiB to `b` in 256 KiB writes (one
+/// task on a current-thread runtime, so that all the work is on this thread).
 async fn allocations_moving(
     mut a: impl AsyncWrite + Unpin,
     mut b: impl AsyncRead + Unpin,
 ) -> (u64, usize) {
     let block = vec![0x5au8; 256 << 10];
     let mut sink = vec![0u8; 256 << 10];
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = allocations_here();
     let writing = async {
         for _ in 0..TOTAL / block.len() {
             a.write_all(&block).await.unwrap();
@@ -207,7 +222,7 @@ async fn allocations_moving(
         }
     };
     let ((), received) = tokio::join!(writing, reading);
-    (ALLOCATIONS.load(Ordering::Relaxed) - before, received)
+    (allocations_here() - before, received)
 }
 
 const TOTAL: usize = 64 << 20;

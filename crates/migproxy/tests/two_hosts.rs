@@ -80,20 +80,10 @@ fn sink(listener: UnixListener) -> tokio::task::JoinHandle<()> {
 }
 
 async fn moving(daemon: &DaemonProcess, id: &str) {
-    let limit = Instant::now();
-    loop {
-        let (_, view) = daemon
-            .request("GET", &format!("/v1/migrations/{id}"), None)
-            .await;
-        if view["bytes"]["to_destination"].as_u64().unwrap_or(0) > (4 << 20) {
-            return;
-        }
-        assert!(
-            limit.elapsed() < Duration::from_secs(10),
-            "no data moving: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let moved = |view: &Value| view["bytes"]["to_destination"].as_u64().unwrap_or(0) > (4 << 20);
+    daemon
+        .wait_for(id, "data moving", Duration::from_secs(10), moved)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,17 +328,9 @@ async fn wait_daemon_state(
     state: &str,
     limit: Duration,
 ) -> Value {
-    let start = Instant::now();
-    loop {
-        let (_, view) = daemon
-            .request("GET", &format!("/v1/migrations/{id}"), None)
-            .await;
-        if view["state"] == state {
-            return view;
-        }
-        assert!(start.elapsed() < limit, "not {state}: {view}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    daemon
+        .wait_for(id, state, limit, |view| view["state"] == state)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,33 +377,13 @@ async fn postcopy_pause_and_recovery_through_two_daemons() {
         )
         .await;
     src_vm.execute("migrate", json!({"uri": qemu_uri})).await;
-    let start = Instant::now();
-    loop {
-        let info = src_vm.execute("query-migrate", Value::Null).await;
-        if info["ram"]["transferred"].as_u64().unwrap_or(0) > 32 << 20 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{info}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    transferred_past(&mut src_vm, 32 << 20, false).await;
     src_vm.execute("migrate-start-postcopy", Value::Null).await;
     let active = qemu_status(&mut src_vm, &["postcopy-active"], Duration::from_secs(30)).await;
     // `postcopy-active` is reported before the switch is complete: pausing inside it makes
     // QEMU 7.2 fail instead of pause. Let postcopy carry some pages first.
     let switched = active["ram"]["transferred"].as_u64().unwrap_or(0) + (16 << 20);
-    let since = Instant::now();
-    loop {
-        let info = src_vm.execute("query-migrate", Value::Null).await;
-        assert_eq!(info["status"], "postcopy-active", "{info}");
-        if info["ram"]["transferred"].as_u64().unwrap_or(0) > switched {
-            break;
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(30),
-            "postcopy stalled: {info}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    transferred_past(&mut src_vm, switched, true).await;
 
     src_vm.execute("migrate-pause", Value::Null).await;
     qemu_status(&mut src_vm, &["postcopy-paused"], Duration::from_secs(30)).await;
@@ -455,4 +417,18 @@ async fn postcopy_pause_and_recovery_through_two_daemons() {
         src_digest, dst_digest,
         "destination RAM differs from the source's"
     );
+}
+
+/// Polls the source QEMU until it has sent more than `bytes` of RAM; `in_postcopy`: it must
+/// stay in postcopy meanwhile.
+async fn transferred_past(vm: &mut Qemu, bytes: u64, in_postcopy: bool) {
+    common::poll("RAM sent", Duration::from_secs(30), async || {
+        let info = vm.execute("query-migrate", Value::Null).await;
+        if in_postcopy {
+            assert_eq!(info["status"], "postcopy-active", "{info}");
+        }
+        let sent = info["ram"]["transferred"].as_u64().unwrap_or(0);
+        if sent > bytes { Ok(()) } else { Err(info) }
+    })
+    .await
 }

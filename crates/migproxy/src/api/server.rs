@@ -20,30 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Daemon;
-
-/// Limits on API connections; documented in `docs/config.md`.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// A request's head (request line and headers) must have arrived this long after the
-    /// connection became ready for it: opened, or the previous response sent.
-    pub header_timeout: Duration,
-    /// A connection on which no byte moves either way for this long is closed: a request
-    /// body that never comes, a client that stopped reading.
-    pub idle_timeout: Duration,
-    /// Connections served at once; a connection beyond them is closed at once.
-    pub max_connections: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            header_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            max_connections: 64,
-        }
-    }
-}
+use crate::daemon::{ApiLimits as Limits, Daemon};
 
 /// Serves `router` on every connection `listener` accepts until `shutdown`; then lets the
 /// requests in flight finish (the caller bounds how long).

@@ -1,5 +1,6 @@
 //! `migproxy daemon`: one per host; see [`crate::daemon`].
 
+use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -10,12 +11,13 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use super::EXIT_FAILED;
+use super::process::EXIT_FAILED;
 use crate::config::{self, ConfigError, Flags, Settings};
 use crate::daemon::runtime::RuntimeDir;
-use crate::daemon::{self, Config, Daemon};
-use crate::human::{Chain, OsError};
-use crate::tls::TlsHandle;
+use crate::daemon::runtime::RuntimeDirError;
+use crate::daemon::{Config, Daemon};
+use crate::human::Chain;
+use crate::tls::{TlsError, TlsHandle};
 use crate::transport::bind_unix;
 
 #[derive(Debug, clap::Args)]
@@ -64,18 +66,18 @@ pub struct Args {
     #[arg(long)]
     insecure_plaintext: bool,
     /// Declare the peer daemon gone after this many seconds without a word (default 10).
-    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     peer_timeout: Option<Duration>,
     /// Fail an active migration when no byte moves on any channel for this many seconds
     /// (default 30).
-    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     stall_timeout: Option<Duration>,
     /// How long an incoming migration waits for its source daemon (default 300).
-    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     token_ttl: Option<Duration>,
     /// Fail a migration whose source QEMU has not connected this many seconds after the
     /// daemons linked up (default 300): a `migrate` that never came holds no slot for ever.
-    #[arg(long, value_name = "SECONDS", value_parser = super::positive_seconds)]
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     first_channel_timeout: Option<Duration>,
 }
 
@@ -111,67 +113,108 @@ pub async fn run(args: Args) -> u8 {
     let settings = match args.settings() {
         Ok(settings) => settings,
         Err(error) => {
-            eprintln!("migproxy daemon: {error}");
-            return super::EXIT_USAGE;
+            eprintln!("migproxy daemon: {}", Chain(&error));
+            return super::process::EXIT_USAGE;
         }
     };
     if settings.tls_dir.is_some() && settings.insecure_plaintext {
         eprintln!(
             "migproxy daemon: TLS (--tls-dir, tls.dir) and insecure_plaintext exclude each other"
         );
-        return super::EXIT_USAGE;
+        return super::process::EXIT_USAGE;
     }
     if settings.api_listen.is_some() && settings.tls_dir.is_none() {
         eprintln!(
             "error: --api-listen needs --tls-dir: the API on TCP is only served over mutual TLS"
         );
-        return super::EXIT_USAGE;
+        return super::process::EXIT_USAGE;
     }
     if !settings.tls_allow.is_empty() && settings.tls_dir.is_none() {
         eprintln!("error: --tls-allow needs --tls-dir: only TLS peers have identities to allow");
-        return super::EXIT_USAGE;
+        return super::process::EXIT_USAGE;
     }
     match start(settings).await {
         Ok(()) => 0,
-        Err(message) => {
-            eprintln!("migproxy daemon: {message}");
+        Err(error) => {
+            eprintln!("migproxy daemon: {}", Chain(&error));
             EXIT_FAILED
         }
     }
 }
 
-async fn start(args: Settings) -> Result<(), String> {
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(
+        "no --tls-dir given: the peer link must be secured with mutual TLS (QEMU's x509 \
+         directory layout), or --insecure-plaintext must say that it need not be"
+    )]
+    NoSecurity,
+    #[error("listen on tcp:{address}{role} failed")]
+    Listen {
+        address: String,
+        /// `" (API)"` for the API's TLS listener, empty for the peer port.
+        role: &'static str,
+        #[source]
+        error: io::Error,
+    },
+    #[error("peer listener")]
+    PeerAddress(#[source] io::Error),
+    #[error(
+        "--peer-listen {0} listens on every address: say which one sources should dial with \
+         --advertise HOST:PORT"
+    )]
+    EveryAddress(SocketAddr),
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] io::Error),
+    #[error("cannot install SIGHUP handler")]
+    Sighup(#[source] io::Error),
+    #[error("listen on unix:{} failed", .0.display())]
+    ApiListen(PathBuf, #[source] io::Error),
+    #[error("API socket {}", .0.display())]
+    ApiSocket(PathBuf, #[source] io::Error),
+    #[error("--api-group {0}: no such group")]
+    NoGroup(String),
+}
+
+async fn start(args: Settings) -> Result<(), StartError> {
     // Everything that can be refused is checked before anything is bound or created.
     let tls = security(&args)?;
     let peers = TcpListener::bind(&args.peer_listen)
         .await
-        .map_err(|e| format!("listen on tcp:{} failed: {}", args.peer_listen, OsError(&e)))?;
-    let bound = peers
-        .local_addr()
-        .map_err(|e| format!("peer listener: {}", OsError(&e)))?;
+        .map_err(|error| StartError::Listen {
+            address: args.peer_listen.clone(),
+            role: "",
+            error,
+        })?;
+    let bound = peers.local_addr().map_err(StartError::PeerAddress)?;
     let advertise = advertised(args.advertise.clone(), bound)?;
-    let runtime = RuntimeDir::open(&args.runtime_dir, args.runtime_dir_group.as_deref())
-        .map_err(|e| with_causes(&e))?;
-    for stale in runtime
-        .remove_stale_sockets()
-        .await
-        .map_err(|e| with_causes(&e))?
-    {
+    let runtime = RuntimeDir::open(&args.runtime_dir, args.runtime_dir_group.as_deref())?;
+    for stale in runtime.remove_stale_sockets().await? {
         tracing::info!(path = %stale.display(), "removed a stale socket (its daemon did not stop cleanly)");
     }
     let shutdown = CancellationToken::new();
-    super::cancel_on_signals(shutdown.clone(), "migproxy daemon", "every migration")
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    super::process::cancel_on_signals(shutdown.clone(), "migproxy daemon", "every migration")
+        .map_err(StartError::Signals)?;
     if let Some(tls) = &tls {
-        reload_on_sighup(Arc::clone(tls))
-            .map_err(|e| format!("cannot install SIGHUP handler: {e}"))?;
+        reload_on_sighup(Arc::clone(tls)).map_err(StartError::Sighup)?;
     }
     let api_tls = match &args.api_listen {
-        Some(address) => Some(
-            TcpListener::bind(address)
-                .await
-                .map_err(|e| format!("listen on tcp:{address} (API) failed: {}", OsError(&e)))?,
-        ),
+        Some(address) => {
+            Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|error| StartError::Listen {
+                        address: address.clone(),
+                        role: " (API)",
+                        error,
+                    })?,
+            )
+        }
         None => None,
     };
     let api_tls_address = api_tls.as_ref().and_then(|l| l.local_addr().ok());
@@ -204,7 +247,7 @@ async fn start(args: Settings) -> Result<(), String> {
     config.first_byte_timeout = args.first_byte_timeout;
     config.api_limits = args.api_limits;
     config.api_tls = api_tls_address.map(|a| a.to_string());
-    daemon::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;
+    crate::server::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;
     drop(api_file);
     Ok(())
 }
@@ -217,16 +260,15 @@ impl ApiSocket {
     fn bind(
         path: &std::path::Path,
         group: Option<&str>,
-    ) -> Result<(ApiSocket, tokio::net::UnixListener), String> {
-        let listener = bind_unix(path)
-            .map_err(|e| format!("listen on unix:{} failed: {}", path.display(), OsError(&e)))?;
+    ) -> Result<(ApiSocket, tokio::net::UnixListener), StartError> {
+        let listener = bind_unix(path).map_err(|e| StartError::ApiListen(path.to_owned(), e))?;
         let file = ApiSocket(path.to_owned());
-        let failed = |e: std::io::Error| format!("API socket {}: {}", path.display(), OsError(&e));
+        let failed = |e: io::Error| StartError::ApiSocket(path.to_owned(), e);
         let mode = match group {
             Some(name) => {
                 let group = nix::unistd::Group::from_name(name)
                     .map_err(|e| failed(e.into()))?
-                    .ok_or_else(|| format!("--api-group {name}: no such group"))?;
+                    .ok_or_else(|| StartError::NoGroup(name.to_owned()))?;
                 nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| failed(e.into()))?;
                 0o660
             }
@@ -243,53 +285,25 @@ impl Drop for ApiSocket {
     }
 }
 
-/// An error and its causes on one line, for the start-up message.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line += &format!(": {}", OsErrorText(cause));
-        source = cause.source();
-    }
-    line
-}
-
-/// An OS error as `human::OsError` writes it (`permission denied (EACCES)`), other errors
-/// as they are.
-struct OsErrorText<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for OsErrorText<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.downcast_ref::<std::io::Error>() {
-            Some(error) => write!(f, "{}", OsError(error)),
-            None => write!(f, "{}", self.0),
-        }
-    }
-}
-
 /// TLS material, or the operator's explicit consent to plaintext.
-fn security(args: &Settings) -> Result<Option<Arc<TlsHandle>>, String> {
+fn security(args: &Settings) -> Result<Option<Arc<TlsHandle>>, StartError> {
     match (&args.tls_dir, args.insecure_plaintext) {
-        (Some(dir), _) => TlsHandle::load(dir, args.tls_allow.clone())
-            .map(|tls| Some(Arc::new(tls)))
-            .map_err(|e| Chain(&e).to_string()),
+        (Some(dir), _) => Ok(Some(Arc::new(TlsHandle::load(
+            dir,
+            args.tls_allow.clone(),
+        )?))),
         (None, true) => {
             tracing::warn!(
                 "peer link is PLAINTEXT: migration data crosses the network unencrypted"
             );
             Ok(None)
         }
-        (None, false) => Err(
-            "no --tls-dir given: the peer link must be secured with mutual TLS \
-                              (QEMU's x509 directory layout), or --insecure-plaintext must say \
-                              that it need not be"
-                .into(),
-        ),
+        (None, false) => Err(StartError::NoSecurity),
     }
 }
 
 /// Reloads the TLS material on every SIGHUP; connections already made keep theirs.
-fn reload_on_sighup(tls: Arc<TlsHandle>) -> std::io::Result<()> {
+fn reload_on_sighup(tls: Arc<TlsHandle>) -> io::Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
@@ -298,10 +312,14 @@ fn reload_on_sighup(tls: Arc<TlsHandle>) -> std::io::Result<()> {
                     "migproxy daemon: SIGHUP: TLS material reloaded from {}",
                     tls.dir().display()
                 ),
-                Err(error) => eprintln!(
-                    "migproxy daemon: SIGHUP: reload failed, keeping the old TLS material: {}",
-                    Chain(&error)
-                ),
+                Err(error) => {
+                    // One write: a reader of the log never sees the line without its reason.
+                    let line = format!(
+                        "migproxy daemon: SIGHUP: reload failed, keeping the old TLS material: {}\n",
+                        Chain(&error)
+                    );
+                    eprint!("{line}");
+                }
             }
         }
     });
@@ -309,13 +327,10 @@ fn reload_on_sighup(tls: Arc<TlsHandle>) -> std::io::Result<()> {
 }
 
 /// The address source daemons are told to dial.
-fn advertised(advertise: Option<String>, bound: SocketAddr) -> Result<String, String> {
+fn advertised(advertise: Option<String>, bound: SocketAddr) -> Result<String, StartError> {
     match advertise {
         Some(address) => Ok(address),
-        None if bound.ip().is_unspecified() => Err(format!(
-            "--peer-listen {bound} listens on every address: say which one sources should \
-             dial with --advertise HOST:PORT"
-        )),
+        None if bound.ip().is_unspecified() => Err(StartError::EveryAddress(bound)),
         None => Ok(bound.to_string()),
     }
 }

@@ -30,9 +30,9 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use super::EXIT_FAILED;
-use super::migrate::Failure;
+use super::failure::Failure;
 use super::migration::{self, QemuFlags};
+use super::process::EXIT_FAILED;
 use crate::client::Client;
 use crate::human::Bytes;
 

@@ -26,9 +26,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::migration::{self, EXIT_UNREACHABLE, QemuFlags};
-use super::{EXIT_FAILED, EXIT_USAGE};
-use crate::client::{Client, ClientError};
+use super::failure::Failure;
+use super::migration::{self, QemuFlags};
+use super::process::{EXIT_FAILED, EXIT_USAGE};
+use crate::client::Client;
 use crate::human::{Bytes, Elapsed};
 
 #[derive(Debug, clap::Args)]
@@ -72,51 +73,11 @@ pub struct Args {
 }
 
 fn interval(text: &str) -> Result<Duration, String> {
-    let interval = super::seconds(text)?;
+    let interval = super::args::seconds(text)?;
     if interval < Duration::from_millis(50) {
         return Err(format!("{text} s: at least 0.05"));
     }
     Ok(interval)
-}
-
-/// What went wrong, and the exit code it means.
-pub(super) struct Failure {
-    message: String,
-    code: u8,
-}
-
-impl Failure {
-    pub(super) fn usage(message: String) -> Failure {
-        Failure {
-            message,
-            code: EXIT_USAGE,
-        }
-    }
-
-    pub(super) fn failed(message: String) -> Failure {
-        Failure {
-            message,
-            code: EXIT_FAILED,
-        }
-    }
-
-    /// Interrupted between two steps: nothing more is started.
-    pub(super) fn interrupted() -> Failure {
-        Failure::failed("interrupted before the migration started".into())
-    }
-
-    /// A daemon's refusal or silence, naming which daemon.
-    pub(super) fn from_client(who: &str, error: ClientError) -> Failure {
-        let code = match error {
-            ClientError::Unreachable { .. } | ClientError::Tls { .. } => EXIT_UNREACHABLE,
-            _ => EXIT_FAILED,
-        };
-        let mut message = format!("{who}: {error}");
-        for (n, cause) in error.causes().iter().enumerate() {
-            message += &format!("\n  {}: {cause}", n + 1);
-        }
-        Failure { message, code }
-    }
 }
 
 pub async fn run(args: Args) -> u8 {
@@ -169,8 +130,8 @@ async fn migrate(args: Args) -> Result<u8, Failure> {
     if let Err(error) = watch_signals(shutdown.clone()) {
         eprintln!("migproxy: cannot watch for signals ({error}); Ctrl-C will not cancel cleanly");
     }
-    let (api, tls_dir) =
-        migration::local_daemon(args.api.as_ref(), args.config.as_ref()).map_err(Failure::usage)?;
+    let (api, tls_dir) = migration::local_daemon(args.api.as_ref(), args.config.as_ref())
+        .map_err(|e| Failure::usage(crate::human::Chain(&e).to_string()))?;
     let source = Client::new(api);
     let destination = destination(&args, tls_dir)?;
     let id = args.id.clone().unwrap_or_else(|| {

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-use super::EXIT_FAILED;
+use super::process::EXIT_FAILED;
 use crate::client::{Client, ClientError};
+use crate::config::ConfigError;
 use crate::daemon::migration::State;
-use crate::human::{Bytes, Elapsed};
+use crate::human::{Bytes, Chain, Elapsed};
 
 /// Exit code when the daemon cannot be reached.
 pub const EXIT_UNREACHABLE: u8 = 3;
@@ -103,7 +104,7 @@ enum Command {
     Watch {
         id: String,
         /// Seconds between updates.
-        #[arg(long, default_value = "0.5", value_parser = super::seconds)]
+        #[arg(long, default_value = "0.5", value_parser = super::args::seconds)]
         interval: Duration,
     },
     /// Forget an ended migration.
@@ -126,10 +127,10 @@ pub(super) struct QemuFlags {
     #[arg(long, requires = "qmp")]
     pub postcopy: bool,
     /// Switch to postcopy this many seconds after migrate starts (implies --postcopy).
-    #[arg(long, value_name = "SECS", value_parser = super::seconds, requires = "driver")]
+    #[arg(long, value_name = "SECS", value_parser = super::args::seconds, requires = "driver")]
     pub postcopy_after: Option<Duration>,
     /// QEMU's bandwidth limit per second, e.g. 512M or 1G (default: unlimited).
-    #[arg(long, value_name = "RATE", value_parser = super::size, requires = "driver")]
+    #[arg(long, value_name = "RATE", value_parser = super::args::size, requires = "driver")]
     pub max_bandwidth: Option<u64>,
     /// The longest pause of the guest QEMU should aim for, in milliseconds.
     #[arg(long, value_name = "MS", requires = "driver")]
@@ -172,7 +173,7 @@ pub(super) fn merged(body: Value, extra: Value) -> Value {
 const DEFAULT_CONFIG: &str = "/etc/migproxy/migproxy.toml";
 
 /// Where the API socket is: the flag (or MIGPROXY_API), else the config file, else the default.
-fn api_socket(args: &Args) -> Result<PathBuf, String> {
+fn api_socket(args: &Args) -> Result<PathBuf, ConfigError> {
     Ok(local_daemon(args.api.as_ref(), args.config.as_ref())?.0)
 }
 
@@ -181,13 +182,13 @@ fn api_socket(args: &Args) -> Result<PathBuf, String> {
 pub(super) fn local_daemon(
     api: Option<&PathBuf>,
     config: Option<&PathBuf>,
-) -> Result<(PathBuf, Option<PathBuf>), String> {
+) -> Result<(PathBuf, Option<PathBuf>), ConfigError> {
     let config = match config {
         Some(path) => Some(path.clone()),
         None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
     };
     let file = match config {
-        Some(path) => Some(crate::config::File::load(&path).map_err(|e| e.to_string())?),
+        Some(path) => Some(crate::config::File::load(&path)?),
         None => None,
     };
     let (from_file, tls_dir) = file.map_or((None, None), |f| (f.api, f.tls.dir));
@@ -202,15 +203,15 @@ pub async fn run(args: Args) -> u8 {
     let api = match api_socket(&args) {
         Ok(api) => api,
         Err(error) => {
-            eprintln!("error: {error}");
-            return super::EXIT_USAGE;
+            eprintln!("error: {}", Chain(&error));
+            return super::process::EXIT_USAGE;
         }
     };
     let command = match with_token(args.command) {
         Ok(command) => command,
         Err(error) => {
-            eprintln!("error: {error}");
-            return super::EXIT_USAGE;
+            eprintln!("error: {}", Chain(&error));
+            return super::process::EXIT_USAGE;
         }
     };
     let client = Client::new(&api);
@@ -248,7 +249,7 @@ enum TokenError {
 
 /// `create-outgoing` with its token from wherever it was given: the flag, a file, stdin
 /// (`--token-file -`) or `MIGPROXY_TOKEN`, in that order.
-fn with_token(mut command: Command) -> Result<Command, String> {
+fn with_token(mut command: Command) -> Result<Command, TokenError> {
     if let Command::CreateOutgoing {
         token, token_file, ..
     } = &mut command
@@ -260,12 +261,7 @@ fn with_token(mut command: Command) -> Result<Command, String> {
                 .map(|t| t.trim().to_owned())
                 .map_err(|_| TokenError::Missing),
         };
-        *token = Some(found.map_err(|error| match &error {
-            TokenError::Read { error: cause, .. } => {
-                format!("{error}: {}", crate::human::OsError(cause))
-            }
-            _ => error.to_string(),
-        })?);
+        *token = Some(found?);
     }
     Ok(command)
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::EXIT_FAILED;
+use super::process::EXIT_FAILED;
 use crate::endpoint::Endpoint;
 use crate::proxy::{self, Config};
 use crate::relay::Options;
@@ -13,16 +13,16 @@ use crate::transport::Listener;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Where to accept connections: unix:PATH, tcp:HOST:PORT or tcp:[IPV6]:PORT.
-    #[arg(long, value_name = "ENDPOINT", value_parser = super::endpoint)]
+    #[arg(long, value_name = "ENDPOINT", value_parser = super::args::endpoint)]
     listen: Endpoint,
     /// Where to carry each accepted connection, in the same syntax.
-    #[arg(long, value_name = "ENDPOINT", value_parser = super::endpoint)]
+    #[arg(long, value_name = "ENDPOINT", value_parser = super::args::endpoint)]
     connect: Endpoint,
     /// Stop accepting after N connections, exit once their relays have ended.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: Option<u64>,
     /// Give up connecting onwards after this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = super::seconds)]
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = super::args::seconds)]
     connect_timeout: Duration,
     /// Copy through user space instead of splice(2) (for comparison and diagnosis).
     #[arg(long)]
@@ -35,12 +35,13 @@ pub async fn run(args: Args) -> u8 {
     let listener = match Listener::bind(&args.listen).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("migproxy relay: {error}");
+            eprintln!("migproxy relay: {}", crate::human::Chain(&error));
             return EXIT_FAILED;
         }
     };
     let shutdown = CancellationToken::new();
-    if let Err(error) = super::cancel_on_signals(shutdown.clone(), "migproxy relay", "every relay")
+    if let Err(error) =
+        super::process::cancel_on_signals(shutdown.clone(), "migproxy relay", "every relay")
     {
         eprintln!("migproxy relay: cannot install signal handlers: {error}");
         return EXIT_FAILED;

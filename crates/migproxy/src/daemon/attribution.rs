@@ -453,7 +453,10 @@ pub struct Report {
     pub errno: Option<String>,
     /// The OS or protocol error text.
     pub detail: String,
-    /// The causes under `message`, outermost first (today: the OS or protocol error).
+    /// The cause under `message`, as one entry: `detail`, then the errno in parentheses if
+    /// there is one. An attribution crosses the peer link as text (see [`Attribution`]), so
+    /// the error chain it was made from is not kept apart; this is not a copy of `message`
+    /// but its lowest level, as the API's `causes` are for other errors.
     pub causes: Vec<String>,
     pub bytes: relay::ByteCounts,
     pub elapsed_ms: u64,

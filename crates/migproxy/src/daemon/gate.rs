@@ -316,7 +316,11 @@ pub const TLS_BUSY_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 90];
 
 /// Counts an accept that failed and logs it, rate-limited. Out of file descriptors
 /// (`EMFILE`, `ENFILE`) is said so: every connection then waits in the listen backlog.
-pub fn accept_failed(rejections: &super::Rejections, listener: &str, error: &io::Error) {
+pub fn accept_failed(
+    rejections: &super::rejections::Rejections,
+    listener: &str,
+    error: &io::Error,
+) {
     let out_of_fds = error.raw_os_error().is_some_and(is_out_of_fds);
     let reason = if out_of_fds {
         "out_of_fds"

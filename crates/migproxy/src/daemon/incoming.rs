@@ -18,7 +18,7 @@ use super::peer::{self, ReadError};
 use super::token::Token;
 use super::{Daemon, RegisterError, channel, control, paths, qemu};
 use crate::endpoint::Endpoint;
-use crate::human::errno_name;
+use crate::human::{Chain, errno_name};
 use crate::relay;
 use crate::tls::Identity;
 use crate::transport::{self, Stream, TransportError};
@@ -393,7 +393,7 @@ async fn open(
             Ok((stream, identity)) => (Stream::Tls(Box::new(stream)), Some(identity)),
             Err(error) => {
                 if let Some(suppressed) = daemon.rejections.record("tls") {
-                    tracing::warn!(%from, suppressed, "peer connection rejected: {error}");
+                    tracing::warn!(%from, suppressed, "peer connection rejected: {}", Chain(&error));
                 }
                 return Err(None);
             }
@@ -551,7 +551,7 @@ async fn deliver(
 fn connect_failure(migration: &Migration, index: u32, error: &TransportError) -> Attribution {
     let (errno, message) = match error.os_error() {
         Some(os) => (errno_name(os), os_message(os)),
-        None => (None, error.to_string()),
+        None => (None, Chain(error).to_string()),
     };
     Attribution {
         host: migration.host(),

@@ -29,6 +29,7 @@ pub mod outgoing;
 pub mod paths;
 pub mod peer;
 pub mod qemu;
+pub mod rejections;
 pub mod returnpath;
 pub mod runtime;
 pub mod token;
@@ -38,12 +39,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UnixListener};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::migration::Migration;
 pub use self::peer::Timing;
+pub use self::rejections::Rejections;
 
 /// Everything a daemon needs besides its listeners.
 #[derive(Debug, Clone)]
@@ -87,7 +87,7 @@ pub struct Config {
     /// Where the API is also served over mutual TLS, if it is.
     pub api_tls: Option<String>,
     /// Deadlines and a cap for API connections (unix and TLS).
-    pub api_limits: crate::api::Limits,
+    pub api_limits: ApiLimits,
 }
 
 impl Config {
@@ -111,7 +111,7 @@ impl Config {
             tls: None,
             target_dirs: Vec::new(),
             api_tls: None,
-            api_limits: crate::api::Limits::default(),
+            api_limits: ApiLimits::default(),
         }
     }
 
@@ -123,6 +123,29 @@ impl Config {
             reserved: self.reserved_handshakes,
             max_silent: self.max_silent_connections,
             first_byte: self.first_byte_timeout,
+        }
+    }
+}
+
+/// Limits on API connections (unix and TLS); documented in `docs/config.md`.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// A request's head (request line and headers) must have arrived this long after the
+    /// connection became ready for it: opened, or the previous response sent.
+    pub header_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is closed: a request
+    /// body that never comes, a client that stopped reading.
+    pub idle_timeout: Duration,
+    /// Connections served at once; a connection beyond them is closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> ApiLimits {
+        ApiLimits {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 64,
         }
     }
 }
@@ -141,61 +164,6 @@ pub struct Daemon {
     pub metrics: Arc<metrics::Metrics>,
     /// Every migration's events, for `GET /v1/events`.
     pub events: tokio::sync::broadcast::Sender<migration::Event>,
-}
-
-/// Counts of refused peer connections by reason, and a limit on how often they are logged,
-/// so that a hostile peer can neither hide in nor flood the logs.
-#[derive(Debug, Default)]
-pub struct Rejections {
-    counts: Mutex<HashMap<&'static str, u64>>,
-    log: Mutex<LogBudget>,
-}
-
-#[derive(Debug, Default)]
-struct LogBudget {
-    window: Option<std::time::Instant>,
-    logged: u32,
-    suppressed: u64,
-}
-
-/// Refusals logged per 10-second window; the rest are counted and summarised.
-const LOGGED_PER_WINDOW: u32 = 20;
-
-impl Rejections {
-    /// Counts a refusal; returns whether it may be logged, and how many were suppressed
-    /// since the last one logged.
-    pub fn record(&self, reason: &'static str) -> Option<u64> {
-        *self
-            .counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(reason)
-            .or_default() += 1;
-        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        if log
-            .window
-            .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(10))
-        {
-            log.window = Some(now);
-            log.logged = 0;
-        }
-        if log.logged < LOGGED_PER_WINDOW {
-            log.logged += 1;
-            Some(std::mem::take(&mut log.suppressed))
-        } else {
-            log.suppressed += 1;
-            None
-        }
-    }
-
-    /// Every count so far, by reason.
-    pub fn counts(&self) -> HashMap<&'static str, u64> {
-        self.counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
 }
 
 /// Why a migration could not be registered.
@@ -390,58 +358,5 @@ fn socket_key(path: &std::path::Path) -> PathBuf {
     match (path.parent().map(std::fs::canonicalize), path.file_name()) {
         (Some(Ok(dir)), Some(name)) => dir.join(name),
         _ => path.to_owned(),
-    }
-}
-
-/// Runs a daemon on bound listeners until `shutdown` is cancelled; then cancels what is
-/// still running and returns once the peers have been told.
-pub async fn run(
-    daemon: Arc<Daemon>,
-    api: UnixListener,
-    peers: TcpListener,
-    shutdown: CancellationToken,
-) {
-    run_with(daemon, api, None, peers, shutdown).await;
-}
-
-/// As [`run`], also serving the API on `api_tls` behind mutual TLS (the daemon must have TLS).
-pub async fn run_with(
-    daemon: Arc<Daemon>,
-    api: UnixListener,
-    api_tls: Option<TcpListener>,
-    peers: TcpListener,
-    shutdown: CancellationToken,
-) {
-    let api_task = tokio::spawn(crate::api::serve(
-        Arc::clone(&daemon),
-        api,
-        shutdown.clone(),
-    ));
-    let tls_api_task = match (api_tls, &daemon.config.tls) {
-        (Some(listener), Some(tls)) => Some(tokio::spawn(crate::api::serve_tls(
-            Arc::clone(&daemon),
-            listener,
-            Arc::clone(tls),
-            shutdown.clone(),
-        ))),
-        _ => None,
-    };
-    incoming::serve_peers(Arc::clone(&daemon), peers, shutdown.clone()).await;
-    daemon.cancel_all();
-    // After the cancellations' own events: event streams end here.
-    let _ = daemon.events.send(migration::Event::shutdown());
-    // Let the control links carry the cancels out, but do not hang on a dead peer.
-    daemon.tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(3), daemon.tasks.wait()).await;
-    // In-flight API requests get a moment to finish; long-lived ones (event streams) do not
-    // hold the daemon up beyond it.
-    for task in std::iter::once(api_task).chain(tls_api_task) {
-        let abort = task.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(2), task)
-            .await
-            .is_err()
-        {
-            abort.abort();
-        }
     }
 }

@@ -16,7 +16,7 @@ use super::peer::{self, PeerError};
 use super::token::Token;
 use super::{Daemon, RegisterError, channel, control, qemu};
 use crate::endpoint::Endpoint;
-use crate::human::errno_name;
+use crate::human::{Chain, errno_name};
 use crate::relay;
 use crate::transport::{Listener, Stream, TransportError};
 
@@ -40,7 +40,7 @@ pub struct Request {
 pub enum CreateError {
     #[error(transparent)]
     Register(#[from] RegisterError),
-    #[error("cannot create the socket for QEMU: {0}")]
+    #[error("cannot create the socket for QEMU")]
     Listen(#[from] TransportError),
     #[error(transparent)]
     Peer(#[from] PeerError),
@@ -128,7 +128,7 @@ async fn start_qemu(
 ) -> Result<(), CreateError> {
     if let Err(error) = qemu::start(&mut qmp, &migration.spec.local).await {
         // The destination may already listen: both hosts must hear whose fault it was.
-        let blame = migration.qemu_failure(format!("migrate refused: {error}"));
+        let blame = migration.qemu_failure(format!("migrate refused: {}", Chain(&error)));
         migration.fail(migration.epoch(), blame);
         return Err(error.into());
     }
@@ -313,7 +313,7 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
             Ok(accepted) => accepted,
             Err(error) => {
                 // Out of descriptors (EMFILE) fails every accept at once: do not spin.
-                tracing::warn!(migration = %migration.spec.id, %error, "accept failed");
+                tracing::warn!(migration = %migration.spec.id, error = %Chain(&error), "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
@@ -407,7 +407,7 @@ fn refused_channel(
 fn dial_detail(error: &PeerError) -> String {
     error
         .os_error()
-        .map_or_else(|| error.to_string(), os_message)
+        .map_or_else(|| Chain(error).to_string(), os_message)
 }
 
 /// A data connection to the peer could not be opened.

@@ -14,8 +14,8 @@ pub enum PathError {
     NotPlain(PathBuf),
     #[error("\"{path}\" is outside the allowed directories ({allowed}; see --target-dir)")]
     Outside { path: PathBuf, allowed: String },
-    #[error("\"{0}\": its directory cannot be resolved: {1}")]
-    Unresolvable(PathBuf, io::Error),
+    #[error("\"{0}\": its directory cannot be resolved")]
+    Unresolvable(PathBuf, #[source] io::Error),
     /// A TCP target escapes `--target-dir` entirely: it could be any listener on the network.
     #[error(
         "\"{0}\": only unix sockets inside the allowed directories ({allowed}; see \

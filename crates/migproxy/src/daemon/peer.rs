@@ -17,7 +17,7 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::human::{Elapsed, OsError};
+use crate::human::Elapsed;
 use crate::transport::Stream;
 
 /// The time budgets of the peer link.
@@ -48,16 +48,28 @@ impl Default for Timing {
 /// Failures to reach the peer daemon, each naming the peer.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("connect to peer {peer} failed: {}", OsError(.error))]
-    Connect { peer: String, error: io::Error },
+    #[error("connect to peer {peer} failed")]
+    Connect {
+        peer: String,
+        #[source]
+        error: io::Error,
+    },
     #[error("connect to peer {peer} failed: no answer within {}", Elapsed(*.after))]
     ConnectTimeout { peer: String, after: Duration },
-    #[error("handshake with peer {peer} failed: {}", OsError(.error))]
-    Io { peer: String, error: io::Error },
+    #[error("handshake with peer {peer} failed")]
+    Io {
+        peer: String,
+        #[source]
+        error: io::Error,
+    },
     #[error("peer {peer} did not answer the handshake within {}", Elapsed(*.after))]
     HandshakeTimeout { peer: String, after: Duration },
-    #[error("peer {peer} answered with something that is not migproxy: {error}")]
-    Decode { peer: String, error: DecodeError },
+    #[error("peer {peer} answered with something that is not migproxy")]
+    Decode {
+        peer: String,
+        #[source]
+        error: DecodeError,
+    },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("peer {peer} refused: {message} ({})", .status.name())]

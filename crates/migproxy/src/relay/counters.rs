@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::Direction;
+use super::pump::Direction;
 
 /// Bytes per direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

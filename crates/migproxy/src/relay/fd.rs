@@ -16,7 +16,8 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::sys::socket::{MsgFlags, send};
 use tokio::io::Interest;
 
-use super::{Counters, Direction, Op, Options, PumpError, TapFn};
+use super::counters::Counters;
+use super::pump::{Direction, Op, Options, PumpError, TapFn, Turn};
 use crate::transport::Socket;
 
 /// Moves one direction until end of stream, then shuts the destination's write side.
@@ -33,7 +34,7 @@ pub(super) async fn pump(
         Some(_) => Carrier::buffer(options.copy_buffer),
         None => Carrier::new(options),
     };
-    let mut turn = super::Turn::new();
+    let mut turn = Turn::new();
     loop {
         let filled = fill(&src, &mut carrier).await?;
         if filled == 0 {

@@ -3,7 +3,8 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Counters, Direction, Op, Options, PumpError, TapFn};
+use super::counters::Counters;
+use super::pump::{Direction, Op, Options, PumpError, TapFn, Turn};
 
 /// Moves one direction until end of stream, then shuts the writer down.
 pub(super) async fn pump(
@@ -15,7 +16,7 @@ pub(super) async fn pump(
     tap: Option<TapFn>,
 ) -> Result<(), PumpError> {
     let mut buf = vec![0u8; options.copy_buffer].into_boxed_slice();
-    let mut turn = super::Turn::new();
+    let mut turn = Turn::new();
     loop {
         let filled = reader.read(&mut buf).await.map_err(PumpError::read)?;
         if filled == 0 {

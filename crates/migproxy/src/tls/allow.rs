@@ -15,7 +15,7 @@
 //! matches any run of characters, and only within that value; values compare exactly
 //! otherwise (case included).
 
-use super::Identity;
+use super::identity::Identity;
 
 /// Why a `--tls-allow` pattern is refused.
 #[derive(Debug, thiserror::Error)]

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use migproxy::daemon::{self, Config, Daemon};
+use migproxy::daemon::{Config, Daemon};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -39,7 +39,7 @@ impl TestDaemon {
         tweak(&mut config);
         let daemon = Daemon::new(config);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(daemon::run(
+        let task = tokio::spawn(migproxy::server::run(
             Arc::clone(&daemon),
             api_listener,
             peers,
@@ -75,18 +75,11 @@ impl TestDaemon {
         limit: Duration,
         ready: impl Fn(&Value) -> bool,
     ) -> Value {
-        let start = Instant::now();
-        loop {
+        super::poll(what, limit, async || {
             let view = self.show(id).await;
-            if ready(&view) {
-                return view;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "not {what} after {limit:?}: {view}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            if ready(&view) { Ok(view) } else { Err(view) }
+        })
+        .await
     }
 
     /// Polls until the migration is in `state`; returns the view.
@@ -97,13 +90,7 @@ impl TestDaemon {
 
     /// Polls until the migration's state is final; returns the last view.
     pub async fn wait_final(&self, id: &str, limit: Duration) -> Value {
-        let ended = |view: &Value| {
-            matches!(
-                view["state"].as_str(),
-                Some("completed" | "transferred" | "failed" | "cancelled" | "expired")
-            )
-        };
-        self.wait_for(id, "ended", limit, ended).await
+        self.wait_for(id, "ended", limit, super::is_final).await
     }
 
     pub async fn stop(mut self) {
@@ -214,4 +201,14 @@ pub async fn http(socket: &PathBuf, method: &str, path: &str, body: Option<Value
         serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()))
     };
     (status, value)
+}
+
+/// An API error body as one line: `error`, then each of its `causes` after a colon.
+pub fn story(body: &Value) -> String {
+    let mut line = body["error"].as_str().unwrap_or_default().to_owned();
+    for cause in body["causes"].as_array().into_iter().flatten() {
+        line.push_str(": ");
+        line.push_str(cause.as_str().unwrap_or_default());
+    }
+    line
 }

@@ -89,16 +89,42 @@ pub async fn receive_all(mut reader: impl AsyncRead + Unpin) -> io::Result<(u64,
     }
 }
 
+/// The one polling loop of the tests: runs `probe` every 10 ms until it returns `Ok`, and
+/// returns that; after `limit`, fails the test naming `what` and the last thing the probe saw
+/// (its `Err`). In-process daemons, daemon processes and QEMU are all waited for with it.
+pub async fn poll<T, E: std::fmt::Display>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match probe().await {
+            Ok(done) => return done,
+            Err(seen) if start.elapsed() >= limit => {
+                panic!("timed out after {limit:?} waiting for {what}: {seen}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// Polls `check` every 10 ms until it holds or `limit` passes.
 pub async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll(
+        what,
+        limit,
+        async || if check() { Ok(()) } else { Err("no") },
+    )
+    .await
+}
+
+/// Whether an API view of a migration names a final state (`State::FINAL`).
+pub fn is_final(view: &serde_json::Value) -> bool {
+    let state = view["state"].as_str().unwrap_or_default();
+    migproxy::daemon::migration::State::FINAL
+        .iter()
+        .any(|s| s.name() == state)
 }
 
 /// A fresh temporary directory with a short path (unix socket paths are limited to 107 bytes).

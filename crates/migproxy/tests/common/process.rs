@@ -73,19 +73,24 @@ impl DaemonProcess {
     }
 
     pub async fn wait_final(&self, id: &str, limit: Duration) -> Value {
-        let start = std::time::Instant::now();
-        loop {
-            let (status, view) = self
+        self.wait_for(id, "ended", limit, super::is_final).await
+    }
+
+    /// Polls the migration's view until `ready` says so; returns that view. A migration not
+    /// created yet (404) is not ready.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Value {
+        super::poll(what, limit, async || {
+            let (_, view) = self
                 .request("GET", &format!("/v1/migrations/{id}"), None)
                 .await;
-            assert_eq!(status, 200, "{view}");
-            match view["state"].as_str() {
-                Some("completed" | "transferred" | "failed" | "cancelled" | "expired") => {
-                    return view;
-                }
-                _ if start.elapsed() > limit => panic!("still running after {limit:?}: {view}"),
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
+            if ready(&view) { Ok(view) } else { Err(view) }
+        })
+        .await
     }
 }

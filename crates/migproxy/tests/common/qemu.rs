@@ -5,14 +5,14 @@
 //! every byte crossed.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use migproxy::qmp::QmpError;
-use migproxy::vm::{self, Vm};
+use migproxy::testkit::vm::{self, Vm};
 use serde_json::{Value, json};
 
 #[allow(unused_imports)]
-pub use migproxy::vm::accel;
+pub use migproxy::testkit::vm::accel;
 
 /// A running QEMU, killed when dropped; every failure panics with QEMU's own log.
 pub struct Qemu {
@@ -69,17 +69,14 @@ impl Qemu {
 
     /// Polls `query-migrate` until the status is final; returns the last answer.
     pub async fn wait_migration(&mut self, limit: Duration) -> Value {
-        let start = Instant::now();
-        loop {
+        super::poll("the migration to end", limit, async || {
             let info = self.execute("query-migrate", Value::Null).await;
             match info["status"].as_str() {
-                Some("completed" | "failed" | "cancelled") => return info,
-                _ if start.elapsed() > limit => {
-                    panic!("migration still running after {limit:?}: {info}")
-                }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                Some("completed" | "failed" | "cancelled") => Ok(info),
+                _ => Err(info),
             }
-        }
+        })
+        .await
     }
 
     /// blake3 of guest physical memory 0..mib MiB, through `pmemsave`.

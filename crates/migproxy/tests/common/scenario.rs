@@ -2,7 +2,7 @@
 //! (in two network namespaces when asked), and the QMP steps in between.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -130,15 +130,13 @@ impl Scenario {
 
     /// Waits until the source QEMU has sent `bytes` of RAM.
     pub async fn sent_at_least(&mut self, bytes: u64) {
-        let start = Instant::now();
-        loop {
-            let info = self.src_vm.execute("query-migrate", Value::Null).await;
-            if info["ram"]["transferred"].as_u64().unwrap_or(0) >= bytes {
-                return;
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "{info}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let vm = &mut self.src_vm;
+        super::poll("RAM sent", Duration::from_secs(60), async || {
+            let info = vm.execute("query-migrate", Value::Null).await;
+            let sent = info["ram"]["transferred"].as_u64().unwrap_or(0);
+            if sent >= bytes { Ok(()) } else { Err(info) }
+        })
+        .await
     }
 
     /// Both VMs' guest RAM must be equal (and the source's must be the random file's).
@@ -178,17 +176,14 @@ pub async fn qemu_completed(vm: &mut Qemu) -> Value {
 
 /// Polls a QEMU's `query-migrate` until its status is one of `wanted`.
 pub async fn qemu_status(vm: &mut Qemu, wanted: &[&str], limit: Duration) -> Value {
-    let start = Instant::now();
-    loop {
+    let what = format!("QEMU status {wanted:?}");
+    super::poll(&what, limit, async || {
         let info = vm.execute("query-migrate", Value::Null).await;
         if wanted.contains(&info["status"].as_str().unwrap_or("")) {
-            return info;
+            Ok(info)
+        } else {
+            Err(format!("{info}\n{}", vm.log_text()))
         }
-        assert!(
-            start.elapsed() < limit,
-            "waiting for {wanted:?}: {info}\n{}",
-            vm.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }

@@ -161,7 +161,7 @@ async fn the_stall_watch_fires_within_a_twentieth_of_its_limit() {
     let m = migration(Role::Outgoing);
     let _link = m.attach_control(0, None).expect("attached");
     m.open_channel(0).expect("admitted");
-    m.channel_running(0, Arc::new(crate::relay::Counters::new()));
+    m.channel_running(0, Arc::new(Counters::new()));
     let watch = tokio::spawn(Arc::clone(&m).watch_stall(limit));
     // Sleeping (not advancing in one jump) lets the watch tick as it would: paused time runs
     // from timer to timer.

@@ -44,6 +44,7 @@ use tokio::sync::mpsc;
 pub use self::report::{CancelRefused, Report, Settings, Status};
 use super::migration::{CancelRequest, Migration, Role, State};
 use crate::endpoint::Endpoint;
+use crate::human::Chain;
 use crate::qmp::{Qmp, QmpError};
 
 /// How often QEMU is asked how the migration goes.
@@ -65,9 +66,10 @@ pub enum QemuError {
     /// The monitor could not be reached or spoke no QMP.
     #[error(transparent)]
     Qmp(QmpError),
-    #[error("QEMU at {}: {error}{hint}", .qmp.display())]
+    #[error("QEMU at {}{hint}", .qmp.display())]
     Command {
         qmp: PathBuf,
+        #[source]
         error: QmpError,
         hint: &'static str,
     },
@@ -200,7 +202,8 @@ pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: O
         }
         Ok(_) => {}
         Err(error) => {
-            let blame = migration.qemu_failure(format!("migrate-incoming {uri} failed: {error}"));
+            let blame =
+                migration.qemu_failure(format!("migrate-incoming {uri} failed: {}", Chain(&error)));
             migration.fail(migration.epoch(), blame);
         }
     }
@@ -346,7 +349,7 @@ pub async fn follow(
                 match timed(&mut qmp, "migrate-start-postcopy").await {
                     // QEMU said no: the migration goes on in precopy, still cancellable.
                     Err(error @ QemuError::Command { .. }) => {
-                        migration.qemu_postcopy_refused(error.to_string());
+                        migration.qemu_postcopy_refused(Chain(&error).to_string());
                     }
                     // No answer (timeout, monitor gone): a monitor that does not answer is
                     // lost, as when `query-migrate` goes unanswered.
@@ -534,7 +537,8 @@ fn verdict(migration: &Arc<Migration>, status: &Status) {
 /// The monitor broke while the migration ran: QEMU exited or crashed.
 fn lost(migration: &Migration, error: &QemuError) -> Attribution {
     let mut blame = migration.qemu_failure(format!(
-        "QEMU's monitor broke during the migration (QEMU exited or crashed?): {error}"
+        "QEMU's monitor broke during the migration (QEMU exited or crashed?): {}",
+        Chain(error)
     ));
     blame.errno = error.os_error().and_then(crate::human::errno_name);
     blame

@@ -1,6 +1,9 @@
 //! Every live phase, on either host, recoverable or not, against each way of ending.
 
-use super::*;
+use migproxy_proto::{Control, Host, Leg};
+
+use super::super::*;
+use super::driver::*;
 
 /// From every live phase, on either host, recoverable or not: a certain failure, the peer's
 /// failure, the peer's cancel and a cancel asked here each end the epoch (or are refused,

@@ -1,7 +1,10 @@
 //! The lifecycle's scenarios, one function each: completion, disagreements, deadlines,
 //! failures, cancels, epochs and refusals.
 
-use super::*;
+use migproxy_proto::{ChannelEnd, Control, Host, Leg, Op, Totals, Verdict};
+
+use super::super::*;
+use super::driver::*;
 
 // ---- completion ----
 

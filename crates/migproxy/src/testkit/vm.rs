@@ -25,8 +25,8 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// Why a guest could not be started or inspected.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot start {QEMU}: {0}")]
-    Spawn(io::Error),
+    #[error("cannot start {QEMU}")]
+    Spawn(#[source] io::Error),
     #[error("{QEMU} exited ({status}) before its QMP socket was up{}", log_tail(.log))]
     Exited {
         status: std::process::ExitStatus,
@@ -34,8 +34,12 @@ pub enum VmError {
     },
     #[error(transparent)]
     Qmp(#[from] QmpError),
-    #[error("guest RAM dump {}: {error}", .path.display())]
-    Dump { path: PathBuf, error: io::Error },
+    #[error("guest RAM dump {}", .path.display())]
+    Dump {
+        path: PathBuf,
+        #[source]
+        error: io::Error,
+    },
 }
 
 fn log_tail(log: &Option<PathBuf>) -> String {

@@ -10,14 +10,12 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::demo::{DemoDaemon, DemoError, create_both, reports};
+use super::daemons::{DemoDaemon, DemoError, create_both, reports};
 use crate::human::Bytes;
-use crate::vm::{Ram, Vm, accel, random_ram_file};
-
-pub use crate::vm::available;
+use crate::testkit::vm::{Ram, Vm, accel, random_ram_file};
 
 /// Migrates a paused VM with `size` bytes of random RAM through two daemons.
-pub async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
+pub(super) async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     let mib = (size >> 20).max(16);
     let size = mib << 20;
     say!(
@@ -72,7 +70,7 @@ async fn follow(source: &DemoDaemon, size: u64) -> Result<(), DemoError> {
         bar.set_position(carried["bytes"]["to_destination"].as_u64().unwrap_or(0));
         let qemu = carried["qemu"]["status"].as_str().unwrap_or("?");
         bar.set_message(format!("QEMU {qemu}"));
-        if super::migration::settled(&carried) {
+        if crate::cli::migration::settled(&carried) {
             bar.finish_and_clear();
             return Ok(());
         }

@@ -1,4 +1,4 @@
-//! `migproxy demo`: a synthetic migration through two daemons on this machine.
+//! `migproxy demo` without QEMU: a synthetic migration through two daemons on this machine.
 //!
 //! ```text
 //!  source ─unix─► source daemon ══tcp (loopback)══► destination daemon ─unix─► destination
@@ -21,54 +21,24 @@ use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::UnixStream;
 
-use super::EXIT_FAILED;
+use super::daemons::{DemoDaemon, DemoError, create_both, reports};
 use crate::client::Client;
-use crate::daemon::{self, Config, Daemon};
 use crate::endpoint::Endpoint;
 use crate::human::Bytes;
 use crate::transport::{Listener, Stream};
-
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// How much to migrate: the guest RAM, or the synthetic stream (binary units: 512M, 1G).
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = super::size)]
-    size: u64,
-    /// Stream synthetic data even when QEMU is installed.
-    #[arg(long)]
-    synthetic: bool,
-}
 
 /// The destination acknowledges this much data at a time.
 const ACK_EVERY: u64 = 64 << 20;
 const CHUNK: usize = 1 << 20;
 
-pub async fn run(args: Args) -> u8 {
-    match demo(args).await {
-        Ok(true) => 0,
-        Ok(false) => EXIT_FAILED,
-        Err(error) => {
-            eprintln!("migproxy demo: {error}");
-            EXIT_FAILED
-        }
-    }
-}
-
-pub(super) type DemoError = Box<dyn std::error::Error + Send + Sync>;
-
-async fn demo(args: Args) -> Result<bool, DemoError> {
-    let dir = tempfile::Builder::new()
-        .prefix("migproxy-demo-")
-        .tempdir()?;
-    if !args.synthetic && super::demo_qemu::available() {
-        return super::demo_qemu::demo(dir.path(), args.size).await;
-    }
+/// Streams `size` pseudo-random bytes through two daemons run in `dir`.
+pub(super) async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     // Two daemons, as on two hosts: here both on loopback, plaintext.
-    let source_host = DemoDaemon::start(dir.path(), "source").await?;
-    let destination_host = DemoDaemon::start(dir.path(), "destination").await?;
-    let target = Endpoint::Unix(dir.path().join("qemu-incoming.sock"));
+    let source_host = DemoDaemon::start(dir, "source").await?;
+    let destination_host = DemoDaemon::start(dir, "destination").await?;
+    let target = Endpoint::Unix(dir.join("qemu-incoming.sock"));
     let qemu_in = Listener::bind(&target).await?;
 
     let (peer, qemu_uri) =
@@ -77,14 +47,14 @@ async fn demo(args: Args) -> Result<bool, DemoError> {
         "migproxy demo: QEMU is not installed here (or --synthetic): streaming {} of \
          pseudo-random migration data between two daemons instead\n  \
          source \"QEMU\" → {qemu_uri} → source daemon ═ tcp:{} ═ destination daemon → {target} → destination \"QEMU\"",
-        Bytes(args.size),
+        Bytes(size),
         peer,
     );
 
     let destination = tokio::spawn(destination(qemu_in));
     let socket = qemu_uri.trim_start_matches("unix:");
-    let source = tokio::spawn(source(UnixStream::connect(socket).await?, args.size));
-    show_progress(&source_host.client, args.size).await?;
+    let source = tokio::spawn(source(UnixStream::connect(socket).await?, size));
+    show_progress(&source_host.client, size).await?;
     let sent = source.await??;
     let received = destination.await??;
 
@@ -92,41 +62,6 @@ async fn demo(args: Args) -> Result<bool, DemoError> {
     source_host.stop().await;
     destination_host.stop().await;
     Ok(print_result(&at_source, &at_destination, &sent, &received))
-}
-
-/// A daemon run in this process, on loopback.
-pub(super) struct DemoDaemon {
-    pub(super) client: Client,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl DemoDaemon {
-    pub(super) async fn start(dir: &Path, name: &str) -> Result<DemoDaemon, DemoError> {
-        let api_path = dir.join(format!("{name}-api.sock"));
-        let api = UnixListener::bind(&api_path)?;
-        let peers = TcpListener::bind("127.0.0.1:0").await?;
-        let runtime = dir.join(format!("{name}-run"));
-        std::fs::create_dir(&runtime)?;
-        let config = Config::new(peers.local_addr()?.to_string(), runtime);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(daemon::run(
-            Daemon::new(config),
-            api,
-            peers,
-            shutdown.clone(),
-        ));
-        Ok(DemoDaemon {
-            client: Client::new(api_path),
-            shutdown,
-            task,
-        })
-    }
-
-    pub(super) async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.task.await;
-    }
 }
 
 /// What a management layer does: the migration `demo` incoming on the destination (delivering
@@ -141,28 +76,6 @@ pub(super) async fn create_migration(
     create_both(source, destination, incoming, json!({})).await
 }
 
-/// Creates the incoming half from `incoming`, then the outgoing half with `outgoing`'s
-/// extra fields; returns the destination's peer address and the source QEMU's URI.
-pub(super) async fn create_both(
-    source: &DemoDaemon,
-    destination: &DemoDaemon,
-    incoming: Value,
-    outgoing: Value,
-) -> Result<(String, String), DemoError> {
-    let incoming = destination
-        .client
-        .post("/v1/migrations", Some(incoming))
-        .await?;
-    let mut body = json!({"direction": "outgoing", "id": "demo", "token": incoming["token"],
-                      "peer": incoming["peer"]});
-    if let (Some(body), Some(extra)) = (body.as_object_mut(), outgoing.as_object()) {
-        body.extend(extra.clone());
-    }
-    let outgoing = source.client.post("/v1/migrations", Some(body)).await?;
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-    Ok((text(&incoming["peer"]), text(&outgoing["qemu_uri"])))
-}
-
 /// Draws a progress bar from the source daemon's API until the migration ends.
 async fn show_progress(client: &Client, size: u64) -> Result<(), DemoError> {
     let bar = ProgressBar::new(size).with_style(ProgressStyle::with_template(
@@ -171,39 +84,13 @@ async fn show_progress(client: &Client, size: u64) -> Result<(), DemoError> {
     loop {
         let migration = client.get("/v1/migrations/demo").await?;
         bar.set_position(migration["bytes"]["to_destination"].as_u64().unwrap_or(0));
-        if super::migration::is_final(&migration) {
+        if crate::cli::migration::is_final(&migration) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish_and_clear();
     Ok(())
-}
-
-/// Both daemons' final reports, printed one after the other.
-pub(super) async fn reports(
-    source: &DemoDaemon,
-    destination: &DemoDaemon,
-) -> Result<(Value, Value), DemoError> {
-    let at_source = wait_final(&source.client).await?;
-    let at_destination = wait_final(&destination.client).await?;
-    say!("\nthe source daemon reports:");
-    super::migration::print_report(&at_source, false);
-    say!("the destination daemon reports:");
-    super::migration::print_report(&at_destination, false);
-    Ok((at_source, at_destination))
-}
-
-/// The migration once it has ended on this daemon (both daemons agree before they end).
-pub(super) async fn wait_final(client: &Client) -> Result<Value, DemoError> {
-    for _ in 0..100 {
-        let migration = client.get("/v1/migrations/demo").await?;
-        if super::migration::is_final(&migration) {
-            return Ok(migration);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err("the migration did not end within 5 s of the stream".into())
 }
 
 /// What the source sent and what came back on the return path.
