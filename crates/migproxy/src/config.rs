@@ -66,6 +66,8 @@ pub struct File {
 pub struct TlsSection {
     pub dir: Option<PathBuf>,
     pub allow: Option<Vec<String>>,
+    /// The record layer of peer connections: `"migproxy"` (default) or `"stock"`.
+    pub records: Option<crate::tls::Records>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +172,7 @@ pub struct Flags {
     pub insecure_plaintext: bool,
     pub tls_dir: Option<PathBuf>,
     pub tls_allow: Vec<String>,
+    pub tls_records: Option<crate::tls::Records>,
     pub peer_timeout: Option<Duration>,
     pub stall_timeout: Option<Duration>,
     pub token_ttl: Option<Duration>,
@@ -192,6 +195,7 @@ pub struct Settings {
     pub insecure_plaintext: bool,
     pub tls_dir: Option<PathBuf>,
     pub tls_allow: Vec<String>,
+    pub tls_records: crate::tls::Records,
     pub max_migrations: usize,
     pub max_channels: u32,
     pub max_handshakes: usize,
@@ -253,6 +257,7 @@ impl Settings {
                 || file.insecure_plaintext.unwrap_or(false),
             tls_dir: flags.tls_dir.or(file.tls.dir),
             tls_allow: flag_or_file(flags.tls_allow, file.tls.allow),
+            tls_records: flags.tls_records.or(file.tls.records).unwrap_or_default(),
             max_migrations: file.limits.max_migrations.unwrap_or(64),
             max_channels: file.limits.max_channels.unwrap_or(64),
             max_handshakes: file.limits.max_handshakes.unwrap_or(64),

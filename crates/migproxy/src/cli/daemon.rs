@@ -60,6 +60,10 @@ pub struct Args {
     /// or a subject alternative name (`DNS:*.example.org`, `IP:10.0.0.1`). Repeatable.
     #[arg(long, value_name = "PATTERN")]
     tls_allow: Vec<String>,
+    /// Record layer of the TLS peer connections: `migproxy` (its own, the default) or
+    /// `stock` (rustls's, through tokio-rustls): the escape hatch.
+    #[arg(long, value_name = "migproxy|stock")]
+    tls_records: Option<crate::tls::Records>,
     /// Carry migrations between daemons unencrypted and unauthenticated (but for the token).
     #[arg(long)]
     insecure_plaintext: bool,
@@ -98,6 +102,7 @@ impl Args {
             insecure_plaintext: self.insecure_plaintext,
             tls_dir: self.tls_dir,
             tls_allow: self.tls_allow,
+            tls_records: self.tls_records,
             peer_timeout: self.peer_timeout,
             stall_timeout: self.stall_timeout,
             token_ttl: self.token_ttl,
@@ -129,6 +134,10 @@ pub async fn run(args: Args) -> u8 {
     }
     if !settings.tls_allow.is_empty() && settings.tls_dir.is_none() {
         eprintln!("error: --tls-allow needs --tls-dir: only TLS peers have identities to allow");
+        return super::EXIT_USAGE;
+    }
+    if settings.tls_records != crate::tls::Records::default() && settings.tls_dir.is_none() {
+        eprintln!("error: --tls-records needs --tls-dir: a plaintext link has no TLS records");
         return super::EXIT_USAGE;
     }
     match start(settings).await {
@@ -266,7 +275,7 @@ impl std::fmt::Display for OsErrorText<'_> {
 /// TLS material, or the operator's explicit consent to plaintext.
 fn security(args: &Settings) -> Result<Option<Arc<TlsHandle>>, String> {
     match (&args.tls_dir, args.insecure_plaintext) {
-        (Some(dir), _) => TlsHandle::load(dir, args.tls_allow.clone())
+        (Some(dir), _) => TlsHandle::load_with(dir, args.tls_allow.clone(), args.tls_records)
             .map(|tls| Some(Arc::new(tls)))
             .map_err(|e| Chain(&e).to_string()),
         (None, true) => {
