@@ -19,6 +19,8 @@
 
 mod allow;
 mod crl;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod peer;
 mod record;
