@@ -87,7 +87,11 @@ impl Stock {
         Stock { tls, own }
     }
 
+    /// Errors worded as [`RecordStream`] words them.
     fn explain(&self, error: io::Error) -> io::Error {
+        if error.kind() == io::ErrorKind::UnexpectedEof {
+            return super::stream::truncated();
+        }
         match &self.own {
             Some(own) => own.explain(error),
             None => error,

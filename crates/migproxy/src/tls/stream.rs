@@ -71,6 +71,14 @@ impl Kernel {
     }
 }
 
+/// The peer's FIN came before its close_notify: the stream may have been cut short.
+pub(super) fn truncated() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the peer closed the connection without a TLS close_notify (truncated)",
+    )
+}
+
 pub(super) fn invalid(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
@@ -305,10 +313,7 @@ impl AsyncRead for RecordStream {
                 return Poll::Ready(Ok(()));
             }
             if ready!(this.poll_fill(cx))? == 0 {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection without a TLS close_notify (truncated)",
-                )));
+                return Poll::Ready(Err(truncated()));
             }
         }
     }
