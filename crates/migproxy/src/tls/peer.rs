@@ -57,8 +57,10 @@ impl std::fmt::Display for Records {
 /// per write (rustls's default is 64 KiB).
 pub(super) const STOCK_SEND_BUFFER: usize = 1 << 20;
 
-/// A TLS peer connection, with the record layer chosen by [`Records`].
+/// A TLS peer connection, with the record layer chosen by [`Records`]. (The variants
+/// differ in size; the transport boxes the whole, once per connection.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum PeerStream {
     Migproxy(RecordStream),
     Stock(Stock),
