@@ -360,6 +360,33 @@ mod tests {
     }
 
     #[test]
+    fn the_tls_record_layer_is_chosen_by_key_or_flag() {
+        use crate::tls::Records;
+        let base = "api = \"/a\"\npeer_listen = \"127.0.0.1:0\"\n";
+        let (_dir, path) = write(&format!("{base}[tls]\nrecords = \"stock\"\n"));
+        let resolve = |flags| Settings::resolve(flags, File::load(&path).unwrap()).unwrap();
+        assert_eq!(resolve(Flags::default()).tls_records, Records::Stock);
+        let flags = Flags {
+            tls_records: Some(Records::Migproxy),
+            ..Flags::default()
+        };
+        assert_eq!(
+            resolve(flags).tls_records,
+            Records::Migproxy,
+            "the flag wins"
+        );
+        let (_dir, path) = write(base);
+        let settings = Settings::resolve(Flags::default(), File::load(&path).unwrap()).unwrap();
+        assert_eq!(settings.tls_records, Records::Migproxy, "the default");
+        let (_dir, path) = write(&format!("{base}[tls]\nrecords = \"fast\"\n"));
+        let error = File::load(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("records") && error.contains("line 4"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_heartbeat_not_below_the_peer_timeout_is_refused_naming_both() {
         let (_dir, path) =
             write("api = \"/a\"\npeer_listen = \"127.0.0.1:0\"\n[timeouts]\nheartbeat = 2\n");
