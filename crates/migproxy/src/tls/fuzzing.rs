@@ -49,6 +49,9 @@ struct Sealed {
     seq: u64,
     /// Content type, content and padding, before sealing.
     inner: Vec<u8>,
+    /// The record as sealed, to tell whether flips left it changed (two flips of one byte
+    /// restore it).
+    original: Vec<u8>,
     tampered: bool,
 }
 
@@ -104,6 +107,7 @@ fn wire(data: &[u8]) -> (Vec<u8>, Vec<Sealed>) {
                     generation,
                     seq,
                     inner,
+                    original: record.clone(),
                     tampered: false,
                 });
                 wire.extend_from_slice(&record);
@@ -126,7 +130,7 @@ fn wire(data: &[u8]) -> (Vec<u8>, Vec<Sealed>) {
                     && last.at + last.len == wire.len()
                 {
                     wire[last.at + at % last.len] ^= 0x80;
-                    last.tampered = true;
+                    last.tampered = wire[last.at..] != last.original[..];
                 }
             }
             _ => {
