@@ -1,21 +1,24 @@
 //! The property the fuzz target `fuzz/fuzz_targets/records.rs` checks, with known keys: the
 //! opener and what reads the opened content (alerts, handshake messages, KeyUpdate) never
-//! panic on any byte stream, open exactly the records sealed with the key and sequence
-//! number in force and nothing else, hand out exactly the content that was sealed, and
-//! follow the peer's key updates. A deterministic version runs in `cargo test` (below),
-//! over the committed corpus `fuzz/seeds/records/` too.
+//! panic on any byte stream, and agree with a reference: a record opens exactly when `ring`,
+//! called directly with the key and sequence number in force, opens it, and what it says
+//! (data and its content, close_notify, a KeyUpdate, a ticket) is what that plaintext says;
+//! key updates are followed. A deterministic version runs in `cargo test` (below), over the
+//! committed corpus `fuzz/seeds/records/` too.
 //!
 //! The input is a script for the sending side:
 //!
 //! ```text
 //!  0 LEN_HI LEN_LO INNER…  seal INNER (content ‖ type ‖ padding, as chosen) as one record
-//!  1 N BYTES…              N raw bytes on the wire (garbage, headers, half records)
-//!  2 AT_HI AT_LO           flip one byte of the last sealed record (it must not open)
+//!  1 N BYTES…              N raw bytes on the wire (garbage, headers, half records, or a
+//!                          record copied whole: it opens only where its sequence number is)
+//!  2 AT_HI AT_LO           flip one byte of the last sealed record
 //!  3                       the sender moves to its next key (as after a KeyUpdate)
 //! ```
 //!
-//! The sender seals with `ring` directly, apart from [`Sealer`](super::record::Sealer), so
-//! that the opener is checked against a second implementation of RFC 8446 §5.2.
+//! The reference seals and opens with `ring` directly, apart from
+//! [`Sealer`](super::record::Sealer) and [`Opener`], so that the opener is checked against a
+//! second implementation of RFC 8446 §5.2.
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;
@@ -40,23 +43,8 @@ fn opener(generation: u8) -> Opener {
     }
 }
 
-/// One record on the wire, as the sender wrote it.
-#[derive(Debug)]
-struct Sealed {
-    at: usize,
-    len: usize,
-    generation: u8,
-    seq: u64,
-    /// Content type, content and padding, before sealing.
-    inner: Vec<u8>,
-    /// The record as sealed, to tell whether flips left it changed (two flips of one byte
-    /// restore it).
-    original: Vec<u8>,
-    tampered: bool,
-}
-
-/// Seals `inner` with key `generation` and sequence number `seq`.
-fn seal(inner: &[u8], generation: u8, seq: u64) -> Vec<u8> {
+/// The reference's key and nonce for record `seq` under key `generation`.
+fn key_and_nonce(generation: u8, seq: u64) -> (LessSafeKey, Nonce) {
     let (key, iv) = material(generation);
     let key = match UnboundKey::new(&AES_256_GCM, &key) {
         Ok(key) => LessSafeKey::new(key),
@@ -66,25 +54,46 @@ fn seal(inner: &[u8], generation: u8, seq: u64) -> Vec<u8> {
     for (n, s) in nonce[NONCE_LEN - 8..].iter_mut().zip(seq.to_be_bytes()) {
         *n ^= s;
     }
-    let length = (inner.len() + 16) as u16;
-    let header = [23, 3, 3, (length >> 8) as u8, length as u8];
-    let mut record = header.to_vec();
-    let mut body = inner.to_vec();
-    let sealed = key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(header),
-        &mut body,
-    );
-    if sealed.is_err() {
-        panic!("ring refuses to seal {} bytes", inner.len());
-    }
-    record.extend_from_slice(&body);
-    record
+    (key, Nonce::assume_unique_for_key(nonce))
 }
 
-/// The sender's script: the wire and what is on it.
-fn wire(data: &[u8]) -> (Vec<u8>, Vec<Sealed>) {
-    let (mut wire, mut sealed) = (Vec::new(), Vec::<Sealed>::new());
+/// Seals `inner` with key `generation` and sequence number `seq`.
+fn seal(inner: &[u8], generation: u8, seq: u64) -> Vec<u8> {
+    let (key, nonce) = key_and_nonce(generation, seq);
+    let length = (inner.len() + 16) as u16;
+    let header = [23, 3, 3, (length >> 8) as u8, length as u8];
+    let mut body = inner.to_vec();
+    if key
+        .seal_in_place_append_tag(nonce, Aad::from(header), &mut body)
+        .is_err()
+    {
+        panic!("ring refuses to seal {} bytes", inner.len());
+    }
+    [&header[..], &body].concat()
+}
+
+/// The reference's opening of the whole record at the start of `wire` (as the peer sent
+/// it): its length and inner plaintext, or none when it is not a record TLS allows, not all
+/// there, or does not authenticate.
+fn reference_open(wire: &[u8], generation: u8, seq: u64) -> Option<(usize, Vec<u8>)> {
+    let header: [u8; HEADER] = wire.get(..HEADER)?.try_into().ok()?;
+    let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if header[0] != 23 || !(17..=MAX_RECORD - HEADER).contains(&len) {
+        return None;
+    }
+    let mut body = wire.get(HEADER..HEADER + len)?.to_vec();
+    let (key, nonce) = key_and_nonce(generation, seq);
+    let inner = key
+        .open_in_place(nonce, Aad::from(header), &mut body)
+        .ok()?;
+    Some((HEADER + len, inner.to_vec()))
+}
+
+/// The sender's script: the bytes on the wire.
+fn wire(data: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::new();
+    // Where the last sealed record starts, while it is the last thing on the wire.
+    let mut last: Option<usize> = None;
     let (mut generation, mut seq) = (0u8, 0u64);
     let mut rest = data;
     while let Some((&op, tail)) = rest.split_first() {
@@ -98,19 +107,9 @@ fn wire(data: &[u8]) -> (Vec<u8>, Vec<Sealed>) {
                 rest = rest.get(2..).unwrap_or_default();
                 // Up to a little more than a record may hold, to reach the length checks.
                 let take = len.min(rest.len()).min(MAX_RECORD);
-                let inner = rest[..take].to_vec();
+                last = Some(wire.len());
+                wire.extend_from_slice(&seal(&rest[..take], generation, seq));
                 rest = &rest[take..];
-                let record = seal(&inner, generation, seq);
-                sealed.push(Sealed {
-                    at: wire.len(),
-                    len: record.len(),
-                    generation,
-                    seq,
-                    inner,
-                    original: record.clone(),
-                    tampered: false,
-                });
-                wire.extend_from_slice(&record);
                 seq += 1;
             }
             1 => {
@@ -119,6 +118,7 @@ fn wire(data: &[u8]) -> (Vec<u8>, Vec<Sealed>) {
                 let take = n.min(bytes.len());
                 wire.extend_from_slice(&bytes[..take]);
                 rest = &bytes[take..];
+                last = None;
             }
             2 => {
                 let at = match rest {
@@ -126,11 +126,9 @@ fn wire(data: &[u8]) -> (Vec<u8>, Vec<Sealed>) {
                     _ => 0,
                 };
                 rest = rest.get(2..).unwrap_or_default();
-                if let Some(last) = sealed.last_mut()
-                    && last.at + last.len == wire.len()
-                {
-                    wire[last.at + at % last.len] ^= 0x80;
-                    last.tampered = wire[last.at..] != last.original[..];
+                if let Some(start) = last {
+                    let len = wire.len() - start;
+                    wire[start + at % len] ^= 0x80;
                 }
             }
             _ => {
@@ -139,7 +137,7 @@ fn wire(data: &[u8]) -> (Vec<u8>, Vec<Sealed>) {
             }
         }
     }
-    (wire, sealed)
+    wire
 }
 
 /// The content a sealed inner plaintext carries: padding and type removed.
@@ -168,74 +166,72 @@ pub enum End {
 
 /// Runs the script `data` and checks the receiving side's every step (panics on a violation).
 pub fn records(data: &[u8]) -> Outcome {
-    let (mut wire, sealed) = wire(data);
+    let sent = wire(data);
+    let mut wire = sent.clone();
     let (mut generation, mut seq) = (0u8, 0u64);
     let mut receiver = opener(generation);
     let mut at = 0;
     let mut outcome = Outcome::default();
     loop {
-        let here = sealed.iter().find(|s| s.at == at);
-        // A record sealed with the key and sequence number in force, intact, of a length
-        // TLS allows (1 byte of type to 2^14 + 256 with the tag).
-        let genuine = here.filter(|s| {
-            !s.tampered
-                && (s.generation, s.seq) == (generation, seq)
-                && (1..=MAX_RECORD - HEADER - 16).contains(&s.inner.len())
-        });
-        match receiver.open_next(&mut wire[at..]) {
+        let reference = reference_open(&sent[at..], generation, seq);
+        let (len, opened) = match receiver.open_next(&mut wire[at..]) {
             Ok(None) => {
-                assert!(genuine.is_none_or(|s| s.at + s.len > wire.len()));
+                let whole = sent[at..].get(3..HEADER).map(|l| {
+                    let len = HEADER + usize::from(u16::from_be_bytes([l[0], l[1]]));
+                    len <= sent.len() - at
+                });
+                assert_ne!(whole, Some(true), "a whole record at {at} taken as partial");
                 return outcome;
             }
             Err(error) => {
-                // A genuine record always authenticates; only its content may be refused.
-                if genuine.is_some() {
-                    assert!(
-                        !matches!(
-                            error,
-                            RecordError::Forged
-                                | RecordError::OuterType(_)
-                                | RecordError::TooLong(_)
-                        ),
-                        "a genuine record refused: {error}"
-                    );
-                }
+                // A record the reference opens always authenticates; only its content may
+                // be refused.
+                let unopened = matches!(
+                    error,
+                    RecordError::Forged | RecordError::OuterType(_) | RecordError::TooLong(_)
+                );
+                assert!(
+                    reference.is_none() || !unopened,
+                    "a record the reference opens refused at {at}: {error}"
+                );
                 outcome.end = End::Refused(error);
                 return outcome;
             }
-            Ok(Some((len, opened))) => {
-                let Some(record) = genuine.filter(|s| s.len == len) else {
-                    panic!("opened {len} bytes at {at} that were not sealed there: {opened:?}");
-                };
-                let expected = content(&record.inner);
-                outcome.opened += 1;
-                match opened {
-                    Opened::Data(range) => {
-                        assert!(range.end <= len && range.len() <= MAX_CONTENT);
-                        assert_eq!(&wire[at + range.start..at + range.end], expected);
-                        assert_eq!(record.inner[expected.len()], 23);
-                    }
-                    Opened::CloseNotify => {
-                        assert_eq!((record.inner[expected.len()], expected.len()), (21, 2));
-                        outcome.end = End::CloseNotify;
-                        return outcome;
-                    }
-                    Opened::KeyUpdate { .. } => {
-                        assert_eq!(record.inner[expected.len()], 22);
-                        assert_eq!(expected.get(expected.len().saturating_sub(5)), Some(&24));
-                        outcome.key_updates += 1;
-                        generation = generation.wrapping_add(1);
-                        receiver = opener(generation);
-                        seq = 0;
-                        at += len;
-                        continue;
-                    }
-                    Opened::Nothing => assert_eq!(record.inner[expected.len()], 22),
-                }
-                seq += 1;
-                at += len;
+            Ok(Some(opened)) => opened,
+        };
+        let Some((reference_len, inner)) = reference else {
+            panic!("opened {len} bytes at {at} that the reference refuses: {opened:?}");
+        };
+        assert_eq!(len, reference_len);
+        let expected = content(&inner);
+        let typ = inner[expected.len()];
+        outcome.opened += 1;
+        match opened {
+            Opened::Data(range) => {
+                assert!(range.end <= len && range.len() <= MAX_CONTENT);
+                assert_eq!(&wire[at + range.start..at + range.end], expected);
+                assert_eq!(typ, 23);
             }
+            Opened::CloseNotify => {
+                assert_eq!((typ, expected.len(), expected.get(1)), (21, 2, Some(&0)));
+                outcome.end = End::CloseNotify;
+                return outcome;
+            }
+            Opened::KeyUpdate { requested } => {
+                assert_eq!(typ, 22);
+                let message = &expected[expected.len().saturating_sub(5)..];
+                assert_eq!(message, [24, 0, 0, 1, u8::from(requested)]);
+                outcome.key_updates += 1;
+                generation = generation.wrapping_add(1);
+                receiver = opener(generation);
+                seq = 0;
+                at += len;
+                continue;
+            }
+            Opened::Nothing => assert_eq!(typ, 22),
         }
+        seq += 1;
+        at += len;
     }
 }
 
