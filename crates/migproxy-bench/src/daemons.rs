@@ -33,6 +33,17 @@ pub fn start(
     name: &str,
     tls: Option<&Path>,
 ) -> Result<Daemon, BenchError> {
+    start_with(migproxy, dir, name, tls, &[])
+}
+
+/// As [`start`], with more flags for `migproxy daemon` (e.g. `--tls-records stock`).
+pub fn start_with(
+    migproxy: &Path,
+    dir: &Path,
+    name: &str,
+    tls: Option<&Path>,
+    extra: &[&str],
+) -> Result<Daemon, BenchError> {
     let api = dir.join(format!("{name}.sock"));
     let mut command = Command::new(migproxy);
     command
@@ -46,6 +57,7 @@ pub fn start(
         Some(tls) => command.arg("--tls-dir").arg(tls),
         None => command.arg("--insecure-plaintext"),
     };
+    command.args(extra);
     let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -116,6 +128,18 @@ pub fn run(
     size: u64,
     expected: blake3::Hash,
 ) -> Result<Sample, BenchError> {
+    run_with(tls, &[], migproxy, block, size, expected)
+}
+
+/// As [`run`], both daemons started with the flags `extra`.
+pub fn run_with(
+    tls: bool,
+    extra: &[&str],
+    migproxy: &Path,
+    block: &[u8],
+    size: u64,
+    expected: blake3::Hash,
+) -> Result<Sample, BenchError> {
     let dir = std::env::temp_dir().join(format!("migproxy-bench-d{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -124,8 +148,8 @@ pub fn run(
         pki::write(&pki)?;
     }
     let tls_dir = tls.then_some(pki.as_path());
-    let source = start(migproxy, &dir, "source", tls_dir)?;
-    let destination = start(migproxy, &dir, "destination", tls_dir)?;
+    let source = start_with(migproxy, &dir, "source", tls_dir, extra)?;
+    let destination = start_with(migproxy, &dir, "destination", tls_dir, extra)?;
     let target = dir.join("incoming.sock");
     let sink = UnixListener::bind(&target)?;
     let socket = create(

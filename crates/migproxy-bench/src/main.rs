@@ -22,6 +22,7 @@ mod qemu;
 mod report;
 mod stream;
 mod synthetic;
+mod tls_records;
 
 use measure::BenchError;
 
@@ -79,6 +80,18 @@ enum Bench {
     /// CONNECT are each a TCP port on 127.0.0.1 or `unix:PATH`.
     #[command(hide = true)]
     SpliceFloor { listen: String, connect: String },
+    /// migproxy's TLS record layer against stock rustls (tokio-rustls) through two daemons,
+    /// interleaved rounds, with the plaintext pair as the bound.
+    TlsRecords {
+        /// Bytes per run.
+        #[arg(long, default_value = "2G", value_parser = size)]
+        size: u64,
+        /// Rounds; every variant runs once per round, in a rotating order.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
     /// Cancel latency under full load, through two daemons.
     Cancel {
         /// How many migrations to cancel.
@@ -119,6 +132,9 @@ fn main() {
             .and_then(|migproxy| concurrency::run(&migproxy, size, &[1, 4, 16], &out)),
         Bench::Qemu { mib, reps, out } => {
             sibling("migproxy").and_then(|migproxy| qemu::run(&migproxy, mib, reps, &out))
+        }
+        Bench::TlsRecords { size, rounds, out } => {
+            sibling("migproxy").and_then(|migproxy| tls_records::run(&migproxy, size, rounds, &out))
         }
         Bench::SpliceFloor { listen, connect } => floor::run(&listen, &connect),
         Bench::Cancel { count, out } => {

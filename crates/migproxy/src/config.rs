@@ -71,6 +71,8 @@ pub struct File {
 pub struct TlsSection {
     pub dir: Option<PathBuf>,
     pub allow: Option<Vec<String>>,
+    /// The record layer of peer connections: `"migproxy"` (default) or `"stock"`.
+    pub records: Option<crate::tls::Records>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +191,7 @@ pub struct Flags {
     pub insecure_plaintext: bool,
     pub tls_dir: Option<PathBuf>,
     pub tls_allow: Vec<String>,
+    pub tls_records: Option<crate::tls::Records>,
     pub peer_timeout: Option<Duration>,
     pub stall_timeout: Option<Duration>,
     pub token_ttl: Option<Duration>,
@@ -211,6 +214,7 @@ pub struct Settings {
     pub insecure_plaintext: bool,
     pub tls_dir: Option<PathBuf>,
     pub tls_allow: Vec<String>,
+    pub tls_records: crate::tls::Records,
     pub max_migrations: usize,
     pub max_channels: u32,
     pub max_handshakes: usize,
@@ -277,6 +281,7 @@ impl Settings {
                 || file.insecure_plaintext.unwrap_or(false),
             tls_dir: flags.tls_dir.or(file.tls.dir),
             tls_allow: flag_or_file(flags.tls_allow, file.tls.allow),
+            tls_records: flags.tls_records.or(file.tls.records).unwrap_or_default(),
             max_migrations: file.limits.max_migrations.unwrap_or(64),
             max_channels: file.limits.max_channels.unwrap_or(64),
             max_handshakes: file.limits.max_handshakes.unwrap_or(64),
@@ -380,6 +385,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(error, "missing --api (or `api` in the config file)");
+    }
+
+    #[test]
+    fn the_tls_record_layer_is_chosen_by_key_or_flag() {
+        use crate::tls::Records;
+        let base = "api = \"/a\"\npeer_listen = \"127.0.0.1:0\"\n";
+        let (_dir, path) = write(&format!("{base}[tls]\nrecords = \"stock\"\n"));
+        let resolve = |flags| Settings::resolve(flags, File::load(&path).unwrap()).unwrap();
+        assert_eq!(resolve(Flags::default()).tls_records, Records::Stock);
+        let flags = Flags {
+            tls_records: Some(Records::Migproxy),
+            ..Flags::default()
+        };
+        assert_eq!(
+            resolve(flags).tls_records,
+            Records::Migproxy,
+            "the flag wins"
+        );
+        let (_dir, path) = write(base);
+        let settings = Settings::resolve(Flags::default(), File::load(&path).unwrap()).unwrap();
+        assert_eq!(settings.tls_records, Records::Migproxy, "the default");
+        let (_dir, path) = write(&format!("{base}[tls]\nrecords = \"fast\"\n"));
+        let error = crate::human::Chain(&File::load(&path).unwrap_err()).to_string();
+        assert!(
+            error.contains("records") && error.contains("line 4"),
+            "{error}"
+        );
     }
 
     #[test]

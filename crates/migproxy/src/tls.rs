@@ -19,8 +19,11 @@
 
 mod allow;
 mod crl;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod identity;
+mod peer;
 mod record;
 mod stream;
 mod validity;
@@ -28,6 +31,7 @@ mod validity;
 pub use allow::PatternError;
 pub use crl::CrlError;
 pub use identity::Identity;
+pub use peer::{PeerStream, Records};
 pub use stream::RecordStream;
 pub use validity::CertificateRefused;
 
@@ -107,6 +111,8 @@ pub struct Tls {
     client_cert: Option<Arc<OwnCertificate>>,
     /// The server certificate, likewise.
     server_cert: Option<Arc<OwnCertificate>>,
+    /// The record layer of peer connections.
+    records: Records,
 }
 
 /// The crypto provider: `ring`, TLS 1.3 suites, AES-128-GCM first.
@@ -226,16 +232,35 @@ impl Tls {
             allow,
             client_cert,
             server_cert,
+            records: Records::default(),
         })
     }
 
+    /// The same material, peer connections carried by the record layer `records`.
+    pub fn with_records(mut self, records: Records) -> Tls {
+        self.records = records;
+        self
+    }
+
+    /// The record layer of peer connections.
+    pub fn records(&self) -> Records {
+        self.records
+    }
+
     /// A peer connection as the client, verifying the server as `server_name`: rustls's
-    /// handshake, then migproxy's record layer ([`RecordStream`]).
+    /// handshake, then the record layer chosen by [`Records`].
     pub async fn connect_peer(
         &self,
         tcp: TcpStream,
         server_name: &str,
-    ) -> Result<RecordStream, TlsError> {
+    ) -> Result<PeerStream, TlsError> {
+        if self.records == Records::Stock {
+            let stream = self.connect(tcp, server_name).await?;
+            return Ok(PeerStream::Stock(peer::Stock::new(
+                stream,
+                self.client_cert.clone(),
+            )));
+        }
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
         let mut stream = handshake::client(tcp, Arc::clone(&self.client), name)
@@ -245,7 +270,7 @@ impl Tls {
                 error,
             })?;
         stream.explain_refusals_with(self.client_cert.clone());
-        Ok(stream)
+        Ok(PeerStream::Migproxy(stream))
     }
 
     /// A peer connection as the server; returns the verified client's identity.
@@ -253,23 +278,34 @@ impl Tls {
         &self,
         tcp: TcpStream,
         peer: &str,
-    ) -> Result<(RecordStream, Identity), TlsError> {
+    ) -> Result<(PeerStream, Identity), TlsError> {
         // The client judges the server's certificate during the handshake: its refusal
         // arrives here.
+        let explain = |error| match &self.server_cert {
+            Some(own) => own.explain(error),
+            None => error,
+        };
+        if self.records == Records::Stock {
+            let (stream, identity) = self.accept(tcp, peer).await.map_err(|e| match e {
+                TlsError::Handshake { peer, error } => TlsError::Handshake {
+                    peer,
+                    error: explain(error),
+                },
+                other => other,
+            })?;
+            return Ok((PeerStream::Stock(peer::Stock::new(stream, None)), identity));
+        }
         let (stream, leaf) = handshake::server(tcp, Arc::clone(&self.server))
             .await
             .map_err(|error| TlsError::Handshake {
                 peer: peer.to_owned(),
-                error: match &self.server_cert {
-                    Some(own) => own.explain(error),
-                    None => error,
-                },
+                error: explain(error),
             })?;
         let identity = leaf
             .as_ref()
             .map(identity::of_certificate)
             .unwrap_or_default();
-        Ok((stream, identity))
+        Ok((PeerStream::Migproxy(stream), identity))
     }
 
     /// Wraps a connected socket as the client (rustls's own record layer: the API over
@@ -326,15 +362,27 @@ impl Tls {
 pub struct TlsHandle {
     dir: PathBuf,
     allow: Vec<String>,
+    records: Records,
     current: RwLock<Arc<Tls>>,
 }
 
 impl TlsHandle {
     pub fn load(dir: &Path, allow: Vec<String>) -> Result<TlsHandle, TlsError> {
-        let tls = Tls::load(dir, allow.clone())?;
+        TlsHandle::load_with(dir, allow, Records::default())
+    }
+
+    /// As [`TlsHandle::load`], peer connections carried by the record layer `records`
+    /// (after every reload too).
+    pub fn load_with(
+        dir: &Path,
+        allow: Vec<String>,
+        records: Records,
+    ) -> Result<TlsHandle, TlsError> {
+        let tls = Tls::load(dir, allow.clone())?.with_records(records);
         Ok(TlsHandle {
             dir: dir.to_owned(),
             allow,
+            records,
             current: RwLock::new(Arc::new(tls)),
         })
     }
@@ -346,7 +394,7 @@ impl TlsHandle {
 
     /// Reads the directory again; on error the old configuration stays in force.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let tls = Tls::load(&self.dir, self.allow.clone())?;
+        let tls = Tls::load(&self.dir, self.allow.clone())?.with_records(self.records);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tls);
         Ok(())
     }

@@ -33,7 +33,7 @@ pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     /// TLS over TCP (between daemons); relayed by copying through the TLS buffers.
-    Tls(Box<crate::tls::RecordStream>),
+    Tls(Box<crate::tls::PeerStream>),
     /// Any other stream with no plain socket underneath (in-memory); relayed by copying.
     Other(Box<dyn AsyncStream>),
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use common::certs::Ca;
 use common::{random_data, short_tempdir};
-use migproxy::tls::{RecordStream, Tls};
+use migproxy::tls::{PeerStream, RecordStream, Records, Tls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -125,14 +125,28 @@ async fn exchange(
     assert_eq!(at_a.unwrap(), (size / 3, blake3::hash(&to_a)));
 }
 
-/// Two migproxy ends connected: client and server.
-async fn our_pair(client: &Tls, server: &Tls) -> (RecordStream, RecordStream) {
+/// migproxy's record layer under a peer connection.
+fn ours(stream: PeerStream) -> RecordStream {
+    match stream {
+        PeerStream::Migproxy(stream) => stream,
+        other => panic!("not migproxy's record layer: {other:?}"),
+    }
+}
+
+/// Two peer connection ends, client and server.
+async fn peer_pair(client: &Tls, server: &Tls) -> (PeerStream, PeerStream) {
     let (c, s) = tcp_pair().await;
     let (a, b) = tokio::join!(
         client.connect_peer(c, "server.test"),
         server.accept_peer(s, "t")
     );
     (a.unwrap(), b.unwrap().0)
+}
+
+/// Two migproxy ends connected: client and server.
+async fn our_pair(client: &Tls, server: &Tls) -> (RecordStream, RecordStream) {
+    let (a, b) = peer_pair(client, server).await;
+    (ours(a), ours(b))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,9 +160,9 @@ async fn migproxy_records_interoperate_with_rustls_records_both_ways() {
         client.connect(c, "server.test"),
         server.accept_peer(s, "test")
     );
-    let (ours, identity) = ours.unwrap();
+    let (server_end, identity) = ours.unwrap();
     assert!(identity.subject.contains("client"), "{identity}");
-    exchange(rustls_client.unwrap(), ours, 8 << 20).await;
+    exchange(rustls_client.unwrap(), server_end, 8 << 20).await;
 
     // migproxy's client, rustls's server.
     let (c, s) = tcp_pair().await;
@@ -168,7 +182,7 @@ async fn keys_are_updated_and_rustls_follows() {
         client.connect_peer(c, "server.test"),
         server.accept(s, "test")
     );
-    let mut ours = ours.unwrap();
+    let mut ours = self::ours(ours.unwrap());
     // A new key every 3 records: dozens of KeyUpdate messages, under the old key each.
     ours.set_key_limit(3);
     exchange(ours, rustls_server.unwrap().0, 4 << 20).await;
@@ -181,10 +195,40 @@ async fn keys_are_updated_and_rustls_follows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_cut_without_close_notify_is_reported_truncated() {
+async fn either_record_layer_talks_to_the_other() {
     let root = short_tempdir();
     let (client, server) = pki(root.path());
-    let (mut a, b) = our_pair(&client, &server).await;
+    let stock = |tls: Tls| tls.with_records(Records::Stock);
+    let (client, server) = (stock(client), server);
+    let (a, b) = peer_pair(&client, &server).await;
+    assert_eq!(
+        (a.records(), b.records()),
+        (Records::Stock, Records::Migproxy)
+    );
+    exchange(a, b, 8 << 20).await;
+
+    let (client, server) = pki(root.path());
+    let server = stock(server);
+    let (a, b) = peer_pair(&client, &server).await;
+    assert_eq!(
+        (a.records(), b.records()),
+        (Records::Migproxy, Records::Stock)
+    );
+    exchange(a, b, 8 << 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_without_close_notify_is_reported_truncated() {
+    for records in [Records::Migproxy, Records::Stock] {
+        let root = short_tempdir();
+        let (client, server) = pki(root.path());
+        let client = client.with_records(records);
+        let server = server.with_records(records);
+        truncated(peer_pair(&client, &server).await).await;
+    }
+}
+
+async fn truncated((mut a, b): (PeerStream, PeerStream)) {
     a.write_all(b"some bytes").await.unwrap();
     a.flush().await.unwrap();
     // FIN with no close_notify before it: an attacker (or a crash) cutting the stream short.
@@ -194,6 +238,7 @@ async fn a_connection_cut_without_close_notify_is_reported_truncated() {
     let error = receive(b).await.unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
     assert!(error.to_string().contains("truncated"), "{error}");
+    assert!(error.to_string().contains("close_notify"), "{error}");
 }
 
 /// Allocations made on this thread while `a` sends 64 MiB to `b` in 256 KiB writes (one

@@ -62,6 +62,10 @@ pub struct Args {
     /// or a subject alternative name (`DNS:*.example.org`, `IP:10.0.0.1`). Repeatable.
     #[arg(long, value_name = "PATTERN")]
     tls_allow: Vec<String>,
+    /// Record layer of the TLS peer connections: `migproxy` (its own, the default) or
+    /// `stock` (rustls's, through tokio-rustls): the escape hatch.
+    #[arg(long, value_name = "migproxy|stock")]
+    tls_records: Option<crate::tls::Records>,
     /// Carry migrations between daemons unencrypted and unauthenticated (but for the token).
     #[arg(long)]
     insecure_plaintext: bool,
@@ -100,6 +104,7 @@ impl Args {
             insecure_plaintext: self.insecure_plaintext,
             tls_dir: self.tls_dir,
             tls_allow: self.tls_allow,
+            tls_records: self.tls_records,
             peer_timeout: self.peer_timeout,
             stall_timeout: self.stall_timeout,
             token_ttl: self.token_ttl,
@@ -131,6 +136,10 @@ pub async fn run(args: Args) -> u8 {
     }
     if !settings.tls_allow.is_empty() && settings.tls_dir.is_none() {
         eprintln!("error: --tls-allow needs --tls-dir: only TLS peers have identities to allow");
+        return super::process::EXIT_USAGE;
+    }
+    if settings.tls_records != crate::tls::Records::default() && settings.tls_dir.is_none() {
+        eprintln!("error: --tls-records needs --tls-dir: a plaintext link has no TLS records");
         return super::process::EXIT_USAGE;
     }
     match start(settings).await {
@@ -288,9 +297,10 @@ impl Drop for ApiSocket {
 /// TLS material, or the operator's explicit consent to plaintext.
 fn security(args: &Settings) -> Result<Option<Arc<TlsHandle>>, StartError> {
     match (&args.tls_dir, args.insecure_plaintext) {
-        (Some(dir), _) => Ok(Some(Arc::new(TlsHandle::load(
+        (Some(dir), _) => Ok(Some(Arc::new(TlsHandle::load_with(
             dir,
             args.tls_allow.clone(),
+            args.tls_records,
         )?))),
         (None, true) => {
             tracing::warn!(

@@ -8,7 +8,13 @@
 //!  aad     = the 5-byte header
 //! ```
 //!
-//! Pure: no I/O. [`super::stream::RecordStream`] moves the bytes.
+//! After opening, the content is read here too ([`Opener::open_next`]): application data,
+//! alerts (close_notify ends the peer's direction, any other is an error) and the handshake
+//! messages TLS 1.3 allows after the handshake (KeyUpdate, last in its record; session
+//! tickets, skipped).
+//!
+//! Pure: no I/O. [`super::stream::RecordStream`] moves the bytes. The fuzz target
+//! `fuzz/fuzz_targets/records.rs` and `super::fuzzing`'s test drive [`Opener::open_next`].
 
 use std::ops::Range;
 
@@ -62,6 +68,70 @@ pub enum RecordError {
     KeyUpdateRequest(u8),
     #[error("unexpected TLS handshake message {0} after the handshake")]
     LateHandshake(u8),
+    #[error("a TLS handshake message of {0} bytes that its record does not hold")]
+    HandshakeLength(usize),
+    #[error("a TLS alert of {0} bytes (alerts are 2)")]
+    AlertLength(usize),
+    /// The peer's alert other than close_notify: its description.
+    #[error("received fatal alert {0}")]
+    Alert(u8),
+}
+
+/// What one opened record says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// Application data: where its content lies within the record.
+    Data(Range<usize>),
+    /// close_notify: the peer's direction has ended cleanly.
+    CloseNotify,
+    /// A KeyUpdate: records after this one come under the peer's next key; `requested`
+    /// asks this side to update its own too.
+    KeyUpdate { requested: bool },
+    /// Nothing to act on (session tickets).
+    Nothing,
+}
+
+/// Handshake message types TLS 1.3 allows after the handshake.
+const NEW_SESSION_TICKET: u8 = 4;
+pub const KEY_UPDATE: u8 = 24;
+
+/// An alert's content: close_notify, or the error naming the peer's alert.
+fn alert(content: &[u8]) -> Result<Opened, RecordError> {
+    match *content {
+        [_, 0] => Ok(Opened::CloseNotify),
+        [_, description] => Err(RecordError::Alert(description)),
+        _ => Err(RecordError::AlertLength(content.len())),
+    }
+}
+
+/// Post-handshake messages, back to back: session tickets are skipped; a KeyUpdate must be
+/// the last message of its record (keys change at a record boundary).
+fn handshake(content: &[u8]) -> Result<Opened, RecordError> {
+    let mut rest = content;
+    let mut opened = Opened::Nothing;
+    while !rest.is_empty() {
+        let Some(&[typ, a, b, c]) = rest.get(..4) else {
+            return Err(RecordError::HandshakeLength(rest.len()));
+        };
+        let len = u32::from_be_bytes([0, a, b, c]) as usize;
+        let Some(body) = rest.get(4..4 + len) else {
+            return Err(RecordError::HandshakeLength(len));
+        };
+        rest = &rest[4 + len..];
+        opened = match typ {
+            KEY_UPDATE if len != 1 || !rest.is_empty() => {
+                return Err(RecordError::KeyUpdateFraming(len));
+            }
+            KEY_UPDATE => match body[0] {
+                0 => Opened::KeyUpdate { requested: false },
+                1 => Opened::KeyUpdate { requested: true },
+                other => return Err(RecordError::KeyUpdateRequest(other)),
+            },
+            NEW_SESSION_TICKET => Opened::Nothing,
+            other => return Err(RecordError::LateHandshake(other)),
+        };
+    }
+    Ok(opened)
 }
 
 /// One direction's key, static IV and sequence number.
@@ -211,6 +281,25 @@ impl Opener {
             other => return Err(RecordError::UnknownType(other)),
         };
         Ok((content, HEADER..HEADER + end))
+    }
+
+    /// Opens the record at the start of `buf` in place, once all of it has arrived, and
+    /// reads its content: the record's length and what it says. After an error the
+    /// connection is beyond use.
+    pub fn open_next(&mut self, buf: &mut [u8]) -> Result<Option<(usize, Opened)>, RecordError> {
+        let Some(len) = Opener::record_len(buf)? else {
+            return Ok(None);
+        };
+        let Some(record) = buf.get_mut(..len) else {
+            return Ok(None);
+        };
+        let (content, range) = self.open(record)?;
+        let opened = match content {
+            Content::ApplicationData => Opened::Data(range),
+            Content::Alert => alert(&record[range])?,
+            Content::Handshake => handshake(&record[range])?,
+        };
+        Ok(Some((len, opened)))
     }
 }
 

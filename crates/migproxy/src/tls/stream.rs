@@ -27,7 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::record::{
-    Content, HEADER, MAX_CONTENT, MAX_RECORD, MAX_SEALED, Opener, RecordError, Sealer,
+    Content, HEADER, KEY_UPDATE, MAX_CONTENT, MAX_RECORD, MAX_SEALED, Opened, Opener, RecordError,
+    Sealer,
 };
 use super::validity::OwnCertificate;
 
@@ -70,13 +71,17 @@ impl Kernel {
     }
 }
 
+/// The peer's FIN came before its close_notify: the stream may have been cut short.
+pub(super) fn truncated() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the peer closed the connection without a TLS close_notify (truncated)",
+    )
+}
+
 pub(super) fn invalid(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
-
-/// Handshake message types this layer understands after the handshake.
-const NEW_SESSION_TICKET: u8 = 4;
-const KEY_UPDATE: u8 = 24;
 
 /// A TLS 1.3 connection over TCP with migproxy's record layer.
 pub struct RecordStream {
@@ -179,78 +184,37 @@ impl RecordStream {
     /// Opens the next whole record in the receive buffer, if there is one, and acts on it.
     /// Returns whether a record was opened.
     fn open_next(&mut self) -> io::Result<bool> {
-        let buffered = &self.rx[self.rx_start..self.rx_end];
-        let Some(len) = Opener::record_len(buffered).map_err(invalid)? else {
+        let start = self.rx_start;
+        let opened = self.opener.open_next(&mut self.rx[start..self.rx_end]);
+        let Some((len, opened)) = opened.map_err(|error| self.record_error(error))? else {
             return Ok(false);
         };
-        if buffered.len() < len {
-            return Ok(false);
-        }
-        let start = self.rx_start;
-        let record = &mut self.rx[start..start + len];
-        let (content, range) = self.opener.open(record).map_err(invalid)?;
         self.rx_start += len;
-        let content_range = start + range.start..start + range.end;
-        match content {
-            Content::ApplicationData => self.plain = content_range,
-            Content::Alert => self.alert(content_range)?,
-            Content::Handshake => self.handshake(content_range)?,
+        match opened {
+            Opened::Data(range) => self.plain = start + range.start..start + range.end,
+            Opened::CloseNotify => self.read_closed = true,
+            Opened::KeyUpdate { requested } => {
+                self.opener = self.kernel.update_rx()?;
+                self.update_requested |= requested;
+            }
+            Opened::Nothing => {}
         }
         Ok(true)
     }
 
-    /// close_notify ends the peer's direction; any other alert is an error.
-    fn alert(&mut self, range: std::ops::Range<usize>) -> io::Result<()> {
-        match self.rx[range] {
-            [_, 0] => {
-                self.read_closed = true;
-                Ok(())
-            }
-            [_, description] => {
-                let error = invalid(rustls::Error::AlertReceived(AlertDescription::from(
-                    description,
-                )));
-                Err(match &self.own {
-                    Some(own) => own.explain(error),
-                    None => error,
-                })
-            }
-            _ => Err(invalid(RecordError::NoType)),
+    /// A record that could not be opened or read; the peer's alert as rustls names it (and
+    /// explained, when it refused this side's certificate).
+    fn record_error(&self, error: RecordError) -> io::Error {
+        let RecordError::Alert(description) = error else {
+            return invalid(error);
+        };
+        let error = invalid(rustls::Error::AlertReceived(AlertDescription::from(
+            description,
+        )));
+        match &self.own {
+            Some(own) => own.explain(error),
+            None => error,
         }
-    }
-
-    /// Post-handshake messages: key updates (and session tickets, which are not used).
-    fn handshake(&mut self, range: std::ops::Range<usize>) -> io::Result<()> {
-        let mut at = range.start;
-        while at < range.end {
-            let header = self.rx.get(at..at + 4).filter(|_| at + 4 <= range.end);
-            let Some(&[typ, a, b, c]) = header else {
-                return Err(invalid(RecordError::NoType));
-            };
-            let len = u32::from_be_bytes([0, a, b, c]) as usize;
-            let body = at + 4..at + 4 + len;
-            if body.end > range.end {
-                return Err(invalid(RecordError::TooLong(len)));
-            }
-            match typ {
-                // Keys change at a record boundary: nothing may follow a KeyUpdate in its record.
-                KEY_UPDATE if len != 1 || body.end != range.end => {
-                    return Err(invalid(RecordError::KeyUpdateFraming(len)));
-                }
-                KEY_UPDATE => {
-                    self.opener = self.kernel.update_rx()?;
-                    match self.rx[body.start] {
-                        0 => {}
-                        1 => self.update_requested = true,
-                        other => return Err(invalid(RecordError::KeyUpdateRequest(other))),
-                    }
-                }
-                NEW_SESSION_TICKET => {}
-                other => return Err(invalid(RecordError::LateHandshake(other))),
-            }
-            at = body.end;
-        }
-        Ok(())
     }
 
     /// Reads more from TCP into the receive buffer. `Ok(0)` is the peer's FIN.
@@ -349,10 +313,7 @@ impl AsyncRead for RecordStream {
                 return Poll::Ready(Ok(()));
             }
             if ready!(this.poll_fill(cx))? == 0 {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection without a TLS close_notify (truncated)",
-                )));
+                return Poll::Ready(Err(truncated()));
             }
         }
     }
