@@ -42,6 +42,8 @@ struct IncomingBody {
     /// The postcopy-ram capability; needs `qmp`.
     #[serde(default)]
     postcopy: bool,
+    /// Migrations of one group (a guest's RAM and its disks) share one stall watch.
+    group: Option<String>,
 }
 
 /// The QEMU fields of either request, to check in one place.
@@ -67,6 +69,8 @@ struct OutgoingBody {
     recoverable: bool,
     /// The name the destination daemon's certificate must carry; default the peer's host.
     tls_hostname: Option<String>,
+    /// Migrations of one group (a guest's RAM and its disks) share one stall watch.
+    group: Option<String>,
     /// The local QEMU's QMP socket (absolute path): the daemon drives that QEMU.
     qmp: Option<String>,
     /// multifd channels (1 to 255); needs `qmp`.
@@ -128,6 +132,7 @@ async fn create_incoming(
         max_channels: body.max_channels,
         recoverable: body.recoverable,
         qemu,
+        group: checked_group(body.group)?,
     };
     let created = in_daemon_task(daemon, |daemon| async move {
         incoming::create(&daemon, request).await
@@ -283,6 +288,7 @@ async fn create_outgoing(
         recoverable: body.recoverable,
         tls_hostname: body.tls_hostname,
         qemu,
+        group: checked_group(body.group)?,
     };
     let created = in_daemon_task(daemon, |daemon| async move {
         outgoing::create(&daemon, request).await
@@ -310,6 +316,15 @@ fn checked_id(id: String) -> Result<String, ApiError> {
         Err(ApiError::bad_request(format!(
             "id: \"{id}\" must be 1 to 64 characters from A-Z a-z 0-9 . _ -"
         )))
+    }
+}
+
+fn checked_group(group: Option<String>) -> Result<Option<String>, ApiError> {
+    match group {
+        Some(group) if !valid_id(&group) => Err(ApiError::bad_request(format!(
+            "group: \"{group}\" must be 1 to 64 characters from A-Z a-z 0-9 . _ -"
+        ))),
+        group => Ok(group),
     }
 }
 

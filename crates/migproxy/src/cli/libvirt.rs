@@ -158,15 +158,18 @@ impl Run<'_> {
             return Err(Failure::interrupted());
         }
         let recoverable = self.qemu.postcopy_after.is_some();
+        // The RAM migration and its disks' share one stall watch: the disk connection idles
+        // once the disks are in sync while RAM still moves.
         let body = json!({"direction": "incoming", "id": id, "target": format!("unix:{socket}"),
-                          "recoverable": recoverable});
+                          "recoverable": recoverable, "group": self.id});
         let incoming = self
             .destination
             .post("/v1/migrations", Some(body))
             .await
             .map_err(|e| Failure::from_client("destination daemon", e))?;
         let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"],
-                          "peer": incoming["peer"], "recoverable": recoverable});
+                          "peer": incoming["peer"], "recoverable": recoverable,
+                          "group": self.id});
         let outgoing = self
             .source
             .post("/v1/migrations", Some(body))

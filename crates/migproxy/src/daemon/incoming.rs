@@ -35,6 +35,8 @@ pub struct Request {
     pub recoverable: bool,
     /// Drive the destination QEMU over QMP: capabilities, `migrate-incoming`, its verdict.
     pub qemu: Option<qemu::Settings>,
+    /// The group whose migrations share one stall watch.
+    pub group: Option<String>,
 }
 
 /// Why an incoming migration could not be created.
@@ -93,6 +95,7 @@ pub async fn create(
             server_name: String::new(),
             tls: daemon.config.tls.is_some(),
             qemu: request.qemu.clone(),
+            group: request.group.clone(),
         },
         daemon.context(),
     );

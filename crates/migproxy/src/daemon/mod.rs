@@ -162,6 +162,8 @@ pub struct Daemon {
     /// Peer connections turned away, by reason.
     pub rejections: Rejections,
     pub metrics: Arc<metrics::Metrics>,
+    /// Migration groups by name (see [`migration::group`]).
+    groups: Mutex<HashMap<String, std::sync::Weak<migration::group::Group>>>,
     /// Every migration's events, for `GET /v1/events`.
     pub events: tokio::sync::broadcast::Sender<migration::Event>,
 }
@@ -186,6 +188,7 @@ impl Daemon {
         Arc::new(Daemon {
             config,
             migrations: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             started: std::time::Instant::now(),
             rejections: Rejections::default(),
@@ -249,9 +252,24 @@ impl Daemon {
             });
         }
         self.prune(&mut map);
+        if let Some(name) = &migration.spec.group {
+            migration.join(self.group(name));
+        }
         self.watch(&migration);
         map.insert(migration.spec.id.clone(), migration);
         Ok(())
+    }
+
+    /// The group named `name`, made when its first member registers; forgotten with its last.
+    fn group(&self, name: &str) -> Arc<migration::group::Group> {
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        groups.retain(|_, group| group.strong_count() > 0);
+        if let Some(group) = groups.get(name).and_then(std::sync::Weak::upgrade) {
+            return group;
+        }
+        let group = Arc::new(migration::group::Group::default());
+        groups.insert(name.to_owned(), Arc::downgrade(&group));
+        group
     }
 
     /// A socket about to be created or handed out in the runtime directory: the directory

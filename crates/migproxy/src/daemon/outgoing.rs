@@ -33,6 +33,8 @@ pub struct Request {
     pub tls_hostname: Option<String>,
     /// Drive the source QEMU over QMP: capabilities, parameters, `migrate`, its verdict.
     pub qemu: Option<qemu::Settings>,
+    /// The group whose migrations share one stall watch.
+    pub group: Option<String>,
 }
 
 /// Why an outgoing migration could not be created.
@@ -86,6 +88,7 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
             server_name,
             tls: daemon.config.tls.is_some(),
             qemu: request.qemu.clone(),
+            group: request.group.clone(),
         },
         daemon.context(),
     );

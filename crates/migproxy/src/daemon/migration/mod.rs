@@ -22,6 +22,7 @@
 
 mod cancel;
 pub mod channels;
+pub mod group;
 mod local_qemu;
 mod snapshot;
 mod stall;
@@ -111,6 +112,8 @@ pub struct Spec {
     pub tls: bool,
     /// The local QEMU, when the daemon drives it over QMP.
     pub qemu: Option<qemu::Settings>,
+    /// Migrations of one group (a guest's RAM and its disks) share one stall watch.
+    pub group: Option<String>,
 }
 
 /// A cancel asked of the task following the source QEMU: it runs `migrate_cancel` (unless
@@ -166,6 +169,8 @@ pub struct Migration {
     /// Incoming: whether the destination QEMU listens (at once, unless QEMU is driven here
     /// and told to listen only once the source daemon has come).
     qemu_ready: watch::Sender<bool>,
+    /// The group it belongs to, once registered in one.
+    group: std::sync::OnceLock<Arc<group::Group>>,
 }
 
 #[derive(Debug)]
@@ -238,6 +243,7 @@ impl Migration {
             state_tx: watch::channel(State::Pending).0,
             next_channel: watch::channel(0).0,
             qemu_ready: watch::channel(!qemu_driven).0,
+            group: std::sync::OnceLock::new(),
             spec,
         });
         migration.start_ttl();

@@ -29,6 +29,7 @@ impl Migration {
             peer: self.spec.peer.clone(),
             local: self.spec.local.to_string(),
             recoverable: self.spec.recoverable,
+            group: self.spec.group.clone(),
             link: if self.spec.tls { "tls" } else { "plaintext" },
             bytes: total,
             channels,

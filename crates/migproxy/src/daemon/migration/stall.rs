@@ -9,12 +9,32 @@ use tokio::time::Instant;
 
 use migproxy_proto::Attribution;
 
+use super::group::{Group, Member};
 use super::state::{Epoch, Input};
 use super::{Migration, Role, State, channels};
 use crate::daemon::attribution;
 use crate::relay::Counters;
 
+impl Member for Migration {
+    fn moved(&self) -> u64 {
+        self.bytes().total()
+    }
+}
+
 impl Migration {
+    /// Joins `group` (once: a migration belongs to one group).
+    pub fn join(self: &Arc<Self>, group: Arc<Group>) {
+        let me: Arc<dyn Member> = Arc::clone(self) as Arc<dyn Member>;
+        group.join(Arc::downgrade(&me));
+        let _ = self.group.set(group);
+    }
+
+    /// Bytes moved by the rest of this migration's group, 0 when it has none.
+    fn group_progress(&self) -> u64 {
+        let me = self as *const Migration as *const ();
+        self.group.get().map_or(0, |g| g.moved_by_others(me))
+    }
+
     /// Fails the current epoch when no byte has moved on any channel for `limit` while the
     /// migration is active: a QEMU that stopped sending or reading, or a link that stalls
     /// without breaking. Runs on both hosts; each concludes only what it can see (below).
@@ -42,15 +62,23 @@ impl Migration {
 
     /// Bytes moved so far, the epoch, and the counters of the channels running in it (none
     /// unless the migration is active).
+    /// Bytes moved by its group count as progress too.
     fn progress(&self) -> (u64, Epoch, Vec<(u32, Arc<Counters>)>) {
-        let inner = self.lock();
-        let channels = inner.core.channels();
-        let running = match inner.core.state() {
-            State::Active => inner.live.running_counters(channels),
-            _ => Vec::new(),
+        let (moved, epoch, running) = {
+            let inner = self.lock();
+            let channels = inner.core.channels();
+            let running = match inner.core.state() {
+                State::Active => inner.live.running_counters(channels),
+                _ => Vec::new(),
+            };
+            (
+                inner.live.total(channels).total(),
+                inner.core.epoch(),
+                running,
+            )
         };
-        let moved = inner.live.total(channels).total();
-        (moved, inner.core.epoch(), running)
+        // Outside this migration's lock: the others take their own.
+        (moved.saturating_add(self.group_progress()), epoch, running)
     }
 
     /// Who stalled, as far as this host can see, and whether the other host may know better.

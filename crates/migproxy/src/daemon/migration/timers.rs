@@ -30,6 +30,7 @@ fn migration(role: Role) -> Arc<Migration> {
         server_name: String::new(),
         tls: false,
         qemu: None,
+        group: None,
     };
     let context = Context {
         metrics: Arc::default(),

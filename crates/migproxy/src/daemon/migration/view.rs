@@ -70,6 +70,8 @@ pub struct Snapshot {
     pub local: String,
     /// Pauses instead of failing (postcopy recovery).
     pub recoverable: bool,
+    /// The group whose migrations share one stall watch, if any.
+    pub group: Option<String>,
     /// `tls` (mutual TLS between the daemons) or `plaintext`.
     pub link: &'static str,
     pub bytes: ByteCounts,
