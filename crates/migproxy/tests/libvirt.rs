@@ -319,3 +319,55 @@ async fn ctrl_c_aborts_libvirts_job_and_leaves_the_guest_on_the_source() {
         no_socket_left(host).await;
     }
 }
+
+/// `--copy-storage-all`: the disk goes through a second migproxy migration in the same group
+/// as the RAM's. RAM is made to take longer than the stall timeout after the disk is in sync
+/// (bandwidth-limited): the idle disk connection is no stall, the migration completes, and
+/// the destination's disk is the source's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_storage_all_completes_with_identical_disks_past_the_stall_timeout() {
+    let lv = Libvirt::start("ld", &["--stall-timeout", "2"]).await;
+    let (source_disk, destination_disk) = lv.start_disk_guest();
+    let to = format!("unix:{}", lv.destination.api.display());
+    let mut command = lv.source.async_command(common::process::BIN);
+    command
+        .arg("migrate")
+        .arg("--api")
+        .arg(&lv.source.api)
+        .args([
+            "--libvirt",
+            "g2",
+            "--dest-libvirt",
+            &lv.dest_uri(),
+            "--to",
+            &to,
+        ])
+        // 64 MiB of random RAM at 16 MiB/s: about 4 s of RAM after the 16 MiB disk.
+        .args(["--copy-storage-all", "--max-bandwidth", "16M", "--id", "st"]);
+    let out = command.output().await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let report = text(&out);
+    assert!(report.contains("migproxy st: completed"), "{report}");
+    assert!(
+        report.contains("migproxy st-disks: transferred"),
+        "{report}"
+    );
+    let time = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Time elapsed:"))
+        .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        time > 2_000,
+        "the RAM phase outlasted the stall timeout: {report}"
+    );
+    for id in ["st", "st-disks"] {
+        let view = show(&lv.destination, id).await;
+        assert_eq!(view["group"], "st", "{view}");
+    }
+    assert_eq!(
+        std::fs::read(&source_disk).unwrap(),
+        std::fs::read(&destination_disk).unwrap(),
+        "the destination's disk is the source's"
+    );
+}

@@ -328,6 +328,54 @@ impl Drop for Host {
     }
 }
 
+impl Libvirt {
+    /// A second guest, `g2`, with a raw disk not shared between the hosts (random on the
+    /// source but for a zero boot sector, zeros on the destination) and the random RAM image;
+    /// started on the source. Returns the disk's path on each host's side of the filesystem.
+    pub fn start_disk_guest(&self) -> (PathBuf, PathBuf) {
+        let disks = (
+            self.source.dir.join("lib/images/disk.raw"),
+            self.destination.dir.join("lib/images/disk.raw"),
+        );
+        let mut data = vec![0u8; (DISK_MIB << 20) as usize];
+        {
+            use rand::RngCore;
+            rand::thread_rng().fill_bytes(&mut data[512..]);
+        }
+        std::fs::write(&disks.0, &data).unwrap();
+        std::fs::write(&disks.1, vec![0u8; data.len()]).unwrap();
+        for disk in [&disks.0, &disks.1] {
+            let status = Command::new("chown")
+                .args(["libvirt-qemu:kvm", &disk.display().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let xml = self.dir.path().join("g2.xml");
+        std::fs::write(
+            &xml,
+            guest_xml()
+                .replace("<name>g1</name>", "<name>g2</name>")
+                .replace(
+                    "<devices>",
+                    "<devices><disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+             <source file='/var/lib/libvirt/images/disk.raw'/>\
+             <target dev='vda' bus='virtio'/></disk>",
+                ),
+        )
+        .unwrap();
+        let xml = xml.display().to_string();
+        for args in [&["define", &xml][..], &["start", "g2"]] {
+            let out = self.source.virsh(args);
+            assert!(out.status.success(), "virsh {args:?}: {}", text(&out));
+        }
+        disks
+    }
+}
+
+/// The non-shared disk of `g2`, in MiB.
+const DISK_MIB: u64 = 16;
+
 fn guest_xml() -> String {
     format!(
         "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
