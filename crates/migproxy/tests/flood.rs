@@ -585,3 +585,84 @@ async fn a_destination_out_of_file_descriptors_says_so_to_the_peer_and_in_its_lo
     // 30 failed accepts in well under 10 s: at most 20 logged.
     assert!((1..=20).contains(&lines.len()), "{log}");
 }
+
+/// The TLS API port goes through the same gate as the peer port (without the reserve): a
+/// connection that sends nothing is closed at the first-byte deadline, stalled handshakes
+/// from one address take only that address's share (the next is refused with TLS's
+/// `user_canceled` alert), and an operator from another address still gets an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_api_port_keeps_answering_during_a_flood() {
+    use common::certs::Ca;
+    use common::process::DaemonProcess;
+    let dir = short_tempdir();
+    let mut ca = Ca::new("migproxy test CA");
+    let (daemon_pki, operator_pki) = (dir.path().join("daemon"), dir.path().join("operator"));
+    ca.write_host(&daemon_pki, &["127.0.0.1"], "destination-daemon");
+    ca.write_host(&operator_pki, &["127.0.0.1"], "operator");
+    let config = dir.path().join("migproxy.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_handshakes_per_address = 2\n[timeouts]\nfirst_byte = 0.3\n",
+    )
+    .unwrap();
+    let (pki, config) = (
+        daemon_pki.display().to_string(),
+        config.display().to_string(),
+    );
+    let args = [
+        "--tls-dir",
+        &pki,
+        "--api-listen",
+        "127.0.0.1:0",
+        "--config",
+        &config,
+    ];
+    let daemon = DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, &args).await;
+    let (_, info) = daemon.request("GET", "/v1/info", None).await;
+    let api: SocketAddr = info["api_tls"].as_str().unwrap().parse().unwrap();
+    let from = |ip: IpAddr| {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(ip, 0)).unwrap();
+        socket.connect(api)
+    };
+
+    // Silent: closed at the first-byte deadline (0.3 s), well before the handshake's 10 s.
+    let mut silent = from(attacker_address()).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut [0u8; 16])).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "still open: {read:?}");
+
+    // Two stalled handshakes take the attacker address's share; the third is refused.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut stream = from(attacker_address()).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &[22, 3, 1])
+            .await
+            .unwrap();
+        stalled.push(stream);
+    }
+    let alert = loop {
+        let mut stream = from(attacker_address()).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &[22, 3, 1])
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_millis(300), stream.read_to_end(&mut reply)).await;
+        if read.is_ok() && !reply.is_empty() {
+            break reply;
+        }
+    };
+    // A TLS alert record (content type 21): user_canceled (90), fatal.
+    assert_eq!(alert[0], 21, "{alert:?}");
+    assert_eq!(alert.last(), Some(&90), "{alert:?}");
+
+    // The operator, from another address, is answered meanwhile.
+    let tls = Arc::new(migproxy::tls::Tls::load(&operator_pki, Vec::new()).unwrap());
+    let client = migproxy::client::Client::tls(api.to_string(), "127.0.0.1".into(), tls);
+    let info = client
+        .get("/v1/info")
+        .await
+        .expect("the operator's request");
+    assert!(info["api_tls"].is_string(), "{info}");
+    drop(stalled);
+}
