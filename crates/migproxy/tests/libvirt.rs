@@ -371,3 +371,40 @@ async fn copy_storage_all_completes_with_identical_disks_past_the_stall_timeout(
         "the destination's disk is the source's"
     );
 }
+
+/// Postcopy through the one command: libvirt switches after a second (`--postcopy-after 1`,
+/// 64 MiB of random RAM at 16 MiB/s), the guest runs on the destination with its RAM, and
+/// migproxy says completed (the destination's SHUT came back). QEMU runs unprivileged, so the
+/// destination needs `vm.unprivileged_userfaultfd=1`, set here as docs/libvirt.md says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_through_the_one_command_completes_with_the_ram() {
+    let set = std::process::Command::new("sysctl")
+        .args(["-w", "vm.unprivileged_userfaultfd=1"])
+        .output()
+        .unwrap();
+    assert!(set.status.success(), "{}", text(&set));
+    let lv = Libvirt::start("lp", &[]).await;
+    let to = format!("unix:{}", lv.destination.api.display());
+    let flags = [
+        "--postcopy-after",
+        "1",
+        "--max-bandwidth",
+        "16M",
+        "--id",
+        "pc",
+    ];
+    let out = one_command(&lv, &to, &flags).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("migproxy pc: completed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(lv.destination.guest_state(), "running");
+    lv.assert_ram_migrated();
+    for host in [&lv.source, &lv.destination] {
+        let view = show(host, "pc").await;
+        assert_eq!(view["recoverable"], true, "{view}");
+        assert!(view["pauses"].as_array().unwrap().is_empty(), "{view}");
+    }
+}
