@@ -17,11 +17,11 @@
 //! ```text
 //!  source daemon                                          destination daemon
 //!    │ ── Hello{control, id, token, flags} ────────────────────────► │ token checked
-//!    │ ◄──────────────────────────────────────── HelloReply{Ok} ──── │ migration active
-//!    │ ── Hello{data, id, channel 0, token} ───────────────────────► │
+//!    │ ◄─────────────────────────────── HelloReply{Ok, credential} ── │ migration active
+//!    │ ── Hello{data, id, channel 0, credential} ──────────────────► │
 //!    │ ◄──────────────────────────────────────── HelloReply{Ok} ──── │ connects QEMU #0
 //!    │ ◄────────────────────────────────── ChannelOpened{0} (ctl) ── │
-//!    │ ── Hello{data, id, channel 1, token} ───────────────────────► │ waits for #0, then
+//!    │ ── Hello{data, id, channel 1, credential} ──────────────────► │ waits for #0, then
 //!    │ ◄──────────────────────────────────────── HelloReply{Ok} ──── │ connects QEMU #1
 //!    │ ◄────────────────────────────────── ChannelOpened{1} (ctl) ── │
 //!    │ ═══ QEMU stream, both ways, on each data connection ═════════ │
@@ -31,8 +31,9 @@
 //!    │ (a) normal end: every channel closed cleanly on each side      │
 //!    │ ── ChannelClosed{0,completed,bytes} ────────────────────────► │
 //!    │ ◄──────────────────────────── ChannelClosed{0,completed,…} ── │
-//!    │ ── Done{2 channels, bytes} ─────────────────────────────────► │ equal counts:
-//!    │ ◄──────────────────────────────────── Done{2 channels, …} ─── │ both `completed`
+//!    │ ── Done{2 channels, bytes, verdict} ────────────────────────► │ equal counts:
+//!    │ ◄─────────────────────────────────── Done{2 channels, …} ─── │ both `completed`
+//!    │                                  (`transferred` when neither knows QEMU's verdict) │
 //!    │                                                               │
 //!    │ (b) cancel on either host                                     │
 //!    │ ── Cancel{by source} ───────────────────────────────────────► │ both abort every
@@ -45,6 +46,14 @@
 //!
 //! A host that sees a data connection break waits briefly for the peer's [`Control::Failed`]
 //! or [`Control::Cancel`] before blaming the network, so both hosts report the first cause.
+//!
+//! # Credentials
+//!
+//! The one-time token admits the control link only. From version 2 on, the destination's
+//! acceptance of a control link carries a fresh 256-bit credential (64 hex digits in the
+//! reply's message), and the data connections of that epoch present it in place of the
+//! token: whoever else holds the token cannot add a channel. A version 1 link has none, and
+//! its data connections present the token.
 //!
 //! # Versions
 //!
