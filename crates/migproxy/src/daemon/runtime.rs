@@ -113,16 +113,27 @@ impl RuntimeDir {
                     }
                 }
             })?;
-        if let (true, Some(group)) = (created, &group) {
+        let stat = |handle: &File| {
+            handle.metadata().map_err(|error| RuntimeDirError::Stat {
+                path: path.to_owned(),
+                error,
+            })
+        };
+        // Shared with the group when this daemon made it, or when it is this daemon's and
+        // private (as systemd's RuntimeDirectory= makes it, 0700): nobody else could have put
+        // anything there. A directory already writable by others is refused below.
+        let private_and_mine = |meta: &std::fs::Metadata| {
+            meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o022 == 0
+        };
+        if let Some(group) = &group
+            && (created || private_and_mine(&stat(&handle)?))
+        {
             share(&handle, group.gid).map_err(|error| RuntimeDirError::Create {
                 path: path.to_owned(),
                 error,
             })?;
         }
-        let meta = handle.metadata().map_err(|error| RuntimeDirError::Stat {
-            path: path.to_owned(),
-            error,
-        })?;
+        let meta = stat(&handle)?;
         let dir = RuntimeDir {
             path: path.to_owned(),
             handle,
@@ -313,6 +324,11 @@ mod tests {
         let meta = std::fs::metadata(&dir).unwrap();
         assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o1770, gid.as_raw()));
         opened.check().unwrap();
+        // A private directory of its own (systemd's RuntimeDirectory=, 0700) is shared too.
+        mode(&dir, 0o700);
+        RuntimeDir::open(&dir, Some(&name)).unwrap();
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o1770, "shared at start");
         // Without the sticky bit, QEMU's group could replace the daemon's sockets.
         mode(&dir, 0o770);
         let error = RuntimeDir::open(&dir, Some(&name)).unwrap_err().to_string();
