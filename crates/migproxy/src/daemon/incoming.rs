@@ -329,7 +329,7 @@ async fn authenticate(
                 )
             }),
         Kind::Data => migration
-            .open_channel(hello.channel)
+            .open_data(hello.channel, &hello.token)
             .map(Err)
             .map_err(|refused| refused.to_string()),
     };

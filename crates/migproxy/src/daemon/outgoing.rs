@@ -276,7 +276,22 @@ async fn dial(
             .as_deref()
             .map(|tls| (tls, migration.spec.server_name.as_str())),
     };
-    peer::dial(to, hello, &daemon.config.timing).await
+    let dialled = peer::dial(to, hello, &daemon.config.timing).await;
+    // A destination of the version before refuses a newer hello (it accepts its own and the
+    // one before): ask again in the oldest version both may speak.
+    match dialled {
+        Err(PeerError::Refused {
+            status: migproxy_proto::Status::UnsupportedVersion,
+            ..
+        }) if hello.version > migproxy_proto::MIN_VERSION => {
+            let older = Hello {
+                version: migproxy_proto::MIN_VERSION,
+                ..hello.clone()
+            };
+            peer::dial(to, &older, &daemon.config.timing).await
+        }
+        other => other,
+    }
 }
 
 /// `host` of `host:port`, without the brackets of an IPv6 address.

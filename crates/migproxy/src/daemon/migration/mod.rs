@@ -314,6 +314,8 @@ impl Migration {
                         let _ = outbound.send(Outbound::Close);
                     }
                     inner.epoch_stop.cancel();
+                    // The epoch's credential ends with it.
+                    inner.credential = None;
                 }
                 Effect::Release { index } => {
                     self.next_channel.send_replace(index);
@@ -521,10 +523,40 @@ impl Migration {
         self.step(Input::Connected { epoch, index }).is_ok()
     }
 
+    /// Destination: admits a data connection as channel `index` if it presents the current
+    /// epoch's credential (the token on a version 1 link), checked under the same lock as the
+    /// admission, so that no epoch can change in between.
+    pub fn open_data(
+        self: &Arc<Self>,
+        index: u32,
+        presented: &[u8; migproxy_proto::TOKEN_LEN],
+    ) -> Result<Admitted, ChannelRefused> {
+        let mut inner = self.lock();
+        let admitted = match &inner.credential {
+            Some(credential) => credential.matches(presented),
+            None => self.spec.token.matches(presented),
+        };
+        if !admitted {
+            return Err(ChannelRefused {
+                id: self.spec.id.clone(),
+                reason: Refusal::Credential,
+            });
+        }
+        self.open_locked(&mut inner, index)
+    }
+
     /// Admits channel `index` into the current epoch.
     pub fn open_channel(self: &Arc<Self>, index: u32) -> Result<Admitted, ChannelRefused> {
         let mut inner = self.lock();
-        self.step_locked(&mut inner, Input::Open { index })
+        self.open_locked(&mut inner, index)
+    }
+
+    fn open_locked(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        index: u32,
+    ) -> Result<Admitted, ChannelRefused> {
+        self.step_locked(inner, Input::Open { index })
             .map_err(|reason| ChannelRefused {
                 id: self.spec.id.clone(),
                 reason,

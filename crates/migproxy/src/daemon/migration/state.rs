@@ -51,7 +51,6 @@ pub const TRANSITIONS: &[(&str, &str, &str)] = &[
     ("attached", "failure", "failed"),
     ("attached", "failure", "paused"),
     ("attached", "first-channel deadline", "failed"),
-    ("attached", "first-channel deadline", "paused"),
     ("attached", "grace over", "failed"),
     ("attached", "open", "active"),
     ("attached", "peer cancel", "cancelled"),
@@ -77,7 +76,6 @@ pub const TRANSITIONS: &[(&str, &str, &str)] = &[
     ("completing", "failure", "failed"),
     ("completing", "failure", "paused"),
     ("completing", "open", "active"),
-    ("completing", "peer cancel", "cancelled"),
     ("completing", "peer done", "completed"),
     ("completing", "peer done", "failed"),
     ("completing", "peer done", "transferred"),
@@ -87,8 +85,9 @@ pub const TRANSITIONS: &[(&str, &str, &str)] = &[
     ("cancelling", "channel ended", "completed"),
     ("cancelling", "link closed", "cancelled"),
     ("cancelling", "peer cancel", "cancelled"),
+    ("cancelling", "peer done", "completed"),
+    ("cancelling", "peer failed", "cancelled"),
     ("cancelling", "peer failed", "failed"),
-    ("cancelling", "peer failed", "paused"),
     ("paused", "ask cancel", "cancelled"),
     ("paused", "attach", "attached"),
 ];
@@ -484,6 +483,8 @@ pub enum Refusal {
     Duplicate { index: u32 },
     #[error("a control link is already attached")]
     Attached,
+    #[error("the data connection does not carry its control link's credential")]
+    Credential,
     #[error(transparent)]
     Cancel(#[from] CancelRefused),
 }

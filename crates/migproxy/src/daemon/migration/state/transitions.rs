@@ -384,6 +384,11 @@ impl Core {
 
     fn cancel_wait_over(&mut self) -> Steps {
         match self.phase {
+            // This host or the peer has said Done: the source may have completed; its Done
+            // (or the link's end) decides, not the clock.
+            Phase::Cancelling { .. } if self.local_done.is_some() || self.peer_done.is_some() => {
+                Err(Refusal::Phase("completing"))
+            }
             Phase::Cancelling { by } => Ok(self.finish_cancel(by.into())),
             phase => Err(Refusal::Phase(phase.name())),
         }
@@ -414,7 +419,9 @@ impl Core {
             return Err(Refusal::Phase(self.phase.name()));
         }
         let blame = attribution::no_first_channel(limit_ms, now.elapsed_ms);
-        Ok(self.fail(blame, true))
+        // Nothing was carried in this epoch: there is nothing to recover, and a pause would
+        // hold the slot for ever.
+        Ok(self.fail_for_good(blame))
     }
 
     /// Fails without pausing: nothing was ever carried in this epoch to recover.
@@ -445,12 +452,27 @@ impl Core {
                 if !self.is_current(epoch) && self.phase != Phase::Pending {
                     return Err(Refusal::Stale);
                 }
-                // The source failed before it saw this host's cancel: its story is the one
-                // both hosts tell.
-                Ok(self.fail(blame, false))
+                match self.phase {
+                    // A recoverable source paused before it saw this host's cancel: the
+                    // operator asked to cancel, and the epoch is gone anyway.
+                    Phase::Cancelling { by } if self.config.recoverable => {
+                        Ok(self.finish_cancel(by.into()))
+                    }
+                    // The source failed before it saw this host's cancel: its story is the
+                    // one both hosts tell.
+                    _ => Ok(self.fail(blame, false)),
+                }
+            }
+            // Once this host has said Done (or its QEMU completed), the peer will hear that
+            // Done and complete too: a cancel crossing it changes nothing.
+            Control::Cancel { .. }
+                if self.local_done.is_some() || self.qemu == Status::Completed =>
+            {
+                Err(Refusal::Cancel(CancelRefused::Completing))
             }
             Control::Cancel { by } if self.qemu_following => Ok(vec![Effect::CancelQemu { by }]),
             Control::Cancel { by } => self.cancel(by),
+            Control::Done { .. } if !self.is_current(epoch) => Err(Refusal::Stale),
             Control::Done {
                 channels,
                 bytes,

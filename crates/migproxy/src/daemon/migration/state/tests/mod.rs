@@ -34,6 +34,14 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ),
     ("ttl", an_unused_token_expires_and_only_while_pending),
     ("first channel", a_first_channel_that_never_comes_ends_it),
+    (
+        "cancel crossing done",
+        a_cancel_crossing_the_sources_done_completes_both,
+    ),
+    (
+        "pause crossing cancel",
+        a_recoverable_pause_crossing_a_cancel_ends_the_cancel,
+    ),
     ("grace", a_peer_leg_failure_waits_for_the_explanation),
     (
         "grace over",

@@ -207,7 +207,8 @@ pub(super) fn a_first_channel_that_never_comes_ends_it(seen: &mut Seen) {
     let mut d = Driver::new(config(Role::Incoming), d.seen);
     d.active(1);
     assert_eq!(d.refused(over(1)), Refusal::Phase("active"));
-    // A recoverable migration pauses instead.
+    // A recoverable one fails too: nothing was carried, so there is nothing to recover, and
+    // a pause would hold the slot for ever.
     let mut d = Driver::new(
         Config {
             recoverable: true,
@@ -217,7 +218,71 @@ pub(super) fn a_first_channel_that_never_comes_ends_it(seen: &mut Seen) {
     );
     d.ok(Input::Attach { first_channel: 0 });
     d.ok(over(1));
-    assert_eq!(d.phase(), "paused");
+    assert_eq!(d.phase(), "failed");
+}
+
+/// A cancel asked on the destination crossing the source's Done: the source, done, ignores
+/// the cancel; the destination's cancel wait does not end it while a Done is in; the Done
+/// completes both. (From review: the hosts used to end completed and cancelled.)
+pub(super) fn a_cancel_crossing_the_sources_done_completes_both(seen: &mut Seen) {
+    let mut source = Driver::new(config(Role::Outgoing), seen);
+    source.active(1);
+    source.end_clean(0, 100, ReturnPath::Shut(0));
+    assert_eq!(source.phase(), "completing");
+    let refused = source
+        .peer(Control::Cancel {
+            by: Host::Destination,
+        })
+        .unwrap_err();
+    assert_eq!(refused, Refusal::Cancel(CancelRefused::Completing));
+    let mut destination = Driver::new(config(Role::Incoming), source.seen);
+    destination.active(1);
+    destination.ok(Input::AskCancel {
+        by: Host::Destination,
+    });
+    destination.end_clean(0, 100, ReturnPath::Shut(0));
+    assert_eq!(
+        destination.refused(Input::CancelWaitOver),
+        Refusal::Phase("completing")
+    );
+    destination.peer_done(1, 100, Verdict::ReturnPath).unwrap();
+    assert_eq!(destination.core.state(), State::Completed);
+}
+
+/// A recoverable source that paused before it saw the destination's cancel: the destination
+/// finishes its cancel rather than pausing for a recovery nobody will start.
+pub(super) fn a_recoverable_pause_crossing_a_cancel_ends_the_cancel(seen: &mut Seen) {
+    let mut d = Driver::new(
+        Config {
+            recoverable: true,
+            ..config(Role::Incoming)
+        },
+        seen,
+    );
+    d.active(1);
+    d.ok(Input::AskCancel {
+        by: Host::Destination,
+    });
+    d.peer(Control::Failed(blame(Leg::Qemu))).unwrap();
+    assert_eq!(d.core.state(), State::Cancelled);
+    // A Done about a past epoch is not taken.
+    let mut d = Driver::new(
+        Config {
+            recoverable: true,
+            ..config(Role::Incoming)
+        },
+        d.seen,
+    );
+    d.active(1);
+    d.ok(Input::Failure {
+        epoch: 1,
+        blame: blame(Leg::Qemu),
+        wait: false,
+    });
+    assert_eq!(
+        d.peer_done(1, 100, Verdict::ReturnPath).unwrap_err(),
+        Refusal::Stale
+    );
 }
 
 // ---- failures ----
@@ -529,12 +594,12 @@ pub(super) fn a_cancel_the_guest_would_not_survive_is_refused(seen: &mut Seen) {
         d.refused(Input::AskCancel { by: Host::Source }),
         Refusal::Cancel(CancelRefused::Completing)
     );
-    // The peer's cancel still ends it.
+    // Nor does the peer's: its Done will come (see the crossing scenario).
     d.peer(Control::Cancel {
         by: Host::Destination,
     })
-    .unwrap();
-    assert_eq!(d.core.state(), State::Cancelled);
+    .unwrap_err();
+    assert_eq!(d.phase(), "completing");
 }
 
 pub(super) fn a_source_driving_qemu_cancels_through_it(seen: &mut Seen) {
