@@ -11,10 +11,17 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::api::types::{
+    CreateRequest, CreatedIncoming, CreatedOutgoing, ErrorBody, IncomingRequest, Info,
+    MigrationList, OutgoingRequest,
+};
+use crate::daemon::migration::view::Snapshot;
 use crate::tls::{Tls, TlsError};
 
 /// How long connecting to a remote API may take.
@@ -117,6 +124,72 @@ impl Client {
         }
     }
 
+    /// `GET /v1/info`.
+    pub async fn info(&self) -> Result<Info, ClientError> {
+        self.typed(Method::GET, "/v1/info", None).await
+    }
+
+    /// `GET /v1/migrations[?state=S]`: every migration, or those in state `state` (the
+    /// daemon checks the name).
+    pub async fn list(&self, state: Option<&str>) -> Result<Vec<Snapshot>, ClientError> {
+        let path = match state {
+            Some(state) => format!("/v1/migrations?state={state}"),
+            None => "/v1/migrations".to_owned(),
+        };
+        let list: MigrationList = self.typed(Method::GET, &path, None).await?;
+        Ok(list.migrations)
+    }
+
+    /// `GET /v1/migrations/ID`.
+    pub async fn migration(&self, id: &str) -> Result<Snapshot, ClientError> {
+        self.typed(Method::GET, &format!("/v1/migrations/{id}"), None)
+            .await
+    }
+
+    /// `POST /v1/migrations` with `direction: incoming`, on the destination's daemon.
+    pub async fn create_incoming(
+        &self,
+        request: &IncomingRequest,
+    ) -> Result<CreatedIncoming, ClientError> {
+        let body = self.body(&CreateRequest::Incoming(request.clone()))?;
+        self.typed(Method::POST, "/v1/migrations", Some(body)).await
+    }
+
+    /// `POST /v1/migrations` with `direction: outgoing`, on the source's daemon.
+    pub async fn create_outgoing(
+        &self,
+        request: &OutgoingRequest,
+    ) -> Result<CreatedOutgoing, ClientError> {
+        let body = self.body(&CreateRequest::Outgoing(request.clone()))?;
+        self.typed(Method::POST, "/v1/migrations", Some(body)).await
+    }
+
+    /// `POST /v1/migrations/ID/cancel`: cancels on both hosts; the migration after.
+    pub async fn cancel(&self, id: &str) -> Result<Snapshot, ClientError> {
+        let path = format!("/v1/migrations/{id}/cancel");
+        self.typed(Method::POST, &path, None).await
+    }
+
+    /// `DELETE /v1/migrations/ID`: forgets an ended migration.
+    pub async fn forget(&self, id: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/migrations/{id}")).await.map(drop)
+    }
+
+    /// One request whose answer is read as `T`.
+    pub async fn typed<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T, ClientError> {
+        let value = self.call(method, path, body).await?;
+        serde_json::from_value(value).map_err(|e| self.protocol(e))
+    }
+
+    fn body(&self, request: &impl Serialize) -> Result<Value, ClientError> {
+        serde_json::to_value(request).map_err(|e| self.protocol(e))
+    }
+
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.call(Method::GET, path, None).await
     }
@@ -140,18 +213,11 @@ impl Client {
         if status.is_success() {
             return Ok(value);
         }
-        let error = value["error"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("the daemon answered {status}"));
-        let causes = value["causes"]
-            .as_array()
-            .map(|c| {
-                c.iter()
-                    .filter_map(|c| c.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let ErrorBody { error, causes } =
+            serde_json::from_value(value).unwrap_or_else(|_| ErrorBody {
+                error: format!("the daemon answered {status}"),
+                causes: Vec::new(),
+            });
         Err(ClientError::Api {
             status,
             error,
