@@ -209,7 +209,7 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, ClientError> {
-        let (status, value) = self.exchange(method, path, body).await?;
+        let (status, value) = self.request(method, path, body).await?;
         if status.is_success() {
             return Ok(value);
         }
@@ -225,7 +225,9 @@ impl Client {
         })
     }
 
-    async fn exchange(
+    /// One request on a fresh connection; the status and the answer as JSON (a string when
+    /// not JSON, null when empty), whatever the status.
+    pub async fn request(
         &self,
         method: Method,
         path: &str,

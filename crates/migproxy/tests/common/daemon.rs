@@ -1,12 +1,13 @@
-//! Daemons in-process on loopback, and a tiny HTTP client for their unix-socket API.
+//! Daemons in-process on loopback, and requests to their unix-socket API through the
+//! library's client.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use migproxy::client::Client;
 use migproxy::daemon::{Config, Daemon};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -180,27 +181,15 @@ pub async fn carry(source: &TestDaemon, destination: &TestDaemon, id: &str, byte
     }
 }
 
-/// One HTTP/1.1 request over a unix socket; returns the status and the JSON body.
+/// One request to the API on `socket`, through the library's client; returns the status
+/// and the JSON body (a string when not JSON, null when empty).
 pub async fn http(socket: &PathBuf, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut stream = UnixStream::connect(socket).await.unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: migproxy\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8(response).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let value = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()))
-    };
-    (status, value)
+    let method = method.parse().expect("an HTTP method");
+    let (status, value) = Client::new(socket)
+        .request(method, path, body)
+        .await
+        .expect("an answer from the daemon");
+    (status.as_u16(), value)
 }
 
 /// An API error body as one line: `error`, then each of its `causes` after a colon.
