@@ -30,6 +30,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TLS handshake, and then a request, with a remote API may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long closing a connection whose answer has been read may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a request got no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -238,6 +241,8 @@ impl Client {
             .method(method)
             .uri(path)
             .header("host", "migproxy")
+            // One request per connection: the daemon closes it once it has answered.
+            .header("connection", "close")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| self.protocol(e))?;
@@ -294,7 +299,7 @@ impl Client {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.protocol(e))?;
-        tokio::spawn(connection);
+        let connection = tokio::spawn(connection);
         let response = sender
             .send_request(request)
             .await
@@ -306,6 +311,10 @@ impl Client {
             .await
             .map_err(|e| self.protocol(e))?
             .to_bytes();
+        // The connection is closed on both ends when the answer returns, not some time
+        // after: a caller that counts descriptors (or makes many requests) sees none open.
+        drop(sender);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection).await;
         let value = if bytes.is_empty() {
             Value::Null
         } else if bytes.first() == Some(&b'{') {
