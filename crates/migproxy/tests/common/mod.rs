@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod libvirt;
 pub mod netns;
 pub mod openapi;
+pub mod openapi_call;
 pub mod peer;
 pub mod process;
 pub mod qemu;
