@@ -11,6 +11,7 @@ pub mod peer;
 pub mod process;
 pub mod qemu;
 pub mod scenario;
+pub mod tls;
 
 use std::io;
 use std::path::PathBuf;
