@@ -48,7 +48,7 @@ pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> 
         let target = dir.join(format!("in-{n}.sock"));
         let sink = UnixListener::bind(&target)?;
         let id = format!("cancel-{n}");
-        let socket = daemons::create(
+        let socket = daemons::create_blocking(
             &source,
             &destination,
             &id,
@@ -73,11 +73,7 @@ pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> 
         });
         std::thread::sleep(Duration::from_millis(100)); // full speed by now
         let asked = Instant::now();
-        daemons::post(
-            &source.api,
-            &format!("/v1/migrations/{id}/cancel"),
-            &serde_json::Value::Null,
-        )?;
+        daemons::cancel_blocking(&source, &id)?;
         let mut last = asked;
         for _ in 0..2 {
             let at = ends

@@ -58,7 +58,7 @@ pub fn run(
             let id = format!("s{round}");
             let target = dir.join(format!("{id}.sock"));
             let sink = UnixListener::bind(&target)?;
-            let uri = daemons::create(
+            let uri = daemons::create_blocking(
                 &source,
                 &destination,
                 &id,

@@ -2,14 +2,15 @@
 //! `migrate`), crosses TCP to the destination daemon, and leaves on a unix socket (as into
 //! QEMU's `-incoming`). CPU is the sum of both daemons'.
 
-use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use migproxy::api::types::{IncomingRequest, OutgoingRequest};
+use migproxy::client::{Client, ClientError};
+use migproxy::human::Chain;
 
 use crate::measure::{BenchError, Meter, Sample, cpu_seconds, peak_rss};
 use crate::pki;
@@ -73,52 +74,92 @@ pub fn start_with(
     Ok(daemon)
 }
 
-/// POSTs `body` to a daemon's API; the JSON answer of a 2xx response.
-pub fn post(api: &Path, path: &str, body: &Value) -> Result<Value, BenchError> {
-    let body = body.to_string();
-    let failed = |error: std::io::Error| format!("POST {path} to {}: {error}", api.display());
-    let mut stream = UnixStream::connect(api).map_err(failed)?;
-    // One write: the server may answer (and close) as soon as it has the head, and a body
-    // still being written in pieces would then meet a closed socket.
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).map_err(failed)?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(failed)?;
-    match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 2") => {
-            Ok(serde_json::from_str(body).unwrap_or(Value::Null))
-        }
-        _ => Err(format!("the daemon refused: {response}").into()),
+/// The API of one daemon, through the library's client.
+fn client(daemon: &Daemon) -> Client {
+    Client::new(&daemon.api)
+}
+
+fn refused(error: ClientError) -> BenchError {
+    format!("the daemon refused: {}", Chain(&error)).into()
+}
+
+/// Runs an API call on a thread of its own with a runtime of its own: the callers are plain
+/// threads, and async code that already blocks on the daemons' sockets.
+fn blocking<T, F>(call: impl FnOnce() -> F + Send + 'static) -> Result<T, BenchError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, ClientError>>,
+{
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(call()).map_err(|e| Chain(&e).to_string())
+    });
+    match thread.join() {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(format!("the daemon refused: {error}").into()),
+        Err(_) => Err("an API call panicked".into()),
     }
 }
 
 /// Creates migration `id` on both daemons, the destination delivering to `target`
 /// (`unix:PATH`); returns the socket path the source QEMU (or stand-in) connects to.
-pub fn create(
+pub async fn create(
     source: &Daemon,
     destination: &Daemon,
     id: &str,
     target: &str,
 ) -> Result<String, BenchError> {
-    let incoming = post(
-        &destination.api,
-        "/v1/migrations",
-        &json!({"direction": "incoming", "id": id, "target": target}),
-    )?;
-    let outgoing = post(
-        &source.api,
-        "/v1/migrations",
-        &json!({"direction": "outgoing", "id": id, "token": incoming["token"],
-                "peer": incoming["peer"]}),
-    )?;
-    let uri = outgoing["qemu_uri"]
-        .as_str()
-        .ok_or_else(|| format!("unexpected answer {outgoing}"))?;
-    Ok(uri.trim_start_matches("unix:").to_owned())
+    create_pair(
+        client(source),
+        client(destination),
+        id.to_owned(),
+        target.to_owned(),
+    )
+    .await
+    .map_err(refused)
+}
+
+/// [`create`], from a plain thread.
+pub fn create_blocking(
+    source: &Daemon,
+    destination: &Daemon,
+    id: &str,
+    target: &str,
+) -> Result<String, BenchError> {
+    let (source, destination) = (client(source), client(destination));
+    let (id, target) = (id.to_owned(), target.to_owned());
+    blocking(move || create_pair(source, destination, id, target))
+}
+
+async fn create_pair(
+    source: Client,
+    destination: Client,
+    id: String,
+    target: String,
+) -> Result<String, ClientError> {
+    let incoming = IncomingRequest {
+        id: Some(id.clone()),
+        target: Some(target),
+        ..IncomingRequest::default()
+    };
+    let incoming = destination.create_incoming(&incoming).await?;
+    let outgoing = OutgoingRequest {
+        id,
+        token: incoming.token,
+        peer: incoming.peer,
+        ..OutgoingRequest::default()
+    };
+    let outgoing = source.create_outgoing(&outgoing).await?;
+    Ok(outgoing.qemu_uri.trim_start_matches("unix:").to_owned())
+}
+
+/// Cancels migration `id` on both hosts, from a plain thread.
+pub fn cancel_blocking(daemon: &Daemon, id: &str) -> Result<(), BenchError> {
+    let (client, id) = (client(daemon), id.to_owned());
+    blocking(move || async move { client.cancel(&id).await.map(drop) })
 }
 
 pub fn run(
@@ -152,7 +193,7 @@ pub fn run_with(
     let destination = start_with(migproxy, &dir, "destination", tls_dir, extra)?;
     let target = dir.join("incoming.sock");
     let sink = UnixListener::bind(&target)?;
-    let socket = create(
+    let socket = create_blocking(
         &source,
         &destination,
         "bench",

@@ -220,7 +220,7 @@ async fn once(
             dst.qmp
                 .execute("migrate-incoming", json!({"uri": target}))
                 .await?;
-            let socket = daemons::create(&source, &destination, "q", &target)?;
+            let socket = daemons::create(&source, &destination, "q", &target).await?;
             helpers.push(source);
             helpers.push(destination);
             format!("unix:{socket}")

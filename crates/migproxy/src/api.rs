@@ -41,6 +41,7 @@ mod info;
 mod metrics;
 mod migrations;
 mod server;
+pub mod types;
 
 pub use self::error::ApiError;
 

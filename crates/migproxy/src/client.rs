@@ -11,10 +11,17 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::api::types::{
+    CreateRequest, CreatedIncoming, CreatedOutgoing, ErrorBody, IncomingRequest, Info,
+    MigrationList, OutgoingRequest,
+};
+use crate::daemon::migration::view::Snapshot;
 use crate::tls::{Tls, TlsError};
 
 /// How long connecting to a remote API may take.
@@ -22,6 +29,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a TLS handshake, and then a request, with a remote API may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long closing a connection whose answer has been read may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a request got no usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +127,72 @@ impl Client {
         }
     }
 
+    /// `GET /v1/info`.
+    pub async fn info(&self) -> Result<Info, ClientError> {
+        self.typed(Method::GET, "/v1/info", None).await
+    }
+
+    /// `GET /v1/migrations[?state=S]`: every migration, or those in state `state` (the
+    /// daemon checks the name).
+    pub async fn list(&self, state: Option<&str>) -> Result<Vec<Snapshot>, ClientError> {
+        let path = match state {
+            Some(state) => format!("/v1/migrations?state={state}"),
+            None => "/v1/migrations".to_owned(),
+        };
+        let list: MigrationList = self.typed(Method::GET, &path, None).await?;
+        Ok(list.migrations)
+    }
+
+    /// `GET /v1/migrations/ID`.
+    pub async fn migration(&self, id: &str) -> Result<Snapshot, ClientError> {
+        self.typed(Method::GET, &format!("/v1/migrations/{id}"), None)
+            .await
+    }
+
+    /// `POST /v1/migrations` with `direction: incoming`, on the destination's daemon.
+    pub async fn create_incoming(
+        &self,
+        request: &IncomingRequest,
+    ) -> Result<CreatedIncoming, ClientError> {
+        let body = self.body(&CreateRequest::Incoming(request.clone()))?;
+        self.typed(Method::POST, "/v1/migrations", Some(body)).await
+    }
+
+    /// `POST /v1/migrations` with `direction: outgoing`, on the source's daemon.
+    pub async fn create_outgoing(
+        &self,
+        request: &OutgoingRequest,
+    ) -> Result<CreatedOutgoing, ClientError> {
+        let body = self.body(&CreateRequest::Outgoing(request.clone()))?;
+        self.typed(Method::POST, "/v1/migrations", Some(body)).await
+    }
+
+    /// `POST /v1/migrations/ID/cancel`: cancels on both hosts; the migration after.
+    pub async fn cancel(&self, id: &str) -> Result<Snapshot, ClientError> {
+        let path = format!("/v1/migrations/{id}/cancel");
+        self.typed(Method::POST, &path, None).await
+    }
+
+    /// `DELETE /v1/migrations/ID`: forgets an ended migration.
+    pub async fn forget(&self, id: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/migrations/{id}")).await.map(drop)
+    }
+
+    /// One request whose answer is read as `T`.
+    pub async fn typed<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T, ClientError> {
+        let value = self.call(method, path, body).await?;
+        serde_json::from_value(value).map_err(|e| self.protocol(e))
+    }
+
+    fn body(&self, request: &impl Serialize) -> Result<Value, ClientError> {
+        serde_json::to_value(request).map_err(|e| self.protocol(e))
+    }
+
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.call(Method::GET, path, None).await
     }
@@ -136,22 +212,15 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, ClientError> {
-        let (status, value) = self.exchange(method, path, body).await?;
+        let (status, value) = self.request(method, path, body).await?;
         if status.is_success() {
             return Ok(value);
         }
-        let error = value["error"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("the daemon answered {status}"));
-        let causes = value["causes"]
-            .as_array()
-            .map(|c| {
-                c.iter()
-                    .filter_map(|c| c.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let ErrorBody { error, causes } =
+            serde_json::from_value(value).unwrap_or_else(|_| ErrorBody {
+                error: format!("the daemon answered {status}"),
+                causes: Vec::new(),
+            });
         Err(ClientError::Api {
             status,
             error,
@@ -159,7 +228,9 @@ impl Client {
         })
     }
 
-    async fn exchange(
+    /// One request on a fresh connection; the status and the answer as JSON (a string when
+    /// not JSON, null when empty), whatever the status.
+    pub async fn request(
         &self,
         method: Method,
         path: &str,
@@ -170,6 +241,8 @@ impl Client {
             .method(method)
             .uri(path)
             .header("host", "migproxy")
+            // One request per connection: the daemon closes it once it has answered.
+            .header("connection", "close")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| self.protocol(e))?;
@@ -226,7 +299,7 @@ impl Client {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.protocol(e))?;
-        tokio::spawn(connection);
+        let connection = tokio::spawn(connection);
         let response = sender
             .send_request(request)
             .await
@@ -238,6 +311,10 @@ impl Client {
             .await
             .map_err(|e| self.protocol(e))?
             .to_bytes();
+        // The connection is closed on both ends when the answer returns, not some time
+        // after: a caller that counts descriptors (or makes many requests) sees none open.
+        drop(sender);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection).await;
         let value = if bytes.is_empty() {
             Value::Null
         } else if bytes.first() == Some(&b'{') {

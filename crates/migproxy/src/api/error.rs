@@ -4,7 +4,8 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+
+use super::types::ErrorBody;
 
 /// An error response.
 #[derive(Debug)]
@@ -55,7 +56,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": self.error, "causes": self.causes });
+        let body = ErrorBody {
+            error: self.error,
+            causes: self.causes,
+        };
         (self.status, Json(body)).into_response()
     }
 }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::daemon::Daemon;
 
 use super::error::ApiError;
+use super::types::Lagged;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,7 +49,7 @@ pub(super) async fn events(
             }
             Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(Event::default()
                 .event("lagged")
-                .data(json!({"missed": missed}).to_string()))),
+                .data(serde_json::to_string(&Lagged { missed }).unwrap_or_default()))),
         });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -6,45 +6,21 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use migproxy_proto::valid_id;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::daemon::migration::Migration;
+use crate::daemon::migration::view::Snapshot;
 use crate::daemon::token::Token;
 use crate::daemon::{Daemon, RegisterError, incoming, outgoing};
 use crate::endpoint::Endpoint;
 
 use super::error::ApiError;
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "direction", rename_all = "snake_case")]
-enum CreateRequest {
-    Incoming(IncomingBody),
-    Outgoing(OutgoingBody),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IncomingBody {
-    /// Where the destination QEMU listens: `unix:PATH` or `tcp:HOST:PORT`. Optional with
-    /// `qmp`: the daemon then chooses a socket and runs `migrate-incoming` on it.
-    target: Option<String>,
-    id: Option<String>,
-    max_channels: Option<u32>,
-    /// Pause instead of failing when a channel breaks (postcopy recovery).
-    #[serde(default)]
-    recoverable: bool,
-    /// The local QEMU's QMP socket (absolute path): the daemon drives that QEMU.
-    qmp: Option<String>,
-    /// multifd channels (1 to 255); needs `qmp`.
-    multifd: Option<u32>,
-    /// The postcopy-ram capability; needs `qmp`.
-    #[serde(default)]
-    postcopy: bool,
-    /// Migrations of one group (a guest's RAM and its disks) share one stall watch.
-    group: Option<String>,
-}
+use super::types::{
+    CreateRequest, CreatedIncoming, CreatedOutgoing, IncomingRequest, MigrationList,
+    OutgoingRequest,
+};
 
 /// The QEMU fields of either request, to check in one place.
 #[derive(Debug, Default)]
@@ -57,51 +33,22 @@ struct QemuBody {
     downtime_limit: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OutgoingBody {
-    id: String,
-    token: String,
-    /// The destination daemon's peer address, `HOST:PORT`.
-    peer: String,
-    /// Pause instead of failing when a channel breaks (postcopy recovery).
-    #[serde(default)]
-    recoverable: bool,
-    /// The name the destination daemon's certificate must carry; default the peer's host.
-    tls_hostname: Option<String>,
-    /// Migrations of one group (a guest's RAM and its disks) share one stall watch.
-    group: Option<String>,
-    /// The local QEMU's QMP socket (absolute path): the daemon drives that QEMU.
-    qmp: Option<String>,
-    /// multifd channels (1 to 255); needs `qmp`.
-    multifd: Option<u32>,
-    /// The postcopy-ram capability; needs `qmp`.
-    #[serde(default)]
-    postcopy: bool,
-    /// Seconds after `migrate` to switch to postcopy (implies `postcopy`); needs `qmp`.
-    postcopy_after: Option<f64>,
-    /// Bytes per second, default unlimited; needs `qmp`.
-    max_bandwidth: Option<u64>,
-    /// Milliseconds; needs `qmp`.
-    downtime_limit: Option<u64>,
-}
-
 pub(super) async fn create(
     State(daemon): State<Arc<Daemon>>,
     body: Bytes,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let request: CreateRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::field("invalid request body", &e))?;
     match request {
-        CreateRequest::Incoming(body) => create_incoming(&daemon, body).await,
-        CreateRequest::Outgoing(body) => create_outgoing(&daemon, body).await,
+        CreateRequest::Incoming(body) => Ok(create_incoming(&daemon, body).await?.into_response()),
+        CreateRequest::Outgoing(body) => Ok(create_outgoing(&daemon, body).await?.into_response()),
     }
 }
 
 async fn create_incoming(
     daemon: &Arc<Daemon>,
-    body: IncomingBody,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    body: IncomingRequest,
+) -> Result<(StatusCode, Json<CreatedIncoming>), ApiError> {
     let target: Option<Endpoint> = body
         .target
         .map(|target| target.parse())
@@ -145,13 +92,13 @@ async fn create_incoming(
             ApiError::bad_request(e.to_string())
         }
     })?;
-    let body = json!({
-        "id": migration.spec.id,
-        "token": token.to_hex(),
-        "peer": migration.spec.peer,
-        "target": migration.spec.local.to_string(),
-        "state": migration.state(),
-    });
+    let body = CreatedIncoming {
+        id: migration.spec.id.clone(),
+        token: token.to_hex(),
+        peer: migration.spec.peer.clone(),
+        target: migration.spec.local.to_string(),
+        state: migration.state(),
+    };
     Ok((StatusCode::CREATED, Json(body)))
 }
 
@@ -259,8 +206,8 @@ where
 
 async fn create_outgoing(
     daemon: &Arc<Daemon>,
-    body: OutgoingBody,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    body: OutgoingRequest,
+) -> Result<(StatusCode, Json<CreatedOutgoing>), ApiError> {
     let id = checked_id(body.id)?;
     let token = Token::from_hex(&body.token)
         .ok_or_else(|| ApiError::bad_request("token: expected the 64 hex digits handed out"))?;
@@ -301,11 +248,11 @@ async fn create_outgoing(
         outgoing::CreateError::Peer(e) => ApiError::chain(StatusCode::BAD_GATEWAY, &e),
         e @ outgoing::CreateError::Ended(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
     })?;
-    let body = json!({
-        "id": migration.spec.id,
-        "qemu_uri": migration.spec.local.to_string(),
-        "state": migration.state(),
-    });
+    let body = CreatedOutgoing {
+        id: migration.spec.id.clone(),
+        qemu_uri: migration.spec.local.to_string(),
+        state: migration.state(),
+    };
     Ok((StatusCode::CREATED, Json(body)))
 }
 
@@ -379,7 +326,7 @@ pub(super) struct ListQuery {
 pub(super) async fn list(
     State(daemon): State<Arc<Daemon>>,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<MigrationList>, ApiError> {
     let query = query.map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))?;
     use crate::daemon::migration::State as Wanted;
     let wanted = match &query.state {
@@ -398,7 +345,7 @@ pub(super) async fn list(
         .map(|m| m.snapshot())
         .filter(|snapshot| wanted.is_none_or(|state| snapshot.state == state))
         .collect();
-    Ok(Json(json!({ "migrations": all })))
+    Ok(Json(MigrationList { migrations: all }))
 }
 
 pub(super) async fn forget(
@@ -424,15 +371,15 @@ pub(super) async fn forget(
 pub(super) async fn show(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Snapshot>, ApiError> {
     let migration = find(&daemon, &id)?;
-    Ok(Json(json!(migration.snapshot())))
+    Ok(Json(migration.snapshot()))
 }
 
 pub(super) async fn cancel(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Snapshot>, ApiError> {
     let migration = find(&daemon, &id)?;
     let cancelled = migration
         .cancel_through_qemu(migration.host())
@@ -448,5 +395,5 @@ pub(super) async fn cancel(
             ),
         ));
     }
-    Ok(Json(json!(migration.snapshot())))
+    Ok(Json(migration.snapshot()))
 }

@@ -26,7 +26,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{Value, json};
+use serde_json::json;
+
+use crate::api::types::{IncomingRequest, OutgoingRequest};
+use crate::daemon::migration::view::Snapshot;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -106,23 +109,23 @@ impl Run<'_> {
     async fn same_runtime_dir(&self) -> Result<String, Failure> {
         let here = self
             .source
-            .get("/v1/info")
+            .info()
             .await
             .map_err(|e| Failure::from_client("source daemon", e))?;
         let there = self
             .destination
-            .get("/v1/info")
+            .info()
             .await
             .map_err(|e| Failure::from_client("destination daemon", e))?;
-        let (a, b) = (&here["runtime_dir"], &there["runtime_dir"]);
-        if a != b || !a.is_string() {
+        let (a, b) = (here.runtime_dir, there.runtime_dir);
+        if a != b {
             return Err(Failure::usage(format!(
                 "libvirt uses the migration socket's path on both hosts, but the daemons' \
-                 runtime directories differ (source {a}, destination {b}): start both with \
+                 runtime directories differ (source {a:?}, destination {b:?}): start both with \
                  the same --runtime-dir"
             )));
         }
-        Ok(a.as_str().unwrap_or_default().to_owned())
+        Ok(a)
     }
 
     /// Creates the migration (and the disks' with --copy-storage-all) on both daemons,
@@ -158,24 +161,34 @@ impl Run<'_> {
             return Err(Failure::interrupted());
         }
         let recoverable = self.qemu.postcopy_after.is_some();
-        // The RAM migration and its disks' share one stall watch: the disk connection idles
-        // once the disks are in sync while RAM still moves.
-        let body = json!({"direction": "incoming", "id": id, "target": format!("unix:{socket}"),
-                          "recoverable": recoverable, "group": self.id});
+        let incoming = IncomingRequest {
+            id: Some(id.to_owned()),
+            target: Some(format!("unix:{socket}")),
+            recoverable,
+            // The RAM migration and its disks' share one stall watch: the disk connection
+            // idles once the disks are in sync while RAM still moves.
+            group: Some(self.id.to_owned()),
+            ..IncomingRequest::default()
+        };
         let incoming = self
             .destination
-            .post("/v1/migrations", Some(body))
+            .create_incoming(&incoming)
             .await
             .map_err(|e| Failure::from_client("destination daemon", e))?;
-        let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"],
-                          "peer": incoming["peer"], "recoverable": recoverable,
-                          "group": self.id});
+        let outgoing = OutgoingRequest {
+            id: id.to_owned(),
+            token: incoming.token,
+            peer: incoming.peer,
+            recoverable,
+            group: Some(self.id.to_owned()),
+            ..OutgoingRequest::default()
+        };
         let outgoing = self
             .source
-            .post("/v1/migrations", Some(body))
+            .create_outgoing(&outgoing)
             .await
             .map_err(|e| Failure::from_client("source daemon", e))?;
-        let handed = outgoing["qemu_uri"].as_str().unwrap_or_default();
+        let handed = outgoing.qemu_uri;
         if handed != format!("unix:{socket}") {
             return Err(Failure::failed(format!(
                 "the source daemon handed out {handed}, not unix:{socket}: libvirt would use \
@@ -188,14 +201,13 @@ impl Run<'_> {
     /// Cancels and forgets what this command created, on both daemons.
     async fn take_back(&self, created: &Created) {
         for id in &created.ids {
-            let path = format!("/v1/migrations/{id}");
             for daemon in [self.source, self.destination] {
-                let _ = daemon.post(&format!("{path}/cancel"), None).await;
+                let _ = daemon.cancel(id).await;
             }
             for daemon in [self.source, self.destination] {
                 // A cancel takes a moment to end the migration on both hosts.
                 for _ in 0..50 {
-                    if daemon.delete(&path).await.is_ok() {
+                    if daemon.forget(id).await.is_ok() {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -303,10 +315,7 @@ impl Run<'_> {
             if !downtime_set && job.contains_key("Time elapsed") {
                 downtime_set = self.set_downtime(domain).await;
             }
-            let m = self
-                .source
-                .get(&format!("/v1/migrations/{}", self.id))
-                .await;
+            let m = self.source.migration(self.id).await;
             line.set_message(progress(&job, m.as_ref().ok()));
             line.tick();
             tokio::select! {
@@ -378,48 +387,47 @@ impl Run<'_> {
 
     /// Both daemons' last word on each migration created, once it has ended (or after a
     /// bound: the report says what it saw).
-    async fn migproxy_ends(&self, created: &Created) -> Vec<(String, Value, Option<Value>)> {
+    async fn migproxy_ends(&self, created: &Created) -> Vec<End> {
         let mut ends = Vec::new();
         for id in &created.ids {
-            let path = format!("/v1/migrations/{id}");
             let deadline = Instant::now() + Duration::from_secs(10);
-            let mut last = Value::Null;
+            let mut last = None;
             while Instant::now() < deadline {
-                match self.source.get(&path).await {
-                    Ok(m) if migration::is_final(&m) => {
-                        last = m;
-                        break;
+                match self.source.migration(id).await {
+                    Ok(m) => {
+                        let done = m.state.is_final();
+                        last = Some(m);
+                        if done {
+                            break;
+                        }
                     }
-                    Ok(m) => last = m,
                     Err(_) => break,
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let far = self.destination.get(&path).await.ok();
-            ends.push((id.clone(), last, far));
+            let far = self.destination.migration(id).await.ok();
+            ends.push(End {
+                id: id.clone(),
+                source: last,
+                destination: far,
+            });
         }
         ends
     }
 
     fn report(
         &self,
-        ends: &[(String, Value, Option<Value>)],
+        ends: &[End],
         stats: &BTreeMap<String, String>,
         virsh: &str,
         on_destination: Option<&str>,
     ) {
         if self.json {
-            let migrations: Vec<Value> = ends
-                .iter()
-                .map(|(id, source, destination)| {
-                    json!({"id": id, "source": source, "destination": destination})
-                })
-                .collect();
             say!(
                 "{}",
                 json!({"libvirt": {"job": stats, "virsh": virsh,
                         "destination_state": on_destination},
-                       "migrations": migrations})
+                       "migrations": ends})
             );
             return;
         }
@@ -442,26 +450,43 @@ impl Run<'_> {
                 say!("  {key}: {value}");
             }
         }
-        for (id, source, _) in ends {
-            say!(
-                "migproxy {id}: {} · {} to destination, {} to source",
-                source["state"].as_str().unwrap_or("unknown"),
-                Bytes(source["bytes"]["to_destination"].as_u64().unwrap_or(0)),
-                Bytes(source["bytes"]["to_source"].as_u64().unwrap_or(0)),
-            );
-            for c in source["channels"].as_array().into_iter().flatten() {
-                say!(
-                    "    channel {}: {}, {} to destination, {} to source",
-                    c["index"],
-                    c["state"].as_str().unwrap_or("?"),
-                    Bytes(c["bytes"]["to_destination"].as_u64().unwrap_or(0)),
-                    Bytes(c["bytes"]["to_source"].as_u64().unwrap_or(0))
-                );
-            }
-            if let Some(message) = source["error"]["message"].as_str() {
-                say!("  error: {message}");
-            }
+        for end in ends {
+            print_end(end);
         }
+    }
+}
+
+/// Both daemons' last word on one migration (none when a daemon could not tell).
+#[derive(Debug, serde::Serialize)]
+struct End {
+    id: String,
+    source: Option<Snapshot>,
+    destination: Option<Snapshot>,
+}
+
+/// migproxy's lines of the report for one migration, from the source's view.
+fn print_end(end: &End) {
+    let Some(source) = &end.source else {
+        say!(
+            "migproxy {}: unknown · {} to destination, {} to source",
+            end.id,
+            Bytes(0),
+            Bytes(0)
+        );
+        return;
+    };
+    say!(
+        "migproxy {}: {} · {} to destination, {} to source",
+        end.id,
+        source.state,
+        Bytes(source.bytes.to_destination),
+        Bytes(source.bytes.to_source),
+    );
+    for c in &source.channels {
+        migration::print_channel(c, "    ");
+    }
+    if let Some(error) = &source.error {
+        say!("  error: {}", error.message);
     }
 }
 
@@ -507,7 +532,7 @@ fn parse_job(text: &str) -> BTreeMap<String, String> {
 }
 
 /// One line: libvirt's job (data remaining, rate, dirty rate) and migproxy's channels.
-fn progress(job: &BTreeMap<String, String>, m: Option<&Value>) -> String {
+fn progress(job: &BTreeMap<String, String>, m: Option<&Snapshot>) -> String {
     let field = |key: &str| job.get(key).map_or("-", String::as_str);
     let mut text = format!(
         "libvirt: {} left · {} · dirty {}",
@@ -516,16 +541,12 @@ fn progress(job: &BTreeMap<String, String>, m: Option<&Value>) -> String {
         field("Dirty rate")
     );
     if let Some(m) = m {
-        let channels = m["channels"].as_array().map_or(0, Vec::len);
+        let channels = m.channels.len();
         text += &format!(
             " · migproxy {}: {} moved, {}/s, {channels} channel{}",
-            m["state"].as_str().unwrap_or("?"),
-            Bytes(m["bytes"]["to_destination"].as_u64().unwrap_or(0)),
-            Bytes(
-                m["throughput"]["current_bytes_per_second"]
-                    .as_u64()
-                    .unwrap_or(0)
-            ),
+            m.state,
+            Bytes(m.bytes.to_destination),
+            Bytes(m.throughput.current_bytes_per_second),
             if channels == 1 { "" } else { "s" }
         );
     }

@@ -23,13 +23,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::failure::Failure;
 use super::migration::{self, QemuFlags};
 use super::process::{EXIT_FAILED, EXIT_USAGE};
+use crate::api::types::{IncomingRequest, OutgoingRequest};
 use crate::client::Client;
+use crate::daemon::migration::State;
+use crate::daemon::migration::view::Snapshot;
 use crate::human::{Bytes, Elapsed};
 
 #[derive(Debug, clap::Args)]
@@ -160,9 +163,7 @@ async fn migrate(args: Args) -> Result<u8, Failure> {
     };
     if let Err(failure) = outgoing {
         // Nothing moved: take the destination's half back.
-        let _ = destination
-            .post(&format!("/v1/migrations/{id}/cancel"), None)
-            .await;
+        let _ = destination.cancel(&id).await;
         return Err(failure);
     }
     if !args.json {
@@ -175,7 +176,7 @@ async fn migrate(args: Args) -> Result<u8, Failure> {
     let end = follow(&source, &id, args.interval, &shutdown).await?;
     let far = final_of(&destination, &id).await;
     report(&end, far.as_ref(), args.json);
-    Ok(if end["state"] == "completed" {
+    Ok(if end.state == State::Completed {
         0
     } else {
         EXIT_FAILED
@@ -235,19 +236,18 @@ async fn create_incoming(
     } else {
         dest_qmp.clone()
     };
-    let body = json!({
-        "direction": "incoming",
-        "id": id,
-        "qmp": dest_qmp.display().to_string(),
-        "multifd": args.qemu.multifd,
-        "postcopy": args.qemu.postcopy || args.qemu.postcopy_after.is_some(),
-    });
+    let request = IncomingRequest {
+        id: Some(id.to_owned()),
+        qmp: Some(dest_qmp.display().to_string()),
+        multifd: args.qemu.multifd,
+        postcopy: args.qemu.postcopy || args.qemu.postcopy_after.is_some(),
+        ..IncomingRequest::default()
+    };
     let created = destination
-        .post("/v1/migrations", Some(migration::merged(body, json!({}))))
+        .create_incoming(&request)
         .await
         .map_err(|e| Failure::from_client("destination daemon", e))?;
-    let field = |key: &str| created[key].as_str().unwrap_or_default().to_owned();
-    Ok((field("token"), field("peer")))
+    Ok((created.token, created.peer))
 }
 
 async fn create_outgoing(
@@ -262,12 +262,15 @@ async fn create_outgoing(
             "--qmp: the source QEMU's QMP socket is needed".into(),
         ));
     }
-    let body = json!({"direction": "outgoing", "id": id, "token": token, "peer": peer});
+    let mut request = OutgoingRequest {
+        id: id.to_owned(),
+        token: token.to_owned(),
+        peer: peer.to_owned(),
+        ..OutgoingRequest::default()
+    };
+    args.qemu.apply(&mut request);
     source
-        .post(
-            "/v1/migrations",
-            Some(migration::merged(body, args.qemu.fields())),
-        )
+        .create_outgoing(&request)
         .await
         .map_err(|e| Failure::from_client("source daemon", e))?;
     Ok(())
@@ -280,29 +283,28 @@ async fn follow(
     id: &str,
     interval: Duration,
     shutdown: &CancellationToken,
-) -> Result<Value, Failure> {
+) -> Result<Snapshot, Failure> {
     let line = ProgressBar::new_spinner().with_style(
         ProgressStyle::with_template("{spinner} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     let mut cancel_sent = false;
-    let path = format!("/v1/migrations/{id}");
     let mut ended_at = None;
     let end = loop {
         if shutdown.is_cancelled() && !cancel_sent {
             cancel_sent = true;
             line.suspend(|| eprintln!("cancelling {id} on both hosts"));
-            if let Err(error) = source.post(&format!("{path}/cancel"), None).await {
+            if let Err(error) = source.cancel(id).await {
                 line.suspend(|| eprintln!("cancel refused: {error}"));
             }
         }
         let m = source
-            .get(&path)
+            .migration(id)
             .await
             .map_err(|e| Failure::from_client("source daemon", e))?;
         // Once migproxy's verdict is in, QEMU gets a moment to settle (`cancelling` →
         // `cancelled`) so that the report shows its last word.
-        if migration::is_final(&m) {
+        if m.state.is_final() {
             let since = *ended_at.get_or_insert_with(std::time::Instant::now);
             if migration::settled(&m) || since.elapsed() > SETTLE {
                 break m;
@@ -320,34 +322,26 @@ async fn follow(
 }
 
 /// One line: QEMU's status and pass, RAM left, dirty rate, throughput, channels.
-fn progress(m: &Value) -> String {
-    let q = &m["qemu"];
-    let ram = &q["ram"];
-    let channels = m["channels"].as_array().map_or(0, Vec::len);
-    let mut text = format!(
-        "{} · QEMU {}",
-        m["state"].as_str().unwrap_or("?"),
-        q["status"].as_str().unwrap_or("?")
-    );
-    if q["pass"].as_u64().is_some_and(|p| p > 0) {
-        text += &format!(" pass {}", q["pass"]);
+fn progress(m: &Snapshot) -> String {
+    let q = m.qemu.as_ref().map(|q| &q.report);
+    let channels = m.channels.len();
+    let status = q.map_or_else(|| "?".to_owned(), |q| q.status.to_string());
+    let mut text = format!("{} · QEMU {status}", m.state);
+    if let Some(pass) = q.map(|q| q.pass).filter(|p| *p > 0) {
+        text += &format!(" pass {pass}");
     }
-    if !ram.is_null() {
+    if let Some(ram) = q.and_then(|q| q.ram.as_ref()) {
         text += &format!(
             " · RAM {} left of {} · dirty {}/s",
-            Bytes(ram["remaining"].as_u64().unwrap_or(0)),
-            Bytes(ram["total"].as_u64().unwrap_or(0)),
-            Bytes(ram["dirty_bytes_per_second"].as_u64().unwrap_or(0)),
+            Bytes(ram.remaining),
+            Bytes(ram.total),
+            Bytes(ram.dirty_bytes_per_second),
         );
     }
     text += &format!(
         " · {}/s · {} moved · {channels} channel{}",
-        Bytes(
-            m["throughput"]["current_bytes_per_second"]
-                .as_u64()
-                .unwrap_or(0)
-        ),
-        Bytes(m["bytes"]["to_destination"].as_u64().unwrap_or(0)),
+        Bytes(m.throughput.current_bytes_per_second),
+        Bytes(m.bytes.to_destination),
         if channels == 1 { "" } else { "s" },
     );
     text
@@ -358,11 +352,10 @@ const SETTLE: Duration = Duration::from_secs(4);
 
 /// The destination's report once it has settled too (it may lag by a moment); `None` if the
 /// destination cannot tell.
-async fn final_of(destination: &Client, id: &str) -> Option<Value> {
-    let path = format!("/v1/migrations/{id}");
+async fn final_of(destination: &Client, id: &str) -> Option<Snapshot> {
     let mut last = None;
     for _ in 0..40 {
-        match destination.get(&path).await {
+        match destination.migration(id).await {
             Ok(m) if migration::settled(&m) => return Some(m),
             Ok(m) => last = Some(m),
             Err(_) => return last,
@@ -372,56 +365,56 @@ async fn final_of(destination: &Client, id: &str) -> Option<Value> {
     last
 }
 
+/// Both daemons' final reports, as `--json` prints them.
+#[derive(serde::Serialize)]
+struct Reports<'a> {
+    source: &'a Snapshot,
+    destination: Option<&'a Snapshot>,
+}
+
 /// The merged report: migproxy's story (the source's, which both hosts share), then QEMU on
 /// each host.
-fn report(source: &Value, destination: Option<&Value>, json: bool) {
+fn report(source: &Snapshot, destination: Option<&Snapshot>, json: bool) {
     if json {
-        say!("{}", json!({"source": source, "destination": destination}));
+        say!(
+            "{}",
+            migration::json_line(&Reports {
+                source,
+                destination
+            })
+        );
         return;
     }
-    let elapsed = Elapsed(Duration::from_millis(
-        source["elapsed_ms"].as_u64().unwrap_or(0),
-    ));
-    let qemu_verdict = |m: Option<&Value>| {
-        m.and_then(|m| m["qemu"]["status"].as_str())
-            .unwrap_or("unknown")
-            .to_owned()
+    let elapsed = Elapsed(Duration::from_millis(source.elapsed_ms));
+    let qemu_verdict = |m: Option<&Snapshot>| {
+        m.and_then(|m| m.qemu.as_ref())
+            .map_or_else(|| "unknown".to_owned(), |q| q.report.status.to_string())
     };
     say!(
         "migration {}: {} in {elapsed} (QEMU: {} on the source, {} on the destination)",
-        source["id"].as_str().unwrap_or("?"),
-        source["state"].as_str().unwrap_or("?"),
+        source.id,
+        source.state,
         qemu_verdict(Some(source)),
         qemu_verdict(destination),
     );
-    migration::print_qemu(&source["qemu"], "source QEMU");
+    migration::print_qemu(source.qemu.as_ref(), "source QEMU");
     if let Some(destination) = destination {
-        migration::print_qemu(&destination["qemu"], "destination QEMU");
+        migration::print_qemu(destination.qemu.as_ref(), "destination QEMU");
     }
     say!(
         "  migproxy ({}): {} to destination, {} to source, average {}/s",
-        source["link"].as_str().unwrap_or("?"),
-        Bytes(source["bytes"]["to_destination"].as_u64().unwrap_or(0)),
-        Bytes(source["bytes"]["to_source"].as_u64().unwrap_or(0)),
-        Bytes(
-            source["throughput"]["average_bytes_per_second"]
-                .as_u64()
-                .unwrap_or(0)
-        ),
+        source.link,
+        Bytes(source.bytes.to_destination),
+        Bytes(source.bytes.to_source),
+        Bytes(source.throughput.average_bytes_per_second),
     );
-    for c in source["channels"].as_array().into_iter().flatten() {
-        say!(
-            "    channel {}: {}, {} to destination, {} to source",
-            c["index"],
-            c["state"].as_str().unwrap_or("?"),
-            Bytes(c["bytes"]["to_destination"].as_u64().unwrap_or(0)),
-            Bytes(c["bytes"]["to_source"].as_u64().unwrap_or(0))
-        );
+    for c in &source.channels {
+        migration::print_channel(c, "    ");
     }
-    if let Some(by) = source["cancelled_by"].as_str() {
+    if let Some(by) = source.cancelled_by {
         say!("  cancelled by the {by} host; the VM stays on the source");
     }
-    if let Some(message) = source["error"]["message"].as_str() {
-        say!("  error: {message}");
+    if let Some(error) = &source.error {
+        say!("  error: {}", error.message);
     }
 }

@@ -9,12 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use super::process::EXIT_FAILED;
+use crate::api::types::{CreatedIncoming, IncomingRequest, MigrationList, OutgoingRequest};
 use crate::client::{Client, ClientError};
 use crate::config::ConfigError;
 use crate::daemon::migration::State;
+use crate::daemon::migration::view::{ChannelSnapshot, QemuView, Snapshot};
+use crate::daemon::qemu::report::Status;
 use crate::human::{Bytes, Chain, Elapsed};
 
 /// Exit code when the daemon cannot be reached.
@@ -138,16 +141,14 @@ pub(super) struct QemuFlags {
 }
 
 impl QemuFlags {
-    /// The API fields (nulls for what is not given).
-    pub(super) fn fields(&self) -> Value {
-        json!({
-            "qmp": self.qmp.as_ref().map(|p| absolute(p).display().to_string()),
-            "multifd": self.multifd,
-            "postcopy": self.postcopy || self.postcopy_after.is_some(),
-            "postcopy_after": self.postcopy_after.map(|d| d.as_secs_f64()),
-            "max_bandwidth": self.max_bandwidth,
-            "downtime_limit": self.downtime_limit,
-        })
+    /// Sets the request's QEMU fields from the flags given.
+    pub(super) fn apply(&self, request: &mut OutgoingRequest) {
+        request.qmp = self.qmp.as_ref().map(|p| absolute(p).display().to_string());
+        request.multifd = self.multifd;
+        request.postcopy = self.postcopy || self.postcopy_after.is_some();
+        request.postcopy_after = self.postcopy_after.map(|d| d.as_secs_f64());
+        request.max_bandwidth = self.max_bandwidth;
+        request.downtime_limit = self.downtime_limit;
     }
 }
 
@@ -156,17 +157,11 @@ pub(super) fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
-/// Adds `extra`'s fields to `body`, dropping nulls and false flags.
-pub(super) fn merged(body: Value, extra: Value) -> Value {
-    let mut body = without_nulls(body);
-    if let (Some(object), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
-        for (key, value) in extra {
-            if !value.is_null() && *value != json!(false) {
-                object.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    body
+/// An API body as `--json` prints it: one line, keys in order.
+pub(super) fn json_line(body: &impl Serialize) -> String {
+    serde_json::to_value(body)
+        .map(|value| value.to_string())
+        .unwrap_or_default()
 }
 
 /// The config file read when none is named.
@@ -296,13 +291,17 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
             max_channels,
             recoverable,
         } => {
-            let body = json!({"direction": "incoming", "target": target, "id": id,
-                              "max_channels": max_channels, "recoverable": recoverable,
-                              "qmp": qmp.map(|p| absolute(&p).display().to_string()),
-                              "multifd": multifd, "postcopy": postcopy});
-            let created = client
-                .post("/v1/migrations", Some(without_nulls(body)))
-                .await?;
+            let request = IncomingRequest {
+                target,
+                id,
+                max_channels,
+                recoverable,
+                qmp: qmp.map(|p| absolute(&p).display().to_string()),
+                multifd,
+                postcopy,
+                group: None,
+            };
+            let created = client.create_incoming(&request).await?;
             print_created_incoming(&created, json);
             Ok(0)
         }
@@ -316,25 +315,24 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
             watch,
             qemu,
         } => {
-            let body = json!({"direction": "outgoing", "id": id, "token": token, "peer": peer,
-                              "tls_hostname": tls_hostname, "recoverable": recoverable});
-            let created = client
-                .post("/v1/migrations", Some(merged(body, qemu.fields())))
-                .await?;
+            let mut request = OutgoingRequest {
+                id: id.clone(),
+                token: token.unwrap_or_default(),
+                peer,
+                recoverable,
+                tls_hostname,
+                ..OutgoingRequest::default()
+            };
+            qemu.apply(&mut request);
+            let created = client.create_outgoing(&request).await?;
             if json {
-                say!("{created}");
+                say!("{}", json_line(&created));
             } else {
-                say!(
-                    "created outgoing migration {}",
-                    created["id"].as_str().unwrap_or("?")
-                );
+                say!("created outgoing migration {}", created.id);
                 if qemu.qmp.is_some() {
                     say!("  source QEMU: migrating (driven by the daemon)");
                 } else {
-                    say!(
-                        "  source QEMU: migrate {}",
-                        created["qemu_uri"].as_str().unwrap_or("?")
-                    );
+                    say!("  source QEMU: migrate {}", created.qemu_uri);
                 }
             }
             if watch {
@@ -343,33 +341,25 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
             Ok(0)
         }
         Command::List { state } => {
-            let path = match state {
-                Some(state) => format!("/v1/migrations?state={state}"),
-                None => "/v1/migrations".to_owned(),
-            };
-            let all = client.get(&path).await?;
+            let migrations = client.list(state.as_deref()).await?;
             if json {
-                say!("{all}");
+                say!("{}", json_line(&MigrationList { migrations }));
             } else {
-                print_list(&all);
+                print_list(&migrations);
             }
             Ok(0)
         }
         Command::Show { id } => {
-            let migration = client.get(&format!("/v1/migrations/{id}")).await?;
-            print_report(&migration, json);
+            print_report(&client.migration(&id).await?, json);
             Ok(0)
         }
         Command::Cancel { id } => {
-            let migration = client
-                .post(&format!("/v1/migrations/{id}/cancel"), None)
-                .await?;
-            print_report(&migration, json);
+            print_report(&client.cancel(&id).await?, json);
             Ok(0)
         }
         Command::Watch { id, interval } => watch_until_end(client, &id, interval, json).await,
         Command::Forget { id } => {
-            client.delete(&format!("/v1/migrations/{id}")).await?;
+            client.forget(&id).await?;
             if !json {
                 say!("forgot migration {id}");
             }
@@ -378,34 +368,27 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
     }
 }
 
-/// Drops null fields, so that optional flags not given are not sent.
-pub(super) fn without_nulls(mut body: Value) -> Value {
-    if let Some(object) = body.as_object_mut() {
-        object.retain(|_, v| !v.is_null());
-    }
-    body
-}
-
-fn print_created_incoming(created: &Value, json: bool) {
+fn print_created_incoming(created: &CreatedIncoming, json: bool) {
     if json {
-        say!("{created}");
+        say!("{}", json_line(created));
         return;
     }
-    let (id, token, peer) = (
-        created["id"].as_str().unwrap_or("?"),
-        created["token"].as_str().unwrap_or("?"),
-        created["peer"].as_str().unwrap_or("?"),
-    );
+    let CreatedIncoming {
+        id,
+        token,
+        peer,
+        target,
+        ..
+    } = created;
     say!("created incoming migration {id}");
     say!("  token  {token}");
     say!("  peer   {peer}");
-    say!("  target {}", created["target"].as_str().unwrap_or("?"));
+    say!("  target {target}");
     say!("on the source host:");
     say!("  migproxy migration create-outgoing --id {id} --token {token} --peer {peer}");
 }
 
-fn print_list(all: &Value) {
-    let migrations = all["migrations"].as_array().cloned().unwrap_or_default();
+fn print_list(migrations: &[Snapshot]) {
     if migrations.is_empty() {
         say!("no migrations");
         return;
@@ -422,147 +405,122 @@ fn print_list(all: &Value) {
     for m in migrations {
         say!(
             "{:<24} {:<9} {:<10} {:>11} {:>11} {:<9}",
-            m["id"].as_str().unwrap_or("?"),
-            m["direction"].as_str().unwrap_or("?"),
-            m["state"].as_str().unwrap_or("?"),
-            Bytes(m["bytes"]["to_destination"].as_u64().unwrap_or(0)).to_string(),
-            Bytes(m["bytes"]["to_source"].as_u64().unwrap_or(0)).to_string(),
-            m["link"].as_str().unwrap_or("?"),
+            m.id,
+            m.direction.to_string(),
+            m.state.to_string(),
+            Bytes(m.bytes.to_destination).to_string(),
+            Bytes(m.bytes.to_source).to_string(),
+            m.link.to_string(),
         );
     }
 }
 
 /// The final (or current) report of a migration.
-pub(super) fn print_report(m: &Value, json: bool) {
+pub(super) fn print_report(m: &Snapshot, json: bool) {
     if json {
-        say!("{m}");
+        say!("{}", json_line(m));
         return;
     }
-    let bytes = |v: &Value, key: &str| Bytes(v["bytes"][key].as_u64().unwrap_or(0));
     say!(
         "migration {} ({}, {}): {}",
-        m["id"].as_str().unwrap_or("?"),
-        m["direction"].as_str().unwrap_or("?"),
-        m["link"].as_str().unwrap_or("?"),
-        m["state"].as_str().unwrap_or("?"),
+        m.id,
+        m.direction,
+        m.link,
+        m.state
     );
-    say!(
-        "  peer {} · local {}",
-        m["peer"].as_str().unwrap_or("?"),
-        m["local"].as_str().unwrap_or("?")
-    );
-    if m["state"] == State::Transferred.name() {
+    say!("  peer {} · local {}", m.peer, m.local);
+    if m.state == State::Transferred {
         say!("  QEMU's verdict unknown (no QMP, no return path): ask QEMU whether it finished");
     }
     say!(
         "  {} to destination, {} to source in {} (average {}/s)",
-        bytes(m, "to_destination"),
-        bytes(m, "to_source"),
-        Elapsed(Duration::from_millis(m["elapsed_ms"].as_u64().unwrap_or(0))),
-        Bytes(
-            m["throughput"]["average_bytes_per_second"]
-                .as_u64()
-                .unwrap_or(0)
-        ),
+        Bytes(m.bytes.to_destination),
+        Bytes(m.bytes.to_source),
+        Elapsed(Duration::from_millis(m.elapsed_ms)),
+        Bytes(m.throughput.average_bytes_per_second),
     );
-    for c in m["channels"].as_array().into_iter().flatten() {
-        say!(
-            "  channel {}: {}, {} to destination, {} to source",
-            c["index"],
-            c["state"].as_str().unwrap_or("?"),
-            bytes(c, "to_destination"),
-            bytes(c, "to_source")
-        );
+    for c in &m.channels {
+        print_channel(c, "  ");
     }
-    print_qemu(&m["qemu"], "QEMU");
-    for pause in m["pauses"].as_array().into_iter().flatten() {
-        say!("  paused: {}", pause["message"].as_str().unwrap_or("?"));
+    print_qemu(m.qemu.as_ref(), "QEMU");
+    for pause in &m.pauses {
+        say!("  paused: {}", pause.message);
     }
-    if let Some(by) = m["cancelled_by"].as_str() {
+    if let Some(by) = m.cancelled_by {
         say!("  cancelled by the {by} host");
     }
-    if let Some(message) = m["error"]["message"].as_str() {
-        say!("  error: {message}");
-        for (n, cause) in m["error"]["causes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            say!("    {}: {}", n + 1, cause.as_str().unwrap_or("?"));
+    if let Some(error) = &m.error {
+        say!("  error: {}", error.message);
+        for (n, cause) in error.causes.iter().enumerate() {
+            say!("    {}: {cause}", n + 1);
         }
     }
 }
 
+/// One channel's line of a report, indented by `indent`.
+pub(super) fn print_channel(c: &ChannelSnapshot, indent: &str) {
+    say!(
+        "{indent}channel {}: {}, {} to destination, {} to source",
+        c.index,
+        c.state,
+        Bytes(c.bytes.to_destination),
+        Bytes(c.bytes.to_source)
+    );
+}
+
 /// QEMU's side of a report, when the daemon drives QEMU: one or two lines.
-pub(super) fn print_qemu(q: &Value, who: &str) {
-    if q.is_null() {
+pub(super) fn print_qemu(q: Option<&QemuView>, who: &str) {
+    let Some(QemuView { report: q, .. }) = q else {
         return;
-    }
-    let ms = |key: &str| {
-        q[key]
-            .as_u64()
-            .map(|ms| Elapsed(Duration::from_millis(ms)).to_string())
     };
-    let mut line = format!("  {who}: {}", q["status"].as_str().unwrap_or("?"));
-    if q["status"] != "none" {
-        line += &format!(" after {}", ms("wall_time_ms").unwrap_or_default());
+    let ms = |ms: u64| Elapsed(Duration::from_millis(ms)).to_string();
+    let mut line = format!("  {who}: {}", q.status);
+    if q.status != Status::None {
+        line += &format!(" after {}", ms(q.wall_time_ms));
     }
-    if let Some(total) = ms("total_time_ms").filter(|_| q["total_time_ms"] != 0) {
-        line += &format!(", QEMU total {total}");
+    if let Some(total) = q.total_time_ms.filter(|total| *total != 0) {
+        line += &format!(", QEMU total {}", ms(total));
     }
-    if let Some(downtime) = ms("downtime_ms") {
-        line += &format!(", downtime {downtime}");
+    if let Some(downtime) = q.downtime_ms {
+        line += &format!(", downtime {}", ms(downtime));
     }
-    if q["pass"].as_u64().is_some_and(|p| p > 0) {
-        line += &format!(", {} passes", q["pass"]);
+    if q.pass > 0 {
+        line += &format!(", {} passes", q.pass);
     }
-    if q["postcopy_started"] == true {
+    if q.postcopy_started {
         line += ", switched to postcopy";
     }
-    if let Some(refused) = q["postcopy_error"].as_str() {
+    if let Some(refused) = &q.postcopy_error {
         line += &format!(", did not switch to postcopy: {refused}");
     }
-    if q["monitor_closed"] == true {
+    if q.monitor_closed {
         line += ", then QEMU exited (its monitor closed)";
     }
     say!("{line}");
-    let ram = &q["ram"];
-    if !ram.is_null() {
+    if let Some(ram) = &q.ram {
         say!(
             "    RAM {} of {} transferred, {} remaining, {:.0} Mbit/s",
-            Bytes(ram["transferred"].as_u64().unwrap_or(0)),
-            Bytes(ram["total"].as_u64().unwrap_or(0)),
-            Bytes(ram["remaining"].as_u64().unwrap_or(0)),
-            ram["mbps"].as_f64().unwrap_or(0.0)
+            Bytes(ram.transferred),
+            Bytes(ram.total),
+            Bytes(ram.remaining),
+            ram.mbps
         );
     }
-    if let Some(desc) = q["error_desc"].as_str() {
+    if let Some(desc) = &q.error_desc {
         say!("    QEMU error: {desc}");
     }
 }
 
 /// Whether a migration's report will not change any more: migproxy's state is final, and
 /// QEMU (when the daemon drives it) has given its verdict or gone.
-pub(super) fn settled(m: &Value) -> bool {
-    let qemu = &m["qemu"];
-    is_final(m)
-        && (qemu.is_null()
-            || qemu["monitor_closed"] == true
-            || ["completed", "failed", "cancelled"]
-                .contains(&qemu["status"].as_str().unwrap_or("")))
-}
-
-/// Whether a migration's report names a final state.
-pub(super) fn is_final(m: &Value) -> bool {
-    let state = m["state"].as_str().unwrap_or("");
-    State::FINAL.iter().any(|s| s.name() == state)
+pub(super) fn settled(m: &Snapshot) -> bool {
+    m.state.is_final() && m.qemu.as_ref().is_none_or(|q| q.report.is_settled())
 }
 
 /// Whether migproxy carried the migration to its end: QEMU finished (`completed`), or every
 /// byte crossed and QEMU's verdict is unknown (`transferred`, no QMP).
-pub(super) fn succeeded(m: &Value) -> bool {
-    m["state"] == State::Completed.name() || m["state"] == State::Transferred.name()
+pub(super) fn succeeded(m: &Snapshot) -> bool {
+    matches!(m.state, State::Completed | State::Transferred)
 }
 
 /// Draws a line per channel until the migration ends; exit code 0 only if it completed.
@@ -572,70 +530,98 @@ async fn watch_until_end(
     interval: Duration,
     json: bool,
 ) -> Result<u8, ClientError> {
-    let bars = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix:>10} {spinner} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_spinner());
-    let overall = bars.add(
-        ProgressBar::new_spinner()
-            .with_style(style.clone())
-            .with_prefix(id.to_owned()),
-    );
-    let mut lines: Vec<ProgressBar> = Vec::new();
-    let mut last: HashMap<u64, (u64, Instant)> = HashMap::new();
+    let mut lines = WatchLines::new(id);
     let migration = loop {
-        let m = client.get(&format!("/v1/migrations/{id}")).await?;
-        let state = m["state"].as_str().unwrap_or("?").to_owned();
-        overall.set_message(format!(
-            "{state}  {} → {} ←  {}/s",
-            Bytes(m["bytes"]["to_destination"].as_u64().unwrap_or(0)),
-            Bytes(m["bytes"]["to_source"].as_u64().unwrap_or(0)),
-            Bytes(
-                m["throughput"]["current_bytes_per_second"]
-                    .as_u64()
-                    .unwrap_or(0)
-            ),
-        ));
-        for c in m["channels"].as_array().into_iter().flatten() {
-            let index = c["index"].as_u64().unwrap_or(0);
-            while lines.len() <= index as usize {
-                let line = ProgressBar::new_spinner()
-                    .with_style(style.clone())
-                    .with_prefix(format!("channel {}", lines.len()));
-                lines.push(bars.add(line));
-            }
-            let sent = c["bytes"]["to_destination"].as_u64().unwrap_or(0);
-            let now = Instant::now();
-            let rate = last.get(&index).map_or(0, |(before, at)| {
-                let secs = now.duration_since(*at).as_secs_f64();
-                if secs > 0.0 {
-                    (sent.saturating_sub(*before) as f64 / secs) as u64
-                } else {
-                    0
-                }
-            });
-            last.insert(index, (sent, now));
-            lines[index as usize].set_message(format!(
-                "{}  {} → {} ←  {}/s",
-                c["state"].as_str().unwrap_or("?"),
-                Bytes(sent),
-                Bytes(c["bytes"]["to_source"].as_u64().unwrap_or(0)),
-                Bytes(rate)
-            ));
-            lines[index as usize].tick();
-        }
-        overall.tick();
-        if is_final(&m) {
+        let m = client.migration(id).await?;
+        lines.show(&m);
+        if m.state.is_final() {
             break m;
         }
         tokio::time::sleep(interval).await;
     };
-    for line in lines.iter().chain(std::iter::once(&overall)) {
-        line.finish_and_clear();
-    }
+    lines.clear();
     print_report(&migration, json);
     Ok(if succeeded(&migration) {
         0
     } else {
         EXIT_FAILED
     })
+}
+
+/// `watch`'s live lines: the migration's, then one per channel with its own rate.
+struct WatchLines {
+    bars: MultiProgress,
+    style: ProgressStyle,
+    overall: ProgressBar,
+    channels: Vec<ProgressBar>,
+    last: HashMap<u32, (u64, Instant)>,
+}
+
+impl WatchLines {
+    fn new(id: &str) -> WatchLines {
+        let bars = MultiProgress::new();
+        let style = ProgressStyle::with_template("{prefix:>10} {spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let overall = bars.add(
+            ProgressBar::new_spinner()
+                .with_style(style.clone())
+                .with_prefix(id.to_owned()),
+        );
+        WatchLines {
+            bars,
+            style,
+            overall,
+            channels: Vec::new(),
+            last: HashMap::new(),
+        }
+    }
+
+    fn show(&mut self, m: &Snapshot) {
+        self.overall.set_message(format!(
+            "{}  {} → {} ←  {}/s",
+            m.state,
+            Bytes(m.bytes.to_destination),
+            Bytes(m.bytes.to_source),
+            Bytes(m.throughput.current_bytes_per_second),
+        ));
+        for c in &m.channels {
+            self.show_channel(c);
+        }
+        self.overall.tick();
+    }
+
+    fn show_channel(&mut self, c: &ChannelSnapshot) {
+        let index = c.index as usize;
+        while self.channels.len() <= index {
+            let line = ProgressBar::new_spinner()
+                .with_style(self.style.clone())
+                .with_prefix(format!("channel {}", self.channels.len()));
+            self.channels.push(self.bars.add(line));
+        }
+        let sent = c.bytes.to_destination;
+        let now = Instant::now();
+        let rate = self.last.get(&c.index).map_or(0, |(before, at)| {
+            let secs = now.duration_since(*at).as_secs_f64();
+            if secs > 0.0 {
+                (sent.saturating_sub(*before) as f64 / secs) as u64
+            } else {
+                0
+            }
+        });
+        self.last.insert(c.index, (sent, now));
+        self.channels[index].set_message(format!(
+            "{}  {} → {} ←  {}/s",
+            c.state,
+            Bytes(sent),
+            Bytes(c.bytes.to_source),
+            Bytes(rate)
+        ));
+        self.channels[index].tick();
+    }
+
+    fn clear(&self) {
+        for line in self.channels.iter().chain(std::iter::once(&self.overall)) {
+            line.finish_and_clear();
+        }
+    }
 }

@@ -6,7 +6,9 @@ use std::borrow::Cow;
 use std::fmt;
 
 use migproxy_proto::{Attribution, Direction, Host, Leg, Op, Totals};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use super::names::{DirectionName, HostName, LegName, OpName};
 
 use crate::human::{Bytes, Elapsed, errno_name};
 use crate::relay::{self, Failure};
@@ -335,35 +337,15 @@ pub fn disagreement(
 
 /// The (host, leg, op) labels of an attribution, as metrics count failures.
 pub fn labels(a: &Attribution) -> (&'static str, &'static str, &'static str) {
-    (host_name(a.host), leg_name(a.leg), op_name(a.op))
-}
-
-fn leg_name(leg: Leg) -> &'static str {
-    match leg {
-        Leg::Qemu => "qemu",
-        Leg::Peer => "peer",
-    }
+    (
+        host_name(a.host),
+        LegName::from(a.leg).as_str(),
+        OpName::from(a.op).as_str(),
+    )
 }
 
 pub fn host_name(host: Host) -> &'static str {
-    match host {
-        Host::Source => "source",
-        Host::Destination => "destination",
-    }
-}
-
-fn op_name(op: Op) -> &'static str {
-    match op {
-        Op::Connect => "connect",
-        Op::Read => "read",
-        Op::Write => "write",
-        Op::Splice => "splice",
-        Op::Shutdown => "shutdown",
-        Op::Handshake => "handshake",
-        Op::Timeout => "timeout",
-        Op::Protocol => "protocol",
-        Op::Migrate => "migrate",
-    }
+    HostName::from(host).as_str()
 }
 
 /// Text that came from elsewhere (the peer daemon, QEMU) with every control character
@@ -409,7 +391,7 @@ impl fmt::Display for Rendered<'_> {
             Op::Timeout => f.write_str("timed out")?,
             Op::Protocol => f.write_str("protocol error")?,
             Op::Migrate => f.write_str("migration failed")?,
-            op => write!(f, "{} failed", op_name(op))?,
+            op => write!(f, "{} failed", OpName::from(op).as_str())?,
         }
         if let Some(channel) = a.channel {
             write!(f, " on channel {channel}")?;
@@ -440,16 +422,16 @@ impl fmt::Display for Rendered<'_> {
 }
 
 /// An attribution as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// The whole story in one line.
     pub message: String,
-    pub host: &'static str,
+    pub host: HostName,
     /// `qemu` (the daemon's local QEMU) or `peer` (the link between the daemons).
-    pub leg: &'static str,
+    pub leg: LegName,
     pub channel: Option<u32>,
-    pub direction: Option<&'static str>,
-    pub op: &'static str,
+    pub direction: Option<DirectionName>,
+    pub op: OpName,
     pub errno: Option<String>,
     /// The OS or protocol error text.
     pub detail: String,
@@ -466,14 +448,11 @@ impl From<&Attribution> for Report {
     fn from(a: &Attribution) -> Report {
         Report {
             message: Rendered(a).to_string(),
-            host: host_name(a.host),
-            leg: leg_name(a.leg),
+            host: a.host.into(),
+            leg: a.leg.into(),
             channel: a.channel,
-            direction: a.direction.map(|d| match d {
-                Direction::ToDestination => "to_destination",
-                Direction::ToSource => "to_source",
-            }),
-            op: op_name(a.op),
+            direction: a.direction.map(DirectionName::from),
+            op: a.op.into(),
             errno: a.errno.as_deref().map(|e| escape_controls(e).into_owned()),
             detail: escape_controls(&a.message).into_owned(),
             causes: vec![match &a.errno {

@@ -25,6 +25,7 @@ pub mod gate;
 pub mod incoming;
 pub mod metrics;
 pub mod migration;
+pub mod names;
 pub mod outgoing;
 pub mod paths;
 pub mod peer;

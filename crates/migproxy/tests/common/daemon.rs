@@ -1,12 +1,14 @@
-//! Daemons in-process on loopback, and a tiny HTTP client for their unix-socket API.
+//! Daemons in-process on loopback, and requests to their unix-socket API through the
+//! library's client.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use migproxy::client::Client;
 use migproxy::daemon::{Config, Daemon};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -180,27 +182,15 @@ pub async fn carry(source: &TestDaemon, destination: &TestDaemon, id: &str, byte
     }
 }
 
-/// One HTTP/1.1 request over a unix socket; returns the status and the JSON body.
+/// One request to the API on `socket`, through the library's client; returns the status
+/// and the JSON body (a string when not JSON, null when empty).
 pub async fn http(socket: &PathBuf, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut stream = UnixStream::connect(socket).await.unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: migproxy\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8(response).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let value = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()))
-    };
-    (status, value)
+    let method = method.parse().expect("an HTTP method");
+    let (status, value) = Client::new(socket)
+        .request(method, path, body)
+        .await
+        .expect("an answer from the daemon");
+    (status.as_u16(), value)
 }
 
 /// An API error body as one line: `error`, then each of its `causes` after a colon.
@@ -211,4 +201,83 @@ pub fn story(body: &Value) -> String {
         line.push_str(cause.as_str().unwrap_or_default());
     }
     line
+}
+
+/// A unix listener standing in for the destination QEMU, and its endpoint (`unix:…`); the
+/// directory lives as long as the returned guard.
+pub fn stand_in_target() -> (tempfile::TempDir, UnixListener, String) {
+    let dir = super::short_tempdir();
+    let path = dir.path().join("qemu-in.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    (dir, listener, format!("unix:{}", path.display()))
+}
+
+pub fn unix_path(uri: &str) -> &str {
+    uri.strip_prefix("unix:").unwrap()
+}
+
+pub fn error_of(view: &Value) -> &Value {
+    assert!(!view["error"].is_null(), "no error in {view}");
+    &view["error"]
+}
+
+/// A synchronous look at a migration, for `wait_until` predicates.
+pub fn futures_lite_show(daemon: &TestDaemon, id: &str) -> Value {
+    let migration = daemon.daemon.get(id).unwrap();
+    serde_json::to_value(migration.snapshot()).unwrap()
+}
+
+/// A migration whose destination QEMU stand-in accepts but never reads; returns the source
+/// stand-in's writer task (which ends with the error its blocked write got).
+pub async fn stuck_migration(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+) -> (JoinHandle<std::io::Error>, UnixListener, tempfile::TempDir) {
+    let (dir, qemu_in, target) = stand_in_target();
+    let uri = migration_pair(source, destination, id, &target).await;
+    let stream = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (_read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let _keep = _read;
+        let block = vec![7u8; 1 << 20];
+        loop {
+            if let Err(error) = write.write_all(&block).await {
+                return error;
+            }
+        }
+    });
+    // Wait until bytes are piling up at the destination.
+    let mut last = (0, Instant::now());
+    let mut view = Value::Null;
+    let start = Instant::now();
+    while last.1.elapsed() < Duration::from_millis(300) {
+        view = destination.show(id).await;
+        let now = view["bytes"]["to_destination"].as_u64().unwrap();
+        if now != last.0 || now == 0 {
+            last = (now, Instant::now());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never stalled: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(view["state"], "active");
+    (writer, qemu_in, dir)
+}
+
+/// The event stream of one migration, subscribed before anything happens to it.
+pub async fn subscribe(
+    daemon: &TestDaemon,
+    id: &str,
+) -> tokio::io::Lines<tokio::io::BufReader<UnixStream>> {
+    use tokio::io::AsyncBufReadExt;
+    let mut subscription = UnixStream::connect(&daemon.api).await.unwrap();
+    let request = format!("GET /v1/events?migration={id} HTTP/1.1\r\nHost: x\r\n\r\n");
+    subscription.write_all(request.as_bytes()).await.unwrap();
+    let mut lines = tokio::io::BufReader::new(subscription).lines();
+    // The response head arrives before any event: the subscription is in place.
+    while lines.next_line().await.unwrap().unwrap() != "" {}
+    lines
 }

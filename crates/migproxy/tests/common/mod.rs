@@ -6,9 +6,12 @@ pub mod daemon;
 pub mod libvirt;
 pub mod netns;
 pub mod openapi;
+pub mod openapi_call;
+pub mod peer;
 pub mod process;
 pub mod qemu;
 pub mod scenario;
+pub mod tls;
 
 use std::io;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! `docs/api.yaml`, parsed, and a small validator of values against its schemas (see
-//! `tests/openapi.rs` for what it checks and the keywords it knows), for every test that
-//! wants to hold a real response to the document.
+//! `tests/openapi.rs` for what it checks, `openapi_call.rs` for the keywords it knows), for
+//! every test that wants to hold a real response to the document.
 
 use serde_json::{Value, json};
 

@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use crate::api::types::{IncomingRequest, OutgoingRequest};
+use crate::daemon::migration::view::Snapshot;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
@@ -54,28 +55,25 @@ impl DemoDaemon {
 pub(crate) async fn create_both(
     source: &DemoDaemon,
     destination: &DemoDaemon,
-    incoming: Value,
-    outgoing: Value,
+    incoming: IncomingRequest,
+    outgoing: OutgoingRequest,
 ) -> Result<(String, String), DemoError> {
-    let incoming = destination
-        .client
-        .post("/v1/migrations", Some(incoming))
-        .await?;
-    let mut body = json!({"direction": "outgoing", "id": "demo", "token": incoming["token"],
-                      "peer": incoming["peer"]});
-    if let (Some(body), Some(extra)) = (body.as_object_mut(), outgoing.as_object()) {
-        body.extend(extra.clone());
-    }
-    let outgoing = source.client.post("/v1/migrations", Some(body)).await?;
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-    Ok((text(&incoming["peer"]), text(&outgoing["qemu_uri"])))
+    let incoming = destination.client.create_incoming(&incoming).await?;
+    let request = OutgoingRequest {
+        id: "demo".to_owned(),
+        token: incoming.token,
+        peer: incoming.peer.clone(),
+        ..outgoing
+    };
+    let outgoing = source.client.create_outgoing(&request).await?;
+    Ok((incoming.peer, outgoing.qemu_uri))
 }
 
 /// Both daemons' final reports, printed one after the other.
 pub(crate) async fn reports(
     source: &DemoDaemon,
     destination: &DemoDaemon,
-) -> Result<(Value, Value), DemoError> {
+) -> Result<(Snapshot, Snapshot), DemoError> {
     let at_source = wait_final(&source.client).await?;
     let at_destination = wait_final(&destination.client).await?;
     say!("\nthe source daemon reports:");
@@ -86,10 +84,10 @@ pub(crate) async fn reports(
 }
 
 /// The migration once it has ended on this daemon (both daemons agree before they end).
-pub(crate) async fn wait_final(client: &Client) -> Result<Value, DemoError> {
+pub(crate) async fn wait_final(client: &Client) -> Result<Snapshot, DemoError> {
     for _ in 0..100 {
-        let migration = client.get("/v1/migrations/demo").await?;
-        if crate::cli::migration::is_final(&migration) {
+        let migration = client.migration("demo").await?;
+        if migration.state.is_final() {
             return Ok(migration);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

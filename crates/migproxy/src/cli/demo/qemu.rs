@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::json;
+use crate::api::types::{IncomingRequest, OutgoingRequest};
+use crate::daemon::migration::State;
+use crate::daemon::qemu::report::Status;
 
 use super::daemons::{DemoDaemon, DemoError, create_both, reports};
 use crate::human::Bytes;
@@ -31,15 +33,25 @@ pub(super) async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     let destination_host = DemoDaemon::start(dir, "destination").await?;
 
     // Each daemon drives its own QEMU through a QMP socket of its own.
-    let incoming = json!({"direction": "incoming", "id": "demo",
-                          "qmp": destination_vm.spare_qmp.display().to_string()});
-    let outgoing = json!({"qmp": source_vm.spare_qmp.display().to_string()});
+    let incoming = IncomingRequest {
+        id: Some("demo".to_owned()),
+        qmp: Some(destination_vm.spare_qmp.display().to_string()),
+        ..IncomingRequest::default()
+    };
+    let outgoing = OutgoingRequest {
+        qmp: Some(source_vm.spare_qmp.display().to_string()),
+        ..OutgoingRequest::default()
+    };
     create_both(&source_host, &destination_host, incoming, outgoing).await?;
     say!("  both daemons drive their QEMU over QMP: migrate-incoming, migrate, query-migrate");
     follow(&source_host, size).await?;
 
     let (at_source, at_destination) = reports(&source_host, &destination_host).await?;
-    let equal = if at_source["qemu"]["status"] == "completed" {
+    let qemu_completed = at_source
+        .qemu
+        .as_ref()
+        .is_some_and(|q| q.report.status == Status::Completed);
+    let equal = if qemu_completed {
         let a = source_vm.ram_digest(dir, "source", size).await?;
         let b = destination_vm.ram_digest(dir, "destination", size).await?;
         say!(
@@ -54,7 +66,8 @@ pub(super) async fn demo(dir: &Path, size: u64) -> Result<bool, DemoError> {
     };
     source_host.stop().await;
     destination_host.stop().await;
-    let ok = equal && at_source["state"] == "completed" && at_destination["state"] == "completed";
+    let ok =
+        equal && at_source.state == State::Completed && at_destination.state == State::Completed;
     say!("migproxy demo: {}", if ok { "OK" } else { "FAILED" });
     Ok(ok)
 }
@@ -66,10 +79,10 @@ async fn follow(source: &DemoDaemon, size: u64) -> Result<(), DemoError> {
             "  {bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
         )?);
     loop {
-        let carried = source.client.get("/v1/migrations/demo").await?;
-        bar.set_position(carried["bytes"]["to_destination"].as_u64().unwrap_or(0));
-        let qemu = carried["qemu"]["status"].as_str().unwrap_or("?");
-        bar.set_message(format!("QEMU {qemu}"));
+        let carried = source.client.migration("demo").await?;
+        bar.set_position(carried.bytes.to_destination);
+        let qemu = carried.qemu.as_ref().map(|q| q.report.status.to_string());
+        bar.set_message(format!("QEMU {}", qemu.as_deref().unwrap_or("?")));
         if crate::cli::migration::settled(&carried) {
             bar.finish_and_clear();
             return Ok(());

@@ -16,10 +16,12 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::api::types::{IncomingRequest, OutgoingRequest};
+use crate::daemon::migration::State;
+use crate::daemon::migration::view::Snapshot;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
-use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -72,8 +74,12 @@ pub(super) async fn create_migration(
     destination: &DemoDaemon,
     target: &str,
 ) -> Result<(String, String), DemoError> {
-    let incoming = json!({"direction": "incoming", "id": "demo", "target": target});
-    create_both(source, destination, incoming, json!({})).await
+    let incoming = IncomingRequest {
+        id: Some("demo".to_owned()),
+        target: Some(target.to_owned()),
+        ..IncomingRequest::default()
+    };
+    create_both(source, destination, incoming, OutgoingRequest::default()).await
 }
 
 /// Draws a progress bar from the source daemon's API until the migration ends.
@@ -82,9 +88,9 @@ async fn show_progress(client: &Client, size: u64) -> Result<(), DemoError> {
         "  {bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
     )?);
     loop {
-        let migration = client.get("/v1/migrations/demo").await?;
-        bar.set_position(migration["bytes"]["to_destination"].as_u64().unwrap_or(0));
-        if crate::cli::migration::is_final(&migration) {
+        let migration = client.migration("demo").await?;
+        bar.set_position(migration.bytes.to_destination);
+        if migration.state.is_final() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -174,8 +180,8 @@ async fn receive_and_acknowledge(mut stream: Stream) -> Result<Received, DemoErr
 
 /// Prints the end-to-end check; true when everything agrees.
 fn print_result(
-    at_source: &Value,
-    at_destination: &Value,
+    at_source: &Snapshot,
+    at_destination: &Snapshot,
     sent: &Sent,
     received: &Received,
 ) -> bool {
@@ -192,18 +198,18 @@ fn print_result(
         "return path: {} acknowledgements and the digest came back through both daemons",
         sent.acks
     );
-    let agree = at_source["bytes"] == at_destination["bytes"]
-        && at_source["bytes"]["to_destination"] == json!(received.bytes);
+    let agree =
+        at_source.bytes == at_destination.bytes && at_source.bytes.to_destination == received.bytes;
     say!(
         "both daemons report {} and the same byte counts: {}",
-        at_source["state"].as_str().unwrap_or("?"),
+        at_source.state,
         if agree { "yes" } else { "NO" }
     );
     // No QEMU, so no QEMU verdict: `transferred` is the most the daemons can claim.
     let ok = intact
         && agree
-        && at_source["state"] == "transferred"
-        && at_destination["state"] == "transferred";
+        && at_source.state == State::Transferred
+        && at_destination.state == State::Transferred;
     say!("migproxy demo: {}", if ok { "OK" } else { "FAILED" });
     ok
 }

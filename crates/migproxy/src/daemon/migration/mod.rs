@@ -46,6 +46,7 @@ pub use self::view::Event;
 use self::view::EventKind;
 use super::attribution::{self, Rendered};
 use super::metrics::Metrics;
+use super::names::EndName;
 use super::qemu::report::{self as qemu, CancelRefused};
 use crate::endpoint::Endpoint;
 use crate::relay::{ByteCounts, Counters, End, Report};
@@ -398,7 +399,7 @@ impl Migration {
         }
         self.publish(EventKind::State {
             state,
-            phase: phase.name(),
+            phase: phase.name().to_owned(),
             error: cause.map(attribution::Report::from),
         });
     }
@@ -591,7 +592,7 @@ impl Migration {
             {
                 self.publish(EventKind::ChannelClosed {
                     channel: index,
-                    end: "failed",
+                    end: EndName::Failed,
                     bytes: ByteCounts::default(),
                 });
             }
@@ -639,9 +640,9 @@ impl Migration {
         };
         let _ = self.step_then(&mut inner, input, |inner| {
             let end = match inner.core.channels().get(index as usize).map(|c| c.state) {
-                Some(ChannelState::Completed) => "completed",
-                Some(ChannelState::Failed) => "failed",
-                _ => "cancelled",
+                Some(ChannelState::Completed) => EndName::Completed,
+                Some(ChannelState::Failed) => EndName::Failed,
+                _ => EndName::Cancelled,
             };
             self.publish(EventKind::ChannelClosed {
                 channel: index,
@@ -690,7 +691,7 @@ impl Migration {
             let error = inner.core.error().map(attribution::Report::from);
             self.publish(EventKind::State {
                 state: State::Paused,
-                phase: "paused",
+                phase: "paused".to_owned(),
                 error,
             });
         }

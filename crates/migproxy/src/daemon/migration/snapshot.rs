@@ -7,6 +7,7 @@ use super::state::Core;
 use super::view::{self, Snapshot};
 use super::{Inner, Migration, State, channels};
 use crate::daemon::attribution;
+use crate::daemon::names::{HostName, Link};
 use crate::relay::ByteCounts;
 
 impl Migration {
@@ -25,12 +26,12 @@ impl Migration {
             id: self.spec.id.clone(),
             direction: self.spec.role,
             state,
-            phase: inner.core.phase().name(),
+            phase: inner.core.phase().name().to_owned(),
             peer: self.spec.peer.clone(),
             local: self.spec.local.to_string(),
             recoverable: self.spec.recoverable,
             group: self.spec.group.clone(),
-            link: if self.spec.tls { "tls" } else { "plaintext" },
+            link: Link::of(self.spec.tls),
             bytes: total,
             channels,
             error: inner.core.error().map(attribution::Report::from),
@@ -40,7 +41,7 @@ impl Migration {
                 .iter()
                 .map(attribution::Report::from)
                 .collect(),
-            cancelled_by: inner.core.cancelled_by().map(attribution::host_name),
+            cancelled_by: inner.core.cancelled_by().map(HostName::from),
             verdict: view::verdict(state),
             created_at: view::unix_seconds(Some(self.created)).unwrap_or_default(),
             elapsed_ms: elapsed.as_millis() as u64,
@@ -100,7 +101,7 @@ fn peer_view(core: &Core) -> view::PeerView {
         .filter_map(|(index, c)| {
             c.peer_end.map(|(end, bytes)| view::PeerChannel {
                 index: index as u32,
-                end: view::end_name(end),
+                end: end.into(),
                 bytes: channels::counts(bytes),
             })
         })
@@ -110,11 +111,7 @@ fn peer_view(core: &Core) -> view::PeerView {
         done: core.peer_done().map(|done| view::PeerDone {
             channels: done.channels,
             bytes: channels::counts(done.bytes),
-            verdict: match done.verdict {
-                migproxy_proto::Verdict::Unknown => "unknown",
-                migproxy_proto::Verdict::Qemu => "qemu",
-                migproxy_proto::Verdict::ReturnPath => "return_path",
-            },
+            verdict: done.verdict.into(),
         }),
     }
 }

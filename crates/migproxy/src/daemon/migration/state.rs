@@ -211,31 +211,7 @@ pub enum Phase {
     },
 }
 
-/// A host, as phases and views name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HostName {
-    Source,
-    Destination,
-}
-
-impl From<Host> for HostName {
-    fn from(host: Host) -> HostName {
-        match host {
-            Host::Source => HostName::Source,
-            Host::Destination => HostName::Destination,
-        }
-    }
-}
-
-impl From<HostName> for Host {
-    fn from(host: HostName) -> Host {
-        match host {
-            HostName::Source => Host::Source,
-            HostName::Destination => Host::Destination,
-        }
-    }
-}
+pub use crate::daemon::names::HostName;
 
 impl Phase {
     pub fn state(self) -> State {

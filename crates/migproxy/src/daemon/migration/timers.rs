@@ -110,7 +110,7 @@ async fn a_peer_leg_failure_waits_exactly_the_grace_for_an_explanation() {
     assert_eq!(m.state(), State::Active, "still waiting");
     advance(Duration::from_millis(1)).await;
     assert_eq!(m.state(), State::Failed);
-    assert_eq!(m.snapshot().error.map(|e| e.host), Some("source"));
+    assert_eq!(m.snapshot().error.map(|e| e.host.as_str()), Some("source"));
 
     // The explanation arrives within the grace: the peer's story, and the timer is moot.
     let m = migration(Role::Outgoing);
@@ -123,7 +123,10 @@ async fn a_peer_leg_failure_waits_exactly_the_grace_for_an_explanation() {
     m.on_peer(link.epoch, Control::Failed(theirs));
     advance(TIMERS.explanation).await;
     let error = m.snapshot().error.expect("failed");
-    assert_eq!((error.host, error.leg), ("destination", "qemu"));
+    assert_eq!(
+        (error.host.as_str(), error.leg.as_str()),
+        ("destination", "qemu")
+    );
 }
 
 #[tokio::test(start_paused = true)]

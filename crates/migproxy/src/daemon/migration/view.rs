@@ -4,16 +4,43 @@
 
 use std::time::SystemTime;
 
-use migproxy_proto::{ChannelEnd, Host};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::super::attribution;
+use super::super::names::{EndName, HostName, Link, VerdictName};
 use super::super::qemu::report::{Report as QemuReport, Settings as QemuSettings, Status};
-use super::state::{ChannelState, Phase, Role, State};
+use super::state::{ChannelState, Role, State};
 use crate::relay::ByteCounts;
 
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Incoming => "incoming",
+            Role::Outgoing => "outgoing",
+        })
+    }
+}
+
+impl std::fmt::Display for ChannelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChannelState::Opening => "opening",
+            ChannelState::Active => "active",
+            ChannelState::Completed => "completed",
+            ChannelState::Failed => "failed",
+            ChannelState::Cancelled => "cancelled",
+        })
+    }
+}
+
 /// Bytes per second towards the destination.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Throughput {
     /// Over the last second or so (0 unless active).
     pub current_bytes_per_second: u64,
@@ -22,7 +49,7 @@ pub struct Throughput {
 }
 
 /// When each phase began, in seconds since the Unix epoch.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Timestamps {
     pub created: Option<f64>,
     pub active: Option<f64>,
@@ -32,7 +59,7 @@ pub struct Timestamps {
 }
 
 /// What the other daemon has reported over the control link.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerView {
     /// Channels the peer has reported ended, with its counts.
     pub channels: Vec<PeerChannel>,
@@ -40,30 +67,30 @@ pub struct PeerView {
     pub done: Option<PeerDone>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerChannel {
     pub index: u32,
-    pub end: &'static str,
+    pub end: EndName,
     pub bytes: ByteCounts,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerDone {
     pub channels: u32,
     pub bytes: ByteCounts,
     /// The peer's evidence that QEMU finished: `qemu`, `return_path` or `unknown`.
-    pub verdict: &'static str,
+    pub verdict: VerdictName,
 }
 
 /// A migration as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub id: String,
     pub direction: Role,
     pub state: State,
     /// The state in more detail: `attached` (no channel yet), `completing` (this host is
     /// done, the peer not yet), `cancelling` (waiting for the source to end its side).
-    pub phase: &'static str,
+    pub phase: String,
     /// The other daemon's peer address.
     pub peer: String,
     /// Incoming: the destination QEMU's endpoint; outgoing: the URI handed to QEMU.
@@ -73,16 +100,16 @@ pub struct Snapshot {
     /// The group whose migrations share one stall watch, if any.
     pub group: Option<String>,
     /// `tls` (mutual TLS between the daemons) or `plaintext`.
-    pub link: &'static str,
+    pub link: Link,
     pub bytes: ByteCounts,
     pub channels: Vec<ChannelSnapshot>,
     /// The failure that ended the migration, or paused it (while paused).
     pub error: Option<attribution::Report>,
     /// Every failure that paused it, oldest first.
     pub pauses: Vec<attribution::Report>,
-    pub cancelled_by: Option<&'static str>,
+    pub cancelled_by: Option<HostName>,
     /// What is known of QEMU's own verdict, in a sentence (`completed`, `transferred`).
-    pub verdict: Option<&'static str>,
+    pub verdict: Option<String>,
     /// Seconds since the Unix epoch.
     pub created_at: f64,
     pub elapsed_ms: u64,
@@ -95,14 +122,14 @@ pub struct Snapshot {
 }
 
 /// What the daemon asked of its QEMU, and what QEMU says.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QemuView {
     pub settings: QemuSettings,
     #[serde(flatten)]
     pub report: QemuReport,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChannelSnapshot {
     pub index: u32,
     pub state: ChannelState,
@@ -110,8 +137,8 @@ pub struct ChannelSnapshot {
 }
 
 /// The sentence a final state carries about QEMU's own verdict.
-pub fn verdict(state: State) -> Option<&'static str> {
-    match state {
+pub fn verdict(state: State) -> Option<String> {
+    let sentence = match state {
         State::Completed => Some(
             "QEMU finished the migration (its word over QMP, or the destination's acknowledgement on the return path)",
         ),
@@ -120,28 +147,13 @@ pub fn verdict(state: State) -> Option<&'static str> {
              (no QMP, no return path): ask QEMU",
         ),
         _ => None,
-    }
-}
-
-pub fn phase_name(phase: Phase) -> &'static str {
-    phase.name()
-}
-
-pub fn end_name(end: ChannelEnd) -> &'static str {
-    match end {
-        ChannelEnd::Completed => "completed",
-        ChannelEnd::Cancelled => "cancelled",
-        ChannelEnd::Failed => "failed",
-    }
-}
-
-pub fn host_name(host: Host) -> &'static str {
-    attribution::host_name(host)
+    };
+    sentence.map(str::to_owned)
 }
 
 /// Something that happened to a migration, as `GET /v1/events` sends it: a JSON object with
 /// `type`, `migration` and `time`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// The migration it is about (none for the daemon's own `shutdown`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -154,13 +166,13 @@ pub struct Event {
 }
 
 /// What an [`Event`] says.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// The state changed (or a paused migration's resume failed: same state, new error).
     State {
         state: State,
-        phase: &'static str,
+        phase: String,
         error: Option<attribution::Report>,
     },
     ChannelOpened {
@@ -168,7 +180,7 @@ pub enum EventKind {
     },
     ChannelClosed {
         channel: u32,
-        end: &'static str,
+        end: EndName,
         bytes: ByteCounts,
     },
     /// QEMU's status or pass changed, its monitor closed, or it refused to switch to postcopy.

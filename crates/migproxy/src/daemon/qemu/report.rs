@@ -105,7 +105,7 @@ impl<'de> Deserialize<'de> for Status {
 }
 
 /// What to ask of QEMU, as given at creation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     /// The local QEMU's QMP socket (one of its own for migproxy).
     pub qmp: PathBuf,
@@ -152,7 +152,7 @@ pub enum CancelRefused {
 }
 
 /// QEMU's view of the migration, for the API: the last `query-migrate`, digested.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// QEMU's status: `setup`, `active`, `postcopy-active`, `completed`, `failed`,
     /// `cancelled`…; `none` before QEMU has started.
@@ -179,7 +179,7 @@ pub struct Report {
 }
 
 /// QEMU's RAM figures.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ram {
     pub total: u64,
     pub transferred: u64,

@@ -1,0 +1,252 @@
+//! Two daemons in-process: recoverable migrations (postcopy recovery) pause when a channel
+//! breaks, resume on fresh channels, and say why when they cannot.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::{TestDaemon, error_of, stand_in_target, subscribe, unix_path};
+use common::peer::peer_hello;
+use common::{random_data, send_all};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// QEMU's return-path message MIG_RP_MSG_SHUT (type 1, length 4) with status 0.
+const SHUT_OK: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 0];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recoverable_migration_pauses_and_completes_on_fresh_channels() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = common::daemon::migration_pair_with(&source, &destination, "p1", &target, true).await;
+
+    // Epoch 1: the destination QEMU's connection breaks mid-stream.
+    let first = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (mut first_read, first_write) = first.into_split();
+    let first_sender = tokio::spawn(send_all(first_write, random_data(20, 32 << 20), 20));
+    let (mut broken, _) = qemu_in.accept().await.unwrap();
+    let mut some = vec![0u8; 1 << 20];
+    broken.read_exact(&mut some).await.unwrap();
+    drop(broken);
+    for daemon in [&source, &destination] {
+        let view = daemon
+            .wait_state("p1", "paused", Duration::from_secs(5))
+            .await;
+        let error = error_of(&view);
+        assert_eq!(error["host"], "destination", "{view}");
+        assert_eq!(error["leg"], "qemu", "{view}");
+        assert_eq!(view["pauses"].as_array().unwrap().len(), 1, "{view}");
+    }
+    // The source QEMU sees its channel end, as it would before `postcopy-paused`.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), first_read.read_to_end(&mut rest))
+        .await
+        .expect("the paused channel must be closed on the source QEMU");
+    let _ = first_sender.await;
+
+    // Epoch 2: QEMU reconnects (`migrate … resume=true`) with two fresh channels.
+    let receiver = tokio::spawn(async move {
+        let mut tags = Vec::new();
+        for channel in 0..2 {
+            let (mut stream, _) = qemu_in.accept().await.unwrap();
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got).await.unwrap();
+            tags.push(got[0]);
+            // Like QEMU, the destination ends the main channel with a SHUT(0) message on its
+            // return path: without it, the source would take the close for another pause.
+            let reply: &[u8] = if channel == 0 { &SHUT_OK } else { b"ok" };
+            stream.write_all(reply).await.unwrap();
+        }
+        tags
+    });
+    // Both channels are open before either ends, as QEMU's are.
+    let mut channels = Vec::new();
+    for tag in [b'a', b'b'] {
+        channels.push((tag, UnixStream::connect(unix_path(&uri)).await.unwrap()));
+    }
+    for (tag, mut qemu) in channels {
+        let mut data = random_data(tag.into(), 2 << 20).as_ref().clone();
+        data[0] = tag;
+        qemu.write_all(&data).await.unwrap();
+        qemu.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        qemu.read_to_end(&mut reply).await.unwrap();
+        let expected: &[u8] = if tag == b'a' { &SHUT_OK } else { b"ok" };
+        assert_eq!(reply, expected);
+    }
+    assert_eq!(
+        receiver.await.unwrap(),
+        b"ab",
+        "recovery channels out of order"
+    );
+    let mut views = Vec::new();
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("p1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "completed", "{view}");
+        assert!(view["error"].is_null(), "{view}");
+        assert_eq!(view["pauses"].as_array().unwrap().len(), 1);
+        let states: Vec<_> = view["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["state"].clone())
+            .collect();
+        assert_eq!(
+            states[1..],
+            [json!("completed"), json!("completed")],
+            "{view}"
+        );
+        views.push(view);
+    }
+    let recovered = |v: &Value| v["channels"].as_array().unwrap()[1..].to_vec();
+    assert_eq!(
+        recovered(&views[0]),
+        recovered(&views[1]),
+        "the hosts disagree"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recoverable_main_channel_closed_without_shut_pauses() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = common::daemon::migration_pair_with(&source, &destination, "ns", &target, true).await;
+    let accepting = tokio::spawn(async move {
+        let (mut stream, _) = qemu_in.accept().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        stream.write_all(&[0, 2, 0, 4, 0, 0, 0, 9]).await.unwrap(); // a PONG, no SHUT
+        got.len()
+    });
+    let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    qemu.write_all(&[5u8; 4096]).await.unwrap();
+    qemu.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    qemu.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(accepting.await.unwrap(), 4096);
+    for daemon in [&source, &destination] {
+        let view = daemon
+            .wait_state("ns", "paused", Duration::from_secs(5))
+            .await;
+        let error = error_of(&view);
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("no SHUT on the return path"),
+            "{view}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_resumes_before_the_destination_noticed_records_the_pause() {
+    use migproxy_proto::{FLAG_RECOVERABLE, Kind};
+    let destination = TestDaemon::start("dst").await;
+    let mut events = subscribe(&destination, "quick").await;
+    let (_, incoming) = destination
+        .request(
+            "POST",
+            "/v1/migrations",
+            Some(
+                json!({"direction": "incoming", "id": "quick", "target": "unix:/x",
+                "recoverable": true}),
+            ),
+        )
+        .await;
+    let token = incoming["token"].as_str().unwrap();
+    let hello = |first| {
+        peer_hello(
+            &destination,
+            Kind::Control,
+            "quick",
+            token,
+            (first, FLAG_RECOVERABLE),
+        )
+    };
+    let _old = hello(0).await;
+    // The old link still looks alive here (a blackholed link is noticed only by its
+    // silence) when the source comes back with a new epoch.
+    let _new = hello(1).await;
+    let view = destination.show("quick").await;
+    assert_eq!(view["state"], "active", "{view}");
+    let pauses = view["pauses"].as_array().unwrap();
+    assert_eq!(pauses.len(), 1, "{view}");
+    assert!(
+        pauses[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("resumed on a new control link"),
+        "{view}"
+    );
+    assert!(!view["timestamps"]["paused"].is_null(), "{view}");
+    let mut states = Vec::new();
+    let collected = tokio::time::timeout(Duration::from_secs(5), async {
+        while states.len() < 3 {
+            let line = events.next_line().await.unwrap().unwrap();
+            if let Some(data) = line.strip_prefix("data: ") {
+                let event: Value = serde_json::from_str(data).unwrap();
+                if event["type"] == "state" {
+                    states.push(event["state"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+    })
+    .await;
+    assert!(collected.is_ok(), "states so far: {states:?}");
+    assert_eq!(states, ["active", "paused", "active"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_that_cannot_reach_the_destination_stays_paused_and_says_why() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri =
+        common::daemon::migration_pair_with(&source, &destination, "gone", &target, true).await;
+    // The main channel closes without QEMU's SHUT: paused.
+    let accepting = tokio::spawn(async move {
+        let (mut stream, _) = qemu_in.accept().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+    });
+    let mut qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    qemu.write_all(&[5u8; 4096]).await.unwrap();
+    qemu.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    qemu.read_to_end(&mut rest).await.unwrap();
+    accepting.await.unwrap();
+    source
+        .wait_state("gone", "paused", Duration::from_secs(5))
+        .await;
+    // The destination host is gone; QEMU's recovery connects to the source daemon.
+    destination.stop().await;
+    let mut recovery = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), recovery.read_to_end(&mut rest));
+    assert!(
+        closed.await.is_ok(),
+        "QEMU's recovery connection must be closed"
+    );
+    let second_pause = |view: &Value| view["pauses"].as_array().unwrap().len() == 2;
+    let view = source
+        .wait_for("gone", "paused twice", Duration::from_secs(5), second_pause)
+        .await;
+    assert_eq!(view["state"], "paused", "{view}");
+    let error = error_of(&view);
+    assert_eq!(error["leg"], "peer", "{view}");
+    assert_eq!(error["host"], "source", "{view}");
+    assert_eq!(error["errno"], "ECONNREFUSED", "{view}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("resume: control link"),
+        "{view}"
+    );
+}
