@@ -20,10 +20,6 @@ use crate::transport::Stream;
 /// After the migration has ended, how long to wait for the peer to close its side.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// After the peer fell silent, how long to keep reading for its explanation (as long as a
-/// failure waits for one).
-const EXPLANATION_WINDOW: Duration = Duration::from_secs(1);
-
 /// Runs the control link until both sides have closed it or it breaks.
 /// `version` is the protocol version the link speaks (negotiated in its hello).
 pub async fn run(
@@ -165,7 +161,8 @@ async fn drain(
     reader: &mut ReadHalf<Stream>,
     buf: &mut Vec<u8>,
 ) {
-    let until = tokio::time::Instant::now() + EXPLANATION_WINDOW;
+    // As long as a failure waits for an explanation.
+    let until = tokio::time::Instant::now() + migration.explanation_grace();
     while let Ok(Ok(Some(control))) =
         tokio::time::timeout_at(until, read_control(reader, buf)).await
     {

@@ -702,6 +702,11 @@ impl Migration {
         self.lock().core.epoch()
     }
 
+    /// How long a failure that may be the peer's echo waits for the peer's explanation.
+    pub fn explanation_grace(&self) -> Duration {
+        self.context.timers.explanation
+    }
+
     /// Time since creation, for attributions without a channel.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
