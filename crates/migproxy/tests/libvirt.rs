@@ -9,25 +9,19 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::libvirt::{Libvirt, text};
+use common::libvirt::{Host, Libvirt, text};
 use serde_json::{Value, json};
 
 /// The manual recipe (docs/libvirt.md): the migration created on both daemons with the same
 /// socket path, then `virsh migrate --migrateuri unix://PATH`. Returns the socket path.
-async fn create_by_hand(lv: &Libvirt, id: &str) -> String {
+async fn create_by_hand(from: &Host, to: &Host, id: &str) -> String {
     let path = format!("/run/migproxy/{id}.sock");
     let body = json!({"direction": "incoming", "id": id, "target": format!("unix:{path}")});
-    let (status, incoming) = lv
-        .destination
-        .request("POST", "/v1/migrations", Some(body))
-        .await;
+    let (status, incoming) = to.request("POST", "/v1/migrations", Some(body)).await;
     assert_eq!(status, 201, "{incoming}");
     let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"],
                       "peer": incoming["peer"]});
-    let (status, outgoing) = lv
-        .source
-        .request("POST", "/v1/migrations", Some(body))
-        .await;
+    let (status, outgoing) = from.request("POST", "/v1/migrations", Some(body)).await;
     assert_eq!(status, 201, "{outgoing}");
     assert_eq!(
         outgoing["qemu_uri"],
@@ -37,7 +31,7 @@ async fn create_by_hand(lv: &Libvirt, id: &str) -> String {
     path
 }
 
-async fn show(host: &common::libvirt::Host, id: &str) -> Value {
+async fn show(host: &Host, id: &str) -> Value {
     host.request("GET", &format!("/v1/migrations/{id}"), None)
         .await
         .1
@@ -71,7 +65,7 @@ async fn ended(lv: &Libvirt, id: &str, limit: Duration) -> (Value, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manual_recipe_migrates_and_an_abort_is_never_completed() {
     let lv = Libvirt::start("lr", &[]).await;
-    let path = create_by_hand(&lv, "there").await;
+    let path = create_by_hand(&lv.source, &lv.destination, "there").await;
     let out = lv
         .source
         .async_command("virsh")
@@ -91,7 +85,7 @@ async fn the_manual_recipe_migrates_and_an_abort_is_never_completed() {
     lv.assert_ram_migrated();
 
     // Back again, slowly, and aborted by libvirt half-way.
-    let path = create_by_hand_reverse(&lv, "back").await;
+    let path = create_by_hand(&lv.destination, &lv.source, "back").await;
     let migrate = lv
         .destination
         .async_command("virsh")
@@ -143,33 +137,13 @@ async fn the_manual_recipe_migrates_and_an_abort_is_never_completed() {
     );
 }
 
-/// The same recipe from the destination back to the source (the second migration's source
-/// is the first's destination).
-async fn create_by_hand_reverse(lv: &Libvirt, id: &str) -> String {
-    let path = format!("/run/migproxy/{id}.sock");
-    let body = json!({"direction": "incoming", "id": id, "target": format!("unix:{path}")});
-    let (status, incoming) = lv
-        .source
-        .request("POST", "/v1/migrations", Some(body))
-        .await;
-    assert_eq!(status, 201, "{incoming}");
-    let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"],
-                      "peer": incoming["peer"]});
-    let (status, outgoing) = lv
-        .destination
-        .request("POST", "/v1/migrations", Some(body))
-        .await;
-    assert_eq!(status, 201, "{outgoing}");
-    path
-}
-
 /// A `virsh migrate` that fails before QEMU connects (here: a destination URI nobody serves)
 /// leaves the migration `active` at 0 B only until the first-channel deadline: then it fails on
 /// both hosts and its socket is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virsh_migrate_that_fails_before_connecting_leaves_nothing_active() {
     let lv = Libvirt::start("lf", &["--first-channel-timeout", "3"]).await;
-    let path = create_by_hand(&lv, "nowhere").await;
+    let path = create_by_hand(&lv.source, &lv.destination, "nowhere").await;
     let out = lv
         .source
         .async_command("virsh")
@@ -198,7 +172,7 @@ async fn a_virsh_migrate_that_fails_before_connecting_leaves_nothing_active() {
 
 /// Nothing left in the host's runtime directory, within the daemon's sweep of a failed
 /// migration's destination socket (10 s).
-async fn no_socket_left(host: &common::libvirt::Host) {
+async fn no_socket_left(host: &Host) {
     let start = Instant::now();
     loop {
         let left = host.command("ls").arg("/run/migproxy").output().unwrap();

@@ -35,7 +35,7 @@ mod timers;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use migproxy_proto::{Attribution, Control, Host, Leg, Op, Totals};
+use migproxy_proto::{Attribution, Control, Host, Leg, Op};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -729,8 +729,4 @@ impl Migration {
         let inner = self.lock();
         inner.live.running_bytes(inner.core.channels())
     }
-}
-
-pub fn totals(bytes: ByteCounts) -> Totals {
-    channels::totals(bytes)
 }
