@@ -172,7 +172,8 @@ pub enum StartError {
     #[error("peer listener")]
     PeerAddress(#[source] io::Error),
     #[error(
-        "--peer-listen {0} listens on every address: say which one sources should dial with \
+        "--peer-listen {0} listens on every address and this host has no name other hosts could \
+         dial (it is empty or localhost): say which address sources should dial with \
          --advertise HOST:PORT"
     )]
     EveryAddress(SocketAddr),
@@ -336,11 +337,89 @@ fn reload_on_sighup(tls: Arc<TlsHandle>) -> io::Result<()> {
     Ok(())
 }
 
-/// The address source daemons are told to dial.
+/// The address source daemons are told to dial. Listening on every address, it is this host's
+/// name (as `hostname` prints it), as libvirt's default migration URI is: the name the other
+/// hosts know it by, and the one its TLS certificate names. The packaged config relies on it.
+/// A host named `localhost`, or whose name cannot be read, must say.
 fn advertised(advertise: Option<String>, bound: SocketAddr) -> Result<String, StartError> {
+    advertised_with(advertise, bound, host_name)
+}
+
+fn advertised_with(
+    advertise: Option<String>,
+    bound: SocketAddr,
+    host_name: impl FnOnce() -> Option<String>,
+) -> Result<String, StartError> {
     match advertise {
         Some(address) => Ok(address),
-        None if bound.ip().is_unspecified() => Err(StartError::EveryAddress(bound)),
+        None if bound.ip().is_unspecified() => match host_name().and_then(usable_host_name) {
+            Some(name) => Ok(format!("{name}:{}", bound.port())),
+            None => Err(StartError::EveryAddress(bound)),
+        },
         None => Ok(bound.to_string()),
+    }
+}
+
+fn host_name() -> Option<String> {
+    nix::unistd::gethostname().ok()?.into_string().ok()
+}
+
+/// A name other hosts could dial: not empty, not loopback, letters, digits, `-` and `.` only.
+fn usable_host_name(name: String) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    let loopback = lower == "localhost" || lower.starts_with("localhost.");
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'.');
+    (valid && !loopback).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_address() -> SocketAddr {
+        "0.0.0.0:4700".parse().unwrap()
+    }
+
+    #[test]
+    fn a_wildcard_listener_advertises_the_host_name() {
+        let name = || Some("hv-1.example.org".to_owned());
+        let advertised = advertised_with(None, every_address(), name).unwrap();
+        assert_eq!(advertised, "hv-1.example.org:4700");
+        let ipv6: SocketAddr = "[::]:4700".parse().unwrap();
+        assert_eq!(
+            advertised_with(None, ipv6, || Some("hv-1".into())).unwrap(),
+            "hv-1:4700"
+        );
+    }
+
+    #[test]
+    fn the_configured_or_bound_address_wins() {
+        let name = || Some("hv-1".to_owned());
+        let configured = Some("10.0.0.2:4700".to_owned());
+        assert_eq!(
+            advertised_with(configured, every_address(), name).unwrap(),
+            "10.0.0.2:4700"
+        );
+        let bound: SocketAddr = "10.0.0.3:4700".parse().unwrap();
+        assert_eq!(advertised_with(None, bound, name).unwrap(), "10.0.0.3:4700");
+    }
+
+    #[test]
+    fn a_name_no_other_host_could_dial_is_refused() {
+        for name in [
+            None,
+            Some(""),
+            Some("localhost"),
+            Some("LocalHost.localdomain"),
+            Some("a b"),
+        ] {
+            let error = advertised_with(None, every_address(), || name.map(str::to_owned))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--advertise HOST:PORT"), "{name:?}: {error}");
+        }
     }
 }
