@@ -19,6 +19,7 @@ macro_rules! say {
 }
 
 mod args;
+mod assets;
 mod daemon;
 mod demo;
 mod failure;
@@ -32,12 +33,21 @@ pub use process::{EXIT_FAILED, EXIT_USAGE};
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+/// `migproxy --version`: the package's version and the git revision it was built from
+/// (`unknown` outside a checkout; see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("MIGPROXY_GIT_REVISION"),
+    ")"
+);
 
 #[derive(Debug, Parser)]
 #[command(
     name = "migproxy",
-    version,
+    version = VERSION,
     about = "Carries QEMU live-migration streams between hosts"
 )]
 struct Cli {
@@ -78,6 +88,9 @@ enum Command {
     /// Migrate a real QEMU VM (or, without QEMU, a synthetic stream) through two daemons on
     /// this machine, and check it.
     Demo(demo::Args),
+    /// Write the man pages and shell completions (for the package; see scripts/deb).
+    #[command(hide = true)]
+    Assets(assets::Args),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -101,6 +114,7 @@ pub fn main() -> ExitCode {
             Command::Daemon(args) => daemon::run(args).await,
             Command::Migration(args) => migration::run(args).await,
             Command::Migrate(args) => migrate::run(args).await,
+            Command::Assets(args) => assets::run(args, Cli::command()),
         }
     });
     ExitCode::from(code)
@@ -131,7 +145,6 @@ mod tests {
 
     #[test]
     fn cli_definition_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
     }
 }
