@@ -8,6 +8,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use clap::{Args as _, FromArgMatches};
 use clap_complete::Shell;
 
 use super::process::EXIT_FAILED;
@@ -23,8 +24,23 @@ pub struct Args {
 /// The shells whose completions the package ships, with their file names as generated.
 const SHELLS: [Shell; 3] = [Shell::Bash, Shell::Zsh, Shell::Fish];
 
-/// Writes the assets for `command`, the program's whole clap definition.
-pub fn run(args: Args, command: clap::Command) -> u8 {
+pub const NAME: &str = "assets";
+
+/// The subcommand, hidden from `--help`.
+pub fn command() -> clap::Command {
+    Args::augment_args(
+        clap::Command::new(NAME)
+            .about("Write the man pages and shell completions (for the package; see scripts/deb)")
+            .hide(true),
+    )
+}
+
+/// Writes the assets for `command`, the program's clap definition (without this subcommand).
+pub fn run(matches: &clap::ArgMatches, command: clap::Command) -> u8 {
+    let args = match Args::from_arg_matches(matches) {
+        Ok(args) => args,
+        Err(error) => error.exit(),
+    };
     match write(&args.out, command) {
         Ok(written) => {
             for path in written {

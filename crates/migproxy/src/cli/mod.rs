@@ -33,7 +33,7 @@ pub use process::{EXIT_FAILED, EXIT_USAGE};
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// `migproxy --version`: the package's version and the git revision it was built from
 /// (`unknown` outside a checkout; see build.rs).
@@ -88,14 +88,18 @@ enum Command {
     /// Migrate a real QEMU VM (or, without QEMU, a synthetic stream) through two daemons on
     /// this machine, and check it.
     Demo(demo::Args),
-    /// Write the man pages and shell completions (for the package; see scripts/deb).
-    #[command(hide = true)]
-    Assets(assets::Args),
 }
 
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `migproxy assets` (hidden) sits beside the derived commands, not among them: the man
+    // pages and completions it writes from `Cli::command()` then do not offer it.
+    let matches = Cli::command().subcommand(assets::command()).get_matches();
+    if let Some((assets::NAME, matches)) = matches.subcommand() {
+        return ExitCode::from(assets::run(matches, Cli::command()));
+    }
+    // As `Cli::parse` does: a mismatch prints clap's usage error and exits 2.
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     init_logging(&cli.log, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,7 +118,6 @@ pub fn main() -> ExitCode {
             Command::Daemon(args) => daemon::run(args).await,
             Command::Migration(args) => migration::run(args).await,
             Command::Migrate(args) => migrate::run(args).await,
-            Command::Assets(args) => assets::run(args, Cli::command()),
         }
     });
     ExitCode::from(code)
@@ -146,5 +149,17 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+        Cli::command().subcommand(assets::command()).debug_assert();
+    }
+
+    #[test]
+    fn assets_is_parsed_but_not_documented() {
+        let full = Cli::command().subcommand(assets::command());
+        let matches = full
+            .try_get_matches_from(["migproxy", "assets", "/tmp/x"])
+            .unwrap();
+        assert_eq!(matches.subcommand_name(), Some(assets::NAME));
+        // What the man pages and completions are made from.
+        assert!(Cli::command().find_subcommand(assets::NAME).is_none());
     }
 }
