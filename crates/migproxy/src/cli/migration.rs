@@ -12,7 +12,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::process::EXIT_FAILED;
-use crate::api::types::{CreatedIncoming, IncomingRequest, MigrationList, OutgoingRequest};
+use crate::api::types::{
+    CreatedIncoming, DataPath, IncomingRequest, MigrationList, OutgoingRequest,
+};
 use crate::client::{Client, ClientError};
 use crate::config::ConfigError;
 use crate::daemon::migration::State;
@@ -66,6 +68,10 @@ enum Command {
         /// Pause instead of failing when a channel breaks (postcopy recovery).
         #[arg(long)]
         recoverable: bool,
+        /// relay (through both daemons), kernel (QEMU to QEMU over the daemons' own
+        /// connection; needs --qmp on both hosts) or auto (default: the daemon's).
+        #[arg(long, value_name = "relay|kernel|auto")]
+        data_path: Option<DataPath>,
     },
     /// On the source host: carry a migration to the destination daemon.
     CreateOutgoing {
@@ -138,6 +144,10 @@ pub(super) struct QemuFlags {
     /// The longest pause of the guest QEMU should aim for, in milliseconds.
     #[arg(long, value_name = "MS", requires = "driver")]
     pub downtime_limit: Option<u64>,
+    /// relay (through both daemons), kernel (QEMU to QEMU over the daemons' own
+    /// connection; needs --qmp on both hosts) or auto (default: the daemon's).
+    #[arg(long, value_name = "relay|kernel|auto")]
+    pub data_path: Option<DataPath>,
 }
 
 impl QemuFlags {
@@ -149,6 +159,7 @@ impl QemuFlags {
         request.postcopy_after = self.postcopy_after.map(|d| d.as_secs_f64());
         request.max_bandwidth = self.max_bandwidth;
         request.downtime_limit = self.downtime_limit;
+        request.data_path = self.data_path;
     }
 }
 
@@ -219,6 +230,7 @@ pub async fn run(args: Args) -> u8 {
             }
             match error {
                 ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+                error if error.is_usage() => super::process::EXIT_USAGE,
                 _ => EXIT_FAILED,
             }
         }
@@ -290,6 +302,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
             id,
             max_channels,
             recoverable,
+            data_path,
         } => {
             let request = IncomingRequest {
                 target,
@@ -300,6 +313,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
                 multifd,
                 postcopy,
                 group: None,
+                data_path,
             };
             let created = client.create_incoming(&request).await?;
             print_created_incoming(&created, json);

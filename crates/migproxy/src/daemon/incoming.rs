@@ -12,11 +12,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::attribution::os_message;
+use super::data_path::{DataPath, Unfit};
 use super::gate::{self, FirstByte, Gate, Spare};
-use super::migration::{Admitted, Migration, Role, Spec, State};
+use super::migration::Preamble;
+use super::migration::{Admitted, Arrived, Migration, Role, Spec, State};
 use super::peer::{self, ReadError};
 use super::token::Token;
-use super::{Daemon, RegisterError, channel, control, paths, qemu};
+use super::{Daemon, RegisterError, channel, control, data_path, kernel, paths, qemu};
 use crate::endpoint::Endpoint;
 use crate::human::{Chain, errno_name};
 use crate::relay;
@@ -37,6 +39,8 @@ pub struct Request {
     pub qemu: Option<qemu::Settings>,
     /// The group whose migrations share one stall watch.
     pub group: Option<String>,
+    /// The data path asked for.
+    pub data_path: DataPath,
 }
 
 /// Why an incoming migration could not be created.
@@ -53,6 +57,8 @@ pub enum CreateError {
          bytes): choose a shorter id, or give a target", .0.display()
     )]
     PathTooLong(std::path::PathBuf),
+    #[error("data_path: kernel cannot serve this migration")]
+    DataPath(#[source] Unfit),
 }
 
 /// The longest unix socket path (`sun_path` holds 108 bytes with the terminating zero).
@@ -75,6 +81,14 @@ pub async fn create(
         }
         (None, None) => return Err(CreateError::NoTarget),
     };
+    let unfit = data_path::unfit(
+        request.qemu.as_ref(),
+        request.recoverable,
+        daemon.config.tls.is_some(),
+        daemon.config.allow_clear_data,
+    );
+    let data_path_here =
+        data_path::local_choice(request.data_path, unfit).map_err(CreateError::DataPath)?;
     let token = Token::generate();
     // With QEMU driven here its settings say how many connections it opens: no more are
     // admitted.
@@ -96,6 +110,8 @@ pub async fn create(
             tls: daemon.config.tls.is_some(),
             qemu: request.qemu.clone(),
             group: request.group.clone(),
+            data_path_asked: request.data_path,
+            data_path_here,
         },
         daemon.context(),
     );
@@ -264,8 +280,13 @@ async fn authenticate(
         tracing::debug!(%from, %error, "peer socket options");
     }
     let opened = tokio::time::timeout_at(deadline, open(&daemon, tcp, &from)).await;
-    let (mut stream, hello, identity) = match opened {
-        Ok(Ok(opened)) => opened,
+    let (mut stream, hello, identity, clear) = match opened {
+        Ok(Ok(Opened {
+            stream,
+            hello,
+            identity,
+            clear,
+        })) => (stream, hello, identity, clear),
         Ok(Err(None)) => return,
         Ok(Err(Some((mut stream, status, message)))) => {
             reject(&daemon, &mut stream, &from, status, &message).await;
@@ -297,6 +318,10 @@ async fn authenticate(
             return;
         }
     };
+    if let Err(message) = kernel_fit(&migration, &hello, clear, daemon.config.tls.is_some()) {
+        reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
+        return;
+    }
     let recoverable = hello.flags & migproxy_proto::FLAG_RECOVERABLE != 0;
     if hello.kind == Kind::Control && recoverable != migration.spec.recoverable {
         let message = format!(
@@ -317,6 +342,29 @@ async fn authenticate(
     // From version 2 on, the epoch's data connections carry a secret handed out here, on the
     // control link, rather than the token: holding the token is not enough to add a channel.
     let credential = (hello.kind == Kind::Control && version >= 2).then(Token::generate);
+    // The kernel path needs the credential's link (version 2 on) to say what was chosen.
+    let offered = version >= 2 && hello.flags & migproxy_proto::FLAG_KERNEL_PATH != 0;
+    let choice = match hello.kind {
+        Kind::Control => {
+            match data_path::decide(
+                migration.spec.data_path_asked,
+                &migration.spec.data_path_here,
+                offered,
+            ) {
+                Ok(choice) => Some(choice),
+                Err(message) => {
+                    let message = format!("migration {}: {message}", hello.migration);
+                    reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
+                    return;
+                }
+            }
+        }
+        Kind::Data => None,
+    };
+    if let Some(choice) = &choice {
+        // Settled before the link attaches: whoever wakes on `active` finds it.
+        migration.settle_data_path(choice.clone());
+    }
     let attached = match hello.kind {
         Kind::Control => migration
             .attach_control(hello.channel, credential.clone())
@@ -340,7 +388,12 @@ async fn authenticate(
             return;
         }
     };
-    let handed_out = credential.map(|c| c.to_hex()).unwrap_or_default();
+    let handed_out = match (&credential, &choice) {
+        (Some(credential), Some(choice)) => {
+            data_path::acceptance(&credential.to_hex(), offered, choice)
+        }
+        _ => String::new(),
+    };
     if let Err(error) = peer::reply(&mut stream, version, Status::Ok, &handed_out).await {
         tracing::debug!(%from, %error, "peer vanished during the handshake");
         match attached {
@@ -365,8 +418,84 @@ async fn authenticate(
             let _trusted = gate.trust(address.ip());
             control::run(migration, stream, link, timing, version).await;
         }
+        Err(admitted) if migration.on_kernel_path() => {
+            hand_off(migration, hello.channel, admitted, stream, from, version);
+        }
         Err(admitted) => deliver(daemon, migration, hello.channel, admitted, stream, from).await,
     }
+}
+
+/// Refuses what the data path does not allow: a clear connection on a TLS port is only a
+/// kernel-path data connection, and a kernel-path data connection is only clear TCP (it is
+/// handed to QEMU as it is).
+fn kernel_fit(migration: &Migration, hello: &Hello, clear: bool, tls: bool) -> Result<(), String> {
+    let kernel_data = hello.kind == Kind::Data && migration.on_kernel_path();
+    if clear && !kernel_data {
+        return Err(format!(
+            "migration {}: only the kernel data path's data connection may come in clear on              this TLS port",
+            hello.migration
+        ));
+    }
+    if kernel_data && tls && !clear {
+        return Err(format!(
+            "migration {} takes the kernel data path: its data connection must come in clear              (TLS cannot be handed to QEMU)",
+            hello.migration
+        ));
+    }
+    Ok(())
+}
+
+/// Kernel path: leaves the admitted data connection for the task that drives the
+/// destination QEMU ([`qemu::follow_kernel_incoming`]).
+fn hand_off(
+    migration: Arc<Migration>,
+    index: u32,
+    admitted: Admitted,
+    stream: Stream,
+    from: String,
+    version: u16,
+) {
+    let Stream::Tcp(tcp) = stream else {
+        // `kernel_fit` let only clear TCP through.
+        migration.channel_abandoned(index);
+        return;
+    };
+    let socket = match tcp.into_std() {
+        Ok(socket) => socket,
+        Err(error) => {
+            tracing::warn!(migration = %migration.spec.id, %error, "kernel path socket");
+            migration.channel_abandoned(index);
+            return;
+        }
+    };
+    let preamble = Preamble {
+        // Nothing but the hello has come: the source hands QEMU its end after the reply.
+        to_destination: kernel::sample(&socket).map_or(0, |s| s.bytes_received),
+        to_source: data_reply_len(version),
+    };
+    let arrived = Arrived {
+        index,
+        admitted,
+        socket,
+        from: format!("tcp:{from}"),
+        preamble,
+    };
+    if let Err(arrived) = migration.handoff.put(arrived) {
+        let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
+        migration.channel_abandoned(arrived.index);
+    }
+}
+
+/// The length of a data connection's acceptance.
+fn data_reply_len(version: u16) -> u64 {
+    let mut buf = Vec::new();
+    migproxy_proto::HelloReply {
+        version,
+        status: Status::Ok,
+        message: String::new(),
+    }
+    .encode(&mut buf);
+    buf.len() as u64
 }
 
 /// The refusal sent to connections turned away before their hello.
@@ -385,13 +514,29 @@ fn busy_reply(message: &str) -> Vec<u8> {
 /// A refusal to send before closing.
 type Refusal = (Stream, Status, String);
 
+/// A connection secured (or not) with its hello read.
+struct Opened {
+    stream: Stream,
+    hello: Hello,
+    /// The peer's certificate identity, under TLS.
+    identity: Option<Identity>,
+    /// In clear on a TLS port (`allow_clear_data`): only a kernel-path data connection.
+    clear: bool,
+}
+
+/// Whether the connection starts with a TLS handshake record (content type 22): on a TLS
+/// port that allows clear data, anything else is read as a clear hello.
+async fn tls_first(tcp: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(tcp.peek(&mut byte).await, Ok(1) if byte[0] != 0x16)
+}
+
 /// Secures the connection and reads the hello. `Err(None)`: nothing worth answering.
-async fn open(
-    daemon: &Daemon,
-    tcp: TcpStream,
-    from: &str,
-) -> Result<(Stream, Hello, Option<Identity>), Option<Refusal>> {
+async fn open(daemon: &Daemon, tcp: TcpStream, from: &str) -> Result<Opened, Option<Refusal>> {
+    let clear =
+        daemon.config.tls.is_some() && daemon.config.allow_clear_data && !tls_first(&tcp).await;
     let (mut stream, identity) = match &daemon.config.tls {
+        Some(_) if clear => (Stream::Tcp(tcp), None),
         Some(tls) => match tls.current().accept_peer(tcp, from).await {
             Ok((stream, identity)) => (Stream::Tls(Box::new(stream)), Some(identity)),
             Err(error) => {
@@ -404,7 +549,12 @@ async fn open(
         None => (Stream::Tcp(tcp), None),
     };
     match peer::read_hello(&mut stream).await {
-        Ok(hello) => Ok((stream, hello, identity)),
+        Ok(hello) => Ok(Opened {
+            stream,
+            hello,
+            identity,
+            clear,
+        }),
         Err(ReadError::Decode(error)) => {
             let status = match error {
                 migproxy_proto::DecodeError::UnsupportedVersion(_) => Status::UnsupportedVersion,
