@@ -274,3 +274,193 @@ async fn tls_daemons_take_the_kernel_path_only_when_clear_data_is_allowed() {
     assert_eq!(report["source"]["link"], "tls", "{report}");
     hosts.assert_ram_equal().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_port_takes_in_clear_only_a_kernel_paths_data_connection() {
+    use common::peer::hello_as;
+    use common::tls::pki;
+    use migproxy::tls::TlsHandle;
+    use migproxy_proto::{Kind, MAGIC, Status, VERSION};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let root = short_tempdir();
+    let (_ca, _src_dir, dst_dir, _) = pki(root.path());
+    let tls = std::sync::Arc::new(TlsHandle::load(&dst_dir, Vec::new()).unwrap());
+    let clear_ok = common::daemon::TestDaemon::start_with("dst", {
+        let tls = std::sync::Arc::clone(&tls);
+        move |config| {
+            config.tls = Some(tls);
+            config.allow_clear_data = true;
+        }
+    })
+    .await;
+    let body = json!({"direction": "incoming", "id": "r", "target": "unix:/x-r"});
+    let (status, incoming) = clear_ok.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 201, "{incoming}");
+    let token = incoming["token"].as_str().unwrap();
+    // A control link in clear, and a data connection of a relay migration: refused, said.
+    for kind in [Kind::Control, Kind::Data] {
+        let (_, reply) = hello_as(&clear_ok, VERSION, kind, "r", token, (0, 0)).await;
+        assert_eq!(reply.status, Status::Refused, "{kind:?}: {reply:?}");
+        assert!(reply.message.contains("in clear"), "{kind:?}: {reply:?}");
+    }
+    let view = clear_ok.show("r").await;
+    assert_eq!(view["state"], "pending", "nothing attached: {view}");
+
+    // Without allow_clear_data the port speaks TLS only: a clear hello gets no hello reply.
+    let strict = common::daemon::TestDaemon::start_with("strict", move |config| {
+        config.tls = Some(tls);
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(&strict.peer).await.unwrap();
+    let mut hello = Vec::new();
+    migproxy_proto::Hello {
+        version: VERSION,
+        kind: Kind::Data,
+        migration: "r".into(),
+        channel: 0,
+        token: [0; migproxy_proto::TOKEN_LEN],
+        flags: 0,
+    }
+    .encode(&mut hello);
+    stream.write_all(&hello).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+    let _ = read.await.expect("the daemon closes the connection");
+    assert!(
+        !answer.starts_with(&MAGIC),
+        "a hello reply in clear: {answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_source_daemon_fails_the_source_qemu_which_keeps_the_guest() {
+    let mut hosts = Hosts::start(189).await;
+    hosts.src_vm.execute("cont", Value::Null).await;
+    let flags = [
+        "--data-path",
+        "kernel",
+        "--max-bandwidth",
+        "32M",
+        "--id",
+        "korphan",
+    ];
+    let _child = hosts.migrate(&flags).spawn().unwrap();
+    wait_for(
+        &hosts.source,
+        "korphan",
+        "progress",
+        moved_more_than(8 << 20),
+    )
+    .await;
+    hosts.source.child.start_kill().unwrap();
+    // The destination daemon loses the control link, fails, and shuts the connection down
+    // under both QEMUs: the source QEMU's writes fail.
+    let view = hosts
+        .destination
+        .wait_final("korphan", Duration::from_secs(20))
+        .await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert_eq!(view["error"]["leg"], "peer", "{view}");
+    let info = hosts.src_vm.wait_migration(Duration::from_secs(20)).await;
+    assert_eq!(info["status"], "failed", "{info}");
+    let status = hosts.src_vm.execute("query-status", Value::Null).await;
+    assert_eq!(status["status"], "running", "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_link_is_detected_on_both_hosts_which_name_the_peer_link() {
+    use common::scenario::{Options, Scenario, qemu_status};
+    let mut s = Scenario::start(Options {
+        netns: true,
+        daemon_args: vec!["--peer-timeout".into(), "3".into()],
+        ..Options::default()
+    })
+    .await;
+    let body = json!({"direction": "incoming", "id": "kcut", "data_path": "kernel",
+        "qmp": s.dst_vm.spare_qmp()});
+    let (status, incoming) = s
+        .destination
+        .request("POST", "/v1/migrations", Some(body))
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let body = json!({"direction": "outgoing", "id": "kcut", "token": incoming["token"],
+        "peer": incoming["peer"], "data_path": "kernel", "qmp": s.src_vm.spare_qmp(),
+        "max_bandwidth": 32u64 << 20});
+    let (status, outgoing) = s.source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 201, "{outgoing}");
+    s.sent_at_least(8 << 20).await;
+    let cut = Instant::now();
+    s.hosts.as_ref().unwrap().blackhole_b();
+    // The peer timeout (3 s) finds it, plus the grace for the other host's word.
+    for daemon in [&s.source, &s.destination] {
+        let view = daemon.wait_final("kcut", Duration::from_secs(15)).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        assert_eq!(view["error"]["leg"], "peer", "a network failure: {view}");
+        assert_eq!(view["data_path"], "kernel", "{view}");
+        eprintln!("after {:?}: {}", cut.elapsed(), view["error"]["message"]);
+    }
+    // The source QEMU, blocked on a full socket, was let go: failed, the guest still here.
+    let info = qemu_status(&mut s.src_vm, &["failed"], Duration::from_secs(10)).await;
+    eprintln!("source QEMU says: {}", info["error-desc"]);
+    let status = s.src_vm.execute("query-status", Value::Null).await;
+    assert_ne!(status["status"], "postmigrate", "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_kernel_migrations_leave_no_descriptor_in_either_daemon() {
+    use common::process::DaemonProcess;
+    use common::qemu::{Qemu, Ram, random_ram_file};
+    const MIB: u64 = 16;
+    let dir = short_tempdir();
+    let source = DaemonProcess::start(dir.path(), "src", "127.0.0.1:0", None, &[]).await;
+    let destination = DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, &[]).await;
+    let fds = |daemon: &DaemonProcess| {
+        let pid = daemon.child.id().unwrap();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let mut baseline = None;
+    for round in 0..50u64 {
+        let ram = dir.path().join("ram.img");
+        random_ram_file(&ram, MIB, round);
+        let mut src = Qemu::start(dir.path(), "s", Ram::File(&ram), MIB, false).await;
+        let mut dst = Qemu::start(dir.path(), "d", Ram::Anonymous, MIB, true).await;
+        let to = format!("unix:{}", destination.api.display());
+        let output = tokio::process::Command::new(common::process::BIN)
+            .args(["migrate", "--data-path", "kernel", "--json", "--to", &to])
+            .arg("--api")
+            .arg(&source.api)
+            .arg("--qmp")
+            .arg(src.spare_qmp())
+            .arg("--dest-qmp")
+            .arg(dst.spare_qmp())
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "round {round}: {}",
+            text(&output)
+        );
+        if round == 0 {
+            let (before, _) = src.ram_digest(dir.path(), "s0", MIB).await;
+            let (after, _) = dst.ram_digest(dir.path(), "d0", MIB).await;
+            assert_eq!(before, after, "round 0: RAM differs");
+        }
+        src.kill().await;
+        dst.kill().await;
+        if round == 0 {
+            baseline = Some((fds(&source), fds(&destination)));
+        }
+    }
+    let (src_before, dst_before) = baseline.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "descriptors back to the first round's",
+        || fds(&source) <= src_before && fds(&destination) <= dst_before,
+    )
+    .await;
+}

@@ -554,7 +554,13 @@ impl Migration {
     /// Records the data path both hosts settled on; the first word stands.
     pub fn settle_data_path(&self, choice: Choice) {
         tracing::info!(migration = %self.spec.id, path = %choice.path, reason = %choice.reason, "data path");
-        let _ = self.data_path.set(choice);
+        let event = EventKind::DataPath {
+            data_path: choice.path,
+            reason: choice.reason.clone(),
+        };
+        if self.data_path.set(choice).is_ok() {
+            self.publish(event);
+        }
     }
 
     /// Whether a data connection's hello carries what this epoch's data connections must:

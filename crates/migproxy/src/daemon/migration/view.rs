@@ -199,6 +199,11 @@ pub enum EventKind {
         monitor_closed: bool,
         postcopy_error: Option<String>,
     },
+    /// The daemons settled the data path when the control link came up.
+    DataPath {
+        data_path: DataPath,
+        reason: String,
+    },
     /// The daemon stops: event streams end here.
     Shutdown,
 }
@@ -227,6 +232,7 @@ impl Event {
             EventKind::ChannelOpened { .. } => "channel_opened",
             EventKind::ChannelClosed { .. } => "channel_closed",
             EventKind::Qemu { .. } => "qemu",
+            EventKind::DataPath { .. } => "data_path",
             EventKind::Shutdown => "shutdown",
         }
     }
