@@ -23,6 +23,8 @@ use crate::{daemons, pki};
 pub struct PathTimes {
     pub path: &'static str,
     pub seconds: Spread,
+    /// QEMU's own `total-time`, median.
+    pub total_time: f64,
     /// The median over direct TCP's median.
     pub ratio: f64,
     /// Median CPU seconds of both QEMUs, and of the proxy processes, during a migration.
@@ -33,12 +35,16 @@ pub struct PathTimes {
     /// The shortest time this machine could give the path with the CPU it took: all of it
     /// spread over every core, none idle (median over the runs).
     pub cpu_floor: f64,
+    /// Guest RAM migrated, GiB.
+    pub gib: f64,
 }
 
 /// One measured migration.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     seconds: f64,
+    /// QEMU's own `total-time` (seconds), as the source QEMU reports it when completed.
+    total_time: f64,
     qemu_cpu: f64,
     proxy_cpu: f64,
 }
@@ -52,6 +58,8 @@ fn cpu_of(pids: &[u32]) -> f64 {
 enum Path_ {
     DirectTcp,
     Daemons,
+    /// The daemons hand each QEMU its end of their own TCP connection (`fd:`).
+    DaemonsKernel,
     DaemonsTls,
     QemuTls,
     Socat,
@@ -63,9 +71,10 @@ enum Path_ {
 }
 
 impl Path_ {
-    const ALL: [Path_; 8] = [
+    const ALL: [Path_; 9] = [
         Path_::DirectTcp,
         Path_::Daemons,
+        Path_::DaemonsKernel,
         Path_::DaemonsTls,
         Path_::QemuTls,
         Path_::Socat,
@@ -78,6 +87,7 @@ impl Path_ {
         match self {
             Path_::DirectTcp => "direct TCP",
             Path_::Daemons => "two migproxy daemons, plaintext",
+            Path_::DaemonsKernel => "two migproxy daemons, kernel path",
             Path_::DaemonsTls => "two migproxy daemons, TLS",
             Path_::QemuTls => "QEMU native TLS (x509)",
             Path_::Socat => "socat (unix → TCP)",
@@ -138,6 +148,8 @@ async fn once(
     let mut helpers: Vec<daemons::Daemon> = Vec::new();
     // socat, or the yardstick's two relays.
     let mut children: Vec<Child> = Vec::new();
+    // The kernel path: the source daemon itself runs `migrate` when the migration is created.
+    let mut kernel: Option<(daemons::Daemon, daemons::Daemon)> = None;
     let uri = match path {
         Path_::DirectTcp | Path_::QemuTls | Path_::MultifdDirect => {
             if path == Path_::QemuTls {
@@ -212,6 +224,12 @@ async fn once(
             listening(&listen, &mut children).await?;
             format!("unix:{}", listen.display())
         }
+        Path_::DaemonsKernel => {
+            let source = daemons::start(migproxy, dir, "srcd", None)?;
+            let destination = daemons::start(migproxy, dir, "dstd", None)?;
+            kernel = Some((source, destination));
+            String::new()
+        }
         Path_::Daemons | Path_::DaemonsTls | Path_::MultifdDaemons => {
             let tls = (path == Path_::DaemonsTls).then_some(pki);
             let source = daemons::start(migproxy, dir, "srcd", tls)?;
@@ -229,16 +247,29 @@ async fn once(
     let qemus: Vec<u32> = [src.pid(), dst.pid()].into_iter().flatten().collect();
     let proxies: Vec<u32> = helpers
         .iter()
+        .chain(kernel.iter().flat_map(|(s, d)| [s, d]))
         .map(|d| d.child.id())
         .chain(children.iter().map(Child::id))
         .collect();
     let cpu_before = (cpu_of(&qemus), cpu_of(&proxies));
     let started = Instant::now();
-    src.qmp.execute("migrate", json!({"uri": uri})).await?;
+    match &kernel {
+        Some((source, destination)) => {
+            let qmps = (src.spare_qmp.as_path(), dst.spare_qmp.as_path());
+            daemons::create_kernel(source, destination, "q", qmps).await?;
+        }
+        None => {
+            src.qmp.execute("migrate", json!({"uri": uri})).await?;
+        }
+    }
+    let mut total_time = f64::NAN;
     let status = loop {
         let info: Value = src.qmp.execute("query-migrate", Value::Null).await?;
         match info["status"].as_str() {
-            Some("completed") => break "completed".to_owned(),
+            Some("completed") => {
+                total_time = info["total-time"].as_f64().map_or(f64::NAN, |ms| ms / 1e3);
+                break "completed".to_owned();
+            }
             Some("failed") | Some("cancelled") => break format!("{info}"),
             _ if started.elapsed() > Duration::from_secs(300) => break "timed out".to_owned(),
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
@@ -259,8 +290,10 @@ async fn once(
         let _ = child.wait();
     }
     drop(helpers);
+    drop(kernel);
     Ok(Run {
         seconds,
+        total_time,
         qemu_cpu,
         proxy_cpu,
     })
@@ -300,7 +333,7 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
                 runs.push(run);
             }
         }
-        let rows = summarise(&times);
+        let rows = summarise(&times, mib as f64 / 1024.0);
         let title = format!(
             "Real QEMU, {mib} MiB of random guest RAM, paused guest ({}), {reps} interleaved repetitions",
             accel().to_uppercase()
@@ -332,7 +365,7 @@ fn panel(rows: &[PathTimes]) -> Panel {
     panel
 }
 
-fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
+fn summarise(times: &[(Path_, Vec<Run>)], gib: f64) -> Vec<PathTimes> {
     let seconds = |runs: &[Run]| runs.iter().map(|r| r.seconds).collect::<Vec<f64>>();
     let direct = median_of(
         times
@@ -354,6 +387,7 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
                     max: wall.iter().copied().fold(f64::NAN, f64::max),
                 },
                 ratio: median_wall / direct,
+                total_time: median_of(runs.iter().map(|r| r.total_time)),
                 qemu_cpu: median_of(runs.iter().map(|r| r.qemu_cpu)),
                 proxy_cpu: median_of(runs.iter().map(|r| r.proxy_cpu)),
                 busy_cores: median_of(runs.iter().map(|r| (r.qemu_cpu + r.proxy_cpu) / r.seconds)),
@@ -361,6 +395,7 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
                     runs.iter()
                         .map(|r| (r.qemu_cpu + r.proxy_cpu) / cores() as f64),
                 ),
+                gib,
             }
         })
         .collect()
@@ -369,24 +404,26 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
 fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
     let mut table = format!(
         "# {title}\n\n{machine}\n\n\
-         Wall time from `migrate` to `completed`, destination RAM verified equal every run. \
-         CPU: utime+stime of both QEMUs and of the proxy processes during the migration \
+         Wall time from `migrate` to `completed` (on the kernel path from the daemons' \
+         creation of the migration, which runs `migrate`), destination RAM verified equal \
+         every run; QEMU total-time: the source QEMU's own `total-time`. CPU: utime+stime of both QEMUs and of the proxy processes during the migration \
          (medians); busy cores: all of it over the wall time; CPU floor: all of it spread over \
          the {cores} cores, the least time this machine could give that path without spending \
          less CPU.\n\n\
-         | path | median s | min–max s | × direct TCP time | QEMUs CPU s | proxies CPU s | busy cores | CPU floor s |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+         | path | median s | min–max s | × direct TCP time | QEMU total-time s | QEMUs CPU s | proxies CPU s | busy cores | CPU floor s |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         cores = cores()
     );
     for row in rows {
         let s = row.seconds;
         table.push_str(&format!(
-            "| {} | {:.2} | {:.2}–{:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            "| {} | {:.2} | {:.2}–{:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
             row.path,
             s.median,
             s.min,
             s.max,
             row.ratio,
+            row.total_time,
             row.qemu_cpu,
             row.proxy_cpu,
             row.busy_cores,
@@ -441,7 +478,23 @@ fn targets(rows: &[PathTimes]) -> Vec<Target> {
             over(time(Path_::QemuTls), time(Path_::SpliceFloor)),
         ),
     ]);
-    vec![plaintext, tls]
+    let total = |path: Path_| row(path).map(|r| r.total_time);
+    let kernel = Target::ratio(
+        "kernel path: QEMU's total-time ≥ 0.97× direct TCP's speed",
+        over(total(Path_::DirectTcp), total(Path_::DaemonsKernel)),
+        0.97,
+    )
+    .bounded_by(&[(
+        "wall time, from the daemons' creation",
+        over(time(Path_::DirectTcp), time(Path_::DaemonsKernel)),
+    )]);
+    let kernel_cpu = Target::at_most(
+        "daemons' CPU on the kernel path ≤ 0.02 CPU-s per GiB",
+        row(Path_::DaemonsKernel).map(|r| r.proxy_cpu / r.gib),
+        0.02,
+        "CPU-s/GiB",
+    );
+    vec![plaintext, tls, kernel, kernel_cpu]
 }
 
 #[cfg(test)]
@@ -455,10 +508,12 @@ mod tests {
             path,
             seconds: Spread { median, min, max },
             ratio: 1.0,
+            total_time: 0.5,
             qemu_cpu: 0.9,
             proxy_cpu: 0.0,
             busy_cores: 1.6,
             cpu_floor: 0.45,
+            gib: 1.0,
         };
         let rows = [
             row("direct TCP", 0.55, 0.52, 2.42),

@@ -443,6 +443,7 @@ pub(super) fn print_report(m: &Snapshot, json: bool) {
         m.state
     );
     say!("  peer {} · local {}", m.peer, m.local);
+    say!("  data path: {} ({})", m.data_path, m.data_path_reason);
     if m.state == State::Transferred {
         say!("  QEMU's verdict unknown (no QMP, no return path): ask QEMU whether it finished");
     }

@@ -14,9 +14,14 @@
 //! connection to the destination daemon, which connects the destination QEMU for it — in
 //! the source's accept order, each only after the previous one is established.
 //!
+//! Where migproxy drives both QEMUs over QMP, a migration may instead take the *kernel data
+//! path* ([`data_path`]): the daemons hand each QEMU its end of their own data connection and
+//! only watch it ([`kernel`]), so the bytes skip both daemons.
+//!
 //! Modules: [`migration`] (state machine, shared by both roles), [`outgoing`] (source),
 //! [`incoming`] (destination), [`control`] (the control link), [`peer`] (hello, socket
-//! options, framing), [`channel`] (one relay), [`attribution`] (who failed, rendered).
+//! options, framing), [`channel`] (one relay), [`kernel`] (one kernel-path channel),
+//! [`data_path`] (which path, and why), [`attribution`] (who failed, rendered).
 
 pub mod attribution;
 mod channel;
