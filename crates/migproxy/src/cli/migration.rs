@@ -93,6 +93,11 @@ struct CreateIncoming {
     /// Pause instead of failing when a channel breaks (postcopy recovery).
     #[arg(long)]
     recoverable: bool,
+    /// The migration group (a guest's RAM and its disks): its migrations share one stall
+    /// watch, so an idle disk connection beside moving RAM is no stall. Give the source the
+    /// same group.
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
 }
 
 /// `create-outgoing`'s flags.
@@ -120,6 +125,11 @@ struct CreateOutgoing {
     /// Then watch it to its end.
     #[arg(long)]
     watch: bool,
+    /// The migration group (a guest's RAM and its disks): its migrations share one stall
+    /// watch, so an idle disk connection beside moving RAM is no stall. Give the destination
+    /// the same group.
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
     #[command(flatten)]
     qemu: QemuFlags,
 }
@@ -330,7 +340,7 @@ async fn create_incoming(
         qmp: args.qmp.map(|p| absolute(&p).display().to_string()),
         multifd: args.multifd,
         postcopy: args.postcopy,
-        group: None,
+        group: args.group,
     };
     let created = client.create_incoming(&request).await?;
     print_created_incoming(&created, json);
@@ -350,6 +360,7 @@ async fn create_outgoing(
         peer: args.peer,
         recoverable: args.recoverable,
         tls_hostname: args.tls_hostname,
+        group: args.group,
         ..OutgoingRequest::default()
     };
     args.qemu.apply(&mut request);
