@@ -22,6 +22,7 @@ use crate::api::types::{
     CreateRequest, CreatedIncoming, CreatedOutgoing, ErrorBody, IncomingRequest, Info, Lagged,
     MigrationList, OutgoingRequest,
 };
+use crate::daemon::migration::State;
 use crate::daemon::migration::view::{Event, Snapshot};
 use crate::tls::{Tls, TlsError};
 
@@ -133,11 +134,11 @@ impl Client {
         self.typed(Method::GET, "/v1/info", None).await
     }
 
-    /// `GET /v1/migrations[?state=S]`: every migration, or those in state `state` (the
-    /// daemon checks the name).
-    pub async fn list(&self, state: Option<&str>) -> Result<Vec<Snapshot>, ClientError> {
+    /// `GET /v1/migrations[?state=S]`: every migration, or those in state `state`.
+    pub async fn list(&self, state: Option<State>) -> Result<Vec<Snapshot>, ClientError> {
         let path = match state {
-            Some(state) => format!("/v1/migrations?state={state}"),
+            // The query names a state as the API's views do (`completed`, `paused`…).
+            Some(state) => format!("/v1/migrations?state={}", state.name()),
             None => "/v1/migrations".to_owned(),
         };
         let list: MigrationList = self.typed(Method::GET, &path, None).await?;

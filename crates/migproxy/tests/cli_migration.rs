@@ -227,10 +227,11 @@ async fn refusals_and_an_unreachable_daemon_have_their_exit_codes() {
         stderr(&out)
     );
 
+    // A state the API does not name is a usage error, before the daemon is asked.
     let out = cli(&daemon, &["list", "--state", "sleeping"]).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("state: \"sleeping\" is not one of"),
+        stderr(&out).contains("\"sleeping\" is not one of pending, active"),
         "{}",
         stderr(&out)
     );

@@ -35,6 +35,12 @@ async fn typed_views_read_back_as_the_daemon_wrote_them() {
         };
         let (raw, typed) = both(daemon, "/v1/migrations", &list).await;
         assert_eq!(raw, typed);
+        // Filtered by a typed state, every state's wire name understood by the daemon.
+        for state in State::ALL {
+            let only = client.list(Some(state)).await.unwrap();
+            let expected = usize::from(state == State::Transferred);
+            assert_eq!(only.len(), expected, "{state:?}: {only:?}");
+        }
         let info = client.info().await.unwrap();
         let (mut raw, mut typed) = both(daemon, "/v1/info", &info).await;
         // Uptime moves between the two requests.

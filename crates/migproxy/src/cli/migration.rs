@@ -50,8 +50,10 @@ enum Command {
     CreateOutgoing(CreateOutgoing),
     /// Every migration, or those in one state.
     List {
-        #[arg(long)]
-        state: Option<String>,
+        /// Only those in this state: pending, active, paused, completed, transferred,
+        /// failed, cancelled or expired.
+        #[arg(long, value_parser = super::args::state)]
+        state: Option<State>,
     },
     /// One migration in full.
     Show { id: String },
@@ -305,7 +307,7 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
     match command {
         Command::CreateIncoming(args) => create_incoming(client, args, json).await,
         Command::CreateOutgoing(args) => create_outgoing(client, args, json).await,
-        Command::List { state } => list(client, state.as_deref(), json).await,
+        Command::List { state } => list(client, state, json).await,
         Command::Show { id } => {
             print_report(&client.migration(&id).await?, json);
             Ok(0)
@@ -373,7 +375,7 @@ async fn create_outgoing(
 }
 
 /// `list`: a table, or the API's JSON.
-async fn list(client: &Client, state: Option<&str>, json: bool) -> Result<u8, ClientError> {
+async fn list(client: &Client, state: Option<State>, json: bool) -> Result<u8, ClientError> {
     let migrations = client.list(state).await?;
     if json {
         say!("{}", json_line(&MigrationList { migrations }));
