@@ -69,6 +69,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// A refusal of what a flag asked for as such, not of the state of things: the kernel
+    /// data path where it cannot serve. The command line exits with its usage code.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, ClientError::Api { status, error, .. }
+            if *status == StatusCode::BAD_REQUEST && error.starts_with("data_path:"))
+    }
+
     /// The numbered causes under the error, for the CLI: the daemon's when it refused, else
     /// this error's sources.
     pub fn causes(&self) -> Vec<String> {

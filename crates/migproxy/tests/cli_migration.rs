@@ -363,7 +363,7 @@ async fn a_closed_stdout_ends_the_cli_quietly() {
         let out = cli_into_closed_pipe(&destination, args).await;
         assert_eq!(
             out.status.signal(),
-            Some(nix::libc::SIGPIPE),
+            Some(libc::SIGPIPE),
             "{args:?}: {:?}, {}",
             out.status,
             stderr(&out)

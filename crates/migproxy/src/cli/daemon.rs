@@ -69,6 +69,13 @@ pub struct Args {
     /// Carry migrations between daemons unencrypted and unauthenticated (but for the token).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// With TLS: let migrations take the kernel data path, whose data goes in clear while
+    /// TLS keeps guarding the control link and the admission (docs/security.md).
+    #[arg(long)]
+    allow_clear_data: bool,
+    /// The data path of migrations that do not ask for one (default relay).
+    #[arg(long, value_name = "relay|kernel|auto")]
+    data_path: Option<crate::daemon::data_path::DataPath>,
     /// Declare the peer daemon gone after this many seconds without a word (default 10).
     #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     peer_timeout: Option<Duration>,
@@ -102,6 +109,8 @@ impl Args {
             runtime_dir_group: self.runtime_dir_group,
             target_dirs: self.target_dir,
             insecure_plaintext: self.insecure_plaintext,
+            allow_clear_data: self.allow_clear_data,
+            data_path: self.data_path,
             tls_dir: self.tls_dir,
             tls_allow: self.tls_allow,
             tls_records: self.tls_records,
@@ -243,6 +252,8 @@ async fn bind(address: &str, role: &'static str) -> Result<TcpListener, StartErr
 fn daemon_config(args: Settings, advertise: String, runtime: RuntimeDir) -> Config {
     let mut config = Config::new(advertise, args.runtime_dir);
     config.runtime = Some(Arc::new(runtime));
+    config.allow_clear_data = args.allow_clear_data;
+    config.data_path = args.data_path;
     config.timing.peer_timeout = args.peer_timeout;
     config.timing.connect_timeout = args.connect_timeout;
     config.timing.handshake_timeout = args.handshake_timeout;

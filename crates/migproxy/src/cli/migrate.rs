@@ -241,6 +241,7 @@ async fn create_incoming(
         qmp: Some(dest_qmp.display().to_string()),
         multifd: args.qemu.multifd,
         postcopy: args.qemu.postcopy || args.qemu.postcopy_after.is_some(),
+        data_path: args.qemu.data_path,
         ..IncomingRequest::default()
     };
     let created = destination

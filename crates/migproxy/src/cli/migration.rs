@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::process::EXIT_FAILED;
 use crate::api::types::{
-    CreatedIncoming, CreatedOutgoing, IncomingRequest, MigrationList, OutgoingRequest,
+    CreatedIncoming, CreatedOutgoing, DataPath, IncomingRequest, MigrationList, OutgoingRequest,
 };
 use crate::client::{Client, ClientError};
 use crate::config::ConfigError;
@@ -100,6 +100,10 @@ struct CreateIncoming {
     /// same group.
     #[arg(long, value_name = "NAME")]
     group: Option<String>,
+    /// relay (through both daemons), kernel (QEMU to QEMU over the daemons' own
+    /// connection; needs --qmp on both hosts) or auto (default: the daemon's).
+    #[arg(long, value_name = "relay|kernel|auto")]
+    data_path: Option<DataPath>,
 }
 
 /// `create-outgoing`'s flags.
@@ -160,6 +164,10 @@ pub(super) struct QemuFlags {
     /// The longest pause of the guest QEMU should aim for, in milliseconds.
     #[arg(long, value_name = "MS", requires = "driver")]
     pub downtime_limit: Option<u64>,
+    /// relay (through both daemons), kernel (QEMU to QEMU over the daemons' own
+    /// connection; needs --qmp on both hosts) or auto (default: the daemon's).
+    #[arg(long, value_name = "relay|kernel|auto")]
+    pub data_path: Option<DataPath>,
 }
 
 impl QemuFlags {
@@ -171,6 +179,7 @@ impl QemuFlags {
         request.postcopy_after = self.postcopy_after.map(|d| d.as_secs_f64());
         request.max_bandwidth = self.max_bandwidth;
         request.downtime_limit = self.downtime_limit;
+        request.data_path = self.data_path;
     }
 }
 
@@ -241,6 +250,7 @@ pub async fn run(args: Args) -> u8 {
             }
             match error {
                 ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+                error if error.is_usage() => super::process::EXIT_USAGE,
                 _ => EXIT_FAILED,
             }
         }
@@ -343,6 +353,7 @@ async fn create_incoming(
         multifd: args.multifd,
         postcopy: args.postcopy,
         group: args.group,
+        data_path: args.data_path,
     };
     let created = client.create_incoming(&request).await?;
     print_created_incoming(&created, json);

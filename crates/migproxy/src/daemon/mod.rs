@@ -21,8 +21,10 @@
 pub mod attribution;
 mod channel;
 mod control;
+pub mod data_path;
 pub mod gate;
 pub mod incoming;
+pub mod kernel;
 pub mod metrics;
 pub mod migration;
 pub mod names;
@@ -85,6 +87,10 @@ pub struct Config {
     pub tls: Option<Arc<crate::tls::TlsHandle>>,
     /// Directories an incoming migration's unix target must be in; empty: anywhere.
     pub target_dirs: Vec<PathBuf>,
+    /// Migrations may take the kernel data path (in clear) although the link is TLS.
+    pub allow_clear_data: bool,
+    /// The data path of migrations that do not ask for one.
+    pub data_path: data_path::DataPath,
     /// Where the API is also served over mutual TLS, if it is.
     pub api_tls: Option<String>,
     /// Deadlines and a cap for API connections (unix and TLS).
@@ -111,6 +117,8 @@ impl Config {
             stall_timeout: Duration::from_secs(30),
             tls: None,
             target_dirs: Vec::new(),
+            allow_clear_data: false,
+            data_path: data_path::DataPath::Relay,
             api_tls: None,
             api_limits: ApiLimits::default(),
         }

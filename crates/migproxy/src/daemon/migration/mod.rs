@@ -23,6 +23,7 @@
 mod cancel;
 pub mod channels;
 pub mod group;
+pub mod handoff;
 mod local_qemu;
 mod snapshot;
 mod stall;
@@ -45,6 +46,7 @@ use self::state::{Core, Effect, Input, Now, Refusal, ReturnPath};
 pub use self::view::Event;
 use self::view::EventKind;
 use super::attribution::{self, Rendered};
+use super::data_path::{Choice, DataPath};
 use super::metrics::Metrics;
 use super::names::EndName;
 use super::qemu::report::{self as qemu, CancelRefused};
@@ -115,6 +117,10 @@ pub struct Spec {
     pub qemu: Option<qemu::Settings>,
     /// Migrations of one group (a guest's RAM and its disks) share one stall watch.
     pub group: Option<String>,
+    /// The data path asked for at creation.
+    pub data_path_asked: DataPath,
+    /// What this host can do of it: the kernel path, or the relay and why.
+    pub data_path_here: Choice,
 }
 
 /// A cancel asked of the task following the source QEMU: it runs `migrate_cancel` (unless
@@ -153,6 +159,26 @@ pub struct Admitted {
     pub main: bool,
 }
 
+/// A data connection admitted for the kernel path, with what its channel needs.
+#[derive(Debug)]
+pub struct Arrived {
+    pub index: u32,
+    pub admitted: Admitted,
+    pub socket: std::net::TcpStream,
+    /// The source daemon's address, `tcp:HOST:PORT`.
+    pub from: String,
+    /// The hello and reply that came first on the connection.
+    pub preamble: Preamble,
+}
+
+/// Bytes on a kernel-path connection before QEMU had it: the hello (source → destination)
+/// and its reply (destination → source), which `TCP_INFO` counts too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Preamble {
+    pub to_destination: u64,
+    pub to_source: u64,
+}
+
 /// A migration, shared between the API, the control link and the channel tasks.
 #[derive(Debug)]
 pub struct Migration {
@@ -172,6 +198,10 @@ pub struct Migration {
     qemu_ready: watch::Sender<bool>,
     /// The group it belongs to, once registered in one.
     group: std::sync::OnceLock<Arc<group::Group>>,
+    /// The data path both hosts settled on when the control link attached.
+    data_path: std::sync::OnceLock<Choice>,
+    /// Incoming, kernel path: the data connection, on its way to the destination QEMU.
+    pub handoff: handoff::Handoff<Arrived>,
 }
 
 #[derive(Debug)]
@@ -245,6 +275,8 @@ impl Migration {
             next_channel: watch::channel(0).0,
             qemu_ready: watch::channel(!qemu_driven).0,
             group: std::sync::OnceLock::new(),
+            data_path: std::sync::OnceLock::new(),
+            handoff: handoff::Handoff::default(),
             spec,
         });
         migration.start_ttl();
@@ -500,6 +532,37 @@ impl Migration {
             epoch: inner.core.epoch(),
             stop: inner.epoch_stop.clone(),
         })
+    }
+
+    /// The data path both hosts settled on, once the control link has attached.
+    pub fn data_path(&self) -> Option<&Choice> {
+        self.data_path.get()
+    }
+
+    /// Where the local QEMU's migration goes (source) or comes from (destination): the
+    /// daemon's socket, or on the kernel path the descriptor QEMU was given (`fd:NAME`).
+    pub fn local_uri(&self) -> String {
+        match self.on_kernel_path() {
+            true => format!("fd:{}", super::data_path::fd_name(&self.spec.id)),
+            false => self.spec.local.to_string(),
+        }
+    }
+
+    /// Whether the bytes go QEMU to QEMU (settled on the kernel path).
+    pub fn on_kernel_path(&self) -> bool {
+        self.data_path().is_some_and(Choice::is_kernel)
+    }
+
+    /// Records the data path both hosts settled on; the first word stands.
+    pub fn settle_data_path(&self, choice: Choice) {
+        tracing::info!(migration = %self.spec.id, path = %choice.path, reason = %choice.reason, "data path");
+        let event = EventKind::DataPath {
+            data_path: choice.path,
+            reason: choice.reason.clone(),
+        };
+        if self.data_path.set(choice).is_ok() {
+            self.publish(event);
+        }
     }
 
     /// Whether a data connection's hello carries what this epoch's data connections must:
