@@ -129,7 +129,13 @@ async fn the_event_stream_reads_typed_events_until_the_daemon_stops() {
     assert!(read.is_ok(), "events so far: {seen:?}");
     assert_eq!(
         seen,
-        ["state", "channel_opened", "channel_closed", "state"],
+        [
+            "data_path",
+            "state",
+            "channel_opened",
+            "channel_closed",
+            "state"
+        ],
         "{seen:?}"
     );
 

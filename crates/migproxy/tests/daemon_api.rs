@@ -329,6 +329,8 @@ async fn events_stream_state_changes_and_channels() {
     assert_eq!(
         seen,
         [
+            // The source settles the data path from the destination's acceptance, first.
+            "data_path ",
             "state active",
             "channel_opened ",
             "channel_closed completed",
