@@ -153,45 +153,7 @@ pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> 
     let block = vec![0x5a_u8; 1 << 20];
     let mut latencies = Vec::with_capacity(count);
     for n in 0..count {
-        let target = dir.join(format!("in-{n}.sock"));
-        let sink = UnixListener::bind(&target)?;
-        let id = format!("cancel-{n}");
-        let socket = daemons::create_blocking(
-            &source,
-            &destination,
-            &id,
-            &format!("unix:{}", target.display()),
-        )?;
-        let (ended, ends) = mpsc::channel::<Instant>();
-        // The destination QEMU stand-in reads as fast as it can, until its connection ends.
-        let sink_ended = ended.clone();
-        let reader = std::thread::spawn(move || {
-            if let Ok((mut stream, _)) = sink.accept() {
-                let mut buf = vec![0u8; 1 << 20];
-                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
-            }
-            let _ = sink_ended.send(Instant::now());
-        });
-        // The source QEMU stand-in writes as fast as it can, until its connection ends.
-        let mut stream = UnixStream::connect(socket)?;
-        let writer_block = block.clone();
-        let writer = std::thread::spawn(move || {
-            while stream.write_all(&writer_block).is_ok() {}
-            let _ = ended.send(Instant::now());
-        });
-        std::thread::sleep(Duration::from_millis(100)); // full speed by now
-        let asked = Instant::now();
-        daemons::cancel_blocking(&source, &id)?;
-        let mut last = asked;
-        for _ in 0..2 {
-            let at = ends
-                .recv_timeout(Duration::from_secs(10))
-                .map_err(|_| format!("{id}: a socket was still open 10 s after the cancel"))?;
-            last = last.max(at);
-        }
-        let _ = (reader.join(), writer.join());
-        latencies.push(last.duration_since(asked).as_secs_f64());
-        let _ = std::fs::remove_file(&target);
+        latencies.push(one_cancel(&source, &destination, &dir, n, &block)?);
     }
     drop((source, destination));
     let _ = std::fs::remove_dir_all(&dir);
@@ -208,6 +170,56 @@ pub fn run(migproxy: &Path, count: usize, out: &Path) -> Result<(), BenchError> 
         &machine,
         &[panel(&latency)],
     )
+}
+
+/// One migration carried at full speed, then cancelled on the source: the seconds from the
+/// API call until both QEMU stand-ins' connections have ended.
+fn one_cancel(
+    source: &daemons::Daemon,
+    destination: &daemons::Daemon,
+    dir: &Path,
+    n: usize,
+    block: &[u8],
+) -> Result<f64, BenchError> {
+    let target = dir.join(format!("in-{n}.sock"));
+    let sink = UnixListener::bind(&target)?;
+    let id = format!("cancel-{n}");
+    let socket = daemons::create_blocking(
+        source,
+        destination,
+        &id,
+        &format!("unix:{}", target.display()),
+    )?;
+    let (ended, ends) = mpsc::channel::<Instant>();
+    // The destination QEMU stand-in reads as fast as it can, until its connection ends.
+    let sink_ended = ended.clone();
+    let reader = std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = sink.accept() {
+            let mut buf = vec![0u8; 1 << 20];
+            while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+        }
+        let _ = sink_ended.send(Instant::now());
+    });
+    // The source QEMU stand-in writes as fast as it can, until its connection ends.
+    let mut stream = UnixStream::connect(socket)?;
+    let writer_block = block.to_vec();
+    let writer = std::thread::spawn(move || {
+        while stream.write_all(&writer_block).is_ok() {}
+        let _ = ended.send(Instant::now());
+    });
+    std::thread::sleep(Duration::from_millis(100)); // full speed by now
+    let asked = Instant::now();
+    daemons::cancel_blocking(source, &id)?;
+    let mut last = asked;
+    for _ in 0..2 {
+        let at = ends
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| format!("{id}: a socket was still open 10 s after the cancel"))?;
+        last = last.max(at);
+    }
+    let _ = (reader.join(), writer.join());
+    let _ = std::fs::remove_file(&target);
+    Ok(last.duration_since(asked).as_secs_f64())
 }
 
 /// The chart: the percentiles against the target.

@@ -130,7 +130,45 @@ async fn once(
     let mut src = Vm::start(dir, &format!("src{run}"), Ram::File(ram), mib, None).await?;
     let mut dst = Vm::start(dir, &format!("dst{run}"), Ram::Preallocated, mib, None).await?;
     let multifd = matches!(path, Path_::MultifdDirect | Path_::MultifdDaemons);
-    for vm in [&mut src, &mut dst] {
+    configure(&mut src, &mut dst, multifd).await?;
+    let route = match path {
+        Path_::DirectTcp | Path_::QemuTls | Path_::MultifdDirect => {
+            if path == Path_::QemuTls {
+                qemu_tls(&mut src, &mut dst, pki).await?;
+            }
+            direct(&mut dst).await?
+        }
+        Path_::Socat => socat(&mut dst, dir, run).await?,
+        Path_::SpliceFloor => splice_floor(&mut dst, dir, run).await?,
+        Path_::Daemons | Path_::DaemonsTls | Path_::MultifdDaemons => {
+            let tls = (path == Path_::DaemonsTls).then_some(pki);
+            through_daemons(&mut dst, migproxy, dir, run, tls).await?
+        }
+        Path_::DaemonsKernel => Route {
+            start: Start::Kernel,
+            daemons: vec![
+                daemons::start(migproxy, dir, "srcd", None)?,
+                daemons::start(migproxy, dir, "dstd", None)?,
+            ],
+            children: Vec::new(),
+        },
+    };
+    let measured = migrate(&mut src, &dst, &route).await?;
+    if measured.status != "completed" {
+        return Err(format!("{}: {}", path.name(), measured.status).into());
+    }
+    let size = mib << 20;
+    if src.ram_digest(dir, "src", size).await? != dst.ram_digest(dir, "dst", size).await? {
+        return Err(format!("{}: destination RAM differs", path.name()).into());
+    }
+    drop(route);
+    Ok(measured.run)
+}
+
+/// multifd (4 channels) on both QEMUs when asked, and no bandwidth limit on the source
+/// (QEMU's default limit would make every path look the same).
+async fn configure(src: &mut Vm, dst: &mut Vm, multifd: bool) -> Result<(), BenchError> {
+    for vm in [&mut *src, &mut *dst] {
         if multifd {
             let caps = json!({"capabilities": [{"capability": "multifd", "state": true}]});
             vm.qmp.execute("migrate-set-capabilities", caps).await?;
@@ -145,121 +183,188 @@ async fn once(
             json!({"max-bandwidth": 107_374_182_400u64}),
         )
         .await?;
-    let mut helpers: Vec<daemons::Daemon> = Vec::new();
-    // socat, or the yardstick's two relays.
-    let mut children: Vec<Child> = Vec::new();
-    // The kernel path: the source daemon itself runs `migrate` when the migration is created.
-    let mut kernel: Option<(daemons::Daemon, daemons::Daemon)> = None;
-    let uri = match path {
-        Path_::DirectTcp | Path_::QemuTls | Path_::MultifdDirect => {
-            if path == Path_::QemuTls {
-                for (vm, endpoint) in [(&mut src, "client"), (&mut dst, "server")] {
-                    let mut creds = json!({"qom-type": "tls-creds-x509", "id": "tls0",
-                                           "dir": pki.display().to_string(), "endpoint": endpoint});
-                    if endpoint == "server" {
-                        creds["verify-peer"] = json!(true);
-                    }
-                    vm.qmp.execute("object-add", creds).await?;
-                }
-                dst.qmp
-                    .execute("migrate-set-parameters", json!({"tls-creds": "tls0"}))
-                    .await?;
-                src.qmp
-                    .execute(
-                        "migrate-set-parameters",
-                        json!({"tls-creds": "tls0", "tls-hostname": "localhost"}),
-                    )
-                    .await?;
-            }
-            let uri = format!("tcp:127.0.0.1:{}", free_port()?);
-            dst.qmp
-                .execute("migrate-incoming", json!({"uri": uri}))
-                .await?;
-            uri
+    Ok(())
+}
+
+/// What carries a migration along one path: the URI the source QEMU migrates to, and the
+/// processes in between.
+struct Route {
+    start: Start,
+    /// migproxy daemons (stopped when dropped).
+    daemons: Vec<daemons::Daemon>,
+    /// socat, or the yardstick's two relays.
+    children: Vec<Child>,
+}
+
+impl Route {
+    /// Straight to the destination QEMU: no process in between.
+    fn direct(uri: String) -> Route {
+        Route {
+            start: Start::Uri(uri),
+            daemons: Vec::new(),
+            children: Vec::new(),
         }
-        Path_::Socat => {
-            let port = free_port()?;
-            dst.qmp
-                .execute(
-                    "migrate-incoming",
-                    json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-                )
-                .await?;
-            let listen = dir.join(format!("socat{run}.sock"));
-            let _ = std::fs::remove_file(&listen);
-            // One connection, no probe: the socket file appearing means socat listens.
-            children.push(
-                Command::new("socat")
-                    .arg(format!("UNIX-LISTEN:{}", listen.display()))
-                    .arg(format!("TCP:127.0.0.1:{port}"))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()?,
-            );
-            listening(&listen, &mut children).await?;
-            format!("unix:{}", listen.display())
+    }
+}
+
+/// How a route's migration starts.
+enum Start {
+    /// The source QEMU's `migrate` to this URI.
+    Uri(String),
+    /// The kernel path: the two daemons (the route's) create the migration, each driving its
+    /// QEMU; the source daemon's creation runs `migrate fd:…`.
+    Kernel,
+}
+
+/// The processes in between end with the run, also when it fails (a `Child` dropped is not
+/// killed).
+impl Drop for Route {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        Path_::SpliceFloor => {
-            let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
-            dst.qmp
-                .execute("migrate-incoming", json!({"uri": target}))
-                .await?;
-            let port = free_port()?;
-            let listen = dir.join(format!("floor{run}.sock"));
-            let _ = std::fs::remove_file(&listen);
-            // The destination's relay first: the source's connects to it once QEMU has come.
-            let bench = std::env::current_exe()?;
-            for (from, to) in [
-                (port.to_string(), target),
-                (format!("unix:{}", listen.display()), port.to_string()),
-            ] {
-                children.push(
-                    Command::new(&bench)
-                        .args(["splice-floor", &from, &to])
-                        .stdout(Stdio::null())
-                        .spawn()?,
-                );
-            }
-            // The socket file appears only once it listens (see floor.rs).
-            listening(&listen, &mut children).await?;
-            format!("unix:{}", listen.display())
+    }
+}
+
+/// QEMU's own TLS (x509) on both QEMUs, the destination verifying the source.
+async fn qemu_tls(src: &mut Vm, dst: &mut Vm, pki: &Path) -> Result<(), BenchError> {
+    for (vm, endpoint) in [(&mut *src, "client"), (&mut *dst, "server")] {
+        let mut creds = json!({"qom-type": "tls-creds-x509", "id": "tls0",
+                               "dir": pki.display().to_string(), "endpoint": endpoint});
+        if endpoint == "server" {
+            creds["verify-peer"] = json!(true);
         }
-        Path_::DaemonsKernel => {
-            let source = daemons::start(migproxy, dir, "srcd", None)?;
-            let destination = daemons::start(migproxy, dir, "dstd", None)?;
-            kernel = Some((source, destination));
-            String::new()
-        }
-        Path_::Daemons | Path_::DaemonsTls | Path_::MultifdDaemons => {
-            let tls = (path == Path_::DaemonsTls).then_some(pki);
-            let source = daemons::start(migproxy, dir, "srcd", tls)?;
-            let destination = daemons::start(migproxy, dir, "dstd", tls)?;
-            let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
-            dst.qmp
-                .execute("migrate-incoming", json!({"uri": target}))
-                .await?;
-            let socket = daemons::create(&source, &destination, "q", &target).await?;
-            helpers.push(source);
-            helpers.push(destination);
-            format!("unix:{socket}")
-        }
-    };
+        vm.qmp.execute("object-add", creds).await?;
+    }
+    dst.qmp
+        .execute("migrate-set-parameters", json!({"tls-creds": "tls0"}))
+        .await?;
+    src.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"tls-creds": "tls0", "tls-hostname": "localhost"}),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The destination QEMU listens on TCP, and the source goes there directly.
+async fn direct(dst: &mut Vm) -> Result<Route, BenchError> {
+    let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+    dst.qmp
+        .execute("migrate-incoming", json!({"uri": uri}))
+        .await?;
+    Ok(Route::direct(uri))
+}
+
+/// socat from a unix socket to the destination QEMU's TCP port.
+async fn socat(dst: &mut Vm, dir: &Path, run: usize) -> Result<Route, BenchError> {
+    let port = free_port()?;
+    dst.qmp
+        .execute(
+            "migrate-incoming",
+            json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+        )
+        .await?;
+    let listen = dir.join(format!("socat{run}.sock"));
+    let _ = std::fs::remove_file(&listen);
+    // One connection, no probe: the socket file appearing means socat listens.
+    let mut children = vec![
+        Command::new("socat")
+            .arg(format!("UNIX-LISTEN:{}", listen.display()))
+            .arg(format!("TCP:127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ];
+    listening(&listen, &mut children).await?;
+    Ok(Route {
+        start: Start::Uri(format!("unix:{}", listen.display())),
+        daemons: Vec::new(),
+        children,
+    })
+}
+
+/// The yardstick: two of the simplest splice relays, unix → TCP → unix, as the daemons' hops.
+async fn splice_floor(dst: &mut Vm, dir: &Path, run: usize) -> Result<Route, BenchError> {
+    let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
+    dst.qmp
+        .execute("migrate-incoming", json!({"uri": target}))
+        .await?;
+    let port = free_port()?;
+    let listen = dir.join(format!("floor{run}.sock"));
+    let _ = std::fs::remove_file(&listen);
+    // The destination's relay first: the source's connects to it once QEMU has come.
+    let bench = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for (from, to) in [
+        (port.to_string(), target),
+        (format!("unix:{}", listen.display()), port.to_string()),
+    ] {
+        children.push(
+            Command::new(&bench)
+                .args(["splice-floor", &from, &to])
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    // The socket file appears only once it listens (see floor.rs).
+    listening(&listen, &mut children).await?;
+    Ok(Route {
+        start: Start::Uri(format!("unix:{}", listen.display())),
+        daemons: Vec::new(),
+        children,
+    })
+}
+
+/// Two migproxy daemons (with TLS from `tls` when given) and a migration created on both.
+async fn through_daemons(
+    dst: &mut Vm,
+    migproxy: &Path,
+    dir: &Path,
+    run: usize,
+    tls: Option<&Path>,
+) -> Result<Route, BenchError> {
+    let source = daemons::start(migproxy, dir, "srcd", tls)?;
+    let destination = daemons::start(migproxy, dir, "dstd", tls)?;
+    let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
+    dst.qmp
+        .execute("migrate-incoming", json!({"uri": target}))
+        .await?;
+    let socket = daemons::create(&source, &destination, "q", &target).await?;
+    Ok(Route {
+        start: Start::Uri(format!("unix:{socket}")),
+        daemons: vec![source, destination],
+        children: Vec::new(),
+    })
+}
+
+/// A migration measured: how it ended, and its time and CPU.
+struct Measured {
+    status: String,
+    run: Run,
+}
+
+/// Migrates along `route` and follows the source QEMU to its end (at most 300 s), counting
+/// the wall time and the CPU of the QEMUs and of the processes in between.
+async fn migrate(src: &mut Vm, dst: &Vm, route: &Route) -> Result<Measured, BenchError> {
     let qemus: Vec<u32> = [src.pid(), dst.pid()].into_iter().flatten().collect();
-    let proxies: Vec<u32> = helpers
+    let proxies: Vec<u32> = route
+        .daemons
         .iter()
-        .chain(kernel.iter().flat_map(|(s, d)| [s, d]))
         .map(|d| d.child.id())
-        .chain(children.iter().map(Child::id))
+        .chain(route.children.iter().map(Child::id))
         .collect();
     let cpu_before = (cpu_of(&qemus), cpu_of(&proxies));
     let started = Instant::now();
-    match &kernel {
-        Some((source, destination)) => {
-            let qmps = (src.spare_qmp.as_path(), dst.spare_qmp.as_path());
-            daemons::create_kernel(source, destination, "q", qmps).await?;
-        }
-        None => {
+    match &route.start {
+        Start::Uri(uri) => {
             src.qmp.execute("migrate", json!({"uri": uri})).await?;
+        }
+        Start::Kernel => {
+            let qmps = (src.spare_qmp.as_path(), dst.spare_qmp.as_path());
+            daemons::create_kernel(&route.daemons[0], &route.daemons[1], "q", qmps).await?;
         }
     }
     let mut total_time = f64::NAN;
@@ -275,27 +380,14 @@ async fn once(
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     };
-    let seconds = started.elapsed().as_secs_f64();
-    let qemu_cpu = cpu_of(&qemus) - cpu_before.0;
-    let proxy_cpu = cpu_of(&proxies) - cpu_before.1;
-    if status != "completed" {
-        return Err(format!("{}: {status}", path.name()).into());
-    }
-    let size = mib << 20;
-    if src.ram_digest(dir, "src", size).await? != dst.ram_digest(dir, "dst", size).await? {
-        return Err(format!("{}: destination RAM differs", path.name()).into());
-    }
-    for mut child in children {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    drop(helpers);
-    drop(kernel);
-    Ok(Run {
-        seconds,
-        total_time,
-        qemu_cpu,
-        proxy_cpu,
+    Ok(Measured {
+        status,
+        run: Run {
+            seconds: started.elapsed().as_secs_f64(),
+            total_time,
+            qemu_cpu: cpu_of(&qemus) - cpu_before.0,
+            proxy_cpu: cpu_of(&proxies) - cpu_before.1,
+        },
     })
 }
 

@@ -15,7 +15,7 @@ use super::attribution::os_message;
 use super::data_path::{DataPath, Unfit};
 use super::gate::{self, FirstByte, Gate, Spare};
 use super::migration::Preamble;
-use super::migration::{Admitted, Arrived, Migration, Role, Spec, State};
+use super::migration::{Admitted, Arrived, Link, Migration, Role, Spec, State};
 use super::peer::{self, ReadError};
 use super::token::Token;
 use super::{Daemon, RegisterError, channel, control, data_path, kernel, paths, qemu};
@@ -279,96 +279,192 @@ async fn authenticate(
     if let Err(error) = peer::tune(&tcp, &timing) {
         tracing::debug!(%from, %error, "peer socket options");
     }
-    let opened = tokio::time::timeout_at(deadline, open(&daemon, tcp, &from)).await;
-    let (mut stream, hello, identity, clear) = match opened {
-        Ok(Ok(Opened {
-            stream,
-            hello,
-            identity,
-            clear,
-        })) => (stream, hello, identity, clear),
-        Ok(Err(None)) => return,
-        Ok(Err(Some((mut stream, status, message)))) => {
-            reject(&daemon, &mut stream, &from, status, &message).await;
-            return;
-        }
-        Err(_) => {
-            if let Some(suppressed) = daemon.rejections.record("handshake_timeout") {
-                tracing::warn!(%from, suppressed, "peer did not complete its handshake within {:?}, dropped", timing.handshake_timeout);
-            }
-            return;
-        }
+    let Some(opened) = open_until(&daemon, tcp, &from, deadline).await else {
+        return;
     };
-    if let Some(identity) = &identity {
-        let allowed = daemon
-            .config
-            .tls
-            .as_ref()
-            .is_some_and(|tls| tls.current().allows(identity));
-        if !allowed {
-            let message = format!("peer identity {identity} is not allowed here (--tls-allow)");
-            reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
-            return;
-        }
-    }
-    let migration = match admit(&daemon, &hello) {
-        Ok(migration) => migration,
+    let Opened {
+        mut stream, hello, ..
+    } = opened;
+    let version = migproxy_proto::negotiate(hello.version);
+    let vetted = vet(
+        &daemon,
+        &hello,
+        (opened.identity.as_ref(), opened.clear),
+        version,
+    );
+    let Vetted {
+        migration,
+        joined,
+        handed_out,
+    } = match vetted {
+        Ok(vetted) => vetted,
         Err((status, message)) => {
             reject(&daemon, &mut stream, &from, status, &message).await;
             return;
         }
     };
-    if let Err(message) = kernel_fit(&migration, &hello, clear, daemon.config.tls.is_some()) {
-        reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
+    if let Err(error) = peer::reply(&mut stream, version, Status::Ok, &handed_out).await {
+        tracing::debug!(%from, %error, "peer vanished during the handshake");
+        unjoin(&migration, joined, hello.channel, &error);
         return;
     }
-    let recoverable = hello.flags & migproxy_proto::FLAG_RECOVERABLE != 0;
-    if hello.kind == Kind::Control && recoverable != migration.spec.recoverable {
-        let message = format!(
-            "migration {} is {}recoverable here but {}recoverable on the source: create both \
-             with the same \"recoverable\"",
-            hello.migration,
-            if migration.spec.recoverable {
-                ""
-            } else {
-                "not "
-            },
-            if recoverable { "" } else { "not " },
-        );
-        reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
-        return;
+    // Authenticated and admitted: this connection no longer counts as a handshake.
+    drop(permit);
+    match joined {
+        Joined::Control(link) => {
+            // While this link is up, its address may use the reserve for its channels.
+            let _trusted = gate.trust(address.ip());
+            control::run(migration, stream, link, timing, version).await;
+        }
+        // The kernel path: the connection goes to QEMU as it is.
+        Joined::Data(admitted) if migration.on_kernel_path() => {
+            hand_off(migration, hello.channel, admitted, stream, from, version);
+        }
+        Joined::Data(admitted) => {
+            deliver(daemon, migration, hello.channel, admitted, stream, from).await;
+        }
     }
-    let version = migproxy_proto::negotiate(hello.version);
+}
+
+/// What an accepted hello joined: its migration's control link, or one of its channels.
+enum Joined {
+    Control(Link),
+    Data(Admitted),
+}
+
+/// [`open`] within the handshake's deadline. `None`: the connection is done with (answered
+/// with a refusal, or not worth answering).
+async fn open_until(
+    daemon: &Daemon,
+    tcp: TcpStream,
+    from: &str,
+    deadline: tokio::time::Instant,
+) -> Option<Opened> {
+    match tokio::time::timeout_at(deadline, open(daemon, tcp, from)).await {
+        Ok(Ok(opened)) => Some(opened),
+        Ok(Err(None)) => None,
+        Ok(Err(Some((mut stream, status, message)))) => {
+            reject(daemon, &mut stream, from, status, &message).await;
+            None
+        }
+        Err(_) => {
+            if let Some(suppressed) = daemon.rejections.record("handshake_timeout") {
+                tracing::warn!(%from, suppressed, "peer did not complete its handshake within {:?}, dropped", daemon.config.timing.handshake_timeout);
+            }
+            None
+        }
+    }
+}
+
+/// Every check a hello must pass, in order: the TLS identity, the migration and its token,
+/// what the data path allows (`clear`: it came in clear on a TLS port), the recoverable
+/// setting, then the data path chosen and the join. Only these last two change the
+/// migration: a hello refused before them leaves it untouched. Returns what the acceptance
+/// carries.
+fn vet(
+    daemon: &Daemon,
+    hello: &Hello,
+    (identity, clear): (Option<&Identity>, bool),
+    version: u16,
+) -> Result<Vetted, (Status, String)> {
+    let refused = |message| (Status::Refused, message);
+    if let Some(identity) = identity {
+        allowed(daemon, identity).map_err(refused)?;
+    }
+    let migration = admit(daemon, hello)?;
+    kernel_fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
+    same_recoverable(&migration, hello).map_err(refused)?;
     // From version 2 on, the epoch's data connections carry a secret handed out here, on the
     // control link, rather than the token: holding the token is not enough to add a channel.
     let credential = (hello.kind == Kind::Control && version >= 2).then(Token::generate);
     // The kernel path needs the credential's link (version 2 on) to say what was chosen.
     let offered = version >= 2 && hello.flags & migproxy_proto::FLAG_KERNEL_PATH != 0;
-    let choice = match hello.kind {
-        Kind::Control => {
-            match data_path::decide(
-                migration.spec.data_path_asked,
-                &migration.spec.data_path_here,
-                offered,
-            ) {
-                Ok(choice) => Some(choice),
-                Err(message) => {
-                    let message = format!("migration {}: {message}", hello.migration);
-                    reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
-                    return;
-                }
-            }
-        }
-        Kind::Data => None,
-    };
+    let choice = choose_data_path(&migration, hello, offered).map_err(refused)?;
     if let Some(choice) = &choice {
         // Settled before the link attaches: whoever wakes on `active` finds it.
         migration.settle_data_path(choice.clone());
     }
-    let attached = match hello.kind {
+    let joined = join(&migration, hello, credential.clone()).map_err(refused)?;
+    let handed_out = match (&credential, &choice) {
+        (Some(credential), Some(choice)) => {
+            data_path::acceptance(&credential.to_hex(), offered, choice)
+        }
+        _ => String::new(),
+    };
+    Ok(Vetted {
+        migration,
+        joined,
+        handed_out,
+    })
+}
+
+/// A hello that passed [`vet`].
+struct Vetted {
+    migration: Arc<Migration>,
+    joined: Joined,
+    /// The acceptance's message: on a control link (version 2 on), the credential for the
+    /// epoch's data connections and the data path chosen.
+    handed_out: String,
+}
+
+/// A control link settles the data path: the destination's choice given what the source
+/// offered. Data connections follow what their control link settled (`None`).
+fn choose_data_path(
+    migration: &Migration,
+    hello: &Hello,
+    offered: bool,
+) -> Result<Option<data_path::Choice>, String> {
+    if hello.kind != Kind::Control {
+        return Ok(None);
+    }
+    let spec = &migration.spec;
+    data_path::decide(spec.data_path_asked, &spec.data_path_here, offered)
+        .map(Some)
+        .map_err(|message| format!("migration {}: {message}", hello.migration))
+}
+
+/// Whether `--tls-allow` lets this peer identity in.
+fn allowed(daemon: &Daemon, identity: &Identity) -> Result<(), String> {
+    let allowed = daemon
+        .config
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.current().allows(identity));
+    if allowed {
+        return Ok(());
+    }
+    Err(format!(
+        "peer identity {identity} is not allowed here (--tls-allow)"
+    ))
+}
+
+/// A control link must agree on `recoverable`: a pair that disagrees would pause on one host
+/// and fail on the other.
+fn same_recoverable(migration: &Migration, hello: &Hello) -> Result<(), String> {
+    let recoverable = hello.flags & migproxy_proto::FLAG_RECOVERABLE != 0;
+    if hello.kind != Kind::Control || recoverable == migration.spec.recoverable {
+        return Ok(());
+    }
+    let not = |recoverable: bool| if recoverable { "" } else { "not " };
+    Err(format!(
+        "migration {} is {}recoverable here but {}recoverable on the source: create both \
+         with the same \"recoverable\"",
+        hello.migration,
+        not(migration.spec.recoverable),
+        not(recoverable),
+    ))
+}
+
+/// Attaches the control link, or admits the data connection, that the hello announces.
+fn join(
+    migration: &Arc<Migration>,
+    hello: &Hello,
+    credential: Option<Token>,
+) -> Result<Joined, String> {
+    match hello.kind {
         Kind::Control => migration
-            .attach_control(hello.channel, credential.clone())
-            .map(Ok)
+            .attach_control(hello.channel, credential)
+            .map(Joined::Control)
             .ok_or_else(|| {
                 format!(
                     "migration {} cannot take a control link now (it is {})",
@@ -378,50 +474,24 @@ async fn authenticate(
             }),
         Kind::Data => migration
             .open_data(hello.channel, &hello.token)
-            .map(Err)
+            .map(Joined::Data)
             .map_err(|refused| refused.to_string()),
-    };
-    let attached = match attached {
-        Ok(attached) => attached,
-        Err(message) => {
-            reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
-            return;
-        }
-    };
-    let handed_out = match (&credential, &choice) {
-        (Some(credential), Some(choice)) => {
-            data_path::acceptance(&credential.to_hex(), offered, choice)
-        }
-        _ => String::new(),
-    };
-    if let Err(error) = peer::reply(&mut stream, version, Status::Ok, &handed_out).await {
-        tracing::debug!(%from, %error, "peer vanished during the handshake");
-        match attached {
-            // The source will not see this link: without it the migration cannot go on.
-            Ok(link) => {
-                let blame = migration.peer_link_failure(
-                    Op::Handshake,
-                    errno_name(&error),
-                    format!("control link: {}", os_message(&error)),
-                );
-                migration.fail(link.epoch, blame);
-            }
-            Err(_) => migration.channel_abandoned(hello.channel),
-        }
-        return;
     }
-    // Authenticated and admitted: this connection no longer counts as a handshake.
-    drop(permit);
-    match attached {
-        Ok(link) => {
-            // While this link is up, its address may use the reserve for its channels.
-            let _trusted = gate.trust(address.ip());
-            control::run(migration, stream, link, timing, version).await;
+}
+
+/// The peer vanished before it read its acceptance: undoes the join.
+fn unjoin(migration: &Arc<Migration>, joined: Joined, channel: u32, error: &std::io::Error) {
+    match joined {
+        // The source will not see this link: without it the migration cannot go on.
+        Joined::Control(link) => {
+            let blame = migration.peer_link_failure(
+                Op::Handshake,
+                errno_name(error),
+                format!("control link: {}", os_message(error)),
+            );
+            migration.fail(link.epoch, blame);
         }
-        Err(admitted) if migration.on_kernel_path() => {
-            hand_off(migration, hello.channel, admitted, stream, from, version);
-        }
-        Err(admitted) => deliver(daemon, migration, hello.channel, admitted, stream, from).await,
+        Joined::Data(_) => migration.channel_abandoned(channel),
     }
 }
 

@@ -327,29 +327,18 @@ impl Migration {
         }
     }
 
+    /// Carries out what the core asked for, in its order, under the same lock as the step.
     fn apply(self: &Arc<Self>, inner: &mut Inner, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
                 Effect::Send(control) => {
+                    // Dropped when no link is up: the core's state says what the peer missed.
                     if let Some(outbound) = &inner.outbound {
                         let _ = outbound.send(Outbound::Frame(control));
                     }
                 }
-                Effect::BeginEpoch { .. } => {
-                    let (outbound, queue) = mpsc::unbounded_channel();
-                    inner.outbound = Some(outbound);
-                    inner.new_link = Some(queue);
-                    inner.epoch_stop = self.stop.child_token();
-                    inner.activated.get_or_insert_with(SystemTime::now);
-                }
-                Effect::EndEpoch => {
-                    if let Some(outbound) = inner.outbound.take() {
-                        let _ = outbound.send(Outbound::Close);
-                    }
-                    inner.epoch_stop.cancel();
-                    // The epoch's credential ends with it.
-                    inner.credential = None;
-                }
+                Effect::BeginEpoch { .. } => self.begin_epoch(inner),
+                Effect::EndEpoch => end_epoch(inner),
                 Effect::Release { index } => {
                     self.next_channel.send_replace(index);
                 }
@@ -361,14 +350,7 @@ impl Migration {
                     inner.cancel_asked = Some(Instant::now());
                     self.after(self.context.timers.cancel_wait, Input::CancelWaitOver);
                 }
-                Effect::AwaitFirstChannel => {
-                    let limit = self.context.timers.first_channel;
-                    let input = Input::FirstChannelOver {
-                        epoch: inner.core.epoch(),
-                        limit_ms: limit.as_millis() as u64,
-                    };
-                    self.after(limit, input);
-                }
+                Effect::AwaitFirstChannel => self.await_first_channel(inner),
                 Effect::CancelQemu { by } => self.spawn_qemu_cancel(inner, by),
                 Effect::Stop => {
                     inner.ended = Some(Instant::now());
@@ -377,6 +359,26 @@ impl Migration {
                 }
             }
         }
+    }
+
+    /// A new epoch: a fresh queue for its control link, and a stop of its own for its
+    /// channels (a child of the migration's, so the end stops them too).
+    fn begin_epoch(&self, inner: &mut Inner) {
+        let (outbound, queue) = mpsc::unbounded_channel();
+        inner.outbound = Some(outbound);
+        inner.new_link = Some(queue);
+        inner.epoch_stop = self.stop.child_token();
+        inner.activated.get_or_insert_with(SystemTime::now);
+    }
+
+    /// Arms the first-channel deadline of the current epoch.
+    fn await_first_channel(self: &Arc<Self>, inner: &Inner) {
+        let limit = self.context.timers.first_channel;
+        let input = Input::FirstChannelOver {
+            epoch: inner.core.epoch(),
+            limit_ms: limit.as_millis() as u64,
+        };
+        self.after(limit, input);
     }
 
     /// Feeds `input` after `delay` (counted from now, not from when the task first runs),
@@ -792,4 +794,14 @@ impl Migration {
         let inner = self.lock();
         inner.live.running_bytes(inner.core.channels())
     }
+}
+
+/// The epoch is over: its control link closes after what is queued, its channels are torn
+/// down, and its credential ends with it.
+fn end_epoch(inner: &mut Inner) {
+    if let Some(outbound) = inner.outbound.take() {
+        let _ = outbound.send(Outbound::Close);
+    }
+    inner.epoch_stop.cancel();
+    inner.credential = None;
 }

@@ -43,6 +43,7 @@ use tokio::sync::mpsc;
 
 pub use self::report::{CancelRefused, Report, Settings, Status};
 use super::migration::{CancelRequest, Migration, Role, State};
+use super::paths::OwnSocket;
 use super::{data_path, kernel};
 use crate::endpoint::Endpoint;
 use crate::human::Chain;
@@ -200,6 +201,8 @@ pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: O
     match listening {
         Ok(_) if told => {
             migration.qemu_listening();
+            // The socket QEMU has just created: this one only is removed at the end.
+            let cleanup = cleanup.as_deref().and_then(OwnSocket::at);
             // The destination QEMU has nothing to cancel: no canceller.
             let (_, cancels) = mpsc::channel(1);
             follow(migration, qmp, cancels, cleanup).await;
@@ -383,7 +386,7 @@ pub async fn follow(
     migration: Arc<Migration>,
     mut qmp: Qmp,
     mut cancels: mpsc::Receiver<CancelRequest>,
-    cleanup: Option<PathBuf>,
+    cleanup: Option<OwnSocket>,
 ) {
     let started = Instant::now();
     let postcopy_after = migration
@@ -446,9 +449,10 @@ pub async fn follow(
     }
     // The monitor is QEMU's to give to someone else now.
     drop(qmp);
-    if let Some(path) = cleanup {
+    if let Some(socket) = cleanup {
         migration.stopped().await;
-        let _ = std::fs::remove_file(&path);
+        // Not a new migration's socket at the same path (its id reused since).
+        socket.remove();
     }
 }
 
