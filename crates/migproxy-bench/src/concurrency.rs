@@ -45,89 +45,29 @@ pub fn run(
     std::fs::create_dir_all(&dir)?;
     let source = daemons::start(migproxy, &dir, "source", None)?;
     let destination = daemons::start(migproxy, &dir, "destination", None)?;
+    let pair = Pair {
+        source: &source,
+        destination: &destination,
+        dir: &dir,
+    };
     // Pseudo-random, and every stream's digest checked: a daemon that mixed up two streams'
     // bytes would be caught, not measured.
     let block = random_block();
-    let expected = expected_digest(&block, per_stream);
+    let data = Data {
+        expected: expected_digest(&block, per_stream),
+        block,
+        per_stream,
+    };
     let mut results = Vec::new();
     let mut round = 0;
     for &count in counts {
-        let mut sockets = Vec::new();
-        for _ in 0..count {
-            round += 1;
-            let id = format!("s{round}");
-            let target = dir.join(format!("{id}.sock"));
-            let sink = UnixListener::bind(&target)?;
-            let uri = daemons::create_blocking(
-                &source,
-                &destination,
-                &id,
-                &format!("unix:{}", target.display()),
-            )?;
-            sockets.push((sink, uri));
-        }
-        let barrier = Arc::new(Barrier::new(count + 1));
-        let delivered: Vec<Arc<AtomicU64>> =
-            (0..count).map(|_| Arc::new(AtomicU64::new(0))).collect();
-        let mut streams = Vec::new();
-        for ((sink, uri), counter) in sockets.into_iter().zip(&delivered) {
-            let (block, barrier, counter) =
-                (block.clone(), Arc::clone(&barrier), Arc::clone(counter));
-            streams.push(std::thread::spawn(move || -> Result<(), String> {
-                let receiver = std::thread::spawn(move || {
-                    let (stream, _) = sink.accept().map_err(|e| e.to_string())?;
-                    sink_digest(Counted {
-                        inner: stream,
-                        counter,
-                    })
-                    .map_err(|e| e.to_string())
-                });
-                let mut stream = UnixStream::connect(&uri).map_err(|e| e.to_string())?;
-                barrier.wait();
-                source_write(&mut stream, &block, per_stream).map_err(|e| e.to_string())?;
-                stream
-                    .shutdown(std::net::Shutdown::Write)
-                    .map_err(|e| e.to_string())?;
-                let (received, digest) = receiver.join().map_err(|_| "sink panicked")??;
-                if received != per_stream || digest != expected {
-                    return Err(format!(
-                        "received {received} of {per_stream} bytes, {}",
-                        if digest == expected {
-                            "equal"
-                        } else {
-                            "different"
-                        }
-                    ));
-                }
-                Ok(())
-            }));
-        }
-        barrier.wait();
-        let started = Instant::now();
-        let rates = window_rates(&delivered, per_stream, started, || {
-            streams.iter().any(|s| s.is_finished())
-        });
-        for stream in streams {
-            stream
-                .join()
-                .map_err(|_| "a stream panicked".to_owned())
-                .and_then(|r| r)?;
-        }
-        let total = gib(per_stream * count as u64) / started.elapsed().as_secs_f64();
-        let sum: f64 = rates.iter().sum();
-        let squares: f64 = rates.iter().map(|r| r * r).sum();
-        let jain = sum * sum / (rates.len() as f64 * squares);
-        let (slowest, fastest) = rates
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
-        eprintln!("{count:>2} streams: {total:.2} GiB/s in total, Jain {jain:.3}");
-        results.push(Streams {
-            streams: count,
-            total,
-            slowest,
-            fastest,
-            jain,
-        });
+        let sockets = (0..count)
+            .map(|_| {
+                round += 1;
+                create(&pair, &format!("s{round}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        results.push(measure(sockets, &data)?);
     }
     drop((source, destination));
     let _ = std::fs::remove_dir_all(&dir);
@@ -146,6 +86,122 @@ pub fn run(
         &machine,
         &panels(&results),
     )
+}
+
+/// The daemons the streams go through, and where their sockets live.
+struct Pair<'a> {
+    source: &'a daemons::Daemon,
+    destination: &'a daemons::Daemon,
+    dir: &'a Path,
+}
+
+/// What every stream carries: `block` repeated up to `per_stream` bytes, whose digest is
+/// `expected`.
+#[derive(Clone)]
+struct Data {
+    block: Vec<u8>,
+    per_stream: u64,
+    expected: blake3::Hash,
+}
+
+/// A migration `id` on both daemons, with a sink listening where the destination delivers;
+/// returns the sink and the socket the source connects to.
+fn create(pair: &Pair<'_>, id: &str) -> Result<(UnixListener, String), BenchError> {
+    let target = pair.dir.join(format!("{id}.sock"));
+    let sink = UnixListener::bind(&target)?;
+    let uri = daemons::create_blocking(
+        pair.source,
+        pair.destination,
+        id,
+        &format!("unix:{}", target.display()),
+    )?;
+    Ok((sink, uri))
+}
+
+/// Runs one stream per socket at once (released together by a barrier), and measures
+/// them while all of them run.
+fn measure(sockets: Vec<(UnixListener, String)>, data: &Data) -> Result<Streams, BenchError> {
+    let count = sockets.len();
+    let barrier = Arc::new(Barrier::new(count + 1));
+    let delivered: Vec<Arc<AtomicU64>> = (0..count).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let streams: Vec<_> = sockets
+        .into_iter()
+        .zip(&delivered)
+        .map(|((sink, uri), counter)| {
+            let (data, barrier, counter) =
+                (data.clone(), Arc::clone(&barrier), Arc::clone(counter));
+            std::thread::spawn(move || stream(sink, &uri, &data, &barrier, counter))
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    let rates = window_rates(&delivered, data.per_stream, started, || {
+        streams.iter().any(|s| s.is_finished())
+    });
+    for stream in streams {
+        stream
+            .join()
+            .map_err(|_| "a stream panicked".to_owned())
+            .and_then(|r| r)?;
+    }
+    let total = gib(data.per_stream * count as u64) / started.elapsed().as_secs_f64();
+    Ok(summarize(count, total, &rates))
+}
+
+/// One stream: writes `data` into the source's socket once the barrier opens, and checks
+/// that the sink got all of it, unchanged.
+fn stream(
+    sink: UnixListener,
+    uri: &str,
+    data: &Data,
+    barrier: &Barrier,
+    counter: Arc<AtomicU64>,
+) -> Result<(), String> {
+    let receiver = std::thread::spawn(move || {
+        let (stream, _) = sink.accept().map_err(|e| e.to_string())?;
+        sink_digest(Counted {
+            inner: stream,
+            counter,
+        })
+        .map_err(|e| e.to_string())
+    });
+    let mut stream = UnixStream::connect(uri).map_err(|e| e.to_string())?;
+    barrier.wait();
+    source_write(&mut stream, &data.block, data.per_stream).map_err(|e| e.to_string())?;
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let (received, digest) = receiver.join().map_err(|_| "sink panicked")??;
+    if received != data.per_stream || digest != data.expected {
+        return Err(format!(
+            "received {received} of {} bytes, {}",
+            data.per_stream,
+            if digest == data.expected {
+                "equal"
+            } else {
+                "different"
+            }
+        ));
+    }
+    Ok(())
+}
+
+/// One row of the results: the total, the slowest and fastest stream, and Jain's index.
+fn summarize(count: usize, total: f64, rates: &[f64]) -> Streams {
+    let sum: f64 = rates.iter().sum();
+    let squares: f64 = rates.iter().map(|r| r * r).sum();
+    let jain = sum * sum / (rates.len() as f64 * squares);
+    let (slowest, fastest) = rates
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    eprintln!("{count:>2} streams: {total:.2} GiB/s in total, Jain {jain:.3}");
+    Streams {
+        streams: count,
+        total,
+        slowest,
+        fastest,
+        jain,
+    }
 }
 
 /// The chart: total throughput, and fairness against its target.

@@ -156,6 +156,41 @@ async fn create_pair(
     Ok(outgoing.qemu_uri.trim_start_matches("unix:").to_owned())
 }
 
+/// Kernel path: creates migration `id` on both daemons, each driving its QEMU over QMP
+/// (`src_qmp`, `dst_qmp`) with `data_path: kernel`. The source daemon's creation starts the
+/// migration (`migrate fd:…`).
+pub async fn create_kernel(
+    source: &Daemon,
+    destination: &Daemon,
+    id: &str,
+    (src_qmp, dst_qmp): (&Path, &Path),
+) -> Result<(), BenchError> {
+    use migproxy::api::types::DataPath;
+    let incoming = IncomingRequest {
+        id: Some(id.to_owned()),
+        qmp: Some(dst_qmp.display().to_string()),
+        data_path: Some(DataPath::Kernel),
+        ..IncomingRequest::default()
+    };
+    let incoming = client(destination)
+        .create_incoming(&incoming)
+        .await
+        .map_err(refused)?;
+    let outgoing = OutgoingRequest {
+        id: id.to_owned(),
+        token: incoming.token,
+        peer: incoming.peer,
+        qmp: Some(src_qmp.display().to_string()),
+        data_path: Some(DataPath::Kernel),
+        ..OutgoingRequest::default()
+    };
+    client(source)
+        .create_outgoing(&outgoing)
+        .await
+        .map_err(refused)?;
+    Ok(())
+}
+
 /// Cancels migration `id` on both hosts, from a plain thread.
 pub fn cancel_blocking(daemon: &Daemon, id: &str) -> Result<(), BenchError> {
     let (client, id) = (client(daemon), id.to_owned());

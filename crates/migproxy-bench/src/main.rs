@@ -97,6 +97,10 @@ enum Bench {
         /// How many migrations to cancel.
         #[arg(long, default_value_t = 100)]
         count: usize,
+        /// Real QEMU pairs on the kernel data path (guest RAM in MiB), instead of stand-ins
+        /// through the relay.
+        #[arg(long, value_name = "MIB")]
+        kernel: Option<u64>,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -137,8 +141,11 @@ fn main() {
             sibling("migproxy").and_then(|migproxy| tls_records::run(&migproxy, size, rounds, &out))
         }
         Bench::SpliceFloor { listen, connect } => floor::run(&listen, &connect),
-        Bench::Cancel { count, out } => {
-            sibling("migproxy").and_then(|migproxy| cancel::run(&migproxy, count, &out))
+        Bench::Cancel { count, kernel, out } => {
+            sibling("migproxy").and_then(|migproxy| match kernel {
+                Some(mib) => cancel::run_kernel(&migproxy, count, mib, &out),
+                None => cancel::run(&migproxy, count, &out),
+            })
         }
     };
     if let Err(error) = result {

@@ -23,6 +23,8 @@ use crate::{daemons, pki};
 pub struct PathTimes {
     pub path: &'static str,
     pub seconds: Spread,
+    /// QEMU's own `total-time`, median.
+    pub total_time: f64,
     /// The median over direct TCP's median.
     pub ratio: f64,
     /// Median CPU seconds of both QEMUs, and of the proxy processes, during a migration.
@@ -33,12 +35,16 @@ pub struct PathTimes {
     /// The shortest time this machine could give the path with the CPU it took: all of it
     /// spread over every core, none idle (median over the runs).
     pub cpu_floor: f64,
+    /// Guest RAM migrated, GiB.
+    pub gib: f64,
 }
 
 /// One measured migration.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     seconds: f64,
+    /// QEMU's own `total-time` (seconds), as the source QEMU reports it when completed.
+    total_time: f64,
     qemu_cpu: f64,
     proxy_cpu: f64,
 }
@@ -52,6 +58,8 @@ fn cpu_of(pids: &[u32]) -> f64 {
 enum Path_ {
     DirectTcp,
     Daemons,
+    /// The daemons hand each QEMU its end of their own TCP connection (`fd:`).
+    DaemonsKernel,
     DaemonsTls,
     QemuTls,
     Socat,
@@ -63,9 +71,10 @@ enum Path_ {
 }
 
 impl Path_ {
-    const ALL: [Path_; 8] = [
+    const ALL: [Path_; 9] = [
         Path_::DirectTcp,
         Path_::Daemons,
+        Path_::DaemonsKernel,
         Path_::DaemonsTls,
         Path_::QemuTls,
         Path_::Socat,
@@ -78,6 +87,7 @@ impl Path_ {
         match self {
             Path_::DirectTcp => "direct TCP",
             Path_::Daemons => "two migproxy daemons, plaintext",
+            Path_::DaemonsKernel => "two migproxy daemons, kernel path",
             Path_::DaemonsTls => "two migproxy daemons, TLS",
             Path_::QemuTls => "QEMU native TLS (x509)",
             Path_::Socat => "socat (unix → TCP)",
@@ -120,7 +130,45 @@ async fn once(
     let mut src = Vm::start(dir, &format!("src{run}"), Ram::File(ram), mib, None).await?;
     let mut dst = Vm::start(dir, &format!("dst{run}"), Ram::Preallocated, mib, None).await?;
     let multifd = matches!(path, Path_::MultifdDirect | Path_::MultifdDaemons);
-    for vm in [&mut src, &mut dst] {
+    configure(&mut src, &mut dst, multifd).await?;
+    let route = match path {
+        Path_::DirectTcp | Path_::QemuTls | Path_::MultifdDirect => {
+            if path == Path_::QemuTls {
+                qemu_tls(&mut src, &mut dst, pki).await?;
+            }
+            direct(&mut dst).await?
+        }
+        Path_::Socat => socat(&mut dst, dir, run).await?,
+        Path_::SpliceFloor => splice_floor(&mut dst, dir, run).await?,
+        Path_::Daemons | Path_::DaemonsTls | Path_::MultifdDaemons => {
+            let tls = (path == Path_::DaemonsTls).then_some(pki);
+            through_daemons(&mut dst, migproxy, dir, run, tls).await?
+        }
+        Path_::DaemonsKernel => Route {
+            start: Start::Kernel,
+            daemons: vec![
+                daemons::start(migproxy, dir, "srcd", None)?,
+                daemons::start(migproxy, dir, "dstd", None)?,
+            ],
+            children: Vec::new(),
+        },
+    };
+    let measured = migrate(&mut src, &dst, &route).await?;
+    if measured.status != "completed" {
+        return Err(format!("{}: {}", path.name(), measured.status).into());
+    }
+    let size = mib << 20;
+    if src.ram_digest(dir, "src", size).await? != dst.ram_digest(dir, "dst", size).await? {
+        return Err(format!("{}: destination RAM differs", path.name()).into());
+    }
+    drop(route);
+    Ok(measured.run)
+}
+
+/// multifd (4 channels) on both QEMUs when asked, and no bandwidth limit on the source
+/// (QEMU's default limit would make every path look the same).
+async fn configure(src: &mut Vm, dst: &mut Vm, multifd: bool) -> Result<(), BenchError> {
+    for vm in [&mut *src, &mut *dst] {
         if multifd {
             let caps = json!({"capabilities": [{"capability": "multifd", "state": true}]});
             vm.qmp.execute("migrate-set-capabilities", caps).await?;
@@ -135,134 +183,211 @@ async fn once(
             json!({"max-bandwidth": 107_374_182_400u64}),
         )
         .await?;
-    let mut helpers: Vec<daemons::Daemon> = Vec::new();
-    // socat, or the yardstick's two relays.
-    let mut children: Vec<Child> = Vec::new();
-    let uri = match path {
-        Path_::DirectTcp | Path_::QemuTls | Path_::MultifdDirect => {
-            if path == Path_::QemuTls {
-                for (vm, endpoint) in [(&mut src, "client"), (&mut dst, "server")] {
-                    let mut creds = json!({"qom-type": "tls-creds-x509", "id": "tls0",
-                                           "dir": pki.display().to_string(), "endpoint": endpoint});
-                    if endpoint == "server" {
-                        creds["verify-peer"] = json!(true);
-                    }
-                    vm.qmp.execute("object-add", creds).await?;
-                }
-                dst.qmp
-                    .execute("migrate-set-parameters", json!({"tls-creds": "tls0"}))
-                    .await?;
-                src.qmp
-                    .execute(
-                        "migrate-set-parameters",
-                        json!({"tls-creds": "tls0", "tls-hostname": "localhost"}),
-                    )
-                    .await?;
-            }
-            let uri = format!("tcp:127.0.0.1:{}", free_port()?);
-            dst.qmp
-                .execute("migrate-incoming", json!({"uri": uri}))
-                .await?;
-            uri
+    Ok(())
+}
+
+/// What carries a migration along one path: the URI the source QEMU migrates to, and the
+/// processes in between.
+struct Route {
+    start: Start,
+    /// migproxy daemons (stopped when dropped).
+    daemons: Vec<daemons::Daemon>,
+    /// socat, or the yardstick's two relays.
+    children: Vec<Child>,
+}
+
+impl Route {
+    /// Straight to the destination QEMU: no process in between.
+    fn direct(uri: String) -> Route {
+        Route {
+            start: Start::Uri(uri),
+            daemons: Vec::new(),
+            children: Vec::new(),
         }
-        Path_::Socat => {
-            let port = free_port()?;
-            dst.qmp
-                .execute(
-                    "migrate-incoming",
-                    json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-                )
-                .await?;
-            let listen = dir.join(format!("socat{run}.sock"));
-            let _ = std::fs::remove_file(&listen);
-            // One connection, no probe: the socket file appearing means socat listens.
-            children.push(
-                Command::new("socat")
-                    .arg(format!("UNIX-LISTEN:{}", listen.display()))
-                    .arg(format!("TCP:127.0.0.1:{port}"))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()?,
-            );
-            listening(&listen, &mut children).await?;
-            format!("unix:{}", listen.display())
+    }
+}
+
+/// How a route's migration starts.
+enum Start {
+    /// The source QEMU's `migrate` to this URI.
+    Uri(String),
+    /// The kernel path: the two daemons (the route's) create the migration, each driving its
+    /// QEMU; the source daemon's creation runs `migrate fd:…`.
+    Kernel,
+}
+
+/// The processes in between end with the run, also when it fails (a `Child` dropped is not
+/// killed).
+impl Drop for Route {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        Path_::SpliceFloor => {
-            let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
-            dst.qmp
-                .execute("migrate-incoming", json!({"uri": target}))
-                .await?;
-            let port = free_port()?;
-            let listen = dir.join(format!("floor{run}.sock"));
-            let _ = std::fs::remove_file(&listen);
-            // The destination's relay first: the source's connects to it once QEMU has come.
-            let bench = std::env::current_exe()?;
-            for (from, to) in [
-                (port.to_string(), target),
-                (format!("unix:{}", listen.display()), port.to_string()),
-            ] {
-                children.push(
-                    Command::new(&bench)
-                        .args(["splice-floor", &from, &to])
-                        .stdout(Stdio::null())
-                        .spawn()?,
-                );
-            }
-            // The socket file appears only once it listens (see floor.rs).
-            listening(&listen, &mut children).await?;
-            format!("unix:{}", listen.display())
+    }
+}
+
+/// QEMU's own TLS (x509) on both QEMUs, the destination verifying the source.
+async fn qemu_tls(src: &mut Vm, dst: &mut Vm, pki: &Path) -> Result<(), BenchError> {
+    for (vm, endpoint) in [(&mut *src, "client"), (&mut *dst, "server")] {
+        let mut creds = json!({"qom-type": "tls-creds-x509", "id": "tls0",
+                               "dir": pki.display().to_string(), "endpoint": endpoint});
+        if endpoint == "server" {
+            creds["verify-peer"] = json!(true);
         }
-        Path_::Daemons | Path_::DaemonsTls | Path_::MultifdDaemons => {
-            let tls = (path == Path_::DaemonsTls).then_some(pki);
-            let source = daemons::start(migproxy, dir, "srcd", tls)?;
-            let destination = daemons::start(migproxy, dir, "dstd", tls)?;
-            let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
-            dst.qmp
-                .execute("migrate-incoming", json!({"uri": target}))
-                .await?;
-            let socket = daemons::create(&source, &destination, "q", &target).await?;
-            helpers.push(source);
-            helpers.push(destination);
-            format!("unix:{socket}")
-        }
-    };
+        vm.qmp.execute("object-add", creds).await?;
+    }
+    dst.qmp
+        .execute("migrate-set-parameters", json!({"tls-creds": "tls0"}))
+        .await?;
+    src.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"tls-creds": "tls0", "tls-hostname": "localhost"}),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The destination QEMU listens on TCP, and the source goes there directly.
+async fn direct(dst: &mut Vm) -> Result<Route, BenchError> {
+    let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+    dst.qmp
+        .execute("migrate-incoming", json!({"uri": uri}))
+        .await?;
+    Ok(Route::direct(uri))
+}
+
+/// socat from a unix socket to the destination QEMU's TCP port.
+async fn socat(dst: &mut Vm, dir: &Path, run: usize) -> Result<Route, BenchError> {
+    let port = free_port()?;
+    dst.qmp
+        .execute(
+            "migrate-incoming",
+            json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+        )
+        .await?;
+    let listen = dir.join(format!("socat{run}.sock"));
+    let _ = std::fs::remove_file(&listen);
+    // One connection, no probe: the socket file appearing means socat listens.
+    let mut children = vec![
+        Command::new("socat")
+            .arg(format!("UNIX-LISTEN:{}", listen.display()))
+            .arg(format!("TCP:127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ];
+    listening(&listen, &mut children).await?;
+    Ok(Route {
+        start: Start::Uri(format!("unix:{}", listen.display())),
+        daemons: Vec::new(),
+        children,
+    })
+}
+
+/// The yardstick: two of the simplest splice relays, unix → TCP → unix, as the daemons' hops.
+async fn splice_floor(dst: &mut Vm, dir: &Path, run: usize) -> Result<Route, BenchError> {
+    let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
+    dst.qmp
+        .execute("migrate-incoming", json!({"uri": target}))
+        .await?;
+    let port = free_port()?;
+    let listen = dir.join(format!("floor{run}.sock"));
+    let _ = std::fs::remove_file(&listen);
+    // The destination's relay first: the source's connects to it once QEMU has come.
+    let bench = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for (from, to) in [
+        (port.to_string(), target),
+        (format!("unix:{}", listen.display()), port.to_string()),
+    ] {
+        children.push(
+            Command::new(&bench)
+                .args(["splice-floor", &from, &to])
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    // The socket file appears only once it listens (see floor.rs).
+    listening(&listen, &mut children).await?;
+    Ok(Route {
+        start: Start::Uri(format!("unix:{}", listen.display())),
+        daemons: Vec::new(),
+        children,
+    })
+}
+
+/// Two migproxy daemons (with TLS from `tls` when given) and a migration created on both.
+async fn through_daemons(
+    dst: &mut Vm,
+    migproxy: &Path,
+    dir: &Path,
+    run: usize,
+    tls: Option<&Path>,
+) -> Result<Route, BenchError> {
+    let source = daemons::start(migproxy, dir, "srcd", tls)?;
+    let destination = daemons::start(migproxy, dir, "dstd", tls)?;
+    let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
+    dst.qmp
+        .execute("migrate-incoming", json!({"uri": target}))
+        .await?;
+    let socket = daemons::create(&source, &destination, "q", &target).await?;
+    Ok(Route {
+        start: Start::Uri(format!("unix:{socket}")),
+        daemons: vec![source, destination],
+        children: Vec::new(),
+    })
+}
+
+/// A migration measured: how it ended, and its time and CPU.
+struct Measured {
+    status: String,
+    run: Run,
+}
+
+/// Migrates along `route` and follows the source QEMU to its end (at most 300 s), counting
+/// the wall time and the CPU of the QEMUs and of the processes in between.
+async fn migrate(src: &mut Vm, dst: &Vm, route: &Route) -> Result<Measured, BenchError> {
     let qemus: Vec<u32> = [src.pid(), dst.pid()].into_iter().flatten().collect();
-    let proxies: Vec<u32> = helpers
+    let proxies: Vec<u32> = route
+        .daemons
         .iter()
         .map(|d| d.child.id())
-        .chain(children.iter().map(Child::id))
+        .chain(route.children.iter().map(Child::id))
         .collect();
     let cpu_before = (cpu_of(&qemus), cpu_of(&proxies));
     let started = Instant::now();
-    src.qmp.execute("migrate", json!({"uri": uri})).await?;
+    match &route.start {
+        Start::Uri(uri) => {
+            src.qmp.execute("migrate", json!({"uri": uri})).await?;
+        }
+        Start::Kernel => {
+            let qmps = (src.spare_qmp.as_path(), dst.spare_qmp.as_path());
+            daemons::create_kernel(&route.daemons[0], &route.daemons[1], "q", qmps).await?;
+        }
+    }
+    let mut total_time = f64::NAN;
     let status = loop {
         let info: Value = src.qmp.execute("query-migrate", Value::Null).await?;
         match info["status"].as_str() {
-            Some("completed") => break "completed".to_owned(),
+            Some("completed") => {
+                total_time = info["total-time"].as_f64().map_or(f64::NAN, |ms| ms / 1e3);
+                break "completed".to_owned();
+            }
             Some("failed") | Some("cancelled") => break format!("{info}"),
             _ if started.elapsed() > Duration::from_secs(300) => break "timed out".to_owned(),
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     };
-    let seconds = started.elapsed().as_secs_f64();
-    let qemu_cpu = cpu_of(&qemus) - cpu_before.0;
-    let proxy_cpu = cpu_of(&proxies) - cpu_before.1;
-    if status != "completed" {
-        return Err(format!("{}: {status}", path.name()).into());
-    }
-    let size = mib << 20;
-    if src.ram_digest(dir, "src", size).await? != dst.ram_digest(dir, "dst", size).await? {
-        return Err(format!("{}: destination RAM differs", path.name()).into());
-    }
-    for mut child in children {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    drop(helpers);
-    Ok(Run {
-        seconds,
-        qemu_cpu,
-        proxy_cpu,
+    Ok(Measured {
+        status,
+        run: Run {
+            seconds: started.elapsed().as_secs_f64(),
+            total_time,
+            qemu_cpu: cpu_of(&qemus) - cpu_before.0,
+            proxy_cpu: cpu_of(&proxies) - cpu_before.1,
+        },
     })
 }
 
@@ -300,7 +425,7 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
                 runs.push(run);
             }
         }
-        let rows = summarise(&times);
+        let rows = summarise(&times, mib as f64 / 1024.0);
         let title = format!(
             "Real QEMU, {mib} MiB of random guest RAM, paused guest ({}), {reps} interleaved repetitions",
             accel().to_uppercase()
@@ -332,7 +457,7 @@ fn panel(rows: &[PathTimes]) -> Panel {
     panel
 }
 
-fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
+fn summarise(times: &[(Path_, Vec<Run>)], gib: f64) -> Vec<PathTimes> {
     let seconds = |runs: &[Run]| runs.iter().map(|r| r.seconds).collect::<Vec<f64>>();
     let direct = median_of(
         times
@@ -354,6 +479,7 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
                     max: wall.iter().copied().fold(f64::NAN, f64::max),
                 },
                 ratio: median_wall / direct,
+                total_time: median_of(runs.iter().map(|r| r.total_time)),
                 qemu_cpu: median_of(runs.iter().map(|r| r.qemu_cpu)),
                 proxy_cpu: median_of(runs.iter().map(|r| r.proxy_cpu)),
                 busy_cores: median_of(runs.iter().map(|r| (r.qemu_cpu + r.proxy_cpu) / r.seconds)),
@@ -361,6 +487,7 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
                     runs.iter()
                         .map(|r| (r.qemu_cpu + r.proxy_cpu) / cores() as f64),
                 ),
+                gib,
             }
         })
         .collect()
@@ -369,24 +496,26 @@ fn summarise(times: &[(Path_, Vec<Run>)]) -> Vec<PathTimes> {
 fn render(rows: &[PathTimes], title: &str, machine: &str) -> String {
     let mut table = format!(
         "# {title}\n\n{machine}\n\n\
-         Wall time from `migrate` to `completed`, destination RAM verified equal every run. \
-         CPU: utime+stime of both QEMUs and of the proxy processes during the migration \
+         Wall time from `migrate` to `completed` (on the kernel path from the daemons' \
+         creation of the migration, which runs `migrate`), destination RAM verified equal \
+         every run; QEMU total-time: the source QEMU's own `total-time`. CPU: utime+stime of both QEMUs and of the proxy processes during the migration \
          (medians); busy cores: all of it over the wall time; CPU floor: all of it spread over \
          the {cores} cores, the least time this machine could give that path without spending \
          less CPU.\n\n\
-         | path | median s | min–max s | × direct TCP time | QEMUs CPU s | proxies CPU s | busy cores | CPU floor s |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+         | path | median s | min–max s | × direct TCP time | QEMU total-time s | QEMUs CPU s | proxies CPU s | busy cores | CPU floor s |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
         cores = cores()
     );
     for row in rows {
         let s = row.seconds;
         table.push_str(&format!(
-            "| {} | {:.2} | {:.2}–{:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            "| {} | {:.2} | {:.2}–{:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
             row.path,
             s.median,
             s.min,
             s.max,
             row.ratio,
+            row.total_time,
             row.qemu_cpu,
             row.proxy_cpu,
             row.busy_cores,
@@ -441,7 +570,23 @@ fn targets(rows: &[PathTimes]) -> Vec<Target> {
             over(time(Path_::QemuTls), time(Path_::SpliceFloor)),
         ),
     ]);
-    vec![plaintext, tls]
+    let total = |path: Path_| row(path).map(|r| r.total_time);
+    let kernel = Target::ratio(
+        "kernel path: QEMU's total-time ≥ 0.97× direct TCP's speed",
+        over(total(Path_::DirectTcp), total(Path_::DaemonsKernel)),
+        0.97,
+    )
+    .bounded_by(&[(
+        "wall time, from the daemons' creation",
+        over(time(Path_::DirectTcp), time(Path_::DaemonsKernel)),
+    )]);
+    let kernel_cpu = Target::at_most(
+        "daemons' CPU on the kernel path ≤ 0.02 CPU-s per GiB",
+        row(Path_::DaemonsKernel).map(|r| r.proxy_cpu / r.gib),
+        0.02,
+        "CPU-s/GiB",
+    );
+    vec![plaintext, tls, kernel, kernel_cpu]
 }
 
 #[cfg(test)]
@@ -455,10 +600,12 @@ mod tests {
             path,
             seconds: Spread { median, min, max },
             ratio: 1.0,
+            total_time: 0.5,
             qemu_cpu: 0.9,
             proxy_cpu: 0.0,
             busy_cores: 1.6,
             cpu_floor: 0.45,
+            gib: 1.0,
         };
         let rows = [
             row("direct TCP", 0.55, 0.52, 2.42),

@@ -47,6 +47,15 @@ impl Target {
         }
     }
 
+    /// A quantity that must stay at or below `at_most`, shown with `unit`.
+    pub fn at_most(goal: &'static str, value: Option<f64>, at_most: f64, unit: &str) -> Target {
+        Target {
+            goal,
+            measured: value.map_or("not measured".into(), |v| format!("{v:.3} {unit}")),
+            holds: value.map(|v| v <= at_most),
+        }
+    }
+
     /// Appends what bounds the target on this machine, measured in the same run:
     /// "(label: 1.23×; …)" for each bound that was measured.
     pub fn bounded_by(mut self, bounds: &[(&str, Option<f64>)]) -> Target {

@@ -95,16 +95,7 @@ pub fn run(
     only: Option<&str>,
     out: &Path,
 ) -> Result<(), BenchError> {
-    let mut routes = Vec::new();
-    let chosen = |route: &Route| {
-        *route == Route::Direct || only.is_none_or(|text| route.name().contains(text))
-    };
-    for route in Route::ALL.into_iter().filter(chosen) {
-        match route.missing(migproxy) {
-            None => routes.push(route),
-            Some(program) => eprintln!("{}: skipped, {program} is not installed", route.name()),
-        }
-    }
+    let routes = available(migproxy, only);
     let block = random_block();
     let expected = expected_digest(&block, size);
     let mut samples: Vec<(Route, Vec<Sample>)> = routes.iter().map(|r| (*r, Vec::new())).collect();
@@ -119,16 +110,7 @@ pub fn run(
                 }
                 Err(error) => return Err(error),
             };
-            eprintln!(
-                "rep {}/{reps} {:<28} {:>6.2} GiB/s, CPU s/GiB: proxy {:.2}, source and sink {:.2}, machine {:.2}; busy cores {:.2}",
-                rep + 1,
-                route.name(),
-                gib(size) / sample.seconds,
-                sample.cpu_seconds.unwrap_or(0.0) / gib(size),
-                sample.spent.endpoints / gib(size),
-                sample.spent.machine / gib(size),
-                sample.spent.machine / sample.seconds,
-            );
+            eprintln!("rep {}/{reps} {}", rep + 1, progress(*route, &sample, size));
             runs.push(sample);
         }
     }
@@ -150,6 +132,35 @@ pub fn run(
         &title,
         &machine,
         &panels(&summaries),
+    )
+}
+
+/// The routes to run: direct TCP always (the ratios are to it), the others when `only` (if
+/// given) is in their name and their program is installed.
+fn available(migproxy: &Path, only: Option<&str>) -> Vec<Route> {
+    let chosen = |route: &Route| {
+        *route == Route::Direct || only.is_none_or(|text| route.name().contains(text))
+    };
+    let mut routes = Vec::new();
+    for route in Route::ALL.into_iter().filter(chosen) {
+        match route.missing(migproxy) {
+            None => routes.push(route),
+            Some(program) => eprintln!("{}: skipped, {program} is not installed", route.name()),
+        }
+    }
+    routes
+}
+
+/// One sample's progress line: throughput, CPU per GiB, busy cores.
+fn progress(route: Route, sample: &Sample, size: u64) -> String {
+    format!(
+        "{:<28} {:>6.2} GiB/s, CPU s/GiB: proxy {:.2}, source and sink {:.2}, machine {:.2}; busy cores {:.2}",
+        route.name(),
+        gib(size) / sample.seconds,
+        sample.cpu_seconds.unwrap_or(0.0) / gib(size),
+        sample.spent.endpoints / gib(size),
+        sample.spent.machine / gib(size),
+        sample.spent.machine / sample.seconds,
     )
 }
 

@@ -3,7 +3,8 @@
 //! ```text
 //! Hello       "MGPX" │ version u16 │ body length u16 │ body
 //!   body      kind u8 │ flags u8 │ channel u32 │ token [32] │ id length u8 │ id
-//!   flags     bit 0: the migration is recoverable (postcopy); other bits must be 0
+//!   flags     bit 0: the migration is recoverable (postcopy); bit 1: the kernel data
+//!             path is offered (control links); other bits must be 0
 //! HelloReply  "MGPX" │ version u16 │ status u8 │ message length u8 │ message (UTF-8)
 //! ```
 //! All integers are big-endian.
@@ -26,6 +27,12 @@ pub const MAX_ID: usize = 64;
 pub const MAX_HELLO_BODY: usize = 1 + 1 + 4 + TOKEN_LEN + 1 + MAX_ID;
 /// Hello flag: the dialler created the migration recoverable (postcopy recovery).
 pub const FLAG_RECOVERABLE: u8 = 1;
+/// Hello flag (control links): the dialler offers the kernel data path — it can hand its
+/// QEMU the data connection's socket, and the data may go in clear. The acceptance's message
+/// then says what the destination chose after the credential: ` kernel` or ` relay: WHY`.
+pub const FLAG_KERNEL_PATH: u8 = 2;
+/// Every flag a hello may carry.
+const FLAGS: u8 = FLAG_RECOVERABLE | FLAG_KERNEL_PATH;
 /// Magic, version, status and message length.
 const REPLY_HEADER: usize = 8;
 
@@ -48,7 +55,7 @@ pub struct Hello {
     /// starts (0, or the next channel when resuming a paused migration).
     pub channel: u32,
     pub token: [u8; TOKEN_LEN],
-    /// [`FLAG_RECOVERABLE`] or 0.
+    /// [`FLAG_RECOVERABLE`], [`FLAG_KERNEL_PATH`], or 0.
     pub flags: u8,
 }
 
@@ -165,7 +172,7 @@ impl Hello {
             other => return Err(DecodeError::UnknownKind(other)),
         };
         let flags = r.u8()?;
-        if flags & !FLAG_RECOVERABLE != 0 {
+        if flags & !FLAGS != 0 {
             return Err(DecodeError::InvalidValue {
                 field: "flags",
                 value: flags.into(),

@@ -55,6 +55,14 @@
 //! token: whoever else holds the token cannot add a channel. A version 1 link has none, and
 //! its data connections present the token.
 //!
+//! # The kernel data path
+//!
+//! A source daemon that can hand its QEMU the data connection's socket sets
+//! [`FLAG_KERNEL_PATH`] in its control hello. The destination's acceptance then says what it
+//! chose after the credential: ` kernel` (the one data connection, admitted as any other, is
+//! handed to each QEMU and carries QEMU's stream directly, in clear) or ` relay: WHY`. A
+//! destination built before the flag refuses it as malformed.
+//!
 //! # Versions
 //!
 //! [`Hello`] carries the highest protocol version the dialler speaks; its layout is the same in
@@ -82,8 +90,9 @@ pub use control::{
     frame_len as control_frame_len,
 };
 pub use hello::{
-    FLAG_RECOVERABLE, HELLO_HEADER, Hello, HelloReply, Kind, MAGIC, MAX_HELLO_BODY, MAX_ID,
-    MIN_VERSION, Status, TOKEN_LEN, VERSION, hello_body_len, negotiate, reply_len, valid_id,
+    FLAG_KERNEL_PATH, FLAG_RECOVERABLE, HELLO_HEADER, Hello, HelloReply, Kind, MAGIC,
+    MAX_HELLO_BODY, MAX_ID, MIN_VERSION, Status, TOKEN_LEN, VERSION, hello_body_len, negotiate,
+    reply_len, valid_id,
 };
 
 /// The fuzz target's property on a deterministic stream of mutated inputs, on every test run

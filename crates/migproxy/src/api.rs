@@ -114,42 +114,53 @@ async fn tls_handshakes(
             Arc::clone(&daemon),
             Arc::clone(&gate),
         );
-        tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + daemon.config.timing.handshake_timeout;
-            let heard = waiting.first_byte(&tcp).await;
-            drop(waiting);
-            let refusal = match heard {
-                FirstByte::Heard => match gate.enter(from.ip()) {
-                    Ok(slot) => {
-                        let handshake =
-                            tokio::time::timeout_at(deadline, tls.accept(tcp, &from.to_string()))
-                                .await;
-                        match handshake {
-                            Ok(Ok((stream, identity))) if tls.allows(&identity) => {
-                                let _ = sender.send((stream, from)).await;
-                                drop(slot);
-                                return;
-                            }
-                            Ok(Ok((_, identity))) => format!("identity {identity} is not allowed"),
-                            Ok(Err(error)) => crate::human::Chain(&error).to_string(),
-                            Err(_) => "no TLS handshake in time".to_owned(),
-                        }
-                    }
-                    Err(refused) => {
-                        if let Some(suppressed) = daemon.rejections.record("api_busy") {
-                            tracing::warn!(%from, suppressed, "API connection refused: {refused}");
-                        }
-                        gate.refuse(tcp, &gate::TLS_BUSY_ALERT).await;
+        tokio::spawn(admit(daemon, gate, tls, sender, (tcp, from), waiting));
+    }
+}
+
+/// One connection to the TLS API port: waits for its first byte and a handshake slot, runs
+/// the handshake within the deadline, and hands the connection on if its identity is
+/// allowed. Refusals are counted and logged (throttled).
+async fn admit(
+    daemon: Arc<Daemon>,
+    gate: Arc<Gate>,
+    tls: Arc<crate::tls::Tls>,
+    sender: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    (tcp, from): (TcpStream, SocketAddr),
+    waiting: gate::Waiting,
+) {
+    let deadline = tokio::time::Instant::now() + daemon.config.timing.handshake_timeout;
+    let heard = waiting.first_byte(&tcp).await;
+    drop(waiting);
+    let refusal = match heard {
+        FirstByte::Heard => match gate.enter(from.ip()) {
+            Ok(slot) => {
+                let handshake =
+                    tokio::time::timeout_at(deadline, tls.accept(tcp, &from.to_string())).await;
+                match handshake {
+                    Ok(Ok((stream, identity))) if tls.allows(&identity) => {
+                        let _ = sender.send((stream, from)).await;
+                        drop(slot);
                         return;
                     }
-                },
-                FirstByte::Gone | FirstByte::Evicted => return,
-                FirstByte::Silent => "nothing sent within the first-byte deadline".to_owned(),
-            };
-            if let Some(suppressed) = daemon.rejections.record("api_tls") {
-                tracing::warn!(%from, suppressed, "API connection refused: {refusal}");
+                    Ok(Ok((_, identity))) => format!("identity {identity} is not allowed"),
+                    Ok(Err(error)) => crate::human::Chain(&error).to_string(),
+                    Err(_) => "no TLS handshake in time".to_owned(),
+                }
             }
-        });
+            Err(refused) => {
+                if let Some(suppressed) = daemon.rejections.record("api_busy") {
+                    tracing::warn!(%from, suppressed, "API connection refused: {refused}");
+                }
+                gate.refuse(tcp, &gate::TLS_BUSY_ALERT).await;
+                return;
+            }
+        },
+        FirstByte::Gone | FirstByte::Evicted => return,
+        FirstByte::Silent => "nothing sent within the first-byte deadline".to_owned(),
+    };
+    if let Some(suppressed) = daemon.rejections.record("api_tls") {
+        tracing::warn!(%from, suppressed, "API connection refused: {refusal}");
     }
 }
 

@@ -1,6 +1,7 @@
 //! A client of the daemon's REST API, over its unix socket or, from another host, over the
 //! API's mutual-TLS listener (`--api-listen`); for the CLI and for programs that link the
-//! library.
+//! library. Each call is one request on a fresh connection, except [`Client::events`],
+//! which holds its connection open and yields the server-sent events typed ([`Events`]).
 
 use std::io;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -18,10 +19,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::api::types::{
-    CreateRequest, CreatedIncoming, CreatedOutgoing, ErrorBody, IncomingRequest, Info,
+    CreateRequest, CreatedIncoming, CreatedOutgoing, ErrorBody, IncomingRequest, Info, Lagged,
     MigrationList, OutgoingRequest,
 };
-use crate::daemon::migration::view::Snapshot;
+use crate::daemon::migration::State;
+use crate::daemon::migration::view::{Event, Snapshot};
 use crate::tls::{Tls, TlsError};
 
 /// How long connecting to a remote API may take.
@@ -67,6 +69,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// A refusal of what a flag asked for as such, not of the state of things: the kernel
+    /// data path where it cannot serve. The command line exits with its usage code.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, ClientError::Api { status, error, .. }
+            if *status == StatusCode::BAD_REQUEST && error.starts_with("data_path:"))
+    }
+
     /// The numbered causes under the error, for the CLI: the daemon's when it refused, else
     /// this error's sources.
     pub fn causes(&self) -> Vec<String> {
@@ -132,11 +141,11 @@ impl Client {
         self.typed(Method::GET, "/v1/info", None).await
     }
 
-    /// `GET /v1/migrations[?state=S]`: every migration, or those in state `state` (the
-    /// daemon checks the name).
-    pub async fn list(&self, state: Option<&str>) -> Result<Vec<Snapshot>, ClientError> {
+    /// `GET /v1/migrations[?state=S]`: every migration, or those in state `state`.
+    pub async fn list(&self, state: Option<State>) -> Result<Vec<Snapshot>, ClientError> {
         let path = match state {
-            Some(state) => format!("/v1/migrations?state={state}"),
+            // The query names a state as the API's views do (`completed`, `paused`…).
+            Some(state) => format!("/v1/migrations?state={}", state.name()),
             None => "/v1/migrations".to_owned(),
         };
         let list: MigrationList = self.typed(Method::GET, &path, None).await?;
@@ -216,16 +225,7 @@ impl Client {
         if status.is_success() {
             return Ok(value);
         }
-        let ErrorBody { error, causes } =
-            serde_json::from_value(value).unwrap_or_else(|_| ErrorBody {
-                error: format!("the daemon answered {status}"),
-                causes: Vec::new(),
-            });
-        Err(ClientError::Api {
-            status,
-            error,
-            causes,
-        })
+        Err(api_error(status, Some(value)))
     }
 
     /// One request on a fresh connection; the status and the answer as JSON (a string when
@@ -236,8 +236,70 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<(StatusCode, Value), ClientError> {
+        let request = self.build(method, path, body)?;
+        let stream = self.connect().await?;
+        if self.is_local() {
+            return self.send(stream, request).await;
+        }
+        // Across the network an answer may never come: bounded.
+        tokio::time::timeout(REQUEST_TIMEOUT, self.send(stream, request))
+            .await
+            .unwrap_or_else(|_| {
+                let late = io::Error::new(io::ErrorKind::TimedOut, "no answer within 30 s");
+                Err(self.protocol(late))
+            })
+    }
+
+    /// `GET /v1/events[?migration=ID]`: the daemon's events from now on, as they happen,
+    /// until it stops (or the returned [`Events`] is dropped). Those of one migration when
+    /// `migration` names it.
+    pub async fn events(&self, migration: Option<&str>) -> Result<Events, ClientError> {
+        let path = match migration {
+            Some(id) => format!("/v1/events?migration={id}"),
+            None => "/v1/events".to_owned(),
+        };
+        let request = self.build(Method::GET, &path, None)?;
+        let stream = self.connect().await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol(e))?;
+        let connection = tokio::spawn(connection);
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.protocol(e))?;
+        let status = response.status();
+        if !status.is_success() {
+            // A refusal is an ordinary answer: read and reported like any other.
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.protocol(e))?
+                .to_bytes();
+            connection.abort();
+            return Err(api_error(status, serde_json::from_slice(&bytes).ok()));
+        }
+        Ok(Events {
+            target: self.target(),
+            body: response.into_body(),
+            connection,
+            _sender: sender,
+            buffer: Vec::new(),
+            name: None,
+            data: None,
+        })
+    }
+
+    /// The HTTP request for `method path` with `body`.
+    fn build(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let request = Request::builder()
+        Request::builder()
             .method(method)
             .uri(path)
             .header("host", "migproxy")
@@ -245,57 +307,47 @@ impl Client {
             .header("connection", "close")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| self.protocol(e))?;
+            .map_err(|e| self.protocol(e))
+    }
+
+    /// A fresh connection to the API: its unix socket, or its TLS listener (connecting and
+    /// the handshake bounded, since across the network they may never end).
+    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
         let unreachable = |error| ClientError::Unreachable {
             target: self.target(),
             error,
         };
-        match &self.target {
+        let (address, server_name, tls) = match &self.target {
             Target::Unix(socket) => {
                 let stream = UnixStream::connect(socket).await.map_err(unreachable)?;
-                self.send(stream, request).await
+                return Ok(Box::new(stream));
             }
             Target::Tls {
                 address,
                 server_name,
                 tls,
-            } => {
-                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
-                    .await
-                    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
-                    .map_err(unreachable)?;
-                let handshake =
-                    tokio::time::timeout(REQUEST_TIMEOUT, tls.connect(tcp, server_name));
-                let stream = match handshake.await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        return Err(ClientError::Tls {
-                            target: self.target(),
-                            error,
-                        });
-                    }
-                    Err(_) => return Err(unreachable(io::ErrorKind::TimedOut.into())),
-                };
-                // Across the network an answer may never come: bounded.
-                tokio::time::timeout(REQUEST_TIMEOUT, self.send(stream, request))
-                    .await
-                    .unwrap_or_else(|_| {
-                        let late = io::Error::new(io::ErrorKind::TimedOut, "no answer within 30 s");
-                        Err(self.protocol(late))
-                    })
-            }
+            } => (address, server_name, tls),
+        };
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+            .map_err(unreachable)?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, tls.connect(tcp, server_name)).await {
+            Ok(Ok(stream)) => Ok(Box::new(stream)),
+            Ok(Err(error)) => Err(ClientError::Tls {
+                target: self.target(),
+                error,
+            }),
+            Err(_) => Err(unreachable(io::ErrorKind::TimedOut.into())),
         }
     }
 
     /// One request on a fresh connection; the answer as JSON (or as a string when not JSON).
-    async fn send<IO>(
+    async fn send(
         &self,
-        stream: IO,
+        stream: Box<dyn Io>,
         request: Request<Full<Bytes>>,
-    ) -> Result<(StatusCode, Value), ClientError>
-    where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    ) -> Result<(StatusCode, Value), ClientError> {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.protocol(e))?;
@@ -330,5 +382,156 @@ impl Client {
             target: self.target(),
             error: error.into(),
         }
+    }
+}
+
+/// What a connection to the API is: a unix socket or a TLS stream.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A refusal as [`ClientError::Api`]: the daemon's error body, or the bare status when the
+/// body is not one.
+fn api_error(status: StatusCode, body: Option<Value>) -> ClientError {
+    let ErrorBody { error, causes } = body
+        .and_then(|body| serde_json::from_value(body).ok())
+        .unwrap_or_else(|| ErrorBody {
+            error: format!("the daemon answered {status}"),
+            causes: Vec::new(),
+        });
+    ClientError::Api {
+        status,
+        error,
+        causes,
+    }
+}
+
+/// The longest event the stream takes: far more than any event the daemon sends, so that a
+/// daemon gone wrong cannot make the client buffer without bound.
+const MAX_EVENT: usize = 1 << 20;
+
+/// What [`Events::next`] yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    /// Something that happened to a migration.
+    Event(Event),
+    /// The reader was too slow: the daemon dropped this many events for it.
+    Lagged(Lagged),
+}
+
+/// The daemon's event stream ([`Client::events`]): server-sent events, read as typed
+/// [`Received`] items. Dropping it closes the connection.
+pub struct Events {
+    target: String,
+    body: Incoming,
+    /// Drives the HTTP connection; stopped when the stream is dropped.
+    connection: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    /// Kept so that hyper keeps the connection open while the body is read.
+    _sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    /// Bytes received and not yet split into lines.
+    buffer: Vec<u8>,
+    /// The event being read: its `event:` name and its `data:` lines so far.
+    name: Option<String>,
+    data: Option<String>,
+}
+
+impl Events {
+    /// The next event; `Ok(None)` once the daemon has ended the stream (it stops).
+    pub async fn next(&mut self) -> Result<Option<Received>, ClientError> {
+        loop {
+            while let Some(line) = self.take_line()? {
+                if let Some(received) = self.read_line(&line)? {
+                    return Ok(Some(received));
+                }
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(error)) => return Err(self.protocol(error)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next whole line of the buffer, without its end (`\n` or `\r\n`).
+    fn take_line(&mut self) -> Result<Option<String>, ClientError> {
+        let Some(end) = self.buffer.iter().position(|b| *b == b'\n') else {
+            if self.buffer.len() > MAX_EVENT {
+                return Err(self.protocol("an event line longer than 1 MiB"));
+            }
+            return Ok(None);
+        };
+        let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        String::from_utf8(line)
+            .map(Some)
+            .map_err(|e| self.protocol(e))
+    }
+
+    /// One SSE line: a field of the event being read, or the empty line that ends it.
+    /// Comments (the daemon's keep-alives) and fields other than `event` and `data` are
+    /// skipped, as the SSE standard says.
+    fn read_line(&mut self, line: &str) -> Result<Option<Received>, ClientError> {
+        if line.is_empty() {
+            return self.dispatch();
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => self.name = Some(value.to_owned()),
+            "data" => {
+                let data = self.data.get_or_insert_with(String::new);
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(value);
+                if data.len() > MAX_EVENT {
+                    return Err(self.protocol("an event longer than 1 MiB"));
+                }
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// The event whose lines have been read, typed by its name.
+    fn dispatch(&mut self) -> Result<Option<Received>, ClientError> {
+        let name = self.name.take();
+        let Some(data) = self.data.take() else {
+            // No data (a keep-alive): nothing to deliver.
+            return Ok(None);
+        };
+        let received = match name.as_deref() {
+            Some("lagged") => serde_json::from_str(&data).map(Received::Lagged),
+            _ => serde_json::from_str(&data).map(Received::Event),
+        };
+        received.map(Some).map_err(|e| self.protocol(e))
+    }
+
+    fn protocol(&self, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ClientError {
+        ClientError::Protocol {
+            target: self.target.clone(),
+            error: error.into(),
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
     }
 }

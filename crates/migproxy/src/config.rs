@@ -58,6 +58,10 @@ pub struct File {
     pub runtime_dir_group: Option<String>,
     pub target_dirs: Option<Vec<PathBuf>>,
     pub insecure_plaintext: Option<bool>,
+    /// Let migrations take the kernel data path (in clear) while TLS guards the control link.
+    pub allow_clear_data: Option<bool>,
+    /// The data path of migrations that do not ask for one.
+    pub data_path: Option<crate::daemon::data_path::DataPath>,
     #[serde(default)]
     pub tls: TlsSection,
     #[serde(default)]
@@ -189,6 +193,8 @@ pub struct Flags {
     pub runtime_dir_group: Option<String>,
     pub target_dirs: Vec<PathBuf>,
     pub insecure_plaintext: bool,
+    pub allow_clear_data: bool,
+    pub data_path: Option<crate::daemon::data_path::DataPath>,
     pub tls_dir: Option<PathBuf>,
     pub tls_allow: Vec<String>,
     pub tls_records: Option<crate::tls::Records>,
@@ -212,6 +218,10 @@ pub struct Settings {
     pub runtime_dir_group: Option<String>,
     pub target_dirs: Vec<PathBuf>,
     pub insecure_plaintext: bool,
+    /// Migrations may take the kernel data path (in clear) with TLS on the control link.
+    pub allow_clear_data: bool,
+    /// The data path of migrations that do not ask for one.
+    pub data_path: crate::daemon::data_path::DataPath,
     pub tls_dir: Option<PathBuf>,
     pub tls_allow: Vec<String>,
     pub tls_records: crate::tls::Records,
@@ -279,6 +289,8 @@ impl Settings {
             target_dirs: flag_or_file(flags.target_dirs, file.target_dirs),
             insecure_plaintext: flags.insecure_plaintext
                 || file.insecure_plaintext.unwrap_or(false),
+            allow_clear_data: flags.allow_clear_data || file.allow_clear_data.unwrap_or(false),
+            data_path: flags.data_path.or(file.data_path).unwrap_or_default(),
             tls_dir: flags.tls_dir.or(file.tls.dir),
             tls_allow: flag_or_file(flags.tls_allow, file.tls.allow),
             tls_records: flags.tls_records.or(file.tls.records).unwrap_or_default(),

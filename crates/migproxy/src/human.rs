@@ -168,7 +168,7 @@ mod tests {
         struct Outer(#[source] io::Error);
         let error = Outer(io::Error::other("inner"));
         assert_eq!(Chain(&error).to_string(), "outer: inner");
-        let refused = Outer(io::Error::from_raw_os_error(nix::libc::ECONNREFUSED));
+        let refused = Outer(io::Error::from_raw_os_error(libc::ECONNREFUSED));
         assert_eq!(causes(&refused), ["connection refused (ECONNREFUSED)"]);
     }
 
@@ -202,13 +202,13 @@ mod tests {
 
     #[test]
     fn os_errors_name_the_errno() {
-        let reset = io::Error::from_raw_os_error(nix::libc::ECONNRESET);
+        let reset = io::Error::from_raw_os_error(libc::ECONNRESET);
         assert_eq!(
             OsError(&reset).to_string(),
             "connection reset by peer (ECONNRESET)"
         );
         assert_eq!(errno_name(&reset).as_deref(), Some("ECONNRESET"));
-        let eio = io::Error::from_raw_os_error(nix::libc::EIO);
+        let eio = io::Error::from_raw_os_error(libc::EIO);
         assert_eq!(OsError(&eio).to_string(), "I/O error (EIO)");
         let custom = io::Error::new(io::ErrorKind::TimedOut, "no progress for 10 s");
         assert_eq!(OsError(&custom).to_string(), "no progress for 10 s");

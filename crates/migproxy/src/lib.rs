@@ -11,7 +11,8 @@
 //! - [`proxy`]: `migproxy relay`, a relay per accepted connection.
 //! - [`qmp`]: a QEMU monitor client.
 //! - [`daemon`]: migrations between hosts (the lifecycle in [`daemon::migration`]).
-//! - [`api`]: the REST API serving a [`daemon::Daemon`]; [`client`] is its client.
+//! - [`api`]: the REST API serving a [`daemon::Daemon`]; [`client`] is its typed client
+//!   (requests, and the event stream as typed events).
 //! - [`server`]: runs a daemon, its API and its peer port on listeners bound by the caller.
 //! - [`config`]: the config file and the daemon's settings.
 //! - [`cli`]: the command line.

@@ -127,16 +127,7 @@ pub async fn run(
             }
             Err(end) => {
                 stream.abort();
-                let report = Report {
-                    source: label,
-                    destination: config.connect.to_string(),
-                    end,
-                    bytes: ByteCounts::default(),
-                    spliced: ByteCounts::default(),
-                    elapsed: started.elapsed(),
-                    first_end: None,
-                };
-                finish((n, report), &mut summary);
+                finish((n, unconnected(label, &config, end, started)), &mut summary);
             }
         }
     }
@@ -148,6 +139,19 @@ pub async fn run(
         }
     }
     summary
+}
+
+/// The report of a connection whose destination leg could not be connected: nothing moved.
+fn unconnected(source: String, config: &Config, end: End, started: Instant) -> Report {
+    Report {
+        source,
+        destination: config.connect.to_string(),
+        end,
+        bytes: ByteCounts::default(),
+        spliced: ByteCounts::default(),
+        elapsed: started.elapsed(),
+        first_end: None,
+    }
 }
 
 /// Connects the destination leg; on failure, says how the connection ended.

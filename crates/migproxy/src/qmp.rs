@@ -15,7 +15,10 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -127,6 +130,48 @@ impl Qmp {
     /// Runs `command` with `arguments` (`Value::Null` for none) and returns its `return` value.
     /// Events that arrive meanwhile are queued for [`take_events`](Self::take_events).
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let (id, line) = self.request(command, arguments);
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|error| self.io(error))?;
+        self.reply(command, id).await
+    }
+
+    /// Runs `command` with `fd` passed along (SCM_RIGHTS, as `getfd` and `add-fd` expect):
+    /// QEMU takes the descriptor that arrives with the command's first byte.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        let (id, line) = self.request(command, arguments);
+        let socket: &UnixStream = self.writer.as_ref();
+        let sent = loop {
+            socket.writable().await.map_err(|error| self.io(error))?;
+            let attempt = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                let fds = [fd.as_raw_fd()];
+                let control = [ControlMessage::ScmRights(&fds)];
+                let data = [io::IoSlice::new(line.as_bytes())];
+                sendmsg::<()>(socket.as_raw_fd(), &data, &control, MsgFlags::empty(), None)
+                    .map_err(io::Error::from)
+            });
+            match attempt {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                other => break other.map_err(|error| self.io(error))?,
+            }
+        };
+        // The descriptor went with the first byte; the rest of a cut-short line follows.
+        self.writer
+            .write_all(&line.as_bytes()[sent..])
+            .await
+            .map_err(|error| self.io(error))?;
+        self.reply(command, id).await
+    }
+
+    /// A command's id and its line.
+    fn request(&mut self, command: &str, arguments: Value) -> (u64, String) {
         let id = self.next_id;
         self.next_id += 1;
         let mut request = json!({ "execute": command, "id": id });
@@ -135,10 +180,11 @@ impl Qmp {
         }
         let mut line = request.to_string();
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .await
-            .map_err(|error| self.io(error))?;
+        (id, line)
+    }
+
+    /// Reads until the reply to command `id`, queueing the events that come first.
+    async fn reply(&mut self, command: &str, id: u64) -> Result<Value, QmpError> {
         loop {
             let message = self.read_message().await?;
             if message.get("id").and_then(Value::as_u64) != Some(id) {

@@ -227,10 +227,11 @@ async fn refusals_and_an_unreachable_daemon_have_their_exit_codes() {
         stderr(&out)
     );
 
+    // A state the API does not name is a usage error, before the daemon is asked.
     let out = cli(&daemon, &["list", "--state", "sleeping"]).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("state: \"sleeping\" is not one of"),
+        stderr(&out).contains("\"sleeping\" is not one of pending, active"),
         "{}",
         stderr(&out)
     );
@@ -362,7 +363,7 @@ async fn a_closed_stdout_ends_the_cli_quietly() {
         let out = cli_into_closed_pipe(&destination, args).await;
         assert_eq!(
             out.status.signal(),
-            Some(nix::libc::SIGPIPE),
+            Some(libc::SIGPIPE),
             "{args:?}: {:?}, {}",
             out.status,
             stderr(&out)
@@ -501,4 +502,55 @@ async fn the_token_comes_from_a_file_stdin_or_the_environment() {
     }
     let (status, _) = source.request("GET", "/v1/migrations/refused", None).await;
     assert_eq!(status, 404, "nothing was created");
+}
+
+/// The group (`--group`) reaches both daemons from the CLI, and a bad name is the API's refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_takes_a_group_on_both_hosts() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let out = cli(
+        &destination,
+        &[
+            "--json",
+            "create-incoming",
+            "--target",
+            "unix:/x-grouped",
+            "--id",
+            "grouped",
+            "--group",
+            "vm",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let incoming: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = create_outgoing(
+        &source,
+        ("grouped", incoming["peer"].as_str().unwrap()),
+        &["--group", "vm"],
+        incoming["token"].as_str(),
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for daemon in [&source, &destination] {
+        let out = cli(daemon, &["--json", "show", "grouped"]).await;
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(shown["group"], "vm", "{shown}");
+    }
+
+    let out = cli(
+        &destination,
+        &[
+            "create-incoming",
+            "--target",
+            "unix:/x-bad",
+            "--group",
+            "../etc",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains("group:"), "{}", stderr(&out));
 }

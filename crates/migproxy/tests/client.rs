@@ -35,6 +35,12 @@ async fn typed_views_read_back_as_the_daemon_wrote_them() {
         };
         let (raw, typed) = both(daemon, "/v1/migrations", &list).await;
         assert_eq!(raw, typed);
+        // Filtered by a typed state, every state's wire name understood by the daemon.
+        for state in State::ALL {
+            let only = client.list(Some(state)).await.unwrap();
+            let expected = usize::from(state == State::Transferred);
+            assert_eq!(only.len(), expected, "{state:?}: {only:?}");
+        }
         let info = client.info().await.unwrap();
         let (mut raw, mut typed) = both(daemon, "/v1/info", &info).await;
         // Uptime moves between the two requests.
@@ -78,4 +84,79 @@ async fn a_refusal_carries_the_status_and_the_daemons_words() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     daemon.stop().await;
+}
+
+/// The typed event stream: every event of a carried migration in order, each serialising
+/// back to what the daemon sent; a filtered stream sees only its migration; the stream ends
+/// when the daemon stops; an unreachable daemon is `Unreachable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_reads_typed_events_until_the_daemon_stops() {
+    use migproxy::client::Received;
+    use migproxy::daemon::migration::view::EventKind;
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let client = Client::new(&source.api);
+    let mut all = client.events(None).await.unwrap();
+    let mut other = client.events(Some("other")).await.unwrap();
+    carry(&source, &destination, "ev", 64 * 1024).await;
+
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let Some(Received::Event(event)) = all.next().await.unwrap() else {
+                panic!("the stream ended or lagged early: {seen:?}");
+            };
+            assert_eq!(event.migration.as_deref(), Some("ev"), "{event:?}");
+            assert!(event.time.is_some(), "{event:?}");
+            // Typed without loss: what the CLI's --json would print is what was sent.
+            let again: migproxy::daemon::migration::view::Event =
+                serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
+            assert_eq!(again, event);
+            let last = matches!(
+                event.kind,
+                EventKind::State {
+                    state: State::Transferred,
+                    ..
+                }
+            );
+            seen.push(event.name());
+            if last {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "events so far: {seen:?}");
+    assert_eq!(
+        seen,
+        [
+            "data_path",
+            "state",
+            "channel_opened",
+            "channel_closed",
+            "state"
+        ],
+        "{seen:?}"
+    );
+
+    // The filtered stream saw none of that, and both end when the daemon stops.
+    let api = source.api.clone();
+    source.stop().await;
+    let ends = async |events: &mut migproxy::client::Events| {
+        tokio::time::timeout(Duration::from_secs(2), events.next())
+            .await
+            .expect("the stream outlived the daemon")
+    };
+    assert!(
+        matches!(ends(&mut other).await, Ok(None)),
+        "the filtered stream carried another migration's event"
+    );
+    while ends(&mut all).await.unwrap().is_some() {}
+    destination.stop().await;
+
+    let gone = Client::new(api).events(None).await;
+    assert!(
+        matches!(gone, Err(ClientError::Unreachable { .. })),
+        "{gone:?}"
+    );
 }

@@ -7,9 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::{TestDaemon, migration_pair, stand_in_target, subscribe, unix_path};
+use common::daemon::{
+    TestDaemon, migration_pair, next_event, stand_in_target, subscribe, unix_path,
+};
 use common::{random_data, receive_all, send_all, short_tempdir};
-use serde_json::{Value, json};
+use migproxy::daemon::migration::State;
+use migproxy::daemon::migration::view::EventKind;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -281,7 +285,7 @@ async fn the_api_lists_filters_forgets_and_exports_metrics() {
 async fn events_stream_state_changes_and_channels() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
-    let mut lines = subscribe(&source, "ev").await;
+    let mut events = subscribe(&source, "ev").await;
 
     let (_dir, qemu_in, target) = stand_in_target();
     let _ = migration_pair(&source, &destination, "other", "unix:/x").await; // filtered out
@@ -300,21 +304,23 @@ async fn events_stream_state_changes_and_channels() {
 
     let mut seen = Vec::new();
     let collected = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(data) = line.strip_prefix("data: ") {
-                let event: Value = serde_json::from_str(data).unwrap();
-                assert_eq!(event["migration"], "ev", "{event}");
-                seen.push(format!(
-                    "{} {}",
-                    event["type"].as_str().unwrap(),
-                    event["state"]
-                        .as_str()
-                        .or(event["end"].as_str())
-                        .unwrap_or("")
-                ));
-                if event["state"] == "transferred" {
-                    return;
+        loop {
+            let event = next_event(&mut events).await;
+            assert_eq!(event.migration.as_deref(), Some("ev"), "{event:?}");
+            let detail = match &event.kind {
+                EventKind::State { state, .. } => state.to_string(),
+                EventKind::ChannelClosed { end, .. } => format!("{end:?}").to_lowercase(),
+                _ => String::new(),
+            };
+            seen.push(format!("{} {detail}", event.name()));
+            if matches!(
+                event.kind,
+                EventKind::State {
+                    state: State::Transferred,
+                    ..
                 }
+            ) {
+                return;
             }
         }
     })
@@ -323,6 +329,8 @@ async fn events_stream_state_changes_and_channels() {
     assert_eq!(
         seen,
         [
+            // The source settles the data path from the destination's acceptance, first.
+            "data_path ",
             "state active",
             "channel_opened ",
             "channel_closed completed",
@@ -332,7 +340,7 @@ async fn events_stream_state_changes_and_channels() {
     // An open event stream does not hold up the daemon's shutdown, and ends with it.
     source.stop().await;
     let ended = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(Some(_)) = lines.next_line().await {}
+        while let Ok(Some(_)) = events.next().await {}
     })
     .await;
     assert!(ended.is_ok(), "the event stream outlived the daemon");

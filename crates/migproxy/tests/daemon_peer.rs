@@ -486,3 +486,93 @@ async fn a_token_holder_cannot_add_a_channel_and_a_stray_one_fails_the_migration
     assert_eq!((reply.status, reply.version), (Status::Ok, 2), "{reply:?}");
     assert_eq!(reply.message.len(), 64);
 }
+
+/// A destination daemon of version 1 (a stand-in over real TCP): it refuses any hello newer
+/// than its own as a v1 daemon does (`refusal`, in version 1), and accepts a version 1 hello
+/// with no credential. Returns its address and the version of every hello it read, in order.
+async fn v1_destination(
+    refusal: migproxy_proto::Status,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<u16>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use migproxy_proto::{HELLO_HEADER, Hello, HelloReply, Kind, Status};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let versions = std::sync::Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut header = [0u8; HELLO_HEADER];
+            stream.read_exact(&mut header).await.unwrap();
+            let version = u16::from_be_bytes([header[4], header[5]]);
+            let len = u16::from_be_bytes([header[6], header[7]]) as usize;
+            let mut body = vec![0; len];
+            stream.read_exact(&mut body).await.unwrap();
+            versions.lock().unwrap().push(version);
+            let reply = if version > 1 {
+                HelloReply {
+                    version: 1,
+                    status: refusal,
+                    message: format!("unsupported protocol version {version}"),
+                }
+            } else {
+                let hello = Hello::decode_body(1, &body).unwrap();
+                assert_eq!(hello.kind, Kind::Control, "{hello:?}");
+                HelloReply {
+                    version: 1,
+                    status: Status::Ok,
+                    message: String::new(),
+                }
+            };
+            let mut buf = Vec::new();
+            reply.encode(&mut buf);
+            stream.write_all(&buf).await.unwrap();
+            // The accepted control link stays up for as long as the test runs.
+            accepted.push(stream);
+        }
+    });
+    (address, seen, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_retries_in_version_1_when_an_older_destination_refuses_its_version() {
+    use migproxy_proto::{MIN_VERSION, Status, VERSION};
+    assert_eq!(
+        MIN_VERSION, 1,
+        "update this test for the next protocol version"
+    );
+    let source = TestDaemon::start("src").await;
+    let create = |id: &'static str, peer: String| {
+        let source = &source;
+        async move {
+            let body = json!({"direction": "outgoing", "id": id, "token": "11".repeat(32),
+                              "peer": peer});
+            source.request("POST", "/v1/migrations", Some(body)).await
+        }
+    };
+
+    // Refused for its version: asked again in version 1, and accepted.
+    let (peer, seen, old) = v1_destination(Status::UnsupportedVersion).await;
+    let (status, body) = create("old", peer).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(*seen.lock().unwrap(), [VERSION, 1]);
+    let view = source.show("old").await;
+    assert!(
+        !view["state"].as_str().unwrap().starts_with("fail"),
+        "{view}"
+    );
+
+    // Refused for another reason: no second try in an older version.
+    let (peer, seen, busy) = v1_destination(Status::Busy).await;
+    let (status, body) = create("busy", peer).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(*seen.lock().unwrap(), [VERSION]);
+
+    old.abort();
+    busy.abort();
+    source.stop().await;
+}

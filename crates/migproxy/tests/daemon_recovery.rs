@@ -7,9 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::{TestDaemon, error_of, stand_in_target, subscribe, unix_path};
+use common::daemon::{TestDaemon, error_of, next_event, stand_in_target, subscribe, unix_path};
 use common::peer::peer_hello;
 use common::{random_data, send_all};
+use migproxy::daemon::migration::view::EventKind;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -188,12 +189,8 @@ async fn a_source_that_resumes_before_the_destination_noticed_records_the_pause(
     let mut states = Vec::new();
     let collected = tokio::time::timeout(Duration::from_secs(5), async {
         while states.len() < 3 {
-            let line = events.next_line().await.unwrap().unwrap();
-            if let Some(data) = line.strip_prefix("data: ") {
-                let event: Value = serde_json::from_str(data).unwrap();
-                if event["type"] == "state" {
-                    states.push(event["state"].as_str().unwrap().to_owned());
-                }
+            if let EventKind::State { state, .. } = next_event(&mut events).await.kind {
+                states.push(state.to_string());
             }
         }
     })

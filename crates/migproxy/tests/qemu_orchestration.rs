@@ -5,168 +5,17 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::certs::Ca;
-use common::openapi::Doc;
-use common::process::{BIN, DaemonProcess};
-use common::qemu::{Qemu, Ram, random_ram_file};
+use common::orchestration::{
+    Hosts, RAM_MIB, assert_completed, assert_documented, moved_more_than, text, wait_for,
+};
+use common::process::DaemonProcess;
 use common::{short_tempdir, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::process::Command;
-
-const RAM_MIB: u64 = 256;
-
-/// Two daemons and two QEMUs: a source with random RAM, a destination waiting with
-/// `-incoming defer`.
-struct Hosts {
-    dir: tempfile::TempDir,
-    source: DaemonProcess,
-    destination: DaemonProcess,
-    src_vm: Qemu,
-    dst_vm: Qemu,
-    /// blake3 of the source guest's RAM before the migration.
-    expected: blake3::Hash,
-}
-
-impl Hosts {
-    async fn start(seed: u64) -> Hosts {
-        Hosts::start_with(seed, &[], &[]).await
-    }
-
-    async fn start_with(seed: u64, src_flags: &[&str], dst_flags: &[&str]) -> Hosts {
-        let dir = short_tempdir();
-        let ram = dir.path().join("source.img");
-        random_ram_file(&ram, RAM_MIB, seed);
-        let source = DaemonProcess::start(dir.path(), "src", "127.0.0.1:0", None, src_flags).await;
-        let destination =
-            DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, dst_flags).await;
-        let mut src_vm = Qemu::start(dir.path(), "srcvm", Ram::File(&ram), RAM_MIB, false).await;
-        let dst_vm = Qemu::start(dir.path(), "dstvm", Ram::Anonymous, RAM_MIB, true).await;
-        // Before anything moves: postcopy discards source pages (and punches holes into a
-        // file behind them), so the source is digested now.
-        let (expected, _) = src_vm.ram_digest(dir.path(), "before", RAM_MIB).await;
-        Hosts {
-            dir,
-            source,
-            destination,
-            src_vm,
-            dst_vm,
-            expected,
-        }
-    }
-
-    /// `migproxy migrate` from the source host to the destination daemon's API socket.
-    fn migrate(&self, extra: &[&str]) -> Command {
-        let to = format!("unix:{}", self.destination.api.display());
-        self.migrate_to(&to, extra)
-    }
-
-    fn migrate_to(&self, to: &str, extra: &[&str]) -> Command {
-        self.migrate_with(self.src_vm.spare_qmp(), self.dst_vm.spare_qmp(), to, extra)
-    }
-
-    fn migrate_with(&self, qmp: &Path, dest_qmp: &Path, to: &str, extra: &[&str]) -> Command {
-        let mut command = Command::new(BIN);
-        command
-            .arg("migrate")
-            .arg("--api")
-            .arg(&self.source.api)
-            .args(["--to", to])
-            .arg("--qmp")
-            .arg(qmp)
-            .arg("--dest-qmp")
-            .arg(dest_qmp)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        command
-    }
-
-    /// Runs `migproxy migrate … --json`; returns the exit code and both daemons' reports.
-    async fn run(&self, mut command: Command) -> (i32, Value, Output) {
-        let output = tokio::time::timeout(Duration::from_secs(60), command.output())
-            .await
-            .expect("migproxy migrate finished within 60 s")
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let report = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
-        (output.status.code().unwrap_or(-1), report, output)
-    }
-
-    async fn assert_ram_equal(&mut self) {
-        let (got, _) = self
-            .dst_vm
-            .ram_digest(self.dir.path(), "after", RAM_MIB)
-            .await;
-        assert_eq!(
-            got, self.expected,
-            "destination RAM differs from the source's"
-        );
-    }
-
-    async fn migrations(&self, daemon: &DaemonProcess) -> Vec<Value> {
-        let (_, all) = daemon.request("GET", "/v1/migrations", None).await;
-        all["migrations"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// The destination QEMU never started listening: it can still take a migration.
-    async fn assert_destination_untouched(&mut self) {
-        let info = self.dst_vm.execute("query-migrate", Value::Null).await;
-        assert!(info.get("socket-address").is_none(), "{info}");
-        let status = self.dst_vm.execute("query-status", Value::Null).await;
-        assert_eq!(status["status"], "inmigrate", "{status}");
-    }
-}
-
-/// Polls `daemon`'s view of migration `id` until `ready` holds (at most 20 s).
-async fn wait_for(daemon: &DaemonProcess, id: &str, what: &str, ready: impl Fn(&Value) -> bool) {
-    daemon
-        .wait_for(id, what, Duration::from_secs(20), ready)
-        .await;
-}
-
-/// Whether more than `bytes` have crossed.
-fn moved_more_than(bytes: u64) -> impl Fn(&Value) -> bool {
-    move |m| m["bytes"]["to_destination"].as_u64().unwrap_or(0) > bytes
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// QEMU's verdict on both hosts and migproxy's on both daemons: completed; and both reports
-/// as `docs/api.yaml` documents them.
-fn assert_completed(report: &Value, output: &Output) {
-    for host in ["source", "destination"] {
-        let m = &report[host];
-        assert_eq!(m["state"], "completed", "{host}: {}", text(output));
-        assert_eq!(m["qemu"]["status"], "completed", "{host}: {m}");
-        assert!(m["error"].is_null(), "{m}");
-    }
-    assert_documented(report);
-}
-
-/// Both daemons' reports validate against the API document's `Migration` schema.
-fn assert_documented(report: &Value) {
-    let doc = Doc::load();
-    for host in ["source", "destination"] {
-        let errors = doc.validate(doc.schema("Migration"), &report[host]);
-        assert!(
-            errors.is_empty(),
-            "{host} report vs docs/api.yaml: {errors:?}"
-        );
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_command_migrates_a_vm_with_equal_ram_and_one_report() {

@@ -80,6 +80,7 @@ async fn create_incoming(
         recoverable: body.recoverable,
         qemu,
         group: checked_group(body.group)?,
+        data_path: body.data_path.unwrap_or(daemon.config.data_path),
     };
     let created = in_daemon_task(daemon, |daemon| async move {
         incoming::create(&daemon, request).await
@@ -91,6 +92,7 @@ async fn create_incoming(
         e @ (incoming::CreateError::NoTarget | incoming::CreateError::PathTooLong(_)) => {
             ApiError::bad_request(e.to_string())
         }
+        e @ incoming::CreateError::DataPath(_) => ApiError::chain(StatusCode::BAD_REQUEST, &e),
     })?;
     let body = CreatedIncoming {
         id: migration.spec.id.clone(),
@@ -236,6 +238,7 @@ async fn create_outgoing(
         tls_hostname: body.tls_hostname,
         qemu,
         group: checked_group(body.group)?,
+        data_path: body.data_path.unwrap_or(daemon.config.data_path),
     };
     let created = in_daemon_task(daemon, |daemon| async move {
         outgoing::create(&daemon, request).await
@@ -247,10 +250,14 @@ async fn create_outgoing(
         outgoing::CreateError::Listen(e) => ApiError::chain(StatusCode::INTERNAL_SERVER_ERROR, &e),
         outgoing::CreateError::Peer(e) => ApiError::chain(StatusCode::BAD_GATEWAY, &e),
         e @ outgoing::CreateError::Ended(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        e @ (outgoing::CreateError::DataPath(_) | outgoing::CreateError::Declined(_)) => {
+            ApiError::chain(StatusCode::BAD_REQUEST, &e)
+        }
+        e @ outgoing::CreateError::KernelSocket(_) => ApiError::chain(StatusCode::BAD_GATEWAY, &e),
     })?;
     let body = CreatedOutgoing {
         id: migration.spec.id.clone(),
-        qemu_uri: migration.spec.local.to_string(),
+        qemu_uri: migration.local_uri(),
         state: migration.state(),
     };
     Ok((StatusCode::CREATED, Json(body)))

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::daemon::data_path::DataPath;
 use crate::daemon::migration::State;
 use crate::daemon::migration::view::Snapshot;
 use crate::daemon::names::Link;
@@ -50,6 +51,9 @@ pub struct IncomingRequest {
     /// Migrations of one group (a guest's RAM and its disks) share one stall watch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// `relay`, `kernel` or `auto`; default the daemon's (`data_path` in its config).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_path: Option<DataPath>,
 }
 
 /// On the source host: carry a migration to the destination daemon.
@@ -88,6 +92,9 @@ pub struct OutgoingRequest {
     /// Milliseconds; needs `qmp`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_limit: Option<u64>,
+    /// `relay`, `kernel` or `auto`; default the daemon's (`data_path` in its config).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_path: Option<DataPath>,
 }
 
 /// The answer to an incoming creation: what the source host needs.

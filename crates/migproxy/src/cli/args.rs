@@ -1,7 +1,8 @@
-//! clap value parsers shared by the subcommands: endpoints, seconds and sizes.
+//! clap value parsers shared by the subcommands: endpoints, seconds, sizes and states.
 
 use std::time::Duration;
 
+use crate::daemon::migration::State;
 use crate::endpoint::{Endpoint, EndpointError};
 
 /// clap parser for endpoints: errors read `invalid endpoint "tcp:foo": missing port`.
@@ -40,6 +41,14 @@ pub(super) fn size(text: &str) -> Result<u64, String> {
     };
     let value: u64 = digits.parse().map_err(|_| bad())?;
     value.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// clap parser for a migration state as the API names it: `active`, `completed`…
+pub(super) fn state(text: &str) -> Result<State, String> {
+    State::parse(text).ok_or_else(|| {
+        let names: Vec<_> = State::ALL.iter().map(|s| s.name()).collect();
+        format!("\"{text}\" is not one of {}", names.join(", "))
+    })
 }
 
 #[cfg(test)]

@@ -69,6 +69,13 @@ pub struct Args {
     /// Carry migrations between daemons unencrypted and unauthenticated (but for the token).
     #[arg(long)]
     insecure_plaintext: bool,
+    /// With TLS: let migrations take the kernel data path, whose data goes in clear while
+    /// TLS keeps guarding the control link and the admission (docs/security.md).
+    #[arg(long)]
+    allow_clear_data: bool,
+    /// The data path of migrations that do not ask for one (default relay).
+    #[arg(long, value_name = "relay|kernel|auto")]
+    data_path: Option<crate::daemon::data_path::DataPath>,
     /// Declare the peer daemon gone after this many seconds without a word (default 10).
     #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     peer_timeout: Option<Duration>,
@@ -102,6 +109,8 @@ impl Args {
             runtime_dir_group: self.runtime_dir_group,
             target_dirs: self.target_dir,
             insecure_plaintext: self.insecure_plaintext,
+            allow_clear_data: self.allow_clear_data,
+            data_path: self.data_path,
             tls_dir: self.tls_dir,
             tls_allow: self.tls_allow,
             tls_records: self.tls_records,
@@ -194,13 +203,7 @@ pub enum StartError {
 async fn start(args: Settings) -> Result<(), StartError> {
     // Everything that can be refused is checked before anything is bound or created.
     let tls = security(&args)?;
-    let peers = TcpListener::bind(&args.peer_listen)
-        .await
-        .map_err(|error| StartError::Listen {
-            address: args.peer_listen.clone(),
-            role: "",
-            error,
-        })?;
+    let peers = bind(&args.peer_listen, "").await?;
     let bound = peers.local_addr().map_err(StartError::PeerAddress)?;
     let advertise = advertised(args.advertise.clone(), bound)?;
     let runtime = RuntimeDir::open(&args.runtime_dir, args.runtime_dir_group.as_deref())?;
@@ -214,17 +217,7 @@ async fn start(args: Settings) -> Result<(), StartError> {
         reload_on_sighup(Arc::clone(tls)).map_err(StartError::Sighup)?;
     }
     let api_tls = match &args.api_listen {
-        Some(address) => {
-            Some(
-                TcpListener::bind(address)
-                    .await
-                    .map_err(|error| StartError::Listen {
-                        address: address.clone(),
-                        role: " (API)",
-                        error,
-                    })?,
-            )
-        }
+        Some(address) => Some(bind(address, " (API)").await?),
         None => None,
     };
     let api_tls_address = api_tls.as_ref().and_then(|l| l.local_addr().ok());
@@ -237,9 +230,31 @@ async fn start(args: Settings) -> Result<(), StartError> {
             None => "PLAINTEXT".to_owned(),
         }
     );
+    let mut config = daemon_config(args, advertise, runtime);
+    config.tls = tls;
+    config.api_tls = api_tls_address.map(|a| a.to_string());
+    crate::server::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;
+    drop(api_file);
+    Ok(())
+}
+
+/// A TCP listener on `address`; `role` names it in the error (empty for the peer port).
+async fn bind(address: &str, role: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|error| StartError::Listen {
+            address: address.to_owned(),
+            role,
+            error,
+        })
+}
+
+/// The daemon's configuration from the settings (flags over the config file).
+fn daemon_config(args: Settings, advertise: String, runtime: RuntimeDir) -> Config {
     let mut config = Config::new(advertise, args.runtime_dir);
     config.runtime = Some(Arc::new(runtime));
-    config.tls = tls;
+    config.allow_clear_data = args.allow_clear_data;
+    config.data_path = args.data_path;
     config.timing.peer_timeout = args.peer_timeout;
     config.timing.connect_timeout = args.connect_timeout;
     config.timing.handshake_timeout = args.handshake_timeout;
@@ -256,10 +271,7 @@ async fn start(args: Settings) -> Result<(), StartError> {
     config.max_silent_connections = args.max_silent_connections;
     config.first_byte_timeout = args.first_byte_timeout;
     config.api_limits = args.api_limits;
-    config.api_tls = api_tls_address.map(|a| a.to_string());
-    crate::server::run_with(Daemon::new(config), api, api_tls, peers, shutdown).await;
-    drop(api_file);
-    Ok(())
+    config
 }
 
 /// The API socket file, removed when dropped (also on an early error).

@@ -35,6 +35,7 @@ impl Failure {
     pub(super) fn from_client(who: &str, error: ClientError) -> Failure {
         let code = match error {
             ClientError::Unreachable { .. } | ClientError::Tls { .. } => EXIT_UNREACHABLE,
+            ref error if error.is_usage() => EXIT_USAGE,
             _ => EXIT_FAILED,
         };
         let mut message = format!("{who}: {error}");

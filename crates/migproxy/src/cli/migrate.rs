@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::failure::Failure;
 use super::migration::{self, QemuFlags};
 use super::process::{EXIT_FAILED, EXIT_USAGE};
-use crate::api::types::{IncomingRequest, OutgoingRequest};
+use crate::api::types::{DataPath, IncomingRequest, OutgoingRequest};
 use crate::client::Client;
 use crate::daemon::migration::State;
 use crate::daemon::migration::view::Snapshot;
@@ -127,6 +127,18 @@ async fn migrate(args: Args) -> Result<u8, Failure> {
     if args.qemu.qmp.is_none() && args.libvirt.libvirt.is_none() {
         return Err(Failure::usage(
             "--qmp (the source QEMU's QMP socket) or --libvirt (a libvirt domain) is needed".into(),
+        ));
+    }
+    if args.libvirt.libvirt.is_some()
+        && args
+            .qemu
+            .data_path
+            .is_some_and(|path| path != DataPath::Relay)
+    {
+        return Err(Failure::usage(
+            "--data-path: libvirt drives QEMU with --libvirt, so the daemons cannot hand it the \
+             socket: only the relay serves"
+                .into(),
         ));
     }
     let shutdown = CancellationToken::new();
@@ -241,6 +253,7 @@ async fn create_incoming(
         qmp: Some(dest_qmp.display().to_string()),
         multifd: args.qemu.multifd,
         postcopy: args.qemu.postcopy || args.qemu.postcopy_after.is_some(),
+        data_path: args.qemu.data_path,
         ..IncomingRequest::default()
     };
     let created = destination
@@ -401,6 +414,11 @@ fn report(source: &Snapshot, destination: Option<&Snapshot>, json: bool) {
     if let Some(destination) = destination {
         migration::print_qemu(destination.qemu.as_ref(), "destination QEMU");
     }
+    say!(
+        "  data path: {} ({})",
+        source.data_path,
+        source.data_path_reason
+    );
     say!(
         "  migproxy ({}): {} to destination, {} to source, average {}/s",
         source.link,

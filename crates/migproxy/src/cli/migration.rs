@@ -12,7 +12,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::process::EXIT_FAILED;
-use crate::api::types::{CreatedIncoming, IncomingRequest, MigrationList, OutgoingRequest};
+use crate::api::types::{
+    CreatedIncoming, CreatedOutgoing, DataPath, IncomingRequest, MigrationList, OutgoingRequest,
+};
 use crate::client::{Client, ClientError};
 use crate::config::ConfigError;
 use crate::daemon::migration::State;
@@ -43,61 +45,15 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// On the destination host: accept a migration into the QEMU listening on TARGET.
-    CreateIncoming {
-        /// Where the destination QEMU listens: unix:PATH or tcp:HOST:PORT. Optional with
-        /// --qmp: the daemon then picks a socket and runs migrate-incoming on it.
-        #[arg(long, value_name = "ENDPOINT", required_unless_present = "qmp")]
-        target: Option<String>,
-        /// The destination QEMU's QMP socket (one of its own for migproxy; QEMU started with
-        /// -incoming defer): the daemon sets it up and takes its verdict.
-        #[arg(long, value_name = "PATH")]
-        qmp: Option<PathBuf>,
-        /// multifd with N channels (the source must ask the same); needs --qmp.
-        #[arg(long, value_name = "N", requires = "qmp")]
-        multifd: Option<u32>,
-        /// Enable postcopy (the source must too); needs --qmp.
-        #[arg(long, requires = "qmp")]
-        postcopy: bool,
-        /// The migration's id (default: generated).
-        #[arg(long)]
-        id: Option<String>,
-        #[arg(long, value_name = "N")]
-        max_channels: Option<u32>,
-        /// Pause instead of failing when a channel breaks (postcopy recovery).
-        #[arg(long)]
-        recoverable: bool,
-    },
+    CreateIncoming(CreateIncoming),
     /// On the source host: carry a migration to the destination daemon.
-    CreateOutgoing {
-        #[arg(long)]
-        id: String,
-        /// The token the destination handed out. On the command line every local user can
-        /// read it (ps, /proc/PID/cmdline) until the command ends: prefer --token-file or
-        /// MIGPROXY_TOKEN.
-        #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
-        token: Option<String>,
-        /// Read the token from this file, or from stdin with `-` (its first line). Without
-        /// --token or --token-file, the token is taken from MIGPROXY_TOKEN.
-        #[arg(long, value_name = "PATH")]
-        token_file: Option<PathBuf>,
-        /// The destination daemon's peer address, HOST:PORT.
-        #[arg(long, value_name = "HOST:PORT")]
-        peer: String,
-        /// The name the destination's certificate must carry (default: the peer's host).
-        #[arg(long, value_name = "NAME")]
-        tls_hostname: Option<String>,
-        #[arg(long)]
-        recoverable: bool,
-        /// Then watch it to its end.
-        #[arg(long)]
-        watch: bool,
-        #[command(flatten)]
-        qemu: QemuFlags,
-    },
+    CreateOutgoing(CreateOutgoing),
     /// Every migration, or those in one state.
     List {
-        #[arg(long)]
-        state: Option<String>,
+        /// Only those in this state: pending, active, paused, completed, transferred,
+        /// failed, cancelled or expired.
+        #[arg(long, value_parser = super::args::state)]
+        state: Option<State>,
     },
     /// One migration in full.
     Show { id: String },
@@ -112,6 +68,76 @@ enum Command {
     },
     /// Forget an ended migration.
     Forget { id: String },
+}
+
+/// `create-incoming`'s flags.
+#[derive(Debug, clap::Args)]
+struct CreateIncoming {
+    /// Where the destination QEMU listens: unix:PATH or tcp:HOST:PORT. Optional with
+    /// --qmp: the daemon then picks a socket and runs migrate-incoming on it.
+    #[arg(long, value_name = "ENDPOINT", required_unless_present = "qmp")]
+    target: Option<String>,
+    /// The destination QEMU's QMP socket (one of its own for migproxy; QEMU started with
+    /// -incoming defer): the daemon sets it up and takes its verdict.
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
+    /// multifd with N channels (the source must ask the same); needs --qmp.
+    #[arg(long, value_name = "N", requires = "qmp")]
+    multifd: Option<u32>,
+    /// Enable postcopy (the source must too); needs --qmp.
+    #[arg(long, requires = "qmp")]
+    postcopy: bool,
+    /// The migration's id (default: generated).
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long, value_name = "N")]
+    max_channels: Option<u32>,
+    /// Pause instead of failing when a channel breaks (postcopy recovery).
+    #[arg(long)]
+    recoverable: bool,
+    /// The migration group (a guest's RAM and its disks): its migrations share one stall
+    /// watch, so an idle disk connection beside moving RAM is no stall. Give the source the
+    /// same group.
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
+    /// relay (through both daemons), kernel (QEMU to QEMU over the daemons' own
+    /// connection; needs --qmp on both hosts) or auto (default: the daemon's).
+    #[arg(long, value_name = "relay|kernel|auto")]
+    data_path: Option<DataPath>,
+}
+
+/// `create-outgoing`'s flags.
+#[derive(Debug, clap::Args)]
+struct CreateOutgoing {
+    #[arg(long)]
+    id: String,
+    /// The token the destination handed out. On the command line every local user can
+    /// read it (ps, /proc/PID/cmdline) until the command ends: prefer --token-file or
+    /// MIGPROXY_TOKEN.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
+    token: Option<String>,
+    /// Read the token from this file, or from stdin with `-` (its first line). Without
+    /// --token or --token-file, the token is taken from MIGPROXY_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// The destination daemon's peer address, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    peer: String,
+    /// The name the destination's certificate must carry (default: the peer's host).
+    #[arg(long, value_name = "NAME")]
+    tls_hostname: Option<String>,
+    #[arg(long)]
+    recoverable: bool,
+    /// Then watch it to its end.
+    #[arg(long)]
+    watch: bool,
+    /// The migration group (a guest's RAM and its disks): its migrations share one stall
+    /// watch, so an idle disk connection beside moving RAM is no stall. Give the destination
+    /// the same group.
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
+    #[command(flatten)]
+    qemu: QemuFlags,
 }
 
 /// How the source daemon drives its QEMU (`create-outgoing`, `migrate`). The settings need
@@ -138,6 +164,10 @@ pub(super) struct QemuFlags {
     /// The longest pause of the guest QEMU should aim for, in milliseconds.
     #[arg(long, value_name = "MS", requires = "driver")]
     pub downtime_limit: Option<u64>,
+    /// relay (through both daemons), kernel (QEMU to QEMU over the daemons' own
+    /// connection; needs --qmp on both hosts) or auto (default: the daemon's).
+    #[arg(long, value_name = "relay|kernel|auto")]
+    pub data_path: Option<DataPath>,
 }
 
 impl QemuFlags {
@@ -149,6 +179,7 @@ impl QemuFlags {
         request.postcopy_after = self.postcopy_after.map(|d| d.as_secs_f64());
         request.max_bandwidth = self.max_bandwidth;
         request.downtime_limit = self.downtime_limit;
+        request.data_path = self.data_path;
     }
 }
 
@@ -219,6 +250,7 @@ pub async fn run(args: Args) -> u8 {
             }
             match error {
                 ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+                error if error.is_usage() => super::process::EXIT_USAGE,
                 _ => EXIT_FAILED,
             }
         }
@@ -245,9 +277,9 @@ enum TokenError {
 /// `create-outgoing` with its token from wherever it was given: the flag, a file, stdin
 /// (`--token-file -`) or `MIGPROXY_TOKEN`, in that order.
 fn with_token(mut command: Command) -> Result<Command, TokenError> {
-    if let Command::CreateOutgoing {
+    if let Command::CreateOutgoing(CreateOutgoing {
         token, token_file, ..
-    } = &mut command
+    }) = &mut command
         && token.is_none()
     {
         let found = match token_file {
@@ -280,75 +312,12 @@ fn read_token(path: &Path) -> Result<String, TokenError> {
     }
 }
 
+/// Carries out one subcommand; the exit code when the daemon answered.
 async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, ClientError> {
     match command {
-        Command::CreateIncoming {
-            target,
-            qmp,
-            multifd,
-            postcopy,
-            id,
-            max_channels,
-            recoverable,
-        } => {
-            let request = IncomingRequest {
-                target,
-                id,
-                max_channels,
-                recoverable,
-                qmp: qmp.map(|p| absolute(&p).display().to_string()),
-                multifd,
-                postcopy,
-                group: None,
-            };
-            let created = client.create_incoming(&request).await?;
-            print_created_incoming(&created, json);
-            Ok(0)
-        }
-        Command::CreateOutgoing {
-            id,
-            token,
-            token_file: _,
-            peer,
-            tls_hostname,
-            recoverable,
-            watch,
-            qemu,
-        } => {
-            let mut request = OutgoingRequest {
-                id: id.clone(),
-                token: token.unwrap_or_default(),
-                peer,
-                recoverable,
-                tls_hostname,
-                ..OutgoingRequest::default()
-            };
-            qemu.apply(&mut request);
-            let created = client.create_outgoing(&request).await?;
-            if json {
-                say!("{}", json_line(&created));
-            } else {
-                say!("created outgoing migration {}", created.id);
-                if qemu.qmp.is_some() {
-                    say!("  source QEMU: migrating (driven by the daemon)");
-                } else {
-                    say!("  source QEMU: migrate {}", created.qemu_uri);
-                }
-            }
-            if watch {
-                return watch_until_end(client, &id, Duration::from_millis(500), json).await;
-            }
-            Ok(0)
-        }
-        Command::List { state } => {
-            let migrations = client.list(state.as_deref()).await?;
-            if json {
-                say!("{}", json_line(&MigrationList { migrations }));
-            } else {
-                print_list(&migrations);
-            }
-            Ok(0)
-        }
+        Command::CreateIncoming(args) => create_incoming(client, args, json).await,
+        Command::CreateOutgoing(args) => create_outgoing(client, args, json).await,
+        Command::List { state } => list(client, state, json).await,
         Command::Show { id } => {
             print_report(&client.migration(&id).await?, json);
             Ok(0)
@@ -365,6 +334,79 @@ async fn execute(client: &Client, command: Command, json: bool) -> Result<u8, Cl
             }
             Ok(0)
         }
+    }
+}
+
+/// `create-incoming`: registers the migration and prints what the source host needs.
+async fn create_incoming(
+    client: &Client,
+    args: CreateIncoming,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let request = IncomingRequest {
+        target: args.target,
+        id: args.id,
+        max_channels: args.max_channels,
+        recoverable: args.recoverable,
+        // The daemon's working directory is not ours.
+        qmp: args.qmp.map(|p| absolute(&p).display().to_string()),
+        multifd: args.multifd,
+        postcopy: args.postcopy,
+        group: args.group,
+        data_path: args.data_path,
+    };
+    let created = client.create_incoming(&request).await?;
+    print_created_incoming(&created, json);
+    Ok(0)
+}
+
+/// `create-outgoing`: starts the migration, then follows it when `--watch` asks.
+async fn create_outgoing(
+    client: &Client,
+    args: CreateOutgoing,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let mut request = OutgoingRequest {
+        id: args.id.clone(),
+        // `with_token` has filled it in from wherever it was given.
+        token: args.token.unwrap_or_default(),
+        peer: args.peer,
+        recoverable: args.recoverable,
+        tls_hostname: args.tls_hostname,
+        group: args.group,
+        ..OutgoingRequest::default()
+    };
+    args.qemu.apply(&mut request);
+    let created = client.create_outgoing(&request).await?;
+    print_created_outgoing(&created, args.qemu.qmp.is_some(), json);
+    if args.watch {
+        return watch_until_end(client, &args.id, Duration::from_millis(500), json).await;
+    }
+    Ok(0)
+}
+
+/// `list`: a table, or the API's JSON.
+async fn list(client: &Client, state: Option<State>, json: bool) -> Result<u8, ClientError> {
+    let migrations = client.list(state).await?;
+    if json {
+        say!("{}", json_line(&MigrationList { migrations }));
+    } else {
+        print_list(&migrations);
+    }
+    Ok(0)
+}
+
+/// What `create-outgoing` prints: who starts the source QEMU's migration, and to where.
+fn print_created_outgoing(created: &CreatedOutgoing, driven: bool, json: bool) {
+    if json {
+        say!("{}", json_line(created));
+        return;
+    }
+    say!("created outgoing migration {}", created.id);
+    if driven {
+        say!("  source QEMU: migrating (driven by the daemon)");
+    } else {
+        say!("  source QEMU: migrate {}", created.qemu_uri);
     }
 }
 
@@ -429,6 +471,7 @@ pub(super) fn print_report(m: &Snapshot, json: bool) {
         m.state
     );
     say!("  peer {} · local {}", m.peer, m.local);
+    say!("  data path: {} ({})", m.data_path, m.data_path_reason);
     if m.state == State::Transferred {
         say!("  QEMU's verdict unknown (no QMP, no return path): ask QEMU whether it finished");
     }

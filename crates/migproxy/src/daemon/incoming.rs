@@ -12,11 +12,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::attribution::os_message;
+use super::data_path::{DataPath, Unfit};
 use super::gate::{self, FirstByte, Gate, Spare};
-use super::migration::{Admitted, Migration, Role, Spec, State};
+use super::migration::Preamble;
+use super::migration::{Admitted, Arrived, Link, Migration, Role, Spec, State};
 use super::peer::{self, ReadError};
 use super::token::Token;
-use super::{Daemon, RegisterError, channel, control, paths, qemu};
+use super::{Daemon, RegisterError, channel, control, data_path, kernel, paths, qemu};
 use crate::endpoint::Endpoint;
 use crate::human::{Chain, errno_name};
 use crate::relay;
@@ -37,6 +39,8 @@ pub struct Request {
     pub qemu: Option<qemu::Settings>,
     /// The group whose migrations share one stall watch.
     pub group: Option<String>,
+    /// The data path asked for.
+    pub data_path: DataPath,
 }
 
 /// Why an incoming migration could not be created.
@@ -53,6 +57,8 @@ pub enum CreateError {
          bytes): choose a shorter id, or give a target", .0.display()
     )]
     PathTooLong(std::path::PathBuf),
+    #[error("data_path: kernel cannot serve this migration")]
+    DataPath(#[source] Unfit),
 }
 
 /// The longest unix socket path (`sun_path` holds 108 bytes with the terminating zero).
@@ -75,6 +81,14 @@ pub async fn create(
         }
         (None, None) => return Err(CreateError::NoTarget),
     };
+    let unfit = data_path::unfit(
+        request.qemu.as_ref(),
+        request.recoverable,
+        daemon.config.tls.is_some(),
+        daemon.config.allow_clear_data,
+    );
+    let data_path_here =
+        data_path::local_choice(request.data_path, unfit).map_err(CreateError::DataPath)?;
     let token = Token::generate();
     // With QEMU driven here its settings say how many connections it opens: no more are
     // admitted.
@@ -96,6 +110,8 @@ pub async fn create(
             tls: daemon.config.tls.is_some(),
             qemu: request.qemu.clone(),
             group: request.group.clone(),
+            data_path_asked: request.data_path,
+            data_path_here,
         },
         daemon.context(),
     );
@@ -263,64 +279,192 @@ async fn authenticate(
     if let Err(error) = peer::tune(&tcp, &timing) {
         tracing::debug!(%from, %error, "peer socket options");
     }
-    let opened = tokio::time::timeout_at(deadline, open(&daemon, tcp, &from)).await;
-    let (mut stream, hello, identity) = match opened {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(None)) => return,
-        Ok(Err(Some((mut stream, status, message)))) => {
-            reject(&daemon, &mut stream, &from, status, &message).await;
-            return;
-        }
-        Err(_) => {
-            if let Some(suppressed) = daemon.rejections.record("handshake_timeout") {
-                tracing::warn!(%from, suppressed, "peer did not complete its handshake within {:?}, dropped", timing.handshake_timeout);
-            }
-            return;
-        }
+    let Some(opened) = open_until(&daemon, tcp, &from, deadline).await else {
+        return;
     };
-    if let Some(identity) = &identity {
-        let allowed = daemon
-            .config
-            .tls
-            .as_ref()
-            .is_some_and(|tls| tls.current().allows(identity));
-        if !allowed {
-            let message = format!("peer identity {identity} is not allowed here (--tls-allow)");
-            reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
-            return;
-        }
-    }
-    let migration = match admit(&daemon, &hello) {
-        Ok(migration) => migration,
+    let Opened {
+        mut stream, hello, ..
+    } = opened;
+    let version = migproxy_proto::negotiate(hello.version);
+    let vetted = vet(
+        &daemon,
+        &hello,
+        (opened.identity.as_ref(), opened.clear),
+        version,
+    );
+    let Vetted {
+        migration,
+        joined,
+        handed_out,
+    } = match vetted {
+        Ok(vetted) => vetted,
         Err((status, message)) => {
             reject(&daemon, &mut stream, &from, status, &message).await;
             return;
         }
     };
-    let recoverable = hello.flags & migproxy_proto::FLAG_RECOVERABLE != 0;
-    if hello.kind == Kind::Control && recoverable != migration.spec.recoverable {
-        let message = format!(
-            "migration {} is {}recoverable here but {}recoverable on the source: create both \
-             with the same \"recoverable\"",
-            hello.migration,
-            if migration.spec.recoverable {
-                ""
-            } else {
-                "not "
-            },
-            if recoverable { "" } else { "not " },
-        );
-        reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
+    if let Err(error) = peer::reply(&mut stream, version, Status::Ok, &handed_out).await {
+        tracing::debug!(%from, %error, "peer vanished during the handshake");
+        unjoin(&migration, joined, hello.channel, &error);
         return;
     }
-    let version = migproxy_proto::negotiate(hello.version);
+    // Authenticated and admitted: this connection no longer counts as a handshake.
+    drop(permit);
+    match joined {
+        Joined::Control(link) => {
+            // While this link is up, its address may use the reserve for its channels.
+            let _trusted = gate.trust(address.ip());
+            control::run(migration, stream, link, timing, version).await;
+        }
+        // The kernel path: the connection goes to QEMU as it is.
+        Joined::Data(admitted) if migration.on_kernel_path() => {
+            hand_off(migration, hello.channel, admitted, stream, from, version);
+        }
+        Joined::Data(admitted) => {
+            deliver(daemon, migration, hello.channel, admitted, stream, from).await;
+        }
+    }
+}
+
+/// What an accepted hello joined: its migration's control link, or one of its channels.
+enum Joined {
+    Control(Link),
+    Data(Admitted),
+}
+
+/// [`open`] within the handshake's deadline. `None`: the connection is done with (answered
+/// with a refusal, or not worth answering).
+async fn open_until(
+    daemon: &Daemon,
+    tcp: TcpStream,
+    from: &str,
+    deadline: tokio::time::Instant,
+) -> Option<Opened> {
+    match tokio::time::timeout_at(deadline, open(daemon, tcp, from)).await {
+        Ok(Ok(opened)) => Some(opened),
+        Ok(Err(None)) => None,
+        Ok(Err(Some((mut stream, status, message)))) => {
+            reject(daemon, &mut stream, from, status, &message).await;
+            None
+        }
+        Err(_) => {
+            if let Some(suppressed) = daemon.rejections.record("handshake_timeout") {
+                tracing::warn!(%from, suppressed, "peer did not complete its handshake within {:?}, dropped", daemon.config.timing.handshake_timeout);
+            }
+            None
+        }
+    }
+}
+
+/// Every check a hello must pass, in order: the TLS identity, the migration and its token,
+/// what the data path allows (`clear`: it came in clear on a TLS port), the recoverable
+/// setting, then the data path chosen and the join. Only these last two change the
+/// migration: a hello refused before them leaves it untouched. Returns what the acceptance
+/// carries.
+fn vet(
+    daemon: &Daemon,
+    hello: &Hello,
+    (identity, clear): (Option<&Identity>, bool),
+    version: u16,
+) -> Result<Vetted, (Status, String)> {
+    let refused = |message| (Status::Refused, message);
+    if let Some(identity) = identity {
+        allowed(daemon, identity).map_err(refused)?;
+    }
+    let migration = admit(daemon, hello)?;
+    kernel_fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
+    same_recoverable(&migration, hello).map_err(refused)?;
     // From version 2 on, the epoch's data connections carry a secret handed out here, on the
     // control link, rather than the token: holding the token is not enough to add a channel.
     let credential = (hello.kind == Kind::Control && version >= 2).then(Token::generate);
-    let attached = match hello.kind {
+    // The kernel path needs the credential's link (version 2 on) to say what was chosen.
+    let offered = version >= 2 && hello.flags & migproxy_proto::FLAG_KERNEL_PATH != 0;
+    let choice = choose_data_path(&migration, hello, offered).map_err(refused)?;
+    if let Some(choice) = &choice {
+        // Settled before the link attaches: whoever wakes on `active` finds it.
+        migration.settle_data_path(choice.clone());
+    }
+    let joined = join(&migration, hello, credential.clone()).map_err(refused)?;
+    let handed_out = match (&credential, &choice) {
+        (Some(credential), Some(choice)) => {
+            data_path::acceptance(&credential.to_hex(), offered, choice)
+        }
+        _ => String::new(),
+    };
+    Ok(Vetted {
+        migration,
+        joined,
+        handed_out,
+    })
+}
+
+/// A hello that passed [`vet`].
+struct Vetted {
+    migration: Arc<Migration>,
+    joined: Joined,
+    /// The acceptance's message: on a control link (version 2 on), the credential for the
+    /// epoch's data connections and the data path chosen.
+    handed_out: String,
+}
+
+/// A control link settles the data path: the destination's choice given what the source
+/// offered. Data connections follow what their control link settled (`None`).
+fn choose_data_path(
+    migration: &Migration,
+    hello: &Hello,
+    offered: bool,
+) -> Result<Option<data_path::Choice>, String> {
+    if hello.kind != Kind::Control {
+        return Ok(None);
+    }
+    let spec = &migration.spec;
+    data_path::decide(spec.data_path_asked, &spec.data_path_here, offered)
+        .map(Some)
+        .map_err(|message| format!("migration {}: {message}", hello.migration))
+}
+
+/// Whether `--tls-allow` lets this peer identity in.
+fn allowed(daemon: &Daemon, identity: &Identity) -> Result<(), String> {
+    let allowed = daemon
+        .config
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.current().allows(identity));
+    if allowed {
+        return Ok(());
+    }
+    Err(format!(
+        "peer identity {identity} is not allowed here (--tls-allow)"
+    ))
+}
+
+/// A control link must agree on `recoverable`: a pair that disagrees would pause on one host
+/// and fail on the other.
+fn same_recoverable(migration: &Migration, hello: &Hello) -> Result<(), String> {
+    let recoverable = hello.flags & migproxy_proto::FLAG_RECOVERABLE != 0;
+    if hello.kind != Kind::Control || recoverable == migration.spec.recoverable {
+        return Ok(());
+    }
+    let not = |recoverable: bool| if recoverable { "" } else { "not " };
+    Err(format!(
+        "migration {} is {}recoverable here but {}recoverable on the source: create both \
+         with the same \"recoverable\"",
+        hello.migration,
+        not(migration.spec.recoverable),
+        not(recoverable),
+    ))
+}
+
+/// Attaches the control link, or admits the data connection, that the hello announces.
+fn join(
+    migration: &Arc<Migration>,
+    hello: &Hello,
+    credential: Option<Token>,
+) -> Result<Joined, String> {
+    match hello.kind {
         Kind::Control => migration
-            .attach_control(hello.channel, credential.clone())
-            .map(Ok)
+            .attach_control(hello.channel, credential)
+            .map(Joined::Control)
             .ok_or_else(|| {
                 format!(
                     "migration {} cannot take a control link now (it is {})",
@@ -330,43 +474,98 @@ async fn authenticate(
             }),
         Kind::Data => migration
             .open_data(hello.channel, &hello.token)
-            .map(Err)
+            .map(Joined::Data)
             .map_err(|refused| refused.to_string()),
+    }
+}
+
+/// The peer vanished before it read its acceptance: undoes the join.
+fn unjoin(migration: &Arc<Migration>, joined: Joined, channel: u32, error: &std::io::Error) {
+    match joined {
+        // The source will not see this link: without it the migration cannot go on.
+        Joined::Control(link) => {
+            let blame = migration.peer_link_failure(
+                Op::Handshake,
+                errno_name(error),
+                format!("control link: {}", os_message(error)),
+            );
+            migration.fail(link.epoch, blame);
+        }
+        Joined::Data(_) => migration.channel_abandoned(channel),
+    }
+}
+
+/// Refuses what the data path does not allow: a clear connection on a TLS port is only a
+/// kernel-path data connection, and a kernel-path data connection is only clear TCP (it is
+/// handed to QEMU as it is).
+fn kernel_fit(migration: &Migration, hello: &Hello, clear: bool, tls: bool) -> Result<(), String> {
+    let kernel_data = hello.kind == Kind::Data && migration.on_kernel_path();
+    if clear && !kernel_data {
+        return Err(format!(
+            "migration {}: only the kernel data path's data connection may come in clear on              this TLS port",
+            hello.migration
+        ));
+    }
+    if kernel_data && tls && !clear {
+        return Err(format!(
+            "migration {} takes the kernel data path: its data connection must come in clear              (TLS cannot be handed to QEMU)",
+            hello.migration
+        ));
+    }
+    Ok(())
+}
+
+/// Kernel path: leaves the admitted data connection for the task that drives the
+/// destination QEMU ([`qemu::follow_kernel_incoming`]).
+fn hand_off(
+    migration: Arc<Migration>,
+    index: u32,
+    admitted: Admitted,
+    stream: Stream,
+    from: String,
+    version: u16,
+) {
+    let Stream::Tcp(tcp) = stream else {
+        // `kernel_fit` let only clear TCP through.
+        migration.channel_abandoned(index);
+        return;
     };
-    let attached = match attached {
-        Ok(attached) => attached,
-        Err(message) => {
-            reject(&daemon, &mut stream, &from, Status::Refused, &message).await;
+    let socket = match tcp.into_std() {
+        Ok(socket) => socket,
+        Err(error) => {
+            tracing::warn!(migration = %migration.spec.id, %error, "kernel path socket");
+            migration.channel_abandoned(index);
             return;
         }
     };
-    let handed_out = credential.map(|c| c.to_hex()).unwrap_or_default();
-    if let Err(error) = peer::reply(&mut stream, version, Status::Ok, &handed_out).await {
-        tracing::debug!(%from, %error, "peer vanished during the handshake");
-        match attached {
-            // The source will not see this link: without it the migration cannot go on.
-            Ok(link) => {
-                let blame = migration.peer_link_failure(
-                    Op::Handshake,
-                    errno_name(&error),
-                    format!("control link: {}", os_message(&error)),
-                );
-                migration.fail(link.epoch, blame);
-            }
-            Err(_) => migration.channel_abandoned(hello.channel),
-        }
-        return;
+    let preamble = Preamble {
+        // Nothing but the hello has come: the source hands QEMU its end after the reply.
+        to_destination: kernel::sample(&socket).map_or(0, |s| s.bytes_received),
+        to_source: data_reply_len(version),
+    };
+    let arrived = Arrived {
+        index,
+        admitted,
+        socket,
+        from: format!("tcp:{from}"),
+        preamble,
+    };
+    if let Err(arrived) = migration.handoff.put(arrived) {
+        let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
+        migration.channel_abandoned(arrived.index);
     }
-    // Authenticated and admitted: this connection no longer counts as a handshake.
-    drop(permit);
-    match attached {
-        Ok(link) => {
-            // While this link is up, its address may use the reserve for its channels.
-            let _trusted = gate.trust(address.ip());
-            control::run(migration, stream, link, timing, version).await;
-        }
-        Err(admitted) => deliver(daemon, migration, hello.channel, admitted, stream, from).await,
+}
+
+/// The length of a data connection's acceptance.
+fn data_reply_len(version: u16) -> u64 {
+    let mut buf = Vec::new();
+    migproxy_proto::HelloReply {
+        version,
+        status: Status::Ok,
+        message: String::new(),
     }
+    .encode(&mut buf);
+    buf.len() as u64
 }
 
 /// The refusal sent to connections turned away before their hello.
@@ -385,13 +584,29 @@ fn busy_reply(message: &str) -> Vec<u8> {
 /// A refusal to send before closing.
 type Refusal = (Stream, Status, String);
 
+/// A connection secured (or not) with its hello read.
+struct Opened {
+    stream: Stream,
+    hello: Hello,
+    /// The peer's certificate identity, under TLS.
+    identity: Option<Identity>,
+    /// In clear on a TLS port (`allow_clear_data`): only a kernel-path data connection.
+    clear: bool,
+}
+
+/// Whether the connection starts with a TLS handshake record (content type 22): on a TLS
+/// port that allows clear data, anything else is read as a clear hello.
+async fn tls_first(tcp: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(tcp.peek(&mut byte).await, Ok(1) if byte[0] != 0x16)
+}
+
 /// Secures the connection and reads the hello. `Err(None)`: nothing worth answering.
-async fn open(
-    daemon: &Daemon,
-    tcp: TcpStream,
-    from: &str,
-) -> Result<(Stream, Hello, Option<Identity>), Option<Refusal>> {
+async fn open(daemon: &Daemon, tcp: TcpStream, from: &str) -> Result<Opened, Option<Refusal>> {
+    let clear =
+        daemon.config.tls.is_some() && daemon.config.allow_clear_data && !tls_first(&tcp).await;
     let (mut stream, identity) = match &daemon.config.tls {
+        Some(_) if clear => (Stream::Tcp(tcp), None),
         Some(tls) => match tls.current().accept_peer(tcp, from).await {
             Ok((stream, identity)) => (Stream::Tls(Box::new(stream)), Some(identity)),
             Err(error) => {
@@ -404,7 +619,12 @@ async fn open(
         None => (Stream::Tcp(tcp), None),
     };
     match peer::read_hello(&mut stream).await {
-        Ok(hello) => Ok((stream, hello, identity)),
+        Ok(hello) => Ok(Opened {
+            stream,
+            hello,
+            identity,
+            clear,
+        }),
         Err(ReadError::Decode(error)) => {
             let status = match error {
                 migproxy_proto::DecodeError::UnsupportedVersion(_) => Status::UnsupportedVersion,

@@ -88,106 +88,127 @@ impl Metrics {
     pub fn render(&self, live: &Live) -> String {
         let c = self.lock();
         let mut out = String::new();
-        let total = |a: u64, b: u64| a.saturating_add(b);
-        family(
-            &mut out,
-            "migproxy_bytes_total",
-            "counter",
-            "Bytes carried, by direction.",
-        );
-        let _ = writeln!(
-            out,
-            "migproxy_bytes_total{{direction=\"to_destination\"}} {}",
-            total(c.finished.to_destination, live.bytes.to_destination)
-        );
-        let _ = writeln!(
-            out,
-            "migproxy_bytes_total{{direction=\"to_source\"}} {}",
-            total(c.finished.to_source, live.bytes.to_source)
-        );
-        family(
-            &mut out,
-            "migproxy_migrations_active",
-            "gauge",
-            "Migrations not yet ended.",
-        );
-        let _ = writeln!(out, "migproxy_migrations_active {}", live.migrations_active);
-        family(
-            &mut out,
-            "migproxy_channels_active",
-            "gauge",
-            "Channels being relayed.",
-        );
-        let _ = writeln!(out, "migproxy_channels_active {}", live.channels_active);
-        family(
-            &mut out,
-            "migproxy_migrations_total",
-            "counter",
-            "Migrations by final state (and pauses).",
-        );
-        for state in [
-            "completed",
-            "transferred",
-            "failed",
-            "cancelled",
-            "expired",
-            "paused",
-        ] {
-            let n = c.by_state.get(state).copied().unwrap_or(0);
-            let _ = writeln!(out, "migproxy_migrations_total{{state=\"{state}\"}} {n}");
-        }
-        family(
-            &mut out,
-            "migproxy_failures_total",
-            "counter",
-            "Failures and pauses by cause.",
-        );
-        for ((host, leg, op), n) in &c.failures {
-            let _ = writeln!(
-                out,
-                "migproxy_failures_total{{host=\"{host}\",leg=\"{leg}\",op=\"{op}\"}} {n}"
-            );
-        }
-        family(
-            &mut out,
-            "migproxy_cancel_seconds",
-            "histogram",
-            "Time from a cancel to every local channel closed.",
-        );
-        for (bucket, bound) in c.cancel_buckets.iter().zip(CANCEL_BUCKETS) {
-            let _ = writeln!(
-                out,
-                "migproxy_cancel_seconds_bucket{{le=\"{bound}\"}} {bucket}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "migproxy_cancel_seconds_bucket{{le=\"+Inf\"}} {}",
-            c.cancel_count
-        );
-        let _ = writeln!(out, "migproxy_cancel_seconds_sum {}", c.cancel_sum);
-        let _ = writeln!(out, "migproxy_cancel_seconds_count {}", c.cancel_count);
-        family(
-            &mut out,
-            "migproxy_peer_rejections_total",
-            "counter",
-            "Peer connections refused, by reason.",
-        );
-        for (reason, n) in &live.rejections {
-            let _ = writeln!(
-                out,
-                "migproxy_peer_rejections_total{{reason=\"{reason}\"}} {n}"
-            );
-        }
-        family(
-            &mut out,
-            "migproxy_tls_enabled",
-            "gauge",
-            "1 when the peer link is mutual TLS, 0 when plaintext.",
-        );
-        let _ = writeln!(out, "migproxy_tls_enabled {}", u8::from(live.tls));
+        render_traffic(&mut out, &c, live);
+        render_outcomes(&mut out, &c);
+        render_cancels(&mut out, &c);
+        render_peers(&mut out, live);
         out
     }
+}
+
+/// Bytes carried (the ended channels' plus the live ones'), and what is running now.
+fn render_traffic(out: &mut String, c: &Counters, live: &Live) {
+    let total = |a: u64, b: u64| a.saturating_add(b);
+    family(
+        out,
+        "migproxy_bytes_total",
+        "counter",
+        "Bytes carried, by direction.",
+    );
+    let _ = writeln!(
+        out,
+        "migproxy_bytes_total{{direction=\"to_destination\"}} {}",
+        total(c.finished.to_destination, live.bytes.to_destination)
+    );
+    let _ = writeln!(
+        out,
+        "migproxy_bytes_total{{direction=\"to_source\"}} {}",
+        total(c.finished.to_source, live.bytes.to_source)
+    );
+    family(
+        out,
+        "migproxy_migrations_active",
+        "gauge",
+        "Migrations not yet ended.",
+    );
+    let _ = writeln!(out, "migproxy_migrations_active {}", live.migrations_active);
+    family(
+        out,
+        "migproxy_channels_active",
+        "gauge",
+        "Channels being relayed.",
+    );
+    let _ = writeln!(out, "migproxy_channels_active {}", live.channels_active);
+}
+
+/// How migrations ended, and the causes of failures and pauses. Every state is listed,
+/// at 0 too, so that a rate over it exists from the start.
+fn render_outcomes(out: &mut String, c: &Counters) {
+    family(
+        out,
+        "migproxy_migrations_total",
+        "counter",
+        "Migrations by final state (and pauses).",
+    );
+    for state in [
+        "completed",
+        "transferred",
+        "failed",
+        "cancelled",
+        "expired",
+        "paused",
+    ] {
+        let n = c.by_state.get(state).copied().unwrap_or(0);
+        let _ = writeln!(out, "migproxy_migrations_total{{state=\"{state}\"}} {n}");
+    }
+    family(
+        out,
+        "migproxy_failures_total",
+        "counter",
+        "Failures and pauses by cause.",
+    );
+    for ((host, leg, op), n) in &c.failures {
+        let _ = writeln!(
+            out,
+            "migproxy_failures_total{{host=\"{host}\",leg=\"{leg}\",op=\"{op}\"}} {n}"
+        );
+    }
+}
+
+/// The cancel latency histogram (buckets are cumulative, as Prometheus wants them).
+fn render_cancels(out: &mut String, c: &Counters) {
+    family(
+        out,
+        "migproxy_cancel_seconds",
+        "histogram",
+        "Time from a cancel to every local channel closed.",
+    );
+    for (bucket, bound) in c.cancel_buckets.iter().zip(CANCEL_BUCKETS) {
+        let _ = writeln!(
+            out,
+            "migproxy_cancel_seconds_bucket{{le=\"{bound}\"}} {bucket}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "migproxy_cancel_seconds_bucket{{le=\"+Inf\"}} {}",
+        c.cancel_count
+    );
+    let _ = writeln!(out, "migproxy_cancel_seconds_sum {}", c.cancel_sum);
+    let _ = writeln!(out, "migproxy_cancel_seconds_count {}", c.cancel_count);
+}
+
+/// The peer port: connections refused by reason, and whether the link is TLS.
+fn render_peers(out: &mut String, live: &Live) {
+    family(
+        out,
+        "migproxy_peer_rejections_total",
+        "counter",
+        "Peer connections refused, by reason.",
+    );
+    for (reason, n) in &live.rejections {
+        let _ = writeln!(
+            out,
+            "migproxy_peer_rejections_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    family(
+        out,
+        "migproxy_tls_enabled",
+        "gauge",
+        "1 when the peer link is mutual TLS, 0 when plaintext.",
+    );
+    let _ = writeln!(out, "migproxy_tls_enabled {}", u8::from(live.tls));
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

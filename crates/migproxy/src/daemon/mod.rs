@@ -14,15 +14,22 @@
 //! connection to the destination daemon, which connects the destination QEMU for it — in
 //! the source's accept order, each only after the previous one is established.
 //!
+//! Where migproxy drives both QEMUs over QMP, a migration may instead take the *kernel data
+//! path* ([`data_path`]): the daemons hand each QEMU its end of their own data connection and
+//! only watch it ([`kernel`]), so the bytes skip both daemons.
+//!
 //! Modules: [`migration`] (state machine, shared by both roles), [`outgoing`] (source),
 //! [`incoming`] (destination), [`control`] (the control link), [`peer`] (hello, socket
-//! options, framing), [`channel`] (one relay), [`attribution`] (who failed, rendered).
+//! options, framing), [`channel`] (one relay), [`kernel`] (one kernel-path channel),
+//! [`data_path`] (which path, and why), [`attribution`] (who failed, rendered).
 
 pub mod attribution;
 mod channel;
 mod control;
+pub mod data_path;
 pub mod gate;
 pub mod incoming;
+pub mod kernel;
 pub mod metrics;
 pub mod migration;
 pub mod names;
@@ -85,6 +92,10 @@ pub struct Config {
     pub tls: Option<Arc<crate::tls::TlsHandle>>,
     /// Directories an incoming migration's unix target must be in; empty: anywhere.
     pub target_dirs: Vec<PathBuf>,
+    /// Migrations may take the kernel data path (in clear) although the link is TLS.
+    pub allow_clear_data: bool,
+    /// The data path of migrations that do not ask for one.
+    pub data_path: data_path::DataPath,
     /// Where the API is also served over mutual TLS, if it is.
     pub api_tls: Option<String>,
     /// Deadlines and a cap for API connections (unix and TLS).
@@ -111,6 +122,8 @@ impl Config {
             stall_timeout: Duration::from_secs(30),
             tls: None,
             target_dirs: Vec::new(),
+            allow_clear_data: false,
+            data_path: data_path::DataPath::Relay,
             api_tls: None,
             api_limits: ApiLimits::default(),
         }

@@ -5,16 +5,19 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use migproxy_proto::{
-    Attribution, Control, FLAG_RECOVERABLE, Hello, Host, Kind, Leg, Op, Totals, VERSION,
+    Attribution, Control, FLAG_KERNEL_PATH, FLAG_RECOVERABLE, Hello, Host, Kind, Leg, Op, Totals,
+    VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use super::attribution::os_message;
+use super::data_path::{self, Choice, DataPath, Unfit};
+use super::migration::Preamble;
 use super::migration::{Migration, Role, Spec, State};
 use super::peer::{self, PeerError};
 use super::token::Token;
-use super::{Daemon, RegisterError, channel, control, qemu};
+use super::{Daemon, RegisterError, channel, control, kernel, qemu};
 use crate::endpoint::Endpoint;
 use crate::human::{Chain, errno_name};
 use crate::relay;
@@ -35,6 +38,8 @@ pub struct Request {
     pub qemu: Option<qemu::Settings>,
     /// The group whose migrations share one stall watch.
     pub group: Option<String>,
+    /// The data path asked for.
+    pub data_path: DataPath,
 }
 
 /// Why an outgoing migration could not be created.
@@ -50,6 +55,12 @@ pub enum CreateError {
     Ended(State),
     #[error(transparent)]
     Qemu(#[from] qemu::QemuError),
+    #[error("data_path: kernel cannot serve this migration")]
+    DataPath(#[source] Unfit),
+    #[error("data_path: kernel asked, but the destination takes the relay: {0}")]
+    Declined(String),
+    #[error("the kernel path's data connection")]
+    KernelSocket(#[source] std::io::Error),
 }
 
 /// Creates the migration: binds the socket QEMU will connect to, opens the control link
@@ -58,6 +69,14 @@ pub enum CreateError {
 pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migration>, CreateError> {
     // QEMU is checked and configured before anything else: a wrong QMP path or a QEMU in
     // the wrong state is reported before any connection is made.
+    let unfit = data_path::unfit(
+        request.qemu.as_ref(),
+        request.recoverable,
+        daemon.config.tls.is_some(),
+        daemon.config.allow_clear_data,
+    );
+    let data_path_here =
+        data_path::local_choice(request.data_path, unfit).map_err(CreateError::DataPath)?;
     let qmp = match &request.qemu {
         Some(settings) => Some(qemu::prepare_outgoing(settings).await?),
         None => None,
@@ -89,6 +108,8 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
             tls: daemon.config.tls.is_some(),
             qemu: request.qemu.clone(),
             group: request.group.clone(),
+            data_path_asked: request.data_path,
+            data_path_here,
         },
         daemon.context(),
     );
@@ -98,19 +119,35 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
     }
     match connect(daemon, &migration, &local).await {
         Ok((listener, control_link)) => {
+            if let Err(declined) = settle_data_path(&migration, &control_link) {
+                // The destination has attached the link: it must hear that nothing comes.
+                tell_cancelled(control_link).await;
+                migration.withdraw();
+                daemon.unregister(&request.id);
+                return Err(declined);
+            }
             if let Err(link) = start_control(daemon, &migration, control_link, 0) {
                 // Cancelled while the link was being dialled: the destination, which has
                 // already attached it, must hear the cancel rather than a broken link.
                 tell_cancelled(link).await;
                 return Err(CreateError::Ended(migration.state()));
             }
-            let span = tracing::info_span!("migration", migration = %migration.spec.id);
-            daemon.tasks.spawn(
-                accept_channels(Arc::clone(daemon), Arc::clone(&migration), listener)
-                    .instrument(span),
-            );
-            if let Some(qmp) = qmp {
-                start_qemu(daemon, &migration, qmp).await?;
+            match qmp {
+                // No socket for QEMU: it gets the data connection itself.
+                Some(qmp) if migration.on_kernel_path() => {
+                    drop(listener);
+                    start_kernel(daemon, &migration, qmp).await?;
+                }
+                qmp => {
+                    let span = tracing::info_span!("migration", migration = %migration.spec.id);
+                    daemon.tasks.spawn(
+                        accept_channels(Arc::clone(daemon), Arc::clone(&migration), listener)
+                            .instrument(span),
+                    );
+                    if let Some(qmp) = qmp {
+                        start_qemu(daemon, &migration, qmp).await?;
+                    }
+                }
             }
             Ok(migration)
         }
@@ -119,6 +156,94 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
             daemon.unregister(&request.id);
             Err(error)
         }
+    }
+}
+
+/// Settles the data path from the destination's acceptance: the kernel path when this host
+/// offered it and the destination took it. A kernel path asked for and declined is an error.
+fn settle_data_path(migration: &Migration, link: &ControlLink) -> Result<(), CreateError> {
+    let here = &migration.spec.data_path_here;
+    let choice = match &link.choice {
+        Some(theirs) if theirs.is_kernel() => here.clone(),
+        Some(theirs) if migration.spec.data_path_asked == DataPath::Kernel => {
+            return Err(CreateError::Declined(theirs.reason.clone()));
+        }
+        Some(theirs) => theirs.clone(),
+        None => here.clone(),
+    };
+    migration.settle_data_path(choice);
+    Ok(())
+}
+
+/// Kernel path: dials the one data connection (in clear), is admitted on it, hands it to
+/// QEMU with `migrate fd:NAME`, then watches it and follows QEMU. If QEMU refuses, the
+/// migration fails on both hosts, blamed on the source QEMU.
+async fn start_kernel(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    mut qmp: crate::qmp::Qmp,
+) -> Result<(), CreateError> {
+    let admitted = migration
+        .open_channel(0)
+        .map_err(|_| CreateError::Ended(migration.state()))?;
+    let hello = hello(migration, Kind::Data, 0);
+    let to = peer::Dial {
+        peer: &migration.spec.peer,
+        tls: None,
+    };
+    let dialled = match peer::dial(to, &hello, &daemon.config.timing).await {
+        Ok(dialled) => dialled,
+        Err(error) => {
+            migration.channel_failed(admitted.epoch, 0, dial_failure(migration, 0, &error));
+            return Err(error.into());
+        }
+    };
+    let socket = match kernel_socket(dialled.stream) {
+        Ok(socket) => socket,
+        Err(error) => {
+            migration.channel_abandoned(0);
+            return Err(CreateError::KernelSocket(error));
+        }
+    };
+    // The reply has been read, and with it the acknowledgement of the hello: what was
+    // acknowledged so far (the hello, and the SYN, which Linux counts for the side that
+    // connects) and what came (the reply) are not QEMU's.
+    let before = kernel::sample(&socket).map_err(CreateError::KernelSocket)?;
+    let preamble = Preamble {
+        to_destination: before.bytes_acked,
+        to_source: before.bytes_received,
+    };
+    let name = data_path::fd_name(&migration.spec.id);
+    if let Err(error) = qemu::hand_over(&mut qmp, &socket, Role::Outgoing, &name).await {
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+        migration.channel_abandoned(0);
+        let blame = migration.qemu_failure(format!("migrate fd:{name} refused: {}", Chain(&error)));
+        migration.fail(migration.epoch(), blame);
+        return Err(error.into());
+    }
+    let channel = kernel::Channel {
+        index: 0,
+        admitted,
+        socket,
+        preamble,
+        qemu: format!("fd:{name}"),
+        peer: format!("tcp:{}", migration.spec.peer),
+    };
+    daemon
+        .tasks
+        .spawn(kernel::watch(Arc::clone(migration), channel));
+    follow_qemu(daemon, migration, qmp);
+    Ok(())
+}
+
+/// The plain TCP socket of a kernel-path data connection, out of tokio's hands (QEMU does
+/// the I/O; this daemon only watches).
+fn kernel_socket(stream: Stream) -> Result<std::net::TcpStream, std::io::Error> {
+    match stream {
+        Stream::Tcp(tcp) => tcp.into_std(),
+        _ => Err(std::io::Error::other(
+            "the kernel path's data connection is not plain TCP",
+        )),
     }
 }
 
@@ -135,13 +260,18 @@ async fn start_qemu(
         migration.fail(migration.epoch(), blame);
         return Err(error.into());
     }
+    follow_qemu(daemon, migration, qmp);
+    Ok(())
+}
+
+/// Follows the source QEMU, which a cancel reaches first.
+fn follow_qemu(daemon: &Daemon, migration: &Arc<Migration>, qmp: crate::qmp::Qmp) {
     let (canceller, cancels) = tokio::sync::mpsc::channel(1);
     migration.set_qemu_canceller(canceller);
     let span = tracing::info_span!("qemu", migration = %migration.spec.id);
     daemon
         .tasks
         .spawn(qemu::follow(Arc::clone(migration), qmp, cancels, None).instrument(span));
-    Ok(())
 }
 
 /// A control link as dialled: the stream, the protocol version it speaks, and the
@@ -150,28 +280,34 @@ struct ControlLink {
     stream: Stream,
     version: u16,
     credential: Option<Token>,
+    /// The destination's choice of data path, when this host offered the kernel path.
+    choice: Option<Choice>,
 }
 
 impl ControlLink {
     /// A dialled control link; from version 2 on its acceptance must carry a credential.
-    fn from(dialled: peer::Dialled, peer: &str) -> Result<ControlLink, PeerError> {
-        let credential =
-            match dialled.version {
-                1 => None,
-                _ => Some(Token::from_hex(&dialled.message).ok_or_else(|| {
-                    PeerError::Refused {
-                        peer: peer.to_owned(),
-                        status: migproxy_proto::Status::Malformed,
-                        message:
-                            "the destination accepted the control link without a data credential"
-                                .to_owned(),
-                    }
-                })?),
-            };
+    fn from(dialled: peer::Dialled, peer: &str, offered: bool) -> Result<ControlLink, PeerError> {
+        let malformed = |message: &str| PeerError::Refused {
+            peer: peer.to_owned(),
+            status: migproxy_proto::Status::Malformed,
+            message: message.to_owned(),
+        };
+        let (credential, choice) = match dialled.version {
+            1 => (None, None),
+            _ => {
+                let (hex, choice) = data_path::parse_acceptance(&dialled.message, offered)
+                    .ok_or_else(|| malformed("the destination's acceptance of the control link is not a credential and a data path"))?;
+                let credential = Token::from_hex(hex).ok_or_else(|| {
+                    malformed("the destination accepted the control link without a data credential")
+                })?;
+                (Some(credential), choice)
+            }
+        };
         Ok(ControlLink {
             stream: dialled.stream,
             version: dialled.version,
             credential,
+            choice,
         })
     }
 }
@@ -188,7 +324,8 @@ async fn connect(
     }
     let hello = hello(migration, Kind::Control, 0);
     let dialled = dial(daemon, migration, &hello).await?;
-    let control = ControlLink::from(dialled, &migration.spec.peer)?;
+    let offered = hello.flags & FLAG_KERNEL_PATH != 0 && dialled.version >= 2;
+    let control = ControlLink::from(dialled, &migration.spec.peer, offered)?;
     Ok((listener, control))
 }
 
@@ -244,7 +381,7 @@ async fn resume(
     };
     // The control link failed, not a channel, after all that moved before the pause.
     let link = link
-        .and_then(|dialled| ControlLink::from(dialled, &migration.spec.peer))
+        .and_then(|dialled| ControlLink::from(dialled, &migration.spec.peer, false))
         .map_err(|error| {
             migration.peer_link_failure(
                 error.op(),
@@ -303,6 +440,9 @@ fn host_of(peer: &str) -> &str {
 fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
     // Both daemons must agree whether a failure pauses or fails the migration.
     let recoverable = kind == Kind::Control && migration.spec.recoverable;
+    // The first control link offers the kernel path where it serves here.
+    let offers_kernel =
+        kind == Kind::Control && channel == 0 && migration.spec.data_path_here.is_kernel();
     Hello {
         version: VERSION,
         kind,
@@ -314,7 +454,8 @@ fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
             Kind::Control => *migration.spec.token.bytes(),
             Kind::Data => *migration.data_credential().bytes(),
         },
-        flags: if recoverable { FLAG_RECOVERABLE } else { 0 },
+        flags: if recoverable { FLAG_RECOVERABLE } else { 0 }
+            | if offers_kernel { FLAG_KERNEL_PATH } else { 0 },
     }
 }
 

@@ -113,9 +113,77 @@ pub fn remove_if_stale(path: &Path) -> bool {
     is_socket && !listening(path) && std::fs::remove_file(path).is_ok()
 }
 
+/// A socket file someone made, as it was then (device, inode and change time, so that an
+/// inode number reused for a new file does not pass for the old one): removed later only
+/// if the file at its path is still that one. A migration's id may be reused once it is forgotten,
+/// and the new migration's QEMU may by then listen on a new socket at the same path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnSocket {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+impl OwnSocket {
+    /// The socket at `path` now; `None` when there is none (nothing to remove later).
+    pub fn at(path: &Path) -> Option<OwnSocket> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        meta.file_type().is_socket().then(|| OwnSocket {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+
+    /// Removes the socket if the file at its path is still the one seen by [`OwnSocket::at`]
+    /// (never another's, never through a symbolic link). True when removed. Between the
+    /// check and the unlink a new socket could in principle take the path; only a new
+    /// migration with the same id, created after this one ended, could do so, and that
+    /// window is far smaller than the one it replaces (the whole wait for the end).
+    pub fn remove(&self) -> bool {
+        let still = OwnSocket::at(&self.path).is_some_and(|now| now == *self);
+        still && std::fs::remove_file(&self.path).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_own_socket_is_removed_but_not_a_new_one_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.incoming.sock");
+        assert_eq!(OwnSocket::at(&path), None, "nothing there yet");
+        let first = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let own = OwnSocket::at(&path).unwrap();
+        assert!(own.remove(), "its own socket");
+        assert!(!path.exists());
+        drop(first);
+
+        // Another migration's socket at the same path since: left alone.
+        let first = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let own = OwnSocket::at(&path).unwrap();
+        // Kept linked elsewhere, so that the new socket cannot get the same inode number:
+        // the test checks the path's identity, not the file system's allocator.
+        std::fs::hard_link(&path, dir.path().join("kept")).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        drop(first);
+        let _second = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(!own.remove(), "a new socket at the same path");
+        assert!(path.exists());
+
+        // Neither a regular file nor a symbolic link is taken for a socket.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(OwnSocket::at(&file), None);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert_eq!(OwnSocket::at(&link), None);
+    }
 
     #[test]
     fn targets_must_be_plain_and_inside() {

@@ -138,59 +138,11 @@ pub struct Dialled {
 /// Connects to the peer daemon and introduces the connection.
 pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Dialled, PeerError> {
     let peer = to.peer;
-    let connect = tokio::time::timeout(timing.connect_timeout, TcpStream::connect(peer));
-    let tcp = match connect.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            return Err(PeerError::Connect {
-                peer: peer.to_owned(),
-                error,
-            });
-        }
-        Err(_) => {
-            return Err(PeerError::ConnectTimeout {
-                peer: peer.to_owned(),
-                after: timing.connect_timeout,
-            });
-        }
-    };
-    let io_error = |error| PeerError::Io {
-        peer: peer.to_owned(),
-        error,
-    };
-    tune(&tcp, timing).map_err(io_error)?;
-    let exchange = async {
-        let mut stream = match to.tls {
-            Some((tls, server_name)) => match tls.connect_peer(tcp, server_name).await {
-                Ok(stream) => Stream::Tls(Box::new(stream)),
-                Err(error) if is_busy_alert(&error) => {
-                    return Err(PeerError::Refused {
-                        peer: peer.to_owned(),
-                        status: Status::Busy,
-                        message: "too many connections in their handshake, or out of file \
-                                  descriptors (it ended the TLS handshake at once with \
-                                  user_canceled), try again"
-                            .to_owned(),
-                    });
-                }
-                Err(error) => return Err(error.into()),
-            },
-            None => Stream::Tcp(tcp),
-        };
-        let mut buf = Vec::with_capacity(HELLO_HEADER + MAX_HELLO_BODY);
-        hello.encode(&mut buf);
-        stream.write_all(&buf).await.map_err(io_error)?;
-        stream.flush().await.map_err(io_error)?;
-        let reply = read_reply(&mut stream).await.map_err(|e| match e {
-            ReadError::Io(error) => io_error(error),
-            ReadError::Decode(error) => PeerError::Decode {
-                peer: peer.to_owned(),
-                error,
-            },
-        })?;
-        Ok::<_, PeerError>((stream, reply))
-    };
-    let (stream, reply) = tokio::time::timeout(timing.handshake_timeout, exchange)
+    let tcp = connect(peer, timing).await?;
+    tune(&tcp, timing).map_err(|error| io_error(peer, error))?;
+    // The handshake as a whole is bounded: a peer that accepts and then says nothing must not
+    // hold the dial for ever.
+    let (stream, reply) = tokio::time::timeout(timing.handshake_timeout, introduce(to, tcp, hello))
         .await
         .map_err(|_| PeerError::HandshakeTimeout {
             peer: peer.to_owned(),
@@ -209,6 +161,81 @@ pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Dialle
         version: reply.version,
         message: reply.message,
     })
+}
+
+/// The TCP connection to `peer`, within the connect timeout.
+async fn connect(peer: &str, timing: &Timing) -> Result<TcpStream, PeerError> {
+    match tokio::time::timeout(timing.connect_timeout, TcpStream::connect(peer)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(error)) => Err(PeerError::Connect {
+            peer: peer.to_owned(),
+            error,
+        }),
+        Err(_) => Err(PeerError::ConnectTimeout {
+            peer: peer.to_owned(),
+            after: timing.connect_timeout,
+        }),
+    }
+}
+
+/// Secures the connection (unless plaintext), sends the hello and reads the reply, whatever
+/// its status.
+async fn introduce(
+    to: Dial<'_>,
+    tcp: TcpStream,
+    hello: &Hello,
+) -> Result<(Stream, HelloReply), PeerError> {
+    let peer = to.peer;
+    let mut stream = match to.tls {
+        Some((tls, server_name)) => secure(peer, tls, server_name, tcp).await?,
+        None => Stream::Tcp(tcp),
+    };
+    let mut buf = Vec::with_capacity(HELLO_HEADER + MAX_HELLO_BODY);
+    hello.encode(&mut buf);
+    stream
+        .write_all(&buf)
+        .await
+        .map_err(|error| io_error(peer, error))?;
+    stream
+        .flush()
+        .await
+        .map_err(|error| io_error(peer, error))?;
+    let reply = read_reply(&mut stream).await.map_err(|e| match e {
+        ReadError::Io(error) => io_error(peer, error),
+        ReadError::Decode(error) => PeerError::Decode {
+            peer: peer.to_owned(),
+            error,
+        },
+    })?;
+    Ok((stream, reply))
+}
+
+/// The TLS handshake as the client. A destination too busy for it ends the handshake at
+/// once with `user_canceled`: that is its `Busy`, not a TLS failure.
+async fn secure(
+    peer: &str,
+    tls: &crate::tls::Tls,
+    server_name: &str,
+    tcp: TcpStream,
+) -> Result<Stream, PeerError> {
+    match tls.connect_peer(tcp, server_name).await {
+        Ok(stream) => Ok(Stream::Tls(Box::new(stream))),
+        Err(error) if is_busy_alert(&error) => Err(PeerError::Refused {
+            peer: peer.to_owned(),
+            status: Status::Busy,
+            message: "too many connections in their handshake, or out of file descriptors \
+                      (it ended the TLS handshake at once with user_canceled), try again"
+                .to_owned(),
+        }),
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn io_error(peer: &str, error: io::Error) -> PeerError {
+    PeerError::Io {
+        peer: peer.to_owned(),
+        error,
+    }
 }
 
 /// The destination daemon's refusal of a TLS connection before the handshake (a

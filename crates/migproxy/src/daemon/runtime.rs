@@ -100,7 +100,7 @@ impl RuntimeDir {
         let created = create(path)?;
         let handle = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(path)
             .map_err(|error| {
                 // A link fails with ELOOP or, with O_DIRECTORY, ENOTDIR: say which it was.

@@ -153,6 +153,15 @@ impl Counters {
             .store(bytes as u64, Ordering::Relaxed);
     }
 
+    /// Sets a direction's total from a measure taken outside the relay (the kernel data
+    /// path's `TCP_INFO`): it only moves forward, and moving counts as progress.
+    pub(crate) fn observe(&self, direction: Direction, total: u64) {
+        let before = self.direction(direction).bytes();
+        if total > before {
+            self.record(direction, (total - before) as usize, false);
+        }
+    }
+
     pub(super) fn record(&self, direction: Direction, bytes: usize, spliced: bool) {
         self.direction(direction)
             .record(bytes, spliced, self.started.elapsed());

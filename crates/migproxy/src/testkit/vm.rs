@@ -106,6 +106,27 @@ pub struct Vm {
     child: Child,
 }
 
+/// Connects to a starting QEMU's monitor at `path`, retrying while the socket is not there
+/// yet (up to 30 s); a QEMU that exits meanwhile is an error naming its `log`.
+async fn monitor(path: &Path, child: &mut Child, log: Option<&Path>) -> Result<Qmp, VmError> {
+    let started = Instant::now();
+    loop {
+        match Qmp::connect(path).await {
+            Ok(qmp) => return Ok(qmp),
+            Err(QmpError::Connect { .. }) if started.elapsed() < Duration::from_secs(30) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(VmError::Exited {
+                        status,
+                        log: log.map(Path::to_owned),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
 impl Vm {
     /// Starts a paused guest with `mib` MiB of RAM, its QMP socket in `dir`; QEMU's stderr goes
     /// to `log` when given. A guest with anonymous RAM waits for `migrate-incoming`.
@@ -147,28 +168,12 @@ impl Vm {
             command.args(["-incoming", "defer"]);
         }
         let mut child = command.spawn().map_err(VmError::Spawn)?;
-        let started = Instant::now();
-        loop {
-            match Qmp::connect(&qmp_path).await {
-                Ok(qmp) => {
-                    return Ok(Vm {
-                        qmp,
-                        spare_qmp,
-                        child,
-                    });
-                }
-                Err(QmpError::Connect { .. }) if started.elapsed() < Duration::from_secs(30) => {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        return Err(VmError::Exited {
-                            status,
-                            log: log.map(Path::to_owned),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
+        let qmp = monitor(&qmp_path, &mut child, log).await?;
+        Ok(Vm {
+            qmp,
+            spare_qmp,
+            child,
+        })
     }
 
     /// blake3 of guest memory `0..size`, through `pmemsave` into `dir`.

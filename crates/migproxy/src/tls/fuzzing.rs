@@ -176,24 +176,11 @@ pub fn records(data: &[u8]) -> Outcome {
         let reference = reference_open(&sent[at..], generation, seq);
         let (len, opened) = match receiver.open_next(&mut wire[at..]) {
             Ok(None) => {
-                let whole = sent[at..].get(3..HEADER).map(|l| {
-                    let len = HEADER + usize::from(u16::from_be_bytes([l[0], l[1]]));
-                    len <= sent.len() - at
-                });
-                assert_ne!(whole, Some(true), "a whole record at {at} taken as partial");
+                check_partial(&sent[at..], at);
                 return outcome;
             }
             Err(error) => {
-                // A record the reference opens always authenticates; only its content may
-                // be refused.
-                let unopened = matches!(
-                    error,
-                    RecordError::Forged | RecordError::OuterType(_) | RecordError::TooLong(_)
-                );
-                assert!(
-                    reference.is_none() || !unopened,
-                    "a record the reference opens refused at {at}: {error}"
-                );
+                check_refusal(reference.is_some(), &error, at);
                 outcome.end = End::Refused(error);
                 return outcome;
             }
@@ -233,6 +220,28 @@ pub fn records(data: &[u8]) -> Outcome {
         seq += 1;
         at += len;
     }
+}
+
+/// The opener waits for more at `at`: what is left there must not hold a whole record.
+fn check_partial(left: &[u8], at: usize) {
+    let whole = left.get(3..HEADER).map(|l| {
+        let len = HEADER + usize::from(u16::from_be_bytes([l[0], l[1]]));
+        len <= left.len()
+    });
+    assert_ne!(whole, Some(true), "a whole record at {at} taken as partial");
+}
+
+/// The opener refused the record at `at`. A record the reference opens always
+/// authenticates: only its content may be refused, never the record itself.
+fn check_refusal(reference_opens: bool, error: &RecordError, at: usize) {
+    let unopened = matches!(
+        error,
+        RecordError::Forged | RecordError::OuterType(_) | RecordError::TooLong(_)
+    );
+    assert!(
+        !reference_opens || !unopened,
+        "a record the reference opens refused at {at}: {error}"
+    );
 }
 
 #[cfg(test)]

@@ -104,22 +104,7 @@ async fn drive<C: Unbuffered>(
     loop {
         let limit = if one_by_one { records } else { usize::MAX };
         let offered = whole_records(&incoming[..filled], limit);
-        let status = conn.process(&mut incoming[..offered]);
-        let discard = status.discard;
-        let step = match status.state {
-            Err(error) => Step::Failed(error),
-            Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                encode(&mut outgoing, |buf| data.encode(buf))?;
-                Step::Again
-            }
-            Ok(ConnectionState::TransmitTlsData(data)) => {
-                data.done();
-                Step::Transmit
-            }
-            Ok(ConnectionState::BlockedHandshake) => Step::Read,
-            Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
-            Ok(other) => Step::Unexpected(format!("{other:?}")),
-        };
+        let (step, discard) = advance(conn, &mut incoming[..offered], &mut outgoing)?;
         incoming.copy_within(discard..filled, 0);
         filled -= discard;
         if discard > 0 {
@@ -161,6 +146,34 @@ async fn drive<C: Unbuffered>(
             }
         }
     }
+}
+
+/// Hands rustls `incoming` (whole records) and queues what it wants sent in `outgoing`.
+/// Returns what to do next, and how many bytes of `incoming` rustls is done with. (Apart
+/// from [`drive`] because rustls's state borrows both the connection and `incoming`: they
+/// are free again once the step is decided.)
+fn advance<C: Unbuffered>(
+    conn: &mut C,
+    incoming: &mut [u8],
+    outgoing: &mut Vec<u8>,
+) -> io::Result<(Step, usize)> {
+    let status = conn.process(incoming);
+    let discard = status.discard;
+    let step = match status.state {
+        Err(error) => Step::Failed(error),
+        Ok(ConnectionState::EncodeTlsData(mut data)) => {
+            encode(outgoing, |buf| data.encode(buf))?;
+            Step::Again
+        }
+        Ok(ConnectionState::TransmitTlsData(data)) => {
+            data.done();
+            Step::Transmit
+        }
+        Ok(ConnectionState::BlockedHandshake) => Step::Read,
+        Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
+        Ok(other) => Step::Unexpected(format!("{other:?}")),
+    };
+    Ok((step, discard))
 }
 
 /// Appends what `encode` writes to `outgoing`, growing it as rustls asks.

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use migproxy::client::Client;
+use migproxy::client::{Client, Received};
+use migproxy::daemon::migration::view::Event;
 use migproxy::daemon::{Config, Daemon};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -267,17 +268,16 @@ pub async fn stuck_migration(
     (writer, qemu_in, dir)
 }
 
-/// The event stream of one migration, subscribed before anything happens to it.
-pub async fn subscribe(
-    daemon: &TestDaemon,
-    id: &str,
-) -> tokio::io::Lines<tokio::io::BufReader<UnixStream>> {
-    use tokio::io::AsyncBufReadExt;
-    let mut subscription = UnixStream::connect(&daemon.api).await.unwrap();
-    let request = format!("GET /v1/events?migration={id} HTTP/1.1\r\nHost: x\r\n\r\n");
-    subscription.write_all(request.as_bytes()).await.unwrap();
-    let mut lines = tokio::io::BufReader::new(subscription).lines();
-    // The response head arrives before any event: the subscription is in place.
-    while lines.next_line().await.unwrap().unwrap() != "" {}
-    lines
+/// The event stream of one migration, subscribed before anything happens to it (the
+/// response head, which says the subscription is in place, has arrived).
+pub async fn subscribe(daemon: &TestDaemon, id: &str) -> migproxy::client::Events {
+    Client::new(&daemon.api).events(Some(id)).await.unwrap()
+}
+
+/// The next event of `events` (the stream must not end first).
+pub async fn next_event(events: &mut migproxy::client::Events) -> Event {
+    match events.next().await.unwrap() {
+        Some(Received::Event(event)) => event,
+        other => panic!("expected an event, got {other:?}"),
+    }
 }

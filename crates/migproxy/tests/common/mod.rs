@@ -7,6 +7,7 @@ pub mod libvirt;
 pub mod netns;
 pub mod openapi;
 pub mod openapi_call;
+pub mod orchestration;
 pub mod peer;
 pub mod process;
 pub mod qemu;

@@ -68,6 +68,11 @@ impl Migration {
             .is_some_and(qemu::Report::is_final)
     }
 
+    /// QEMU's status, as last seen (`None` when QEMU is not driven here).
+    pub fn qemu_status(&self) -> Option<Status> {
+        self.lock().qemu.as_ref().map(|q| q.status.clone())
+    }
+
     /// QEMU's `error-desc`, if it gave one.
     pub fn qemu_error(&self) -> Option<String> {
         self.lock().qemu.as_ref().and_then(|q| q.error_desc.clone())

@@ -23,6 +23,7 @@
 mod cancel;
 pub mod channels;
 pub mod group;
+pub mod handoff;
 mod local_qemu;
 mod snapshot;
 mod stall;
@@ -45,6 +46,7 @@ use self::state::{Core, Effect, Input, Now, Refusal, ReturnPath};
 pub use self::view::Event;
 use self::view::EventKind;
 use super::attribution::{self, Rendered};
+use super::data_path::{Choice, DataPath};
 use super::metrics::Metrics;
 use super::names::EndName;
 use super::qemu::report::{self as qemu, CancelRefused};
@@ -115,6 +117,10 @@ pub struct Spec {
     pub qemu: Option<qemu::Settings>,
     /// Migrations of one group (a guest's RAM and its disks) share one stall watch.
     pub group: Option<String>,
+    /// The data path asked for at creation.
+    pub data_path_asked: DataPath,
+    /// What this host can do of it: the kernel path, or the relay and why.
+    pub data_path_here: Choice,
 }
 
 /// A cancel asked of the task following the source QEMU: it runs `migrate_cancel` (unless
@@ -153,6 +159,26 @@ pub struct Admitted {
     pub main: bool,
 }
 
+/// A data connection admitted for the kernel path, with what its channel needs.
+#[derive(Debug)]
+pub struct Arrived {
+    pub index: u32,
+    pub admitted: Admitted,
+    pub socket: std::net::TcpStream,
+    /// The source daemon's address, `tcp:HOST:PORT`.
+    pub from: String,
+    /// The hello and reply that came first on the connection.
+    pub preamble: Preamble,
+}
+
+/// Bytes on a kernel-path connection before QEMU had it: the hello (source → destination)
+/// and its reply (destination → source), which `TCP_INFO` counts too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Preamble {
+    pub to_destination: u64,
+    pub to_source: u64,
+}
+
 /// A migration, shared between the API, the control link and the channel tasks.
 #[derive(Debug)]
 pub struct Migration {
@@ -172,6 +198,10 @@ pub struct Migration {
     qemu_ready: watch::Sender<bool>,
     /// The group it belongs to, once registered in one.
     group: std::sync::OnceLock<Arc<group::Group>>,
+    /// The data path both hosts settled on when the control link attached.
+    data_path: std::sync::OnceLock<Choice>,
+    /// Incoming, kernel path: the data connection, on its way to the destination QEMU.
+    pub handoff: handoff::Handoff<Arrived>,
 }
 
 #[derive(Debug)]
@@ -245,6 +275,8 @@ impl Migration {
             next_channel: watch::channel(0).0,
             qemu_ready: watch::channel(!qemu_driven).0,
             group: std::sync::OnceLock::new(),
+            data_path: std::sync::OnceLock::new(),
+            handoff: handoff::Handoff::default(),
             spec,
         });
         migration.start_ttl();
@@ -295,29 +327,18 @@ impl Migration {
         }
     }
 
+    /// Carries out what the core asked for, in its order, under the same lock as the step.
     fn apply(self: &Arc<Self>, inner: &mut Inner, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
                 Effect::Send(control) => {
+                    // Dropped when no link is up: the core's state says what the peer missed.
                     if let Some(outbound) = &inner.outbound {
                         let _ = outbound.send(Outbound::Frame(control));
                     }
                 }
-                Effect::BeginEpoch { .. } => {
-                    let (outbound, queue) = mpsc::unbounded_channel();
-                    inner.outbound = Some(outbound);
-                    inner.new_link = Some(queue);
-                    inner.epoch_stop = self.stop.child_token();
-                    inner.activated.get_or_insert_with(SystemTime::now);
-                }
-                Effect::EndEpoch => {
-                    if let Some(outbound) = inner.outbound.take() {
-                        let _ = outbound.send(Outbound::Close);
-                    }
-                    inner.epoch_stop.cancel();
-                    // The epoch's credential ends with it.
-                    inner.credential = None;
-                }
+                Effect::BeginEpoch { .. } => self.begin_epoch(inner),
+                Effect::EndEpoch => end_epoch(inner),
                 Effect::Release { index } => {
                     self.next_channel.send_replace(index);
                 }
@@ -329,14 +350,7 @@ impl Migration {
                     inner.cancel_asked = Some(Instant::now());
                     self.after(self.context.timers.cancel_wait, Input::CancelWaitOver);
                 }
-                Effect::AwaitFirstChannel => {
-                    let limit = self.context.timers.first_channel;
-                    let input = Input::FirstChannelOver {
-                        epoch: inner.core.epoch(),
-                        limit_ms: limit.as_millis() as u64,
-                    };
-                    self.after(limit, input);
-                }
+                Effect::AwaitFirstChannel => self.await_first_channel(inner),
                 Effect::CancelQemu { by } => self.spawn_qemu_cancel(inner, by),
                 Effect::Stop => {
                     inner.ended = Some(Instant::now());
@@ -345,6 +359,26 @@ impl Migration {
                 }
             }
         }
+    }
+
+    /// A new epoch: a fresh queue for its control link, and a stop of its own for its
+    /// channels (a child of the migration's, so the end stops them too).
+    fn begin_epoch(&self, inner: &mut Inner) {
+        let (outbound, queue) = mpsc::unbounded_channel();
+        inner.outbound = Some(outbound);
+        inner.new_link = Some(queue);
+        inner.epoch_stop = self.stop.child_token();
+        inner.activated.get_or_insert_with(SystemTime::now);
+    }
+
+    /// Arms the first-channel deadline of the current epoch.
+    fn await_first_channel(self: &Arc<Self>, inner: &Inner) {
+        let limit = self.context.timers.first_channel;
+        let input = Input::FirstChannelOver {
+            epoch: inner.core.epoch(),
+            limit_ms: limit.as_millis() as u64,
+        };
+        self.after(limit, input);
     }
 
     /// Feeds `input` after `delay` (counted from now, not from when the task first runs),
@@ -498,6 +532,37 @@ impl Migration {
             epoch: inner.core.epoch(),
             stop: inner.epoch_stop.clone(),
         })
+    }
+
+    /// The data path both hosts settled on, once the control link has attached.
+    pub fn data_path(&self) -> Option<&Choice> {
+        self.data_path.get()
+    }
+
+    /// Where the local QEMU's migration goes (source) or comes from (destination): the
+    /// daemon's socket, or on the kernel path the descriptor QEMU was given (`fd:NAME`).
+    pub fn local_uri(&self) -> String {
+        match self.on_kernel_path() {
+            true => format!("fd:{}", super::data_path::fd_name(&self.spec.id)),
+            false => self.spec.local.to_string(),
+        }
+    }
+
+    /// Whether the bytes go QEMU to QEMU (settled on the kernel path).
+    pub fn on_kernel_path(&self) -> bool {
+        self.data_path().is_some_and(Choice::is_kernel)
+    }
+
+    /// Records the data path both hosts settled on; the first word stands.
+    pub fn settle_data_path(&self, choice: Choice) {
+        tracing::info!(migration = %self.spec.id, path = %choice.path, reason = %choice.reason, "data path");
+        let event = EventKind::DataPath {
+            data_path: choice.path,
+            reason: choice.reason.clone(),
+        };
+        if self.data_path.set(choice).is_ok() {
+            self.publish(event);
+        }
     }
 
     /// Whether a data connection's hello carries what this epoch's data connections must:
@@ -729,4 +794,14 @@ impl Migration {
         let inner = self.lock();
         inner.live.running_bytes(inner.core.channels())
     }
+}
+
+/// The epoch is over: its control link closes after what is queued, its channels are torn
+/// down, and its credential ends with it.
+fn end_epoch(inner: &mut Inner) {
+    if let Some(outbound) = inner.outbound.take() {
+        let _ = outbound.send(Outbound::Close);
+    }
+    inner.epoch_stop.cancel();
+    inner.credential = None;
 }

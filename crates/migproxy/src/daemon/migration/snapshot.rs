@@ -28,8 +28,16 @@ impl Migration {
             state,
             phase: inner.core.phase().name().to_owned(),
             peer: self.spec.peer.clone(),
-            local: self.spec.local.to_string(),
+            local: self.local_uri(),
             recoverable: self.spec.recoverable,
+            data_path: self.data_path().unwrap_or(&self.spec.data_path_here).path,
+            data_path_reason: match self.data_path() {
+                Some(choice) => choice.reason.clone(),
+                None => format!(
+                    "{} (not settled with the peer yet)",
+                    self.spec.data_path_here.reason
+                ),
+            },
             group: self.spec.group.clone(),
             link: Link::of(self.spec.tls),
             bytes: total,

@@ -31,6 +31,8 @@ fn migration(role: Role) -> Arc<Migration> {
         tls: false,
         qemu: None,
         group: None,
+        data_path_asked: DataPath::Relay,
+        data_path_here: Choice::relay("asked for"),
     };
     let context = Context {
         metrics: Arc::default(),

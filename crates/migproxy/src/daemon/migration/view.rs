@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use super::super::attribution;
+use super::super::data_path::DataPath;
 use super::super::names::{EndName, HostName, Link, VerdictName};
 use super::super::qemu::report::{Report as QemuReport, Settings as QemuSettings, Status};
 use super::state::{ChannelState, Role, State};
@@ -97,6 +98,12 @@ pub struct Snapshot {
     pub local: String,
     /// Pauses instead of failing (postcopy recovery).
     pub recoverable: bool,
+    /// The path the bytes take: `relay` (through both daemons) or `kernel` (QEMU to QEMU
+    /// over the daemons' own connection). Until the control link settles it, what this host
+    /// can do.
+    pub data_path: DataPath,
+    /// Why that path.
+    pub data_path_reason: String,
     /// The group whose migrations share one stall watch, if any.
     pub group: Option<String>,
     /// `tls` (mutual TLS between the daemons) or `plaintext`.
@@ -192,6 +199,11 @@ pub enum EventKind {
         monitor_closed: bool,
         postcopy_error: Option<String>,
     },
+    /// The daemons settled the data path when the control link came up.
+    DataPath {
+        data_path: DataPath,
+        reason: String,
+    },
     /// The daemon stops: event streams end here.
     Shutdown,
 }
@@ -220,6 +232,7 @@ impl Event {
             EventKind::ChannelOpened { .. } => "channel_opened",
             EventKind::ChannelClosed { .. } => "channel_closed",
             EventKind::Qemu { .. } => "qemu",
+            EventKind::DataPath { .. } => "data_path",
             EventKind::Shutdown => "shutdown",
         }
     }

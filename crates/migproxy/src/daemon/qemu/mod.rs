@@ -43,6 +43,8 @@ use tokio::sync::mpsc;
 
 pub use self::report::{CancelRefused, Report, Settings, Status};
 use super::migration::{CancelRequest, Migration, Role, State};
+use super::paths::OwnSocket;
+use super::{data_path, kernel};
 use crate::endpoint::Endpoint;
 use crate::human::Chain;
 use crate::qmp::{Qmp, QmpError};
@@ -185,6 +187,9 @@ pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: O
             came.is_ok_and(|state| *state == State::Active)
         }
     };
+    if came && migration.on_kernel_path() {
+        return follow_kernel_incoming(migration, qmp).await;
+    }
     let uri = migration.spec.local.to_string();
     let hint = " (start the destination QEMU with -incoming defer)";
     // Told to listen only if the migration is still on: otherwise QEMU stays reusable.
@@ -196,6 +201,8 @@ pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: O
     match listening {
         Ok(_) if told => {
             migration.qemu_listening();
+            // The socket QEMU has just created: this one only is removed at the end.
+            let cleanup = cleanup.as_deref().and_then(OwnSocket::at);
             // The destination QEMU has nothing to cancel: no canceller.
             let (_, cancels) = mpsc::channel(1);
             follow(migration, qmp, cancels, cleanup).await;
@@ -207,6 +214,47 @@ pub async fn follow_incoming(migration: Arc<Migration>, mut qmp: Qmp, cleanup: O
             migration.fail(migration.epoch(), blame);
         }
     }
+}
+
+/// Destination, kernel path: waits for the data connection, hands it to QEMU with
+/// `migrate-incoming fd:NAME`, then watches it and follows QEMU side by side.
+async fn follow_kernel_incoming(migration: Arc<Migration>, mut qmp: Qmp) {
+    let arrived = tokio::select! {
+        () = migration.stopped() => return,
+        arrived = migration.handoff.take() => arrived,
+    };
+    let name = data_path::fd_name(&migration.spec.id);
+    if let Err(error) = hand_over(&mut qmp, &arrived.socket, Role::Incoming, &name).await {
+        let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
+        migration.channel_abandoned(arrived.index);
+        let blame = migration.qemu_failure(format!(
+            "migrate-incoming fd:{name} failed: {}",
+            Chain(&error)
+        ));
+        migration.fail(migration.epoch(), blame);
+        return;
+    }
+    migration.qemu_listening();
+    if !migration.channel_connected(arrived.admitted.epoch, arrived.index) {
+        // The epoch ended meanwhile: QEMU's end must not outlive it.
+        let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
+        migration.channel_abandoned(arrived.index);
+        return;
+    }
+    let channel = kernel::Channel {
+        index: arrived.index,
+        admitted: arrived.admitted,
+        socket: arrived.socket,
+        preamble: arrived.preamble,
+        qemu: format!("fd:{name}"),
+        peer: arrived.from,
+    };
+    // The destination QEMU has nothing to cancel: no canceller.
+    let (_, cancels) = mpsc::channel(1);
+    tokio::join!(
+        kernel::watch(Arc::clone(&migration), channel),
+        follow(migration, qmp, cancels, None)
+    );
 }
 
 /// Source: checks that QEMU is a source with no migration running, and sets capabilities
@@ -235,6 +283,42 @@ pub async fn prepare_outgoing(settings: &Settings) -> Result<Qmp, QemuError> {
     }
     configure(&mut qmp, settings, Role::Outgoing).await?;
     Ok(qmp)
+}
+
+/// Kernel path: hands QEMU its end of the data connection — `getfd` with the descriptor
+/// alongside, then `migrate` (source) or `migrate-incoming` (destination) on `fd:NAME`.
+/// QEMU takes its own duplicate: `socket` stays this daemon's, to watch and to shut down.
+pub async fn hand_over(
+    qmp: &mut Qmp,
+    socket: &std::net::TcpStream,
+    role: Role,
+    name: &str,
+) -> Result<(), QemuError> {
+    use std::os::fd::AsFd;
+    qmp.execute_with_fd("getfd", json!({ "fdname": name }), socket.as_fd())
+        .await
+        .map_err(|error| match error {
+            error @ QmpError::Command { .. } => QemuError::Command {
+                qmp: qmp.path().to_owned(),
+                error,
+                hint: "",
+            },
+            other => QemuError::Qmp(other),
+        })?;
+    let (command, hint) = match role {
+        Role::Outgoing => ("migrate", ""),
+        Role::Incoming => (
+            "migrate-incoming",
+            " (start the destination QEMU with -incoming defer)",
+        ),
+    };
+    let uri = format!("fd:{name}");
+    if let Err(error) = run(qmp, command, json!({ "uri": uri }), hint).await {
+        // QEMU keeps a descriptor it was given until told otherwise.
+        let _ = qmp.execute("closefd", json!({ "fdname": name })).await;
+        return Err(error);
+    }
+    Ok(())
 }
 
 /// Source: `migrate` to the daemon's socket.
@@ -302,7 +386,7 @@ pub async fn follow(
     migration: Arc<Migration>,
     mut qmp: Qmp,
     mut cancels: mpsc::Receiver<CancelRequest>,
-    cleanup: Option<PathBuf>,
+    cleanup: Option<OwnSocket>,
 ) {
     let started = Instant::now();
     let postcopy_after = migration
@@ -365,9 +449,10 @@ pub async fn follow(
     }
     // The monitor is QEMU's to give to someone else now.
     drop(qmp);
-    if let Some(path) = cleanup {
+    if let Some(socket) = cleanup {
         migration.stopped().await;
-        let _ = std::fs::remove_file(&path);
+        // Not a new migration's socket at the same path (its id reused since).
+        socket.remove();
     }
 }
 

@@ -512,34 +512,47 @@ impl Core {
     /// peer has said the same with equal counts, the migration has ended.
     fn check_done(&mut self) -> Steps {
         let start = (self.epoch_start as usize).min(self.channels.len());
-        let epoch = &self.channels[start..];
-        if !self.phase.is_live() || epoch.is_empty() {
+        if !self.phase.is_live() || self.channels.len() == start {
             return Ok(Vec::new());
         }
-        let mut effects = Vec::new();
-        // With QEMU driven here, QEMU's word is needed too.
-        let qemu_done = !self.config.qemu || self.qemu == Status::Completed;
-        let all_clean = epoch.iter().all(|c| c.state == ChannelState::Completed);
-        if self.local_done.is_none() && qemu_done && all_clean {
-            let done = Done {
-                channels: epoch.len() as u32,
-                bytes: sum(epoch),
-                verdict: self.verdict(),
-            };
-            self.local_done = Some(done);
-            effects.push(Effect::Send(Control::Done {
-                channels: done.channels,
-                bytes: done.bytes,
-                verdict: done.verdict,
-            }));
-            if self.phase == Phase::Active {
-                self.phase = Phase::Completing;
-            }
-        }
+        let mut effects: Vec<Effect> = self.say_done(start).into_iter().collect();
         if let Some(blame) = self.channel_count_disagreement() {
             effects.extend(self.fail_for_good(blame));
             return Ok(effects);
         }
+        effects.extend(self.compare_dones());
+        Ok(effects)
+    }
+
+    /// The `Done` this host sends once, when every channel of the epoch (from `start`) has
+    /// completed and, with QEMU driven here, QEMU has said so too.
+    fn say_done(&mut self, start: usize) -> Option<Effect> {
+        let epoch = &self.channels[start..];
+        let qemu_done = !self.config.qemu || self.qemu == Status::Completed;
+        let all_clean = epoch.iter().all(|c| c.state == ChannelState::Completed);
+        if self.local_done.is_some() || !qemu_done || !all_clean {
+            return None;
+        }
+        let done = Done {
+            channels: epoch.len() as u32,
+            bytes: sum(epoch),
+            verdict: self.verdict(),
+        };
+        self.local_done = Some(done);
+        // Said: what is left is the peer's word (or a failure), not more bytes.
+        if self.phase == Phase::Active {
+            self.phase = Phase::Completing;
+        }
+        Some(Effect::Send(Control::Done {
+            channels: done.channels,
+            bytes: done.bytes,
+            verdict: done.verdict,
+        }))
+    }
+
+    /// Both hosts' `Done`: equal counts end the migration, with the weaker of the two
+    /// verdicts; equal channels with different bytes mean data was lost between the daemons.
+    fn compare_dones(&mut self) -> Vec<Effect> {
         match (self.local_done, self.peer_done) {
             (Some(local), Some(peer))
                 if (local.channels, local.bytes) == (peer.channels, peer.bytes) =>
@@ -548,19 +561,17 @@ impl Core {
                     (Verdict::Unknown, _) | (_, Verdict::Unknown) => State::Transferred,
                     _ => State::Completed,
                 };
-                effects.extend(self.finish(state));
+                self.finish(state)
             }
             (Some(local), Some(peer)) if local.channels == peer.channels => {
-                // Same channels, different bytes: something between the daemons lost data.
                 let (source, destination) = self.as_source_destination(local.bytes, peer.bytes);
                 let first = self.first_disagreement();
                 let blame = attribution::disagreement(source, destination, first);
-                effects.extend(self.fail_for_good(blame));
+                self.fail_for_good(blame)
             }
             // Otherwise one side has seen fewer channels so far: wait for the rest.
-            _ => {}
+            _ => Vec::new(),
         }
-        Ok(effects)
     }
 
     /// The source's count is the truth (it accepts every connection QEMU opens): a

@@ -1,0 +1,47 @@
+//! The kernel data path on the destination: the data connection, admitted on the peer port,
+//! waits here for the task that drives the destination QEMU, which hands it to QEMU.
+
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+/// One slot: the kernel path carries one connection per epoch.
+#[derive(Debug)]
+pub struct Handoff<T> {
+    slot: Mutex<Option<T>>,
+    notify: Notify,
+}
+
+impl<T> Default for Handoff<T> {
+    fn default() -> Handoff<T> {
+        Handoff {
+            slot: Mutex::new(None),
+            notify: Notify::new(),
+        }
+    }
+}
+
+impl<T> Handoff<T> {
+    /// Leaves the connection for [`take`](Self::take); gives it back when one already waits.
+    pub fn put(&self, arrived: T) -> Result<(), T> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return Err(arrived);
+        }
+        *slot = Some(arrived);
+        drop(slot);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Waits for the connection.
+    pub async fn take(&self) -> T {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(arrived) = self.slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return arrived;
+            }
+            notified.await;
+        }
+    }
+}
