@@ -123,7 +123,8 @@ fn watch_signals(shutdown: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn migrate(args: Args) -> Result<u8, Failure> {
+/// What the flags ask for, checked before anything is contacted.
+fn check(args: &Args) -> Result<(), Failure> {
     if args.qemu.qmp.is_none() && args.libvirt.libvirt.is_none() {
         return Err(Failure::usage(
             "--qmp (the source QEMU's QMP socket) or --libvirt (a libvirt domain) is needed".into(),
@@ -141,6 +142,11 @@ async fn migrate(args: Args) -> Result<u8, Failure> {
                 .into(),
         ));
     }
+    Ok(())
+}
+
+async fn migrate(args: Args) -> Result<u8, Failure> {
+    check(&args)?;
     let shutdown = CancellationToken::new();
     if let Err(error) = watch_signals(shutdown.clone()) {
         eprintln!("migproxy: cannot watch for signals ({error}); Ctrl-C will not cancel cleanly");

@@ -96,6 +96,18 @@ pub fn unfit(
     }
 }
 
+/// What this host can do for a request asking for `asked`: [`unfit`], then
+/// [`local_choice`]. `link` is the daemon's: whether it is TLS, and whether it allows clear
+/// data.
+pub fn for_request(
+    asked: DataPath,
+    qemu: Option<&Settings>,
+    recoverable: bool,
+    (tls, clear_allowed): (bool, bool),
+) -> Result<Choice, Unfit> {
+    local_choice(asked, unfit(qemu, recoverable, tls, clear_allowed))
+}
+
 /// What this host can do: the kernel path (asked or automatic), or the relay, and why.
 /// `Err` when the kernel path was asked for and cannot serve here.
 pub fn local_choice(asked: DataPath, unfit: Option<Unfit>) -> Result<Choice, Unfit> {

@@ -70,70 +70,31 @@ pub async fn create(
     daemon: &Arc<Daemon>,
     request: Request,
 ) -> Result<(Arc<Migration>, Token), CreateError> {
-    let (target, own_socket) = match (request.target, &request.qemu) {
-        (Some(target), _) => (target, None),
-        (None, Some(_)) => {
-            let path = qemu::incoming_socket(&daemon.config.runtime_dir, &request.id);
-            if path.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(CreateError::PathTooLong(path));
-            }
-            (Endpoint::Unix(path.clone()), Some(path))
-        }
-        (None, None) => return Err(CreateError::NoTarget),
-    };
-    let unfit = data_path::unfit(
+    let (target, own_socket) = target(daemon, &request)?;
+    let data_path_here = data_path::for_request(
+        request.data_path,
         request.qemu.as_ref(),
         request.recoverable,
-        daemon.config.tls.is_some(),
-        daemon.config.allow_clear_data,
-    );
-    let data_path_here =
-        data_path::local_choice(request.data_path, unfit).map_err(CreateError::DataPath)?;
+        daemon.config.link(),
+    )
+    .map_err(CreateError::DataPath)?;
     let token = Token::generate();
-    // With QEMU driven here its settings say how many connections it opens: no more are
-    // admitted.
-    let max_channels = request
-        .max_channels
-        .unwrap_or(daemon.config.max_channels)
-        .min(daemon.config.max_channels)
-        .min(request.qemu.as_ref().map_or(u32::MAX, |q| q.channels()));
-    let migration = Migration::new(
-        Spec {
-            id: request.id,
-            role: Role::Incoming,
-            token: token.clone(),
-            peer: daemon.config.advertise.clone(),
-            local: target.clone(),
-            max_channels,
-            recoverable: request.recoverable,
-            server_name: String::new(),
-            tls: daemon.config.tls.is_some(),
-            qemu: request.qemu.clone(),
-            group: request.group.clone(),
-            data_path_asked: request.data_path,
-            data_path_here,
-        },
-        daemon.context(),
-    );
+    let spec = spec(daemon, &request, target, token.clone(), data_path_here);
+    let migration = Migration::new(spec, daemon.context());
     if let Err(error) = daemon.register(Arc::clone(&migration)) {
         migration.withdraw();
         return Err(error.into());
     }
     if let Some(settings) = &request.qemu {
-        match qemu::prepare_incoming(settings).await {
-            Ok(qmp) => {
-                let follow = qemu::follow_incoming(Arc::clone(&migration), qmp, own_socket);
-                let span = tracing::info_span!("qemu", migration = %migration.spec.id);
-                daemon.tasks.spawn(follow.instrument(span));
-            }
-            Err(error) => {
-                migration.withdraw();
-                daemon.unregister(&migration.spec.id);
-                return Err(error.into());
-            }
+        if let Err(error) = drive_qemu(daemon, &migration, settings, own_socket).await {
+            migration.withdraw();
+            daemon.unregister(&migration.spec.id);
+            return Err(error.into());
         }
     }
-    if let Some(path) = target
+    if let Some(path) = migration
+        .spec
+        .local
         .unix_path()
         .filter(|p| p.starts_with(&daemon.config.runtime_dir))
     {
@@ -142,6 +103,71 @@ pub async fn create(
             .spawn(sweep(Arc::clone(&migration), path.to_owned()));
     }
     Ok((migration, token))
+}
+
+/// Where the destination QEMU listens: the request's target, or with QMP and none a socket
+/// of the daemon's own (returned twice: it is also the file to remove at the end).
+fn target(
+    daemon: &Daemon,
+    request: &Request,
+) -> Result<(Endpoint, Option<std::path::PathBuf>), CreateError> {
+    match (&request.target, &request.qemu) {
+        (Some(target), _) => Ok((target.clone(), None)),
+        (None, Some(_)) => {
+            let path = qemu::incoming_socket(&daemon.config.runtime_dir, &request.id);
+            if path.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(CreateError::PathTooLong(path));
+            }
+            Ok((Endpoint::Unix(path.clone()), Some(path)))
+        }
+        (None, None) => Err(CreateError::NoTarget),
+    }
+}
+
+/// The migration as the request describes it. With QEMU driven here its settings say how
+/// many connections it opens: no more are admitted.
+fn spec(
+    daemon: &Daemon,
+    request: &Request,
+    target: Endpoint,
+    token: Token,
+    data_path_here: data_path::Choice,
+) -> Spec {
+    let max_channels = request
+        .max_channels
+        .unwrap_or(daemon.config.max_channels)
+        .min(daemon.config.max_channels)
+        .min(request.qemu.as_ref().map_or(u32::MAX, |q| q.channels()));
+    Spec {
+        id: request.id.clone(),
+        role: Role::Incoming,
+        token,
+        peer: daemon.config.advertise.clone(),
+        local: target,
+        max_channels,
+        recoverable: request.recoverable,
+        server_name: String::new(),
+        tls: daemon.config.tls.is_some(),
+        qemu: request.qemu.clone(),
+        group: request.group.clone(),
+        data_path_asked: request.data_path,
+        data_path_here,
+    }
+}
+
+/// Checks and configures the destination QEMU, then follows it (it is told to listen once
+/// the source daemon has come).
+async fn drive_qemu(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    settings: &qemu::Settings,
+    own_socket: Option<std::path::PathBuf>,
+) -> Result<(), qemu::QemuError> {
+    let qmp = qemu::prepare_incoming(settings).await?;
+    let follow = qemu::follow_incoming(Arc::clone(migration), qmp, own_socket);
+    let span = tracing::info_span!("qemu", migration = %migration.spec.id);
+    daemon.tasks.spawn(follow.instrument(span));
+    Ok(())
 }
 
 /// Once the migration has ended, removes the destination QEMU's socket if it was left in the
@@ -709,52 +735,16 @@ async fn deliver(
     link: Stream,
     from: String,
 ) {
-    let mut next = migration.next_channel();
-    let mut ready = migration.qemu_ready();
-    let turn = tokio::select! {
-        () = admitted.stop.cancelled() => false,
-        // A QEMU driven here listens only once the source has come (`migrate-incoming`).
-        turn = async {
-            ready.wait_for(|ready| *ready).await.is_ok()
-                && next.wait_for(|next| *next == index).await.is_ok()
-        } => turn,
-    };
-    if !turn {
+    if !my_turn(&migration, index, &admitted).await {
         link.abort();
         migration.channel_abandoned(index);
         return;
     }
-    let target = migration.spec.local.clone();
-    if let Some(Err(error)) = target.unix_path().map(paths::refuse_symlink) {
-        link.abort();
-        let error = TransportError::Connect {
-            endpoint: target.clone(),
-            error,
-        };
-        let blame = connect_failure(&migration, index, &error);
-        migration.channel_failed(admitted.epoch, index, blame);
-        return;
-    }
-    let connected = tokio::select! {
-        // An ended epoch first: a failure racing it is only its echo.
-        biased;
-        () = admitted.stop.cancelled() => None,
-        connected = transport::connect(&target, daemon.config.timing.connect_timeout) => Some(connected),
-    };
-    let qemu = match connected {
-        Some(Ok(qemu)) => {
-            deepen(&qemu);
-            qemu
-        }
-        Some(Err(error)) => {
-            link.abort();
-            let blame = connect_failure(&migration, index, &error);
-            migration.channel_failed(admitted.epoch, index, blame);
-            return;
-        }
+    let qemu = match connect_qemu(&daemon, &migration, index, &admitted).await {
+        Some(qemu) => qemu,
         None => {
+            // Reported by connect_qemu: a failure on this channel, or an abandoned one.
             link.abort();
-            migration.channel_abandoned(index);
             return;
         }
     };
@@ -765,10 +755,66 @@ async fn deliver(
         migration.channel_abandoned(index);
         return;
     }
-    let qemu_name = target.to_string();
+    let qemu_name = migration.spec.local.to_string();
     let source = relay::Leg::new(format!("tcp:{from}"), link);
     let destination = relay::Leg::new(qemu_name.clone(), qemu);
     channel::run(migration, index, admitted, source, destination, qemu_name).await;
+}
+
+/// Waits until the destination QEMU listens and every earlier channel is connected; false
+/// when the epoch ended first.
+async fn my_turn(migration: &Migration, index: u32, admitted: &Admitted) -> bool {
+    let mut next = migration.next_channel();
+    let mut ready = migration.qemu_ready();
+    tokio::select! {
+        () = admitted.stop.cancelled() => false,
+        // A QEMU driven here listens only once the source has come (`migrate-incoming`).
+        turn = async {
+            ready.wait_for(|ready| *ready).await.is_ok()
+                && next.wait_for(|next| *next == index).await.is_ok()
+        } => turn,
+    }
+}
+
+/// Connects to the destination QEMU for channel `index`; `None` once the failure (or the
+/// epoch's end) is reported on the channel.
+async fn connect_qemu(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    index: u32,
+    admitted: &Admitted,
+) -> Option<Stream> {
+    let target = &migration.spec.local;
+    if let Some(Err(error)) = target.unix_path().map(paths::refuse_symlink) {
+        let error = TransportError::Connect {
+            endpoint: target.clone(),
+            error,
+        };
+        let blame = connect_failure(migration, index, &error);
+        migration.channel_failed(admitted.epoch, index, blame);
+        return None;
+    }
+    let connected = tokio::select! {
+        // An ended epoch first: a failure racing it is only its echo.
+        biased;
+        () = admitted.stop.cancelled() => None,
+        connected = transport::connect(target, daemon.config.timing.connect_timeout) => Some(connected),
+    };
+    match connected {
+        Some(Ok(qemu)) => {
+            deepen(&qemu);
+            Some(qemu)
+        }
+        Some(Err(error)) => {
+            let blame = connect_failure(migration, index, &error);
+            migration.channel_failed(admitted.epoch, index, blame);
+            None
+        }
+        None => {
+            migration.channel_abandoned(index);
+            None
+        }
+    }
 }
 
 fn connect_failure(migration: &Migration, index: u32, error: &TransportError) -> Attribution {

@@ -129,6 +129,12 @@ impl Config {
         }
     }
 
+    /// The peer link as the data path sees it: TLS or not, and whether clear data is
+    /// allowed anyway (`allow_clear_data`).
+    pub fn link(&self) -> (bool, bool) {
+        (self.tls.is_some(), self.allow_clear_data)
+    }
+
     /// The admission limits of the peer port; the TLS API port has no reserve.
     pub fn gate_limits(&self) -> gate::Limits {
         gate::Limits {

@@ -67,94 +67,108 @@ pub enum CreateError {
 /// (so that a wrong token or an unreachable peer is reported now, not when QEMU starts), and
 /// starts accepting QEMU's channels.
 pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migration>, CreateError> {
-    // QEMU is checked and configured before anything else: a wrong QMP path or a QEMU in
-    // the wrong state is reported before any connection is made.
-    let unfit = data_path::unfit(
+    let data_path_here = data_path::for_request(
+        request.data_path,
         request.qemu.as_ref(),
         request.recoverable,
-        daemon.config.tls.is_some(),
-        daemon.config.allow_clear_data,
-    );
-    let data_path_here =
-        data_path::local_choice(request.data_path, unfit).map_err(CreateError::DataPath)?;
+        daemon.config.link(),
+    )
+    .map_err(CreateError::DataPath)?;
+    // QEMU is checked and configured before anything else: a wrong QMP path or a QEMU in
+    // the wrong state is reported before any connection is made.
     let qmp = match &request.qemu {
         Some(settings) => Some(qemu::prepare_outgoing(settings).await?),
         None => None,
     };
-    let path = daemon
-        .config
-        .runtime_dir
-        .join(format!("{}.sock", request.id));
-    let local = Endpoint::Unix(path.clone());
-    let server_name = request
-        .tls_hostname
-        .clone()
-        .unwrap_or_else(|| host_of(&request.peer).to_owned());
-    let migration = Migration::new(
-        Spec {
-            id: request.id.clone(),
-            role: Role::Outgoing,
-            token: request.token,
-            peer: request.peer.clone(),
-            local: local.clone(),
-            // With QEMU driven here its settings say how many connections it opens.
-            max_channels: request
-                .qemu
-                .as_ref()
-                .map_or(daemon.config.max_channels, |q| q.channels())
-                .min(daemon.config.max_channels),
-            recoverable: request.recoverable,
-            server_name,
-            tls: daemon.config.tls.is_some(),
-            qemu: request.qemu.clone(),
-            group: request.group.clone(),
-            data_path_asked: request.data_path,
-            data_path_here,
-        },
-        daemon.context(),
-    );
+    let migration = Migration::new(spec(daemon, &request, data_path_here), daemon.context());
     if let Err(error) = daemon.register(Arc::clone(&migration)) {
         migration.withdraw();
         return Err(error.into());
     }
+    let local = migration.spec.local.clone();
     match connect(daemon, &migration, &local).await {
         Ok((listener, control_link)) => {
-            if let Err(declined) = settle_data_path(&migration, &control_link) {
-                // The destination has attached the link: it must hear that nothing comes.
-                tell_cancelled(control_link).await;
-                migration.withdraw();
-                daemon.unregister(&request.id);
-                return Err(declined);
-            }
-            if let Err(link) = start_control(daemon, &migration, control_link, 0) {
-                // Cancelled while the link was being dialled: the destination, which has
-                // already attached it, must hear the cancel rather than a broken link.
-                tell_cancelled(link).await;
-                return Err(CreateError::Ended(migration.state()));
-            }
-            match qmp {
-                // No socket for QEMU: it gets the data connection itself.
-                Some(qmp) if migration.on_kernel_path() => {
-                    drop(listener);
-                    start_kernel(daemon, &migration, qmp).await?;
-                }
-                qmp => {
-                    let span = tracing::info_span!("migration", migration = %migration.spec.id);
-                    daemon.tasks.spawn(
-                        accept_channels(Arc::clone(daemon), Arc::clone(&migration), listener)
-                            .instrument(span),
-                    );
-                    if let Some(qmp) = qmp {
-                        start_qemu(daemon, &migration, qmp).await?;
-                    }
-                }
-            }
+            link_up(daemon, &migration, qmp, listener, control_link).await?;
             Ok(migration)
         }
         Err(error) => {
             migration.withdraw(); // ends its timers
             daemon.unregister(&request.id);
             Err(error)
+        }
+    }
+}
+
+/// The migration as the request describes it: QEMU's socket in the runtime directory, the
+/// destination's certificate name, and as many channels as QEMU will open.
+fn spec(daemon: &Daemon, request: &Request, data_path_here: Choice) -> Spec {
+    let path = daemon
+        .config
+        .runtime_dir
+        .join(format!("{}.sock", request.id));
+    Spec {
+        id: request.id.clone(),
+        role: Role::Outgoing,
+        token: request.token.clone(),
+        peer: request.peer.clone(),
+        local: Endpoint::Unix(path),
+        // With QEMU driven here its settings say how many connections it opens.
+        max_channels: request
+            .qemu
+            .as_ref()
+            .map_or(daemon.config.max_channels, |q| q.channels())
+            .min(daemon.config.max_channels),
+        recoverable: request.recoverable,
+        server_name: request
+            .tls_hostname
+            .clone()
+            .unwrap_or_else(|| host_of(&request.peer).to_owned()),
+        tls: daemon.config.tls.is_some(),
+        qemu: request.qemu.clone(),
+        group: request.group.clone(),
+        data_path_asked: request.data_path,
+        data_path_here,
+    }
+}
+
+/// The control link is up: settle the data path, attach the link, and start taking QEMU's
+/// connections (relay) or hand QEMU the data connection (kernel path).
+async fn link_up(
+    daemon: &Arc<Daemon>,
+    migration: &Arc<Migration>,
+    qmp: Option<crate::qmp::Qmp>,
+    listener: Listener,
+    control_link: ControlLink,
+) -> Result<(), CreateError> {
+    if let Err(declined) = settle_data_path(migration, &control_link) {
+        // The destination has attached the link: it must hear that nothing comes.
+        tell_cancelled(control_link).await;
+        migration.withdraw();
+        daemon.unregister(&migration.spec.id);
+        return Err(declined);
+    }
+    if let Err(link) = start_control(daemon, migration, control_link, 0) {
+        // Cancelled while the link was being dialled: the destination, which has
+        // already attached it, must hear the cancel rather than a broken link.
+        tell_cancelled(link).await;
+        return Err(CreateError::Ended(migration.state()));
+    }
+    match qmp {
+        // No socket for QEMU: it gets the data connection itself.
+        Some(qmp) if migration.on_kernel_path() => {
+            drop(listener);
+            start_kernel(daemon, migration, qmp).await
+        }
+        qmp => {
+            let span = tracing::info_span!("migration", migration = %migration.spec.id);
+            daemon.tasks.spawn(
+                accept_channels(Arc::clone(daemon), Arc::clone(migration), listener)
+                    .instrument(span),
+            );
+            match qmp {
+                Some(qmp) => start_qemu(daemon, migration, qmp).await,
+                None => Ok(()),
+            }
         }
     }
 }
@@ -477,68 +491,80 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
                 continue;
             }
         };
-        if migration.state() == State::Paused {
-            match resume(&daemon, &migration, index).await {
-                Ok(true) => {}
-                // Ended, or resumed otherwise meanwhile: this connection belongs to no one.
-                Ok(false) => {
-                    qemu.abort();
-                    continue;
-                }
-                Err(blame) => {
-                    // QEMU's recovery connection goes unanswered; QEMU may try again.
-                    qemu.abort();
-                    migration.resume_failed(blame);
-                    continue;
-                }
-            }
+        if migration.state() == State::Paused && !resumed(&daemon, &migration, index).await {
+            qemu.abort();
+            continue;
         }
-        let admitted = match migration.open_channel(index) {
-            Ok(admitted) => admitted,
-            Err(refused) => {
-                // QEMU opened a connection this migration cannot take (one too many, or
-                // after its end): the report says so, on the channel it would have been.
-                tracing::warn!(migration = %migration.spec.id, "QEMU connection refused: {refused}");
-                qemu.abort();
-                let blame = refused_channel(&migration, index, &refused);
-                migration.fail(migration.epoch(), blame);
-                continue;
-            }
-        };
-        let hello = hello(&migration, Kind::Data, index);
-        let dialled = tokio::select! {
-            // An ended epoch first: a failure racing it is only its echo.
-            biased;
-            () = admitted.stop.cancelled() => None,
-            dialled = dial(&daemon, &migration, &hello) => Some(dialled),
-        };
-        match dialled {
-            Some(Ok(dialled)) => {
-                let source = relay::Leg::new(qemu_name.clone(), qemu);
-                let peer = format!("tcp:{}", migration.spec.peer);
-                let destination = relay::Leg::new(peer, dialled.stream);
-                daemon.tasks.spawn(channel::run(
-                    Arc::clone(&migration),
-                    index,
-                    admitted,
-                    source,
-                    destination,
-                    qemu_name,
-                ));
-            }
-            Some(Err(error)) => {
-                qemu.abort();
-                let blame = dial_failure(&migration, index, &error);
-                migration.channel_failed(admitted.epoch, index, blame);
-            }
-            None => {
-                qemu.abort();
-                migration.channel_abandoned(index);
-            }
-        }
+        carry(&daemon, &migration, index, qemu, qemu_name).await;
         index += 1;
     }
     // Dropping the listener removes QEMU's socket file.
+}
+
+/// A paused migration whose QEMU reconnected: whether a new control link now carries it.
+/// When not, QEMU's recovery connection goes unanswered (QEMU may try again).
+async fn resumed(daemon: &Daemon, migration: &Arc<Migration>, index: u32) -> bool {
+    match resume(daemon, migration, index).await {
+        Ok(resumed) => resumed,
+        Err(blame) => {
+            migration.resume_failed(blame);
+            false
+        }
+    }
+}
+
+/// Carries QEMU's connection `index` as a channel: admitted, a data connection dialled to
+/// the destination daemon, then relayed. Whatever fails is reported on that channel.
+async fn carry(
+    daemon: &Arc<Daemon>,
+    migration: &Arc<Migration>,
+    index: u32,
+    qemu: Stream,
+    qemu_name: String,
+) {
+    let admitted = match migration.open_channel(index) {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            // QEMU opened a connection this migration cannot take (one too many, or
+            // after its end): the report says so, on the channel it would have been.
+            tracing::warn!(migration = %migration.spec.id, "QEMU connection refused: {refused}");
+            qemu.abort();
+            let blame = refused_channel(migration, index, &refused);
+            migration.fail(migration.epoch(), blame);
+            return;
+        }
+    };
+    let hello = hello(migration, Kind::Data, index);
+    let dialled = tokio::select! {
+        // An ended epoch first: a failure racing it is only its echo.
+        biased;
+        () = admitted.stop.cancelled() => None,
+        dialled = dial(daemon, migration, &hello) => Some(dialled),
+    };
+    match dialled {
+        Some(Ok(dialled)) => {
+            let source = relay::Leg::new(qemu_name.clone(), qemu);
+            let peer = format!("tcp:{}", migration.spec.peer);
+            let destination = relay::Leg::new(peer, dialled.stream);
+            daemon.tasks.spawn(channel::run(
+                Arc::clone(migration),
+                index,
+                admitted,
+                source,
+                destination,
+                qemu_name,
+            ));
+        }
+        Some(Err(error)) => {
+            qemu.abort();
+            let blame = dial_failure(migration, index, &error);
+            migration.channel_failed(admitted.epoch, index, blame);
+        }
+        None => {
+            qemu.abort();
+            migration.channel_abandoned(index);
+        }
+    }
 }
 
 /// A connection from the source QEMU that the migration refused.

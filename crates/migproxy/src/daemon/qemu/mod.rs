@@ -389,19 +389,12 @@ pub async fn follow(
     cleanup: Option<OwnSocket>,
 ) {
     let started = Instant::now();
-    let postcopy_after = migration
-        .spec
-        .qemu
-        .as_ref()
-        .and_then(|q| q.postcopy_after_ms)
-        .map(Duration::from_millis);
-    // Whether `migrate-start-postcopy` was sent, and whether QEMU (may have) switched.
-    let (mut asked, mut switched) = (false, false);
+    let mut postcopy = Switch::new(&migration);
     loop {
         let ended = tokio::select! {
             () = migration.stopped() => true,
             Some(request) = cancels.recv() => {
-                let outcome = cancel_qemu(&mut qmp, switched).await;
+                let outcome = cancel_qemu(&mut qmp, postcopy.switched).await;
                 if !answer(&migration, request, outcome) {
                     break;
                 }
@@ -410,7 +403,7 @@ pub async fn follow(
             () = tokio::time::sleep(POLL) => false,
         };
         if ended {
-            wind_down(&migration, &mut qmp, started, switched).await;
+            wind_down(&migration, &mut qmp, started, postcopy.switched).await;
             break;
         }
         let status = match observe(&migration, &mut qmp, started).await {
@@ -426,22 +419,10 @@ pub async fn follow(
                 verdict(&migration, &status);
                 break;
             }
-            Status::Active
-                if !asked && postcopy_after.is_some_and(|after| started.elapsed() >= after) =>
-            {
-                asked = true;
-                match timed(&mut qmp, "migrate-start-postcopy").await {
-                    // QEMU said no: the migration goes on in precopy, still cancellable.
-                    Err(error @ QemuError::Command { .. }) => {
-                        migration.qemu_postcopy_refused(Chain(&error).to_string());
-                    }
-                    // No answer (timeout, monitor gone): a monitor that does not answer is
-                    // lost, as when `query-migrate` goes unanswered.
-                    Err(error) => {
-                        monitor_lost(&migration, &error);
-                        break;
-                    }
-                    Ok(_) => switched = true,
+            Status::Active if postcopy.due(started) => {
+                if let Err(error) = postcopy.ask(&migration, &mut qmp).await {
+                    monitor_lost(&migration, &error);
+                    break;
                 }
             }
             _ => {}
@@ -453,6 +434,52 @@ pub async fn follow(
         migration.stopped().await;
         // Not a new migration's socket at the same path (its id reused since).
         socket.remove();
+    }
+}
+
+/// The switch to postcopy a source asked for (`postcopy_after`): whether
+/// `migrate-start-postcopy` was sent, and whether QEMU (may have) switched.
+struct Switch {
+    after: Option<Duration>,
+    asked: bool,
+    switched: bool,
+}
+
+impl Switch {
+    fn new(migration: &Migration) -> Switch {
+        let after = migration
+            .spec
+            .qemu
+            .as_ref()
+            .and_then(|q| q.postcopy_after_ms);
+        Switch {
+            after: after.map(Duration::from_millis),
+            asked: false,
+            switched: false,
+        }
+    }
+
+    /// Whether it is time to ask (once).
+    fn due(&self, started: Instant) -> bool {
+        !self.asked && self.after.is_some_and(|after| started.elapsed() >= after)
+    }
+
+    /// Sends `migrate-start-postcopy`. QEMU saying no is recorded and the migration goes on
+    /// in precopy, still cancellable; no answer at all (timeout, monitor gone) is an error:
+    /// a monitor that does not answer is lost, as when `query-migrate` goes unanswered.
+    async fn ask(&mut self, migration: &Migration, qmp: &mut Qmp) -> Result<(), QemuError> {
+        self.asked = true;
+        match timed(qmp, "migrate-start-postcopy").await {
+            Err(error @ QemuError::Command { .. }) => {
+                migration.qemu_postcopy_refused(Chain(&error).to_string());
+                Ok(())
+            }
+            Err(error) => Err(error),
+            Ok(_) => {
+                self.switched = true;
+                Ok(())
+            }
+        }
     }
 }
 
