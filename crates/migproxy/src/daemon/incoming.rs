@@ -14,8 +14,7 @@ use tracing::Instrument;
 use super::attribution::os_message;
 use super::data_path::{DataPath, Unfit};
 use super::gate::{self, FirstByte, Gate, Spare};
-use super::migration::Preamble;
-use super::migration::{Admitted, Arrived, Link, Migration, Role, Spec, State};
+use super::migration::{Admitted, Link, Migration, Role, Spec, State};
 use super::peer::{self, ReadError};
 use super::token::Token;
 use super::{Daemon, RegisterError, channel, control, data_path, kernel, paths, qemu};
@@ -344,7 +343,7 @@ async fn authenticate(
         }
         // The kernel path: the connection goes to QEMU as it is.
         Joined::Data(admitted) if migration.on_kernel_path() => {
-            hand_off(migration, hello.channel, admitted, stream, from, version);
+            kernel::hand_off(migration, hello.channel, admitted, stream, from, version);
         }
         Joined::Data(admitted) => {
             deliver(daemon, migration, hello.channel, admitted, stream, from).await;
@@ -398,7 +397,7 @@ fn vet(
         allowed(daemon, identity).map_err(refused)?;
     }
     let migration = admit(daemon, hello)?;
-    kernel_fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
+    kernel::fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
     same_recoverable(&migration, hello).map_err(refused)?;
     // From version 2 on, the epoch's data connections carry a secret handed out here, on the
     // control link, rather than the token: holding the token is not enough to add a channel.
@@ -519,79 +518,6 @@ fn unjoin(migration: &Arc<Migration>, joined: Joined, channel: u32, error: &std:
         }
         Joined::Data(_) => migration.channel_abandoned(channel),
     }
-}
-
-/// Refuses what the data path does not allow: a clear connection on a TLS port is only a
-/// kernel-path data connection, and a kernel-path data connection is only clear TCP (it is
-/// handed to QEMU as it is).
-fn kernel_fit(migration: &Migration, hello: &Hello, clear: bool, tls: bool) -> Result<(), String> {
-    let kernel_data = hello.kind == Kind::Data && migration.on_kernel_path();
-    if clear && !kernel_data {
-        return Err(format!(
-            "migration {}: only the kernel data path's data connection may come in clear on              this TLS port",
-            hello.migration
-        ));
-    }
-    if kernel_data && tls && !clear {
-        return Err(format!(
-            "migration {} takes the kernel data path: its data connection must come in clear              (TLS cannot be handed to QEMU)",
-            hello.migration
-        ));
-    }
-    Ok(())
-}
-
-/// Kernel path: leaves the admitted data connection for the task that drives the
-/// destination QEMU ([`qemu::follow_kernel_incoming`]).
-fn hand_off(
-    migration: Arc<Migration>,
-    index: u32,
-    admitted: Admitted,
-    stream: Stream,
-    from: String,
-    version: u16,
-) {
-    let Stream::Tcp(tcp) = stream else {
-        // `kernel_fit` let only clear TCP through.
-        migration.channel_abandoned(index);
-        return;
-    };
-    let socket = match tcp.into_std() {
-        Ok(socket) => socket,
-        Err(error) => {
-            tracing::warn!(migration = %migration.spec.id, %error, "kernel path socket");
-            migration.channel_abandoned(index);
-            return;
-        }
-    };
-    let preamble = Preamble {
-        // Nothing but the hello has come: the source hands QEMU its end after the reply.
-        to_destination: kernel::sample(&socket).map_or(0, |s| s.bytes_received),
-        to_source: data_reply_len(version),
-    };
-    let arrived = Arrived {
-        index,
-        admitted,
-        socket,
-        from: format!("tcp:{from}"),
-        preamble,
-    };
-    if let Err(arrived) = migration.handoff.put(arrived) {
-        let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
-        migration.channel_abandoned(arrived.index);
-    }
-}
-
-/// The length of a data connection's acceptance.
-fn data_reply_len(version: u16) -> u64 {
-    let mut buf = Vec::new();
-    migproxy_proto::HelloReply {
-        version,
-        status: Status::Ok,
-        message: String::new(),
-    }
-    .encode(&mut buf);
-    buf.len() as u64
 }
 
 /// The refusal sent to connections turned away before their hello.

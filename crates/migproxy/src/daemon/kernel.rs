@@ -23,12 +23,15 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use migproxy_proto::{Hello, HelloReply, Kind};
+
 use crate::relay::{ByteCounts, Counters, Direction, End, Failure, Op, Report};
+use crate::transport::Stream;
 
 pub use super::migration::Preamble;
 use super::migration::state::ReturnPath;
-use super::migration::{Admitted, Migration, Role};
-use super::qemu::report::Status;
+use super::migration::{Admitted, Arrived, Migration, Role};
+use super::qemu::report::Status as QemuStatus;
 
 /// How often the socket is sampled: the views' and the stall watch's resolution.
 const SAMPLE: Duration = Duration::from_millis(50);
@@ -205,7 +208,7 @@ async fn follow(migration: &Migration, channel: &Channel, counters: &Counters) -
             Err(error) => return failed(migration, channel, counters, Op::Read, error),
         };
         match migration.qemu_status() {
-            Some(Status::Completed) => {
+            Some(QemuStatus::Completed) => {
                 settle(migration, channel, counters).await;
                 return End::Completed;
             }
@@ -305,4 +308,77 @@ fn failed(
         undelivered: 0,
         elapsed: counters.elapsed(),
     })
+}
+
+/// Refuses what the data path does not allow: a clear connection on a TLS port is only a
+/// kernel-path data connection, and a kernel-path data connection is only clear TCP (it is
+/// handed to QEMU as it is).
+pub fn fit(migration: &Migration, hello: &Hello, clear: bool, tls: bool) -> Result<(), String> {
+    let kernel_data = hello.kind == Kind::Data && migration.on_kernel_path();
+    if clear && !kernel_data {
+        return Err(format!(
+            "migration {}: only the kernel data path's data connection may come in clear on              this TLS port",
+            hello.migration
+        ));
+    }
+    if kernel_data && tls && !clear {
+        return Err(format!(
+            "migration {} takes the kernel data path: its data connection must come in clear              (TLS cannot be handed to QEMU)",
+            hello.migration
+        ));
+    }
+    Ok(())
+}
+
+/// Kernel path: leaves the admitted data connection for the task that drives the
+/// destination QEMU (`qemu::follow_kernel_incoming`).
+pub fn hand_off(
+    migration: Arc<Migration>,
+    index: u32,
+    admitted: Admitted,
+    stream: Stream,
+    from: String,
+    version: u16,
+) {
+    let Stream::Tcp(tcp) = stream else {
+        // `kernel_fit` let only clear TCP through.
+        migration.channel_abandoned(index);
+        return;
+    };
+    let socket = match tcp.into_std() {
+        Ok(socket) => socket,
+        Err(error) => {
+            tracing::warn!(migration = %migration.spec.id, %error, "kernel path socket");
+            migration.channel_abandoned(index);
+            return;
+        }
+    };
+    let preamble = Preamble {
+        // Nothing but the hello has come: the source hands QEMU its end after the reply.
+        to_destination: sample(&socket).map_or(0, |s| s.bytes_received),
+        to_source: data_reply_len(version),
+    };
+    let arrived = Arrived {
+        index,
+        admitted,
+        socket,
+        from: format!("tcp:{from}"),
+        preamble,
+    };
+    if let Err(arrived) = migration.handoff.put(arrived) {
+        let _ = arrived.socket.shutdown(Shutdown::Both);
+        migration.channel_abandoned(arrived.index);
+    }
+}
+
+/// The length of a data connection's acceptance.
+fn data_reply_len(version: u16) -> u64 {
+    let mut buf = Vec::new();
+    HelloReply {
+        version,
+        status: migproxy_proto::Status::Ok,
+        message: String::new(),
+    }
+    .encode(&mut buf);
+    buf.len() as u64
 }

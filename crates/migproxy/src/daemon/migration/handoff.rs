@@ -5,6 +5,14 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
+/// Bytes on a kernel-path connection before QEMU had it: the hello (source → destination)
+/// and its reply (destination → source), which `TCP_INFO` counts too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Preamble {
+    pub to_destination: u64,
+    pub to_source: u64,
+}
+
 /// One slot: the kernel path carries one connection per epoch.
 #[derive(Debug)]
 pub struct Handoff<T> {

@@ -25,6 +25,7 @@ pub mod channels;
 pub mod group;
 pub mod handoff;
 mod local_qemu;
+mod path;
 mod snapshot;
 mod stall;
 pub mod state;
@@ -41,6 +42,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use self::handoff::Preamble;
 pub use self::state::{ChannelState, Epoch, Phase, Role, State};
 use self::state::{Core, Effect, Input, Now, Refusal, ReturnPath};
 pub use self::view::Event;
@@ -169,14 +171,6 @@ pub struct Arrived {
     pub from: String,
     /// The hello and reply that came first on the connection.
     pub preamble: Preamble,
-}
-
-/// Bytes on a kernel-path connection before QEMU had it: the hello (source → destination)
-/// and its reply (destination → source), which `TCP_INFO` counts too.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Preamble {
-    pub to_destination: u64,
-    pub to_source: u64,
 }
 
 /// A migration, shared between the API, the control link and the channel tasks.
@@ -532,37 +526,6 @@ impl Migration {
             epoch: inner.core.epoch(),
             stop: inner.epoch_stop.clone(),
         })
-    }
-
-    /// The data path both hosts settled on, once the control link has attached.
-    pub fn data_path(&self) -> Option<&Choice> {
-        self.data_path.get()
-    }
-
-    /// Where the local QEMU's migration goes (source) or comes from (destination): the
-    /// daemon's socket, or on the kernel path the descriptor QEMU was given (`fd:NAME`).
-    pub fn local_uri(&self) -> String {
-        match self.on_kernel_path() {
-            true => format!("fd:{}", super::data_path::fd_name(&self.spec.id)),
-            false => self.spec.local.to_string(),
-        }
-    }
-
-    /// Whether the bytes go QEMU to QEMU (settled on the kernel path).
-    pub fn on_kernel_path(&self) -> bool {
-        self.data_path().is_some_and(Choice::is_kernel)
-    }
-
-    /// Records the data path both hosts settled on; the first word stands.
-    pub fn settle_data_path(&self, choice: Choice) {
-        tracing::info!(migration = %self.spec.id, path = %choice.path, reason = %choice.reason, "data path");
-        let event = EventKind::DataPath {
-            data_path: choice.path,
-            reason: choice.reason.clone(),
-        };
-        if self.data_path.set(choice).is_ok() {
-            self.publish(event);
-        }
     }
 
     /// Whether a data connection's hello carries what this epoch's data connections must:
