@@ -89,7 +89,11 @@ async fn tls_handshakes(
         ..daemon.config.gate_limits()
     });
     let mut spare = gate::Spare::new();
+    // The handshakes in flight belong to this task: when it ends (shutdown, or aborted with
+    // the server), dropping the set aborts them, rather than leaving them detached.
+    let mut admitting = tokio::task::JoinSet::new();
     loop {
+        while admitting.try_join_next().is_some() {}
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
@@ -114,7 +118,7 @@ async fn tls_handshakes(
             Arc::clone(&daemon),
             Arc::clone(&gate),
         );
-        tokio::spawn(admit(daemon, gate, tls, sender, (tcp, from), waiting));
+        admitting.spawn(admit(daemon, gate, tls, sender, (tcp, from), waiting));
     }
 }
 
