@@ -343,7 +343,8 @@ async fn authenticate(
         }
         // The kernel path: the connection goes to QEMU as it is.
         Joined::Data(admitted) if migration.on_kernel_path() => {
-            kernel::hand_off(migration, hello.channel, admitted, stream, from, version);
+            let preamble = kernel::preamble(&hello, version);
+            kernel::hand_off(migration, hello.channel, admitted, stream, from, preamble);
         }
         Joined::Data(admitted) => {
             deliver(daemon, migration, hello.channel, admitted, stream, from).await;

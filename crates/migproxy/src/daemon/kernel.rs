@@ -217,12 +217,36 @@ async fn follow(migration: &Migration, channel: &Channel, counters: &Counters) -
         }
         record(migration, channel, counters, &now, false);
         if now.state == TCP_CLOSE {
+            // Read the error before QEMU's word is waited for: QEMU may take it meanwhile.
             let error = lost(&channel.socket, &last);
+            if completes(migration, channel).await {
+                settle(migration, channel, counters).await;
+                return End::Completed;
+            }
             let _ = channel.socket.shutdown(Shutdown::Both);
             return failed(migration, channel, counters, io_op(migration), error);
         }
         last = now;
     }
+}
+
+/// A connection closed in order may be seen before QEMU's `completed`, which is polled:
+/// QEMU is given the explanation grace to say so. Any other word (failed, cancelled), the
+/// epoch's end or silence: the close was not QEMU's doing, and the peer link is blamed.
+async fn completes(migration: &Migration, channel: &Channel) -> bool {
+    let deadline = Instant::now() + migration.explanation_grace();
+    while Instant::now() < deadline {
+        match migration.qemu_status() {
+            Some(QemuStatus::Completed) => return true,
+            Some(status) if status.is_final() => return false,
+            _ => {}
+        }
+        tokio::select! {
+            () = channel.admitted.stop.cancelled() => return false,
+            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    false
 }
 
 /// QEMU failed or was cancelled on this host: it has let go of its end (or will), and the
@@ -338,7 +362,7 @@ pub fn hand_off(
     admitted: Admitted,
     stream: Stream,
     from: String,
-    version: u16,
+    preamble: Preamble,
 ) {
     let Stream::Tcp(tcp) = stream else {
         // `kernel_fit` let only clear TCP through.
@@ -353,11 +377,6 @@ pub fn hand_off(
             return;
         }
     };
-    let preamble = Preamble {
-        // Nothing but the hello has come: the source hands QEMU its end after the reply.
-        to_destination: sample(&socket).map_or(0, |s| s.bytes_received),
-        to_source: data_reply_len(version),
-    };
     let arrived = Arrived {
         index,
         admitted,
@@ -368,6 +387,18 @@ pub fn hand_off(
     if let Err(arrived) = migration.handoff.put(arrived) {
         let _ = arrived.socket.shutdown(Shutdown::Both);
         migration.channel_abandoned(arrived.index);
+    }
+}
+
+/// What came first on a kernel-path data connection: its hello, and the acceptance (in
+/// `version`). Counted from the messages, not sampled: the source's QEMU may already be
+/// sending by the time this daemon looks.
+pub fn preamble(hello: &Hello, version: u16) -> Preamble {
+    let mut buf = Vec::new();
+    hello.encode(&mut buf);
+    Preamble {
+        to_destination: buf.len() as u64,
+        to_source: data_reply_len(version),
     }
 }
 
