@@ -135,6 +135,41 @@ async fn a_cancel_mid_migration_cancels_both_hosts_and_the_source_keeps_the_gues
     assert_eq!(info["status"], "cancelled", "{info}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_cancels_on_both_hosts_as_with_the_relay() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut hosts = Hosts::start(190).await;
+    hosts.src_vm.execute("cont", Value::Null).await;
+    let flags = [
+        "--data-path",
+        "kernel",
+        "--max-bandwidth",
+        "32M",
+        "--id",
+        "kint",
+    ];
+    let child = hosts.migrate(&flags).spawn().unwrap();
+    wait_for(&hosts.source, "kint", "progress", moved_more_than(8 << 20)).await;
+    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGINT).unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .expect("migproxy migrate exits after SIGINT")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("data path: kernel"), "{}", text(&output));
+    for daemon in [&hosts.source, &hosts.destination] {
+        let m = daemon.wait_final("kint", Duration::from_secs(5)).await;
+        assert_eq!(m["state"], "cancelled", "{m}");
+        assert_eq!(m["cancelled_by"], "source", "{m}");
+    }
+    let status = hosts.src_vm.execute("query-status", Value::Null).await;
+    assert_eq!(status["status"], "running", "{status}");
+    let info = hosts.src_vm.execute("query-migrate", Value::Null).await;
+    assert_eq!(info["status"], "cancelled", "{info}");
+}
+
 /// Where a test measures time, it reports it and asserts nothing (performance belongs to the
 /// benchmark).
 fn tracing_free_elapsed(since: Instant) {
