@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::certs::Ca;
-use common::orchestration::{Hosts, RAM_MIB, assert_completed, moved_more_than, text, wait_for};
+use common::orchestration::{Hosts, RAM_MIB, assert_completed, text};
 use common::{short_tempdir, wait_until};
 use serde_json::{Value, json};
 
@@ -86,23 +86,9 @@ async fn postcopy_on_the_kernel_path_completes_with_equal_ram() {
 async fn a_cancel_mid_migration_cancels_both_hosts_and_the_source_keeps_the_guest() {
     let mut hosts = Hosts::start(183).await;
     hosts.src_vm.execute("cont", Value::Null).await;
-    let flags = [
-        "--data-path",
-        "kernel",
-        "--max-bandwidth",
-        "32M",
-        "--id",
-        "kcancel",
-        "--json",
-    ];
-    let child = hosts.migrate(&flags).spawn().unwrap();
-    wait_for(
-        &hosts.source,
-        "kcancel",
-        "progress",
-        moved_more_than(8 << 20),
-    )
-    .await;
+    let child = hosts
+        .spawn_moving("kcancel", &["--data-path", "kernel", "--json"])
+        .await;
     let asked = Instant::now();
     let (status, answer) = hosts
         .source
@@ -141,16 +127,7 @@ async fn ctrl_c_cancels_on_both_hosts_as_with_the_relay() {
     use nix::unistd::Pid;
     let mut hosts = Hosts::start(190).await;
     hosts.src_vm.execute("cont", Value::Null).await;
-    let flags = [
-        "--data-path",
-        "kernel",
-        "--max-bandwidth",
-        "32M",
-        "--id",
-        "kint",
-    ];
-    let child = hosts.migrate(&flags).spawn().unwrap();
-    wait_for(&hosts.source, "kint", "progress", moved_more_than(8 << 20)).await;
+    let child = hosts.spawn_moving("kint", &["--data-path", "kernel"]).await;
     kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGINT).unwrap();
     let output = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
         .await
@@ -179,23 +156,9 @@ fn tracing_free_elapsed(since: Instant) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_destination_qemu_is_blamed_on_both_hosts() {
     let mut hosts = Hosts::start(184).await;
-    let flags = [
-        "--data-path",
-        "kernel",
-        "--max-bandwidth",
-        "32M",
-        "--id",
-        "kdead",
-        "--json",
-    ];
-    let child = hosts.migrate(&flags).spawn().unwrap();
-    wait_for(
-        &hosts.destination,
-        "kdead",
-        "progress",
-        moved_more_than(8 << 20),
-    )
-    .await;
+    let child = hosts
+        .spawn_moving("kdead", &["--data-path", "kernel", "--json"])
+        .await;
     hosts.dst_vm.kill().await;
     let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
@@ -372,22 +335,9 @@ async fn a_tls_port_takes_in_clear_only_a_kernel_paths_data_connection() {
 async fn a_killed_source_daemon_fails_the_source_qemu_which_keeps_the_guest() {
     let mut hosts = Hosts::start(189).await;
     hosts.src_vm.execute("cont", Value::Null).await;
-    let flags = [
-        "--data-path",
-        "kernel",
-        "--max-bandwidth",
-        "32M",
-        "--id",
-        "korphan",
-    ];
-    let _child = hosts.migrate(&flags).spawn().unwrap();
-    wait_for(
-        &hosts.source,
-        "korphan",
-        "progress",
-        moved_more_than(8 << 20),
-    )
-    .await;
+    let _child = hosts
+        .spawn_moving("korphan", &["--data-path", "kernel"])
+        .await;
     hosts.source.child.start_kill().unwrap();
     // The destination daemon loses the control link, fails, and shuts the connection down
     // under both QEMUs: the source QEMU's writes fail.

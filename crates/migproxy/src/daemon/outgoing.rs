@@ -212,20 +212,19 @@ async fn start_kernel(
             return Err(error.into());
         }
     };
-    let socket = match kernel_socket(dialled.stream) {
-        Ok(socket) => socket,
+    let (socket, preamble) = match kernel_socket(dialled.stream) {
+        Ok(taken) => taken,
         Err(error) => {
-            migration.channel_abandoned(0);
+            // The connection was admitted on both hosts: its failure is the channel's.
+            let mut blame = migration.peer_link_failure(
+                Op::Connect,
+                errno_name(&error),
+                format!("kernel path data connection: {}", os_message(&error)),
+            );
+            blame.channel = Some(0);
+            migration.channel_failed(admitted.epoch, 0, blame);
             return Err(CreateError::KernelSocket(error));
         }
-    };
-    // The reply has been read, and with it the acknowledgement of the hello: what was
-    // acknowledged so far (the hello, and the SYN, which Linux counts for the side that
-    // connects) and what came (the reply) are not QEMU's.
-    let before = kernel::sample(&socket).map_err(CreateError::KernelSocket)?;
-    let preamble = Preamble {
-        to_destination: before.bytes_acked,
-        to_source: before.bytes_received,
     };
     let name = data_path::fd_name(&migration.spec.id);
     if let Err(error) = qemu::hand_over(&mut qmp, &socket, Role::Outgoing, &name).await {
@@ -251,14 +250,25 @@ async fn start_kernel(
 }
 
 /// The plain TCP socket of a kernel-path data connection, out of tokio's hands (QEMU does
-/// the I/O; this daemon only watches).
-fn kernel_socket(stream: Stream) -> Result<std::net::TcpStream, std::io::Error> {
-    match stream {
-        Stream::Tcp(tcp) => tcp.into_std(),
-        _ => Err(std::io::Error::other(
-            "the kernel path's data connection is not plain TCP",
-        )),
-    }
+/// the I/O; this daemon only watches), and what came first on it. The reply has been read,
+/// and with it the acknowledgement of the hello: what was acknowledged so far (the hello,
+/// and the SYN, which Linux counts for the side that connects) and what came (the reply)
+/// are not QEMU's.
+fn kernel_socket(stream: Stream) -> Result<(std::net::TcpStream, Preamble), std::io::Error> {
+    let socket = match stream {
+        Stream::Tcp(tcp) => tcp.into_std()?,
+        _ => {
+            return Err(std::io::Error::other(
+                "the kernel path's data connection is not plain TCP",
+            ));
+        }
+    };
+    let before = kernel::sample(&socket)?;
+    let preamble = Preamble {
+        to_destination: before.bytes_acked,
+        to_source: before.bytes_received,
+    };
+    Ok((socket, preamble))
 }
 
 /// Runs `migrate` to the migration's socket and follows QEMU; if QEMU refuses, the

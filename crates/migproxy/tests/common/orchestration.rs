@@ -94,6 +94,17 @@ impl Hosts {
         (output.status.code().unwrap_or(-1), report, output)
     }
 
+    /// Starts `migproxy migrate` with migration `id` held to 32 MiB/s (eight seconds for the
+    /// guest: time to interrupt it) and `extra` flags, and returns once 8 MiB have reached the
+    /// destination daemon.
+    pub async fn spawn_moving(&self, id: &str, extra: &[&str]) -> tokio::process::Child {
+        let mut flags = vec!["--max-bandwidth", "32M", "--id", id];
+        flags.extend_from_slice(extra);
+        let child = self.migrate(&flags).spawn().unwrap();
+        wait_for(&self.destination, id, "progress", moved_more_than(8 << 20)).await;
+        child
+    }
+
     pub async fn assert_ram_equal(&mut self) {
         let (got, _) = self
             .dst_vm
