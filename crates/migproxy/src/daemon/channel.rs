@@ -10,7 +10,7 @@ use tracing::Instrument;
 use super::migration::state::ReturnPath as Verdict;
 use super::migration::{Admitted, Migration};
 use super::returnpath::ReturnPath;
-use crate::relay::{Leg, Options, Relay, TapFn};
+use crate::relay::{End, Leg, Options, Relay, Report, TapFn};
 
 /// Relays channel `index` from `source` to `destination` until it ends or its epoch does.
 /// One of the legs faces the local QEMU; its name is `qemu_leg`, so that a failure can be
@@ -55,8 +55,16 @@ async fn relay(
         .with_cancel(admitted.stop.child_token());
     migration.channel_running(index, relay.counters());
     tracing::debug!(migration = %migration.spec.id, channel = index, "channel open");
-    let report = relay.run().await;
+    let mut report = relay.run().await;
     tracing::info!(migration = %migration.spec.id, channel = index, "channel {report}");
+    if closed_by_a_finished_qemu(&migration, &report, &qemu_leg, &admitted).await {
+        tracing::info!(
+            migration = %migration.spec.id,
+            channel = index,
+            "QEMU completed: its leg's end was its own closing, not a failure"
+        );
+        report.end = End::Completed;
+    }
     let verdict = match return_path {
         Some(parser) if report.is_completed() => {
             let parser = parser.lock().unwrap_or_else(|p| p.into_inner());
@@ -72,3 +80,26 @@ async fn relay(
     };
     migration.channel_ended(index, admitted.epoch, &report, &qemu_leg, verdict);
 }
+
+/// QEMU 7.2's destination may close a multifd socket with bytes still unread as it
+/// completes, which resets this daemon's end of it (`ECONNRESET`) while every byte has been
+/// delivered. A failure on the local QEMU's leg therefore gives way to that QEMU's own
+/// `completed`, said within the explanation grace; the counts are still compared with the
+/// peer's before the migration is `completed`. Without QMP there is no such word: the
+/// failure stands.
+async fn closed_by_a_finished_qemu(
+    migration: &Migration,
+    report: &Report,
+    qemu_leg: &str,
+    admitted: &Admitted,
+) -> bool {
+    let End::Failed(failure) = &report.end else {
+        return false;
+    };
+    failure.leg == qemu_leg
+        && failure.direction.is_some()
+        && migration.qemu_completes(&admitted.stop).await
+}
+
+#[cfg(test)]
+mod tests;

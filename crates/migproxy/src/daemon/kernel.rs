@@ -219,7 +219,7 @@ async fn follow(migration: &Migration, channel: &Channel, counters: &Counters) -
         if now.state == TCP_CLOSE {
             // Read the error before QEMU's word is waited for: QEMU may take it meanwhile.
             let error = lost(&channel.socket, &last);
-            if completes(migration, channel).await {
+            if migration.qemu_completes(&channel.admitted.stop).await {
                 settle(migration, channel, counters).await;
                 return End::Completed;
             }
@@ -228,25 +228,6 @@ async fn follow(migration: &Migration, channel: &Channel, counters: &Counters) -
         }
         last = now;
     }
-}
-
-/// A connection closed in order may be seen before QEMU's `completed`, which is polled:
-/// QEMU is given the explanation grace to say so. Any other word (failed, cancelled), the
-/// epoch's end or silence: the close was not QEMU's doing, and the peer link is blamed.
-async fn completes(migration: &Migration, channel: &Channel) -> bool {
-    let deadline = Instant::now() + migration.explanation_grace();
-    while Instant::now() < deadline {
-        match migration.qemu_status() {
-            Some(QemuStatus::Completed) => return true,
-            Some(status) if status.is_final() => return false,
-            _ => {}
-        }
-        tokio::select! {
-            () = channel.admitted.stop.cancelled() => return false,
-            () = tokio::time::sleep(Duration::from_millis(10)) => {}
-        }
-    }
-    false
 }
 
 /// QEMU failed or was cancelled on this host: it has let go of its end (or will), and the

@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use migproxy_proto::Attribution;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::state::Input;
 use super::{CancelRequest, Migration, view};
@@ -71,6 +74,27 @@ impl Migration {
     /// QEMU's status, as last seen (`None` when QEMU is not driven here).
     pub fn qemu_status(&self) -> Option<Status> {
         self.lock().qemu.as_ref().map(|q| q.status.clone())
+    }
+
+    /// Whether the local QEMU says `completed` within the explanation grace. A connection
+    /// closed under QEMU may be seen before QEMU's `completed`, which is polled: QEMU is
+    /// given the grace to say so. Any other verdict (failed, cancelled), `stop` (the epoch
+    /// ended) or silence: the close was not a finished QEMU's doing.
+    pub async fn qemu_completes(&self, stop: &CancellationToken) -> bool {
+        let deadline = Instant::now() + self.explanation_grace();
+        while Instant::now() < deadline {
+            match self.qemu_status() {
+                Some(Status::Completed) => return true,
+                Some(status) if status.is_final() => return false,
+                None => return false,
+                _ => {}
+            }
+            tokio::select! {
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        false
     }
 
     /// QEMU's `error-desc`, if it gave one.
