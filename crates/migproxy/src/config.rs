@@ -102,6 +102,7 @@ pub struct TimeoutsSection {
     pub stall: Option<f64>,
     pub token_ttl: Option<f64>,
     pub first_channel: Option<f64>,
+    pub recover: Option<f64>,
     pub first_byte: Option<f64>,
     pub api_header: Option<f64>,
     pub api_idle: Option<f64>,
@@ -137,6 +138,7 @@ impl File {
             ("timeouts.stall", t.stall),
             ("timeouts.token_ttl", t.token_ttl),
             ("timeouts.first_channel", t.first_channel),
+            ("timeouts.recover", t.recover),
             ("timeouts.first_byte", t.first_byte),
             ("timeouts.api_header", t.api_header),
             ("timeouts.api_idle", t.api_idle),
@@ -202,6 +204,7 @@ pub struct Flags {
     pub stall_timeout: Option<Duration>,
     pub token_ttl: Option<Duration>,
     pub first_channel_timeout: Option<Duration>,
+    pub recover_timeout: Option<Duration>,
 }
 
 /// The configuration in force.
@@ -243,6 +246,9 @@ pub struct Settings {
     /// How long a migration whose control link is up waits for the source QEMU's first
     /// connection.
     pub first_channel_timeout: Duration,
+    /// How long a paused postcopy migration driven over QMP may take to recover, unless
+    /// it asks otherwise.
+    pub recover_timeout: Duration,
 }
 
 /// A repeatable flag given at least once replaces the file's list.
@@ -315,6 +321,7 @@ impl Settings {
             first_channel_timeout: flags
                 .first_channel_timeout
                 .unwrap_or(secs(t.first_channel, 300)),
+            recover_timeout: flags.recover_timeout.unwrap_or(secs(t.recover, 600)),
         };
         settings.check()?;
         Ok(settings)

@@ -72,15 +72,18 @@ async fn create_incoming(
         ..QemuBody::default()
     };
     let qemu = qemu_settings(qemu)?;
-    refuse_recoverable_qemu(body.recoverable, &qemu)?;
+    let data_path = body.data_path.unwrap_or(daemon.config.data_path);
+    let asked = (body.recoverable, body.recover_timeout);
+    let (recoverable, recover_timeout) = recovery(daemon, asked, &qemu, data_path)?;
     let request = incoming::Request {
         id,
         target,
         max_channels: body.max_channels,
-        recoverable: body.recoverable,
+        recoverable,
+        recover_timeout,
         qemu,
         group: checked_group(body.group)?,
-        data_path: body.data_path.unwrap_or(daemon.config.data_path),
+        data_path,
     };
     let created = in_daemon_task(daemon, |daemon| async move {
         incoming::create(&daemon, request).await
@@ -158,19 +161,37 @@ fn qemu_settings(body: QemuBody) -> Result<Option<crate::daemon::qemu::Settings>
     }))
 }
 
-/// Postcopy recovery is not driven over QMP yet: a recoverable migration would pause and
-/// wait for a `migrate-recover` nobody issues.
-fn refuse_recoverable_qemu(
-    recoverable: bool,
+/// Whether the migration recovers from a break in postcopy, and how long it may take.
+/// With QMP and postcopy it does by default (both hosts decide alike from the same request,
+/// and the control link checks that they agree), except on the kernel path asked for by
+/// name, where recovery is not driven yet. The deadline defaults to the daemon's with QMP;
+/// without QMP a person recovers by hand, and only a deadline asked for applies.
+fn recovery(
+    daemon: &Daemon,
+    (recoverable, timeout): (Option<bool>, Option<f64>),
     qemu: &Option<crate::daemon::qemu::Settings>,
-) -> Result<(), ApiError> {
-    if recoverable && qemu.is_some() {
+    data_path: crate::daemon::data_path::DataPath,
+) -> Result<(bool, Option<std::time::Duration>), ApiError> {
+    use crate::daemon::data_path::DataPath;
+    let postcopy = qemu.as_ref().is_some_and(|q| q.postcopy);
+    let recoverable = recoverable.unwrap_or(postcopy && data_path != DataPath::Kernel);
+    let timeout = match timeout {
+        Some(secs) => Some(
+            std::time::Duration::try_from_secs_f64(secs)
+                .ok()
+                .filter(|t| !t.is_zero())
+                .ok_or_else(|| ApiError::bad_request("recover_timeout: seconds, more than 0"))?,
+        ),
+        None => None,
+    };
+    if timeout.is_some() && !recoverable {
         return Err(ApiError::bad_request(
-            "recoverable: not with qmp yet (postcopy recovery is not driven over QMP; leave \
-             out qmp and run migrate-recover and migrate resume=true yourself)",
+            "recover_timeout: only for a recoverable migration (recoverable, or qmp with postcopy)",
         ));
     }
-    Ok(())
+    let timeout =
+        timeout.or((recoverable && qemu.is_some()).then_some(daemon.config.recover_timeout));
+    Ok((recoverable, timeout))
 }
 
 /// A QEMU that could not be prepared: a wrong path is the request's fault, a QEMU in the
@@ -229,16 +250,19 @@ async fn create_outgoing(
         downtime_limit: body.downtime_limit,
     };
     let qemu = qemu_settings(qemu)?;
-    refuse_recoverable_qemu(body.recoverable, &qemu)?;
+    let data_path = body.data_path.unwrap_or(daemon.config.data_path);
+    let asked = (body.recoverable, body.recover_timeout);
+    let (recoverable, recover_timeout) = recovery(daemon, asked, &qemu, data_path)?;
     let request = outgoing::Request {
         id,
         token,
         peer,
-        recoverable: body.recoverable,
+        recoverable,
+        recover_timeout,
         tls_hostname: body.tls_hostname,
         qemu,
         group: checked_group(body.group)?,
-        data_path: body.data_path.unwrap_or(daemon.config.data_path),
+        data_path,
     };
     let created = in_daemon_task(daemon, |daemon| async move {
         outgoing::create(&daemon, request).await

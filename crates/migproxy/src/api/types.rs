@@ -36,9 +36,15 @@ pub struct IncomingRequest {
     pub id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_channels: Option<u32>,
-    /// Pause instead of failing when a channel breaks (postcopy recovery).
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub recoverable: bool,
+    /// Pause instead of failing when the link or a channel breaks in postcopy, and (with
+    /// `qmp`) recover by itself. Default: true with `qmp` and postcopy (unless the kernel
+    /// data path is asked for), false otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recoverable: Option<bool>,
+    /// Seconds a pause may last before the migration fails for good. Default: the daemon's
+    /// (`timeouts.recover`, 600) with `qmp`; without, none (a person recovers by hand).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recover_timeout: Option<f64>,
     /// The local QEMU's QMP socket (absolute path): the daemon drives that QEMU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qmp: Option<String>,
@@ -65,9 +71,15 @@ pub struct OutgoingRequest {
     pub token: String,
     /// The destination daemon's peer address, `HOST:PORT`.
     pub peer: String,
-    /// Pause instead of failing when a channel breaks (postcopy recovery).
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub recoverable: bool,
+    /// Pause instead of failing when the link or a channel breaks in postcopy, and (with
+    /// `qmp`) recover by itself. Default: true with `qmp` and postcopy (unless the kernel
+    /// data path is asked for), false otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recoverable: Option<bool>,
+    /// Seconds a pause may last before the migration fails for good. Default: the daemon's
+    /// (`timeouts.recover`, 600) with `qmp`; without, none (a person recovers by hand).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recover_timeout: Option<f64>,
     /// The name the destination daemon's certificate must carry; default the peer's host.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_hostname: Option<String>,
@@ -173,6 +185,7 @@ pub struct TimeoutsMs {
     pub stall: u64,
     pub token_ttl: u64,
     pub first_channel: u64,
+    pub recover: u64,
     pub first_byte: u64,
 }
 

@@ -90,6 +90,10 @@ pub struct Args {
     /// daemons linked up (default 300): a `migrate` that never came holds no slot for ever.
     #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     first_channel_timeout: Option<Duration>,
+    /// How long a paused postcopy migration driven over QMP may take to recover before it
+    /// fails for good (default 600), unless it asks otherwise (`recover_timeout`).
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
+    recover_timeout: Option<Duration>,
 }
 
 impl Args {
@@ -118,6 +122,7 @@ impl Args {
             stall_timeout: self.stall_timeout,
             token_ttl: self.token_ttl,
             first_channel_timeout: self.first_channel_timeout,
+            recover_timeout: self.recover_timeout,
         };
         Settings::resolve(flags, file)
     }
@@ -261,6 +266,7 @@ fn daemon_config(args: Settings, advertise: String, runtime: RuntimeDir) -> Conf
     config.timing.heartbeat_interval = args.heartbeat_interval;
     config.token_ttl = args.token_ttl;
     config.first_channel_timeout = args.first_channel_timeout;
+    config.recover_timeout = args.recover_timeout;
     config.stall_timeout = args.stall_timeout;
     config.target_dirs = args.target_dirs;
     config.max_migrations = args.max_migrations;

@@ -164,7 +164,7 @@ impl Run<'_> {
         let incoming = IncomingRequest {
             id: Some(id.to_owned()),
             target: Some(format!("unix:{socket}")),
-            recoverable,
+            recoverable: Some(recoverable),
             // The RAM migration and its disks' share one stall watch: the disk connection
             // idles once the disks are in sync while RAM still moves.
             group: Some(self.id.to_owned()),
@@ -179,7 +179,7 @@ impl Run<'_> {
             id: id.to_owned(),
             token: incoming.token,
             peer: incoming.peer,
-            recoverable,
+            recoverable: Some(recoverable),
             group: Some(self.id.to_owned()),
             ..OutgoingRequest::default()
         };

@@ -260,6 +260,8 @@ async fn create_incoming(
         multifd: args.qemu.multifd,
         postcopy: args.qemu.postcopy || args.qemu.postcopy_after.is_some(),
         data_path: args.qemu.data_path,
+        recoverable: args.qemu.recoverable(),
+        recover_timeout: args.qemu.recover_timeout.map(|t| t.as_secs_f64()),
         ..IncomingRequest::default()
     };
     let created = destination
@@ -340,8 +342,12 @@ async fn follow(
     Ok(end)
 }
 
-/// One line: QEMU's status and pass, RAM left, dirty rate, throughput, channels.
+/// One line: QEMU's status and pass, RAM left, dirty rate, throughput, channels; while
+/// postcopy is paused, how long the link has been down.
 fn progress(m: &Snapshot) -> String {
+    if let Some(line) = recovery_line(m) {
+        return line;
+    }
     let q = m.qemu.as_ref().map(|q| &q.report);
     let channels = m.channels.len();
     let status = q.map_or_else(|| "?".to_owned(), |q| q.status.to_string());
@@ -364,6 +370,43 @@ fn progress(m: &Snapshot) -> String {
         if channels == 1 { "" } else { "s" },
     );
     text
+}
+
+/// While a pause is open: "paused: link down for 12 s, retrying" (or recovering).
+fn recovery_line(m: &Snapshot) -> Option<String> {
+    let open = m.recoveries.last().filter(|r| r.frozen_ms.is_none())?;
+    let down = Elapsed(Duration::from_millis(
+        m.elapsed_ms.saturating_sub(open.paused_at_ms),
+    ));
+    let status = m.qemu.as_ref().map(|q| q.report.status.to_string());
+    let status = status.unwrap_or_else(|| "?".to_owned());
+    Some(match m.state {
+        State::Paused if open.failed_attempts > 0 => format!(
+            "paused: link down for {down}, retrying ({} tries failed: {}) · QEMU {status}",
+            open.failed_attempts,
+            m.error.as_ref().map_or("", |e| e.message.as_str()),
+        ),
+        State::Paused => format!("paused: link down for {down}, retrying · QEMU {status}"),
+        _ => format!("recovering: link back, frozen {down} so far · QEMU {status}"),
+    })
+}
+
+/// The recoveries in the final report, one line each.
+pub(super) fn print_recoveries(m: &Snapshot) {
+    for (n, r) in m.recoveries.iter().enumerate() {
+        let outcome = match r.frozen_ms {
+            Some(ms) => format!("resumed after {}", Elapsed(Duration::from_millis(ms))),
+            None => "not recovered".to_owned(),
+        };
+        say!("  pause {}: {outcome} ({})", n + 1, r.cause.message);
+    }
+    if !m.recoveries.is_empty() {
+        say!(
+            "  recoveries: {}, guest frozen {} in all",
+            m.recovered,
+            Elapsed(Duration::from_millis(m.frozen_ms))
+        );
+    }
 }
 
 /// How long QEMU may take to settle after migproxy's verdict, in the report.
@@ -435,8 +478,13 @@ fn report(source: &Snapshot, destination: Option<&Snapshot>, json: bool) {
     for c in &source.channels {
         migration::print_channel(c, "    ");
     }
-    if let Some(by) = source.cancelled_by {
-        say!("  cancelled by the {by} host; the VM stays on the source");
+    print_recoveries(source);
+    match (source.cancelled_by, &source.verdict) {
+        (Some(by), Some(verdict)) if source.recoveries.iter().any(|r| r.frozen_ms.is_none()) => {
+            say!("  cancelled by the {by} host, {verdict}");
+        }
+        (Some(by), _) => say!("  cancelled by the {by} host; the VM stays on the source"),
+        _ => {}
     }
     if let Some(error) = &source.error {
         say!("  error: {}", error.message);

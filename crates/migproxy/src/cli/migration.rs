@@ -92,9 +92,18 @@ struct CreateIncoming {
     id: Option<String>,
     #[arg(long, value_name = "N")]
     max_channels: Option<u32>,
-    /// Pause instead of failing when a channel breaks (postcopy recovery).
-    #[arg(long)]
+    /// Pause instead of failing when a channel breaks (postcopy recovery). With --qmp and
+    /// --postcopy this is the default.
+    #[arg(long, conflicts_with = "no_recover")]
     recoverable: bool,
+    /// With --qmp and --postcopy: fail on a break in postcopy instead of recovering (the
+    /// source must say the same).
+    #[arg(long)]
+    no_recover: bool,
+    /// Fail for good when a pause has not recovered after this many seconds (default: the
+    /// daemon's, 600, with --qmp).
+    #[arg(long, value_name = "SECS", value_parser = super::args::positive_seconds)]
+    recover_timeout: Option<Duration>,
     /// The migration group (a guest's RAM and its disks): its migrations share one stall
     /// watch, so an idle disk connection beside moving RAM is no stall. Give the source the
     /// same group.
@@ -126,7 +135,9 @@ struct CreateOutgoing {
     /// The name the destination's certificate must carry (default: the peer's host).
     #[arg(long, value_name = "NAME")]
     tls_hostname: Option<String>,
-    #[arg(long)]
+    /// Pause instead of failing when a channel breaks (postcopy recovery). With --qmp and
+    /// --postcopy this is the default.
+    #[arg(long, conflicts_with = "no_recover")]
     recoverable: bool,
     /// Then watch it to its end.
     #[arg(long)]
@@ -168,6 +179,14 @@ pub(super) struct QemuFlags {
     /// connection; needs --qmp on both hosts) or auto (default: the daemon's).
     #[arg(long, value_name = "relay|kernel|auto")]
     pub data_path: Option<DataPath>,
+    /// Fail on a break in postcopy instead of recovering by itself (recovery is the default
+    /// with postcopy).
+    #[arg(long, requires = "driver")]
+    pub no_recover: bool,
+    /// Fail for good when postcopy stays paused this many seconds (default: the daemons',
+    /// 600).
+    #[arg(long, value_name = "SECS", value_parser = super::args::positive_seconds, requires = "driver")]
+    pub recover_timeout: Option<Duration>,
 }
 
 impl QemuFlags {
@@ -180,6 +199,23 @@ impl QemuFlags {
         request.max_bandwidth = self.max_bandwidth;
         request.downtime_limit = self.downtime_limit;
         request.data_path = self.data_path;
+        request.recoverable = self.recoverable();
+        request.recover_timeout = self.recover_timeout.map(|t| t.as_secs_f64());
+    }
+
+    /// `recoverable` as both requests carry it: false with --no-recover, else the daemons'
+    /// default.
+    pub(super) fn recoverable(&self) -> Option<bool> {
+        self.no_recover.then_some(false)
+    }
+}
+
+/// `--recoverable` / `--no-recover`: asked one way, or left to the daemon's default.
+fn asked_recoverable(recoverable: bool, no_recover: bool) -> Option<bool> {
+    match (recoverable, no_recover) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
     }
 }
 
@@ -347,7 +383,8 @@ async fn create_incoming(
         target: args.target,
         id: args.id,
         max_channels: args.max_channels,
-        recoverable: args.recoverable,
+        recoverable: asked_recoverable(args.recoverable, args.no_recover),
+        recover_timeout: args.recover_timeout.map(|t| t.as_secs_f64()),
         // The daemon's working directory is not ours.
         qmp: args.qmp.map(|p| absolute(&p).display().to_string()),
         multifd: args.multifd,
@@ -371,12 +408,12 @@ async fn create_outgoing(
         // `with_token` has filled it in from wherever it was given.
         token: args.token.unwrap_or_default(),
         peer: args.peer,
-        recoverable: args.recoverable,
         tls_hostname: args.tls_hostname,
         group: args.group,
         ..OutgoingRequest::default()
     };
     args.qemu.apply(&mut request);
+    request.recoverable = asked_recoverable(args.recoverable, args.qemu.no_recover);
     let created = client.create_outgoing(&request).await?;
     print_created_outgoing(&created, args.qemu.qmp.is_some(), json);
     if args.watch {

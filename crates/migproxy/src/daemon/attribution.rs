@@ -187,6 +187,37 @@ pub fn no_first_channel(limit_ms: u64, elapsed_ms: u64) -> Attribution {
     }
 }
 
+/// What a person can still do with a postcopy migration migproxy no longer recovers.
+pub const BY_HAND: &str = "the guest is paused on the destination and its remaining pages \
+    are still on the source; both QEMUs were left paused (postcopy-paused). To resume by \
+    hand: migrate-recover URI on the destination QEMU, then migrate with that URI and \
+    resume=true on the source QEMU; until then neither host can run the guest";
+
+/// A paused postcopy migration not recovered within `limit_ms`: it fails for good, saying
+/// where the guest is and what a person can still do.
+pub fn recovery_timed_out(
+    host: Host,
+    limit_ms: u64,
+    cause: String,
+    elapsed_ms: u64,
+) -> Attribution {
+    Attribution {
+        host,
+        leg: Leg::Peer,
+        channel: None,
+        direction: None,
+        op: Op::Timeout,
+        errno: None,
+        message: format!(
+            "postcopy recovery did not succeed within {} (recover_timeout) of the pause \
+             ({cause}): {BY_HAND}",
+            Elapsed(std::time::Duration::from_millis(limit_ms)),
+        ),
+        bytes: Totals::default(),
+        elapsed_ms,
+    }
+}
+
 /// What a stall watch saw: on `host`, nothing moved for `limit`.
 #[derive(Debug, Clone, Copy)]
 pub struct Stall {

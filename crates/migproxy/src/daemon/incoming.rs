@@ -34,6 +34,8 @@ pub struct Request {
     pub max_channels: Option<u32>,
     /// Pause instead of failing, for postcopy recovery.
     pub recoverable: bool,
+    /// How long a pause may last before the migration fails for good.
+    pub recover_timeout: Option<Duration>,
     /// Drive the destination QEMU over QMP: capabilities, `migrate-incoming`, its verdict.
     pub qemu: Option<qemu::Settings>,
     /// The group whose migrations share one stall watch.
@@ -145,6 +147,7 @@ fn spec(
         local: target,
         max_channels,
         recoverable: request.recoverable,
+        recover_timeout: request.recover_timeout,
         server_name: String::new(),
         tls: daemon.config.tls.is_some(),
         qemu: request.qemu.clone(),
@@ -624,7 +627,7 @@ fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, Stri
         State::Pending | State::Active | State::Paused => Ok(migration),
         state => Err((
             Status::Expired,
-            format!("migration \"{}\" is {state:?}", hello.migration),
+            format!("migration \"{}\" is {}", hello.migration, state.name()),
         )),
     }
 }

@@ -15,6 +15,9 @@ use crate::relay::ByteCounts;
 /// Upper bounds of the cancel-latency histogram, in seconds.
 const CANCEL_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0];
 
+/// Upper bounds of the postcopy paused-time histogram, in seconds.
+const PAUSED_BUCKETS: [f64; 9] = [1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     inner: Mutex<Counters>,
@@ -30,6 +33,9 @@ struct Counters {
     cancel_buckets: [u64; CANCEL_BUCKETS.len()],
     cancel_count: u64,
     cancel_sum: f64,
+    paused_buckets: [u64; PAUSED_BUCKETS.len()],
+    recoveries: u64,
+    paused_sum: f64,
 }
 
 /// What the daemon knows at scrape time.
@@ -71,6 +77,19 @@ impl Metrics {
         }
     }
 
+    /// A paused postcopy migration recovered, its guest frozen for `frozen`.
+    pub fn recovered(&self, frozen: Duration) {
+        let mut c = self.lock();
+        let seconds = frozen.as_secs_f64();
+        for (bucket, bound) in c.paused_buckets.iter_mut().zip(PAUSED_BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        c.recoveries += 1;
+        c.paused_sum += seconds;
+    }
+
     /// Every channel of a cancelled migration had closed this long after the cancel.
     pub fn cancelled_in(&self, latency: Duration) {
         let mut c = self.lock();
@@ -91,6 +110,7 @@ impl Metrics {
         render_traffic(&mut out, &c, live);
         render_outcomes(&mut out, &c);
         render_cancels(&mut out, &c);
+        render_recoveries(&mut out, &c);
         render_peers(&mut out, live);
         out
     }
@@ -186,6 +206,40 @@ fn render_cancels(out: &mut String, c: &Counters) {
     );
     let _ = writeln!(out, "migproxy_cancel_seconds_sum {}", c.cancel_sum);
     let _ = writeln!(out, "migproxy_cancel_seconds_count {}", c.cancel_count);
+}
+
+/// Postcopy recoveries, and how long each left the guest frozen.
+fn render_recoveries(out: &mut String, c: &Counters) {
+    family(
+        out,
+        "migproxy_postcopy_recoveries_total",
+        "counter",
+        "Paused postcopy migrations that recovered.",
+    );
+    let _ = writeln!(out, "migproxy_postcopy_recoveries_total {}", c.recoveries);
+    family(
+        out,
+        "migproxy_postcopy_paused_seconds",
+        "histogram",
+        "Time a recovered postcopy migration's guest stayed frozen, from the pause to QEMU running postcopy again.",
+    );
+    for (bucket, bound) in c.paused_buckets.iter().zip(PAUSED_BUCKETS) {
+        let _ = writeln!(
+            out,
+            "migproxy_postcopy_paused_seconds_bucket{{le=\"{bound}\"}} {bucket}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "migproxy_postcopy_paused_seconds_bucket{{le=\"+Inf\"}} {}",
+        c.recoveries
+    );
+    let _ = writeln!(out, "migproxy_postcopy_paused_seconds_sum {}", c.paused_sum);
+    let _ = writeln!(
+        out,
+        "migproxy_postcopy_paused_seconds_count {}",
+        c.recoveries
+    );
 }
 
 /// The peer port: connections refused by reason, and whether the link is TLS.

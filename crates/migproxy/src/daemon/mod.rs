@@ -88,6 +88,8 @@ pub struct Config {
     pub keep_finished: usize,
     /// An active migration with channels fails when no byte moves for this long.
     pub stall_timeout: Duration,
+    /// How long a paused postcopy migration driven over QMP may take to recover.
+    pub recover_timeout: Duration,
     /// Mutual TLS on every peer connection; `None` is plaintext (`--insecure-plaintext`).
     pub tls: Option<Arc<crate::tls::TlsHandle>>,
     /// Directories an incoming migration's unix target must be in; empty: anywhere.
@@ -120,6 +122,7 @@ impl Config {
             first_byte_timeout: Duration::from_secs(2),
             keep_finished: 1000,
             stall_timeout: Duration::from_secs(30),
+            recover_timeout: Duration::from_secs(600),
             tls: None,
             target_dirs: Vec::new(),
             allow_clear_data: false,

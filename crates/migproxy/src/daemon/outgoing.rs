@@ -23,6 +23,38 @@ use crate::human::{Chain, errno_name};
 use crate::relay;
 use crate::transport::{Listener, Stream, TransportError};
 
+mod redial;
+
+use self::redial::{Dialer, NotResumed};
+
+/// The source daemon's dial for a paused migration's control link.
+struct Redialer {
+    daemon: Arc<Daemon>,
+    migration: Arc<Migration>,
+}
+
+impl Dialer for Redialer {
+    async fn resume(&self, first: u32) -> Result<bool, NotResumed> {
+        resume(&self.daemon, &self.migration, first).await
+    }
+
+    async fn tell_cancel(&self, first: u32) -> bool {
+        let hello = hello(&self.migration, Kind::Control, first);
+        match dial(&self.daemon, &self.migration, &hello).await {
+            Ok(dialled) => match ControlLink::from(dialled, &self.migration.spec.peer, false) {
+                Ok(link) => {
+                    tell_cancelled(link).await;
+                    true
+                }
+                Err(_) => false,
+            },
+            // Refused: the destination has ended it too (or forgotten it); nobody to tell.
+            Err(PeerError::Refused { .. }) => true,
+            Err(_) => false,
+        }
+    }
+}
+
 /// What the API asks for.
 #[derive(Debug)]
 pub struct Request {
@@ -32,6 +64,8 @@ pub struct Request {
     pub peer: String,
     /// Pause instead of failing, for postcopy recovery.
     pub recoverable: bool,
+    /// How long a pause may last before the migration fails for good.
+    pub recover_timeout: Option<std::time::Duration>,
     /// The name the destination's certificate must carry; default the host of `peer`.
     pub tls_hostname: Option<String>,
     /// Drive the source QEMU over QMP: capabilities, parameters, `migrate`, its verdict.
@@ -119,6 +153,7 @@ fn spec(daemon: &Daemon, request: &Request, data_path_here: Choice) -> Spec {
             .map_or(daemon.config.max_channels, |q| q.channels())
             .min(daemon.config.max_channels),
         recoverable: request.recoverable,
+        recover_timeout: request.recover_timeout,
         server_name: request
             .tls_hostname
             .clone()
@@ -163,10 +198,21 @@ async fn link_up(
             let span = tracing::info_span!("migration", migration = %migration.spec.id);
             daemon.tasks.spawn(
                 accept_channels(Arc::clone(daemon), Arc::clone(migration), listener)
-                    .instrument(span),
+                    .instrument(span.clone()),
             );
             match qmp {
-                Some(qmp) => start_qemu(daemon, migration, qmp).await,
+                Some(qmp) => {
+                    if migration.spec.recoverable {
+                        // Recovery over QMP: this host brings the link back after a break.
+                        let dialer = Redialer {
+                            daemon: Arc::clone(daemon),
+                            migration: Arc::clone(migration),
+                        };
+                        let redial = redial::run(Arc::clone(migration), dialer);
+                        daemon.tasks.spawn(redial.instrument(span));
+                    }
+                    start_qemu(daemon, migration, qmp).await
+                }
                 None => Ok(()),
             }
         }
@@ -389,15 +435,14 @@ async fn tell_cancelled(link: ControlLink) {
     .await;
 }
 
-/// A paused migration whose QEMU reconnects: dial a new control link for the epoch that
-/// starts at channel `first_channel`.
-/// True when resumed; false when there was nothing to resume any more (the migration
-/// ended, or another link attached). A failure is what to report: the dial's, with its errno.
+/// A paused migration: dial a new control link for the epoch that starts at channel
+/// `first_channel`. True when resumed; false when there was nothing to resume any more
+/// (the migration ended, or another link attached).
 async fn resume(
     daemon: &Daemon,
     migration: &Arc<Migration>,
     first_channel: u32,
-) -> Result<bool, Attribution> {
+) -> Result<bool, NotResumed> {
     let hello = hello(migration, Kind::Control, first_channel);
     let link = tokio::select! {
         () = migration.stopped() => return Ok(false),
@@ -407,11 +452,25 @@ async fn resume(
     let link = link
         .and_then(|dialled| ControlLink::from(dialled, &migration.spec.peer, false))
         .map_err(|error| {
-            migration.peer_link_failure(
+            let blame = migration.peer_link_failure(
                 error.op(),
                 error.os_error().and_then(errno_name),
                 format!("resume: control link: {}", dial_detail(&error)),
-            )
+            );
+            match &error {
+                PeerError::Refused { message, .. } => NotResumed::Refused {
+                    cancelled: message.ends_with(" is cancelled"),
+                    blame: Attribution {
+                        message: format!(
+                            "the destination daemon refused to resume ({message}): it no \
+                             longer knows the migration (restarted?) or has ended it; {}",
+                            super::attribution::BY_HAND
+                        ),
+                        ..blame
+                    },
+                },
+                _ => NotResumed::Failed(blame),
+            }
         })?;
     match start_control(daemon, migration, link, first_channel) {
         Ok(()) => Ok(true),
@@ -516,7 +575,7 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
 async fn resumed(daemon: &Daemon, migration: &Arc<Migration>, index: u32) -> bool {
     match resume(daemon, migration, index).await {
         Ok(resumed) => resumed,
-        Err(blame) => {
+        Err(NotResumed::Failed(blame) | NotResumed::Refused { blame, .. }) => {
             migration.resume_failed(blame);
             false
         }

@@ -138,6 +138,10 @@ impl OwnSocket {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Removes the socket if the file at its path is still the one seen by [`OwnSocket::at`]
     /// (never another's, never through a symbolic link). True when removed. Between the
     /// check and the unlink a new socket could in principle take the path; only a new

@@ -62,6 +62,19 @@ impl TwoHosts {
         hosts
     }
 
+    /// Lifts [`blackhole_b`](Self::blackhole_b): the cable is back.
+    pub fn restore_b(&self) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.b, "nft", "delete table inet cut"])
+            .output()
+            .expect("nft (nftables)");
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Drops every packet arriving at host B: a blackhole, no reset, no error.
     pub fn blackhole_b(&self) {
         let rules = "table inet cut { \

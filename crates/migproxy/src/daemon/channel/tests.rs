@@ -29,6 +29,7 @@ fn migration() -> Arc<Migration> {
         local: "unix:/nowhere.sock".parse().unwrap(),
         max_channels: 4,
         recoverable: false,
+        recover_timeout: None,
         server_name: String::new(),
         tls: false,
         qemu: Some(Settings {

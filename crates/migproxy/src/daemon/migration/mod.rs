@@ -26,6 +26,7 @@ pub mod group;
 pub mod handoff;
 mod local_qemu;
 mod path;
+mod recovery;
 mod snapshot;
 mod stall;
 pub mod state;
@@ -111,6 +112,9 @@ pub struct Spec {
     pub max_channels: u32,
     /// Pause instead of failing (postcopy recovery).
     pub recoverable: bool,
+    /// How long a pause may last before the migration fails for good (`None`: until a
+    /// person cancels it).
+    pub recover_timeout: Option<Duration>,
     /// Outgoing: the name the destination daemon's certificate must carry.
     pub server_name: String,
     /// Whether the peer link is encrypted and authenticated (TLS) or plaintext.
@@ -240,6 +244,7 @@ impl Migration {
             max_channels: spec.max_channels,
             qemu: spec.qemu.is_some(),
             postcopy: spec.qemu.as_ref().is_some_and(|q| q.postcopy),
+            recover_timeout_ms: spec.recover_timeout.map(|t| t.as_millis() as u64),
         });
         let qemu_driven = spec.qemu.is_some();
         let migration = Arc::new(Migration {
@@ -350,6 +355,11 @@ impl Migration {
                     inner.ended = Some(Instant::now());
                     inner.ended_at = Some(SystemTime::now());
                     self.stop.cancel();
+                }
+                Effect::Announce(note) => self.note(note),
+                Effect::AwaitRecovery { pause, limit_ms } => {
+                    let limit = Duration::from_millis(limit_ms);
+                    self.after(limit, Input::RecoverOver { pause, limit_ms });
                 }
             }
         }

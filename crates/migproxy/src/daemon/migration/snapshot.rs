@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::state::Core;
+use super::state::{Core, Recovery};
 use super::view::{self, Snapshot};
 use super::{Inner, Migration, State, channels};
 use crate::daemon::attribution;
@@ -49,8 +49,15 @@ impl Migration {
                 .iter()
                 .map(attribution::Report::from)
                 .collect(),
+            recoveries: recoveries(&inner.core),
+            recovered: inner.core.recoveries().recovered(),
+            frozen_ms: inner
+                .core
+                .recoveries()
+                .frozen_ms(elapsed.as_millis() as u64),
+            recover_timeout_ms: self.spec.recover_timeout.map(|t| t.as_millis() as u64),
             cancelled_by: inner.core.cancelled_by().map(HostName::from),
-            verdict: view::verdict(state),
+            verdict: view::verdict(state, inner.core.cancelled_paused()),
             created_at: view::unix_seconds(Some(self.created)).unwrap_or_default(),
             elapsed_ms: elapsed.as_millis() as u64,
             throughput,
@@ -99,6 +106,16 @@ impl Migration {
             average_bytes_per_second: average,
         }
     }
+}
+
+fn recoveries(core: &Core) -> Vec<view::RecoveryView> {
+    let view = |r: &Recovery| view::RecoveryView {
+        cause: attribution::Report::from(&r.cause),
+        paused_at_ms: r.paused_at_ms,
+        frozen_ms: r.frozen_ms,
+        failed_attempts: r.failed_attempts,
+    };
+    core.recoveries().all().iter().map(view).collect()
 }
 
 fn peer_view(core: &Core) -> view::PeerView {

@@ -15,7 +15,8 @@
 //!     │ source's Failed ─► failed                                 │      peer's Done, equal
 //!                                                                 │      counts ─► completed
 //!                                                                 │        (or transferred)
-//!   failure (recoverable) ─► paused ── attach(n): QEMU reconnects ─► attached (new epoch)
+//!   failure (recoverable) ─► paused ── attach(n): the link is back ─► attached (new epoch)
+//!     │ recover timeout, resume refused ─► failed     (pauses and recoveries: recovery.rs)
 //!   failure, cancel (from any live phase) ─► failed / cancelled
 //! ```
 //!
@@ -53,6 +54,7 @@ pub const TRANSITIONS: &[(&str, &str, &str)] = &[
     ("attached", "first-channel deadline", "failed"),
     ("attached", "grace over", "failed"),
     ("attached", "open", "active"),
+    ("attached", "recover timeout", "failed"),
     ("attached", "peer cancel", "cancelled"),
     ("attached", "peer failed", "failed"),
     ("attached", "peer failed", "paused"),
@@ -72,6 +74,7 @@ pub const TRANSITIONS: &[(&str, &str, &str)] = &[
     ("active", "peer failed", "failed"),
     ("active", "peer failed", "paused"),
     ("active", "qemu status", "completing"),
+    ("active", "recover timeout", "failed"),
     ("active", "setup failed", "failed"),
     ("completing", "failure", "failed"),
     ("completing", "failure", "paused"),
@@ -90,6 +93,9 @@ pub const TRANSITIONS: &[(&str, &str, &str)] = &[
     ("cancelling", "peer failed", "failed"),
     ("paused", "ask cancel", "cancelled"),
     ("paused", "attach", "attached"),
+    ("paused", "cancel", "cancelled"),
+    ("paused", "recover timeout", "failed"),
+    ("paused", "resume refused", "failed"),
 ];
 
 /// [`TRANSITIONS`] as a Markdown table.
@@ -386,8 +392,12 @@ pub enum Input {
     Qemu { status: Status },
     /// Source: the task following QEMU can cancel it first from now on.
     QemuFollowing,
-    /// A paused migration's resume failed.
+    /// A paused migration's resume failed (it may be tried again).
     ResumeFailed { blame: Attribution },
+    /// A paused migration cannot be resumed: the peer refused it, or QEMU did.
+    ResumeRefused { blame: Attribution },
+    /// Pause number `pause` has lasted `limit_ms` (the recover timeout).
+    RecoverOver { pause: u32, limit_ms: u64 },
 }
 
 impl Input {
@@ -418,6 +428,8 @@ impl Input {
             Input::Qemu { .. } => "qemu status",
             Input::QemuFollowing => "qemu following",
             Input::ResumeFailed { .. } => "resume failed",
+            Input::ResumeRefused { .. } => "resume refused",
+            Input::RecoverOver { .. } => "recover timeout",
         }
     }
 }
@@ -444,6 +456,21 @@ pub enum Effect {
     AwaitFirstChannel,
     /// The migration has ended: stop accepting, abort every channel, stop every timer.
     Stop,
+    /// Tell the world about a pause or a recovery (event, log, metrics).
+    Announce(Note),
+    /// Pause number `pause` must recover within `limit_ms` ([`Input::RecoverOver`]).
+    AwaitRecovery { pause: u32, limit_ms: u64 },
+}
+
+/// A step of postcopy recovery worth an event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Note {
+    /// The migration paused, for `cause` (pause number `pause`).
+    Paused { pause: u32, cause: Attribution },
+    /// The control link is back: QEMU's recovery starts.
+    Recovering { pause: u32 },
+    /// QEMU runs postcopy again; the guest was frozen `frozen_ms`.
+    Resumed { pause: u32, frozen_ms: u64 },
 }
 
 /// Why an input was not taken.
@@ -487,6 +514,9 @@ pub struct Config {
     pub qemu: bool,
     /// The `postcopy-ram` capability is on (QEMU driven here).
     pub postcopy: bool,
+    /// How long a pause may last before the migration fails for good; `None`: for ever
+    /// (a person recovers by hand).
+    pub recover_timeout_ms: Option<u64>,
 }
 
 /// What a step yields: the effects to carry out, or why the input was not taken.
@@ -516,6 +546,12 @@ pub struct Core {
     qemu: Status,
     /// Source: the task following QEMU takes cancels.
     qemu_following: bool,
+    /// Every pause, and how it recovered.
+    recoveries: Recoveries,
+    /// Milliseconds since creation at the current step.
+    clock_ms: u64,
+    /// Cancelled while paused in postcopy: both QEMUs were left as they were.
+    cancelled_paused: bool,
 }
 
 impl Core {
@@ -536,6 +572,9 @@ impl Core {
             cancelled_by: None,
             qemu: Status::None,
             qemu_following: false,
+            recoveries: Recoveries::default(),
+            clock_ms: 0,
+            cancelled_paused: false,
         }
     }
 
@@ -572,6 +611,15 @@ impl Core {
         self.paused
     }
 
+    pub fn recoveries(&self) -> &Recoveries {
+        &self.recoveries
+    }
+
+    /// Cancelled while paused in postcopy (the guest is split between the hosts).
+    pub fn cancelled_paused(&self) -> bool {
+        self.cancelled_paused
+    }
+
     pub fn cancelled_by(&self) -> Option<Host> {
         self.cancelled_by
     }
@@ -590,7 +638,10 @@ impl Core {
     }
 }
 
+pub mod recovery;
 mod transitions;
+
+pub use self::recovery::{Recoveries, Recovery};
 
 #[cfg(test)]
 mod tests;

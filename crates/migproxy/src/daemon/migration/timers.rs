@@ -27,6 +27,7 @@ fn migration(role: Role) -> Arc<Migration> {
         local: "unix:/nowhere.sock".parse().unwrap(),
         max_channels: 4,
         recoverable: false,
+        recover_timeout: None,
         server_name: String::new(),
         tls: false,
         qemu: None,

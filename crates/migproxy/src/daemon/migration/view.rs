@@ -112,8 +112,18 @@ pub struct Snapshot {
     pub channels: Vec<ChannelSnapshot>,
     /// The failure that ended the migration, or paused it (while paused).
     pub error: Option<attribution::Report>,
-    /// Every failure that paused it, oldest first.
+    /// Every failure that paused it, oldest first (failed resumes too).
     pub pauses: Vec<attribution::Report>,
+    /// Every pause of postcopy and how it recovered, oldest first; the last one may still be
+    /// open (paused, or recovering).
+    pub recoveries: Vec<RecoveryView>,
+    /// How many pauses recovered.
+    pub recovered: u32,
+    /// Time the guest spent frozen in pauses, the open one counted until now.
+    pub frozen_ms: u64,
+    /// How long a pause may last before the migration fails for good (`null`: until a
+    /// person cancels it).
+    pub recover_timeout_ms: Option<u64>,
     pub cancelled_by: Option<HostName>,
     /// What is known of QEMU's own verdict, in a sentence (`completed`, `transferred`).
     pub verdict: Option<String>,
@@ -136,6 +146,20 @@ pub struct QemuView {
     pub report: QemuReport,
 }
 
+/// One pause of postcopy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryView {
+    /// What broke.
+    pub cause: attribution::Report,
+    /// When it paused, in milliseconds since the migration was created.
+    pub paused_at_ms: u64,
+    /// How long the guest stayed frozen, until QEMU ran postcopy again; `null` while not
+    /// recovered.
+    pub frozen_ms: Option<u64>,
+    /// Tries to bring the control link back that failed.
+    pub failed_attempts: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChannelSnapshot {
     pub index: u32,
@@ -143,8 +167,15 @@ pub struct ChannelSnapshot {
     pub bytes: ByteCounts,
 }
 
-/// The sentence a final state carries about QEMU's own verdict.
-pub fn verdict(state: State) -> Option<String> {
+/// The sentence a final state carries about QEMU's own verdict. `split`: cancelled while
+/// postcopy was paused, the guest between the hosts.
+pub fn verdict(state: State, split: bool) -> Option<String> {
+    if state == State::Cancelled && split {
+        return Some(format!(
+            "cancelled while postcopy was paused: {}",
+            attribution::BY_HAND
+        ));
+    }
     let sentence = match state {
         State::Completed => Some(
             "QEMU finished the migration (its word over QMP, or the destination's acknowledgement on the return path)",
@@ -204,6 +235,20 @@ pub enum EventKind {
         data_path: DataPath,
         reason: String,
     },
+    /// Postcopy paused (pause number `pause`): the link or a channel broke.
+    Paused {
+        pause: u32,
+        cause: attribution::Report,
+    },
+    /// The control link is back after pause `pause`: QEMU is told to recover.
+    Recovering {
+        pause: u32,
+    },
+    /// QEMU runs postcopy again after pause `pause`; the guest was frozen `frozen_ms`.
+    Resumed {
+        pause: u32,
+        frozen_ms: u64,
+    },
     /// The daemon stops: event streams end here.
     Shutdown,
 }
@@ -233,6 +278,9 @@ impl Event {
             EventKind::ChannelClosed { .. } => "channel_closed",
             EventKind::Qemu { .. } => "qemu",
             EventKind::DataPath { .. } => "data_path",
+            EventKind::Paused { .. } => "paused",
+            EventKind::Recovering { .. } => "recovering",
+            EventKind::Resumed { .. } => "resumed",
             EventKind::Shutdown => "shutdown",
         }
     }

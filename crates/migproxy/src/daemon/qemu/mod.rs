@@ -35,12 +35,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod command;
+mod recover;
 pub mod report;
 
 use migproxy_proto::Attribution;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use self::command::{COMMAND_TIMEOUT, run, run_status, timed};
+pub use self::command::{Fault, QemuError};
 pub use self::report::{CancelRefused, Report, Settings, Status};
 use super::migration::{CancelRequest, Migration, Role, State};
 use super::paths::OwnSocket;
@@ -52,107 +56,12 @@ use crate::qmp::{Qmp, QmpError};
 /// How often QEMU is asked how the migration goes.
 const POLL: Duration = Duration::from_millis(100);
 
-/// How long one QMP command may take while following QEMU before its monitor is given up.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// How long QEMU may take to settle (`cancelled`, `failed`) once the migration has ended.
 const WIND_DOWN: Duration = Duration::from_secs(3);
 
 /// `max-bandwidth` when none is asked for: unlimited in practice (100 GiB/s), as libvirt
 /// does. QEMU's own default (128 MiB/s) is a trap for anyone migrating more than a toy.
 pub const UNLIMITED_BANDWIDTH: u64 = 100 << 30;
-
-/// Why QEMU could not be prepared, each naming the QMP socket.
-#[derive(Debug, thiserror::Error)]
-pub enum QemuError {
-    /// The monitor could not be reached or spoke no QMP.
-    #[error(transparent)]
-    Qmp(QmpError),
-    #[error("QEMU at {}{hint}", .qmp.display())]
-    Command {
-        qmp: PathBuf,
-        #[source]
-        error: QmpError,
-        hint: &'static str,
-    },
-    #[error(
-        "QEMU at {} is {status}, not waiting for an incoming migration: start the destination \
-         QEMU with -incoming defer", .qmp.display()
-    )]
-    NotIncoming { qmp: PathBuf, status: String },
-    #[error(
-        "QEMU at {} already listens for its migration on {listening} (started with -incoming \
-         URI): start it with -incoming defer, so that migproxy chooses where it listens",
-        .qmp.display()
-    )]
-    Listening { qmp: PathBuf, listening: String },
-    #[error(
-        "QEMU at {} waits for an incoming migration: it is a destination, not a source",
-        .qmp.display()
-    )]
-    NotSource { qmp: PathBuf },
-    #[error("QEMU at {} already has a migration in state {status}", .qmp.display())]
-    Busy { qmp: PathBuf, status: String },
-    #[error("QEMU at {} cannot migrate: {reasons}", .qmp.display())]
-    Blocked { qmp: PathBuf, reasons: String },
-    #[error("QEMU at {} did not answer {command} within {} s", .qmp.display(), COMMAND_TIMEOUT.as_secs())]
-    Timeout { qmp: PathBuf, command: &'static str },
-}
-
-impl QemuError {
-    /// The OS error underneath, when the monitor's socket failed.
-    pub fn os_error(&self) -> Option<&std::io::Error> {
-        match self {
-            QemuError::Qmp(QmpError::Connect { error, .. } | QmpError::Io { error, .. }) => {
-                Some(error)
-            }
-            _ => None,
-        }
-    }
-
-    /// Whose fault it is: the request's (a path that is no QMP socket), a QEMU in the wrong
-    /// state (or whose monitor is held by another client), or a QEMU that broke off.
-    pub fn fault(&self) -> Fault {
-        match self {
-            QemuError::Qmp(QmpError::Connect { .. } | QmpError::Protocol { .. }) => Fault::Request,
-            QemuError::Qmp(QmpError::Io { .. } | QmpError::Closed { .. })
-            | QemuError::Timeout { .. } => Fault::Qemu,
-            _ => Fault::State,
-        }
-    }
-}
-
-/// See [`QemuError::fault`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    Request,
-    State,
-    Qemu,
-}
-
-/// Runs one command; QEMU's refusals name the socket and carry `hint`.
-async fn run(
-    qmp: &mut Qmp,
-    command: &str,
-    arguments: Value,
-    hint: &'static str,
-) -> Result<Value, QemuError> {
-    qmp.execute(command, arguments)
-        .await
-        .map_err(|error| match error {
-            error @ QmpError::Command { .. } => QemuError::Command {
-                qmp: qmp.path().to_owned(),
-                error,
-                hint,
-            },
-            other => QemuError::Qmp(other),
-        })
-}
-
-async fn run_status(qmp: &mut Qmp) -> Result<String, QemuError> {
-    let status = run(qmp, "query-status", Value::Null, "").await?;
-    Ok(status["status"].as_str().unwrap_or("unknown").to_owned())
-}
 
 /// Destination: checks that QEMU waits for `migrate-incoming` and sets the capabilities
 /// both sides must share. QEMU is told to listen only once the source daemon has come
@@ -368,28 +277,17 @@ enum Cancelled {
     Lost(QemuError),
 }
 
-/// Runs one command, giving QEMU [`COMMAND_TIMEOUT`]. After a timeout the session must not be
-/// used again (a reply may be half read).
-async fn timed(qmp: &mut Qmp, command: &'static str) -> Result<Value, QemuError> {
-    match tokio::time::timeout(COMMAND_TIMEOUT, run(qmp, command, Value::Null, "")).await {
-        Ok(answer) => answer,
-        Err(_) => Err(QemuError::Timeout {
-            qmp: qmp.path().to_owned(),
-            command,
-        }),
-    }
-}
-
 /// Follows QEMU's migration until QEMU's verdict, feeding the migration's report; then, once
 /// the migration has ended, removes `cleanup` (the socket the destination QEMU listened on).
 pub async fn follow(
     migration: Arc<Migration>,
     mut qmp: Qmp,
     mut cancels: mpsc::Receiver<CancelRequest>,
-    cleanup: Option<OwnSocket>,
+    mut cleanup: Option<OwnSocket>,
 ) {
     let started = Instant::now();
     let mut postcopy = Switch::new(&migration);
+    let mut recover = recover::Recover::default();
     loop {
         let ended = tokio::select! {
             () = migration.stopped() => true,
@@ -413,6 +311,16 @@ pub async fn follow(
                 break;
             }
         };
+        if !status.is_final()
+            && let Err(error) = recover.tick(&migration, &mut qmp, &status).await
+        {
+            monitor_lost(&migration, &error);
+            break;
+        }
+        if recover.take_relistened() {
+            // `migrate-recover` made a new socket at the same path: that one is removed.
+            cleanup = cleanup.and_then(|socket| OwnSocket::at(socket.path()));
+        }
         match status {
             Status::Completed => break,
             Status::Failed | Status::Cancelled => {

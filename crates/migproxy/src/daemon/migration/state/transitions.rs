@@ -23,6 +23,7 @@ impl Core {
         {
             return Err(Refusal::Phase(state.name()));
         }
+        self.clock_ms = now.elapsed_ms;
         match input {
             Input::Attach { first_channel } => self.attach(first_channel, now),
             Input::Open { index } => self.open(index),
@@ -60,6 +61,8 @@ impl Core {
                 Ok(Vec::new())
             }
             Input::ResumeFailed { blame } => self.resume_failed(blame),
+            Input::ResumeRefused { blame } => self.resume_refused(blame),
+            Input::RecoverOver { pause, limit_ms } => self.recover_over(pause, limit_ms),
         }
     }
 
@@ -110,6 +113,8 @@ impl Core {
         self.return_path = ReturnPath::NotWatched;
         if resuming {
             self.error = None;
+            let pause = self.recoveries.all().len() as u32;
+            effects.push(Effect::Announce(Note::Recovering { pause }));
         }
         self.phase = Phase::Attached;
         effects.push(Effect::BeginEpoch {
@@ -157,9 +162,12 @@ impl Core {
     fn running(&mut self, index: u32) -> Steps {
         let channel = self.channel_opening(index)?;
         channel.state = ChannelState::Active;
-        Ok(vec![Effect::Send(Control::ChannelOpened {
-            channel: index,
-        })])
+        let mut effects = vec![Effect::Send(Control::ChannelOpened { channel: index })];
+        // Without QEMU's word, the resumed epoch's main stream running is the recovery.
+        if !self.config.qemu && index == self.epoch_start {
+            effects.extend(self.resumed());
+        }
+        Ok(effects)
     }
 
     fn channel_opening(&mut self, index: u32) -> Result<&mut Channel, Refusal> {
@@ -282,14 +290,14 @@ impl Core {
         Ok(self.fail(blame, true))
     }
 
-    /// Ends the current epoch with a failure: a recoverable migration pauses, any other
-    /// fails.
+    /// Ends the current epoch with a failure: a recoverable migration pauses where it can
+    /// be recovered, any other fails.
     fn fail(&mut self, blame: Attribution, tell_peer: bool) -> Vec<Effect> {
         let mut effects = Vec::new();
         if tell_peer {
             effects.push(Effect::Send(Control::Failed(blame.clone())));
         }
-        if self.config.recoverable && self.phase != Phase::Pending {
+        if self.pauses_for(&blame) {
             effects.extend(self.pause(blame));
         } else {
             self.error = Some(blame);
@@ -298,13 +306,66 @@ impl Core {
         effects
     }
 
+    /// Whether a failure pauses rather than fails. Without QMP a recoverable migration
+    /// always pauses: only the person driving QEMU knows whether it can be recovered. With
+    /// QMP only a break of the transport pauses, and only while QEMU runs postcopy (in
+    /// precopy the guest still runs on the source: the migration fails as any other; a dead
+    /// QEMU cannot be recovered at all).
+    fn pauses_for(&self, blame: &Attribution) -> bool {
+        if !self.config.recoverable || self.phase == Phase::Pending {
+            return false;
+        }
+        !self.config.qemu || (blame.leg == migproxy_proto::Leg::Peer && self.qemu.is_postcopy())
+    }
+
     fn pause(&mut self, blame: Attribution) -> Vec<Effect> {
         self.error = Some(blame.clone());
-        self.pauses.push(blame);
+        self.pauses.push(blame.clone());
         self.paused += 1;
         self.link = false;
         self.phase = Phase::Paused;
-        vec![Effect::EndEpoch]
+        let mut effects = vec![Effect::EndEpoch];
+        if let Some(pause) = self.recoveries.paused(blame.clone(), self.clock_ms) {
+            effects.push(Effect::Announce(Note::Paused {
+                pause,
+                cause: blame,
+            }));
+            if let Some(limit_ms) = self.config.recover_timeout_ms {
+                effects.push(Effect::AwaitRecovery { pause, limit_ms });
+            }
+        }
+        effects
+    }
+
+    /// The open pause is over: the guest runs again.
+    fn resumed(&mut self) -> Option<Effect> {
+        let frozen_ms = self.recoveries.resumed(self.clock_ms)?;
+        let pause = self.recoveries.all().len() as u32;
+        Some(Effect::Announce(Note::Resumed { pause, frozen_ms }))
+    }
+
+    /// The recover timeout of pause `pause` ran out: still not recovered, the migration
+    /// fails for good, saying where the guest is and what a person can still do.
+    fn recover_over(&mut self, pause: u32, limit_ms: u64) -> Steps {
+        if !self.recoveries.is_open(pause) {
+            return Err(Refusal::Stale);
+        }
+        let cause = self.recoveries.open().map(|r| r.cause.message.clone());
+        let blame = attribution::recovery_timed_out(
+            self.host(),
+            limit_ms,
+            cause.unwrap_or_default(),
+            self.clock_ms,
+        );
+        Ok(self.fail_for_good(blame))
+    }
+
+    /// The peer (or QEMU) refused to resume: waiting longer cannot help.
+    fn resume_refused(&mut self, blame: Attribution) -> Steps {
+        if self.phase != Phase::Paused && self.recoveries.open().is_none() {
+            return Err(Refusal::Phase(self.phase.name()));
+        }
+        Ok(self.fail_for_good(blame))
     }
 
     fn finish(&mut self, state: State) -> Vec<Effect> {
@@ -319,6 +380,7 @@ impl Core {
         }
         self.error = Some(blame.clone());
         self.pauses.push(blame);
+        self.recoveries.attempt_failed();
         Ok(Vec::new())
     }
 
@@ -326,6 +388,11 @@ impl Core {
     /// guest may already be the destination's.
     fn ask_cancel(&mut self, by: Host) -> Result<(Vec<Effect>, CancelRoute), Refusal> {
         let here = by == self.host();
+        if self.phase == Phase::Paused {
+            // Nothing moves and no link is up: the cancel only stops the recovery; both
+            // QEMUs stay paused as they are, for a person to recover or give up.
+            return self.cancel(by).map(|effects| (effects, CancelRoute::Now));
+        }
         if here {
             if self.qemu.is_postcopy() {
                 return Err(CancelRefused::Postcopy.into());
@@ -373,6 +440,8 @@ impl Core {
         if here && !self.is_cancelling() {
             effects.push(Effect::Send(Control::Cancel { by }));
         }
+        // Paused, or the link back but QEMU not resumed yet: the guest is split.
+        self.cancelled_paused = self.recoveries.open().is_some() && self.qemu.is_postcopy();
         effects.extend(self.finish_cancel(by));
         Ok(effects)
     }
@@ -490,11 +559,17 @@ impl Core {
 
     fn qemu(&mut self, status: Status) -> Steps {
         let completed = status == Status::Completed && self.qemu != Status::Completed;
+        // QEMU back in postcopy after a pause, on the resumed epoch: the recovery is done.
+        let resumed = status == Status::PostcopyActive && self.phase.is_live();
         self.qemu = status;
+        let mut effects: Vec<Effect> = match resumed {
+            true => self.resumed().into_iter().collect(),
+            false => Vec::new(),
+        };
         if completed {
-            return self.check_done();
+            effects.extend(self.check_done()?);
         }
-        Ok(Vec::new())
+        Ok(effects)
     }
 
     /// What this host holds as evidence that QEMU finished.

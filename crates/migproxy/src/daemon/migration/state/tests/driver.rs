@@ -20,6 +20,7 @@ pub(super) fn config(role: Role) -> Config {
         max_channels: 4,
         qemu: false,
         postcopy: false,
+        recover_timeout_ms: None,
     }
 }
 
@@ -63,9 +64,20 @@ impl Driver<'_> {
     }
 
     pub(super) fn step(&mut self, input: Input) -> Steps {
+        self.step_at(input, now().elapsed_ms)
+    }
+
+    /// As [`step`](Self::step), `elapsed_ms` after the migration's creation.
+    pub(super) fn step_at(&mut self, input: Input, elapsed_ms: u64) -> Steps {
         let from = self.core.phase().name();
         let name = input.name();
-        let result = self.core.step(input, now());
+        let result = self.core.step(
+            input,
+            Now {
+                elapsed_ms,
+                ..now()
+            },
+        );
         let to = self.core.phase().name();
         if result.is_err() {
             assert_eq!(from, to, "a refused {name} changed the phase");

@@ -4,11 +4,13 @@
 
 mod driver;
 mod endings;
+mod recovery;
 mod scenarios;
 
 use super::*;
 use driver::Seen;
 use endings::*;
+use recovery::*;
 use scenarios::*;
 
 type Scenario = fn(&mut Seen);
@@ -86,6 +88,23 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         a_recoverable_migration_fails_in_pending_and_pauses_on_the_peers_word,
     ),
     ("refusals", inputs_that_do_not_fit_are_refused),
+    (
+        "recovery",
+        postcopy_driven_over_qmp_pauses_on_a_break_and_counts_the_frozen_time,
+    ),
+    (
+        "what does not pause",
+        with_qmp_only_a_broken_transport_in_postcopy_pauses,
+    ),
+    (
+        "recover timeout",
+        a_pause_not_recovered_in_time_fails_for_good_in_every_phase,
+    ),
+    ("resume refused", a_resume_the_peer_refuses_fails_for_good),
+    (
+        "cancel paused",
+        a_cancel_while_paused_stops_the_recovery_on_either_host,
+    ),
 ];
 
 #[test]

@@ -1,0 +1,197 @@
+//! Postcopy recovery driven over QMP: what pauses, what fails, how each pause is counted,
+//! and the deadline.
+
+use migproxy_proto::{Host, Leg};
+
+use super::super::*;
+use super::driver::*;
+use crate::daemon::qemu::report::Status;
+
+const LIMIT: u64 = 600_000;
+
+fn driven(role: Role) -> Config {
+    Config {
+        recoverable: true,
+        qemu: true,
+        postcopy: true,
+        recover_timeout_ms: Some(LIMIT),
+        ..config(role)
+    }
+}
+
+/// Active with one channel, QEMU in postcopy; then the link breaks at `at_ms`.
+fn paused_at(d: &mut Driver<'_>, at_ms: u64) -> Vec<Effect> {
+    d.active(1);
+    d.ok(Input::Qemu {
+        status: Status::PostcopyActive,
+    });
+    let epoch = d.epoch();
+    d.step_at(
+        Input::Failure {
+            epoch,
+            blame: blame(Leg::Peer),
+            wait: false,
+        },
+        at_ms,
+    )
+    .expect("the break is taken")
+}
+
+pub(super) fn postcopy_driven_over_qmp_pauses_on_a_break_and_counts_the_frozen_time(
+    seen: &mut Seen,
+) {
+    let mut d = Driver::new(driven(Role::Outgoing), seen);
+    let effects = paused_at(&mut d, 1_000);
+    assert_eq!(d.phase(), "paused");
+    assert!(effects.contains(&Effect::AwaitRecovery {
+        pause: 1,
+        limit_ms: LIMIT
+    }));
+    assert!(effects.contains(&Effect::Announce(Note::Paused {
+        pause: 1,
+        cause: blame(Leg::Peer)
+    })));
+    d.ok(Input::Qemu {
+        status: Status::PostcopyPaused,
+    });
+    d.ok(Input::ResumeFailed {
+        blame: blame(Leg::Peer),
+    });
+    // The link is back: recovering, and QEMU's postcopy-active ends the pause.
+    let effects = d
+        .step_at(Input::Attach { first_channel: 1 }, 21_000)
+        .unwrap();
+    assert!(effects.contains(&Effect::Announce(Note::Recovering { pause: 1 })));
+    d.ok(Input::Qemu {
+        status: Status::PostcopyRecover,
+    });
+    let resumed = Input::Qemu {
+        status: Status::PostcopyActive,
+    };
+    let effects = d.step_at(resumed, 21_500).unwrap();
+    assert!(effects.contains(&Effect::Announce(Note::Resumed {
+        pause: 1,
+        frozen_ms: 20_500
+    })));
+    let r = d.core.recoveries();
+    assert_eq!((r.recovered(), r.all()[0].failed_attempts), (1, 1));
+    // Its deadline is moot now.
+    d.refused(Input::RecoverOver {
+        pause: 1,
+        limit_ms: LIMIT,
+    });
+    // A second break is a second pause, with a deadline of its own.
+    let epoch = d.epoch();
+    let failure = Input::Failure {
+        epoch,
+        blame: blame(Leg::Peer),
+        wait: false,
+    };
+    let effects = d.step_at(failure, 30_000).unwrap();
+    assert!(effects.contains(&Effect::AwaitRecovery {
+        pause: 2,
+        limit_ms: LIMIT
+    }));
+    assert_eq!(d.core.recoveries().frozen_ms(31_000), 20_500 + 1_000);
+}
+
+pub(super) fn with_qmp_only_a_broken_transport_in_postcopy_pauses(seen: &mut Seen) {
+    // In precopy the guest still runs on the source: the migration fails as any other.
+    let mut d = Driver::new(driven(Role::Outgoing), seen);
+    d.active(1);
+    d.ok(Input::Qemu {
+        status: Status::Active,
+    });
+    let epoch = d.epoch();
+    d.ok(Input::Failure {
+        epoch,
+        blame: blame(Leg::Peer),
+        wait: false,
+    });
+    assert_eq!(d.phase(), "failed");
+    // A dead QEMU in postcopy cannot be recovered.
+    let mut d = Driver::new(driven(Role::Incoming), d.seen);
+    d.active(1);
+    d.ok(Input::Qemu {
+        status: Status::PostcopyActive,
+    });
+    let epoch = d.epoch();
+    d.ok(Input::Failure {
+        epoch,
+        blame: blame(Leg::Qemu),
+        wait: false,
+    });
+    assert_eq!(d.phase(), "failed");
+    assert!(d.core.recoveries().all().is_empty());
+}
+
+pub(super) fn a_pause_not_recovered_in_time_fails_for_good_in_every_phase(seen: &mut Seen) {
+    let over = Input::RecoverOver {
+        pause: 1,
+        limit_ms: LIMIT,
+    };
+    // Still paused.
+    let mut d = Driver::new(driven(Role::Incoming), seen);
+    paused_at(&mut d, 1_000);
+    let effects = d.ok(over.clone());
+    assert_eq!(d.phase(), "failed");
+    assert!(effects.contains(&Effect::Stop) && sends_failed(&effects));
+    let error = d.core.error().expect("the cause");
+    assert!(error.message.contains("recover_timeout"), "{error:?}");
+    assert!(
+        error.message.contains("migrate-recover"),
+        "says what a person can do"
+    );
+    // The link came back, QEMU did not resume.
+    let mut d = Driver::new(driven(Role::Incoming), d.seen);
+    paused_at(&mut d, 1_000);
+    d.ok(Input::Attach { first_channel: 1 });
+    d.ok(over.clone());
+    assert_eq!(d.phase(), "failed");
+    // Its channels opened, QEMU did not resume.
+    let mut d = Driver::new(driven(Role::Incoming), d.seen);
+    paused_at(&mut d, 1_000);
+    d.ok(Input::Attach { first_channel: 1 });
+    d.ok(Input::Open { index: 1 });
+    d.ok(over);
+    assert_eq!(d.phase(), "failed");
+}
+
+pub(super) fn a_resume_the_peer_refuses_fails_for_good(seen: &mut Seen) {
+    let mut d = Driver::new(driven(Role::Outgoing), seen);
+    d.refused(Input::ResumeRefused {
+        blame: blame(Leg::Peer),
+    });
+    paused_at(&mut d, 1_000);
+    d.ok(Input::ResumeRefused {
+        blame: blame(Leg::Peer),
+    });
+    assert_eq!(d.phase(), "failed");
+}
+
+pub(super) fn a_cancel_while_paused_stops_the_recovery_on_either_host(seen: &mut Seen) {
+    for role in [Role::Outgoing, Role::Incoming] {
+        let mut d = Driver::new(driven(role), seen);
+        d.ok(Input::QemuFollowing);
+        paused_at(&mut d, 1_000);
+        d.ok(Input::Qemu {
+            status: Status::PostcopyPaused,
+        });
+        // Not through QEMU, which cannot cancel in postcopy, and not refused: nothing moves.
+        let (effects, route) = d.core.ask(role.host()).expect("a cancel while paused");
+        assert_eq!(route, CancelRoute::Now, "{effects:?}");
+        assert_eq!(d.core.state(), State::Cancelled);
+        assert!(
+            d.core.cancelled_paused(),
+            "the view says where the guest is"
+        );
+        d.seen.insert(("paused", "ask cancel", "cancelled"));
+    }
+    // The peer's cancel (the destination refused a resume: cancelled there) ends it too.
+    let mut d = Driver::new(driven(Role::Outgoing), seen);
+    paused_at(&mut d, 1_000);
+    d.ok(Input::Cancel {
+        by: Host::Destination,
+    });
+    assert_eq!(d.core.cancelled_by(), Some(Host::Destination));
+}

@@ -1,0 +1,117 @@
+//! The source daemon brings a paused migration's control link back by itself when it
+//! drives QEMU (postcopy recovery over QMP): it dials again with backoff until the link is
+//! back, the migration ends (cancel, recover timeout), or the destination refuses.
+//!
+//! ```text
+//!  paused ─► wait 0.5 s ─► dial ─✗─► wait 1 s ─► dial ─✗─► 2 s, 4 s, 5 s, 5 s … ─► dial ─✓─► attached
+//!                              └ refused (restarted, ended there) ─► failed / cancelled, for good
+//! ```
+//!
+//! A cancel asked on this host while paused is carried to the destination on a control
+//! link of its own once the destination can be reached again (for a minute at most).
+//!
+//! A dial into a blackholed network takes up to the connect timeout before it fails; the
+//! backoff counts from its end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use migproxy_proto::{Attribution, Host};
+
+use crate::daemon::migration::{Migration, State};
+
+/// Why a paused migration's control link did not come back.
+pub enum NotResumed {
+    /// The dial failed (the destination is still unreachable): try again.
+    Failed(Attribution),
+    /// The destination daemon refused: it no longer knows the migration (restarted), or the
+    /// migration has ended there. `cancelled`: it was cancelled there.
+    Refused { blame: Attribution, cancelled: bool },
+}
+
+/// The wait before the first try: within a second of the pause.
+const FIRST: Duration = Duration::from_millis(500);
+
+/// The longest wait between two tries.
+const MOST: Duration = Duration::from_secs(5);
+
+/// How the link is dialled (the source daemon's peer dial, with this migration's hello).
+pub trait Dialer {
+    /// A control link for the epoch that starts at channel `first`: true once attached.
+    fn resume(&self, first: u32) -> impl Future<Output = Result<bool, NotResumed>> + Send;
+    /// A control link that only says the migration was cancelled here: true once said.
+    fn tell_cancel(&self, first: u32) -> impl Future<Output = bool> + Send;
+}
+
+/// How long a cancel asked here while paused keeps trying to reach the destination.
+const TELL_CANCEL: Duration = Duration::from_secs(60);
+
+/// Runs for the migration's life: each time it pauses, brings the link back. A cancel
+/// asked here while paused is then carried to the destination once the link is back.
+pub async fn run(migration: Arc<Migration>, dialer: impl Dialer) {
+    let mut state = migration.watch_state();
+    loop {
+        let paused = tokio::select! {
+            () = migration.stopped() => break,
+            paused = state.wait_for(|s| *s == State::Paused) => paused.is_ok(),
+        };
+        if !paused {
+            break;
+        }
+        bring_back(&migration, &dialer).await;
+        let unpaused = tokio::select! {
+            () = migration.stopped() => break,
+            unpaused = state.wait_for(|s| *s != State::Paused) => unpaused.is_ok(),
+        };
+        if !unpaused {
+            break;
+        }
+    }
+    if migration.cancelled_while_paused_here() {
+        tell_cancel(&migration, &dialer).await;
+    }
+}
+
+/// Dials until the link is back or there is nothing left to resume.
+async fn bring_back(migration: &Arc<Migration>, dialer: &impl Dialer) {
+    let mut wait = FIRST;
+    while migration.state() == State::Paused {
+        tokio::select! {
+            () = migration.stopped() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        if migration.state() != State::Paused {
+            return;
+        }
+        match dialer.resume(migration.channels_seen()).await {
+            Ok(_) => return,
+            Err(NotResumed::Failed(blame)) => migration.resume_failed(blame),
+            Err(NotResumed::Refused {
+                cancelled: true, ..
+            }) => {
+                migration.cancel(Host::Destination);
+                return;
+            }
+            Err(NotResumed::Refused { blame, .. }) => {
+                migration.resume_refused(blame);
+                return;
+            }
+        }
+        wait = (wait * 2).min(MOST);
+    }
+}
+
+/// The destination, paused too, waits for a link that will not come back: it is told of the
+/// cancel as soon as it can be reached, for a while.
+async fn tell_cancel(migration: &Migration, dialer: &impl Dialer) {
+    let deadline = tokio::time::Instant::now() + TELL_CANCEL;
+    let mut wait = FIRST;
+    while tokio::time::Instant::now() < deadline {
+        if dialer.tell_cancel(migration.channels_seen()).await {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MOST);
+    }
+    tracing::warn!(migration = %migration.spec.id, "the destination could not be told of the cancel");
+}

@@ -1,0 +1,123 @@
+//! Postcopy recovery over QMP: once the control link is back after a pause, each daemon
+//! tells its own QEMU to recover — the destination first listens again, the source resumes
+//! to the socket migproxy hands it — and both follow QEMU back to `postcopy-active`.
+//!
+//! ```text
+//!  destination daemon                                  source daemon
+//!  paused: channels torn down ─► QEMU postcopy-paused  paused: channels torn down ─► QEMU postcopy-paused
+//!                                                      redials the control link, with backoff
+//!        ◄══════════════ control link, new epoch (attach from paused) ══════════════
+//!  migrate-recover unix:RUNTIME/ID.incoming.sock       migrate unix:RUNTIME/ID.sock resume=true
+//!  (the epoch's channels wait for it)                   QEMU connects: the epoch's channels
+//!  postcopy-recover ─► postcopy-active: resumed        postcopy-recover ─► postcopy-active: resumed
+//! ```
+//!
+//! A QEMU that still runs postcopy a moment after its daemon paused (it has not noticed
+//! the break) is paused with `migrate-pause`, so that both QEMUs wait in `postcopy-paused`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::command::{QemuError, run};
+use super::report::Status;
+use crate::daemon::migration::state::Epoch;
+use crate::daemon::migration::{Migration, Role};
+use crate::human::Chain;
+use crate::qmp::Qmp;
+
+/// How long QEMU may go on in `postcopy-active` after its daemon paused before it is told
+/// to pause.
+const NOTICE: Duration = Duration::from_secs(2);
+
+/// What this host's QEMU has been told during the recoveries so far.
+#[derive(Debug, Default)]
+pub(super) struct Recover {
+    /// The epoch whose recovery QEMU was told about.
+    told: Option<Epoch>,
+    /// When this daemon first saw the open pause with QEMU still in postcopy.
+    unnoticed_since: Option<Instant>,
+    /// `migrate-pause` was sent for the open pause.
+    paused_asked: bool,
+    /// The destination QEMU listens again (a new socket file at the same path).
+    relistened: bool,
+}
+
+impl Recover {
+    /// One step, after each look at QEMU's status. An error is a monitor that failed.
+    pub(super) async fn tick(
+        &mut self,
+        migration: &Arc<Migration>,
+        qmp: &mut Qmp,
+        status: &Status,
+    ) -> Result<(), QemuError> {
+        if !migration.spec.recoverable {
+            return Ok(());
+        }
+        if !migration.pause_open() {
+            *self = Recover {
+                told: self.told,
+                relistened: self.relistened,
+                ..Recover::default()
+            };
+            return Ok(());
+        }
+        if let Some(epoch) = migration.recovering()
+            && self.told != Some(epoch)
+            && *status == Status::PostcopyPaused
+        {
+            self.told = Some(epoch);
+            self.relistened = migration.spec.role == Role::Incoming;
+            return tell(migration, qmp).await;
+        }
+        // The lifecycle closes the pause on QEMU's `postcopy-active` once the link is back:
+        // still open with QEMU in postcopy, QEMU has not noticed the break.
+        if *status == Status::PostcopyActive {
+            let since = *self.unnoticed_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= NOTICE && !self.paused_asked {
+                self.paused_asked = true;
+                tracing::info!(migration = %migration.spec.id, "QEMU has not noticed the break: migrate-pause");
+                if let Err(error @ QemuError::Qmp(_)) =
+                    run(qmp, "migrate-pause", json!({}), "").await
+                {
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the destination QEMU has listened again since last asked: its socket file is
+    /// a new one.
+    pub(super) fn take_relistened(&mut self) -> bool {
+        std::mem::take(&mut self.relistened)
+    }
+}
+
+/// Tells QEMU to recover on the epoch just attached: `migrate-recover` on the destination
+/// (whose channels may then connect), `migrate resume=true` on the source. QEMU refusing
+/// ends the migration: it cannot be recovered by waiting.
+async fn tell(migration: &Arc<Migration>, qmp: &mut Qmp) -> Result<(), QemuError> {
+    let uri = migration.spec.local.to_string();
+    let (command, arguments) = match migration.spec.role {
+        Role::Incoming => ("migrate-recover", json!({ "uri": uri })),
+        Role::Outgoing => ("migrate", json!({ "uri": uri, "resume": true })),
+    };
+    tracing::info!(migration = %migration.spec.id, command, %uri, "recovering QEMU");
+    match run(qmp, command, arguments, "").await {
+        Ok(_) => {
+            if migration.spec.role == Role::Incoming {
+                migration.qemu_listening();
+            }
+            Ok(())
+        }
+        Err(error @ QemuError::Command { .. }) => {
+            let blame =
+                migration.qemu_failure(format!("{command} {uri} refused: {}", Chain(&error)));
+            migration.resume_refused(blame);
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
