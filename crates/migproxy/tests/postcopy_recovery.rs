@@ -2,6 +2,8 @@
 //! QEMUs over QMP; the link between them is blackholed (nftables) while postcopy runs, and
 //! the daemons recover the migration by themselves — or fail it, or cancel it, as asked.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
