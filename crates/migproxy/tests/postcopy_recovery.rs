@@ -98,7 +98,7 @@ async fn cut_for(s: &Scenario, id: &str, outage: Duration) {
 /// frozen at least `frozen_at_least`.
 async fn completes_after(s: &mut Scenario, id: &str, recoveries: u64, frozen_at_least: Duration) {
     for vm in [&mut s.src_vm, &mut s.dst_vm] {
-        let info = qemu_status(vm, &["completed", "failed"], Duration::from_secs(180)).await;
+        let info = qemu_status(vm, &["completed", "failed"], Duration::from_secs(120)).await;
         assert_eq!(info["status"], "completed", "{info}");
     }
     for daemon in [&s.source, &s.destination] {
@@ -217,5 +217,19 @@ async fn without_recovery_a_break_in_postcopy_fails_as_before() {
         assert_eq!(view["recoverable"], false, "{view}");
         assert_eq!(view["error"]["leg"], "peer", "{view}");
         assert!(view["recoveries"].as_array().unwrap().is_empty(), "{view}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_kernel_path_qemu_recovers_on_a_new_connection_handed_over() {
+    let mut s = in_postcopy("pc6", 512, json!({"data_path": "kernel"})).await;
+    cut_for(&s, "pc6", Duration::from_secs(10)).await;
+    completes_after(&mut s, "pc6", 1, Duration::from_secs(3)).await;
+    for daemon in [&s.source, &s.destination] {
+        let (_, view) = daemon.request("GET", "/v1/migrations/pc6", None).await;
+        assert_eq!(view["data_path"], "kernel", "{view}");
+        let channels = view["channels"].as_array().unwrap();
+        assert_eq!(channels.len(), 2, "one connection per epoch: {view}");
+        assert_eq!(channels[1]["state"], "completed", "{view}");
     }
 }

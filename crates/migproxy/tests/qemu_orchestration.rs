@@ -366,8 +366,13 @@ async fn qemu_fields_are_checked_by_the_api() {
             "multifd: 1 to 255",
         ),
         (
-            json!({"direction": "incoming", "qmp": "/q", "recoverable": true}),
-            "recoverable: not with qmp",
+            json!({"direction": "incoming", "qmp": "/q", "recover_timeout": 60}),
+            "recover_timeout: only for a recoverable migration",
+        ),
+        (
+            json!({"direction": "incoming", "qmp": "/q", "postcopy": true,
+                   "recover_timeout": 0}),
+            "recover_timeout: seconds, more than 0",
         ),
         (
             json!({"direction": "outgoing", "id": "b", "token": "00".repeat(32),

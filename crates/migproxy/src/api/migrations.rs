@@ -74,7 +74,7 @@ async fn create_incoming(
     let qemu = qemu_settings(qemu)?;
     let data_path = body.data_path.unwrap_or(daemon.config.data_path);
     let asked = (body.recoverable, body.recover_timeout);
-    let (recoverable, recover_timeout) = recovery(daemon, asked, &qemu, data_path)?;
+    let (recoverable, recover_timeout) = recovery(daemon, asked, &qemu)?;
     let request = incoming::Request {
         id,
         target,
@@ -163,18 +163,15 @@ fn qemu_settings(body: QemuBody) -> Result<Option<crate::daemon::qemu::Settings>
 
 /// Whether the migration recovers from a break in postcopy, and how long it may take.
 /// With QMP and postcopy it does by default (both hosts decide alike from the same request,
-/// and the control link checks that they agree), except on the kernel path asked for by
-/// name, where recovery is not driven yet. The deadline defaults to the daemon's with QMP;
+/// and the control link checks that they agree). The deadline defaults to the daemon's with QMP;
 /// without QMP a person recovers by hand, and only a deadline asked for applies.
 fn recovery(
     daemon: &Daemon,
     (recoverable, timeout): (Option<bool>, Option<f64>),
     qemu: &Option<crate::daemon::qemu::Settings>,
-    data_path: crate::daemon::data_path::DataPath,
 ) -> Result<(bool, Option<std::time::Duration>), ApiError> {
-    use crate::daemon::data_path::DataPath;
     let postcopy = qemu.as_ref().is_some_and(|q| q.postcopy);
-    let recoverable = recoverable.unwrap_or(postcopy && data_path != DataPath::Kernel);
+    let recoverable = recoverable.unwrap_or(postcopy);
     let timeout = match timeout {
         Some(secs) => Some(
             std::time::Duration::try_from_secs_f64(secs)
@@ -252,7 +249,7 @@ async fn create_outgoing(
     let qemu = qemu_settings(qemu)?;
     let data_path = body.data_path.unwrap_or(daemon.config.data_path);
     let asked = (body.recoverable, body.recover_timeout);
-    let (recoverable, recover_timeout) = recovery(daemon, asked, &qemu, data_path)?;
+    let (recoverable, recover_timeout) = recovery(daemon, asked, &qemu)?;
     let request = outgoing::Request {
         id,
         token,

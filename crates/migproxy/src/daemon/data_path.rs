@@ -75,23 +75,15 @@ pub enum Unfit {
          clear: allow that with allow_clear_data (see docs/security.md)"
     )]
     Encrypted,
-    #[error("recoverable: postcopy recovery is not driven on the kernel path yet")]
-    Recoverable,
 }
 
 /// Why the kernel path cannot serve here, if it cannot: `qemu` the QEMU driven here, `tls`
 /// whether the peer link is encrypted, `clear_allowed` the daemon's `allow_clear_data`.
-pub fn unfit(
-    qemu: Option<&Settings>,
-    recoverable: bool,
-    tls: bool,
-    clear_allowed: bool,
-) -> Option<Unfit> {
+pub fn unfit(qemu: Option<&Settings>, tls: bool, clear_allowed: bool) -> Option<Unfit> {
     match qemu {
         None => Some(Unfit::NoQmp),
         Some(settings) if settings.multifd.is_some() => Some(Unfit::Multifd),
         Some(_) if tls && !clear_allowed => Some(Unfit::Encrypted),
-        Some(_) if recoverable => Some(Unfit::Recoverable),
         Some(_) => None,
     }
 }
@@ -102,10 +94,9 @@ pub fn unfit(
 pub fn for_request(
     asked: DataPath,
     qemu: Option<&Settings>,
-    recoverable: bool,
     (tls, clear_allowed): (bool, bool),
 ) -> Result<Choice, Unfit> {
-    local_choice(asked, unfit(qemu, recoverable, tls, clear_allowed))
+    local_choice(asked, unfit(qemu, tls, clear_allowed))
 }
 
 /// What this host can do: the kernel path (asked or automatic), or the relay, and why.
@@ -222,21 +213,14 @@ mod tests {
 
     #[test]
     fn the_kernel_path_serves_only_with_qmp_one_stream_and_clear_data() {
-        assert_eq!(unfit(None, false, false, false), Some(Unfit::NoQmp));
+        assert_eq!(unfit(None, false, false), Some(Unfit::NoQmp));
         assert_eq!(
-            unfit(Some(&qmp(Some(4))), false, false, false),
+            unfit(Some(&qmp(Some(4))), false, false),
             Some(Unfit::Multifd)
         );
-        assert_eq!(
-            unfit(Some(&qmp(None)), false, true, false),
-            Some(Unfit::Encrypted)
-        );
-        assert_eq!(unfit(Some(&qmp(None)), false, true, true), None);
-        assert_eq!(unfit(Some(&qmp(None)), false, false, false), None);
-        assert_eq!(
-            unfit(Some(&qmp(None)), true, false, false),
-            Some(Unfit::Recoverable)
-        );
+        assert_eq!(unfit(Some(&qmp(None)), true, false), Some(Unfit::Encrypted));
+        assert_eq!(unfit(Some(&qmp(None)), true, true), None);
+        assert_eq!(unfit(Some(&qmp(None)), false, false), None);
     }
 
     #[test]

@@ -75,7 +75,6 @@ pub async fn create(
     let data_path_here = data_path::for_request(
         request.data_path,
         request.qemu.as_ref(),
-        request.recoverable,
         daemon.config.link(),
     )
     .map_err(CreateError::DataPath)?;

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use super::attribution::os_message;
 use super::data_path::{self, Choice, DataPath, Unfit};
 use super::migration::Preamble;
-use super::migration::{Migration, Role, Spec, State};
+use super::migration::{Arrived, Migration, Role, Spec, State};
 use super::peer::{self, PeerError};
 use super::token::Token;
 use super::{Daemon, RegisterError, channel, control, kernel, qemu};
@@ -35,19 +35,32 @@ struct Redialer {
 
 impl Dialer for Redialer {
     async fn resume(&self, first: u32) -> Result<bool, NotResumed> {
-        resume(&self.daemon, &self.migration, first).await
+        let resumed = resume(&self.daemon, &self.migration, first).await?;
+        if resumed && self.migration.on_kernel_path() {
+            // QEMU recovers on a new connection of the daemons' own, handed over as before:
+            // the task driving QEMU takes it from here. A failure is the channel's.
+            if let Ok(arrived) = dial_kernel(&self.daemon, &self.migration, first).await
+                && let Err(arrived) = self.migration.handoff.put(arrived)
+            {
+                let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
+                self.migration.channel_abandoned(arrived.index);
+            }
+        }
+        Ok(resumed)
     }
 
     async fn tell_cancel(&self, first: u32) -> bool {
         let hello = hello(&self.migration, Kind::Control, first);
         match dial(&self.daemon, &self.migration, &hello).await {
-            Ok(dialled) => match ControlLink::from(dialled, &self.migration.spec.peer, false) {
-                Ok(link) => {
-                    tell_cancelled(link).await;
-                    true
+            Ok(dialled) => {
+                match ControlLink::from(dialled, &self.migration.spec.peer, offered(&hello)) {
+                    Ok(link) => {
+                        tell_cancelled(link).await;
+                        true
+                    }
+                    Err(_) => false,
                 }
-                Err(_) => false,
-            },
+            }
             // Refused: the destination has ended it too (or forgotten it); nobody to tell.
             Err(PeerError::Refused { .. }) => true,
             Err(_) => false,
@@ -104,7 +117,6 @@ pub async fn create(daemon: &Arc<Daemon>, request: Request) -> Result<Arc<Migrat
     let data_path_here = data_path::for_request(
         request.data_path,
         request.qemu.as_ref(),
-        request.recoverable,
         daemon.config.link(),
     )
     .map_err(CreateError::DataPath)?;
@@ -192,6 +204,7 @@ async fn link_up(
         // No socket for QEMU: it gets the data connection itself.
         Some(qmp) if migration.on_kernel_path() => {
             drop(listener);
+            spawn_redial(daemon, migration);
             start_kernel(daemon, migration, qmp).await
         }
         qmp => {
@@ -202,21 +215,27 @@ async fn link_up(
             );
             match qmp {
                 Some(qmp) => {
-                    if migration.spec.recoverable {
-                        // Recovery over QMP: this host brings the link back after a break.
-                        let dialer = Redialer {
-                            daemon: Arc::clone(daemon),
-                            migration: Arc::clone(migration),
-                        };
-                        let redial = redial::run(Arc::clone(migration), dialer);
-                        daemon.tasks.spawn(redial.instrument(span));
-                    }
+                    spawn_redial(daemon, migration);
                     start_qemu(daemon, migration, qmp).await
                 }
                 None => Ok(()),
             }
         }
     }
+}
+
+/// Recovery over QMP: this host brings the control link back after a break.
+fn spawn_redial(daemon: &Arc<Daemon>, migration: &Arc<Migration>) {
+    if !migration.spec.recoverable {
+        return;
+    }
+    let dialer = Redialer {
+        daemon: Arc::clone(daemon),
+        migration: Arc::clone(migration),
+    };
+    let span = tracing::info_span!("redial", migration = %migration.spec.id);
+    let redial = redial::run(Arc::clone(migration), dialer);
+    daemon.tasks.spawn(redial.instrument(span));
 }
 
 /// Settles the data path from the destination's acceptance: the kernel path when this host
@@ -243,37 +262,14 @@ async fn start_kernel(
     migration: &Arc<Migration>,
     mut qmp: crate::qmp::Qmp,
 ) -> Result<(), CreateError> {
-    let admitted = migration
-        .open_channel(0)
-        .map_err(|_| CreateError::Ended(migration.state()))?;
-    let hello = hello(migration, Kind::Data, 0);
-    let to = peer::Dial {
-        peer: &migration.spec.peer,
-        tls: None,
-    };
-    let dialled = match peer::dial(to, &hello, &daemon.config.timing).await {
-        Ok(dialled) => dialled,
-        Err(error) => {
-            migration.channel_failed(admitted.epoch, 0, dial_failure(migration, 0, &error));
-            return Err(error.into());
-        }
-    };
-    let (socket, preamble) = match kernel_socket(dialled.stream) {
-        Ok(taken) => taken,
-        Err(error) => {
-            // The connection was admitted on both hosts: its failure is the channel's.
-            let mut blame = migration.peer_link_failure(
-                Op::Connect,
-                errno_name(&error),
-                format!("kernel path data connection: {}", os_message(&error)),
-            );
-            blame.channel = Some(0);
-            migration.channel_failed(admitted.epoch, 0, blame);
-            return Err(CreateError::KernelSocket(error));
-        }
-    };
+    let Arrived {
+        admitted,
+        socket,
+        preamble,
+        ..
+    } = dial_kernel(daemon, migration, 0).await?;
     let name = data_path::fd_name(&migration.spec.id);
-    if let Err(error) = qemu::hand_over(&mut qmp, &socket, Role::Outgoing, &name).await {
+    if let Err(error) = qemu::hand_over(&mut qmp, &socket, (Role::Outgoing, false), &name).await {
         let _ = socket.shutdown(std::net::Shutdown::Both);
         migration.channel_abandoned(0);
         let blame = migration.qemu_failure(format!("migrate fd:{name} refused: {}", Chain(&error)));
@@ -293,6 +289,52 @@ async fn start_kernel(
         .spawn(kernel::watch(Arc::clone(migration), channel));
     follow_qemu(daemon, migration, qmp);
     Ok(())
+}
+
+/// Kernel path: dials the data connection for channel `index` (in clear) and is admitted on
+/// it. A failure is reported on the channel, and returned.
+async fn dial_kernel(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    index: u32,
+) -> Result<Arrived, CreateError> {
+    let admitted = migration
+        .open_channel(index)
+        .map_err(|_| CreateError::Ended(migration.state()))?;
+    let hello = hello(migration, Kind::Data, index);
+    let to = peer::Dial {
+        peer: &migration.spec.peer,
+        tls: None,
+    };
+    let dialled = match peer::dial(to, &hello, &daemon.config.timing).await {
+        Ok(dialled) => dialled,
+        Err(error) => {
+            let blame = dial_failure(migration, index, &error);
+            migration.channel_failed(admitted.epoch, index, blame);
+            return Err(error.into());
+        }
+    };
+    let (socket, preamble) = match kernel_socket(dialled.stream) {
+        Ok(taken) => taken,
+        Err(error) => {
+            // The connection was admitted on both hosts: its failure is the channel's.
+            let mut blame = migration.peer_link_failure(
+                Op::Connect,
+                errno_name(&error),
+                format!("kernel path data connection: {}", os_message(&error)),
+            );
+            blame.channel = Some(index);
+            migration.channel_failed(admitted.epoch, index, blame);
+            return Err(CreateError::KernelSocket(error));
+        }
+    };
+    Ok(Arrived {
+        index,
+        admitted,
+        socket,
+        from: format!("tcp:{}", migration.spec.peer),
+        preamble,
+    })
 }
 
 /// The plain TCP socket of a kernel-path data connection, out of tokio's hands (QEMU does
@@ -450,7 +492,7 @@ async fn resume(
     };
     // The control link failed, not a channel, after all that moved before the pause.
     let link = link
-        .and_then(|dialled| ControlLink::from(dialled, &migration.spec.peer, false))
+        .and_then(|dialled| ControlLink::from(dialled, &migration.spec.peer, offered(&hello)))
         .map_err(|error| {
             let blame = migration.peer_link_failure(
                 error.op(),
@@ -462,8 +504,8 @@ async fn resume(
                     cancelled: message.ends_with(" is cancelled"),
                     blame: Attribution {
                         message: format!(
-                            "the destination daemon refused to resume ({message}): it no \
-                             longer knows the migration (restarted?) or has ended it; {}",
+                            "the destination daemon refused to resume: {message} (a daemon \
+                             restarted since no longer knows the migration); {}",
                             super::attribution::BY_HAND
                         ),
                         ..blame
@@ -514,6 +556,11 @@ async fn dial(
     }
 }
 
+/// Whether a control hello offered the kernel path (its acceptance then says which path).
+fn offered(hello: &Hello) -> bool {
+    hello.flags & FLAG_KERNEL_PATH != 0
+}
+
 /// `host` of `host:port`, without the brackets of an IPv6 address.
 fn host_of(peer: &str) -> &str {
     let host = peer.rsplit_once(':').map_or(peer, |(host, _)| host);
@@ -524,8 +571,11 @@ fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
     // Both daemons must agree whether a failure pauses or fails the migration.
     let recoverable = kind == Kind::Control && migration.spec.recoverable;
     // The first control link offers the kernel path where it serves here.
-    let offers_kernel =
-        kind == Kind::Control && channel == 0 && migration.spec.data_path_here.is_kernel();
+    // A resumed control link of a kernel-path migration offers it again: the destination
+    // holds to the path it settled.
+    let offers_kernel = kind == Kind::Control
+        && ((channel == 0 && migration.spec.data_path_here.is_kernel())
+            || migration.on_kernel_path());
     Hello {
         version: VERSION,
         kind,

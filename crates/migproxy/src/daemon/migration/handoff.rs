@@ -1,5 +1,6 @@
-//! The kernel data path on the destination: the data connection, admitted on the peer port,
-//! waits here for the task that drives the destination QEMU, which hands it to QEMU.
+//! The kernel data path: the data connection — admitted on the peer port (destination), or
+//! dialled again after a pause (source) — waits here for the task that drives QEMU, which
+//! hands it to QEMU.
 
 use std::sync::Mutex;
 
@@ -40,6 +41,11 @@ impl<T> Handoff<T> {
         drop(slot);
         self.notify.notify_one();
         Ok(())
+    }
+
+    /// The connection, if one waits.
+    pub fn try_take(&self) -> Option<T> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Waits for the connection.

@@ -69,6 +69,11 @@ impl Migration {
         self.lock().core.channels().len() as u32
     }
 
+    /// Runs `task` on the daemon's tracker, as every task of the migration runs.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.context.tasks.spawn(task);
+    }
+
     /// A paused migration that cannot be resumed (the peer refused, or QEMU did): it fails
     /// for good with `blame`.
     pub fn resume_refused(self: &Arc<Self>, blame: Attribution) {

@@ -1,10 +1,11 @@
 //! QMP commands as the daemon runs them: each failure names the QEMU (its QMP socket),
 //! and says whose fault it is.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::daemon::migration::Role;
 use crate::qmp::{Qmp, QmpError};
 
 /// How long one QMP command may take while following QEMU before its monitor is given up.
@@ -112,4 +113,46 @@ pub(crate) async fn timed(qmp: &mut Qmp, command: &'static str) -> Result<Value,
             command,
         }),
     }
+}
+
+/// Kernel path: hands QEMU its end of the data connection — `getfd` with the descriptor
+/// alongside, then `migrate` (source) or `migrate-incoming` (destination) on `fd:NAME`; to
+/// recover a paused postcopy (`resume`), `migrate` with `resume: true` or `migrate-recover`.
+/// QEMU takes its own duplicate: `socket` stays this daemon's, to watch and to shut down.
+pub async fn hand_over(
+    qmp: &mut Qmp,
+    socket: &std::net::TcpStream,
+    (role, resume): (Role, bool),
+    name: &str,
+) -> Result<(), QemuError> {
+    use std::os::fd::AsFd;
+    qmp.execute_with_fd("getfd", json!({ "fdname": name }), socket.as_fd())
+        .await
+        .map_err(|error| match error {
+            error @ QmpError::Command { .. } => QemuError::Command {
+                qmp: qmp.path().to_owned(),
+                error,
+                hint: "",
+            },
+            other => QemuError::Qmp(other),
+        })?;
+    let (command, hint) = match (role, resume) {
+        (Role::Outgoing, _) => ("migrate", ""),
+        (Role::Incoming, false) => (
+            "migrate-incoming",
+            " (start the destination QEMU with -incoming defer)",
+        ),
+        (Role::Incoming, true) => ("migrate-recover", ""),
+    };
+    let uri = format!("fd:{name}");
+    let arguments = match (role, resume) {
+        (Role::Outgoing, true) => json!({ "uri": uri, "resume": true }),
+        _ => json!({ "uri": uri }),
+    };
+    if let Err(error) = run(qmp, command, arguments, hint).await {
+        // QEMU keeps a descriptor it was given until told otherwise.
+        let _ = qmp.execute("closefd", json!({ "fdname": name })).await;
+        return Err(error);
+    }
+    Ok(())
 }

@@ -44,14 +44,14 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use self::command::{COMMAND_TIMEOUT, run, run_status, timed};
-pub use self::command::{Fault, QemuError};
+pub use self::command::{Fault, QemuError, hand_over};
 pub use self::report::{CancelRefused, Report, Settings, Status};
 use super::migration::{CancelRequest, Migration, Role, State};
 use super::paths::OwnSocket;
 use super::{data_path, kernel};
 use crate::endpoint::Endpoint;
 use crate::human::Chain;
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::Qmp;
 
 /// How often QEMU is asked how the migration goes.
 const POLL: Duration = Duration::from_millis(100);
@@ -133,7 +133,7 @@ async fn follow_kernel_incoming(migration: Arc<Migration>, mut qmp: Qmp) {
         arrived = migration.handoff.take() => arrived,
     };
     let name = data_path::fd_name(&migration.spec.id);
-    if let Err(error) = hand_over(&mut qmp, &arrived.socket, Role::Incoming, &name).await {
+    if let Err(error) = hand_over(&mut qmp, &arrived.socket, (Role::Incoming, false), &name).await {
         let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
         migration.channel_abandoned(arrived.index);
         let blame = migration.qemu_failure(format!(
@@ -192,42 +192,6 @@ pub async fn prepare_outgoing(settings: &Settings) -> Result<Qmp, QemuError> {
     }
     configure(&mut qmp, settings, Role::Outgoing).await?;
     Ok(qmp)
-}
-
-/// Kernel path: hands QEMU its end of the data connection — `getfd` with the descriptor
-/// alongside, then `migrate` (source) or `migrate-incoming` (destination) on `fd:NAME`.
-/// QEMU takes its own duplicate: `socket` stays this daemon's, to watch and to shut down.
-pub async fn hand_over(
-    qmp: &mut Qmp,
-    socket: &std::net::TcpStream,
-    role: Role,
-    name: &str,
-) -> Result<(), QemuError> {
-    use std::os::fd::AsFd;
-    qmp.execute_with_fd("getfd", json!({ "fdname": name }), socket.as_fd())
-        .await
-        .map_err(|error| match error {
-            error @ QmpError::Command { .. } => QemuError::Command {
-                qmp: qmp.path().to_owned(),
-                error,
-                hint: "",
-            },
-            other => QemuError::Qmp(other),
-        })?;
-    let (command, hint) = match role {
-        Role::Outgoing => ("migrate", ""),
-        Role::Incoming => (
-            "migrate-incoming",
-            " (start the destination QEMU with -incoming defer)",
-        ),
-    };
-    let uri = format!("fd:{name}");
-    if let Err(error) = run(qmp, command, json!({ "uri": uri }), hint).await {
-        // QEMU keeps a descriptor it was given until told otherwise.
-        let _ = qmp.execute("closefd", json!({ "fdname": name })).await;
-        return Err(error);
-    }
-    Ok(())
 }
 
 /// Source: `migrate` to the daemon's socket.

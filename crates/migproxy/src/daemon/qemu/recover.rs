@@ -23,7 +23,8 @@ use serde_json::json;
 use super::command::{QemuError, run};
 use super::report::Status;
 use crate::daemon::migration::state::Epoch;
-use crate::daemon::migration::{Migration, Role};
+use crate::daemon::migration::{Arrived, Migration, Role};
+use crate::daemon::{data_path, kernel};
 use crate::human::Chain;
 use crate::qmp::Qmp;
 
@@ -67,6 +68,14 @@ impl Recover {
             && self.told != Some(epoch)
             && *status == Status::PostcopyPaused
         {
+            if migration.on_kernel_path() {
+                // QEMU recovers on the epoch's data connection, once it is here.
+                let Some(arrived) = migration.handoff.try_take() else {
+                    return Ok(());
+                };
+                self.told = Some(epoch);
+                return hand_over(migration, qmp, arrived, epoch).await;
+            }
             self.told = Some(epoch);
             self.relistened = migration.spec.role == Role::Incoming;
             return tell(migration, qmp).await;
@@ -93,6 +102,56 @@ impl Recover {
     pub(super) fn take_relistened(&mut self) -> bool {
         std::mem::take(&mut self.relistened)
     }
+}
+
+/// Kernel path: hands QEMU the epoch's new data connection to recover on (`getfd`, then
+/// `migrate-recover fd:NAME` or `migrate fd:NAME resume=true`), and watches it as the
+/// first one was. A connection of an older epoch, or QEMU refusing, ends it here.
+async fn hand_over(
+    migration: &Arc<Migration>,
+    qmp: &mut Qmp,
+    arrived: Arrived,
+    epoch: Epoch,
+) -> Result<(), QemuError> {
+    let abandon = |arrived: &Arrived| {
+        let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
+        migration.channel_abandoned(arrived.index);
+    };
+    if arrived.admitted.epoch != epoch {
+        abandon(&arrived);
+        return Ok(());
+    }
+    let name = data_path::fd_name(&migration.spec.id);
+    let role = migration.spec.role;
+    tracing::info!(migration = %migration.spec.id, "recovering QEMU on a new kernel-path connection");
+    match super::command::hand_over(qmp, &arrived.socket, (role, true), &name).await {
+        Ok(()) => {}
+        Err(error @ QemuError::Command { .. }) => {
+            abandon(&arrived);
+            let blame =
+                migration.qemu_failure(format!("recovery on fd:{name} refused: {}", Chain(&error)));
+            migration.resume_refused(blame);
+            return Ok(());
+        }
+        Err(error) => {
+            abandon(&arrived);
+            return Err(error);
+        }
+    }
+    if role == Role::Incoming && !migration.channel_connected(epoch, arrived.index) {
+        abandon(&arrived);
+        return Ok(());
+    }
+    let channel = kernel::Channel {
+        index: arrived.index,
+        admitted: arrived.admitted,
+        socket: arrived.socket,
+        preamble: arrived.preamble,
+        qemu: format!("fd:{name}"),
+        peer: arrived.from,
+    };
+    migration.spawn(kernel::watch(Arc::clone(migration), channel));
+    Ok(())
 }
 
 /// Tells QEMU to recover on the epoch just attached: `migrate-recover` on the destination
