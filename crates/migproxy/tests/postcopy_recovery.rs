@@ -18,18 +18,7 @@ const POSTCOPY_BANDWIDTH: u64 = 24 << 20;
 /// two namespaces (peer timeout 3 s), and waits until QEMU runs postcopy. `extra` goes into
 /// both create requests.
 async fn in_postcopy(id: &str, mib: u64, extra: Value) -> Scenario {
-    let mut s = Scenario::start(Options {
-        mib: Some(mib),
-        netns: true,
-        daemon_args: vec!["--peer-timeout".into(), "3".into()],
-    })
-    .await;
-    s.src_vm
-        .execute(
-            "migrate-set-parameters",
-            json!({"max-postcopy-bandwidth": POSTCOPY_BANDWIDTH}),
-        )
-        .await;
+    let mut s = two_hosts(mib).await;
     let mut body = json!({"direction": "incoming", "id": id, "postcopy": true,
         "qmp": s.dst_vm.spare_qmp()});
     merge(&mut body, &extra);
@@ -47,6 +36,23 @@ async fn in_postcopy(id: &str, mib: u64, extra: Value) -> Scenario {
     qemu_status(&mut s.src_vm, &["postcopy-active"], Duration::from_secs(30)).await;
     // Some of postcopy goes through before the cut.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    s
+}
+
+/// Two daemons in two namespaces (peer timeout 3 s), postcopy's bandwidth capped.
+async fn two_hosts(mib: u64) -> Scenario {
+    let mut s = Scenario::start(Options {
+        mib: Some(mib),
+        netns: true,
+        daemon_args: vec!["--peer-timeout".into(), "3".into()],
+    })
+    .await;
+    s.src_vm
+        .execute(
+            "migrate-set-parameters",
+            json!({"max-postcopy-bandwidth": POSTCOPY_BANDWIDTH}),
+        )
+        .await;
     s
 }
 
@@ -123,11 +129,50 @@ async fn completes_after(s: &mut Scenario, id: &str, recoveries: u64, frozen_at_
     s.assert_ram_equal().await;
 }
 
+/// `migproxy migrate` from the source host, reaching both daemons' API sockets.
+fn migrate(s: &Scenario, id: &str) -> tokio::process::Child {
+    tokio::process::Command::new(common::process::BIN)
+        .arg("migrate")
+        .arg("--api")
+        .arg(&s.source.api)
+        .arg("--to")
+        .arg(format!("unix:{}", s.destination.api.display()))
+        .arg("--qmp")
+        .arg(s.src_vm.spare_qmp())
+        .arg("--dest-qmp")
+        .arg(s.dst_vm.spare_qmp())
+        .args([
+            "--id",
+            id,
+            "--postcopy-after",
+            "0.5",
+            "--max-bandwidth",
+            "64M",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_blackholed_for_20_s_in_postcopy_recovers_by_itself_and_completes() {
-    let mut s = in_postcopy("pc1", 1024, json!({})).await;
+    let mut s = two_hosts(1024).await;
+    let command = migrate(&s, "pc1");
+    qemu_status(&mut s.src_vm, &["postcopy-active"], Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     cut_for(&s, "pc1", Duration::from_secs(20)).await;
     completes_after(&mut s, "pc1", 1, Duration::from_secs(10)).await;
+    let output = tokio::time::timeout(Duration::from_secs(30), command.wait_with_output())
+        .await
+        .expect("migproxy migrate ends")
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{report}");
+    assert!(report.contains("pc1: completed"), "{report}");
+    assert!(report.contains("pause 1: resumed after"), "{report}");
+    assert!(report.contains("recoveries: 1, guest frozen"), "{report}");
     let (_, metrics) = s.source.request("GET", "/metrics", None).await;
     let text = metrics
         .as_str()
@@ -232,4 +277,32 @@ async fn on_the_kernel_path_qemu_recovers_on_a_new_connection_handed_over() {
         assert_eq!(channels.len(), 2, "one connection per epoch: {view}");
         assert_eq!(channels[1]["state"], "completed", "{view}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_daemon_restarted_while_paused_is_reported_at_once_by_the_source() {
+    use common::process::DaemonProcess;
+    let mut s = in_postcopy("pc7", 256, json!({})).await;
+    hosts(&s).blackhole_b();
+    let [source, _] = both_paused(&s, "pc7").await;
+    // The destination daemon dies and a new one takes its address: it never heard of pc7.
+    let address = source["peer"].as_str().unwrap().to_owned();
+    s.destination.child.kill().await.unwrap();
+    let _ = s.destination.child.wait().await;
+    let netns = hosts(&s).b.clone();
+    let args = ["--peer-timeout", "3"];
+    let _restarted =
+        DaemonProcess::start(s.dir.path(), "dstd2", &address, Some(&netns), &args).await;
+    hosts(&s).restore_b();
+    let view = s.source.wait_final("pc7", Duration::from_secs(30)).await;
+    assert_eq!(view["state"], "failed", "{view}");
+    let message = view["error"]["message"].as_str().unwrap();
+    assert!(message.contains("refused to resume"), "{message}");
+    assert!(message.contains("no incoming migration"), "{message}");
+    assert!(message.contains("migrate-recover"), "{message}");
+    let info = s.src_vm.execute("query-migrate", Value::Null).await;
+    assert_eq!(
+        info["status"], "postcopy-paused",
+        "left for a person: {info}"
+    );
 }
