@@ -213,18 +213,18 @@ async fn link_up(
                 accept_channels(Arc::clone(daemon), Arc::clone(migration), listener)
                     .instrument(span.clone()),
             );
+            spawn_redial(daemon, migration);
             match qmp {
-                Some(qmp) => {
-                    spawn_redial(daemon, migration);
-                    start_qemu(daemon, migration, qmp).await
-                }
+                Some(qmp) => start_qemu(daemon, migration, qmp).await,
                 None => Ok(()),
             }
         }
     }
 }
 
-/// Recovery over QMP: this host brings the control link back after a break.
+/// A recoverable migration: this host brings the control link back after a break, at once,
+/// so that QEMU's recovery (driven here over QMP, or by a person or libvirt) finds it up and
+/// costs only its data connections.
 fn spawn_redial(daemon: &Arc<Daemon>, migration: &Arc<Migration>) {
     if !migration.spec.recoverable {
         return;

@@ -122,7 +122,11 @@ impl Core {
             first_channel: first,
         });
         effects.push(Effect::Release { index: first });
-        effects.push(Effect::AwaitFirstChannel);
+        // A link brought back after a pause waits for QEMU's recovery, however long the
+        // person (or libvirt) takes: the recover timeout bounds it, not this deadline.
+        if !resuming {
+            effects.push(Effect::AwaitFirstChannel);
+        }
         Ok(effects)
     }
 
@@ -379,7 +383,11 @@ impl Core {
             return Err(Refusal::Phase(self.phase.name()));
         }
         self.error = Some(blame.clone());
-        self.pauses.push(blame);
+        // The same cause again (a dial retried every few seconds) is counted, not listed.
+        let last = self.pauses.last().map(|p| (&p.message, &p.errno));
+        if last != Some((&blame.message, &blame.errno)) {
+            self.pauses.push(blame);
+        }
         self.recoveries.attempt_failed();
         Ok(Vec::new())
     }
