@@ -18,6 +18,10 @@
 //! path* ([`data_path`]): the daemons hand each QEMU its end of their own data connection and
 //! only watch it ([`kernel`]), so the bytes skip both daemons.
 //!
+//! A recoverable postcopy migration pauses when the link breaks: the source daemon brings
+//! the control link back with backoff (`outgoing/redial.rs`), and where it drives QEMU each
+//! daemon tells its QEMU to recover ([`qemu`]'s `recover.rs`), on either data path.
+//!
 //! Modules: [`migration`] (state machine, shared by both roles), [`outgoing`] (source),
 //! [`incoming`] (destination), [`control`] (the control link), [`peer`] (hello, socket
 //! options, framing), [`channel`] (one relay), [`kernel`] (one kernel-path channel),
