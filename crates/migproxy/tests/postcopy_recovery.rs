@@ -184,9 +184,37 @@ async fn a_link_blackholed_for_20_s_in_postcopy_recovers_by_itself_and_completes
     );
 }
 
+/// The recovery events of migration `id` on `daemon`, in order, until it ends.
+fn recovery_events(
+    daemon: &common::process::DaemonProcess,
+    id: &'static str,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    use migproxy::client::{Client, Received};
+    use migproxy::daemon::migration::view::EventKind;
+    let client = Client::new(&daemon.api);
+    tokio::spawn(async move {
+        let mut events = client.events(Some(id)).await.unwrap();
+        let mut seen = Vec::new();
+        while let Ok(Some(Received::Event(event))) = events.next().await {
+            match event.kind {
+                EventKind::Paused { pause, .. } => seen.push(format!("paused {pause}")),
+                EventKind::Recovering { pause } => seen.push(format!("recovering {pause}")),
+                EventKind::Resumed { pause, frozen_ms } => {
+                    assert!(frozen_ms > 0, "{event:?}");
+                    seen.push(format!("resumed {pause}"));
+                }
+                EventKind::State { state, .. } if state.is_final() => break,
+                _ => {}
+            }
+        }
+        seen
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_broken_twice_recovers_twice() {
     let mut s = in_postcopy("pc2", 512, json!({})).await;
+    let events = [&s.source, &s.destination].map(|d| recovery_events(d, "pc2"));
     cut_for(&s, "pc2", Duration::from_secs(8)).await;
     s.source
         .wait_for("pc2", "resumed", Duration::from_secs(60), |v| {
@@ -196,6 +224,21 @@ async fn a_link_broken_twice_recovers_twice() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     cut_for(&s, "pc2", Duration::from_secs(8)).await;
     completes_after(&mut s, "pc2", 2, Duration::from_secs(3)).await;
+    let expected = [
+        "paused 1",
+        "recovering 1",
+        "resumed 1",
+        "paused 2",
+        "recovering 2",
+        "resumed 2",
+    ];
+    for events in events {
+        let seen = tokio::time::timeout(Duration::from_secs(10), events)
+            .await
+            .expect("the event stream ends with the migration")
+            .unwrap();
+        assert_eq!(seen, expected, "both hosts announce each step");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
