@@ -83,6 +83,10 @@ impl Migration {
     pub async fn qemu_completes(&self, stop: &CancellationToken) -> bool {
         let deadline = Instant::now() + self.explanation_grace();
         while Instant::now() < deadline {
+            // A QEMU whose monitor broke (it died) will not say anything any more.
+            if self.lock().qemu.as_ref().is_some_and(|q| q.monitor_closed) {
+                return false;
+            }
             match self.qemu_status() {
                 Some(Status::Completed) => return true,
                 Some(status) if status.is_final() => return false,

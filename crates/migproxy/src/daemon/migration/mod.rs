@@ -406,6 +406,7 @@ impl Migration {
         self.observe_cancel(inner);
         if inner.core.paused() != before.1 {
             inner.paused = Some(SystemTime::now());
+            self.paused_again();
             self.announce(inner, Phase::Paused);
         }
         let phase = inner.core.phase();

@@ -19,10 +19,6 @@ impl Migration {
         match note {
             Note::Paused { pause, cause } => {
                 tracing::warn!(migration = %id, pause, "paused: {}", Rendered(&cause));
-                if self.spec.role == Role::Incoming && self.spec.qemu.is_some() {
-                    // The next epoch's channels wait for `migrate-recover`.
-                    self.qemu_ready.send_replace(false);
-                }
                 self.publish(EventKind::Paused {
                     pause,
                     cause: attribution::Report::from(&cause),
@@ -38,6 +34,15 @@ impl Migration {
                 self.context.metrics.recovered(frozen);
                 self.publish(EventKind::Resumed { pause, frozen_ms });
             }
+        }
+    }
+
+    /// Every pause (a new one, or a second break while recovering): where QEMU is driven here,
+    /// the next epoch's channels wait for its `migrate-recover` (QEMU's listening socket of
+    /// the broken epoch is gone).
+    pub(super) fn paused_again(&self) {
+        if self.spec.role == Role::Incoming && self.spec.qemu.is_some() {
+            self.qemu_ready.send_replace(false);
         }
     }
 

@@ -59,12 +59,14 @@ pub async fn run(migration: Arc<Migration>, dialer: impl Dialer) {
             break;
         }
         bring_back(&migration, &dialer).await;
-        let unpaused = tokio::select! {
-            () = migration.stopped() => break,
-            unpaused = state.wait_for(|s| *s != State::Paused) => unpaused.is_ok(),
-        };
-        if !unpaused {
-            break;
+        // Back, or nothing left to resume. Paused again at once (the epoch broke again
+        // before this task looked) is simply the next round; a pause nobody can end here
+        // is not spun on.
+        if migration.state() == State::Paused {
+            tokio::select! {
+                () = migration.stopped() => break,
+                () = tokio::time::sleep(FIRST) => {}
+            }
         }
     }
     if migration.cancelled_while_paused_here() {
