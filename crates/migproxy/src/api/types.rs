@@ -37,8 +37,8 @@ pub struct IncomingRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_channels: Option<u32>,
     /// Pause instead of failing when the link or a channel breaks in postcopy, and (with
-    /// `qmp`) recover by itself. Default: true with `qmp` and postcopy (unless the kernel
-    /// data path is asked for), false otherwise.
+    /// `qmp`) recover by itself, on either data path. Default: true with `qmp` and postcopy,
+    /// false otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recoverable: Option<bool>,
     /// Seconds a pause may last before the migration fails for good. Default: the daemon's
@@ -72,8 +72,8 @@ pub struct OutgoingRequest {
     /// The destination daemon's peer address, `HOST:PORT`.
     pub peer: String,
     /// Pause instead of failing when the link or a channel breaks in postcopy, and (with
-    /// `qmp`) recover by itself. Default: true with `qmp` and postcopy (unless the kernel
-    /// data path is asked for), false otherwise.
+    /// `qmp`) recover by itself, on either data path. Default: true with `qmp` and postcopy,
+    /// false otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recoverable: Option<bool>,
     /// Seconds a pause may last before the migration fails for good. Default: the daemon's

@@ -365,9 +365,9 @@ pub fn hand_off(
         from: format!("tcp:{from}"),
         preamble,
     };
-    if let Err(arrived) = migration.handoff.put(arrived) {
-        let _ = arrived.socket.shutdown(Shutdown::Both);
-        migration.channel_abandoned(arrived.index);
+    if let Some(older) = migration.handoff.put(arrived) {
+        let _ = older.socket.shutdown(Shutdown::Both);
+        migration.channel_abandoned(older.index);
     }
 }
 

@@ -40,10 +40,10 @@ impl Dialer for Redialer {
             // QEMU recovers on a new connection of the daemons' own, handed over as before:
             // the task driving QEMU takes it from here. A failure is the channel's.
             if let Ok(arrived) = dial_kernel(&self.daemon, &self.migration, first).await
-                && let Err(arrived) = self.migration.handoff.put(arrived)
+                && let Some(older) = self.migration.handoff.put(arrived)
             {
-                let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
-                self.migration.channel_abandoned(arrived.index);
+                let _ = older.socket.shutdown(std::net::Shutdown::Both);
+                self.migration.channel_abandoned(older.index);
             }
         }
         Ok(resumed)
@@ -499,9 +499,18 @@ async fn resume(
                 error.os_error().and_then(errno_name),
                 format!("resume: control link: {}", dial_detail(&error)),
             );
+            // Only "no such migration" (restarted) and "ended there" are final: a busy gate
+            // or a link the destination still holds is tried again.
+            let ended = migproxy_proto::Status::Expired;
             match &error {
-                PeerError::Refused { message, .. } => NotResumed::Refused {
-                    cancelled: message.ends_with(" is cancelled"),
+                PeerError::Refused {
+                    status:
+                        status @ (migproxy_proto::Status::UnknownMigration
+                        | migproxy_proto::Status::Expired),
+                    message,
+                    ..
+                } => NotResumed::Refused {
+                    cancelled: *status == ended && message.ends_with(" is cancelled"),
                     blame: Attribution {
                         message: format!(
                             "the destination daemon refused to resume: {message} (a daemon \
@@ -595,7 +604,6 @@ fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
 /// Accepts QEMU's connections in order; each becomes channel 0, 1, … to the peer. While the
 /// migration is paused, a connection from QEMU (its recovery) resumes it first.
 async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listener: Listener) {
-    let mut index = 0;
     loop {
         let accepted = tokio::select! {
             () = migration.stopped() => break,
@@ -610,27 +618,31 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
                 continue;
             }
         };
-        if migration.state() == State::Paused && !resumed(&daemon, &migration, index).await {
+        if migration.state() == State::Paused && !link_back(&migration).await {
             qemu.abort();
             continue;
         }
+        // The core's count: a connection refused when its epoch paused took no index.
+        let index = migration.channels_seen();
         carry(&daemon, &migration, index, qemu, qemu_name).await;
-        index += 1;
     }
     // Dropping the listener removes QEMU's socket file.
 }
 
-/// A paused migration whose QEMU reconnected: whether a new control link now carries it.
-/// When not, QEMU's recovery connection goes unanswered (QEMU may try again).
-async fn resumed(daemon: &Daemon, migration: &Arc<Migration>, index: u32) -> bool {
-    match resume(daemon, migration, index).await {
-        Ok(resumed) => resumed,
-        Err(NotResumed::Failed(blame) | NotResumed::Refused { blame, .. }) => {
-            migration.resume_failed(blame);
-            false
-        }
+/// A paused migration whose QEMU reconnected (its recovery): the redial task brings the
+/// control link back, one dial at a time; QEMU's connection waits for it a moment. When it
+/// is not back, QEMU's connection goes unanswered (QEMU may try again).
+async fn link_back(migration: &Migration) -> bool {
+    let mut state = migration.watch_state();
+    let back = state.wait_for(|s| *s != State::Paused);
+    match tokio::time::timeout(LINK_BACK_WAIT, back).await {
+        Ok(Ok(state)) => *state == State::Active,
+        _ => false,
     }
 }
+
+/// How long QEMU's recovery connection waits for the control link.
+const LINK_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Carries QEMU's connection `index` as a channel: admitted, a data connection dialled to
 /// the destination daemon, then relayed. Whatever fails is reported on that channel.

@@ -31,16 +31,14 @@ impl<T> Default for Handoff<T> {
 }
 
 impl<T> Handoff<T> {
-    /// Leaves the connection for [`take`](Self::take); gives it back when one already waits.
-    pub fn put(&self, arrived: T) -> Result<(), T> {
+    /// Leaves the connection for [`take`](Self::take); returns the one it displaces (of an
+    /// epoch that broke before its connection was taken), for the caller to end.
+    pub fn put(&self, arrived: T) -> Option<T> {
         let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
-            return Err(arrived);
-        }
-        *slot = Some(arrived);
+        let displaced = slot.replace(arrived);
         drop(slot);
         self.notify.notify_one();
-        Ok(())
+        displaced
     }
 
     /// The connection, if one waits.

@@ -49,6 +49,7 @@ pub const TRANSITIONS: &[(&str, &str, &str)] = &[
     ("pending", "ttl over", "expired"),
     ("attached", "ask cancel", "cancelled"),
     ("attached", "ask cancel", "cancelling"),
+    ("attached", "attach", "attached"),
     ("attached", "failure", "failed"),
     ("attached", "failure", "paused"),
     ("attached", "first-channel deadline", "failed"),

@@ -302,6 +302,9 @@ pub async fn follow(
     }
     // The monitor is QEMU's to give to someone else now.
     drop(qmp);
+    // A kernel-path connection still waiting for QEMU belongs to no one now.
+    migration.stopped().await;
+    recover::drain(&migration);
     if let Some(socket) = cleanup {
         migration.stopped().await;
         // Not a new migration's socket at the same path (its id reused since).

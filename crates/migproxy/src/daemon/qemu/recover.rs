@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::command::{QemuError, run};
+use super::command::{COMMAND_TIMEOUT, QemuError, run};
 use super::report::Status;
 use crate::daemon::migration::state::Epoch;
 use crate::daemon::migration::{Arrived, Migration, Role};
@@ -69,16 +69,21 @@ impl Recover {
             && *status == Status::PostcopyPaused
         {
             if migration.on_kernel_path() {
-                // QEMU recovers on the epoch's data connection, once it is here.
+                // QEMU recovers on the epoch's data connection, once it is here (one of an
+                // older epoch is ended, and the wait goes on).
                 let Some(arrived) = migration.handoff.try_take() else {
                     return Ok(());
                 };
+                if arrived.admitted.epoch != epoch {
+                    abandon(migration, &arrived);
+                    return Ok(());
+                }
                 self.told = Some(epoch);
                 return hand_over(migration, qmp, arrived, epoch).await;
             }
             self.told = Some(epoch);
             self.relistened = migration.spec.role == Role::Incoming;
-            return tell(migration, qmp).await;
+            return tell(migration, qmp, epoch).await;
         }
         // The lifecycle closes the pause on QEMU's `postcopy-active` once the link is back:
         // still open with QEMU in postcopy, QEMU has not noticed the break.
@@ -87,8 +92,8 @@ impl Recover {
             if since.elapsed() >= NOTICE && !self.paused_asked {
                 self.paused_asked = true;
                 tracing::info!(migration = %migration.spec.id, "QEMU has not noticed the break: migrate-pause");
-                if let Err(error @ QemuError::Qmp(_)) =
-                    run(qmp, "migrate-pause", json!({}), "").await
+                if let Err(error @ (QemuError::Qmp(_) | QemuError::Timeout { .. })) =
+                    run_timed(qmp, "migrate-pause", json!({})).await
                 {
                     return Err(error);
                 }
@@ -113,18 +118,14 @@ async fn hand_over(
     arrived: Arrived,
     epoch: Epoch,
 ) -> Result<(), QemuError> {
-    let abandon = |arrived: &Arrived| {
-        let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
-        migration.channel_abandoned(arrived.index);
-    };
-    if arrived.admitted.epoch != epoch {
-        abandon(&arrived);
-        return Ok(());
-    }
+    let abandon = |arrived: &Arrived| abandon(migration, arrived);
     let name = data_path::fd_name(&migration.spec.id);
     let role = migration.spec.role;
     tracing::info!(migration = %migration.spec.id, "recovering QEMU on a new kernel-path connection");
-    match super::command::hand_over(qmp, &arrived.socket, (role, true), &name).await {
+    let handing = super::command::hand_over(qmp, &arrived.socket, (role, true), &name);
+    let handed = tokio::time::timeout(COMMAND_TIMEOUT, handing).await;
+    let handed = handed.unwrap_or_else(|_| Err(timed_out(qmp, "getfd/migrate fd:")));
+    match handed {
         Ok(()) => {}
         Err(error @ QemuError::Command { .. }) => {
             abandon(&arrived);
@@ -154,19 +155,53 @@ async fn hand_over(
     Ok(())
 }
 
+/// Ends a kernel-path connection nobody will hand to QEMU.
+fn abandon(migration: &Arc<Migration>, arrived: &Arrived) {
+    let _ = arrived.socket.shutdown(std::net::Shutdown::Both);
+    migration.channel_abandoned(arrived.index);
+}
+
+/// Ends what waits in the kernel path's slot: the migration is over.
+pub(super) fn drain(migration: &Arc<Migration>) {
+    while let Some(arrived) = migration.handoff.try_take() {
+        abandon(migration, &arrived);
+    }
+}
+
+/// A recovery command QEMU did not answer in time: its monitor is given up.
+fn timed_out(qmp: &Qmp, command: &'static str) -> QemuError {
+    QemuError::Timeout {
+        qmp: qmp.path().to_owned(),
+        command,
+    }
+}
+
+/// One recovery command, given QEMU [`COMMAND_TIMEOUT`].
+async fn run_timed(
+    qmp: &mut Qmp,
+    command: &'static str,
+    arguments: serde_json::Value,
+) -> Result<serde_json::Value, QemuError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, run(qmp, command, arguments, "")).await {
+        Ok(answer) => answer,
+        Err(_) => Err(timed_out(qmp, command)),
+    }
+}
+
 /// Tells QEMU to recover on the epoch just attached: `migrate-recover` on the destination
-/// (whose channels may then connect), `migrate resume=true` on the source. QEMU refusing
-/// ends the migration: it cannot be recovered by waiting.
-async fn tell(migration: &Arc<Migration>, qmp: &mut Qmp) -> Result<(), QemuError> {
+/// (whose channels may then connect, if that epoch still runs), `migrate resume=true` on the
+/// source. QEMU refusing ends the migration: it cannot be recovered by waiting.
+async fn tell(migration: &Arc<Migration>, qmp: &mut Qmp, epoch: Epoch) -> Result<(), QemuError> {
     let uri = migration.spec.local.to_string();
     let (command, arguments) = match migration.spec.role {
         Role::Incoming => ("migrate-recover", json!({ "uri": uri })),
         Role::Outgoing => ("migrate", json!({ "uri": uri, "resume": true })),
     };
     tracing::info!(migration = %migration.spec.id, command, %uri, "recovering QEMU");
-    match run(qmp, command, arguments, "").await {
+    match run_timed(qmp, command, arguments).await {
         Ok(_) => {
-            if migration.spec.role == Role::Incoming {
+            // A break during the command: the next epoch waits for its own migrate-recover.
+            if migration.spec.role == Role::Incoming && migration.recovering() == Some(epoch) {
                 migration.qemu_listening();
             }
             Ok(())

@@ -86,8 +86,12 @@ impl Core {
             Phase::Paused if recoverable => {}
             // The source paused and came back before this host noticed the break (a
             // blackholed link is only detected by silence): the old epoch is over.
+            // (The same first channel again: the source's epoch broke before any channel,
+            // and so has this host's, which carried nothing either.)
             Phase::Attached | Phase::Active | Phase::Completing
-                if recoverable && first > self.epoch_start =>
+                if recoverable
+                    && (first > self.epoch_start
+                        || self.channels.len() as u32 <= self.epoch_start) =>
             {
                 let blame = attribution::peer_link(
                     self.host(),
@@ -396,7 +400,8 @@ impl Core {
     /// guest may already be the destination's.
     fn ask_cancel(&mut self, by: Host) -> Result<(Vec<Effect>, CancelRoute), Refusal> {
         let here = by == self.host();
-        if self.phase == Phase::Paused {
+        // Paused, or the link back but QEMU not resumed yet (recovering).
+        if self.phase == Phase::Paused || self.recoveries.open().is_some() {
             // Nothing moves and no link is up: the cancel only stops the recovery; both
             // QEMUs stay paused as they are, for a person to recover or give up.
             return self.cancel(by).map(|effects| (effects, CancelRoute::Now));
@@ -567,8 +572,10 @@ impl Core {
 
     fn qemu(&mut self, status: Status) -> Steps {
         let completed = status == Status::Completed && self.qemu != Status::Completed;
-        // QEMU back in postcopy after a pause, on the resumed epoch: the recovery is done.
-        let resumed = status == Status::PostcopyActive && self.phase.is_live();
+        // QEMU back in postcopy after a pause, on the resumed epoch — or already completed,
+        // when both came within one look: the recovery is done.
+        let back = matches!(status, Status::PostcopyActive | Status::Completed);
+        let resumed = back && self.phase.is_live();
         self.qemu = status;
         let mut effects: Vec<Effect> = match resumed {
             true => self.resumed().into_iter().collect(),

@@ -105,6 +105,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "cancel paused",
         a_cancel_while_paused_stops_the_recovery_on_either_host,
     ),
+    (
+        "quick recovery",
+        a_recovery_ends_however_quickly_qemu_gets_back,
+    ),
 ];
 
 #[test]

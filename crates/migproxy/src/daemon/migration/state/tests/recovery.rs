@@ -195,3 +195,42 @@ pub(super) fn a_cancel_while_paused_stops_the_recovery_on_either_host(seen: &mut
     });
     assert_eq!(d.core.cancelled_by(), Some(Host::Destination));
 }
+
+pub(super) fn a_recovery_ends_however_quickly_qemu_gets_back(seen: &mut Seen) {
+    // QEMU went on to completed within one look: the pause is closed all the same.
+    let mut d = Driver::new(driven(Role::Outgoing), seen);
+    paused_at(&mut d, 1_000);
+    d.ok(Input::Qemu {
+        status: Status::PostcopyPaused,
+    });
+    d.step_at(Input::Attach { first_channel: 1 }, 2_000)
+        .unwrap();
+    let effects = d
+        .step_at(
+            Input::Qemu {
+                status: Status::Completed,
+            },
+            3_000,
+        )
+        .unwrap();
+    assert!(effects.contains(&Effect::Announce(Note::Resumed {
+        pause: 1,
+        frozen_ms: 2_000
+    })));
+    // A cancel while recovering (the link back, QEMU not yet) is taken as while paused.
+    let mut d = Driver::new(driven(Role::Outgoing), d.seen);
+    d.ok(Input::QemuFollowing);
+    paused_at(&mut d, 1_000);
+    d.ok(Input::Attach { first_channel: 1 });
+    let (_, route) = d.core.ask(Host::Source).expect("a cancel while recovering");
+    assert_eq!(route, CancelRoute::Now);
+    assert!(d.core.cancelled_paused());
+    d.seen.insert(("attached", "ask cancel", "cancelled"));
+    // An epoch that broke before any channel: the source's next link names the same first
+    // channel, and a host that had not noticed takes it as a new epoch.
+    let mut d = Driver::new(driven(Role::Incoming), d.seen);
+    paused_at(&mut d, 1_000);
+    d.ok(Input::Attach { first_channel: 1 });
+    d.ok(Input::Attach { first_channel: 1 });
+    assert_eq!((d.phase(), d.epoch(), d.core.paused()), ("attached", 3, 2));
+}
