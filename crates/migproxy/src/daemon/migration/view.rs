@@ -112,7 +112,8 @@ pub struct Snapshot {
     pub channels: Vec<ChannelSnapshot>,
     /// The failure that ended the migration, or paused it (while paused).
     pub error: Option<attribution::Report>,
-    /// Every failure that paused it, oldest first (failed resumes too).
+    /// Every failure that paused it, oldest first (failed resumes too; a cause repeated at
+    /// once is listed once, at most 64).
     pub pauses: Vec<attribution::Report>,
     /// Every pause of postcopy and how it recovered, oldest first; the last one may still be
     /// open (paused, or recovering).

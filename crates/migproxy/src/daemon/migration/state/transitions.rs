@@ -8,6 +8,9 @@ use super::*;
 use crate::daemon::attribution;
 use crate::daemon::qemu::report::{CancelRefused, Status};
 
+/// Causes kept in `pauses`, at most.
+const MAX_PAUSES_LISTED: usize = 64;
+
 impl Core {
     /// Takes one input; returns what to do, or why it was not taken (the phase is then
     /// unchanged).
@@ -388,8 +391,10 @@ impl Core {
         }
         self.error = Some(blame.clone());
         // The same cause again (a dial retried every few seconds) is counted, not listed.
+        // A long outage by hand may alternate causes for hours: the list is bounded (the
+        // attempts are still counted, and `error` holds the latest).
         let last = self.pauses.last().map(|p| (&p.message, &p.errno));
-        if last != Some((&blame.message, &blame.errno)) {
+        if last != Some((&blame.message, &blame.errno)) && self.pauses.len() < MAX_PAUSES_LISTED {
             self.pauses.push(blame);
         }
         self.recoveries.attempt_failed();
