@@ -193,29 +193,15 @@ pub const BY_HAND: &str = "the guest is paused on the destination and its remain
     hand: migrate-recover URI on the destination QEMU, then migrate with that URI and \
     resume=true on the source QEMU; until then neither host can run the guest";
 
-/// A paused postcopy migration not recovered within `limit_ms`: it fails for good, saying
-/// where the guest is and what a person can still do.
-pub fn recovery_timed_out(
-    host: Host,
-    limit_ms: u64,
-    cause: String,
-    elapsed_ms: u64,
-) -> Attribution {
-    Attribution {
-        host,
-        leg: Leg::Peer,
-        channel: None,
-        direction: None,
-        op: Op::Timeout,
-        errno: None,
-        message: format!(
-            "postcopy recovery did not succeed within {} (recover_timeout) of the pause \
-             ({cause}): {BY_HAND}",
-            Elapsed(std::time::Duration::from_millis(limit_ms)),
-        ),
-        bytes: Totals::default(),
-        elapsed_ms,
-    }
+/// What a paused postcopy migration not recovered within `limit_ms` fails with (a failure
+/// of the peer link, whose cause was `cause`): where the guest is and what a person can
+/// still do.
+pub fn recovery_timed_out(limit_ms: u64, cause: &str) -> String {
+    format!(
+        "postcopy recovery did not succeed within {} (recover_timeout) of the pause ({cause}): \
+         {BY_HAND}",
+        Elapsed(std::time::Duration::from_millis(limit_ms)),
+    )
 }
 
 /// What a stall watch saw: on `host`, nothing moved for `limit`.

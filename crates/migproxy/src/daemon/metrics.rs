@@ -18,24 +18,75 @@ const CANCEL_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0
 /// Upper bounds of the postcopy paused-time histogram, in seconds.
 const PAUSED_BUCKETS: [f64; 9] = [1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
 
+/// A histogram of seconds: cumulative buckets at `bounds`, the count and the sum.
+#[derive(Debug)]
+struct Histogram<const N: usize> {
+    bounds: [f64; N],
+    buckets: [u64; N],
+    count: u64,
+    sum: f64,
+}
+
+impl<const N: usize> Histogram<N> {
+    fn new(bounds: [f64; N]) -> Self {
+        Histogram {
+            bounds,
+            buckets: [0; N],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        for (bucket, bound) in self.buckets.iter_mut().zip(self.bounds) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+
+    /// The family `name` in the exposition format (buckets cumulative, as Prometheus wants).
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        family(out, name, "histogram", help);
+        for (bucket, bound) in self.buckets.iter().zip(self.bounds) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {bucket}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     inner: Mutex<Counters>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     /// Bytes of channels that have ended.
     finished: ByteCounts,
     by_state: BTreeMap<&'static str, u64>,
     /// Failures by (host, leg, op).
     failures: BTreeMap<(&'static str, &'static str, &'static str), u64>,
-    cancel_buckets: [u64; CANCEL_BUCKETS.len()],
-    cancel_count: u64,
-    cancel_sum: f64,
-    paused_buckets: [u64; PAUSED_BUCKETS.len()],
-    recoveries: u64,
-    paused_sum: f64,
+    cancels: Histogram<{ CANCEL_BUCKETS.len() }>,
+    /// Recovered pauses, by how long the guest was frozen (its count is the recoveries').
+    paused: Histogram<{ PAUSED_BUCKETS.len() }>,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            finished: ByteCounts::default(),
+            by_state: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            cancels: Histogram::new(CANCEL_BUCKETS),
+            paused: Histogram::new(PAUSED_BUCKETS),
+        }
+    }
 }
 
 /// What the daemon knows at scrape time.
@@ -79,28 +130,12 @@ impl Metrics {
 
     /// A paused postcopy migration recovered, its guest frozen for `frozen`.
     pub fn recovered(&self, frozen: Duration) {
-        let mut c = self.lock();
-        let seconds = frozen.as_secs_f64();
-        for (bucket, bound) in c.paused_buckets.iter_mut().zip(PAUSED_BUCKETS) {
-            if seconds <= bound {
-                *bucket += 1;
-            }
-        }
-        c.recoveries += 1;
-        c.paused_sum += seconds;
+        self.lock().paused.observe(frozen);
     }
 
     /// Every channel of a cancelled migration had closed this long after the cancel.
     pub fn cancelled_in(&self, latency: Duration) {
-        let mut c = self.lock();
-        let seconds = latency.as_secs_f64();
-        for (bucket, bound) in c.cancel_buckets.iter_mut().zip(CANCEL_BUCKETS) {
-            if seconds <= bound {
-                *bucket += 1;
-            }
-        }
-        c.cancel_count += 1;
-        c.cancel_sum += seconds;
+        self.lock().cancels.observe(latency);
     }
 
     /// The exposition text.
@@ -185,27 +220,10 @@ fn render_outcomes(out: &mut String, c: &Counters) {
     }
 }
 
-/// The cancel latency histogram (buckets are cumulative, as Prometheus wants them).
+/// The cancel latency histogram.
 fn render_cancels(out: &mut String, c: &Counters) {
-    family(
-        out,
-        "migproxy_cancel_seconds",
-        "histogram",
-        "Time from a cancel to every local channel closed.",
-    );
-    for (bucket, bound) in c.cancel_buckets.iter().zip(CANCEL_BUCKETS) {
-        let _ = writeln!(
-            out,
-            "migproxy_cancel_seconds_bucket{{le=\"{bound}\"}} {bucket}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "migproxy_cancel_seconds_bucket{{le=\"+Inf\"}} {}",
-        c.cancel_count
-    );
-    let _ = writeln!(out, "migproxy_cancel_seconds_sum {}", c.cancel_sum);
-    let _ = writeln!(out, "migproxy_cancel_seconds_count {}", c.cancel_count);
+    let help = "Time from a cancel to every local channel closed.";
+    c.cancels.render(out, "migproxy_cancel_seconds", help);
 }
 
 /// Postcopy recoveries, and how long each left the guest frozen.
@@ -216,30 +234,10 @@ fn render_recoveries(out: &mut String, c: &Counters) {
         "counter",
         "Paused postcopy migrations that recovered.",
     );
-    let _ = writeln!(out, "migproxy_postcopy_recoveries_total {}", c.recoveries);
-    family(
-        out,
-        "migproxy_postcopy_paused_seconds",
-        "histogram",
-        "Time a recovered postcopy migration's guest stayed frozen, from the pause to QEMU running postcopy again.",
-    );
-    for (bucket, bound) in c.paused_buckets.iter().zip(PAUSED_BUCKETS) {
-        let _ = writeln!(
-            out,
-            "migproxy_postcopy_paused_seconds_bucket{{le=\"{bound}\"}} {bucket}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "migproxy_postcopy_paused_seconds_bucket{{le=\"+Inf\"}} {}",
-        c.recoveries
-    );
-    let _ = writeln!(out, "migproxy_postcopy_paused_seconds_sum {}", c.paused_sum);
-    let _ = writeln!(
-        out,
-        "migproxy_postcopy_paused_seconds_count {}",
-        c.recoveries
-    );
+    let _ = writeln!(out, "migproxy_postcopy_recoveries_total {}", c.paused.count);
+    let help = "Time a recovered postcopy migration's guest stayed frozen, from the pause to QEMU running postcopy again.";
+    c.paused
+        .render(out, "migproxy_postcopy_paused_seconds", help);
 }
 
 /// The peer port: connections refused by reason, and whether the link is TLS.

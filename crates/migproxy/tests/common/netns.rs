@@ -64,29 +64,27 @@ impl TwoHosts {
 
     /// Lifts [`blackhole_b`](Self::blackhole_b): the cable is back.
     pub fn restore_b(&self) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.b, "nft", "delete table inet cut"])
-            .output()
-            .expect("nft (nftables)");
-        assert!(
-            out.status.success(),
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.nft_b("delete table inet cut");
     }
 
     /// Drops every packet arriving at host B: a blackhole, no reset, no error.
     pub fn blackhole_b(&self) {
-        let rules = "table inet cut { \
-                     chain input { type filter hook input priority 0; policy drop; }; \
-                     chain output { type filter hook output priority 0; policy drop; }; }";
+        self.nft_b(
+            "table inet cut { \
+             chain input { type filter hook input priority 0; policy drop; }; \
+             chain output { type filter hook output priority 0; policy drop; }; }",
+        );
+    }
+
+    /// Runs one nft command in host B's namespace.
+    fn nft_b(&self, command: &str) {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.b, "nft", rules])
+            .args(["netns", "exec", &self.b, "nft", command])
             .output()
             .expect("nft (nftables)");
         assert!(
             out.status.success(),
-            "nft: {}",
+            "nft {command}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

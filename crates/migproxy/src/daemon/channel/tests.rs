@@ -7,53 +7,29 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio::sync::broadcast;
-use tokio_util::task::TaskTracker;
 
 use super::*;
-use crate::daemon::data_path::{Choice, DataPath};
 use crate::daemon::migration::state::ChannelState;
-use crate::daemon::migration::{Context, Role, Spec, State, Timers};
+use crate::daemon::migration::{Role, State, Timers};
 use crate::daemon::qemu::report::Settings;
-use crate::daemon::token::Token;
 use crate::transport::Stream;
 
 const GRACE: Duration = Duration::from_millis(300);
 
 fn migration() -> Arc<Migration> {
-    let spec = Spec {
-        id: "reset".into(),
-        role: Role::Incoming,
-        token: Token::generate(),
-        peer: "127.0.0.1:1".into(),
-        local: "unix:/nowhere.sock".parse().unwrap(),
-        max_channels: 4,
-        recoverable: false,
-        recover_timeout: None,
-        server_name: String::new(),
-        tls: false,
-        qemu: Some(Settings {
-            qmp: "/nowhere.qmp".into(),
-            multifd: Some(1),
-            postcopy: false,
-            postcopy_after_ms: None,
-            max_bandwidth: None,
-            downtime_limit_ms: None,
-        }),
-        group: None,
-        data_path_asked: DataPath::Relay,
-        data_path_here: Choice::relay("asked for"),
+    let qemu = Settings {
+        qmp: "/nowhere.qmp".into(),
+        multifd: Some(1),
+        postcopy: false,
+        postcopy_after_ms: None,
+        max_bandwidth: None,
+        downtime_limit_ms: None,
     };
-    let context = Context {
-        metrics: Arc::default(),
-        events: broadcast::channel(64).0,
-        tasks: TaskTracker::new(),
-        timers: Timers {
-            explanation: GRACE,
-            ..Timers::default()
-        },
+    let timers = Timers {
+        explanation: GRACE,
+        ..Timers::default()
     };
-    Migration::new(spec, context)
+    crate::daemon::migration::testing::migration(Role::Incoming, Some(qemu), timers)
 }
 
 /// Runs channel 1 of `m` between a peer connection that sends `sent` bytes and then its end,

@@ -33,6 +33,8 @@ pub mod state;
 pub mod view;
 
 #[cfg(test)]
+pub mod testing;
+#[cfg(test)]
 mod timers;
 
 use std::sync::{Arc, Mutex, MutexGuard};

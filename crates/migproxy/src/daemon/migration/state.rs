@@ -550,9 +550,7 @@ pub struct Core {
     /// Every pause, and how it recovered.
     recoveries: Recoveries,
     /// Milliseconds since creation at the current step.
-    clock_ms: u64,
-    /// Cancelled while paused in postcopy: both QEMUs were left as they were.
-    cancelled_paused: bool,
+    now: Now,
 }
 
 impl Core {
@@ -574,8 +572,7 @@ impl Core {
             qemu: Status::None,
             qemu_following: false,
             recoveries: Recoveries::default(),
-            clock_ms: 0,
-            cancelled_paused: false,
+            now: Now::default(),
         }
     }
 
@@ -618,7 +615,11 @@ impl Core {
 
     /// Cancelled while paused in postcopy (the guest is split between the hosts).
     pub fn cancelled_paused(&self) -> bool {
-        self.cancelled_paused
+        // An ended migration takes no QEMU status and closes no pause any more: what held at
+        // the cancel still holds.
+        self.state() == State::Cancelled
+            && self.recoveries.open().is_some()
+            && self.qemu.is_postcopy()
     }
 
     pub fn cancelled_by(&self) -> Option<Host> {

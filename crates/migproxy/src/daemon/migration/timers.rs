@@ -5,11 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use migproxy_proto::{Attribution, Control, Direction, Host, Leg, Op, Totals};
-use tokio::sync::broadcast;
-use tokio_util::task::TaskTracker;
 
 use super::*;
-use crate::daemon::token::Token;
 
 const TIMERS: Timers = Timers {
     explanation: Duration::from_millis(1000),
@@ -19,29 +16,7 @@ const TIMERS: Timers = Timers {
 };
 
 fn migration(role: Role) -> Arc<Migration> {
-    let spec = Spec {
-        id: "t".into(),
-        role,
-        token: Token::generate(),
-        peer: "127.0.0.1:1".into(),
-        local: "unix:/nowhere.sock".parse().unwrap(),
-        max_channels: 4,
-        recoverable: false,
-        recover_timeout: None,
-        server_name: String::new(),
-        tls: false,
-        qemu: None,
-        group: None,
-        data_path_asked: DataPath::Relay,
-        data_path_here: Choice::relay("asked for"),
-    };
-    let context = Context {
-        metrics: Arc::default(),
-        events: broadcast::channel(64).0,
-        tasks: TaskTracker::new(),
-        timers: TIMERS,
-    };
-    Migration::new(spec, context)
+    testing::migration(role, None, TIMERS)
 }
 
 fn peer_blame() -> Attribution {

@@ -49,6 +49,14 @@ pub enum QemuError {
 }
 
 impl QemuError {
+    /// QEMU did not answer `command` within [`COMMAND_TIMEOUT`].
+    pub fn timed_out(qmp: &Qmp, command: &'static str) -> QemuError {
+        QemuError::Timeout {
+            qmp: qmp.path().to_owned(),
+            command,
+        }
+    }
+
     /// The OS error underneath, when the monitor's socket failed.
     pub fn os_error(&self) -> Option<&std::io::Error> {
         match self {
@@ -106,12 +114,18 @@ pub(crate) async fn run_status(qmp: &mut Qmp) -> Result<String, QemuError> {
 /// Runs one command, giving QEMU [`COMMAND_TIMEOUT`]. After a timeout the session must not be
 /// used again (a reply may be half read).
 pub(crate) async fn timed(qmp: &mut Qmp, command: &'static str) -> Result<Value, QemuError> {
-    match tokio::time::timeout(COMMAND_TIMEOUT, run(qmp, command, Value::Null, "")).await {
+    timed_with(qmp, command, Value::Null).await
+}
+
+/// As [`timed`], with arguments.
+pub(crate) async fn timed_with(
+    qmp: &mut Qmp,
+    command: &'static str,
+    arguments: Value,
+) -> Result<Value, QemuError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, run(qmp, command, arguments, "")).await {
         Ok(answer) => answer,
-        Err(_) => Err(QemuError::Timeout {
-            qmp: qmp.path().to_owned(),
-            command,
-        }),
+        Err(_) => Err(QemuError::timed_out(qmp, command)),
     }
 }
 

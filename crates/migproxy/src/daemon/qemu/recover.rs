@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::command::{COMMAND_TIMEOUT, QemuError, run};
+use super::command::{COMMAND_TIMEOUT, QemuError, timed_with};
 use super::report::Status;
 use crate::daemon::migration::state::Epoch;
 use crate::daemon::migration::{Arrived, Migration, Role};
@@ -93,7 +93,7 @@ impl Recover {
                 self.paused_asked = true;
                 tracing::info!(migration = %migration.spec.id, "QEMU has not noticed the break: migrate-pause");
                 if let Err(error @ (QemuError::Qmp(_) | QemuError::Timeout { .. })) =
-                    run_timed(qmp, "migrate-pause", json!({})).await
+                    timed_with(qmp, "migrate-pause", json!({})).await
                 {
                     return Err(error);
                 }
@@ -124,7 +124,7 @@ async fn hand_over(
     tracing::info!(migration = %migration.spec.id, "recovering QEMU on a new kernel-path connection");
     let handing = super::command::hand_over(qmp, &arrived.socket, (role, true), &name);
     let handed = tokio::time::timeout(COMMAND_TIMEOUT, handing).await;
-    let handed = handed.unwrap_or_else(|_| Err(timed_out(qmp, "getfd/migrate fd:")));
+    let handed = handed.unwrap_or_else(|_| Err(QemuError::timed_out(qmp, "getfd/migrate fd:")));
     match handed {
         Ok(()) => {}
         Err(error @ QemuError::Command { .. }) => {
@@ -168,26 +168,6 @@ pub(super) fn drain(migration: &Arc<Migration>) {
     }
 }
 
-/// A recovery command QEMU did not answer in time: its monitor is given up.
-fn timed_out(qmp: &Qmp, command: &'static str) -> QemuError {
-    QemuError::Timeout {
-        qmp: qmp.path().to_owned(),
-        command,
-    }
-}
-
-/// One recovery command, given QEMU [`COMMAND_TIMEOUT`].
-async fn run_timed(
-    qmp: &mut Qmp,
-    command: &'static str,
-    arguments: serde_json::Value,
-) -> Result<serde_json::Value, QemuError> {
-    match tokio::time::timeout(COMMAND_TIMEOUT, run(qmp, command, arguments, "")).await {
-        Ok(answer) => answer,
-        Err(_) => Err(timed_out(qmp, command)),
-    }
-}
-
 /// Tells QEMU to recover on the epoch just attached: `migrate-recover` on the destination
 /// (whose channels may then connect, if that epoch still runs), `migrate resume=true` on the
 /// source. QEMU refusing ends the migration: it cannot be recovered by waiting.
@@ -198,7 +178,7 @@ async fn tell(migration: &Arc<Migration>, qmp: &mut Qmp, epoch: Epoch) -> Result
         Role::Outgoing => ("migrate", json!({ "uri": uri, "resume": true })),
     };
     tracing::info!(migration = %migration.spec.id, command, %uri, "recovering QEMU");
-    match run_timed(qmp, command, arguments).await {
+    match timed_with(qmp, command, arguments).await {
         Ok(_) => {
             // A break during the command: the next epoch waits for its own migrate-recover.
             if migration.spec.role == Role::Incoming && migration.recovering() == Some(epoch) {

@@ -26,7 +26,7 @@ impl Core {
         {
             return Err(Refusal::Phase(state.name()));
         }
-        self.clock_ms = now.elapsed_ms;
+        self.now = now;
         match input {
             Input::Attach { first_channel } => self.attach(first_channel, now),
             Input::Open { index } => self.open(index),
@@ -336,7 +336,7 @@ impl Core {
         self.link = false;
         self.phase = Phase::Paused;
         let mut effects = vec![Effect::EndEpoch];
-        if let Some(pause) = self.recoveries.paused(blame.clone(), self.clock_ms) {
+        if let Some(pause) = self.recoveries.paused(blame.clone(), self.now.elapsed_ms) {
             effects.push(Effect::Announce(Note::Paused {
                 pause,
                 cause: blame,
@@ -350,7 +350,7 @@ impl Core {
 
     /// The open pause is over: the guest runs again.
     fn resumed(&mut self) -> Option<Effect> {
-        let frozen_ms = self.recoveries.resumed(self.clock_ms)?;
+        let frozen_ms = self.recoveries.resumed(self.now.elapsed_ms)?;
         let pause = self.recoveries.all().len() as u32;
         Some(Effect::Announce(Note::Resumed { pause, frozen_ms }))
     }
@@ -362,12 +362,10 @@ impl Core {
             return Err(Refusal::Stale);
         }
         let cause = self.recoveries.open().map(|r| r.cause.message.clone());
-        let blame = attribution::recovery_timed_out(
-            self.host(),
-            limit_ms,
-            cause.unwrap_or_default(),
-            self.clock_ms,
-        );
+        let message = attribution::recovery_timed_out(limit_ms, &cause.unwrap_or_default());
+        let (bytes, elapsed_ms) = (self.now.bytes, self.now.elapsed_ms);
+        let op = migproxy_proto::Op::Timeout;
+        let blame = attribution::peer_link(self.host(), op, None, message, bytes, elapsed_ms);
         Ok(self.fail_for_good(blame))
     }
 
@@ -458,8 +456,6 @@ impl Core {
         if here && !self.is_cancelling() {
             effects.push(Effect::Send(Control::Cancel { by }));
         }
-        // Paused, or the link back but QEMU not resumed yet: the guest is split.
-        self.cancelled_paused = self.recoveries.open().is_some() && self.qemu.is_postcopy();
         effects.extend(self.finish_cancel(by));
         Ok(effects)
     }
