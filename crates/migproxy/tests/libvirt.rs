@@ -36,6 +36,19 @@ async fn create_by_hand_with(from: &Host, to: &Host, id: &str, recoverable: bool
     path
 }
 
+/// Waits until `host` has carried `bytes` of migration `id` to the destination.
+async fn moved(host: &Host, id: &str, bytes: u64, limit: Duration) {
+    let start = Instant::now();
+    while show(host, id).await["bytes"]["to_destination"]
+        .as_u64()
+        .unwrap_or(0)
+        < bytes
+    {
+        assert!(start.elapsed() < limit, "{id}: nothing moved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn show(host: &Host, id: &str) -> Value {
     host.request("GET", &format!("/v1/migrations/{id}"), None)
         .await
@@ -100,15 +113,7 @@ async fn the_manual_recipe_migrates_and_an_abort_is_never_completed() {
         .args(["--migrateuri", &format!("unix://{path}")])
         .output();
     let migrate = tokio::spawn(migrate);
-    let start = Instant::now();
-    while show(&lv.source, "back").await["bytes"]["to_destination"]
-        .as_u64()
-        .unwrap_or(0)
-        < 4 << 20
-    {
-        assert!(start.elapsed() < Duration::from_secs(20), "nothing moved");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    moved(&lv.source, "back", 4 << 20, Duration::from_secs(20)).await;
     let abort = lv.destination.virsh(&["domjobabort", "g1"]);
     assert!(abort.status.success(), "{}", text(&abort));
     let out = migrate.await.unwrap().unwrap();
@@ -268,15 +273,7 @@ async fn ctrl_c_aborts_libvirts_job_and_leaves_the_guest_on_the_source() {
     let child = one_command(&lv, &to, &["--max-bandwidth", "8M", "--id", "slow"])
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while show(&lv.source, "slow").await["bytes"]["to_destination"]
-        .as_u64()
-        .unwrap_or(0)
-        < 4 << 20
-    {
-        assert!(start.elapsed() < Duration::from_secs(30), "nothing moved");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    moved(&lv.source, "slow", 4 << 20, Duration::from_secs(30)).await;
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     // The nsenter in front passes the signal on to migproxy.
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
@@ -426,15 +423,7 @@ async fn virsh_postcopy_resume_recovers_a_paused_migration() {
         command.output()
     };
     let first = tokio::spawn(migrate(false));
-    let start = Instant::now();
-    while show(&lv.source, "pr").await["bytes"]["to_destination"]
-        .as_u64()
-        .unwrap_or(0)
-        < 1 << 20
-    {
-        assert!(start.elapsed() < Duration::from_secs(20), "nothing moved");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    moved(&lv.source, "pr", 1 << 20, Duration::from_secs(20)).await;
     let switch = lv.source.virsh(&["migrate-postcopy", "g1"]);
     assert!(switch.status.success(), "{}", text(&switch));
     tokio::time::sleep(Duration::from_secs(1)).await;

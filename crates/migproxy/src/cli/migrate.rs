@@ -391,24 +391,6 @@ fn recovery_line(m: &Snapshot) -> Option<String> {
     })
 }
 
-/// The recoveries in the final report, one line each.
-pub(super) fn print_recoveries(m: &Snapshot) {
-    for (n, r) in m.recoveries.iter().enumerate() {
-        let outcome = match r.frozen_ms {
-            Some(ms) => format!("resumed after {}", Elapsed(Duration::from_millis(ms))),
-            None => "not recovered".to_owned(),
-        };
-        say!("  pause {}: {outcome} ({})", n + 1, r.cause.message);
-    }
-    if !m.recoveries.is_empty() {
-        say!(
-            "  recoveries: {}, guest frozen {} in all",
-            m.recovered,
-            Elapsed(Duration::from_millis(m.frozen_ms))
-        );
-    }
-}
-
 /// How long QEMU may take to settle after migproxy's verdict, in the report.
 const SETTLE: Duration = Duration::from_secs(4);
 
@@ -478,7 +460,7 @@ fn report(source: &Snapshot, destination: Option<&Snapshot>, json: bool) {
     for c in &source.channels {
         migration::print_channel(c, "    ");
     }
-    print_recoveries(source);
+    migration::print_recoveries(source);
     match (source.cancelled_by, &source.verdict) {
         (Some(by), Some(verdict)) if source.recoveries.iter().any(|r| r.frozen_ms.is_none()) => {
             say!("  cancelled by the {by} host, {verdict}");

@@ -523,17 +523,40 @@ pub(super) fn print_report(m: &Snapshot, json: bool) {
         print_channel(c, "  ");
     }
     print_qemu(m.qemu.as_ref(), "QEMU");
-    for pause in &m.pauses {
-        say!("  paused: {}", pause.message);
-    }
+    print_recoveries(m);
     if let Some(by) = m.cancelled_by {
         say!("  cancelled by the {by} host");
+    }
+    if let Some(verdict) = m.verdict.as_ref().filter(|_| m.state == State::Cancelled) {
+        say!("  {verdict}");
     }
     if let Some(error) = &m.error {
         say!("  error: {}", error.message);
         for (n, cause) in error.causes.iter().enumerate() {
             say!("    {}: {cause}", n + 1);
         }
+    }
+}
+
+/// The recoveries in the final report, one line each.
+pub(super) fn print_recoveries(m: &Snapshot) {
+    for (n, r) in m.recoveries.iter().enumerate() {
+        let outcome = match r.frozen_ms {
+            Some(ms) => format!("resumed after {}", Elapsed(Duration::from_millis(ms))),
+            None => "not recovered".to_owned(),
+        };
+        let tries = match r.failed_attempts {
+            0 => String::new(),
+            n => format!(", {n} failed tries to bring the link back"),
+        };
+        say!("  pause {}: {outcome}{tries} ({})", n + 1, r.cause.message);
+    }
+    if !m.recoveries.is_empty() {
+        say!(
+            "  recoveries: {}, guest frozen {} in all",
+            m.recovered,
+            Elapsed(Duration::from_millis(m.frozen_ms))
+        );
     }
 }
 
