@@ -723,12 +723,22 @@ async fn connect_qemu(
         migration.channel_failed(admitted.epoch, index, blame);
         return None;
     }
+    // A resumed main channel of a migration recovered by hand: QEMU may be connected already.
+    let mut claim = match admitted.stop.is_cancelled() {
+        true => None,
+        false => migration.claim_early(admitted.main).await,
+    };
+    if let Some(qemu) = claim.as_mut().and_then(|claim| claim.held.take()) {
+        tracing::debug!(migration = %migration.spec.id, index, "the resumed main channel takes the connection made when QEMU listened again");
+        return Some(qemu);
+    }
     let connected = tokio::select! {
         // An ended epoch first: a failure racing it is only its echo.
         biased;
         () = admitted.stop.cancelled() => None,
         connected = transport::connect(target, daemon.config.timing.connect_timeout) => Some(connected),
     };
+    drop(claim);
     match connected {
         Some(Ok(qemu)) => {
             deepen(&qemu);

@@ -240,6 +240,8 @@ impl Host {
                 "kvm",
             ])
             .args(extra)
+            // What each daemon did, for a failing test's message.
+            .env("MIGPROXY_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -22,6 +22,7 @@
 
 mod cancel;
 pub mod channels;
+pub mod early;
 pub mod group;
 pub mod handoff;
 mod local_qemu;
@@ -202,6 +203,8 @@ pub struct Migration {
     data_path: std::sync::OnceLock<Choice>,
     /// Incoming, kernel path: the data connection, on its way to the destination QEMU.
     pub handoff: handoff::Handoff<Arrived>,
+    /// Incoming, recovered by hand: the destination QEMU connected as soon as it listens.
+    early: early::EarlyLeg,
 }
 
 #[derive(Debug)]
@@ -278,6 +281,7 @@ impl Migration {
             group: std::sync::OnceLock::new(),
             data_path: std::sync::OnceLock::new(),
             handoff: handoff::Handoff::default(),
+            early: early::EarlyLeg::default(),
             spec,
         });
         migration.start_ttl();
@@ -404,7 +408,7 @@ impl Migration {
 
     /// What follows a step: the state for watchers, the event, the log, the metrics — once
     /// per change of state (a pause hidden inside one step counts too).
-    fn observe(&self, inner: &mut Inner, before: (Phase, u32)) {
+    fn observe(self: &Arc<Self>, inner: &mut Inner, before: (Phase, u32)) {
         self.observe_cancel(inner);
         if inner.core.paused() != before.1 {
             inner.paused = Some(SystemTime::now());

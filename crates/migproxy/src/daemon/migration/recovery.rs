@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use migproxy_proto::Attribution;
 
+use super::early::{self, Tried};
 use super::state::{Epoch, Input, Note, Phase};
 use super::view::EventKind;
 use super::{Migration, Role};
 use crate::daemon::attribution::{self, Rendered};
+use crate::daemon::paths;
 
 impl Migration {
     /// Publishes a step of recovery (under the migration's lock: nothing here takes it).
@@ -40,10 +42,67 @@ impl Migration {
     /// Every pause (a new one, or a second break while recovering): where QEMU is driven here,
     /// the next epoch's channels wait for its `migrate-recover` (QEMU's listening socket of
     /// the broken epoch is gone).
-    pub(super) fn paused_again(&self) {
-        if self.spec.role == Role::Incoming && self.spec.qemu.is_some() {
-            self.qemu_ready.send_replace(false);
+    /// Where a person recovers QEMU, the destination connects to QEMU as soon as it listens
+    /// again ([`early`](super::early)).
+    pub(super) fn paused_again(self: &Arc<Self>) {
+        if self.spec.role != Role::Incoming {
+            return;
         }
+        if self.spec.qemu.is_some() {
+            self.qemu_ready.send_replace(false);
+        } else if let Some(path) = self.spec.local.unix_path() {
+            // The socket QEMU listens on now, until `migrate-recover` binds a new one.
+            let before = early::socket_at(path);
+            let round = self.early.begin();
+            let migration = Arc::clone(self);
+            self.spawn(async move { migration.connect_early(round, before).await });
+        }
+    }
+
+    /// Watches the destination QEMU's socket until `migrate-recover` binds a new one (not
+    /// `before`), the pause's round ends or the migration does; connects and holds the
+    /// connection for the resumed main channel, and closes it if nobody takes it.
+    async fn connect_early(self: Arc<Self>, round: u64, before: Option<(u64, u64)>) {
+        let target = &self.spec.local;
+        let Some(path) = target.unix_path() else {
+            return;
+        };
+        let mut changes = early::DirChanges::new(path);
+        let mut tried = None;
+        loop {
+            // A socket bound anew is tried (for a grace, while it refuses) once.
+            let now = early::socket_at(path).filter(|now| Some(*now) != before);
+            let fresh = now.is_some() && now != tried;
+            let connect = async || {
+                (fresh && paths::refuse_symlink(path).is_ok()).then_some(())?;
+                early::connect_listening(path, early::LISTEN_GRACE).await
+            };
+            match self.early.try_connect(round, connect).await {
+                Tried::Over => return,
+                Tried::Held => break,
+                Tried::NotYet => tried = now.or(tried),
+            }
+            tokio::select! {
+                () = self.stopped() => return,
+                () = self.early.round_over(round) => return,
+                _ = changes.next() => {}
+            }
+        }
+        tracing::info!(migration = %self.spec.id, "the destination QEMU listens again (migrate-recover): connected to it for the resumed main channel");
+        tokio::select! {
+            () = self.stopped() => {}
+            () = self.early.round_over(round) => {}
+        }
+        self.early.close(round).await;
+    }
+
+    /// Incoming: the connection to the destination QEMU a resumed main channel takes, made
+    /// early; `None` for every other channel, or when none was made. While the claim lives,
+    /// nothing else connects to QEMU for it.
+    pub async fn claim_early(&self, main: bool) -> Option<early::Claim<'_>> {
+        let by_hand = self.spec.role == Role::Incoming && self.spec.qemu.is_none();
+        (main && by_hand && self.spec.recoverable).then_some(())?;
+        Some(self.early.claim().await)
     }
 
     /// The epoch whose recovery QEMU must be told about: a control link is back after a
