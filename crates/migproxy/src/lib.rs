@@ -7,7 +7,9 @@
 //! - [`human`]: how sizes, durations, OS errors and error chains read in reports.
 //! - [`transport`]: one stream type over unix sockets, TCP and TLS, listeners and connects.
 //! - [`tls`]: mutual TLS from QEMU's x509 directory layout.
-//! - [`relay`]: the zero-copy engine that moves one channel and reports exactly how it ended.
+//! - [`relay`]: the zero-copy engine that moves one channel and reports exactly how it ended;
+//!   [`relay::resume`] carries a channel across peer connections that break (not yet used
+//!   by the daemon).
 //! - [`proxy`]: `migproxy relay`, a relay per accepted connection.
 //! - [`qmp`]: a QEMU monitor client.
 //! - [`daemon`]: migrations between hosts (the lifecycle in [`daemon::migration`]).

@@ -32,6 +32,7 @@
 mod counters;
 mod fd;
 mod pump;
+pub mod resume;
 mod stream;
 
 use std::fmt;

@@ -1,0 +1,458 @@
+//! Resumable channels: one migration channel carried across peer connections that break,
+//! with not a byte lost, duplicated or reordered, and its local end (QEMU) never noticing.
+//!
+//! This is the engine of issue #18; the daemon does not carry channels with it yet.
+//!
+//! ```text
+//!  local end ◄──► carry ══ connection 1 ══╳ broken (RST, timeout, a dead middlebox)
+//!  (QEMU)          │
+//!                  ├─ link.connect() again, with backoff, within the resume timeout
+//!                  ├─ hello ──►  {delivered: bytes of the peer's direction written to QEMU,
+//!                  │  ◄── hello            end: this direction's length, once QEMU ended it}
+//!                  ├─ replay: what it kept from the peer's `delivered` on (Retention)
+//!                  └─ then on as before, on connection 2
+//! ```
+//!
+//! - **Retention.** Every byte read from the local end is kept until the peer says it has
+//!   written it to its own local end, at most [`Options::retention`]: past that the local
+//!   end is not read (QEMU blocks, as on a full socket), so memory is bounded by it.
+//! - **Progress.** Each side publishes its [`Progress`] (bytes delivered, and its own
+//!   direction's end) through [`Sides`]: the daemon carries it on the control link; it also
+//!   travels in each hello. A peer's end of stream counts only at the announced length: a
+//!   peer daemon killed closes its sockets with a FIN too.
+//! - **Failures.** Only a peer connection's failure resumes. A local failure, a peer offset
+//!   that cannot be true, a cancel, or no new connection within the resume timeout end the
+//!   channel, named as such ([`ResumeError`]).
+
+mod retention;
+
+use std::future::Future;
+use std::io;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use self::retention::{Retention, RetentionError};
+use crate::human::Elapsed;
+use crate::transport::Stream;
+
+/// A source of fresh connections to the peer for one channel: the dialling side dials (and
+/// re-admits the channel), the other accepts the peer's next connection.
+pub trait PeerLink: Send {
+    fn connect(&mut self) -> impl Future<Output = io::Result<Stream>> + Send;
+}
+
+/// How one side stands: bytes of the peer's direction delivered to the local end, and the
+/// length of its own direction once the local end has ended it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub delivered: u64,
+    pub end: Option<u64>,
+}
+
+impl Progress {
+    const WIRE: usize = 16;
+
+    fn encode(self) -> [u8; Self::WIRE] {
+        let mut wire = [0; Self::WIRE];
+        wire[..8].copy_from_slice(&self.delivered.to_be_bytes());
+        wire[8..].copy_from_slice(&self.end.unwrap_or(u64::MAX).to_be_bytes());
+        wire
+    }
+
+    fn decode(wire: [u8; Self::WIRE]) -> Progress {
+        let word = |at: usize| u64::from_be_bytes(wire[at..at + 8].try_into().unwrap_or([0; 8]));
+        Progress {
+            delivered: word(0),
+            end: Some(word(8)).filter(|end| *end != u64::MAX),
+        }
+    }
+}
+
+/// Progress between connections: this side's, published; the peer's, as it arrives.
+#[derive(Debug)]
+pub struct Sides {
+    pub mine: watch::Sender<Progress>,
+    pub peer: watch::Receiver<Progress>,
+}
+
+/// The engine's settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The most bytes one direction keeps unacknowledged.
+    pub retention: usize,
+    /// How long the channel may go without a working connection.
+    pub resume_timeout: Duration,
+    /// The hello's budget on a fresh connection.
+    pub hello_timeout: Duration,
+    /// How long a peer's end of stream short of its announced length waits for the
+    /// announcement before it counts as a broken connection.
+    pub end_grace: Duration,
+    /// The copy buffer, per direction.
+    pub chunk: usize,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            retention: 16 << 20,
+            resume_timeout: Duration::from_secs(60),
+            hello_timeout: Duration::from_secs(5),
+            end_grace: Duration::from_secs(2),
+            chunk: 256 << 10,
+        }
+    }
+}
+
+/// What a channel carried, and what it cost.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Bytes read from the local end and sent.
+    pub sent: u64,
+    /// Bytes of the peer's direction written to the local end.
+    pub delivered: u64,
+    /// Connections after the first.
+    pub resumptions: u32,
+    /// Bytes sent again after a break.
+    pub replayed: u64,
+}
+
+/// Why a channel ended short.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("local end: {op} failed")]
+    Local {
+        op: &'static str,
+        #[source]
+        error: io::Error,
+    },
+    #[error("peer offsets")]
+    Offsets(#[from] RetentionError),
+    #[error(
+        "no working connection to the peer for {}{} ({attempts} attempts; the last: {last})",
+        Elapsed(*.waited),
+        cause.as_ref().map(|cause| format!(" after it broke: {cause}")).unwrap_or_default()
+    )]
+    Timeout {
+        /// The break that started the outage; none before the first connection.
+        cause: Option<io::Error>,
+        waited: Duration,
+        attempts: u32,
+        last: io::Error,
+    },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// How a session on one connection ended short.
+enum Cut {
+    /// The connection failed: resume on another.
+    Broken(io::Error),
+    /// The channel cannot go on.
+    Fatal(ResumeError),
+}
+
+impl From<RetentionError> for Cut {
+    fn from(error: RetentionError) -> Cut {
+        Cut::Fatal(error.into())
+    }
+}
+
+fn local(op: &'static str) -> impl FnOnce(io::Error) -> Cut {
+    move |error| Cut::Fatal(ResumeError::Local { op, error })
+}
+
+/// Carries one channel between `local` and the peer until both directions have ended and
+/// the peer has acknowledged every byte, resuming on a new connection after each break.
+pub async fn carry<L: PeerLink>(
+    local: Stream,
+    link: L,
+    sides: Sides,
+    options: Options,
+    cancel: CancellationToken,
+) -> Result<Report, ResumeError> {
+    let (local_r, local_w) = tokio::io::split(local);
+    let mut channel = Channel {
+        link,
+        up: Up {
+            local: local_r,
+            kept: Retention::new(options.retention),
+            ended: false,
+            buf: vec![0; options.chunk.max(1)],
+        },
+        down: Down {
+            local: local_w,
+            ended: false,
+            buf: vec![0; options.chunk.max(1)],
+        },
+        sides,
+        options,
+        report: Report::default(),
+    };
+    tokio::select! {
+        result = channel.run() => result.map(|()| channel.report),
+        () = cancel.cancelled() => Err(ResumeError::Cancelled),
+    }
+}
+
+struct Channel<L> {
+    link: L,
+    up: Up,
+    down: Down,
+    sides: Sides,
+    options: Options,
+    report: Report,
+}
+
+/// Local end to peer.
+struct Up {
+    local: ReadHalf<Stream>,
+    kept: Retention,
+    ended: bool,
+    buf: Vec<u8>,
+}
+
+/// Peer to local end.
+struct Down {
+    local: WriteHalf<Stream>,
+    /// The peer's direction reached its end and the local end was told (a FIN).
+    ended: bool,
+    buf: Vec<u8>,
+}
+
+impl<L: PeerLink> Channel<L> {
+    async fn run(&mut self) -> Result<(), ResumeError> {
+        let mut sessions = 0u32;
+        let mut cause = None;
+        loop {
+            let (connection, peer) = self.reconnect(cause.take()).await?;
+            sessions += 1;
+            self.report.resumptions = sessions - 1;
+            let replay = self.up.kept.sent() - peer.delivered;
+            if sessions > 1 {
+                self.report.replayed += replay;
+                tracing::info!(replay, "resumed on a new connection");
+            }
+            let ended = self.session(connection, peer).await;
+            self.report.sent = self.up.kept.sent();
+            self.report.delivered = self.mine().delivered;
+            match ended {
+                Ok(()) => return Ok(()),
+                Err(Cut::Fatal(error)) => return Err(error),
+                Err(Cut::Broken(error)) => {
+                    tracing::info!(%error, "the peer connection broke: resuming");
+                    cause = Some(error);
+                }
+            }
+        }
+    }
+
+    /// A new connection, its hellos exchanged, within the resume timeout (after `cause`).
+    async fn reconnect(
+        &mut self,
+        cause: Option<io::Error>,
+    ) -> Result<(Stream, Progress), ResumeError> {
+        let start = Instant::now();
+        let mut attempts = 0;
+        let mut pause = Duration::ZERO;
+        loop {
+            let left = self.options.resume_timeout.saturating_sub(start.elapsed());
+            let tried = tokio::time::timeout(left, self.connect_once()).await;
+            attempts += 1;
+            let last = match tried {
+                Ok(Ok(done)) => return Ok(done),
+                Ok(Err(Cut::Fatal(error))) => return Err(error),
+                Ok(Err(Cut::Broken(error))) => error,
+                Err(_) => io::Error::from(io::ErrorKind::TimedOut),
+            };
+            let left = self.options.resume_timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                let waited = start.elapsed();
+                return Err(ResumeError::Timeout {
+                    cause,
+                    waited,
+                    attempts,
+                    last,
+                });
+            }
+            // The last try at the deadline itself.
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        }
+    }
+
+    /// One connection and its hellos: this side's progress out, the peer's in.
+    async fn connect_once(&mut self) -> Result<(Stream, Progress), Cut> {
+        let mut connection = self.link.connect().await.map_err(Cut::Broken)?;
+        let mine = self.mine().encode();
+        let hello = async {
+            connection.write_all(&mine).await?;
+            connection.flush().await?;
+            let mut wire = [0; Progress::WIRE];
+            connection.read_exact(&mut wire).await?;
+            Ok::<_, io::Error>(Progress::decode(wire))
+        };
+        let peer = tokio::time::timeout(self.options.hello_timeout, hello)
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+            .map_err(Cut::Broken)?;
+        self.up.kept.ack(peer.delivered)?;
+        Ok((connection, peer))
+    }
+
+    fn mine(&self) -> Progress {
+        *self.sides.mine.borrow()
+    }
+
+    /// Both directions on one connection, until both are done or the connection breaks.
+    async fn session(&mut self, connection: Stream, peer: Progress) -> Result<(), Cut> {
+        let (peer_r, peer_w) = tokio::io::split(connection);
+        let mut peer_seen = self.sides.peer.clone();
+        let up = self
+            .up
+            .run(peer_w, peer.delivered, &mut peer_seen, &self.sides.mine);
+        let mut peer_end = self.sides.peer.clone();
+        let down = self.down.run(
+            peer_r,
+            peer.end,
+            &mut peer_end,
+            &self.sides.mine,
+            &self.options,
+        );
+        tokio::try_join!(up, down)?;
+        Ok(())
+    }
+}
+
+impl Up {
+    /// Sends again from `from`, then reads the local end while there is room, until it ends
+    /// and the peer has acknowledged all of it.
+    async fn run(
+        &mut self,
+        mut peer: WriteHalf<Stream>,
+        from: u64,
+        acks: &mut watch::Receiver<Progress>,
+        mine: &watch::Sender<Progress>,
+    ) -> Result<(), Cut> {
+        let (a, b) = self.kept.replay(from)?;
+        peer.write_all(a).await.map_err(Cut::Broken)?;
+        peer.write_all(b).await.map_err(Cut::Broken)?;
+        peer.flush().await.map_err(Cut::Broken)?;
+        while !self.ended {
+            self.kept.ack(acks.borrow_and_update().delivered)?;
+            if self.kept.room() == 0 {
+                wait_change(acks).await;
+                continue;
+            }
+            let room = self.kept.room().min(self.buf.len());
+            let read = self.local.read(&mut self.buf[..room]).await;
+            let n = read.map_err(local("read"))?;
+            if n == 0 {
+                self.ended = true;
+                let end = Some(self.kept.sent());
+                mine.send_modify(|mine| mine.end = end);
+                break;
+            }
+            self.kept.push(&self.buf[..n]);
+            peer.write_all(&self.buf[..n]).await.map_err(Cut::Broken)?;
+            peer.flush().await.map_err(Cut::Broken)?;
+        }
+        peer.shutdown().await.map_err(Cut::Broken)?;
+        loop {
+            self.kept.ack(acks.borrow_and_update().delivered)?;
+            if self.kept.kept() == 0 {
+                return Ok(());
+            }
+            wait_change(acks).await;
+        }
+    }
+}
+
+impl Down {
+    /// Writes what the peer sends to the local end, counting each write as it completes (a
+    /// write cut short by a break counts only what it wrote: the peer sends the rest again).
+    async fn run(
+        &mut self,
+        mut peer: ReadHalf<Stream>,
+        mut end: Option<u64>,
+        announced: &mut watch::Receiver<Progress>,
+        mine: &watch::Sender<Progress>,
+        options: &Options,
+    ) -> Result<(), Cut> {
+        let delivered = || mine.borrow().delivered;
+        loop {
+            let n = peer.read(&mut self.buf).await.map_err(Cut::Broken)?;
+            if n == 0 {
+                return self.finish(&mut end, announced, delivered(), options).await;
+            }
+            if self.ended {
+                let beyond = delivered() + n as u64;
+                return Err(RetentionError::BeyondSent {
+                    claimed: beyond,
+                    sent: delivered(),
+                }
+                .into());
+            }
+            let mut written = 0;
+            while written < n {
+                let w = self.local.write(&self.buf[written..n]).await;
+                let w = w.map_err(local("write"))?;
+                if w == 0 {
+                    return Err(local("write")(io::ErrorKind::WriteZero.into()));
+                }
+                written += w;
+                mine.send_modify(|mine| mine.delivered += w as u64);
+            }
+        }
+    }
+
+    /// The peer's end of stream: the end, once it is the announced length (shuts the local
+    /// end's write side down); a broken connection otherwise.
+    async fn finish(
+        &mut self,
+        end: &mut Option<u64>,
+        announced: &mut watch::Receiver<Progress>,
+        delivered: u64,
+        options: &Options,
+    ) -> Result<(), Cut> {
+        let known = end.is_some();
+        let wait = async {
+            let told = announced.wait_for(|peer| known || peer.end.is_some()).await;
+            told.map(|peer| peer.end).ok().flatten()
+        };
+        if let Ok(told) = tokio::time::timeout(options.end_grace, wait).await {
+            *end = end.or(told);
+        }
+        match *end {
+            Some(end) if end == delivered => {
+                if !self.ended {
+                    self.local.shutdown().await.map_err(local("shutdown"))?;
+                    self.ended = true;
+                }
+                Ok(())
+            }
+            Some(end) if end < delivered => Err(Cut::Fatal(ResumeError::Offsets(
+                RetentionError::BeyondSent {
+                    claimed: delivered,
+                    sent: end,
+                },
+            ))),
+            _ => Err(Cut::Broken(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the peer closed the connection after {delivered} bytes, short of its end"),
+            ))),
+        }
+    }
+}
+
+/// The next change of the peer's progress; never, once nobody can publish it.
+async fn wait_change(acks: &mut watch::Receiver<Progress>) {
+    if acks.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests;
