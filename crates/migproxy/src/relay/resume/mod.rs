@@ -76,6 +76,11 @@ impl Progress {
 pub struct Sides {
     pub mine: watch::Sender<Progress>,
     pub peer: watch::Receiver<Progress>,
+    /// Bumped by the daemon when it finds the current connection dead although it has not
+    /// failed: silent past the dead-peer budget (a blackholed link fails no write for
+    /// minutes), or replaced by the peer's new connection for this channel. The session on
+    /// it ends and the channel resumes on a new one.
+    pub breaks: watch::Receiver<u64>,
 }
 
 /// The engine's settings.
@@ -321,8 +326,15 @@ impl<L: PeerLink> Channel<L> {
             &self.sides.mine,
             &self.options,
         );
-        tokio::try_join!(up, down)?;
-        Ok(())
+        let mut breaks = self.sides.breaks.clone();
+        breaks.mark_unchanged();
+        tokio::select! {
+            both = async { tokio::try_join!(up, down) } => both.map(|_| ()),
+            () = wait_break(&mut breaks) => Err(Cut::Broken(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection went dead (the daemon's verdict: silence, or replaced)",
+            ))),
+        }
     }
 }
 
@@ -444,6 +456,13 @@ impl Down {
                 format!("the peer closed the connection after {delivered} bytes, short of its end"),
             ))),
         }
+    }
+}
+
+/// The next break the daemon calls; never, once nobody can call one.
+async fn wait_break(breaks: &mut watch::Receiver<u64>) {
+    if breaks.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

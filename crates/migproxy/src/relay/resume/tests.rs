@@ -44,10 +44,18 @@ fn abort(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
 }
 
-/// A TCP proxy to `to` that resets each of its first `cuts` connections (RST both ways)
-/// once it has forwarded a random 0–1 MiB towards `to`; returns its address and how many it
-/// reset.
-async fn chaos(to: SocketAddr, cuts: u32, seed: u64) -> (SocketAddr, Arc<AtomicU32>) {
+/// What the proxy does to a connection it cuts.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// Resets it, both ways.
+    Reset,
+    /// Stops forwarding, both ways, and keeps it open: a blackholed link.
+    Blackhole,
+}
+
+/// A TCP proxy to `to` that cuts each of its first `cuts` connections once it has forwarded
+/// a random 0–1 MiB towards `to`; returns its address and how many it cut.
+async fn chaos(to: SocketAddr, cuts: u32, seed: u64, fault: Fault) -> (SocketAddr, Arc<AtomicU32>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let done = Arc::new(AtomicU32::new(0));
@@ -61,14 +69,20 @@ async fn chaos(to: SocketAddr, cuts: u32, seed: u64) -> (SocketAddr, Arc<AtomicU
             };
             let cut = (accepted < cuts).then(|| rng.gen_range(0..1 << 20));
             accepted += 1;
-            tokio::spawn(forward(a, b, cut, Arc::clone(&count)));
+            tokio::spawn(forward(a, b, cut, fault, Arc::clone(&count)));
         }
     });
     (addr, done)
 }
 
-/// Forwards both ways; resets both connections after `cut` bytes towards `b`.
-async fn forward(mut a: TcpStream, mut b: TcpStream, cut: Option<usize>, resets: Arc<AtomicU32>) {
+/// Forwards both ways; cuts both connections after `cut` bytes towards `b`.
+async fn forward(
+    mut a: TcpStream,
+    mut b: TcpStream,
+    cut: Option<usize>,
+    fault: Fault,
+    cuts: Arc<AtomicU32>,
+) {
     let Some(cut) = cut else {
         let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
         return;
@@ -111,24 +125,37 @@ async fn forward(mut a: TcpStream, mut b: TcpStream, cut: Option<usize>, resets:
             () = &mut back => towards_b.await,
         }
     };
-    if reached {
-        resets.fetch_add(1, Ordering::SeqCst);
-        abort(a);
-        abort(b);
+    if !reached {
+        return;
     }
+    cuts.fetch_add(1, Ordering::SeqCst);
+    if fault == Fault::Blackhole {
+        // Held open, never read nor written again, until the test ends.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    abort(a);
+    abort(b);
 }
 
+/// Both sides' progress wired to each other (the control link's part), and one break
+/// signal for both (each daemon finds a silent link dead by its heartbeats).
 fn sides() -> (Sides, Sides) {
+    sides_breaking(watch::channel(0).1)
+}
+
+fn sides_breaking(breaks: watch::Receiver<u64>) -> (Sides, Sides) {
     let (a, a_seen) = watch::channel(Progress::default());
     let (b, b_seen) = watch::channel(Progress::default());
     (
         Sides {
             mine: a,
             peer: b_seen,
+            breaks: breaks.clone(),
         },
         Sides {
             mine: b,
             peer: a_seen,
+            breaks,
         },
     )
 }
@@ -165,11 +192,20 @@ async fn qemu(mut end: UnixStream, out: Vec<u8>) -> Vec<u8> {
 
 /// Two QEMUs exchanging `len` random bytes each way through two engines and the chaos proxy.
 async fn exchange(len: usize, cuts: u32, seed: u64) -> (Report, Report, u32) {
+    exchange_with(len, cuts, seed, Fault::Reset, sides()).await
+}
+
+async fn exchange_with(
+    len: usize,
+    cuts: u32,
+    seed: u64,
+    fault: Fault,
+    (a_sides, b_sides): (Sides, Sides),
+) -> (Report, Report, u32) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (via, resets) = chaos(listener.local_addr().unwrap(), cuts, seed).await;
+    let (via, resets) = chaos(listener.local_addr().unwrap(), cuts, seed, fault).await;
     let (src_qemu, src_local) = UnixStream::pair().unwrap();
     let (dst_qemu, dst_local) = UnixStream::pair().unwrap();
-    let (a_sides, b_sides) = sides();
     let cancel = CancellationToken::new();
     let a = carry(
         Stream::Unix(src_local),
@@ -213,6 +249,22 @@ async fn every_byte_arrives_in_order_exactly_once_through_random_resets() {
         assert_eq!((a.sent, a.delivered), (len as u64, len as u64));
         assert_eq!((b.sent, b.delivered), (len as u64, len as u64));
     }
+}
+
+#[tokio::test]
+async fn a_blackholed_connection_found_dead_by_the_daemon_resumes_on_a_new_one() {
+    let (breaker, breaks) = watch::channel(0u64);
+    let len = 4 << 20;
+    let exchange = exchange_with(len, 1, 4, Fault::Blackhole, sides_breaking(breaks));
+    // The daemon's verdict, as its heartbeats would give it: the link is silent.
+    let verdict = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        breaker.send_modify(|n| *n += 1);
+    };
+    let ((a, b, cut), ()) = tokio::join!(exchange, verdict);
+    assert_eq!(cut, 1, "the first connection was blackholed");
+    assert_eq!((a.resumptions, b.resumptions), (1, 1));
+    assert_eq!((a.sent, b.delivered), (len as u64, len as u64));
 }
 
 #[tokio::test]
