@@ -83,6 +83,7 @@
 mod codec;
 mod control;
 mod hello;
+mod resume;
 
 pub use codec::DecodeError;
 pub use control::{
@@ -94,6 +95,7 @@ pub use hello::{
     MAX_HELLO_BODY, MAX_ID, MIN_VERSION, Status, TOKEN_LEN, VERSION, hello_body_len, negotiate,
     reply_len, valid_id,
 };
+pub use resume::{PROGRESS_LEN, Progress};
 
 /// The fuzz target's property on a deterministic stream of mutated inputs, on every test run
 /// (`fuzz/` explores far more with cargo-fuzz).

@@ -18,10 +18,12 @@
 //!   end is not read (QEMU blocks, as on a full socket), so memory is bounded by it.
 //! - **Progress.** Each side publishes its [`Progress`] (bytes delivered, and its own
 //!   direction's end) through [`Sides`]: the daemon carries it on the control link; it also
-//!   travels in each hello. A peer's end of stream counts only at the announced length: a
-//!   peer daemon killed closes its sockets with a FIN too.
-//! - **Failures.** Only a peer connection's failure resumes. A local failure, a peer offset
-//!   that cannot be true, a cancel, or no new connection within the resume timeout end the
+//!   travels in each hello (its wire form is in `migproxy_proto`). A peer's end of stream
+//!   counts only at the announced length: a peer daemon killed closes its sockets with a
+//!   FIN too.
+//! - **Failures.** Only a peer connection's failure resumes, or the daemon's word that one
+//!   is dead ([`Sides::breaks`]: silent, or replaced). A local failure, a peer offset that
+//!   cannot be true, a cancel, or no new connection within the resume timeout end the
 //!   channel, named as such ([`ResumeError`]).
 
 mod retention;
@@ -34,6 +36,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use migproxy_proto::{PROGRESS_LEN, Progress};
+
 pub use self::retention::{Retention, RetentionError};
 use crate::human::Elapsed;
 use crate::transport::Stream;
@@ -42,33 +46,6 @@ use crate::transport::Stream;
 /// re-admits the channel), the other accepts the peer's next connection.
 pub trait PeerLink: Send {
     fn connect(&mut self) -> impl Future<Output = io::Result<Stream>> + Send;
-}
-
-/// How one side stands: bytes of the peer's direction delivered to the local end, and the
-/// length of its own direction once the local end has ended it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Progress {
-    pub delivered: u64,
-    pub end: Option<u64>,
-}
-
-impl Progress {
-    const WIRE: usize = 16;
-
-    fn encode(self) -> [u8; Self::WIRE] {
-        let mut wire = [0; Self::WIRE];
-        wire[..8].copy_from_slice(&self.delivered.to_be_bytes());
-        wire[8..].copy_from_slice(&self.end.unwrap_or(u64::MAX).to_be_bytes());
-        wire
-    }
-
-    fn decode(wire: [u8; Self::WIRE]) -> Progress {
-        let word = |at: usize| u64::from_be_bytes(wire[at..at + 8].try_into().unwrap_or([0; 8]));
-        Progress {
-            delivered: word(0),
-            end: Some(word(8)).filter(|end| *end != u64::MAX),
-        }
-    }
 }
 
 /// Progress between connections: this side's, published; the peer's, as it arrives.
@@ -295,7 +272,7 @@ impl<L: PeerLink> Channel<L> {
         let hello = async {
             connection.write_all(&mine).await?;
             connection.flush().await?;
-            let mut wire = [0; Progress::WIRE];
+            let mut wire = [0; PROGRESS_LEN];
             connection.read_exact(&mut wire).await?;
             Ok::<_, io::Error>(Progress::decode(wire))
         };
