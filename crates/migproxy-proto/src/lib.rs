@@ -74,6 +74,13 @@
 //! - Version 1: the first.
 //! - Version 2: `Done` carries the host's evidence that QEMU finished ([`Verdict`]).
 //!
+//! # Resumable channels (not yet spoken)
+//!
+//! [`Progress`] is the hello of a resumable channel's connection (issue #18): each side's
+//! bytes delivered and its direction's end, so that a channel goes on, on a new connection,
+//! from the exact byte where the old one broke. The daemons do not speak it yet; the
+//! engine that does is `migproxy::relay::resume`.
+//!
 //! # Limits
 //!
 //! A hello body is at most [`MAX_HELLO_BODY`] bytes and a control frame at most
