@@ -730,6 +730,7 @@ async fn connect_qemu(
     };
     if let Some(qemu) = claim.as_mut().and_then(|claim| claim.held.take()) {
         tracing::debug!(migration = %migration.spec.id, index, "the resumed main channel takes the connection made when QEMU listened again");
+        deepen(&qemu);
         return Some(qemu);
     }
     let connected = tokio::select! {

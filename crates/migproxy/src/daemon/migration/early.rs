@@ -35,12 +35,12 @@
 //! nobody claimed is closed when the next pause begins or the migration ends; QEMU sees it
 //! close and pauses again, as it would after any broken recovery.
 
-use std::io::ErrorKind;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -57,30 +57,45 @@ pub const POLL: Duration = Duration::from_millis(10);
 /// timer, whose millisecond ticks came late by several on a loaded 2-core machine.
 pub const LISTEN_RETRY: Duration = Duration::from_micros(100);
 
+/// How long a connection made early waits for the resumed main channel before it is
+/// closed: QEMU, connected, is in `postcopy-recover` and refuses another `migrate-recover`,
+/// so a resume that never comes (the source's failed on its side alone) must not hold it
+/// there for good. Closed, QEMU pauses again and a new recovery can start.
+pub const EARLY_HOLD: Duration = Duration::from_secs(30);
+
 /// How long a socket bound anew is tried every [`LISTEN_RETRY`] before it counts as one
 /// nobody listens on (a stale file), looked at again only when woken.
 pub const LISTEN_GRACE: Duration = Duration::from_millis(50);
 
 /// Connects to the unix socket at `path`, trying again while it refuses, up to `grace`
-/// (on a blocking thread: the retries are finer than tokio's timer).
+/// (on a blocking thread: the retries are finer than tokio's timer). Each try is a
+/// non-blocking connect: a full listen queue answers at once too (as not yet).
 pub async fn connect_listening(path: &Path, grace: Duration) -> Option<Stream> {
     let path = path.to_path_buf();
     let connected = tokio::task::spawn_blocking(move || {
         let start = Instant::now();
         loop {
-            match std::os::unix::net::UnixStream::connect(&path) {
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused && start.elapsed() < grace => {
+            match connect_now(&path) {
+                Err(Errno::ECONNREFUSED) if start.elapsed() < grace => {
                     std::thread::sleep(LISTEN_RETRY);
                 }
-                other => return other,
+                other => return other.ok(),
             }
         }
     });
-    let stream = connected.await.ok()?.ok()?;
-    stream.set_nonblocking(true).ok()?;
+    let stream = std::os::unix::net::UnixStream::from(connected.await.ok()??);
     tokio::net::UnixStream::from_std(stream)
         .ok()
         .map(Stream::Unix)
+}
+
+/// One non-blocking connect to the unix socket at `path`.
+fn connect_now(path: &Path) -> nix::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
 }
 
 /// Wakes a watcher when an entry is created or moved into the directory of QEMU's socket:
@@ -141,12 +156,24 @@ impl DirChanges {
     }
 }
 
-/// Which socket is bound at `path` (device and inode), if one is.
-pub fn socket_at(path: &Path) -> Option<(u64, u64)> {
+/// Which socket is bound at `path`, if one is: device, inode and change time, since a
+/// file system may give a freed inode number to the next file at once.
+pub fn socket_at(path: &Path) -> Option<SocketId> {
     let meta = std::fs::symlink_metadata(path).ok()?;
-    meta.file_type()
-        .is_socket()
-        .then(|| (meta.dev(), meta.ino()))
+    let id = SocketId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        ctime: (meta.ctime(), meta.ctime_nsec()),
+    };
+    meta.file_type().is_socket().then_some(id)
+}
+
+/// One socket file: another bind at the same path is another id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketId {
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
 }
 
 /// The connection made early, and which pause it serves.
@@ -329,7 +356,7 @@ mod tests {
     }
 
     /// A socket bound at `path` that does not listen yet: QEMU between bind and listen.
-    fn bound_unlistening(path: &Path) -> std::os::fd::OwnedFd {
+    fn bound_unlistening(path: &Path) -> OwnedFd {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
         let fd = socket(
             AddressFamily::Unix,
@@ -374,6 +401,14 @@ mod tests {
         let _again = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert_ne!(socket_at(&path), before);
         drop(first);
+        // Closed, unlinked, bound again: another socket even where the file system hands
+        // out the freed inode number again.
+        for _ in 0..20 {
+            let before = socket_at(&path);
+            std::fs::remove_file(&path).unwrap();
+            let _again = std::os::unix::net::UnixListener::bind(&path).unwrap();
+            assert_ne!(socket_at(&path), before);
+        }
         std::fs::write(dir.path().join("file"), b"x").unwrap();
         assert_eq!(socket_at(&dir.path().join("file")), None, "not a socket");
     }

@@ -13,6 +13,7 @@ use super::view::EventKind;
 use super::{Migration, Role};
 use crate::daemon::attribution::{self, Rendered};
 use crate::daemon::paths;
+use crate::human::Elapsed;
 
 impl Migration {
     /// Publishes a step of recovery (under the migration's lock: nothing here takes it).
@@ -62,7 +63,7 @@ impl Migration {
     /// Watches the destination QEMU's socket until `migrate-recover` binds a new one (not
     /// `before`), the pause's round ends or the migration does; connects and holds the
     /// connection for the resumed main channel, and closes it if nobody takes it.
-    async fn connect_early(self: Arc<Self>, round: u64, before: Option<(u64, u64)>) {
+    async fn connect_early(self: Arc<Self>, round: u64, before: Option<early::SocketId>) {
         let target = &self.spec.local;
         let Some(path) = target.unix_path() else {
             return;
@@ -88,10 +89,14 @@ impl Migration {
                 _ = changes.next() => {}
             }
         }
+        drop(changes);
         tracing::info!(migration = %self.spec.id, "the destination QEMU listens again (migrate-recover): connected to it for the resumed main channel");
         tokio::select! {
             () = self.stopped() => {}
             () = self.early.round_over(round) => {}
+            () = tokio::time::sleep(early::EARLY_HOLD) => {
+                tracing::warn!(migration = %self.spec.id, "no resumed main channel came within {} of migrate-recover: the connection made to the destination QEMU is closed (QEMU pauses again)", Elapsed(early::EARLY_HOLD));
+            }
         }
         self.early.close(round).await;
     }
