@@ -55,8 +55,11 @@ pub struct Sides {
     pub peer: watch::Receiver<Progress>,
     /// Bumped by the daemon when it finds the current connection dead although it has not
     /// failed: silent past the dead-peer budget (a blackholed link fails no write for
-    /// minutes), or replaced by the peer's new connection for this channel. The session on
-    /// it ends and the channel resumes on a new one.
+    /// minutes), replaced by the peer's new connection for this channel, or reported broken
+    /// by the peer on the control link. That last one matters: once this side has read the
+    /// peer's end, a reset can no longer be seen by reading, and a side waiting only for
+    /// acknowledgements would wait for a peer that waits for a new connection. The session
+    /// on it ends and the channel resumes on a new one.
     pub breaks: watch::Receiver<u64>,
 }
 
@@ -124,6 +127,8 @@ pub enum ResumeError {
         attempts: u32,
         last: io::Error,
     },
+    #[error("the peer's direction went past the end it announced ({end} bytes): {delivered}")]
+    BeyondEnd { end: u64, delivered: u64 },
     #[error("cancelled")]
     Cancelled,
 }
@@ -223,6 +228,8 @@ impl<L: PeerLink> Channel<L> {
             match ended {
                 Ok(()) => return Ok(()),
                 Err(Cut::Fatal(error)) => return Err(error),
+                // Broken once all was done (both ends, every byte acknowledged): the end.
+                Err(Cut::Broken(_)) if self.done() => return Ok(()),
                 Err(Cut::Broken(error)) => {
                     tracing::info!(%error, "the peer connection broke: resuming");
                     cause = Some(error);
@@ -239,16 +246,18 @@ impl<L: PeerLink> Channel<L> {
         let start = Instant::now();
         let mut attempts = 0;
         let mut pause = Duration::ZERO;
+        let mut last = None;
         loop {
             let left = self.options.resume_timeout.saturating_sub(start.elapsed());
             let tried = tokio::time::timeout(left, self.connect_once()).await;
             attempts += 1;
-            let last = match tried {
+            last = Some(match tried {
                 Ok(Ok(done)) => return Ok(done),
                 Ok(Err(Cut::Fatal(error))) => return Err(error),
                 Ok(Err(Cut::Broken(error))) => error,
-                Err(_) => io::Error::from(io::ErrorKind::TimedOut),
-            };
+                // Cut by the deadline: the try before it said more.
+                Err(_) => last.unwrap_or_else(|| io::ErrorKind::TimedOut.into()),
+            });
             let left = self.options.resume_timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
                 let waited = start.elapsed();
@@ -256,7 +265,7 @@ impl<L: PeerLink> Channel<L> {
                     cause,
                     waited,
                     attempts,
-                    last,
+                    last: last.unwrap_or_else(|| io::ErrorKind::TimedOut.into()),
                 });
             }
             // The last try at the deadline itself.
@@ -281,7 +290,16 @@ impl<L: PeerLink> Channel<L> {
             .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
             .map_err(Cut::Broken)?;
         self.up.kept.ack(peer.delivered)?;
+        let delivered = self.mine().delivered;
+        if let Some(end) = peer.end.filter(|end| *end < delivered) {
+            return Err(Cut::Fatal(ResumeError::BeyondEnd { end, delivered }));
+        }
         Ok((connection, peer))
+    }
+
+    /// Both directions ended, and the peer has acknowledged every byte of this one.
+    fn done(&self) -> bool {
+        self.down.ended && self.up.ended && self.up.kept.kept() == 0
     }
 
     fn mine(&self) -> Progress {
@@ -376,13 +394,14 @@ impl Down {
             if n == 0 {
                 return self.finish(&mut end, announced, delivered(), options).await;
             }
-            if self.ended {
-                let beyond = delivered() + n as u64;
-                return Err(RetentionError::BeyondSent {
-                    claimed: beyond,
-                    sent: delivered(),
-                }
-                .into());
+            // Nothing past the announced end reaches the local end.
+            let beyond = delivered() + n as u64;
+            if let Some(end) = end.or(announced.borrow().end).filter(|end| beyond > *end) {
+                let error = ResumeError::BeyondEnd {
+                    end,
+                    delivered: beyond,
+                };
+                return Err(Cut::Fatal(error));
             }
             let mut written = 0;
             while written < n {
@@ -422,12 +441,9 @@ impl Down {
                 }
                 Ok(())
             }
-            Some(end) if end < delivered => Err(Cut::Fatal(ResumeError::Offsets(
-                RetentionError::BeyondSent {
-                    claimed: delivered,
-                    sent: end,
-                },
-            ))),
+            Some(end) if end < delivered => {
+                Err(Cut::Fatal(ResumeError::BeyondEnd { end, delivered }))
+            }
             _ => Err(Cut::Broken(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("the peer closed the connection after {delivered} bytes, short of its end"),

@@ -54,12 +54,16 @@ enum Fault {
 }
 
 /// A TCP proxy to `to` that cuts each of its first `cuts` connections once it has forwarded
-/// a random 0–1 MiB towards `to`; returns its address and how many it cut.
-async fn chaos(to: SocketAddr, cuts: u32, seed: u64, fault: Fault) -> (SocketAddr, Arc<AtomicU32>) {
+/// a random 0–1 MiB towards `to`, counting them in `count`; returns its address.
+async fn chaos(
+    to: SocketAddr,
+    cuts: u32,
+    seed: u64,
+    fault: Fault,
+    count: Arc<AtomicU32>,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let done = Arc::new(AtomicU32::new(0));
-    let count = Arc::clone(&done);
     tokio::spawn(async move {
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut accepted = 0;
@@ -72,7 +76,7 @@ async fn chaos(to: SocketAddr, cuts: u32, seed: u64, fault: Fault) -> (SocketAdd
             tokio::spawn(forward(a, b, cut, fault, Arc::clone(&count)));
         }
     });
-    (addr, done)
+    addr
 }
 
 /// Forwards both ways; cuts both connections after `cut` bytes towards `b`.
@@ -192,18 +196,21 @@ async fn qemu(mut end: UnixStream, out: Vec<u8>) -> Vec<u8> {
 
 /// Two QEMUs exchanging `len` random bytes each way through two engines and the chaos proxy.
 async fn exchange(len: usize, cuts: u32, seed: u64) -> (Report, Report, u32) {
-    exchange_with(len, cuts, seed, Fault::Reset, sides()).await
+    let resets = Arc::new(AtomicU32::new(0));
+    let (a, b) = exchange_with(len, (cuts, seed), Fault::Reset, sides(), &resets).await;
+    (a, b, resets.load(Ordering::SeqCst))
 }
 
 async fn exchange_with(
     len: usize,
-    cuts: u32,
-    seed: u64,
+    (cuts, seed): (u32, u64),
     fault: Fault,
     (a_sides, b_sides): (Sides, Sides),
-) -> (Report, Report, u32) {
+    cut: &Arc<AtomicU32>,
+) -> (Report, Report) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (via, resets) = chaos(listener.local_addr().unwrap(), cuts, seed, fault).await;
+    let to = listener.local_addr().unwrap();
+    let via = chaos(to, cuts, seed, fault, Arc::clone(cut)).await;
     let (src_qemu, src_local) = UnixStream::pair().unwrap();
     let (dst_qemu, dst_local) = UnixStream::pair().unwrap();
     let cancel = CancellationToken::new();
@@ -230,7 +237,7 @@ async fn exchange_with(
         .unwrap();
     assert!(got_dst == to_dst, "source → destination: bytes differ");
     assert!(got_src == to_src, "destination → source: bytes differ");
-    (a.unwrap(), b.unwrap(), resets.load(Ordering::SeqCst))
+    (a.unwrap(), b.unwrap())
 }
 
 #[tokio::test]
@@ -255,16 +262,53 @@ async fn every_byte_arrives_in_order_exactly_once_through_random_resets() {
 async fn a_blackholed_connection_found_dead_by_the_daemon_resumes_on_a_new_one() {
     let (breaker, breaks) = watch::channel(0u64);
     let len = 4 << 20;
-    let exchange = exchange_with(len, 1, 4, Fault::Blackhole, sides_breaking(breaks));
+    let cut = Arc::new(AtomicU32::new(0));
+    let sides = sides_breaking(breaks);
+    let exchange = exchange_with(len, (1, 4), Fault::Blackhole, sides, &cut);
     // The daemon's verdict, as its heartbeats would give it: the link is silent.
     let verdict = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        while cut.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         breaker.send_modify(|n| *n += 1);
     };
-    let ((a, b, cut), ()) = tokio::join!(exchange, verdict);
-    assert_eq!(cut, 1, "the first connection was blackholed");
+    let ((a, b), ()) = tokio::join!(exchange, verdict);
     assert_eq!((a.resumptions, b.resumptions), (1, 1));
     assert_eq!((a.sent, b.delivered), (len as u64, len as u64));
+}
+
+#[tokio::test]
+async fn nothing_past_the_end_a_peer_announced_reaches_qemu() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let hello = Progress {
+            delivered: 0,
+            end: Some(5),
+        };
+        peer.write_all(&hello.encode()).await.unwrap();
+        peer.write_all(b"0123456789").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let (mut qemu, local) = UnixStream::pair().unwrap();
+    let (sides, _peer) = sides();
+    let ended = carry(
+        Stream::Unix(local),
+        Dial(addr),
+        sides,
+        small(),
+        CancellationToken::new(),
+    );
+    let error = ended.await.unwrap_err();
+    assert!(
+        matches!(error, ResumeError::BeyondEnd { end: 5, .. }),
+        "{error:?}"
+    );
+    let mut got = Vec::new();
+    qemu.read_to_end(&mut got).await.unwrap();
+    assert!(got.len() <= 5, "QEMU got past the end: {got:?}");
 }
 
 #[tokio::test]
