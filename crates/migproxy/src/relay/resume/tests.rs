@@ -1,13 +1,12 @@
-//! The engine over real sockets: unix socket pairs for the two QEMUs, TCP between the two
-//! sides, through a proxy that resets its connections (RST) at random moments.
+//! The engine against stand-in peers over real sockets: what it refuses, bounds and gives
+//! up on. Two engines through connections reset and blackholed, in the clear and over TLS:
+//! tests/resume.rs.
 
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
-use rand::{Rng, RngCore, SeedableRng, rngs::SmallRng};
+use rand::{RngCore, SeedableRng, rngs::SmallRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
@@ -23,14 +22,6 @@ impl PeerLink for Dial {
     }
 }
 
-struct Accept(TcpListener);
-
-impl PeerLink for Accept {
-    async fn connect(&mut self) -> io::Result<Stream> {
-        Ok(Stream::Tcp(self.0.accept().await?.0))
-    }
-}
-
 /// Never connects.
 struct Refused;
 
@@ -38,107 +29,6 @@ impl PeerLink for Refused {
     async fn connect(&mut self) -> io::Result<Stream> {
         Err(io::ErrorKind::ConnectionRefused.into())
     }
-}
-
-fn abort(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-}
-
-/// What the proxy does to a connection it cuts.
-#[derive(Clone, Copy, PartialEq)]
-enum Fault {
-    /// Resets it, both ways.
-    Reset,
-    /// Stops forwarding, both ways, and keeps it open: a blackholed link.
-    Blackhole,
-}
-
-/// A TCP proxy to `to` that cuts each of its first `cuts` connections once it has forwarded
-/// a random 0–1 MiB towards `to`, counting them in `count`; returns its address.
-async fn chaos(
-    to: SocketAddr,
-    cuts: u32,
-    seed: u64,
-    fault: Fault,
-    count: Arc<AtomicU32>,
-) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut rng = SmallRng::seed_from_u64(seed);
-        let mut accepted = 0;
-        while let Ok((a, _)) = listener.accept().await {
-            let Ok(b) = TcpStream::connect(to).await else {
-                continue;
-            };
-            let cut = (accepted < cuts).then(|| rng.gen_range(0..1 << 20));
-            accepted += 1;
-            tokio::spawn(forward(a, b, cut, fault, Arc::clone(&count)));
-        }
-    });
-    addr
-}
-
-/// Forwards both ways; cuts both connections after `cut` bytes towards `b`.
-async fn forward(
-    mut a: TcpStream,
-    mut b: TcpStream,
-    cut: Option<usize>,
-    fault: Fault,
-    cuts: Arc<AtomicU32>,
-) {
-    let Some(cut) = cut else {
-        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-        return;
-    };
-    let reached = {
-        let (mut ar, mut aw) = a.split();
-        let (mut br, mut bw) = b.split();
-        let towards_b = async {
-            let mut buf = vec![0; 16 << 10];
-            let mut moved = 0;
-            loop {
-                let room = (cut - moved).min(buf.len());
-                let n = match room {
-                    0 => return true,
-                    _ => ar.read(&mut buf[..room]).await.unwrap_or(0),
-                };
-                if n == 0 {
-                    let _ = bw.shutdown().await;
-                    return false;
-                }
-                if bw.write_all(&buf[..n]).await.is_err() {
-                    return false;
-                }
-                moved += n;
-            }
-        };
-        let back = async {
-            let _ = tokio::io::copy(&mut br, &mut aw).await;
-            let _ = aw.shutdown().await;
-        };
-        // Both directions to their ends, unless the cut comes first.
-        tokio::pin!(towards_b, back);
-        tokio::select! {
-            reached = &mut towards_b => {
-                if !reached {
-                    back.await;
-                }
-                reached
-            }
-            () = &mut back => towards_b.await,
-        }
-    };
-    if !reached {
-        return;
-    }
-    cuts.fetch_add(1, Ordering::SeqCst);
-    if fault == Fault::Blackhole {
-        // Held open, never read nor written again, until the test ends.
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-    }
-    abort(a);
-    abort(b);
 }
 
 /// Both sides' progress wired to each other (the control link's part), and one break
@@ -180,104 +70,6 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
-/// A QEMU: writes `out`, then ends its direction, while reading everything sent to it.
-async fn qemu(mut end: UnixStream, out: Vec<u8>) -> Vec<u8> {
-    let (mut r, mut w) = end.split();
-    let write = async {
-        w.write_all(&out).await.unwrap();
-        w.shutdown().await.unwrap();
-    };
-    let mut got = Vec::new();
-    let read = r.read_to_end(&mut got);
-    let ((), read) = tokio::join!(write, read);
-    read.unwrap();
-    got
-}
-
-/// Two QEMUs exchanging `len` random bytes each way through two engines and the chaos proxy.
-async fn exchange(len: usize, cuts: u32, seed: u64) -> (Report, Report, u32) {
-    let resets = Arc::new(AtomicU32::new(0));
-    let (a, b) = exchange_with(len, (cuts, seed), Fault::Reset, sides(), &resets).await;
-    (a, b, resets.load(Ordering::SeqCst))
-}
-
-async fn exchange_with(
-    len: usize,
-    (cuts, seed): (u32, u64),
-    fault: Fault,
-    (a_sides, b_sides): (Sides, Sides),
-    cut: &Arc<AtomicU32>,
-) -> (Report, Report) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let to = listener.local_addr().unwrap();
-    let via = chaos(to, cuts, seed, fault, Arc::clone(cut)).await;
-    let (src_qemu, src_local) = UnixStream::pair().unwrap();
-    let (dst_qemu, dst_local) = UnixStream::pair().unwrap();
-    let cancel = CancellationToken::new();
-    let a = carry(
-        Stream::Unix(src_local),
-        Dial(via),
-        a_sides,
-        small(),
-        cancel.clone(),
-    );
-    let b = carry(
-        Stream::Unix(dst_local),
-        Accept(listener),
-        b_sides,
-        small(),
-        cancel,
-    );
-    let (to_dst, to_src) = (random(len, seed), random(len, seed + 1));
-    let src = qemu(src_qemu, to_dst.clone());
-    let dst = qemu(dst_qemu, to_src.clone());
-    let all = async { tokio::join!(a, b, src, dst) };
-    let (a, b, got_src, got_dst) = tokio::time::timeout(Duration::from_secs(60), all)
-        .await
-        .unwrap();
-    assert!(got_dst == to_dst, "source → destination: bytes differ");
-    assert!(got_src == to_src, "destination → source: bytes differ");
-    (a.unwrap(), b.unwrap())
-}
-
-#[tokio::test]
-async fn every_byte_arrives_in_order_exactly_once_through_random_resets() {
-    for seed in [1, 2, 3] {
-        let len = 4 << 20;
-        let (a, b, resets) = exchange(len, 8, seed).await;
-        assert!(resets > 0, "the proxy reset connections (seed {seed})");
-        // A reset during a hello costs an attempt, not a resumption.
-        assert!(
-            (1..=resets).contains(&a.resumptions),
-            "{} resumptions for {resets} resets",
-            a.resumptions
-        );
-        assert!(a.replayed + b.replayed > 0, "bytes were sent again");
-        assert_eq!((a.sent, a.delivered), (len as u64, len as u64));
-        assert_eq!((b.sent, b.delivered), (len as u64, len as u64));
-    }
-}
-
-#[tokio::test]
-async fn a_blackholed_connection_found_dead_by_the_daemon_resumes_on_a_new_one() {
-    let (breaker, breaks) = watch::channel(0u64);
-    let len = 4 << 20;
-    let cut = Arc::new(AtomicU32::new(0));
-    let sides = sides_breaking(breaks);
-    let exchange = exchange_with(len, (1, 4), Fault::Blackhole, sides, &cut);
-    // The daemon's verdict, as its heartbeats would give it: the link is silent.
-    let verdict = async {
-        while cut.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        breaker.send_modify(|n| *n += 1);
-    };
-    let ((a, b), ()) = tokio::join!(exchange, verdict);
-    assert_eq!((a.resumptions, b.resumptions), (1, 1));
-    assert_eq!((a.sent, b.delivered), (len as u64, len as u64));
-}
-
 #[tokio::test]
 async fn nothing_past_the_end_a_peer_announced_reaches_qemu() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -309,14 +101,6 @@ async fn nothing_past_the_end_a_peer_announced_reaches_qemu() {
     let mut got = Vec::new();
     qemu.read_to_end(&mut got).await.unwrap();
     assert!(got.len() <= 5, "QEMU got past the end: {got:?}");
-}
-
-#[tokio::test]
-async fn without_a_break_nothing_is_replayed() {
-    let (a, b, resets) = exchange(1 << 20, 0, 7).await;
-    assert_eq!(resets, 0);
-    assert_eq!((a.resumptions, a.replayed), (0, 0));
-    assert_eq!((b.resumptions, b.replayed), (0, 0));
 }
 
 /// A stand-in peer: answers the hello with `hello`, then reads whatever comes.

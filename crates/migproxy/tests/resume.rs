@@ -1,0 +1,339 @@
+//! The resumable channel engine (`relay::resume`) end to end: two engines between two
+//! QEMU stand-ins on unix sockets, TCP between them through a proxy that resets (RST) or
+//! blackholes its connections at random byte counts, in the clear and over migproxy's
+//! mutual TLS (each new connection a new handshake). Every byte arrives in order, exactly
+//! once.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::certs::Ca;
+use common::short_tempdir;
+use migproxy::relay::resume::{Options, PeerLink, Progress, Report, Sides, carry};
+use migproxy::tls::Tls;
+use migproxy::transport::Stream;
+use rand::{Rng, RngCore, SeedableRng, rngs::SmallRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The dialling side: TCP, then a TLS handshake when it has a client.
+struct Dial(SocketAddr, Option<Arc<Tls>>);
+
+impl PeerLink for Dial {
+    async fn connect(&mut self) -> io::Result<Stream> {
+        let tcp = TcpStream::connect(self.0).await?;
+        tcp.set_nodelay(true)?;
+        let Some(tls) = &self.1 else {
+            return Ok(Stream::Tcp(tcp));
+        };
+        let stream = tls.connect_peer(tcp, "server.test").await;
+        Ok(Stream::Tls(Box::new(stream.map_err(io::Error::other)?)))
+    }
+}
+
+/// The accepting side: the next connection, its TLS handshake when it has a server.
+struct Accept(TcpListener, Option<Arc<Tls>>);
+
+impl PeerLink for Accept {
+    async fn connect(&mut self) -> io::Result<Stream> {
+        let (tcp, _) = self.0.accept().await?;
+        let Some(tls) = &self.1 else {
+            return Ok(Stream::Tcp(tcp));
+        };
+        let (stream, _identity) = tls
+            .accept_peer(tcp, "client")
+            .await
+            .map_err(io::Error::other)?;
+        Ok(Stream::Tls(Box::new(stream)))
+    }
+}
+
+/// How the two engines reach each other.
+enum Links {
+    Clear,
+    /// Mutual TLS: the client's and the server's.
+    Tls(Arc<Tls>, Arc<Tls>),
+}
+
+fn tls() -> (tempfile::TempDir, Links) {
+    let dir = short_tempdir();
+    let mut ca = Ca::new("resume test CA");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    ca.write_host(&a, &["client.test"], "client");
+    ca.write_host(&b, &["server.test"], "server");
+    let load = |path| Arc::new(Tls::load(path, Vec::new()).unwrap());
+    let links = Links::Tls(load(&a), load(&b));
+    (dir, links)
+}
+
+fn abort(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+}
+
+/// What the proxy does to a connection it cuts.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// Resets it, both ways.
+    Reset,
+    /// Stops forwarding, both ways, and keeps it open: a blackholed link.
+    Blackhole,
+}
+
+/// A TCP proxy to `to` that cuts each of its first `cuts` connections once it has forwarded
+/// a random 0–1 MiB towards `to`, counting them in `count`; returns its address.
+async fn chaos(
+    to: SocketAddr,
+    cuts: u32,
+    seed: u64,
+    fault: Fault,
+    count: Arc<AtomicU32>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut accepted = 0;
+        while let Ok((a, _)) = listener.accept().await {
+            let Ok(b) = TcpStream::connect(to).await else {
+                continue;
+            };
+            let cut = (accepted < cuts).then(|| rng.gen_range(0..1 << 20));
+            accepted += 1;
+            tokio::spawn(forward(a, b, cut, fault, Arc::clone(&count)));
+        }
+    });
+    addr
+}
+
+/// Forwards both ways; cuts both connections after `cut` bytes towards `b`.
+async fn forward(
+    mut a: TcpStream,
+    mut b: TcpStream,
+    cut: Option<usize>,
+    fault: Fault,
+    cuts: Arc<AtomicU32>,
+) {
+    let Some(cut) = cut else {
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        return;
+    };
+    let reached = {
+        let (mut ar, mut aw) = a.split();
+        let (mut br, mut bw) = b.split();
+        let towards_b = async {
+            let mut buf = vec![0; 16 << 10];
+            let mut moved = 0;
+            loop {
+                let room = (cut - moved).min(buf.len());
+                let n = match room {
+                    0 => return true,
+                    _ => ar.read(&mut buf[..room]).await.unwrap_or(0),
+                };
+                if n == 0 {
+                    let _ = bw.shutdown().await;
+                    return false;
+                }
+                if bw.write_all(&buf[..n]).await.is_err() {
+                    return false;
+                }
+                moved += n;
+            }
+        };
+        let back = async {
+            let _ = tokio::io::copy(&mut br, &mut aw).await;
+            let _ = aw.shutdown().await;
+        };
+        // Both directions to their ends, unless the cut comes first.
+        tokio::pin!(towards_b, back);
+        tokio::select! {
+            reached = &mut towards_b => {
+                if !reached {
+                    back.await;
+                }
+                reached
+            }
+            () = &mut back => towards_b.await,
+        }
+    };
+    if !reached {
+        return;
+    }
+    cuts.fetch_add(1, Ordering::SeqCst);
+    if fault == Fault::Blackhole {
+        // Held open, never read nor written again, until the test ends.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    abort(a);
+    abort(b);
+}
+
+/// Both sides' progress wired to each other (the control link's part), and one break
+/// signal for both (each daemon finds a silent link dead by its heartbeats).
+fn sides() -> (Sides, Sides) {
+    sides_breaking(watch::channel(0).1)
+}
+
+fn sides_breaking(breaks: watch::Receiver<u64>) -> (Sides, Sides) {
+    let (a, a_seen) = watch::channel(Progress::default());
+    let (b, b_seen) = watch::channel(Progress::default());
+    (
+        Sides {
+            mine: a,
+            peer: b_seen,
+            breaks: breaks.clone(),
+        },
+        Sides {
+            mine: b,
+            peer: a_seen,
+            breaks,
+        },
+    )
+}
+
+fn small() -> Options {
+    Options {
+        retention: 256 << 10,
+        resume_timeout: Duration::from_secs(20),
+        hello_timeout: Duration::from_secs(2),
+        end_grace: Duration::from_millis(500),
+        chunk: 16 << 10,
+    }
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0; len];
+    SmallRng::seed_from_u64(seed).fill_bytes(&mut data);
+    data
+}
+
+/// A QEMU: writes `out`, then ends its direction, while reading everything sent to it.
+async fn qemu(mut end: UnixStream, out: Vec<u8>) -> Vec<u8> {
+    let (mut r, mut w) = end.split();
+    let write = async {
+        w.write_all(&out).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut got = Vec::new();
+    let read = r.read_to_end(&mut got);
+    let ((), read) = tokio::join!(write, read);
+    read.unwrap();
+    got
+}
+
+/// Two QEMUs exchanging `len` random bytes each way through two engines and the chaos proxy.
+async fn exchange(len: usize, cuts: u32, seed: u64) -> (Report, Report, u32) {
+    let resets = Arc::new(AtomicU32::new(0));
+    let links = Links::Clear;
+    let (a, b) = exchange_with(len, (cuts, seed), Fault::Reset, sides(), &resets, links).await;
+    (a, b, resets.load(Ordering::SeqCst))
+}
+
+async fn exchange_with(
+    len: usize,
+    (cuts, seed): (u32, u64),
+    fault: Fault,
+    (a_sides, b_sides): (Sides, Sides),
+    cut: &Arc<AtomicU32>,
+    links: Links,
+) -> (Report, Report) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = listener.local_addr().unwrap();
+    let via = chaos(to, cuts, seed, fault, Arc::clone(cut)).await;
+    let (src_qemu, src_local) = UnixStream::pair().unwrap();
+    let (dst_qemu, dst_local) = UnixStream::pair().unwrap();
+    let cancel = CancellationToken::new();
+    let (dial, accept) = match links {
+        Links::Clear => (Dial(via, None), Accept(listener, None)),
+        Links::Tls(client, server) => (Dial(via, Some(client)), Accept(listener, Some(server))),
+    };
+    let a = carry(
+        Stream::Unix(src_local),
+        dial,
+        a_sides,
+        small(),
+        cancel.clone(),
+    );
+    let b = carry(Stream::Unix(dst_local), accept, b_sides, small(), cancel);
+    let (to_dst, to_src) = (random(len, seed), random(len, seed + 1));
+    let src = qemu(src_qemu, to_dst.clone());
+    let dst = qemu(dst_qemu, to_src.clone());
+    let all = async { tokio::join!(a, b, src, dst) };
+    let (a, b, got_src, got_dst) = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .unwrap();
+    assert!(got_dst == to_dst, "source → destination: bytes differ");
+    assert!(got_src == to_src, "destination → source: bytes differ");
+    (a.unwrap(), b.unwrap())
+}
+
+#[tokio::test]
+async fn every_byte_arrives_in_order_exactly_once_through_random_resets() {
+    for seed in [1, 2, 3] {
+        let len = 4 << 20;
+        let (a, b, resets) = exchange(len, 8, seed).await;
+        assert!(resets > 0, "the proxy reset connections (seed {seed})");
+        // A reset during a hello costs an attempt, not a resumption.
+        assert!(
+            (1..=resets).contains(&a.resumptions),
+            "{} resumptions for {resets} resets",
+            a.resumptions
+        );
+        assert!(a.replayed + b.replayed > 0, "bytes were sent again");
+        assert_eq!((a.sent, a.delivered), (len as u64, len as u64));
+        assert_eq!((b.sent, b.delivered), (len as u64, len as u64));
+    }
+}
+
+#[tokio::test]
+async fn a_blackholed_connection_found_dead_by_the_daemon_resumes_on_a_new_one() {
+    let (breaker, breaks) = watch::channel(0u64);
+    let len = 4 << 20;
+    let cut = Arc::new(AtomicU32::new(0));
+    let sides = sides_breaking(breaks);
+    let exchange = exchange_with(len, (1, 4), Fault::Blackhole, sides, &cut, Links::Clear);
+    // The daemon's verdict, as its heartbeats would give it: the link is silent.
+    let verdict = async {
+        while cut.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        breaker.send_modify(|n| *n += 1);
+    };
+    let ((a, b), ()) = tokio::join!(exchange, verdict);
+    assert_eq!((a.resumptions, b.resumptions), (1, 1));
+    assert_eq!((a.sent, b.delivered), (len as u64, len as u64));
+}
+
+#[tokio::test]
+async fn without_a_break_nothing_is_replayed() {
+    let (a, b, resets) = exchange(1 << 20, 0, 7).await;
+    assert_eq!(resets, 0);
+    assert_eq!((a.resumptions, a.replayed), (0, 0));
+    assert_eq!((b.resumptions, b.replayed), (0, 0));
+}
+
+#[tokio::test]
+async fn over_mutual_tls_every_byte_arrives_through_random_resets_each_with_a_new_handshake() {
+    for seed in [11, 12] {
+        let (_dir, links) = tls();
+        let resets = Arc::new(AtomicU32::new(0));
+        let len = 2 << 20;
+        let (a, b) = exchange_with(len, (6, seed), Fault::Reset, sides(), &resets, links).await;
+        assert!(
+            resets.load(Ordering::SeqCst) > 0,
+            "connections were reset (seed {seed})"
+        );
+        assert!(a.resumptions >= 1, "resumed over a new TLS session");
+        assert_eq!((a.sent, b.delivered), (len as u64, len as u64));
+        assert_eq!((b.sent, a.delivered), (len as u64, len as u64));
+    }
+}
