@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::certs::Ca;
 use common::short_tempdir;
-use migproxy::relay::resume::{Options, PeerLink, Progress, Report, Sides, carry};
+use migproxy::relay::resume::{Options, PeerLink, Report, Sides, carry};
 use migproxy::tls::Tls;
 use migproxy::transport::Stream;
 use rand::{Rng, RngCore, SeedableRng, rngs::SmallRng};
@@ -179,24 +179,7 @@ async fn forward(
 /// Both sides' progress wired to each other (the control link's part), and one break
 /// signal for both (each daemon finds a silent link dead by its heartbeats).
 fn sides() -> (Sides, Sides) {
-    sides_breaking(watch::channel(0).1)
-}
-
-fn sides_breaking(breaks: watch::Receiver<u64>) -> (Sides, Sides) {
-    let (a, a_seen) = watch::channel(Progress::default());
-    let (b, b_seen) = watch::channel(Progress::default());
-    (
-        Sides {
-            mine: a,
-            peer: b_seen,
-            breaks: breaks.clone(),
-        },
-        Sides {
-            mine: b,
-            peer: a_seen,
-            breaks,
-        },
-    )
+    Sides::wired(watch::channel(0).1)
 }
 
 fn small() -> Options {
@@ -298,7 +281,7 @@ async fn a_blackholed_connection_found_dead_by_the_daemon_resumes_on_a_new_one()
     let (breaker, breaks) = watch::channel(0u64);
     let len = 4 << 20;
     let cut = Arc::new(AtomicU32::new(0));
-    let sides = sides_breaking(breaks);
+    let sides = Sides::wired(breaks);
     let exchange = exchange_with(len, (1, 4), Fault::Blackhole, sides, &cut, Links::Clear);
     // The daemon's verdict, as its heartbeats would give it: the link is silent.
     let verdict = async {

@@ -63,6 +63,26 @@ pub struct Sides {
     pub breaks: watch::Receiver<u64>,
 }
 
+impl Sides {
+    /// Two sides wired straight to each other, sharing one break signal: what the control
+    /// link does between two daemons, for two engines in one process.
+    pub fn wired(breaks: watch::Receiver<u64>) -> (Sides, Sides) {
+        let (a, a_seen) = watch::channel(Progress::default());
+        let (b, b_seen) = watch::channel(Progress::default());
+        let a = Sides {
+            mine: a,
+            peer: b_seen,
+            breaks: breaks.clone(),
+        };
+        let b = Sides {
+            mine: b,
+            peer: a_seen,
+            breaks,
+        };
+        (a, b)
+    }
+}
+
 /// The engine's settings.
 #[derive(Debug, Clone)]
 pub struct Options {

@@ -34,24 +34,24 @@ impl PeerLink for Refused {
 /// Both sides' progress wired to each other (the control link's part), and one break
 /// signal for both (each daemon finds a silent link dead by its heartbeats).
 fn sides() -> (Sides, Sides) {
-    sides_breaking(watch::channel(0).1)
+    Sides::wired(watch::channel(0).1)
 }
 
-fn sides_breaking(breaks: watch::Receiver<u64>) -> (Sides, Sides) {
-    let (a, a_seen) = watch::channel(Progress::default());
-    let (b, b_seen) = watch::channel(Progress::default());
-    (
-        Sides {
-            mine: a,
-            peer: b_seen,
-            breaks: breaks.clone(),
-        },
-        Sides {
-            mine: b,
-            peer: a_seen,
-            breaks,
-        },
+/// One engine against a stand-in peer (its own progress unwired), never cancelled.
+async fn alone(
+    local: UnixStream,
+    link: impl PeerLink,
+    options: Options,
+) -> Result<Report, ResumeError> {
+    let (sides, _peer) = sides();
+    carry(
+        Stream::Unix(local),
+        link,
+        sides,
+        options,
+        CancellationToken::new(),
     )
+    .await
 }
 
 fn small() -> Options {
@@ -85,14 +85,7 @@ async fn nothing_past_the_end_a_peer_announced_reaches_qemu() {
         tokio::time::sleep(Duration::from_secs(5)).await;
     });
     let (mut qemu, local) = UnixStream::pair().unwrap();
-    let (sides, _peer) = sides();
-    let ended = carry(
-        Stream::Unix(local),
-        Dial(addr),
-        sides,
-        small(),
-        CancellationToken::new(),
-    );
+    let ended = alone(local, Dial(addr), small());
     let error = ended.await.unwrap_err();
     assert!(
         matches!(error, ResumeError::BeyondEnd { end: 5, .. }),
@@ -129,18 +122,11 @@ async fn stand_in(hello: Progress) -> (SocketAddr, tokio::sync::mpsc::Receiver<u
 async fn a_peer_that_stops_acknowledging_gets_no_more_than_the_retention() {
     let (addr, mut received) = stand_in(Progress::default()).await;
     let (mut qemu, local) = UnixStream::pair().unwrap();
-    let (sides, _peer) = sides();
     let options = Options {
         retention: 64 << 10,
         ..small()
     };
-    let engine = tokio::spawn(carry(
-        Stream::Unix(local),
-        Dial(addr),
-        sides,
-        options,
-        CancellationToken::new(),
-    ));
+    let engine = tokio::spawn(alone(local, Dial(addr), options));
     let data = random(8 << 20, 9);
     let wrote = tokio::time::timeout(Duration::from_millis(500), qemu.write_all(&data)).await;
     assert!(wrote.is_err(), "QEMU is blocked, as on a full socket");
@@ -160,14 +146,7 @@ async fn a_peer_claiming_bytes_never_sent_is_refused() {
     };
     let (addr, _received) = stand_in(claim).await;
     let (_qemu, local) = UnixStream::pair().unwrap();
-    let (sides, _peer) = sides();
-    let ended = carry(
-        Stream::Unix(local),
-        Dial(addr),
-        sides,
-        small(),
-        CancellationToken::new(),
-    );
+    let ended = alone(local, Dial(addr), small());
     let error = ended.await.unwrap_err();
     assert!(
         matches!(
@@ -184,21 +163,12 @@ async fn a_peer_claiming_bytes_never_sent_is_refused() {
 #[tokio::test]
 async fn a_peer_gone_for_longer_than_the_resume_timeout_fails_with_the_attempts() {
     let (_qemu, local) = UnixStream::pair().unwrap();
-    let (sides, _peer) = sides();
     let options = Options {
         resume_timeout: Duration::from_millis(400),
         ..small()
     };
     let start = Instant::now();
-    let error = carry(
-        Stream::Unix(local),
-        Refused,
-        sides,
-        options,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let error = alone(local, Refused, options).await.unwrap_err();
     let ResumeError::Timeout { attempts, last, .. } = &error else {
         panic!("{error:?}");
     };
@@ -223,19 +193,12 @@ async fn a_fin_short_of_the_announced_end_is_a_break_not_the_end() {
         drop(listener);
     });
     let (mut qemu, local) = UnixStream::pair().unwrap();
-    let (sides, _peer) = sides();
     let options = Options {
         resume_timeout: Duration::from_millis(500),
         end_grace: Duration::from_millis(100),
         ..small()
     };
-    let engine = tokio::spawn(carry(
-        Stream::Unix(local),
-        Dial(addr),
-        sides,
-        options,
-        CancellationToken::new(),
-    ));
+    let engine = tokio::spawn(alone(local, Dial(addr), options));
     let mut got = [0; 10];
     qemu.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"half of it");
