@@ -733,6 +733,9 @@ async fn connect_qemu(
         deepen(&qemu);
         return Some(qemu);
     }
+    if claim.is_some() {
+        tracing::debug!(migration = %migration.spec.id, index, "the resumed main channel came before QEMU listened again: it connects itself");
+    }
     let connected = tokio::select! {
         // An ended epoch first: a failure racing it is only its echo.
         biased;

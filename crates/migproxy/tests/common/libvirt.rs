@@ -241,7 +241,7 @@ impl Host {
             ])
             .args(extra)
             // What each daemon did, for a failing test's message.
-            .env("MIGPROXY_LOG", "info")
+            .env("MIGPROXY_LOG", super::daemon_log_level())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -142,3 +142,9 @@ pub fn short_tempdir() -> tempfile::TempDir {
 pub fn sock(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// The log level of the daemons a test starts: `info`, or `MIGPROXY_TEST_LOG` to look
+/// closer at one run (`info,migproxy::daemon::migration=debug`).
+pub fn daemon_log_level() -> String {
+    std::env::var("MIGPROXY_TEST_LOG").unwrap_or_else(|_| "info".to_owned())
+}

@@ -51,7 +51,7 @@ impl DaemonProcess {
                 Some("--insecure-plaintext")
             })
             .args(extra)
-            .env("MIGPROXY_LOG", "info")
+            .env("MIGPROXY_LOG", super::daemon_log_level())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
             .kill_on_drop(true);

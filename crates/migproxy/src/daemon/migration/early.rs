@@ -24,7 +24,7 @@
 //! ```text
 //!  pause n ──► round n: watcher ── stat: the socket QEMU listened on before
 //!                 (looks again when inotify wakes it, or after 10 ms; bound but not yet
-//!                  listening: tried every 0.1 ms, for 50 ms)
+//!                  listening: tried every 0.1 ms for 50 ms, then once at each look)
 //!                 migrate-recover ─► a new socket at the path ─► connected, held ─┐
 //!  resumed epoch's main channel ─► claim: ends round n, takes the held connection ◄┘
 //!                                  (none held: connects itself, under the same lock)
@@ -64,7 +64,8 @@ pub const LISTEN_RETRY: Duration = Duration::from_micros(100);
 pub const EARLY_HOLD: Duration = Duration::from_secs(30);
 
 /// How long a socket bound anew is tried every [`LISTEN_RETRY`] before it counts as one
-/// nobody listens on (a stale file), looked at again only when woken.
+/// that listens late (a loaded QEMU between bind and listen) or never (a stale file): then
+/// it is tried once at each look, woken or after [`POLL`].
 pub const LISTEN_GRACE: Duration = Duration::from_millis(50);
 
 /// Connects to the unix socket at `path`, trying again while it refuses, up to `grace`

@@ -69,19 +69,28 @@ impl Migration {
             return;
         };
         let mut changes = early::DirChanges::new(path);
-        let mut tried = None;
+        // The socket bound anew that refused through a whole grace: tried again at each
+        // wake (once, not for a grace), since a loaded QEMU may listen late.
+        let mut graced = None;
+        tracing::debug!(migration = %self.spec.id, round, ?before, "watching the destination QEMU's socket for migrate-recover");
         loop {
-            // A socket bound anew is tried (for a grace, while it refuses) once.
             let now = early::socket_at(path).filter(|now| Some(*now) != before);
-            let fresh = now.is_some() && now != tried;
+            let grace = match now == graced {
+                true => Duration::ZERO,
+                false => early::LISTEN_GRACE,
+            };
             let connect = async || {
-                (fresh && paths::refuse_symlink(path).is_ok()).then_some(())?;
-                early::connect_listening(path, early::LISTEN_GRACE).await
+                (now.is_some() && paths::refuse_symlink(path).is_ok()).then_some(())?;
+                early::connect_listening(path, grace).await
             };
             match self.early.try_connect(round, connect).await {
                 Tried::Over => return,
                 Tried::Held => break,
-                Tried::NotYet => tried = now.or(tried),
+                Tried::NotYet if now.is_some() && now != graced => {
+                    tracing::debug!(migration = %self.spec.id, round, ?now, "a socket bound anew refused for {}: tried again at each look", Elapsed(grace));
+                    graced = now;
+                }
+                Tried::NotYet => {}
             }
             tokio::select! {
                 () = self.stopped() => return,
@@ -147,5 +156,55 @@ impl Migration {
     /// for good with `blame`.
     pub fn resume_refused(self: &Arc<Self>, blame: Attribution) {
         let _ = self.step(Input::ResumeRefused { blame });
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::path::Path;
+
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+
+    use super::*;
+    use crate::daemon::migration::{Timers, testing};
+
+    /// A socket bound at `path` that does not listen yet: QEMU between bind and listen.
+    fn bound(path: &Path) -> OwnedFd {
+        let flags = SockFlag::SOCK_CLOEXEC;
+        let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None).unwrap();
+        socket::bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+        fd
+    }
+
+    #[tokio::test]
+    async fn a_qemu_that_listens_long_after_it_bound_is_still_connected_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sock");
+        let first = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let migration =
+            testing::recovered_by_hand(&format!("unix:{}", path.display()), Timers::default());
+        let before = early::socket_at(&path);
+        let round = migration.early.begin();
+        let watcher = tokio::spawn(Arc::clone(&migration).connect_early(round, before));
+        // migrate-recover on a loaded machine: the path bound anew, listened on only after
+        // several of the watcher's graces.
+        tokio::time::sleep(early::POLL * 3).await;
+        std::fs::remove_file(&path).unwrap();
+        let socket = bound(&path);
+        tokio::time::sleep(early::LISTEN_GRACE * 4).await;
+        socket::listen(&socket, Backlog::new(1).unwrap()).unwrap();
+        let listener = std::os::unix::net::UnixListener::from(socket);
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(2), listener.accept()).await;
+        assert!(
+            accepted.is_ok(),
+            "the watcher gave up on the socket that listened late"
+        );
+        assert!(migration.claim_early(true).await.unwrap().held.is_some());
+        watcher.await.unwrap();
+        drop(first);
     }
 }

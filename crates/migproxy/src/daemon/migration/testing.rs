@@ -13,7 +13,19 @@ use crate::daemon::token::Token;
 
 /// Migration "t" in `role`, driving a QEMU (that is not there) when `qemu` is given.
 pub fn migration(role: Role, qemu: Option<Settings>, timers: Timers) -> Arc<Migration> {
-    let spec = Spec {
+    Migration::new(spec(role, qemu), context(timers))
+}
+
+/// A recoverable destination whose QEMU, at `local`, a person recovers by hand.
+pub fn recovered_by_hand(local: &str, timers: Timers) -> Arc<Migration> {
+    let mut spec = spec(Role::Incoming, None);
+    spec.local = local.parse().expect("an endpoint");
+    spec.recoverable = true;
+    Migration::new(spec, context(timers))
+}
+
+fn spec(role: Role, qemu: Option<Settings>) -> Spec {
+    Spec {
         id: "t".into(),
         role,
         token: Token::generate(),
@@ -28,12 +40,14 @@ pub fn migration(role: Role, qemu: Option<Settings>, timers: Timers) -> Arc<Migr
         group: None,
         data_path_asked: DataPath::Relay,
         data_path_here: Choice::relay("asked for"),
-    };
-    let context = Context {
+    }
+}
+
+fn context(timers: Timers) -> Context {
+    Context {
         metrics: Arc::default(),
         events: broadcast::channel(64).0,
         tasks: TaskTracker::new(),
         timers,
-    };
-    Migration::new(spec, context)
+    }
 }
