@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use common::certs::Ca;
 use common::short_tempdir;
-use migproxy::relay::resume::{Options, PeerLink, Report, Sides, carry};
+use migproxy::relay::resume::{Observe, Options, Outage, PeerLink, Report, Sides, carry};
+use migproxy::relay::{Direction, TapFn};
 use migproxy::tls::Tls;
 use migproxy::transport::Stream;
 use rand::{Rng, RngCore, SeedableRng, rngs::SmallRng};
@@ -189,6 +190,7 @@ fn small() -> Options {
         hello_timeout: Duration::from_secs(2),
         end_grace: Duration::from_millis(500),
         chunk: 16 << 10,
+        ..Options::default()
     }
 }
 
@@ -214,38 +216,68 @@ async fn qemu(mut end: UnixStream, out: Vec<u8>) -> Vec<u8> {
 
 /// Two QEMUs exchanging `len` random bytes each way through two engines and the chaos proxy.
 async fn exchange(len: usize, cuts: u32, seed: u64) -> (Report, Report, u32) {
-    let resets = Arc::new(AtomicU32::new(0));
-    let links = Links::Clear;
-    let (a, b) = exchange_with(len, (cuts, seed), Fault::Reset, sides(), &resets, links).await;
+    let setup = Setup::new(Links::Clear);
+    let resets = Arc::clone(&setup.cut);
+    let (a, b) = exchange_with(len, (cuts, seed), setup).await;
     (a, b, resets.load(Ordering::SeqCst))
 }
 
-async fn exchange_with(
-    len: usize,
-    (cuts, seed): (u32, u64),
+/// How the two engines of one exchange are set up.
+struct Setup {
     fault: Fault,
-    (a_sides, b_sides): (Sides, Sides),
-    cut: &Arc<AtomicU32>,
+    sides: (Sides, Sides),
+    /// Counts the connections the proxy cut.
+    cut: Arc<AtomicU32>,
     links: Links,
-) -> (Report, Report) {
+    /// The source's and the destination's.
+    observe: (Observe, Observe),
+}
+
+impl Setup {
+    fn new(links: Links) -> Setup {
+        let destination = Observe {
+            up: Direction::ToSource,
+            ..Observe::default()
+        };
+        Setup {
+            fault: Fault::Reset,
+            sides: sides(),
+            cut: Arc::default(),
+            links,
+            observe: (Observe::default(), destination),
+        }
+    }
+}
+
+async fn exchange_with(len: usize, (cuts, seed): (u32, u64), setup: Setup) -> (Report, Report) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let to = listener.local_addr().unwrap();
-    let via = chaos(to, cuts, seed, fault, Arc::clone(cut)).await;
+    let via = chaos(to, cuts, seed, setup.fault, Arc::clone(&setup.cut)).await;
     let (src_qemu, src_local) = UnixStream::pair().unwrap();
     let (dst_qemu, dst_local) = UnixStream::pair().unwrap();
     let cancel = CancellationToken::new();
-    let (dial, accept) = match links {
+    let (dial, accept) = match setup.links {
         Links::Clear => (Dial(via, None), Accept(listener, None)),
         Links::Tls(client, server) => (Dial(via, Some(client)), Accept(listener, Some(server))),
+    };
+    let (a_sides, b_sides) = setup.sides;
+    let (a_observe, b_observe) = setup.observe;
+    let a_options = Options {
+        observe: a_observe,
+        ..small()
+    };
+    let b_options = Options {
+        observe: b_observe,
+        ..small()
     };
     let a = carry(
         Stream::Unix(src_local),
         dial,
         a_sides,
-        small(),
+        a_options,
         cancel.clone(),
     );
-    let b = carry(Stream::Unix(dst_local), accept, b_sides, small(), cancel);
+    let b = carry(Stream::Unix(dst_local), accept, b_sides, b_options, cancel);
     let (to_dst, to_src) = (random(len, seed), random(len, seed + 1));
     let src = qemu(src_qemu, to_dst.clone());
     let dst = qemu(dst_qemu, to_src.clone());
@@ -280,9 +312,13 @@ async fn every_byte_arrives_in_order_exactly_once_through_random_resets() {
 async fn a_blackholed_connection_found_dead_by_the_daemon_resumes_on_a_new_one() {
     let (breaker, breaks) = watch::channel(0u64);
     let len = 4 << 20;
-    let cut = Arc::new(AtomicU32::new(0));
-    let sides = Sides::wired(breaks);
-    let exchange = exchange_with(len, (1, 4), Fault::Blackhole, sides, &cut, Links::Clear);
+    let setup = Setup {
+        fault: Fault::Blackhole,
+        sides: Sides::wired(breaks),
+        ..Setup::new(Links::Clear)
+    };
+    let cut = Arc::clone(&setup.cut);
+    let exchange = exchange_with(len, (1, 4), setup);
     // The daemon's verdict, as its heartbeats would give it: the link is silent.
     let verdict = async {
         while cut.load(Ordering::SeqCst) == 0 {
@@ -308,9 +344,10 @@ async fn without_a_break_nothing_is_replayed() {
 async fn over_mutual_tls_every_byte_arrives_through_random_resets_each_with_a_new_handshake() {
     for seed in [11, 12] {
         let (_dir, links) = tls();
-        let resets = Arc::new(AtomicU32::new(0));
+        let setup = Setup::new(links);
+        let resets = Arc::clone(&setup.cut);
         let len = 2 << 20;
-        let (a, b) = exchange_with(len, (6, seed), Fault::Reset, sides(), &resets, links).await;
+        let (a, b) = exchange_with(len, (6, seed), setup).await;
         assert!(
             resets.load(Ordering::SeqCst) > 0,
             "connections were reset (seed {seed})"
@@ -318,5 +355,57 @@ async fn over_mutual_tls_every_byte_arrives_through_random_resets_each_with_a_ne
         assert!(a.resumptions >= 1, "resumed over a new TLS session");
         assert_eq!((a.sent, b.delivered), (len as u64, len as u64));
         assert_eq!((b.sent, a.delivered), (len as u64, len as u64));
+    }
+}
+
+#[tokio::test]
+async fn counters_and_the_return_path_tap_see_each_byte_once_and_each_outage_is_told() {
+    let len = 2 << 20;
+    let mut setup = Setup::new(Links::Clear);
+    let taps = [(); 2].map(|()| Arc::new(std::sync::Mutex::new(Vec::new())));
+    let (outages, mut told) = tokio::sync::mpsc::unbounded_channel();
+    for (observe, tap) in [&mut setup.observe.0, &mut setup.observe.1]
+        .into_iter()
+        .zip(&taps)
+    {
+        let tap = Arc::clone(tap);
+        observe.tap_to_source = Some(TapFn(Arc::new(move |bytes| {
+            tap.lock().unwrap().extend_from_slice(bytes);
+        })));
+    }
+    setup.observe.0.outages = Some(outages);
+    let counters = [&setup.observe.0, &setup.observe.1].map(|o| Arc::clone(&o.counters));
+    let (a, _b) = exchange_with(len, (6, 21), setup).await;
+    assert!(a.resumptions >= 1, "connections were reset and resumed");
+    assert!(a.replayed > 0, "bytes were sent again");
+    for counters in &counters {
+        let bytes = counters.bytes();
+        // A replay is not counted again: each direction counts its length, exactly.
+        assert_eq!(
+            (bytes.to_destination, bytes.to_source),
+            (len as u64, len as u64)
+        );
+    }
+    let to_src = random(len, 22);
+    for tap in &taps {
+        assert!(
+            *tap.lock().unwrap() == to_src,
+            "the tap saw each byte once, in order"
+        );
+    }
+    let mut events = Vec::new();
+    while let Ok(outage) = told.try_recv() {
+        events.push(outage);
+    }
+    let resumed = events
+        .iter()
+        .filter(|e| matches!(e, Outage::Resumed { .. }))
+        .count();
+    assert_eq!(resumed as u32, a.resumptions, "{events:?}");
+    for pair in events.chunks(2) {
+        assert!(
+            matches!(pair, [Outage::Interrupted { .. }, Outage::Resumed { .. }]),
+            "each outage starts, then ends: {events:?}"
+        );
     }
 }

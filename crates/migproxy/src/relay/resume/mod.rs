@@ -25,20 +25,25 @@
 //!   is dead ([`Sides::breaks`]: silent, or replaced). A local failure, a peer offset that
 //!   cannot be true, a cancel, or no new connection within the resume timeout end the
 //!   channel, named as such ([`ResumeError`]).
+//! - **Observed as a relay is** ([`Observe`]): the same [`Counters`] (a replayed byte counts
+//!   once), a tap that sees the return path's bytes once and in order, and each outage as it
+//!   starts and ends ([`Outage`]).
 
 mod retention;
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use migproxy_proto::{PROGRESS_LEN, Progress};
 
 pub use self::retention::{Retention, RetentionError};
+use super::{Counters, Direction, TapFn};
 use crate::human::Elapsed;
 use crate::transport::Stream;
 
@@ -97,6 +102,73 @@ pub struct Options {
     pub end_grace: Duration,
     /// The copy buffer, per direction.
     pub chunk: usize,
+    /// What the daemon sees of the channel while it runs.
+    pub observe: Observe,
+}
+
+/// The channel as the daemon watches it, the same as a relay's: byte counters (progress,
+/// the stall watch), a tap on the direction toward the source (QEMU's return path, for the
+/// verdict), and each outage as it starts and ends.
+#[derive(Debug, Clone)]
+pub struct Observe {
+    /// Bytes first sent up, and bytes delivered down: a replay counts once.
+    pub counters: Arc<Counters>,
+    /// The direction from this side's local end to the peer: `ToDestination` on the
+    /// source's host, `ToSource` on the destination's.
+    pub up: Direction,
+    /// Sees every byte of the destination→source direction once, in order.
+    pub tap_to_source: Option<TapFn>,
+    pub outages: Option<mpsc::UnboundedSender<Outage>>,
+}
+
+impl Default for Observe {
+    fn default() -> Observe {
+        Observe {
+            counters: Arc::new(Counters::new()),
+            up: Direction::ToDestination,
+            tap_to_source: None,
+            outages: None,
+        }
+    }
+}
+
+impl Observe {
+    fn down(&self) -> Direction {
+        match self.up {
+            Direction::ToDestination => Direction::ToSource,
+            Direction::ToSource => Direction::ToDestination,
+        }
+    }
+
+    /// Counts `bytes` moved `direction` (and shows them to the tap, if it watches it).
+    fn moved(&self, direction: Direction, bytes: &[u8]) {
+        self.counters.record(direction, bytes.len(), false);
+        if let (Direction::ToSource, Some(tap)) = (direction, &self.tap_to_source) {
+            (tap.0)(bytes);
+        }
+    }
+
+    fn tell(&self, outage: Outage) {
+        if let Some(outages) = &self.outages {
+            let _ = outages.send(outage);
+        }
+    }
+}
+
+/// An outage of the channel's connection to the peer, as it starts and as it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outage {
+    /// The connection broke (the cause, as the OS or the daemon said it).
+    Interrupted { cause: String },
+    /// Going on, on a new connection.
+    Resumed {
+        /// From the break to the new connection's hellos.
+        lost: Duration,
+        /// Bytes sent again.
+        replayed: u64,
+        /// Connections tried.
+        attempts: u32,
+    },
 }
 
 impl Default for Options {
@@ -107,6 +179,7 @@ impl Default for Options {
             hello_timeout: Duration::from_secs(5),
             end_grace: Duration::from_secs(2),
             chunk: 256 << 10,
+            observe: Observe::default(),
         }
     }
 }
@@ -188,11 +261,13 @@ pub async fn carry<L: PeerLink>(
             kept: Retention::new(options.retention),
             ended: false,
             buf: vec![0; options.chunk.max(1)],
+            observe: options.observe.clone(),
         },
         down: Down {
             local: local_w,
             ended: false,
             buf: vec![0; options.chunk.max(1)],
+            observe: options.observe.clone(),
         },
         sides,
         options,
@@ -219,6 +294,7 @@ struct Up {
     kept: Retention,
     ended: bool,
     buf: Vec<u8>,
+    observe: Observe,
 }
 
 /// Peer to local end.
@@ -227,20 +303,28 @@ struct Down {
     /// The peer's direction reached its end and the local end was told (a FIN).
     ended: bool,
     buf: Vec<u8>,
+    observe: Observe,
 }
 
 impl<L: PeerLink> Channel<L> {
     async fn run(&mut self) -> Result<(), ResumeError> {
         let mut sessions = 0u32;
-        let mut cause = None;
+        let mut cause: Option<io::Error> = None;
         loop {
-            let (connection, peer) = self.reconnect(cause.take()).await?;
+            let broke = Instant::now();
+            let (connection, peer, attempts) = self.reconnect(cause.take()).await?;
             sessions += 1;
             self.report.resumptions = sessions - 1;
             let replay = self.up.kept.sent() - peer.delivered;
             if sessions > 1 {
                 self.report.replayed += replay;
-                tracing::info!(replay, "resumed on a new connection");
+                tracing::info!(replay, attempts, "resumed on a new connection");
+                let resumed = Outage::Resumed {
+                    lost: broke.elapsed(),
+                    replayed: replay,
+                    attempts,
+                };
+                self.options.observe.tell(resumed);
             }
             let ended = self.session(connection, peer).await;
             self.report.sent = self.up.kept.sent();
@@ -252,17 +336,22 @@ impl<L: PeerLink> Channel<L> {
                 Err(Cut::Broken(_)) if self.done() => return Ok(()),
                 Err(Cut::Broken(error)) => {
                     tracing::info!(%error, "the peer connection broke: resuming");
+                    let interrupted = Outage::Interrupted {
+                        cause: error.to_string(),
+                    };
+                    self.options.observe.tell(interrupted);
                     cause = Some(error);
                 }
             }
         }
     }
 
-    /// A new connection, its hellos exchanged, within the resume timeout (after `cause`).
+    /// A new connection, its hellos exchanged, within the resume timeout (after `cause`),
+    /// and the tries it took.
     async fn reconnect(
         &mut self,
         cause: Option<io::Error>,
-    ) -> Result<(Stream, Progress), ResumeError> {
+    ) -> Result<(Stream, Progress, u32), ResumeError> {
         let start = Instant::now();
         let mut attempts = 0;
         let mut pause = Duration::ZERO;
@@ -272,7 +361,7 @@ impl<L: PeerLink> Channel<L> {
             let tried = tokio::time::timeout(left, self.connect_once()).await;
             attempts += 1;
             last = Some(match tried {
-                Ok(Ok(done)) => return Ok(done),
+                Ok(Ok((connection, peer))) => return Ok((connection, peer, attempts)),
                 Ok(Err(Cut::Fatal(error))) => return Err(error),
                 Ok(Err(Cut::Broken(error))) => error,
                 // Cut by the deadline: the try before it said more.
@@ -378,11 +467,14 @@ impl Up {
             let n = read.map_err(local("read"))?;
             if n == 0 {
                 self.ended = true;
+                self.observe.counters.mark_end(self.observe.up);
                 let end = Some(self.kept.sent());
                 mine.send_modify(|mine| mine.end = end);
                 break;
             }
             self.kept.push(&self.buf[..n]);
+            // Counted once, as a relay counts: sent on (a replay does not count again).
+            self.observe.moved(self.observe.up, &self.buf[..n]);
             peer.write_all(&self.buf[..n]).await.map_err(Cut::Broken)?;
             peer.flush().await.map_err(Cut::Broken)?;
         }
@@ -430,6 +522,8 @@ impl Down {
                 if w == 0 {
                     return Err(local("write")(io::ErrorKind::WriteZero.into()));
                 }
+                self.observe
+                    .moved(self.observe.down(), &self.buf[written..written + w]);
                 written += w;
                 mine.send_modify(|mine| mine.delivered += w as u64);
             }
@@ -456,6 +550,7 @@ impl Down {
         match *end {
             Some(end) if end == delivered => {
                 if !self.ended {
+                    self.observe.counters.mark_end(self.observe.down());
                     self.local.shutdown().await.map_err(local("shutdown"))?;
                     self.ended = true;
                 }

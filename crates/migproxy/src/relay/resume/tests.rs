@@ -61,6 +61,7 @@ fn small() -> Options {
         hello_timeout: Duration::from_secs(2),
         end_grace: Duration::from_millis(500),
         chunk: 16 << 10,
+        ..Options::default()
     }
 }
 
