@@ -22,6 +22,19 @@ pub enum DecodeError {
     UnknownMessage(u8),
     #[error("invalid {field}: {value}")]
     InvalidValue { field: &'static str, value: u64 },
+    /// A hello flag on the kind of connection it does not apply to.
+    #[error("hello flag `{flag}` is not valid on a {kind} connection")]
+    FlagNotForKind {
+        flag: &'static str,
+        kind: &'static str,
+    },
+    /// A hello flag that needs a later protocol version than the hello's.
+    #[error("hello flag `{flag}` needs protocol version {needs} or later, not {version}")]
+    FlagNeedsVersion {
+        flag: &'static str,
+        needs: u16,
+        version: u16,
+    },
     #[error("invalid migration id")]
     InvalidId,
     #[error("{field} is not UTF-8")]

@@ -9,6 +9,8 @@
 //! 5 Cancel          by host u8
 //! 6 Done            channels u32 │ totals                  (version 1)
 //! 7 Done            channels u32 │ totals │ verdict u8      (version 2 on)
+//! 8 Progress        channel u32 │ delivered u64 │ end u64    (resumable links only)
+//! 9 Broken          channel u32                               (resumable links only)
 //! verdict           0 unknown │ 1 QEMU said completed (QMP) │ 2 the destination QEMU's SHUT
 //!                   was seen on the return path
 //! totals            to_destination u64 │ to_source u64
@@ -16,6 +18,8 @@
 //!                   errno (u8 length + text) │ message (u16 length + text) │ totals │
 //!                   elapsed ms u64
 //! ```
+//! `Progress` carries the 16 bytes of a resumable channel's [`Progress`](crate::Progress)
+//! hello, as they are on the data connection: `end` all ones is no end.
 
 use crate::codec::{DecodeError, Reader, Writer};
 
@@ -119,6 +123,22 @@ pub enum Control {
         bytes: Totals,
         verdict: Verdict,
     },
+    /// The sender's acknowledgement for one resumable channel: `delivered`, the bytes of the
+    /// peer's direction it has written into its local QEMU's socket (the peer may forget
+    /// them), and `end`, its own direction's length once its QEMU ended it (the peer's QEMU
+    /// gets nothing past it). Sent periodically: cumulative, so a lost or late one is
+    /// harmless and the newest wins. `end: Some(u64::MAX)` is not a length a direction can
+    /// have, and goes as no end.
+    Progress {
+        channel: u32,
+        delivered: u64,
+        end: Option<u64>,
+    },
+    /// The sender found this resumable channel's current data connection broken (reset, or
+    /// silent past its budget) and waits for a new one. The receiver drops its own end of
+    /// that connection too: it may never see the reset itself, e.g. once it has read the
+    /// peer's end of stream it no longer reads.
+    Broken { channel: u32 },
 }
 
 /// What a host knows of QEMU's own verdict when its channels have ended cleanly.
@@ -155,7 +175,10 @@ impl Control {
     }
 
     /// Appends the whole frame as protocol `version` has it: a version 1 peer gets `Done`
-    /// without its verdict.
+    /// without its verdict. `Progress` and `Broken` are the same in every version: they are
+    /// only ever sent on a link whose acceptance said ` resumable` (version 2 on, see
+    /// [`FLAG_RESUMABLE`](crate::FLAG_RESUMABLE)), so a peer that does not know them never
+    /// gets one.
     pub fn encode_for(&self, version: u16, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
@@ -199,6 +222,25 @@ impl Control {
                         Verdict::ReturnPath => 2,
                     });
                 }
+            }
+            Control::Progress {
+                channel,
+                delivered,
+                end,
+            } => {
+                w.u8(8);
+                w.u32(*channel);
+                w.bytes(
+                    &crate::Progress {
+                        delivered: *delivered,
+                        end: *end,
+                    }
+                    .encode(),
+                );
+            }
+            Control::Broken { channel } => {
+                w.u8(9);
+                w.u32(*channel);
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -244,6 +286,16 @@ impl Control {
                     other => return Err(invalid("verdict", other)),
                 },
             },
+            8 => {
+                let channel = r.u32()?;
+                let progress = crate::Progress::decode(r.array()?);
+                Control::Progress {
+                    channel,
+                    delivered: progress.delivered,
+                    end: progress.end,
+                }
+            }
+            9 => Control::Broken { channel: r.u32()? },
             other => return Err(DecodeError::UnknownMessage(other)),
         };
         r.finish()?;
@@ -448,7 +500,83 @@ mod tests {
                 bytes,
                 verdict: Verdict::ReturnPath,
             },
+            Control::Progress {
+                channel: 0,
+                delivered: 0,
+                end: None,
+            },
+            Control::Progress {
+                channel: 0,
+                delivered: 0,
+                end: Some(0),
+            },
+            Control::Progress {
+                channel: u32::MAX,
+                delivered: u64::MAX,
+                end: Some(u64::MAX - 1),
+            },
+            Control::Broken { channel: 3 },
+            Control::Broken { channel: u32::MAX },
         ]
+    }
+
+    #[test]
+    fn progress_tells_no_end_from_an_empty_direction() {
+        let frame = |end| {
+            let mut buf = Vec::new();
+            Control::Progress {
+                channel: 2,
+                delivered: 1 << 33,
+                end,
+            }
+            .encode(&mut buf);
+            buf
+        };
+        let (none, empty) = (frame(None), frame(Some(0)));
+        assert_ne!(none, empty);
+        // length, type, channel, delivered: then the end, as the Progress hello has it.
+        assert_eq!(none.len(), 4 + 1 + 4 + 16);
+        assert_eq!(&none[..4], &21u32.to_be_bytes());
+        assert_eq!(none[4], 8);
+        assert_eq!(&none[5..9], &2u32.to_be_bytes());
+        assert_eq!(&none[9..17], &(1u64 << 33).to_be_bytes());
+        assert_eq!(&none[17..], &[0xff; 8]);
+        assert_eq!(&empty[17..], &[0; 8]);
+        for (buf, end) in [(none, None), (empty, Some(0))] {
+            let (back, _) = Control::decode_frame(&buf).unwrap();
+            assert_eq!(
+                back,
+                Control::Progress {
+                    channel: 2,
+                    delivered: 1 << 33,
+                    end
+                }
+            );
+        }
+        // Not a length a direction can have: it goes as no end.
+        let (back, _) = Control::decode_frame(&frame(Some(u64::MAX))).unwrap();
+        assert!(matches!(back, Control::Progress { end: None, .. }));
+    }
+
+    #[test]
+    fn resumable_frames_are_the_same_in_every_version() {
+        for message in [
+            Control::Progress {
+                channel: 1,
+                delivered: 7,
+                end: Some(9),
+            },
+            Control::Broken { channel: 1 },
+        ] {
+            let (mut v1, mut v2) = (Vec::new(), Vec::new());
+            message.encode_for(1, &mut v1);
+            message.encode_for(2, &mut v2);
+            assert_eq!(v1, v2);
+            let mut current = Vec::new();
+            message.encode(&mut current);
+            assert_eq!(v2, current);
+            assert_eq!(Control::decode_frame(&v1).unwrap().0, message);
+        }
     }
 
     #[test]
@@ -546,6 +674,22 @@ mod tests {
         ));
         assert_eq!(Control::decode(&[99]), Err(DecodeError::UnknownMessage(99)));
         assert_eq!(Control::decode(&[1, 0]), Err(DecodeError::TrailingBytes(1)));
+        assert_eq!(Control::decode(&[10]), Err(DecodeError::UnknownMessage(10)));
+        assert_eq!(
+            Control::decode(&[9, 0, 0, 0, 1, 0]),
+            Err(DecodeError::TrailingBytes(1))
+        );
+        // Type, channel, then the 16 bytes of progress: one more is too many, 12 too few.
+        let progress = [[8, 0, 0, 0, 1].as_slice(), &[0; 16]].concat();
+        assert!(Control::decode(&progress).is_ok());
+        assert_eq!(
+            Control::decode(&[progress.as_slice(), &[0]].concat()),
+            Err(DecodeError::TrailingBytes(1))
+        );
+        assert_eq!(
+            Control::decode(&progress[..progress.len() - 4]),
+            Err(DecodeError::Truncated { needed: 4 })
+        );
         assert_eq!(
             Control::decode(&[5, 9]),
             Err(DecodeError::InvalidValue {

@@ -4,7 +4,9 @@
 //! Hello       "MGPX" │ version u16 │ body length u16 │ body
 //!   body      kind u8 │ flags u8 │ channel u32 │ token [32] │ id length u8 │ id
 //!   flags     bit 0: the migration is recoverable (postcopy); bit 1: the kernel data
-//!             path is offered (control links); other bits must be 0
+//!             path is offered (control links); bit 2: resumable channels are asked for
+//!             (control links, version 2 on); bit 3: this connection resumes a channel
+//!             (data connections, version 2 on); other bits must be 0
 //! HelloReply  "MGPX" │ version u16 │ status u8 │ message length u8 │ message (UTF-8)
 //! ```
 //! All integers are big-endian.
@@ -31,8 +33,26 @@ pub const FLAG_RECOVERABLE: u8 = 1;
 /// QEMU the data connection's socket, and the data may go in clear. The acceptance's message
 /// then says what the destination chose after the credential: ` kernel` or ` relay: WHY`.
 pub const FLAG_KERNEL_PATH: u8 = 2;
+/// Hello flag (control links, version 2 on): the dialler asks for resumable channels on this
+/// epoch — it keeps what it sent until the peer acknowledges it ([`Control::Progress`]), and
+/// carries a channel across new data connections when one breaks ([`FLAG_RESUME`]). The
+/// destination agrees by ending its acceptance's message with ` resumable`; without it the
+/// epoch's channels are not resumable. A destination built before the flag refuses it as
+/// malformed. It needs the credential: the resumed connections present it.
+///
+/// [`Control::Progress`]: crate::Control::Progress
+pub const FLAG_RESUMABLE: u8 = 4;
+/// Hello flag (data connections, version 2 on): this connection carries on the epoch's
+/// existing channel `channel`; it is not a new one. Right after the `HelloReply{Ok}` both
+/// sides write their 16-byte [`Progress`], and each side's direction goes on from the
+/// peer's `delivered`. Only on an epoch whose acceptance said ` resumable`.
+///
+/// [`Progress`]: crate::Progress
+pub const FLAG_RESUME: u8 = 8;
 /// Every flag a hello may carry.
-const FLAGS: u8 = FLAG_RECOVERABLE | FLAG_KERNEL_PATH;
+const FLAGS: u8 = FLAG_RECOVERABLE | FLAG_KERNEL_PATH | FLAG_RESUMABLE | FLAG_RESUME;
+/// The first version with the credential, which resumable channels need.
+const CREDENTIAL_VERSION: u16 = 2;
 /// Magic, version, status and message length.
 const REPLY_HEADER: usize = 8;
 
@@ -55,7 +75,8 @@ pub struct Hello {
     /// starts (0, or the next channel when resuming a paused migration).
     pub channel: u32,
     pub token: [u8; TOKEN_LEN],
-    /// [`FLAG_RECOVERABLE`], [`FLAG_KERNEL_PATH`], or 0.
+    /// [`FLAG_RECOVERABLE`], [`FLAG_KERNEL_PATH`], [`FLAG_RESUMABLE`] (control),
+    /// [`FLAG_RESUME`] (data), or 0.
     pub flags: u8,
 }
 
@@ -178,6 +199,7 @@ impl Hello {
                 value: flags.into(),
             });
         }
+        check_flags(kind, flags, version)?;
         let channel = r.u32()?;
         let token = r.array()?;
         let id_len = r.u8()? as usize;
@@ -195,6 +217,43 @@ impl Hello {
             token,
             flags,
         })
+    }
+}
+
+/// Refuses the resumable-channel flags where they cannot mean anything: each on the other
+/// kind of connection, and either without the credential. A resume taken for a new channel,
+/// or resumes that no credential can admit, would leave the two daemons disagreeing on
+/// what the connection is. (The older flags are not checked per kind: their receivers
+/// ignore them where they do not apply, and always have.)
+fn check_flags(kind: Kind, flags: u8, version: u16) -> Result<(), DecodeError> {
+    for (flag, name, only_on) in [
+        (FLAG_RESUMABLE, "resumable", Kind::Control),
+        (FLAG_RESUME, "resume", Kind::Data),
+    ] {
+        if flags & flag == 0 {
+            continue;
+        }
+        if kind != only_on {
+            return Err(DecodeError::FlagNotForKind {
+                flag: name,
+                kind: kind_name(kind),
+            });
+        }
+        if version < CREDENTIAL_VERSION {
+            return Err(DecodeError::FlagNeedsVersion {
+                flag: name,
+                needs: CREDENTIAL_VERSION,
+                version,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Control => "control",
+        Kind::Data => "data",
     }
 }
 
@@ -338,6 +397,93 @@ mod tests {
             );
             assert_eq!(Hello::decode(&buf), Ok(h));
         }
+    }
+
+    #[test]
+    fn resumable_flags_round_trip_on_their_kind() {
+        for (kind, flags) in [
+            (Kind::Control, FLAG_RESUMABLE),
+            (
+                Kind::Control,
+                FLAG_RESUMABLE | FLAG_RECOVERABLE | FLAG_KERNEL_PATH,
+            ),
+            (Kind::Data, FLAG_RESUME),
+            (Kind::Data, FLAG_RESUME | FLAG_RECOVERABLE),
+        ] {
+            let h = Hello {
+                flags,
+                ..hello(kind)
+            };
+            let buf = encoded(&h);
+            assert_eq!(buf[HELLO_HEADER + 1], flags);
+            for cut in 0..buf.len() {
+                assert!(
+                    matches!(
+                        Hello::decode(&buf[..cut]),
+                        Err(DecodeError::Truncated { .. })
+                    ),
+                    "{h:?} cut at {cut}"
+                );
+            }
+            assert_eq!(Hello::decode(&buf), Ok(h));
+        }
+    }
+
+    #[test]
+    fn resumable_flags_are_refused_off_their_kind_and_without_the_credential() {
+        let refused = |kind, flags, version| {
+            let mut buf = encoded(&Hello {
+                flags,
+                version,
+                ..hello(kind)
+            });
+            let body = buf.split_off(HELLO_HEADER);
+            // Through the whole hello, and through the body alone as the daemon reads it.
+            let whole = Hello::decode(&[buf, body.clone()].concat());
+            assert_eq!(whole, Hello::decode_body(version, &body));
+            whole
+        };
+        assert_eq!(
+            refused(Kind::Control, FLAG_RESUME, VERSION),
+            Err(DecodeError::FlagNotForKind {
+                flag: "resume",
+                kind: "control"
+            })
+        );
+        assert_eq!(
+            refused(Kind::Data, FLAG_RESUMABLE | FLAG_RECOVERABLE, VERSION),
+            Err(DecodeError::FlagNotForKind {
+                flag: "resumable",
+                kind: "data"
+            })
+        );
+        assert_eq!(
+            refused(Kind::Data, FLAG_RESUMABLE | FLAG_RESUME, VERSION),
+            Err(DecodeError::FlagNotForKind {
+                flag: "resumable",
+                kind: "data"
+            })
+        );
+        for (kind, flag, name) in [
+            (Kind::Data, FLAG_RESUME, "resume"),
+            (Kind::Control, FLAG_RESUMABLE, "resumable"),
+        ] {
+            assert_eq!(
+                refused(kind, flag, 1),
+                Err(DecodeError::FlagNeedsVersion {
+                    flag: name,
+                    needs: 2,
+                    version: 1
+                })
+            );
+        }
+        let error = refused(Kind::Control, FLAG_RESUME, VERSION).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "hello flag `resume` is not valid on a control connection"
+        );
+        // Without the new flags, a version 1 hello is as it was.
+        assert!(refused(Kind::Data, FLAG_RECOVERABLE, 1).is_ok());
     }
 
     #[test]

@@ -74,12 +74,38 @@
 //! - Version 1: the first.
 //! - Version 2: `Done` carries the host's evidence that QEMU finished ([`Verdict`]).
 //!
-//! # Resumable channels (not yet spoken)
+//! # Resumable channels
 //!
-//! [`Progress`] is the hello of a resumable channel's connection (issue #18): each side's
-//! bytes delivered and its direction's end, so that a channel goes on, on a new connection,
-//! from the exact byte where the old one broke. The daemons do not speak it yet; the
-//! engine that does is `migproxy::relay::resume`.
+//! A channel can go on, on a new data connection, from the exact byte where the old one
+//! broke (issue #18; the engine is `migproxy::relay::resume`). The source asks for it with
+//! [`FLAG_RESUMABLE`] in its control hello (version 2 on: resumed connections present the
+//! credential); the destination agrees by ending its acceptance's message with
+//! ` resumable`. Without both, the epoch speaks none of what follows. A destination built
+//! before the flag refuses it as malformed.
+//!
+//! On a resumable epoch each side keeps what it read from its QEMU until the peer
+//! acknowledges it in [`Control::Progress`], sent periodically (cumulative: the newest
+//! wins), and a broken data connection (reset, or silent past its budget) is not a failure:
+//! the source dials a new one for the channel.
+//!
+//! ```text
+//!  source daemon                                          destination daemon
+//!    │ ═══ channel n's stream ══════════════╳ broken                 │
+//!    │ ── Broken{n} (ctl) ─────────────────────────────────────────► │ drops its end too
+//!    │    (or the other way: whichever side sees the break first)    │
+//!    │ ── Hello{data, id, channel n, credential, FLAG_RESUME} ─────► │ channel n goes on,
+//!    │ ◄──────────────────────────────────────── HelloReply{Ok} ──── │ not a new one
+//!    │ ── Progress{delivered: s, end} (16 bytes) ──────────────────► │ replays its
+//!    │ ◄────────────────────────── Progress{delivered: d, end} ───── │ direction from s
+//!    │ replays its direction from d                                  │
+//!    │ ═══ channel n's stream goes on, both ways ═══════════════════ │
+//!    │ ── Progress{n, delivered, end} (ctl) ───────────────────────► │ periodically, both
+//!    │ ◄───────────────────────────── Progress{n, delivered, end} ── │ ways
+//! ```
+//!
+//! `delivered` counts the bytes of the peer's direction written to this side's QEMU; `end`
+//! is this side's own direction's length, once its QEMU ended it. Each side writes its
+//! [`Progress`] hello before it reads the peer's, so neither waits on the other.
 //!
 //! # Limits
 //!
@@ -98,9 +124,9 @@ pub use control::{
     frame_len as control_frame_len,
 };
 pub use hello::{
-    FLAG_KERNEL_PATH, FLAG_RECOVERABLE, HELLO_HEADER, Hello, HelloReply, Kind, MAGIC,
-    MAX_HELLO_BODY, MAX_ID, MIN_VERSION, Status, TOKEN_LEN, VERSION, hello_body_len, negotiate,
-    reply_len, valid_id,
+    FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, FLAG_RESUME, HELLO_HEADER, Hello,
+    HelloReply, Kind, MAGIC, MAX_HELLO_BODY, MAX_ID, MIN_VERSION, Status, TOKEN_LEN, VERSION,
+    hello_body_len, negotiate, reply_len, valid_id,
 };
 pub use resume::{PROGRESS_LEN, Progress};
 
@@ -135,6 +161,13 @@ mod smoke_fuzz {
         hello.encode(&mut buf);
         seeds.push(buf);
         let mut buf = Vec::new();
+        Hello {
+            flags: FLAG_RESUME,
+            ..hello
+        }
+        .encode(&mut buf);
+        seeds.push(buf);
+        let mut buf = Vec::new();
         Control::Failed(Attribution {
             host: Host::Source,
             leg: Leg::Peer,
@@ -153,6 +186,13 @@ mod smoke_fuzz {
             verdict: Verdict::ReturnPath,
         }
         .encode(&mut buf);
+        Control::Progress {
+            channel: 1,
+            delivered: 1 << 20,
+            end: Some(0),
+        }
+        .encode(&mut buf);
+        Control::Broken { channel: 1 }.encode(&mut buf);
         seeds.push(buf);
         seeds
     }

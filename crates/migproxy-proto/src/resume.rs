@@ -13,7 +13,8 @@
 //! ```
 //! `delivered`: bytes of the peer's direction written to this side's QEMU. `end`: the length
 //! of this side's own direction, once its QEMU ended it. Big-endian. The same pair travels
-//! on the control link between connections, as acknowledgements.
+//! on the control link between connections, as acknowledgements
+//! ([`Control::Progress`](crate::Control::Progress)).
 
 /// Bytes of a [`Progress`] on the wire.
 pub const PROGRESS_LEN: usize = 16;

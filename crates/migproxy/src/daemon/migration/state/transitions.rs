@@ -521,6 +521,8 @@ impl Core {
         }
         match control {
             Control::Heartbeat | Control::ChannelOpened { .. } => Ok(Vec::new()),
+            // Resumable channels: not wired into the daemon yet (issue #18).
+            Control::Progress { .. } | Control::Broken { .. } => Ok(Vec::new()),
             Control::ChannelClosed {
                 channel,
                 end,
