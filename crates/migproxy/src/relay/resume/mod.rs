@@ -48,7 +48,8 @@ use crate::human::Elapsed;
 use crate::transport::Stream;
 
 /// A source of fresh connections to the peer for one channel: the dialling side dials (and
-/// re-admits the channel), the other accepts the peer's next connection.
+/// re-admits the channel), the other accepts the peer's next connection. An error of kind
+/// `PermissionDenied` is the peer's refusal: the channel ends, it is not tried again.
 pub trait PeerLink: Send {
     fn connect(&mut self) -> impl Future<Output = io::Result<Stream>> + Send;
 }
@@ -159,7 +160,11 @@ impl Observe {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outage {
     /// The connection broke (the cause, as the OS or the daemon said it).
-    Interrupted { cause: String },
+    Interrupted {
+        cause: String,
+        /// Cut on the daemon's word ([`Sides::breaks`]), not by an error seen here.
+        signalled: bool,
+    },
     /// Going on, on a new connection.
     Resumed {
         /// From the break to the new connection's hellos.
@@ -220,6 +225,8 @@ pub enum ResumeError {
         attempts: u32,
         last: io::Error,
     },
+    #[error("the peer refused the channel's new connection: {0}")]
+    Refused(#[source] io::Error),
     #[error("the peer's direction went past the end it announced ({end} bytes): {delivered}")]
     BeyondEnd { end: u64, delivered: u64 },
     #[error("cancelled")]
@@ -272,6 +279,7 @@ pub async fn carry<L: PeerLink>(
         sides,
         options,
         report: Report::default(),
+        connected: false,
     };
     tokio::select! {
         result = channel.run() => result.map(|()| channel.report),
@@ -286,6 +294,8 @@ struct Channel<L> {
     sides: Sides,
     options: Options,
     report: Report,
+    /// A first connection's hellos were exchanged.
+    connected: bool,
 }
 
 /// Local end to peer.
@@ -315,7 +325,7 @@ impl<L: PeerLink> Channel<L> {
             let (connection, peer, attempts) = self.reconnect(cause.take()).await?;
             sessions += 1;
             self.report.resumptions = sessions - 1;
-            let replay = self.up.kept.sent() - peer.delivered;
+            let replay = peer.map_or(0, |peer| self.up.kept.sent() - peer.delivered);
             if sessions > 1 {
                 self.report.replayed += replay;
                 tracing::info!(replay, attempts, "resumed on a new connection");
@@ -336,8 +346,10 @@ impl<L: PeerLink> Channel<L> {
                 Err(Cut::Broken(_)) if self.done() => return Ok(()),
                 Err(Cut::Broken(error)) => {
                     tracing::info!(%error, "the peer connection broke: resuming");
+                    let signalled = error.get_ref().is_some_and(|e| e.is::<Signalled>());
                     let interrupted = Outage::Interrupted {
                         cause: error.to_string(),
+                        signalled,
                     };
                     self.options.observe.tell(interrupted);
                     cause = Some(error);
@@ -351,7 +363,7 @@ impl<L: PeerLink> Channel<L> {
     async fn reconnect(
         &mut self,
         cause: Option<io::Error>,
-    ) -> Result<(Stream, Progress, u32), ResumeError> {
+    ) -> Result<(Stream, Option<Progress>, u32), ResumeError> {
         let start = Instant::now();
         let mut attempts = 0;
         let mut pause = Duration::ZERO;
@@ -363,6 +375,11 @@ impl<L: PeerLink> Channel<L> {
             last = Some(match tried {
                 Ok(Ok((connection, peer))) => return Ok((connection, peer, attempts)),
                 Ok(Err(Cut::Fatal(error))) => return Err(error),
+                // The peer said no: it holds nothing to resume (restarted, or the channel
+                // ended there), and asking again will not change that.
+                Ok(Err(Cut::Broken(error))) if error.kind() == io::ErrorKind::PermissionDenied => {
+                    return Err(ResumeError::Refused(error));
+                }
                 Ok(Err(Cut::Broken(error))) => error,
                 // Cut by the deadline: the try before it said more.
                 Err(_) => last.unwrap_or_else(|| io::ErrorKind::TimedOut.into()),
@@ -383,10 +400,23 @@ impl<L: PeerLink> Channel<L> {
         }
     }
 
-    /// One connection and its hellos: this side's progress out, the peer's in.
-    async fn connect_once(&mut self) -> Result<(Stream, Progress), Cut> {
+    /// One connection and its hellos: this side's progress out, the peer's in. On the first
+    /// connection the peer's is read with its bytes (`None`): nothing was sent before, so
+    /// there is nothing to replay and no reason to wait for it (the peer answers once it has
+    /// its local end, which for the destination means QEMU connected, in channel order).
+    async fn connect_once(&mut self) -> Result<(Stream, Option<Progress>), Cut> {
         let mut connection = self.link.connect().await.map_err(Cut::Broken)?;
         let mine = self.mine().encode();
+        if !self.connected {
+            let hello = async {
+                connection.write_all(&mine).await?;
+                connection.flush().await
+            };
+            let sent = tokio::time::timeout(self.options.hello_timeout, hello).await;
+            sent.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+                .map_err(Cut::Broken)?;
+            return Ok((connection, None));
+        }
         let hello = async {
             connection.write_all(&mine).await?;
             connection.flush().await?;
@@ -403,7 +433,7 @@ impl<L: PeerLink> Channel<L> {
         if let Some(end) = peer.end.filter(|end| *end < delivered) {
             return Err(Cut::Fatal(ResumeError::BeyondEnd { end, delivered }));
         }
-        Ok((connection, peer))
+        Ok((connection, Some(peer)))
     }
 
     /// Both directions ended, and the peer has acknowledged every byte of this one.
@@ -416,16 +446,18 @@ impl<L: PeerLink> Channel<L> {
     }
 
     /// Both directions on one connection, until both are done or the connection breaks.
-    async fn session(&mut self, connection: Stream, peer: Progress) -> Result<(), Cut> {
+    async fn session(&mut self, connection: Stream, peer: Option<Progress>) -> Result<(), Cut> {
+        // Every later connection needs both hellos before a byte moves: bytes may have been
+        // delivered on this one.
+        self.connected = true;
         let (peer_r, peer_w) = tokio::io::split(connection);
         let mut peer_seen = self.sides.peer.clone();
-        let up = self
-            .up
-            .run(peer_w, peer.delivered, &mut peer_seen, &self.sides.mine);
+        let from = peer.map_or(0, |peer| peer.delivered);
+        let up = self.up.run(peer_w, from, &mut peer_seen, &self.sides.mine);
         let mut peer_end = self.sides.peer.clone();
         let down = self.down.run(
             peer_r,
-            peer.end,
+            peer.map_or(Hello::Unread, Hello::Read),
             &mut peer_end,
             &self.sides.mine,
             &self.options,
@@ -436,7 +468,7 @@ impl<L: PeerLink> Channel<L> {
             both = async { tokio::try_join!(up, down) } => both.map(|_| ()),
             () = wait_break(&mut breaks) => Err(Cut::Broken(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "the connection went dead (the daemon's verdict: silence, or replaced)",
+                Signalled,
             ))),
         }
     }
@@ -495,11 +527,15 @@ impl Down {
     async fn run(
         &mut self,
         mut peer: ReadHalf<Stream>,
-        mut end: Option<u64>,
+        hello: Hello,
         announced: &mut watch::Receiver<Progress>,
         mine: &watch::Sender<Progress>,
         options: &Options,
     ) -> Result<(), Cut> {
+        let mut end = match hello {
+            Hello::Read(hello) => hello.end,
+            Hello::Unread => first_hello(&mut peer).await?.end,
+        };
         let delivered = || mine.borrow().delivered;
         loop {
             let n = peer.read(&mut self.buf).await.map_err(Cut::Broken)?;
@@ -566,6 +602,39 @@ impl Down {
         }
     }
 }
+
+/// The peer's hello on a session's connection.
+enum Hello {
+    /// Read before the session began.
+    Read(Progress),
+    /// The first connection's: it comes first among the peer's bytes.
+    Unread,
+}
+
+/// Reads the peer's hello at the head of the first connection: it can only say that
+/// nothing was delivered (nothing was sent before).
+async fn first_hello(peer: &mut ReadHalf<Stream>) -> Result<Progress, Cut> {
+    let mut wire = [0; PROGRESS_LEN];
+    peer.read_exact(&mut wire).await.map_err(Cut::Broken)?;
+    let hello = Progress::decode(wire);
+    if hello.delivered != 0 {
+        let claimed = hello.delivered;
+        return Err(RetentionError::BeyondSent { claimed, sent: 0 }.into());
+    }
+    Ok(hello)
+}
+
+/// A session cut on the daemon's word.
+#[derive(Debug)]
+struct Signalled;
+
+impl std::fmt::Display for Signalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the connection went dead (the daemon's word: silent, replaced, or broken on the peer's side)")
+    }
+}
+
+impl std::error::Error for Signalled {}
 
 /// The next break the daemon calls; never, once nobody can call one.
 async fn wait_break(breaks: &mut watch::Receiver<u64>) {

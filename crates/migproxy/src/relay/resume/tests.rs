@@ -98,10 +98,10 @@ async fn nothing_past_the_end_a_peer_announced_reaches_qemu() {
 }
 
 /// A stand-in peer: answers the hello with `hello`, then reads whatever comes.
-async fn stand_in(hello: Progress) -> (SocketAddr, tokio::sync::mpsc::Receiver<usize>) {
+async fn stand_in(hello: Progress) -> (SocketAddr, mpsc::Receiver<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
         let (mut peer, _) = listener.accept().await.unwrap();
         peer.write_all(&hello.encode()).await.unwrap();
