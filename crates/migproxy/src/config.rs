@@ -103,6 +103,7 @@ pub struct TimeoutsSection {
     pub token_ttl: Option<f64>,
     pub first_channel: Option<f64>,
     pub recover: Option<f64>,
+    pub resume: Option<f64>,
     pub first_byte: Option<f64>,
     pub api_header: Option<f64>,
     pub api_idle: Option<f64>,
@@ -139,6 +140,7 @@ impl File {
             ("timeouts.token_ttl", t.token_ttl),
             ("timeouts.first_channel", t.first_channel),
             ("timeouts.recover", t.recover),
+            ("timeouts.resume", t.resume),
             ("timeouts.first_byte", t.first_byte),
             ("timeouts.api_header", t.api_header),
             ("timeouts.api_idle", t.api_idle),
@@ -205,6 +207,7 @@ pub struct Flags {
     pub token_ttl: Option<Duration>,
     pub first_channel_timeout: Option<Duration>,
     pub recover_timeout: Option<Duration>,
+    pub resume_timeout: Option<Duration>,
 }
 
 /// The configuration in force.
@@ -249,6 +252,9 @@ pub struct Settings {
     /// How long a paused postcopy migration driven over QMP may take to recover, unless
     /// it asks otherwise.
     pub recover_timeout: Duration,
+    /// How long a resumable channel may go without a working peer connection, unless the
+    /// migration asks otherwise; zero: channels are not resumable.
+    pub resume_timeout: Duration,
 }
 
 /// A repeatable flag given at least once replaces the file's list.
@@ -322,6 +328,7 @@ impl Settings {
                 .first_channel_timeout
                 .unwrap_or(secs(t.first_channel, 300)),
             recover_timeout: flags.recover_timeout.unwrap_or(secs(t.recover, 600)),
+            resume_timeout: flags.resume_timeout.unwrap_or(secs(t.resume, 0)),
         };
         settings.check()?;
         Ok(settings)

@@ -42,6 +42,7 @@ pub(super) async fn info(State(daemon): State<Arc<Daemon>>) -> Json<Info> {
             token_ttl: ms(config.token_ttl),
             first_channel: ms(config.first_channel_timeout),
             recover: ms(config.recover_timeout),
+            resume: ms(config.resume_timeout),
             first_byte: ms(config.first_byte_timeout),
         },
         uptime_s: daemon.started.elapsed().as_secs(),

@@ -75,12 +75,14 @@ async fn create_incoming(
     let data_path = body.data_path.unwrap_or(daemon.config.data_path);
     let asked = (body.recoverable, body.recover_timeout);
     let (recoverable, recover_timeout) = recovery(daemon, asked, &qemu)?;
+    let resume_timeout = resume_timeout(daemon, body.resume_timeout)?;
     let request = incoming::Request {
         id,
         target,
         max_channels: body.max_channels,
         recoverable,
         recover_timeout,
+        resume_timeout,
         qemu,
         group: checked_group(body.group)?,
         data_path,
@@ -191,6 +193,20 @@ fn recovery(
     Ok((recoverable, timeout))
 }
 
+/// How long the migration's resumable channels may go without a peer connection: as asked
+/// (0: not resumable), or the daemon's.
+fn resume_timeout(
+    daemon: &Daemon,
+    asked: Option<f64>,
+) -> Result<Option<std::time::Duration>, ApiError> {
+    let timeout = match asked {
+        Some(secs) => std::time::Duration::try_from_secs_f64(secs)
+            .map_err(|_| ApiError::bad_request("resume_timeout: seconds, 0 or more"))?,
+        None => daemon.config.resume_timeout,
+    };
+    Ok((!timeout.is_zero()).then_some(timeout))
+}
+
 /// A QEMU that could not be prepared: a wrong path is the request's fault, a QEMU in the
 /// wrong state a conflict.
 fn qemu_error(error: &crate::daemon::qemu::QemuError) -> ApiError {
@@ -250,12 +266,14 @@ async fn create_outgoing(
     let data_path = body.data_path.unwrap_or(daemon.config.data_path);
     let asked = (body.recoverable, body.recover_timeout);
     let (recoverable, recover_timeout) = recovery(daemon, asked, &qemu)?;
+    let resume_timeout = resume_timeout(daemon, body.resume_timeout)?;
     let request = outgoing::Request {
         id,
         token,
         peer,
         recoverable,
         recover_timeout,
+        resume_timeout,
         tls_hostname: body.tls_hostname,
         qemu,
         group: checked_group(body.group)?,

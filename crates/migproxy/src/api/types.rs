@@ -45,6 +45,11 @@ pub struct IncomingRequest {
     /// (`timeouts.recover`, 600) with `qmp`; without, none (a person recovers by hand).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recover_timeout: Option<f64>,
+    /// Seconds a resumable channel may go without a working peer connection before the
+    /// migration fails (relay path; both daemons must have it); 0: not resumable. Default:
+    /// the daemon's (`timeouts.resume`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_timeout: Option<f64>,
     /// The local QEMU's QMP socket (absolute path): the daemon drives that QEMU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qmp: Option<String>,
@@ -80,6 +85,11 @@ pub struct OutgoingRequest {
     /// (`timeouts.recover`, 600) with `qmp`; without, none (a person recovers by hand).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recover_timeout: Option<f64>,
+    /// Seconds a resumable channel may go without a working peer connection before the
+    /// migration fails (relay path; both daemons must have it); 0: not resumable. Default:
+    /// the daemon's (`timeouts.resume`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_timeout: Option<f64>,
     /// The name the destination daemon's certificate must carry; default the peer's host.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_hostname: Option<String>,
@@ -186,6 +196,7 @@ pub struct TimeoutsMs {
     pub token_ttl: u64,
     pub first_channel: u64,
     pub recover: u64,
+    pub resume: u64,
     pub first_byte: u64,
 }
 

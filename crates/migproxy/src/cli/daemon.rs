@@ -94,6 +94,11 @@ pub struct Args {
     /// fails for good (default 600), unless it asks otherwise (`recover_timeout`).
     #[arg(long, value_name = "SECONDS", value_parser = super::args::positive_seconds)]
     recover_timeout: Option<Duration>,
+    /// How long a resumable channel may go without a working peer connection before the
+    /// migration fails (issue #18; relay path only), unless it asks otherwise
+    /// (`resume_timeout`). 0, the default for now: channels are not resumable.
+    #[arg(long, value_name = "SECONDS", value_parser = super::args::seconds)]
+    resume_timeout: Option<Duration>,
 }
 
 impl Args {
@@ -123,6 +128,7 @@ impl Args {
             token_ttl: self.token_ttl,
             first_channel_timeout: self.first_channel_timeout,
             recover_timeout: self.recover_timeout,
+            resume_timeout: self.resume_timeout,
         };
         Settings::resolve(flags, file)
     }
@@ -267,6 +273,7 @@ fn daemon_config(args: Settings, advertise: String, runtime: RuntimeDir) -> Conf
     config.token_ttl = args.token_ttl;
     config.first_channel_timeout = args.first_channel_timeout;
     config.recover_timeout = args.recover_timeout;
+    config.resume_timeout = args.resume_timeout;
     config.stall_timeout = args.stall_timeout;
     config.target_dirs = args.target_dirs;
     config.max_migrations = args.max_migrations;

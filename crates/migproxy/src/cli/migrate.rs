@@ -262,6 +262,7 @@ async fn create_incoming(
         data_path: args.qemu.data_path,
         recoverable: args.qemu.recoverable(),
         recover_timeout: args.qemu.recover_timeout.map(|t| t.as_secs_f64()),
+        resume_timeout: args.qemu.resume_timeout.map(|t| t.as_secs_f64()),
         ..IncomingRequest::default()
     };
     let created = destination

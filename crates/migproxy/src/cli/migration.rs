@@ -104,6 +104,11 @@ struct CreateIncoming {
     /// daemon's, 600, with --qmp).
     #[arg(long, value_name = "SECS", value_parser = super::args::positive_seconds)]
     recover_timeout: Option<Duration>,
+    /// Carry each channel across peer connections that break, for up to this many seconds
+    /// without one (relay path; give the source the same); 0: not resumable. Default: the
+    /// daemon's.
+    #[arg(long, value_name = "SECS", value_parser = super::args::seconds)]
+    resume_timeout: Option<Duration>,
     /// The migration group (a guest's RAM and its disks): its migrations share one stall
     /// watch, so an idle disk connection beside moving RAM is no stall. Give the source the
     /// same group.
@@ -187,6 +192,10 @@ pub(super) struct QemuFlags {
     /// 600).
     #[arg(long, value_name = "SECS", value_parser = super::args::positive_seconds, requires = "driver")]
     pub recover_timeout: Option<Duration>,
+    /// Carry each channel across peer connections that break, for up to this many seconds
+    /// without one (relay path); 0: not resumable. Default: the daemons'.
+    #[arg(long, value_name = "SECS", value_parser = super::args::seconds)]
+    pub resume_timeout: Option<Duration>,
 }
 
 impl QemuFlags {
@@ -201,6 +210,7 @@ impl QemuFlags {
         request.data_path = self.data_path;
         request.recoverable = self.recoverable();
         request.recover_timeout = self.recover_timeout.map(|t| t.as_secs_f64());
+        request.resume_timeout = self.resume_timeout.map(|t| t.as_secs_f64());
     }
 
     /// `recoverable` as both requests carry it: false with --no-recover, else the daemons'
@@ -385,6 +395,7 @@ async fn create_incoming(
         max_channels: args.max_channels,
         recoverable: asked_recoverable(args.recoverable, args.no_recover),
         recover_timeout: args.recover_timeout.map(|t| t.as_secs_f64()),
+        resume_timeout: args.resume_timeout.map(|t| t.as_secs_f64()),
         // The daemon's working directory is not ours.
         qmp: args.qmp.map(|p| absolute(&p).display().to_string()),
         multifd: args.multifd,

@@ -7,6 +7,8 @@ use std::sync::Mutex;
 
 use tracing::Instrument;
 
+pub mod resumable;
+
 use super::migration::state::ReturnPath as Verdict;
 use super::migration::{Admitted, Migration};
 use super::returnpath::ReturnPath;
@@ -55,9 +57,29 @@ async fn relay(
         .with_cancel(admitted.stop.child_token());
     migration.channel_running(index, relay.counters());
     tracing::debug!(migration = %migration.spec.id, channel = index, "channel open");
-    let mut report = relay.run().await;
+    let report = relay.run().await;
     tracing::info!(migration = %migration.spec.id, channel = index, "channel {report}");
-    if closed_by_a_finished_qemu(&migration, &report, &qemu_leg, &admitted).await {
+    finish(
+        &migration,
+        index,
+        &admitted,
+        report,
+        &qemu_leg,
+        return_path.as_deref(),
+    )
+    .await;
+}
+
+/// Reports how channel `index` ended, with what its return path said.
+async fn finish(
+    migration: &Arc<Migration>,
+    index: u32,
+    admitted: &Admitted,
+    mut report: Report,
+    qemu_leg: &str,
+    return_path: Option<&Mutex<ReturnPath>>,
+) {
+    if closed_by_a_finished_qemu(migration, &report, qemu_leg, admitted).await {
         tracing::info!(
             migration = %migration.spec.id,
             channel = index,
@@ -78,7 +100,7 @@ async fn relay(
         }
         _ => Verdict::NotWatched,
     };
-    migration.channel_ended(index, admitted.epoch, &report, &qemu_leg, verdict);
+    migration.channel_ended(index, admitted.epoch, &report, qemu_leg, verdict);
 }
 
 /// QEMU 7.2's destination may close a multifd socket with bytes still unread as it

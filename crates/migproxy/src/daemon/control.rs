@@ -17,6 +17,10 @@ use super::peer::{ReadError, Timing, read_control, write_control};
 use crate::human::{Elapsed, errno_name};
 use crate::transport::Stream;
 
+/// How often the progress of resumable channels is told, when it changed: what the peer
+/// keeps for a replay is at most the bytes in flight plus this long's worth.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(20);
+
 /// After the migration has ended, how long to wait for the peer to close its side.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
@@ -76,18 +80,19 @@ async fn send(
     heartbeat: Duration,
 ) {
     let mut tick = tokio::time::interval(heartbeat);
+    let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = Vec::new();
     loop {
-        let control = tokio::select! {
+        let controls = tokio::select! {
             outbound = queue.recv() => match outbound {
-                Some(Outbound::Frame(control)) => control,
+                Some(Outbound::Frame(control)) => vec![control],
                 Some(Outbound::Close) | None => break,
             },
-            _ = tick.tick() => Control::Heartbeat,
+            _ = tick.tick() => vec![Control::Heartbeat],
+            _ = progress.tick(), if migration.resumable.on() => migration.resumable.due(),
         };
-        if let Err(error) =
-            write_control(&mut writer.half, writer.version, &control, &mut buf).await
-        {
+        if let Err(error) = write_all(&mut writer, &controls, &mut buf).await {
             let blame = migration.peer_link_failure(
                 Op::Write,
                 errno_name(&error),
@@ -114,7 +119,7 @@ async fn receive(
         let silent = read.is_err();
         let blame = match read {
             Ok(Ok(Some(control))) => {
-                migration.on_peer(epoch, control);
+                migration.on_control(epoch, control);
                 continue;
             }
             Ok(Ok(None)) if ended.is_cancelled() => return,
@@ -166,6 +171,17 @@ async fn drain(
     while let Ok(Ok(Some(control))) =
         tokio::time::timeout_at(until, read_control(reader, buf)).await
     {
-        migration.on_peer(epoch, control);
+        migration.on_control(epoch, control);
     }
+}
+
+async fn write_all(
+    writer: &mut Writer,
+    controls: &[Control],
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    for control in controls {
+        write_control(&mut writer.half, writer.version, control, buf).await?;
+    }
+    Ok(())
 }

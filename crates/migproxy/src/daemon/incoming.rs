@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use migproxy_proto::{Attribution, Hello, Kind, Leg, Op, Status, Totals};
+use migproxy_proto::{Hello, Kind, Op, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -14,15 +14,19 @@ use tracing::Instrument;
 use super::attribution::os_message;
 use super::data_path::{DataPath, Unfit};
 use super::gate::{self, FirstByte, Gate, Spare};
+use super::migration::resumable;
 use super::migration::{Admitted, Link, Migration, Role, Spec, State};
 use super::peer::{self, ReadError};
 use super::token::Token;
-use super::{Daemon, RegisterError, channel, control, data_path, kernel, paths, qemu};
+use super::{Daemon, RegisterError, control, data_path, kernel, paths, qemu};
 use crate::endpoint::Endpoint;
 use crate::human::{Chain, errno_name};
-use crate::relay;
 use crate::tls::Identity;
-use crate::transport::{self, Stream, TransportError};
+use crate::transport::Stream;
+
+mod deliver;
+
+use self::deliver::deliver;
 
 /// What the API asks for.
 #[derive(Debug)]
@@ -36,6 +40,9 @@ pub struct Request {
     pub recoverable: bool,
     /// How long a pause may last before the migration fails for good.
     pub recover_timeout: Option<Duration>,
+    /// How long a resumable channel may go without a working peer connection; `None`: not
+    /// resumable.
+    pub resume_timeout: Option<Duration>,
     /// Drive the destination QEMU over QMP: capabilities, `migrate-incoming`, its verdict.
     pub qemu: Option<qemu::Settings>,
     /// The group whose migrations share one stall watch.
@@ -147,6 +154,7 @@ fn spec(
         max_channels,
         recoverable: request.recoverable,
         recover_timeout: request.recover_timeout,
+        resume_timeout: request.resume_timeout,
         server_name: String::new(),
         tls: daemon.config.tls.is_some(),
         qemu: request.qemu.clone(),
@@ -188,17 +196,6 @@ async fn sweep(migration: Arc<Migration>, path: std::path::PathBuf) {
 /// stop the destination QEMU of a failed migration.
 const SWEEP_TRIES: u32 = 40;
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
-
-/// A unix socket's send buffer bounds what this daemon can hand the destination QEMU before
-/// it must wait for QEMU to read: the default (~200 KiB) makes a 1 MiB write a dozen
-/// wake-ups. Larger where the system allows (`net.core.wmem_max`).
-fn deepen(qemu: &Stream) {
-    if let Stream::Unix(socket) = qemu {
-        let _ = socket2::SockRef::from(socket).set_send_buffer_size(QEMU_SEND_BUFFER);
-    }
-}
-
-const QEMU_SEND_BUFFER: usize = 2 << 20;
 
 /// Accepts connections from source daemons until `shutdown`, admitting them through the
 /// [`gate`](super::gate): silent ones never take a handshake slot, one address cannot take
@@ -351,13 +348,21 @@ async fn authenticate(
         Joined::Data(admitted) => {
             deliver(daemon, migration, hello.channel, admitted, stream, from).await;
         }
+        Joined::Resume => {
+            if let Err(stream) = migration.resumable.arrived(hello.channel, stream) {
+                // The channel ended since: nothing to carry on.
+                stream.abort();
+            }
+        }
     }
 }
 
-/// What an accepted hello joined: its migration's control link, or one of its channels.
+/// What an accepted hello joined: its migration's control link, one of its channels, or a
+/// resumable channel it carries on.
 enum Joined {
     Control(Link),
     Data(Admitted),
+    Resume,
 }
 
 /// [`open`] within the handshake's deadline. `None`: the connection is done with (answered
@@ -412,10 +417,19 @@ fn vet(
         // Settled before the link attaches: whoever wakes on `active` finds it.
         migration.settle_data_path(choice.clone());
     }
+    let resumable = agrees_resumable(&migration, hello, version);
+    if hello.kind == Kind::Control {
+        // Settled before the link attaches: the epoch's first channel may come at once.
+        migration.resumable.settle(resumable);
+    }
     let joined = join(&migration, hello, credential.clone()).map_err(refused)?;
     let handed_out = match (&credential, &choice) {
         (Some(credential), Some(choice)) => {
-            data_path::acceptance(&credential.to_hex(), offered, choice)
+            let acceptance = data_path::acceptance(&credential.to_hex(), offered, choice);
+            match resumable {
+                true => resumable::mark(&acceptance),
+                false => acceptance,
+            }
         }
         _ => String::new(),
     };
@@ -424,6 +438,17 @@ fn vet(
         joined,
         handed_out,
     })
+}
+
+/// Whether a control hello gets resumable channels: asked for (version 2 on), this side has
+/// a resume timeout too, and the data goes through the relay (on the kernel path QEMU holds
+/// the socket).
+fn agrees_resumable(migration: &Migration, hello: &Hello, version: u16) -> bool {
+    hello.kind == Kind::Control
+        && version >= 2
+        && hello.flags & migproxy_proto::FLAG_RESUMABLE != 0
+        && migration.spec.resume_timeout.is_some()
+        && !migration.on_kernel_path()
 }
 
 /// A hello that passed [`vet`].
@@ -500,6 +525,16 @@ fn join(
                     migration.phase().name()
                 )
             }),
+        // A connection that comes again for a resumable channel running here.
+        Kind::Data if hello.flags & migproxy_proto::FLAG_RESUME != 0 => {
+            match migration.resumable.has(hello.channel) {
+                true => Ok(Joined::Resume),
+                false => Err(format!(
+                    "migration {}: channel {} is not a resumable channel running here",
+                    hello.migration, hello.channel
+                )),
+            }
+        }
         Kind::Data => migration
             .open_data(hello.channel, &hello.token)
             .map(Joined::Data)
@@ -520,6 +555,8 @@ fn unjoin(migration: &Arc<Migration>, joined: Joined, channel: u32, error: &std:
             migration.fail(link.epoch, blame);
         }
         Joined::Data(_) => migration.channel_abandoned(channel),
+        // The channel waits on for its next connection.
+        Joined::Resume => {}
     }
 }
 
@@ -652,132 +689,4 @@ async fn reject(daemon: &Daemon, stream: &mut Stream, from: &str, status: Status
         Ok::<(), std::io::Error>(())
     })
     .await;
-}
-
-/// Connects channel `index` to the destination QEMU once every earlier channel is connected,
-/// then relays it.
-async fn deliver(
-    daemon: Arc<Daemon>,
-    migration: Arc<Migration>,
-    index: u32,
-    admitted: Admitted,
-    link: Stream,
-    from: String,
-) {
-    if !my_turn(&migration, index, &admitted).await {
-        link.abort();
-        migration.channel_abandoned(index);
-        return;
-    }
-    let qemu = match connect_qemu(&daemon, &migration, index, &admitted).await {
-        Some(qemu) => qemu,
-        None => {
-            // Reported by connect_qemu: a failure on this channel, or an abandoned one.
-            link.abort();
-            return;
-        }
-    };
-    if !migration.channel_connected(admitted.epoch, index) {
-        // The epoch ended while connecting: this connection belongs to no one.
-        qemu.abort();
-        link.abort();
-        migration.channel_abandoned(index);
-        return;
-    }
-    let qemu_name = migration.spec.local.to_string();
-    let source = relay::Leg::new(format!("tcp:{from}"), link);
-    let destination = relay::Leg::new(qemu_name.clone(), qemu);
-    channel::run(migration, index, admitted, source, destination, qemu_name).await;
-}
-
-/// Waits until the destination QEMU listens and every earlier channel is connected; false
-/// when the epoch ended first.
-async fn my_turn(migration: &Migration, index: u32, admitted: &Admitted) -> bool {
-    let mut next = migration.next_channel();
-    let mut ready = migration.qemu_ready();
-    tokio::select! {
-        () = admitted.stop.cancelled() => false,
-        // A QEMU driven here listens only once the source has come (`migrate-incoming`).
-        turn = async {
-            ready.wait_for(|ready| *ready).await.is_ok()
-                && next.wait_for(|next| *next == index).await.is_ok()
-        } => turn,
-    }
-}
-
-/// Connects to the destination QEMU for channel `index`; `None` once the failure (or the
-/// epoch's end) is reported on the channel.
-async fn connect_qemu(
-    daemon: &Daemon,
-    migration: &Arc<Migration>,
-    index: u32,
-    admitted: &Admitted,
-) -> Option<Stream> {
-    let target = &migration.spec.local;
-    if let Some(Err(error)) = target.unix_path().map(paths::refuse_symlink) {
-        let error = TransportError::Connect {
-            endpoint: target.clone(),
-            error,
-        };
-        let blame = connect_failure(migration, index, &error);
-        migration.channel_failed(admitted.epoch, index, blame);
-        return None;
-    }
-    // A resumed main channel of a migration recovered by hand: QEMU may be connected already.
-    let mut claim = match admitted.stop.is_cancelled() {
-        true => None,
-        false => migration.claim_early(admitted.main).await,
-    };
-    if let Some(qemu) = claim.as_mut().and_then(|claim| claim.held.take()) {
-        tracing::debug!(migration = %migration.spec.id, index, "the resumed main channel takes the connection made when QEMU listened again");
-        deepen(&qemu);
-        return Some(qemu);
-    }
-    if claim.is_some() {
-        tracing::debug!(migration = %migration.spec.id, index, "the resumed main channel came before QEMU listened again: it connects itself");
-    }
-    let connected = tokio::select! {
-        // An ended epoch first: a failure racing it is only its echo.
-        biased;
-        () = admitted.stop.cancelled() => None,
-        connected = transport::connect(target, daemon.config.timing.connect_timeout) => Some(connected),
-    };
-    drop(claim);
-    match connected {
-        Some(Ok(qemu)) => {
-            deepen(&qemu);
-            Some(qemu)
-        }
-        Some(Err(error)) => {
-            let blame = connect_failure(migration, index, &error);
-            migration.channel_failed(admitted.epoch, index, blame);
-            None
-        }
-        None => {
-            migration.channel_abandoned(index);
-            None
-        }
-    }
-}
-
-fn connect_failure(migration: &Migration, index: u32, error: &TransportError) -> Attribution {
-    let (errno, message) = match error.os_error() {
-        Some(os) => (errno_name(os), os_message(os)),
-        None => (None, Chain(error).to_string()),
-    };
-    Attribution {
-        host: migration.host(),
-        leg: Leg::Qemu,
-        channel: Some(index),
-        direction: None,
-        // As on the source's dials: a connect that got no answer in time is a timeout.
-        op: match error {
-            TransportError::ConnectTimeout { .. } => Op::Timeout,
-            _ => Op::Connect,
-        },
-        errno,
-        message: format!("{}: {message}", migration.spec.local),
-        bytes: Totals::default(),
-        elapsed_ms: migration.elapsed().as_millis() as u64,
-    }
 }

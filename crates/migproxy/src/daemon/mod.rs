@@ -94,6 +94,9 @@ pub struct Config {
     pub stall_timeout: Duration,
     /// How long a paused postcopy migration driven over QMP may take to recover.
     pub recover_timeout: Duration,
+    /// How long a resumable channel may go without a working peer connection, unless the
+    /// migration asks otherwise; zero: not resumable.
+    pub resume_timeout: Duration,
     /// Mutual TLS on every peer connection; `None` is plaintext (`--insecure-plaintext`).
     pub tls: Option<Arc<crate::tls::TlsHandle>>,
     /// Directories an incoming migration's unix target must be in; empty: anywhere.
@@ -127,6 +130,7 @@ impl Config {
             keep_finished: 1000,
             stall_timeout: Duration::from_secs(30),
             recover_timeout: Duration::from_secs(600),
+            resume_timeout: Duration::ZERO,
             tls: None,
             target_dirs: Vec::new(),
             allow_clear_data: false,

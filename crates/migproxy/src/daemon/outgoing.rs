@@ -5,8 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use migproxy_proto::{
-    Attribution, Control, FLAG_KERNEL_PATH, FLAG_RECOVERABLE, Hello, Host, Kind, Leg, Op, Totals,
-    VERSION,
+    Attribution, Control, FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, Hello, Host, Kind,
+    Leg, Op, Totals, VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
@@ -23,9 +23,13 @@ use crate::human::{Chain, errno_name};
 use crate::relay;
 use crate::transport::{Listener, Stream, TransportError};
 
+mod dial;
 mod redial;
+mod resumable;
 
+use self::dial::dial;
 use self::redial::{Dialer, NotResumed};
+use super::migration::resumable as resumable_mark;
 
 /// The source daemon's dial for a paused migration's control link.
 struct Redialer {
@@ -79,6 +83,9 @@ pub struct Request {
     pub recoverable: bool,
     /// How long a pause may last before the migration fails for good.
     pub recover_timeout: Option<std::time::Duration>,
+    /// How long a resumable channel may go without a working peer connection; `None`: not
+    /// resumable.
+    pub resume_timeout: Option<std::time::Duration>,
     /// The name the destination's certificate must carry; default the host of `peer`.
     pub tls_hostname: Option<String>,
     /// Drive the source QEMU over QMP: capabilities, parameters, `migrate`, its verdict.
@@ -166,6 +173,7 @@ fn spec(daemon: &Daemon, request: &Request, data_path_here: Choice) -> Spec {
             .min(daemon.config.max_channels),
         recoverable: request.recoverable,
         recover_timeout: request.recover_timeout,
+        resume_timeout: request.resume_timeout,
         server_name: request
             .tls_hostname
             .clone()
@@ -394,6 +402,8 @@ struct ControlLink {
     credential: Option<Token>,
     /// The destination's choice of data path, when this host offered the kernel path.
     choice: Option<Choice>,
+    /// The destination agreed to resumable channels.
+    resumable: bool,
 }
 
 impl ControlLink {
@@ -404,10 +414,11 @@ impl ControlLink {
             status: migproxy_proto::Status::Malformed,
             message: message.to_owned(),
         };
+        let (message, resumable) = resumable_mark::unmark(&dialled.message);
         let (credential, choice) = match dialled.version {
             1 => (None, None),
             _ => {
-                let (hex, choice) = data_path::parse_acceptance(&dialled.message, offered)
+                let (hex, choice) = data_path::parse_acceptance(&message, offered)
                     .ok_or_else(|| malformed("the destination's acceptance of the control link is not a credential and a data path"))?;
                 let credential = Token::from_hex(hex).ok_or_else(|| {
                     malformed("the destination accepted the control link without a data credential")
@@ -420,6 +431,7 @@ impl ControlLink {
             version: dialled.version,
             credential,
             choice,
+            resumable: resumable && dialled.version >= 2,
         })
     }
 }
@@ -448,6 +460,8 @@ fn start_control(
     link: ControlLink,
     first_channel: u32,
 ) -> Result<(), ControlLink> {
+    // Settled before the link attaches: the epoch's first channel may come at once.
+    migration.resumable.settle(link.resumable);
     let Some(attached) = migration.attach_control(first_channel, link.credential.clone()) else {
         return Err(link);
     };
@@ -534,37 +548,6 @@ async fn resume(
     }
 }
 
-/// Dials the peer daemon for `migration`, with TLS unless the daemon is plaintext.
-async fn dial(
-    daemon: &Daemon,
-    migration: &Migration,
-    hello: &Hello,
-) -> Result<peer::Dialled, PeerError> {
-    let tls = daemon.config.tls.as_ref().map(|handle| handle.current());
-    let to = peer::Dial {
-        peer: &migration.spec.peer,
-        tls: tls
-            .as_deref()
-            .map(|tls| (tls, migration.spec.server_name.as_str())),
-    };
-    let dialled = peer::dial(to, hello, &daemon.config.timing).await;
-    // A destination of the version before refuses a newer hello (it accepts its own and the
-    // one before): ask again in the oldest version both may speak.
-    match dialled {
-        Err(PeerError::Refused {
-            status: migproxy_proto::Status::UnsupportedVersion,
-            ..
-        }) if hello.version > migproxy_proto::MIN_VERSION => {
-            let older = Hello {
-                version: migproxy_proto::MIN_VERSION,
-                ..hello.clone()
-            };
-            peer::dial(to, &older, &daemon.config.timing).await
-        }
-        other => other,
-    }
-}
-
 /// Whether a control hello offered the kernel path (its acceptance then says which path).
 fn offered(hello: &Hello) -> bool {
     hello.flags & FLAG_KERNEL_PATH != 0
@@ -585,6 +568,7 @@ fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
     let offers_kernel = kind == Kind::Control
         && ((channel == 0 && migration.spec.data_path_here.is_kernel())
             || migration.on_kernel_path());
+    let asks_resumable = kind == Kind::Control && migration.spec.resume_timeout.is_some();
     Hello {
         version: VERSION,
         kind,
@@ -597,7 +581,8 @@ fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
             Kind::Data => *migration.data_credential().bytes(),
         },
         flags: if recoverable { FLAG_RECOVERABLE } else { 0 }
-            | if offers_kernel { FLAG_KERNEL_PATH } else { 0 },
+            | if offers_kernel { FLAG_KERNEL_PATH } else { 0 }
+            | if asks_resumable { FLAG_RESUMABLE } else { 0 },
     }
 }
 
@@ -673,6 +658,14 @@ async fn carry(
         dialled = dial(daemon, migration, &hello) => Some(dialled),
     };
     match dialled {
+        Some(Ok(dialled)) if migration.resumable.on() => {
+            let at = (index, admitted);
+            let (daemon, migration) = (Arc::clone(daemon), Arc::clone(migration));
+            let qemu = (qemu, qemu_name);
+            let carried =
+                resumable::carry(daemon.clone(), migration, at, hello, qemu, dialled.stream);
+            daemon.tasks.spawn(carried);
+        }
         Some(Ok(dialled)) => {
             let source = relay::Leg::new(qemu_name.clone(), qemu);
             let peer = format!("tcp:{}", migration.spec.peer);

@@ -28,6 +28,7 @@ pub mod handoff;
 mod local_qemu;
 mod path;
 mod recovery;
+pub mod resumable;
 mod snapshot;
 mod stall;
 pub mod state;
@@ -118,6 +119,9 @@ pub struct Spec {
     /// How long a pause may last before the migration fails for good (`None`: until a
     /// person cancels it).
     pub recover_timeout: Option<Duration>,
+    /// How long a resumable channel may go without a working peer connection; `None`: the
+    /// channels are not resumable ([`resumable`]).
+    pub resume_timeout: Option<Duration>,
     /// Outgoing: the name the destination daemon's certificate must carry.
     pub server_name: String,
     /// Whether the peer link is encrypted and authenticated (TLS) or plaintext.
@@ -205,6 +209,8 @@ pub struct Migration {
     pub handoff: handoff::Handoff<Arrived>,
     /// Incoming, recovered by hand: the destination QEMU connected as soon as it listens.
     early: early::EarlyLeg,
+    /// The channels carried across peer connections that break.
+    pub resumable: resumable::Resumable,
 }
 
 #[derive(Debug)]
@@ -282,6 +288,7 @@ impl Migration {
             data_path: std::sync::OnceLock::new(),
             handoff: handoff::Handoff::default(),
             early: early::EarlyLeg::default(),
+            resumable: resumable::Resumable::default(),
             spec,
         });
         migration.start_ttl();

@@ -34,6 +34,7 @@ fn spec(role: Role, qemu: Option<Settings>) -> Spec {
         max_channels: 4,
         recoverable: false,
         recover_timeout: None,
+        resume_timeout: None,
         server_name: String::new(),
         tls: false,
         qemu,

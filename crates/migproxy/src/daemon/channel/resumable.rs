@@ -1,0 +1,237 @@
+//! A resumable channel on one host: the local QEMU carried to the peer by the resume engine
+//! ([`relay::resume`](crate::relay::resume)) instead of the relay, reported to the migration
+//! as a relay's channel is (the same counters, the same return-path verdict, a failure
+//! named by leg and direction), with each outage logged and, on the destination, told to
+//! the source.
+
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use migproxy_proto::Control;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::super::migration::{Admitted, Migration, Role};
+use super::super::returnpath::ReturnPath;
+use super::finish;
+use crate::human::{Bytes, Elapsed};
+use crate::relay::resume::{self, Observe, Outage, PeerLink, ResumeError, Sides};
+use crate::relay::{ByteCounts, Counters, Direction, End, Failure, Op, Report, TapFn};
+use crate::transport::Stream;
+
+/// The two ends of one resumable channel on this host.
+pub struct Ends<L> {
+    /// The local QEMU's connection, and its name (its endpoint).
+    pub qemu: (Stream, String),
+    /// The peer's connections, and the peer's name (`tcp:HOST:PORT`).
+    pub peer: (L, String),
+    /// Its progress and break signal, from the migration's registry.
+    pub sides: Sides,
+}
+
+/// Carries channel `index` until it ends or its epoch does, resuming across broken peer
+/// connections for up to the migration's resume timeout.
+pub async fn run<L: PeerLink>(
+    migration: Arc<Migration>,
+    index: u32,
+    admitted: Admitted,
+    ends: Ends<L>,
+) {
+    let span = tracing::info_span!("channel", migration = %migration.spec.id, channel = index);
+    carry(migration, index, admitted, ends)
+        .instrument(span)
+        .await;
+}
+
+async fn carry<L: PeerLink>(
+    migration: Arc<Migration>,
+    index: u32,
+    admitted: Admitted,
+    ends: Ends<L>,
+) {
+    let Ends { qemu, peer, sides } = ends;
+    let (qemu, qemu_leg) = qemu;
+    let (link, peer_leg) = peer;
+    let return_path = admitted
+        .main
+        .then(|| Arc::new(Mutex::new(ReturnPath::default())));
+    let (outages, told) = mpsc::unbounded_channel();
+    let observe = Observe {
+        counters: Arc::new(Counters::new()),
+        up: match migration.spec.role {
+            Role::Outgoing => Direction::ToDestination,
+            Role::Incoming => Direction::ToSource,
+        },
+        tap_to_source: return_path.as_ref().map(|parser| {
+            let parser = Arc::clone(parser);
+            TapFn(Arc::new(move |bytes: &[u8]| {
+                parser.lock().unwrap_or_else(|p| p.into_inner()).feed(bytes);
+            }))
+        }),
+        outages: Some(outages),
+    };
+    let counters = Arc::clone(&observe.counters);
+    let options = resume::Options {
+        resume_timeout: migration.spec.resume_timeout.unwrap_or_default(),
+        observe,
+        ..resume::Options::default()
+    };
+    migration.channel_running(index, Arc::clone(&counters));
+    migration.spawn(follow_outages(Arc::clone(&migration), index, told));
+    let cancel = admitted.stop.child_token();
+    let carried = resume::carry(qemu, link, sides, options, cancel).await;
+    if let Some(last) = migration.resumable.forget(index) {
+        migration.send_peer(last);
+    }
+    let names = Names {
+        qemu: qemu_leg.clone(),
+        peer: peer_leg,
+        role: migration.spec.role,
+    };
+    let report = report(&names, &counters, carried);
+    tracing::info!(migration = %migration.spec.id, channel = index, "channel {report}");
+    finish(
+        &migration,
+        index,
+        &admitted,
+        report,
+        &qemu_leg,
+        return_path.as_deref(),
+    )
+    .await;
+}
+
+/// Logs each outage of channel `index`; the destination tells the source of a break it saw
+/// itself (the source may not see it: it may have read all it waits for).
+async fn follow_outages(
+    migration: Arc<Migration>,
+    index: u32,
+    mut told: mpsc::UnboundedReceiver<Outage>,
+) {
+    let id = &migration.spec.id;
+    while let Some(outage) = told.recv().await {
+        match outage {
+            Outage::Interrupted { cause, signalled } => {
+                tracing::warn!(migration = %id, channel = index, "peer connection broken ({cause}): resuming");
+                if migration.spec.role == Role::Incoming && !signalled {
+                    migration.send_peer(Control::Broken { channel: index });
+                }
+            }
+            Outage::Resumed {
+                lost,
+                replayed,
+                attempts,
+            } => {
+                tracing::info!(migration = %id, channel = index, "resumed after {} ({attempts} connection attempts, {} sent again)", Elapsed(lost), Bytes(replayed));
+            }
+        }
+    }
+}
+
+/// Which leg is which on this host.
+struct Names {
+    qemu: String,
+    peer: String,
+    role: Role,
+}
+
+/// What the engine carried, as a relay's report (with the legs in a relay's order).
+fn report(
+    names: &Names,
+    counters: &Counters,
+    carried: Result<resume::Report, ResumeError>,
+) -> Report {
+    let bytes = counters.bytes();
+    let elapsed = counters.elapsed();
+    let end = match carried {
+        Ok(_) => End::Completed,
+        Err(ResumeError::Cancelled) => End::Cancelled,
+        Err(error) => End::Failed(failure(names, error, bytes, elapsed)),
+    };
+    let (source, destination) = match names.role {
+        Role::Outgoing => (names.qemu.clone(), names.peer.clone()),
+        Role::Incoming => (names.peer.clone(), names.qemu.clone()),
+    };
+    Report {
+        source,
+        destination,
+        end,
+        bytes,
+        spliced: ByteCounts::default(),
+        elapsed,
+        first_end: counters.first_end(),
+    }
+}
+
+/// Why the engine gave up, as a relay's failure: on the QEMU leg (its read or write), or on
+/// the peer leg (no connection within the resume timeout, or offsets that cannot be true).
+fn failure(
+    names: &Names,
+    error: ResumeError,
+    bytes: ByteCounts,
+    elapsed: std::time::Duration,
+) -> Failure {
+    let (up, down) = match names.role {
+        Role::Outgoing => (Direction::ToDestination, Direction::ToSource),
+        Role::Incoming => (Direction::ToSource, Direction::ToDestination),
+    };
+    let message = error.to_string();
+    let (leg, direction, op, error) = match error {
+        ResumeError::Local { op: "read", error } => (&names.qemu, Some(up), Op::Read, error),
+        ResumeError::Local { op, error } => {
+            let op = if op == "write" {
+                Op::Write
+            } else {
+                Op::Shutdown
+            };
+            (&names.qemu, Some(down), op, error)
+        }
+        ResumeError::Timeout { cause, last, .. } => {
+            let kind = cause.as_ref().unwrap_or(&last).kind();
+            (
+                &names.peer,
+                None,
+                Op::Connect,
+                io::Error::new(kind, message),
+            )
+        }
+        ResumeError::Refused(error) => {
+            let error = io::Error::new(error.kind(), message);
+            (&names.peer, None, Op::Connect, error)
+        }
+        ResumeError::Offsets(_) | ResumeError::BeyondEnd { .. } | ResumeError::Cancelled => {
+            let error = io::Error::new(io::ErrorKind::InvalidData, message);
+            (&names.peer, Some(down), Op::Read, error)
+        }
+    };
+    Failure {
+        leg: leg.clone(),
+        direction,
+        op,
+        error: Arc::new(error),
+        bytes,
+        undelivered: 0,
+        elapsed,
+    }
+}
+
+/// The dialling side's connections: the first as dialled with the channel, then each a
+/// new dial that re-admits the channel.
+pub struct Redial<F> {
+    pub first: Option<Stream>,
+    pub dial: F,
+}
+
+impl<F, D> PeerLink for Redial<F>
+where
+    F: FnMut() -> D + Send,
+    D: Future<Output = io::Result<Stream>> + Send,
+{
+    async fn connect(&mut self) -> io::Result<Stream> {
+        match self.first.take() {
+            Some(first) => Ok(first),
+            None => (self.dial)().await,
+        }
+    }
+}

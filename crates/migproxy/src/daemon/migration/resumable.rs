@@ -1,0 +1,307 @@
+//! Resumable channels in the daemon (issue #18): what joins each channel's engine
+//! ([`relay::resume`](crate::relay::resume)) to the control link, which carries both sides'
+//! progress, and to the data connections that come again after a break.
+//!
+//! ```text
+//!  source daemon                                            destination daemon
+//!   engine n ── Progress{n, delivered, end} ── control link ──► peer progress of n
+//!   engine n ◄─ Progress{n, delivered, end} ── (every 20 ms, when it changed) ── engine n
+//!      ╳ data connection n breaks (either side sees it, or neither: then Broken{n})
+//!   redial: Hello{data, n, credential, FLAG_RESUME} ──► admitted to channel n: its engine
+//!      ◄── HelloReply{Ok} ── Progress hellos both ways ──► replay from the peer's offset
+//! ```
+//!
+//! Both daemons agree on it per epoch: the source asks ([`FLAG_RESUMABLE`] on its control
+//! hello) where it has a resume timeout, and the destination, where it has one too and the
+//! data goes through the relay, says ` resumable` after the credential in its acceptance.
+//!
+//! Only the destination tells of a break it saw itself ([`Control::Broken`]): the source
+//! redials at once when it sees one, and a new connection replaces the old one on the
+//! destination; a source that saw nothing (it had read the whole stream, and waits only for
+//! acknowledgements) learns of it from the destination and redials. A break that the
+//! replacement itself caused is not told, so one break costs one new connection.
+//!
+//! [`FLAG_RESUMABLE`]: migproxy_proto::FLAG_RESUMABLE
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use migproxy_proto::Control;
+use tokio::sync::{mpsc, watch};
+
+use crate::relay::resume::{PeerLink, Progress, Sides};
+use crate::transport::Stream;
+
+/// The resumable channels of one migration.
+#[derive(Debug, Default)]
+pub struct Resumable {
+    /// Both daemons agreed on the current epoch's control link.
+    on: AtomicBool,
+    channels: Mutex<HashMap<u32, Entry>>,
+}
+
+/// One channel's wiring, held while its engine runs.
+#[derive(Debug)]
+struct Entry {
+    mine: watch::Receiver<Progress>,
+    /// What the control link last told the peer of `mine`.
+    told: Option<Progress>,
+    peer: watch::Sender<Progress>,
+    breaks: watch::Sender<u64>,
+    /// Destination: where the connections that come again for it go.
+    again: Option<mpsc::Sender<Stream>>,
+}
+
+impl Resumable {
+    /// Whether the current epoch's channels are resumable.
+    pub fn on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// What the current epoch's control link settled.
+    pub fn settle(&self, on: bool) {
+        self.on.store(on, Ordering::Relaxed);
+    }
+
+    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Entry>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Channel `index` starts: the sides its engine gets, and, on the destination (`again`),
+    /// where the connections that come again for it arrive.
+    pub fn register(&self, index: u32, again: bool) -> (Sides, Option<mpsc::Receiver<Stream>>) {
+        let (mine_tx, mine) = watch::channel(Progress::default());
+        let (peer, peer_rx) = watch::channel(Progress::default());
+        let (breaks, breaks_rx) = watch::channel(0);
+        let (again, arrivals) = match again {
+            true => {
+                let (tx, rx) = mpsc::channel(4);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let entry = Entry {
+            mine,
+            told: None,
+            peer,
+            breaks,
+            again,
+        };
+        self.channels().insert(index, entry);
+        let sides = Sides {
+            mine: mine_tx,
+            peer: peer_rx,
+            breaks: breaks_rx,
+        };
+        (sides, arrivals)
+    }
+
+    /// Channel `index` ended: nothing more is told of it, and nothing comes again for it.
+    /// Returns its last progress if the peer was not told it yet: the peer waits for it (its
+    /// last acknowledgement, or this side's end), so it must go out now.
+    pub fn forget(&self, index: u32) -> Option<Control> {
+        let entry = self.channels().remove(&index)?;
+        let last = *entry.mine.borrow();
+        (entry.told != Some(last)).then_some(Control::Progress {
+            channel: index,
+            delivered: last.delivered,
+            end: last.end,
+        })
+    }
+
+    /// Whether channel `index` runs resumable here (a connection may come again for it).
+    pub fn has(&self, index: u32) -> bool {
+        self.channels().contains_key(&index)
+    }
+
+    /// The peer's progress on channel `index`, from the control link (newest wins: it only
+    /// grows).
+    pub fn peer_progress(&self, index: u32, progress: Progress) {
+        if let Some(entry) = self.channels().get(&index) {
+            entry.peer.send_if_modified(|seen| {
+                let newer = progress.delivered >= seen.delivered && progress != *seen;
+                if newer {
+                    *seen = progress;
+                }
+                newer
+            });
+        }
+    }
+
+    /// The peer found channel `index`'s connection broken: this side drops it too.
+    pub fn broken(&self, index: u32) {
+        if let Some(entry) = self.channels().get(&index) {
+            entry.breaks.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Destination: a connection came again for channel `index`; the one in use, if any, is
+    /// replaced. Given back when the channel takes none (ended, or not resumable).
+    pub fn arrived(&self, index: u32, stream: Stream) -> Result<(), Stream> {
+        let channels = self.channels();
+        let Some(entry) = channels.get(&index) else {
+            return Err(stream);
+        };
+        let Some(again) = &entry.again else {
+            return Err(stream);
+        };
+        again.try_send(stream).map_err(|error| error.into_inner())?;
+        entry.breaks.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// The progress frames due on the control link: each channel whose progress changed
+    /// since it was last told.
+    pub fn due(&self) -> Vec<Control> {
+        let mut channels = self.channels();
+        let mut frames = Vec::new();
+        for (index, entry) in channels.iter_mut() {
+            let now = *entry.mine.borrow();
+            if entry.told != Some(now) {
+                entry.told = Some(now);
+                frames.push(Control::Progress {
+                    channel: *index,
+                    delivered: now.delivered,
+                    end: now.end,
+                });
+            }
+        }
+        frames
+    }
+}
+
+/// Destination: the connections of one channel, the first as admitted, the next as they
+/// come again (the newest, when several waited).
+#[derive(Debug)]
+pub struct Arrivals {
+    pub first: Option<Stream>,
+    pub again: mpsc::Receiver<Stream>,
+}
+
+impl PeerLink for Arrivals {
+    async fn connect(&mut self) -> io::Result<Stream> {
+        if let Some(first) = self.first.take() {
+            return Ok(first);
+        }
+        let mut newest = self.again.recv().await.ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotConnected, "the channel was forgotten")
+        })?;
+        while let Ok(newer) = self.again.try_recv() {
+            newest = newer;
+        }
+        Ok(newest)
+    }
+}
+
+/// The acceptance of a control link, marked as agreeing to resumable channels: ` resumable`
+/// right after the credential (at most 255 bytes, as every reply message).
+pub fn mark(acceptance: &str) -> String {
+    let mut marked = match acceptance.split_once(' ') {
+        Some((credential, rest)) => format!("{credential} {RESUMABLE} {rest}"),
+        None => format!("{acceptance} {RESUMABLE}"),
+    };
+    while marked.len() > 255 {
+        marked.pop();
+    }
+    marked
+}
+
+/// An acceptance without its mark, and whether it had one.
+pub fn unmark(acceptance: &str) -> (String, bool) {
+    let mut words = acceptance.splitn(3, ' ');
+    let credential = words.next().unwrap_or_default();
+    match (words.next(), words.next()) {
+        (Some(RESUMABLE), None) => (credential.to_owned(), true),
+        (Some(RESUMABLE), Some(rest)) => (format!("{credential} {rest}"), true),
+        _ => (acceptance.to_owned(), false),
+    }
+}
+
+const RESUMABLE: &str = "resumable";
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mark_rides_after_the_credential_and_comes_off_whole() {
+        for acceptance in ["abc", "abc kernel", "abc relay: the peer is far"] {
+            let marked = mark(acceptance);
+            assert!(marked.starts_with("abc resumable"), "{marked}");
+            assert_eq!(unmark(&marked), (acceptance.to_owned(), true));
+            assert_eq!(unmark(acceptance), (acceptance.to_owned(), false));
+        }
+        let long = format!("abc relay: {}", "x".repeat(300));
+        assert_eq!(mark(&long).len(), 255);
+        // A reason that says the word is not a mark.
+        assert!(!unmark("abc relay: resumable").1);
+    }
+
+    #[test]
+    fn progress_is_told_when_it_changed_and_the_newest_peer_progress_wins() {
+        let resumable = Resumable::default();
+        let (sides, _) = resumable.register(3, false);
+        assert_eq!(resumable.due().len(), 1, "the first progress is told");
+        assert!(resumable.due().is_empty(), "unchanged: nothing told");
+        sides.mine.send_modify(|p| p.delivered = 10);
+        assert_eq!(
+            resumable.due(),
+            vec![Control::Progress {
+                channel: 3,
+                delivered: 10,
+                end: None
+            }]
+        );
+        let newer = Progress {
+            delivered: 20,
+            end: None,
+        };
+        resumable.peer_progress(3, newer);
+        resumable.peer_progress(3, Progress::default());
+        assert_eq!(
+            *sides.peer.borrow(),
+            newer,
+            "a late, older progress is ignored"
+        );
+        sides.mine.send_modify(|p| p.end = Some(4));
+        let last = resumable.forget(3);
+        assert!(
+            matches!(last, Some(Control::Progress { end: Some(4), .. })),
+            "the last progress, untold, goes out with the end: {last:?}"
+        );
+        assert!(resumable.due().is_empty());
+        assert_eq!(resumable.forget(3), None);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_comes_again_replaces_the_one_in_use() {
+        let resumable = Resumable::default();
+        let (mut sides, again) = resumable.register(0, true);
+        let mut link = Arrivals {
+            first: None,
+            again: again.unwrap(),
+        };
+        let (a, _a) = tokio::net::UnixStream::pair().unwrap();
+        let (b, mut b_end) = tokio::net::UnixStream::pair().unwrap();
+        sides.breaks.mark_unchanged();
+        resumable.arrived(0, Stream::Unix(a)).unwrap();
+        resumable.arrived(0, Stream::Unix(b)).unwrap();
+        assert!(sides.breaks.has_changed().unwrap(), "the one in use is cut");
+        let Stream::Unix(mut newest) = link.connect().await.unwrap() else {
+            panic!("not the unix stream")
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        b_end.write_all(b"b").await.unwrap();
+        let mut got = [0];
+        newest.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"b", "the newest connection is taken");
+        let (c, _c) = tokio::net::UnixStream::pair().unwrap();
+        assert!(
+            resumable.arrived(9, Stream::Unix(c)).is_err(),
+            "no such channel"
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! Resumable channels between two daemons in-process (issue #18): data connections reset
+//! (RST) under a live control link are carried on new connections, every byte in order
+//! both ways, and both hosts end the migration as if nothing had happened; a connection
+//! that claims to resume a channel is refused unless it carries the epoch's credential and
+//! names a resumable channel running there.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::daemon::{TestDaemon, stand_in_target, unix_path};
+use common::{random_data, receive_all, send_all};
+use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+
+/// A middlebox between the daemons: the first connection (the control link) passes
+/// untouched; the data connections `cuts` names are reset, both ends, after that many bytes
+/// from the source; later ones pass.
+async fn cutting_proxy(to: SocketAddr, cuts: Vec<usize>, cut: Arc<AtomicU32>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let server = TcpStream::connect(to).await.unwrap();
+            let limit = (n > 0).then(|| cuts.get(n - 1).copied()).flatten();
+            tokio::spawn(forward(client, server, limit, Arc::clone(&cut)));
+        }
+    });
+    addr
+}
+
+async fn forward(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    limit: Option<usize>,
+    cut: Arc<AtomicU32>,
+) {
+    let Some(limit) = limit else {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        return;
+    };
+    let (mut client_r, mut client_w) = client.split();
+    let (mut server_r, mut server_w) = server.split();
+    let up = async {
+        let mut buf = vec![0; 64 << 10];
+        let mut moved = 0;
+        while moved < limit {
+            let want = buf.len().min(limit - moved);
+            match client_r.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if server_w.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    moved += n;
+                }
+            }
+        }
+    };
+    let down = tokio::io::copy(&mut server_r, &mut client_w);
+    tokio::select! {
+        () = up => {}
+        _ = down => {}
+    }
+    cut.fetch_add(1, Ordering::SeqCst);
+    // A reset, both ways: SO_LINGER 0 then close (a close that cannot block: nothing
+    // waits to be sent once the linger is zero).
+    for stream in [&client, &server] {
+        socket2::SockRef::from(stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+}
+
+async fn resumable_daemons() -> (TestDaemon, TestDaemon) {
+    let resume = |c: &mut migproxy::daemon::Config| c.resume_timeout = Duration::from_secs(20);
+    let source = TestDaemon::start_with("src", resume).await;
+    let destination = TestDaemon::start_with("dst", resume).await;
+    (source, destination)
+}
+
+/// The migration `id` on both daemons, the source dialling `peer`; returns the URI for the
+/// source QEMU.
+async fn pair_via(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+    target: &str,
+    peer: &str,
+) -> String {
+    let body = json!({"direction": "incoming", "id": id, "target": target});
+    let (status, incoming) = destination
+        .request("POST", "/v1/migrations", Some(body))
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"], "peer": peer});
+    let (status, outgoing) = source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 201, "{outgoing}");
+    outgoing["qemu_uri"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_connections_reset_under_a_live_control_link_lose_not_a_byte() {
+    let (source, destination) = resumable_daemons().await;
+    let cut = Arc::new(AtomicU32::new(0));
+    let to = destination.peer.parse().unwrap();
+    // Three resets of the one channel, at different depths.
+    let via = cutting_proxy(to, vec![300 << 10, 2 << 20, 5 << 20], Arc::clone(&cut)).await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(&source, &destination, "r1", &target, &via.to_string()).await;
+    const FORWARD: usize = 16 << 20;
+    const BACKWARD: usize = 2 << 20;
+    let reply = random_data(2, BACKWARD);
+    let destination_qemu = tokio::spawn({
+        let reply = Arc::clone(&reply);
+        async move {
+            let (stream, _) = qemu_in.accept().await.unwrap();
+            let (read, write) = stream.into_split();
+            let sending = tokio::spawn(send_all(write, reply, 5));
+            let got = receive_all(read).await.unwrap();
+            sending.await.unwrap().unwrap();
+            got
+        }
+    });
+    let data = random_data(1, FORWARD);
+    let (read, write) = UnixStream::connect(unix_path(&uri))
+        .await
+        .unwrap()
+        .into_split();
+    let (sent, got_back) = tokio::join!(send_all(write, Arc::clone(&data), 3), receive_all(read));
+    sent.unwrap();
+    assert_eq!(
+        got_back.unwrap(),
+        (BACKWARD as u64, blake3::hash(&reply)),
+        "destination → source"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(60), destination_qemu).await;
+    assert_eq!(
+        got.unwrap().unwrap(),
+        (FORWARD as u64, blake3::hash(&data)),
+        "source → destination"
+    );
+    assert_eq!(
+        cut.load(Ordering::SeqCst),
+        3,
+        "the proxy reset three data connections"
+    );
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("r1", Duration::from_secs(10)).await;
+        assert_eq!(view["state"], "transferred", "{view}");
+        let bytes = &view["channels"][0]["bytes"];
+        // Counted once, however often replayed.
+        assert_eq!(bytes["to_destination"], FORWARD as u64, "{view}");
+        assert_eq!(bytes["to_source"], BACKWARD as u64, "{view}");
+    }
+}
+
+/// Dials the destination daemon with `hello` as a data connection; returns its answer.
+async fn hello_answer(peer: &str, hello: &Hello) -> (Status, String) {
+    let mut stream = TcpStream::connect(peer).await.unwrap();
+    let mut wire = Vec::new();
+    hello.encode(&mut wire);
+    stream.write_all(&wire).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+    let reply = migproxy_proto::HelloReply::decode(&reply).unwrap();
+    (reply.status, reply.message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_without_the_credential_or_for_no_running_channel_is_refused() {
+    let (source, destination) = resumable_daemons().await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(&source, &destination, "r2", &target, &destination.peer).await;
+    // A channel running, resumable.
+    let _qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (_accepted, _) = qemu_in.accept().await.unwrap();
+    destination
+        .wait_for("r2", "channel 0 active", Duration::from_secs(10), |v| {
+            v["channels"][0]["state"] == "active"
+        })
+        .await;
+    let hello = |channel, token| Hello {
+        version: VERSION,
+        kind: Kind::Data,
+        migration: "r2".into(),
+        channel,
+        token,
+        flags: FLAG_RESUME,
+    };
+    // Anyone without the epoch's credential (the one-time token is spent, and guessed
+    // values are wrong).
+    let (status, message) = hello_answer(&destination.peer, &hello(0, [7; 32])).await;
+    assert_eq!(status, Status::BadToken, "{message}");
+    // The real credential, as the source holds it, for a channel that does not run.
+    let credential = source.daemon.get("r2").unwrap().data_credential();
+    let (status, message) = hello_answer(&destination.peer, &hello(5, *credential.bytes())).await;
+    assert_eq!(status, Status::Refused, "{message}");
+    assert!(message.contains("not a resumable channel"), "{message}");
+    assert_eq!(
+        destination.show("r2").await["state"],
+        "active",
+        "nothing changed"
+    );
+}
