@@ -10,7 +10,7 @@
 //! 6 Done            channels u32 │ totals                  (version 1)
 //! 7 Done            channels u32 │ totals │ verdict u8      (version 2 on)
 //! 8 Progress        channel u32 │ delivered u64 │ end u64    (resumable links only)
-//! 9 Broken          channel u32                               (resumable links only)
+//! 9 Broken          channel u32 │ connection u32              (resumable links only)
 //! verdict           0 unknown │ 1 QEMU said completed (QMP) │ 2 the destination QEMU's SHUT
 //!                   was seen on the return path
 //! totals            to_destination u64 │ to_source u64
@@ -134,11 +134,13 @@ pub enum Control {
         delivered: u64,
         end: Option<u64>,
     },
-    /// The sender found this resumable channel's current data connection broken (reset, or
-    /// silent past its budget) and waits for a new one. The receiver drops its own end of
-    /// that connection too: it may never see the reset itself, e.g. once it has read the
-    /// peer's end of stream it no longer reads.
-    Broken { channel: u32 },
+    /// The sender found this resumable channel's data connection number `connection` (the
+    /// first is 1; each one that came again since counts) broken, and waits for a new one.
+    /// The receiver drops its own end of that connection too, unless it has moved on to a
+    /// newer one already: it may never see the reset itself (once it has read the peer's
+    /// end of stream it no longer reads), and a break it saw first must not cost a second
+    /// new connection.
+    Broken { channel: u32, connection: u32 },
 }
 
 /// What a host knows of QEMU's own verdict when its channels have ended cleanly.
@@ -238,9 +240,13 @@ impl Control {
                     .encode(),
                 );
             }
-            Control::Broken { channel } => {
+            Control::Broken {
+                channel,
+                connection,
+            } => {
                 w.u8(9);
                 w.u32(*channel);
+                w.u32(*connection);
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -295,7 +301,10 @@ impl Control {
                     end: progress.end,
                 }
             }
-            9 => Control::Broken { channel: r.u32()? },
+            9 => Control::Broken {
+                channel: r.u32()?,
+                connection: r.u32()?,
+            },
             other => return Err(DecodeError::UnknownMessage(other)),
         };
         r.finish()?;
@@ -515,8 +524,14 @@ mod tests {
                 delivered: u64::MAX,
                 end: Some(u64::MAX - 1),
             },
-            Control::Broken { channel: 3 },
-            Control::Broken { channel: u32::MAX },
+            Control::Broken {
+                channel: 3,
+                connection: 2,
+            },
+            Control::Broken {
+                channel: u32::MAX,
+                connection: u32::MAX,
+            },
         ]
     }
 
@@ -566,7 +581,10 @@ mod tests {
                 delivered: 7,
                 end: Some(9),
             },
-            Control::Broken { channel: 1 },
+            Control::Broken {
+                channel: 1,
+                connection: 1,
+            },
         ] {
             let (mut v1, mut v2) = (Vec::new(), Vec::new());
             message.encode_for(1, &mut v1);
@@ -676,7 +694,7 @@ mod tests {
         assert_eq!(Control::decode(&[1, 0]), Err(DecodeError::TrailingBytes(1)));
         assert_eq!(Control::decode(&[10]), Err(DecodeError::UnknownMessage(10)));
         assert_eq!(
-            Control::decode(&[9, 0, 0, 0, 1, 0]),
+            Control::decode(&[9, 0, 0, 0, 1, 0, 0, 0, 2, 0]),
             Err(DecodeError::TrailingBytes(1))
         );
         // Type, channel, then the 16 bytes of progress: one more is too many, 12 too few.

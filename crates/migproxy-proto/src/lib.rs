@@ -91,8 +91,8 @@
 //! ```text
 //!  source daemon                                          destination daemon
 //!    │ ═══ channel n's stream ══════════════╳ broken                 │
-//!    │ ── Broken{n} (ctl) ─────────────────────────────────────────► │ drops its end too
-//!    │    (or the other way: whichever side sees the break first)    │
+//!    │ ◄──────────────────────────────── Broken{n, connection k} ── │ a break only it saw
+//!    │ drops connection k too (not a newer one it already dialled)   │
 //!    │ ── Hello{data, id, channel n, credential, FLAG_RESUME} ─────► │ channel n goes on,
 //!    │ ◄──────────────────────────────────────── HelloReply{Ok} ──── │ not a new one
 //!    │ ── Progress{delivered: s, end} (16 bytes) ──────────────────► │ replays its
@@ -192,7 +192,11 @@ mod smoke_fuzz {
             end: Some(0),
         }
         .encode(&mut buf);
-        Control::Broken { channel: 1 }.encode(&mut buf);
+        Control::Broken {
+            channel: 1,
+            connection: 1,
+        }
+        .encode(&mut buf);
         seeds.push(buf);
         seeds
     }

@@ -8,79 +8,17 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use common::cut::cutting_proxy;
 use common::daemon::{TestDaemon, stand_in_target, unix_path};
 use common::{random_data, receive_all, send_all};
 use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
-
-/// A middlebox between the daemons: the first connection (the control link) passes
-/// untouched; the data connections `cuts` names are reset, both ends, after that many bytes
-/// from the source; later ones pass.
-async fn cutting_proxy(to: SocketAddr, cuts: Vec<usize>, cut: Arc<AtomicU32>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        for n in 0.. {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let server = TcpStream::connect(to).await.unwrap();
-            let limit = (n > 0).then(|| cuts.get(n - 1).copied()).flatten();
-            tokio::spawn(forward(client, server, limit, Arc::clone(&cut)));
-        }
-    });
-    addr
-}
-
-async fn forward(
-    mut client: TcpStream,
-    mut server: TcpStream,
-    limit: Option<usize>,
-    cut: Arc<AtomicU32>,
-) {
-    let Some(limit) = limit else {
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-        return;
-    };
-    let (mut client_r, mut client_w) = client.split();
-    let (mut server_r, mut server_w) = server.split();
-    let up = async {
-        let mut buf = vec![0; 64 << 10];
-        let mut moved = 0;
-        while moved < limit {
-            let want = buf.len().min(limit - moved);
-            match client_r.read(&mut buf[..want]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if server_w.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                    moved += n;
-                }
-            }
-        }
-    };
-    let down = tokio::io::copy(&mut server_r, &mut client_w);
-    tokio::select! {
-        () = up => {}
-        _ = down => {}
-    }
-    cut.fetch_add(1, Ordering::SeqCst);
-    // A reset, both ways: SO_LINGER 0 then close (a close that cannot block: nothing
-    // waits to be sent once the linger is zero).
-    for stream in [&client, &server] {
-        socket2::SockRef::from(stream)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-    }
-}
+use tokio::net::{TcpStream, UnixStream};
 
 async fn resumable_daemons() -> (TestDaemon, TestDaemon) {
     let resume = |c: &mut migproxy::daemon::Config| c.resume_timeout = Duration::from_secs(20);

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod cut;
 pub mod daemon;
 pub mod libvirt;
 pub mod netns;

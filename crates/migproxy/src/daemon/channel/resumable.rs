@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use migproxy_proto::Control;
@@ -112,10 +113,17 @@ async fn follow_outages(
     let id = &migration.spec.id;
     while let Some(outage) = told.recv().await {
         match outage {
-            Outage::Interrupted { cause, signalled } => {
+            Outage::Interrupted {
+                cause,
+                signalled,
+                connection,
+            } => {
                 tracing::warn!(migration = %id, channel = index, "peer connection broken ({cause}): resuming");
                 if migration.spec.role == Role::Incoming && !signalled {
-                    migration.send_peer(Control::Broken { channel: index });
+                    migration.send_peer(Control::Broken {
+                        channel: index,
+                        connection,
+                    });
                 }
             }
             Outage::Resumed {
@@ -221,6 +229,8 @@ fn failure(
 pub struct Redial<F> {
     pub first: Option<Stream>,
     pub dial: F,
+    /// Counts the connections dialled: the first is 1.
+    pub connection: Arc<AtomicU32>,
 }
 
 impl<F, D> PeerLink for Redial<F>
@@ -231,7 +241,16 @@ where
     async fn connect(&mut self) -> io::Result<Stream> {
         match self.first.take() {
             Some(first) => Ok(first),
-            None => (self.dial)().await,
+            None => {
+                let stream = (self.dial)().await?;
+                // Admitted: the destination counts it too.
+                self.connection.fetch_add(1, Ordering::Relaxed);
+                Ok(stream)
+            }
         }
+    }
+
+    fn connection(&self) -> u32 {
+        self.connection.load(Ordering::Relaxed)
     }
 }

@@ -50,15 +50,18 @@ pub async fn deliver(
         return;
     }
     let qemu_name = migration.spec.local.to_string();
-    if let Some(((sides, Some(again)), _registered)) = resumable {
+    if let Some((registration, _registered)) = resumable
+        && let Some(again) = registration.again
+    {
         let arrivals = resumable::Arrivals {
             first: Some(link),
             again,
+            connection: registration.connection,
         };
         let ends = channel::resumable::Ends {
             qemu: (qemu, qemu_name),
             peer: (arrivals, format!("tcp:{from}")),
-            sides,
+            sides: registration.sides,
         };
         return channel::resumable::run(migration, index, admitted, ends).await;
     }

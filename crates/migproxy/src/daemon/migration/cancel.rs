@@ -109,7 +109,10 @@ impl Migration {
             } => self
                 .resumable
                 .peer_progress(channel, migproxy_proto::Progress { delivered, end }),
-            Control::Broken { channel } => self.resumable.broken(channel),
+            Control::Broken {
+                channel,
+                connection,
+            } => self.resumable.broken(channel, connection),
             other => self.on_peer(epoch, other),
         }
     }

@@ -6,7 +6,7 @@
 //!  source daemon                                            destination daemon
 //!   engine n ── Progress{n, delivered, end} ── control link ──► peer progress of n
 //!   engine n ◄─ Progress{n, delivered, end} ── (every 20 ms, when it changed) ── engine n
-//!      ╳ data connection n breaks (either side sees it, or neither: then Broken{n})
+//!      ╳ data connection k of channel n breaks (seen by the source, or Broken{n, k})
 //!   redial: Hello{data, n, credential, FLAG_RESUME} ──► admitted to channel n: its engine
 //!      ◄── HelloReply{Ok} ── Progress hellos both ways ──► replay from the peer's offset
 //! ```
@@ -18,15 +18,19 @@
 //! Only the destination tells of a break it saw itself ([`Control::Broken`]): the source
 //! redials at once when it sees one, and a new connection replaces the old one on the
 //! destination; a source that saw nothing (it had read the whole stream, and waits only for
-//! acknowledgements) learns of it from the destination and redials. A break that the
-//! replacement itself caused is not told, so one break costs one new connection.
+//! acknowledgements) learns of it from the destination and redials. Both sides number a
+//! channel's connections alike (the first is 1; each one dialled again, and admitted,
+//! counts), and `Broken` names the one that broke: a source already on a newer one ignores
+//! it, and a break the replacement itself caused is not told, so one break costs one new
+//! connection.
 //!
 //! [`FLAG_RESUMABLE`]: migproxy_proto::FLAG_RESUMABLE
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use migproxy_proto::Control;
 use tokio::sync::{mpsc, watch};
@@ -52,6 +56,19 @@ struct Entry {
     breaks: watch::Sender<u64>,
     /// Destination: where the connections that come again for it go.
     again: Option<mpsc::Sender<Stream>>,
+    /// The number of the connection its engine uses (the first is 1): each connection
+    /// dialled again (source), or come again and taken (destination), counts.
+    connection: Arc<AtomicU32>,
+}
+
+/// What a channel's engine and its peer link get when it is registered.
+#[derive(Debug)]
+pub struct Registration {
+    pub sides: Sides,
+    /// Destination: the connections that come again for it.
+    pub again: Option<mpsc::Receiver<Stream>>,
+    /// The number of the connection in use, shared with the registry.
+    pub connection: Arc<AtomicU32>,
 }
 
 impl Resumable {
@@ -71,7 +88,7 @@ impl Resumable {
 
     /// Channel `index` starts: the sides its engine gets, and, on the destination (`again`),
     /// where the connections that come again for it arrive.
-    pub fn register(&self, index: u32, again: bool) -> (Sides, Option<mpsc::Receiver<Stream>>) {
+    pub fn register(&self, index: u32, again: bool) -> Registration {
         let (mine_tx, mine) = watch::channel(Progress::default());
         let (peer, peer_rx) = watch::channel(Progress::default());
         let (breaks, breaks_rx) = watch::channel(0);
@@ -82,12 +99,14 @@ impl Resumable {
             }
             false => (None, None),
         };
+        let connection = Arc::new(AtomicU32::new(1));
         let entry = Entry {
             mine,
             told: None,
             peer,
             breaks,
             again,
+            connection: Arc::clone(&connection),
         };
         self.channels().insert(index, entry);
         let sides = Sides {
@@ -95,7 +114,11 @@ impl Resumable {
             peer: peer_rx,
             breaks: breaks_rx,
         };
-        (sides, arrivals)
+        Registration {
+            sides,
+            again: arrivals,
+            connection,
+        }
     }
 
     /// Channel `index` ended: nothing more is told of it, and nothing comes again for it.
@@ -130,9 +153,12 @@ impl Resumable {
         }
     }
 
-    /// The peer found channel `index`'s connection broken: this side drops it too.
-    pub fn broken(&self, index: u32) {
-        if let Some(entry) = self.channels().get(&index) {
+    /// The peer found channel `index`'s connection number `connection` broken: this side
+    /// drops it too, unless it has moved on to a newer one.
+    pub fn broken(&self, index: u32, connection: u32) {
+        if let Some(entry) = self.channels().get(&index)
+            && entry.connection.load(Ordering::Relaxed) == connection
+        {
             entry.breaks.send_modify(|n| *n += 1);
         }
     }
@@ -178,6 +204,9 @@ impl Resumable {
 pub struct Arrivals {
     pub first: Option<Stream>,
     pub again: mpsc::Receiver<Stream>,
+    /// Counts each one that came again, the skipped ones too (as the source counts its
+    /// dials).
+    pub connection: Arc<AtomicU32>,
 }
 
 impl PeerLink for Arrivals {
@@ -188,10 +217,16 @@ impl PeerLink for Arrivals {
         let mut newest = self.again.recv().await.ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotConnected, "the channel was forgotten")
         })?;
+        self.connection.fetch_add(1, Ordering::Relaxed);
         while let Ok(newer) = self.again.try_recv() {
             newest = newer;
+            self.connection.fetch_add(1, Ordering::Relaxed);
         }
         Ok(newest)
+    }
+
+    fn connection(&self) -> u32 {
+        self.connection.load(Ordering::Relaxed)
     }
 }
 
@@ -243,7 +278,7 @@ mod tests {
     #[test]
     fn progress_is_told_when_it_changed_and_the_newest_peer_progress_wins() {
         let resumable = Resumable::default();
-        let (sides, _) = resumable.register(3, false);
+        let sides = resumable.register(3, false).sides;
         assert_eq!(resumable.due().len(), 1, "the first progress is told");
         assert!(resumable.due().is_empty(), "unchanged: nothing told");
         sides.mine.send_modify(|p| p.delivered = 10);
@@ -279,10 +314,12 @@ mod tests {
     #[tokio::test]
     async fn a_connection_that_comes_again_replaces_the_one_in_use() {
         let resumable = Resumable::default();
-        let (mut sides, again) = resumable.register(0, true);
+        let registered = resumable.register(0, true);
+        let mut sides = registered.sides;
         let mut link = Arrivals {
             first: None,
-            again: again.unwrap(),
+            again: registered.again.unwrap(),
+            connection: Arc::clone(&registered.connection),
         };
         let (a, _a) = tokio::net::UnixStream::pair().unwrap();
         let (b, mut b_end) = tokio::net::UnixStream::pair().unwrap();
@@ -298,6 +335,19 @@ mod tests {
         let mut got = [0];
         newest.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"b", "the newest connection is taken");
+        assert_eq!(
+            registered.connection.load(Ordering::Relaxed),
+            3,
+            "the skipped one counts"
+        );
+        sides.breaks.mark_unchanged();
+        resumable.broken(0, 2);
+        assert!(
+            !sides.breaks.has_changed().unwrap(),
+            "an older connection's break"
+        );
+        resumable.broken(0, 3);
+        assert!(sides.breaks.has_changed().unwrap(), "the one in use broke");
         let (c, _c) = tokio::net::UnixStream::pair().unwrap();
         assert!(
             resumable.arrived(9, Stream::Unix(c)).is_err(),

@@ -25,7 +25,8 @@ pub async fn carry(
     qemu: (Stream, String),
     first: Stream,
 ) {
-    let (sides, _) = migration.resumable.register(index, false);
+    let registration = migration.resumable.register(index, false);
+    let connection = registration.connection;
     let again = Hello {
         flags: hello.flags | FLAG_RESUME,
         ..hello
@@ -41,12 +42,13 @@ pub async fn carry(
     let link = Redial {
         first: Some(first),
         dial,
+        connection,
     };
     let peer = format!("tcp:{}", migration.spec.peer);
     let ends = Ends {
         qemu,
         peer: (link, peer),
-        sides,
+        sides: registration.sides,
     };
     channel::run(migration, index, admitted, ends).await;
 }

@@ -52,6 +52,12 @@ use crate::transport::Stream;
 /// `PermissionDenied` is the peer's refusal: the channel ends, it is not tried again.
 pub trait PeerLink: Send {
     fn connect(&mut self) -> impl Future<Output = io::Result<Stream>> + Send;
+
+    /// The number the link gives the connection it handed out last, if it counts them (both
+    /// sides' counts agree: see the daemon's `Control::Broken`).
+    fn connection(&self) -> u32 {
+        0
+    }
 }
 
 /// Progress between connections: this side's, published; the peer's, as it arrives.
@@ -164,6 +170,8 @@ pub enum Outage {
         cause: String,
         /// Cut on the daemon's word ([`Sides::breaks`]), not by an error seen here.
         signalled: bool,
+        /// The link's number for the connection that broke ([`PeerLink::connection`]).
+        connection: u32,
     },
     /// Going on, on a new connection.
     Resumed {
@@ -350,6 +358,7 @@ impl<L: PeerLink> Channel<L> {
                     let interrupted = Outage::Interrupted {
                         cause: error.to_string(),
                         signalled,
+                        connection: self.link.connection(),
                     };
                     self.options.observe.tell(interrupted);
                     cause = Some(error);

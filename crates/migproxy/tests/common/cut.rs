@@ -1,0 +1,94 @@
+//! A middlebox between two daemons that resets (RST, both ends) chosen data connections at
+//! a chosen depth, for the resumable channels' tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A middlebox between the daemons: the first connection (the control link) passes
+/// untouched; the data connections `cuts` names are reset, both ends, after that many bytes
+/// from the source (`usize::MAX`: not at all); later ones pass.
+pub async fn cutting_proxy(to: SocketAddr, cuts: Vec<usize>, cut: Arc<AtomicU32>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let server = TcpStream::connect(to).await.unwrap();
+            let limit = (n > 0).then(|| cuts.get(n - 1).copied()).flatten();
+            let limit = limit.filter(|limit| *limit != usize::MAX);
+            tokio::spawn(forward(client, server, limit, Arc::clone(&cut)));
+        }
+    });
+    addr
+}
+
+async fn forward(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    limit: Option<usize>,
+    cut: Arc<AtomicU32>,
+) {
+    let Some(limit) = limit else {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        return;
+    };
+    if !cut_at(&mut client, &mut server, limit).await {
+        // Ended before its cut: it went through as it was.
+        return;
+    }
+    cut.fetch_add(1, Ordering::SeqCst);
+    // A reset, both ways: SO_LINGER 0 then close (a close that cannot block: nothing waits
+    // to be sent once the linger is zero).
+    for stream in [&client, &server] {
+        socket2::SockRef::from(stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+}
+
+/// Forwards both ways until `limit` bytes went up (true), or the connection ended first.
+async fn cut_at(client: &mut TcpStream, server: &mut TcpStream, limit: usize) -> bool {
+    let (mut client_r, mut client_w) = client.split();
+    let (mut server_r, mut server_w) = server.split();
+    // True once `limit` bytes went up; false when the source's side ended first.
+    let up = async {
+        let mut buf = vec![0; 64 << 10];
+        let mut moved = 0;
+        while moved < limit {
+            let want = buf.len().min(limit - moved);
+            match client_r.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => {
+                    let _ = server_w.shutdown().await;
+                    return false;
+                }
+                Ok(n) => {
+                    if server_w.write_all(&buf[..n]).await.is_err() {
+                        return false;
+                    }
+                    moved += n;
+                }
+            }
+        }
+        true
+    };
+    let down = tokio::io::copy(&mut server_r, &mut client_w);
+    tokio::pin!(up, down);
+    let mut down_done = false;
+    let reached = loop {
+        tokio::select! {
+            reached = &mut up => break reached,
+            _ = &mut down, if !down_done => down_done = true,
+        }
+    };
+    if !reached && !down_done {
+        let _ = down.await;
+    }
+    reached
+}

@@ -1,0 +1,102 @@
+//! Resumable channels with real QEMU (issue #18): a precopy migration, one channel and
+//! multifd, whose data connections are reset (RST) by a middlebox between the two daemons
+//! while the control link lives. QEMU completes and never notices; the guest RAM is equal.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::cut::cutting_proxy;
+use common::daemon::TestDaemon;
+use common::qemu::{Qemu, Ram, random_ram_file};
+use common::scenario::qemu_completed;
+use common::short_tempdir;
+use serde_json::{Value, json};
+
+const MIB: u64 = 256;
+
+/// Migrates a 256 MiB guest through two in-process daemons with resumable channels, the
+/// source dialling through a middlebox that resets the data connections `cuts` names
+/// (counted in the order they come, resumed ones too); `multifd` channels beside the main
+/// one when given.
+async fn migrate_through_resets(cuts: Vec<usize>, multifd: Option<u32>) -> [Value; 2] {
+    let dir = short_tempdir();
+    let ram = dir.path().join("source.img");
+    random_ram_file(&ram, MIB, 7);
+    let mut src = Qemu::start(dir.path(), "src", Ram::File(&ram), MIB, false).await;
+    let mut dst = Qemu::start(dir.path(), "dst", Ram::Anonymous, MIB, true).await;
+    if let Some(channels) = multifd {
+        let caps = json!({"capabilities": [{"capability": "multifd", "state": true}]});
+        let params = json!({"multifd-channels": channels});
+        for vm in [&mut src, &mut dst] {
+            vm.execute("migrate-set-capabilities", caps.clone()).await;
+            vm.execute("migrate-set-parameters", params.clone()).await;
+        }
+    }
+    let resume = |c: &mut migproxy::daemon::Config| c.resume_timeout = Duration::from_secs(20);
+    let source = TestDaemon::start_with("src", resume).await;
+    let destination = TestDaemon::start_with("dst", resume).await;
+    let cut = Arc::new(AtomicU32::new(0));
+    let wanted = cuts.iter().filter(|c| **c != usize::MAX).count() as u32;
+    let via = cutting_proxy(destination.peer.parse().unwrap(), cuts, Arc::clone(&cut)).await;
+    let target = format!("unix:{}", dir.path().join("incoming.sock").display());
+    dst.execute("migrate-incoming", json!({"uri": target}))
+        .await;
+    let body = json!({"direction": "incoming", "id": "q", "target": target});
+    let (status, incoming) = destination
+        .request("POST", "/v1/migrations", Some(body))
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let body = json!({"direction": "outgoing", "id": "q", "token": incoming["token"],
+                      "peer": via.to_string()});
+    let (status, outgoing) = source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 201, "{outgoing}");
+    // Limited, so that the resets land while RAM moves.
+    let params = json!({"max-bandwidth": 128u64 << 20});
+    src.execute("migrate-set-parameters", params).await;
+    let uri = outgoing["qemu_uri"].as_str().unwrap();
+    src.execute("migrate", json!({"uri": uri})).await;
+    qemu_completed(&mut src).await;
+    assert_eq!(
+        cut.load(Ordering::SeqCst),
+        wanted,
+        "the middlebox reset every connection named"
+    );
+    let (a, _) = src.ram_digest(dir.path(), "src", MIB).await;
+    let (b, _) = dst.ram_digest(dir.path(), "dst", MIB).await;
+    assert_eq!(a, b, "destination RAM differs from the source's");
+    let mut views = Vec::new();
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("q", Duration::from_secs(10)).await;
+        assert_eq!(view["state"], "transferred", "{view}");
+        views.push(view);
+    }
+    [views.remove(0), views.remove(0)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_precopy_migration_survives_three_resets_of_its_connection() {
+    // The main channel's connection, then its replacements, reset at 20, 60 and 120 MiB.
+    let [source, _] = migrate_through_resets(vec![20 << 20, 40 << 20, 60 << 20], None).await;
+    assert_eq!(source["channels"].as_array().unwrap().len(), 1, "{source}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multifd_migration_survives_resets_of_several_channels() {
+    // The five connections in the order they are opened: main, then four multifd channels;
+    // the second and the fourth multifd channels are reset, and the first replacement too.
+    let cuts = vec![
+        usize::MAX,
+        usize::MAX,
+        8 << 20,
+        usize::MAX,
+        8 << 20,
+        4 << 20,
+    ];
+    let [source, _] = migrate_through_resets(cuts, Some(4)).await;
+    assert_eq!(source["channels"].as_array().unwrap().len(), 5, "{source}");
+}
