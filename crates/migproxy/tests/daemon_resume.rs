@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::cut::cutting_proxy;
-use common::daemon::{TestDaemon, stand_in_target, unix_path};
+use common::daemon::{TestDaemon, next_event, stand_in_target, subscribe, unix_path};
 use common::{random_data, receive_all, send_all};
 use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
 use serde_json::json;
@@ -52,10 +52,14 @@ async fn data_connections_reset_under_a_live_control_link_lose_not_a_byte() {
     let (source, destination) = resumable_daemons().await;
     let cut = Arc::new(AtomicU32::new(0));
     let to = destination.peer.parse().unwrap();
-    // Three resets of the one channel, at different depths.
-    let via = cutting_proxy(to, vec![300 << 10, 2 << 20, 5 << 20], Arc::clone(&cut)).await;
+    // Three resets of the one channel, at different depths; the first past what the socket
+    // buffers hold, so that both engines have started when it comes (a connection broken
+    // before the destination's engine took it is a failed attempt there, not an outage).
+    let via = cutting_proxy(to, vec![2 << 20, 2 << 20, 5 << 20], Arc::clone(&cut)).await;
     let (_dir, qemu_in, target) = stand_in_target();
     let uri = pair_via(&source, &destination, "r1", &target, &via.to_string()).await;
+    let source_events = subscribe(&source, "r1").await;
+    let destination_events = subscribe(&destination, "r1").await;
     const FORWARD: usize = 16 << 20;
     const BACKWARD: usize = 2 << 20;
     let reply = random_data(2, BACKWARD);
@@ -100,6 +104,40 @@ async fn data_connections_reset_under_a_live_control_link_lose_not_a_byte() {
         // Counted once, however often replayed.
         assert_eq!(bytes["to_destination"], FORWARD as u64, "{view}");
         assert_eq!(bytes["to_source"], BACKWARD as u64, "{view}");
+        // Each host saw each outage, and says so.
+        let resume = &view["resume"];
+        assert_eq!(resume["resumptions"], 3, "{view}");
+        assert_eq!(resume["resuming"], json!([]), "{view}");
+        assert_eq!(resume["timeout_ms"], 20_000, "{view}");
+        let (_, metrics) = daemon.request("GET", "/metrics", None).await;
+        let metrics = metrics.as_str().unwrap();
+        assert!(
+            metrics.contains("migproxy_resumptions_total 3\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("migproxy_outage_seconds_count 3\n"),
+            "{metrics}"
+        );
+        // And the CLI's report of it.
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_migproxy"))
+            .args(["migration", "--api"])
+            .arg(&daemon.api)
+            .args(["show", "r1"])
+            .output()
+            .await
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(shown.contains("resumptions: 3 "), "{shown}");
+    }
+    for mut events in [source_events, destination_events] {
+        let mut seen = Vec::new();
+        while seen.iter().filter(|e| *e == "channel_resumed").count() < 3 {
+            let event = tokio::time::timeout(Duration::from_secs(5), next_event(&mut events));
+            seen.push(event.await.unwrap().name().to_owned());
+        }
+        let interrupted = seen.iter().filter(|e| *e == "channel_interrupted").count();
+        assert_eq!(interrupted, 3, "{seen:?}");
     }
 }
 

@@ -346,7 +346,7 @@ async fn follow(
 /// One line: QEMU's status and pass, RAM left, dirty rate, throughput, channels; while
 /// postcopy is paused, how long the link has been down.
 fn progress(m: &Snapshot) -> String {
-    if let Some(line) = recovery_line(m) {
+    if let Some(line) = recovery_line(m).or_else(|| resuming_line(m)) {
         return line;
     }
     let q = m.qemu.as_ref().map(|q| &q.report);
@@ -390,6 +390,19 @@ fn recovery_line(m: &Snapshot) -> Option<String> {
         State::Paused => format!("paused: link down for {down}, retrying · QEMU {status}"),
         _ => format!("recovering: link back, frozen {down} so far · QEMU {status}"),
     })
+}
+
+/// While a resumable channel has no connection: "link down 4 s, resuming (channel 0)".
+fn resuming_line(m: &Snapshot) -> Option<String> {
+    let resume = m.resume.as_ref()?;
+    let down = Elapsed(Duration::from_millis(resume.down_ms?));
+    let channels: Vec<String> = resume.resuming.iter().map(u32::to_string).collect();
+    let status = m.qemu.as_ref().map(|q| q.report.status.to_string());
+    let status = status.unwrap_or_else(|| "?".to_owned());
+    Some(format!(
+        "link down {down}, resuming (channel {}) · QEMU {status}",
+        channels.join(", ")
+    ))
 }
 
 /// How long QEMU may take to settle after migproxy's verdict, in the report.

@@ -569,6 +569,14 @@ pub(super) fn print_recoveries(m: &Snapshot) {
             Elapsed(Duration::from_millis(m.frozen_ms))
         );
     }
+    if let Some(resume) = m.resume.as_ref().filter(|r| r.resumptions > 0) {
+        say!(
+            "  resumptions: {} (a channel's peer connection broke), {} lost, {} sent again",
+            resume.resumptions,
+            Elapsed(Duration::from_millis(resume.lost_ms)),
+            Bytes(resume.replayed)
+        );
+    }
 }
 
 /// One channel's line of a report, indented by `indent`.

@@ -18,6 +18,9 @@ const CANCEL_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0
 /// Upper bounds of the postcopy paused-time histogram, in seconds.
 const PAUSED_BUCKETS: [f64; 9] = [1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0];
 
+/// Upper bounds of the resumable channels' outage histogram, in seconds.
+const OUTAGE_BUCKETS: [f64; 9] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0];
+
 /// A histogram of seconds: cumulative buckets at `bounds`, the count and the sum.
 #[derive(Debug)]
 struct Histogram<const N: usize> {
@@ -75,6 +78,9 @@ struct Counters {
     cancels: Histogram<{ CANCEL_BUCKETS.len() }>,
     /// Recovered pauses, by how long the guest was frozen (its count is the recoveries').
     paused: Histogram<{ PAUSED_BUCKETS.len() }>,
+    /// Resumed channel outages, by how long the channel had no connection (its count is the
+    /// resumptions').
+    outages: Histogram<{ OUTAGE_BUCKETS.len() }>,
 }
 
 impl Default for Counters {
@@ -85,6 +91,7 @@ impl Default for Counters {
             failures: BTreeMap::new(),
             cancels: Histogram::new(CANCEL_BUCKETS),
             paused: Histogram::new(PAUSED_BUCKETS),
+            outages: Histogram::new(OUTAGE_BUCKETS),
         }
     }
 }
@@ -133,6 +140,11 @@ impl Metrics {
         self.lock().paused.observe(frozen);
     }
 
+    /// A resumable channel went on, on a new connection, after `lost`.
+    pub fn resumed(&self, lost: Duration) {
+        self.lock().outages.observe(lost);
+    }
+
     /// Every channel of a cancelled migration had closed this long after the cancel.
     pub fn cancelled_in(&self, latency: Duration) {
         self.lock().cancels.observe(latency);
@@ -146,6 +158,7 @@ impl Metrics {
         render_outcomes(&mut out, &c);
         render_cancels(&mut out, &c);
         render_recoveries(&mut out, &c);
+        render_resumptions(&mut out, &c);
         render_peers(&mut out, live);
         out
     }
@@ -238,6 +251,19 @@ fn render_recoveries(out: &mut String, c: &Counters) {
     let help = "Time a recovered postcopy migration's guest stayed frozen, from the pause to QEMU running postcopy again.";
     c.paused
         .render(out, "migproxy_postcopy_paused_seconds", help);
+}
+
+/// Resumed channels, and how long each went without a connection.
+fn render_resumptions(out: &mut String, c: &Counters) {
+    family(
+        out,
+        "migproxy_resumptions_total",
+        "counter",
+        "Resumable channels that went on, on a new peer connection, after one broke.",
+    );
+    let _ = writeln!(out, "migproxy_resumptions_total {}", c.outages.count);
+    let help = "Time a resumed channel had no working peer connection, from the break to the new connection's hellos.";
+    c.outages.render(out, "migproxy_outage_seconds", help);
 }
 
 /// The peer port: connections refused by reason, and whether the link is TLS.

@@ -9,14 +9,12 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use migproxy_proto::Control;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::super::migration::{Admitted, Migration, Role};
 use super::super::returnpath::ReturnPath;
 use super::finish;
-use crate::human::{Bytes, Elapsed};
 use crate::relay::resume::{self, Observe, Outage, PeerLink, ResumeError, Sides};
 use crate::relay::{ByteCounts, Counters, Direction, End, Failure, Op, Report, TapFn};
 use crate::transport::Stream;
@@ -103,37 +101,14 @@ async fn carry<L: PeerLink>(
     .await;
 }
 
-/// Logs each outage of channel `index`; the destination tells the source of a break it saw
-/// itself (the source may not see it: it may have read all it waits for).
+/// Hands each outage of channel `index` to the migration as its engine tells it.
 async fn follow_outages(
     migration: Arc<Migration>,
     index: u32,
     mut told: mpsc::UnboundedReceiver<Outage>,
 ) {
-    let id = &migration.spec.id;
     while let Some(outage) = told.recv().await {
-        match outage {
-            Outage::Interrupted {
-                cause,
-                signalled,
-                connection,
-            } => {
-                tracing::warn!(migration = %id, channel = index, "peer connection broken ({cause}): resuming");
-                if migration.spec.role == Role::Incoming && !signalled {
-                    migration.send_peer(Control::Broken {
-                        channel: index,
-                        connection,
-                    });
-                }
-            }
-            Outage::Resumed {
-                lost,
-                replayed,
-                attempts,
-            } => {
-                tracing::info!(migration = %id, channel = index, "resumed after {} ({attempts} connection attempts, {} sent again)", Elapsed(lost), Bytes(replayed));
-            }
-        }
+        migration.outage(index, outage);
     }
 }
 

@@ -8,7 +8,7 @@ use migproxy_proto::{Control, Host};
 use tokio::sync::oneshot;
 
 use super::state::{CancelRoute, Effect, Epoch, Input, Refusal};
-use super::{CancelRequest, Inner, Migration, Outbound, State};
+use super::{CancelRequest, Inner, Migration, State};
 use crate::daemon::qemu::report::CancelRefused;
 
 impl Migration {
@@ -94,34 +94,5 @@ impl Migration {
         self.context.tasks.spawn(async move {
             let _ = migration.cancel_qemu_first(by).await;
         });
-    }
-}
-
-impl Migration {
-    /// Applies a frame from the control link: a resumable channel's progress or break
-    /// here, everything else in the lifecycle.
-    pub fn on_control(self: &Arc<Self>, epoch: Epoch, control: Control) {
-        match control {
-            Control::Progress {
-                channel,
-                delivered,
-                end,
-            } => self
-                .resumable
-                .peer_progress(channel, migproxy_proto::Progress { delivered, end }),
-            Control::Broken {
-                channel,
-                connection,
-            } => self.resumable.broken(channel, connection),
-            other => self.on_peer(epoch, other),
-        }
-    }
-
-    /// Queues `control` on the control link, if one is up (a resumable channel's word: the
-    /// lifecycle has no part in it).
-    pub fn send_peer(&self, control: Control) {
-        if let Some(outbound) = &self.lock().outbound {
-            let _ = outbound.send(Outbound::Frame(control));
-        }
     }
 }

@@ -29,6 +29,7 @@ mod local_qemu;
 mod path;
 mod recovery;
 pub mod resumable;
+mod resuming;
 mod snapshot;
 mod stall;
 pub mod state;

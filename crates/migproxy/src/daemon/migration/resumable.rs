@@ -26,11 +26,12 @@
 //!
 //! [`FLAG_RESUMABLE`]: migproxy_proto::FLAG_RESUMABLE
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use migproxy_proto::Control;
 use tokio::sync::{mpsc, watch};
@@ -44,6 +45,28 @@ pub struct Resumable {
     /// Both daemons agreed on the current epoch's control link.
     on: AtomicBool,
     channels: Mutex<HashMap<u32, Entry>>,
+    outages: Mutex<Outages>,
+}
+
+/// Every outage of the migration's channels, as this host saw them.
+#[derive(Debug, Default, Clone)]
+pub struct Outages {
+    /// Outages ended by a new connection.
+    pub resumptions: u32,
+    /// Their time, from the break to the new connection.
+    pub lost: Duration,
+    /// Bytes sent again after them.
+    pub replayed: u64,
+    /// The channels without a connection now, since when.
+    pub open: BTreeMap<u32, Instant>,
+}
+
+impl Outages {
+    /// The time lost, the open outages counted until now.
+    pub fn lost_until_now(&self) -> Duration {
+        let open: Duration = self.open.values().map(Instant::elapsed).sum();
+        self.lost + open
+    }
 }
 
 /// One channel's wiring, held while its engine runs.
@@ -72,6 +95,30 @@ pub struct Registration {
 }
 
 impl Resumable {
+    /// Channel `index` lost its connection.
+    pub fn interrupted(&self, index: u32) {
+        let mut outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
+        outages.open.entry(index).or_insert_with(Instant::now);
+    }
+
+    /// Channel `index` goes on, on a new connection, after `lost`, `replayed` bytes sent
+    /// again.
+    pub fn resumed(&self, index: u32, lost: Duration, replayed: u64) {
+        let mut outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
+        outages.open.remove(&index);
+        outages.resumptions += 1;
+        outages.lost += lost;
+        outages.replayed += replayed;
+    }
+
+    /// The outages so far.
+    pub fn outages(&self) -> Outages {
+        self.outages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Whether the current epoch's channels are resumable.
     pub fn on(&self) -> bool {
         self.on.load(Ordering::Relaxed)
@@ -126,6 +173,9 @@ impl Resumable {
     /// last acknowledgement, or this side's end), so it must go out now.
     pub fn forget(&self, index: u32) -> Option<Control> {
         let entry = self.channels().remove(&index)?;
+        let mut outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
+        outages.open.remove(&index);
+        drop(outages);
         let last = *entry.mine.borrow();
         (entry.told != Some(last)).then_some(Control::Progress {
             channel: index,

@@ -56,6 +56,7 @@ impl Migration {
                 .recoveries()
                 .frozen_ms(elapsed.as_millis() as u64),
             recover_timeout_ms: self.spec.recover_timeout.map(|t| t.as_millis() as u64),
+            resume: self.resume_view(),
             cancelled_by: inner.core.cancelled_by().map(HostName::from),
             verdict: view::verdict(state, inner.core.cancelled_paused()),
             created_at: view::unix_seconds(Some(self.created)).unwrap_or_default(),
@@ -138,5 +139,26 @@ fn peer_view(core: &Core) -> view::PeerView {
             bytes: channels::counts(done.bytes),
             verdict: done.verdict.into(),
         }),
+    }
+}
+
+impl Migration {
+    /// The resumable channels' view, once both daemons agreed on them.
+    fn resume_view(&self) -> Option<view::ResumeView> {
+        let timeout = self.spec.resume_timeout?;
+        let outages = self.resumable.outages();
+        let agreed = self.resumable.on() || outages.resumptions > 0;
+        agreed.then(|| view::ResumeView {
+            timeout_ms: timeout.as_millis() as u64,
+            resumptions: outages.resumptions,
+            lost_ms: outages.lost_until_now().as_millis() as u64,
+            replayed: outages.replayed,
+            resuming: outages.open.keys().copied().collect(),
+            down_ms: outages
+                .open
+                .values()
+                .map(|since| since.elapsed().as_millis() as u64)
+                .max(),
+        })
     }
 }

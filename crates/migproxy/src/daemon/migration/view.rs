@@ -125,6 +125,8 @@ pub struct Snapshot {
     /// How long a pause may last before the migration fails for good (`null`: until a
     /// person cancels it).
     pub recover_timeout_ms: Option<u64>,
+    /// Resumable channels: `null` unless both daemons agreed on them.
+    pub resume: Option<ResumeView>,
     pub cancelled_by: Option<HostName>,
     /// What is known of QEMU's own verdict, in a sentence (`completed`, `transferred`).
     pub verdict: Option<String>,
@@ -250,8 +252,39 @@ pub enum EventKind {
         pause: u32,
         frozen_ms: u64,
     },
+    /// A resumable channel lost its peer connection: it waits for a new one.
+    ChannelInterrupted {
+        channel: u32,
+        cause: String,
+    },
+    /// A resumable channel goes on, on a new connection, after `lost_ms`.
+    ChannelResumed {
+        channel: u32,
+        lost_ms: u64,
+        /// Bytes sent again.
+        replayed: u64,
+        /// Connections tried.
+        attempts: u32,
+    },
     /// The daemon stops: event streams end here.
     Shutdown,
+}
+
+/// A migration's resumable channels, as this host saw them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResumeView {
+    /// How long a channel may go without a working connection before the migration fails.
+    pub timeout_ms: u64,
+    /// Outages ended by a new connection.
+    pub resumptions: u32,
+    /// Their time, the open ones counted until now.
+    pub lost_ms: u64,
+    /// Bytes sent again after them.
+    pub replayed: u64,
+    /// The channels without a connection now (resuming).
+    pub resuming: Vec<u32>,
+    /// How long the oldest of those has been down; `null` when none is.
+    pub down_ms: Option<u64>,
 }
 
 impl Event {
@@ -282,6 +315,8 @@ impl Event {
             EventKind::Paused { .. } => "paused",
             EventKind::Recovering { .. } => "recovering",
             EventKind::Resumed { .. } => "resumed",
+            EventKind::ChannelInterrupted { .. } => "channel_interrupted",
+            EventKind::ChannelResumed { .. } => "channel_resumed",
             EventKind::Shutdown => "shutdown",
         }
     }
