@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::cut::cutting_proxy;
+use common::cut::{cut_for_good, cutting_proxy};
 use common::daemon::{TestDaemon, next_event, stand_in_target, subscribe, unix_path};
 use common::{random_data, receive_all, send_all};
 use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
@@ -21,7 +21,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 async fn resumable_daemons() -> (TestDaemon, TestDaemon) {
-    let resume = |c: &mut migproxy::daemon::Config| c.resume_timeout = Duration::from_secs(20);
+    resumable_daemons_for(Duration::from_secs(20)).await
+}
+
+async fn resumable_daemons_for(timeout: Duration) -> (TestDaemon, TestDaemon) {
+    let resume = |c: &mut migproxy::daemon::Config| c.resume_timeout = timeout;
     let source = TestDaemon::start_with("src", resume).await;
     let destination = TestDaemon::start_with("dst", resume).await;
     (source, destination)
@@ -188,4 +192,72 @@ async fn a_resume_without_the_credential_or_for_no_running_channel_is_refused() 
         "active",
         "nothing changed"
     );
+}
+
+/// A migration whose one channel lost its connection for good: the source QEMU stand-in
+/// keeps writing (it blocks once the retention is full), the destination's reads.
+async fn outage_for_good(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let via = cut_for_good(destination.peer.parse().unwrap(), 2 << 20).await;
+    let (dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(source, destination, id, &target, &via.to_string()).await;
+    let reader = tokio::spawn(async move {
+        let _dir = dir;
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        let _ = receive_all(stream).await;
+    });
+    let qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let (_read, write) = qemu.into_split();
+        let _ = send_all(write, random_data(9, 64 << 20), 1).await;
+    });
+    source
+        .wait_for(id, "channel 0 resuming", Duration::from_secs(10), |v| {
+            v["resume"]["resuming"] == json!([0])
+        })
+        .await;
+    [reader, writer]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_past_the_resume_timeout_fails_both_hosts_naming_the_link_and_the_attempts() {
+    let (source, destination) = resumable_daemons_for(Duration::from_secs(2)).await;
+    let _qemus = outage_for_good(&source, &destination, "t1").await;
+    let mut stories = Vec::new();
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("t1", Duration::from_secs(10)).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = &view["error"];
+        assert_eq!(error["leg"], "peer", "{view}");
+        assert_eq!(error["channel"], 0, "{view}");
+        let message = error["message"].as_str().unwrap();
+        eprintln!("{}: {message}", view["direction"]);
+        assert!(
+            message.contains("no working connection to the peer for")
+                && message.contains("attempts"),
+            "{view}"
+        );
+        stories.push(error.clone());
+    }
+    // One story: the source's, which dialled (the destination waits a moment longer).
+    assert_eq!(stories[0], stories[1]);
+    assert_eq!(stories[0]["host"], "source");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_an_outage_wins_and_nothing_resumes() {
+    let (source, destination) = resumable_daemons().await;
+    let _qemus = outage_for_good(&source, &destination, "c1").await;
+    let (status, view) = source
+        .request("POST", "/v1/migrations/c1/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("c1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "cancelled", "{view}");
+        assert_eq!(view["resume"]["resumptions"], 0, "{view}");
+    }
 }

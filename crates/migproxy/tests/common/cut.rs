@@ -92,3 +92,28 @@ async fn cut_at(client: &mut TcpStream, server: &mut TcpStream, limit: usize) ->
     }
     reached
 }
+
+/// A middlebox that passes the control link, resets the first data connection after `at`
+/// bytes from the source, and resets every later connection at once (the peer is gone for
+/// good, as far as new connections go).
+pub async fn cut_for_good(to: SocketAddr, at: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            if n > 1 {
+                socket2::SockRef::from(&client)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                continue;
+            }
+            let server = TcpStream::connect(to).await.unwrap();
+            let limit = (n == 1).then_some(at);
+            tokio::spawn(forward(client, server, limit, Arc::default()));
+        }
+    });
+    addr
+}

@@ -71,8 +71,15 @@ async fn carry<L: PeerLink>(
         outages: Some(outages),
     };
     let counters = Arc::clone(&observe.counters);
+    // The destination waits a little longer than the source, which dials: past the deadline
+    // the source's failure, which names its attempts, reaches it first, and both hosts tell
+    // that story.
+    let mut resume_timeout = migration.spec.resume_timeout.unwrap_or_default();
+    if migration.spec.role == Role::Incoming {
+        resume_timeout += migration.explanation_grace() * 2;
+    }
     let options = resume::Options {
-        resume_timeout: migration.spec.resume_timeout.unwrap_or_default(),
+        resume_timeout,
         observe,
         ..resume::Options::default()
     };

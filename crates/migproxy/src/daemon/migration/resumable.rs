@@ -111,6 +111,12 @@ impl Resumable {
         outages.replayed += replayed;
     }
 
+    /// Whether a channel has no connection now.
+    pub fn any_down(&self) -> bool {
+        let outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
+        !outages.open.is_empty()
+    }
+
     /// The outages so far.
     pub fn outages(&self) -> Outages {
         self.outages

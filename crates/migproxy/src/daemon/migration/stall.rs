@@ -49,7 +49,10 @@ impl Migration {
                 () = tokio::time::sleep(tick) => {}
             }
             let (moved, epoch, running) = self.progress();
-            if moved != last.0 || epoch != last.2 || running.is_empty() {
+            // A resumable channel without a connection is bounded by the resume timeout,
+            // not the stall timeout: nothing can move until it is back.
+            let resuming = self.resumable.any_down();
+            if moved != last.0 || epoch != last.2 || running.is_empty() || resuming {
                 last = (moved, Instant::now(), epoch);
             } else if last.1.elapsed() >= limit
                 && let Some((blame, wait)) = self.stall_cause(&running, limit)
