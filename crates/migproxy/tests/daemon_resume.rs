@@ -54,6 +54,85 @@ async fn pair_via(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_connections_reset_under_a_live_control_link_lose_not_a_byte() {
     let (source, destination) = resumable_daemons().await;
+    through_three_resets(&source, &destination).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mutual_tls_each_new_connection_is_a_new_handshake_and_not_a_byte_is_lost() {
+    let root = common::short_tempdir();
+    let (_ca, src_dir, dst_dir, _) = common::tls::pki(root.path());
+    let daemon = |name: &'static str, dir: std::path::PathBuf| async move {
+        let tls = Arc::new(migproxy::tls::TlsHandle::load(&dir, Vec::new()).unwrap());
+        TestDaemon::start_with(name, move |c| {
+            c.tls = Some(tls);
+            c.resume_timeout = Duration::from_secs(20);
+        })
+        .await
+    };
+    let source = daemon("src", src_dir).await;
+    let destination = daemon("dst", dst_dir).await;
+    through_three_resets(&source, &destination).await;
+    assert_eq!(source.show("r1").await["link"], "tls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_another_certificate_is_refused_even_with_the_credential() {
+    let root = common::short_tempdir();
+    let (mut ca, src_dir, dst_dir, _) = common::tls::pki(root.path());
+    let intruder_dir = root.path().join("intruder");
+    ca.write_host(&intruder_dir, &["127.0.0.1"], "intruder");
+    let daemon = |name: &'static str, dir: std::path::PathBuf| async move {
+        let tls = Arc::new(migproxy::tls::TlsHandle::load(&dir, Vec::new()).unwrap());
+        TestDaemon::start_with(name, move |c| {
+            c.tls = Some(tls);
+            c.resume_timeout = Duration::from_secs(20);
+        })
+        .await
+    };
+    let source = daemon("src", src_dir).await;
+    let destination = daemon("dst", dst_dir).await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(&source, &destination, "i1", &target, &destination.peer).await;
+    let _qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (_accepted, _) = qemu_in.accept().await.unwrap();
+    destination
+        .wait_for("i1", "channel 0 active", Duration::from_secs(10), |v| {
+            v["channels"][0]["state"] == "active"
+        })
+        .await;
+    // Another host of the same CA, which the allow-list admits, holding the credential
+    // (stolen, say): its certificate is not the control link's.
+    let intruder = migproxy::tls::Tls::load(&intruder_dir, Vec::new()).unwrap();
+    let credential = source.daemon.get("i1").unwrap().data_credential();
+    let hello = Hello {
+        version: VERSION,
+        kind: Kind::Data,
+        migration: "i1".into(),
+        channel: 0,
+        token: *credential.bytes(),
+        flags: FLAG_RESUME,
+    };
+    let to = migproxy::daemon::peer::Dial {
+        peer: &destination.peer,
+        tls: Some((&intruder, "127.0.0.1")),
+    };
+    let timing = migproxy::daemon::peer::Timing::default();
+    let refused = migproxy::daemon::peer::dial(to, &hello, &timing).await;
+    let Err(migproxy::daemon::peer::PeerError::Refused {
+        status, message, ..
+    }) = refused
+    else {
+        panic!("not refused: {refused:?}");
+    };
+    assert_eq!(status, Status::Refused, "{message}");
+    assert!(message.contains("control link's certificate"), "{message}");
+    assert!(message.contains("intruder"), "{message}");
+    assert_eq!(destination.show("i1").await["state"], "active");
+}
+
+/// One channel carried between `source` and `destination` through a middlebox that resets
+/// its connection three times: every byte both ways, and each host reports each outage.
+async fn through_three_resets(source: &TestDaemon, destination: &TestDaemon) {
     let cut = Arc::new(AtomicU32::new(0));
     let to = destination.peer.parse().unwrap();
     // Three resets of the one channel, at different depths; the first past what the socket
@@ -61,9 +140,9 @@ async fn data_connections_reset_under_a_live_control_link_lose_not_a_byte() {
     // before the destination's engine took it is a failed attempt there, not an outage).
     let via = cutting_proxy(to, vec![2 << 20, 2 << 20, 5 << 20], Arc::clone(&cut)).await;
     let (_dir, qemu_in, target) = stand_in_target();
-    let uri = pair_via(&source, &destination, "r1", &target, &via.to_string()).await;
-    let source_events = subscribe(&source, "r1").await;
-    let destination_events = subscribe(&destination, "r1").await;
+    let uri = pair_via(source, destination, "r1", &target, &via.to_string()).await;
+    let source_events = subscribe(source, "r1").await;
+    let destination_events = subscribe(destination, "r1").await;
     const FORWARD: usize = 16 << 20;
     const BACKWARD: usize = 2 << 20;
     let reply = random_data(2, BACKWARD);
@@ -101,7 +180,7 @@ async fn data_connections_reset_under_a_live_control_link_lose_not_a_byte() {
         3,
         "the proxy reset three data connections"
     );
-    for daemon in [&source, &destination] {
+    for daemon in [source, destination] {
         let view = daemon.wait_final("r1", Duration::from_secs(10)).await;
         assert_eq!(view["state"], "transferred", "{view}");
         let bytes = &view["channels"][0]["bytes"];
@@ -192,6 +271,15 @@ async fn a_resume_without_the_credential_or_for_no_running_channel_is_refused() 
         "active",
         "nothing changed"
     );
+    // Replayed once the migration has ended: refused.
+    let (status, _) = source
+        .request("POST", "/v1/migrations/r2/cancel", None)
+        .await;
+    assert_eq!(status, 200);
+    destination.wait_final("r2", Duration::from_secs(5)).await;
+    let (status, message) = hello_answer(&destination.peer, &hello(0, *credential.bytes())).await;
+    // The credential died with its epoch.
+    assert_eq!(status, Status::BadToken, "{message}");
 }
 
 /// A migration whose one channel lost its connection for good: the source QEMU stand-in

@@ -421,6 +421,15 @@ fn vet(
     if hello.kind == Kind::Control {
         // Settled before the link attaches: the epoch's first channel may come at once.
         migration.resumable.settle(resumable);
+        migration.resumable.bind(identity);
+    } else if hello.flags & migproxy_proto::FLAG_RESUME != 0
+        && !migration.resumable.same_identity(identity)
+    {
+        return Err(refused(format!(
+            "migration {}: a connection that resumes a channel must come from the control link's certificate (this one is {})",
+            hello.migration,
+            identity.map_or_else(|| "none".to_owned(), ToString::to_string)
+        )));
     }
     let joined = join(&migration, hello, credential.clone()).map_err(refused)?;
     let handed_out = match (&credential, &choice) {

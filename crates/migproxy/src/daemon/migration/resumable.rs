@@ -37,6 +37,7 @@ use migproxy_proto::Control;
 use tokio::sync::{mpsc, watch};
 
 use crate::relay::resume::{PeerLink, Progress, Sides};
+use crate::tls::Identity;
 use crate::transport::Stream;
 
 /// The resumable channels of one migration.
@@ -46,6 +47,9 @@ pub struct Resumable {
     on: AtomicBool,
     channels: Mutex<HashMap<u32, Entry>>,
     outages: Mutex<Outages>,
+    /// Destination, over TLS: the certificate of the control link that agreed on them; a
+    /// connection that comes again must present the same.
+    identity: Mutex<Option<Identity>>,
 }
 
 /// Every outage of the migration's channels, as this host saw them.
@@ -133,6 +137,19 @@ impl Resumable {
     /// What the current epoch's control link settled.
     pub fn settle(&self, on: bool) {
         self.on.store(on, Ordering::Relaxed);
+    }
+
+    /// Destination: the epoch's control link agreed with this certificate (`None`: clear).
+    pub fn bind(&self, identity: Option<&Identity>) {
+        *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = identity.cloned();
+    }
+
+    /// Whether a connection that comes again presents the control link's certificate (the
+    /// same subject and names). The credential alone does not do: it proves what the
+    /// source daemon was told, the certificate who is dialling.
+    pub fn same_identity(&self, identity: Option<&Identity>) -> bool {
+        let bound = self.identity.lock().unwrap_or_else(|p| p.into_inner());
+        bound.as_ref() == identity
     }
 
     fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Entry>> {
