@@ -33,10 +33,13 @@ enum Route {
     /// unix → source daemon → TCP → destination daemon → unix, as QEMU's stream goes.
     Daemons,
     DaemonsTls,
+    /// The same two, carrying the channel resumable (retention, acknowledgements).
+    DaemonsResumable,
+    DaemonsTlsResumable,
 }
 
 impl Route {
-    const ALL: [Route; 9] = [
+    const ALL: [Route; 11] = [
         Route::Direct,
         Route::Relay,
         Route::RelayCopy,
@@ -46,6 +49,8 @@ impl Route {
         Route::Stunnel,
         Route::Daemons,
         Route::DaemonsTls,
+        Route::DaemonsResumable,
+        Route::DaemonsTlsResumable,
     ];
 
     fn name(self) -> &'static str {
@@ -59,6 +64,8 @@ impl Route {
             Route::Stunnel => "stunnel pair (TLS)",
             Route::Daemons => "two migproxy daemons, plaintext (unix legs)",
             Route::DaemonsTls => "two migproxy daemons, TLS (unix legs)",
+            Route::DaemonsResumable => "two migproxy daemons, plaintext, resumable channels",
+            Route::DaemonsTlsResumable => "two migproxy daemons, TLS, resumable channels",
         }
     }
 
@@ -71,7 +78,12 @@ impl Route {
     fn missing(self, migproxy: &Path) -> Option<String> {
         let program = match self {
             Route::Direct | Route::SpliceFloor => return None,
-            Route::Relay | Route::RelayCopy | Route::Daemons | Route::DaemonsTls => {
+            Route::Relay
+            | Route::RelayCopy
+            | Route::Daemons
+            | Route::DaemonsTls
+            | Route::DaemonsResumable
+            | Route::DaemonsTlsResumable => {
                 return (!migproxy.exists()).then(|| migproxy.display().to_string());
             }
             Route::Socat => "socat",
@@ -213,7 +225,12 @@ fn start_proxy(
             c.arg("-db").arg("-f").arg(config);
             c
         }
-        Route::Direct | Route::Stunnel | Route::Daemons | Route::DaemonsTls => {
+        Route::Direct
+        | Route::Stunnel
+        | Route::Daemons
+        | Route::DaemonsTls
+        | Route::DaemonsResumable
+        | Route::DaemonsTlsResumable => {
             unreachable!("handled apart")
         }
     };
@@ -277,6 +294,12 @@ fn run_route(
 ) -> Result<Sample, BenchError> {
     if let Route::Daemons | Route::DaemonsTls = route {
         return daemons::run(route == Route::DaemonsTls, migproxy, block, size, expected);
+    }
+    if let Route::DaemonsResumable | Route::DaemonsTlsResumable = route {
+        // The same daemons with retention and acknowledgements on: the cost of resuming.
+        let tls = route == Route::DaemonsTlsResumable;
+        let resumable = ["--resume-timeout", "60"];
+        return daemons::run_with(tls, &resumable, migproxy, block, size, expected);
     }
     let dir = std::env::temp_dir().join(format!("migproxy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -444,6 +467,23 @@ fn synthetic_targets(summaries: &[Summary]) -> Vec<Target> {
             "TLS daemon pair throughput ≥ 1.5× the stunnel pair's",
             over(rate(Route::DaemonsTls), rate(Route::Stunnel)),
             1.5,
+        ),
+        // Issue #18: resumable channels cost at most 5 % of throughput and 10 % of CPU.
+        Target::ratio(
+            "resumable daemon pair (TLS) throughput ≥ 0.95× the same pair without",
+            over(rate(Route::DaemonsTlsResumable), rate(Route::DaemonsTls)),
+            0.95,
+        ),
+        Target::at_most(
+            "resumable daemon pair (TLS) CPU per GiB ≤ 1.10× the same pair's without",
+            over(cpu(Route::DaemonsTlsResumable), cpu(Route::DaemonsTls)),
+            1.10,
+            "×",
+        ),
+        Target::ratio(
+            "resumable daemon pair (plaintext) throughput ≥ 0.95× the same pair without",
+            over(rate(Route::DaemonsResumable), rate(Route::Daemons)),
+            0.95,
         ),
     ]
 }

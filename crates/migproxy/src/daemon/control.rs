@@ -17,9 +17,14 @@ use super::peer::{ReadError, Timing, read_control, write_control};
 use crate::human::{Elapsed, errno_name};
 use crate::transport::Stream;
 
-/// How often the progress of resumable channels is told, when it changed: what the peer
+/// How often the progress of resumable channels is told while it changes: the peer keeps
+/// what it sent until told, at most its retention, so the acknowledgements' delay caps the
+/// throughput (16 MiB every 20 ms is 0.8 GiB/s, measured: half the pair's without them).
+const PROGRESS_BUSY: Duration = Duration::from_millis(2);
+
+/// How often it is looked at when nothing changed at the last look: what the peer
 /// keeps for a replay is at most the bytes in flight plus this long's worth.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(20);
+const PROGRESS_IDLE: Duration = Duration::from_millis(20);
 
 /// After the migration has ended, how long to wait for the peer to close its side.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -80,8 +85,8 @@ async fn send(
     heartbeat: Duration,
 ) {
     let mut tick = tokio::time::interval(heartbeat);
-    let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
-    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A deadline, not a sleep made anew each turn: other frames do not put it off.
+    let mut progress = tokio::time::Instant::now() + PROGRESS_IDLE;
     let mut buf = Vec::new();
     loop {
         let controls = tokio::select! {
@@ -90,7 +95,12 @@ async fn send(
                 Some(Outbound::Close) | None => break,
             },
             _ = tick.tick() => vec![Control::Heartbeat],
-            _ = progress.tick(), if migration.resumable.on() => migration.resumable.due(),
+            () = tokio::time::sleep_until(progress), if migration.resumable.on() => {
+                let due = migration.resumable.due();
+                let next = if due.is_empty() { PROGRESS_IDLE } else { PROGRESS_BUSY };
+                progress = tokio::time::Instant::now() + next;
+                due
+            }
         };
         if let Err(error) = write_all(&mut writer, &controls, &mut buf).await {
             let blame = migration.peer_link_failure(
