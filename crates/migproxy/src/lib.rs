@@ -8,8 +8,8 @@
 //! - [`transport`]: one stream type over unix sockets, TCP and TLS, listeners and connects.
 //! - [`tls`]: mutual TLS from QEMU's x509 directory layout.
 //! - [`relay`]: the zero-copy engine that moves one channel and reports exactly how it ended;
-//!   [`relay::resume`] carries a channel across peer connections that break (not yet used
-//!   by the daemon).
+//!   [`relay::resume`] carries a channel across peer connections that break (the daemon's
+//!   resumable channels).
 //! - [`proxy`]: `migproxy relay`, a relay per accepted connection.
 //! - [`qmp`]: a QEMU monitor client.
 //! - [`daemon`]: migrations between hosts (the lifecycle in [`daemon::migration`]).

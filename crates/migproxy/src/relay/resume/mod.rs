@@ -1,7 +1,8 @@
 //! Resumable channels: one migration channel carried across peer connections that break,
 //! with not a byte lost, duplicated or reordered, and its local end (QEMU) never noticing.
 //!
-//! This is the engine of issue #18; the daemon does not carry channels with it yet.
+//! This is the engine of issue #18; the daemon carries a migration's channels with it when
+//! both daemons agreed on resumable channels (`daemon::channel::resumable`).
 //!
 //! ```text
 //!  local end ◄──► carry ══ connection 1 ══╳ broken (RST, timeout, a dead middlebox)
