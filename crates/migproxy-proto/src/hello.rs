@@ -42,10 +42,13 @@ pub const FLAG_KERNEL_PATH: u8 = 2;
 ///
 /// [`Control::Progress`]: crate::Control::Progress
 pub const FLAG_RESUMABLE: u8 = 4;
-/// Hello flag (data connections, version 2 on): this connection carries on the epoch's
-/// existing channel `channel`; it is not a new one. Right after the `HelloReply{Ok}` both
-/// sides write their 16-byte [`Progress`], and each side's direction goes on from the
-/// peer's `delivered`. Only on an epoch whose acceptance said ` resumable`.
+/// Hello flag (version 2 on, only on an epoch whose acceptance said ` resumable`; the token
+/// is then the epoch's credential). On a data connection: it carries on the epoch's
+/// existing channel `channel`, not a new one; right after the `HelloReply{Ok}` both sides
+/// write their 16-byte [`Progress`], and each side's direction goes on from the peer's
+/// `delivered`. On a control link: it takes over from the epoch's control link, which
+/// broke; the frames queued meanwhile follow, and the epoch goes on (no new epoch, no
+/// channel ends).
 ///
 /// [`Progress`]: crate::Progress
 pub const FLAG_RESUME: u8 = 8;
@@ -227,13 +230,13 @@ impl Hello {
 /// ignore them where they do not apply, and always have.)
 fn check_flags(kind: Kind, flags: u8, version: u16) -> Result<(), DecodeError> {
     for (flag, name, only_on) in [
-        (FLAG_RESUMABLE, "resumable", Kind::Control),
-        (FLAG_RESUME, "resume", Kind::Data),
+        (FLAG_RESUMABLE, "resumable", Some(Kind::Control)),
+        (FLAG_RESUME, "resume", None),
     ] {
         if flags & flag == 0 {
             continue;
         }
-        if kind != only_on {
+        if only_on.is_some_and(|only_on| kind != only_on) {
             return Err(DecodeError::FlagNotForKind {
                 flag: name,
                 kind: kind_name(kind),
@@ -409,6 +412,7 @@ mod tests {
             ),
             (Kind::Data, FLAG_RESUME),
             (Kind::Data, FLAG_RESUME | FLAG_RECOVERABLE),
+            (Kind::Control, FLAG_RESUME | FLAG_RESUMABLE),
         ] {
             let h = Hello {
                 flags,
@@ -443,13 +447,8 @@ mod tests {
             assert_eq!(whole, Hello::decode_body(version, &body));
             whole
         };
-        assert_eq!(
-            refused(Kind::Control, FLAG_RESUME, VERSION),
-            Err(DecodeError::FlagNotForKind {
-                flag: "resume",
-                kind: "control"
-            })
-        );
+        // A control link that takes over from a broken one.
+        assert!(refused(Kind::Control, FLAG_RESUME | FLAG_RECOVERABLE, VERSION).is_ok());
         assert_eq!(
             refused(Kind::Data, FLAG_RESUMABLE | FLAG_RECOVERABLE, VERSION),
             Err(DecodeError::FlagNotForKind {
@@ -466,6 +465,7 @@ mod tests {
         );
         for (kind, flag, name) in [
             (Kind::Data, FLAG_RESUME, "resume"),
+            (Kind::Control, FLAG_RESUME, "resume"),
             (Kind::Control, FLAG_RESUMABLE, "resumable"),
         ] {
             assert_eq!(
@@ -477,10 +477,10 @@ mod tests {
                 })
             );
         }
-        let error = refused(Kind::Control, FLAG_RESUME, VERSION).unwrap_err();
+        let error = refused(Kind::Data, FLAG_RESUMABLE, VERSION).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "hello flag `resume` is not valid on a control connection"
+            "hello flag `resumable` is not valid on a data connection"
         );
         // Without the new flags, a version 1 hello is as it was.
         assert!(refused(Kind::Data, FLAG_RECOVERABLE, 1).is_ok());

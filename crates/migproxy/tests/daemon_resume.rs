@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::cut::{cut_for_good, cutting_proxy};
+use common::cut::{cut_control_after, cut_for_good, cutting_proxy};
 use common::daemon::{TestDaemon, next_event, stand_in_target, subscribe, unix_path};
 use common::{random_data, receive_all, send_all};
 use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
@@ -163,7 +163,10 @@ async fn through_three_resets(source: &TestDaemon, destination: &TestDaemon) {
         .unwrap()
         .into_split();
     let (sent, got_back) = tokio::join!(send_all(write, Arc::clone(&data), 3), receive_all(read));
-    sent.unwrap();
+    if let Err(error) = sent {
+        let views = [source.show("r1").await, destination.show("r1").await];
+        panic!("the source QEMU's write failed ({error}): {views:#?}");
+    }
     assert_eq!(
         got_back.unwrap(),
         (BACKWARD as u64, blake3::hash(&reply)),
@@ -180,6 +183,7 @@ async fn through_three_resets(source: &TestDaemon, destination: &TestDaemon) {
         3,
         "the proxy reset three data connections"
     );
+    let mut counts = Vec::new();
     for daemon in [source, destination] {
         let view = daemon.wait_final("r1", Duration::from_secs(10)).await;
         assert_eq!(view["state"], "transferred", "{view}");
@@ -187,19 +191,27 @@ async fn through_three_resets(source: &TestDaemon, destination: &TestDaemon) {
         // Counted once, however often replayed.
         assert_eq!(bytes["to_destination"], FORWARD as u64, "{view}");
         assert_eq!(bytes["to_source"], BACKWARD as u64, "{view}");
-        // Each host saw each outage, and says so.
+        // Each host reports each outage it saw: the source all three; the destination may
+        // have missed the first, when it came before its engine took the connection (a
+        // failed attempt there, not an outage).
         let resume = &view["resume"];
-        assert_eq!(resume["resumptions"], 3, "{view}");
+        let n = resume["resumptions"].as_u64().unwrap();
+        let least = if view["direction"] == "outgoing" {
+            3
+        } else {
+            2
+        };
+        assert!((least..=3).contains(&n), "{view}");
         assert_eq!(resume["resuming"], json!([]), "{view}");
         assert_eq!(resume["timeout_ms"], 20_000, "{view}");
         let (_, metrics) = daemon.request("GET", "/metrics", None).await;
         let metrics = metrics.as_str().unwrap();
         assert!(
-            metrics.contains("migproxy_resumptions_total 3\n"),
+            metrics.contains(&format!("migproxy_resumptions_total {n}\n")),
             "{metrics}"
         );
         assert!(
-            metrics.contains("migproxy_outage_seconds_count 3\n"),
+            metrics.contains(&format!("migproxy_outage_seconds_count {n}\n")),
             "{metrics}"
         );
         // And the CLI's report of it.
@@ -211,16 +223,17 @@ async fn through_three_resets(source: &TestDaemon, destination: &TestDaemon) {
             .await
             .unwrap();
         let shown = String::from_utf8_lossy(&out.stdout);
-        assert!(shown.contains("resumptions: 3 "), "{shown}");
+        assert!(shown.contains(&format!("resumptions: {n} ")), "{shown}");
+        counts.push(n as usize);
     }
-    for mut events in [source_events, destination_events] {
+    for (mut events, n) in [source_events, destination_events].into_iter().zip(counts) {
         let mut seen = Vec::new();
-        while seen.iter().filter(|e| *e == "channel_resumed").count() < 3 {
+        while seen.iter().filter(|e| *e == "channel_resumed").count() < n {
             let event = tokio::time::timeout(Duration::from_secs(5), next_event(&mut events));
             seen.push(event.await.unwrap().name().to_owned());
         }
         let interrupted = seen.iter().filter(|e| *e == "channel_interrupted").count();
-        assert_eq!(interrupted, 3, "{seen:?}");
+        assert_eq!(interrupted, n, "{seen:?}");
     }
 }
 
@@ -347,5 +360,37 @@ async fn a_cancel_during_an_outage_wins_and_nothing_resumes() {
         let view = daemon.wait_final("c1", Duration::from_secs(5)).await;
         assert_eq!(view["state"], "cancelled", "{view}");
         assert_eq!(view["resume"]["resumptions"], 0, "{view}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_link_reset_mid_migration_is_taken_over_and_not_a_byte_is_lost() {
+    let (source, destination) = resumable_daemons().await;
+    let to = destination.peer.parse().unwrap();
+    let via = cut_control_after(to, Duration::from_millis(300)).await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(&source, &destination, "k1", &target, &via.to_string()).await;
+    const FORWARD: usize = 32 << 20;
+    let destination_qemu = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        receive_all(stream).await.unwrap()
+    });
+    // Paced, so that the reset comes mid-stream: 1 MiB every 30 ms.
+    let data = random_data(4, FORWARD);
+    let (_read, mut write) = UnixStream::connect(unix_path(&uri))
+        .await
+        .unwrap()
+        .into_split();
+    for chunk in data.chunks(1 << 20) {
+        write.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    write.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), destination_qemu).await;
+    assert_eq!(got.unwrap().unwrap(), (FORWARD as u64, blake3::hash(&data)));
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("k1", Duration::from_secs(10)).await;
+        assert_eq!(view["state"], "transferred", "{view}");
+        assert_eq!(view["resume"]["link_outages"], 1, "{view}");
     }
 }

@@ -1,7 +1,9 @@
 //! The control link of one migration, the same on both hosts: it sends what the migration
 //! queues (channel events, failures, cancel, done) plus a heartbeat every interval, and applies
 //! what the peer sends. Silence for longer than the peer timeout, a broken socket, or an end of
-//! stream before the migration has ended are failures of the peer link.
+//! stream before the migration has ended are failures of the peer link — or, where both
+//! daemons agreed on resumable channels, an outage: the link gives its queue back to the
+//! migration, and another connection takes over ([`rejoin`](super::migration)).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,18 +32,19 @@ const PROGRESS_IDLE: Duration = Duration::from_millis(20);
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Runs the control link until both sides have closed it or it breaks.
-/// `version` is the protocol version the link speaks (negotiated in its hello).
+/// `version` is the protocol version the link speaks (negotiated in its hello). Returns
+/// whether it was lost (broke on a resumable migration: another may take over).
 pub async fn run(
     migration: Arc<Migration>,
     stream: Stream,
     link: Link,
     timing: Timing,
     version: u16,
-) {
+) -> bool {
     let span = tracing::info_span!("control", migration = %migration.spec.id, epoch = link.epoch);
     serve(migration, stream, link, timing, version)
         .instrument(span)
-        .await;
+        .await
 }
 
 async fn serve(
@@ -50,25 +53,84 @@ async fn serve(
     link: Link,
     timing: Timing,
     version: u16,
-) {
+) -> bool {
     let (reader, writer) = tokio::io::split(stream);
-    let Link { queue, epoch, stop } = link;
+    let Link {
+        mut queue,
+        epoch,
+        stop,
+        replaced,
+    } = link;
     let writer = Writer {
         half: writer,
         version,
     };
-    let sending = send(&migration, epoch, writer, queue, timing.heartbeat_interval);
+    // The first break of a resumable link: its cause.
+    let lost = Lost::default();
+    let sending = send(
+        &migration,
+        epoch,
+        writer,
+        &mut queue,
+        timing.heartbeat_interval,
+        &lost,
+    );
     let receiving = async {
         tokio::select! {
-            () = receive(&migration, epoch, &stop, reader, timing.peer_timeout) => {}
+            () = receive(&migration, epoch, &stop, reader, timing.peer_timeout, &lost) => {}
             // Once the epoch has ended, give the peer a moment to close, then stop listening.
             () = async {
                 stop.cancelled().await;
                 tokio::time::sleep(CLOSE_LINGER).await;
             } => {}
+            () = lost.token.cancelled() => {}
         }
     };
-    tokio::join!(sending, receiving);
+    let taken_over = async {
+        replaced.cancelled().await;
+        let cause = "another connection took the control link over".to_owned();
+        lost.broke(
+            &migration,
+            epoch,
+            migration.peer_link_failure(Op::Read, None, cause),
+        );
+    };
+    tokio::select! {
+        ((), ()) = async { tokio::join!(sending, receiving) } => {}
+        () = async { taken_over.await; std::future::pending::<()>().await } => {}
+    }
+    match lost.cause() {
+        Some(cause) => {
+            migration.link_lost(epoch, cause, queue);
+            true
+        }
+        None => false,
+    }
+}
+
+/// A resumable link's break: the first cause, and the token that stops both halves.
+#[derive(Default)]
+struct Lost {
+    token: tokio_util::sync::CancellationToken,
+    cause: std::sync::Mutex<Option<migproxy_proto::Attribution>>,
+}
+
+impl Lost {
+    /// The link broke with `blame`: an outage where the migration may go on without it, a
+    /// failure (after the peer's explanation) otherwise.
+    fn broke(&self, migration: &Arc<Migration>, epoch: Epoch, blame: migproxy_proto::Attribution) {
+        if !migration.link_resumable(epoch) {
+            migration.fail_or_wait(epoch, blame);
+            return;
+        }
+        let mut cause = self.cause.lock().unwrap_or_else(|p| p.into_inner());
+        cause.get_or_insert(blame);
+        self.token.cancel();
+    }
+
+    fn cause(&self) -> Option<migproxy_proto::Attribution> {
+        self.cause.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The link's writing half and the protocol version it speaks.
@@ -81,8 +143,9 @@ async fn send(
     migration: &Arc<Migration>,
     epoch: Epoch,
     mut writer: Writer,
-    mut queue: mpsc::UnboundedReceiver<Outbound>,
+    queue: &mut mpsc::UnboundedReceiver<Outbound>,
     heartbeat: Duration,
+    lost: &Lost,
 ) {
     let mut tick = tokio::time::interval(heartbeat);
     // A deadline, not a sleep made anew each turn: other frames do not put it off.
@@ -90,6 +153,8 @@ async fn send(
     let mut buf = Vec::new();
     loop {
         let controls = tokio::select! {
+            // Lost: what is queued stays for the link that takes over.
+            () = lost.token.cancelled() => return,
             outbound = queue.recv() => match outbound {
                 Some(Outbound::Frame(control)) => vec![control],
                 Some(Outbound::Close) | None => break,
@@ -108,7 +173,7 @@ async fn send(
                 errno_name(&error),
                 format!("control link: {}", os_message(&error)),
             );
-            migration.fail_or_wait(epoch, blame);
+            lost.broke(migration, epoch, blame);
             return;
         }
     }
@@ -122,6 +187,7 @@ async fn receive(
     ended: &tokio_util::sync::CancellationToken,
     mut reader: ReadHalf<Stream>,
     peer_timeout: Duration,
+    lost: &Lost,
 ) {
     let mut buf = Vec::new();
     loop {
@@ -158,8 +224,8 @@ async fn receive(
             ),
         };
         // Ignored if the epoch has ended meanwhile.
-        migration.fail_or_wait(epoch, blame);
-        if silent {
+        lost.broke(migration, epoch, blame);
+        if silent && !lost.token.is_cancelled() {
             // Silence may be this host's own doing (a daemon frozen while the peer failed it):
             // the peer's explanation may already wait in the socket buffer. Read what is there
             // while the failure waits for an explanation, so both hosts tell the peer's story.

@@ -405,6 +405,9 @@ fn vet(
         allowed(daemon, identity).map_err(refused)?;
     }
     let migration = admit(daemon, hello)?;
+    if hello.kind == Kind::Control && hello.flags & migproxy_proto::FLAG_RESUME != 0 {
+        return take_over(migration, identity);
+    }
     kernel::fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
     same_recoverable(&migration, hello).map_err(refused)?;
     // From version 2 on, the epoch's data connections carry a secret handed out here, on the
@@ -447,6 +450,37 @@ fn vet(
         joined,
         handed_out,
     })
+}
+
+/// A control link that takes over from the epoch's broken one (its credential checked):
+/// from the same certificate, on a resumable migration whose link is down. One still up is
+/// told to give up, and this one answered Busy (the source tries again at once).
+fn take_over(
+    migration: Arc<Migration>,
+    identity: Option<&Identity>,
+) -> Result<Vetted, (Status, String)> {
+    let id = &migration.spec.id;
+    if !migration.resumable.same_identity(identity) {
+        let message = format!(
+            "migration {id}: a control link that takes over must come from the broken one's certificate"
+        );
+        return Err((Status::Refused, message));
+    }
+    match migration.rejoin() {
+        Ok(link) => Ok(Vetted {
+            migration,
+            joined: Joined::Control(link),
+            handed_out: String::new(),
+        }),
+        Err(resumable::Rejoin::Busy) => Err((
+            Status::Busy,
+            format!("migration {id}: its control link is still up; it is told to give up"),
+        )),
+        Err(resumable::Rejoin::Refused) => Err((
+            Status::Refused,
+            format!("migration {id} has no control link to take over (not resumable, or ended)"),
+        )),
+    }
 }
 
 /// Whether a control hello gets resumable channels: asked for (version 2 on), this side has
@@ -654,9 +688,12 @@ fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, Stri
     }
     // A control link presents the one-time token; a data connection what its control link
     // was handed (the token itself on a version 1 link).
+    // A control link that takes over from a broken one presents the epoch's credential:
+    // the one-time token is spent.
+    let takes_over = hello.flags & migproxy_proto::FLAG_RESUME != 0;
     let presented = match hello.kind {
-        Kind::Control => migration.spec.token.matches(&hello.token),
-        Kind::Data => migration.admits_data(&hello.token),
+        Kind::Control if !takes_over => migration.spec.token.matches(&hello.token),
+        Kind::Control | Kind::Data => migration.admits_data(&hello.token),
     };
     if !presented {
         let what = match hello.kind {

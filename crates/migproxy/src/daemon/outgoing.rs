@@ -17,7 +17,7 @@ use super::migration::Preamble;
 use super::migration::{Arrived, Migration, Role, Spec, State};
 use super::peer::{self, PeerError};
 use super::token::Token;
-use super::{Daemon, RegisterError, channel, control, kernel, qemu};
+use super::{Daemon, RegisterError, channel, kernel, qemu};
 use crate::endpoint::Endpoint;
 use crate::human::{Chain, errno_name};
 use crate::relay;
@@ -455,7 +455,7 @@ async fn connect(
 
 /// Attaches a dialled control link (whose hello named `first_channel`) and runs it.
 fn start_control(
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     migration: &Arc<Migration>,
     link: ControlLink,
     first_channel: u32,
@@ -465,14 +465,9 @@ fn start_control(
     let Some(attached) = migration.attach_control(first_channel, link.credential.clone()) else {
         return Err(link);
     };
-    let timing = daemon.config.timing.clone();
-    daemon.tasks.spawn(control::run(
-        Arc::clone(migration),
-        link.stream,
-        attached,
-        timing,
-        link.version,
-    ));
+    let (daemon_, migration_) = (Arc::clone(daemon), Arc::clone(migration));
+    let runs = resumable::control_link(daemon_, migration_, link.stream, attached, link.version);
+    daemon.tasks.spawn(runs);
     Ok(())
 }
 
@@ -495,7 +490,7 @@ async fn tell_cancelled(link: ControlLink) {
 /// `first_channel`. True when resumed; false when there was nothing to resume any more
 /// (the migration ended, or another link attached).
 async fn resume(
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     migration: &Arc<Migration>,
     first_channel: u32,
 ) -> Result<bool, NotResumed> {

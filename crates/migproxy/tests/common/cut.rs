@@ -117,3 +117,32 @@ pub async fn cut_for_good(to: SocketAddr, at: usize) -> SocketAddr {
     });
     addr
 }
+
+/// A middlebox that resets the first connection (the control link) `after` it was made;
+/// every other connection passes, the control link that takes over too.
+pub async fn cut_control_after(to: SocketAddr, after: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let mut server = TcpStream::connect(to).await.unwrap();
+            tokio::spawn(async move {
+                if n > 0 {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    return;
+                }
+                let pass = tokio::io::copy_bidirectional(&mut client, &mut server);
+                let _ = tokio::time::timeout(after, pass).await;
+                for stream in [&client, &server] {
+                    socket2::SockRef::from(stream)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    addr
+}

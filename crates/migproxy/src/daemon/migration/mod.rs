@@ -28,6 +28,7 @@ pub mod handoff;
 mod local_qemu;
 mod path;
 mod recovery;
+mod rejoin;
 pub mod resumable;
 mod resuming;
 mod snapshot;
@@ -161,6 +162,8 @@ pub struct Link {
     pub epoch: Epoch,
     /// Cancelled when the epoch ends.
     pub stop: CancellationToken,
+    /// Cancelled when another connection takes over this link (resumable channels).
+    pub replaced: CancellationToken,
 }
 
 /// A channel admitted into the current epoch.
@@ -244,6 +247,8 @@ struct Inner {
     /// What data connections of the current epoch must carry instead of the one-time token:
     /// a secret the destination handed out on this epoch's control link (protocol 2 on).
     credential: Option<super::token::Token>,
+    /// The control link's own stop: a link that takes over from it cancels it.
+    link_replaced: CancellationToken,
 }
 
 impl Migration {
@@ -280,6 +285,7 @@ impl Migration {
                 qemu_cancel: None,
                 announced: State::Pending,
                 credential: None,
+                link_replaced: CancellationToken::new(),
             }),
             stop,
             state_tx: watch::channel(State::Pending).0,
@@ -546,29 +552,13 @@ impl Migration {
             .ok()?;
         inner.credential = credential;
         tracing::info!(migration = %self.spec.id, first_channel, epoch = inner.core.epoch(), "control link attached");
+        inner.link_replaced = CancellationToken::new();
         Some(Link {
             queue: inner.new_link.take()?,
             epoch: inner.core.epoch(),
             stop: inner.epoch_stop.clone(),
+            replaced: inner.link_replaced.clone(),
         })
-    }
-
-    /// Whether a data connection's hello carries what this epoch's data connections must:
-    /// the secret handed out on its control link, or the token where the link speaks
-    /// version 1. A token holder who is not the control link's peer cannot add channels.
-    pub fn admits_data(&self, presented: &[u8; migproxy_proto::TOKEN_LEN]) -> bool {
-        match &self.lock().credential {
-            Some(credential) => credential.matches(presented),
-            None => self.spec.token.matches(presented),
-        }
-    }
-
-    /// What this host's data connections present (source).
-    pub fn data_credential(&self) -> super::token::Token {
-        self.lock()
-            .credential
-            .clone()
-            .unwrap_or_else(|| self.spec.token.clone())
     }
 
     /// Channel `index` of `epoch` is connected to the destination QEMU: the next one may go.

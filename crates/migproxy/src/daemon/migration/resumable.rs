@@ -40,6 +40,15 @@ use crate::relay::resume::{PeerLink, Progress, Sides};
 use crate::tls::Identity;
 use crate::transport::Stream;
 
+/// Why a control link could not take over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejoin {
+    /// The link it replaces has not given up yet: it is told to; try again at once.
+    Busy,
+    /// Nothing to take over: the migration ended, or is not resumable.
+    Refused,
+}
+
 /// The resumable channels of one migration.
 #[derive(Debug, Default)]
 pub struct Resumable {
@@ -50,6 +59,18 @@ pub struct Resumable {
     /// Destination, over TLS: the certificate of the control link that agreed on them; a
     /// connection that comes again must present the same.
     identity: Mutex<Option<Identity>>,
+    /// The control link, while it is down.
+    link_down: Mutex<Option<LinkDown>>,
+    /// Source: tries to bring the control link back in the current outage.
+    pub link_attempts: AtomicU32,
+}
+
+/// A control link outage: since when, why, and which one (a later outage is another).
+#[derive(Debug, Clone)]
+pub struct LinkDown {
+    pub since: Instant,
+    pub cause: migproxy_proto::Attribution,
+    pub number: u64,
 }
 
 /// Every outage of the migration's channels, as this host saw them.
@@ -63,6 +84,10 @@ pub struct Outages {
     pub replayed: u64,
     /// The channels without a connection now, since when.
     pub open: BTreeMap<u32, Instant>,
+    /// Control link outages, ended or not.
+    pub link_outages: u64,
+    /// The time of those that ended.
+    pub link_lost: Duration,
 }
 
 impl Outages {
@@ -115,10 +140,50 @@ impl Resumable {
         outages.replayed += replayed;
     }
 
-    /// Whether a channel has no connection now.
+    /// Whether a channel, or the control link, has no connection now.
     pub fn any_down(&self) -> bool {
         let outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
-        !outages.open.is_empty()
+        !outages.open.is_empty() || self.link_down().is_some()
+    }
+
+    /// The control link's outage, if it is down.
+    pub fn link_down(&self) -> Option<LinkDown> {
+        self.link_down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The control link broke with `cause`: returns the outage's number (the first break
+    /// of an outage counts; a second one while down keeps it).
+    pub fn link_broke(&self, cause: migproxy_proto::Attribution) -> u64 {
+        let mut down = self.link_down.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(down) = down.as_ref() {
+            return down.number;
+        }
+        let mut outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
+        outages.link_outages += 1;
+        let number = outages.link_outages;
+        self.link_attempts.store(0, Ordering::Relaxed);
+        *down = Some(LinkDown {
+            since: Instant::now(),
+            cause,
+            number,
+        });
+        number
+    }
+
+    /// The control link is back: how long it was down.
+    pub fn link_back(&self) -> Option<Duration> {
+        let down = self
+            .link_down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        let lost = down.since.elapsed();
+        let mut outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
+        outages.link_lost += lost;
+        Some(lost)
     }
 
     /// The outages so far.

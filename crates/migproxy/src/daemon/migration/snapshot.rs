@@ -154,6 +154,13 @@ impl Migration {
             lost_ms: outages.lost_until_now().as_millis() as u64,
             replayed: outages.replayed,
             resuming: outages.open.keys().copied().collect(),
+            link_outages: outages.link_outages,
+            link_lost_ms: (outages.link_lost
+                + self
+                    .resumable
+                    .link_down()
+                    .map_or(Duration::ZERO, |d| d.since.elapsed()))
+            .as_millis() as u64,
             down_ms: outages
                 .open
                 .values()

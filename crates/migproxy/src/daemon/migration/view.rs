@@ -285,6 +285,10 @@ pub struct ResumeView {
     pub resuming: Vec<u32>,
     /// How long the oldest of those has been down; `null` when none is.
     pub down_ms: Option<u64>,
+    /// Outages of the control link (taken over by a new connection, or not yet).
+    pub link_outages: u64,
+    /// Their time, the open one counted until now.
+    pub link_lost_ms: u64,
 }
 
 impl Event {

@@ -1,15 +1,18 @@
-//! The source's side of a resumable channel: the first data connection as dialled with the
+//! The source's side of resumable channels: the first data connection as dialled with the
 //! channel, then, after each break, a new one that re-admits it (`FLAG_RESUME`, with the
-//! epoch's credential).
+//! epoch's credential); and the control link, dialled again to take over when it breaks.
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use migproxy_proto::{FLAG_RESUME, Hello, Status};
+use migproxy_proto::{FLAG_RECOVERABLE, FLAG_RESUME, Hello, Kind, Op, Status, VERSION};
 
 use super::super::Daemon;
 use super::super::channel::resumable::{self as channel, Ends, Redial};
-use super::super::migration::{Admitted, Migration};
+use super::super::control;
+use super::super::migration::{Admitted, Link, Migration};
 use super::super::peer::PeerError;
 use super::dial::dial;
 use crate::human::Chain;
@@ -67,4 +70,84 @@ fn as_io(error: PeerError) -> io::Error {
             .map_or(io::ErrorKind::TimedOut, io::Error::kind),
     };
     io::Error::new(kind, Chain(&error).to_string())
+}
+
+/// Runs the control link, and, each time it is lost (a resumable migration's link broke),
+/// dials another that takes over, until the migration ends or the resume timeout fails it.
+pub async fn control_link(
+    daemon: Arc<Daemon>,
+    migration: Arc<Migration>,
+    stream: Stream,
+    link: Link,
+    version: u16,
+) {
+    let (mut stream, mut link, mut version) = (stream, link, version);
+    loop {
+        let timing = daemon.config.timing.clone();
+        let run = control::run(Arc::clone(&migration), stream, link, timing, version);
+        if !run.await {
+            return;
+        }
+        match take_over(&daemon, &migration).await {
+            Some((again, taken, spoken)) => (stream, link, version) = (again, taken, spoken),
+            None => return,
+        }
+    }
+}
+
+/// Dials, with backoff, a control link that takes over from the broken one: the first try
+/// at once, then every 50 ms growing to 2 s. `None` once the migration ended, or the
+/// destination refused (it holds nothing to go on with: it restarted, or the migration
+/// ended there), which fails the migration at once.
+async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Stream, Link, u16)> {
+    let mut pause = Duration::ZERO;
+    loop {
+        tokio::select! {
+            () = migration.stopped() => return None,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        migration
+            .resumable
+            .link_attempts
+            .fetch_add(1, Ordering::Relaxed);
+        let hello = Hello {
+            version: VERSION,
+            kind: Kind::Control,
+            migration: migration.spec.id.clone(),
+            channel: migration.channels_seen(),
+            token: *migration.data_credential().bytes(),
+            flags: FLAG_RESUME
+                | if migration.spec.recoverable {
+                    FLAG_RECOVERABLE
+                } else {
+                    0
+                },
+        };
+        let refusal = match dial(daemon, migration, &hello).await {
+            Ok(dialled) => match migration.rejoin() {
+                Ok(link) => return Some((dialled.stream, link, dialled.version)),
+                Err(_) => return None,
+            },
+            Err(PeerError::Refused {
+                status: Status::Busy,
+                ..
+            }) => {
+                pause = Duration::from_millis(20);
+                continue;
+            }
+            Err(refused @ PeerError::Refused { .. }) => refused,
+            Err(error) => {
+                tracing::debug!(migration = %migration.spec.id, error = %Chain(&error), "the control link is not back yet");
+                continue;
+            }
+        };
+        let message = format!(
+            "the destination refused the control link's return: {}",
+            Chain(&refusal)
+        );
+        let blame = migration.peer_link_failure(Op::Handshake, None, message);
+        migration.fail(migration.epoch(), blame);
+        return None;
+    }
 }
