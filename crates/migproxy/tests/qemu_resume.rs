@@ -1,6 +1,8 @@
 //! Resumable channels with real QEMU (issue #18): a precopy migration, one channel and
 //! multifd, whose data connections are reset (RST) by a middlebox between the two daemons
-//! while the control link lives. QEMU completes and never notices; the guest RAM is equal.
+//! while the control link lives; and one whose link is blackholed (nftables, two network
+//! namespaces) past the peer timeout. QEMU completes and never notices; the guest RAM is
+//! equal.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +15,7 @@ use std::time::Duration;
 use common::cut::cutting_proxy;
 use common::daemon::TestDaemon;
 use common::qemu::{Qemu, Ram, random_ram_file};
-use common::scenario::qemu_completed;
+use common::scenario::{Options, Scenario, qemu_completed};
 use common::short_tempdir;
 use serde_json::{Value, json};
 
@@ -99,4 +101,41 @@ async fn a_multifd_migration_survives_resets_of_several_channels() {
     ];
     let [source, _] = migrate_through_resets(cuts, Some(4)).await;
     assert_eq!(source["channels"].as_array().unwrap().len(), 5, "{source}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_blackholed_mid_migration_costs_seconds_not_the_migration() {
+    let mut s = Scenario::start(Options {
+        netns: true,
+        daemon_args: ["--resume-timeout", "60", "--peer-timeout", "3"]
+            .map(String::from)
+            .to_vec(),
+        ..Options::default()
+    })
+    .await;
+    let uri = s.create("bh", false).await;
+    s.migrate(&uri, 32 << 20).await;
+    s.sent_at_least(8 << 20).await;
+    // Every packet to and from the destination's host dropped for 6 s: twice the peer
+    // timeout, so that both daemons find the control link dead.
+    let hosts = s.hosts.as_ref().unwrap();
+    let cut = std::time::Instant::now();
+    hosts.blackhole_b();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    hosts.restore_b();
+    let views = s.completes("bh", "transferred").await;
+    for view in &views {
+        let resume = &view["resume"];
+        // For the record: from the cut, the peer timeout, then the outage until a control
+        // link took over.
+        eprintln!(
+            "{}: link down {} ms of the {:?} since the cut",
+            view["direction"],
+            resume["link_lost_ms"],
+            cut.elapsed()
+        );
+        assert_eq!(resume["link_outages"], 1, "{view}");
+        assert!(resume["link_lost_ms"].as_u64().unwrap() >= 2_000, "{view}");
+    }
+    s.assert_ram_equal().await;
 }
