@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::cut::{cut_control_after, cut_for_good, cutting_proxy};
+use common::cut::{Switch, cut_control_after, cut_for_good, cutting_proxy};
 use common::daemon::{TestDaemon, next_event, stand_in_target, subscribe, unix_path};
 use common::{random_data, receive_all, send_all};
 use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
@@ -393,4 +393,44 @@ async fn a_control_link_reset_mid_migration_is_taken_over_and_not_a_byte_is_lost
         assert_eq!(view["state"], "transferred", "{view}");
         assert_eq!(view["resume"]["link_outages"], 1, "{view}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_destination_daemon_holds_nothing_to_resume_and_the_source_fails_at_once() {
+    let (source, destination) = resumable_daemons().await;
+    let switch = Switch::new(destination.peer.parse().unwrap()).await;
+    let via = switch.addr.to_string();
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(&source, &destination, "d1", &target, &via).await;
+    let reader = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        let _ = receive_all(stream).await;
+    });
+    let (_read, mut write) = UnixStream::connect(unix_path(&uri))
+        .await
+        .unwrap()
+        .into_split();
+    write.write_all(&[7; 1 << 20]).await.unwrap();
+    destination
+        .wait_for("d1", "1 MiB delivered", Duration::from_secs(10), |v| {
+            v["bytes"]["to_destination"].as_u64() >= Some(1 << 20)
+        })
+        .await;
+    // The destination daemon is gone (its connections reset, as when it crashes), and
+    // another, which never heard of the migration, answers at its address: it cannot go
+    // on with what the first delivered.
+    let restarted = resumable_daemons().await.1;
+    switch.to(restarted.peer.parse().unwrap());
+    let started = std::time::Instant::now();
+    let view = source.wait_final("d1", Duration::from_secs(10)).await;
+    assert_eq!(view["state"], "failed", "{view}");
+    let message = view["error"]["message"].as_str().unwrap();
+    assert!(message.contains("refused"), "{view}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed at once, not at the resume timeout (20 s): {:?}",
+        started.elapsed()
+    );
+    eprintln!("{message}");
+    reader.abort();
 }

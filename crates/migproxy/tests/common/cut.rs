@@ -146,3 +146,46 @@ pub async fn cut_control_after(to: SocketAddr, after: Duration) -> SocketAddr {
     });
     addr
 }
+
+/// A middlebox that forwards every connection to its current target; [`Switch::to`]
+/// resets every connection open (both ends) and sends the next ones elsewhere: a daemon
+/// that crashed and came back at the same address.
+pub struct Switch {
+    target: tokio::sync::watch::Sender<SocketAddr>,
+    pub addr: SocketAddr,
+}
+
+impl Switch {
+    pub async fn new(to: SocketAddr) -> Switch {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (target, seen) = tokio::sync::watch::channel(to);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let mut seen = seen.clone();
+                let to = *seen.borrow_and_update();
+                let Ok(server) = TcpStream::connect(to).await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = seen.changed() => {
+                            for stream in [&client, &server] {
+                                socket2::SockRef::from(stream)
+                                    .set_linger(Some(Duration::ZERO))
+                                    .unwrap();
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Switch { target, addr }
+    }
+
+    pub fn to(&self, to: SocketAddr) {
+        self.target.send_replace(to);
+    }
+}
