@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::cut::cutting_proxy;
 use common::daemon::TestDaemon;
 use common::qemu::{Qemu, Ram, random_ram_file};
-use common::scenario::{Options, Scenario, qemu_completed};
+use common::scenario::{Options, Scenario, qemu_completed, qemu_status};
 use common::short_tempdir;
 use serde_json::{Value, json};
 
@@ -136,6 +136,41 @@ async fn a_link_blackholed_mid_migration_costs_seconds_not_the_migration() {
         );
         assert_eq!(resume["link_outages"], 1, "{view}");
         assert!(resume["link_lost_ms"].as_u64().unwrap() >= 2_000, "{view}");
+    }
+    s.assert_ram_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_blackholed_in_postcopy_costs_seconds_and_the_return_path_still_says_completed() {
+    let mut s = Scenario::start(Options {
+        netns: true,
+        daemon_args: ["--resume-timeout", "60", "--peer-timeout", "3"]
+            .map(String::from)
+            .to_vec(),
+        ..Options::default()
+    })
+    .await;
+    s.capabilities(&["postcopy-ram"]).await;
+    // Not recoverable: only resuming can save it (a recoverable one would pause instead).
+    let uri = s.create("pcb", false).await;
+    // Postcopy as slow as precopy: still running when the link goes.
+    let slow = json!({"max-postcopy-bandwidth": 32u64 << 20});
+    s.src_vm.execute("migrate-set-parameters", slow).await;
+    s.migrate(&uri, 32 << 20).await;
+    s.sent_at_least(16 << 20).await;
+    s.src_vm
+        .execute("migrate-start-postcopy", Value::Null)
+        .await;
+    qemu_status(&mut s.src_vm, &["postcopy-active"], Duration::from_secs(30)).await;
+    let hosts = s.hosts.as_ref().unwrap();
+    hosts.blackhole_b();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    hosts.restore_b();
+    let during = s.src_vm.execute("query-migrate", Value::Null).await;
+    assert_eq!(during["status"], "postcopy-active", "{during}");
+    for view in s.completes("pcb", "completed").await {
+        assert_eq!(view["resume"]["link_outages"], 1, "{view}");
+        assert!(view["bytes"]["to_source"].as_u64().unwrap() > 0, "{view}");
     }
     s.assert_ram_equal().await;
 }
