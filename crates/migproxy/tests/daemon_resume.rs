@@ -434,3 +434,49 @@ async fn a_restarted_destination_daemon_holds_nothing_to_resume_and_the_source_f
     eprintln!("{message}");
     reader.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_control_hello_refused_leaves_the_epoch_resumable_and_absurd_timeouts_are_refused()
+{
+    let (source, destination) = resumable_daemons().await;
+    let (_dir, _qemu_in, target) = stand_in_target();
+    let body = json!({"direction": "incoming", "id": "s1", "target": target});
+    let (status, incoming) = destination
+        .request("POST", "/v1/migrations", Some(body))
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let token = incoming["token"].as_str().unwrap().to_owned();
+    let body =
+        json!({"direction": "outgoing", "id": "s1", "token": token, "peer": destination.peer});
+    let (status, outgoing) = source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 201, "{outgoing}");
+    destination
+        .wait_for("s1", "resumable", Duration::from_secs(5), |v| {
+            !v["resume"].is_null()
+        })
+        .await;
+    // Whoever holds the one-time token tries a control link of their own, without asking
+    // for resumable channels: refused, and the epoch is as it was.
+    let bytes = migproxy::daemon::token::Token::from_hex(&token).unwrap();
+    let hello = Hello {
+        version: VERSION,
+        kind: Kind::Control,
+        migration: "s1".into(),
+        channel: 0,
+        token: *bytes.bytes(),
+        flags: 0,
+    };
+    let (status, message) = hello_answer(&destination.peer, &hello).await;
+    assert_eq!(status, Status::Refused, "{message}");
+    let view = destination.show("s1").await;
+    assert!(!view["resume"].is_null(), "still resumable: {view}");
+    // A resume timeout past a day (or not a number of seconds) is the request's fault.
+    for timeout in [json!(1e30), json!(-1), json!(86_401)] {
+        let body = json!({"direction": "incoming", "resume_timeout": timeout, "target": "unix:/x"});
+        let (status, answer) = destination
+            .request("POST", "/v1/migrations", Some(body))
+            .await;
+        assert_eq!(status, 400, "{timeout}: {answer}");
+        assert!(answer.to_string().contains("resume_timeout"), "{answer}");
+    }
+}

@@ -199,9 +199,13 @@ fn resume_timeout(
     daemon: &Daemon,
     asked: Option<f64>,
 ) -> Result<Option<std::time::Duration>, ApiError> {
+    // A day at most: QEMU waits as long as its socket blocks, an operator not.
+    const MAX: f64 = 86_400.0;
     let timeout = match asked {
         Some(secs) => std::time::Duration::try_from_secs_f64(secs)
-            .map_err(|_| ApiError::bad_request("resume_timeout: seconds, 0 or more"))?,
+            .ok()
+            .filter(|_| secs <= MAX)
+            .ok_or_else(|| ApiError::bad_request("resume_timeout: seconds, 0 to 86400"))?,
         None => daemon.config.resume_timeout,
     };
     Ok((!timeout.is_zero()).then_some(timeout))

@@ -421,11 +421,8 @@ fn vet(
         migration.settle_data_path(choice.clone());
     }
     let resumable = agrees_resumable(&migration, hello, version);
-    if hello.kind == Kind::Control {
-        // Settled before the link attaches: the epoch's first channel may come at once.
-        migration.resumable.settle(resumable);
-        migration.resumable.bind(identity);
-    } else if hello.flags & migproxy_proto::FLAG_RESUME != 0
+    if hello.kind == Kind::Data
+        && hello.flags & migproxy_proto::FLAG_RESUME != 0
         && !migration.resumable.same_identity(identity)
     {
         return Err(refused(format!(
@@ -435,6 +432,12 @@ fn vet(
         )));
     }
     let joined = join(&migration, hello, credential.clone()).map_err(refused)?;
+    if let Joined::Control(_) = joined {
+        // Only a link that attached settles them (a refused one must not touch the epoch);
+        // before its acceptance is sent, so before any channel can come.
+        migration.resumable.settle(resumable);
+        migration.resumable.bind(identity);
+    }
     let handed_out = match (&credential, &choice) {
         (Some(credential), Some(choice)) => {
             let acceptance = data_path::acceptance(&credential.to_hex(), offered, choice);

@@ -76,7 +76,7 @@ async fn carry<L: PeerLink>(
     // that story.
     let mut resume_timeout = migration.spec.resume_timeout.unwrap_or_default();
     if migration.spec.role == Role::Incoming {
-        resume_timeout += migration.explanation_grace() * 2;
+        resume_timeout = resume_timeout.saturating_add(migration.explanation_grace() * 2);
     }
     let options = resume::Options {
         resume_timeout,

@@ -24,13 +24,21 @@ use super::state::Phase;
 use super::{Epoch, Link, Migration, Outbound, Role};
 use crate::human::Elapsed;
 
+/// Whether an epoch in `phase` has a control link to wait for: up, and not over (a link
+/// that breaks after a host said `Done`, or asked the source to cancel, is taken over too:
+/// what is queued must still reach the peer).
+fn link_awaited(phase: &Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Attached | Phase::Active | Phase::Completing | Phase::Cancelling { .. }
+    )
+}
+
 impl Migration {
     /// Whether a control link of `epoch` that broke may be taken over instead of failing.
     pub fn link_resumable(&self, epoch: Epoch) -> bool {
         let inner = self.lock();
-        self.resumable.on()
-            && inner.core.epoch() == epoch
-            && matches!(inner.core.phase(), Phase::Active)
+        self.resumable.on() && inner.core.epoch() == epoch && link_awaited(&inner.core.phase())
     }
 
     /// The control link of `epoch` broke with `cause`: the epoch waits for another, its
@@ -42,18 +50,20 @@ impl Migration {
         cause: Attribution,
         queue: mpsc::UnboundedReceiver<Outbound>,
     ) {
-        {
+        let number = {
             let mut inner = self.lock();
-            if inner.core.epoch() != epoch || !matches!(inner.core.phase(), Phase::Active) {
+            if inner.core.epoch() != epoch || !link_awaited(&inner.core.phase()) {
                 return;
             }
             inner.new_link = Some(queue);
-        }
-        let number = self.resumable.link_broke(cause.clone());
+            // Under the same lock as `rejoin`: a link that takes over at once finds the
+            // outage recorded, and ends it.
+            self.resumable.link_broke(cause.clone())
+        };
         tracing::warn!(migration = %self.spec.id, "control link broken ({}): waiting for it to come back", cause.message);
         let mut timeout = self.spec.resume_timeout.unwrap_or_default();
         if self.spec.role == Role::Incoming {
-            timeout += self.explanation_grace() * 2;
+            timeout = timeout.saturating_add(self.explanation_grace() * 2);
         }
         let migration = Arc::clone(self);
         self.spawn(async move {
@@ -91,7 +101,7 @@ impl Migration {
     /// of its own. A link still up is told to give up first (`Busy`).
     pub fn rejoin(&self) -> Result<Link, Rejoin> {
         let mut inner = self.lock();
-        if !self.resumable.on() || !matches!(inner.core.phase(), Phase::Active) {
+        if !self.resumable.on() || !link_awaited(&inner.core.phase()) {
             return Err(Rejoin::Refused);
         }
         let Some(queue) = inner.new_link.take() else {

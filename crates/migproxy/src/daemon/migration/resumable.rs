@@ -61,6 +61,9 @@ pub struct Resumable {
     identity: Mutex<Option<Identity>>,
     /// The control link, while it is down.
     link_down: Mutex<Option<LinkDown>>,
+    /// The last progress of each channel that ended: a control link that takes over tells
+    /// it again (the one that broke may have taken it down with it).
+    finals: Mutex<BTreeMap<u32, Control>>,
     /// Source: tries to bring the control link back in the current outage.
     pub link_attempts: AtomicU32,
 }
@@ -124,8 +127,13 @@ pub struct Registration {
 }
 
 impl Resumable {
-    /// Channel `index` lost its connection.
+    /// Channel `index` lost its connection (nothing, if it has ended since: its outage
+    /// ended with it).
     pub fn interrupted(&self, index: u32) {
+        let channels = self.channels();
+        if !channels.contains_key(&index) {
+            return;
+        }
         let mut outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
         outages.open.entry(index).or_insert_with(Instant::now);
     }
@@ -142,8 +150,12 @@ impl Resumable {
 
     /// Whether a channel, or the control link, has no connection now.
     pub fn any_down(&self) -> bool {
-        let outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
-        !outages.open.is_empty() || self.link_down().is_some()
+        // One lock at a time: `link_broke` takes them the other way round.
+        let channel_down = {
+            let outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
+            !outages.open.is_empty()
+        };
+        channel_down || self.link_down().is_some()
     }
 
     /// The control link's outage, if it is down.
@@ -265,11 +277,25 @@ impl Resumable {
         outages.open.remove(&index);
         drop(outages);
         let last = *entry.mine.borrow();
-        (entry.told != Some(last)).then_some(Control::Progress {
+        let frame = Control::Progress {
             channel: index,
             delivered: last.delivered,
             end: last.end,
-        })
+        };
+        let mut finals = self.finals.lock().unwrap_or_else(|p| p.into_inner());
+        finals.insert(index, frame.clone());
+        (entry.told != Some(last)).then_some(frame)
+    }
+
+    /// A new control link (the first, or one that takes over): every channel's progress is
+    /// told again, and the last of those that ended, since the link that broke may have
+    /// lost them. Returns those last ones, to send first.
+    pub fn relink(&self) -> Vec<Control> {
+        for entry in self.channels().values_mut() {
+            entry.told = None;
+        }
+        let finals = self.finals.lock().unwrap_or_else(|p| p.into_inner());
+        finals.values().cloned().collect()
     }
 
     /// Whether channel `index` runs resumable here (a connection may come again for it).

@@ -27,7 +27,7 @@ pub async fn dial(
         Err(PeerError::Refused {
             status: migproxy_proto::Status::UnsupportedVersion,
             ..
-        }) if hello.version > migproxy_proto::MIN_VERSION => {
+        }) if hello.version > migproxy_proto::MIN_VERSION && hello.flags & FLAG_RESUME == 0 => {
             // Without what needs the credential (version 2 on): resumable channels.
             let older = Hello {
                 version: migproxy_proto::MIN_VERSION,
