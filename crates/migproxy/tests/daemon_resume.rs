@@ -480,3 +480,35 @@ async fn a_second_control_hello_refused_leaves_the_epoch_resumable_and_absurd_ti
         assert!(answer.to_string().contains("resume_timeout"), "{answer}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_qemu_that_stops_reading_is_blamed_as_with_the_relay() {
+    let daemon = |name: &'static str| {
+        TestDaemon::start_with(name, |c| {
+            c.resume_timeout = Duration::from_secs(20);
+            c.stall_timeout = Duration::from_millis(800);
+        })
+    };
+    let (source, destination) = (daemon("src").await, daemon("dst").await);
+    let (writer, _qemu_in, _dir) =
+        common::daemon::stuck_migration(&source, &destination, "st").await;
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("st", Duration::from_secs(5)).await;
+        assert!(!view["resume"].is_null(), "resumable: {view}");
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = &view["error"];
+        assert_eq!(
+            (&error["host"], &error["leg"], &error["op"]),
+            (&json!("destination"), &json!("qemu"), &json!("timeout")),
+            "{view}"
+        );
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("QEMU stopped reading"),
+            "{view}"
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}

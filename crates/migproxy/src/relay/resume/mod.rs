@@ -501,7 +501,12 @@ impl Up {
         while !self.ended {
             self.kept.ack(acks.borrow_and_update().delivered)?;
             if self.kept.room() == 0 {
+                // Held as a relay holds what its receiver does not take: the stall watch
+                // blames the link (the peer does not acknowledge), not the local end.
+                let held = self.kept.kept();
+                self.observe.counters.hold(self.observe.up, held);
                 wait_change(acks).await;
+                self.observe.counters.hold(self.observe.up, 0);
                 continue;
             }
             let room = self.kept.room().min(self.buf.len());
@@ -517,8 +522,11 @@ impl Up {
             self.kept.push(&self.buf[..n]);
             // Counted once, as a relay counts: sent on (a replay does not count again).
             self.observe.moved(self.observe.up, &self.buf[..n]);
+            // Held while the peer does not take it, as a relay's pump holds it.
+            self.observe.counters.hold(self.observe.up, n);
             peer.write_all(&self.buf[..n]).await.map_err(Cut::Broken)?;
             peer.flush().await.map_err(Cut::Broken)?;
+            self.observe.counters.hold(self.observe.up, 0);
         }
         peer.shutdown().await.map_err(Cut::Broken)?;
         loop {
@@ -561,6 +569,8 @@ impl Down {
                 };
                 return Err(Cut::Fatal(error));
             }
+            // Held until the local end takes it: a local end that stops reading is seen.
+            self.observe.counters.hold(self.observe.down(), n);
             let mut written = 0;
             while written < n {
                 let w = self.local.write(&self.buf[written..n]).await;
