@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::cut::{Switch, cut_control_after, cut_for_good, cutting_proxy};
+use common::cut::{LinkOutage, Switch, cut_control_after, cut_for_good, cutting_proxy};
 use common::daemon::{TestDaemon, next_event, stand_in_target, subscribe, unix_path};
 use common::{random_data, receive_all, send_all};
 use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
@@ -511,4 +511,53 @@ async fn a_destination_qemu_that_stops_reading_is_blamed_as_with_the_relay() {
         );
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_the_control_link_is_down_reaches_the_destination_once_it_is_back() {
+    let (source, destination) = resumable_daemons().await;
+    let outage = LinkOutage::new(
+        destination.peer.parse().unwrap(),
+        Duration::from_millis(300),
+    )
+    .await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(
+        &source,
+        &destination,
+        "x1",
+        &target,
+        &outage.addr.to_string(),
+    )
+    .await;
+    let reader = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        let _ = receive_all(stream).await;
+    });
+    let (_read, mut write) = UnixStream::connect(unix_path(&uri))
+        .await
+        .unwrap()
+        .into_split();
+    write.write_all(&[3; 1 << 20]).await.unwrap();
+    source
+        .wait_for("x1", "the control link down", Duration::from_secs(5), |v| {
+            v["resume"]["link_outages"] == 1
+        })
+        .await;
+    let (status, view) = source
+        .request("POST", "/v1/migrations/x1/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(
+        source.wait_final("x1", Duration::from_secs(5)).await["state"],
+        "cancelled"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    outage.restore();
+    // Well before the destination's resume timeout (20 s): the source's cancel arrived on
+    // the link that came back.
+    let view = destination.wait_final("x1", Duration::from_secs(5)).await;
+    assert_eq!(view["state"], "cancelled", "{view}");
+    assert_eq!(view["cancelled_by"], "source", "{view}");
+    reader.abort();
 }

@@ -189,3 +189,56 @@ impl Switch {
         self.target.send_replace(to);
     }
 }
+
+/// A middlebox whose first connection (the control link) is reset `after` it was made,
+/// and which then resets every new connection until [`LinkOutage::restore`]: the control
+/// link down for as long as a test wants. Connections made before the cut pass.
+pub struct LinkOutage {
+    pub addr: SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LinkOutage {
+    pub async fn new(to: SocketAddr, after: Duration) -> LinkOutage {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let gate = Arc::clone(&open);
+        tokio::spawn(async move {
+            for n in 0.. {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !gate.load(Ordering::SeqCst) {
+                    reset(&client);
+                    continue;
+                }
+                let mut server = TcpStream::connect(to).await.unwrap();
+                let gate = Arc::clone(&gate);
+                tokio::spawn(async move {
+                    let pass = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    if n > 0 {
+                        let _ = pass.await;
+                        return;
+                    }
+                    let _ = tokio::time::timeout(after, pass).await;
+                    gate.store(false, Ordering::SeqCst);
+                    reset(&client);
+                    reset(&server);
+                });
+            }
+        });
+        LinkOutage { addr, open }
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Closes with a reset: SO_LINGER 0 (the close that follows sends an RST).
+fn reset(stream: &TcpStream) {
+    socket2::SockRef::from(stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+}

@@ -97,6 +97,16 @@ impl Migration {
         self.fail(epoch, blame);
     }
 
+    /// What the epoch queued for a control link that broke, once the migration has ended
+    /// without one taking over: its last frames, for the source to deliver if it can.
+    pub fn left_queued(&self) -> Option<mpsc::UnboundedReceiver<Outbound>> {
+        let mut inner = self.lock();
+        match inner.core.phase() {
+            Phase::Ended { .. } => inner.new_link.take(),
+            _ => None,
+        }
+    }
+
     /// A connection takes over the broken control link: the epoch's queue, and a new stop
     /// of its own. A link still up is told to give up first (`Busy`).
     pub fn rejoin(&self) -> Result<Link, Rejoin> {

@@ -12,8 +12,8 @@ use migproxy_proto::{FLAG_RECOVERABLE, FLAG_RESUME, Hello, Kind, Op, Status, VER
 use super::super::Daemon;
 use super::super::channel::resumable::{self as channel, Ends, Redial};
 use super::super::control;
-use super::super::migration::{Admitted, Link, Migration};
-use super::super::peer::PeerError;
+use super::super::migration::{Admitted, Link, Migration, Outbound};
+use super::super::peer::{Dialled, PeerError, write_control};
 use super::dial::dial;
 use crate::human::Chain;
 use crate::transport::Stream;
@@ -98,12 +98,23 @@ pub async fn control_link(
 /// Dials, with backoff, a control link that takes over from the broken one: the first try
 /// at once, then every 50 ms growing to 2 s. `None` once the migration ended, or the
 /// destination refused (it holds nothing to go on with: it restarted, or the migration
-/// ended there), which fails the migration at once.
+/// ended there), which fails the migration at once. A migration that ended meanwhile (a
+/// cancel, a failure) still has its last frames delivered, if a link comes within a grace:
+/// the destination would otherwise learn of it only at its resume timeout.
 async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Stream, Link, u16)> {
+    // The epoch's credential, taken now: an epoch that ends forgets it.
+    let hello = takeover_hello(migration);
     let mut pause = Duration::ZERO;
+    let mut ended: Option<tokio::time::Instant> = None;
     loop {
+        if ended.is_none() && migration.is_stopped() {
+            ended = Some(tokio::time::Instant::now());
+        }
+        if ended.is_some_and(|at| at.elapsed() >= LAST_FRAMES_GRACE) {
+            return None;
+        }
         tokio::select! {
-            () = migration.stopped() => return None,
+            () = migration.stopped(), if ended.is_none() => continue,
             () = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
@@ -111,23 +122,13 @@ async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Strea
             .resumable
             .link_attempts
             .fetch_add(1, Ordering::Relaxed);
-        let hello = Hello {
-            version: VERSION,
-            kind: Kind::Control,
-            migration: migration.spec.id.clone(),
-            channel: migration.channels_seen(),
-            token: *migration.data_credential().bytes(),
-            flags: FLAG_RESUME
-                | if migration.spec.recoverable {
-                    FLAG_RECOVERABLE
-                } else {
-                    0
-                },
-        };
         let refusal = match dial(daemon, migration, &hello).await {
             Ok(dialled) => match migration.rejoin() {
                 Ok(link) => return Some((dialled.stream, link, dialled.version)),
-                Err(_) => return None,
+                Err(_) => {
+                    deliver_last_frames(migration, dialled).await;
+                    return None;
+                }
             },
             Err(PeerError::Refused {
                 status: Status::Busy,
@@ -136,6 +137,7 @@ async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Strea
                 pause = Duration::from_millis(20);
                 continue;
             }
+            Err(_) if ended.is_some() => continue,
             Err(refused @ PeerError::Refused { .. }) => refused,
             Err(error) => {
                 tracing::debug!(migration = %migration.spec.id, error = %Chain(&error), "the control link is not back yet");
@@ -150,4 +152,45 @@ async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Strea
         migration.fail(migration.epoch(), blame);
         return None;
     }
+}
+
+/// How long a migration that ended while its control link was down keeps trying to
+/// deliver its last frames.
+const LAST_FRAMES_GRACE: Duration = Duration::from_secs(5);
+
+/// The hello of a control link that takes over: the epoch's credential, `FLAG_RESUME`.
+fn takeover_hello(migration: &Migration) -> Hello {
+    let recoverable = if migration.spec.recoverable {
+        FLAG_RECOVERABLE
+    } else {
+        0
+    };
+    Hello {
+        version: VERSION,
+        kind: Kind::Control,
+        migration: migration.spec.id.clone(),
+        channel: migration.channels_seen(),
+        token: *migration.data_credential().bytes(),
+        flags: FLAG_RESUME | recoverable,
+    }
+}
+
+/// The migration ended while its link was down: what it queued for the peer (its cancel,
+/// its failure) goes out on `dialled`, then the link closes.
+async fn deliver_last_frames(migration: &Migration, dialled: Dialled) {
+    let Some(mut queue) = migration.left_queued() else {
+        return;
+    };
+    let mut stream = dialled.stream;
+    let mut buf = Vec::new();
+    while let Ok(Outbound::Frame(control)) = queue.try_recv() {
+        if write_control(&mut stream, dialled.version, &control, &mut buf)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    tracing::info!(migration = %migration.spec.id, "the control link is back after the end: its last frames were delivered");
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
 }
