@@ -93,9 +93,27 @@ impl fmt::Display for OsError<'_> {
 
 /// The symbolic name of an error's errno (`ECONNRESET`), if it has one.
 pub fn errno_name(error: &io::Error) -> Option<String> {
-    error
-        .raw_os_error()
-        .map(|code| format!("{:?}", nix::errno::Errno::from_raw(code)))
+    os_code(error).map(|code| format!("{:?}", nix::errno::Errno::from_raw(code)))
+}
+
+/// The OS error code of `error`, or of the first OS error among its sources: an error that
+/// explains an OS error (a resumed channel's deadline, naming the reset that started it)
+/// still has its errno.
+fn os_code(error: &io::Error) -> Option<i32> {
+    if let Some(code) = error.raw_os_error() {
+        return Some(code);
+    }
+    let mut next = error.get_ref().and_then(|inner| inner.source());
+    while let Some(cause) = next {
+        if let Some(code) = cause
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        next = cause.source();
+    }
+    None
 }
 
 /// An error and its sources on one line, each after a colon: `TLS revocation list

@@ -334,6 +334,8 @@ async fn an_outage_past_the_resume_timeout_fails_both_hosts_naming_the_link_and_
         let error = &view["error"];
         assert_eq!(error["leg"], "peer", "{view}");
         assert_eq!(error["channel"], 0, "{view}");
+        // The reset that started the outage, by name.
+        assert_eq!(error["errno"], "ECONNRESET", "{view}");
         let message = error["message"].as_str().unwrap();
         eprintln!("{}: {message}", view["direction"]);
         assert!(

@@ -178,13 +178,11 @@ fn failure(
             (&names.qemu, Some(down), op, error)
         }
         ResumeError::Timeout { cause, last, .. } => {
-            let kind = cause.as_ref().unwrap_or(&last).kind();
-            (
-                &names.peer,
-                None,
-                Op::Connect,
-                io::Error::new(kind, message),
-            )
+            // The message says it all; the first cause stays beneath it, for its errno.
+            let cause = cause.unwrap_or(last);
+            let explained = Explained { message, cause };
+            let error = io::Error::new(explained.cause.kind(), explained);
+            (&names.peer, None, Op::Connect, error)
         }
         ResumeError::Refused(error) => {
             let error = io::Error::new(error.kind(), message);
@@ -203,6 +201,25 @@ fn failure(
         bytes,
         undelivered: 0,
         elapsed,
+    }
+}
+
+/// A message that says more than the OS error beneath it (kept as its source).
+#[derive(Debug)]
+struct Explained {
+    message: String,
+    cause: io::Error,
+}
+
+impl std::fmt::Display for Explained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Explained {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
     }
 }
 
