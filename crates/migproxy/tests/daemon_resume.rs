@@ -51,6 +51,38 @@ async fn pair_via(
     outgoing["qemu_uri"].as_str().unwrap().to_owned()
 }
 
+/// Migration `id` with its one channel open, the source dialling `peer`: the destination
+/// QEMU stand-in reads all it is given (its count and digest once the stream ends), the
+/// source QEMU stand-in writes through `write`.
+struct OneChannel {
+    write: tokio::net::unix::OwnedWriteHalf,
+    received: tokio::task::JoinHandle<std::io::Result<(u64, blake3::Hash)>>,
+    _read: tokio::net::unix::OwnedReadHalf,
+    _dir: tempfile::TempDir,
+}
+
+async fn one_channel(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+    peer: &str,
+) -> OneChannel {
+    let (dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(source, destination, id, &target, peer).await;
+    let received = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await?;
+        receive_all(stream).await
+    });
+    let qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (read, write) = qemu.into_split();
+    OneChannel {
+        write,
+        received,
+        _read: read,
+        _dir: dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_connections_reset_under_a_live_control_link_lose_not_a_byte() {
     let (source, destination) = resumable_daemons().await;
@@ -301,26 +333,19 @@ async fn outage_for_good(
     source: &TestDaemon,
     destination: &TestDaemon,
     id: &str,
-) -> [tokio::task::JoinHandle<()>; 2] {
+) -> tokio::task::JoinHandle<OneChannel> {
     let via = cut_for_good(destination.peer.parse().unwrap(), 2 << 20).await;
-    let (dir, qemu_in, target) = stand_in_target();
-    let uri = pair_via(source, destination, id, &target, &via.to_string()).await;
-    let reader = tokio::spawn(async move {
-        let _dir = dir;
-        let (stream, _) = qemu_in.accept().await.unwrap();
-        let _ = receive_all(stream).await;
-    });
-    let qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let mut channel = one_channel(source, destination, id, &via.to_string()).await;
     let writer = tokio::spawn(async move {
-        let (_read, write) = qemu.into_split();
-        let _ = send_all(write, random_data(9, 64 << 20), 1).await;
+        let _ = channel.write.write_all(&random_data(9, 64 << 20)).await;
+        channel
     });
     source
         .wait_for(id, "channel 0 resuming", Duration::from_secs(10), |v| {
             v["resume"]["resuming"] == json!([0])
         })
         .await;
-    [reader, writer]
+    writer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,26 +395,18 @@ async fn a_control_link_reset_mid_migration_is_taken_over_and_not_a_byte_is_lost
     let (source, destination) = resumable_daemons().await;
     let to = destination.peer.parse().unwrap();
     let via = cut_control_after(to, Duration::from_millis(300)).await;
-    let (_dir, qemu_in, target) = stand_in_target();
-    let uri = pair_via(&source, &destination, "k1", &target, &via.to_string()).await;
+    let mut channel = one_channel(&source, &destination, "k1", &via.to_string()).await;
     const FORWARD: usize = 32 << 20;
-    let destination_qemu = tokio::spawn(async move {
-        let (stream, _) = qemu_in.accept().await.unwrap();
-        receive_all(stream).await.unwrap()
-    });
     // Paced, so that the reset comes mid-stream: 1 MiB every 30 ms.
     let data = random_data(4, FORWARD);
-    let (_read, mut write) = UnixStream::connect(unix_path(&uri))
-        .await
-        .unwrap()
-        .into_split();
     for chunk in data.chunks(1 << 20) {
-        write.write_all(chunk).await.unwrap();
+        channel.write.write_all(chunk).await.unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    write.shutdown().await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(30), destination_qemu).await;
-    assert_eq!(got.unwrap().unwrap(), (FORWARD as u64, blake3::hash(&data)));
+    channel.write.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), channel.received).await;
+    let got = got.unwrap().unwrap().unwrap();
+    assert_eq!(got, (FORWARD as u64, blake3::hash(&data)));
     for daemon in [&source, &destination] {
         let view = daemon.wait_final("k1", Duration::from_secs(10)).await;
         assert_eq!(view["state"], "transferred", "{view}");
@@ -402,17 +419,8 @@ async fn a_restarted_destination_daemon_holds_nothing_to_resume_and_the_source_f
     let (source, destination) = resumable_daemons().await;
     let switch = Switch::new(destination.peer.parse().unwrap()).await;
     let via = switch.addr.to_string();
-    let (_dir, qemu_in, target) = stand_in_target();
-    let uri = pair_via(&source, &destination, "d1", &target, &via).await;
-    let reader = tokio::spawn(async move {
-        let (stream, _) = qemu_in.accept().await.unwrap();
-        let _ = receive_all(stream).await;
-    });
-    let (_read, mut write) = UnixStream::connect(unix_path(&uri))
-        .await
-        .unwrap()
-        .into_split();
-    write.write_all(&[7; 1 << 20]).await.unwrap();
+    let mut channel = one_channel(&source, &destination, "d1", &via).await;
+    channel.write.write_all(&[7; 1 << 20]).await.unwrap();
     destination
         .wait_for("d1", "1 MiB delivered", Duration::from_secs(10), |v| {
             v["bytes"]["to_destination"].as_u64() >= Some(1 << 20)
@@ -434,7 +442,6 @@ async fn a_restarted_destination_daemon_holds_nothing_to_resume_and_the_source_f
         started.elapsed()
     );
     eprintln!("{message}");
-    reader.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,24 +530,8 @@ async fn a_cancel_while_the_control_link_is_down_reaches_the_destination_once_it
         Duration::from_millis(300),
     )
     .await;
-    let (_dir, qemu_in, target) = stand_in_target();
-    let uri = pair_via(
-        &source,
-        &destination,
-        "x1",
-        &target,
-        &outage.addr.to_string(),
-    )
-    .await;
-    let reader = tokio::spawn(async move {
-        let (stream, _) = qemu_in.accept().await.unwrap();
-        let _ = receive_all(stream).await;
-    });
-    let (_read, mut write) = UnixStream::connect(unix_path(&uri))
-        .await
-        .unwrap()
-        .into_split();
-    write.write_all(&[3; 1 << 20]).await.unwrap();
+    let mut channel = one_channel(&source, &destination, "x1", &outage.addr.to_string()).await;
+    channel.write.write_all(&[3; 1 << 20]).await.unwrap();
     source
         .wait_for("x1", "the control link down", Duration::from_secs(5), |v| {
             v["resume"]["link_outages"] == 1
@@ -561,5 +552,43 @@ async fn a_cancel_while_the_control_link_is_down_reaches_the_destination_once_it
     let view = destination.wait_final("x1", Duration::from_secs(5)).await;
     assert_eq!(view["state"], "cancelled", "{view}");
     assert_eq!(view["cancelled_by"], "source", "{view}");
-    reader.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_link_down_longer_than_the_stall_timeout_is_no_stall() {
+    let daemon = |name: &'static str| {
+        TestDaemon::start_with(name, |c| {
+            c.resume_timeout = Duration::from_secs(20);
+            c.stall_timeout = Duration::from_millis(800);
+        })
+    };
+    let (source, destination) = (daemon("src").await, daemon("dst").await);
+    let outage = LinkOutage::new(
+        destination.peer.parse().unwrap(),
+        Duration::from_millis(300),
+    )
+    .await;
+    let mut channel = one_channel(&source, &destination, "n1", &outage.addr.to_string()).await;
+    let data = random_data(6, 2 << 20);
+    channel.write.write_all(&data[..1 << 20]).await.unwrap();
+    source
+        .wait_for("n1", "the control link down", Duration::from_secs(5), |v| {
+            v["resume"]["link_outages"] == 1
+        })
+        .await;
+    // Nothing moves for twice the stall timeout: the resume timeout bounds the outage.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(source.show("n1").await["state"], "active");
+    outage.restore();
+    channel.write.write_all(&data[1 << 20..]).await.unwrap();
+    channel.write.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), channel.received).await;
+    assert_eq!(
+        got.unwrap().unwrap().unwrap(),
+        (2 << 20, blake3::hash(&data))
+    );
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("n1", Duration::from_secs(10)).await;
+        assert_eq!(view["state"], "transferred", "{view}");
+    }
 }

@@ -103,16 +103,22 @@ async fn a_multifd_migration_survives_resets_of_several_channels() {
     assert_eq!(source["channels"].as_array().unwrap().len(), 5, "{source}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_blackholed_mid_migration_costs_seconds_not_the_migration() {
-    let mut s = Scenario::start(Options {
+/// Two daemons with resumable channels in two network namespaces, whose link a test can
+/// blackhole; a 3 s peer timeout, so that a few seconds' cut finds the control link dead.
+async fn blackholable() -> Scenario {
+    Scenario::start(Options {
         netns: true,
         daemon_args: ["--resume-timeout", "60", "--peer-timeout", "3"]
             .map(String::from)
             .to_vec(),
         ..Options::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_blackholed_mid_migration_costs_seconds_not_the_migration() {
+    let mut s = blackholable().await;
     let uri = s.create("bh", false).await;
     s.migrate(&uri, 32 << 20).await;
     s.sent_at_least(8 << 20).await;
@@ -142,14 +148,7 @@ async fn a_link_blackholed_mid_migration_costs_seconds_not_the_migration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_blackholed_in_postcopy_costs_seconds_and_the_return_path_still_says_completed() {
-    let mut s = Scenario::start(Options {
-        netns: true,
-        daemon_args: ["--resume-timeout", "60", "--peer-timeout", "3"]
-            .map(String::from)
-            .to_vec(),
-        ..Options::default()
-    })
-    .await;
+    let mut s = blackholable().await;
     s.capabilities(&["postcopy-ram"]).await;
     // Not recoverable: only resuming can save it (a recoverable one would pause instead).
     let uri = s.create("pcb", false).await;

@@ -58,7 +58,6 @@ async fn relay(
     migration.channel_running(index, relay.counters());
     tracing::debug!(migration = %migration.spec.id, channel = index, "channel open");
     let report = relay.run().await;
-    tracing::info!(migration = %migration.spec.id, channel = index, "channel {report}");
     finish(
         &migration,
         index,
@@ -70,7 +69,8 @@ async fn relay(
     .await;
 }
 
-/// Reports how channel `index` ended, with what its return path said.
+/// Reports how channel `index` ended (relayed or resumable), with what its return path
+/// said.
 async fn finish(
     migration: &Arc<Migration>,
     index: u32,
@@ -79,6 +79,7 @@ async fn finish(
     qemu_leg: &str,
     return_path: Option<&Mutex<ReturnPath>>,
 ) {
+    tracing::info!(migration = %migration.spec.id, channel = index, "channel {report}");
     if closed_by_a_finished_qemu(migration, &report, qemu_leg, admitted).await {
         tracing::info!(
             migration = %migration.spec.id,

@@ -151,19 +151,19 @@ async fn send(
     // A deadline, not a sleep made anew each turn: other frames do not put it off.
     let mut progress = tokio::time::Instant::now() + PROGRESS_IDLE;
     let mut buf = Vec::new();
-    // What a link that broke may have lost of the resumable channels' progress.
-    let finals = migration.resumable.relink();
-    if let Err(error) = write_all(&mut writer, &finals, &mut buf).await {
-        let blame = migration.peer_link_failure(
-            Op::Write,
-            errno_name(&error),
-            format!("control link: {}", os_message(&error)),
-        );
-        lost.broke(migration, epoch, blame);
-        return;
-    }
+    // First what a link that broke may have lost of the resumable channels' progress.
+    let mut controls = migration.resumable.relink();
     loop {
-        let controls = tokio::select! {
+        if let Err(error) = write_all(&mut writer, &controls, &mut buf).await {
+            let blame = migration.peer_link_failure(
+                Op::Write,
+                errno_name(&error),
+                format!("control link: {}", os_message(&error)),
+            );
+            lost.broke(migration, epoch, blame);
+            return;
+        }
+        controls = tokio::select! {
             // Lost: what is queued stays for the link that takes over.
             () = lost.token.cancelled() => return,
             outbound = queue.recv() => match outbound {
@@ -178,15 +178,6 @@ async fn send(
                 due
             }
         };
-        if let Err(error) = write_all(&mut writer, &controls, &mut buf).await {
-            let blame = migration.peer_link_failure(
-                Op::Write,
-                errno_name(&error),
-                format!("control link: {}", os_message(&error)),
-            );
-            lost.broke(migration, epoch, blame);
-            return;
-        }
     }
     // Everything queued before the end has been written: a clean close.
     let _ = writer.half.shutdown().await;

@@ -1,18 +1,23 @@
-//! A middlebox between two daemons that resets (RST, both ends) chosen data connections at
-//! a chosen depth, for the resumable channels' tests.
+//! Middleboxes between two daemons for the resumable channels' tests: each accepts on
+//! loopback, forwards to the destination daemon, and resets (RST, both ends) or refuses
+//! the connections it is told to. The connections are numbered in the order they come:
+//! 0 is the control link, which the source dials first.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A middlebox between the daemons: the first connection (the control link) passes
-/// untouched; the data connections `cuts` names are reset, both ends, after that many bytes
-/// from the source (`usize::MAX`: not at all); later ones pass.
-pub async fn cutting_proxy(to: SocketAddr, cuts: Vec<usize>, cut: Arc<AtomicU32>) -> SocketAddr {
+/// Accepts on loopback until the test ends, handing each connection, with its number, to
+/// `handle` on a task of its own; returns the address to dial.
+async fn middlebox<F, H>(mut handle: H) -> SocketAddr
+where
+    H: FnMut(usize, TcpStream) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -20,37 +25,97 @@ pub async fn cutting_proxy(to: SocketAddr, cuts: Vec<usize>, cut: Arc<AtomicU32>
             let Ok((client, _)) = listener.accept().await else {
                 return;
             };
-            let server = TcpStream::connect(to).await.unwrap();
-            let limit = (n > 0).then(|| cuts.get(n - 1).copied()).flatten();
-            let limit = limit.filter(|limit| *limit != usize::MAX);
-            tokio::spawn(forward(client, server, limit, Arc::clone(&cut)));
+            tokio::spawn(handle(n, client));
         }
     });
     addr
 }
 
-async fn forward(
-    mut client: TcpStream,
-    mut server: TcpStream,
-    limit: Option<usize>,
-    cut: Arc<AtomicU32>,
-) {
-    let Some(limit) = limit else {
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-        return;
+/// Closes with a reset: SO_LINGER 0, then the close (which cannot block: nothing waits to
+/// be sent once the linger is zero) sends an RST.
+fn reset(streams: &[&TcpStream]) {
+    for stream in streams {
+        socket2::SockRef::from(*stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+}
+
+/// Both ways, untouched, until either side ends.
+async fn pass(mut client: TcpStream, to: SocketAddr) {
+    let Ok(mut server) = TcpStream::connect(to).await else {
+        return reset(&[&client]);
     };
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+}
+
+/// The control link passes untouched; the data connections `cuts` names are reset after
+/// that many bytes from the source (`usize::MAX`: not at all), `cut` counting those
+/// reset; later ones pass.
+pub async fn cutting_proxy(to: SocketAddr, cuts: Vec<usize>, cut: Arc<AtomicU32>) -> SocketAddr {
+    middlebox(move |n, client| {
+        let limit = n.checked_sub(1).and_then(|data| cuts.get(data).copied());
+        let limit = limit.filter(|limit| *limit != usize::MAX);
+        forward(client, to, limit, Arc::clone(&cut))
+    })
+    .await
+}
+
+/// The control link passes; the first data connection is reset after `at` bytes from the
+/// source, and every later connection at once (the peer is gone for good, as far as new
+/// connections go).
+pub async fn cut_for_good(to: SocketAddr, at: usize) -> SocketAddr {
+    middlebox(move |n, client| async move {
+        match n {
+            0 | 1 => forward(client, to, (n == 1).then_some(at), Arc::default()).await,
+            _ => reset(&[&client]),
+        }
+    })
+    .await
+}
+
+/// The control link is reset `after` it was made; every other connection passes, the
+/// control link that takes over too.
+pub async fn cut_control_after(to: SocketAddr, after: Duration) -> SocketAddr {
+    middlebox(move |n, client| async move {
+        match n {
+            0 => reset_after(client, to, after).await,
+            _ => pass(client, to).await,
+        }
+    })
+    .await
+}
+
+/// Forwards both ways for `after`, then resets both ends.
+async fn reset_after(client: TcpStream, to: SocketAddr, after: Duration) {
+    pass_until(client, to, tokio::time::sleep(after)).await;
+}
+
+/// Forwards both ways until `stop`, then resets both ends (if they are still open).
+async fn pass_until(mut client: TcpStream, to: SocketAddr, stop: impl Future) {
+    let Ok(mut server) = TcpStream::connect(to).await else {
+        return reset(&[&client]);
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+        _ = stop => {}
+    }
+    reset(&[&client, &server]);
+}
+
+/// Forwards `client` to `to`; with a `limit`, resets both ends once that many bytes went
+/// up (and counts it in `cut`), unless the connection ended first.
+async fn forward(client: TcpStream, to: SocketAddr, limit: Option<usize>, cut: Arc<AtomicU32>) {
+    let Some(limit) = limit else {
+        return pass(client, to).await;
+    };
+    let (mut client, mut server) = (client, TcpStream::connect(to).await.unwrap());
     if !cut_at(&mut client, &mut server, limit).await {
         // Ended before its cut: it went through as it was.
         return;
     }
     cut.fetch_add(1, Ordering::SeqCst);
-    // A reset, both ways: SO_LINGER 0 then close (a close that cannot block: nothing waits
-    // to be sent once the linger is zero).
-    for stream in [&client, &server] {
-        socket2::SockRef::from(stream)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-    }
+    reset(&[&client, &server]);
 }
 
 /// Forwards both ways until `limit` bytes went up (true), or the connection ended first.
@@ -93,63 +158,9 @@ async fn cut_at(client: &mut TcpStream, server: &mut TcpStream, limit: usize) ->
     reached
 }
 
-/// A middlebox that passes the control link, resets the first data connection after `at`
-/// bytes from the source, and resets every later connection at once (the peer is gone for
-/// good, as far as new connections go).
-pub async fn cut_for_good(to: SocketAddr, at: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        for n in 0.. {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            if n > 1 {
-                socket2::SockRef::from(&client)
-                    .set_linger(Some(Duration::ZERO))
-                    .unwrap();
-                continue;
-            }
-            let server = TcpStream::connect(to).await.unwrap();
-            let limit = (n == 1).then_some(at);
-            tokio::spawn(forward(client, server, limit, Arc::default()));
-        }
-    });
-    addr
-}
-
-/// A middlebox that resets the first connection (the control link) `after` it was made;
-/// every other connection passes, the control link that takes over too.
-pub async fn cut_control_after(to: SocketAddr, after: Duration) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        for n in 0.. {
-            let Ok((mut client, _)) = listener.accept().await else {
-                return;
-            };
-            let mut server = TcpStream::connect(to).await.unwrap();
-            tokio::spawn(async move {
-                if n > 0 {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    return;
-                }
-                let pass = tokio::io::copy_bidirectional(&mut client, &mut server);
-                let _ = tokio::time::timeout(after, pass).await;
-                for stream in [&client, &server] {
-                    socket2::SockRef::from(stream)
-                        .set_linger(Some(Duration::ZERO))
-                        .unwrap();
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// A middlebox that forwards every connection to its current target; [`Switch::to`]
-/// resets every connection open (both ends) and sends the next ones elsewhere: a daemon
-/// that crashed and came back at the same address.
+/// Forwards every connection to its current target; [`Switch::to`] resets every
+/// connection open (both ends) and sends the next ones elsewhere: a daemon that crashed
+/// and came back at the same address.
 pub struct Switch {
     target: tokio::sync::watch::Sender<SocketAddr>,
     pub addr: SocketAddr,
@@ -157,31 +168,15 @@ pub struct Switch {
 
 impl Switch {
     pub async fn new(to: SocketAddr) -> Switch {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (target, seen) = tokio::sync::watch::channel(to);
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let mut seen = seen.clone();
+        let addr = middlebox(move |_, client| {
+            let mut seen = seen.clone();
+            async move {
                 let to = *seen.borrow_and_update();
-                let Ok(server) = TcpStream::connect(to).await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let (mut client, mut server) = (client, server);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = seen.changed() => {
-                            for stream in [&client, &server] {
-                                socket2::SockRef::from(stream)
-                                    .set_linger(Some(Duration::ZERO))
-                                    .unwrap();
-                            }
-                        }
-                    }
-                });
+                pass_until(client, to, seen.changed()).await;
             }
-        });
+        })
+        .await;
         Switch { target, addr }
     }
 
@@ -190,55 +185,36 @@ impl Switch {
     }
 }
 
-/// A middlebox whose first connection (the control link) is reset `after` it was made,
-/// and which then resets every new connection until [`LinkOutage::restore`]: the control
-/// link down for as long as a test wants. Connections made before the cut pass.
+/// The control link is reset `after` it was made, and every new connection is reset at
+/// once until [`LinkOutage::restore`]: the control link down for as long as a test wants.
+/// Connections made before the cut pass.
 pub struct LinkOutage {
     pub addr: SocketAddr,
-    open: Arc<std::sync::atomic::AtomicBool>,
+    open: Arc<AtomicBool>,
 }
 
 impl LinkOutage {
     pub async fn new(to: SocketAddr, after: Duration) -> LinkOutage {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let open = Arc::new(AtomicBool::new(true));
         let gate = Arc::clone(&open);
-        tokio::spawn(async move {
-            for n in 0.. {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
+        let addr = middlebox(move |n, client| {
+            let gate = Arc::clone(&gate);
+            async move {
                 if !gate.load(Ordering::SeqCst) {
-                    reset(&client);
-                    continue;
+                    return reset(&[&client]);
                 }
-                let mut server = TcpStream::connect(to).await.unwrap();
-                let gate = Arc::clone(&gate);
-                tokio::spawn(async move {
-                    let pass = tokio::io::copy_bidirectional(&mut client, &mut server);
-                    if n > 0 {
-                        let _ = pass.await;
-                        return;
-                    }
-                    let _ = tokio::time::timeout(after, pass).await;
-                    gate.store(false, Ordering::SeqCst);
-                    reset(&client);
-                    reset(&server);
-                });
+                if n > 0 {
+                    return pass(client, to).await;
+                }
+                reset_after(client, to, after).await;
+                gate.store(false, Ordering::SeqCst);
             }
-        });
+        })
+        .await;
         LinkOutage { addr, open }
     }
 
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
-}
-
-/// Closes with a reset: SO_LINGER 0 (the close that follows sends an RST).
-fn reset(stream: &TcpStream) {
-    socket2::SockRef::from(stream)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
 }

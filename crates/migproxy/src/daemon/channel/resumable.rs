@@ -96,7 +96,6 @@ async fn carry<L: PeerLink>(
         role: migration.spec.role,
     };
     let report = report(&names, &counters, carried);
-    tracing::info!(migration = %migration.spec.id, channel = index, "channel {report}");
     finish(
         &migration,
         index,

@@ -475,6 +475,20 @@ mod tests {
         assert_eq!(resumable.forget(3), None);
     }
 
+    #[test]
+    fn an_outage_told_after_its_channel_ended_is_not_one() {
+        let resumable = Resumable::default();
+        let _registration = resumable.register(2, false);
+        resumable.interrupted(2);
+        assert!(resumable.any_down());
+        let _ = resumable.forget(2);
+        assert!(!resumable.any_down(), "its outage ended with it");
+        // The engine's word, late: the channel is gone.
+        resumable.interrupted(2);
+        assert!(!resumable.any_down());
+        assert!(resumable.outages().open.is_empty());
+    }
+
     #[tokio::test]
     async fn a_connection_that_comes_again_replaces_the_one_in_use() {
         let resumable = Resumable::default();
