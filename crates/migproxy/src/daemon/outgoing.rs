@@ -4,10 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-use migproxy_proto::{
-    Attribution, Control, FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, Hello, Host, Kind,
-    Leg, Op, Totals, VERSION,
-};
+use migproxy_proto::{Attribution, Control, FLAG_KERNEL_PATH, Hello, Host, Kind, Leg, Op, Totals};
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
@@ -27,7 +24,7 @@ mod dial;
 mod redial;
 mod resumable;
 
-use self::dial::dial;
+use self::dial::{dial, hello};
 use self::redial::{Dialer, NotResumed};
 use super::migration::resumable as resumable_mark;
 
@@ -552,33 +549,6 @@ fn offered(hello: &Hello) -> bool {
 fn host_of(peer: &str) -> &str {
     let host = peer.rsplit_once(':').map_or(peer, |(host, _)| host);
     host.trim_start_matches('[').trim_end_matches(']')
-}
-
-fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
-    // Both daemons must agree whether a failure pauses or fails the migration.
-    let recoverable = kind == Kind::Control && migration.spec.recoverable;
-    // The first control link offers the kernel path where it serves here.
-    // A resumed control link of a kernel-path migration offers it again: the destination
-    // holds to the path it settled.
-    let offers_kernel = kind == Kind::Control
-        && ((channel == 0 && migration.spec.data_path_here.is_kernel())
-            || migration.on_kernel_path());
-    let asks_resumable = kind == Kind::Control && migration.spec.resume_timeout.is_some();
-    Hello {
-        version: VERSION,
-        kind,
-        migration: migration.spec.id.clone(),
-        channel,
-        // A control link presents the one-time token; a data connection the credential its
-        // control link was handed.
-        token: match kind {
-            Kind::Control => *migration.spec.token.bytes(),
-            Kind::Data => *migration.data_credential().bytes(),
-        },
-        flags: if recoverable { FLAG_RECOVERABLE } else { 0 }
-            | if offers_kernel { FLAG_KERNEL_PATH } else { 0 }
-            | if asks_resumable { FLAG_RESUMABLE } else { 0 },
-    }
 }
 
 /// Accepts QEMU's connections in order; each becomes channel 0, 1, … to the peer. While the

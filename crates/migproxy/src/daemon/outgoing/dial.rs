@@ -1,7 +1,9 @@
 //! Dialling the destination daemon: TLS unless the daemon is plaintext, and a destination
-//! one version behind asked again in its version.
+//! one version behind asked again in its version; the hello every connection starts with.
 
-use migproxy_proto::{FLAG_RESUMABLE, FLAG_RESUME, Hello};
+use migproxy_proto::{
+    FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, FLAG_RESUME, Hello, Kind, VERSION,
+};
 
 use super::super::Daemon;
 use super::super::migration::Migration;
@@ -37,5 +39,32 @@ pub async fn dial(
             peer::dial(to, &older, &daemon.config.timing).await
         }
         other => other,
+    }
+}
+
+pub fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
+    // Both daemons must agree whether a failure pauses or fails the migration.
+    let recoverable = kind == Kind::Control && migration.spec.recoverable;
+    // The first control link offers the kernel path where it serves here.
+    // A resumed control link of a kernel-path migration offers it again: the destination
+    // holds to the path it settled.
+    let offers_kernel = kind == Kind::Control
+        && ((channel == 0 && migration.spec.data_path_here.is_kernel())
+            || migration.on_kernel_path());
+    let asks_resumable = kind == Kind::Control && migration.spec.resume_timeout.is_some();
+    Hello {
+        version: VERSION,
+        kind,
+        migration: migration.spec.id.clone(),
+        channel,
+        // A control link presents the one-time token; a data connection the credential its
+        // control link was handed.
+        token: match kind {
+            Kind::Control => *migration.spec.token.bytes(),
+            Kind::Data => *migration.data_credential().bytes(),
+        },
+        flags: if recoverable { FLAG_RECOVERABLE } else { 0 }
+            | if offers_kernel { FLAG_KERNEL_PATH } else { 0 }
+            | if asks_resumable { FLAG_RESUMABLE } else { 0 },
     }
 }

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use migproxy_proto::{FLAG_RECOVERABLE, FLAG_RESUME, Hello, Kind, Op, Status, VERSION};
+use migproxy_proto::{FLAG_RESUME, Hello, Kind, Op, Status};
 
 use super::super::Daemon;
 use super::super::channel::resumable::{self as channel, Ends, Redial};
 use super::super::control;
 use super::super::migration::{Admitted, Link, Migration, Outbound};
 use super::super::peer::{Dialled, PeerError, write_control};
-use super::dial::dial;
+use super::dial::{dial, hello};
 use crate::human::Chain;
 use crate::transport::Stream;
 
@@ -158,20 +158,14 @@ async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Strea
 /// deliver its last frames.
 const LAST_FRAMES_GRACE: Duration = Duration::from_secs(5);
 
-/// The hello of a control link that takes over: the epoch's credential, `FLAG_RESUME`.
+/// The hello of a control link that takes over: the epoch's credential in place of the
+/// spent one-time token, and `FLAG_RESUME`.
 fn takeover_hello(migration: &Migration) -> Hello {
-    let recoverable = if migration.spec.recoverable {
-        FLAG_RECOVERABLE
-    } else {
-        0
-    };
+    let control = hello(migration, Kind::Control, migration.channels_seen());
     Hello {
-        version: VERSION,
-        kind: Kind::Control,
-        migration: migration.spec.id.clone(),
-        channel: migration.channels_seen(),
         token: *migration.data_credential().bytes(),
-        flags: FLAG_RESUME | recoverable,
+        flags: control.flags | FLAG_RESUME,
+        ..control
     }
 }
 
