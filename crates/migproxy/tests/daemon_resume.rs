@@ -15,6 +15,7 @@ use std::time::Duration;
 use common::cut::{LinkOutage, Switch, cut_control_after, cut_for_good, cutting_proxy};
 use common::daemon::{TestDaemon, next_event, stand_in_target, subscribe, unix_path};
 use common::{random_data, receive_all, send_all};
+use migproxy::daemon::migration::view::EventKind;
 use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -340,11 +341,17 @@ async fn outage_for_good(
         let _ = channel.write.write_all(&random_data(9, 64 << 20)).await;
         channel
     });
-    source
+    let view = source
         .wait_for(id, "channel 0 resuming", Duration::from_secs(10), |v| {
             v["resume"]["resuming"] == json!([0])
         })
         .await;
+    // The migration and its channel say so, while the control link is up.
+    assert_eq!(view["state"], "resuming", "{view}");
+    assert_eq!(view["phase"], "active", "{view}");
+    assert_eq!(view["channels"][0]["state"], "resuming", "{view}");
+    assert!(view["resume"]["down_ms"].is_u64(), "{view}");
+    assert!(view["resume"]["link_down_ms"].is_null(), "{view}");
     writer
 }
 
@@ -568,6 +575,10 @@ async fn a_control_link_down_longer_than_the_stall_timeout_is_no_stall() {
         Duration::from_millis(300),
     )
     .await;
+    let events = [
+        subscribe(&source, "n1").await,
+        subscribe(&destination, "n1").await,
+    ];
     let mut channel = one_channel(&source, &destination, "n1", &outage.addr.to_string()).await;
     let data = random_data(6, 2 << 20);
     channel.write.write_all(&data[..1 << 20]).await.unwrap();
@@ -578,7 +589,15 @@ async fn a_control_link_down_longer_than_the_stall_timeout_is_no_stall() {
         .await;
     // Nothing moves for twice the stall timeout: the resume timeout bounds the outage.
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(source.show("n1").await["state"], "active");
+    for daemon in [&source, &destination] {
+        let view = daemon.show("n1").await;
+        assert_eq!(view["state"], "resuming", "{view}");
+        assert_eq!(view["channels"][0]["state"], "active", "{view}");
+        assert!(
+            view["resume"]["link_down_ms"].as_u64() >= Some(1600),
+            "{view}"
+        );
+    }
     outage.restore();
     channel.write.write_all(&data[1 << 20..]).await.unwrap();
     channel.write.shutdown().await.unwrap();
@@ -587,8 +606,32 @@ async fn a_control_link_down_longer_than_the_stall_timeout_is_no_stall() {
         got.unwrap().unwrap().unwrap(),
         (2 << 20, blake3::hash(&data))
     );
-    for daemon in [&source, &destination] {
+    for (daemon, mut events) in [&source, &destination].into_iter().zip(events) {
         let view = daemon.wait_final("n1", Duration::from_secs(10)).await;
         assert_eq!(view["state"], "transferred", "{view}");
+        assert!(view["resume"]["link_down_ms"].is_null(), "{view}");
+        // One state event as the link went down, one as it came back.
+        let states = states_until_final(&mut events).await;
+        assert_eq!(
+            states,
+            ["active", "resuming", "active", "transferred"],
+            "{}",
+            view["direction"]
+        );
     }
+}
+
+/// The states a migration's events announce, up to its final one.
+async fn states_until_final(events: &mut migproxy::client::Events) -> Vec<String> {
+    let mut states: Vec<String> = Vec::new();
+    while !states
+        .last()
+        .is_some_and(|s| ["transferred", "completed", "failed", "cancelled"].contains(&s.as_str()))
+    {
+        let event = tokio::time::timeout(Duration::from_secs(5), next_event(events));
+        if let EventKind::State { state, .. } = event.await.unwrap().kind {
+            states.push(state.to_string());
+        }
+    }
+    states
 }

@@ -392,17 +392,26 @@ fn recovery_line(m: &Snapshot) -> Option<String> {
     })
 }
 
-/// While a resumable channel has no connection: "link down 4 s, resuming (channel 0)".
+/// While a resumable channel has no connection: "link down 4 s, resuming (channel 0)"; while
+/// only the control link is down: "control link down 4 s, resuming".
 fn resuming_line(m: &Snapshot) -> Option<String> {
     let resume = m.resume.as_ref()?;
-    let down = Elapsed(Duration::from_millis(resume.down_ms?));
-    let channels: Vec<String> = resume.resuming.iter().map(u32::to_string).collect();
+    let ms = |ms| Elapsed(Duration::from_millis(ms));
+    let what = match (resume.down_ms, resume.link_down_ms) {
+        (Some(down), _) => {
+            let channels: Vec<String> = resume.resuming.iter().map(u32::to_string).collect();
+            format!(
+                "link down {}, resuming (channel {})",
+                ms(down),
+                channels.join(", ")
+            )
+        }
+        (None, Some(down)) => format!("control link down {}, resuming", ms(down)),
+        (None, None) => return None,
+    };
     let status = m.qemu.as_ref().map(|q| q.report.status.to_string());
     let status = status.unwrap_or_else(|| "?".to_owned());
-    Some(format!(
-        "link down {down}, resuming (channel {}) · QEMU {status}",
-        channels.join(", ")
-    ))
+    Some(format!("{what} · QEMU {status}"))
 }
 
 /// How long QEMU may take to settle after migproxy's verdict, in the report.

@@ -61,6 +61,7 @@ impl Migration {
             self.resumable.link_broke(cause.clone())
         };
         tracing::warn!(migration = %self.spec.id, "control link broken ({}): waiting for it to come back", cause.message);
+        self.resuming_changed();
         let mut timeout = self.spec.resume_timeout.unwrap_or_default();
         if self.spec.role == Role::Incoming {
             timeout = timeout.saturating_add(self.explanation_grace() * 2);
@@ -119,15 +120,19 @@ impl Migration {
             return Err(Rejoin::Busy);
         };
         inner.link_replaced = CancellationToken::new();
-        if let Some(lost) = self.resumable.link_back() {
-            tracing::info!(migration = %self.spec.id, "control link back after {}", Elapsed(lost));
-        }
-        Ok(Link {
+        let back = self.resumable.link_back();
+        let link = Link {
             queue,
             epoch: inner.core.epoch(),
             stop: inner.epoch_stop.clone(),
             replaced: inner.link_replaced.clone(),
-        })
+        };
+        drop(inner);
+        if let Some(lost) = back {
+            tracing::info!(migration = %self.spec.id, "control link back after {}", Elapsed(lost));
+            self.resuming_changed();
+        }
+        Ok(link)
     }
 
     /// Whether a data connection's hello carries what this epoch's data connections must:

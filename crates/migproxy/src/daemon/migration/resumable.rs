@@ -66,6 +66,9 @@ pub struct Resumable {
     finals: Mutex<BTreeMap<u32, Control>>,
     /// Source: tries to bring the control link back in the current outage.
     pub link_attempts: AtomicU32,
+    /// Whether the last state event said `resuming`: held while one is published, so that
+    /// the events of outages beginning and ending at once come out in order.
+    pub shown: Mutex<bool>,
 }
 
 /// A control link outage: since when, why, and which one (a later outage is another).

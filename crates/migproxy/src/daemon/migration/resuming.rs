@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use migproxy_proto::Control;
 
-use super::view::EventKind;
+use super::state::{ChannelState, State};
+use super::view::{ChannelSnapshot, EventKind};
 use super::{Epoch, Migration, Outbound};
 use crate::relay::resume::Outage;
 
@@ -50,6 +51,7 @@ impl Migration {
             } => {
                 tracing::warn!(migration = %id, channel = index, "peer connection {connection} broken ({cause}): resuming");
                 self.resumable.interrupted(index);
+                self.resuming_changed();
                 if self.spec.role == super::Role::Incoming && !signalled {
                     self.send_peer(Control::Broken {
                         channel: index,
@@ -69,6 +71,7 @@ impl Migration {
                 tracing::info!(migration = %id, channel = index, "resumed after {} ({attempts} connection attempts, {} sent again)", crate::human::Elapsed(lost), crate::human::Bytes(replayed));
                 self.resumable.resumed(index, lost, replayed);
                 self.context.metrics.resumed(lost);
+                self.resuming_changed();
                 self.publish(EventKind::ChannelResumed {
                     channel: index,
                     lost_ms: lost.as_millis() as u64,
@@ -77,5 +80,53 @@ impl Migration {
                 });
             }
         }
+    }
+}
+
+impl Migration {
+    /// The state the API shows for the lifecycle's `state`: `resuming` in place of `active`
+    /// while a resumable channel or the control link has no connection.
+    pub fn shown_state(&self, state: State) -> State {
+        if state == State::Active && self.resumable.any_down() {
+            State::Resuming
+        } else {
+            state
+        }
+    }
+
+    /// Marks the channels without a connection now as `resuming`.
+    pub fn shown_channels(&self, rows: &mut [ChannelSnapshot]) {
+        let open = self.resumable.outages().open;
+        for row in rows.iter_mut() {
+            if row.state == ChannelState::Active && open.contains_key(&row.index) {
+                row.state = ChannelState::Resuming;
+            }
+        }
+    }
+
+    /// Publishes a state event when the first outage begins (`resuming`) and when the last
+    /// one ends (`active` again): call it after each change of an outage, without the
+    /// migration's lock. An ended migration has said its last.
+    pub fn resuming_changed(&self) {
+        let mut shown = self
+            .resumable
+            .shown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (state, phase) = {
+            let inner = self.lock();
+            (inner.core.state(), inner.core.phase())
+        };
+        let now = self.shown_state(state);
+        if state != State::Active || (now == State::Resuming) == *shown {
+            return;
+        }
+        *shown = now == State::Resuming;
+        tracing::info!(migration = %self.spec.id, phase = phase.name(), "state {now}");
+        self.publish(EventKind::State {
+            state: now,
+            phase: phase.name().to_owned(),
+            error: None,
+        });
     }
 }

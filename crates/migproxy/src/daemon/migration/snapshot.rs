@@ -15,12 +15,13 @@ impl Migration {
     pub fn snapshot(&self) -> Snapshot {
         let mut inner = self.lock();
         // Live counters move while they are read: read each once, and add those up.
-        let channels = inner.live.rows(inner.core.channels());
+        let mut channels = inner.live.rows(inner.core.channels());
+        self.shown_channels(&mut channels);
         let total = channels
             .iter()
             .fold(ByteCounts::default(), |acc, c| channels::add(acc, c.bytes));
         let throughput = self.throughput(&mut inner, total);
-        let state = inner.core.state();
+        let state = self.shown_state(inner.core.state());
         let elapsed = inner.ended.unwrap_or_else(Instant::now) - self.started;
         Snapshot {
             id: self.spec.id.clone(),
@@ -147,6 +148,7 @@ impl Migration {
     fn resume_view(&self) -> Option<view::ResumeView> {
         let timeout = self.spec.resume_timeout?;
         let outages = self.resumable.outages();
+        let link_down = self.resumable.link_down().map(|d| d.since.elapsed());
         let agreed = self.resumable.on() || outages.resumptions > 0;
         agreed.then(|| view::ResumeView {
             timeout_ms: timeout.as_millis() as u64,
@@ -155,12 +157,8 @@ impl Migration {
             replayed: outages.replayed,
             resuming: outages.open.keys().copied().collect(),
             link_outages: outages.link_outages,
-            link_lost_ms: (outages.link_lost
-                + self
-                    .resumable
-                    .link_down()
-                    .map_or(Duration::ZERO, |d| d.since.elapsed()))
-            .as_millis() as u64,
+            link_lost_ms: (outages.link_lost + link_down.unwrap_or_default()).as_millis() as u64,
+            link_down_ms: link_down.map(|d| d.as_millis() as u64),
             down_ms: outages
                 .open
                 .values()

@@ -136,6 +136,10 @@ impl Role {
 pub enum State {
     Pending,
     Active,
+    /// Resumable channels: `active` while a channel or the control link has no connection
+    /// and the source dials again (until `resume_timeout`). Shown by the API only: the
+    /// lifecycle goes on as `active` (see [`super::Migration::shown_state`]).
+    Resuming,
     /// Postcopy recovery: waiting for QEMU to reconnect.
     Paused,
     /// Both hosts carried every byte and QEMU finished (its word over QMP, or the
@@ -151,9 +155,10 @@ pub enum State {
 
 impl State {
     /// Every state, in lifecycle order.
-    pub const ALL: [State; 8] = [
+    pub const ALL: [State; 9] = [
         State::Pending,
         State::Active,
+        State::Resuming,
         State::Paused,
         State::Completed,
         State::Transferred,
@@ -184,6 +189,7 @@ impl State {
         match self {
             State::Pending => "pending",
             State::Active => "active",
+            State::Resuming => "resuming",
             State::Paused => "paused",
             State::Completed => "completed",
             State::Transferred => "transferred",
@@ -259,6 +265,8 @@ impl Phase {
 pub enum ChannelState {
     Opening,
     Active,
+    /// A resumable channel without a connection now (shown by the API only).
+    Resuming,
     Completed,
     Failed,
     Cancelled,

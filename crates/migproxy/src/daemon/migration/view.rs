@@ -33,6 +33,7 @@ impl std::fmt::Display for ChannelState {
         f.write_str(match self {
             ChannelState::Opening => "opening",
             ChannelState::Active => "active",
+            ChannelState::Resuming => "resuming",
             ChannelState::Completed => "completed",
             ChannelState::Failed => "failed",
             ChannelState::Cancelled => "cancelled",
@@ -289,6 +290,8 @@ pub struct ResumeView {
     pub link_outages: u64,
     /// Their time, the open one counted until now.
     pub link_lost_ms: u64,
+    /// How long the control link has been down; `null` while it is up.
+    pub link_down_ms: Option<u64>,
 }
 
 impl Event {
