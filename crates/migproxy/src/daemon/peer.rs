@@ -163,18 +163,42 @@ pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Dialle
     })
 }
 
+/// How often a dial that has not connected yet starts another attempt beside it.
+pub const CONNECT_STAGGER: Duration = Duration::from_secs(1);
+
 /// The TCP connection to `peer`, within the connect timeout.
+///
+/// A SYN lost to a network that is down is sent again by the kernel only after 1, 3, 7 s:
+/// a connection attempt made during an outage would connect seconds after the network came
+/// back, and a resumable channel with it. So while an attempt waits, another starts beside
+/// it every [`CONNECT_STAGGER`] (each with a fresh SYN), and the first to connect wins; the
+/// others are dropped before any byte. An attempt that fails (refused, unreachable) with
+/// none other waiting fails the dial at once, as a single attempt would.
 async fn connect(peer: &str, timing: &Timing) -> Result<TcpStream, PeerError> {
-    match tokio::time::timeout(timing.connect_timeout, TcpStream::connect(peer)).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(error)) => Err(PeerError::Connect {
-            peer: peer.to_owned(),
-            error,
-        }),
-        Err(_) => Err(PeerError::ConnectTimeout {
-            peer: peer.to_owned(),
-            after: timing.connect_timeout,
-        }),
+    let deadline = tokio::time::sleep(timing.connect_timeout);
+    let stagger = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(deadline, stagger);
+    let mut attempts = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = &mut deadline => return Err(PeerError::ConnectTimeout {
+                peer: peer.to_owned(),
+                after: timing.connect_timeout,
+            }),
+            () = &mut stagger => {
+                attempts.spawn(TcpStream::connect(peer.to_owned()));
+                stagger.as_mut().reset(tokio::time::Instant::now() + CONNECT_STAGGER);
+            }
+            Some(attempt) = attempts.join_next() => match attempt {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(error)) if attempts.is_empty() => return Err(PeerError::Connect {
+                    peer: peer.to_owned(),
+                    error,
+                }),
+                // Another attempt still waits (or a task died: the others go on).
+                _ => {}
+            }
+        }
     }
 }
 
@@ -341,4 +365,75 @@ pub async fn write_control(
     writer.write_all(buf).await?;
     // TLS buffers: a control frame must leave now, not with the next one.
     writer.flush().await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A listener whose accept queue is full drops SYNs, as a network that is down does.
+    /// The kernel sends a lost SYN again after 1, 2, 3, 4 s (`tcp_syn_linear_timeouts`;
+    /// older kernels 1, 3, 7 s), then backs off: about 7 s, then 11 s into a lone attempt.
+    /// Freed 7.3 s into the dial, a lone attempt would connect at 11 s, past the connect
+    /// timeout (10 s); with an attempt started every second beside it, the next fresh SYN
+    /// connects it within about a second of the freeing.
+    #[tokio::test]
+    async fn a_dial_whose_syns_were_lost_connects_soon_after_the_way_is_free() {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .unwrap();
+        socket
+            .bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+        socket.listen(0).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+        let peer = listener.local_addr().unwrap().to_string();
+        // Fill the accept queue (a backlog of 0 holds one connection).
+        let mut queued = Vec::new();
+        for _ in 0..2 {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(&peer)).await
+            else {
+                break;
+            };
+            queued.push(stream);
+        }
+        assert!(!queued.is_empty(), "the accept queue took nothing");
+        let started = Instant::now();
+        let dial = tokio::spawn({
+            let peer = peer.clone();
+            async move { connect(&peer, &Timing::default()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(7300)).await;
+        assert!(!dial.is_finished(), "connected through a full accept queue");
+        // Free the way: take the queued connections.
+        for _ in &queued {
+            let _ = listener.accept().await.unwrap();
+        }
+        let freed = started.elapsed();
+        let dialled = dial.await.unwrap();
+        assert!(
+            dialled.is_ok(),
+            "{dialled:?} (the way was freed at {freed:?})"
+        );
+        let connected = started.elapsed();
+        assert!(
+            connected < Duration::from_millis(9700),
+            "connected {:?} after the way was freed at {freed:?}: waited for the kernel's \
+             SYN retransmission",
+            connected - freed
+        );
+    }
 }

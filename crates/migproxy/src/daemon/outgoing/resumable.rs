@@ -106,6 +106,7 @@ async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Strea
     let hello = takeover_hello(migration);
     let mut pause = Duration::ZERO;
     let mut ended: Option<tokio::time::Instant> = None;
+    let mut tried_at = tokio::time::Instant::now();
     loop {
         if ended.is_none() && migration.is_stopped() {
             ended = Some(tokio::time::Instant::now());
@@ -115,8 +116,11 @@ async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Strea
         }
         tokio::select! {
             () = migration.stopped(), if ended.is_none() => continue,
-            () = tokio::time::sleep(pause) => {}
+            // The pause counts from the last try's start: one that waited (its connect
+            // timed out, the network down) has waited enough.
+            () = tokio::time::sleep(pause.saturating_sub(tried_at.elapsed())) => {}
         }
+        tried_at = tokio::time::Instant::now();
         pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
         migration
             .resumable

@@ -380,6 +380,7 @@ impl<L: PeerLink> Channel<L> {
         let mut last = None;
         loop {
             let left = self.options.resume_timeout.saturating_sub(start.elapsed());
+            let tried_at = Instant::now();
             let tried = tokio::time::timeout(left, self.connect_once()).await;
             attempts += 1;
             last = Some(match tried {
@@ -404,8 +405,9 @@ impl<L: PeerLink> Channel<L> {
                     last: last.unwrap_or_else(|| io::ErrorKind::TimedOut.into()),
                 });
             }
-            // The last try at the deadline itself.
-            tokio::time::sleep(pause.min(left)).await;
+            // The last try at the deadline itself. The pause counts from the try's start: one
+            // that waited (its connect timed out, the network down) has waited enough.
+            tokio::time::sleep(pause.saturating_sub(tried_at.elapsed()).min(left)).await;
             pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
         }
     }
