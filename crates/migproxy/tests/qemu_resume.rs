@@ -117,6 +117,50 @@ async fn blackholable() -> Scenario {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1_gib_tls_migration_survives_a_15_s_blackhole_with_the_shipped_timeouts() {
+    // The daemons as shipped (peer timeout 10 s), resuming within a minute; 1 GiB at
+    // 100 MiB/s lasts about 10 s unbroken.
+    let mut s = Scenario::start(Options {
+        mib: Some(1024),
+        netns: true,
+        tls: true,
+        daemon_args: ["--resume-timeout", "60"].map(String::from).to_vec(),
+    })
+    .await;
+    let uri = s.create("tbh", false).await;
+    s.migrate(&uri, 100 << 20).await;
+    s.sent_at_least(300 << 20).await;
+    let hosts = s.hosts.as_ref().unwrap();
+    hosts.blackhole_b();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let sent_before = s.ram_sent().await;
+    s.hosts.as_ref().unwrap().restore_b();
+    let back = std::time::Instant::now();
+    // For the record: how long after the network's return RAM moves again.
+    let moving = s.ram_sent_beyond(sent_before).await;
+    eprintln!(
+        "RAM moved again {:?} after the network came back",
+        moving - back
+    );
+    let views = s.completes("tbh", "transferred").await;
+    for view in &views {
+        let resume = &view["resume"];
+        eprintln!("{}: resume {resume}", view["direction"]);
+        assert_eq!(view["link"], "tls", "{view}");
+        // The control link found dead at the peer timeout, and taken over once: one
+        // outage; the data connection broken by the blackhole and resumed.
+        assert_eq!(resume["link_outages"], 1, "{view}");
+        assert!(resume["link_lost_ms"].as_u64().unwrap() >= 4_000, "{view}");
+        assert!(resume["resumptions"].as_u64().unwrap() >= 1, "{view}");
+        assert!(view["error"].is_null(), "{view}");
+    }
+    let dst = s.dst_vm.execute("query-migrate", Value::Null).await;
+    assert_eq!(dst["status"], "completed", "{dst}");
+    assert!(dst["error-desc"].is_null(), "{dst}");
+    s.assert_ram_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_blackholed_mid_migration_costs_seconds_not_the_migration() {
     let mut s = blackholable().await;
     let uri = s.create("bh", false).await;

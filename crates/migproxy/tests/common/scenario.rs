@@ -32,6 +32,39 @@ pub struct Options {
     pub netns: bool,
     /// Extra flags for both daemons.
     pub daemon_args: Vec<String>,
+    /// Mutual TLS between the daemons: a test CA, a certificate for each host (its address
+    /// among the names), the destination admitting only `CN=source-*`.
+    pub tls: bool,
+}
+
+/// Each daemon's flags: the options' own, and its TLS material when asked.
+fn daemon_args(
+    options: &Options,
+    dir: &std::path::Path,
+    hosts: Option<&TwoHosts>,
+) -> [Vec<String>; 2] {
+    let mut args = [options.daemon_args.clone(), options.daemon_args.clone()];
+    if options.tls {
+        let (src_addr, dst_addr) = hosts.map_or(("127.0.0.1", "127.0.0.1"), |h| {
+            (h.a_addr.as_str(), h.b_addr.as_str())
+        });
+        let mut ca = super::certs::Ca::new("migproxy test CA");
+        let (src_pki, dst_pki) = (dir.join("pki-src"), dir.join("pki-dst"));
+        ca.write_host(&src_pki, &["source.test", src_addr], "source-daemon");
+        ca.write_host(
+            &dst_pki,
+            &["destination.test", dst_addr],
+            "destination-daemon",
+        );
+        args[0].extend(["--tls-dir".into(), src_pki.display().to_string()]);
+        args[1].extend([
+            "--tls-dir".into(),
+            dst_pki.display().to_string(),
+            "--tls-allow".into(),
+            "CN=source-*".into(),
+        ]);
+    }
+    args
 }
 
 impl Scenario {
@@ -44,7 +77,6 @@ impl Scenario {
         let dst_vm = Qemu::start(dir.path(), "dst", Ram::Anonymous, mib, true).await;
         let root = nix::unistd::Uid::effective().is_root();
         let hosts = (options.netns || root).then(|| TwoHosts::new("sc"));
-        let args: Vec<&str> = options.daemon_args.iter().map(String::as_str).collect();
         let (src_listen, dst_listen, src_ns, dst_ns) = match &hosts {
             Some(h) => (
                 format!("{}:0", h.a_addr),
@@ -54,10 +86,25 @@ impl Scenario {
             ),
             None => ("127.0.0.1:0".into(), "127.0.0.1:0".into(), None, None),
         };
-        let source =
-            DaemonProcess::start(dir.path(), "srcd", &src_listen, src_ns.as_deref(), &args).await;
-        let destination =
-            DaemonProcess::start(dir.path(), "dstd", &dst_listen, dst_ns.as_deref(), &args).await;
+        let [src_args, dst_args] = daemon_args(&options, dir.path(), hosts.as_ref());
+        let src_args: Vec<&str> = src_args.iter().map(String::as_str).collect();
+        let dst_args: Vec<&str> = dst_args.iter().map(String::as_str).collect();
+        let source = DaemonProcess::start(
+            dir.path(),
+            "srcd",
+            &src_listen,
+            src_ns.as_deref(),
+            &src_args,
+        )
+        .await;
+        let destination = DaemonProcess::start(
+            dir.path(),
+            "dstd",
+            &dst_listen,
+            dst_ns.as_deref(),
+            &dst_args,
+        )
+        .await;
         let target = format!("unix:{}", dir.path().join("incoming.sock").display());
         Scenario {
             src_vm,
@@ -137,6 +184,23 @@ impl Scenario {
             if sent >= bytes { Ok(()) } else { Err(info) }
         })
         .await
+    }
+
+    /// The bytes of RAM the source QEMU has sent so far.
+    pub async fn ram_sent(&mut self) -> u64 {
+        let info = self.src_vm.execute("query-migrate", Value::Null).await;
+        info["ram"]["transferred"].as_u64().unwrap_or(0)
+    }
+
+    /// Waits (looking every 20 ms) until the source QEMU has sent more than `bytes` of RAM:
+    /// when it did.
+    pub async fn ram_sent_beyond(&mut self, bytes: u64) -> std::time::Instant {
+        let limit = std::time::Instant::now() + Duration::from_secs(60);
+        while self.ram_sent().await <= bytes {
+            assert!(std::time::Instant::now() < limit, "no RAM moved in 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::time::Instant::now()
     }
 
     /// Both VMs' guest RAM must be equal (and the source's must be the random file's).

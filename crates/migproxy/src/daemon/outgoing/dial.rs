@@ -22,7 +22,15 @@ pub async fn dial(
             .as_deref()
             .map(|tls| (tls, migration.spec.server_name.as_str())),
     };
-    let dialled = peer::dial(to, hello, &daemon.config.timing).await;
+    let mut timing = daemon.config.timing.clone();
+    if hello.kind == Kind::Data && migration.resumable.on() {
+        // A resumable channel's connection that goes silent is given up at the dead-peer
+        // budget, like the control link, rather than the user timeout: a new one costs a
+        // replay, and TCP's retransmission backoff would make it wait seconds after the
+        // network is back.
+        timing.user_timeout = timing.user_timeout.min(timing.peer_timeout);
+    }
+    let dialled = peer::dial(to, hello, &timing).await;
     // A destination of the version before refuses a newer hello (it accepts its own and the
     // one before): ask again in the oldest version both may speak.
     match dialled {
@@ -36,7 +44,7 @@ pub async fn dial(
                 flags: hello.flags & !(FLAG_RESUMABLE | FLAG_RESUME),
                 ..hello.clone()
             };
-            peer::dial(to, &older, &daemon.config.timing).await
+            peer::dial(to, &older, &timing).await
         }
         other => other,
     }
