@@ -191,6 +191,51 @@ async fn a_link_blackholed_mid_migration_costs_seconds_not_the_migration() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multifd_migration_survives_three_blackholes() {
+    let mut s = blackholable().await;
+    s.capabilities(&["multifd"]).await;
+    s.parameters(json!({"multifd-channels": 4})).await;
+    let uri = s.create("mbh", false).await;
+    s.migrate(&uri, 24 << 20).await;
+    s.sent_at_least(4 << 20).await;
+    // Three cuts of 5 s (past the 3 s peer timeout), each once the last is over: RAM
+    // moving, the control link taken over, every channel connected.
+    for cut in 1..=3 {
+        let hosts = s.hosts.as_ref().unwrap();
+        hosts.blackhole_b();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let sent = s.ram_sent().await;
+        s.hosts.as_ref().unwrap().restore_b();
+        let back = std::time::Instant::now();
+        let moving = s.ram_sent_beyond(sent).await;
+        eprintln!(
+            "cut {cut}: RAM moved again {:?} after the network came back",
+            moving - back
+        );
+        let limit = Duration::from_secs(20);
+        s.source
+            .wait_for("mbh", "the link back", limit, |v| {
+                v["state"] != "resuming" && v["resume"]["link_outages"] == cut
+            })
+            .await;
+        eprintln!(
+            "cut {cut}: the link back {:?} after the network",
+            back.elapsed()
+        );
+    }
+    let views = s.completes("mbh", "transferred").await;
+    for view in &views {
+        eprintln!("{}: resume {}", view["direction"], view["resume"]);
+    }
+    for view in views {
+        assert_eq!(view["channels"].as_array().unwrap().len(), 5, "{view}");
+        assert_eq!(view["resume"]["link_outages"], 3, "{view}");
+        assert!(view["error"].is_null(), "{view}");
+    }
+    s.assert_ram_equal().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_blackholed_in_postcopy_costs_seconds_and_the_return_path_still_says_completed() {
     let mut s = blackholable().await;
     s.capabilities(&["postcopy-ram"]).await;
