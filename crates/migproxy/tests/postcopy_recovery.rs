@@ -45,6 +45,7 @@ async fn two_hosts(mib: u64) -> Scenario {
         mib: Some(mib),
         netns: true,
         daemon_args: vec!["--peer-timeout".into(), "3".into()],
+        ..Options::default()
     })
     .await;
     s.src_vm
