@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use migproxy::api::types::{IncomingRequest, OutgoingRequest};
 use migproxy::client::{Client, ClientError};
+use migproxy::daemon::migration::view::Snapshot;
 use migproxy::human::Chain;
 
 use crate::measure::{BenchError, Meter, Sample, cpu_seconds, peak_rss};
@@ -45,20 +46,44 @@ pub fn start_with(
     tls: Option<&Path>,
     extra: &[&str],
 ) -> Result<Daemon, BenchError> {
+    let flags = [["--peer-listen", "127.0.0.1:0"].as_slice(), extra].concat();
+    launch(Command::new(migproxy), dir, name, tls, &flags)
+}
+
+/// As [`start_with`], inside network namespace `netns` (`ip netns exec`, which execs the
+/// daemon: the child is the daemon), listening for peers on `listen` (`ADDR:0`).
+pub fn start_in(
+    (netns, listen): (&str, &str),
+    migproxy: &Path,
+    dir: &Path,
+    (name, tls): (&str, Option<&Path>),
+    extra: &[&str],
+) -> Result<Daemon, BenchError> {
+    let flags = [["--peer-listen", listen].as_slice(), extra].concat();
+    let command = crate::netns::TwoHosts::command(netns, migproxy);
+    launch(command, dir, name, tls, &flags)
+}
+
+/// Starts `command` (which runs migproxy) as `daemon` with `flags`; waits for its API.
+fn launch(
+    mut command: Command,
+    dir: &Path,
+    name: &str,
+    tls: Option<&Path>,
+    flags: &[&str],
+) -> Result<Daemon, BenchError> {
     let api = dir.join(format!("{name}.sock"));
-    let mut command = Command::new(migproxy);
     command
         .arg("daemon")
         .arg("--api")
         .arg(&api)
-        .args(["--peer-listen", "127.0.0.1:0"])
         .arg("--runtime-dir")
         .arg(dir.join(format!("{name}-run")));
     match tls {
         Some(tls) => command.arg("--tls-dir").arg(tls),
         None => command.arg("--insecure-plaintext"),
     };
-    command.args(extra);
+    command.args(flags);
     let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -189,6 +214,12 @@ pub async fn create_kernel(
         .await
         .map_err(refused)?;
     Ok(())
+}
+
+/// Migration `id` as daemon `daemon`'s API shows it, from a plain thread.
+pub fn view_blocking(daemon: &Daemon, id: &str) -> Result<Snapshot, BenchError> {
+    let (client, id) = (client(daemon), id.to_owned());
+    blocking(move || async move { client.migration(&id).await })
 }
 
 /// Cancels migration `id` on both hosts, from a plain thread.

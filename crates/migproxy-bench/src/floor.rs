@@ -5,10 +5,10 @@
 //! migproxy is as fast, what it adds costs nothing measurable, and what is left between it
 //! and a target is the kernel's socket and splice path that any such proxy pays.
 //! Run by the benchmarks as `migproxy-bench splice-floor LISTEN CONNECT`, each `PORT` (TCP on
-//! 127.0.0.1) or `unix:PATH`.
+//! 127.0.0.1), `ADDR:PORT` or `unix:PATH`.
 
 use std::io;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 
@@ -35,7 +35,7 @@ impl Conn {
                 std::fs::rename(&early, path)?;
                 Conn::Unix(listener.accept()?.0)
             }
-            None => Conn::Tcp(TcpListener::bind(("127.0.0.1", port(listen)?))?.accept()?.0),
+            None => Conn::Tcp(TcpListener::bind(address(listen)?)?.accept()?.0),
         })
     }
 
@@ -60,7 +60,7 @@ impl Conn {
         Ok(match to.strip_prefix("unix:") {
             Some(path) => Conn::Unix(UnixStream::connect(path)?),
             None => {
-                let stream = TcpStream::connect(("127.0.0.1", port(to)?))?;
+                let stream = TcpStream::connect(address(to)?)?;
                 stream.set_nodelay(true)?;
                 Conn::Tcp(stream)
             }
@@ -89,9 +89,15 @@ impl Conn {
     }
 }
 
-fn port(text: &str) -> io::Result<u16> {
-    text.parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("not a port: {text}")))
+/// `PORT` (on 127.0.0.1) or `ADDR:PORT`.
+fn address(text: &str) -> io::Result<SocketAddr> {
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    let port: u16 = text
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("not a port: {text}")))?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// Accepts one connection on `listen`, connects it to `connect`, relays both ways to their

@@ -2,10 +2,10 @@
 //! in one run, interleaved, on this machine. See `docs/benchmarks.md`.
 //!
 //!
-//! One module per benchmark ([`synthetic`], [`concurrency`], [`qemu`], [`cancel`], and
-//! [`floor`], the yardstick relay); they measure with [`measure`], stream with [`stream`], run
-//! daemons with [`daemons`] (TLS material from [`pki`]), summarise with [`report`] and draw
-//! plain series with [`chart`].
+//! One module per benchmark ([`synthetic`], [`concurrency`], [`qemu`], [`cancel`],
+//! [`outage`], and [`floor`], the yardstick relay); they measure with [`measure`], stream
+//! with [`stream`], run daemons with [`daemons`] (TLS material from [`pki`], two hosts on one
+//! machine from [`netns`]), summarise with [`report`] and draw plain series with [`chart`].
 
 use std::path::PathBuf;
 
@@ -17,6 +17,8 @@ mod concurrency;
 mod daemons;
 mod floor;
 mod measure;
+mod netns;
+mod outage;
 mod pki;
 mod qemu;
 mod report;
@@ -77,7 +79,7 @@ enum Bench {
         out: PathBuf,
     },
     /// The yardstick of the benchmarks: the simplest splice relay (see floor.rs). LISTEN and
-    /// CONNECT are each a TCP port on 127.0.0.1 or `unix:PATH`.
+    /// CONNECT are each a TCP port on 127.0.0.1, `ADDR:PORT` or `unix:PATH`.
     #[command(hide = true)]
     SpliceFloor { listen: String, connect: String },
     /// migproxy's TLS record layer against stock rustls (tokio-rustls) through two daemons,
@@ -104,6 +106,30 @@ enum Bench {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
+    /// Resumable channels across a blackholed link, two hosts in network namespaces (needs
+    /// root): the time from the link's return to bytes moving again, through two daemons
+    /// (plaintext, TLS) and across direct TCP, interleaved.
+    Outage {
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Seconds every packet to and from the destination's host is dropped.
+        #[arg(long, default_value_t = 6.0, value_parser = seconds)]
+        blackhole: f64,
+        /// The daemons' `--peer-timeout`, in seconds.
+        #[arg(long, default_value_t = 2.0, value_parser = seconds)]
+        peer_timeout: f64,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+}
+
+fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value > 0.0 && value <= 86_400.0 => Ok(value),
+        _ => Err(format!(
+            "\"{text}\" is not a number of seconds (up to a day)"
+        )),
+    }
 }
 
 fn size(text: &str) -> Result<u64, String> {
@@ -146,6 +172,19 @@ fn main() {
                 Some(mib) => cancel::run_kernel(&migproxy, count, mib, &out),
                 None => cancel::run(&migproxy, count, &out),
             })
+        }
+        Bench::Outage {
+            reps,
+            blackhole,
+            peer_timeout,
+            out,
+        } => {
+            let settings = outage::Settings {
+                reps,
+                blackhole: std::time::Duration::from_secs_f64(blackhole),
+                peer_timeout,
+            };
+            sibling("migproxy").and_then(|migproxy| outage::run(&migproxy, settings, &out))
         }
     };
     if let Err(error) = result {

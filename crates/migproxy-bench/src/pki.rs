@@ -11,6 +11,11 @@ use crate::measure::BenchError;
 
 /// Writes ca-cert.pem, server-cert/key and client-cert/key (for `localhost`, 127.0.0.1).
 pub fn write(dir: &Path) -> Result<(), BenchError> {
+    write_for(dir, &[])
+}
+
+/// As [`write`], the certificates naming `more` hosts too (names or IP addresses).
+pub fn write_for(dir: &Path, more: &[&str]) -> Result<(), BenchError> {
     std::fs::create_dir_all(dir)?;
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -28,8 +33,9 @@ pub fn write(dir: &Path) -> Result<(), BenchError> {
         ("client", ExtendedKeyUsagePurpose::ClientAuth),
     ] {
         let key = KeyPair::generate()?;
+        let names = ["localhost", "127.0.0.1"].iter().chain(more);
         let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+            CertificateParams::new(names.map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
         params
             .distinguished_name
             .push(DnType::CommonName, format!("bench {role}"));
