@@ -192,7 +192,7 @@ impl Default for Options {
             resume_timeout: Duration::from_secs(60),
             hello_timeout: Duration::from_secs(5),
             end_grace: Duration::from_secs(2),
-            chunk: 256 << 10,
+            chunk: 1 << 20,
             observe: Observe::default(),
         }
     }
@@ -276,7 +276,7 @@ pub async fn carry<L: PeerLink>(
             local: local_r,
             kept: Retention::new(options.retention),
             ended: false,
-            buf: vec![0; options.chunk.max(1)],
+            chunk: options.chunk.max(1),
             observe: options.observe.clone(),
         },
         down: Down {
@@ -312,7 +312,8 @@ struct Up {
     local: ReadHalf<Stream>,
     kept: Retention,
     ended: bool,
-    buf: Vec<u8>,
+    /// The most read from the local end at once.
+    chunk: usize,
     observe: Observe,
 }
 
@@ -511,9 +512,11 @@ impl Up {
                 self.observe.counters.hold(self.observe.up, 0);
                 continue;
             }
-            let room = self.kept.room().min(self.buf.len());
-            let read = self.local.read(&mut self.buf[..room]).await;
-            let n = read.map_err(local("read"))?;
+            // Read straight into the retention: what is kept costs no copy.
+            let spare = self.kept.spare();
+            let room = spare.len().min(self.chunk);
+            let n = self.local.read(&mut spare[..room]).await;
+            let n = n.map_err(local("read"))?;
             if n == 0 {
                 self.ended = true;
                 self.observe.counters.mark_end(self.observe.up);
@@ -521,12 +524,13 @@ impl Up {
                 mine.send_modify(|mine| mine.end = end);
                 break;
             }
-            self.kept.push(&self.buf[..n]);
+            self.kept.commit(n);
+            let read = self.kept.recent(n);
             // Counted once, as a relay counts: sent on (a replay does not count again).
-            self.observe.moved(self.observe.up, &self.buf[..n]);
+            self.observe.moved(self.observe.up, read);
             // Held while the peer does not take it, as a relay's pump holds it.
             self.observe.counters.hold(self.observe.up, n);
-            peer.write_all(&self.buf[..n]).await.map_err(Cut::Broken)?;
+            peer.write_all(read).await.map_err(Cut::Broken)?;
             peer.flush().await.map_err(Cut::Broken)?;
             self.observe.counters.hold(self.observe.up, 0);
         }

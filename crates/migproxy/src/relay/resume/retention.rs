@@ -7,8 +7,6 @@
 //!   ack(n) ──► drops [base, n); replay(n) gives [n, sent)
 //! ```
 
-use std::collections::VecDeque;
-
 /// A peer's acknowledgement or resume offset that cannot be true.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RetentionError {
@@ -21,28 +19,39 @@ pub enum RetentionError {
     BeforeBase { asked: u64, base: u64 },
 }
 
-/// The unacknowledged bytes of one direction.
+/// The unacknowledged bytes of one direction, in a ring of `limit` bytes that the local end
+/// is read into directly ([`spare`](Self::spare), [`commit`](Self::commit)) and the peer
+/// written from ([`recent`](Self::recent)): keeping costs no copy. The ring is allocated
+/// zeroed, so the pages a direction never fills (a quiet return path) are never touched.
 #[derive(Debug)]
 pub struct Retention {
-    kept: VecDeque<u8>,
+    ring: Vec<u8>,
+    /// Where `kept[0]` is in the ring.
+    head: usize,
+    /// How many bytes are kept.
+    len: usize,
     /// The stream offset of `kept[0]`: everything before it was acknowledged.
     base: u64,
-    limit: usize,
 }
 
 impl Retention {
     /// Keeps at most `limit` bytes (at least 1).
     pub fn new(limit: usize) -> Retention {
         Retention {
-            kept: VecDeque::new(),
+            ring: vec![0; limit.max(1)],
+            head: 0,
+            len: 0,
             base: 0,
-            limit: limit.max(1),
         }
+    }
+
+    fn limit(&self) -> usize {
+        self.ring.len()
     }
 
     /// Bytes sent so far (the offset of the next byte).
     pub fn sent(&self) -> u64 {
-        self.base + self.kept.len() as u64
+        self.base + self.len as u64
     }
 
     /// Bytes acknowledged so far.
@@ -50,20 +59,53 @@ impl Retention {
         self.base
     }
 
-    /// How many more bytes may be pushed before an acknowledgement frees room.
+    /// How many more bytes may be kept before an acknowledgement frees room.
     pub fn room(&self) -> usize {
-        self.limit - self.kept.len()
+        self.limit() - self.len
     }
 
     /// How many bytes are kept.
     pub fn kept(&self) -> usize {
-        self.kept.len()
+        self.len
     }
 
-    /// Keeps `data`, sent now. The caller reads no more than [`room`](Self::room).
-    pub fn push(&mut self, data: &[u8]) {
+    /// Where the next bytes go: the free space after the kept ones, up to the ring's end (or
+    /// the kept bytes' start). Empty when the ring is full. [`commit`](Self::commit) keeps
+    /// what was put there.
+    pub fn spare(&mut self) -> &mut [u8] {
+        let limit = self.limit();
+        let tail = self.head + self.len;
+        match tail < limit {
+            true => &mut self.ring[tail..],
+            false => &mut self.ring[tail - limit..self.head],
+        }
+    }
+
+    /// Keeps the first `n` bytes of [`spare`](Self::spare), sent now.
+    pub fn commit(&mut self, n: usize) {
+        debug_assert!(n <= self.room());
+        self.len += n.min(self.room());
+    }
+
+    /// The last `n` bytes kept, committed together: one slice.
+    pub fn recent(&self, n: usize) -> &[u8] {
+        let limit = self.limit();
+        let tail = (self.head + self.len) % limit;
+        let tail = if tail == 0 && self.len > 0 { limit } else { tail };
+        &self.ring[tail - n.min(tail)..tail]
+    }
+
+    /// Keeps `data`, sent now (a copy; the engine reads into [`spare`](Self::spare)). The
+    /// caller pushes no more than [`room`](Self::room).
+    pub fn push(&mut self, mut data: &[u8]) {
         debug_assert!(data.len() <= self.room());
-        self.kept.extend(data);
+        while !data.is_empty() && self.room() > 0 {
+            let spare = self.spare();
+            let n = spare.len().min(data.len());
+            spare[..n].copy_from_slice(&data[..n]);
+            self.commit(n);
+            data = &data[n..];
+        }
     }
 
     /// The peer delivered everything before `upto`: drops it. An older acknowledgement than
@@ -77,7 +119,14 @@ impl Retention {
             });
         }
         if upto > self.base {
-            self.kept.drain(..(upto - self.base) as usize);
+            let n = (upto - self.base) as usize;
+            self.len -= n;
+            // Empty, the ring starts over: the next read gets all of it in one piece.
+            self.head = if self.len == 0 {
+                0
+            } else {
+                (self.head + n) % self.limit()
+            };
             self.base = upto;
         }
         Ok(())
@@ -98,11 +147,13 @@ impl Retention {
                 sent: self.sent(),
             });
         }
-        let skip = (from - self.base) as usize;
-        let (a, b) = self.kept.as_slices();
-        Ok(match skip <= a.len() {
-            true => (&a[skip..], b),
-            false => (&b[skip - a.len()..], &[][..]),
+        let limit = self.limit();
+        let start = self.head + (from - self.base) as usize;
+        let end = self.head + self.len;
+        Ok(match (start < limit, end <= limit) {
+            (true, true) => (&self.ring[start..end], &[][..]),
+            (true, false) => (&self.ring[start..], &self.ring[..end - limit]),
+            (false, _) => (&self.ring[start - limit..end - limit], &[][..]),
         })
     }
 }
@@ -129,6 +180,38 @@ mod tests {
         assert_eq!(replayed(&r, 9), b"jk");
         assert_eq!(replayed(&r, 11), b"");
         assert_eq!(r.room(), 1);
+    }
+
+    #[test]
+    fn the_local_end_is_read_into_the_ring_and_sent_from_it_in_one_piece() {
+        let mut r = Retention::new(8);
+        let spare = r.spare();
+        assert_eq!(spare.len(), 8);
+        spare[..5].copy_from_slice(b"abcde");
+        r.commit(5);
+        assert_eq!(r.recent(5), b"abcde");
+        r.ack(3).unwrap();
+        // Up to the ring's end first, then the space freed before the kept bytes.
+        assert_eq!(r.spare().len(), 3);
+        r.spare().copy_from_slice(b"fgh");
+        r.commit(3);
+        assert_eq!(r.recent(3), b"fgh");
+        assert_eq!(r.spare().len(), 3);
+        r.spare()[..2].copy_from_slice(b"ij");
+        r.commit(2);
+        assert_eq!(r.recent(2), b"ij");
+        assert_eq!(replayed(&r, 3), b"defghij");
+        assert_eq!(r.room(), 1);
+        // Emptied, the ring starts over whole.
+        r.ack(10).unwrap();
+        assert_eq!((r.kept(), r.spare().len()), (0, 8));
+        // Full: no spare room at all, wherever the kept bytes start.
+        r.push(b"01234567");
+        assert!(r.spare().is_empty());
+        r.ack(13).unwrap();
+        r.push(b"abc");
+        assert!(r.spare().is_empty());
+        assert_eq!(replayed(&r, 13), b"34567abc");
     }
 
     #[test]
