@@ -328,7 +328,7 @@ impl Settings {
                 .first_channel_timeout
                 .unwrap_or(secs(t.first_channel, 300)),
             recover_timeout: flags.recover_timeout.unwrap_or(secs(t.recover, 600)),
-            resume_timeout: flags.resume_timeout.unwrap_or(secs(t.resume, 0)),
+            resume_timeout: flags.resume_timeout.unwrap_or(secs(t.resume, 60)),
         };
         settings.check()?;
         Ok(settings)

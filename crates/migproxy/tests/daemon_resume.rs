@@ -41,12 +41,16 @@ async fn pair_via(
     target: &str,
     peer: &str,
 ) -> String {
-    let body = json!({"direction": "incoming", "id": id, "target": target});
+    // A migration whose id says so is recoverable (postcopy recovery).
+    let recoverable = id.starts_with("rec");
+    let body = json!({"direction": "incoming", "id": id, "target": target,
+                      "recoverable": recoverable});
     let (status, incoming) = destination
         .request("POST", "/v1/migrations", Some(body))
         .await;
     assert_eq!(status, 201, "{incoming}");
-    let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"], "peer": peer});
+    let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"], "peer": peer,
+                      "recoverable": recoverable});
     let (status, outgoing) = source.request("POST", "/v1/migrations", Some(body)).await;
     assert_eq!(status, 201, "{outgoing}");
     outgoing["qemu_uri"].as_str().unwrap().to_owned()
@@ -380,6 +384,24 @@ async fn an_outage_past_the_resume_timeout_fails_both_hosts_naming_the_link_and_
     // One story: the source's, which dialled (the destination waits a moment longer).
     assert_eq!(stories[0], stories[1]);
     assert_eq!(stories[0]["host"], "source");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recoverable_migration_resumes_first_and_pauses_past_the_resume_timeout() {
+    let (source, destination) = resumable_daemons_for(Duration::from_secs(2)).await;
+    let _qemus = outage_for_good(&source, &destination, "rec1").await;
+    for daemon in [&source, &destination] {
+        let view = daemon
+            .wait_for("rec1", "paused", Duration::from_secs(10), |v| {
+                v["state"] == "paused"
+            })
+            .await;
+        let message = view["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("no working connection to the peer for"),
+            "{view}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -146,7 +146,10 @@ async fn a_killed_source_qemu_is_never_completed() {
 async fn a_cut_network_is_reported_as_such_on_both_hosts() {
     let mut s = Scenario::start(Options {
         netns: true,
-        daemon_args: vec!["--peer-timeout".into(), "3".into()],
+        // Without resumable channels: the failure itself is under test.
+        daemon_args: ["--peer-timeout", "3", "--resume-timeout", "0"]
+            .map(String::from)
+            .to_vec(),
         ..Options::default()
     })
     .await;

@@ -89,8 +89,11 @@ async fn moving(daemon: &DaemonProcess, id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_destination_daemon_is_reported_by_the_source_as_a_peer_link_failure() {
     let dir = short_tempdir();
-    let mut destination = DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, &[]).await;
-    let source = DaemonProcess::start(dir.path(), "src", "127.0.0.1:0", None, &[]).await;
+    // Without resumable channels: the failure itself is under test (resumable, the source
+    // would dial again until its resume timeout).
+    let once = ["--resume-timeout", "0"];
+    let mut destination = DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, &once).await;
+    let source = DaemonProcess::start(dir.path(), "src", "127.0.0.1:0", None, &once).await;
     let target = dir.path().join("qemu-in.sock");
     let _sink = sink(UnixListener::bind(&target).unwrap());
     let qemu_uri = pair(
@@ -135,7 +138,8 @@ async fn killed_destination_daemon_is_reported_by_the_source_as_a_peer_link_fail
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_daemon_tells_its_peers_story_when_it_wakes() {
     let dir = short_tempdir();
-    let quick = ["--peer-timeout", "2"];
+    // Without resumable channels: the failure itself is under test.
+    let quick = ["--peer-timeout", "2", "--resume-timeout", "0"];
     let destination = DaemonProcess::start(dir.path(), "dst", "127.0.0.1:0", None, &quick).await;
     let source = DaemonProcess::start(dir.path(), "src", "127.0.0.1:0", None, &quick).await;
     let target = dir.path().join("qemu-in.sock");
@@ -166,7 +170,8 @@ async fn a_frozen_daemon_tells_its_peers_story_when_it_wakes() {
 async fn blackholed_link_is_detected_within_the_bound_on_both_hosts() {
     let hosts = TwoHosts::new("bh");
     let dir = short_tempdir();
-    let timeout = ["--peer-timeout", "3"];
+    // Without resumable channels: the failure itself is under test.
+    let timeout = ["--peer-timeout", "3", "--resume-timeout", "0"];
     let destination = DaemonProcess::start(
         dir.path(),
         "dst",

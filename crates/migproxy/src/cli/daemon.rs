@@ -96,7 +96,7 @@ pub struct Args {
     recover_timeout: Option<Duration>,
     /// How long a resumable channel may go without a working peer connection before the
     /// migration fails (issue #18; relay path only), unless it asks otherwise
-    /// (`resume_timeout`). 0, the default for now: channels are not resumable.
+    /// (`resume_timeout`). Default 60; 0: channels are not resumable.
     #[arg(long, value_name = "SECONDS", value_parser = super::args::seconds)]
     resume_timeout: Option<Duration>,
 }

@@ -91,7 +91,11 @@ impl Retention {
     pub fn recent(&self, n: usize) -> &[u8] {
         let limit = self.limit();
         let tail = (self.head + self.len) % limit;
-        let tail = if tail == 0 && self.len > 0 { limit } else { tail };
+        let tail = if tail == 0 && self.len > 0 {
+            limit
+        } else {
+            tail
+        };
         &self.ring[tail - n.min(tail)..tail]
     }
 
