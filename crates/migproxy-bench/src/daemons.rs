@@ -39,6 +39,9 @@ pub fn start(
 }
 
 /// As [`start`], with more flags for `migproxy daemon` (e.g. `--tls-records stock`).
+/// Without resumable channels unless `extra` says otherwise: the daemon's default (60 s)
+/// would put every route through the resume engine, and the relay (splice, or a copy
+/// through TLS) is what these routes measure.
 pub fn start_with(
     migproxy: &Path,
     dir: &Path,
@@ -46,7 +49,11 @@ pub fn start_with(
     tls: Option<&Path>,
     extra: &[&str],
 ) -> Result<Daemon, BenchError> {
-    let flags = [["--peer-listen", "127.0.0.1:0"].as_slice(), extra].concat();
+    let relay: &[&str] = match extra.contains(&"--resume-timeout") {
+        true => &[],
+        false => &["--resume-timeout", "0"],
+    };
+    let flags = [["--peer-listen", "127.0.0.1:0"].as_slice(), relay, extra].concat();
     launch(Command::new(migproxy), dir, name, tls, &flags)
 }
 

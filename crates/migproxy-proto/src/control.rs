@@ -11,6 +11,8 @@
 //! 7 Done            channels u32 │ totals │ verdict u8      (version 2 on)
 //! 8 Progress        channel u32 │ delivered u64 │ end u64    (resumable links only)
 //! 9 Broken          channel u32 │ connection u32              (resumable links only)
+//! 10 Received       frames u64                                (first on a link that takes
+//!                                                              over a resumable one)
 //! verdict           0 unknown │ 1 QEMU said completed (QMP) │ 2 the destination QEMU's SHUT
 //!                   was seen on the return path
 //! totals            to_destination u64 │ to_source u64
@@ -141,6 +143,23 @@ pub enum Control {
     /// end of stream it no longer reads), and a break it saw first must not cost a second
     /// new connection.
     Broken { channel: u32, connection: u32 },
+    /// The first frame each side sends on a control link that takes over a broken one:
+    /// how many of the epoch's sequenced frames (every frame but `Heartbeat`, `Progress` and
+    /// this one) it has received. The other sends again those past it, which the broken
+    /// link may have taken down with it, before anything new: each arrives once, in order.
+    Received { frames: u64 },
+}
+
+impl Control {
+    /// Whether the frame counts in the epoch's sequence ([`Control::Received`]): those whose
+    /// loss a link that takes over must make good. Heartbeats do not matter once lost, and
+    /// progress is cumulative (the newest says all).
+    pub fn is_sequenced(&self) -> bool {
+        !matches!(
+            self,
+            Control::Heartbeat | Control::Progress { .. } | Control::Received { .. }
+        )
+    }
 }
 
 /// What a host knows of QEMU's own verdict when its channels have ended cleanly.
@@ -177,10 +196,10 @@ impl Control {
     }
 
     /// Appends the whole frame as protocol `version` has it: a version 1 peer gets `Done`
-    /// without its verdict. `Progress` and `Broken` are the same in every version: they are
-    /// only ever sent on a link whose acceptance said ` resumable` (version 2 on, see
-    /// [`FLAG_RESUMABLE`](crate::FLAG_RESUMABLE)), so a peer that does not know them never
-    /// gets one.
+    /// without its verdict. `Progress`, `Broken` and `Received` are the same in every
+    /// version: they are only ever sent on a link whose acceptance said ` resumable`
+    /// (version 2 on, see [`FLAG_RESUMABLE`](crate::FLAG_RESUMABLE)), so a peer that does
+    /// not know them never gets one.
     pub fn encode_for(&self, version: u16, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
@@ -248,6 +267,10 @@ impl Control {
                 w.u32(*channel);
                 w.u32(*connection);
             }
+            Control::Received { frames } => {
+                w.u8(10);
+                w.u64(*frames);
+            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -305,6 +328,7 @@ impl Control {
                 channel: r.u32()?,
                 connection: r.u32()?,
             },
+            10 => Control::Received { frames: r.u64()? },
             other => return Err(DecodeError::UnknownMessage(other)),
         };
         r.finish()?;
@@ -532,6 +556,8 @@ mod tests {
                 channel: u32::MAX,
                 connection: u32::MAX,
             },
+            Control::Received { frames: 0 },
+            Control::Received { frames: u64::MAX },
         ]
     }
 
@@ -692,7 +718,11 @@ mod tests {
         ));
         assert_eq!(Control::decode(&[99]), Err(DecodeError::UnknownMessage(99)));
         assert_eq!(Control::decode(&[1, 0]), Err(DecodeError::TrailingBytes(1)));
-        assert_eq!(Control::decode(&[10]), Err(DecodeError::UnknownMessage(10)));
+        assert_eq!(Control::decode(&[11]), Err(DecodeError::UnknownMessage(11)));
+        assert!(matches!(
+            Control::decode(&[10, 0, 0]),
+            Err(DecodeError::Truncated { .. })
+        ));
         assert_eq!(
             Control::decode(&[9, 0, 0, 0, 1, 0, 0, 0, 2, 0]),
             Err(DecodeError::TrailingBytes(1))

@@ -107,6 +107,20 @@
 //! is this side's own direction's length, once its QEMU ended it. Each side writes its
 //! [`Progress`] hello before it reads the peer's, so neither waits on the other.
 //!
+//! The control link of a resumable epoch may break too: the source dials one that takes
+//! over (a control hello with [`FLAG_RESUME`] and the credential). Its first frame, both
+//! ways, is [`Control::Received`]: how many of the epoch's sequenced frames (all but
+//! heartbeats and progress, [`Control::is_sequenced`]) that side has received. Each side then
+//! sends again those past the other's count, before anything new.
+//!
+//! ```text
+//!    │ ══ control link ═══════╳ broken (Cancel was in it)                   │
+//!    │ ── Hello{control, id, credential, FLAG_RESUME} ────────────────────► │
+//!    │ ◄───────────────────────────────────────────── HelloReply{Ok} ────── │
+//!    │ ── Received{frames: 4} ──────► │ ◄────── Received{frames: 1} ─────── │
+//!    │ ── Cancel (its 2nd frame, sent again) ─────────────────────────────► │
+//! ```
+//!
 //! # Limits
 //!
 //! A hello body is at most [`MAX_HELLO_BODY`] bytes and a control frame at most

@@ -269,6 +269,10 @@ fn flag_or_file<T>(flag: Vec<T>, file: Option<Vec<T>>) -> Vec<T> {
 /// Defaults, as documented in `docs/config.md`.
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/migproxy";
 
+/// The daemon's resume timeout unless configured (`timeouts.resume`): why a minute is in
+/// docs/daemon.md, "Resumable channels".
+pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn secs(value: Option<f64>, default: u64) -> Duration {
     value.map_or(Duration::from_secs(default), Duration::from_secs_f64)
 }
@@ -328,7 +332,9 @@ impl Settings {
                 .first_channel_timeout
                 .unwrap_or(secs(t.first_channel, 300)),
             recover_timeout: flags.recover_timeout.unwrap_or(secs(t.recover, 600)),
-            resume_timeout: flags.resume_timeout.unwrap_or(secs(t.resume, 60)),
+            resume_timeout: flags
+                .resume_timeout
+                .unwrap_or(secs(t.resume, DEFAULT_RESUME_TIMEOUT.as_secs())),
         };
         settings.check()?;
         Ok(settings)

@@ -393,7 +393,13 @@ pub(super) async fn list(
         .list()
         .iter()
         .map(|m| m.snapshot())
-        .filter(|snapshot| wanted.is_none_or(|state| snapshot.state == state))
+        // `resuming` is `active` with a connection down: asking for the active ones gets those.
+        .filter(|snapshot| {
+            wanted.is_none_or(|state| {
+                snapshot.state == state
+                    || (state == Wanted::Active && snapshot.state == Wanted::Resuming)
+            })
+        })
         .collect();
     Ok(Json(MigrationList { migrations: all }))
 }

@@ -60,7 +60,15 @@ async fn serve(
         epoch,
         stop,
         replaced,
+        takes_over,
     } = link;
+    // A link that takes over: the count of the epoch's frames the peer has received, which
+    // its first frame says.
+    let (told, peer_told) = tokio::sync::watch::channel(None);
+    let catch_up = takes_over.then_some(CatchUp {
+        told: peer_told,
+        within: timing.peer_timeout,
+    });
     let writer = Writer {
         half: writer,
         version,
@@ -72,12 +80,17 @@ async fn serve(
         epoch,
         writer,
         &mut queue,
-        timing.heartbeat_interval,
+        (timing.heartbeat_interval, catch_up),
         &lost,
     );
     let receiving = async {
+        let reading = Reading {
+            ended: &stop,
+            peer_timeout: timing.peer_timeout,
+            told: &told,
+        };
         tokio::select! {
-            () = receive(&migration, epoch, &stop, reader, timing.peer_timeout, &lost) => {}
+            () = receive(&migration, epoch, reading, reader, &lost) => {}
             // Once the epoch has ended, give the peer a moment to close, then stop listening.
             () = async {
                 stop.cancelled().await;
@@ -139,35 +152,52 @@ struct Writer {
     version: u16,
 }
 
+/// A link that takes over: the peer's count of the epoch's frames, once its first frame
+/// says it, within `within`.
+struct CatchUp {
+    told: tokio::sync::watch::Receiver<Option<u64>>,
+    within: Duration,
+}
+
 async fn send(
     migration: &Arc<Migration>,
     epoch: Epoch,
     mut writer: Writer,
     queue: &mut mpsc::UnboundedReceiver<Outbound>,
-    heartbeat: Duration,
+    (heartbeat, catch_up): (Duration, Option<CatchUp>),
     lost: &Lost,
 ) {
     let mut tick = tokio::time::interval(heartbeat);
     // A deadline, not a sleep made anew each turn: other frames do not put it off.
     let mut progress = tokio::time::Instant::now() + PROGRESS_IDLE;
     let mut buf = Vec::new();
-    // First what a link that broke may have lost of the resumable channels' progress.
+    // First what a link that broke may have lost: the resumable channels' progress, and
+    // (once the peer said how many it has) the epoch's frames it missed.
     let mut controls = migration.resumable.relink();
+    if let Some(catch_up) = catch_up {
+        controls.insert(0, migration.resumable.sequence().tell());
+        let written = write_all(&mut writer, &controls, &mut buf).await;
+        controls = match written {
+            Ok(()) => match missed(migration, epoch, catch_up, lost).await {
+                Some(missed) => missed,
+                None => return,
+            },
+            Err(error) => return write_failed(migration, epoch, &error, lost),
+        };
+    }
     loop {
         if let Err(error) = write_all(&mut writer, &controls, &mut buf).await {
-            let blame = migration.peer_link_failure(
-                Op::Write,
-                errno_name(&error),
-                format!("control link: {}", os_message(&error)),
-            );
-            lost.broke(migration, epoch, blame);
-            return;
+            return write_failed(migration, epoch, &error, lost);
         }
         controls = tokio::select! {
             // Lost: what is queued stays for the link that takes over.
             () = lost.token.cancelled() => return,
             outbound = queue.recv() => match outbound {
-                Some(Outbound::Frame(control)) => vec![control],
+                Some(Outbound::Frame(control)) => {
+                    // Counted as sent once taken: the peer's count says if it arrived.
+                    migration.resumable.sequence().sent(&control);
+                    vec![control]
+                }
                 Some(Outbound::Close) | None => break,
             },
             _ = tick.tick() => vec![Control::Heartbeat],
@@ -183,26 +213,88 @@ async fn send(
     let _ = writer.half.shutdown().await;
 }
 
+/// The link broke on a write.
+fn write_failed(migration: &Arc<Migration>, epoch: Epoch, error: &std::io::Error, lost: &Lost) {
+    let blame = migration.peer_link_failure(
+        Op::Write,
+        errno_name(error),
+        format!("control link: {}", os_message(error)),
+    );
+    lost.broke(migration, epoch, blame);
+}
+
+/// The epoch's frames the peer missed, once it has said how many it has; `None` if the link
+/// broke first, or the peer said nothing within the peer timeout (the link is broken).
+async fn missed(
+    migration: &Arc<Migration>,
+    epoch: Epoch,
+    mut catch_up: CatchUp,
+    lost: &Lost,
+) -> Option<Vec<Control>> {
+    let told = tokio::select! {
+        () = lost.token.cancelled() => return None,
+        told = tokio::time::timeout(catch_up.within, catch_up.told.wait_for(Option::is_some)) => told,
+    };
+    let Ok(Ok(frames)) = told.map(|told| told.map(|frames| frames.unwrap_or_default())) else {
+        let message = format!(
+            "control link: the peer daemon did not say what it received within {}",
+            Elapsed(catch_up.within)
+        );
+        lost.broke(
+            migration,
+            epoch,
+            migration.peer_link_failure(Op::Timeout, None, message),
+        );
+        return None;
+    };
+    let missed = migration.resumable.sequence().unreceived(frames);
+    if !missed.is_empty() {
+        tracing::info!(migration = %migration.spec.id, "control link: {} frames the broken link lost, sent again", missed.len());
+    }
+    Some(missed)
+}
+
+/// What the receiving half goes by.
+struct Reading<'a> {
+    /// Cancelled when the epoch ends.
+    ended: &'a tokio_util::sync::CancellationToken,
+    peer_timeout: Duration,
+    /// Where the peer's count of the epoch's frames goes (a link that takes over).
+    told: &'a tokio::sync::watch::Sender<Option<u64>>,
+}
+
 async fn receive(
     migration: &Arc<Migration>,
     epoch: Epoch,
-    ended: &tokio_util::sync::CancellationToken,
+    reading: Reading<'_>,
     mut reader: ReadHalf<Stream>,
-    peer_timeout: Duration,
     lost: &Lost,
 ) {
+    let Reading {
+        ended,
+        peer_timeout,
+        told,
+    } = reading;
     let mut buf = Vec::new();
     loop {
         let read = tokio::time::timeout(peer_timeout, read_control(&mut reader, &mut buf)).await;
         let silent = read.is_err();
         let blame = match read {
+            Ok(Ok(Some(Control::Received { frames }))) => {
+                told.send_replace(Some(frames));
+                continue;
+            }
             Ok(Ok(Some(control))) => {
+                migration.resumable.sequence().received(&control);
                 migration.on_control(epoch, control);
                 continue;
             }
             Ok(Ok(None)) if ended.is_cancelled() => return,
-            // However the link ends, it ends a cancel this host asked the source for.
-            _ if migration.link_closed(epoch) => return,
+            // However the link ends, it ends a cancel this host asked the source for; a
+            // resumable link only by its end of stream: a break may be taken over, and the
+            // cancel it swallowed sent again.
+            Ok(Ok(None)) if migration.link_closed(epoch) => return,
+            _ if !migration.resumable.on() && migration.link_closed(epoch) => return,
             Ok(Ok(None)) => migration.peer_link_failure(
                 Op::Read,
                 None,
@@ -249,6 +341,7 @@ async fn drain(
     while let Ok(Ok(Some(control))) =
         tokio::time::timeout_at(until, read_control(reader, buf)).await
     {
+        migration.resumable.sequence().received(&control);
         migration.on_control(epoch, control);
     }
 }

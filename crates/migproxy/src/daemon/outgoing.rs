@@ -459,6 +459,7 @@ fn start_control(
 ) -> Result<(), ControlLink> {
     // Settled before the link attaches: the epoch's first channel may come at once.
     migration.resumable.settle(link.resumable);
+    migration.resumable.remember(link.credential.clone());
     let Some(attached) = migration.attach_control(first_channel, link.credential.clone()) else {
         return Err(link);
     };

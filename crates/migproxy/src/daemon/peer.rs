@@ -173,17 +173,22 @@ pub const CONNECT_STAGGER: Duration = Duration::from_secs(1);
 /// back, and a resumable channel with it. So while an attempt waits, another starts beside
 /// it every [`CONNECT_STAGGER`] (each with a fresh SYN), and the first to connect wins; the
 /// others are dropped before any byte. An attempt that fails (refused, unreachable) with
-/// none other waiting fails the dial at once, as a single attempt would.
+/// none other waiting fails the dial at once, as a single attempt would; at the deadline,
+/// the last such failure says more than the timeout.
 async fn connect(peer: &str, timing: &Timing) -> Result<TcpStream, PeerError> {
     let deadline = tokio::time::sleep(timing.connect_timeout);
     let stagger = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(deadline, stagger);
     let mut attempts = tokio::task::JoinSet::new();
+    let mut failed = None;
     loop {
         tokio::select! {
-            () = &mut deadline => return Err(PeerError::ConnectTimeout {
-                peer: peer.to_owned(),
-                after: timing.connect_timeout,
+            () = &mut deadline => return Err(match failed {
+                Some(error) => PeerError::Connect { peer: peer.to_owned(), error },
+                None => PeerError::ConnectTimeout {
+                    peer: peer.to_owned(),
+                    after: timing.connect_timeout,
+                },
             }),
             () = &mut stagger => {
                 attempts.spawn(TcpStream::connect(peer.to_owned()));
@@ -195,8 +200,10 @@ async fn connect(peer: &str, timing: &Timing) -> Result<TcpStream, PeerError> {
                     peer: peer.to_owned(),
                     error,
                 }),
-                // Another attempt still waits (or a task died: the others go on).
-                _ => {}
+                // Another attempt still waits.
+                Ok(Err(error)) => failed = Some(error),
+                // A task that died: the others go on.
+                Err(_) => {}
             }
         }
     }

@@ -218,3 +218,74 @@ impl LinkOutage {
         self.open.store(true, Ordering::SeqCst);
     }
 }
+
+/// The control link (connection 0) passes until [`Swallow::arm`]; from then on what the
+/// source daemon sends on it is read and dropped — the destination hears nothing, and
+/// neither side sees an error — until [`Swallow::cut`] resets both ends: frames lost with a
+/// link that breaks. Every later connection passes.
+pub struct Swallow {
+    pub addr: SocketAddr,
+    armed: Arc<AtomicBool>,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl Swallow {
+    pub async fn new(to: SocketAddr) -> Swallow {
+        let armed = Arc::new(AtomicBool::new(false));
+        let cut = tokio_util::sync::CancellationToken::new();
+        let (armed_, cut_) = (Arc::clone(&armed), cut.clone());
+        let addr = middlebox(move |n, client| {
+            let (armed, cut) = (Arc::clone(&armed_), cut_.clone());
+            async move {
+                match n {
+                    0 => swallow(client, to, armed, cut).await,
+                    _ => pass(client, to).await,
+                }
+            }
+        })
+        .await;
+        Swallow { addr, armed, cut }
+    }
+
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+}
+
+async fn swallow(
+    mut client: TcpStream,
+    to: SocketAddr,
+    armed: Arc<AtomicBool>,
+    cut: tokio_util::sync::CancellationToken,
+) {
+    let Ok(mut server) = TcpStream::connect(to).await else {
+        return reset(&[&client]);
+    };
+    {
+        let (mut client_r, mut client_w) = client.split();
+        let (mut server_r, mut server_w) = server.split();
+        let down = tokio::io::copy(&mut server_r, &mut client_w);
+        let up = async {
+            let mut buf = vec![0; 64 << 10];
+            loop {
+                let n = match client_r.read(&mut buf).await {
+                    // The source's end of stream is swallowed too.
+                    Ok(0) | Err(_) => return std::future::pending().await,
+                    Ok(n) => n,
+                };
+                if !armed.load(Ordering::SeqCst) && server_w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = async { tokio::join!(up, down) } => return,
+            () = cut.cancelled() => {}
+        }
+    }
+    reset(&[&client, &server]);
+}

@@ -29,7 +29,9 @@ impl DemoDaemon {
         let peers = TcpListener::bind("127.0.0.1:0").await?;
         let runtime = dir.join(format!("{name}-run"));
         std::fs::create_dir(&runtime)?;
-        let config = Config::new(peers.local_addr()?.to_string(), runtime);
+        let mut config = Config::new(peers.local_addr()?.to_string(), runtime);
+        // As the shipped daemon: resumable channels on.
+        config.resume_timeout = crate::config::DEFAULT_RESUME_TIMEOUT;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(crate::server::run(
             Daemon::new(config),

@@ -31,6 +31,7 @@ mod recovery;
 mod rejoin;
 pub mod resumable;
 mod resuming;
+pub mod sequence;
 mod snapshot;
 mod stall;
 pub mod state;
@@ -164,6 +165,9 @@ pub struct Link {
     pub stop: CancellationToken,
     /// Cancelled when another connection takes over this link (resumable channels).
     pub replaced: CancellationToken,
+    /// It takes over a broken link: the epoch's frames the peer missed go again first
+    /// ([`sequence`]).
+    pub takes_over: bool,
 }
 
 /// A channel admitted into the current epoch.
@@ -357,7 +361,10 @@ impl Migration {
                     }
                 }
                 Effect::BeginEpoch { .. } => self.begin_epoch(inner),
-                Effect::EndEpoch => end_epoch(inner),
+                Effect::EndEpoch => {
+                    end_epoch(inner);
+                    self.resumable.close_outages();
+                }
                 Effect::Release { index } => {
                     self.next_channel.send_replace(index);
                 }
@@ -440,6 +447,8 @@ impl Migration {
     fn announce(&self, inner: &mut Inner, phase: Phase) {
         let state = phase.state();
         inner.announced = state;
+        // A new state: whether it is `resuming` is told anew (`resuming_changed`).
+        *self.resumable.shown() = false;
         self.state_tx.send_replace(inner.core.state());
         let cause = inner
             .core
@@ -558,6 +567,7 @@ impl Migration {
             epoch: inner.core.epoch(),
             stop: inner.epoch_stop.clone(),
             replaced: inner.link_replaced.clone(),
+            takes_over: false,
         })
     }
 

@@ -36,9 +36,14 @@ fn link_awaited(phase: &Phase) -> bool {
 
 impl Migration {
     /// Whether a control link of `epoch` that broke may be taken over instead of failing.
+    /// So may, on the source, one that broke after the migration ended here, before the
+    /// destination closed its side: what this host said last may have gone down with it,
+    /// and a link that takes over delivers it ([`left_queued`](Self::left_queued)).
     pub fn link_resumable(&self, epoch: Epoch) -> bool {
         let inner = self.lock();
-        self.resumable.on() && inner.core.epoch() == epoch && link_awaited(&inner.core.phase())
+        let phase = inner.core.phase();
+        let ended_here = matches!(phase, Phase::Ended { .. }) && self.spec.role == Role::Outgoing;
+        self.resumable.on() && inner.core.epoch() == epoch && (link_awaited(&phase) || ended_here)
     }
 
     /// The control link of `epoch` broke with `cause`: the epoch waits for another, its
@@ -52,7 +57,12 @@ impl Migration {
     ) {
         let number = {
             let mut inner = self.lock();
-            if inner.core.epoch() != epoch || !link_awaited(&inner.core.phase()) {
+            if inner.core.epoch() != epoch {
+                return;
+            }
+            if !link_awaited(&inner.core.phase()) {
+                // Ended: no outage, only the last frames to deliver if a link comes.
+                inner.new_link = Some(queue);
                 return;
             }
             inner.new_link = Some(queue);
@@ -126,6 +136,7 @@ impl Migration {
             epoch: inner.core.epoch(),
             stop: inner.epoch_stop.clone(),
             replaced: inner.link_replaced.clone(),
+            takes_over: true,
         };
         drop(inner);
         if let Some(lost) = back {

@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 use migproxy_proto::Control;
 use tokio::sync::{mpsc, watch};
 
+use super::sequence::Sequence;
+use crate::daemon::token::Token;
 use crate::relay::resume::{PeerLink, Progress, Sides};
 use crate::tls::Identity;
 use crate::transport::Stream;
@@ -66,9 +68,14 @@ pub struct Resumable {
     finals: Mutex<BTreeMap<u32, Control>>,
     /// Source: tries to bring the control link back in the current outage.
     pub link_attempts: AtomicU32,
-    /// Whether the last state event said `resuming`: held while one is published, so that
-    /// the events of outages beginning and ending at once come out in order.
-    pub shown: Mutex<bool>,
+    /// Whether the last state event said `resuming` (taken under the migration's lock).
+    shown: Mutex<bool>,
+    /// The epoch's sequenced control frames, both ways: what a link that takes over sends
+    /// again.
+    pub sequence: Mutex<Sequence>,
+    /// Source: the current epoch's data credential, kept after the epoch ends (when the
+    /// migration forgets it): a link that takes over to deliver the last frames presents it.
+    credential: Mutex<Option<Token>>,
 }
 
 /// A control link outage: since when, why, and which one (a later outage is another).
@@ -161,6 +168,28 @@ impl Resumable {
         channel_down || self.link_down().is_some()
     }
 
+    /// Whether the last state event said `resuming`.
+    pub fn shown(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.shown.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The epoch ended: its outages end with it, their time lost and none resumed (a view
+    /// of a migration that ended, or paused, shows nothing down).
+    pub fn close_outages(&self) {
+        // As `link_broke` takes them: the link's first.
+        let down = self
+            .link_down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let mut outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(down) = down {
+            outages.link_lost += down.since.elapsed();
+        }
+        let open = std::mem::take(&mut outages.open);
+        outages.lost += open.values().map(Instant::elapsed).sum::<Duration>();
+    }
+
     /// The control link's outage, if it is down.
     pub fn link_down(&self) -> Option<LinkDown> {
         self.link_down
@@ -217,6 +246,25 @@ impl Resumable {
     /// What the current epoch's control link settled.
     pub fn settle(&self, on: bool) {
         self.on.store(on, Ordering::Relaxed);
+        *self.sequence() = Sequence::default();
+    }
+
+    /// Source: the data credential the epoch's control link was handed.
+    pub fn remember(&self, credential: Option<Token>) {
+        *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = credential;
+    }
+
+    /// Source: the epoch's data credential, even after it ended.
+    pub fn credential(&self) -> Option<Token> {
+        self.credential
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The epoch's sequenced control frames.
+    pub fn sequence(&self) -> std::sync::MutexGuard<'_, Sequence> {
+        self.sequence.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Destination: the epoch's control link agreed with this certificate (`None`: clear).

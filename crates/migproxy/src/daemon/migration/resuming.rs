@@ -106,17 +106,12 @@ impl Migration {
 
     /// Publishes a state event when the first outage begins (`resuming`) and when the last
     /// one ends (`active` again): call it after each change of an outage, without the
-    /// migration's lock. An ended migration has said its last.
+    /// migration's lock. Decided and published under that lock, as every other state event
+    /// is: none comes after the migration left `active` (paused, or ended).
     pub fn resuming_changed(&self) {
-        let mut shown = self
-            .resumable
-            .shown
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let (state, phase) = {
-            let inner = self.lock();
-            (inner.core.state(), inner.core.phase())
-        };
+        let inner = self.lock();
+        let (state, phase) = (inner.core.state(), inner.core.phase());
+        let mut shown = self.resumable.shown();
         let now = self.shown_state(state);
         if state != State::Active || (now == State::Resuming) == *shown {
             return;

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use migproxy_proto::{FLAG_RESUME, Hello, Kind, Op, Status};
+use migproxy_proto::{Control, FLAG_RESUME, Hello, Kind, Op, Status};
 
 use super::super::Daemon;
 use super::super::channel::resumable::{self as channel, Ends, Redial};
 use super::super::control;
-use super::super::migration::{Admitted, Link, Migration, Outbound};
-use super::super::peer::{Dialled, PeerError, write_control};
+use super::super::migration::{Admitted, Epoch, Link, Migration, Outbound};
+use super::super::peer::{Dialled, PeerError, read_control, write_control};
 use super::dial::{dial, hello};
 use crate::human::Chain;
 use crate::transport::Stream;
@@ -84,11 +84,12 @@ pub async fn control_link(
     let (mut stream, mut link, mut version) = (stream, link, version);
     loop {
         let timing = daemon.config.timing.clone();
+        let epoch = (link.epoch, link.stop.clone());
         let run = control::run(Arc::clone(&migration), stream, link, timing, version);
         if !run.await {
             return;
         }
-        match take_over(&daemon, &migration).await {
+        match take_over(&daemon, &migration, epoch).await {
             Some((again, taken, spoken)) => (stream, link, version) = (again, taken, spoken),
             None => return,
         }
@@ -101,7 +102,11 @@ pub async fn control_link(
 /// ended there), which fails the migration at once. A migration that ended meanwhile (a
 /// cancel, a failure) still has its last frames delivered, if a link comes within a grace:
 /// the destination would otherwise learn of it only at its resume timeout.
-async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Stream, Link, u16)> {
+async fn take_over(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    (epoch, epoch_stop): (Epoch, tokio_util::sync::CancellationToken),
+) -> Option<(Stream, Link, u16)> {
     // The epoch's credential, taken now: an epoch that ends forgets it.
     let hello = takeover_hello(migration);
     let mut pause = Duration::ZERO;
@@ -110,6 +115,12 @@ async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Strea
     loop {
         if ended.is_none() && migration.is_stopped() {
             ended = Some(tokio::time::Instant::now());
+        }
+        // The epoch ended with the migration going on (paused past the resume timeout): its
+        // recovery dials, with the next epoch's credential.
+        // (The state, read under the migration's lock, tells that from an end.)
+        if ended.is_none() && epoch_stop.is_cancelled() && !migration.state().is_final() {
+            return None;
         }
         if ended.is_some_and(|at| at.elapsed() >= LAST_FRAMES_GRACE) {
             return None;
@@ -153,7 +164,7 @@ async fn take_over(daemon: &Daemon, migration: &Arc<Migration>) -> Option<(Strea
             Chain(&refusal)
         );
         let blame = migration.peer_link_failure(Op::Handshake, None, message);
-        migration.fail(migration.epoch(), blame);
+        migration.fail(epoch, blame);
         return None;
     }
 }
@@ -167,22 +178,43 @@ const LAST_FRAMES_GRACE: Duration = Duration::from_secs(5);
 fn takeover_hello(migration: &Migration) -> Hello {
     let control = hello(migration, Kind::Control, migration.channels_seen());
     Hello {
-        token: *migration.data_credential().bytes(),
+        // The epoch's credential, even once the migration has ended (and forgotten it):
+        // its last frames may still need a link.
+        token: *migration
+            .resumable
+            .credential()
+            .unwrap_or_else(|| migration.data_credential())
+            .bytes(),
         flags: control.flags | FLAG_RESUME,
         ..control
     }
 }
 
-/// The migration ended while its link was down: what it queued for the peer (its cancel,
-/// its failure) goes out on `dialled`, then the link closes.
+/// The migration ended while its link was down: as on any link that takes over, the
+/// epoch's frames the destination missed go again (once it has said how many it has), then
+/// what the migration queued for it (its cancel, its failure); then the link closes.
 async fn deliver_last_frames(migration: &Migration, dialled: Dialled) {
     let Some(mut queue) = migration.left_queued() else {
         return;
     };
-    let mut stream = dialled.stream;
+    let (mut reader, mut writer) = tokio::io::split(dialled.stream);
     let mut buf = Vec::new();
+    let tell = migration.resumable.sequence().tell();
+    if write_control(&mut writer, dialled.version, &tell, &mut buf)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Some(frames) = peer_count(&mut reader).await else {
+        return;
+    };
+    let mut last = migration.resumable.sequence().unreceived(frames);
     while let Ok(Outbound::Frame(control)) = queue.try_recv() {
-        if write_control(&mut stream, dialled.version, &control, &mut buf)
+        last.push(control);
+    }
+    for control in &last {
+        if write_control(&mut writer, dialled.version, control, &mut buf)
             .await
             .is_err()
         {
@@ -190,5 +222,24 @@ async fn deliver_last_frames(migration: &Migration, dialled: Dialled) {
         }
     }
     tracing::info!(migration = %migration.spec.id, "the control link is back after the end: its last frames were delivered");
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer).await;
+}
+
+/// The destination's count of the epoch's frames: its first sequenced word on a link that
+/// takes over (progress and heartbeats may come before it).
+async fn peer_count(reader: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u64> {
+    let mut buf = Vec::new();
+    let count = async {
+        loop {
+            match read_control(reader, &mut buf).await {
+                Ok(Some(Control::Received { frames })) => return Some(frames),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    };
+    tokio::time::timeout(LAST_FRAMES_GRACE, count)
+        .await
+        .ok()
+        .flatten()
 }

@@ -89,6 +89,7 @@ impl Retention {
 
     /// The last `n` bytes kept, committed together: one slice.
     pub fn recent(&self, n: usize) -> &[u8] {
+        debug_assert!(n <= self.len);
         let limit = self.limit();
         let tail = (self.head + self.len) % limit;
         let tail = if tail == 0 && self.len > 0 {

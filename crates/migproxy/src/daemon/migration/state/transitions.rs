@@ -521,8 +521,11 @@ impl Core {
         }
         match control {
             Control::Heartbeat | Control::ChannelOpened { .. } => Ok(Vec::new()),
-            // Resumable channels: not wired into the daemon yet (issue #18).
-            Control::Progress { .. } | Control::Broken { .. } => Ok(Vec::new()),
+            // Resumable channels' and their control link's own: the daemon handles them
+            // before the lifecycle (`resuming`, `control`).
+            Control::Progress { .. } | Control::Broken { .. } | Control::Received { .. } => {
+                Ok(Vec::new())
+            }
             Control::ChannelClosed {
                 channel,
                 end,
