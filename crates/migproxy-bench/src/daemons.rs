@@ -91,10 +91,12 @@ fn launch(
         None => command.arg("--insecure-plaintext"),
     };
     command.args(flags);
-    let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    // With MIGPROXY_LOG set (the daemon reads it), its log goes to `NAME.log` beside its API.
+    let stderr = match std::env::var_os("MIGPROXY_LOG") {
+        Some(_) => Stdio::from(std::fs::File::create(dir.join(format!("{name}.log")))?),
+        None => Stdio::null(),
+    };
+    let child = command.stdout(Stdio::null()).stderr(stderr).spawn()?;
     let daemon = Daemon { child, api };
     let started = Instant::now();
     while UnixStream::connect(&daemon.api).is_err() {
@@ -149,6 +151,26 @@ pub async fn create(
         client(destination),
         id.to_owned(),
         target.to_owned(),
+        None,
+    )
+    .await
+    .map_err(refused)
+}
+
+/// As [`create`], the migration `"recoverable": true` on both hosts (postcopy recovery by
+/// hand: QEMU's `migrate-recover` and `migrate resume=true`, the daemons not driving QEMU).
+pub async fn create_recoverable(
+    source: &Daemon,
+    destination: &Daemon,
+    id: &str,
+    target: &str,
+) -> Result<String, BenchError> {
+    create_pair(
+        client(source),
+        client(destination),
+        id.to_owned(),
+        target.to_owned(),
+        Some(true),
     )
     .await
     .map_err(refused)
@@ -163,7 +185,7 @@ pub fn create_blocking(
 ) -> Result<String, BenchError> {
     let (source, destination) = (client(source), client(destination));
     let (id, target) = (id.to_owned(), target.to_owned());
-    blocking(move || create_pair(source, destination, id, target))
+    blocking(move || create_pair(source, destination, id, target, None))
 }
 
 async fn create_pair(
@@ -171,10 +193,12 @@ async fn create_pair(
     destination: Client,
     id: String,
     target: String,
+    recoverable: Option<bool>,
 ) -> Result<String, ClientError> {
     let incoming = IncomingRequest {
         id: Some(id.clone()),
         target: Some(target),
+        recoverable,
         ..IncomingRequest::default()
     };
     let incoming = destination.create_incoming(&incoming).await?;
@@ -182,6 +206,7 @@ async fn create_pair(
         id,
         token: incoming.token,
         peer: incoming.peer,
+        recoverable,
         ..OutgoingRequest::default()
     };
     let outgoing = source.create_outgoing(&outgoing).await?;

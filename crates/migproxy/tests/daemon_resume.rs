@@ -692,3 +692,61 @@ async fn a_cancel_lost_with_a_control_link_that_breaks_is_delivered_by_one_that_
         assert_eq!(view["cancelled_by"], "source", "{view}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_end_went_down_with_the_control_link_ends_once_a_link_takes_over() {
+    let (source, destination) = resumable_daemons().await;
+    let swallow = Swallow::new(destination.peer.parse().unwrap()).await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(
+        &source,
+        &destination,
+        "e1",
+        &target,
+        &swallow.addr.to_string(),
+    )
+    .await;
+    // The destination QEMU stand-in ends its direction at once, and reads all it is given.
+    let destination_qemu = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write.shutdown().await.unwrap();
+        receive_all(read).await.unwrap()
+    });
+    let data = random_data(8, 1 << 20);
+    let (read, mut write) = UnixStream::connect(unix_path(&uri))
+        .await
+        .unwrap()
+        .into_split();
+    write.write_all(&data).await.unwrap();
+    destination
+        .wait_for("e1", "every byte delivered", Duration::from_secs(5), |v| {
+            v["channels"][0]["bytes"]["to_destination"] == 1 << 20
+        })
+        .await;
+    // The source's end of its direction (its last progress, its ChannelClosed and Done)
+    // goes into a link that swallows it; the data connection's end of stream alone does not
+    // tell the destination it was the end, so, past its grace, it waits for a connection
+    // the source (done) will not dial.
+    swallow.arm();
+    write.shutdown().await.unwrap();
+    assert_eq!(
+        receive_all(read).await.unwrap().0,
+        0,
+        "the destination sent nothing"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    swallow.cut();
+    // The link that takes over tells the end: the channel ends, QEMU gets its end of
+    // stream, and both hosts end the migration, well before the resume timeout (20 s).
+    let got = tokio::time::timeout(Duration::from_secs(8), destination_qemu).await;
+    assert_eq!(
+        got.unwrap().unwrap(),
+        (1 << 20, blake3::hash(&data)),
+        "source → destination"
+    );
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("e1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "transferred", "{view}");
+    }
+}

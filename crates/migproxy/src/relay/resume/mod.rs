@@ -332,7 +332,11 @@ impl<L: PeerLink> Channel<L> {
         let mut cause: Option<io::Error> = None;
         loop {
             let broke = Instant::now();
-            let (connection, peer, attempts) = self.reconnect(cause.take()).await?;
+            let settled = self.settled_without_connection();
+            let (connection, peer, attempts) = tokio::select! {
+                again = self.reconnect(cause.take()) => again?,
+                () = settled => return self.end_without_connection().await,
+            };
             sessions += 1;
             self.report.resumptions = sessions - 1;
             let replay = peer.map_or(0, |peer| self.up.kept.sent() - peer.delivered);
@@ -447,6 +451,44 @@ impl<L: PeerLink> Channel<L> {
             return Err(Cut::Fatal(ResumeError::BeyondEnd { end, delivered }));
         }
         Ok((connection, Some(peer)))
+    }
+
+    /// Resolves once what is left needs no connection: this direction ended and the peer
+    /// has acknowledged all of it, and the peer's end (told on the control link, perhaps by
+    /// a link that took over) is what was delivered here. The source, done, dials no more:
+    /// without this a destination whose peer's end went down with a broken control link
+    /// would wait for a connection until its resume timeout.
+    fn settled_without_connection(&self) -> impl Future<Output = ()> + use<L> {
+        let (ended, sent) = (self.up.ended, self.up.kept.sent());
+        let delivered = self.mine().delivered;
+        let mut peer = self.sides.peer.clone();
+        async move {
+            if !ended {
+                return std::future::pending().await;
+            }
+            let told = |p: &Progress| p.delivered >= sent && p.end == Some(delivered);
+            if peer.wait_for(told).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The end of [`settled_without_connection`](Self::settled_without_connection): the
+    /// local end is told the peer's direction ended (if it was not), and all is acknowledged.
+    async fn end_without_connection(&mut self) -> Result<(), ResumeError> {
+        self.up.kept.ack(self.sides.peer.borrow().delivered)?;
+        if !self.down.ended {
+            let down = &mut self.down;
+            down.observe.counters.mark_end(down.observe.down());
+            let shut = down.local.shutdown().await;
+            shut.map_err(|error| ResumeError::Local {
+                op: "shutdown",
+                error,
+            })?;
+            down.ended = true;
+        }
+        tracing::info!("both directions done, with no connection: the channel ends");
+        Ok(())
     }
 
     /// Both directions ended, and the peer has acknowledged every byte of this one.
