@@ -3,7 +3,7 @@
 //!
 //!
 //! One module per benchmark ([`synthetic`], [`concurrency`], [`qemu`], [`cancel`],
-//! [`outage`], and [`floor`], the yardstick relay); they measure with [`measure`], stream
+//! [`outage`], [`recover`], and [`floor`], the yardstick relay); they measure with [`measure`], stream
 //! with [`stream`], run daemons with [`daemons`] (TLS material from [`pki`], two hosts on one
 //! machine from [`netns`]), summarise with [`report`] and draw plain series with [`chart`].
 
@@ -21,6 +21,7 @@ mod netns;
 mod outage;
 mod pki;
 mod qemu;
+mod recover;
 mod report;
 mod stream;
 mod synthetic;
@@ -121,6 +122,20 @@ enum Bench {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
+    /// The delay two daemons add to QEMU's own postcopy recovery (`migrate-pause`, then
+    /// `migrate-recover` and `migrate resume=true` by hand), against direct TCP, interleaved.
+    Recover {
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 512)]
+        mib: u64,
+        /// Milliseconds between both QEMUs paused and the recovery (0: at once).
+        #[arg(long, default_value_t = 0)]
+        settle_ms: u64,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
 }
 
 fn seconds(text: &str) -> Result<f64, String> {
@@ -185,6 +200,19 @@ fn main() {
                 peer_timeout,
             };
             sibling("migproxy").and_then(|migproxy| outage::run(&migproxy, settings, &out))
+        }
+        Bench::Recover {
+            reps,
+            mib,
+            settle_ms,
+            out,
+        } => {
+            let settings = recover::Settings {
+                reps,
+                mib,
+                settle: std::time::Duration::from_millis(settle_ms),
+            };
+            sibling("migproxy").and_then(|migproxy| recover::run(&migproxy, settings, &out))
         }
     };
     if let Err(error) = result {

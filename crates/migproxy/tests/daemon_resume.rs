@@ -535,8 +535,10 @@ async fn a_destination_qemu_that_stops_reading_is_blamed_as_with_the_relay() {
     let (source, destination) = (daemon("src").await, daemon("dst").await);
     let (writer, _qemu_in, _dir) =
         common::daemon::stuck_migration(&source, &destination, "st").await;
+    let mut carried = Vec::new();
     for daemon in [&source, &destination] {
         let view = daemon.wait_final("st", Duration::from_secs(5)).await;
+        carried.push(view["channels"][0]["bytes"]["to_destination"].as_u64().unwrap());
         assert!(!view["resume"].is_null(), "resumable: {view}");
         assert_eq!(view["state"], "failed", "{view}");
         let error = &view["error"];
@@ -553,6 +555,14 @@ async fn a_destination_qemu_that_stops_reading_is_blamed_as_with_the_relay() {
             "{view}"
         );
     }
+    // Retention bounded: the source read from its QEMU no more than the retention (16 MiB)
+    // beyond what the destination delivered (and acknowledged); the rest waited in QEMU.
+    let (read, delivered) = (carried[0], carried[1]);
+    eprintln!("read from QEMU {read}, delivered {delivered}");
+    assert!(
+        read > delivered && read - delivered <= 16 << 20,
+        "read {read}, delivered {delivered}"
+    );
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
 }
 
