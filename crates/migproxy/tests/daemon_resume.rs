@@ -328,7 +328,15 @@ async fn a_resume_without_the_credential_or_for_no_running_channel_is_refused() 
     assert_eq!(status, 200);
     destination.wait_final("r2", Duration::from_secs(5)).await;
     let (status, message) = hello_answer(&destination.peer, &hello(0, *credential.bytes())).await;
-    // The credential died with its epoch.
+    // The credential resumes nothing once its epoch has ended; it only tells its holder, the
+    // source daemon, how the migration ended here.
+    assert_eq!(status, Status::Expired, "{message}");
+    assert!(
+        message.contains("is cancelled (cancelled by the source)"),
+        "{message}"
+    );
+    // Anyone else learns nothing.
+    let (status, message) = hello_answer(&destination.peer, &hello(0, [7; 32])).await;
     assert_eq!(status, Status::BadToken, "{message}");
 }
 
@@ -538,7 +546,11 @@ async fn a_destination_qemu_that_stops_reading_is_blamed_as_with_the_relay() {
     let mut carried = Vec::new();
     for daemon in [&source, &destination] {
         let view = daemon.wait_final("st", Duration::from_secs(5)).await;
-        carried.push(view["channels"][0]["bytes"]["to_destination"].as_u64().unwrap());
+        carried.push(
+            view["channels"][0]["bytes"]["to_destination"]
+                .as_u64()
+                .unwrap(),
+        );
         assert!(!view["resume"].is_null(), "resumable: {view}");
         assert_eq!(view["state"], "failed", "{view}");
         let error = &view["error"];

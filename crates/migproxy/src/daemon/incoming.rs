@@ -437,6 +437,7 @@ fn vet(
         // before its acceptance is sent, so before any channel can come.
         migration.resumable.settle(resumable);
         migration.resumable.bind(identity);
+        migration.resumable.remember(credential.clone());
     }
     let handed_out = match (&credential, &choice) {
         (Some(credential), Some(choice)) => {
@@ -694,9 +695,16 @@ fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, Stri
     // A control link that takes over from a broken one presents the epoch's credential:
     // the one-time token is spent.
     let takes_over = hello.flags & migproxy_proto::FLAG_RESUME != 0;
+    // A resume (either kind) may come after the migration ended here: the credential its
+    // epoch had still tells the source daemon, and only it, how it ended (below).
+    let resumes =
+        takes_over || hello.kind == Kind::Data && hello.flags & migproxy_proto::FLAG_RESUME != 0;
     let presented = match hello.kind {
         Kind::Control if !takes_over => migration.spec.token.matches(&hello.token),
-        Kind::Control | Kind::Data => migration.admits_data(&hello.token),
+        Kind::Control | Kind::Data => {
+            migration.admits_data(&hello.token)
+                || resumes && migration.state().is_final() && migration.resumable.was(&hello.token)
+        }
     };
     if !presented {
         let what = match hello.kind {
@@ -709,10 +717,18 @@ fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, Stri
         ));
     }
     match migration.state() {
-        State::Pending | State::Active | State::Paused => Ok(migration),
+        State::Pending | State::Active | State::Resuming | State::Paused => Ok(migration),
         state => Err((
             Status::Expired,
-            format!("migration \"{}\" is {}", hello.migration, state.name()),
+            format!(
+                "migration \"{}\" is {}{}",
+                hello.migration,
+                state.name(),
+                migration
+                    .snapshot()
+                    .cancelled_by
+                    .map_or_else(String::new, |by| format!(" (cancelled by the {by})"))
+            ),
         )),
     }
 }

@@ -73,8 +73,9 @@ pub struct Resumable {
     /// The epoch's sequenced control frames, both ways: what a link that takes over sends
     /// again.
     pub sequence: Mutex<Sequence>,
-    /// Source: the current epoch's data credential, kept after the epoch ends (when the
-    /// migration forgets it): a link that takes over to deliver the last frames presents it.
+    /// The current epoch's data credential, kept after the epoch ends (when the migration
+    /// forgets it): the source presents it on a link that takes over to deliver its last
+    /// frames; the destination tells whoever holds it how the migration ended.
     credential: Mutex<Option<Token>>,
 }
 
@@ -249,12 +250,18 @@ impl Resumable {
         *self.sequence() = Sequence::default();
     }
 
-    /// Source: the data credential the epoch's control link was handed.
+    /// Whether `presented` is the current (or, once it ended, the last) epoch's credential.
+    pub fn was(&self, presented: &[u8; migproxy_proto::TOKEN_LEN]) -> bool {
+        self.credential().is_some_and(|c| c.matches(presented))
+    }
+
+    /// The data credential the epoch's control link was handed (the destination's: handed
+    /// out).
     pub fn remember(&self, credential: Option<Token>) {
         *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = credential;
     }
 
-    /// Source: the epoch's data credential, even after it ended.
+    /// The epoch's data credential, even after it ended.
     pub fn credential(&self) -> Option<Token> {
         self.credential
             .lock()
