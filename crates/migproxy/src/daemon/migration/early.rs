@@ -68,15 +68,20 @@ pub const EARLY_HOLD: Duration = Duration::from_secs(30);
 /// it is tried once at each look, woken or after [`POLL`].
 pub const LISTEN_GRACE: Duration = Duration::from_millis(50);
 
-/// Connects to the unix socket at `path`, trying again while it refuses, up to `grace`
-/// (on a blocking thread: the retries are finer than tokio's timer). Each try is a
-/// non-blocking connect: a full listen queue answers at once too (as not yet).
-pub async fn connect_listening(path: &Path, grace: Duration) -> Option<Stream> {
+/// Connects to the unix socket at `path` — the one `expected` names, when given — trying
+/// again while it refuses, up to `grace` (on a blocking thread: the retries are finer than
+/// tokio's timer). Each try is a non-blocking connect: a full listen queue answers at once
+/// too (as not yet).
+pub async fn connect_listening(
+    path: &Path,
+    expected: Option<SocketId>,
+    grace: Duration,
+) -> Option<Stream> {
     let path = path.to_path_buf();
     let connected = tokio::task::spawn_blocking(move || {
         let start = Instant::now();
         loop {
-            match connect_now(&path) {
+            match connect_now(&path, expected) {
                 Err(Errno::ECONNREFUSED) if start.elapsed() < grace => {
                     std::thread::sleep(LISTEN_RETRY);
                 }
@@ -90,12 +95,36 @@ pub async fn connect_listening(path: &Path, grace: Duration) -> Option<Stream> {
         .map(Stream::Unix)
 }
 
-/// One non-blocking connect to the unix socket at `path`.
-fn connect_now(path: &Path) -> nix::Result<OwnedFd> {
+/// One non-blocking connect to the unix socket at `path`. The file is opened first without
+/// following a symbolic link (`O_PATH | O_NOFOLLOW`), checked (a socket, the one `expected`
+/// names), and connected through that very open file (`/proc/self/fd/N`): whoever can write
+/// the directory cannot swap a link or another socket in between the look and the connect.
+fn connect_now(path: &Path, expected: Option<SocketId>) -> nix::Result<OwnedFd> {
+    use nix::fcntl::{OFlag, open};
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use nix::sys::stat::{Mode, SFlag, fstat};
+    let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let file = open(path, flags, Mode::empty())?;
+    // Owned: closed on every return.
+    #[allow(unsafe_code)]
+    // SAFETY: `open` just returned this descriptor, and nothing else owns it.
+    let file = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(file) };
+    let stat = fstat(file.as_raw_fd())?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(Errno::ENOTSOCK);
+    }
+    let found = SocketId {
+        dev: stat.st_dev,
+        ino: stat.st_ino,
+        ctime: (stat.st_ctime, stat.st_ctime_nsec),
+    };
+    if expected.is_some_and(|expected| expected != found) {
+        return Err(Errno::ESTALE);
+    }
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
     let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
-    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    let pinned = format!("/proc/self/fd/{}", file.as_raw_fd());
+    connect(fd.as_raw_fd(), &UnixAddr::new(pinned.as_str())?)?;
     Ok(fd)
 }
 
@@ -334,7 +363,7 @@ mod tests {
         let socket = bound_unlistening(&path);
         let start = Instant::now();
         assert!(
-            connect_listening(&path, Duration::from_millis(20))
+            connect_listening(&path, None, Duration::from_millis(20))
                 .await
                 .is_none()
         );
@@ -346,14 +375,50 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
             nix::sys::socket::listen(&socket, nix::sys::socket::Backlog::new(1).unwrap())
         };
-        let (connected, listened) = tokio::join!(connect_listening(&path, LISTEN_GRACE), listen);
+        let (connected, listened) =
+            tokio::join!(connect_listening(&path, None, LISTEN_GRACE), listen);
         listened.unwrap();
         assert!(connected.is_some(), "connected once QEMU listened");
         assert!(
-            connect_listening(&dir.path().join("none"), LISTEN_GRACE)
+            connect_listening(&dir.path().join("none"), None, LISTEN_GRACE)
                 .await
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn only_the_socket_looked_at_is_connected_not_a_link_or_another_swapped_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sock");
+        let qemu = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let looked = socket_at(&path).unwrap();
+        // Someone who can write the directory swaps a link to their own socket in.
+        let theirs = dir.path().join("theirs.sock");
+        let intruder = std::os::unix::net::UnixListener::bind(&theirs).unwrap();
+        intruder.set_nonblocking(true).unwrap();
+        std::fs::rename(&path, dir.path().join("moved.sock")).unwrap();
+        std::os::unix::fs::symlink(&theirs, &path).unwrap();
+        assert_eq!(
+            connect_now(&path, Some(looked)).unwrap_err(),
+            Errno::ENOTSOCK
+        );
+        assert_eq!(
+            connect_now(&path, None).unwrap_err(),
+            Errno::ENOTSOCK,
+            "a link"
+        );
+        // Or another socket, bound at the path itself.
+        std::fs::remove_file(&path).unwrap();
+        let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(connect_now(&path, Some(looked)).unwrap_err(), Errno::ESTALE);
+        assert!(intruder.accept().is_err(), "the intruder got nothing");
+        // QEMU's socket back at the path (moved: its change time moved too, so it is looked
+        // at again): connected, through the file opened.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::rename(dir.path().join("moved.sock"), &path).unwrap();
+        assert!(connect_now(&path, socket_at(&path)).is_ok());
+        qemu.set_nonblocking(true).unwrap();
+        assert!(qemu.accept().is_ok(), "QEMU got the connection");
     }
 
     /// A socket bound at `path` that does not listen yet: QEMU between bind and listen.

@@ -12,7 +12,6 @@ use super::state::{Epoch, Input, Note, Phase};
 use super::view::EventKind;
 use super::{Migration, Role};
 use crate::daemon::attribution::{self, Rendered};
-use crate::daemon::paths;
 use crate::human::Elapsed;
 
 impl Migration {
@@ -80,8 +79,8 @@ impl Migration {
                 false => early::LISTEN_GRACE,
             };
             let connect = async || {
-                (now.is_some() && paths::refuse_symlink(path).is_ok()).then_some(())?;
-                early::connect_listening(path, grace).await
+                // The socket looked at, and no other (nor a link) swapped in since.
+                early::connect_listening(path, Some(now?), grace).await
             };
             match self.early.try_connect(round, connect).await {
                 Tried::Over => return,
