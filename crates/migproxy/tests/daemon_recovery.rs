@@ -34,10 +34,8 @@ async fn a_recoverable_migration_pauses_and_completes_on_fresh_channels() {
     broken.read_exact(&mut some).await.unwrap();
     drop(broken);
     for daemon in [&source, &destination] {
-        let view = daemon
-            .wait_state("p1", "paused", Duration::from_secs(5))
-            .await;
-        let error = error_of(&view);
+        let view = daemon.wait_paused("p1", Duration::from_secs(5)).await;
+        let error = &view["pauses"][0];
         assert_eq!(error["host"], "destination", "{view}");
         assert_eq!(error["leg"], "qemu", "{view}");
         assert_eq!(view["pauses"].as_array().unwrap().len(), 1, "{view}");
@@ -131,10 +129,8 @@ async fn a_recoverable_main_channel_closed_without_shut_pauses() {
     qemu.read_to_end(&mut reply).await.unwrap();
     assert_eq!(accepting.await.unwrap(), 4096);
     for daemon in [&source, &destination] {
-        let view = daemon
-            .wait_state("ns", "paused", Duration::from_secs(5))
-            .await;
-        let error = error_of(&view);
+        let view = daemon.wait_paused("ns", Duration::from_secs(5)).await;
+        let error = &view["pauses"][0];
         assert!(
             error["message"]
                 .as_str()

@@ -409,7 +409,8 @@ async fn a_recoverable_migration_resumes_first_and_pauses_past_the_resume_timeou
                 v["state"] == "paused"
             })
             .await;
-        let message = view["error"]["message"].as_str().unwrap();
+        // The pause's cause (the error moves on to each failed try to bring the link back).
+        let message = view["pauses"][0]["message"].as_str().unwrap();
         assert!(
             message.contains("no working connection to the peer for"),
             "{view}"

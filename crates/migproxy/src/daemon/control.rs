@@ -175,7 +175,7 @@ async fn send(
     // (once the peer said how many it has) the epoch's frames it missed.
     let mut controls = migration.resumable.relink();
     if let Some(catch_up) = catch_up {
-        controls.insert(0, migration.resumable.sequence().tell());
+        controls.insert(0, migration.resumable.sequence().tell(epoch));
         let written = write_all(&mut writer, &controls, &mut buf).await;
         controls = match written {
             Ok(()) => match missed(migration, epoch, catch_up, lost).await {
@@ -195,7 +195,7 @@ async fn send(
             outbound = queue.recv() => match outbound {
                 Some(Outbound::Frame(control)) => {
                     // Counted as sent once taken: the peer's count says if it arrived.
-                    migration.resumable.sequence().sent(&control);
+                    migration.resumable.sequence().sent(epoch, &control);
                     vec![control]
                 }
                 Some(Outbound::Close) | None => break,
@@ -247,7 +247,7 @@ async fn missed(
         );
         return None;
     };
-    let missed = migration.resumable.sequence().unreceived(frames);
+    let missed = migration.resumable.sequence().unreceived(epoch, frames);
     if !missed.is_empty() {
         tracing::info!(migration = %migration.spec.id, "control link: {} frames the broken link lost, sent again", missed.len());
     }
@@ -285,7 +285,7 @@ async fn receive(
                 continue;
             }
             Ok(Ok(Some(control))) => {
-                migration.resumable.sequence().received(&control);
+                migration.resumable.sequence().received(epoch, &control);
                 migration.on_control(epoch, control);
                 continue;
             }
@@ -341,7 +341,7 @@ async fn drain(
     while let Ok(Ok(Some(control))) =
         tokio::time::timeout_at(until, read_control(reader, buf)).await
     {
-        migration.resumable.sequence().received(&control);
+        migration.resumable.sequence().received(epoch, &control);
         migration.on_control(epoch, control);
     }
 }

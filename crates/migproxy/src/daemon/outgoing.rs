@@ -517,7 +517,7 @@ async fn resume(
                     message,
                     ..
                 } => NotResumed::Refused {
-                    cancelled: *status == ended && message.ends_with(" is cancelled"),
+                    cancelled: *status == ended && cancelled_there(message),
                     blame: Attribution {
                         message: format!(
                             "the destination daemon refused to resume: {message} (a daemon \
@@ -539,6 +539,12 @@ async fn resume(
             Ok(false)
         }
     }
+}
+
+/// Whether the destination's refusal says the migration was cancelled there (`incoming`'s
+/// `admit`: `migration "ID" is cancelled`, perhaps followed by who cancelled it).
+pub fn cancelled_there(message: &str) -> bool {
+    message.ends_with(" is cancelled") || message.contains(" is cancelled (cancelled by ")
 }
 
 /// Whether a control hello offered the kernel path (its acceptance then says which path).
@@ -586,10 +592,23 @@ async fn accept_channels(daemon: Arc<Daemon>, migration: Arc<Migration>, listene
 async fn link_back(migration: &Migration) -> bool {
     let mut state = migration.watch_state();
     let back = state.wait_for(|s| *s != State::Paused);
-    match tokio::time::timeout(LINK_BACK_WAIT, back).await {
-        Ok(Ok(state)) => *state == State::Active,
-        _ => false,
-    }
+    // Meanwhile the redial task dials now, and again every 50 ms, rather than at its next
+    // try (a destination that has not paused yet refuses the first).
+    let hurry = async {
+        loop {
+            migration.recovery_came.notify_one();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let back = async {
+        tokio::select! {
+            back = back => back.map(|state| *state == State::Active).unwrap_or(false),
+            () = hurry => false,
+        }
+    };
+    tokio::time::timeout(LINK_BACK_WAIT, back)
+        .await
+        .unwrap_or(false)
 }
 
 /// How long QEMU's recovery connection waits for the control link.

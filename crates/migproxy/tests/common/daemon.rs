@@ -91,6 +91,17 @@ impl TestDaemon {
             .await
     }
 
+    /// Polls until the migration has paused (the pause recorded, not yet recovered): it may
+    /// read `paused`, or `active` again already, the source's control link back (it is
+    /// dialled at once) and QEMU's recovery still to come. The pause is `pauses`' last.
+    pub async fn wait_paused(&self, id: &str, limit: Duration) -> Value {
+        self.wait_for(id, "paused", limit, |view| {
+            let open = view["recoveries"].as_array().and_then(|r| r.last());
+            open.is_some_and(|r| r["frozen_ms"].is_null())
+        })
+        .await
+    }
+
     /// Polls until the migration's state is final; returns the last view.
     pub async fn wait_final(&self, id: &str, limit: Duration) -> Value {
         self.wait_for(id, "ended", limit, super::is_final).await

@@ -90,6 +90,8 @@ async fn carry<L: PeerLink>(
     if let Some(last) = migration.resumable.forget(index) {
         migration.send_peer(last);
     }
+    // An outage the channel ended in is over: the state may read `active` again.
+    migration.resuming_changed();
     let names = Names {
         qemu: qemu_leg.clone(),
         peer: peer_leg,

@@ -219,6 +219,8 @@ pub struct Migration {
     early: early::EarlyLeg,
     /// The channels carried across peer connections that break.
     pub resumable: resumable::Resumable,
+    /// Outgoing, paused: QEMU's recovery came, and waits for the control link (dial now).
+    pub recovery_came: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -299,6 +301,7 @@ impl Migration {
             data_path: std::sync::OnceLock::new(),
             handoff: handoff::Handoff::default(),
             early: early::EarlyLeg::default(),
+            recovery_came: tokio::sync::Notify::new(),
             resumable: resumable::Resumable::default(),
             spec,
         });

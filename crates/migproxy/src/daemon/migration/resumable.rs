@@ -247,7 +247,6 @@ impl Resumable {
     /// What the current epoch's control link settled.
     pub fn settle(&self, on: bool) {
         self.on.store(on, Ordering::Relaxed);
-        *self.sequence() = Sequence::default();
     }
 
     /// Whether `presented` is the current (or, once it ended, the last) epoch's credential.
@@ -332,7 +331,10 @@ impl Resumable {
     pub fn forget(&self, index: u32) -> Option<Control> {
         let entry = self.channels().remove(&index)?;
         let mut outages = self.outages.lock().unwrap_or_else(|p| p.into_inner());
-        outages.open.remove(&index);
+        // An outage the channel ended in (it needed no new connection): its time is lost.
+        if let Some(since) = outages.open.remove(&index) {
+            outages.lost += since.elapsed();
+        }
         drop(outages);
         let last = *entry.mine.borrow();
         let frame = Control::Progress {

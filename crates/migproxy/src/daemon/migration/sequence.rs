@@ -18,40 +18,64 @@
 
 use migproxy_proto::Control;
 
-/// One epoch's sequenced frames, both ways.
+/// One epoch's sequenced frames, both ways. Each count is of one epoch: a frame of a later
+/// epoch starts the counts over, and one of an earlier epoch (a link that still drains as
+/// the next epoch begins) counts for nothing.
 #[derive(Debug, Default)]
 pub struct Sequence {
+    epoch: u64,
     sent: Vec<Control>,
     received: u64,
 }
 
 impl Sequence {
-    /// `control` leaves for the peer (if it counts).
-    pub fn sent(&mut self, control: &Control) {
-        if control.is_sequenced() {
-            self.sent.push(control.clone());
+    /// The counts of `epoch`, if it is not an older one than counted.
+    fn of(&mut self, epoch: u64) -> Option<&mut Sequence> {
+        if epoch > self.epoch {
+            *self = Sequence {
+                epoch,
+                ..Sequence::default()
+            };
+        }
+        (epoch == self.epoch).then_some(self)
+    }
+
+    /// `control` leaves for the peer on a link of `epoch` (if it counts).
+    pub fn sent(&mut self, epoch: u64, control: &Control) {
+        if let Some(counts) = self.of(epoch).filter(|_| control.is_sequenced()) {
+            counts.sent.push(control.clone());
         }
     }
 
-    /// `control` came from the peer (if it counts).
-    pub fn received(&mut self, control: &Control) {
-        if control.is_sequenced() {
-            self.received += 1;
+    /// `control` came from the peer on a link of `epoch` (if it counts).
+    pub fn received(&mut self, epoch: u64, control: &Control) {
+        if let Some(counts) = self.of(epoch).filter(|_| control.is_sequenced()) {
+            counts.received += 1;
         }
     }
 
-    /// What a link that takes over says first.
-    pub fn tell(&self) -> Control {
-        Control::Received {
-            frames: self.received,
-        }
+    /// What a link of `epoch` that takes over says first.
+    pub fn tell(&mut self, epoch: u64) -> Control {
+        let frames = self.of(epoch).map_or(0, |counts| counts.received);
+        Control::Received { frames }
     }
 
-    /// What to send again to a peer that has received `frames` of them. A peer that claims
-    /// more than was sent gets nothing again: a confused peer cannot make frames repeat.
-    pub fn unreceived(&self, frames: u64) -> Vec<Control> {
+    /// What to send again, on a link of `epoch`, to a peer that has received `frames` of
+    /// them. A peer that claims more than was sent gets nothing again: a confused peer
+    /// cannot make frames repeat.
+    pub fn unreceived(&mut self, epoch: u64, frames: u64) -> Vec<Control> {
+        let Some(counts) = self.of(epoch) else {
+            return Vec::new();
+        };
+        if frames > counts.sent.len() as u64 {
+            tracing::warn!(
+                frames,
+                sent = counts.sent.len(),
+                "the peer claims more control frames than were sent"
+            );
+        }
         let from = usize::try_from(frames).unwrap_or(usize::MAX);
-        self.sent.get(from..).unwrap_or_default().to_vec()
+        counts.sent.get(from..).unwrap_or_default().to_vec()
     }
 }
 
@@ -82,18 +106,39 @@ mod tests {
             closed.clone(),
             cancel.clone(),
         ] {
-            s.sent(&control);
+            s.sent(1, &control);
         }
-        assert_eq!(s.unreceived(1), [closed, cancel.clone()]);
-        assert_eq!(s.unreceived(2), [cancel]);
-        assert!(s.unreceived(3).is_empty());
+        assert_eq!(s.unreceived(1, 1), [closed, cancel.clone()]);
+        assert_eq!(s.unreceived(1, 2), [cancel]);
+        assert!(s.unreceived(1, 3).is_empty());
         assert!(
-            s.unreceived(u64::MAX).is_empty(),
+            s.unreceived(1, u64::MAX).is_empty(),
             "a peer claiming too much"
         );
-        s.received(&Control::Heartbeat);
-        s.received(&Control::Received { frames: 9 });
-        s.received(&Control::ChannelOpened { channel: 1 });
-        assert_eq!(s.tell(), Control::Received { frames: 1 });
+        s.received(1, &Control::Heartbeat);
+        s.received(1, &Control::Received { frames: 9 });
+        s.received(1, &Control::ChannelOpened { channel: 1 });
+        assert_eq!(s.tell(1), Control::Received { frames: 1 });
+    }
+
+    #[test]
+    fn an_older_epochs_frames_count_for_nothing_and_a_newer_one_starts_over() {
+        let mut s = Sequence::default();
+        let opened = Control::ChannelOpened { channel: 0 };
+        s.sent(2, &opened);
+        s.received(2, &opened);
+        // The next epoch: counted afresh.
+        s.sent(3, &Control::ChannelOpened { channel: 4 });
+        assert_eq!(s.unreceived(3, 0), [Control::ChannelOpened { channel: 4 }]);
+        assert_eq!(s.tell(3), Control::Received { frames: 0 });
+        // A late frame of the old epoch's link changes nothing.
+        s.received(2, &opened);
+        s.sent(2, &opened);
+        assert_eq!(s.tell(3), Control::Received { frames: 0 });
+        assert_eq!(s.unreceived(3, 0).len(), 1);
+        assert!(
+            s.unreceived(2, 0).is_empty(),
+            "an old epoch gets nothing sent again"
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! back, the migration ends (cancel, recover timeout), or the destination refuses.
 //!
 //! ```text
-//!  paused ─► dial ─✗─► wait 0.1 s ─► dial ─✗─► 0.2 s, 0.4 s … 5 s, 5 s … ─► dial ─✓─► attached
+//!  paused ─► wait 0.5 s ─► dial ─✗─► wait 1 s ─► dial ─✗─► 2 s, 4 s, 5 s, 5 s … ─► dial ─✓─► attached
+//!     (QEMU's recovery connection arriving ends a wait at once: it waits for the link)
 //!                              └ refused (restarted, ended there) ─► failed / cancelled, for good
 //! ```
 //!
@@ -29,11 +30,15 @@ pub enum NotResumed {
     Refused { blame: Attribution, cancelled: bool },
 }
 
-/// The wait after a first try that failed, doubled after each. The first try is at once:
-/// QEMU's own recovery (`migrate resume=true`) may come a moment after the pause, and its
-/// connection waits for this link (`migproxy-bench recover`: with a 500 ms wait here,
-/// the daemons added 404 ms to a recovery started at once, 1 ms to one started later).
-const NEXT: Duration = Duration::from_millis(100);
+/// The wait before the first try: the destination pauses a moment after this host (it
+/// waits for this host's explanation), and a try before that is refused. QEMU's recovery
+/// connection, when it comes, ends any wait at once: it waits for this link
+/// (`migproxy-bench recover`: with the 500 ms wait alone, the daemons added 404 ms to a
+/// recovery started right after the pause).
+const FIRST: Duration = Duration::from_millis(500);
+
+/// How long after the pause a failed try is not reported (`resume_failed`).
+const QUIET: Duration = Duration::from_secs(1);
 
 /// A pause right after a link came back is not spun on: the next round waits this long.
 const AGAIN: Duration = Duration::from_millis(500);
@@ -82,17 +87,22 @@ pub async fn run(migration: Arc<Migration>, dialer: impl Dialer) {
 
 /// Dials until the link is back or there is nothing left to resume.
 async fn bring_back(migration: &Arc<Migration>, dialer: &impl Dialer) {
-    let mut wait = Duration::ZERO;
+    let mut wait = FIRST;
+    let paused = tokio::time::Instant::now();
     while migration.state() == State::Paused {
         tokio::select! {
             () = migration.stopped() => return,
             () = tokio::time::sleep(wait) => {}
+            () = migration.recovery_came.notified() => {}
         }
         if migration.state() != State::Paused {
             return;
         }
         match dialer.resume(migration.channels_seen()).await {
             Ok(_) => return,
+            // A try right after the pause may find the destination not paused yet (it waits
+            // for the source's explanation first): no news, and not a failed recovery.
+            Err(NotResumed::Failed(_)) if paused.elapsed() < QUIET => {}
             Err(NotResumed::Failed(blame)) => migration.resume_failed(blame),
             Err(NotResumed::Refused {
                 cancelled: true, ..
@@ -105,7 +115,7 @@ async fn bring_back(migration: &Arc<Migration>, dialer: &impl Dialer) {
                 return;
             }
         }
-        wait = (wait * 2).clamp(NEXT, MOST);
+        wait = (wait * 2).min(MOST);
     }
 }
 

@@ -152,7 +152,19 @@ async fn take_over(
                 pause = Duration::from_millis(20);
                 continue;
             }
+            // Ended here, and refused there: nothing to deliver to (it has ended too).
+            Err(PeerError::Refused { .. }) if ended.is_some() => return None,
             Err(_) if ended.is_some() => continue,
+            // Cancelled there while the link was down: the same story here.
+            Err(PeerError::Refused {
+                status: Status::Expired,
+                message,
+                ..
+            }) if super::cancelled_there(&message) => {
+                tracing::info!(migration = %migration.spec.id, "the destination cancelled while the control link was down: {message}");
+                migration.cancel(migproxy_proto::Host::Destination);
+                return None;
+            }
             Err(refused @ PeerError::Refused { .. }) => refused,
             Err(error) => {
                 tracing::debug!(migration = %migration.spec.id, error = %Chain(&error), "the control link is not back yet");
@@ -199,7 +211,8 @@ async fn deliver_last_frames(migration: &Migration, dialled: Dialled) {
     };
     let (mut reader, mut writer) = tokio::io::split(dialled.stream);
     let mut buf = Vec::new();
-    let tell = migration.resumable.sequence().tell();
+    let epoch = migration.epoch();
+    let tell = migration.resumable.sequence().tell(epoch);
     if write_control(&mut writer, dialled.version, &tell, &mut buf)
         .await
         .is_err()
@@ -209,7 +222,7 @@ async fn deliver_last_frames(migration: &Migration, dialled: Dialled) {
     let Some(frames) = peer_count(&mut reader).await else {
         return;
     };
-    let mut last = migration.resumable.sequence().unreceived(frames);
+    let mut last = migration.resumable.sequence().unreceived(epoch, frames);
     while let Ok(Outbound::Frame(control)) = queue.try_recv() {
         last.push(control);
     }
@@ -223,6 +236,10 @@ async fn deliver_last_frames(migration: &Migration, dialled: Dialled) {
     }
     tracing::info!(migration = %migration.spec.id, "the control link is back after the end: its last frames were delivered");
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer).await;
+    // Read what the destination still sends (heartbeats) until it closes, briefly: closing
+    // with unread bytes would reset the link under its last frames.
+    let drained = async { while let Ok(Some(_)) = read_control(&mut reader, &mut buf).await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
 }
 
 /// The destination's count of the epoch's frames: its first sequenced word on a link that
