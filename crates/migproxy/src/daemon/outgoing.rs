@@ -517,7 +517,7 @@ async fn resume(
                     message,
                     ..
                 } => NotResumed::Refused {
-                    cancelled: *status == ended && cancelled_there(message),
+                    cancelled: *status == ended && dial::cancelled_there(message),
                     blame: Attribution {
                         message: format!(
                             "the destination daemon refused to resume: {message} (a daemon \
@@ -539,12 +539,6 @@ async fn resume(
             Ok(false)
         }
     }
-}
-
-/// Whether the destination's refusal says the migration was cancelled there (`incoming`'s
-/// `admit`: `migration "ID" is cancelled`, perhaps followed by who cancelled it).
-pub fn cancelled_there(message: &str) -> bool {
-    message.ends_with(" is cancelled") || message.contains(" is cancelled (cancelled by ")
 }
 
 /// Whether a control hello offered the kernel path (its acceptance then says which path).

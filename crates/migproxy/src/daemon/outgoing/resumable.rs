@@ -14,7 +14,7 @@ use super::super::channel::resumable::{self as channel, Ends, Redial};
 use super::super::control;
 use super::super::migration::{Admitted, Epoch, Link, Migration, Outbound};
 use super::super::peer::{Dialled, PeerError, read_control, write_control};
-use super::dial::{dial, hello};
+use super::dial::{cancelled_there, dial, hello};
 use crate::human::Chain;
 use crate::transport::Stream;
 
@@ -160,7 +160,7 @@ async fn take_over(
                 status: Status::Expired,
                 message,
                 ..
-            }) if super::cancelled_there(&message) => {
+            }) if cancelled_there(&message) => {
                 tracing::info!(migration = %migration.spec.id, "the destination cancelled while the control link was down: {message}");
                 migration.cancel(migproxy_proto::Host::Destination);
                 return None;
