@@ -146,15 +146,7 @@ pub async fn create(
     id: &str,
     target: &str,
 ) -> Result<String, BenchError> {
-    create_pair(
-        client(source),
-        client(destination),
-        id.to_owned(),
-        target.to_owned(),
-        None,
-    )
-    .await
-    .map_err(refused)
+    create_with(source, destination, id, target, None).await
 }
 
 /// As [`create`], the migration `"recoverable": true` on both hosts (postcopy recovery by
@@ -165,15 +157,20 @@ pub async fn create_recoverable(
     id: &str,
     target: &str,
 ) -> Result<String, BenchError> {
-    create_pair(
-        client(source),
-        client(destination),
-        id.to_owned(),
-        target.to_owned(),
-        Some(true),
-    )
-    .await
-    .map_err(refused)
+    create_with(source, destination, id, target, Some(true)).await
+}
+
+async fn create_with(
+    source: &Daemon,
+    destination: &Daemon,
+    id: &str,
+    target: &str,
+    recoverable: Option<bool>,
+) -> Result<String, BenchError> {
+    let (id, target) = (id.to_owned(), target.to_owned());
+    create_pair(client(source), client(destination), id, target, recoverable)
+        .await
+        .map_err(refused)
 }
 
 /// [`create`], from a plain thread.
