@@ -23,7 +23,7 @@ use migproxy::transport::Stream;
 use rand::{Rng, RngCore, SeedableRng, rngs::SmallRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// The dialling side: TCP, then a TLS handshake when it has a client.
@@ -41,13 +41,45 @@ impl PeerLink for Dial {
     }
 }
 
-/// The accepting side: the next connection, its TLS handshake when it has a server.
-struct Accept(TcpListener, Option<Arc<Tls>>);
+/// The accepting side, as the destination daemon accepts. Two of the daemon's words on a
+/// connection are kept: a new connection for the channel replaces the one in use (that
+/// side's session is cut: `mine`), and each time this side needs a new connection it tells
+/// the peer the one in use broke (`peer`), as a daemon reports a break on the control link.
+/// Without them a side that has read the peer's end, waiting only for acknowledgements, never
+/// sees a reset, and its peer waits for it until the resume timeout.
+struct Accept {
+    queue: mpsc::UnboundedReceiver<TcpStream>,
+    tls: Option<Arc<Tls>>,
+    peer: watch::Sender<u64>,
+}
+
+impl Accept {
+    fn new(listener: TcpListener, tls: Option<Arc<Tls>>, breaks: &Breaks) -> Accept {
+        let (arrived, queue) = mpsc::unbounded_channel();
+        let mine = breaks.b.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                bump(&mine);
+                if arrived.send(tcp).is_err() {
+                    return;
+                }
+            }
+        });
+        let peer = breaks.a.clone();
+        Accept { queue, tls, peer }
+    }
+}
 
 impl PeerLink for Accept {
     async fn connect(&mut self) -> io::Result<Stream> {
-        let (tcp, _) = self.0.accept().await?;
-        let Some(tls) = &self.1 else {
+        bump(&self.peer);
+        let arrived = self.queue.recv().await;
+        let mut tcp = arrived.ok_or(io::ErrorKind::NotConnected)?;
+        // The newest: the peer gave up on those before it.
+        while let Ok(newer) = self.queue.try_recv() {
+            tcp = newer;
+        }
+        let Some(tls) = &self.tls else {
             return Ok(Stream::Tcp(tcp));
         };
         let (stream, _identity) = tls
@@ -56,6 +88,35 @@ impl PeerLink for Accept {
             .map_err(io::Error::other)?;
         Ok(Stream::Tls(Box::new(stream)))
     }
+}
+
+/// Each side's break signal (the daemon's word, [`Sides::breaks`]): the dialler's and the
+/// acceptor's.
+#[derive(Clone)]
+struct Breaks {
+    a: watch::Sender<u64>,
+    b: watch::Sender<u64>,
+}
+
+impl Breaks {
+    fn new() -> Breaks {
+        Breaks {
+            a: watch::channel(0).0,
+            b: watch::channel(0).0,
+        }
+    }
+
+    /// Both sides' progress wired to each other (the control link's part), each with its
+    /// own break signal.
+    fn sides(&self) -> (Sides, Sides) {
+        let (mut a, mut b) = Sides::wired(self.a.subscribe());
+        (a.breaks, b.breaks) = (self.a.subscribe(), self.b.subscribe());
+        (a, b)
+    }
+}
+
+fn bump(breaks: &watch::Sender<u64>) {
+    breaks.send_modify(|n| *n += 1);
 }
 
 /// How the two engines reach each other.
@@ -177,12 +238,6 @@ async fn forward(
     abort(b);
 }
 
-/// Both sides' progress wired to each other (the control link's part), and one break
-/// signal for both (each daemon finds a silent link dead by its heartbeats).
-fn sides() -> (Sides, Sides) {
-    Sides::wired(watch::channel(0).1)
-}
-
 fn small() -> Options {
     Options {
         retention: 256 << 10,
@@ -225,7 +280,7 @@ async fn exchange(len: usize, cuts: u32, seed: u64) -> (Report, Report, u32) {
 /// How the two engines of one exchange are set up.
 struct Setup {
     fault: Fault,
-    sides: (Sides, Sides),
+    breaks: Breaks,
     /// Counts the connections the proxy cut.
     cut: Arc<AtomicU32>,
     links: Links,
@@ -241,7 +296,7 @@ impl Setup {
         };
         Setup {
             fault: Fault::Reset,
-            sides: sides(),
+            breaks: Breaks::new(),
             cut: Arc::default(),
             links,
             observe: (Observe::default(), destination),
@@ -256,11 +311,15 @@ async fn exchange_with(len: usize, (cuts, seed): (u32, u64), setup: Setup) -> (R
     let (src_qemu, src_local) = UnixStream::pair().unwrap();
     let (dst_qemu, dst_local) = UnixStream::pair().unwrap();
     let cancel = CancellationToken::new();
+    let breaks = &setup.breaks;
     let (dial, accept) = match setup.links {
-        Links::Clear => (Dial(via, None), Accept(listener, None)),
-        Links::Tls(client, server) => (Dial(via, Some(client)), Accept(listener, Some(server))),
+        Links::Clear => (Dial(via, None), Accept::new(listener, None, breaks)),
+        Links::Tls(client, server) => (
+            Dial(via, Some(client)),
+            Accept::new(listener, Some(server), breaks),
+        ),
     };
-    let (a_sides, b_sides) = setup.sides;
+    let (a_sides, b_sides) = breaks.sides();
     let (a_observe, b_observe) = setup.observe;
     let a_options = Options {
         observe: a_observe,
@@ -310,13 +369,12 @@ async fn every_byte_arrives_in_order_exactly_once_through_random_resets() {
 
 #[tokio::test]
 async fn a_blackholed_connection_found_dead_by_the_daemon_resumes_on_a_new_one() {
-    let (breaker, breaks) = watch::channel(0u64);
     let len = 4 << 20;
     let setup = Setup {
         fault: Fault::Blackhole,
-        sides: Sides::wired(breaks),
         ..Setup::new(Links::Clear)
     };
+    let breaks = setup.breaks.clone();
     let cut = Arc::clone(&setup.cut);
     let exchange = exchange_with(len, (1, 4), setup);
     // The daemon's verdict, as its heartbeats would give it: the link is silent.
@@ -325,7 +383,8 @@ async fn a_blackholed_connection_found_dead_by_the_daemon_resumes_on_a_new_one()
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        breaker.send_modify(|n| *n += 1);
+        bump(&breaks.a);
+        bump(&breaks.b);
     };
     let ((a, b), ()) = tokio::join!(exchange, verdict);
     assert_eq!((a.resumptions, b.resumptions), (1, 1));
@@ -363,7 +422,7 @@ async fn counters_and_the_return_path_tap_see_each_byte_once_and_each_outage_is_
     let len = 2 << 20;
     let mut setup = Setup::new(Links::Clear);
     let taps = [(); 2].map(|()| Arc::new(std::sync::Mutex::new(Vec::new())));
-    let (outages, mut told) = tokio::sync::mpsc::unbounded_channel();
+    let (outages, mut told) = mpsc::unbounded_channel();
     for (observe, tap) in [&mut setup.observe.0, &mut setup.observe.1]
         .into_iter()
         .zip(&taps)
