@@ -141,30 +141,47 @@ async fn a_resume_from_another_certificate_is_refused_even_with_the_credential()
     // (stolen, say): its certificate is not the control link's.
     let intruder = migproxy::tls::Tls::load(&intruder_dir, Vec::new()).unwrap();
     let credential = source.daemon.get("i1").unwrap().data_credential();
-    let hello = Hello {
+    let hello = |kind| Hello {
         version: VERSION,
-        kind: Kind::Data,
+        kind,
         migration: "i1".into(),
         channel: 0,
         token: *credential.bytes(),
         flags: FLAG_RESUME,
     };
-    let to = migproxy::daemon::peer::Dial {
-        peer: &destination.peer,
-        tls: Some((&intruder, "127.0.0.1")),
+    let intrude = |hello: Hello| {
+        let (intruder, peer) = (&intruder, &destination.peer);
+        async move {
+            let to = migproxy::daemon::peer::Dial {
+                peer,
+                tls: Some((intruder, "127.0.0.1")),
+            };
+            let timing = migproxy::daemon::peer::Timing::default();
+            let refused = migproxy::daemon::peer::dial(to, &hello, &timing).await;
+            let Err(migproxy::daemon::peer::PeerError::Refused {
+                status, message, ..
+            }) = refused
+            else {
+                panic!("not refused: {refused:?}");
+            };
+            assert_eq!(status, Status::Refused, "{message}");
+            assert!(message.contains("control link's certificate"), "{message}");
+            assert!(message.contains("intruder"), "{message}");
+        }
     };
-    let timing = migproxy::daemon::peer::Timing::default();
-    let refused = migproxy::daemon::peer::dial(to, &hello, &timing).await;
-    let Err(migproxy::daemon::peer::PeerError::Refused {
-        status, message, ..
-    }) = refused
-    else {
-        panic!("not refused: {refused:?}");
-    };
-    assert_eq!(status, Status::Refused, "{message}");
-    assert!(message.contains("control link's certificate"), "{message}");
-    assert!(message.contains("intruder"), "{message}");
+    // A channel's connection, and a control link taking over.
+    intrude(hello(Kind::Data)).await;
+    intrude(hello(Kind::Control)).await;
     assert_eq!(destination.show("i1").await["state"], "active");
+    // Once the migration has ended the credential tells its holder how; the intruder
+    // learns nothing, not even that.
+    let (status, _) = source
+        .request("POST", "/v1/migrations/i1/cancel", None)
+        .await;
+    assert_eq!(status, 200);
+    destination.wait_final("i1", Duration::from_secs(5)).await;
+    intrude(hello(Kind::Data)).await;
+    intrude(hello(Kind::Control)).await;
 }
 
 /// One channel carried between `source` and `destination` through a middlebox that resets

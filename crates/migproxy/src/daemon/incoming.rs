@@ -404,9 +404,9 @@ fn vet(
     if let Some(identity) = identity {
         allowed(daemon, identity).map_err(refused)?;
     }
-    let migration = admit(daemon, hello)?;
+    let migration = admit(daemon, hello, identity)?;
     if hello.kind == Kind::Control && hello.flags & migproxy_proto::FLAG_RESUME != 0 {
-        return take_over(migration, identity);
+        return take_over(migration);
     }
     kernel::fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
     same_recoverable(&migration, hello).map_err(refused)?;
@@ -421,16 +421,6 @@ fn vet(
         migration.settle_data_path(choice.clone());
     }
     let resumable = agrees_resumable(&migration, hello, version);
-    if hello.kind == Kind::Data
-        && hello.flags & migproxy_proto::FLAG_RESUME != 0
-        && !migration.resumable.same_identity(identity)
-    {
-        return Err(refused(format!(
-            "migration {}: a connection that resumes a channel must come from the control link's certificate (this one is {})",
-            hello.migration,
-            identity.map_or_else(|| "none".to_owned(), ToString::to_string)
-        )));
-    }
     let joined = join(&migration, hello, credential.clone()).map_err(refused)?;
     if let Joined::Control(_) = joined {
         // Only a link that attached settles them (a refused one must not touch the epoch);
@@ -456,20 +446,11 @@ fn vet(
     })
 }
 
-/// A control link that takes over from the epoch's broken one (its credential checked):
-/// from the same certificate, on a resumable migration whose link is down. One still up is
-/// told to give up, and this one answered Busy (the source tries again at once).
-fn take_over(
-    migration: Arc<Migration>,
-    identity: Option<&Identity>,
-) -> Result<Vetted, (Status, String)> {
+/// A control link that takes over from the epoch's broken one (its credential and
+/// certificate checked by [`admit`]): on a resumable migration whose link is down. One still
+/// up is told to give up, and this one answered Busy (the source tries again at once).
+fn take_over(migration: Arc<Migration>) -> Result<Vetted, (Status, String)> {
     let id = &migration.spec.id;
-    if !migration.resumable.same_identity(identity) {
-        let message = format!(
-            "migration {id}: a control link that takes over must come from the broken one's certificate"
-        );
-        return Err((Status::Refused, message));
-    }
     match migration.rejoin() {
         Ok(link) => Ok(Vetted {
             migration,
@@ -678,8 +659,13 @@ async fn open(daemon: &Daemon, tcp: TcpStream, from: &str) -> Result<Opened, Opt
     }
 }
 
-/// Finds the migration a hello names and checks its token.
-fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, String)> {
+/// Finds the migration a hello names and checks its token; a resume's certificate too,
+/// before anything of the migration's state is told.
+fn admit(
+    daemon: &Daemon,
+    hello: &Hello,
+    identity: Option<&Identity>,
+) -> Result<Arc<Migration>, (Status, String)> {
     let unknown = || {
         (
             Status::UnknownMigration,
@@ -714,6 +700,19 @@ fn admit(daemon: &Daemon, hello: &Hello) -> Result<Arc<Migration>, (Status, Stri
         return Err((
             Status::BadToken,
             format!("{what} for migration \"{}\"", hello.migration),
+        ));
+    }
+    // The credential proves what the source daemon was told, the certificate who dials: a
+    // resume from another certificate (an allowed host holding a stolen credential) is
+    // refused, and learns nothing, not even how the migration ended.
+    if resumes && !migration.resumable.same_identity(identity) {
+        return Err((
+            Status::Refused,
+            format!(
+                "migration \"{}\": a connection that resumes (a channel, or the control link) must come from the control link's certificate (this one is {})",
+                hello.migration,
+                identity.map_or_else(|| "none".to_owned(), ToString::to_string)
+            ),
         ));
     }
     match migration.state() {
