@@ -12,81 +12,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::cut::{LinkOutage, Swallow, Switch, cut_control_after, cut_for_good, cutting_proxy};
+use common::cut::{LinkOutage, Switch, cut_control_after, cut_for_good, cutting_proxy};
 use common::daemon::{TestDaemon, next_event, stand_in_target, subscribe, unix_path};
+use common::resume::{OneChannel, one_channel, pair_via, resumable_daemons, resumable_daemons_for};
 use common::{random_data, receive_all, send_all};
 use migproxy::daemon::migration::view::EventKind;
 use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-
-async fn resumable_daemons() -> (TestDaemon, TestDaemon) {
-    resumable_daemons_for(Duration::from_secs(20)).await
-}
-
-async fn resumable_daemons_for(timeout: Duration) -> (TestDaemon, TestDaemon) {
-    let resume = |c: &mut migproxy::daemon::Config| c.resume_timeout = timeout;
-    let source = TestDaemon::start_with("src", resume).await;
-    let destination = TestDaemon::start_with("dst", resume).await;
-    (source, destination)
-}
-
-/// The migration `id` on both daemons, the source dialling `peer`; returns the URI for the
-/// source QEMU.
-async fn pair_via(
-    source: &TestDaemon,
-    destination: &TestDaemon,
-    id: &str,
-    target: &str,
-    peer: &str,
-) -> String {
-    // A migration whose id says so is recoverable (postcopy recovery).
-    let recoverable = id.starts_with("rec");
-    let body = json!({"direction": "incoming", "id": id, "target": target,
-                      "recoverable": recoverable});
-    let (status, incoming) = destination
-        .request("POST", "/v1/migrations", Some(body))
-        .await;
-    assert_eq!(status, 201, "{incoming}");
-    let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"], "peer": peer,
-                      "recoverable": recoverable});
-    let (status, outgoing) = source.request("POST", "/v1/migrations", Some(body)).await;
-    assert_eq!(status, 201, "{outgoing}");
-    outgoing["qemu_uri"].as_str().unwrap().to_owned()
-}
-
-/// Migration `id` with its one channel open, the source dialling `peer`: the destination
-/// QEMU stand-in reads all it is given (its count and digest once the stream ends), the
-/// source QEMU stand-in writes through `write`.
-struct OneChannel {
-    write: tokio::net::unix::OwnedWriteHalf,
-    received: tokio::task::JoinHandle<std::io::Result<(u64, blake3::Hash)>>,
-    _read: tokio::net::unix::OwnedReadHalf,
-    _dir: tempfile::TempDir,
-}
-
-async fn one_channel(
-    source: &TestDaemon,
-    destination: &TestDaemon,
-    id: &str,
-    peer: &str,
-) -> OneChannel {
-    let (dir, qemu_in, target) = stand_in_target();
-    let uri = pair_via(source, destination, id, &target, peer).await;
-    let received = tokio::spawn(async move {
-        let (stream, _) = qemu_in.accept().await?;
-        receive_all(stream).await
-    });
-    let qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
-    let (read, write) = qemu.into_split();
-    OneChannel {
-        write,
-        received,
-        _read: read,
-        _dir: dir,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_connections_reset_under_a_live_control_link_lose_not_a_byte() {
@@ -597,38 +531,6 @@ async fn a_destination_qemu_that_stops_reading_is_blamed_as_with_the_relay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_while_the_control_link_is_down_reaches_the_destination_once_it_is_back() {
-    let (source, destination) = resumable_daemons().await;
-    let outage = LinkOutage::new(
-        destination.peer.parse().unwrap(),
-        Duration::from_millis(300),
-    )
-    .await;
-    let mut channel = one_channel(&source, &destination, "x1", &outage.addr.to_string()).await;
-    channel.write.write_all(&[3; 1 << 20]).await.unwrap();
-    source
-        .wait_for("x1", "the control link down", Duration::from_secs(5), |v| {
-            v["resume"]["link_outages"] == 1
-        })
-        .await;
-    let (status, view) = source
-        .request("POST", "/v1/migrations/x1/cancel", None)
-        .await;
-    assert_eq!(status, 200, "{view}");
-    assert_eq!(
-        source.wait_final("x1", Duration::from_secs(5)).await["state"],
-        "cancelled"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    outage.restore();
-    // Well before the destination's resume timeout (20 s): the source's cancel arrived on
-    // the link that came back.
-    let view = destination.wait_final("x1", Duration::from_secs(5)).await;
-    assert_eq!(view["state"], "cancelled", "{view}");
-    assert_eq!(view["cancelled_by"], "source", "{view}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_link_down_longer_than_the_stall_timeout_is_no_stall() {
     let daemon = |name: &'static str| {
         TestDaemon::start_with(name, |c| {
@@ -701,92 +603,4 @@ async fn states_until_final(events: &mut migproxy::client::Events) -> Vec<String
         }
     }
     states
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_lost_with_a_control_link_that_breaks_is_delivered_by_one_that_takes_over() {
-    let (source, destination) = resumable_daemons().await;
-    let swallow = Swallow::new(destination.peer.parse().unwrap()).await;
-    let mut channel = one_channel(&source, &destination, "f1", &swallow.addr.to_string()).await;
-    channel.write.write_all(&[7; 1 << 20]).await.unwrap();
-    destination
-        .wait_for("f1", "the channel open", Duration::from_secs(5), |v| {
-            v["channels"][0]["state"] == "active"
-        })
-        .await;
-    // The source's cancel goes into a link that swallows it (the link looks alive); the
-    // link breaks a moment later, before the source's wait for the destination to close
-    // its side is over.
-    swallow.arm();
-    let (status, view) = source
-        .request("POST", "/v1/migrations/f1/cancel", None)
-        .await;
-    assert_eq!(status, 200, "{view}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    swallow.cut();
-    // A link that takes over carries it again: the destination ends cancelled by the
-    // source at once, not failed at its resume timeout (20 s).
-    for daemon in [&source, &destination] {
-        let view = daemon.wait_final("f1", Duration::from_secs(5)).await;
-        assert_eq!(view["state"], "cancelled", "{view}");
-        assert_eq!(view["cancelled_by"], "source", "{view}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_channel_whose_end_went_down_with_the_control_link_ends_once_a_link_takes_over() {
-    let (source, destination) = resumable_daemons().await;
-    let swallow = Swallow::new(destination.peer.parse().unwrap()).await;
-    let (_dir, qemu_in, target) = stand_in_target();
-    let uri = pair_via(
-        &source,
-        &destination,
-        "e1",
-        &target,
-        &swallow.addr.to_string(),
-    )
-    .await;
-    // The destination QEMU stand-in ends its direction at once, and reads all it is given.
-    let destination_qemu = tokio::spawn(async move {
-        let (stream, _) = qemu_in.accept().await.unwrap();
-        let (read, mut write) = stream.into_split();
-        write.shutdown().await.unwrap();
-        receive_all(read).await.unwrap()
-    });
-    let data = random_data(8, 1 << 20);
-    let (read, mut write) = UnixStream::connect(unix_path(&uri))
-        .await
-        .unwrap()
-        .into_split();
-    write.write_all(&data).await.unwrap();
-    destination
-        .wait_for("e1", "every byte delivered", Duration::from_secs(5), |v| {
-            v["channels"][0]["bytes"]["to_destination"] == 1 << 20
-        })
-        .await;
-    // The source's end of its direction (its last progress, its ChannelClosed and Done)
-    // goes into a link that swallows it; the data connection's end of stream alone does not
-    // tell the destination it was the end, so, past its grace, it waits for a connection
-    // the source (done) will not dial.
-    swallow.arm();
-    write.shutdown().await.unwrap();
-    assert_eq!(
-        receive_all(read).await.unwrap().0,
-        0,
-        "the destination sent nothing"
-    );
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    swallow.cut();
-    // The link that takes over tells the end: the channel ends, QEMU gets its end of
-    // stream, and both hosts end the migration, well before the resume timeout (20 s).
-    let got = tokio::time::timeout(Duration::from_secs(8), destination_qemu).await;
-    assert_eq!(
-        got.unwrap().unwrap(),
-        (1 << 20, blake3::hash(&data)),
-        "source → destination"
-    );
-    for daemon in [&source, &destination] {
-        let view = daemon.wait_final("e1", Duration::from_secs(5)).await;
-        assert_eq!(view["state"], "transferred", "{view}");
-    }
 }

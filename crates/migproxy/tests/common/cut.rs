@@ -219,6 +219,48 @@ impl LinkOutage {
     }
 }
 
+/// Every connection passes until [`ControlGate::close`], which resets those open; from then
+/// on a new control link (told by its hello) is reset at once while data connections pass:
+/// the control link stays down while the channels come back.
+pub struct ControlGate {
+    pub addr: SocketAddr,
+    closed: tokio::sync::watch::Sender<bool>,
+}
+
+impl ControlGate {
+    pub async fn new(to: SocketAddr) -> ControlGate {
+        let (closed, seen) = tokio::sync::watch::channel(false);
+        let addr = middlebox(move |_, client| {
+            let mut seen = seen.clone();
+            async move {
+                if *seen.borrow_and_update() && is_control(&client).await {
+                    return reset(&[&client]);
+                }
+                pass_until(client, to, seen.changed()).await;
+            }
+        })
+        .await;
+        ControlGate { addr, closed }
+    }
+
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+}
+
+/// Whether the connection's hello, peeked at, is a control link's.
+async fn is_control(client: &TcpStream) -> bool {
+    let mut head = [0; migproxy_proto::HELLO_HEADER + 1];
+    for _ in 0..100 {
+        if matches!(client.peek(&mut head).await, Ok(n) if n == head.len()) {
+            // The hello's body starts with its kind: 1 is a control link.
+            return head[migproxy_proto::HELLO_HEADER] == 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 /// The control link (connection 0) passes until [`Swallow::arm`]; from then on what the
 /// source daemon sends on it is read and dropped — the destination hears nothing, and
 /// neither side sees an error — until [`Swallow::cut`] resets both ends: frames lost with a

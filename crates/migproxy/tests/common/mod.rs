@@ -12,6 +12,7 @@ pub mod orchestration;
 pub mod peer;
 pub mod process;
 pub mod qemu;
+pub mod resume;
 pub mod scenario;
 pub mod tls;
 

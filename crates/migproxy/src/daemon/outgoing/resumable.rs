@@ -39,6 +39,19 @@ pub async fn carry(
         let (daemon, migration, hello) = (Arc::clone(&daemon), Arc::clone(&dialler), again.clone());
         async move {
             let dialled = dial(&daemon, &migration, &hello).await;
+            if let Err(PeerError::Refused {
+                status: Status::Expired,
+                message,
+                ..
+            }) = &dialled
+                && cancelled_there(message)
+            {
+                // Cancelled there while the link was down, told by the refusal of a channel's
+                // return before the control link's: the same story here (the cancel stops
+                // the channel, whose refusal then fails nothing).
+                tracing::info!(migration = %migration.spec.id, "the destination cancelled while the channel's connection was down: {message}");
+                migration.cancel(migproxy_proto::Host::Destination);
+            }
             dialled.map(|dialled| dialled.stream).map_err(as_io)
         }
     };

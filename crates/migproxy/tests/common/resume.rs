@@ -1,0 +1,78 @@
+//! Two daemons with resumable channels, and one channel between them: the setup the
+//! resumable channels' daemon tests share.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::net::UnixStream;
+
+use super::daemon::{TestDaemon, stand_in_target, unix_path};
+use super::receive_all;
+
+/// Two daemons resuming for 20 s.
+pub async fn resumable_daemons() -> (TestDaemon, TestDaemon) {
+    resumable_daemons_for(Duration::from_secs(20)).await
+}
+
+pub async fn resumable_daemons_for(timeout: Duration) -> (TestDaemon, TestDaemon) {
+    let resume = |c: &mut migproxy::daemon::Config| c.resume_timeout = timeout;
+    let source = TestDaemon::start_with("src", resume).await;
+    let destination = TestDaemon::start_with("dst", resume).await;
+    (source, destination)
+}
+
+/// The migration `id` on both daemons, the source dialling `peer`; returns the URI for the
+/// source QEMU.
+pub async fn pair_via(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+    target: &str,
+    peer: &str,
+) -> String {
+    // A migration whose id says so is recoverable (postcopy recovery).
+    let recoverable = id.starts_with("rec");
+    let body = json!({"direction": "incoming", "id": id, "target": target,
+                      "recoverable": recoverable});
+    let (status, incoming) = destination
+        .request("POST", "/v1/migrations", Some(body))
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let body = json!({"direction": "outgoing", "id": id, "token": incoming["token"], "peer": peer,
+                      "recoverable": recoverable});
+    let (status, outgoing) = source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 201, "{outgoing}");
+    outgoing["qemu_uri"].as_str().unwrap().to_owned()
+}
+
+/// Migration `id` with its one channel open, the source dialling `peer`: the destination
+/// QEMU stand-in reads all it is given (its count and digest once the stream ends), the
+/// source QEMU stand-in writes through `write`.
+pub struct OneChannel {
+    pub write: tokio::net::unix::OwnedWriteHalf,
+    pub received: tokio::task::JoinHandle<std::io::Result<(u64, blake3::Hash)>>,
+    _read: tokio::net::unix::OwnedReadHalf,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn one_channel(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+    peer: &str,
+) -> OneChannel {
+    let (dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(source, destination, id, &target, peer).await;
+    let received = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await?;
+        receive_all(stream).await
+    });
+    let qemu = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (read, write) = qemu.into_split();
+    OneChannel {
+        write,
+        received,
+        _read: read,
+        _dir: dir,
+    }
+}

@@ -1,0 +1,168 @@
+//! How resumable channels end when a migration ends during an outage (issue #18): a cancel
+//! on either host while the control link is down, a cancel or an end lost with a link that
+//! breaks. Both hosts tell one story: the same final state, the same host that cancelled.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::cut::{ControlGate, LinkOutage, Swallow};
+use common::daemon::{stand_in_target, unix_path};
+use common::resume::{one_channel, pair_via, resumable_daemons};
+use common::{random_data, receive_all};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_the_control_link_is_down_reaches_the_destination_once_it_is_back() {
+    let (source, destination) = resumable_daemons().await;
+    let outage = LinkOutage::new(
+        destination.peer.parse().unwrap(),
+        Duration::from_millis(300),
+    )
+    .await;
+    let mut channel = one_channel(&source, &destination, "x1", &outage.addr.to_string()).await;
+    channel.write.write_all(&[3; 1 << 20]).await.unwrap();
+    source
+        .wait_for("x1", "the control link down", Duration::from_secs(5), |v| {
+            v["resume"]["link_outages"] == 1
+        })
+        .await;
+    let (status, view) = source
+        .request("POST", "/v1/migrations/x1/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(
+        source.wait_final("x1", Duration::from_secs(5)).await["state"],
+        "cancelled"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    outage.restore();
+    // Well before the destination's resume timeout (20 s): the source's cancel arrived on
+    // the link that came back.
+    let view = destination.wait_final("x1", Duration::from_secs(5)).await;
+    assert_eq!(view["state"], "cancelled", "{view}");
+    assert_eq!(view["cancelled_by"], "source", "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_lost_with_a_control_link_that_breaks_is_delivered_by_one_that_takes_over() {
+    let (source, destination) = resumable_daemons().await;
+    let swallow = Swallow::new(destination.peer.parse().unwrap()).await;
+    let mut channel = one_channel(&source, &destination, "f1", &swallow.addr.to_string()).await;
+    channel.write.write_all(&[7; 1 << 20]).await.unwrap();
+    destination
+        .wait_for("f1", "the channel open", Duration::from_secs(5), |v| {
+            v["channels"][0]["state"] == "active"
+        })
+        .await;
+    // The source's cancel goes into a link that swallows it (the link looks alive); the
+    // link breaks a moment later, before the source's wait for the destination to close
+    // its side is over.
+    swallow.arm();
+    let (status, view) = source
+        .request("POST", "/v1/migrations/f1/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    swallow.cut();
+    // A link that takes over carries it again: the destination ends cancelled by the
+    // source at once, not failed at its resume timeout (20 s).
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("f1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "cancelled", "{view}");
+        assert_eq!(view["cancelled_by"], "source", "{view}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_whose_end_went_down_with_the_control_link_ends_once_a_link_takes_over() {
+    let (source, destination) = resumable_daemons().await;
+    let swallow = Swallow::new(destination.peer.parse().unwrap()).await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let uri = pair_via(
+        &source,
+        &destination,
+        "e1",
+        &target,
+        &swallow.addr.to_string(),
+    )
+    .await;
+    // The destination QEMU stand-in ends its direction at once, and reads all it is given.
+    let destination_qemu = tokio::spawn(async move {
+        let (stream, _) = qemu_in.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write.shutdown().await.unwrap();
+        receive_all(read).await.unwrap()
+    });
+    let data = random_data(8, 1 << 20);
+    let (read, mut write) = UnixStream::connect(unix_path(&uri))
+        .await
+        .unwrap()
+        .into_split();
+    write.write_all(&data).await.unwrap();
+    destination
+        .wait_for("e1", "every byte delivered", Duration::from_secs(5), |v| {
+            v["channels"][0]["bytes"]["to_destination"] == 1 << 20
+        })
+        .await;
+    // The source's end of its direction (its last progress, its ChannelClosed and Done)
+    // goes into a link that swallows it; the data connection's end of stream alone does not
+    // tell the destination it was the end, so, past its grace, it waits for a connection
+    // the source (done) will not dial.
+    swallow.arm();
+    write.shutdown().await.unwrap();
+    assert_eq!(
+        receive_all(read).await.unwrap().0,
+        0,
+        "the destination sent nothing"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    swallow.cut();
+    // The link that takes over tells the end: the channel ends, QEMU gets its end of
+    // stream, and both hosts end the migration, well before the resume timeout (20 s).
+    let got = tokio::time::timeout(Duration::from_secs(8), destination_qemu).await;
+    assert_eq!(
+        got.unwrap().unwrap(),
+        (1 << 20, blake3::hash(&data)),
+        "source → destination"
+    );
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("e1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "transferred", "{view}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_cancel_told_by_a_channels_refused_return_ends_the_source_cancelled_too() {
+    let (source, destination) = resumable_daemons().await;
+    let gate = ControlGate::new(destination.peer.parse().unwrap()).await;
+    let mut channel = one_channel(&source, &destination, "g1", &gate.addr.to_string()).await;
+    channel.write.write_all(&[5; 1 << 20]).await.unwrap();
+    destination
+        .wait_for("g1", "the channel open", Duration::from_secs(5), |v| {
+            v["channels"][0]["state"] == "active"
+        })
+        .await;
+    // Every connection reset; the channel's comes back, the control link does not.
+    gate.close();
+    source
+        .wait_for("g1", "the control link down", Duration::from_secs(5), |v| {
+            v["resume"]["link_outages"] == 1
+        })
+        .await;
+    // The destination's cancel cannot reach the source on the control link. It stops the
+    // channel there, so the source dials the channel's return, which is refused: the
+    // refusal names the cancel, and it comes before any control link's.
+    let (status, view) = destination
+        .request("POST", "/v1/migrations/g1/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("g1", Duration::from_secs(5)).await;
+        assert_eq!(view["state"], "cancelled", "{view}");
+        assert_eq!(view["cancelled_by"], "destination", "{view}");
+    }
+}
