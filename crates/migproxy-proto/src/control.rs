@@ -13,6 +13,7 @@
 //! 9 Broken          channel u32 │ connection u32              (resumable links only)
 //! 10 Received       frames u64                                (first on a link that takes
 //!                                                              over a resumable one)
+//! 11 Hurry          channel u32                               (resumable links only)
 //! verdict           0 unknown │ 1 QEMU said completed (QMP) │ 2 the destination QEMU's SHUT
 //!                   was seen on the return path
 //! totals            to_destination u64 │ to_source u64
@@ -144,10 +145,14 @@ pub enum Control {
     /// new connection.
     Broken { channel: u32, connection: u32 },
     /// The first frame each side sends on a control link that takes over a broken one:
-    /// how many of the epoch's sequenced frames (every frame but `Heartbeat`, `Progress` and
-    /// this one) it has received. The other sends again those past it, which the broken
+    /// how many of the epoch's sequenced frames (every frame but `Heartbeat`, `Progress`,
+    /// `Hurry` and this one) it has received. The other sends again those past it, which the broken
     /// link may have taken down with it, before anything new: each arrives once, in order.
     Received { frames: u64 },
+    /// The sender's retention for this resumable channel is full: it reads no more from its
+    /// QEMU until acknowledged. The receiver tells its [`Progress`](Control::Progress) for
+    /// the channel at once rather than at its next period. Lost, it costs only that wait.
+    Hurry { channel: u32 },
 }
 
 impl Control {
@@ -157,7 +162,10 @@ impl Control {
     pub fn is_sequenced(&self) -> bool {
         !matches!(
             self,
-            Control::Heartbeat | Control::Progress { .. } | Control::Received { .. }
+            Control::Heartbeat
+                | Control::Progress { .. }
+                | Control::Received { .. }
+                | Control::Hurry { .. }
         )
     }
 }
@@ -196,7 +204,7 @@ impl Control {
     }
 
     /// Appends the whole frame as protocol `version` has it: a version 1 peer gets `Done`
-    /// without its verdict. `Progress`, `Broken` and `Received` are the same in every
+    /// without its verdict. `Progress`, `Broken`, `Received` and `Hurry` are the same in every
     /// version: they are only ever sent on a link whose acceptance said ` resumable`
     /// (version 2 on, see [`FLAG_RESUMABLE`](crate::FLAG_RESUMABLE)), so a peer that does
     /// not know them never gets one.
@@ -271,6 +279,10 @@ impl Control {
                 w.u8(10);
                 w.u64(*frames);
             }
+            Control::Hurry { channel } => {
+                w.u8(11);
+                w.u32(*channel);
+            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -329,6 +341,7 @@ impl Control {
                 connection: r.u32()?,
             },
             10 => Control::Received { frames: r.u64()? },
+            11 => Control::Hurry { channel: r.u32()? },
             other => return Err(DecodeError::UnknownMessage(other)),
         };
         r.finish()?;
@@ -558,6 +571,8 @@ mod tests {
             },
             Control::Received { frames: 0 },
             Control::Received { frames: u64::MAX },
+            Control::Hurry { channel: 0 },
+            Control::Hurry { channel: u32::MAX },
         ]
     }
 
@@ -611,6 +626,7 @@ mod tests {
                 channel: 1,
                 connection: 1,
             },
+            Control::Hurry { channel: 1 },
         ] {
             let (mut v1, mut v2) = (Vec::new(), Vec::new());
             message.encode_for(1, &mut v1);
@@ -718,7 +734,11 @@ mod tests {
         ));
         assert_eq!(Control::decode(&[99]), Err(DecodeError::UnknownMessage(99)));
         assert_eq!(Control::decode(&[1, 0]), Err(DecodeError::TrailingBytes(1)));
-        assert_eq!(Control::decode(&[11]), Err(DecodeError::UnknownMessage(11)));
+        assert_eq!(Control::decode(&[12]), Err(DecodeError::UnknownMessage(12)));
+        assert!(matches!(
+            Control::decode(&[11, 0]),
+            Err(DecodeError::Truncated { .. })
+        ));
         assert!(matches!(
             Control::decode(&[10, 0, 0]),
             Err(DecodeError::Truncated { .. })

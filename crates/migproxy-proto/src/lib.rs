@@ -101,6 +101,8 @@
 //!    │ ═══ channel n's stream goes on, both ways ═══════════════════ │
 //!    │ ── Progress{n, delivered, end} (ctl) ───────────────────────► │ periodically, both
 //!    │ ◄───────────────────────────── Progress{n, delivered, end} ── │ ways
+//!    │ ── Hurry{n} (ctl: its retention is full) ───────────────────► │
+//!    │ ◄──────────── Progress{n, delivered, end} (at once, if news) ── │
 //! ```
 //!
 //! `delivered` counts the bytes of the peer's direction written to this side's QEMU; `end`
@@ -110,7 +112,7 @@
 //! The control link of a resumable epoch may break too: the source dials one that takes
 //! over (a control hello with [`FLAG_RESUME`] and the credential). Its first frame, both
 //! ways, is [`Control::Received`]: how many of the epoch's sequenced frames (all but
-//! heartbeats and progress, [`Control::is_sequenced`]) that side has received. Each side then
+//! heartbeats, progress and hurries, [`Control::is_sequenced`]) that side has received. Each side then
 //! sends again those past the other's count, before anything new.
 //!
 //! ```text

@@ -203,7 +203,8 @@ async fn send(
             _ = tick.tick() => vec![Control::Heartbeat],
             () = tokio::time::sleep_until(progress), if migration.resumable.on() => {
                 let due = migration.resumable.due();
-                let next = if due.is_empty() { PROGRESS_IDLE } else { PROGRESS_BUSY };
+                let idle = due.is_empty() && !migration.resumable.awaited();
+                let next = if idle { PROGRESS_IDLE } else { PROGRESS_BUSY };
                 progress = tokio::time::Instant::now() + next;
                 due
             }

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::super::migration::{Admitted, Migration, Role};
 use super::super::returnpath::ReturnPath;
 use super::finish;
-use crate::relay::resume::{self, Observe, Outage, PeerLink, ResumeError, Sides};
+use crate::relay::resume::{self, Hurry, Observe, Outage, PeerLink, ResumeError, Sides};
 use crate::relay::{ByteCounts, Counters, Direction, End, Failure, Op, Report, TapFn};
 use crate::transport::Stream;
 
@@ -43,13 +43,28 @@ pub async fn run<L: PeerLink>(
         .await;
 }
 
+/// Asks the peer, on the control link, for channel `index`'s progress at once.
+fn hurry(migration: &Arc<Migration>, index: u32) -> Hurry {
+    let migration = Arc::downgrade(migration);
+    Hurry(Arc::new(move || {
+        if let Some(migration) = migration.upgrade() {
+            migration.send_peer(migproxy_proto::Control::Hurry { channel: index });
+        }
+    }))
+}
+
 async fn carry<L: PeerLink>(
     migration: Arc<Migration>,
     index: u32,
     admitted: Admitted,
     ends: Ends<L>,
 ) {
-    let Ends { qemu, peer, sides } = ends;
+    let Ends {
+        qemu,
+        peer,
+        mut sides,
+    } = ends;
+    sides.hurry = Some(hurry(&migration, index));
     let (qemu, qemu_leg) = qemu;
     let (link, peer_leg) = peer;
     let return_path = admitted

@@ -125,6 +125,26 @@ struct Entry {
     /// The number of the connection its engine uses (the first is 1): each connection
     /// dialled again (source), or come again and taken (destination), counts.
     connection: Arc<AtomicU32>,
+    /// The peer asked for its progress at once (`Hurry`) when there was nothing new to
+    /// tell: the next is told at the busy period, not the idle one.
+    hurried: bool,
+}
+
+impl Entry {
+    /// The channel's progress if it changed since it was last told, now told.
+    fn untold(&mut self, index: u32) -> Option<Control> {
+        let now = *self.mine.borrow();
+        if self.told == Some(now) {
+            return None;
+        }
+        self.told = Some(now);
+        self.hurried = false;
+        Some(Control::Progress {
+            channel: index,
+            delivered: now.delivered,
+            end: now.end,
+        })
+    }
 }
 
 /// What a channel's engine and its peer link get when it is registered.
@@ -311,12 +331,15 @@ impl Resumable {
             breaks,
             again,
             connection: Arc::clone(&connection),
+            hurried: false,
         };
         self.channels().insert(index, entry);
         let sides = Sides {
             mine: mine_tx,
             peer: peer_rx,
             breaks: breaks_rx,
+            // Set by the channel, which can reach the control link.
+            hurry: None,
         };
         Registration {
             sides,
@@ -406,19 +429,26 @@ impl Resumable {
     /// since it was last told.
     pub fn due(&self) -> Vec<Control> {
         let mut channels = self.channels();
-        let mut frames = Vec::new();
-        for (index, entry) in channels.iter_mut() {
-            let now = *entry.mine.borrow();
-            if entry.told != Some(now) {
-                entry.told = Some(now);
-                frames.push(Control::Progress {
-                    channel: *index,
-                    delivered: now.delivered,
-                    end: now.end,
-                });
-            }
-        }
-        frames
+        channels
+            .iter_mut()
+            .filter_map(|(index, entry)| entry.untold(*index))
+            .collect()
+    }
+
+    /// Whether a peer waits for a channel's progress (it hurried, and nothing new was
+    /// delivered since): the control link looks again at its busy period.
+    pub fn awaited(&self) -> bool {
+        self.channels().values().any(|entry| entry.hurried)
+    }
+
+    /// The peer's retention for channel `index` is full (`Hurry`): its progress, if there
+    /// is news, to tell at once; otherwise the next news is told at the busy period.
+    pub fn hurried(&self, index: u32) -> Option<Control> {
+        let mut channels = self.channels();
+        let entry = channels.get_mut(&index)?;
+        let frame = entry.untold(index);
+        entry.hurried = frame.is_none();
+        frame
     }
 }
 
@@ -533,6 +563,31 @@ mod tests {
         );
         assert!(resumable.due().is_empty());
         assert_eq!(resumable.forget(3), None);
+    }
+
+    #[test]
+    fn a_hurry_is_answered_at_once_with_news_and_keeps_the_busy_period_without() {
+        let resumable = Resumable::default();
+        let sides = resumable.register(2, false).sides;
+        let _ = resumable.due();
+        assert!(resumable.hurried(9).is_none(), "no such channel");
+        sides.mine.send_modify(|p| p.delivered = 5);
+        assert_eq!(
+            resumable.hurried(2),
+            Some(Control::Progress {
+                channel: 2,
+                delivered: 5,
+                end: None
+            }),
+            "news: told at once"
+        );
+        assert!(!resumable.awaited() && resumable.due().is_empty());
+        // Nothing new: nothing now, but the peer waits for the next news.
+        assert!(resumable.hurried(2).is_none());
+        assert!(resumable.awaited());
+        sides.mine.send_modify(|p| p.delivered = 6);
+        assert_eq!(resumable.due().len(), 1);
+        assert!(!resumable.awaited(), "told: no longer awaited");
     }
 
     #[test]

@@ -27,6 +27,11 @@ impl Migration {
                 channel,
                 connection,
             } => self.resumable.broken(channel, connection),
+            Control::Hurry { channel } => {
+                if let Some(progress) = self.resumable.hurried(channel) {
+                    self.send_peer(progress);
+                }
+            }
             other => self.on_peer(epoch, other),
         }
     }

@@ -74,6 +74,19 @@ pub struct Sides {
     /// acknowledgements would wait for a peer that waits for a new connection. The session
     /// on it ends and the channel resumes on a new one.
     pub breaks: watch::Receiver<u64>,
+    /// Asks the peer for its progress at once: called when this side's retention is full,
+    /// so that the wait is a round trip rather than the rest of the peer's period.
+    pub hurry: Option<Hurry>,
+}
+
+/// What asks the peer for its progress at once (the daemon's `Hurry` frame).
+#[derive(Clone)]
+pub struct Hurry(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Hurry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hurry")
+    }
 }
 
 impl Sides {
@@ -82,15 +95,18 @@ impl Sides {
     pub fn wired(breaks: watch::Receiver<u64>) -> (Sides, Sides) {
         let (a, a_seen) = watch::channel(Progress::default());
         let (b, b_seen) = watch::channel(Progress::default());
+        // Wired, progress arrives as it is made: nothing to hurry.
         let a = Sides {
             mine: a,
             peer: b_seen,
             breaks: breaks.clone(),
+            hurry: None,
         };
         let b = Sides {
             mine: b,
             peer: a_seen,
             breaks,
+            hurry: None,
         };
         (a, b)
     }
@@ -278,6 +294,7 @@ pub async fn carry<L: PeerLink>(
             ended: false,
             chunk: options.chunk.max(1),
             observe: options.observe.clone(),
+            hurry: sides.hurry.clone(),
         },
         down: Down {
             local: local_w,
@@ -315,6 +332,7 @@ struct Up {
     /// The most read from the local end at once.
     chunk: usize,
     observe: Observe,
+    hurry: Option<Hurry>,
 }
 
 /// Peer to local end.
@@ -550,6 +568,9 @@ impl Up {
                 // blames the link (the peer does not acknowledge), not the local end.
                 let held = self.kept.kept();
                 self.observe.counters.hold(self.observe.up, held);
+                if let Some(Hurry(hurry)) = &self.hurry {
+                    hurry();
+                }
                 wait_change(acks).await;
                 self.observe.counters.hold(self.observe.up, 0);
                 continue;

@@ -229,3 +229,62 @@ async fn a_cancel_ends_the_channel_at_once() {
     let error = carry(Stream::Unix(local), Refused, sides, small(), cancel).await;
     assert!(matches!(error, Err(ResumeError::Cancelled)));
 }
+
+#[tokio::test]
+async fn a_full_retention_hurries_the_peer_which_acknowledges_only_when_asked() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The peer: reads all, and acknowledges nothing unless hurried.
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Arc::clone(&received);
+    tokio::spawn(async move {
+        let (mut peer, _) = listener.accept().await.unwrap();
+        peer.write_all(&Progress::default().encode()).await.unwrap();
+        let _ = peer.read_exact(&mut [0; PROGRESS_LEN]).await;
+        let mut buf = vec![0; 64 << 10];
+        while let Ok(n @ 1..) = peer.read(&mut buf).await {
+            counted.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let (mut sides, peer) = sides();
+    let hurries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (asked, mine) = (Arc::clone(&hurries), Arc::new(peer.mine));
+    sides.hurry = Some(Hurry(Arc::new(move || {
+        asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (received, mine) = (Arc::clone(&received), Arc::clone(&mine));
+        // Told once there is news, as the daemon tells it.
+        tokio::spawn(async move {
+            loop {
+                let now = received.load(std::sync::atomic::Ordering::SeqCst);
+                let newer = |p: &mut Progress| {
+                    let newer = now > p.delivered;
+                    p.delivered = p.delivered.max(now);
+                    newer
+                };
+                if mine.send_if_modified(newer) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+    })));
+    let (mut qemu, local) = UnixStream::pair().unwrap();
+    let options = Options {
+        retention: 64 << 10,
+        ..small()
+    };
+    let engine = tokio::spawn(carry(
+        Stream::Unix(local),
+        Dial(addr),
+        sides,
+        options,
+        CancellationToken::new(),
+    ));
+    // 1 MiB through a 64 KiB retention: it moves only because each full retention asks.
+    let data = random(1 << 20, 12);
+    let wrote = tokio::time::timeout(Duration::from_secs(10), qemu.write_all(&data)).await;
+    assert!(wrote.is_ok(), "QEMU's bytes all went out");
+    // At least what left QEMU's socket buffer, 64 KiB at a time.
+    assert!(hurries.load(std::sync::atomic::Ordering::SeqCst) >= 8);
+    engine.abort();
+}

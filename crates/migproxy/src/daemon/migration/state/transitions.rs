@@ -523,9 +523,10 @@ impl Core {
             Control::Heartbeat | Control::ChannelOpened { .. } => Ok(Vec::new()),
             // Resumable channels' and their control link's own: the daemon handles them
             // before the lifecycle (`resuming`, `control`).
-            Control::Progress { .. } | Control::Broken { .. } | Control::Received { .. } => {
-                Ok(Vec::new())
-            }
+            Control::Progress { .. }
+            | Control::Broken { .. }
+            | Control::Received { .. }
+            | Control::Hurry { .. } => Ok(Vec::new()),
             Control::ChannelClosed {
                 channel,
                 end,
