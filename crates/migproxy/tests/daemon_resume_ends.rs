@@ -38,10 +38,12 @@ async fn a_cancel_while_the_control_link_is_down_reaches_the_destination_once_it
         source.wait_final("x1", Duration::from_secs(5)).await["state"],
         "cancelled"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Down for longer than the 5 s the source once kept dialling for after its end, well
+    // short of the destination's resume timeout (20 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
     outage.restore();
-    // Well before the destination's resume timeout (20 s): the source's cancel arrived on
-    // the link that came back.
+    // The source's cancel arrived on the link that came back: the destination did not wait
+    // for its resume timeout.
     let view = destination.wait_final("x1", Duration::from_secs(5)).await;
     assert_eq!(view["state"], "cancelled", "{view}");
     assert_eq!(view["cancelled_by"], "source", "{view}");

@@ -113,7 +113,8 @@ pub async fn control_link(
 /// at once, then every 50 ms growing to 2 s. `None` once the migration ended, or the
 /// destination refused (it holds nothing to go on with: it restarted, or the migration
 /// ended there), which fails the migration at once. A migration that ended meanwhile (a
-/// cancel, a failure) still has its last frames delivered, if a link comes within a grace:
+/// cancel, a failure) still has its last frames delivered, if a link comes within the
+/// destination's wait for one ([`last_frames_grace`]):
 /// the destination would otherwise learn of it only at its resume timeout.
 async fn take_over(
     daemon: &Daemon,
@@ -135,7 +136,7 @@ async fn take_over(
         if ended.is_none() && epoch_stop.is_cancelled() && !migration.state().is_final() {
             return None;
         }
-        if ended.is_some_and(|at| at.elapsed() >= LAST_FRAMES_GRACE) {
+        if ended.is_some_and(|at| at.elapsed() >= last_frames_grace(migration)) {
             return None;
         }
         tokio::select! {
@@ -195,8 +196,19 @@ async fn take_over(
 }
 
 /// How long a migration that ended while its control link was down keeps trying to
-/// deliver its last frames.
-const LAST_FRAMES_GRACE: Duration = Duration::from_secs(5);
+/// deliver its last frames: as long as the destination waits for a link (its resume
+/// timeout, which is at least this side's), so that it learns how the migration ended here
+/// rather than failing at its deadline; at least [`LAST_FRAMES_LEAST`].
+fn last_frames_grace(migration: &Migration) -> Duration {
+    let resume = migration.spec.resume_timeout.unwrap_or_default();
+    resume.max(LAST_FRAMES_LEAST)
+}
+
+const LAST_FRAMES_LEAST: Duration = Duration::from_secs(5);
+
+/// How long the destination may take to say what it received, on a link that delivers
+/// the last frames.
+const PEER_COUNT_WAIT: Duration = Duration::from_secs(5);
 
 /// The hello of a control link that takes over: the epoch's credential in place of the
 /// spent one-time token, and `FLAG_RESUME`.
@@ -268,7 +280,7 @@ async fn peer_count(reader: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<
             }
         }
     };
-    tokio::time::timeout(LAST_FRAMES_GRACE, count)
+    tokio::time::timeout(PEER_COUNT_WAIT, count)
         .await
         .ok()
         .flatten()
