@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::cut::{ControlGate, LinkOutage, Swallow};
-use common::daemon::{stand_in_target, unix_path};
+use common::daemon::{TestDaemon, stand_in_target, unix_path};
 use common::resume::{one_channel, pair_via, resumable_daemons};
 use common::{random_data, receive_all};
 use tokio::io::AsyncWriteExt;
@@ -166,5 +166,41 @@ async fn a_destination_cancel_told_by_a_channels_refused_return_ends_the_source_
         let view = daemon.wait_final("g1", Duration::from_secs(5)).await;
         assert_eq!(view["state"], "cancelled", "{view}");
         assert_eq!(view["cancelled_by"], "destination", "{view}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_blackholed_as_the_source_ends_is_found_dead_and_the_end_delivered_by_another() {
+    // The peer timeout longer than the 2 s a link once listened after its end.
+    let daemon = |name: &'static str| {
+        TestDaemon::start_with(name, |c| {
+            c.resume_timeout = Duration::from_secs(20);
+            c.timing.heartbeat_interval = Duration::from_millis(300);
+            c.timing.peer_timeout = Duration::from_secs(3);
+        })
+    };
+    let (source, destination) = (daemon("src").await, daemon("dst").await);
+    let blackhole = Swallow::both_ways(destination.peer.parse().unwrap()).await;
+    let mut channel = one_channel(&source, &destination, "h1", &blackhole.addr.to_string()).await;
+    channel.write.write_all(&[9; 1 << 20]).await.unwrap();
+    destination
+        .wait_for("h1", "the channel open", Duration::from_secs(5), |v| {
+            v["channels"][0]["state"] == "active"
+        })
+        .await;
+    // The control link goes silent both ways, with no error on either side, just as the
+    // source cancels: its Cancel goes into the blackhole.
+    blackhole.arm();
+    let (status, view) = source
+        .request("POST", "/v1/migrations/h1/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    // The source, still listening after its end, finds the link silent at its peer timeout
+    // (3 s) and delivers the cancel on a link that takes over: the destination ends
+    // cancelled by the source, not failed at its resume timeout (20 s).
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("h1", Duration::from_secs(8)).await;
+        assert_eq!(view["state"], "cancelled", "{view}");
+        assert_eq!(view["cancelled_by"], "source", "{view}");
     }
 }

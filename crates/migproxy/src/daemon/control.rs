@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::attribution::os_message;
-use super::migration::{Epoch, Link, Migration, Outbound};
+use super::migration::{Epoch, Link, Migration, Outbound, Role};
 use super::peer::{ReadError, Timing, read_control, write_control};
 use crate::human::{Elapsed, errno_name};
 use crate::transport::Stream;
@@ -94,7 +94,7 @@ async fn serve(
             // Once the epoch has ended, give the peer a moment to close, then stop listening.
             () = async {
                 stop.cancelled().await;
-                tokio::time::sleep(CLOSE_LINGER).await;
+                tokio::time::sleep(linger(&migration, epoch, &timing)).await;
             } => {}
             () = lost.token.cancelled() => {}
         }
@@ -118,6 +118,20 @@ async fn serve(
             true
         }
         None => false,
+    }
+}
+
+/// How long a link listens for the peer to close once the epoch has ended. A resumable
+/// link's source listens until the peer has been silent for the peer timeout (and a
+/// moment more): a link blackholed as the migration ended is then found dead, and one that
+/// takes over delivers the last frames, which the dead one may have swallowed. Otherwise
+/// the destination, hearing nothing, would fail at its resume timeout while this host says
+/// the migration ended. A destination slow to end keeps its link alive with heartbeats.
+fn linger(migration: &Migration, epoch: Epoch, timing: &Timing) -> Duration {
+    let dials = migration.spec.role == Role::Outgoing && migration.link_resumable(epoch);
+    match dials {
+        true => timing.peer_timeout + CLOSE_LINGER,
+        false => CLOSE_LINGER,
     }
 }
 

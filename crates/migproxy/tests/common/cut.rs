@@ -273,6 +273,16 @@ pub struct Swallow {
 
 impl Swallow {
     pub async fn new(to: SocketAddr) -> Swallow {
+        Swallow::swallowing(to, false).await
+    }
+
+    /// Once armed, what the destination sends is swallowed too: a link blackholed both
+    /// ways, on which each side finds the other silent.
+    pub async fn both_ways(to: SocketAddr) -> Swallow {
+        Swallow::swallowing(to, true).await
+    }
+
+    async fn swallowing(to: SocketAddr, both: bool) -> Swallow {
         let armed = Arc::new(AtomicBool::new(false));
         let cut = tokio_util::sync::CancellationToken::new();
         let (armed_, cut_) = (Arc::clone(&armed), cut.clone());
@@ -280,7 +290,7 @@ impl Swallow {
             let (armed, cut) = (Arc::clone(&armed_), cut_.clone());
             async move {
                 match n {
-                    0 => swallow(client, to, armed, cut).await,
+                    0 => swallow(client, to, (armed, both), cut).await,
                     _ => pass(client, to).await,
                 }
             }
@@ -301,7 +311,7 @@ impl Swallow {
 async fn swallow(
     mut client: TcpStream,
     to: SocketAddr,
-    armed: Arc<AtomicBool>,
+    (armed, both): (Arc<AtomicBool>, bool),
     cut: tokio_util::sync::CancellationToken,
 ) {
     let Ok(mut server) = TcpStream::connect(to).await else {
@@ -310,24 +320,33 @@ async fn swallow(
     {
         let (mut client_r, mut client_w) = client.split();
         let (mut server_r, mut server_w) = server.split();
-        let down = tokio::io::copy(&mut server_r, &mut client_w);
-        let up = async {
-            let mut buf = vec![0; 64 << 10];
-            loop {
-                let n = match client_r.read(&mut buf).await {
-                    // The source's end of stream is swallowed too.
-                    Ok(0) | Err(_) => return std::future::pending().await,
-                    Ok(n) => n,
-                };
-                if !armed.load(Ordering::SeqCst) && server_w.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        };
+        let up = forward_unless(&mut client_r, &mut server_w, &armed);
+        let armed_down = Arc::new(AtomicBool::new(false));
+        let down_armed = if both { &armed } else { &armed_down };
+        let down = forward_unless(&mut server_r, &mut client_w, down_armed);
         tokio::select! {
             _ = async { tokio::join!(up, down) } => return,
             () = cut.cancelled() => {}
         }
     }
     reset(&[&client, &server]);
+}
+
+/// Forwards what `from` sends to `to` until `armed`, then reads and drops it; its end of
+/// stream is swallowed too (never returns after it).
+async fn forward_unless(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    armed: &AtomicBool,
+) {
+    let mut buf = vec![0; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return std::future::pending().await,
+            Ok(n) => n,
+        };
+        if !armed.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
