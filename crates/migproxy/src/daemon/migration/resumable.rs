@@ -22,7 +22,8 @@
 //! channel's connections alike (the first is 1; each one dialled again, and admitted,
 //! counts), and `Broken` names the one that broke: a source already on a newer one ignores
 //! it, and a break the replacement itself caused is not told, so one break costs one new
-//! connection.
+//! connection. An acceptance lost to a reset is counted by the destination only: a number
+//! ahead of the source's names the one in use, and the source takes that count.
 //!
 //! [`FLAG_RESUMABLE`]: migproxy_proto::FLAG_RESUMABLE
 
@@ -400,11 +401,16 @@ impl Resumable {
         }
     }
 
-    /// The peer found channel `index`'s connection number `connection` broken: this side
-    /// drops it too, unless it has moved on to a newer one.
+    /// The peer (the destination) found channel `index`'s connection number `connection`
+    /// broken: this side drops it too, unless it has moved on to a newer one. A number
+    /// ahead of this side's is the one in use too: the destination counts every connection
+    /// it admitted, this side only those whose acceptance it read, so an acceptance lost to
+    /// a reset leaves it behind. It takes the destination's count from then on: otherwise
+    /// each later break the destination alone saw would be ignored, and the channel would
+    /// wait for its resume timeout.
     pub fn broken(&self, index: u32, connection: u32) {
         if let Some(entry) = self.channels().get(&index)
-            && entry.connection.load(Ordering::Relaxed) == connection
+            && entry.connection.fetch_max(connection, Ordering::Relaxed) <= connection
         {
             entry.breaks.send_modify(|n| *n += 1);
         }
@@ -641,6 +647,18 @@ mod tests {
         );
         resumable.broken(0, 3);
         assert!(sides.breaks.has_changed().unwrap(), "the one in use broke");
+        // Counted ahead of this side (an acceptance this side never read): the one in use
+        // too, and the count taken from then on.
+        sides.breaks.mark_unchanged();
+        resumable.broken(0, 5);
+        assert!(sides.breaks.has_changed().unwrap(), "ahead: the one in use");
+        assert_eq!(registered.connection.load(Ordering::Relaxed), 5);
+        sides.breaks.mark_unchanged();
+        resumable.broken(0, 4);
+        assert!(
+            !sides.breaks.has_changed().unwrap(),
+            "older than the count taken"
+        );
         let (c, _c) = tokio::net::UnixStream::pair().unwrap();
         assert!(
             resumable.arrived(9, Stream::Unix(c)).is_err(),
