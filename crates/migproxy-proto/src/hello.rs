@@ -8,6 +8,8 @@
 //!             (control links, version 2 on); bit 3: this connection resumes a channel
 //!             (data connections, version 2 on); other bits must be 0
 //! HelloReply  "MGPX" │ version u16 │ status u8 │ message length u8 │ message (UTF-8)
+//!   status    0 ok │ 1 unknown migration │ 2 bad token │ 3 expired │ 4 unsupported version │
+//!             5 malformed │ 6 refused │ 7 busy │ 8 cancelled (to version 2 hellos)
 //! ```
 //! All integers are big-endian.
 
@@ -274,6 +276,10 @@ pub enum Status {
     Refused,
     /// The daemon is at a limit (too many connections or migrations).
     Busy,
+    /// The migration has ended cancelled (by either host; the message says which). Only to
+    /// a version 2 hello, in place of [`Expired`](Status::Expired): a source that comes
+    /// back after an outage ends cancelled too, rather than failed.
+    Cancelled,
 }
 
 impl Status {
@@ -287,6 +293,7 @@ impl Status {
             Status::Malformed => 5,
             Status::Refused => 6,
             Status::Busy => 7,
+            Status::Cancelled => 8,
         }
     }
 
@@ -300,6 +307,7 @@ impl Status {
             5 => Status::Malformed,
             6 => Status::Refused,
             7 => Status::Busy,
+            8 => Status::Cancelled,
             other => {
                 return Err(DecodeError::InvalidValue {
                     field: "status",
@@ -320,6 +328,7 @@ impl Status {
             Status::Malformed => "malformed",
             Status::Refused => "refused",
             Status::Busy => "busy",
+            Status::Cancelled => "cancelled",
         }
     }
 }
@@ -555,7 +564,13 @@ mod tests {
 
     #[test]
     fn reply_round_trips_and_rejects_defects() {
-        for status in [Status::Ok, Status::BadToken, Status::Busy, Status::Refused] {
+        for status in [
+            Status::Ok,
+            Status::BadToken,
+            Status::Busy,
+            Status::Refused,
+            Status::Cancelled,
+        ] {
             let reply = HelloReply {
                 version: VERSION,
                 status,

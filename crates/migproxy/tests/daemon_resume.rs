@@ -281,7 +281,7 @@ async fn a_resume_without_the_credential_or_for_no_running_channel_is_refused() 
     let (status, message) = hello_answer(&destination.peer, &hello(0, *credential.bytes())).await;
     // The credential resumes nothing once its epoch has ended; it only tells its holder, the
     // source daemon, how the migration ended here.
-    assert_eq!(status, Status::Expired, "{message}");
+    assert_eq!(status, Status::Cancelled, "{message}");
     assert!(
         message.contains("is cancelled (cancelled by the source)"),
         "{message}"

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::cut::{ControlGate, LinkOutage, Swallow};
 use common::daemon::{TestDaemon, stand_in_target, unix_path};
-use common::resume::{one_channel, pair_via, resumable_daemons};
+use common::resume::{one_channel, pair_via, resumable_daemons, resumable_daemons_for};
 use common::{random_data, receive_all};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -202,5 +202,37 @@ async fn a_link_blackholed_as_the_source_ends_is_found_dead_and_the_end_delivere
         let view = daemon.wait_final("h1", Duration::from_secs(8)).await;
         assert_eq!(view["state"], "cancelled", "{view}");
         assert_eq!(view["cancelled_by"], "source", "{view}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_cancel_while_paused_ends_the_source_cancelled_once_the_link_is_back() {
+    // Recoverable ("rec…"): past the 2 s resume timeout without a control link, it pauses.
+    let (source, destination) = resumable_daemons_for(Duration::from_secs(2)).await;
+    let outage = LinkOutage::new(
+        destination.peer.parse().unwrap(),
+        Duration::from_millis(300),
+    )
+    .await;
+    let mut channel = one_channel(&source, &destination, "rec2", &outage.addr.to_string()).await;
+    channel.write.write_all(&[3; 1 << 20]).await.unwrap();
+    for daemon in [&source, &destination] {
+        daemon
+            .wait_for("rec2", "paused", Duration::from_secs(15), |v| {
+                v["state"] == "paused"
+            })
+            .await;
+    }
+    let (status, view) = destination
+        .request("POST", "/v1/migrations/rec2/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    destination.wait_final("rec2", Duration::from_secs(5)).await;
+    // The source's next try to bring the link back is refused `cancelled`: it ends so too.
+    outage.restore();
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("rec2", Duration::from_secs(10)).await;
+        assert_eq!(view["state"], "cancelled", "{view}");
+        assert_eq!(view["cancelled_by"], "destination", "{view}");
     }
 }

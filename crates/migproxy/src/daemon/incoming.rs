@@ -718,7 +718,11 @@ fn admit(
     match migration.state() {
         State::Pending | State::Active | State::Resuming | State::Paused => Ok(migration),
         state => Err((
-            Status::Expired,
+            // Said outright to a source that can act on it (it ends cancelled too).
+            match state {
+                State::Cancelled if hello.version >= 2 => Status::Cancelled,
+                _ => Status::Expired,
+            },
             format!(
                 "migration \"{}\" is {}{}",
                 hello.migration,

@@ -508,16 +508,16 @@ async fn resume(
             );
             // Only "no such migration" (restarted) and "ended there" are final: a busy gate
             // or a link the destination still holds is tried again.
-            let ended = migproxy_proto::Status::Expired;
             match &error {
                 PeerError::Refused {
                     status:
                         status @ (migproxy_proto::Status::UnknownMigration
-                        | migproxy_proto::Status::Expired),
+                        | migproxy_proto::Status::Expired
+                        | migproxy_proto::Status::Cancelled),
                     message,
                     ..
                 } => NotResumed::Refused {
-                    cancelled: *status == ended && dial::cancelled_there(message),
+                    cancelled: *status == migproxy_proto::Status::Cancelled,
                     blame: Attribution {
                         message: format!(
                             "the destination daemon refused to resume: {message} (a daemon \

@@ -76,9 +76,3 @@ pub fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
             | if asks_resumable { FLAG_RESUMABLE } else { 0 },
     }
 }
-
-/// Whether the destination's refusal says the migration was cancelled there (`incoming`'s
-/// `admit`: `migration "ID" is cancelled`, perhaps followed by who cancelled it).
-pub fn cancelled_there(message: &str) -> bool {
-    message.ends_with(" is cancelled") || message.contains(" is cancelled (cancelled by ")
-}

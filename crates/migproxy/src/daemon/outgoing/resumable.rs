@@ -14,7 +14,7 @@ use super::super::channel::resumable::{self as channel, Ends, Redial};
 use super::super::control;
 use super::super::migration::{Admitted, Epoch, Link, Migration, Outbound};
 use super::super::peer::{Dialled, PeerError, read_control, write_control};
-use super::dial::{cancelled_there, dial, hello};
+use super::dial::{dial, hello};
 use crate::human::Chain;
 use crate::transport::Stream;
 
@@ -40,11 +40,10 @@ pub async fn carry(
         async move {
             let dialled = dial(&daemon, &migration, &hello).await;
             if let Err(PeerError::Refused {
-                status: Status::Expired,
+                status: Status::Cancelled,
                 message,
                 ..
             }) = &dialled
-                && cancelled_there(message)
             {
                 // Cancelled there while the link was down, told by the refusal of a channel's
                 // return before the control link's: the same story here (the cancel stops
@@ -171,10 +170,10 @@ async fn take_over(
             Err(_) if ended.is_some() => continue,
             // Cancelled there while the link was down: the same story here.
             Err(PeerError::Refused {
-                status: Status::Expired,
+                status: Status::Cancelled,
                 message,
                 ..
-            }) if cancelled_there(&message) => {
+            }) => {
                 tracing::info!(migration = %migration.spec.id, "the destination cancelled while the control link was down: {message}");
                 migration.cancel(migproxy_proto::Host::Destination);
                 return None;
