@@ -349,20 +349,25 @@ fn spawn_sink(
     arrivals: Arc<Arrivals>,
 ) -> JoinHandle<std::io::Result<(u64, blake3::Hash)>> {
     std::thread::spawn(move || {
-        let (mut stream, _) = sink.accept()?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = stream.read(&mut buf)?;
-            if n == 0 {
-                return Ok((total, hasher.finalize()));
-            }
-            arrivals.read(n);
-            hasher.update(&buf[..n]);
-            total += n as u64;
-        }
+        let (stream, _) = sink.accept()?;
+        crate::stream::sink_digest(Noted { stream, arrivals })
     })
+}
+
+/// A stream whose every read is noted in `arrivals`, with its time.
+struct Noted<R> {
+    stream: R,
+    arrivals: Arc<Arrivals>,
+}
+
+impl<R: Read> Read for Noted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        if n > 0 {
+            self.arrivals.read(n);
+        }
+        Ok(n)
+    }
 }
 
 /// Connects to `entry` (retrying while it is not there yet) and writes `block` repeated, a
