@@ -243,6 +243,12 @@ pub enum Socket<'a> {
     Unix(&'a UnixStream),
 }
 
+/// Makes the socket `handle` ([`Stream::reset_handle`]) close with a reset (`SO_LINGER`
+/// 0) when its last descriptor does.
+pub fn reset(handle: &socket2::Socket) {
+    let _ = handle.set_linger(Some(Duration::ZERO));
+}
+
 impl Stream {
     /// The plain socket under this stream, if there is one.
     pub fn socket(&self) -> Option<Socket<'_>> {
@@ -251,6 +257,18 @@ impl Stream {
             Stream::Unix(s) => Some(Socket::Unix(s)),
             Stream::Tls(_) | Stream::Other(_) => None,
         }
+    }
+
+    /// A second handle on the TCP socket under this stream (its file descriptor duplicated),
+    /// to close it with a reset after the stream was split and its halves dropped: the
+    /// socket closes when the handle does, with a FIN unless [`reset`] was called on it.
+    pub fn reset_handle(&self) -> Option<socket2::Socket> {
+        let tcp = match self {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.tcp(),
+            Stream::Unix(_) | Stream::Other(_) => return None,
+        };
+        SockRef::from(tcp).try_clone().ok()
     }
 
     /// Ends the stream abruptly so that the peer notices at once, even if it is blocked

@@ -171,6 +171,22 @@ async fn a_destination_cancel_told_by_a_channels_refused_return_ends_the_source_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_blackholed_as_the_source_ends_is_found_dead_and_the_end_delivered_by_another() {
+    blackholed_as_the_source_ends("h1", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_blackholed_one_way_as_the_source_ends_is_reset_by_the_destination_which_gets_the_end()
+ {
+    blackholed_as_the_source_ends("h2", false).await;
+}
+
+/// The control link goes silent (both ways, or only what the source sends), with no error
+/// on either side, just as the source cancels: its Cancel goes into the blackhole. Either
+/// the source finds the link silent at its peer timeout, or the destination does and
+/// closes it with a reset, which the source, still listening after its end, sees as a
+/// break: a link that takes over delivers the cancel, and the destination ends cancelled
+/// by the source, not failed at its resume timeout (20 s).
+async fn blackholed_as_the_source_ends(id: &str, both_ways: bool) {
     // The peer timeout longer than the 2 s a link once listened after its end.
     let daemon = |name: &'static str| {
         TestDaemon::start_with(name, |c| {
@@ -180,26 +196,25 @@ async fn a_link_blackholed_as_the_source_ends_is_found_dead_and_the_end_delivere
         })
     };
     let (source, destination) = (daemon("src").await, daemon("dst").await);
-    let blackhole = Swallow::both_ways(destination.peer.parse().unwrap()).await;
-    let mut channel = one_channel(&source, &destination, "h1", &blackhole.addr.to_string()).await;
+    let to = destination.peer.parse().unwrap();
+    let blackhole = match both_ways {
+        true => Swallow::both_ways(to).await,
+        false => Swallow::new(to).await,
+    };
+    let mut channel = one_channel(&source, &destination, id, &blackhole.addr.to_string()).await;
     channel.write.write_all(&[9; 1 << 20]).await.unwrap();
     destination
-        .wait_for("h1", "the channel open", Duration::from_secs(5), |v| {
+        .wait_for(id, "the channel open", Duration::from_secs(5), |v| {
             v["channels"][0]["state"] == "active"
         })
         .await;
-    // The control link goes silent both ways, with no error on either side, just as the
-    // source cancels: its Cancel goes into the blackhole.
     blackhole.arm();
     let (status, view) = source
-        .request("POST", "/v1/migrations/h1/cancel", None)
+        .request("POST", &format!("/v1/migrations/{id}/cancel"), None)
         .await;
     assert_eq!(status, 200, "{view}");
-    // The source, still listening after its end, finds the link silent at its peer timeout
-    // (3 s) and delivers the cancel on a link that takes over: the destination ends
-    // cancelled by the source, not failed at its resume timeout (20 s).
     for daemon in [&source, &destination] {
-        let view = daemon.wait_final("h1", Duration::from_secs(8)).await;
+        let view = daemon.wait_final(id, Duration::from_secs(10)).await;
         assert_eq!(view["state"], "cancelled", "{view}");
         assert_eq!(view["cancelled_by"], "source", "{view}");
     }

@@ -54,6 +54,7 @@ async fn serve(
     timing: Timing,
     version: u16,
 ) -> bool {
+    let reset_handle = stream.reset_handle();
     let (reader, writer) = tokio::io::split(stream);
     let Link {
         mut queue,
@@ -114,6 +115,12 @@ async fn serve(
     }
     match lost.cause() {
         Some(cause) => {
+            // Closed with a reset: a peer that has not found the link dead (it still hears
+            // this side: a link blackholed one way) sees a break and takes over, where an
+            // end of stream would pass for a clean close after the end.
+            if let Some(handle) = &reset_handle {
+                crate::transport::reset(handle);
+            }
             migration.link_lost(epoch, cause, queue);
             true
         }
@@ -121,16 +128,17 @@ async fn serve(
     }
 }
 
-/// How long a link listens for the peer to close once the epoch has ended. A resumable
-/// link's source listens until the peer has been silent for the peer timeout (and a
-/// moment more): a link blackholed as the migration ended is then found dead, and one that
-/// takes over delivers the last frames, which the dead one may have swallowed. Otherwise
-/// the destination, hearing nothing, would fail at its resume timeout while this host says
-/// the migration ended. A destination slow to end keeps its link alive with heartbeats.
+/// How long a link listens for the peer to close once the epoch has ended: 2 s, or, on a
+/// resumable link's source, long enough for a dead link to be found so. Silent for the
+/// peer timeout, the link is found dead here; a destination that finds it dead first (it
+/// no longer hears this side) closes it with a reset after its wait for an explanation.
+/// Either way a link that takes over delivers the last frames, which the dead one may have
+/// swallowed: otherwise the destination would fail at its resume timeout while this host
+/// says the migration ended.
 fn linger(migration: &Migration, epoch: Epoch, timing: &Timing) -> Duration {
     let dials = migration.spec.role == Role::Outgoing && migration.link_resumable(epoch);
     match dials {
-        true => timing.peer_timeout + CLOSE_LINGER,
+        true => timing.peer_timeout + migration.explanation_grace() + CLOSE_LINGER,
         false => CLOSE_LINGER,
     }
 }

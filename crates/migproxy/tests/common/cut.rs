@@ -324,16 +324,19 @@ async fn swallow(
         let armed_down = Arc::new(AtomicBool::new(false));
         let down_armed = if both { &armed } else { &armed_down };
         let down = forward_unless(&mut server_r, &mut client_w, down_armed);
+        // A side that breaks, on a direction still passing, breaks the other too.
         tokio::select! {
-            _ = async { tokio::join!(up, down) } => return,
+            () = up => {}
+            () = down => {}
             () = cut.cancelled() => {}
         }
     }
     reset(&[&client, &server]);
 }
 
-/// Forwards what `from` sends to `to` until `armed`, then reads and drops it; its end of
-/// stream is swallowed too (never returns after it).
+/// Forwards what `from` sends to `to`, its end of stream too, until `armed`; then reads
+/// and drops it, its end of stream and its errors too. Returns when `from` breaks, or `to`,
+/// while it passes.
 async fn forward_unless(
     from: &mut tokio::net::tcp::ReadHalf<'_>,
     to: &mut tokio::net::tcp::WriteHalf<'_>,
@@ -341,12 +344,20 @@ async fn forward_unless(
 ) {
     let mut buf = vec![0; 64 << 10];
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return std::future::pending().await,
-            Ok(n) => n,
-        };
-        if !armed.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
-            return;
+        let read = from.read(&mut buf).await;
+        if armed.load(Ordering::SeqCst) {
+            match read {
+                Ok(1..) => continue,
+                _ => return std::future::pending().await,
+            }
+        }
+        match read {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return std::future::pending().await;
+            }
+            Ok(n) if to.write_all(&buf[..n]).await.is_ok() => {}
+            _ => return,
         }
     }
 }
