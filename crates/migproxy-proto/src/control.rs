@@ -206,8 +206,9 @@ impl Control {
     /// Appends the whole frame as protocol `version` has it: a version 1 peer gets `Done`
     /// without its verdict. `Progress`, `Broken`, `Received` and `Hurry` are the same in every
     /// version: they are only ever sent on a link whose acceptance said ` resumable`
-    /// (version 2 on, see [`FLAG_RESUMABLE`](crate::FLAG_RESUMABLE)), so a peer that does
-    /// not know them never gets one.
+    /// (version 2 on, see [`FLAG_RESUMABLE`](crate::FLAG_RESUMABLE)), so a version 1 peer
+    /// never gets one (a version 2 build from before `Received` or `Hurry` does not read
+    /// those: see the crate's "Versions").
     pub fn encode_for(&self, version: u16, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; 4]);

@@ -72,7 +72,11 @@
 //! reply in [`MIN_VERSION`]..=[`VERSION`] and speaks that version on the connection.
 //!
 //! - Version 1: the first.
-//! - Version 2: `Done` carries the host's evidence that QEMU finished ([`Verdict`]).
+//! - Version 2: `Done` carries the host's evidence that QEMU finished ([`Verdict`]); resumable
+//!   channels (the flags, `Progress`, `Broken`, `Received` and `Hurry` frames) and the
+//!   `cancelled` status. Version 2 is not released yet and grew in place: `Received`, `Hurry`
+//!   and `cancelled` came last, and a daemon built before them does not read them. Until
+//!   version 2 is fixed by a release, both hosts run the same build.
 //!
 //! # Resumable channels
 //!
@@ -101,8 +105,8 @@
 //!    │ ═══ channel n's stream goes on, both ways ═══════════════════ │
 //!    │ ── Progress{n, delivered, end} (ctl) ───────────────────────► │ periodically, both
 //!    │ ◄───────────────────────────── Progress{n, delivered, end} ── │ ways
-//!    │ ── Hurry{n} (ctl: its retention is full) ───────────────────► │
-//!    │ ◄──────────── Progress{n, delivered, end} (at once, if news) ── │
+//!    │ ── Hurry{n} (ctl: its retention is full) ───────────────────► │ (either side, for
+//!    │ ◄────── Progress{n, delivered, end} (at once, or at the next news) │  its direction)
 //! ```
 //!
 //! `delivered` counts the bytes of the peer's direction written to this side's QEMU; `end`

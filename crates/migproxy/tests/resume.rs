@@ -51,6 +51,8 @@ struct Accept {
     queue: mpsc::UnboundedReceiver<TcpStream>,
     tls: Option<Arc<Tls>>,
     peer: watch::Sender<u64>,
+    /// A connection was handed out: the next call means it broke.
+    handed: bool,
 }
 
 impl Accept {
@@ -66,13 +68,21 @@ impl Accept {
             }
         });
         let peer = breaks.a.clone();
-        Accept { queue, tls, peer }
+        Accept {
+            queue,
+            tls,
+            peer,
+            handed: false,
+        }
     }
 }
 
 impl PeerLink for Accept {
     async fn connect(&mut self) -> io::Result<Stream> {
-        bump(&self.peer);
+        if self.handed {
+            bump(&self.peer);
+        }
+        self.handed = true;
         let arrived = self.queue.recv().await;
         let mut tcp = arrived.ok_or(io::ErrorKind::NotConnected)?;
         // The newest: the peer gave up on those before it.

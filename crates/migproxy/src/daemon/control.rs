@@ -223,7 +223,13 @@ async fn send(
                 Some(Outbound::Close) | None => break,
             },
             _ = tick.tick() => vec![Control::Heartbeat],
-            () = tokio::time::sleep_until(progress), if migration.resumable.on() => {
+            // Looked at every period, and at once when the peer hurries a channel.
+            () = async {
+                tokio::select! {
+                    () = tokio::time::sleep_until(progress) => {}
+                    () = migration.resumable.hurry_asked() => {}
+                }
+            }, if migration.resumable.on() => {
                 let due = migration.resumable.due();
                 let idle = due.is_empty() && !migration.resumable.awaited();
                 let next = if idle { PROGRESS_IDLE } else { PROGRESS_BUSY };

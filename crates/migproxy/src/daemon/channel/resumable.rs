@@ -257,9 +257,12 @@ where
         match self.first.take() {
             Some(first) => Ok(first),
             None => {
+                let before = self.connection.load(Ordering::Relaxed);
                 let stream = (self.dial)().await?;
-                // Admitted: the destination counts it too.
-                self.connection.fetch_add(1, Ordering::Relaxed);
+                // Admitted: the destination counts it too. A `Broken` that raised the count
+                // meanwhile named this very connection (the destination took it and found
+                // it broken): the count stays, rather than going one past the destination's.
+                self.connection.fetch_max(before + 1, Ordering::Relaxed);
                 Ok(stream)
             }
         }

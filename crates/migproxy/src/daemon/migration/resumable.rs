@@ -78,6 +78,9 @@ pub struct Resumable {
     /// forgets it): the source presents it on a link that takes over to deliver its last
     /// frames; the destination tells whoever holds it how the migration ended.
     credential: Mutex<Option<Token>>,
+    /// Wakes the control link's writer: the peer hurried a channel (its progress is due
+    /// at once, and the busy period after it).
+    hurry: tokio::sync::Notify,
 }
 
 /// A control link outage: since when, why, and which one (a later outage is another).
@@ -392,6 +395,11 @@ impl Resumable {
     pub fn peer_progress(&self, index: u32, progress: Progress) {
         if let Some(entry) = self.channels().get(&index) {
             entry.peer.send_if_modified(|seen| {
+                // An end once told stays: a late frame from before it does not take it back.
+                let progress = Progress {
+                    end: progress.end.or(seen.end),
+                    ..progress
+                };
                 let newer = progress.delivered >= seen.delivered && progress != *seen;
                 if newer {
                     *seen = progress;
@@ -447,14 +455,20 @@ impl Resumable {
         self.channels().values().any(|entry| entry.hurried)
     }
 
-    /// The peer's retention for channel `index` is full (`Hurry`): its progress, if there
-    /// is news, to tell at once; otherwise the next news is told at the busy period.
-    pub fn hurried(&self, index: u32) -> Option<Control> {
-        let mut channels = self.channels();
-        let entry = channels.get_mut(&index)?;
-        let frame = entry.untold(index);
-        entry.hurried = frame.is_none();
-        frame
+    /// The peer's retention for channel `index` is full (`Hurry`): the control link's
+    /// writer is woken to tell its progress at once if there is news, and the next news at
+    /// the busy period otherwise. Nothing is queued: a peer that hurries a thousand times
+    /// gets each change told once.
+    pub fn hurried(&self, index: u32) {
+        if let Some(entry) = self.channels().get_mut(&index) {
+            entry.hurried = true;
+            self.hurry.notify_one();
+        }
+    }
+
+    /// Resolves when the peer hurried a channel ([`hurried`](Self::hurried)).
+    pub async fn hurry_asked(&self) {
+        self.hurry.notified().await;
     }
 }
 
@@ -571,29 +585,53 @@ mod tests {
         assert_eq!(resumable.forget(3), None);
     }
 
-    #[test]
-    fn a_hurry_is_answered_at_once_with_news_and_keeps_the_busy_period_without() {
+    #[tokio::test]
+    async fn a_hurry_wakes_the_writer_and_keeps_the_busy_period_until_news_is_told() {
         let resumable = Resumable::default();
         let sides = resumable.register(2, false).sides;
         let _ = resumable.due();
-        assert!(resumable.hurried(9).is_none(), "no such channel");
-        sides.mine.send_modify(|p| p.delivered = 5);
-        assert_eq!(
-            resumable.hurried(2),
-            Some(Control::Progress {
-                channel: 2,
-                delivered: 5,
-                end: None
-            }),
-            "news: told at once"
-        );
-        assert!(!resumable.awaited() && resumable.due().is_empty());
-        // Nothing new: nothing now, but the peer waits for the next news.
-        assert!(resumable.hurried(2).is_none());
+        resumable.hurried(9);
+        assert!(!resumable.awaited(), "no such channel: nothing awaited");
+        resumable.hurried(2);
+        let woken = tokio::time::timeout(Duration::from_secs(1), resumable.hurry_asked());
+        assert!(woken.await.is_ok(), "the writer is woken");
+        // Nothing new: nothing told, but the peer waits for the next news.
+        assert!(resumable.due().is_empty());
         assert!(resumable.awaited());
         sides.mine.send_modify(|p| p.delivered = 6);
-        assert_eq!(resumable.due().len(), 1);
+        assert_eq!(
+            resumable.due(),
+            vec![Control::Progress {
+                channel: 2,
+                delivered: 6,
+                end: None
+            }]
+        );
         assert!(!resumable.awaited(), "told: no longer awaited");
+        // Hurried again and again: still one frame per change.
+        for _ in 0..1000 {
+            resumable.hurried(2);
+        }
+        assert!(resumable.due().is_empty());
+    }
+
+    #[test]
+    fn an_end_once_told_is_not_taken_back_by_a_late_progress() {
+        let resumable = Resumable::default();
+        let sides = resumable.register(1, false).sides;
+        let end = Progress {
+            delivered: 8,
+            end: Some(8),
+        };
+        resumable.peer_progress(1, end);
+        resumable.peer_progress(
+            1,
+            Progress {
+                delivered: 8,
+                end: None,
+            },
+        );
+        assert_eq!(*sides.peer.borrow(), end);
     }
 
     #[test]

@@ -23,15 +23,15 @@ impl Migration {
             } => self
                 .resumable
                 .peer_progress(channel, migproxy_proto::Progress { delivered, end }),
+            // Only the destination tells of a break: a source's word is not taken.
             Control::Broken {
                 channel,
                 connection,
-            } => self.resumable.broken(channel, connection),
-            Control::Hurry { channel } => {
-                if let Some(progress) = self.resumable.hurried(channel) {
-                    self.send_peer(progress);
-                }
+            } if self.spec.role == super::Role::Outgoing => {
+                self.resumable.broken(channel, connection);
             }
+            Control::Broken { .. } => {}
+            Control::Hurry { channel } => self.resumable.hurried(channel),
             other => self.on_peer(epoch, other),
         }
     }

@@ -135,7 +135,7 @@ async fn take_over(
         if ended.is_none() && epoch_stop.is_cancelled() && !migration.state().is_final() {
             return None;
         }
-        if ended.is_some_and(|at| at.elapsed() >= last_frames_grace(migration)) {
+        if ended.is_some_and(|at| at.elapsed() >= last_frames_grace(daemon, migration)) {
             return None;
         }
         tokio::select! {
@@ -195,12 +195,15 @@ async fn take_over(
 }
 
 /// How long a migration that ended while its control link was down keeps trying to
-/// deliver its last frames: as long as the destination waits for a link (its resume
-/// timeout, which is at least this side's), so that it learns how the migration ended here
-/// rather than failing at its deadline; at least [`LAST_FRAMES_LEAST`].
-fn last_frames_grace(migration: &Migration) -> Duration {
+/// deliver its last frames: as long as a destination with the same settings waits for a
+/// link, so that it learns how the migration ended here rather than failing at its
+/// deadline. It waits its resume timeout and twice its wait for an explanation, counted
+/// from when it found the link dead, which may be a peer timeout after this host did; at
+/// least [`LAST_FRAMES_LEAST`].
+fn last_frames_grace(daemon: &Daemon, migration: &Migration) -> Duration {
     let resume = migration.spec.resume_timeout.unwrap_or_default();
-    resume.max(LAST_FRAMES_LEAST)
+    let waits = resume + daemon.config.timing.peer_timeout + migration.explanation_grace() * 2;
+    waits.max(LAST_FRAMES_LEAST)
 }
 
 const LAST_FRAMES_LEAST: Duration = Duration::from_secs(5);
