@@ -74,8 +74,9 @@ pub struct Sides {
     /// acknowledgements would wait for a peer that waits for a new connection. The session
     /// on it ends and the channel resumes on a new one.
     pub breaks: watch::Receiver<u64>,
-    /// Asks the peer for its progress at once: called when this side's retention is full,
-    /// so that the wait is a round trip rather than the rest of the peer's period.
+    /// Asks the peer for its progress at once: called when this side's retention is full
+    /// and the peer's last acknowledgement is late, so that the wait is a round trip rather
+    /// than the rest of the peer's period.
     pub hurry: Option<Hurry>,
 }
 
@@ -547,6 +548,27 @@ impl<L: PeerLink> Channel<L> {
     }
 }
 
+/// How late an acknowledgement may be before a full retention hurries the peer: a little
+/// more than the daemon's busy period (2 ms), so that acknowledgements coming at that pace
+/// are waited for, and a peer whose period went idle (20 ms) is asked at once. Hurrying at
+/// every full retention instead made the acknowledgements a ping-pong, one per round trip,
+/// each freeing a little: more frames and smaller writes.
+const HURRY_AFTER: Duration = Duration::from_millis(3);
+
+/// The retention is full: waits for the next acknowledgement, hurrying the peer once if it
+/// is late ([`HURRY_AFTER`] since the last one that freed room, `acked_at`).
+async fn wait_ack(hurry: Option<&Hurry>, acks: &mut watch::Receiver<Progress>, acked_at: Instant) {
+    let Some(Hurry(hurry)) = hurry else {
+        return wait_change(acks).await;
+    };
+    let due = HURRY_AFTER.saturating_sub(acked_at.elapsed());
+    if tokio::time::timeout(due, wait_change(acks)).await.is_ok() {
+        return;
+    }
+    hurry();
+    wait_change(acks).await;
+}
+
 impl Up {
     /// Sends again from `from`, then reads the local end while there is room, until it ends
     /// and the peer has acknowledged all of it.
@@ -561,17 +583,19 @@ impl Up {
         peer.write_all(a).await.map_err(Cut::Broken)?;
         peer.write_all(b).await.map_err(Cut::Broken)?;
         peer.flush().await.map_err(Cut::Broken)?;
+        let mut acked_at = Instant::now();
         while !self.ended {
+            let before = self.kept.acked();
             self.kept.ack(acks.borrow_and_update().delivered)?;
+            if self.kept.acked() > before {
+                acked_at = Instant::now();
+            }
             if self.kept.room() == 0 {
                 // Held as a relay holds what its receiver does not take: the stall watch
                 // blames the link (the peer does not acknowledge), not the local end.
                 let held = self.kept.kept();
                 self.observe.counters.hold(self.observe.up, held);
-                if let Some(Hurry(hurry)) = &self.hurry {
-                    hurry();
-                }
-                wait_change(acks).await;
+                wait_ack(self.hurry.as_ref(), acks, acked_at).await;
                 self.observe.counters.hold(self.observe.up, 0);
                 continue;
             }
