@@ -495,7 +495,7 @@ async fn resume(
     let hello = hello(migration, Kind::Control, first_channel);
     let link = tokio::select! {
         () = migration.stopped() => return Ok(false),
-        link = dial(daemon, migration, &hello) => link,
+        link = dial::dial_again(daemon, migration, &hello) => link,
     };
     // The control link failed, not a channel, after all that moved before the pause.
     let link = link
@@ -511,13 +511,12 @@ async fn resume(
             match &error {
                 PeerError::Refused {
                     status:
-                        status @ (migproxy_proto::Status::UnknownMigration
+                        migproxy_proto::Status::UnknownMigration
                         | migproxy_proto::Status::Expired
-                        | migproxy_proto::Status::Cancelled),
+                        | migproxy_proto::Status::Cancelled,
                     message,
                     ..
                 } => NotResumed::Refused {
-                    cancelled: *status == migproxy_proto::Status::Cancelled,
                     blame: Attribution {
                         message: format!(
                             "the destination daemon refused to resume: {message} (a daemon \

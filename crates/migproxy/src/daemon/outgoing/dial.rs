@@ -1,9 +1,14 @@
 //! Dialling the destination daemon: TLS unless the daemon is plaintext, and a destination
-//! one version behind asked again in its version; the hello every connection starts with.
+//! one version behind asked again in its version; a connection that comes back, on which a
+//! destination's word that the migration was cancelled there ends it here; the hello every
+//! connection starts with.
 
 use migproxy_proto::{
-    FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, FLAG_RESUME, Hello, Kind, VERSION,
+    FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, FLAG_RESUME, Hello, Host, Kind, Status,
+    VERSION,
 };
+
+use std::sync::Arc;
 
 use super::super::Daemon;
 use super::super::migration::Migration;
@@ -35,7 +40,7 @@ pub async fn dial(
     // one before): ask again in the oldest version both may speak.
     match dialled {
         Err(PeerError::Refused {
-            status: migproxy_proto::Status::UnsupportedVersion,
+            status: Status::UnsupportedVersion,
             ..
         }) if hello.version > migproxy_proto::MIN_VERSION && hello.flags & FLAG_RESUME == 0 => {
             // Without what needs the credential (version 2 on): resumable channels.
@@ -48,6 +53,28 @@ pub async fn dial(
         }
         other => other,
     }
+}
+
+/// [`dial`]s a connection that comes back after an outage or a pause: a control link that
+/// takes over, one that brings a paused migration back, or a channel's. A refusal saying
+/// the migration was cancelled there (while the link was down) cancels it here too,
+/// whichever of them hears it first.
+pub async fn dial_again(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    hello: &Hello,
+) -> Result<peer::Dialled, PeerError> {
+    let dialled = dial(daemon, migration, hello).await;
+    if let Err(PeerError::Refused {
+        status: Status::Cancelled,
+        message,
+        ..
+    }) = &dialled
+    {
+        tracing::info!(migration = %migration.spec.id, "the destination says the migration is cancelled: {message}");
+        migration.cancel(Host::Destination);
+    }
+    dialled
 }
 
 pub fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use migproxy_proto::{Attribution, Host};
+use migproxy_proto::Attribution;
 
 use crate::daemon::migration::{Migration, State};
 
@@ -26,8 +26,8 @@ pub enum NotResumed {
     /// The dial failed (the destination is still unreachable): try again.
     Failed(Attribution),
     /// The destination daemon refused: it no longer knows the migration (restarted), or the
-    /// migration has ended there. `cancelled`: it was cancelled there.
-    Refused { blame: Attribution, cancelled: bool },
+    /// migration has ended there (cancelled there, it is cancelled here already: `dial_again`).
+    Refused { blame: Attribution },
 }
 
 /// The wait before the first try: the destination pauses a moment after this host (it
@@ -104,14 +104,11 @@ async fn bring_back(migration: &Arc<Migration>, dialer: &impl Dialer) {
             // for the source's explanation first): no news, and not a failed recovery.
             Err(NotResumed::Failed(_)) if paused.elapsed() < QUIET => {}
             Err(NotResumed::Failed(blame)) => migration.resume_failed(blame),
-            Err(NotResumed::Refused {
-                cancelled: true, ..
-            }) => {
-                migration.cancel(Host::Destination);
-                return;
-            }
-            Err(NotResumed::Refused { blame, .. }) => {
-                migration.resume_refused(blame);
+            // A refusal that says it was cancelled there has cancelled it here (`dial_again`).
+            Err(NotResumed::Refused { blame }) => {
+                if !migration.is_stopped() {
+                    migration.resume_refused(blame);
+                }
                 return;
             }
         }

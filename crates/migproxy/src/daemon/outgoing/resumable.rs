@@ -14,7 +14,7 @@ use super::super::channel::resumable::{self as channel, Ends, Redial};
 use super::super::control;
 use super::super::migration::{Admitted, Epoch, Link, Migration, Outbound};
 use super::super::peer::{Dialled, PeerError, read_control, write_control};
-use super::dial::{dial, hello};
+use super::dial::{dial_again, hello};
 use crate::human::Chain;
 use crate::transport::Stream;
 
@@ -38,19 +38,9 @@ pub async fn carry(
     let dial = move || {
         let (daemon, migration, hello) = (Arc::clone(&daemon), Arc::clone(&dialler), again.clone());
         async move {
-            let dialled = dial(&daemon, &migration, &hello).await;
-            if let Err(PeerError::Refused {
-                status: Status::Cancelled,
-                message,
-                ..
-            }) = &dialled
-            {
-                // Cancelled there while the link was down, told by the refusal of a channel's
-                // return before the control link's: the same story here (the cancel stops
-                // the channel, whose refusal then fails nothing).
-                tracing::info!(migration = %migration.spec.id, "the destination cancelled while the channel's connection was down: {message}");
-                migration.cancel(migproxy_proto::Host::Destination);
-            }
+            // A refusal that says the migration was cancelled there has cancelled it here
+            // (`dial_again`): the cancel stops the channel, whose refusal then fails nothing.
+            let dialled = dial_again(&daemon, &migration, &hello).await;
             dialled.map(|dialled| dialled.stream).map_err(as_io)
         }
     };
@@ -150,7 +140,7 @@ async fn take_over(
             .resumable
             .link_attempts
             .fetch_add(1, Ordering::Relaxed);
-        let refusal = match dial(daemon, migration, &hello).await {
+        let refusal = match dial_again(daemon, migration, &hello).await {
             Ok(dialled) => match migration.rejoin() {
                 Ok(link) => return Some((dialled.stream, link, dialled.version)),
                 Err(_) => {
@@ -168,16 +158,11 @@ async fn take_over(
             // Ended here, and refused there: nothing to deliver to (it has ended too).
             Err(PeerError::Refused { .. }) if ended.is_some() => return None,
             Err(_) if ended.is_some() => continue,
-            // Cancelled there while the link was down: the same story here.
+            // Cancelled there while the link was down: cancelled here too (`dial_again`).
             Err(PeerError::Refused {
                 status: Status::Cancelled,
-                message,
                 ..
-            }) => {
-                tracing::info!(migration = %migration.spec.id, "the destination cancelled while the control link was down: {message}");
-                migration.cancel(migproxy_proto::Host::Destination);
-                return None;
-            }
+            }) => return None,
             Err(refused @ PeerError::Refused { .. }) => refused,
             Err(error) => {
                 tracing::debug!(migration = %migration.spec.id, error = %Chain(&error), "the control link is not back yet");
