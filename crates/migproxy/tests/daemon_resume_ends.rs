@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::cut::{ControlGate, LinkOutage, Swallow};
 use common::daemon::{TestDaemon, stand_in_target, unix_path};
-use common::resume::{one_channel, pair_via, resumable_daemons, resumable_daemons_for};
+use common::resume::{
+    flowing, link_down, one_channel, pair_via, resumable_daemons, resumable_daemons_for,
+};
 use common::{random_data, receive_all};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -25,11 +27,7 @@ async fn a_cancel_while_the_control_link_is_down_reaches_the_destination_once_it
     .await;
     let mut channel = one_channel(&source, &destination, "x1", &outage.addr.to_string()).await;
     channel.write.write_all(&[3; 1 << 20]).await.unwrap();
-    source
-        .wait_for("x1", "the control link down", Duration::from_secs(5), |v| {
-            v["resume"]["link_outages"] == 1
-        })
-        .await;
+    link_down(&source, "x1").await;
     let (status, view) = source
         .request("POST", "/v1/migrations/x1/cancel", None)
         .await;
@@ -53,13 +51,7 @@ async fn a_cancel_while_the_control_link_is_down_reaches_the_destination_once_it
 async fn a_cancel_lost_with_a_control_link_that_breaks_is_delivered_by_one_that_takes_over() {
     let (source, destination) = resumable_daemons().await;
     let swallow = Swallow::new(destination.peer.parse().unwrap()).await;
-    let mut channel = one_channel(&source, &destination, "f1", &swallow.addr.to_string()).await;
-    channel.write.write_all(&[7; 1 << 20]).await.unwrap();
-    destination
-        .wait_for("f1", "the channel open", Duration::from_secs(5), |v| {
-            v["channels"][0]["state"] == "active"
-        })
-        .await;
+    let _channel = flowing(&source, &destination, "f1", &swallow.addr.to_string()).await;
     // The source's cancel goes into a link that swallows it (the link looks alive); the
     // link breaks a moment later, before the source's wait for the destination to close
     // its side is over.
@@ -141,20 +133,10 @@ async fn a_channel_whose_end_went_down_with_the_control_link_ends_once_a_link_ta
 async fn a_destination_cancel_told_by_a_channels_refused_return_ends_the_source_cancelled_too() {
     let (source, destination) = resumable_daemons().await;
     let gate = ControlGate::new(destination.peer.parse().unwrap()).await;
-    let mut channel = one_channel(&source, &destination, "g1", &gate.addr.to_string()).await;
-    channel.write.write_all(&[5; 1 << 20]).await.unwrap();
-    destination
-        .wait_for("g1", "the channel open", Duration::from_secs(5), |v| {
-            v["channels"][0]["state"] == "active"
-        })
-        .await;
+    let _channel = flowing(&source, &destination, "g1", &gate.addr.to_string()).await;
     // Every connection reset; the channel's comes back, the control link does not.
     gate.close();
-    source
-        .wait_for("g1", "the control link down", Duration::from_secs(5), |v| {
-            v["resume"]["link_outages"] == 1
-        })
-        .await;
+    link_down(&source, "g1").await;
     // The destination's cancel cannot reach the source on the control link. It stops the
     // channel there, so the source dials the channel's return, which is refused: the
     // refusal names the cancel, and it comes before any control link's.
@@ -201,13 +183,7 @@ async fn blackholed_as_the_source_ends(id: &str, both_ways: bool) {
         true => Swallow::both_ways(to).await,
         false => Swallow::new(to).await,
     };
-    let mut channel = one_channel(&source, &destination, id, &blackhole.addr.to_string()).await;
-    channel.write.write_all(&[9; 1 << 20]).await.unwrap();
-    destination
-        .wait_for(id, "the channel open", Duration::from_secs(5), |v| {
-            v["channels"][0]["state"] == "active"
-        })
-        .await;
+    let _channel = flowing(&source, &destination, id, &blackhole.addr.to_string()).await;
     blackhole.arm();
     let (status, view) = source
         .request("POST", &format!("/v1/migrations/{id}/cancel"), None)

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use super::daemon::{TestDaemon, stand_in_target, unix_path};
@@ -75,4 +76,31 @@ pub async fn one_channel(
         _read: read,
         _dir: dir,
     }
+}
+
+/// [`one_channel`] with 1 MiB written, once the destination's channel is open: a
+/// migration in flight.
+pub async fn flowing(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    id: &str,
+    peer: &str,
+) -> OneChannel {
+    let mut channel = one_channel(source, destination, id, peer).await;
+    channel.write.write_all(&[7; 1 << 20]).await.unwrap();
+    destination
+        .wait_for(id, "the channel open", Duration::from_secs(5), |v| {
+            v["channels"][0]["state"] == "active"
+        })
+        .await;
+    channel
+}
+
+/// Waits until `daemon` counts its migration `id`'s control link down.
+pub async fn link_down(daemon: &TestDaemon, id: &str) {
+    daemon
+        .wait_for(id, "the control link down", Duration::from_secs(5), |v| {
+            v["resume"]["link_outages"] == 1
+        })
+        .await;
 }
