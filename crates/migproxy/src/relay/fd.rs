@@ -180,20 +180,21 @@ impl Carrier {
 /// Flags for every splice: move pages rather than copy them, never block on the pipe, and
 /// never `SPLICE_F_MORE`, which corks the socket like `TCP_CORK` and would hold back the
 /// small return-path messages.
-const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+pub(super) const FLAGS: SpliceFFlags =
+    SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
 /// A non-blocking pipe, grown as large as the system allows.
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    capacity: usize,
+pub(super) struct Pipe {
+    pub(super) read: OwnedFd,
+    pub(super) write: OwnedFd,
+    pub(super) capacity: usize,
     /// Copy buffer size to fall back to (the relay's `copy_buffer`), never less than what
     /// the pipe may hold.
     copy_size: usize,
 }
 
 impl Pipe {
-    fn new(copy_buffer: usize) -> io::Result<Pipe> {
+    pub(super) fn new(copy_buffer: usize) -> io::Result<Pipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let capacity = grow(&write);
         Ok(Pipe {
@@ -205,7 +206,7 @@ impl Pipe {
     }
 
     /// Reads exactly `buf.len()` bytes that are known to be in the pipe.
-    fn read_exact(&self, buf: &mut [u8]) -> io::Result<()> {
+    pub(super) fn read_exact(&self, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
             match nix::unistd::read(self.read.as_raw_fd(), &mut buf[done..])? {

@@ -26,26 +26,35 @@
 //!   is dead ([`Sides::breaks`]: silent, or replaced). A local failure, a peer offset that
 //!   cannot be true, a cancel, or no new connection within the resume timeout end the
 //!   channel, named as such ([`ResumeError`]).
+//! - **Copies** ([`ends`]). Up, every byte is read into the retention and written to the
+//!   peer. Down, in the clear, where both the peer connection and the local end are plain
+//!   sockets, it is spliced peer → pipe → local end and never enters user space; TLS, or a
+//!   tapped direction (the return path, on the source), copies.
 //! - **Observed as a relay is** ([`Observe`]): the same [`Counters`] (a replayed byte counts
 //!   once), a tap that sees the return path's bytes once and in order, and each outage as it
 //!   starts and ends ([`Outage`]).
 
+mod down;
+mod ends;
 mod retention;
+mod types;
+mod up;
 
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use migproxy_proto::{PROGRESS_LEN, Progress};
 
+use self::down::{Down, Hello};
 pub use self::retention::{Retention, RetentionError};
-use super::{Counters, Direction, TapFn};
-use crate::human::Elapsed;
+use self::types::Cut;
+pub use self::types::{Hurry, Observe, Options, Outage, Report, ResumeError};
+use self::up::Up;
 use crate::transport::Stream;
 
 /// A source of fresh connections to the peer for one channel: the dialling side dials (and
@@ -80,16 +89,6 @@ pub struct Sides {
     pub hurry: Option<Hurry>,
 }
 
-/// What asks the peer for its progress at once (the daemon's `Hurry` frame).
-#[derive(Clone)]
-pub struct Hurry(pub Arc<dyn Fn() + Send + Sync>);
-
-impl std::fmt::Debug for Hurry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Hurry")
-    }
-}
-
 impl Sides {
     /// Two sides wired straight to each other, sharing one break signal: what the control
     /// link does between two daemons, for two engines in one process.
@@ -113,170 +112,6 @@ impl Sides {
     }
 }
 
-/// The engine's settings.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The most bytes one direction keeps unacknowledged.
-    pub retention: usize,
-    /// How long the channel may go without a working connection.
-    pub resume_timeout: Duration,
-    /// The hello's budget on a fresh connection.
-    pub hello_timeout: Duration,
-    /// How long a peer's end of stream short of its announced length waits for the
-    /// announcement before it counts as a broken connection.
-    pub end_grace: Duration,
-    /// The copy buffer, per direction.
-    pub chunk: usize,
-    /// What the daemon sees of the channel while it runs.
-    pub observe: Observe,
-}
-
-/// The channel as the daemon watches it, the same as a relay's: byte counters (progress,
-/// the stall watch), a tap on the direction toward the source (QEMU's return path, for the
-/// verdict), and each outage as it starts and ends.
-#[derive(Debug, Clone)]
-pub struct Observe {
-    /// Bytes first sent up, and bytes delivered down: a replay counts once.
-    pub counters: Arc<Counters>,
-    /// The direction from this side's local end to the peer: `ToDestination` on the
-    /// source's host, `ToSource` on the destination's.
-    pub up: Direction,
-    /// Sees every byte of the destination→source direction once, in order.
-    pub tap_to_source: Option<TapFn>,
-    pub outages: Option<mpsc::UnboundedSender<Outage>>,
-}
-
-impl Default for Observe {
-    fn default() -> Observe {
-        Observe {
-            counters: Arc::new(Counters::new()),
-            up: Direction::ToDestination,
-            tap_to_source: None,
-            outages: None,
-        }
-    }
-}
-
-impl Observe {
-    fn down(&self) -> Direction {
-        match self.up {
-            Direction::ToDestination => Direction::ToSource,
-            Direction::ToSource => Direction::ToDestination,
-        }
-    }
-
-    /// Counts `bytes` moved `direction` (and shows them to the tap, if it watches it).
-    fn moved(&self, direction: Direction, bytes: &[u8]) {
-        self.counters.record(direction, bytes.len(), false);
-        if let (Direction::ToSource, Some(tap)) = (direction, &self.tap_to_source) {
-            (tap.0)(bytes);
-        }
-    }
-
-    fn tell(&self, outage: Outage) {
-        if let Some(outages) = &self.outages {
-            let _ = outages.send(outage);
-        }
-    }
-}
-
-/// An outage of the channel's connection to the peer, as it starts and as it ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outage {
-    /// The connection broke (the cause, as the OS or the daemon said it).
-    Interrupted {
-        cause: String,
-        /// Cut on the daemon's word ([`Sides::breaks`]), not by an error seen here.
-        signalled: bool,
-        /// The link's number for the connection that broke ([`PeerLink::connection`]).
-        connection: u32,
-    },
-    /// Going on, on a new connection.
-    Resumed {
-        /// From the break to the new connection's hellos.
-        lost: Duration,
-        /// Bytes sent again.
-        replayed: u64,
-        /// Connections tried.
-        attempts: u32,
-    },
-}
-
-impl Default for Options {
-    fn default() -> Options {
-        Options {
-            retention: 16 << 20,
-            resume_timeout: Duration::from_secs(60),
-            hello_timeout: Duration::from_secs(5),
-            end_grace: Duration::from_secs(2),
-            chunk: 1 << 20,
-            observe: Observe::default(),
-        }
-    }
-}
-
-/// What a channel carried, and what it cost.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Report {
-    /// Bytes read from the local end and sent.
-    pub sent: u64,
-    /// Bytes of the peer's direction written to the local end.
-    pub delivered: u64,
-    /// Connections after the first.
-    pub resumptions: u32,
-    /// Bytes sent again after a break.
-    pub replayed: u64,
-}
-
-/// Why a channel ended short.
-#[derive(Debug, thiserror::Error)]
-pub enum ResumeError {
-    #[error("local end: {op} failed")]
-    Local {
-        op: &'static str,
-        #[source]
-        error: io::Error,
-    },
-    #[error("peer offsets")]
-    Offsets(#[from] RetentionError),
-    #[error(
-        "no working connection to the peer for {}{} ({attempts} attempts; the last: {last})",
-        Elapsed(*.waited),
-        cause.as_ref().map(|cause| format!(" after it broke: {cause}")).unwrap_or_default()
-    )]
-    Timeout {
-        /// The break that started the outage; none before the first connection.
-        cause: Option<io::Error>,
-        waited: Duration,
-        attempts: u32,
-        last: io::Error,
-    },
-    #[error("the peer refused the channel's new connection: {0}")]
-    Refused(#[source] io::Error),
-    #[error("the peer's direction went past the end it announced ({end} bytes): {delivered}")]
-    BeyondEnd { end: u64, delivered: u64 },
-    #[error("cancelled")]
-    Cancelled,
-}
-
-/// How a session on one connection ended short.
-enum Cut {
-    /// The connection failed: resume on another.
-    Broken(io::Error),
-    /// The channel cannot go on.
-    Fatal(ResumeError),
-}
-
-impl From<RetentionError> for Cut {
-    fn from(error: RetentionError) -> Cut {
-        Cut::Fatal(error.into())
-    }
-}
-
-fn local(op: &'static str) -> impl FnOnce(io::Error) -> Cut {
-    move |error| Cut::Fatal(ResumeError::Local { op, error })
-}
-
 /// Carries one channel between `local` and the peer until both directions have ended and
 /// the peer has acknowledged every byte, resuming on a new connection after each break.
 pub async fn carry<L: PeerLink>(
@@ -286,7 +121,7 @@ pub async fn carry<L: PeerLink>(
     options: Options,
     cancel: CancellationToken,
 ) -> Result<Report, ResumeError> {
-    let (local_r, local_w) = tokio::io::split(local);
+    let (local_r, local_w) = ends::halves(local);
     let mut channel = Channel {
         link,
         up: Up {
@@ -323,26 +158,6 @@ struct Channel<L> {
     report: Report,
     /// A first connection's hellos were exchanged.
     connected: bool,
-}
-
-/// Local end to peer.
-struct Up {
-    local: ReadHalf<Stream>,
-    kept: Retention,
-    ended: bool,
-    /// The most read from the local end at once.
-    chunk: usize,
-    observe: Observe,
-    hurry: Option<Hurry>,
-}
-
-/// Peer to local end.
-struct Down {
-    local: WriteHalf<Stream>,
-    /// The peer's direction reached its end and the local end was told (a FIN).
-    ended: bool,
-    buf: Vec<u8>,
-    observe: Observe,
 }
 
 impl<L: PeerLink> Channel<L> {
@@ -524,7 +339,7 @@ impl<L: PeerLink> Channel<L> {
         // Every later connection needs both hellos before a byte moves: bytes may have been
         // delivered on this one.
         self.connected = true;
-        let (peer_r, peer_w) = tokio::io::split(connection);
+        let (peer_r, peer_w) = ends::halves(connection);
         let mut peer_seen = self.sides.peer.clone();
         let from = peer.map_or(0, |peer| peer.delivered);
         let up = self.up.run(peer_w, from, &mut peer_seen, &self.sides.mine);
@@ -548,195 +363,6 @@ impl<L: PeerLink> Channel<L> {
     }
 }
 
-/// How late an acknowledgement may be before a full retention hurries the peer: a little
-/// more than the daemon's busy period (2 ms), so that acknowledgements coming at that pace
-/// are waited for, and a peer whose period went idle (20 ms) is asked at once. Hurrying at
-/// every full retention instead made the acknowledgements a ping-pong, one per round trip,
-/// each freeing a little: more frames and smaller writes.
-const HURRY_AFTER: Duration = Duration::from_millis(3);
-
-/// The retention is full: waits for the next acknowledgement, hurrying the peer once if it
-/// is late ([`HURRY_AFTER`] since the last one that freed room, `acked_at`).
-async fn wait_ack(hurry: Option<&Hurry>, acks: &mut watch::Receiver<Progress>, acked_at: Instant) {
-    let Some(Hurry(hurry)) = hurry else {
-        return wait_change(acks).await;
-    };
-    let due = HURRY_AFTER.saturating_sub(acked_at.elapsed());
-    if tokio::time::timeout(due, wait_change(acks)).await.is_ok() {
-        return;
-    }
-    hurry();
-    wait_change(acks).await;
-}
-
-impl Up {
-    /// Sends again from `from`, then reads the local end while there is room, until it ends
-    /// and the peer has acknowledged all of it.
-    async fn run(
-        &mut self,
-        mut peer: WriteHalf<Stream>,
-        from: u64,
-        acks: &mut watch::Receiver<Progress>,
-        mine: &watch::Sender<Progress>,
-    ) -> Result<(), Cut> {
-        let (a, b) = self.kept.replay(from)?;
-        peer.write_all(a).await.map_err(Cut::Broken)?;
-        peer.write_all(b).await.map_err(Cut::Broken)?;
-        peer.flush().await.map_err(Cut::Broken)?;
-        let mut acked_at = Instant::now();
-        while !self.ended {
-            let before = self.kept.acked();
-            self.kept.ack(acks.borrow_and_update().delivered)?;
-            if self.kept.acked() > before {
-                acked_at = Instant::now();
-            }
-            if self.kept.room() == 0 {
-                // Held as a relay holds what its receiver does not take: the stall watch
-                // blames the link (the peer does not acknowledge), not the local end.
-                let held = self.kept.kept();
-                self.observe.counters.hold(self.observe.up, held);
-                wait_ack(self.hurry.as_ref(), acks, acked_at).await;
-                self.observe.counters.hold(self.observe.up, 0);
-                continue;
-            }
-            // Read straight into the retention: what is kept costs no copy.
-            let spare = self.kept.spare();
-            let room = spare.len().min(self.chunk);
-            let n = self.local.read(&mut spare[..room]).await;
-            let n = n.map_err(local("read"))?;
-            if n == 0 {
-                self.ended = true;
-                self.observe.counters.mark_end(self.observe.up);
-                let end = Some(self.kept.sent());
-                mine.send_modify(|mine| mine.end = end);
-                break;
-            }
-            self.kept.commit(n);
-            let read = self.kept.recent(n);
-            // Counted once, as a relay counts: sent on (a replay does not count again).
-            self.observe.moved(self.observe.up, read);
-            // Held while the peer does not take it, as a relay's pump holds it.
-            self.observe.counters.hold(self.observe.up, n);
-            peer.write_all(read).await.map_err(Cut::Broken)?;
-            peer.flush().await.map_err(Cut::Broken)?;
-            self.observe.counters.hold(self.observe.up, 0);
-        }
-        peer.shutdown().await.map_err(Cut::Broken)?;
-        loop {
-            self.kept.ack(acks.borrow_and_update().delivered)?;
-            if self.kept.kept() == 0 {
-                return Ok(());
-            }
-            wait_change(acks).await;
-        }
-    }
-}
-
-impl Down {
-    /// Writes what the peer sends to the local end, counting each write as it completes (a
-    /// write cut short by a break counts only what it wrote: the peer sends the rest again).
-    async fn run(
-        &mut self,
-        mut peer: ReadHalf<Stream>,
-        hello: Hello,
-        announced: &mut watch::Receiver<Progress>,
-        mine: &watch::Sender<Progress>,
-        options: &Options,
-    ) -> Result<(), Cut> {
-        let mut end = match hello {
-            Hello::Read(hello) => hello.end,
-            Hello::Unread => first_hello(&mut peer).await?.end,
-        };
-        let delivered = || mine.borrow().delivered;
-        loop {
-            let n = peer.read(&mut self.buf).await.map_err(Cut::Broken)?;
-            if n == 0 {
-                return self.finish(&mut end, announced, delivered(), options).await;
-            }
-            // Nothing past the announced end reaches the local end.
-            let beyond = delivered() + n as u64;
-            if let Some(end) = end.or(announced.borrow().end).filter(|end| beyond > *end) {
-                let error = ResumeError::BeyondEnd {
-                    end,
-                    delivered: beyond,
-                };
-                return Err(Cut::Fatal(error));
-            }
-            // Held until the local end takes it: a local end that stops reading is seen.
-            self.observe.counters.hold(self.observe.down(), n);
-            let mut written = 0;
-            while written < n {
-                let w = self.local.write(&self.buf[written..n]).await;
-                let w = w.map_err(local("write"))?;
-                if w == 0 {
-                    return Err(local("write")(io::ErrorKind::WriteZero.into()));
-                }
-                self.observe
-                    .moved(self.observe.down(), &self.buf[written..written + w]);
-                written += w;
-                mine.send_modify(|mine| mine.delivered += w as u64);
-            }
-        }
-    }
-
-    /// The peer's end of stream: the end, once it is the announced length (shuts the local
-    /// end's write side down); a broken connection otherwise.
-    async fn finish(
-        &mut self,
-        end: &mut Option<u64>,
-        announced: &mut watch::Receiver<Progress>,
-        delivered: u64,
-        options: &Options,
-    ) -> Result<(), Cut> {
-        let known = end.is_some();
-        let wait = async {
-            let told = announced.wait_for(|peer| known || peer.end.is_some()).await;
-            told.map(|peer| peer.end).ok().flatten()
-        };
-        if let Ok(told) = tokio::time::timeout(options.end_grace, wait).await {
-            *end = end.or(told);
-        }
-        match *end {
-            Some(end) if end == delivered => {
-                if !self.ended {
-                    self.observe.counters.mark_end(self.observe.down());
-                    self.local.shutdown().await.map_err(local("shutdown"))?;
-                    self.ended = true;
-                }
-                Ok(())
-            }
-            Some(end) if end < delivered => {
-                Err(Cut::Fatal(ResumeError::BeyondEnd { end, delivered }))
-            }
-            _ => Err(Cut::Broken(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("the peer closed the connection after {delivered} bytes, short of its end"),
-            ))),
-        }
-    }
-}
-
-/// The peer's hello on a session's connection.
-enum Hello {
-    /// Read before the session began.
-    Read(Progress),
-    /// The first connection's: it comes first among the peer's bytes.
-    Unread,
-}
-
-/// Reads the peer's hello at the head of the first connection: it can only say that
-/// nothing was delivered (nothing was sent before).
-async fn first_hello(peer: &mut ReadHalf<Stream>) -> Result<Progress, Cut> {
-    let mut wire = [0; PROGRESS_LEN];
-    peer.read_exact(&mut wire).await.map_err(Cut::Broken)?;
-    let hello = Progress::decode(wire);
-    if hello.delivered != 0 {
-        let claimed = hello.delivered;
-        return Err(RetentionError::BeyondSent { claimed, sent: 0 }.into());
-    }
-    Ok(hello)
-}
-
 /// A session cut on the daemon's word.
 #[derive(Debug)]
 struct Signalled;
@@ -752,13 +378,6 @@ impl std::error::Error for Signalled {}
 /// The next break the daemon calls; never, once nobody can call one.
 async fn wait_break(breaks: &mut watch::Receiver<u64>) {
     if breaks.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// The next change of the peer's progress; never, once nobody can publish it.
-async fn wait_change(acks: &mut watch::Receiver<Progress>) {
-    if acks.changed().await.is_err() {
         std::future::pending::<()>().await;
     }
 }

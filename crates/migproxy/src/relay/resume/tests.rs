@@ -5,10 +5,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use rand::{RngCore, SeedableRng, rngs::SmallRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::mpsc;
 
 use super::*;
 

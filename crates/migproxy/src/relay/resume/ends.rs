@@ -1,0 +1,225 @@
+//! A stream's two directions, each driven by its own half of the engine, and the kernel's
+//! short cuts between them where both ends are plain sockets.
+//!
+//! A plain socket is shared rather than split: splice(2) and vmsplice(2) need its file
+//! descriptor and tokio's readiness for it, which a split half hides. Any other stream (TLS,
+//! in memory) is split and carried by copying.
+//!
+//! - **Down** (peer to local end) needs no retention: what it writes to the local end is
+//!   what it acknowledges. Between two sockets it goes peer → pipe → local end with
+//!   splice(2), counting what each splice into the local end delivered.
+//! - **Up** (local end to peer) keeps every byte until the peer acknowledges it: it reads
+//!   them into the retention and writes them to the peer, two copies. Not vmsplice(2) from
+//!   the retention: that hands the retention's own pages to the kernel, and an
+//!   acknowledgement does not mean the kernel let go of them. Spliced on, they can wait in
+//!   the peer's QEMU's socket (on one machine, loopback passes pages from socket to socket)
+//!   after the peer acknowledged them, and the retention rewrites them with newer bytes.
+//!   The test `a_slow_reader_behind_a_direct_link_…` (tests/resume.rs) caught exactly that.
+//!   What would take this copy away is tee(2) into pipes that keep kernel pages (issue #18).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::splice;
+use nix::sys::socket::{MsgFlags, send};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest, ReadHalf, WriteHalf};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::super::fd::{FLAGS, Pipe};
+use crate::transport::{Socket, Stream};
+
+/// What reads one direction of a stream.
+pub(super) enum Reader {
+    Socket(Arc<Plain>),
+    Half(ReadHalf<Stream>),
+}
+
+/// What writes the other direction of the same stream.
+pub(super) enum Writer {
+    Socket(Arc<Plain>),
+    Half(WriteHalf<Stream>),
+}
+
+/// A plain socket, shared by its two directions.
+pub(super) enum Plain {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Plain {
+    fn socket(&self) -> Socket<'_> {
+        match self {
+            Plain::Tcp(s) => Socket::Tcp(s),
+            Plain::Unix(s) => Socket::Unix(s),
+        }
+    }
+}
+
+/// `stream`'s two directions: the socket shared by both, or the stream's split halves.
+pub(super) fn halves(stream: Stream) -> (Reader, Writer) {
+    let plain = match stream {
+        Stream::Tcp(s) => Plain::Tcp(s),
+        Stream::Unix(s) => Plain::Unix(s),
+        other => {
+            let (read, write) = tokio::io::split(other);
+            return (Reader::Half(read), Writer::Half(write));
+        }
+    };
+    let shared = Arc::new(plain);
+    (Reader::Socket(Arc::clone(&shared)), Writer::Socket(shared))
+}
+
+/// Waits for `interest` on `socket` and runs `f`, until it does not find it would block.
+async fn ready<R>(
+    socket: Socket<'_>,
+    interest: Interest,
+    mut f: impl FnMut() -> io::Result<R>,
+) -> io::Result<R> {
+    loop {
+        if interest.is_readable() {
+            socket.readable().await?;
+        } else {
+            socket.writable().await?;
+        }
+        match socket.try_io(interest, &mut f) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return done,
+        }
+    }
+}
+
+impl Reader {
+    pub(super) async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Reader::Half(half) => half.read(buf).await,
+            Reader::Socket(plain) => {
+                let socket = plain.socket();
+                let fd = socket.fd().as_raw_fd();
+                ready(socket, Interest::READABLE, || {
+                    Ok(nix::unistd::read(fd, &mut *buf)?)
+                })
+                .await
+            }
+        }
+    }
+
+    pub(super) async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.read(&mut buf[done..]).await? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => done += n,
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket under this reader, if it is one.
+    pub(super) fn socket(&self) -> Option<Socket<'_>> {
+        match self {
+            Reader::Socket(plain) => Some(plain.socket()),
+            Reader::Half(_) => None,
+        }
+    }
+}
+
+impl Writer {
+    pub(super) async fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Writer::Half(half) => half.write(buf).await,
+            Writer::Socket(plain) => {
+                let socket = plain.socket();
+                let fd = socket.fd().as_raw_fd();
+                // MSG_NOSIGNAL: a vanished reader is an EPIPE to report, not a signal.
+                let sent = || Ok(send(fd, buf, MsgFlags::MSG_NOSIGNAL)?);
+                ready(socket, Interest::WRITABLE, sent).await
+            }
+        }
+    }
+
+    pub(super) async fn write_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.write(buf).await? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => buf = &buf[n..],
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Writer::Half(half) => half.flush().await,
+            Writer::Socket(_) => Ok(()),
+        }
+    }
+
+    /// Ends this direction (a FIN), the other one flowing on.
+    pub(super) async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Writer::Half(half) => half.shutdown().await,
+            Writer::Socket(plain) => plain.socket().shutdown_write(),
+        }
+    }
+
+    /// The socket under this writer, if it is one.
+    pub(super) fn socket(&self) -> Option<Socket<'_>> {
+        match self {
+            Writer::Socket(plain) => Some(plain.socket()),
+            Writer::Half(_) => None,
+        }
+    }
+}
+
+/// EINVAL from splice or vmsplice: this pair of files cannot be spliced; copying still works.
+pub(super) fn refused(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(Errno::EINVAL as i32)
+}
+
+/// A pipe for one session's splices, or none (copying instead) when the system has none to
+/// give. A new one each session: bytes a broken session left in one are not the peer's next.
+pub(super) fn pipe(size: usize) -> Option<Pipe> {
+    match Pipe::new(size) {
+        Ok(pipe) => Some(pipe),
+        Err(error) => {
+            tracing::warn!(%error, "no pipe for splice: a resumable channel copies instead");
+            None
+        }
+    }
+}
+
+/// Splices the `held` bytes in `pipe` into `to`, telling `moved` each splice's bytes; on
+/// failure, how many were left with it.
+pub(super) async fn drain(
+    pipe: &Pipe,
+    to: Socket<'_>,
+    held: usize,
+    mut moved: impl FnMut(usize),
+) -> Result<(), (usize, io::Error)> {
+    let mut left = held;
+    while left > 0 {
+        let spliced = ready(to, Interest::WRITABLE, || {
+            Ok(splice(&pipe.read, None, to.fd(), None, left, FLAGS)?)
+        });
+        match spliced.await {
+            Ok(0) => return Err((left, io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                left -= n;
+                moved(n);
+            }
+            Err(e) => return Err((left, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Splices what `from` has, at most `most` bytes, into the empty `pipe`; 0 at end of stream.
+pub(super) async fn fill(pipe: &Pipe, from: Socket<'_>, most: usize) -> io::Result<usize> {
+    let most = most.min(pipe.capacity);
+    ready(from, Interest::READABLE, || {
+        Ok(splice(from.fd(), None, &pipe.write, None, most, FLAGS)?)
+    })
+    .await
+}
