@@ -485,6 +485,12 @@ fn synthetic_targets(summaries: &[Summary]) -> Vec<Target> {
             over(rate(Route::DaemonsResumable), rate(Route::Daemons)),
             0.95,
         ),
+        Target::at_most(
+            "resumable daemon pair (plaintext) CPU per GiB ≤ 1.10× the same pair's without",
+            over(cpu(Route::DaemonsResumable), cpu(Route::Daemons)),
+            1.10,
+            "×",
+        ),
     ]
 }
 

@@ -268,12 +268,15 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
-/// A QEMU: writes `out`, then ends its direction, while reading everything sent to it;
-/// `slow`, 16 KiB a millisecond, so that what the engine delivered waits in its socket.
-async fn qemu(mut end: UnixStream, out: Vec<u8>, slow: bool) -> Vec<u8> {
+/// A QEMU: writes `out` in writes of at most `piece` bytes, then ends its direction, while
+/// reading everything sent to it; `slow`, 16 KiB a millisecond, so that what the engine
+/// delivered waits in its socket.
+async fn qemu(mut end: UnixStream, out: Vec<u8>, piece: usize, slow: bool) -> Vec<u8> {
     let (mut r, mut w) = end.split();
     let write = async {
-        w.write_all(&out).await.unwrap();
+        for chunk in out.chunks(piece.max(1)) {
+            w.write_all(chunk).await.unwrap();
+        }
         w.shutdown().await.unwrap();
     };
     let read = async {
@@ -311,6 +314,8 @@ struct Setup {
     cut: Arc<AtomicU32>,
     /// The destination's QEMU reads slowly.
     slow_destination: bool,
+    /// The largest write of the source's QEMU.
+    source_writes: usize,
     links: Links,
     /// The source's and the destination's.
     observe: (Observe, Observe),
@@ -327,6 +332,7 @@ impl Setup {
             breaks: Breaks::new(),
             cut: Arc::default(),
             slow_destination: false,
+            source_writes: usize::MAX,
             links,
             observe: (Observe::default(), destination),
         }
@@ -370,8 +376,8 @@ async fn exchange_with(len: usize, (cuts, seed): (u32, u64), setup: Setup) -> (R
     );
     let b = carry(Stream::Unix(dst_local), accept, b_sides, b_options, cancel);
     let (to_dst, to_src) = (random(len, seed), random(len, seed + 1));
-    let src = qemu(src_qemu, to_dst.clone(), false);
-    let dst = qemu(dst_qemu, to_src.clone(), setup.slow_destination);
+    let src = qemu(src_qemu, to_dst.clone(), setup.source_writes, false);
+    let dst = qemu(dst_qemu, to_src.clone(), len, setup.slow_destination);
     let all = async { tokio::join!(a, b, src, dst) };
     let (a, b, got_src, got_dst) = tokio::time::timeout(Duration::from_secs(60), all)
         .await
@@ -440,6 +446,24 @@ async fn a_slow_reader_behind_a_direct_link_gets_the_bytes_that_were_sent_not_ne
     assert_eq!((a.sent, b.delivered), (len as u64, len as u64));
 }
 
+/// Small writes fill a pipe's slots long before its bytes: the pipes that keep the bytes
+/// run out of slots first, which must read as a full retention, not a loss.
+#[tokio::test]
+async fn small_writes_through_random_resets_arrive_exactly_once() {
+    let len = 1 << 20;
+    let setup = Setup {
+        source_writes: 97,
+        ..Setup::new(Links::Clear)
+    };
+    let resets = Arc::clone(&setup.cut);
+    let (a, b) = exchange_with(len, (4, 11), setup).await;
+    assert!(
+        resets.load(Ordering::SeqCst) > 0,
+        "the proxy reset connections"
+    );
+    assert_eq!((a.sent, b.delivered), (len as u64, len as u64));
+}
+
 #[tokio::test]
 async fn without_a_break_nothing_is_replayed() {
     let (a, b, resets) = exchange(1 << 20, 0, 7).await;
@@ -494,15 +518,14 @@ async fn counters_and_the_return_path_tap_see_each_byte_once_and_each_outage_is_
             (len as u64, len as u64)
         );
     }
-    // In the clear both ends are plain sockets: the destination's delivery into its QEMU is
-    // spliced; the source's, which the return-path tap must see, is copied.
+    // In the clear both ends are plain sockets: the migration stream is spliced on both
+    // hosts (kept in pipes on the source, delivered by splice on the destination); the
+    // return path, which the tap must see, is copied on both.
     let [source, destination] = &counters;
+    assert_eq!(source.spliced().to_destination, len as u64);
     assert_eq!(destination.spliced().to_destination, len as u64);
-    assert_eq!(
-        source.spliced().to_source,
-        0,
-        "a tapped direction is copied"
-    );
+    let copied = (source.spliced().to_source, destination.spliced().to_source);
+    assert_eq!(copied, (0, 0), "a tapped direction is copied");
     let to_src = random(len, 22);
     for tap in &taps {
         assert!(

@@ -10,7 +10,6 @@ use migproxy_proto::{PROGRESS_LEN, Progress};
 
 use super::retention::RetentionError;
 use super::types::{Cut, Observe, Options, ResumeError, local};
-use crate::relay::Direction;
 use crate::relay::fd::Pipe;
 
 /// Peer to local end.
@@ -82,8 +81,7 @@ impl Down {
     /// Splices both ways where the peer and the local end are plain sockets, and nothing
     /// watches this direction's bytes (a tap needs them in user space).
     fn splices(&self, peer: &Reader) -> bool {
-        let tapped =
-            self.observe.down() == Direction::ToSource && self.observe.tap_to_source.is_some();
+        let tapped = self.observe.tapped(self.observe.down());
         peer.socket().is_some() && self.local.socket().is_some() && !tapped
     }
 

@@ -36,6 +36,7 @@
 
 mod down;
 mod ends;
+mod pipes;
 mod retention;
 mod types;
 mod up;
@@ -54,7 +55,7 @@ use self::down::{Down, Hello};
 pub use self::retention::{Retention, RetentionError};
 use self::types::Cut;
 pub use self::types::{Hurry, Observe, Options, Outage, Report, ResumeError};
-use self::up::Up;
+use self::up::{Kept, Up};
 use crate::transport::Stream;
 
 /// A source of fresh connections to the peer for one channel: the dialling side dials (and
@@ -126,7 +127,8 @@ pub async fn carry<L: PeerLink>(
         link,
         up: Up {
             local: local_r,
-            kept: Retention::new(options.retention),
+            kept: Kept::Memory(Retention::new(options.retention)),
+            chosen: false,
             ended: false,
             chunk: options.chunk.max(1),
             observe: options.observe.clone(),

@@ -45,7 +45,7 @@ impl Retention {
         }
     }
 
-    fn limit(&self) -> usize {
+    pub fn limit(&self) -> usize {
         self.ring.len()
     }
 

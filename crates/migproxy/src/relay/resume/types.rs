@@ -81,6 +81,16 @@ impl Observe {
         }
     }
 
+    /// Counts `bytes` moved `direction` by splice (no tap watches it).
+    pub(super) fn spliced(&self, direction: Direction, bytes: usize) {
+        self.counters.record(direction, bytes, true);
+    }
+
+    /// A tap watches `direction`: its bytes must pass through user space.
+    pub(super) fn tapped(&self, direction: Direction) -> bool {
+        direction == Direction::ToSource && self.tap_to_source.is_some()
+    }
+
     pub(super) fn tell(&self, outage: Outage) {
         if let Some(outages) = &self.outages {
             let _ = outages.send(outage);
@@ -173,6 +183,12 @@ pub(super) enum Cut {
     Broken(io::Error),
     /// The channel cannot go on.
     Fatal(ResumeError),
+}
+
+impl From<ResumeError> for Cut {
+    fn from(error: ResumeError) -> Cut {
+        Cut::Fatal(error)
+    }
 }
 
 impl From<RetentionError> for Cut {

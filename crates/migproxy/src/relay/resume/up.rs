@@ -1,20 +1,63 @@
 //! Local end to peer: every byte read is kept until the peer acknowledges it, and sent on;
-//! sent again from the peer's offset on a new connection.
+//! sent again from the peer's offset on a new connection. Between plain sockets (in the
+//! clear, no tap) the bytes are kept in pipes and never enter user space ([`Pipes`]);
+//! otherwise they are read into the retention's memory and written from it ([`Retention`]).
 
+use std::io;
 use std::time::{Duration, Instant};
 
+use migproxy_proto::Progress;
 use tokio::sync::watch;
 
 use super::ends::{Reader, Writer};
-use migproxy_proto::Progress;
+use super::pipes::Pipes;
+use super::retention::{Retention, RetentionError};
+use super::types::{Cut, Hurry, Observe, ResumeError, local};
+use crate::transport::Socket;
 
-use super::retention::Retention;
-use super::types::{Cut, Hurry, Observe, local};
+/// Where a direction keeps what the peer has not acknowledged.
+pub(super) enum Kept {
+    Memory(Retention),
+    Pipes(Box<Pipes>),
+}
+
+impl Kept {
+    pub(super) fn sent(&self) -> u64 {
+        match self {
+            Kept::Memory(kept) => kept.sent(),
+            Kept::Pipes(kept) => kept.sent(),
+        }
+    }
+
+    pub(super) fn acked(&self) -> u64 {
+        match self {
+            Kept::Memory(kept) => kept.acked(),
+            Kept::Pipes(kept) => kept.acked(),
+        }
+    }
+
+    pub(super) fn kept(&self) -> usize {
+        match self {
+            Kept::Memory(kept) => kept.kept(),
+            Kept::Pipes(kept) => kept.kept(),
+        }
+    }
+
+    /// The peer delivered everything before `upto`.
+    pub(super) fn ack(&mut self, upto: u64) -> Result<(), ResumeError> {
+        match self {
+            Kept::Memory(kept) => Ok(kept.ack(upto)?),
+            Kept::Pipes(kept) => kept.ack(upto),
+        }
+    }
+}
 
 /// Local end to peer.
 pub(super) struct Up {
     pub(super) local: Reader,
-    pub(super) kept: Retention,
+    pub(super) kept: Kept,
+    /// Where the bytes are kept was chosen, on the first connection.
+    pub(super) chosen: bool,
     pub(super) ended: bool,
     /// The most read from the local end at once.
     pub(super) chunk: usize,
@@ -53,40 +96,17 @@ impl Up {
         acks: &mut watch::Receiver<Progress>,
         mine: &watch::Sender<Progress>,
     ) -> Result<(), Cut> {
-        let (a, b) = self.kept.replay(from)?;
-        peer.write_all(a).await.map_err(Cut::Broken)?;
-        peer.write_all(b).await.map_err(Cut::Broken)?;
-        peer.flush().await.map_err(Cut::Broken)?;
-        let mut acked_at = Instant::now();
-        while !self.ended {
-            let before = self.kept.acked();
-            self.kept.ack(acks.borrow_and_update().delivered)?;
-            if self.kept.acked() > before {
-                acked_at = Instant::now();
+        self.choose(&peer);
+        match (&self.kept, peer.socket()) {
+            (Kept::Memory(_), _) => self.run_copied(&mut peer, from, acks, mine).await?,
+            (Kept::Pipes(_), Some(socket)) => self.run_spliced(socket, from, acks, mine).await?,
+            (Kept::Pipes(_), None) => {
+                let error = io::Error::other("kept in pipes, but the new connection is no socket");
+                return Err(Cut::Fatal(ResumeError::Local {
+                    op: "replay",
+                    error,
+                }));
             }
-            if self.kept.room() == 0 {
-                // Held as a relay holds what its receiver does not take: the stall watch
-                // blames the link (the peer does not acknowledge), not the local end.
-                let held = self.kept.kept();
-                self.observe.counters.hold(self.observe.up, held);
-                wait_ack(self.hurry.as_ref(), acks, acked_at).await;
-                self.observe.counters.hold(self.observe.up, 0);
-                continue;
-            }
-            let n = self.read().await?;
-            if n == 0 {
-                self.ended = true;
-                self.observe.counters.mark_end(self.observe.up);
-                let end = Some(self.kept.sent());
-                mine.send_modify(|mine| mine.end = end);
-                break;
-            }
-            let read = self.kept.recent(n);
-            // Held while the peer does not take it, as a relay's pump holds it.
-            self.observe.counters.hold(self.observe.up, n);
-            peer.write_all(read).await.map_err(Cut::Broken)?;
-            peer.flush().await.map_err(Cut::Broken)?;
-            self.observe.counters.hold(self.observe.up, 0);
         }
         peer.shutdown().await.map_err(Cut::Broken)?;
         loop {
@@ -98,19 +118,185 @@ impl Up {
         }
     }
 
+    /// On the first connection: pipes where both ends are plain sockets and no tap needs
+    /// the bytes, memory otherwise (or when the system gives no pipe).
+    fn choose(&mut self, peer: &Writer) {
+        if std::mem::replace(&mut self.chosen, true) {
+            return;
+        }
+        let Kept::Memory(memory) = &self.kept else {
+            return;
+        };
+        let sockets = peer.socket().is_some() && self.local.socket().is_some();
+        if !sockets || self.observe.tapped(self.observe.up) || memory.sent() > 0 {
+            return;
+        }
+        match Pipes::new(memory.limit()) {
+            Ok(pipes) => self.kept = Kept::Pipes(Box::new(pipes)),
+            Err(error) => tracing::warn!(%error, "no pipes to keep bytes in: copying instead"),
+        }
+    }
+
+    /// Acknowledgements in; `acked_at` moves when one freed room.
+    fn take_acks(
+        &mut self,
+        acks: &mut watch::Receiver<Progress>,
+        acked_at: &mut Instant,
+    ) -> Result<(), Cut> {
+        let before = self.kept.acked();
+        self.kept.ack(acks.borrow_and_update().delivered)?;
+        if self.kept.acked() > before {
+            *acked_at = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// No room: waits for an acknowledgement, held as a relay holds what its receiver does
+    /// not take (the stall watch blames the link, whose peer does not acknowledge, not the
+    /// local end).
+    async fn wait_room(&mut self, acks: &mut watch::Receiver<Progress>, acked_at: Instant) {
+        let observe = &self.observe;
+        observe.counters.hold(observe.up, self.kept.kept());
+        wait_ack(self.hurry.as_ref(), acks, acked_at).await;
+        observe.counters.hold(observe.up, 0);
+    }
+
+    /// The local end's end of stream: this direction's length is announced.
+    fn end(&mut self, mine: &watch::Sender<Progress>) {
+        self.ended = true;
+        self.observe.counters.mark_end(self.observe.up);
+        let end = Some(self.kept.sent());
+        mine.send_modify(|mine| mine.end = end);
+    }
+
+    /// Kept in memory: replays from it, reads into it, writes from it.
+    async fn run_copied(
+        &mut self,
+        peer: &mut Writer,
+        from: u64,
+        acks: &mut watch::Receiver<Progress>,
+        mine: &watch::Sender<Progress>,
+    ) -> Result<(), Cut> {
+        let Kept::Memory(kept) = &self.kept else {
+            return Ok(());
+        };
+        let (a, b) = kept.replay(from)?;
+        peer.write_all(a).await.map_err(Cut::Broken)?;
+        peer.write_all(b).await.map_err(Cut::Broken)?;
+        peer.flush().await.map_err(Cut::Broken)?;
+        let mut acked_at = Instant::now();
+        while !self.ended {
+            self.take_acks(acks, &mut acked_at)?;
+            let Kept::Memory(kept) = &mut self.kept else {
+                return Ok(());
+            };
+            if kept.room() == 0 {
+                self.wait_room(acks, acked_at).await;
+                continue;
+            }
+            let n = self.read().await?;
+            if n == 0 {
+                self.end(mine);
+                break;
+            }
+            let Kept::Memory(kept) = &self.kept else {
+                return Ok(());
+            };
+            let read = kept.recent(n);
+            // Held while the peer does not take it, as a relay's pump holds it.
+            self.observe.counters.hold(self.observe.up, n);
+            peer.write_all(read).await.map_err(Cut::Broken)?;
+            peer.flush().await.map_err(Cut::Broken)?;
+            self.observe.counters.hold(self.observe.up, 0);
+        }
+        Ok(())
+    }
+
     /// Reads the local end straight into the retention (what is kept costs no copy), and
     /// counts it once, as a relay counts: sent on (a replay does not count again).
     async fn read(&mut self) -> Result<usize, Cut> {
-        let spare = self.kept.spare();
+        let Kept::Memory(kept) = &mut self.kept else {
+            return Ok(0);
+        };
+        let spare = kept.spare();
         let room = spare.len().min(self.chunk);
         let n = self.local.read(&mut spare[..room]).await;
         let n = n.map_err(local("read"))?;
         if n > 0 {
-            self.kept.commit(n);
-            self.observe.moved(self.observe.up, self.kept.recent(n));
+            kept.commit(n);
+            self.observe.moved(self.observe.up, kept.recent(n));
         }
         Ok(n)
     }
+
+    /// Kept in pipes: replays from them, splices the local end in, tees, splices out.
+    async fn run_spliced(
+        &mut self,
+        peer: Socket<'_>,
+        from: u64,
+        acks: &mut watch::Receiver<Progress>,
+        mine: &watch::Sender<Progress>,
+    ) -> Result<(), Cut> {
+        self.replay_spliced(peer, from).await?;
+        let mut acked_at = Instant::now();
+        while !self.ended {
+            self.take_acks(acks, &mut acked_at)?;
+            let Kept::Pipes(kept) = &mut self.kept else {
+                return Ok(());
+            };
+            if !kept.waiting() {
+                if kept.room() == 0 {
+                    self.wait_room(acks, acked_at).await;
+                    continue;
+                }
+                let end = self.local.socket().ok_or_else(no_socket)?;
+                let n = kept.fill(end).await.map_err(local("read"))?;
+                if n == 0 {
+                    self.end(mine);
+                    break;
+                }
+                // Counted once, as it comes in (a replay does not count again).
+                self.observe.spliced(self.observe.up, n);
+            }
+            let Kept::Pipes(kept) = &mut self.kept else {
+                return Ok(());
+            };
+            let n = kept.keep()?;
+            if n == 0 {
+                // The chain is full of small pieces: room comes with acknowledgements.
+                self.wait_room(acks, acked_at).await;
+                continue;
+            }
+            self.observe.counters.hold(self.observe.up, n);
+            let Kept::Pipes(kept) = &mut self.kept else {
+                return Ok(());
+            };
+            kept.send(peer).await.map_err(Cut::Broken)?;
+            self.observe.counters.hold(self.observe.up, 0);
+        }
+        Ok(())
+    }
+
+    /// On a new connection the pipes' kept bytes from `from` on (all of them, once the
+    /// peer's offset is acknowledged) go to the peer first.
+    async fn replay_spliced(&mut self, peer: Socket<'_>, from: u64) -> Result<(), Cut> {
+        let Kept::Pipes(kept) = &mut self.kept else {
+            return Ok(());
+        };
+        if from < kept.acked() {
+            let base = kept.acked();
+            return Err(RetentionError::BeforeBase { asked: from, base }.into());
+        }
+        kept.ack(from)?;
+        kept.restart()?;
+        kept.replay(peer).await.map_err(Cut::Broken)?;
+        Ok(())
+    }
+}
+
+fn no_socket() -> Cut {
+    let error = io::Error::other("kept in pipes, but the local end is no socket");
+    Cut::Fatal(ResumeError::Local { op: "read", error })
 }
 
 /// The next change of the peer's progress; never, once nobody can publish it.
