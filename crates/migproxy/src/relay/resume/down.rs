@@ -44,8 +44,10 @@ impl Down {
             Hello::Read(hello) => hello.end,
             Hello::Unread => first_hello(&mut peer).await?.end,
         };
-        let mut pipe = self.splices(&peer).then(|| ends::pipe(self.buf.len()));
-        let mut pipe = pipe.take().flatten();
+        let mut pipe = match self.splices(&peer) {
+            true => ends::pipe(self.buf.len()),
+            false => None,
+        };
         let delivered = || mine.borrow().delivered;
         loop {
             let n = self.take(&mut peer, &mut pipe).await?;

@@ -8,14 +8,14 @@
 //! - **Down** (peer to local end) needs no retention: what it writes to the local end is
 //!   what it acknowledges. Between two sockets it goes peer → pipe → local end with
 //!   splice(2), counting what each splice into the local end delivered.
-//! - **Up** (local end to peer) keeps every byte until the peer acknowledges it: it reads
-//!   them into the retention and writes them to the peer, two copies. Not vmsplice(2) from
-//!   the retention: that hands the retention's own pages to the kernel, and an
-//!   acknowledgement does not mean the kernel let go of them. Spliced on, they can wait in
-//!   the peer's QEMU's socket (on one machine, loopback passes pages from socket to socket)
-//!   after the peer acknowledged them, and the retention rewrites them with newer bytes.
-//!   The test `a_slow_reader_behind_a_direct_link_…` (tests/resume.rs) caught exactly that.
-//!   What would take this copy away is tee(2) into pipes that keep kernel pages (issue #18).
+//! - **Up** (local end to peer) keeps every byte until the peer acknowledges it: between
+//!   plain sockets in pipes (`pipes`: spliced in, tee(2)'d, spliced out), otherwise read
+//!   into the retention's memory and written from it. Not vmsplice(2) from that memory: it
+//!   hands the retention's own pages to the kernel, and an acknowledgement does not mean
+//!   the kernel let go of them. Spliced on, they can wait in the peer's QEMU's socket (on
+//!   one machine, loopback passes pages from socket to socket) after the peer acknowledged
+//!   them, while the retention rewrites them with newer bytes; the test
+//!   `a_slow_reader_behind_a_direct_link_…` (tests/resume.rs) caught exactly that.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -173,7 +173,7 @@ impl Writer {
     }
 }
 
-/// EINVAL from splice or vmsplice: this pair of files cannot be spliced; copying still works.
+/// EINVAL from splice: this pair of files cannot be spliced; copying still works.
 pub(super) fn refused(error: &io::Error) -> bool {
     error.raw_os_error() == Some(Errno::EINVAL as i32)
 }

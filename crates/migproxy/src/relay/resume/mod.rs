@@ -26,10 +26,11 @@
 //!   is dead ([`Sides::breaks`]: silent, or replaced). A local failure, a peer offset that
 //!   cannot be true, a cancel, or no new connection within the resume timeout end the
 //!   channel, named as such ([`ResumeError`]).
-//! - **Copies** ([`ends`]). Up, every byte is read into the retention and written to the
-//!   peer. Down, in the clear, where both the peer connection and the local end are plain
-//!   sockets, it is spliced peer → pipe → local end and never enters user space; TLS, or a
-//!   tapped direction (the return path, on the source), copies.
+//! - **Copies** ([`ends`]). In the clear, where both the peer connection and the local end
+//!   are plain sockets, no byte of the migration stream enters user space: up, it is kept in
+//!   pipes (spliced in, tee(2)'d, spliced out: `pipes`); down, it is spliced peer → pipe →
+//!   local end. TLS, or a tapped direction (the return path), is copied, and up keeps its
+//!   bytes in the retention's memory.
 //! - **Observed as a relay is** ([`Observe`]): the same [`Counters`] (a replayed byte counts
 //!   once), a tap that sees the return path's bytes once and in order, and each outage as it
 //!   starts and ends ([`Outage`]).

@@ -43,6 +43,22 @@ impl Kept {
         }
     }
 
+    /// The memory retention; a defect (never a silent end) if the bytes are in pipes.
+    fn memory(&mut self) -> Result<&mut Retention, Cut> {
+        match self {
+            Kept::Memory(kept) => Ok(kept),
+            Kept::Pipes(_) => Err(elsewhere("memory")),
+        }
+    }
+
+    /// The pipes; a defect (never a silent end) if the bytes are in memory.
+    fn pipes(&mut self) -> Result<&mut Pipes, Cut> {
+        match self {
+            Kept::Pipes(kept) => Ok(kept),
+            Kept::Memory(_) => Err(elsewhere("pipes")),
+        }
+    }
+
     /// The peer delivered everything before `upto`.
     pub(super) fn ack(&mut self, upto: u64) -> Result<(), ResumeError> {
         match self {
@@ -177,9 +193,7 @@ impl Up {
         acks: &mut watch::Receiver<Progress>,
         mine: &watch::Sender<Progress>,
     ) -> Result<(), Cut> {
-        let Kept::Memory(kept) = &self.kept else {
-            return Ok(());
-        };
+        let kept = self.kept.memory()?;
         let (a, b) = kept.replay(from)?;
         peer.write_all(a).await.map_err(Cut::Broken)?;
         peer.write_all(b).await.map_err(Cut::Broken)?;
@@ -187,9 +201,7 @@ impl Up {
         let mut acked_at = Instant::now();
         while !self.ended {
             self.take_acks(acks, &mut acked_at)?;
-            let Kept::Memory(kept) = &mut self.kept else {
-                return Ok(());
-            };
+            let kept = self.kept.memory()?;
             if kept.room() == 0 {
                 self.wait_room(acks, acked_at).await;
                 continue;
@@ -199,9 +211,7 @@ impl Up {
                 self.end(mine);
                 break;
             }
-            let Kept::Memory(kept) = &self.kept else {
-                return Ok(());
-            };
+            let kept = self.kept.memory()?;
             let read = kept.recent(n);
             // Held while the peer does not take it, as a relay's pump holds it.
             self.observe.counters.hold(self.observe.up, n);
@@ -215,9 +225,7 @@ impl Up {
     /// Reads the local end straight into the retention (what is kept costs no copy), and
     /// counts it once, as a relay counts: sent on (a replay does not count again).
     async fn read(&mut self) -> Result<usize, Cut> {
-        let Kept::Memory(kept) = &mut self.kept else {
-            return Ok(0);
-        };
+        let kept = self.kept.memory()?;
         let spare = kept.spare();
         let room = spare.len().min(self.chunk);
         let n = self.local.read(&mut spare[..room]).await;
@@ -241,9 +249,7 @@ impl Up {
         let mut acked_at = Instant::now();
         while !self.ended {
             self.take_acks(acks, &mut acked_at)?;
-            let Kept::Pipes(kept) = &mut self.kept else {
-                return Ok(());
-            };
+            let kept = self.kept.pipes()?;
             if !kept.waiting() {
                 if kept.room() == 0 {
                     self.wait_room(acks, acked_at).await;
@@ -258,9 +264,7 @@ impl Up {
                 // Counted once, as it comes in (a replay does not count again).
                 self.observe.spliced(self.observe.up, n);
             }
-            let Kept::Pipes(kept) = &mut self.kept else {
-                return Ok(());
-            };
+            let kept = self.kept.pipes()?;
             let n = kept.keep()?;
             if n == 0 {
                 // The chain is full of small pieces: room comes with acknowledgements.
@@ -268,9 +272,7 @@ impl Up {
                 continue;
             }
             self.observe.counters.hold(self.observe.up, n);
-            let Kept::Pipes(kept) = &mut self.kept else {
-                return Ok(());
-            };
+            let kept = self.kept.pipes()?;
             kept.send(peer).await.map_err(Cut::Broken)?;
             self.observe.counters.hold(self.observe.up, 0);
         }
@@ -280,9 +282,7 @@ impl Up {
     /// On a new connection the pipes' kept bytes from `from` on (all of them, once the
     /// peer's offset is acknowledged) go to the peer first.
     async fn replay_spliced(&mut self, peer: Socket<'_>, from: u64) -> Result<(), Cut> {
-        let Kept::Pipes(kept) = &mut self.kept else {
-            return Ok(());
-        };
+        let kept = self.kept.pipes()?;
         if from < kept.acked() {
             let base = kept.acked();
             return Err(RetentionError::BeforeBase { asked: from, base }.into());
@@ -292,6 +292,11 @@ impl Up {
         kept.replay(peer).await.map_err(Cut::Broken)?;
         Ok(())
     }
+}
+
+fn elsewhere(wanted: &str) -> Cut {
+    let error = io::Error::other(format!("the kept bytes are not in {wanted}"));
+    Cut::Fatal(ResumeError::Local { op: "keep", error })
 }
 
 fn no_socket() -> Cut {
