@@ -193,11 +193,23 @@ fn failure(
             };
             (&names.qemu, Some(down), op, error)
         }
+        ResumeError::Retention { error, .. } => {
+            // This host's own pipes or memory: on the QEMU leg's side of the link, as a
+            // relay's failed splice set-up is, and no connection mends it.
+            let message = format!("{message}: {error}");
+            let error = io::Error::new(
+                error.kind(),
+                Explained {
+                    message,
+                    cause: error,
+                },
+            );
+            (&names.qemu, Some(up), Op::Splice, error)
+        }
         ResumeError::Timeout { cause, last, .. } => {
             // The message says it all; the first cause stays beneath it, for its errno.
             let cause = cause.unwrap_or(last);
-            let explained = Explained { message, cause };
-            let error = io::Error::new(explained.cause.kind(), explained);
+            let error = io::Error::new(cause.kind(), Explained { message, cause });
             (&names.peer, None, Op::Connect, error)
         }
         ResumeError::Refused(error) => {
@@ -270,5 +282,54 @@ where
 
     fn connection(&self) -> u32 {
         self.connection.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use migproxy_proto::{Host, Leg};
+
+    use super::*;
+    use crate::daemon::attribution;
+
+    fn names() -> Names {
+        Names {
+            qemu: "unix:/run/migproxy/m.sock".into(),
+            peer: "tcp:192.0.2.1:4444".into(),
+            role: Role::Outgoing,
+        }
+    }
+
+    #[test]
+    fn a_failed_retention_is_this_hosts_not_qemus_read_or_the_peers() {
+        let names = names();
+        let error = io::Error::from_raw_os_error(libc::ENOMEM);
+        let error = ResumeError::Retention { op: "tee", error };
+        let failure = failure(&names, error, ByteCounts::default(), Duration::ZERO);
+        let blame = attribution::of_relay(Host::Source, 0, &failure, &names.qemu);
+        assert_eq!(
+            (blame.leg, blame.op),
+            (Leg::Qemu, migproxy_proto::Op::Splice)
+        );
+        assert_eq!(blame.errno.as_deref(), Some("ENOMEM"));
+        assert!(
+            blame.message.contains("this host's retention") && blame.message.contains("tee"),
+            "{}",
+            blame.message
+        );
+    }
+
+    #[test]
+    fn a_failed_read_of_qemu_stays_qemus() {
+        let names = names();
+        let error = io::Error::from_raw_os_error(libc::ECONNRESET);
+        let error = ResumeError::Local { op: "read", error };
+        let failure = failure(&names, error, ByteCounts::default(), Duration::ZERO);
+        let blame = attribution::of_relay(Host::Source, 0, &failure, &names.qemu);
+        assert_eq!((blame.leg, blame.op), (Leg::Qemu, migproxy_proto::Op::Read));
+        assert_eq!(blame.errno.as_deref(), Some("ECONNRESET"));
     }
 }

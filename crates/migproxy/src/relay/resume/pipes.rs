@@ -34,7 +34,7 @@ use nix::fcntl::{FcntlArg, SpliceFFlags, fcntl, splice, tee};
 
 use super::ends::{self, drain};
 use super::retention::RetentionError;
-use super::types::ResumeError;
+use super::types::{ResumeError, retention_failed};
 use crate::relay::fd::{FLAGS, Pipe};
 use crate::transport::Socket;
 
@@ -75,10 +75,7 @@ fn chain_pipe(spare: &Pipe) -> io::Result<Pipe> {
 }
 
 fn discard(error: io::Error) -> ResumeError {
-    ResumeError::Local {
-        op: "discard acknowledged bytes",
-        error,
-    }
+    retention_failed("discard acknowledged bytes", error)
 }
 
 impl Pipes {
@@ -227,15 +224,12 @@ impl Pipes {
                     return Ok(n);
                 }
                 Ok(_) | Err(Errno::EAGAIN) if self.chain.len() < self.most => {
-                    let pipe = chain_pipe(&self.spare)
-                        .map_err(|error| ResumeError::Local { op: "pipe", error })?;
+                    let pipe =
+                        chain_pipe(&self.spare).map_err(|error| retention_failed("pipe", error))?;
                     self.chain.push_back((pipe, 0));
                 }
                 Ok(_) | Err(Errno::EAGAIN) => return Ok(0),
-                Err(e) => {
-                    let error = e.into();
-                    return Err(ResumeError::Local { op: "tee", error });
-                }
+                Err(e) => return Err(retention_failed("tee", e.into())),
             }
         }
     }

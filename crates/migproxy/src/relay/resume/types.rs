@@ -155,6 +155,14 @@ pub enum ResumeError {
         #[source]
         error: io::Error,
     },
+    /// This host's own retention (the pipes or memory that keep unacknowledged bytes)
+    /// failed: neither QEMU's fault nor the peer's, and no new connection mends it.
+    #[error("this host's retention of unacknowledged bytes: {op} failed")]
+    Retention {
+        op: &'static str,
+        #[source]
+        error: io::Error,
+    },
     #[error("peer offsets")]
     Offsets(#[from] RetentionError),
     #[error(
@@ -199,4 +207,9 @@ impl From<RetentionError> for Cut {
 
 pub(super) fn local(op: &'static str) -> impl FnOnce(io::Error) -> Cut {
     move |error| Cut::Fatal(ResumeError::Local { op, error })
+}
+
+/// This host's retention failed at `op`.
+pub(super) fn retention_failed(op: &'static str, error: io::Error) -> ResumeError {
+    ResumeError::Retention { op, error }
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::ends::{Reader, Writer};
 use super::pipes::Pipes;
 use super::retention::{Retention, RetentionError};
-use super::types::{Cut, Hurry, Observe, ResumeError, local};
+use super::types::{Cut, Hurry, Observe, ResumeError, local, retention_failed};
 use crate::transport::Socket;
 
 /// Where a direction keeps what the peer has not acknowledged.
@@ -118,10 +118,7 @@ impl Up {
             (Kept::Pipes(_), Some(socket)) => self.run_spliced(socket, from, acks, mine).await?,
             (Kept::Pipes(_), None) => {
                 let error = io::Error::other("kept in pipes, but the new connection is no socket");
-                return Err(Cut::Fatal(ResumeError::Local {
-                    op: "replay",
-                    error,
-                }));
+                return Err(Cut::Fatal(retention_failed("replay", error)));
             }
         }
         peer.shutdown().await.map_err(Cut::Broken)?;
@@ -296,12 +293,12 @@ impl Up {
 
 fn elsewhere(wanted: &str) -> Cut {
     let error = io::Error::other(format!("the kept bytes are not in {wanted}"));
-    Cut::Fatal(ResumeError::Local { op: "keep", error })
+    Cut::Fatal(retention_failed("keep", error))
 }
 
 fn no_socket() -> Cut {
     let error = io::Error::other("kept in pipes, but the local end is no socket");
-    Cut::Fatal(ResumeError::Local { op: "read", error })
+    Cut::Fatal(retention_failed("splice in", error))
 }
 
 /// The next change of the peer's progress; never, once nobody can publish it.
