@@ -602,3 +602,47 @@ async fn states_until_final(events: &mut migproxy::client::Events) -> Vec<String
     }
     states
 }
+
+/// A destination that stops acknowledging (its `Progress` frames dropped on the way, its
+/// heartbeats not): the source reads from its QEMU no more than the retention, 16 MiB, and
+/// waits; the migration stalls and fails on both hosts, blamed on the link, not on QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_stops_acknowledging_gets_no_more_than_the_retention_and_stalls() {
+    let daemon = |name: &'static str| {
+        TestDaemon::start_with(name, |c| {
+            c.resume_timeout = Duration::from_secs(20);
+            c.stall_timeout = Duration::from_millis(800);
+        })
+    };
+    let (source, destination) = (daemon("src").await, daemon("dst").await);
+    let dropped = Arc::new(AtomicU32::new(0));
+    let via =
+        common::cut::ack_dropping_proxy(destination.peer.parse().unwrap(), Arc::clone(&dropped))
+            .await;
+    let mut channel = one_channel(&source, &destination, "na", &via.to_string()).await;
+    let writer = tokio::spawn(async move {
+        let _ = channel.write.write_all(&random_data(11, 64 << 20)).await;
+        channel
+    });
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("na", Duration::from_secs(10)).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        let read = view["channels"][0]["bytes"]["to_destination"]
+            .as_u64()
+            .unwrap();
+        assert!(read <= 16 << 20, "read {read}: more than the retention");
+        let error = &view["error"];
+        assert_eq!(
+            (&error["host"], &error["leg"], &error["op"]),
+            (&json!("source"), &json!("peer"), &json!("timeout")),
+            "{view}"
+        );
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("took or acknowledged none of"), "{view}");
+    }
+    assert!(
+        dropped.load(Ordering::SeqCst) > 0,
+        "no acknowledgement was dropped"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}

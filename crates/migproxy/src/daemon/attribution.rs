@@ -257,10 +257,20 @@ impl Stall {
     }
 
     /// The source's link to the destination took none of the `held` bytes, while the control
-    /// link is alive.
-    pub fn link_not_taking(&self, channel: u32, held: u64, bytes: Totals) -> Attribution {
+    /// link is alive. On a `resumable` channel the bytes held may also be the retention,
+    /// full of bytes the destination daemon has not acknowledged.
+    pub fn link_not_taking(
+        &self,
+        channel: u32,
+        (held, resumable): (u64, bool),
+        bytes: Totals,
+    ) -> Attribution {
+        let what = match resumable {
+            true => "took or acknowledged",
+            false => "took",
+        };
         let message = format!(
-            "the link to the destination daemon took none of {} for {} (the destination \
+            "the link to the destination daemon {what} none of {} for {} (the destination \
              daemon still answers on the control link)",
             Bytes(held),
             Elapsed(self.limit)

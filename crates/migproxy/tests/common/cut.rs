@@ -361,3 +361,69 @@ async fn forward_unless(
         }
     }
 }
+
+/// A destination that stops acknowledging while alive: every connection passes, except that
+/// on the control link (connection 0) the destination's `Progress` frames are dropped (the
+/// source's hello and everything else pass: heartbeats keep the link alive). Counts the
+/// frames it dropped.
+pub async fn ack_dropping_proxy(to: SocketAddr, dropped: Arc<AtomicU32>) -> SocketAddr {
+    middlebox(move |n, client| {
+        let dropped = Arc::clone(&dropped);
+        async move {
+            if n > 0 {
+                return pass(client, to).await;
+            }
+            let (mut client, mut server) = (client, TcpStream::connect(to).await.unwrap());
+            let (mut client_r, mut client_w) = client.split();
+            let (mut server_r, mut server_w) = server.split();
+            let up = tokio::io::copy(&mut client_r, &mut server_w);
+            let down = drop_progress(&mut server_r, &mut client_w, &dropped);
+            tokio::select! {
+                _ = up => {}
+                () = down => {}
+            }
+        }
+    })
+    .await
+}
+
+/// Passes the hello's reply, then the control frames but `Progress`, until either side
+/// ends.
+async fn drop_progress(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    dropped: &AtomicU32,
+) {
+    use migproxy_proto::{Control, HelloReply};
+    let mut header = [0; HelloReply::HEADER];
+    if from.read_exact(&mut header).await.is_err() {
+        return;
+    }
+    let mut message = vec![0; usize::from(header[HelloReply::HEADER - 1])];
+    if from.read_exact(&mut message).await.is_err()
+        || to
+            .write_all(&[&header[..], &message].concat())
+            .await
+            .is_err()
+    {
+        return;
+    }
+    loop {
+        let mut prefix = [0; 4];
+        if from.read_exact(&mut prefix).await.is_err() {
+            return;
+        }
+        // A frame's length is a 4-byte big-endian prefix (the daemon's own, trusted here).
+        let mut body = vec![0; u32::from_be_bytes(prefix) as usize];
+        if from.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        if let Ok(Control::Progress { .. }) = Control::decode(&body) {
+            dropped.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
+        if to.write_all(&[&prefix[..], &body].concat()).await.is_err() {
+            return;
+        }
+    }
+}

@@ -119,7 +119,11 @@ impl Migration {
         }
         let bytes = channels::totals(self.bytes());
         match held(to_link) {
-            Some((index, held, bytes)) => Some((stall.link_not_taking(index, held, bytes), true)),
+            Some((index, held, bytes)) => {
+                let resumable = self.spec.resume_timeout.is_some();
+                let blame = stall.link_not_taking(index, (held, resumable), bytes);
+                Some((blame, true))
+            }
             None => Some((stall.source_silent(bytes), false)),
         }
     }
