@@ -129,9 +129,10 @@ struct Entry {
     /// The number of the connection its engine uses (the first is 1): each connection
     /// dialled again (source), or come again and taken (destination), counts.
     connection: Arc<AtomicU32>,
-    /// The peer asked for its progress at once (`Hurry`) when there was nothing new to
-    /// tell: the next is told at the busy period, not the idle one.
-    hurried: bool,
+    /// When the peer last asked for its progress at once (`Hurry`) with nothing new to
+    /// tell: the next is told at the busy period, not the idle one, for [`HURRY_HEEDED`]
+    /// (tokio's clock, which the tests pause).
+    hurried: Option<tokio::time::Instant>,
 }
 
 impl Entry {
@@ -142,7 +143,7 @@ impl Entry {
             return None;
         }
         self.told = Some(now);
-        self.hurried = false;
+        self.hurried = None;
         Some(Control::Progress {
             channel: index,
             delivered: now.delivered,
@@ -150,6 +151,13 @@ impl Entry {
         })
     }
 }
+
+/// How long a hurry keeps the control link at its busy period with nothing new to tell: a
+/// peer whose retention stays full because nothing is delivered here (this host's QEMU does
+/// not read) hurries once and then waits; the link goes back to its idle period, which
+/// still tells the next news within 20 ms, instead of waking every 2 ms until the stall
+/// timeout, or for ever where there is none.
+const HURRY_HEEDED: Duration = Duration::from_secs(1);
 
 /// What a channel's engine and its peer link get when it is registered.
 #[derive(Debug)]
@@ -335,7 +343,7 @@ impl Resumable {
             breaks,
             again,
             connection: Arc::clone(&connection),
-            hurried: false,
+            hurried: None,
         };
         self.channels().insert(index, entry);
         let sides = Sides {
@@ -452,7 +460,10 @@ impl Resumable {
     /// Whether a peer waits for a channel's progress (it hurried, and nothing new was
     /// delivered since): the control link looks again at its busy period.
     pub fn awaited(&self) -> bool {
-        self.channels().values().any(|entry| entry.hurried)
+        self.channels()
+            .values()
+            .filter_map(|entry| entry.hurried)
+            .any(|at| at.elapsed() < HURRY_HEEDED)
     }
 
     /// The peer's retention for channel `index` is full (`Hurry`): the control link's
@@ -461,7 +472,7 @@ impl Resumable {
     /// gets each change told once.
     pub fn hurried(&self, index: u32) {
         if let Some(entry) = self.channels().get_mut(&index) {
-            entry.hurried = true;
+            entry.hurried = Some(tokio::time::Instant::now());
             self.hurry.notify_one();
         }
     }
@@ -613,6 +624,20 @@ mod tests {
             resumable.hurried(2);
         }
         assert!(resumable.due().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hurry_with_no_news_for_a_second_no_longer_keeps_the_busy_period() {
+        let resumable = Resumable::default();
+        let _sides = resumable.register(2, false).sides;
+        let _ = resumable.due();
+        resumable.hurried(2);
+        tokio::time::advance(HURRY_HEEDED - Duration::from_millis(1)).await;
+        assert!(resumable.awaited(), "within the second: awaited");
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(!resumable.awaited(), "past it: the idle period");
+        resumable.hurried(2);
+        assert!(resumable.awaited(), "a new hurry is heeded again");
     }
 
     #[test]
