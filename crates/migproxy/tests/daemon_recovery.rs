@@ -157,7 +157,7 @@ async fn a_source_that_resumes_before_the_destination_noticed_records_the_pause(
         )
         .await;
     let token = incoming["token"].as_str().unwrap();
-    let hello = |first| {
+    let hello = |first, token| {
         peer_hello(
             &destination,
             Kind::Control,
@@ -166,10 +166,26 @@ async fn a_source_that_resumes_before_the_destination_noticed_records_the_pause(
             (first, FLAG_RECOVERABLE),
         )
     };
-    let _old = hello(0).await;
+    let (_old, accepted) = hello(0, token).await;
+    let credential = accepted.split(' ').next().unwrap().to_owned();
+    // The one-time token, which the orchestration holds too, does not bring a new epoch:
+    // a control link after the first presents the credential the source was handed.
+    let (_refused, reply) = common::peer::hello_as(
+        &destination,
+        migproxy_proto::VERSION,
+        Kind::Control,
+        "quick",
+        token,
+        (1, FLAG_RECOVERABLE),
+    )
+    .await;
+    assert_eq!(reply.status, migproxy_proto::Status::BadToken, "{reply:?}");
+    assert!(reply.message.contains("wrong credential"), "{reply:?}");
+    let view = destination.show("quick").await;
+    assert!(view["pauses"].as_array().unwrap().is_empty(), "{view}");
     // The old link still looks alive here (a blackholed link is noticed only by its
     // silence) when the source comes back with a new epoch.
-    let _new = hello(1).await;
+    let _new = hello(1, &credential).await;
     let view = destination.show("quick").await;
     assert_eq!(view["state"], "active", "{view}");
     let pauses = view["pauses"].as_array().unwrap();

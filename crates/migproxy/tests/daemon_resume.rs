@@ -85,30 +85,31 @@ async fn a_resume_from_another_certificate_is_refused_even_with_the_credential()
         token: *credential.bytes(),
         flags: FLAG_RESUME,
     };
-    let intrude = |hello: Hello| {
-        let (intruder, peer) = (&intruder, &destination.peer);
-        async move {
-            let to = migproxy::daemon::peer::Dial {
-                peer,
-                tls: Some((intruder, "127.0.0.1")),
-            };
-            let timing = migproxy::daemon::peer::Timing::default();
-            let refused = migproxy::daemon::peer::dial(to, &hello, &timing).await;
-            let Err(migproxy::daemon::peer::PeerError::Refused {
-                status, message, ..
-            }) = refused
-            else {
-                panic!("not refused: {refused:?}");
-            };
-            assert_eq!(status, Status::Refused, "{message}");
-            assert!(message.contains("control link's certificate"), "{message}");
-            assert!(message.contains("intruder"), "{message}");
-        }
-    };
+    let intrude = |hello: Hello| refused_as(&intruder, &destination.peer, hello, Status::Refused);
     // A channel's connection, and a control link taking over.
     intrude(hello(Kind::Data)).await;
     intrude(hello(Kind::Control)).await;
-    assert_eq!(destination.show("i1").await["state"], "active");
+    // A control link after the first that would pause the migration (as a source that
+    // resumed before the destination noticed): with the credential, not the control link's
+    // certificate; with the one-time token, not the credential.
+    let recovery = |token: [u8; 32]| Hello {
+        channel: 1,
+        flags: 0,
+        token,
+        ..hello(Kind::Control)
+    };
+    intrude(recovery(*credential.bytes())).await;
+    let token = *source.daemon.get("i1").unwrap().spec.token.bytes();
+    let stranger = refused_as(
+        &intruder,
+        &destination.peer,
+        recovery(token),
+        Status::BadToken,
+    );
+    stranger.await;
+    let view = destination.show("i1").await;
+    assert_eq!(view["state"], "active", "{view}");
+    assert!(view["pauses"].as_array().unwrap().is_empty(), "{view}");
     // Once the migration has ended the credential tells its holder how; the intruder
     // learns nothing, not even that.
     let (status, _) = source
@@ -118,6 +119,33 @@ async fn a_resume_from_another_certificate_is_refused_even_with_the_credential()
     destination.wait_final("i1", Duration::from_secs(5)).await;
     intrude(hello(Kind::Data)).await;
     intrude(hello(Kind::Control)).await;
+}
+
+/// Dials `peer` with `intruder`'s certificate and `hello`: refused with `status`, the
+/// message saying why (the certificate, or the wrong credential).
+async fn refused_as(intruder: &migproxy::tls::Tls, peer: &str, hello: Hello, status: Status) {
+    use migproxy::daemon::peer::{Dial, PeerError, Timing, dial};
+    let to = Dial {
+        peer,
+        tls: Some((intruder, "127.0.0.1")),
+    };
+    let refused = dial(to, &hello, &Timing::default()).await;
+    let Err(PeerError::Refused {
+        status: said,
+        message,
+        ..
+    }) = refused
+    else {
+        panic!("not refused: {refused:?}");
+    };
+    assert_eq!(said, status, "{message}");
+    match status {
+        Status::Refused => {
+            assert!(message.contains("control link's certificate"), "{message}");
+            assert!(message.contains("intruder"), "{message}");
+        }
+        _ => assert!(message.contains("wrong credential"), "{message}"),
+    }
 }
 
 /// One channel carried between `source` and `destination` through a middlebox that resets
@@ -461,7 +489,8 @@ async fn a_second_control_hello_refused_leaves_the_epoch_resumable_and_absurd_ti
         })
         .await;
     // Whoever holds the one-time token tries a control link of their own, without asking
-    // for resumable channels: refused, and the epoch is as it was.
+    // for resumable channels: refused (a control link after the first presents the
+    // credential the source was handed), and the epoch is as it was.
     let bytes = migproxy::daemon::token::Token::from_hex(&token).unwrap();
     let hello = Hello {
         version: VERSION,
@@ -472,7 +501,8 @@ async fn a_second_control_hello_refused_leaves_the_epoch_resumable_and_absurd_ti
         flags: 0,
     };
     let (status, message) = hello_answer(&destination.peer, &hello).await;
-    assert_eq!(status, Status::Refused, "{message}");
+    assert_eq!(status, Status::BadToken, "{message}");
+    assert!(message.contains("wrong credential"), "{message}");
     let view = destination.show("s1").await;
     assert!(!view["resume"].is_null(), "still resumable: {view}");
     // A resume timeout past a day (or not a number of seconds) is the request's fault.

@@ -685,7 +685,20 @@ fn admit(
     // epoch had still tells the source daemon, and only it, how it ended (below).
     let resumes =
         takes_over || hello.kind == Kind::Data && hello.flags & migproxy_proto::FLAG_RESUME != 0;
+    // A control link after the first (a recovery after a pause, a source that resumed
+    // before this host noticed, one that only tells a cancel) presents the credential the
+    // source was handed, as a takeover does: the token alone, which the orchestration
+    // holds too, must not pause a running migration.
+    let recovery = match hello.kind == Kind::Control && !takes_over {
+        true => migration.resumable.recovers(&hello.token),
+        false => None,
+    };
     let presented = match hello.kind {
+        // (Once the migration has ended, the token still hears how: it was single-use.)
+        Kind::Control if recovery.is_some() => {
+            recovery == Some(true)
+                || migration.state().is_final() && migration.spec.token.matches(&hello.token)
+        }
         Kind::Control if !takes_over => migration.spec.token.matches(&hello.token),
         Kind::Control | Kind::Data => {
             migration.admits_data(&hello.token)
@@ -694,6 +707,9 @@ fn admit(
     };
     if !presented {
         let what = match hello.kind {
+            Kind::Control if recovery.is_some() => {
+                "wrong credential (a control link after the first presents the one its source was handed, not the token)"
+            }
             Kind::Control => "wrong token",
             Kind::Data => "wrong credential (not the one its control link was given)",
         };
@@ -705,11 +721,11 @@ fn admit(
     // The credential proves what the source daemon was told, the certificate who dials: a
     // resume from another certificate (an allowed host holding a stolen credential) is
     // refused, and learns nothing, not even how the migration ended.
-    if resumes && !migration.resumable.same_identity(identity) {
+    if (resumes || recovery.is_some()) && !migration.resumable.same_identity(identity) {
         return Err((
             Status::Refused,
             format!(
-                "migration \"{}\": a connection that resumes (a channel, or the control link) must come from the control link's certificate (this one is {})",
+                "migration \"{}\": a connection that resumes (a channel, or a control link after the first) must come from the control link's certificate (this one is {})",
                 hello.migration,
                 identity.map_or_else(|| "none".to_owned(), ToString::to_string)
             ),

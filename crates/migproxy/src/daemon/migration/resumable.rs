@@ -78,6 +78,10 @@ pub struct Resumable {
     /// forgets it): the source presents it on a link that takes over to deliver its last
     /// frames; the destination tells whoever holds it how the migration ended.
     credential: Mutex<Option<Token>>,
+    /// The epoch's before it (destination): a control link that comes after a pause
+    /// presents the last credential its source was handed, which is this one when the
+    /// acceptance of the latest link was lost on the way.
+    previous: Mutex<Option<Token>>,
     /// Wakes the control link's writer: the peer hurried a channel (its progress is due
     /// at once, and the busy period after it).
     hurry: tokio::sync::Notify,
@@ -289,7 +293,27 @@ impl Resumable {
     /// The data credential the epoch's control link was handed (the destination's: handed
     /// out).
     pub fn remember(&self, credential: Option<Token>) {
-        *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = credential;
+        let mut current = self.credential.lock().unwrap_or_else(|p| p.into_inner());
+        let before = std::mem::replace(&mut *current, credential);
+        *self.previous.lock().unwrap_or_else(|p| p.into_inner()) = before;
+    }
+
+    /// Destination: whether a control link after the first presents a credential its
+    /// source was handed (the latest epoch's, or the one before when the latest
+    /// acceptance was lost on the way); `None` while no link was ever handed one (the
+    /// first link, or a version 1 source: the one-time token is what it presents).
+    pub fn recovers(&self, presented: &[u8; migproxy_proto::TOKEN_LEN]) -> Option<bool> {
+        let current = self.credential();
+        let previous = self
+            .previous
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if current.is_none() && previous.is_none() {
+            return None;
+        }
+        let matches = |c: &Option<Token>| c.as_ref().is_some_and(|c| c.matches(presented));
+        Some(matches(&current) || matches(&previous))
     }
 
     /// The epoch's data credential, even after it ended.

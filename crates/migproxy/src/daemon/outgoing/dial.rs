@@ -92,10 +92,15 @@ pub fn hello(migration: &Migration, kind: Kind, channel: u32) -> Hello {
         kind,
         migration: migration.spec.id.clone(),
         channel,
-        // A control link presents the one-time token; a data connection the credential its
-        // control link was handed.
+        // The first control link presents the one-time token, a later one (after a pause)
+        // the last credential a control link was handed; a data connection the credential
+        // its control link was handed.
         token: match kind {
-            Kind::Control => *migration.spec.token.bytes(),
+            Kind::Control => *migration
+                .resumable
+                .credential()
+                .unwrap_or_else(|| migration.spec.token.clone())
+                .bytes(),
             Kind::Data => *migration.data_credential().bytes(),
         },
         flags: if recoverable { FLAG_RECOVERABLE } else { 0 }
