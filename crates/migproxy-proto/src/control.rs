@@ -115,8 +115,14 @@ pub enum Control {
         end: ChannelEnd,
         bytes: Totals,
     },
-    /// The migration failed on the sender's host, for this reason.
+    /// The migration failed on the sender's host, for this reason. A recoverable
+    /// migration may pause on it instead, where it can be recovered.
     Failed(Attribution),
+    /// The migration failed on the sender's host for good, for this reason: no pause can
+    /// follow (a recover timeout ran out, a resume was refused, no first channel came), so
+    /// the receiver fails too rather than pause. Version 1 has no such frame: it gets
+    /// [`Failed`](Control::Failed).
+    GaveUp(Attribution),
     /// The migration was cancelled on the sender's host.
     Cancel { by: Host },
     /// Every channel has ended cleanly on the sender's host, with these totals, and this
@@ -233,6 +239,10 @@ impl Control {
                 w.u8(4);
                 encode_attribution(&mut w, attribution);
             }
+            Control::GaveUp(attribution) => {
+                w.u8(if version < 2 { 4 } else { 12 });
+                encode_attribution(&mut w, attribution);
+            }
             Control::Cancel { by } => {
                 w.u8(5);
                 w.u8(host_code(*by));
@@ -343,6 +353,7 @@ impl Control {
             },
             10 => Control::Received { frames: r.u64()? },
             11 => Control::Hurry { channel: r.u32()? },
+            12 => Control::GaveUp(decode_attribution(&mut r)?),
             other => return Err(DecodeError::UnknownMessage(other)),
         };
         r.finish()?;
@@ -528,6 +539,7 @@ mod tests {
             },
             Control::Failed(attribution()),
             Control::Failed(no_channel),
+            Control::GaveUp(attribution()),
             Control::Cancel { by: Host::Source },
             Control::Cancel {
                 by: Host::Destination,
@@ -641,6 +653,18 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_peer_gets_a_failure_for_good_as_a_failure() {
+        let gave_up = Control::GaveUp(attribution());
+        let mut v1 = Vec::new();
+        gave_up.encode_for(1, &mut v1);
+        let (back, _) = Control::decode_frame(&v1).unwrap();
+        assert_eq!(back, Control::Failed(attribution()));
+        let mut v2 = Vec::new();
+        gave_up.encode_for(2, &mut v2);
+        assert_eq!(Control::decode_frame(&v2).unwrap().0, gave_up);
+    }
+
+    #[test]
     fn a_version_1_peer_gets_done_without_its_verdict() {
         let bytes = Totals {
             to_destination: 9,
@@ -735,7 +759,7 @@ mod tests {
         ));
         assert_eq!(Control::decode(&[99]), Err(DecodeError::UnknownMessage(99)));
         assert_eq!(Control::decode(&[1, 0]), Err(DecodeError::TrailingBytes(1)));
-        assert_eq!(Control::decode(&[12]), Err(DecodeError::UnknownMessage(12)));
+        assert_eq!(Control::decode(&[13]), Err(DecodeError::UnknownMessage(13)));
         assert!(matches!(
             Control::decode(&[11, 0]),
             Err(DecodeError::Truncated { .. })

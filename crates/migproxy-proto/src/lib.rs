@@ -73,10 +73,11 @@
 //!
 //! - Version 1: the first.
 //! - Version 2: `Done` carries the host's evidence that QEMU finished ([`Verdict`]); resumable
-//!   channels (the flags, `Progress`, `Broken`, `Received` and `Hurry` frames) and the
-//!   `cancelled` status. Version 2 is not released yet and grew in place: `Received`, `Hurry`
-//!   and `cancelled` came last, and a daemon built before them does not read them. Until
-//!   version 2 is fixed by a release, both hosts run the same build.
+//!   channels (the flags, `Progress`, `Broken`, `Received` and `Hurry` frames), the
+//!   `cancelled` status, and `GaveUp` (a failure for good, which no pause follows; version 1
+//!   gets it as `Failed`). Version 2 is not released yet and grew in place: `Received`,
+//!   `Hurry`, `cancelled` and `GaveUp` came last, and a daemon built before them does not
+//!   read them. Until version 2 is fixed by a release, both hosts run the same build.
 //!
 //! # Resumable channels
 //!

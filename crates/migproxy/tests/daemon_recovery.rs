@@ -275,3 +275,50 @@ directory: {listing:?}"
         "{view}"
     );
 }
+
+/// The source's recover timeout runs out while the link is back (the source brings it back
+/// at once after a pause) and nobody recovered QEMU: both hosts fail, the destination too,
+/// which has no recover timeout of its own and would otherwise pause again and wait for
+/// ever, holding its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recover_timeout_on_one_host_fails_both_never_pauses_the_other() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let (_dir, qemu_in, target) = stand_in_target();
+    let body = json!({"direction": "incoming", "id": "rt", "target": target,
+                      "recoverable": true});
+    let (status, incoming) = destination
+        .request("POST", "/v1/migrations", Some(body))
+        .await;
+    assert_eq!(status, 201, "{incoming}");
+    let body = json!({"direction": "outgoing", "id": "rt", "token": incoming["token"],
+                      "peer": incoming["peer"], "recoverable": true, "recover_timeout": 2});
+    let (status, outgoing) = source.request("POST", "/v1/migrations", Some(body)).await;
+    assert_eq!(status, 201, "{outgoing}");
+    let uri = outgoing["qemu_uri"].as_str().unwrap().to_owned();
+    // The destination QEMU's connection breaks mid-stream: both pause.
+    let first = UnixStream::connect(unix_path(&uri)).await.unwrap();
+    let (_first_read, first_write) = first.into_split();
+    let _sender = tokio::spawn(send_all(first_write, random_data(21, 32 << 20), 21));
+    let (mut broken, _) = qemu_in.accept().await.unwrap();
+    let mut some = vec![0u8; 1 << 20];
+    broken.read_exact(&mut some).await.unwrap();
+    drop(broken);
+    for daemon in [&source, &destination] {
+        daemon.wait_paused("rt", Duration::from_secs(5)).await;
+    }
+    // Nobody recovers QEMU: 2 s after the pause the source gives up, and says so.
+    for daemon in [&source, &destination] {
+        let view = daemon.wait_final("rt", Duration::from_secs(6)).await;
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = error_of(&view);
+        assert_eq!(error["host"], "source", "{view}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("recover_timeout"),
+            "{view}"
+        );
+    }
+}

@@ -59,6 +59,7 @@ pub const TRANSITIONS: &[(&str, &str, &str)] = &[
     ("attached", "peer cancel", "cancelled"),
     ("attached", "peer failed", "failed"),
     ("attached", "peer failed", "paused"),
+    ("attached", "peer gave up", "failed"),
     ("active", "ask cancel", "cancelled"),
     ("active", "ask cancel", "cancelling"),
     ("active", "attach", "attached"),
@@ -74,6 +75,7 @@ pub const TRANSITIONS: &[(&str, &str, &str)] = &[
     ("active", "peer done", "failed"),
     ("active", "peer failed", "failed"),
     ("active", "peer failed", "paused"),
+    ("active", "peer gave up", "failed"),
     ("active", "qemu status", "completing"),
     ("active", "recover timeout", "failed"),
     ("active", "setup failed", "failed"),
@@ -430,6 +432,7 @@ impl Input {
             Input::FirstChannelOver { .. } => "first-channel deadline",
             Input::Peer { control, .. } => match control {
                 Control::Failed(_) => "peer failed",
+                Control::GaveUp(_) => "peer gave up",
                 Control::Cancel { .. } => "peer cancel",
                 Control::Done { .. } => "peer done",
                 _ => "peer frame",

@@ -507,9 +507,10 @@ impl Core {
         Ok(self.fail_for_good(blame))
     }
 
-    /// Fails without pausing: nothing was ever carried in this epoch to recover.
+    /// Fails without pausing (nothing was ever carried in this epoch to recover, or the
+    /// recovery is over), and tells the peer so: it fails too, whatever it would pause for.
     fn fail_for_good(&mut self, blame: Attribution) -> Vec<Effect> {
-        let mut effects = vec![Effect::Send(Control::Failed(blame.clone()))];
+        let mut effects = vec![Effect::Send(Control::GaveUp(blame.clone()))];
         self.error = Some(blame);
         effects.extend(self.finish(State::Failed));
         effects
@@ -550,6 +551,22 @@ impl Core {
                     // The source failed before it saw this host's cancel: its story is the
                     // one both hosts tell.
                     _ => Ok(self.fail(blame, false)),
+                }
+            }
+            // The peer failed for good (its recover timeout, a refused resume): a pause here
+            // would wait for a recovery nobody will make.
+            Control::GaveUp(blame) => {
+                if !self.is_current(epoch) && self.phase != Phase::Pending {
+                    return Err(Refusal::Stale);
+                }
+                match self.phase {
+                    Phase::Cancelling { by } if self.config.recoverable => {
+                        Ok(self.finish_cancel(by.into()))
+                    }
+                    _ => {
+                        self.error = Some(blame);
+                        Ok(self.finish(State::Failed))
+                    }
                 }
             }
             // Once this host has said Done (or its QEMU completed), the peer will hear that

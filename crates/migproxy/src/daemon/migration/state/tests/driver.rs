@@ -153,5 +153,5 @@ pub(super) fn sent_done(effects: &[Effect]) -> Option<Verdict> {
 pub(super) fn sends_failed(effects: &[Effect]) -> bool {
     effects
         .iter()
-        .any(|e| matches!(e, Effect::Send(Control::Failed(_))))
+        .any(|e| matches!(e, Effect::Send(Control::Failed(_) | Control::GaveUp(_))))
 }

@@ -100,6 +100,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "recover timeout",
         a_pause_not_recovered_in_time_fails_for_good_in_every_phase,
     ),
+    (
+        "peer gave up",
+        a_peer_that_gave_up_fails_this_host_too_never_a_pause,
+    ),
     ("resume refused", a_resume_the_peer_refuses_fails_for_good),
     (
         "cancel paused",

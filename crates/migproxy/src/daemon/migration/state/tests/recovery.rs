@@ -157,6 +157,70 @@ pub(super) fn a_pause_not_recovered_in_time_fails_for_good_in_every_phase(seen: 
     assert_eq!(d.phase(), "failed");
 }
 
+/// The peer's recover timeout ran out while this host's link was back (a by-hand
+/// recovery brings it back at once): it failed for good, and so does this host, which
+/// would otherwise pause again with no timer of its own (the pause is already open) and
+/// wait for a recovery nobody will make.
+pub(super) fn a_peer_that_gave_up_fails_this_host_too_never_a_pause(seen: &mut Seen) {
+    let config = Config {
+        qemu: false,
+        recover_timeout_ms: None,
+        ..driven(Role::Incoming)
+    };
+    let mut d = Driver::new(config, seen);
+    d.active(1);
+    let epoch = d.epoch();
+    let failure = Input::Failure {
+        epoch,
+        blame: blame(Leg::Peer),
+        wait: false,
+    };
+    d.ok(failure);
+    assert_eq!(d.phase(), "paused");
+    d.ok(Input::Attach { first_channel: 1 });
+    let epoch = d.epoch();
+    let gave_up = Control::GaveUp(blame(Leg::Peer));
+    d.ok(Input::Peer {
+        epoch,
+        control: gave_up,
+    });
+    assert_eq!(d.phase(), "failed");
+    // The same once the recovery's first channel opened.
+    let mut d = Driver::new(config, d.seen);
+    d.active(1);
+    let epoch = d.epoch();
+    d.ok(Input::Failure {
+        epoch,
+        blame: blame(Leg::Peer),
+        wait: false,
+    });
+    d.ok(Input::Attach { first_channel: 1 });
+    d.ok(Input::Open { index: 1 });
+    assert_eq!(d.phase(), "active");
+    let epoch = d.epoch();
+    d.ok(Input::Peer {
+        epoch,
+        control: Control::GaveUp(blame(Leg::Peer)),
+    });
+    assert_eq!(d.phase(), "failed");
+    // A plain failure from the peer, by contrast, pauses a recoverable migration here.
+    let mut d = Driver::new(config_paused_by_failed(), d.seen);
+    d.active(1);
+    let epoch = d.epoch();
+    d.ok(Input::Peer {
+        epoch,
+        control: Control::Failed(blame(Leg::Peer)),
+    });
+    assert_eq!(d.phase(), "paused");
+}
+
+fn config_paused_by_failed() -> Config {
+    Config {
+        qemu: false,
+        ..driven(Role::Incoming)
+    }
+}
+
 pub(super) fn a_resume_the_peer_refuses_fails_for_good(seen: &mut Seen) {
     let mut d = Driver::new(driven(Role::Outgoing), seen);
     d.refused(Input::ResumeRefused {
