@@ -54,8 +54,14 @@ pub const FLAG_RESUMABLE: u8 = 4;
 ///
 /// [`Progress`]: crate::Progress
 pub const FLAG_RESUME: u8 = 8;
+/// Hello flag (control links, version 2 on): the dialler only tells that the migration was
+/// cancelled on the source while no control link was up (it was paused). The destination
+/// cancels it once the hello is admitted (the credential, the certificate) and refuses the
+/// link with [`Status::Cancelled`](crate::Status::Cancelled): nothing attaches, no epoch
+/// begins, nobody recovers.
+pub const FLAG_CANCEL: u8 = 16;
 /// Every flag a hello may carry.
-const FLAGS: u8 = FLAG_RECOVERABLE | FLAG_KERNEL_PATH | FLAG_RESUMABLE | FLAG_RESUME;
+const FLAGS: u8 = FLAG_RECOVERABLE | FLAG_KERNEL_PATH | FLAG_RESUMABLE | FLAG_RESUME | FLAG_CANCEL;
 /// The first version with the credential, which resumable channels need.
 const CREDENTIAL_VERSION: u16 = 2;
 /// Magic, version, status and message length.
@@ -234,6 +240,7 @@ fn check_flags(kind: Kind, flags: u8, version: u16) -> Result<(), DecodeError> {
     for (flag, name, only_on) in [
         (FLAG_RESUMABLE, "resumable", Some(Kind::Control)),
         (FLAG_RESUME, "resume", None),
+        (FLAG_CANCEL, "cancel", Some(Kind::Control)),
     ] {
         if flags & flag == 0 {
             continue;

@@ -145,9 +145,9 @@ pub use control::{
     frame_len as control_frame_len,
 };
 pub use hello::{
-    FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, FLAG_RESUME, HELLO_HEADER, Hello,
-    HelloReply, Kind, MAGIC, MAX_HELLO_BODY, MAX_ID, MIN_VERSION, Status, TOKEN_LEN, VERSION,
-    hello_body_len, negotiate, reply_len, valid_id,
+    FLAG_CANCEL, FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, FLAG_RESUME, HELLO_HEADER,
+    Hello, HelloReply, Kind, MAGIC, MAX_HELLO_BODY, MAX_ID, MIN_VERSION, Status, TOKEN_LEN,
+    VERSION, hello_body_len, negotiate, reply_len, valid_id,
 };
 pub use resume::{PROGRESS_LEN, Progress};
 

@@ -322,3 +322,64 @@ async fn a_recover_timeout_on_one_host_fails_both_never_pauses_the_other() {
         );
     }
 }
+
+/// A paused migration cancelled on the source while no link was up: the source dials only
+/// to say so (`FLAG_CANCEL`), and the destination cancels without attaching the link (no
+/// `recovering`, no epoch for a QEMU it drives to recover into). The one-time token alone
+/// cannot do it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_told_on_a_hello_cancels_a_paused_migration_and_attaches_nothing() {
+    use migproxy_proto::{FLAG_CANCEL, FLAG_RECOVERABLE, Kind, Status, VERSION};
+    let destination = TestDaemon::start("dst").await;
+    let body = json!({"direction": "incoming", "id": "cx", "target": "unix:/x",
+                      "recoverable": true});
+    let (_, incoming) = destination
+        .request("POST", "/v1/migrations", Some(body))
+        .await;
+    let token = incoming["token"].as_str().unwrap();
+    let (link, accepted) = peer_hello(
+        &destination,
+        Kind::Control,
+        "cx",
+        token,
+        (0, FLAG_RECOVERABLE),
+    )
+    .await;
+    let credential = accepted.split(' ').next().unwrap().to_owned();
+    // The link goes: the destination pauses.
+    drop(link);
+    destination.wait_paused("cx", Duration::from_secs(5)).await;
+    let mut events = subscribe(&destination, "cx").await;
+    let destination = &destination;
+    let cancel = |token: String| async move {
+        let flags = FLAG_RECOVERABLE | FLAG_CANCEL;
+        let dialled = common::peer::hello_as(
+            destination,
+            VERSION,
+            Kind::Control,
+            "cx",
+            &token,
+            (0, flags),
+        );
+        dialled.await.1
+    };
+    let refused = cancel(token.to_owned()).await;
+    assert_eq!(refused.status, Status::BadToken, "{refused:?}");
+    assert_eq!(destination.show("cx").await["state"], "paused");
+    let told = cancel(credential).await;
+    assert_eq!(told.status, Status::Cancelled, "{told:?}");
+    let view = destination.wait_final("cx", Duration::from_secs(5)).await;
+    assert_eq!(view["state"], "cancelled", "{view}");
+    assert_eq!(view["cancelled_by"], "source", "{view}");
+    // Nothing was announced as a recovery on the way.
+    let mut kinds = Vec::new();
+    while let Ok(event) =
+        tokio::time::timeout(Duration::from_millis(300), next_event(&mut events)).await
+    {
+        kinds.push(format!("{:?}", event.kind));
+    }
+    assert!(
+        kinds.iter().all(|kind| !kind.contains("Recovering")),
+        "{kinds:#?}"
+    );
+}

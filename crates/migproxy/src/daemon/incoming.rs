@@ -405,6 +405,9 @@ fn vet(
         allowed(daemon, identity).map_err(refused)?;
     }
     let migration = admit(daemon, hello, identity)?;
+    if hello.kind == Kind::Control && hello.flags & migproxy_proto::FLAG_CANCEL != 0 {
+        return Err(cancel_told(&migration));
+    }
     if hello.kind == Kind::Control && hello.flags & migproxy_proto::FLAG_RESUME != 0 {
         return take_over(migration);
     }
@@ -537,6 +540,22 @@ fn same_recoverable(migration: &Migration, hello: &Hello) -> Result<(), String> 
 }
 
 /// Attaches the control link, or admits the data connection, that the hello announces.
+/// A control link that only tells of the source's cancel (`FLAG_CANCEL`), admitted: the
+/// migration is cancelled here, and the link refused with that word; it attaches nothing
+/// (a link taken as a recovery would announce one, and a destination that drives QEMU could
+/// run its `migrate-recover` before the cancel came).
+fn cancel_told(migration: &Arc<Migration>) -> (Status, String) {
+    let told = migration.cancel_told(migproxy_proto::Host::Source);
+    tracing::info!(migration = %migration.spec.id, told, "the source says it cancelled the migration");
+    (
+        Status::Cancelled,
+        format!(
+            "migration \"{}\" is cancelled (cancelled by the source)",
+            migration.spec.id
+        ),
+    )
+}
+
 fn join(
     migration: &Arc<Migration>,
     hello: &Hello,

@@ -51,7 +51,12 @@ impl Dialer for Redialer {
     }
 
     async fn tell_cancel(&self, first: u32) -> bool {
-        let hello = hello(&self.migration, Kind::Control, first);
+        let mut hello = hello(&self.migration, Kind::Control, first);
+        // A version 2 destination takes the cancel from the hello and attaches nothing;
+        // after a version 1 link (no credential) a link that attaches carries it.
+        if self.migration.resumable.credential().is_some() {
+            hello.flags |= migproxy_proto::FLAG_CANCEL;
+        }
         match dial(&self.daemon, &self.migration, &hello).await {
             Ok(dialled) => {
                 match ControlLink::from(dialled, &self.migration.spec.peer, offered(&hello)) {

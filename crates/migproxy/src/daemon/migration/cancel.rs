@@ -25,6 +25,16 @@ impl Migration {
         self.step(Input::LinkClosed { epoch }).is_ok()
     }
 
+    /// The source's word, on a hello that only says so (`FLAG_CANCEL`), that it cancelled
+    /// the migration while no control link was up: taken as that link's `Cancel` would
+    /// have been, without a link or an epoch. True when it ended the migration (or set the
+    /// QEMU it drives cancelling).
+    pub fn cancel_told(self: &Arc<Self>, by: Host) -> bool {
+        let epoch = self.epoch();
+        let control = Control::Cancel { by };
+        self.step(Input::Peer { epoch, control }).is_ok()
+    }
+
     /// Applies a control frame from the peer daemon, received on the link of `epoch`.
     pub fn on_peer(self: &Arc<Self>, epoch: Epoch, control: Control) {
         let _ = self.step(Input::Peer { epoch, control });
