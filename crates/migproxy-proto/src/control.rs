@@ -14,6 +14,8 @@
 //! 10 Received       frames u64                                (first on a link that takes
 //!                                                              over a resumable one)
 //! 11 Hurry          channel u32                               (resumable links only)
+//! 12 GaveUp         attribution                               (version 2 on; version 1
+//!                                                              gets 4 Failed)
 //! verdict           0 unknown │ 1 QEMU said completed (QMP) │ 2 the destination QEMU's SHUT
 //!                   was seen on the return path
 //! totals            to_destination u64 │ to_source u64

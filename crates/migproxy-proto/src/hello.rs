@@ -237,6 +237,11 @@ impl Hello {
 /// what the connection is. (The older flags are not checked per kind: their receivers
 /// ignore them where they do not apply, and always have.)
 fn check_flags(kind: Kind, flags: u8, version: u16) -> Result<(), DecodeError> {
+    // A hello that only tells a cancel attaches nothing: it cannot take a link over (whose
+    // admission differs) too.
+    if flags & FLAG_CANCEL != 0 && flags & FLAG_RESUME != 0 {
+        return Err(DecodeError::FlagsExclusive("cancel", "resume"));
+    }
     for (flag, name, only_on) in [
         (FLAG_RESUMABLE, "resumable", Some(Kind::Control)),
         (FLAG_RESUME, "resume", None),
@@ -479,10 +484,24 @@ mod tests {
                 kind: "data"
             })
         );
+        // A hello that only tells a cancel: on a control link, never taking one over.
+        assert!(refused(Kind::Control, FLAG_CANCEL | FLAG_RECOVERABLE, VERSION).is_ok());
+        assert_eq!(
+            refused(Kind::Control, FLAG_CANCEL | FLAG_RESUME, VERSION),
+            Err(DecodeError::FlagsExclusive("cancel", "resume"))
+        );
+        assert_eq!(
+            refused(Kind::Data, FLAG_CANCEL, VERSION),
+            Err(DecodeError::FlagNotForKind {
+                flag: "cancel",
+                kind: "data"
+            })
+        );
         for (kind, flag, name) in [
             (Kind::Data, FLAG_RESUME, "resume"),
             (Kind::Control, FLAG_RESUME, "resume"),
             (Kind::Control, FLAG_RESUMABLE, "resumable"),
+            (Kind::Control, FLAG_CANCEL, "cancel"),
         ] {
             assert_eq!(
                 refused(kind, flag, 1),

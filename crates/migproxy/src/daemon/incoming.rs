@@ -411,6 +411,11 @@ fn vet(
     if hello.kind == Kind::Control && hello.flags & migproxy_proto::FLAG_RESUME != 0 {
         return take_over(migration);
     }
+    // Admitted: a control link after the first presented a credential its source holds.
+    let recovered = match hello.kind {
+        Kind::Control => migration.resumable.recovers(&hello.token),
+        Kind::Data => None,
+    };
     kernel::fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
     same_recoverable(&migration, hello).map_err(refused)?;
     // From version 2 on, the epoch's data connections carry a secret handed out here, on the
@@ -430,7 +435,12 @@ fn vet(
         // before its acceptance is sent, so before any channel can come.
         migration.resumable.settle(resumable);
         migration.resumable.bind(identity);
-        migration.resumable.remember(credential.clone());
+        // The credential this link presented (not the token) stays good for the next
+        // one: the source holds it until this acceptance reaches it.
+        let presented = (recovered == Some(true)).then_some(&hello.token);
+        migration
+            .resumable
+            .remember_after(credential.clone(), presented);
     }
     let handed_out = match (&credential, &choice) {
         (Some(credential), Some(choice)) => {
@@ -539,23 +549,24 @@ fn same_recoverable(migration: &Migration, hello: &Hello) -> Result<(), String> 
     ))
 }
 
-/// Attaches the control link, or admits the data connection, that the hello announces.
 /// A control link that only tells of the source's cancel (`FLAG_CANCEL`), admitted: the
 /// migration is cancelled here, and the link refused with that word; it attaches nothing
 /// (a link taken as a recovery would announce one, and a destination that drives QEMU could
-/// run its `migrate-recover` before the cancel came).
+/// run its `migrate-recover` before the cancel came). A cancel this host cannot take (its
+/// QEMU completed) is refused as such, never answered `cancelled`.
 fn cancel_told(migration: &Arc<Migration>) -> (Status, String) {
-    let told = migration.cancel_told(migproxy_proto::Host::Source);
-    tracing::info!(migration = %migration.spec.id, told, "the source says it cancelled the migration");
-    (
-        Status::Cancelled,
-        format!(
-            "migration \"{}\" is cancelled (cancelled by the source)",
-            migration.spec.id
-        ),
-    )
+    let id = &migration.spec.id;
+    if migration.cancel_told(migproxy_proto::Host::Source) {
+        tracing::info!(migration = %id, "the source says it cancelled the migration: cancelled");
+        let message = format!("migration \"{id}\" is cancelled (cancelled by the source)");
+        return (Status::Cancelled, message);
+    }
+    let state = migration.state().name();
+    let message = format!("migration \"{id}\" cannot be cancelled here: it is {state}");
+    (Status::Refused, message)
 }
 
+/// Attaches the control link, or admits the data connection, that the hello announces.
 fn join(
     migration: &Arc<Migration>,
     hello: &Hello,

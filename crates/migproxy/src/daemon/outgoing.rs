@@ -516,16 +516,21 @@ async fn resume(
             match &error {
                 PeerError::Refused {
                     status:
-                        migproxy_proto::Status::UnknownMigration
+                        status @ (migproxy_proto::Status::UnknownMigration
                         | migproxy_proto::Status::Expired
-                        | migproxy_proto::Status::Cancelled,
+                        | migproxy_proto::Status::Cancelled),
                     message,
                     ..
                 } => NotResumed::Refused {
                     blame: Attribution {
                         message: format!(
-                            "the destination daemon refused to resume: {message} (a daemon \
-                             restarted since no longer knows the migration); {}",
+                            "the destination daemon refused to resume: {message} ({}); {}",
+                            match status {
+                                migproxy_proto::Status::UnknownMigration => {
+                                    "a daemon restarted since no longer knows the migration"
+                                }
+                                _ => "it has ended there",
+                            },
                             super::attribution::BY_HAND
                         ),
                         ..blame

@@ -27,8 +27,7 @@ impl Migration {
 
     /// The source's word, on a hello that only says so (`FLAG_CANCEL`), that it cancelled
     /// the migration while no control link was up: taken as that link's `Cancel` would
-    /// have been, without a link or an epoch. True when it ended the migration (or set the
-    /// QEMU it drives cancelling).
+    /// have been, without a link or an epoch. True when it ended the migration.
     pub fn cancel_told(self: &Arc<Self>, by: Host) -> bool {
         let epoch = self.epoch();
         let control = Control::Cancel { by };

@@ -78,9 +78,10 @@ pub struct Resumable {
     /// forgets it): the source presents it on a link that takes over to deliver its last
     /// frames; the destination tells whoever holds it how the migration ended.
     credential: Mutex<Option<Token>>,
-    /// The epoch's before it (destination): a control link that comes after a pause
-    /// presents the last credential its source was handed, which is this one when the
-    /// acceptance of the latest link was lost on the way.
+    /// Destination: the credential the latest control link presented, which its source
+    /// provably holds. A control link after a pause presents the last credential its
+    /// source was handed: this one when the acceptance of the latest link was lost on the
+    /// way (however many times in a row).
     previous: Mutex<Option<Token>>,
     /// Wakes the control link's writer: the peer hurried a channel (its progress is due
     /// at once, and the busy period after it).
@@ -293,9 +294,26 @@ impl Resumable {
     /// The data credential the epoch's control link was handed (the destination's: handed
     /// out).
     pub fn remember(&self, credential: Option<Token>) {
+        self.remember_after(credential, None);
+    }
+
+    /// Destination: as [`remember`](Self::remember), for a link that presented
+    /// `presented` (a credential [`recovers`](Self::recovers) took, or nothing: the token),
+    /// which stays good for the next link in case this acceptance is lost.
+    pub fn remember_after(
+        &self,
+        credential: Option<Token>,
+        presented: Option<&[u8; migproxy_proto::TOKEN_LEN]>,
+    ) {
         let mut current = self.credential.lock().unwrap_or_else(|p| p.into_inner());
-        let before = std::mem::replace(&mut *current, credential);
-        *self.previous.lock().unwrap_or_else(|p| p.into_inner()) = before;
+        let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+        let held = presented.and_then(|presented| {
+            [current.take(), previous.take()]
+                .into_iter()
+                .flatten()
+                .find(|c| c.matches(presented))
+        });
+        (*current, *previous) = (credential, held);
     }
 
     /// Destination: whether a control link after the first presents a credential its
@@ -569,6 +587,33 @@ const RESUMABLE: &str = "resumable";
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_credential_a_link_presented_stays_good_however_many_acceptances_are_lost() {
+        let resumable = Resumable::default();
+        let [a, b, c, d] = std::array::from_fn(|_| Token::generate());
+        assert_eq!(
+            resumable.recovers(a.bytes()),
+            None,
+            "no credential yet: the token"
+        );
+        resumable.remember_after(Some(a.clone()), None);
+        assert_eq!(resumable.recovers(a.bytes()), Some(true));
+        assert_eq!(resumable.recovers(b.bytes()), Some(false));
+        // A link presents A; its acceptance (B), then the next one's (C), are lost.
+        resumable.remember_after(Some(b.clone()), Some(a.bytes()));
+        resumable.remember_after(Some(c.clone()), Some(a.bytes()));
+        assert_eq!(resumable.recovers(a.bytes()), Some(true), "A still held");
+        assert_eq!(
+            resumable.recovers(b.bytes()),
+            Some(false),
+            "B never arrived"
+        );
+        // C arrives and the next link presents it: A is done with.
+        resumable.remember_after(Some(d), Some(c.bytes()));
+        assert_eq!(resumable.recovers(c.bytes()), Some(true));
+        assert_eq!(resumable.recovers(a.bytes()), Some(false));
+    }
 
     #[test]
     fn the_mark_rides_after_the_credential_and_comes_off_whole() {

@@ -570,9 +570,12 @@ impl Core {
                 }
             }
             // Once this host has said Done (or its QEMU completed), the peer will hear that
-            // Done and complete too: a cancel crossing it changes nothing.
+            // Done and complete too: a cancel crossing it changes nothing. A Done of an epoch
+            // that paused since is no such promise (the source's cancel may be told while
+            // paused, on a hello that attaches nothing).
             Control::Cancel { .. }
-                if self.local_done.is_some() || self.qemu == Status::Completed =>
+                if (self.local_done.is_some() && self.phase != Phase::Paused)
+                    || self.qemu == Status::Completed =>
             {
                 Err(Refusal::Cancel(CancelRefused::Completing))
             }

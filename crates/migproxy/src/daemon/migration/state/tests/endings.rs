@@ -6,8 +6,8 @@ use super::super::*;
 use super::driver::*;
 
 /// From every live phase, on either host, recoverable or not: a certain failure, the peer's
-/// failure, the peer's cancel and a cancel asked here each end the epoch (or are refused,
-/// which leaves the phase as it was).
+/// failure, the peer's failure for good, the peer's cancel and a cancel asked here each end
+/// the epoch (or are refused, which leaves the phase as it was).
 pub(super) fn every_live_phase_ends_on_failure_or_cancel(seen: &mut Seen) {
     type Reach = fn(&mut Driver<'_>);
     let phases: [(&str, Reach); 4] = [
@@ -32,7 +32,7 @@ pub(super) fn every_live_phase_ends_on_failure_or_cancel(seen: &mut Seen) {
                 if name == "cancelling" && role == Role::Outgoing {
                     continue;
                 }
-                let inputs: [fn(Host) -> Input; 4] = [
+                let inputs: [fn(Host) -> Input; 5] = [
                     |_| Input::Failure {
                         epoch: 1,
                         blame: blame(Leg::Qemu),
@@ -41,6 +41,10 @@ pub(super) fn every_live_phase_ends_on_failure_or_cancel(seen: &mut Seen) {
                     |_| Input::Peer {
                         epoch: 1,
                         control: Control::Failed(blame(Leg::Qemu)),
+                    },
+                    |_| Input::Peer {
+                        epoch: 1,
+                        control: Control::GaveUp(blame(Leg::Peer)),
                     },
                     |here| Input::Peer {
                         epoch: 1,

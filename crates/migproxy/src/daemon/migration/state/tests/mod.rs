@@ -104,6 +104,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "peer gave up",
         a_peer_that_gave_up_fails_this_host_too_never_a_pause,
     ),
+    (
+        "cancel told while paused",
+        a_cancel_told_while_paused_is_taken_after_this_hosts_done,
+    ),
     ("resume refused", a_resume_the_peer_refuses_fails_for_good),
     (
         "cancel paused",

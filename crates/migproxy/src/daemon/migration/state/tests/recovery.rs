@@ -214,6 +214,28 @@ pub(super) fn a_peer_that_gave_up_fails_this_host_too_never_a_pause(seen: &mut S
     assert_eq!(d.phase(), "paused");
 }
 
+/// Paused after this host said Done (its channel ended cleanly, then the link broke, with
+/// no QMP to say QEMU completed): the source's cancel, told on a hello with no link up, is
+/// taken. That Done belongs to an epoch that is over; only QEMU's own `completed` refuses.
+pub(super) fn a_cancel_told_while_paused_is_taken_after_this_hosts_done(seen: &mut Seen) {
+    let mut d = Driver::new(config_paused_by_failed(), seen);
+    d.active(1);
+    d.end_clean(0, 1, ReturnPath::Shut(0));
+    assert_eq!(d.phase(), "completing");
+    let epoch = d.epoch();
+    d.ok(Input::Failure {
+        epoch,
+        blame: blame(Leg::Peer),
+        wait: false,
+    });
+    assert_eq!(d.phase(), "paused");
+    d.ok(Input::Peer {
+        epoch,
+        control: Control::Cancel { by: Host::Source },
+    });
+    assert_eq!(d.phase(), "cancelled");
+}
+
 fn config_paused_by_failed() -> Config {
     Config {
         qemu: false,
