@@ -518,13 +518,7 @@ async fn a_second_control_hello_refused_leaves_the_epoch_resumable_and_absurd_ti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_qemu_that_stops_reading_is_blamed_as_with_the_relay() {
-    let daemon = |name: &'static str| {
-        TestDaemon::start_with(name, |c| {
-            c.resume_timeout = Duration::from_secs(20);
-            c.stall_timeout = Duration::from_millis(800);
-        })
-    };
-    let (source, destination) = (daemon("src").await, daemon("dst").await);
+    let (source, destination) = stalling_daemons().await;
     let (writer, _qemu_in, _dir) =
         common::daemon::stuck_migration(&source, &destination, "st").await;
     let mut carried = Vec::new();
@@ -564,13 +558,7 @@ async fn a_destination_qemu_that_stops_reading_is_blamed_as_with_the_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_link_down_longer_than_the_stall_timeout_is_no_stall() {
-    let daemon = |name: &'static str| {
-        TestDaemon::start_with(name, |c| {
-            c.resume_timeout = Duration::from_secs(20);
-            c.stall_timeout = Duration::from_millis(800);
-        })
-    };
-    let (source, destination) = (daemon("src").await, daemon("dst").await);
+    let (source, destination) = stalling_daemons().await;
     let outage = LinkOutage::new(
         destination.peer.parse().unwrap(),
         Duration::from_millis(300),
@@ -638,13 +626,7 @@ async fn states_until_final(events: &mut migproxy::client::Events) -> Vec<String
 /// waits; the migration stalls and fails on both hosts, blamed on the link, not on QEMU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_that_stops_acknowledging_gets_no_more_than_the_retention_and_stalls() {
-    let daemon = |name: &'static str| {
-        TestDaemon::start_with(name, |c| {
-            c.resume_timeout = Duration::from_secs(20);
-            c.stall_timeout = Duration::from_millis(800);
-        })
-    };
-    let (source, destination) = (daemon("src").await, daemon("dst").await);
+    let (source, destination) = stalling_daemons().await;
     let dropped = Arc::new(AtomicU32::new(0));
     let via =
         common::cut::ack_dropping_proxy(destination.peer.parse().unwrap(), Arc::clone(&dropped))
@@ -675,4 +657,15 @@ async fn a_destination_that_stops_acknowledging_gets_no_more_than_the_retention_
         "no acknowledgement was dropped"
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}
+
+/// Two daemons resuming for 20 s whose stall watch concludes after 800 ms.
+async fn stalling_daemons() -> (TestDaemon, TestDaemon) {
+    let daemon = |name: &'static str| {
+        TestDaemon::start_with(name, |c| {
+            c.resume_timeout = Duration::from_secs(20);
+            c.stall_timeout = Duration::from_millis(800);
+        })
+    };
+    (daemon("src").await, daemon("dst").await)
 }

@@ -516,6 +516,28 @@ impl Core {
         effects
     }
 
+    /// The peer's failure; `may_pause`: a plain failure, which may pause a recoverable
+    /// migration here, not one for good.
+    fn peer_failed(&mut self, epoch: Epoch, blame: Attribution, may_pause: bool) -> Steps {
+        if !self.is_current(epoch) && self.phase != Phase::Pending {
+            return Err(Refusal::Stale);
+        }
+        match self.phase {
+            // A recoverable source paused before it saw this host's cancel: the operator
+            // asked to cancel, and the epoch is gone anyway.
+            Phase::Cancelling { by } if self.config.recoverable => {
+                Ok(self.finish_cancel(by.into()))
+            }
+            // The source failed before it saw this host's cancel: its story is the one both
+            // hosts tell.
+            _ if may_pause => Ok(self.fail(blame, false)),
+            _ => {
+                self.error = Some(blame);
+                Ok(self.finish(State::Failed))
+            }
+        }
+    }
+
     fn peer(&mut self, epoch: Epoch, control: Control) -> Steps {
         if epoch != self.epoch {
             return Err(Refusal::Stale);
@@ -538,37 +560,10 @@ impl Core {
                 }
                 Ok(Vec::new())
             }
-            Control::Failed(blame) => {
-                if !self.is_current(epoch) && self.phase != Phase::Pending {
-                    return Err(Refusal::Stale);
-                }
-                match self.phase {
-                    // A recoverable source paused before it saw this host's cancel: the
-                    // operator asked to cancel, and the epoch is gone anyway.
-                    Phase::Cancelling { by } if self.config.recoverable => {
-                        Ok(self.finish_cancel(by.into()))
-                    }
-                    // The source failed before it saw this host's cancel: its story is the
-                    // one both hosts tell.
-                    _ => Ok(self.fail(blame, false)),
-                }
-            }
-            // The peer failed for good (its recover timeout, a refused resume): a pause here
-            // would wait for a recovery nobody will make.
-            Control::GaveUp(blame) => {
-                if !self.is_current(epoch) && self.phase != Phase::Pending {
-                    return Err(Refusal::Stale);
-                }
-                match self.phase {
-                    Phase::Cancelling { by } if self.config.recoverable => {
-                        Ok(self.finish_cancel(by.into()))
-                    }
-                    _ => {
-                        self.error = Some(blame);
-                        Ok(self.finish(State::Failed))
-                    }
-                }
-            }
+            // GaveUp: the peer failed for good (its recover timeout, a refused resume), and a
+            // pause here would wait for a recovery nobody will make.
+            Control::Failed(blame) => self.peer_failed(epoch, blame, true),
+            Control::GaveUp(blame) => self.peer_failed(epoch, blame, false),
             // Once this host has said Done (or its QEMU completed), the peer will hear that
             // Done and complete too: a cancel crossing it changes nothing. A Done of an epoch
             // that paused since is no such promise (the source's cancel may be told while
