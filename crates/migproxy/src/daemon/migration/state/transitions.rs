@@ -305,10 +305,17 @@ impl Core {
     /// be recovered, any other fails.
     fn fail(&mut self, blame: Attribution, tell_peer: bool) -> Vec<Effect> {
         let mut effects = Vec::new();
+        let pauses = self.pauses_for(&blame);
         if tell_peer {
-            effects.push(Effect::Send(Control::Failed(blame.clone())));
+            // What this host concluded, for the peer to follow (its own view of QEMU's
+            // status may be a poll behind, around the switch to postcopy): a pause here is
+            // `Failed`, which pauses a recoverable peer; a failure is for good.
+            effects.push(Effect::Send(match pauses {
+                true => Control::Failed(blame.clone()),
+                false => Control::GaveUp(blame.clone()),
+            }));
         }
-        if self.pauses_for(&blame) {
+        if pauses {
             effects.extend(self.pause(blame));
         } else {
             self.error = Some(blame);
@@ -528,9 +535,13 @@ impl Core {
             Phase::Cancelling { by } if self.config.recoverable => {
                 Ok(self.finish_cancel(by.into()))
             }
-            // The source failed before it saw this host's cancel: its story is the one both
-            // hosts tell.
-            _ if may_pause => Ok(self.fail(blame, false)),
+            // The peer paused: so does a recoverable migration here, whatever this host has
+            // seen of QEMU so far (the peer's QEMU may have switched to postcopy a poll
+            // before this host's saw it). (The source failed before it saw this host's
+            // cancel: its story is the one both hosts tell.)
+            _ if may_pause && self.config.recoverable && self.phase != Phase::Pending => {
+                Ok(self.pause(blame))
+            }
             _ => {
                 self.error = Some(blame);
                 Ok(self.finish(State::Failed))

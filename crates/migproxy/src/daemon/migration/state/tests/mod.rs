@@ -97,6 +97,10 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         with_qmp_only_a_broken_transport_in_postcopy_pauses,
     ),
     (
+        "one story at the switch",
+        around_the_switch_each_host_follows_the_others_conclusion,
+    ),
+    (
         "recover timeout",
         a_pause_not_recovered_in_time_fails_for_good_in_every_phase,
     ),

@@ -1,7 +1,7 @@
 //! Postcopy recovery driven over QMP: what pauses, what fails, how each pause is counted,
 //! and the deadline.
 
-use migproxy_proto::{Host, Leg};
+use migproxy_proto::{Control, Host, Leg};
 
 use super::super::*;
 use super::driver::*;
@@ -123,6 +123,50 @@ pub(super) fn with_qmp_only_a_broken_transport_in_postcopy_pauses(seen: &mut See
     });
     assert_eq!(d.phase(), "failed");
     assert!(d.core.recoveries().all().is_empty());
+}
+
+/// Around QEMU's switch to postcopy the two hosts' polls of QEMU may disagree for a moment:
+/// each host follows the other's conclusion, so both tell one story. A host that failed
+/// says so for good (`GaveUp`), and one that paused says `Failed`, which pauses the peer
+/// whatever its own poll has seen.
+pub(super) fn around_the_switch_each_host_follows_the_others_conclusion(seen: &mut Seen) {
+    // The source, still `active` at its last poll, hears that the destination paused.
+    let mut d = Driver::new(driven(Role::Outgoing), seen);
+    d.active(1);
+    d.ok(Input::Qemu {
+        status: Status::Active,
+    });
+    d.ok(Input::Peer {
+        epoch: d.epoch(),
+        control: Control::Failed(blame(Leg::Peer)),
+    });
+    assert_eq!(d.phase(), "paused");
+    // The source fails in precopy: it tells the destination so for good.
+    let mut d = Driver::new(driven(Role::Outgoing), d.seen);
+    d.active(1);
+    d.ok(Input::Qemu {
+        status: Status::Active,
+    });
+    let epoch = d.epoch();
+    let effects = d.ok(Input::Failure {
+        epoch,
+        blame: blame(Leg::Peer),
+        wait: false,
+    });
+    assert_eq!(d.phase(), "failed");
+    let gave_up = |e: &Effect| matches!(e, Effect::Send(Control::GaveUp(_)));
+    assert!(effects.iter().any(gave_up), "{effects:?}");
+    // The destination, which saw postcopy already, fails with it rather than pause alone.
+    let mut d = Driver::new(driven(Role::Incoming), d.seen);
+    d.active(1);
+    d.ok(Input::Qemu {
+        status: Status::PostcopyActive,
+    });
+    d.ok(Input::Peer {
+        epoch: d.epoch(),
+        control: Control::GaveUp(blame(Leg::Peer)),
+    });
+    assert_eq!(d.phase(), "failed");
 }
 
 pub(super) fn a_pause_not_recovered_in_time_fails_for_good_in_every_phase(seen: &mut Seen) {
