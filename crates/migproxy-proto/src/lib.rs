@@ -55,6 +55,16 @@
 //! token: whoever else holds the token cannot add a channel. A version 1 link has none, and
 //! its data connections present the token.
 //!
+//! The token admits the **first** control link only. A later one — after a pause (a
+//! recoverable migration's new epoch), from a source that resumed before the destination
+//! noticed, or one that only tells a cancel ([`FLAG_CANCEL`]: the destination cancels and
+//! refuses the link with [`Status::Cancelled`], attaching nothing) — presents the last
+//! credential its source was handed; the destination also takes the one the latest link
+//! presented, in case that link's acceptance was lost. A failure ends an epoch as
+//! [`Control::Failed`] where the sender paused (a recoverable peer pauses too) and as
+//! [`Control::GaveUp`] where it failed for good (the peer fails too), so both hosts tell one
+//! story whatever each has polled of its QEMU.
+//!
 //! # The kernel data path
 //!
 //! A source daemon that can hand its QEMU the data connection's socket sets
