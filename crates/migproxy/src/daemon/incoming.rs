@@ -411,11 +411,6 @@ fn vet(
     if hello.kind == Kind::Control && hello.flags & migproxy_proto::FLAG_RESUME != 0 {
         return take_over(migration);
     }
-    // Admitted: a control link after the first presented a credential its source holds.
-    let recovered = match hello.kind {
-        Kind::Control => migration.resumable.recovers(&hello.token),
-        Kind::Data => None,
-    };
     kernel::fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
     same_recoverable(&migration, hello).map_err(refused)?;
     // From version 2 on, the epoch's data connections carry a secret handed out here, on the
@@ -437,7 +432,8 @@ fn vet(
         migration.resumable.bind(identity);
         // The credential this link presented (not the token) stays good for the next
         // one: the source holds it until this acceptance reaches it.
-        let presented = (recovered == Some(true)).then_some(&hello.token);
+        let presented = migration.resumable.recovers(&hello.token) == Some(true);
+        let presented = presented.then_some(&hello.token);
         migration
             .resumable
             .remember_after(credential.clone(), presented);
@@ -550,10 +546,8 @@ fn same_recoverable(migration: &Migration, hello: &Hello) -> Result<(), String> 
 }
 
 /// A control link that only tells of the source's cancel (`FLAG_CANCEL`), admitted: the
-/// migration is cancelled here, and the link refused with that word; it attaches nothing
-/// (a link taken as a recovery would announce one, and a destination that drives QEMU could
-/// run its `migrate-recover` before the cancel came). A cancel this host cannot take (its
-/// QEMU completed) is refused as such, never answered `cancelled`.
+/// migration is cancelled here and the link refused with that word, attaching nothing (no
+/// `recovering`). A cancel this host cannot take is refused as such.
 fn cancel_told(migration: &Arc<Migration>) -> (Status, String) {
     let id = &migration.spec.id;
     if migration.cancel_told(migproxy_proto::Host::Source) {
