@@ -15,6 +15,26 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+/// The source QEMU stand-in writes on a channel whose destination side breaks after 1 MiB
+/// (both daemons pause); returns its read half and its writer.
+async fn break_mid_stream(
+    uri: &str,
+    qemu_in: &tokio::net::UnixListener,
+    seed: u64,
+) -> (
+    tokio::net::unix::OwnedReadHalf,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let first = UnixStream::connect(unix_path(uri)).await.unwrap();
+    let (read, write) = first.into_split();
+    let sender = tokio::spawn(send_all(write, random_data(seed, 32 << 20), seed));
+    let (mut broken, _) = qemu_in.accept().await.unwrap();
+    let mut some = vec![0u8; 1 << 20];
+    broken.read_exact(&mut some).await.unwrap();
+    drop(broken);
+    (read, sender)
+}
+
 /// QEMU's return-path message MIG_RP_MSG_SHUT (type 1, length 4) with status 0.
 const SHUT_OK: [u8; 8] = [0, 1, 0, 4, 0, 0, 0, 0];
 
@@ -26,13 +46,7 @@ async fn a_recoverable_migration_pauses_and_completes_on_fresh_channels() {
     let uri = common::daemon::migration_pair_with(&source, &destination, "p1", &target, true).await;
 
     // Epoch 1: the destination QEMU's connection breaks mid-stream.
-    let first = UnixStream::connect(unix_path(&uri)).await.unwrap();
-    let (mut first_read, first_write) = first.into_split();
-    let first_sender = tokio::spawn(send_all(first_write, random_data(20, 32 << 20), 20));
-    let (mut broken, _) = qemu_in.accept().await.unwrap();
-    let mut some = vec![0u8; 1 << 20];
-    broken.read_exact(&mut some).await.unwrap();
-    drop(broken);
+    let (mut first_read, first_sender) = break_mid_stream(&uri, &qemu_in, 20).await;
     for daemon in [&source, &destination] {
         let view = daemon.wait_paused("p1", Duration::from_secs(5)).await;
         let error = &view["pauses"][0];
@@ -285,25 +299,12 @@ async fn a_recover_timeout_on_one_host_fails_both_never_pauses_the_other() {
     let source = TestDaemon::start("src").await;
     let destination = TestDaemon::start("dst").await;
     let (_dir, qemu_in, target) = stand_in_target();
-    let body = json!({"direction": "incoming", "id": "rt", "target": target,
-                      "recoverable": true});
-    let (status, incoming) = destination
-        .request("POST", "/v1/migrations", Some(body))
-        .await;
-    assert_eq!(status, 201, "{incoming}");
-    let body = json!({"direction": "outgoing", "id": "rt", "token": incoming["token"],
-                      "peer": incoming["peer"], "recoverable": true, "recover_timeout": 2});
-    let (status, outgoing) = source.request("POST", "/v1/migrations", Some(body)).await;
-    assert_eq!(status, 201, "{outgoing}");
-    let uri = outgoing["qemu_uri"].as_str().unwrap().to_owned();
+    let asks = json!({"recover_timeout": 2});
+    let uri =
+        common::daemon::migration_pair_asking(&source, &destination, ("rt", &target), true, asks)
+            .await;
     // The destination QEMU's connection breaks mid-stream: both pause.
-    let first = UnixStream::connect(unix_path(&uri)).await.unwrap();
-    let (_first_read, first_write) = first.into_split();
-    let _sender = tokio::spawn(send_all(first_write, random_data(21, 32 << 20), 21));
-    let (mut broken, _) = qemu_in.accept().await.unwrap();
-    let mut some = vec![0u8; 1 << 20];
-    broken.read_exact(&mut some).await.unwrap();
-    drop(broken);
+    let _qemu = break_mid_stream(&uri, &qemu_in, 21).await;
     for daemon in [&source, &destination] {
         daemon.wait_paused("rt", Duration::from_secs(5)).await;
     }

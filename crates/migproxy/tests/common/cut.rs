@@ -394,12 +394,12 @@ async fn drop_progress(
     to: &mut tokio::net::tcp::WriteHalf<'_>,
     dropped: &AtomicU32,
 ) {
-    use migproxy_proto::{Control, HelloReply};
+    use migproxy_proto::{Control, HelloReply, control_frame_len, reply_len};
     let mut header = [0; HelloReply::HEADER];
     if from.read_exact(&mut header).await.is_err() {
         return;
     }
-    let mut message = vec![0; usize::from(header[HelloReply::HEADER - 1])];
+    let mut message = vec![0; reply_len(&header).unwrap()];
     if from.read_exact(&mut message).await.is_err()
         || to
             .write_all(&[&header[..], &message].concat())
@@ -413,8 +413,7 @@ async fn drop_progress(
         if from.read_exact(&mut prefix).await.is_err() {
             return;
         }
-        // A frame's length is a 4-byte big-endian prefix (the daemon's own, trusted here).
-        let mut body = vec![0; u32::from_be_bytes(prefix) as usize];
+        let mut body = vec![0; control_frame_len(prefix).unwrap()];
         if from.read_exact(&mut body).await.is_err() {
             return;
         }

@@ -137,6 +137,18 @@ pub async fn migration_pair_with(
     target: &str,
     recoverable: bool,
 ) -> String {
+    migration_pair_asking(source, destination, (id, target), recoverable, json!({})).await
+}
+
+/// As [`migration_pair_with`], the source's request also carrying the fields of `source_asks`
+/// (e.g. its own `recover_timeout`).
+pub async fn migration_pair_asking(
+    source: &TestDaemon,
+    destination: &TestDaemon,
+    (id, target): (&str, &str),
+    recoverable: bool,
+    source_asks: Value,
+) -> String {
     let (status, incoming) = destination
         .request(
             "POST",
@@ -150,13 +162,19 @@ pub async fn migration_pair_with(
         .request(
             "POST",
             "/v1/migrations",
-            Some(json!({
-                "direction": "outgoing",
-                "id": id,
-                "token": incoming["token"],
-                "peer": incoming["peer"],
-                "recoverable": recoverable,
-            })),
+            Some({
+                let mut body = json!({
+                    "direction": "outgoing",
+                    "id": id,
+                    "token": incoming["token"],
+                    "peer": incoming["peer"],
+                    "recoverable": recoverable,
+                });
+                if let (Some(body), Some(asks)) = (body.as_object_mut(), source_asks.as_object()) {
+                    body.extend(asks.clone());
+                }
+                body
+            }),
         )
         .await;
     assert_eq!(status, 201, "{outgoing}");

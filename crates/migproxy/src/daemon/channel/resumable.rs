@@ -303,13 +303,17 @@ mod tests {
         }
     }
 
+    /// The attribution the source reports for `error` on channel 0.
+    fn blamed(error: ResumeError) -> migproxy_proto::Attribution {
+        let names = names();
+        let failure = failure(&names, error, ByteCounts::default(), Duration::ZERO);
+        attribution::of_relay(Host::Source, 0, &failure, &names.qemu)
+    }
+
     #[test]
     fn a_failed_retention_is_this_hosts_not_qemus_read_or_the_peers() {
-        let names = names();
         let error = io::Error::from_raw_os_error(libc::ENOMEM);
-        let error = ResumeError::Retention { op: "tee", error };
-        let failure = failure(&names, error, ByteCounts::default(), Duration::ZERO);
-        let blame = attribution::of_relay(Host::Source, 0, &failure, &names.qemu);
+        let blame = blamed(ResumeError::Retention { op: "tee", error });
         assert_eq!(
             (blame.leg, blame.op),
             (Leg::Qemu, migproxy_proto::Op::Splice)
@@ -324,11 +328,8 @@ mod tests {
 
     #[test]
     fn a_failed_read_of_qemu_stays_qemus() {
-        let names = names();
         let error = io::Error::from_raw_os_error(libc::ECONNRESET);
-        let error = ResumeError::Local { op: "read", error };
-        let failure = failure(&names, error, ByteCounts::default(), Duration::ZERO);
-        let blame = attribution::of_relay(Host::Source, 0, &failure, &names.qemu);
+        let blame = blamed(ResumeError::Local { op: "read", error });
         assert_eq!((blame.leg, blame.op), (Leg::Qemu, migproxy_proto::Op::Read));
         assert_eq!(blame.errno.as_deref(), Some("ECONNRESET"));
     }

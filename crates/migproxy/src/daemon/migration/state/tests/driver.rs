@@ -134,6 +134,23 @@ impl Driver<'_> {
         self.step(Input::Peer { epoch, control })
     }
 
+    /// The peer's `control` on the current epoch, taken.
+    pub(super) fn peer_ok(&mut self, control: Control) -> Vec<Effect> {
+        let epoch = self.epoch();
+        self.ok(Input::Peer { epoch, control })
+    }
+
+    /// A certain failure on `leg` in the current epoch (no wait for an explanation), taken.
+    pub(super) fn broke(&mut self, leg: Leg) -> Vec<Effect> {
+        let epoch = self.epoch();
+        let blame = blame(leg);
+        self.ok(Input::Failure {
+            epoch,
+            blame,
+            wait: false,
+        })
+    }
+
     pub(super) fn peer_done(&mut self, channels: u32, n: u64, verdict: Verdict) -> Steps {
         self.peer(Control::Done {
             channels,

@@ -136,10 +136,7 @@ pub(super) fn around_the_switch_each_host_follows_the_others_conclusion(seen: &m
     d.ok(Input::Qemu {
         status: Status::Active,
     });
-    d.ok(Input::Peer {
-        epoch: d.epoch(),
-        control: Control::Failed(blame(Leg::Peer)),
-    });
+    d.peer_ok(Control::Failed(blame(Leg::Peer)));
     assert_eq!(d.phase(), "paused");
     // The source fails in precopy: it tells the destination so for good.
     let mut d = Driver::new(driven(Role::Outgoing), d.seen);
@@ -147,12 +144,7 @@ pub(super) fn around_the_switch_each_host_follows_the_others_conclusion(seen: &m
     d.ok(Input::Qemu {
         status: Status::Active,
     });
-    let epoch = d.epoch();
-    let effects = d.ok(Input::Failure {
-        epoch,
-        blame: blame(Leg::Peer),
-        wait: false,
-    });
+    let effects = d.broke(Leg::Peer);
     assert_eq!(d.phase(), "failed");
     let gave_up = |e: &Effect| matches!(e, Effect::Send(Control::GaveUp(_)));
     assert!(effects.iter().any(gave_up), "{effects:?}");
@@ -162,10 +154,7 @@ pub(super) fn around_the_switch_each_host_follows_the_others_conclusion(seen: &m
     d.ok(Input::Qemu {
         status: Status::PostcopyActive,
     });
-    d.ok(Input::Peer {
-        epoch: d.epoch(),
-        control: Control::GaveUp(blame(Leg::Peer)),
-    });
+    d.peer_ok(Control::GaveUp(blame(Leg::Peer)));
     assert_eq!(d.phase(), "failed");
 }
 
@@ -213,48 +202,24 @@ pub(super) fn a_peer_that_gave_up_fails_this_host_too_never_a_pause(seen: &mut S
     };
     let mut d = Driver::new(config, seen);
     d.active(1);
-    let epoch = d.epoch();
-    let failure = Input::Failure {
-        epoch,
-        blame: blame(Leg::Peer),
-        wait: false,
-    };
-    d.ok(failure);
+    d.broke(Leg::Peer);
     assert_eq!(d.phase(), "paused");
     d.ok(Input::Attach { first_channel: 1 });
-    let epoch = d.epoch();
-    let gave_up = Control::GaveUp(blame(Leg::Peer));
-    d.ok(Input::Peer {
-        epoch,
-        control: gave_up,
-    });
+    d.peer_ok(Control::GaveUp(blame(Leg::Peer)));
     assert_eq!(d.phase(), "failed");
     // The same once the recovery's first channel opened.
     let mut d = Driver::new(config, d.seen);
     d.active(1);
-    let epoch = d.epoch();
-    d.ok(Input::Failure {
-        epoch,
-        blame: blame(Leg::Peer),
-        wait: false,
-    });
+    d.broke(Leg::Peer);
     d.ok(Input::Attach { first_channel: 1 });
     d.ok(Input::Open { index: 1 });
     assert_eq!(d.phase(), "active");
-    let epoch = d.epoch();
-    d.ok(Input::Peer {
-        epoch,
-        control: Control::GaveUp(blame(Leg::Peer)),
-    });
+    d.peer_ok(Control::GaveUp(blame(Leg::Peer)));
     assert_eq!(d.phase(), "failed");
     // A plain failure from the peer, by contrast, pauses a recoverable migration here.
     let mut d = Driver::new(config_paused_by_failed(), d.seen);
     d.active(1);
-    let epoch = d.epoch();
-    d.ok(Input::Peer {
-        epoch,
-        control: Control::Failed(blame(Leg::Peer)),
-    });
+    d.peer_ok(Control::Failed(blame(Leg::Peer)));
     assert_eq!(d.phase(), "paused");
 }
 
@@ -266,17 +231,9 @@ pub(super) fn a_cancel_told_while_paused_is_taken_after_this_hosts_done(seen: &m
     d.active(1);
     d.end_clean(0, 1, ReturnPath::Shut(0));
     assert_eq!(d.phase(), "completing");
-    let epoch = d.epoch();
-    d.ok(Input::Failure {
-        epoch,
-        blame: blame(Leg::Peer),
-        wait: false,
-    });
+    d.broke(Leg::Peer);
     assert_eq!(d.phase(), "paused");
-    d.ok(Input::Peer {
-        epoch,
-        control: Control::Cancel { by: Host::Source },
-    });
+    d.peer_ok(Control::Cancel { by: Host::Source });
     assert_eq!(d.phase(), "cancelled");
 }
 
