@@ -65,6 +65,24 @@
 //! [`Control::GaveUp`] where it failed for good (the peer fails too), so both hosts tell one
 //! story whatever each has polled of its QEMU.
 //!
+//! # Postcopy recovery: a link kept across a pause
+//!
+//! A recoverable migration whose epoch ends in a pause while its control link is sound
+//! keeps the link (version 2 on). Each side, once paused, sends [`Control::Parked`] after its
+//! last frame of the epoch and reads until the other's; with both sent and received, the link
+//! is quiet both ways, and the source starts the next epoch on it with a control hello (the
+//! last credential), which the destination vets as on a new connection. The certificate is
+//! the one the link was opened with. A side that ended for good, or never reads the other's
+//! `Parked`, closes the link instead, and the source dials a new one.
+//!
+//! ```text
+//!  source (paused)                                            destination (paused)
+//!    │ ── Failed{…} ─────────────────────────────────────────────────► │ pauses too
+//!    │ ── Parked ──────────────────► │ ◄───────────────────── Parked ── │
+//!    │ ── Hello{control, id, credential, first channel} ──────────────► │ (same link)
+//!    │ ◄───────────────────────────────────── HelloReply{Ok, credential} │ next epoch
+//! ```
+//!
 //! # The kernel data path
 //!
 //! A source daemon that can hand its QEMU the data connection's socket sets
@@ -86,8 +104,8 @@
 //!   channels (the flags, `Progress`, `Broken`, `Received` and `Hurry` frames), the
 //!   `cancelled` status, and `GaveUp` (a failure for good, which no pause follows; version 1
 //!   gets it as `Failed`). Version 2 is not released yet and grew in place: `Received`,
-//!   `Hurry`, `cancelled` and `GaveUp` came last, and a daemon built before them does not
-//!   read them. Until version 2 is fixed by a release, both hosts run the same build.
+//!   `Hurry`, `cancelled`, `GaveUp` and `Parked` came last, and a daemon built before them
+//!   does not read them. Until version 2 is fixed by a release, both hosts run the same build.
 //!
 //! # Resumable channels
 //!

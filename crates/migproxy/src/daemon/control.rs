@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::attribution::os_message;
-use super::migration::{Epoch, Link, Migration, Outbound, Role};
+use super::migration::{Epoch, Link, Migration, Outbound, Role, State};
 use super::peer::{ReadError, Timing, read_control, write_control};
 use crate::human::{Elapsed, errno_name};
 use crate::transport::Stream;
@@ -31,16 +31,26 @@ const PROGRESS_IDLE: Duration = Duration::from_millis(20);
 /// After the migration has ended, how long to wait for the peer to close its side.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// Runs the control link until both sides have closed it or it breaks.
-/// `version` is the protocol version the link speaks (negotiated in its hello). Returns
-/// whether it was lost (broke on a resumable migration: another may take over).
+/// How a control link's run ended.
+pub enum Over {
+    /// Both sides closed it, or it failed the migration.
+    Closed,
+    /// It broke on a resumable migration: another may take over.
+    Lost,
+    /// The epoch paused and both sides parked the link (`Control::Parked`): quiet both ways,
+    /// it carries the next epoch's hello.
+    Parked(Stream),
+}
+
+/// Runs the control link until both sides have closed or parked it, or it breaks.
+/// `version` is the protocol version the link speaks (negotiated in its hello).
 pub async fn run(
     migration: Arc<Migration>,
     stream: Stream,
     link: Link,
     timing: Timing,
     version: u16,
-) -> bool {
+) -> Over {
     let span = tracing::info_span!("control", migration = %migration.spec.id, epoch = link.epoch);
     serve(migration, stream, link, timing, version)
         .instrument(span)
@@ -53,9 +63,9 @@ async fn serve(
     link: Link,
     timing: Timing,
     version: u16,
-) -> bool {
+) -> Over {
     let reset_handle = stream.reset_handle();
-    let (reader, writer) = tokio::io::split(stream);
+    let (mut reader, writer) = tokio::io::split(stream);
     let Link {
         mut queue,
         epoch,
@@ -70,16 +80,19 @@ async fn serve(
         told: peer_told,
         within: timing.peer_timeout,
     });
-    let writer = Writer {
+    let mut writer = Writer {
         half: writer,
         version,
+        parks: parks(&migration, version),
     };
     // The first break of a resumable link: its cause.
     let lost = Lost::default();
+    // Whether each side sent `Parked`: this one, then the peer.
+    let parked = Parked::default();
     let sending = send(
         &migration,
         epoch,
-        writer,
+        (&mut writer, &parked),
         &mut queue,
         (timing.heartbeat_interval, catch_up),
         &lost,
@@ -89,9 +102,10 @@ async fn serve(
             ended: &stop,
             peer_timeout: timing.peer_timeout,
             told: &told,
+            parked: &parked,
         };
         tokio::select! {
-            () = receive(&migration, epoch, reading, reader, &lost) => {}
+            () = receive(&migration, epoch, reading, &mut reader, &lost) => {}
             // Once the epoch has ended, give the peer a moment to close, then stop listening.
             () = async {
                 stop.cancelled().await;
@@ -122,9 +136,42 @@ async fn serve(
                 crate::transport::reset(handle);
             }
             migration.link_lost(epoch, cause, queue);
-            true
+            Over::Lost
         }
-        None => false,
+        None if parked.both() => {
+            tracing::info!(migration = %migration.spec.id, "control link kept for the next epoch");
+            Over::Parked(reader.unsplit(writer.half))
+        }
+        None => {
+            if parked.here() {
+                // The peer did not park: the link closes as it would have.
+                let _ = writer.half.shutdown().await;
+            }
+            Over::Closed
+        }
+    }
+}
+
+/// Whether a link may be parked at a pause: a recoverable migration's, from version 2 on
+/// (the next epoch's hello presents the credential).
+fn parks(migration: &Migration, version: u16) -> bool {
+    migration.spec.recoverable && version >= 2
+}
+
+/// Whether each side sent `Parked` on the link.
+#[derive(Default)]
+struct Parked {
+    here: std::sync::atomic::AtomicBool,
+    peer: std::sync::atomic::AtomicBool,
+}
+
+impl Parked {
+    fn here(&self) -> bool {
+        self.here.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn both(&self) -> bool {
+        self.here() && self.peer.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -168,10 +215,11 @@ impl Lost {
     }
 }
 
-/// The link's writing half and the protocol version it speaks.
+/// The link's writing half, the protocol version it speaks, and whether it may be parked.
 struct Writer {
     half: WriteHalf<Stream>,
     version: u16,
+    parks: bool,
 }
 
 /// A link that takes over: the peer's count of the epoch's frames, once its first frame
@@ -184,7 +232,7 @@ struct CatchUp {
 async fn send(
     migration: &Arc<Migration>,
     epoch: Epoch,
-    mut writer: Writer,
+    (writer, parked): (&mut Writer, &Parked),
     queue: &mut mpsc::UnboundedReceiver<Outbound>,
     (heartbeat, catch_up): (Duration, Option<CatchUp>),
     lost: &Lost,
@@ -198,7 +246,7 @@ async fn send(
     let mut controls = migration.resumable.relink();
     if let Some(catch_up) = catch_up {
         controls.insert(0, migration.resumable.sequence().tell(epoch));
-        let written = write_all(&mut writer, &controls, &mut buf).await;
+        let written = write_all(writer, &controls, &mut buf).await;
         controls = match written {
             Ok(()) => match missed(migration, epoch, catch_up, lost).await {
                 Some(missed) => missed,
@@ -208,7 +256,7 @@ async fn send(
         };
     }
     loop {
-        if let Err(error) = write_all(&mut writer, &controls, &mut buf).await {
+        if let Err(error) = write_all(writer, &controls, &mut buf).await {
             return write_failed(migration, epoch, &error, lost);
         }
         controls = tokio::select! {
@@ -238,7 +286,19 @@ async fn send(
             }
         };
     }
-    // Everything queued before the end has been written: a clean close.
+    // Everything queued before the end has been written. Paused, the link is kept for the
+    // next epoch if the peer keeps it too; otherwise a clean close.
+    if writer.parks && migration.state() == State::Paused {
+        if write_all(writer, &[Control::Parked], &mut buf)
+            .await
+            .is_ok()
+        {
+            parked
+                .here
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        return;
+    }
     let _ = writer.half.shutdown().await;
 }
 
@@ -290,29 +350,46 @@ struct Reading<'a> {
     peer_timeout: Duration,
     /// Where the peer's count of the epoch's frames goes (a link that takes over).
     told: &'a tokio::sync::watch::Sender<Option<u64>>,
+    /// Where the peer's `Parked` goes.
+    parked: &'a Parked,
 }
 
 async fn receive(
     migration: &Arc<Migration>,
     epoch: Epoch,
     reading: Reading<'_>,
-    mut reader: ReadHalf<Stream>,
+    reader: &mut ReadHalf<Stream>,
     lost: &Lost,
 ) {
     let Reading {
         ended,
         peer_timeout,
         told,
+        parked,
     } = reading;
     let mut buf = Vec::new();
     loop {
-        let read = tokio::time::timeout(peer_timeout, read_control(&mut reader, &mut buf)).await;
+        let read = tokio::time::timeout(peer_timeout, read_control(reader, &mut buf)).await;
         let silent = read.is_err();
         let blame = match read {
             Ok(Ok(Some(Control::Received { frames }))) => {
                 told.send_replace(Some(frames));
                 continue;
             }
+            // Nothing of the epoch follows: the link is quiet this way.
+            Ok(Ok(Some(Control::Parked))) if ended.is_cancelled() => {
+                parked
+                    .peer
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            // Parked while this host's epoch runs: the peer has left it, as by a close.
+            Ok(Ok(Some(Control::Parked))) if migration.link_closed(epoch) => return,
+            Ok(Ok(Some(Control::Parked))) => migration.peer_link_failure(
+                Op::Protocol,
+                None,
+                "control link parked by the peer daemon while the epoch ran".to_owned(),
+            ),
             Ok(Ok(Some(control))) => {
                 migration.resumable.sequence().received(epoch, &control);
                 migration.on_control(epoch, control);
@@ -352,7 +429,7 @@ async fn receive(
             // Silence may be this host's own doing (a daemon frozen while the peer failed it):
             // the peer's explanation may already wait in the socket buffer. Read what is there
             // while the failure waits for an explanation, so both hosts tell the peer's story.
-            drain(migration, epoch, &mut reader, &mut buf).await;
+            drain(migration, epoch, reader, &mut buf).await;
         }
         return;
     }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use migproxy_proto::{Hello, Kind, Op, Status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -16,17 +15,18 @@ use super::data_path::{DataPath, Unfit};
 use super::gate::{self, FirstByte, Gate, Spare};
 use super::migration::resumable;
 use super::migration::{Admitted, Link, Migration, Role, Spec, State};
-use super::peer::{self, ReadError};
+use super::peer;
 use super::token::Token;
 use super::{Daemon, RegisterError, control, data_path, kernel, paths, qemu};
 use crate::endpoint::Endpoint;
-use crate::human::{Chain, errno_name};
+use crate::human::errno_name;
 use crate::tls::Identity;
-use crate::transport::Stream;
 
 mod deliver;
+mod open;
 
 use self::deliver::deliver;
+use self::open::{Opened, open_until, reject};
 
 /// What the API asks for.
 #[derive(Debug)]
@@ -303,19 +303,37 @@ async fn authenticate(
     if let Err(error) = peer::tune(&tcp, &timing) {
         tracing::debug!(%from, %error, "peer socket options");
     }
-    let Some(opened) = open_until(&daemon, tcp, &from, deadline).await else {
+    let Some(mut opened) = open_until(&daemon, tcp, &from, deadline).await else {
         return;
     };
+    let mut permit = Some(permit);
+    // A control link parked at a pause carries the next epoch's hello ([`open::reopen`]).
+    while let Some(kept) = answer(&daemon, &gate, opened, (address, &mut permit)).await {
+        match open::reopen(&daemon, kept, &from).await {
+            Some(next) => opened = next,
+            None => return,
+        }
+    }
+}
+
+/// Vets the hello, answers it, and runs what it joined; `Some` when it was a control link
+/// that its pause parked, for [`open::reopen`]. `permit`, the connection's handshake slot, is
+/// given up once it is admitted.
+async fn answer(
+    daemon: &Arc<Daemon>,
+    gate: &Arc<Gate>,
+    opened: Opened,
+    (address, permit): (SocketAddr, &mut Option<gate::Slot>),
+) -> Option<open::Kept> {
+    let from = address.to_string();
     let Opened {
-        mut stream, hello, ..
+        mut stream,
+        hello,
+        identity,
+        clear,
     } = opened;
     let version = migproxy_proto::negotiate(hello.version);
-    let vetted = vet(
-        &daemon,
-        &hello,
-        (opened.identity.as_ref(), opened.clear),
-        version,
-    );
+    let vetted = vet(daemon, &hello, (identity.as_ref(), clear), version);
     let Vetted {
         migration,
         joined,
@@ -323,22 +341,31 @@ async fn authenticate(
     } = match vetted {
         Ok(vetted) => vetted,
         Err((status, message)) => {
-            reject(&daemon, &mut stream, &from, status, &message).await;
-            return;
+            reject(daemon, &mut stream, &from, status, &message).await;
+            return None;
         }
     };
     if let Err(error) = peer::reply(&mut stream, version, Status::Ok, &handed_out).await {
         tracing::debug!(%from, %error, "peer vanished during the handshake");
         unjoin(&migration, joined, hello.channel, &error);
-        return;
+        return None;
     }
     // Authenticated and admitted: this connection no longer counts as a handshake.
-    drop(permit);
+    drop(permit.take());
+    let timing = daemon.config.timing.clone();
     match joined {
         Joined::Control(link) => {
             // While this link is up, its address may use the reserve for its channels.
             let _trusted = gate.trust(address.ip());
-            control::run(migration, stream, link, timing, version).await;
+            let over = control::run(Arc::clone(&migration), stream, link, timing, version).await;
+            if let control::Over::Parked(stream) = over {
+                return Some(open::Kept {
+                    stream,
+                    identity,
+                    clear,
+                    migration,
+                });
+            }
         }
         // The kernel path: the connection goes to QEMU as it is.
         Joined::Data(admitted) if migration.on_kernel_path() => {
@@ -346,6 +373,7 @@ async fn authenticate(
             kernel::hand_off(migration, hello.channel, admitted, stream, from, preamble);
         }
         Joined::Data(admitted) => {
+            let daemon = Arc::clone(daemon);
             deliver(daemon, migration, hello.channel, admitted, stream, from).await;
         }
         Joined::Resume => {
@@ -355,6 +383,7 @@ async fn authenticate(
             }
         }
     }
+    None
 }
 
 /// What an accepted hello joined: its migration's control link, one of its channels, or a
@@ -363,30 +392,6 @@ enum Joined {
     Control(Link),
     Data(Admitted),
     Resume,
-}
-
-/// [`open`] within the handshake's deadline. `None`: the connection is done with (answered
-/// with a refusal, or not worth answering).
-async fn open_until(
-    daemon: &Daemon,
-    tcp: TcpStream,
-    from: &str,
-    deadline: tokio::time::Instant,
-) -> Option<Opened> {
-    match tokio::time::timeout_at(deadline, open(daemon, tcp, from)).await {
-        Ok(Ok(opened)) => Some(opened),
-        Ok(Err(None)) => None,
-        Ok(Err(Some((mut stream, status, message)))) => {
-            reject(daemon, &mut stream, from, status, &message).await;
-            None
-        }
-        Err(_) => {
-            if let Some(suppressed) = daemon.rejections.record("handshake_timeout") {
-                tracing::warn!(%from, suppressed, "peer did not complete its handshake within {:?}, dropped", daemon.config.timing.handshake_timeout);
-            }
-            None
-        }
-    }
 }
 
 /// Every check a hello must pass, in order: the TLS identity, the migration and its token,
@@ -625,64 +630,6 @@ fn busy_reply(message: &str) -> Vec<u8> {
     buf
 }
 
-/// A refusal to send before closing.
-type Refusal = (Stream, Status, String);
-
-/// A connection secured (or not) with its hello read.
-struct Opened {
-    stream: Stream,
-    hello: Hello,
-    /// The peer's certificate identity, under TLS.
-    identity: Option<Identity>,
-    /// In clear on a TLS port (`allow_clear_data`): only a kernel-path data connection.
-    clear: bool,
-}
-
-/// Whether the connection starts with a TLS handshake record (content type 22): on a TLS
-/// port that allows clear data, anything else is read as a clear hello.
-async fn tls_first(tcp: &TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    !matches!(tcp.peek(&mut byte).await, Ok(1) if byte[0] != 0x16)
-}
-
-/// Secures the connection and reads the hello. `Err(None)`: nothing worth answering.
-async fn open(daemon: &Daemon, tcp: TcpStream, from: &str) -> Result<Opened, Option<Refusal>> {
-    let clear =
-        daemon.config.tls.is_some() && daemon.config.allow_clear_data && !tls_first(&tcp).await;
-    let (mut stream, identity) = match &daemon.config.tls {
-        Some(_) if clear => (Stream::Tcp(tcp), None),
-        Some(tls) => match tls.current().accept_peer(tcp, from).await {
-            Ok((stream, identity)) => (Stream::Tls(Box::new(stream)), Some(identity)),
-            Err(error) => {
-                if let Some(suppressed) = daemon.rejections.record("tls") {
-                    tracing::warn!(%from, suppressed, "peer connection rejected: {}", Chain(&error));
-                }
-                return Err(None);
-            }
-        },
-        None => (Stream::Tcp(tcp), None),
-    };
-    match peer::read_hello(&mut stream).await {
-        Ok(hello) => Ok(Opened {
-            stream,
-            hello,
-            identity,
-            clear,
-        }),
-        Err(ReadError::Decode(error)) => {
-            let status = match error {
-                migproxy_proto::DecodeError::UnsupportedVersion(_) => Status::UnsupportedVersion,
-                _ => Status::Malformed,
-            };
-            Err(Some((stream, status, error.to_string())))
-        }
-        Err(ReadError::Io(error)) => {
-            tracing::debug!(%from, %error, "peer hello unreadable");
-            Err(None)
-        }
-    }
-}
-
 /// Finds the migration a hello names and checks its token; a resume's certificate too,
 /// before anything of the migration's state is told.
 fn admit(
@@ -774,27 +721,4 @@ fn admit(
             ),
         )),
     }
-}
-
-/// Answers with a typed refusal and closes cleanly: the rest of what the peer sent is read
-/// and dropped first (briefly, and only so much), so the refusal is not lost to a reset.
-async fn reject(daemon: &Daemon, stream: &mut Stream, from: &str, status: Status, message: &str) {
-    if let Some(suppressed) = daemon.rejections.record(status.name()) {
-        tracing::warn!(%from, status = status.name(), suppressed, "peer connection rejected: {message}");
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        // A refusal ends the connection: the oldest version, which every dialler reads.
-        peer::reply(stream, migproxy_proto::MIN_VERSION, status, message).await?;
-        stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        let mut left = 64 * 1024;
-        while left > 0 {
-            match stream.read(&mut sink).await? {
-                0 => break,
-                n => left -= n.min(left),
-            }
-        }
-        Ok::<(), std::io::Error>(())
-    })
-    .await;
 }

@@ -57,7 +57,7 @@ impl Dialer for Redialer {
         if self.migration.resumable.credential().is_some() {
             hello.flags |= migproxy_proto::FLAG_CANCEL;
         }
-        match dial(&self.daemon, &self.migration, &hello).await {
+        match dial::reach(&self.daemon, &self.migration, &hello).await {
             Ok(dialled) => {
                 match ControlLink::from(dialled, &self.migration.spec.peer, offered(&hello)) {
                     Ok(link) => {
@@ -462,6 +462,8 @@ fn start_control(
     link: ControlLink,
     first_channel: u32,
 ) -> Result<(), ControlLink> {
+    // A link kept at a pause that this one replaces (it was dialled meanwhile) closes.
+    drop(migration.parked.try_take());
     // Settled before the link attaches: the epoch's first channel may come at once.
     migration.resumable.settle(link.resumable);
     migration.resumable.remember(link.credential.clone());
@@ -500,7 +502,7 @@ async fn resume(
     let hello = hello(migration, Kind::Control, first_channel);
     let link = tokio::select! {
         () = migration.stopped() => return Ok(false),
-        link = dial::dial_again(daemon, migration, &hello) => link,
+        link = dial::reach(daemon, migration, &hello) => link,
     };
     // The control link failed, not a channel, after all that moved before the pause.
     let link = link

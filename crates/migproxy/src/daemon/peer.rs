@@ -148,6 +148,28 @@ pub async fn dial(to: Dial<'_>, hello: &Hello, timing: &Timing) -> Result<Dialle
             peer: peer.to_owned(),
             after: timing.handshake_timeout,
         })??;
+    accepted(peer, stream, reply)
+}
+
+/// A hello on a control link parked at a pause (quiet both ways, already secured), as on a
+/// new connection: the next epoch's.
+pub async fn dial_parked(
+    peer: &str,
+    mut stream: Stream,
+    hello: &Hello,
+    timing: &Timing,
+) -> Result<Dialled, PeerError> {
+    let reply = tokio::time::timeout(timing.handshake_timeout, exchange(peer, &mut stream, hello))
+        .await
+        .map_err(|_| PeerError::HandshakeTimeout {
+            peer: peer.to_owned(),
+            after: timing.handshake_timeout,
+        })??;
+    accepted(peer, stream, reply)
+}
+
+/// The connection, if the reply accepted it; the refusal otherwise.
+fn accepted(peer: &str, stream: Stream, reply: HelloReply) -> Result<Dialled, PeerError> {
     if reply.status != Status::Ok {
         return Err(PeerError::Refused {
             peer: peer.to_owned(),
@@ -221,6 +243,12 @@ async fn introduce(
         Some((tls, server_name)) => secure(peer, tls, server_name, tcp).await?,
         None => Stream::Tcp(tcp),
     };
+    let reply = exchange(peer, &mut stream, hello).await?;
+    Ok((stream, reply))
+}
+
+/// Sends the hello and reads the reply, whatever its status.
+async fn exchange(peer: &str, stream: &mut Stream, hello: &Hello) -> Result<HelloReply, PeerError> {
     let mut buf = Vec::with_capacity(HELLO_HEADER + MAX_HELLO_BODY);
     hello.encode(&mut buf);
     stream
@@ -231,14 +259,13 @@ async fn introduce(
         .flush()
         .await
         .map_err(|error| io_error(peer, error))?;
-    let reply = read_reply(&mut stream).await.map_err(|e| match e {
+    read_reply(stream).await.map_err(|e| match e {
         ReadError::Io(error) => io_error(peer, error),
         ReadError::Decode(error) => PeerError::Decode {
             peer: peer.to_owned(),
             error,
         },
-    })?;
-    Ok((stream, reply))
+    })
 }
 
 /// The TLS handshake as the client. A destination too busy for it ends the handshake at

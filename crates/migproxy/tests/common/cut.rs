@@ -49,6 +49,40 @@ async fn pass(mut client: TcpStream, to: SocketAddr) {
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
 }
 
+/// Every connection passes untouched; `count` counts them.
+pub async fn counting_proxy(to: SocketAddr, count: Arc<AtomicU32>) -> SocketAddr {
+    middlebox(move |_, client| {
+        count.fetch_add(1, Ordering::SeqCst);
+        pass(client, to)
+    })
+    .await
+}
+
+/// Every connection passes until [`Unplug::pull`]; then those open are dropped and nothing
+/// listens any more (a new one is refused): the destination host gone.
+pub struct Unplug {
+    pub addr: SocketAddr,
+    plug: tokio::task::JoinHandle<()>,
+}
+
+impl Unplug {
+    pub async fn new(to: SocketAddr) -> Unplug {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let plug = tokio::spawn(async move {
+            let mut passing = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                passing.spawn(pass(client, to));
+            }
+        });
+        Unplug { addr, plug }
+    }
+
+    pub fn pull(&self) {
+        self.plug.abort();
+    }
+}
+
 /// The control link passes untouched; the data connections `cuts` names are reset after
 /// that many bytes from the source (`usize::MAX`: not at all), `cut` counting those
 /// reset; later ones pass.

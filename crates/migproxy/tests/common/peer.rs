@@ -16,9 +16,22 @@ pub async fn hello_as(
     token: &str,
     (channel, flags): (u32, u8),
 ) -> (TcpStream, migproxy_proto::HelloReply) {
+    let mut stream = TcpStream::connect(&destination.peer).await.unwrap();
+    let reply = hello_on(&mut stream, version, kind, id, token, (channel, flags)).await;
+    (stream, reply)
+}
+
+/// [`hello_as`] on a connection already open (a control link parked at a pause).
+pub async fn hello_on(
+    stream: &mut TcpStream,
+    version: u16,
+    kind: migproxy_proto::Kind,
+    id: &str,
+    token: &str,
+    (channel, flags): (u32, u8),
+) -> migproxy_proto::HelloReply {
     use migproxy_proto::{Hello, HelloReply};
     let token = migproxy::daemon::token::Token::from_hex(token).unwrap();
-    let mut stream = TcpStream::connect(&destination.peer).await.unwrap();
     let mut hello = Vec::new();
     Hello {
         version,
@@ -38,7 +51,7 @@ pub async fn hello_as(
         .read_exact(&mut reply[HelloReply::HEADER..])
         .await
         .unwrap();
-    (stream, HelloReply::decode(&reply).unwrap())
+    HelloReply::decode(&reply).unwrap()
 }
 
 /// A stand-in source daemon's accepted hello in this build's protocol version; for a control

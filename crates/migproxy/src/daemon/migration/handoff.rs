@@ -1,6 +1,7 @@
-//! The kernel data path: the data connection — admitted on the peer port (destination), or
-//! dialled again after a pause (source) — waits here for the task that drives QEMU, which
-//! hands it to QEMU.
+//! One connection waiting for the task that takes it: on the kernel data path, the data
+//! connection — admitted on the peer port (destination), or dialled again after a pause
+//! (source) — for the task that hands it to QEMU; a control link parked at a pause (source)
+//! for the redial task.
 
 use std::sync::Mutex;
 
@@ -44,6 +45,22 @@ impl<T> Handoff<T> {
     /// The connection, if one waits.
     pub fn try_take(&self) -> Option<T> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Waits until a connection waits in the slot (left there for [`try_take`](Self::try_take)).
+    pub async fn waiting(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self
+                .slot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+            {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Waits for the connection.

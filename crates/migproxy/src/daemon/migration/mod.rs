@@ -9,11 +9,10 @@
 //! on the daemon's tracker that feed inputs back; none decides anything itself.
 //!
 //! A *recoverable* migration (postcopy) does not fail when a channel or the link breaks: it
-//! pauses, as QEMU does (`postcopy-paused`). Every channel of the broken *epoch* is torn down
-//! and the control link is closed; when the source QEMU reconnects (`migrate … resume=true`),
-//! the source daemon dials a new control link whose hello names the first channel of the new
-//! epoch, and fresh channels follow. Completion then counts the last epoch only: bytes lost in
-//! flight when the old one broke are QEMU's to resend.
+//! pauses, as QEMU does (`postcopy-paused`). Every channel of the broken *epoch* is torn down;
+//! the control link, if sound, is kept ([`parked`](Migration::parked)), else a new one is
+//! dialled, and the source starts the new epoch on it with a hello naming its first channel.
+//! Fresh channels follow QEMU's recovery. Completion counts the last epoch only.
 //!
 //! Every ending is mirrored to the peer daemon over the control link: a local failure is sent
 //! as [`Control::Failed`] with its attribution, so that the peer reports the same cause
@@ -221,6 +220,8 @@ pub struct Migration {
     pub resumable: resumable::Resumable,
     /// Outgoing, paused: QEMU's recovery came, and waits for the control link (dial now).
     pub recovery_came: tokio::sync::Notify,
+    /// Outgoing, paused: the control link kept for the next epoch.
+    pub parked: handoff::Handoff<crate::transport::Stream>,
 }
 
 #[derive(Debug)]
@@ -302,6 +303,7 @@ impl Migration {
             handoff: handoff::Handoff::default(),
             early: early::EarlyLeg::default(),
             recovery_came: tokio::sync::Notify::new(),
+            parked: handoff::Handoff::default(),
             resumable: resumable::Resumable::default(),
             spec,
         });

@@ -64,7 +64,34 @@ pub async fn dial_again(
     migration: &Arc<Migration>,
     hello: &Hello,
 ) -> Result<peer::Dialled, PeerError> {
-    let dialled = dial(daemon, migration, hello).await;
+    heed(migration, dial(daemon, migration, hello).await)
+}
+
+/// [`dial_again`] for a control link after a pause: on the link parked at the pause when there
+/// is one (the hello goes on it as on a new connection), else, or if that link fails before
+/// its reply (closed meanwhile), on a new one.
+pub async fn reach(
+    daemon: &Daemon,
+    migration: &Arc<Migration>,
+    hello: &Hello,
+) -> Result<peer::Dialled, PeerError> {
+    if let Some(stream) = migration.parked.try_take() {
+        let peer = &migration.spec.peer;
+        match peer::dial_parked(peer, stream, hello, &daemon.config.timing).await {
+            Err(error) if !matches!(error, PeerError::Refused { .. }) => {
+                tracing::info!(migration = %migration.spec.id, "the parked control link failed ({}): dialling a new one", crate::human::Chain(&error));
+            }
+            kept => return heed(migration, kept),
+        }
+    }
+    dial_again(daemon, migration, hello).await
+}
+
+/// A refusal saying the migration was cancelled there cancels it here.
+fn heed(
+    migration: &Arc<Migration>,
+    dialled: Result<peer::Dialled, PeerError>,
+) -> Result<peer::Dialled, PeerError> {
     if let Err(PeerError::Refused {
         status: Status::Cancelled,
         message,

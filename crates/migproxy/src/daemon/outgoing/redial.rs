@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  paused ─► wait 0.5 s ─► dial ─✗─► wait 1 s ─► dial ─✗─► 2 s, 4 s, 5 s, 5 s … ─► dial ─✓─► attached
-//!     (QEMU's recovery connection arriving ends a wait at once: it waits for the link)
+//!     (QEMU's recovery connection arriving ends a wait at once: it waits for the link;
+//!      so does the link kept at the pause, which the first try uses instead of dialling)
 //!                              └ refused (restarted, ended there) ─► failed / cancelled, for good
 //! ```
 //!
@@ -83,6 +84,8 @@ pub async fn run(migration: Arc<Migration>, dialer: impl Dialer) {
     if migration.cancelled_while_paused_here() {
         tell_cancel(&migration, &dialer).await;
     }
+    // A link kept for an epoch that will not come closes.
+    drop(migration.parked.try_take());
 }
 
 /// Dials until the link is back or there is nothing left to resume.
@@ -94,6 +97,8 @@ async fn bring_back(migration: &Arc<Migration>, dialer: &impl Dialer) {
             () = migration.stopped() => return,
             () = tokio::time::sleep(wait) => {}
             () = migration.recovery_came.notified() => {}
+            // The link kept: the destination has paused too, and waits on it.
+            () = migration.parked.waiting() => {}
         }
         if migration.state() != State::Paused {
             return;

@@ -76,6 +76,7 @@ fn as_io(error: PeerError) -> io::Error {
 
 /// Runs the control link, and, each time it is lost (a resumable migration's link broke),
 /// dials another that takes over, until the migration ends or the resume timeout fails it.
+/// A link parked at a pause is kept for the redial task, which starts the next epoch on it.
 pub async fn control_link(
     daemon: Arc<Daemon>,
     migration: Arc<Migration>,
@@ -88,8 +89,14 @@ pub async fn control_link(
         let timing = daemon.config.timing.clone();
         let epoch = (link.epoch, link.stop.clone());
         let run = control::run(Arc::clone(&migration), stream, link, timing, version);
-        if !run.await {
-            return;
+        match run.await {
+            control::Over::Lost => {}
+            control::Over::Parked(stream) => {
+                // One displaced (of an epoch that paused before it was used) closes.
+                drop(migration.parked.put(stream));
+                return;
+            }
+            control::Over::Closed => return,
         }
         match take_over(&daemon, &migration, epoch).await {
             Some((again, taken, spoken)) => (stream, link, version) = (again, taken, spoken),

@@ -560,7 +560,8 @@ impl Core {
             Control::Progress { .. }
             | Control::Broken { .. }
             | Control::Received { .. }
-            | Control::Hurry { .. } => Ok(Vec::new()),
+            | Control::Hurry { .. }
+            | Control::Parked => Ok(Vec::new()),
             Control::ChannelClosed {
                 channel,
                 end,
