@@ -215,17 +215,21 @@ async fn follow(migration: &Migration, channel: &Channel, counters: &Counters) -
             Some(status) if status.is_final() => return qemu_ended(channel).await,
             _ => {}
         }
-        record(migration, channel, counters, &now, false);
         if now.state == TCP_CLOSE {
             // Read the error before QEMU's word is waited for: QEMU may take it meanwhile.
             let error = lost(&channel.socket, &last);
+            // Not counted before QEMU's word: closed in order, the FINs are in the counts
+            // (QEMU shuts its end down before its status says `completed`, which this host
+            // reads up to 100 ms later), and the counters only move forward.
             if migration.qemu_completes(&channel.admitted.stop).await {
                 settle(migration, channel, counters).await;
                 return End::Completed;
             }
+            record(migration, channel, counters, &now, false);
             let _ = channel.socket.shutdown(Shutdown::Both);
             return failed(migration, channel, counters, io_op(migration), error);
         }
+        record(migration, channel, counters, &now, false);
         last = now;
     }
 }
@@ -393,4 +397,63 @@ fn data_reply_len(version: u16) -> u64 {
     }
     .encode(&mut buf);
     buf.len() as u64
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+    use crate::daemon::migration::{Timers, testing};
+    use crate::daemon::qemu::report::Settings;
+
+    /// Both QEMUs shut their ends down in order, and this host sees the connection closed
+    /// before its QEMU's status reads `completed` (polled): the count is QEMU's bytes, not
+    /// the FINs, which `TCP_INFO` counts too (the other host, whose QEMU said `completed`
+    /// first, would count one byte less, and the byte counts would disagree).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_close_seen_before_qemu_completed_counts_no_fin() {
+        let qemu = Settings {
+            qmp: "/nowhere.qmp".into(),
+            multifd: None,
+            postcopy: false,
+            postcopy_after_ms: None,
+            max_bandwidth: None,
+            downtime_limit_ms: None,
+        };
+        let migration = testing::migration(Role::Incoming, Some(qemu), Timers::default());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut source = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        let mut destination_qemu = socket.try_clone().unwrap();
+        source.write_all(&[7; 1000]).unwrap();
+        source.shutdown(Shutdown::Both).unwrap();
+        let mut got = Vec::new();
+        destination_qemu.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 1000);
+        destination_qemu.shutdown(Shutdown::Both).unwrap();
+        let _link = migration.attach_control(0, None).expect("attached");
+        let channel = Channel {
+            index: 0,
+            admitted: migration.open_channel(0).expect("admitted"),
+            socket,
+            preamble: Preamble::default(),
+            qemu: "fd:q".into(),
+            peer: "tcp:p".into(),
+        };
+        let counters = Arc::new(Counters::new());
+        let following = {
+            let (migration, counters) = (Arc::clone(&migration), Arc::clone(&counters));
+            tokio::spawn(async move { follow(&migration, &channel, &counters).await })
+        };
+        // Several samples of the closed socket before QEMU's word.
+        tokio::time::sleep(SAMPLE * 4).await;
+        let completed = serde_json::json!({"status": "completed"});
+        migration.qemu_observed(completed, None, &[], Duration::ZERO);
+        let end = following.await.unwrap();
+        assert!(matches!(end, End::Completed), "{end:?}");
+        assert_eq!(counters.bytes().to_destination, 1000);
+        assert_eq!(counters.bytes().to_source, 0);
+    }
 }
