@@ -424,7 +424,7 @@ mod tests {
         };
         let migration = testing::migration(Role::Incoming, Some(qemu), Timers::default());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut source = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut source = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (socket, _) = listener.accept().unwrap();
         let mut destination_qemu = socket.try_clone().unwrap();
         source.write_all(&[7; 1000]).unwrap();
