@@ -561,3 +561,56 @@ async fn a_link_parked_while_the_epoch_runs_is_a_protocol_failure() {
         "{view}"
     );
 }
+
+/// A kept link that dies before it answers the next epoch's hello costs only a new
+/// connection: the source tries it first, then dials, and the migration recovers. (The link
+/// kept here is the test's own connection, left in the source's slot before the pause.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_link_that_dies_before_its_reply_gives_way_to_a_new_one() {
+    let source = TestDaemon::start("src").await;
+    let destination = TestDaemon::start("dst").await;
+    let via = common::cut::cut_control_after(
+        destination.peer.parse().unwrap(),
+        Duration::from_millis(300),
+    )
+    .await;
+    let (_dir, _qemu_in, target) = stand_in_target();
+    common::daemon::migration_pair_asking(
+        &source,
+        &destination,
+        ("fb", &target),
+        true,
+        json!({"peer": via.to_string()}),
+    )
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let kept = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut far_end, _) = listener.accept().await.unwrap();
+    let migration = source.daemon.get("fb").unwrap();
+    assert!(
+        migration
+            .parked
+            .put(migproxy::transport::Stream::Tcp(kept))
+            .is_none()
+    );
+    // The control link is reset: paused, and the next epoch's hello goes on the kept link.
+    let hello = tokio::time::timeout(
+        Duration::from_secs(5),
+        migproxy::daemon::peer::read_hello(&mut far_end),
+    )
+    .await
+    .expect("no hello on the kept link")
+    .unwrap();
+    assert_eq!(hello.kind, migproxy_proto::Kind::Control);
+    assert_eq!((hello.migration.as_str(), hello.channel), ("fb", 0));
+    drop(far_end);
+    for daemon in [&source, &destination] {
+        let back = |v: &Value| v["state"] == "active" && v["pauses"].as_array().unwrap().len() == 1;
+        daemon
+            .wait_for("fb", "the link back", Duration::from_secs(10), back)
+            .await;
+    }
+    assert!(migration.parked.try_take().is_none());
+}

@@ -470,6 +470,8 @@ fn start_control(
     let Some(attached) = migration.attach_control(first_channel, link.credential.clone()) else {
         return Err(link);
     };
+    // And one that finished parking while this one attached.
+    drop(migration.parked.try_take());
     let (daemon_, migration_) = (Arc::clone(daemon), Arc::clone(migration));
     let runs = resumable::control_link(daemon_, migration_, link.stream, attached, link.version);
     daemon.tasks.spawn(runs);

@@ -789,8 +789,8 @@ impl Migration {
     }
 }
 
-/// The epoch is over: its control link closes after what is queued, its channels are torn
-/// down, and its credential ends with it.
+/// The epoch is over: its control link closes (or, paused, is parked) after what is queued,
+/// its channels are torn down, and its credential ends with it.
 fn end_epoch(inner: &mut Inner) {
     if let Some(outbound) = inner.outbound.take() {
         let _ = outbound.send(Outbound::Close);

@@ -77,7 +77,7 @@ pub async fn reach(
 ) -> Result<peer::Dialled, PeerError> {
     if let Some(stream) = migration.parked.try_take() {
         let peer = &migration.spec.peer;
-        match peer::dial_parked(peer, stream, hello, &daemon.config.timing).await {
+        match peer::dial_parked(peer, stream, hello).await {
             Err(error) if !matches!(error, PeerError::Refused { .. }) => {
                 tracing::info!(migration = %migration.spec.id, "the parked control link failed ({}): dialling a new one", crate::human::Chain(&error));
             }

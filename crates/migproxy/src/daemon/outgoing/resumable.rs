@@ -12,7 +12,7 @@ use migproxy_proto::{Control, FLAG_RESUME, Hello, Kind, Op, Status};
 use super::super::Daemon;
 use super::super::channel::resumable::{self as channel, Ends, Redial};
 use super::super::control;
-use super::super::migration::{Admitted, Epoch, Link, Migration, Outbound};
+use super::super::migration::{Admitted, Epoch, Link, Migration, Outbound, State};
 use super::super::peer::{Dialled, PeerError, read_control, write_control};
 use super::dial::{dial_again, hello};
 use crate::human::Chain;
@@ -91,17 +91,24 @@ pub async fn control_link(
         let run = control::run(Arc::clone(&migration), stream, link, timing, version);
         match run.await {
             control::Over::Lost => {}
-            control::Over::Parked(stream) => {
-                // One displaced (of an epoch that paused before it was used) closes.
-                drop(migration.parked.put(stream));
-                return;
-            }
+            control::Over::Parked(stream) => return keep(&migration, stream),
             control::Over::Closed => return,
         }
         match take_over(&daemon, &migration, epoch).await {
             Some((again, taken, spoken)) => (stream, link, version) = (again, taken, spoken),
             None => return,
         }
+    }
+}
+
+/// Leaves a link parked at a pause for the redial task. Looked at again once left: a link
+/// dialled meanwhile that attached, or the migration's end (after which the redial task no
+/// longer takes it), closes it rather than leave it in the slot.
+fn keep(migration: &Migration, stream: Stream) {
+    // One displaced (of an epoch that paused before it was used) closes.
+    drop(migration.parked.put(stream));
+    if migration.is_stopped() || migration.state() != State::Paused {
+        drop(migration.parked.try_take());
     }
 }
 
