@@ -87,12 +87,10 @@ async fn serve(
     };
     // The first break of a resumable link: its cause.
     let lost = Lost::default();
-    // Whether each side sent `Parked`: this one, then the peer.
-    let parked = Parked::default();
     let sending = send(
         &migration,
         epoch,
-        (&mut writer, &parked),
+        &mut writer,
         &mut queue,
         (timing.heartbeat_interval, catch_up),
         &lost,
@@ -102,16 +100,15 @@ async fn serve(
             ended: &stop,
             peer_timeout: timing.peer_timeout,
             told: &told,
-            parked: &parked,
         };
         tokio::select! {
-            () = receive(&migration, epoch, reading, &mut reader, &lost) => {}
+            parked = receive(&migration, epoch, reading, &mut reader, &lost) => parked,
             // Once the epoch has ended, give the peer a moment to close, then stop listening.
             () = async {
                 stop.cancelled().await;
                 tokio::time::sleep(linger(&migration, epoch, &timing)).await;
-            } => {}
-            () = lost.token.cancelled() => {}
+            } => false,
+            () = lost.token.cancelled() => false,
         }
     };
     let taken_over = async {
@@ -123,10 +120,11 @@ async fn serve(
             migration.peer_link_failure(Op::Read, None, cause),
         );
     };
-    tokio::select! {
-        ((), ()) = async { tokio::join!(sending, receiving) } => {}
-        () = async { taken_over.await; std::future::pending::<()>().await } => {}
-    }
+    // Whether each side sent `Parked`: this one, then the peer.
+    let parked = tokio::select! {
+        parked = async { tokio::join!(sending, receiving) } => parked,
+        () = async { taken_over.await; std::future::pending::<()>().await } => (false, false),
+    };
     match lost.cause() {
         Some(cause) => {
             // Closed with a reset: a peer that has not found the link dead (it still hears
@@ -138,12 +136,12 @@ async fn serve(
             migration.link_lost(epoch, cause, queue);
             Over::Lost
         }
-        None if parked.both() => {
+        None if parked == (true, true) => {
             tracing::info!(migration = %migration.spec.id, "control link kept for the next epoch");
             Over::Parked(reader.unsplit(writer.half))
         }
         None => {
-            if parked.here() {
+            if parked.0 {
                 // The peer did not park: the link closes as it would have.
                 let _ = writer.half.shutdown().await;
             }
@@ -156,23 +154,6 @@ async fn serve(
 /// (the next epoch's hello presents the credential).
 fn parks(migration: &Migration, version: u16) -> bool {
     migration.spec.recoverable && version >= 2
-}
-
-/// Whether each side sent `Parked` on the link.
-#[derive(Default)]
-struct Parked {
-    here: std::sync::atomic::AtomicBool,
-    peer: std::sync::atomic::AtomicBool,
-}
-
-impl Parked {
-    fn here(&self) -> bool {
-        self.here.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn both(&self) -> bool {
-        self.here() && self.peer.load(std::sync::atomic::Ordering::Relaxed)
-    }
 }
 
 /// How long a link listens for the peer to close once the epoch has ended: 2 s, or, on a
@@ -229,14 +210,16 @@ struct CatchUp {
     within: Duration,
 }
 
+/// Writes what the migration queues, and heartbeats and progress, until the epoch ends or the
+/// link breaks; then closes the link, or parks it. Returns whether it sent `Parked`.
 async fn send(
     migration: &Arc<Migration>,
     epoch: Epoch,
-    (writer, parked): (&mut Writer, &Parked),
+    writer: &mut Writer,
     queue: &mut mpsc::UnboundedReceiver<Outbound>,
     (heartbeat, catch_up): (Duration, Option<CatchUp>),
     lost: &Lost,
-) {
+) -> bool {
     let mut tick = tokio::time::interval(heartbeat);
     // A deadline, not a sleep made anew each turn: other frames do not put it off.
     let mut progress = tokio::time::Instant::now() + PROGRESS_IDLE;
@@ -250,18 +233,22 @@ async fn send(
         controls = match written {
             Ok(()) => match missed(migration, epoch, catch_up, lost).await {
                 Some(missed) => missed,
-                None => return,
+                None => return false,
             },
-            Err(error) => return write_failed(migration, epoch, &error, lost),
+            Err(error) => {
+                write_failed(migration, epoch, &error, lost);
+                return false;
+            }
         };
     }
     loop {
         if let Err(error) = write_all(writer, &controls, &mut buf).await {
-            return write_failed(migration, epoch, &error, lost);
+            write_failed(migration, epoch, &error, lost);
+            return false;
         }
         controls = tokio::select! {
             // Lost: what is queued stays for the link that takes over.
-            () = lost.token.cancelled() => return,
+            () = lost.token.cancelled() => return false,
             outbound = queue.recv() => match outbound {
                 Some(Outbound::Frame(control)) => {
                     // Counted as sent once taken: the peer's count says if it arrived.
@@ -289,17 +276,12 @@ async fn send(
     // Everything queued before the end has been written. Paused, the link is kept for the
     // next epoch if the peer keeps it too; otherwise a clean close.
     if writer.parks && migration.state() == State::Paused {
-        if write_all(writer, &[Control::Parked], &mut buf)
+        return write_all(writer, &[Control::Parked], &mut buf)
             .await
-            .is_ok()
-        {
-            parked
-                .here
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        return;
+            .is_ok();
     }
     let _ = writer.half.shutdown().await;
+    false
 }
 
 /// The link broke on a write.
@@ -350,22 +332,21 @@ struct Reading<'a> {
     peer_timeout: Duration,
     /// Where the peer's count of the epoch's frames goes (a link that takes over).
     told: &'a tokio::sync::watch::Sender<Option<u64>>,
-    /// Where the peer's `Parked` goes.
-    parked: &'a Parked,
 }
 
+/// Applies what the peer sends until the link ends or breaks. Returns whether the peer parked
+/// it once this host's epoch had ended.
 async fn receive(
     migration: &Arc<Migration>,
     epoch: Epoch,
     reading: Reading<'_>,
     reader: &mut ReadHalf<Stream>,
     lost: &Lost,
-) {
+) -> bool {
     let Reading {
         ended,
         peer_timeout,
         told,
-        parked,
     } = reading;
     let mut buf = Vec::new();
     loop {
@@ -377,14 +358,9 @@ async fn receive(
                 continue;
             }
             // Nothing of the epoch follows: the link is quiet this way.
-            Ok(Ok(Some(Control::Parked))) if ended.is_cancelled() => {
-                parked
-                    .peer
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                return;
-            }
+            Ok(Ok(Some(Control::Parked))) if ended.is_cancelled() => return true,
             // Parked while this host's epoch runs: the peer has left it, as by a close.
-            Ok(Ok(Some(Control::Parked))) if migration.link_closed(epoch) => return,
+            Ok(Ok(Some(Control::Parked))) if migration.link_closed(epoch) => return false,
             Ok(Ok(Some(Control::Parked))) => migration.peer_link_failure(
                 Op::Protocol,
                 None,
@@ -395,12 +371,12 @@ async fn receive(
                 migration.on_control(epoch, control);
                 continue;
             }
-            Ok(Ok(None)) if ended.is_cancelled() => return,
+            Ok(Ok(None)) if ended.is_cancelled() => return false,
             // However the link ends, it ends a cancel this host asked the source for; a
             // resumable link only by its end of stream: a break may be taken over, and the
             // cancel it swallowed sent again.
-            Ok(Ok(None)) if migration.link_closed(epoch) => return,
-            _ if !migration.resumable.on() && migration.link_closed(epoch) => return,
+            Ok(Ok(None)) if migration.link_closed(epoch) => return false,
+            _ if !migration.resumable.on() && migration.link_closed(epoch) => return false,
             Ok(Ok(None)) => migration.peer_link_failure(
                 Op::Read,
                 None,
@@ -431,7 +407,7 @@ async fn receive(
             // while the failure waits for an explanation, so both hosts tell the peer's story.
             drain(migration, epoch, reader, &mut buf).await;
         }
-        return;
+        return false;
     }
 }
 

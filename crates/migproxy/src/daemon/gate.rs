@@ -216,16 +216,7 @@ impl Gate {
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             tcp.write_all(answer).await?;
-            tcp.shutdown().await?;
-            let mut sink = [0u8; 4096];
-            let mut left = 64 * 1024;
-            while left > 0 {
-                match tcp.read(&mut sink).await? {
-                    0 => break,
-                    n => left -= n.min(left),
-                }
-            }
-            Ok::<(), io::Error>(())
+            close_after_answer(&mut tcp).await
         })
         .await;
     }
@@ -387,6 +378,24 @@ impl Default for Spare {
     fn default() -> Spare {
         Spare::new()
     }
+}
+
+/// Closes a connection that was just answered (a refusal): the writing side is shut down,
+/// then what the peer still sends is read and dropped (64 KiB at most), so that closing
+/// does not reset the connection under the answer. The caller bounds it in time.
+pub async fn close_after_answer(
+    stream: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+) -> io::Result<()> {
+    stream.shutdown().await?;
+    let mut sink = [0u8; 4096];
+    let mut left = 64 * 1024;
+    while left > 0 {
+        match stream.read(&mut sink).await? {
+            0 => break,
+            n => left -= n.min(left),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -462,15 +462,14 @@ fn start_control(
     link: ControlLink,
     first_channel: u32,
 ) -> Result<(), ControlLink> {
-    // A link kept at a pause that this one replaces (it was dialled meanwhile) closes.
-    drop(migration.parked.try_take());
     // Settled before the link attaches: the epoch's first channel may come at once.
     migration.resumable.settle(link.resumable);
     migration.resumable.remember(link.credential.clone());
     let Some(attached) = migration.attach_control(first_channel, link.credential.clone()) else {
         return Err(link);
     };
-    // And one that finished parking while this one attached.
+    // A link kept at a pause that this one replaces (dialled meanwhile) closes; one that
+    // finishes parking later closes itself (`resumable::control_link` looks again).
     drop(migration.parked.try_take());
     let (daemon_, migration_) = (Arc::clone(daemon), Arc::clone(migration));
     let runs = resumable::control_link(daemon_, migration_, link.stream, attached, link.version);
@@ -504,7 +503,7 @@ async fn resume(
     let hello = hello(migration, Kind::Control, first_channel);
     let link = tokio::select! {
         () = migration.stopped() => return Ok(false),
-        link = dial::reach(daemon, migration, &hello) => link,
+        link = dial::reach(daemon, migration, &hello) => dial::heed(migration, link),
     };
     // The control link failed, not a channel, after all that moved before the pause.
     let link = link

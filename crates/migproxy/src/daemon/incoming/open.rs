@@ -15,12 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use migproxy_proto::{Hello, Status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::super::Daemon;
 use super::super::migration::Migration;
 use super::super::peer::{self, ReadError};
+use super::super::{Daemon, gate};
 use crate::human::Chain;
 use crate::tls::Identity;
 use crate::transport::Stream;
@@ -73,7 +72,7 @@ async fn tls_first(tcp: &TcpStream) -> bool {
 async fn open(daemon: &Daemon, tcp: TcpStream, from: &str) -> Result<Opened, Option<Refusal>> {
     let clear =
         daemon.config.tls.is_some() && daemon.config.allow_clear_data && !tls_first(&tcp).await;
-    let (mut stream, identity) = match &daemon.config.tls {
+    let (stream, identity) = match &daemon.config.tls {
         Some(_) if clear => (Stream::Tcp(tcp), None),
         Some(tls) => match tls.current().accept_peer(tcp, from).await {
             Ok((stream, identity)) => (Stream::Tls(Box::new(stream)), Some(identity)),
@@ -86,6 +85,16 @@ async fn open(daemon: &Daemon, tcp: TcpStream, from: &str) -> Result<Opened, Opt
         },
         None => (Stream::Tcp(tcp), None),
     };
+    hello_on(stream, identity, clear, from).await
+}
+
+/// Reads the hello on a secured connection. `Err(None)`: nothing worth answering.
+async fn hello_on(
+    mut stream: Stream,
+    identity: Option<Identity>,
+    clear: bool,
+    from: &str,
+) -> Result<Opened, Option<Refusal>> {
     match peer::read_hello(&mut stream).await {
         Ok(hello) => Ok(Opened {
             stream,
@@ -124,7 +133,7 @@ pub(super) struct Kept {
 /// the migration ended, or the hello was unreadable (then refused as such).
 pub(super) async fn reopen(daemon: &Daemon, kept: Kept, from: &str) -> Option<Opened> {
     let Kept {
-        mut stream,
+        stream,
         identity,
         clear,
         migration,
@@ -132,30 +141,21 @@ pub(super) async fn reopen(daemon: &Daemon, kept: Kept, from: &str) -> Option<Op
     let within = daemon.config.timing.handshake_timeout;
     let read = tokio::select! {
         () = migration.stopped() => None,
-        read = tokio::time::timeout(within, peer::read_hello(&mut stream)) => read.ok(),
+        read = tokio::time::timeout(within, hello_on(stream, identity, clear, from)) => read.ok(),
     };
     match read {
-        Some(Ok(hello)) => {
-            return Some(Opened {
-                stream,
-                hello,
-                identity,
-                clear,
-            });
+        Some(Ok(opened)) => Some(opened),
+        Some(Err(Some((mut stream, status, message)))) => {
+            reject(daemon, &mut stream, from, status, &message).await;
+            None
         }
-        Some(Err(ReadError::Decode(error))) => {
-            let status = hello_refusal(&error);
-            reject(daemon, &mut stream, from, status, &error.to_string()).await;
-        }
-        Some(Err(ReadError::Io(error))) => {
-            tracing::debug!(%from, %error, "parked control link closed by the peer");
-        }
+        Some(Err(None)) => None,
         None => {
+            // Dropped: closed with a FIN.
             tracing::debug!(%from, "parked control link: no hello for the next epoch, closed");
-            let _ = tokio::time::timeout(within, stream.shutdown()).await;
+            None
         }
     }
-    None
 }
 
 /// Answers with a typed refusal and closes cleanly: the rest of what the peer sent is read
@@ -173,16 +173,7 @@ pub(super) async fn reject(
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         // A refusal ends the connection: the oldest version, which every dialler reads.
         peer::reply(stream, migproxy_proto::MIN_VERSION, status, message).await?;
-        stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        let mut left = 64 * 1024;
-        while left > 0 {
-            match stream.read(&mut sink).await? {
-                0 => break,
-                n => left -= n.min(left),
-            }
-        }
-        Ok::<(), std::io::Error>(())
+        gate::close_after_answer(stream).await
     })
     .await;
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::super::Daemon;
 use super::super::migration::Migration;
 use super::super::peer::{self, PeerError};
+use crate::human::Chain;
 
 /// Dials the peer daemon for `migration`, with TLS unless the daemon is plaintext.
 pub async fn dial(
@@ -67,28 +68,27 @@ pub async fn dial_again(
     heed(migration, dial(daemon, migration, hello).await)
 }
 
-/// [`dial_again`] for a control link after a pause: on the link parked at the pause when there
-/// is one (the hello goes on it as on a new connection), else, or if that link fails before
-/// its reply (closed meanwhile), on a new one.
+/// [`dial`]s a control link after a pause: on the link parked at the pause when there is one
+/// (the hello goes on it as on a new connection), else, or if that link fails before its
+/// reply (closed meanwhile), on a new one.
 pub async fn reach(
     daemon: &Daemon,
-    migration: &Arc<Migration>,
+    migration: &Migration,
     hello: &Hello,
 ) -> Result<peer::Dialled, PeerError> {
     if let Some(stream) = migration.parked.try_take() {
-        let peer = &migration.spec.peer;
-        match peer::dial_parked(peer, stream, hello).await {
+        match peer::dial_parked(&migration.spec.peer, stream, hello).await {
             Err(error) if !matches!(error, PeerError::Refused { .. }) => {
-                tracing::info!(migration = %migration.spec.id, "the parked control link failed ({}): dialling a new one", crate::human::Chain(&error));
+                tracing::info!(migration = %migration.spec.id, "the parked control link failed ({}): dialling a new one", Chain(&error));
             }
-            kept => return heed(migration, kept),
+            kept => return kept,
         }
     }
-    dial_again(daemon, migration, hello).await
+    dial(daemon, migration, hello).await
 }
 
 /// A refusal saying the migration was cancelled there cancels it here.
-fn heed(
+pub fn heed(
     migration: &Arc<Migration>,
     dialled: Result<peer::Dialled, PeerError>,
 ) -> Result<peer::Dialled, PeerError> {
