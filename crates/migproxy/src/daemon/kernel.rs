@@ -94,9 +94,27 @@ impl Sample {
     }
 }
 
-/// Reads `TCP_INFO`.
-#[allow(unsafe_code)]
+/// Reads `TCP_INFO`, consistently: Linux reads the socket's state before it takes the lock
+/// under which it reads the byte counts, so a FIN that arrives in between is counted in
+/// the bytes of a sample whose state does not show it yet (one byte more, which the
+/// forward-only counters would keep: seen in CI as a completed migration whose hosts
+/// disagreed by one byte). A sample is taken only when the next read shows the same state:
+/// its counts were read between the two.
 pub fn sample(socket: &TcpStream) -> io::Result<Sample> {
+    let mut first = read_info(socket)?;
+    for _ in 0..8 {
+        let next = read_info(socket)?;
+        if next.state == first.state {
+            return Ok(first);
+        }
+        first = next;
+    }
+    // The state changing at every read: the last one, as it is.
+    Ok(first)
+}
+
+#[allow(unsafe_code)]
+fn read_info(socket: &TcpStream) -> io::Result<Sample> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is a zeroed buffer of `len` bytes that outlives the call, and the
