@@ -263,6 +263,55 @@ async fn one_command_migrates_a_libvirt_guest_over_tls_with_parallel_channels() 
     }
 }
 
+/// A network that resets the daemons' connections mid-migration costs libvirt nothing:
+/// over mutual TLS with two multifd channels (resumable, the daemons' default), every
+/// segment to the destination daemon's peer port is answered with a reset for 2 s. Each
+/// channel goes on over a new connection from the byte it had reached; libvirt's job never
+/// fails, the RAM arrives, and both hosts report the resumptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libvirt_migration_survives_its_peer_connections_reset() {
+    let lv = Libvirt::start_tls("lr", &[]).await;
+    let to = format!("{}:4701", lv.destination.addr);
+    let pki = lv.pki(&lv.source).display().to_string();
+    let flags = [
+        "--parallel",
+        "2",
+        "--max-bandwidth",
+        "16M",
+        "--tls-dir",
+        &pki,
+        "--id",
+        "cut",
+    ];
+    let child = one_command(&lv, &to, &flags).spawn().unwrap();
+    moved(&lv.source, "cut", 8 << 20, Duration::from_secs(60)).await;
+    lv.reset_peer_port();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lv.heal();
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the migration ends")
+        .unwrap();
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(report.contains("migproxy cut: completed"), "{report}");
+    assert!(report.contains("resumptions:"), "{report}");
+    assert_eq!(lv.destination.guest_state(), "running");
+    lv.assert_ram_migrated();
+    for host in [&lv.source, &lv.destination] {
+        let view = show(host, "cut").await;
+        assert_eq!(view["state"], "completed", "{view}");
+        assert!(view["error"].is_null(), "{view}");
+        let resumptions = view["resume"]["resumptions"].as_u64().unwrap();
+        assert!(resumptions >= 1, "{}: {view}", host.name);
+    }
+    // The control link breaks too when it spoke within those 2 s (a heartbeat, progress).
+    let source = show(&lv.source, "cut").await;
+    if source["resume"]["link_outages"].as_u64().unwrap() > 0 {
+        assert!(report.contains("control link outages:"), "{report}");
+    }
+}
+
 /// Ctrl-C (SIGINT) during a bandwidth-limited migration: libvirt's job is aborted, both
 /// daemons' migrations end cancelled and are forgotten, the command exits 1 and the guest
 /// runs on the source; no socket is left.

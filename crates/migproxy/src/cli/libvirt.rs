@@ -485,6 +485,8 @@ fn print_end(end: &End) {
     for c in &source.channels {
         migration::print_channel(c, "    ");
     }
+    // Pauses, recoveries and resumptions: what the network cost this migration.
+    migration::print_recoveries(source);
     if let Some(error) = &source.error {
         say!("  error: {}", error.message);
     }

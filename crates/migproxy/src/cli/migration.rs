@@ -569,12 +569,22 @@ pub(super) fn print_recoveries(m: &Snapshot) {
             Elapsed(Duration::from_millis(m.frozen_ms))
         );
     }
-    if let Some(resume) = m.resume.as_ref().filter(|r| r.resumptions > 0) {
+    let Some(resume) = m.resume.as_ref() else {
+        return;
+    };
+    if resume.resumptions > 0 {
         say!(
             "  resumptions: {} (a channel's peer connection broke), {} lost, {} sent again",
             resume.resumptions,
             Elapsed(Duration::from_millis(resume.lost_ms)),
             Bytes(resume.replayed)
+        );
+    }
+    if resume.link_outages > 0 {
+        say!(
+            "  control link outages: {}, down {} in all",
+            resume.link_outages,
+            Elapsed(Duration::from_millis(resume.link_lost_ms))
         );
     }
 }

@@ -36,7 +36,7 @@ pub struct Host {
 pub struct Libvirt {
     pub source: Host,
     pub destination: Host,
-    _net: TwoHosts,
+    net: TwoHosts,
     pub dir: tempfile::TempDir,
 }
 
@@ -95,7 +95,7 @@ impl Libvirt {
         let mut lv = Libvirt {
             source,
             destination,
-            _net: net,
+            net,
             dir,
         };
         lv.source.image(true);
@@ -117,6 +117,17 @@ impl Libvirt {
         }
         lv.source.define_and_start_guest(lv.dir.path());
         lv
+    }
+
+    /// Every segment to the destination daemon's peer port (4700) is answered with a reset
+    /// until [`heal`](Self::heal): libvirtd's own connection and the API port go on.
+    pub fn reset_peer_port(&self) {
+        self.net.reset_port_b(4700);
+    }
+
+    /// Lifts [`reset_peer_port`](Self::reset_peer_port).
+    pub fn heal(&self) {
+        self.net.restore_b();
     }
 
     /// The destination libvirtd, as the source reaches it.

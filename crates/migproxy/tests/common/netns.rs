@@ -76,6 +76,17 @@ impl TwoHosts {
         );
     }
 
+    /// Answers every TCP segment arriving at host B for `port` with a reset (a firewall's
+    /// reject): each connection to it breaks as soon as its peer sends, and new ones are
+    /// refused, until [`restore_b`](Self::restore_b).
+    pub fn reset_port_b(&self, port: u16) {
+        self.nft_b(&format!(
+            "table inet cut {{ \
+             chain input {{ type filter hook input priority 0; \
+             tcp dport {port} reject with tcp reset; }}; }}"
+        ));
+    }
+
     /// Runs one nft command in host B's namespace.
     fn nft_b(&self, command: &str) {
         let out = Command::new("ip")

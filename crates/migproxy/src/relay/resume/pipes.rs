@@ -44,6 +44,8 @@ pub(super) struct Pipes {
     chain: VecDeque<(Pipe, usize)>,
     /// Where a replay tees each pipe of the chain, whole.
     spare: Pipe,
+    /// Emptied pipes of the chain, kept for its next ones (at most [`RECYCLED`]).
+    recycled: Vec<Pipe>,
     /// The most pipes the chain may have.
     most: usize,
     limit: usize,
@@ -57,6 +59,11 @@ pub(super) struct Pipes {
     in_len: usize,
     teed: usize,
 }
+
+/// How many emptied pipes are kept for the chain's next ones: the chain moves on by a pipe
+/// at a time (one emptied at its head, one begun at its tail), so two spare a pipe(2),
+/// fcntl(2) and close(2) per pipe's worth of bytes.
+const RECYCLED: usize = 2;
 
 fn new_pipe() -> io::Result<Pipe> {
     Pipe::new(0)
@@ -86,6 +93,7 @@ impl Pipes {
         Ok(Pipes {
             chain: VecDeque::from([(chain_pipe(&spare)?, 0)]),
             spare,
+            recycled: Vec::new(),
             most,
             limit,
             base: 0,
@@ -143,7 +151,10 @@ impl Pipes {
             (*held, left, self.len, self.base) =
                 (*held - n, left - n, self.len - n, self.base + n as u64);
             if *held == 0 && self.chain.len() > 1 {
-                self.chain.pop_front();
+                let emptied = self.chain.pop_front();
+                if self.recycled.len() < RECYCLED {
+                    self.recycled.extend(emptied.map(|(pipe, _)| pipe));
+                }
             }
         }
         Ok(())
@@ -224,8 +235,11 @@ impl Pipes {
                     return Ok(n);
                 }
                 Ok(_) | Err(Errno::EAGAIN) if self.chain.len() < self.most => {
-                    let pipe =
-                        chain_pipe(&self.spare).map_err(|error| retention_failed("pipe", error))?;
+                    let pipe = match self.recycled.pop() {
+                        Some(pipe) => pipe,
+                        None => chain_pipe(&self.spare)
+                            .map_err(|error| retention_failed("pipe", error))?,
+                    };
                     self.chain.push_back((pipe, 0));
                 }
                 Ok(_) | Err(Errno::EAGAIN) => return Ok(0),
