@@ -29,6 +29,50 @@ pub fn median_of(values: impl IntoIterator<Item = f64>) -> f64 {
     median(&mut values.into_iter().collect::<Vec<f64>>())
 }
 
+/// Ratios of two routes' runs paired by repetition (`b`'s over `a`'s, for the repetitions
+/// where both ran): runs of the same repetition ran back to back, so a pair shares the
+/// machine's state (a busy neighbour, a frequency change) that the medians of all runs mix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Paired {
+    pub median: f64,
+    /// The middle half of the ratios: first and third quartiles.
+    pub lower: f64,
+    pub upper: f64,
+    pub pairs: usize,
+}
+
+impl Paired {
+    /// None without a pair.
+    pub fn of(a: &[(usize, f64)], b: &[(usize, f64)]) -> Option<Paired> {
+        let mut ratios: Vec<f64> = b
+            .iter()
+            .filter_map(|(rep, vb)| {
+                let (_, va) = a.iter().find(|(r, _)| r == rep)?;
+                Some(vb / va)
+            })
+            .collect();
+        if ratios.is_empty() {
+            return None;
+        }
+        let median = median(&mut ratios);
+        let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+        Some(Paired {
+            median,
+            lower: at(0.25),
+            upper: at(0.75),
+            pairs: ratios.len(),
+        })
+    }
+
+    /// "paired by repetition: median 0.95×, middle half 0.89–1.04× (25 pairs)".
+    pub fn describe(&self) -> String {
+        format!(
+            "paired by repetition: median {:.2}×, middle half {:.2}–{:.2}× ({} pairs)",
+            self.median, self.lower, self.upper, self.pairs
+        )
+    }
+}
+
 /// One target of the benchmark issue: what it asks, what was measured, whether it holds.
 #[derive(Debug)]
 pub struct Target {
@@ -54,6 +98,15 @@ impl Target {
             measured: value.map_or("not measured".into(), |v| format!("{v:.3} {unit}")),
             holds: value.map(|v| v <= at_most),
         }
+    }
+
+    /// Appends the same ratio paired by repetition, when measured: how far single runs
+    /// stray from the ratio of the medians.
+    pub fn paired(mut self, paired: Option<Paired>) -> Target {
+        if let Some(paired) = paired {
+            self.measured = format!("{} ({})", self.measured, paired.describe());
+        }
+        self
     }
 
     /// Appends what bounds the target on this machine, measured in the same run:
@@ -85,8 +138,28 @@ pub fn render_targets(targets: &[Target]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::Target;
+    use super::{Paired, Target};
+
+    #[test]
+    fn pairs_are_matched_by_repetition_and_a_lone_run_is_left_out() {
+        // Repetition 2 failed on `a`, repetition 5 ran on `a` only.
+        let a = [(0, 1.0), (1, 2.0), (3, 4.0), (4, 1.0), (5, 9.0)];
+        let b = [(0, 0.9), (1, 2.2), (2, 7.0), (3, 4.0), (4, 0.5)];
+        let paired = Paired::of(&a, &b).unwrap();
+        // Ratios 0.9, 1.1, 1.0, 0.5: sorted 0.5, 0.9, 1.0, 1.1.
+        assert_eq!(paired.pairs, 4);
+        assert!((paired.median - 0.95).abs() < 1e-9, "{paired:?}");
+        assert!((paired.lower - 0.9).abs() < 1e-9, "{paired:?}");
+        assert!((paired.upper - 1.0).abs() < 1e-9, "{paired:?}");
+        assert_eq!(Paired::of(&a, &[(2, 1.0)]), None);
+        let target = Target::ratio("x", Some(0.96), 0.95).paired(Some(paired));
+        assert_eq!(
+            target.measured,
+            "0.96× (paired by repetition: median 0.95×, middle half 0.90–1.00× (4 pairs))"
+        );
+    }
 
     #[test]
     fn a_target_shows_the_bounds_that_were_measured() {
