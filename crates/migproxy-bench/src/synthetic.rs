@@ -559,6 +559,8 @@ mod tests {
             peak_rss_kib: None,
             endpoints_per_gib: 0.7,
             busy_cores: 1.5,
+            rates: Vec::new(),
+            cpus: Vec::new(),
         };
         let summaries = [
             summary(Route::Direct, spread(2.75, 2.56, 2.82), None),
