@@ -168,13 +168,14 @@ fn available(migproxy: &Path, only: Option<&str>) -> Vec<Route> {
 /// One sample's progress line: throughput, CPU per GiB, busy cores.
 fn progress(route: Route, sample: &Sample, size: u64) -> String {
     format!(
-        "{:<28} {:>6.2} GiB/s, CPU s/GiB: proxy {:.2}, source and sink {:.2}, machine {:.2}; busy cores {:.2}",
+        "{:<28} {:>6.2} GiB/s, CPU s/GiB: proxy {:.2}, source and sink {:.2}, machine {:.2}; busy cores {:.2}; proxy peak RSS {:.1} MiB",
         route.name(),
         gib(size) / sample.seconds,
         sample.cpu_seconds.unwrap_or(0.0) / gib(size),
         sample.spent.endpoints / gib(size),
         sample.spent.machine / gib(size),
         sample.spent.machine / sample.seconds,
+        sample.peak_rss_kib.unwrap_or(0) as f64 / 1024.0,
     )
 }
 
