@@ -449,9 +449,8 @@ fn synthetic_targets(summaries: &[Summary]) -> Vec<Target> {
     let cpu_ratio = over(cpu(Route::Relay), cpu(Route::Haproxy));
     let rates: fn(&Summary) -> &Vec<(usize, f64)> = |s| &s.rates;
     let cpus: fn(&Summary) -> &Vec<(usize, f64)> = |s| &s.cpus;
-    let paired = |a, b, of: fn(&Summary) -> &Vec<(usize, f64)>| {
-        Paired::of(of(find(a)?), of(find(b)?))
-    };
+    let paired =
+        |a, b, of: fn(&Summary) -> &Vec<(usize, f64)>| Paired::of(of(find(a)?), of(find(b)?));
     // The yardstick: what the plainest splice relay reaches here. Beside migproxy's ratio it
     // shows whether the gap to the target is the engine's or the kernel's splice path's.
     let against_haproxy = Target::ratio(
