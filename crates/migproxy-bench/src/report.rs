@@ -66,9 +66,13 @@ impl Paired {
 
     /// "paired by repetition: median 0.95×, middle half 0.89–1.04× (25 pairs)".
     pub fn describe(&self) -> String {
+        let pairs = match self.pairs {
+            1 => "1 pair".to_owned(),
+            n => format!("{n} pairs"),
+        };
         format!(
-            "paired by repetition: median {:.2}×, middle half {:.2}–{:.2}× ({} pairs)",
-            self.median, self.lower, self.upper, self.pairs
+            "paired by repetition: median {:.2}×, middle half {:.2}–{:.2}× ({pairs})",
+            self.median, self.lower, self.upper
         )
     }
 }
@@ -154,6 +158,8 @@ mod tests {
         assert!((paired.lower - 0.9).abs() < 1e-9, "{paired:?}");
         assert!((paired.upper - 1.0).abs() < 1e-9, "{paired:?}");
         assert_eq!(Paired::of(&a, &[(2, 1.0)]), None);
+        let one = Paired::of(&a, &[(1, 1.0)]).unwrap();
+        assert!(one.describe().ends_with("(1 pair)"), "{}", one.describe());
         let target = Target::ratio("x", Some(0.96), 0.95).paired(Some(paired));
         assert_eq!(
             target.measured,
