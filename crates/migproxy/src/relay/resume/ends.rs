@@ -8,9 +8,10 @@
 //! - **Down** (peer to local end) needs no retention: what it writes to the local end is
 //!   what it acknowledges. Between two sockets it goes peer → pipe → local end with
 //!   splice(2), counting what each splice into the local end delivered.
-//! - **Up** (local end to peer) keeps every byte until the peer acknowledges it: between
-//!   plain sockets in pipes (`pipes`: spliced in, tee(2)'d, spliced out), otherwise read
-//!   into the retention's memory and written from it. Not vmsplice(2) from that memory: it
+//! - **Up** (local end to peer) keeps every byte until the peer acknowledges it: from a
+//!   plain socket in pipes (`pipes`: spliced in, tee(2)'d, then spliced out to a plain
+//!   socket, or read through a small buffer into TLS: [`Out`]), otherwise (a tapped
+//!   direction) read into the retention's memory and written from it. Not vmsplice(2) from that memory: it
 //!   hands the retention's own pages to the kernel, and an acknowledgement does not mean
 //!   the kernel let go of them. Spliced on, they can wait in the peer's QEMU's socket (on
 //!   one machine, loopback passes pages from socket to socket) after the peer acknowledged
@@ -213,6 +214,56 @@ pub(super) async fn drain(
         }
     }
     Ok(())
+}
+
+/// Where bytes waiting in a pipe go out to the peer: spliced into a plain socket, or read
+/// through a buffer into any other stream (TLS, which must see them to seal them).
+pub(super) enum Out<'a> {
+    Spliced(Socket<'a>),
+    Copied(&'a mut Writer, &'a mut [u8]),
+}
+
+impl Writer {
+    /// How bytes in a pipe reach this writer: `buf` is the copy's buffer where it is no
+    /// plain socket.
+    pub(super) fn out<'a>(&'a mut self, buf: &'a mut [u8]) -> Out<'a> {
+        match self {
+            Writer::Socket(plain) => Out::Spliced(plain.socket()),
+            other => Out::Copied(other, buf),
+        }
+    }
+}
+
+/// Sends the `held` bytes in `pipe` out, telling `moved` each piece taken from the pipe
+/// (read from it, when copied, even if the write then fails: the pipe no longer has it).
+pub(super) async fn pour(
+    pipe: &Pipe,
+    out: &mut Out<'_>,
+    held: usize,
+    mut moved: impl FnMut(usize),
+) -> io::Result<()> {
+    let (writer, buf) = match out {
+        Out::Spliced(socket) => {
+            return drain(pipe, *socket, held, moved).await.map_err(|(_, e)| e);
+        }
+        Out::Copied(_, buf) if buf.is_empty() => {
+            return Err(io::Error::other("no buffer to copy the kept bytes through"));
+        }
+        Out::Copied(writer, buf) => (writer, buf),
+    };
+    let mut left = held;
+    while left > 0 {
+        let want = left.min(buf.len());
+        // The bytes are in the pipe: the read does not wait.
+        let got = nix::unistd::read(pipe.read.as_raw_fd(), &mut buf[..want])?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        moved(got);
+        left -= got;
+        writer.write_all(&buf[..got]).await?;
+    }
+    writer.flush().await
 }
 
 /// Splices what `from` has, at most `most` bytes, into the empty `pipe`; 0 at end of stream.

@@ -29,8 +29,9 @@
 //! - **Copies** ([`ends`]). In the clear, where both the peer connection and the local end
 //!   are plain sockets, no byte of the migration stream enters user space: up, it is kept in
 //!   pipes (spliced in, tee(2)'d, spliced out: `pipes`); down, it is spliced peer → pipe →
-//!   local end. TLS, or a tapped direction (the return path), is copied, and up keeps its
-//!   bytes in the retention's memory.
+//!   local end. Over TLS up keeps its bytes in the same pipes and reads them through a
+//!   small buffer to seal them; down is copied. A tapped direction (the return path) is
+//!   copied, and keeps its bytes in the retention's memory.
 //! - **Observed as a relay is** ([`Observe`]): the same [`Counters`] (a replayed byte counts
 //!   once), a tap that sees the return path's bytes once and in order, and each outage as it
 //!   starts and ends ([`Outage`]).
@@ -134,6 +135,7 @@ pub async fn carry<L: PeerLink>(
             chunk: options.chunk.max(1),
             observe: options.observe.clone(),
             hurry: sides.hurry.clone(),
+            piece: Vec::new(),
         },
         down: Down {
             local: local_w,

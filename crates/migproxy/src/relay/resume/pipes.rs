@@ -1,13 +1,15 @@
-//! The retention of a direction between plain sockets, kept in pipes: the local end's bytes
-//! never enter user space, as with the relay's splice.
+//! The retention of a direction whose local end is a plain socket, kept in pipes: in the
+//! clear the local end's bytes never enter user space, as with the relay's splice; over TLS
+//! they enter it only to be sealed, a piece at a time.
 //!
 //! ```text
-//!  local end ──splice──► inbound ──splice──► peer
+//!  local end ──splice──► inbound ──splice──► peer (a plain socket; read through a buffer
+//!                           │                      into TLS, which must seal the bytes)
 //!                           │ tee(2): the same pages, referenced again
 //!                           ▼
 //!                 chain: [pipe][pipe]…[pipe] ◄─ tail takes what is tee'd
 //!                    │ ack: splice the head's acknowledged bytes to /dev/null
-//!                    └ replay: tee each pipe whole into a spare one, splice that to the peer
+//!                    └ replay: tee each pipe whole into a spare one, send that to the peer
 //! ```
 //!
 //! The pages are the kernel's (the local end's socket buffers, handed over by splice), and
@@ -32,7 +34,7 @@ use std::os::fd::AsRawFd;
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SpliceFFlags, fcntl, splice, tee};
 
-use super::ends::{self, drain};
+use super::ends::{self, Out, pour};
 use super::retention::RetentionError;
 use super::types::{ResumeError, retention_failed};
 use crate::relay::fd::{FLAGS, Pipe};
@@ -174,9 +176,9 @@ impl Pipes {
         Ok(())
     }
 
-    /// Sends every kept byte to `peer`, oldest first (after [`ack`](Self::ack) of the
-    /// peer's offset, that is all of them from it).
-    pub(super) async fn replay(&self, peer: Socket<'_>) -> io::Result<u64> {
+    /// Sends every kept byte out, oldest first (after [`ack`](Self::ack) of the peer's
+    /// offset, that is all of them from it).
+    pub(super) async fn replay(&self, out: &mut Out<'_>) -> io::Result<u64> {
         let spare = &self.spare;
         // A replay cut short left bytes here; they are in the chain.
         while splice(&spare.read, None, &self.null, None, spare.capacity, FLAGS)
@@ -198,9 +200,7 @@ impl Pipes {
                     "tee gave {copied} of a kept pipe's {held} bytes"
                 )));
             }
-            drain(spare, peer, copied, |_| {})
-                .await
-                .map_err(|(_, e)| e)?;
+            pour(spare, out, copied, |_| {}).await?;
             sent += copied as u64;
         }
         Ok(sent)
@@ -248,9 +248,9 @@ impl Pipes {
         }
     }
 
-    /// Sends the kept bytes at the inbound pipe's head to `peer`; on failure the bytes left
-    /// are kept all the same (a replay sends them).
-    pub(super) async fn send(&mut self, peer: Socket<'_>) -> io::Result<()> {
+    /// Sends the kept bytes at the inbound pipe's head out; on failure the bytes left are
+    /// kept all the same (a replay sends them).
+    pub(super) async fn send(&mut self, out: &mut Out<'_>) -> io::Result<()> {
         let Pipes {
             inbound,
             in_len,
@@ -258,11 +258,11 @@ impl Pipes {
             ..
         } = self;
         let held = *teed;
-        // Counted splice by splice: a session cut mid-way leaves the counts true.
+        // Counted piece by piece: a session cut mid-way leaves the counts true.
         let sent = |n| {
             *teed -= n;
             *in_len -= n;
         };
-        drain(inbound, peer, held, sent).await.map_err(|(_, e)| e)
+        pour(inbound, out, held, sent).await
     }
 }
