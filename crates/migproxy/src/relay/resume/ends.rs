@@ -246,7 +246,7 @@ pub(super) async fn pour(
         Out::Spliced(socket) => {
             return drain(pipe, *socket, held, moved).await.map_err(|(_, e)| e);
         }
-        Out::Copied(_, buf) if buf.is_empty() => {
+        Out::Copied(_, []) => {
             return Err(io::Error::other("no buffer to copy the kept bytes through"));
         }
         Out::Copied(writer, buf) => (writer, buf),
