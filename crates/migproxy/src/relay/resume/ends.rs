@@ -11,8 +11,8 @@
 //! - **Up** (local end to peer) keeps every byte until the peer acknowledges it: from a
 //!   plain socket in pipes (`pipes`: spliced in, tee(2)'d, then spliced out to a plain
 //!   socket, or read through a small buffer into TLS: [`Out`]), otherwise (a tapped
-//!   direction) read into the retention's memory and written from it. Not vmsplice(2) from that memory: it
-//!   hands the retention's own pages to the kernel, and an acknowledgement does not mean
+//!   direction) read into the retention's memory and written from it. Not vmsplice(2)
+//!   from that memory: it hands the retention's own pages to the kernel, and an acknowledgement does not mean
 //!   the kernel let go of them. Spliced on, they can wait in the peer's QEMU's socket (on
 //!   one machine, loopback passes pages from socket to socket) after the peer acknowledged
 //!   them, while the retention rewrites them with newer bytes; the test
@@ -234,6 +234,14 @@ impl Writer {
     }
 }
 
+/// Why kept bytes did not all go out: this host's pipes failed (its retention: the channel
+/// cannot go on), or the peer's connection did (resume on another).
+#[derive(Debug)]
+pub(super) enum PourError {
+    Kept(io::Error),
+    Peer(io::Error),
+}
+
 /// Sends the `held` bytes in `pipe` out, telling `moved` each piece taken from the pipe
 /// (read from it, when copied, even if the write then fails: the pipe no longer has it).
 pub(super) async fn pour(
@@ -241,13 +249,16 @@ pub(super) async fn pour(
     out: &mut Out<'_>,
     held: usize,
     mut moved: impl FnMut(usize),
-) -> io::Result<()> {
+) -> Result<(), PourError> {
     let (writer, buf) = match out {
+        // A splice into the socket fails on the socket's side (reset, broken pipe).
         Out::Spliced(socket) => {
-            return drain(pipe, *socket, held, moved).await.map_err(|(_, e)| e);
+            let drained = drain(pipe, *socket, held, moved).await;
+            return drained.map_err(|(_, e)| PourError::Peer(e));
         }
         Out::Copied(_, []) => {
-            return Err(io::Error::other("no buffer to copy the kept bytes through"));
+            let error = io::Error::other("no buffer to copy the kept bytes through");
+            return Err(PourError::Kept(error));
         }
         Out::Copied(writer, buf) => (writer, buf),
     };
@@ -255,15 +266,19 @@ pub(super) async fn pour(
     while left > 0 {
         let want = left.min(buf.len());
         // The bytes are in the pipe: the read does not wait.
-        let got = nix::unistd::read(pipe.read.as_raw_fd(), &mut buf[..want])?;
+        let got = nix::unistd::read(pipe.read.as_raw_fd(), &mut buf[..want])
+            .map_err(|errno| PourError::Kept(errno.into()))?;
         if got == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            return Err(PourError::Kept(io::ErrorKind::UnexpectedEof.into()));
         }
         moved(got);
         left -= got;
-        writer.write_all(&buf[..got]).await?;
+        writer
+            .write_all(&buf[..got])
+            .await
+            .map_err(PourError::Peer)?;
     }
-    writer.flush().await
+    writer.flush().await.map_err(PourError::Peer)
 }
 
 /// Splices what `from` has, at most `most` bytes, into the empty `pipe`; 0 at end of stream.
@@ -273,4 +288,51 @@ pub(super) async fn fill(pipe: &Pipe, from: Socket<'_>, most: usize) -> io::Resu
         Ok(splice(from.fd(), None, &pipe.write, None, most, FLAGS)?)
     })
     .await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// A real pipe holding `bytes`, and the writer of a stream with no socket under it (as
+    /// TLS), whose other end is returned.
+    fn pipe_and_copier(bytes: &[u8]) -> (Pipe, Writer, tokio::io::DuplexStream) {
+        let pipe = Pipe::new(0).unwrap();
+        std::fs::File::from(pipe.write.try_clone().unwrap())
+            .write_all(bytes)
+            .unwrap();
+        let (near, far) = tokio::io::duplex(64);
+        let (_, writer) = halves(Stream::Other(Box::new(near)));
+        (pipe, writer, far)
+    }
+
+    #[tokio::test]
+    async fn kept_bytes_copied_out_blame_the_pipe_or_the_peer_as_it_was() {
+        // Copied through a buffer, in order.
+        let (pipe, mut writer, mut far) = pipe_and_copier(b"0123456789");
+        let mut buf = [0u8; 4];
+        let mut moved = 0;
+        pour(&pipe, &mut writer.out(&mut buf), 10, |n| moved += n)
+            .await
+            .unwrap();
+        let mut got = [0u8; 10];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!((&got, moved), (b"0123456789", 10));
+        // The pipe holds fewer bytes than counted: this host's retention is at fault.
+        let (pipe, mut writer, _far) = pipe_and_copier(b"01234");
+        let short = pour(&pipe, &mut writer.out(&mut buf), 10, |_| {}).await;
+        assert!(matches!(short, Err(PourError::Kept(_))), "{short:?}");
+        // The peer's stream is gone: its failure, to resume from.
+        let (pipe, mut writer, far) = pipe_and_copier(b"01234");
+        drop(far);
+        let gone = pour(&pipe, &mut writer.out(&mut buf), 5, |_| {}).await;
+        assert!(matches!(gone, Err(PourError::Peer(_))), "{gone:?}");
+        // No buffer to copy through is a defect of this host's, not the peer's.
+        let (pipe, mut writer, _far) = pipe_and_copier(b"01234");
+        let none = pour(&pipe, &mut writer.out(&mut []), 5, |_| {}).await;
+        assert!(matches!(none, Err(PourError::Kept(_))), "{none:?}");
+    }
 }

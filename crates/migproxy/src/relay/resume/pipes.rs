@@ -34,7 +34,7 @@ use std::os::fd::AsRawFd;
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SpliceFFlags, fcntl, splice, tee};
 
-use super::ends::{self, Out, pour};
+use super::ends::{self, Out, PourError, pour};
 use super::retention::RetentionError;
 use super::types::{ResumeError, retention_failed};
 use crate::relay::fd::{FLAGS, Pipe};
@@ -178,7 +178,7 @@ impl Pipes {
 
     /// Sends every kept byte out, oldest first (after [`ack`](Self::ack) of the peer's
     /// offset, that is all of them from it).
-    pub(super) async fn replay(&self, out: &mut Out<'_>) -> io::Result<u64> {
+    pub(super) async fn replay(&self, out: &mut Out<'_>) -> Result<u64, PourError> {
         let spare = &self.spare;
         // A replay cut short left bytes here; they are in the chain.
         while splice(&spare.read, None, &self.null, None, spare.capacity, FLAGS)
@@ -194,11 +194,12 @@ impl Pipes {
                 &spare.write,
                 *held,
                 SpliceFFlags::SPLICE_F_NONBLOCK,
-            )?;
+            )
+            .map_err(|errno| PourError::Kept(errno.into()))?;
             if copied != *held {
-                return Err(io::Error::other(format!(
+                return Err(PourError::Kept(io::Error::other(format!(
                     "tee gave {copied} of a kept pipe's {held} bytes"
-                )));
+                ))));
             }
             pour(spare, out, copied, |_| {}).await?;
             sent += copied as u64;
@@ -250,7 +251,7 @@ impl Pipes {
 
     /// Sends the kept bytes at the inbound pipe's head out; on failure the bytes left are
     /// kept all the same (a replay sends them).
-    pub(super) async fn send(&mut self, out: &mut Out<'_>) -> io::Result<()> {
+    pub(super) async fn send(&mut self, out: &mut Out<'_>) -> Result<(), PourError> {
         let Pipes {
             inbound,
             in_len,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use migproxy_proto::Progress;
 use tokio::sync::watch;
 
-use super::ends::{Reader, Writer};
+use super::ends::{PourError, Reader, Writer};
 use super::pipes::Pipes;
 use super::retention::{Retention, RetentionError};
 use super::types::{Cut, Hurry, Observe, ResumeError, local, retention_failed};
@@ -151,7 +151,10 @@ impl Up {
         }
         match Pipes::new(memory.limit()) {
             Ok(pipes) => self.kept = Kept::Pipes(Box::new(pipes)),
-            Err(error) => tracing::warn!(%error, "no pipes to keep bytes in: copying instead"),
+            Err(error) => {
+                tracing::warn!(%error, "no pipes to keep bytes in: copying instead");
+                return;
+            }
         }
         if peer.socket().is_none() {
             self.piece = vec![0; self.chunk.min(PIECE)];
@@ -280,7 +283,7 @@ impl Up {
             let kept = self.kept.pipes()?;
             kept.send(&mut peer.out(&mut self.piece))
                 .await
-                .map_err(Cut::Broken)?;
+                .map_err(poured("send kept bytes"))?;
             self.observe.counters.hold(self.observe.up, 0);
         }
         Ok(())
@@ -297,8 +300,17 @@ impl Up {
         kept.ack(from)?;
         kept.restart()?;
         let mut out = peer.out(&mut self.piece);
-        kept.replay(&mut out).await.map_err(Cut::Broken)?;
+        kept.replay(&mut out).await.map_err(poured("replay"))?;
         Ok(())
+    }
+}
+
+/// A failure to send kept bytes: the peer's connection resumes; this host's pipes end the
+/// channel as its own failure (`op` says what it was doing), never as the peer's.
+fn poured(op: &'static str) -> impl Fn(PourError) -> Cut {
+    move |error| match error {
+        PourError::Peer(error) => Cut::Broken(error),
+        PourError::Kept(error) => Cut::Fatal(retention_failed(op, error)),
     }
 }
 
