@@ -1,7 +1,7 @@
 //! `synthetic`: a Rust source writes a pseudo-random stream over TCP to a Rust sink that
 //! hashes it, directly or through a proxy; the sink's digest must equal the source's. For
 //! each path: throughput, CPU seconds per GiB of the proxy process (utime+stime from
-//! /proc/PID/stat) and its peak RSS. Runs are interleaved (ABCABC…) and summarised by median
+//! /proc/PID/stat) and its peak RSS. Runs are interleaved (ABC BCA CAB…) and summarised by median
 //! and spread, with ratios to the direct connection.
 
 use std::fmt::Write as _;
@@ -114,7 +114,11 @@ pub fn run(
     let mut samples: Vec<(Route, Vec<(usize, Sample)>)> =
         routes.iter().map(|r| (*r, Vec::new())).collect();
     for rep in 0..reps {
-        for (route, runs) in &mut samples {
+        // Each repetition starts one route later (ABC, BCA, CAB…): no route always runs right
+        // after the same other one, on the machine that one left behind.
+        let n = samples.len();
+        for i in 0..n {
+            let (route, runs) = &mut samples[(i + rep) % n];
             let sample = match run_route(*route, migproxy, &block, size, expected) {
                 Ok(sample) => sample,
                 // Another project's tool failing is reported, not fatal; migproxy failing is.
