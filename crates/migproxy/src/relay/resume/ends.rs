@@ -251,10 +251,9 @@ pub(super) async fn pour(
     mut moved: impl FnMut(usize),
 ) -> Result<(), PourError> {
     let (writer, buf) = match out {
-        // A splice into the socket fails on the socket's side (reset, broken pipe).
         Out::Spliced(socket) => {
             let drained = drain(pipe, *socket, held, moved).await;
-            return drained.map_err(|(_, e)| PourError::Peer(e));
+            return drained.map_err(|(_, e)| spliced_blame(e));
         }
         Out::Copied(_, []) => {
             let error = io::Error::other("no buffer to copy the kept bytes through");
@@ -279,6 +278,23 @@ pub(super) async fn pour(
             .map_err(PourError::Peer)?;
     }
     writer.flush().await.map_err(PourError::Peer)
+}
+
+/// Whose a failed splice from this host's pipe into the peer's socket was: a file that is no
+/// pipe or cannot be spliced, a bad descriptor or address, no memory — this host's; anything
+/// else (reset, broken pipe, timed out, unreachable) the connection's, to resume from.
+fn spliced_blame(error: io::Error) -> PourError {
+    const HERE: [Errno; 5] = [
+        Errno::EBADF,
+        Errno::EINVAL,
+        Errno::EFAULT,
+        Errno::ENOMEM,
+        Errno::ESPIPE,
+    ];
+    match error.raw_os_error() {
+        Some(errno) if HERE.contains(&Errno::from_raw(errno)) => PourError::Kept(error),
+        _ => PourError::Peer(error),
+    }
 }
 
 /// Splices what `from` has, at most `most` bytes, into the empty `pipe`; 0 at end of stream.
@@ -334,5 +350,40 @@ mod tests {
         let (pipe, mut writer, _far) = pipe_and_copier(b"01234");
         let none = pour(&pipe, &mut writer.out(&mut []), 5, |_| {}).await;
         assert!(matches!(none, Err(PourError::Kept(_))), "{none:?}");
+    }
+
+    /// A real pipe holding `bytes`, and the writer of a unix socket, whose other end is
+    /// returned.
+    fn pipe_and_socket(bytes: &[u8]) -> (Pipe, Writer, UnixStream) {
+        let pipe = Pipe::new(0).unwrap();
+        std::fs::File::from(pipe.write.try_clone().unwrap())
+            .write_all(bytes)
+            .unwrap();
+        let (near, far) = UnixStream::pair().unwrap();
+        let (_, writer) = halves(Stream::Unix(near));
+        (pipe, writer, far)
+    }
+
+    #[tokio::test]
+    async fn kept_bytes_spliced_out_blame_the_pipe_or_the_peer_as_it_was() {
+        // Spliced, in order.
+        let (pipe, mut writer, mut far) = pipe_and_socket(b"0123456789");
+        let mut moved = 0;
+        pour(&pipe, &mut writer.out(&mut []), 10, |n| moved += n)
+            .await
+            .unwrap();
+        let mut got = [0u8; 10];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!((&got, moved), (b"0123456789", 10));
+        // What should be the pipe is a file that cannot be spliced (EINVAL): this host's.
+        let (mut pipe, mut writer, _far) = pipe_and_socket(b"01234");
+        pipe.read = std::fs::File::open("/dev/zero").unwrap().into();
+        let here = pour(&pipe, &mut writer.out(&mut []), 5, |_| {}).await;
+        assert!(matches!(here, Err(PourError::Kept(_))), "{here:?}");
+        // The peer's socket is gone (EPIPE): the connection's, to resume from.
+        let (pipe, mut writer, far) = pipe_and_socket(b"01234");
+        drop(far);
+        let gone = pour(&pipe, &mut writer.out(&mut []), 5, |_| {}).await;
+        assert!(matches!(gone, Err(PourError::Peer(_))), "{gone:?}");
     }
 }

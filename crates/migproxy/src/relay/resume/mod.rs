@@ -56,7 +56,7 @@ pub use migproxy_proto::{PROGRESS_LEN, Progress};
 use self::down::{Down, Hello};
 pub use self::retention::{Retention, RetentionError};
 use self::types::Cut;
-pub use self::types::{Hurry, Observe, Options, Outage, Report, ResumeError};
+pub use self::types::{Hurry, Keeping, Observe, Options, Outage, Report, ResumeError};
 use self::up::{Kept, Up};
 use crate::transport::Stream;
 
@@ -149,7 +149,10 @@ pub async fn carry<L: PeerLink>(
         connected: false,
     };
     tokio::select! {
-        result = channel.run() => result.map(|()| channel.report),
+        result = channel.run() => result.map(|()| Report {
+            kept_in: channel.up.kept.keeping(),
+            ..channel.report
+        }),
         () = cancel.cancelled() => Err(ResumeError::Cancelled),
     }
 }

@@ -144,6 +144,18 @@ pub struct Report {
     pub resumptions: u32,
     /// Bytes sent again after a break.
     pub replayed: u64,
+    /// Where this side kept what it sent until the peer acknowledged it.
+    pub kept_in: Keeping,
+}
+
+/// Where a direction keeps the bytes the peer has not acknowledged: kernel pipes (the local
+/// end is a plain socket and no tap watches the direction; in the clear and over TLS alike),
+/// or the daemon's memory.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Keeping {
+    #[default]
+    Memory,
+    Pipes,
 }
 
 /// Why a channel ended short.

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::ends::{PourError, Reader, Writer};
 use super::pipes::Pipes;
 use super::retention::{Retention, RetentionError};
-use super::types::{Cut, Hurry, Observe, ResumeError, local, retention_failed};
+use super::types::{Cut, Hurry, Keeping, Observe, ResumeError, local, retention_failed};
 
 /// Where a direction keeps what the peer has not acknowledged.
 pub(super) enum Kept {
@@ -39,6 +39,13 @@ impl Kept {
         match self {
             Kept::Memory(kept) => kept.kept(),
             Kept::Pipes(kept) => kept.kept(),
+        }
+    }
+
+    pub(super) fn keeping(&self) -> Keeping {
+        match self {
+            Kept::Memory(_) => Keeping::Memory,
+            Kept::Pipes(_) => Keeping::Pipes,
         }
     }
 
