@@ -68,14 +68,18 @@ enum Bench {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
-    /// Real QEMU migrations, interleaved: direct, migproxy (plaintext, TLS), QEMU's own TLS,
-    /// socat, and multifd direct against migproxy.
+    /// Real QEMU migrations, interleaved: direct, migproxy (plaintext, TLS; without and with
+    /// resumable channels), QEMU's own TLS, socat, and multifd direct against migproxy.
     Qemu {
         /// Guest RAM in MiB.
         #[arg(long, default_value_t = 1024)]
         mib: u64,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Only the paths whose name contains this text (direct TCP always runs: every
+        /// ratio is to it), e.g. `--only "migproxy daemons, "`
+        #[arg(long)]
+        only: Option<String>,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -175,9 +179,13 @@ fn main() {
         }
         Bench::Concurrency { size, out } => sibling("migproxy")
             .and_then(|migproxy| concurrency::run(&migproxy, size, &[1, 4, 16], &out)),
-        Bench::Qemu { mib, reps, out } => {
-            sibling("migproxy").and_then(|migproxy| qemu::run(&migproxy, mib, reps, &out))
-        }
+        Bench::Qemu {
+            mib,
+            reps,
+            only,
+            out,
+        } => sibling("migproxy")
+            .and_then(|migproxy| qemu::run(&migproxy, (mib, reps), only.as_deref(), &out)),
         Bench::TlsRecords { size, rounds, out } => {
             sibling("migproxy").and_then(|migproxy| tls_records::run(&migproxy, size, rounds, &out))
         }

@@ -1,6 +1,6 @@
 //! Real QEMU migrations, interleaved: direct TCP, through two migproxy daemons in plaintext
-//! and with TLS, QEMU's own TLS, and socat; plus multifd (4 channels) direct against through
-//! migproxy. A paused guest whose RAM is one random file (written once, reused: a freshly
+//! and with TLS (each without and with resumable channels), QEMU's own TLS, and socat; plus
+//! multifd (4 channels) direct against through migproxy. A paused guest whose RAM is one random file (written once, reused: a freshly
 //! written file makes every migration slow), an anonymous destination RAM faulted in before
 //! the run (see [`Ram::Preallocated`]: first-touch faults here cost 0–2 s per GiB at random),
 //! the RAM compared by `pmemsave` digest after every run. Timed from `migrate` to `completed`
@@ -61,6 +61,10 @@ enum Path_ {
     /// The daemons hand each QEMU its end of their own TCP connection (`fd:`).
     DaemonsKernel,
     DaemonsTls,
+    /// The same pairs with resumable channels (issue #18): the cost of keeping every byte
+    /// until it is acknowledged, with real QEMU at both ends.
+    DaemonsResumable,
+    DaemonsTlsResumable,
     QemuTls,
     Socat,
     /// unix → the simplest splice relay → TCP → another → unix: the daemons' two hops with
@@ -71,11 +75,13 @@ enum Path_ {
 }
 
 impl Path_ {
-    const ALL: [Path_; 9] = [
+    const ALL: [Path_; 11] = [
         Path_::DirectTcp,
         Path_::Daemons,
         Path_::DaemonsKernel,
         Path_::DaemonsTls,
+        Path_::DaemonsResumable,
+        Path_::DaemonsTlsResumable,
         Path_::QemuTls,
         Path_::Socat,
         Path_::SpliceFloor,
@@ -89,6 +95,8 @@ impl Path_ {
             Path_::Daemons => "two migproxy daemons, plaintext",
             Path_::DaemonsKernel => "two migproxy daemons, kernel path",
             Path_::DaemonsTls => "two migproxy daemons, TLS",
+            Path_::DaemonsResumable => "two migproxy daemons, plaintext, resumable channels",
+            Path_::DaemonsTlsResumable => "two migproxy daemons, TLS, resumable channels",
             Path_::QemuTls => "QEMU native TLS (x509)",
             Path_::Socat => "socat (unix → TCP)",
             Path_::SpliceFloor => "two simplest splice relays (yardstick)",
@@ -140,9 +148,20 @@ async fn once(
         }
         Path_::Socat => socat(&mut dst, dir, run).await?,
         Path_::SpliceFloor => splice_floor(&mut dst, dir, run).await?,
-        Path_::Daemons | Path_::DaemonsTls | Path_::MultifdDaemons => {
-            let tls = (path == Path_::DaemonsTls).then_some(pki);
-            through_daemons(&mut dst, migproxy, dir, run, tls).await?
+        Path_::Daemons
+        | Path_::DaemonsTls
+        | Path_::DaemonsResumable
+        | Path_::DaemonsTlsResumable
+        | Path_::MultifdDaemons => {
+            let tls = matches!(path, Path_::DaemonsTls | Path_::DaemonsTlsResumable);
+            let resumable = matches!(path, Path_::DaemonsResumable | Path_::DaemonsTlsResumable);
+            // The daemon's default resume timeout: resumable channels on.
+            let flags: &[&str] = match resumable {
+                true => &["--resume-timeout", "60"],
+                false => &[],
+            };
+            let tls = tls.then_some(pki);
+            through_daemons(&mut dst, migproxy, dir, run, (tls, flags)).await?
         }
         Path_::DaemonsKernel => Route {
             start: Start::Kernel,
@@ -318,16 +337,17 @@ async fn splice_floor(dst: &mut Vm, dir: &Path, run: usize) -> Result<Route, Ben
     })
 }
 
-/// Two migproxy daemons (with TLS from `tls` when given) and a migration created on both.
+/// Two migproxy daemons (with TLS from `tls` when given, and more daemon `flags`) and a
+/// migration created on both.
 async fn through_daemons(
     dst: &mut Vm,
     migproxy: &Path,
     dir: &Path,
     run: usize,
-    tls: Option<&Path>,
+    (tls, flags): (Option<&Path>, &[&str]),
 ) -> Result<Route, BenchError> {
-    let source = daemons::start(migproxy, dir, "srcd", tls)?;
-    let destination = daemons::start(migproxy, dir, "dstd", tls)?;
+    let source = daemons::start_with(migproxy, dir, "srcd", tls, flags)?;
+    let destination = daemons::start_with(migproxy, dir, "dstd", tls, flags)?;
     let target = format!("unix:{}", dir.join(format!("incoming{run}.sock")).display());
     dst.qmp
         .execute("migrate-incoming", json!({"uri": target}))
@@ -391,7 +411,12 @@ async fn migrate(src: &mut Vm, dst: &Vm, route: &Route) -> Result<Measured, Benc
     })
 }
 
-pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), BenchError> {
+pub fn run(
+    migproxy: &Path,
+    (mib, reps): (u64, usize),
+    only: Option<&str>,
+    out: &Path,
+) -> Result<(), BenchError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -407,12 +432,18 @@ pub fn run(migproxy: &Path, mib: u64, reps: usize, out: &Path) -> Result<(), Ben
         if !socat_here {
             eprintln!("{}: skipped, socat is not installed", Path_::Socat.name());
         }
-        let paths: Vec<Path_> = Path_::ALL.into_iter().filter(|p| *p != Path_::Socat || socat_here).collect();
+        // Direct TCP always runs: the ratios are to it.
+        let chosen = |p: &Path_| *p == Path_::DirectTcp || only.is_none_or(|text| p.name().contains(text));
+        let paths: Vec<Path_> = Path_::ALL.into_iter().filter(|p| (*p != Path_::Socat || socat_here) && chosen(p)).collect();
         let mut times: Vec<(Path_, Vec<Run>)> = paths.iter().map(|p| (*p, Vec::new())).collect();
         // One discarded run first: it pages the RAM file in and warms QEMU up.
         once(Path_::DirectTcp, migproxy, &dir, &ram, mib, &pki).await?;
         for rep in 0..reps {
-            for (path, runs) in &mut times {
+            // Each repetition starts one path later (as `synthetic`): none always follows
+            // the same one.
+            let n = times.len();
+            for i in 0..n {
+                let (path, runs) = &mut times[(i + rep) % n];
                 let run = once(*path, migproxy, &dir, &ram, mib, &pki).await?;
                 eprintln!(
                     "rep {}/{reps} {:<36} {:.2} s (CPU: QEMUs {:.2} s, proxies {:.2} s)",
@@ -586,7 +617,38 @@ fn targets(rows: &[PathTimes]) -> Vec<Target> {
         0.02,
         "CPU-s/GiB",
     );
-    vec![plaintext, tls, kernel, kernel_cpu]
+    let mut all = vec![plaintext, tls, kernel, kernel_cpu];
+    all.extend(resumable_targets(rows));
+    all
+}
+
+/// Issue #18's targets, with real QEMU at both ends: each pair with resumable channels
+/// against the same pair without, in the same run.
+fn resumable_targets(rows: &[PathTimes]) -> Vec<Target> {
+    let row = |path: Path_| rows.iter().find(|r| r.path == path.name());
+    let pairs = [
+        (
+            Path_::Daemons,
+            Path_::DaemonsResumable,
+            "real QEMU: resumable daemon pair (plaintext) speed ≥ 0.95× the same pair without",
+            "real QEMU: resumable daemon pair (plaintext) CPU ≤ 1.10× the same pair's without",
+        ),
+        (
+            Path_::DaemonsTls,
+            Path_::DaemonsTlsResumable,
+            "real QEMU: resumable daemon pair (TLS) speed ≥ 0.95× the same pair without",
+            "real QEMU: resumable daemon pair (TLS) CPU ≤ 1.10× the same pair's without",
+        ),
+    ];
+    let mut targets = Vec::new();
+    for (without, with, speed, cpu) in pairs {
+        let both = row(without).zip(row(with));
+        let faster = both.map(|(a, b)| a.seconds.median / b.seconds.median);
+        targets.push(Target::ratio(speed, faster, 0.95));
+        let dearer = both.map(|(a, b)| b.proxy_cpu / a.proxy_cpu);
+        targets.push(Target::at_most(cpu, dearer, 1.10, "×"));
+    }
+    targets
 }
 
 #[cfg(test)]
