@@ -345,18 +345,21 @@ async fn answer(
             return None;
         }
     };
+    // Authenticated and admitted: this connection no longer counts as a handshake, and while
+    // a control link is up its address may use the reserve for its channels. Both before
+    // the reply: the source dials its channels the moment it reads it, and a channel that
+    // found this slot still taken and the reserve still closed was refused busy, failing the
+    // migration (seen under load in daemon_carry's three-channel test).
+    drop(permit.take());
+    let _trusted = matches!(joined, Joined::Control(_)).then(|| gate.trust(address.ip()));
     if let Err(error) = peer::reply(&mut stream, version, Status::Ok, &handed_out).await {
         tracing::debug!(%from, %error, "peer vanished during the handshake");
         unjoin(&migration, joined, hello.channel, &error);
         return None;
     }
-    // Authenticated and admitted: this connection no longer counts as a handshake.
-    drop(permit.take());
     let timing = daemon.config.timing.clone();
     match joined {
         Joined::Control(link) => {
-            // While this link is up, its address may use the reserve for its channels.
-            let _trusted = gate.trust(address.ip());
             let over = control::run(Arc::clone(&migration), stream, link, timing, version).await;
             if let control::Over::Parked(stream) = over {
                 return Some(open::Kept {
