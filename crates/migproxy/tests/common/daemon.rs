@@ -23,12 +23,25 @@ pub struct TestDaemon {
     _dir: tempfile::TempDir,
 }
 
+/// The in-process daemons' log (info and up, or `MIGPROXY_TEST_LOG`), captured with the
+/// test's output: shown when a test fails, so that a failure seen once in CI says what the
+/// daemons did.
+fn log_to_the_test() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MIGPROXY_TEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("migproxy=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(filter)
+        .try_init();
+}
+
 impl TestDaemon {
     pub async fn start(name: &str) -> TestDaemon {
         Self::start_with(name, |_| {}).await
     }
 
     pub async fn start_with(name: &str, tweak: impl FnOnce(&mut Config)) -> TestDaemon {
+        log_to_the_test();
         let dir = tempfile::Builder::new()
             .prefix(&format!("mpd-{name}-"))
             .tempdir_in("/tmp")
