@@ -12,8 +12,8 @@
 //!   plain socket in pipes (`pipes`: spliced in, tee(2)'d, then spliced out to a plain
 //!   socket, or read through a small buffer into TLS: [`Out`]), otherwise (a tapped
 //!   direction) read into the retention's memory and written from it. Not vmsplice(2)
-//!   from that memory: it hands the retention's own pages to the kernel, and an acknowledgement does not mean
-//!   the kernel let go of them. Spliced on, they can wait in the peer's QEMU's socket (on
+//!   from that memory: it hands the retention's own pages to the kernel, and an
+//!   acknowledgement does not mean the kernel let go of them. Spliced on, they can wait in the peer's QEMU's socket (on
 //!   one machine, loopback passes pages from socket to socket) after the peer acknowledged
 //!   them, while the retention rewrites them with newer bytes; the test
 //!   `a_slow_reader_behind_a_direct_link_…` (tests/resume.rs) caught exactly that.
@@ -264,12 +264,17 @@ pub(super) async fn pour(
     let mut left = held;
     while left > 0 {
         let want = left.min(buf.len());
-        // The bytes are in the pipe: the read does not wait.
-        let got = nix::unistd::read(pipe.read.as_raw_fd(), &mut buf[..want])
-            .map_err(|errno| PourError::Kept(errno.into()))?;
-        if got == 0 {
-            return Err(PourError::Kept(io::ErrorKind::UnexpectedEof.into()));
-        }
+        // The bytes are in the pipe: the read does not wait. Empty (EAGAIN, its write end
+        // being open) means this host counted bytes it does not hold.
+        let short = || {
+            let short = format!("a kept pipe ran out {left} bytes short of what was counted");
+            PourError::Kept(io::Error::new(io::ErrorKind::UnexpectedEof, short))
+        };
+        let got = match nix::unistd::read(pipe.read.as_raw_fd(), &mut buf[..want]) {
+            Ok(0) | Err(Errno::EAGAIN) => return Err(short()),
+            Ok(got) => got,
+            Err(errno) => return Err(PourError::Kept(errno.into())),
+        };
         moved(got);
         left -= got;
         writer
@@ -340,7 +345,10 @@ mod tests {
         // The pipe holds fewer bytes than counted: this host's retention is at fault.
         let (pipe, mut writer, _far) = pipe_and_copier(b"01234");
         let short = pour(&pipe, &mut writer.out(&mut buf), 10, |_| {}).await;
-        assert!(matches!(short, Err(PourError::Kept(_))), "{short:?}");
+        assert!(
+            matches!(&short, Err(PourError::Kept(e)) if e.to_string().contains("5 bytes short")),
+            "{short:?}"
+        );
         // The peer's stream is gone: its failure, to resume from.
         let (pipe, mut writer, far) = pipe_and_copier(b"01234");
         drop(far);

@@ -127,7 +127,7 @@ impl Up {
         acks: &mut watch::Receiver<Progress>,
         mine: &watch::Sender<Progress>,
     ) -> Result<(), Cut> {
-        self.choose(&peer);
+        self.choose();
         match &self.kept {
             Kept::Memory(_) => self.run_copied(&mut peer, from, acks, mine).await?,
             Kept::Pipes(_) => self.run_spliced(&mut peer, from, acks, mine).await?,
@@ -144,8 +144,9 @@ impl Up {
 
     /// On the first connection: pipes where the local end is a plain socket and no tap
     /// needs the bytes, memory otherwise (or when the system gives no pipe). A peer that is
-    /// no plain socket (TLS) gets the bytes read from the pipes through a small buffer.
-    fn choose(&mut self, peer: &Writer) {
+    /// no plain socket (TLS) gets the bytes read from the pipes through a small buffer
+    /// ([`piece`]).
+    fn choose(&mut self) {
         if std::mem::replace(&mut self.chosen, true) {
             return;
         }
@@ -158,13 +159,7 @@ impl Up {
         }
         match Pipes::new(memory.limit()) {
             Ok(pipes) => self.kept = Kept::Pipes(Box::new(pipes)),
-            Err(error) => {
-                tracing::warn!(%error, "no pipes to keep bytes in: copying instead");
-                return;
-            }
-        }
-        if peer.socket().is_none() {
-            self.piece = vec![0; self.chunk.min(PIECE)];
+            Err(error) => tracing::warn!(%error, "no pipes to keep bytes in: copying instead"),
         }
     }
 
@@ -287,8 +282,9 @@ impl Up {
                 continue;
             }
             self.observe.counters.hold(self.observe.up, n);
+            let mut out = peer.out(piece(&mut self.piece, self.chunk, peer));
             let kept = self.kept.pipes()?;
-            kept.send(&mut peer.out(&mut self.piece))
+            kept.send(&mut out)
                 .await
                 .map_err(poured("send kept bytes"))?;
             self.observe.counters.hold(self.observe.up, 0);
@@ -306,10 +302,19 @@ impl Up {
         }
         kept.ack(from)?;
         kept.restart()?;
-        let mut out = peer.out(&mut self.piece);
+        let mut out = peer.out(piece(&mut self.piece, self.chunk, peer));
         kept.replay(&mut out).await.map_err(poured("replay"))?;
         Ok(())
     }
+}
+
+/// The buffer bytes kept in pipes pass through to `peer`: none for a plain socket (they are
+/// spliced), up to [`PIECE`] for any other (TLS), made the first time one needs it.
+fn piece<'a>(piece: &'a mut Vec<u8>, chunk: usize, peer: &Writer) -> &'a mut [u8] {
+    if peer.socket().is_none() && piece.is_empty() {
+        *piece = vec![0; chunk.min(PIECE)];
+    }
+    piece
 }
 
 /// A failure to send kept bytes: the peer's connection resumes; this host's pipes end the
