@@ -31,6 +31,9 @@ pub enum DecodeError {
     /// Two hello flags that cannot go together.
     #[error("hello flags `{0}` and `{1}` cannot go together")]
     FlagsExclusive(&'static str, &'static str),
+    /// A hello flag that means something only beside another.
+    #[error("hello flag `{0}` needs flag `{1}`")]
+    FlagNeedsFlag(&'static str, &'static str),
     /// A hello flag that needs a later protocol version than the hello's.
     #[error("hello flag `{flag}` needs protocol version {needs} or later, not {version}")]
     FlagNeedsVersion {

@@ -6,7 +6,10 @@
 //!   flags     bit 0: the migration is recoverable (postcopy); bit 1: the kernel data
 //!             path is offered (control links); bit 2: resumable channels are asked for
 //!             (control links, version 2 on); bit 3: this connection resumes a channel
-//!             (data connections, version 2 on); other bits must be 0
+//!             (data connections, version 2 on), or takes over a broken control link
+//!             (control links); bit 4: it only tells a cancel (control links); bit 5:
+//!             the dialler's migration has ended, the link takes over only to carry its
+//!             last frames (control links, with bit 3); other bits must be 0
 //! HelloReply  "MGPX" │ version u16 │ status u8 │ message length u8 │ message (UTF-8)
 //!   status    0 ok │ 1 unknown migration │ 2 bad token │ 3 expired │ 4 unsupported version │
 //!             5 malformed │ 6 refused │ 7 busy │ 8 cancelled (to version 2 hellos)
@@ -60,8 +63,17 @@ pub const FLAG_RESUME: u8 = 8;
 /// link with [`Status::Cancelled`](crate::Status::Cancelled): nothing attaches, no epoch
 /// begins, nobody recovers.
 pub const FLAG_CANCEL: u8 = 16;
+/// Hello flag (control links that take over, with [`FLAG_RESUME`], version 2 on): the
+/// dialler's migration ended while no control link was up, and this link only carries the
+/// last frames each side queued for the other (`Received` counts first, then the frames
+/// the other has not had: a cancel, a failure). A destination whose migration is still
+/// running takes the link over as any other; one whose migration has ended too accepts it
+/// (rather than refusing it `expired`), once, and both record what the other said
+/// of its end, heard late. Nothing attaches either way.
+pub const FLAG_ENDED: u8 = 32;
 /// Every flag a hello may carry.
-const FLAGS: u8 = FLAG_RECOVERABLE | FLAG_KERNEL_PATH | FLAG_RESUMABLE | FLAG_RESUME | FLAG_CANCEL;
+const FLAGS: u8 =
+    FLAG_RECOVERABLE | FLAG_KERNEL_PATH | FLAG_RESUMABLE | FLAG_RESUME | FLAG_CANCEL | FLAG_ENDED;
 /// The first version with the credential, which resumable channels need.
 const CREDENTIAL_VERSION: u16 = 2;
 /// Magic, version, status and message length.
@@ -87,7 +99,7 @@ pub struct Hello {
     pub channel: u32,
     pub token: [u8; TOKEN_LEN],
     /// [`FLAG_RECOVERABLE`], [`FLAG_KERNEL_PATH`], [`FLAG_RESUMABLE`] (control),
-    /// [`FLAG_RESUME`] (data), or 0.
+    /// [`FLAG_CANCEL`], [`FLAG_ENDED`] (control), [`FLAG_RESUME`], or 0.
     pub flags: u8,
 }
 
@@ -242,10 +254,16 @@ fn check_flags(kind: Kind, flags: u8, version: u16) -> Result<(), DecodeError> {
     if flags & FLAG_CANCEL != 0 && flags & FLAG_RESUME != 0 {
         return Err(DecodeError::FlagsExclusive("cancel", "resume"));
     }
+    // Last frames go on a link that takes over: without the credential's admission a
+    // destination that has ended could not tell its source from anyone.
+    if flags & FLAG_ENDED != 0 && flags & FLAG_RESUME == 0 {
+        return Err(DecodeError::FlagNeedsFlag("ended", "resume"));
+    }
     for (flag, name, only_on) in [
         (FLAG_RESUMABLE, "resumable", Some(Kind::Control)),
         (FLAG_RESUME, "resume", None),
         (FLAG_CANCEL, "cancel", Some(Kind::Control)),
+        (FLAG_ENDED, "ended", Some(Kind::Control)),
     ] {
         if flags & flag == 0 {
             continue;
@@ -434,6 +452,7 @@ mod tests {
             (Kind::Data, FLAG_RESUME),
             (Kind::Data, FLAG_RESUME | FLAG_RECOVERABLE),
             (Kind::Control, FLAG_RESUME | FLAG_RESUMABLE),
+            (Kind::Control, FLAG_RESUME | FLAG_ENDED | FLAG_RESUMABLE),
         ] {
             let h = Hello {
                 flags,
@@ -497,7 +516,20 @@ mod tests {
                 kind: "data"
             })
         );
+        // Last frames: only on a control link that takes over.
+        assert_eq!(
+            refused(Kind::Control, FLAG_ENDED | FLAG_RESUMABLE, VERSION),
+            Err(DecodeError::FlagNeedsFlag("ended", "resume"))
+        );
+        assert_eq!(
+            refused(Kind::Data, FLAG_ENDED | FLAG_RESUME, VERSION),
+            Err(DecodeError::FlagNotForKind {
+                flag: "ended",
+                kind: "data"
+            })
+        );
         for (kind, flag, name) in [
+            (Kind::Control, FLAG_RESUME | FLAG_ENDED, "resume"),
             (Kind::Data, FLAG_RESUME, "resume"),
             (Kind::Control, FLAG_RESUME, "resume"),
             (Kind::Control, FLAG_RESUMABLE, "resumable"),

@@ -156,6 +156,14 @@
 //!    │ ── Cancel (its 2nd frame, sent again) ─────────────────────────────► │
 //! ```
 //!
+//! A source whose migration ended while no control link was up (a cancel, a failure) dials
+//! such a link to deliver its last frames, with [`FLAG_ENDED`] beside `FLAG_RESUME`. A
+//! destination still running takes it over as any other. One that has ended too (at its
+//! own resume timeout, say) accepts it once, with ` ended` as the acceptance's message, if
+//! it ended with its own link down: then both sides send their `Received`, then the frames
+//! the other has not had (each its own end: a `Cancel`, a `GaveUp`), and close. Neither
+//! changes its state; each records the other's end as heard late.
+//!
 //! # Limits
 //!
 //! A hello body is at most [`MAX_HELLO_BODY`] bytes and a control frame at most
@@ -173,9 +181,9 @@ pub use control::{
     frame_len as control_frame_len,
 };
 pub use hello::{
-    FLAG_CANCEL, FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, FLAG_RESUME, HELLO_HEADER,
-    Hello, HelloReply, Kind, MAGIC, MAX_HELLO_BODY, MAX_ID, MIN_VERSION, Status, TOKEN_LEN,
-    VERSION, hello_body_len, negotiate, reply_len, valid_id,
+    FLAG_CANCEL, FLAG_ENDED, FLAG_KERNEL_PATH, FLAG_RECOVERABLE, FLAG_RESUMABLE, FLAG_RESUME,
+    HELLO_HEADER, Hello, HelloReply, Kind, MAGIC, MAX_HELLO_BODY, MAX_ID, MIN_VERSION, Status,
+    TOKEN_LEN, VERSION, hello_body_len, negotiate, reply_len, valid_id,
 };
 pub use resume::{PROGRESS_LEN, Progress};
 

@@ -15,14 +15,15 @@ use std::time::Duration;
 use common::cut::{LinkOutage, Switch, cut_control_after, cut_for_good, cutting_proxy};
 use common::daemon::{TestDaemon, next_event, stand_in_target, subscribe, unix_path};
 use common::resume::{
-    OneChannel, link_down, one_channel, pair_via, resumable_daemons, resumable_daemons_for,
+    OneChannel, hello_answer, link_down, one_channel, pair_via, resumable_daemons,
+    resumable_daemons_for,
 };
 use common::{random_data, receive_all, send_all};
 use migproxy::daemon::migration::view::EventKind;
-use migproxy_proto::{FLAG_RESUME, Hello, Kind, Status, VERSION};
+use migproxy_proto::{FLAG_ENDED, FLAG_RESUME, Hello, Kind, Status, VERSION};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_connections_reset_under_a_live_control_link_lose_not_a_byte() {
@@ -119,6 +120,12 @@ async fn a_resume_from_another_certificate_is_refused_even_with_the_credential()
     destination.wait_final("i1", Duration::from_secs(5)).await;
     intrude(hello(Kind::Data)).await;
     intrude(hello(Kind::Control)).await;
+    // Nor does it get in with last frames to tell.
+    intrude(Hello {
+        flags: FLAG_RESUME | FLAG_ENDED,
+        ..hello(Kind::Control)
+    })
+    .await;
 }
 
 /// Dials `peer` with `intruder`'s certificate and `hello`: refused with `status`, the
@@ -255,18 +262,6 @@ async fn through_three_resets(source: &TestDaemon, destination: &TestDaemon) {
     }
 }
 
-/// Dials the destination daemon with `hello` as a data connection; returns its answer.
-async fn hello_answer(peer: &str, hello: &Hello) -> (Status, String) {
-    let mut stream = TcpStream::connect(peer).await.unwrap();
-    let mut wire = Vec::new();
-    hello.encode(&mut wire);
-    stream.write_all(&wire).await.unwrap();
-    let mut reply = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
-    let reply = migproxy_proto::HelloReply::decode(&reply).unwrap();
-    (reply.status, reply.message)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_without_the_credential_or_for_no_running_channel_is_refused() {
     let (source, destination) = resumable_daemons().await;
@@ -319,6 +314,20 @@ async fn a_resume_without_the_credential_or_for_no_running_channel_is_refused() 
     // Anyone else learns nothing.
     let (status, message) = hello_answer(&destination.peer, &hello(0, [7; 32])).await;
     assert_eq!(status, Status::BadToken, "{message}");
+    // A control link with the source's last frames: the destination ended with its link up,
+    // so the source heard its end and there is nothing to take; without the credential,
+    // nothing to learn.
+    let last_frames = |token| Hello {
+        kind: Kind::Control,
+        flags: FLAG_RESUME | FLAG_ENDED,
+        ..hello(0, token)
+    };
+    let (status, message) =
+        hello_answer(&destination.peer, &last_frames(*credential.bytes())).await;
+    assert_eq!(status, Status::Cancelled, "{message}");
+    let (status, message) = hello_answer(&destination.peer, &last_frames([7; 32])).await;
+    assert_eq!(status, Status::BadToken, "{message}");
+    assert!(destination.show("r2").await["peer_view"]["ended_late"].is_null());
 }
 
 /// A migration whose one channel lost its connection for good: the source QEMU stand-in

@@ -9,11 +9,14 @@ mod common;
 use std::time::Duration;
 
 use common::cut::{ControlGate, LinkOutage, Swallow};
-use common::daemon::{TestDaemon, stand_in_target, unix_path};
+use common::daemon::{TestDaemon, next_event, stand_in_target, subscribe, unix_path};
 use common::resume::{
-    flowing, link_down, one_channel, pair_via, resumable_daemons, resumable_daemons_for,
+    flowing, hello_answer, link_down, one_channel, pair_via, resumable_daemons,
+    resumable_daemons_for,
 };
 use common::{random_data, receive_all};
+use migproxy_proto::{FLAG_ENDED, FLAG_RESUME, Hello, Kind, Status, VERSION};
+use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
@@ -45,6 +48,99 @@ async fn a_cancel_while_the_control_link_is_down_reaches_the_destination_once_it
     let view = destination.wait_final("x1", Duration::from_secs(5)).await;
     assert_eq!(view["state"], "cancelled", "{view}");
     assert_eq!(view["cancelled_by"], "source", "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_cancelled_while_the_destination_failed_at_its_deadline_each_hears_the_others_end()
+{
+    // The destination waits less for a link than the source keeps dialling after its end.
+    let waits =
+        |secs| move |c: &mut migproxy::daemon::Config| c.resume_timeout = Duration::from_secs(secs);
+    let source = TestDaemon::start_with("src", waits(20)).await;
+    let destination = TestDaemon::start_with("dst", waits(1)).await;
+    let outage = LinkOutage::new(
+        destination.peer.parse().unwrap(),
+        Duration::from_millis(300),
+    )
+    .await;
+    let mut channel = one_channel(&source, &destination, "l1", &outage.addr.to_string()).await;
+    channel.write.write_all(&[3; 1 << 20]).await.unwrap();
+    link_down(&source, "l1").await;
+    let mut events = [
+        subscribe(&source, "l1").await,
+        subscribe(&destination, "l1").await,
+    ];
+    let (status, view) = source
+        .request("POST", "/v1/migrations/l1/cancel", None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    // The destination cannot hear it, and fails at its resume timeout.
+    let failed = destination.wait_final("l1", Duration::from_secs(10)).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["peer_view"]["ended_late"], Value::Null, "{failed}");
+    outage.restore();
+    // The link that comes back carries each host's last frames: neither changes its own
+    // verdict (each is what it knew), and each shows the other's.
+    let heard = |v: &Value| !v["peer_view"]["ended_late"].is_null();
+    let here = destination
+        .wait_for(
+            "l1",
+            "the source's end heard",
+            Duration::from_secs(10),
+            heard,
+        )
+        .await;
+    assert_eq!(here["state"], "failed", "{here}");
+    let there = &here["peer_view"]["ended_late"];
+    assert_eq!(there["state"], "cancelled", "{here}");
+    assert_eq!(there["cancelled_by"], "source", "{here}");
+    let here = source
+        .wait_for(
+            "l1",
+            "the destination's end heard",
+            Duration::from_secs(10),
+            heard,
+        )
+        .await;
+    assert_eq!(here["state"], "cancelled", "{here}");
+    let there = &here["peer_view"]["ended_late"];
+    assert_eq!(there["state"], "failed", "{here}");
+    assert_eq!(
+        there["error"]["message"], failed["error"]["message"],
+        "the destination's own words: {here}"
+    );
+    // As the API document says.
+    let doc = common::openapi::Doc::load();
+    for daemon in [&source, &destination] {
+        let view = daemon.show("l1").await;
+        let errors = doc.validate(doc.schema("Migration"), &view);
+        assert!(errors.is_empty(), "{errors:?} in {view}");
+    }
+    // Once: the credential admits no second link with last frames.
+    let credential = source.daemon.get("l1").unwrap().data_credential();
+    let again = Hello {
+        version: VERSION,
+        kind: Kind::Control,
+        migration: "l1".into(),
+        channel: 0,
+        token: *credential.bytes(),
+        flags: FLAG_RESUME | FLAG_ENDED,
+    };
+    let (status, message) = hello_answer(&destination.peer, &again).await;
+    assert_eq!(status, Status::Expired, "{message}");
+    assert!(message.contains("is failed"), "{message}");
+    // And each said so as an event.
+    for events in &mut events {
+        loop {
+            let event = next_event(events).await;
+            if event.name() == "peer_ended" {
+                let event = serde_json::to_value(&event).unwrap();
+                let errors = doc.validate(doc.schema("PeerEndedEvent"), &event);
+                assert!(errors.is_empty(), "{errors:?} in {event}");
+                break;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

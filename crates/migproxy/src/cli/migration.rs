@@ -547,6 +547,19 @@ pub(super) fn print_report(m: &Snapshot, json: bool) {
             say!("    {}: {cause}", n + 1);
         }
     }
+    if let Some(late) = &m.peer_view.ended_late {
+        let by = late
+            .cancelled_by
+            .map_or_else(String::new, |by| format!(" by the {by} host"));
+        let why = late
+            .error
+            .as_ref()
+            .map_or_else(String::new, |e| format!(": {}", e.message));
+        say!(
+            "  the peer daemon, heard once the link came back after both had ended: {}{by}{why}",
+            late.state
+        );
+    }
 }
 
 /// The recoveries in the final report, one line each.

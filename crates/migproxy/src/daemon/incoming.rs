@@ -17,7 +17,7 @@ use super::migration::resumable;
 use super::migration::{Admitted, Link, Migration, Role, Spec, State};
 use super::peer;
 use super::token::Token;
-use super::{Daemon, RegisterError, control, data_path, kernel, paths, qemu};
+use super::{Daemon, RegisterError, control, data_path, kernel, last_frames, paths, qemu};
 use crate::endpoint::Endpoint;
 use crate::human::errno_name;
 use crate::tls::Identity;
@@ -385,6 +385,7 @@ async fn answer(
                 stream.abort();
             }
         }
+        Joined::LastFrames => last_frames::exchange(&migration, stream, version, true).await,
     }
     None
 }
@@ -395,6 +396,8 @@ enum Joined {
     Control(Link),
     Data(Admitted),
     Resume,
+    /// Both hosts have ended: the link only carries the last frames, both ways.
+    LastFrames,
 }
 
 /// Every check a hello must pass, in order: the TLS identity, the migration and its token,
@@ -417,6 +420,14 @@ fn vet(
         return Err(cancel_told(&migration));
     }
     if hello.kind == Kind::Control && hello.flags & migproxy_proto::FLAG_RESUME != 0 {
+        if migration.state().is_final() {
+            // Admitted only to carry the source's last frames, both having ended.
+            return Ok(Vetted {
+                migration,
+                joined: Joined::LastFrames,
+                handed_out: last_frames::ENDED.to_owned(),
+            });
+        }
         return take_over(migration);
     }
     kernel::fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
@@ -615,8 +626,8 @@ fn unjoin(migration: &Arc<Migration>, joined: Joined, channel: u32, error: &std:
             migration.fail(link.epoch, blame);
         }
         Joined::Data(_) => migration.channel_abandoned(channel),
-        // The channel waits on for its next connection.
-        Joined::Resume => {}
+        // The channel waits on for its next connection; an ended one has nothing to undo.
+        Joined::Resume | Joined::LastFrames => {}
     }
 }
 
@@ -707,6 +718,13 @@ fn admit(
     }
     match migration.state() {
         State::Pending | State::Active | State::Resuming | State::Paused => Ok(migration),
+        // The source ended too, and brings its last frames: heard once (`last_frames`).
+        _ if takes_over
+            && hello.flags & migproxy_proto::FLAG_ENDED != 0
+            && migration.takes_last_frames() =>
+        {
+            Ok(migration)
+        }
         state => Err((
             // Said outright to a source that can act on it (it ends cancelled too).
             match state {

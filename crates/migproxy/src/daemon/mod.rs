@@ -34,6 +34,7 @@ pub mod data_path;
 pub mod gate;
 pub mod incoming;
 pub mod kernel;
+mod last_frames;
 pub mod metrics;
 pub mod migration;
 pub mod names;

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use migproxy_proto::{Hello, Status};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 
 use super::daemon::{TestDaemon, stand_in_target, unix_path};
 use super::receive_all;
@@ -103,4 +104,16 @@ pub async fn link_down(daemon: &TestDaemon, id: &str) {
             v["resume"]["link_outages"] == 1
         })
         .await;
+}
+
+/// Dials the destination daemon with `hello` as a data connection; returns its answer.
+pub async fn hello_answer(peer: &str, hello: &Hello) -> (Status, String) {
+    let mut stream = TcpStream::connect(peer).await.unwrap();
+    let mut wire = Vec::new();
+    hello.encode(&mut wire);
+    stream.write_all(&wire).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+    let reply = migproxy_proto::HelloReply::decode(&reply).unwrap();
+    (reply.status, reply.message)
 }

@@ -20,10 +20,12 @@
 //! link waits briefly for such an explanation before blaming the network.
 
 mod cancel;
+mod channel_ends;
 pub mod channels;
 pub mod early;
 pub mod group;
 pub mod handoff;
+mod late;
 mod local_qemu;
 mod path;
 mod recovery;
@@ -51,16 +53,15 @@ use tokio_util::task::TaskTracker;
 
 pub use self::handoff::Preamble;
 pub use self::state::{ChannelState, Epoch, Phase, Role, State};
-use self::state::{Core, Effect, Input, Now, Refusal, ReturnPath};
+use self::state::{Core, Effect, Input, Now, Refusal};
 pub use self::view::Event;
 use self::view::EventKind;
 use super::attribution::{self, Rendered};
 use super::data_path::{Choice, DataPath};
 use super::metrics::Metrics;
-use super::names::EndName;
 use super::qemu::report::{self as qemu, CancelRefused};
 use crate::endpoint::Endpoint;
-use crate::relay::{ByteCounts, Counters, End, Report};
+use crate::relay::ByteCounts;
 
 /// What goes to the control writer.
 #[derive(Debug)]
@@ -222,6 +223,11 @@ pub struct Migration {
     pub recovery_came: tokio::sync::Notify,
     /// Outgoing, paused: the control link kept for the next epoch.
     pub parked: handoff::Handoff<crate::transport::Stream>,
+    /// The peer's word on its end, heard after this host's.
+    late: Mutex<Option<view::LateEnd>>,
+    /// Destination: a link with the source's last frames was taken after the end; a second
+    /// one is refused (a credential must not admit links for ever).
+    last_frames_taken: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -304,6 +310,8 @@ impl Migration {
             early: early::EarlyLeg::default(),
             recovery_came: tokio::sync::Notify::new(),
             parked: handoff::Handoff::default(),
+            late: Mutex::default(),
+            last_frames_taken: std::sync::atomic::AtomicBool::new(false),
             resumable: resumable::Resumable::default(),
             spec,
         });
@@ -630,84 +638,6 @@ impl Migration {
     /// A channel that was opened but never ran (its epoch ended first).
     pub fn channel_abandoned(self: &Arc<Self>, index: u32) {
         let _ = self.step(Input::Abandoned { index });
-    }
-
-    /// A channel that could not be set up (its dial or its connect failed): it failed, and
-    /// with it the epoch — unless the epoch ended meanwhile. A failure on the peer link waits
-    /// for the peer's explanation, as every peer-leg failure does.
-    pub fn channel_failed(self: &Arc<Self>, epoch: Epoch, index: u32, blame: Attribution) {
-        let mut inner = self.lock();
-        let wait = blame.leg == Leg::Peer;
-        let input = Input::SetupFailed {
-            epoch,
-            index,
-            blame,
-            wait,
-        };
-        let _ = self.step_then(&mut inner, input, |inner| {
-            if inner.core.channels().get(index as usize).map(|c| c.state)
-                == Some(ChannelState::Failed)
-            {
-                self.publish(EventKind::ChannelClosed {
-                    channel: index,
-                    end: EndName::Failed,
-                    bytes: ByteCounts::default(),
-                });
-            }
-        });
-    }
-
-    /// The channel's local leg is up and its relay is running with these counters.
-    pub fn channel_running(self: &Arc<Self>, index: u32, counters: Arc<Counters>) {
-        let mut inner = self.lock();
-        inner.live.running(index, counters);
-        let _ = self.step_then(&mut inner, Input::Running { index }, |_| {
-            self.publish(EventKind::ChannelOpened { channel: index });
-        });
-    }
-
-    /// Records how a channel's relay ended, and what that means for the migration.
-    /// `qemu_leg` is the name of the relay leg that faces the local QEMU; `return_path` is
-    /// what the main channel's return path said.
-    pub fn channel_ended(
-        self: &Arc<Self>,
-        index: u32,
-        epoch: Epoch,
-        report: &Report,
-        qemu_leg: &str,
-        return_path: ReturnPath,
-    ) {
-        let (end, failure) = match &report.end {
-            End::Completed => (migproxy_proto::ChannelEnd::Completed, None),
-            End::Cancelled => (migproxy_proto::ChannelEnd::Cancelled, None),
-            End::Failed(failure) => {
-                let blame = attribution::of_relay(self.host(), index, failure, qemu_leg);
-                let wait = blame.leg == Leg::Peer;
-                (migproxy_proto::ChannelEnd::Failed, Some((blame, wait)))
-            }
-        };
-        self.context.metrics.channel_ended(report.bytes);
-        let mut inner = self.lock();
-        let input = Input::Ended {
-            epoch,
-            index,
-            end,
-            bytes: channels::totals(report.bytes),
-            failure,
-            return_path,
-        };
-        let _ = self.step_then(&mut inner, input, |inner| {
-            let end = match inner.core.channels().get(index as usize).map(|c| c.state) {
-                Some(ChannelState::Completed) => EndName::Completed,
-                Some(ChannelState::Failed) => EndName::Failed,
-                _ => EndName::Cancelled,
-            };
-            self.publish(EventKind::ChannelClosed {
-                channel: index,
-                end,
-                bytes: report.bytes,
-            });
-        });
     }
 
     /// A failure on this host's QEMU leg is certain: fail now. One on the peer link may be

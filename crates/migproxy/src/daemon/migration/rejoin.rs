@@ -118,6 +118,13 @@ impl Migration {
         }
     }
 
+    /// Whether the migration ended with its control link down, and its last frames still
+    /// wait for a link ([`left_queued`](Self::left_queued) not taken yet).
+    pub fn ended_with_link_down(&self) -> bool {
+        let inner = self.lock();
+        matches!(inner.core.phase(), Phase::Ended { .. }) && inner.new_link.is_some()
+    }
+
     /// A connection takes over the broken control link: the epoch's queue, and a new stop
     /// of its own. A link still up is told to give up first (`Busy`).
     pub fn rejoin(&self) -> Result<Link, Rejoin> {

@@ -78,7 +78,10 @@ impl Migration {
                     settings: settings.clone(),
                     report,
                 }),
-            peer_view: peer_view(&inner.core),
+            peer_view: view::PeerView {
+                ended_late: self.late_end(),
+                ..peer_view(&inner.core)
+            },
         }
     }
 
@@ -140,6 +143,7 @@ fn peer_view(core: &Core) -> view::PeerView {
             bytes: channels::counts(done.bytes),
             verdict: done.verdict.into(),
         }),
+        ended_late: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use migproxy_proto::{Attribution, Control, Direction, Host, Leg, Op, Totals};
 
 use super::*;
+use crate::relay::Counters;
 
 const TIMERS: Timers = Timers {
     explanation: Duration::from_millis(1000),

@@ -67,6 +67,25 @@ pub struct PeerView {
     pub channels: Vec<PeerChannel>,
     /// The peer's totals once every channel ended cleanly there.
     pub done: Option<PeerDone>,
+    /// How the peer said the migration ended there, heard only after it had ended here
+    /// too; `null` unless so.
+    pub ended_late: Option<LateEnd>,
+}
+
+/// The peer's word on how the migration ended there, heard after it had ended on this host
+/// too: the control link was down across both ends, and came back only to carry the last
+/// frames (a source cancelled during an outage, a destination that failed meanwhile at its
+/// resume timeout). The two hosts' states may then differ; each shows the other's word.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LateEnd {
+    /// `cancelled`, `failed`, or `completed` / `transferred` when every channel had ended
+    /// cleanly there (with or without QEMU's word).
+    pub state: State,
+    pub cancelled_by: Option<HostName>,
+    /// Its failure, as it attributed it.
+    pub error: Option<attribution::Report>,
+    /// When this host heard it, in seconds since the Unix epoch.
+    pub heard_at: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -267,6 +286,9 @@ pub enum EventKind {
         /// Connections tried.
         attempts: u32,
     },
+    /// The peer's word on how the migration ended there, heard after it had ended here
+    /// (see [`LateEnd`]).
+    PeerEnded(LateEnd),
     /// The daemon stops: event streams end here.
     Shutdown,
 }
@@ -324,6 +346,7 @@ impl Event {
             EventKind::Resumed { .. } => "resumed",
             EventKind::ChannelInterrupted { .. } => "channel_interrupted",
             EventKind::ChannelResumed { .. } => "channel_resumed",
+            EventKind::PeerEnded(_) => "peer_ended",
             EventKind::Shutdown => "shutdown",
         }
     }

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use migproxy_proto::{Control, FLAG_RESUME, Hello, Kind, Op, Status};
+use migproxy_proto::{FLAG_ENDED, FLAG_RESUME, Hello, Kind, Op, Status};
 
 use super::super::Daemon;
 use super::super::channel::resumable::{self as channel, Ends, Redial};
-use super::super::control;
-use super::super::migration::{Admitted, Epoch, Link, Migration, Outbound, State};
-use super::super::peer::{Dialled, PeerError, read_control, write_control};
+use super::super::migration::{Admitted, Epoch, Link, Migration, State};
+use super::super::peer::PeerError;
+use super::super::{control, last_frames};
 use super::dial::{dial_again, hello};
 use crate::human::Chain;
 use crate::transport::Stream;
@@ -154,11 +154,19 @@ async fn take_over(
             .resumable
             .link_attempts
             .fetch_add(1, Ordering::Relaxed);
-        let refusal = match dial_again(daemon, migration, &hello).await {
+        // Ended: the link only carries the last frames, which a destination that has ended
+        // too takes rather than refuse.
+        let flags = hello.flags | ended.map_or(0, |_| FLAG_ENDED);
+        let this = Hello {
+            flags,
+            ..hello.clone()
+        };
+        let refusal = match dial_again(daemon, migration, &this).await {
             Ok(dialled) => match migration.rejoin() {
                 Ok(link) => return Some((dialled.stream, link, dialled.version)),
                 Err(_) => {
-                    deliver_last_frames(migration, dialled).await;
+                    let hear = dialled.message == last_frames::ENDED;
+                    last_frames::exchange(migration, dialled.stream, dialled.version, hear).await;
                     return None;
                 }
             },
@@ -207,10 +215,6 @@ fn last_frames_grace(daemon: &Daemon, migration: &Migration) -> Duration {
 
 const LAST_FRAMES_LEAST: Duration = Duration::from_secs(5);
 
-/// How long the destination may take to say what it received, on a link that delivers
-/// the last frames.
-const PEER_COUNT_WAIT: Duration = Duration::from_secs(5);
-
 /// The hello of a control link that takes over: the epoch's credential in place of the
 /// spent one-time token, and `FLAG_RESUME`.
 fn takeover_hello(migration: &Migration) -> Hello {
@@ -226,63 +230,4 @@ fn takeover_hello(migration: &Migration) -> Hello {
         flags: control.flags | FLAG_RESUME,
         ..control
     }
-}
-
-/// The migration ended while its link was down: as on any link that takes over, the
-/// epoch's frames the destination missed go again (once it has said how many it has), then
-/// what the migration queued for it (its cancel, its failure); then the link closes.
-async fn deliver_last_frames(migration: &Migration, dialled: Dialled) {
-    let Some(mut queue) = migration.left_queued() else {
-        return;
-    };
-    let (mut reader, mut writer) = tokio::io::split(dialled.stream);
-    let mut buf = Vec::new();
-    let epoch = migration.epoch();
-    let tell = migration.resumable.sequence().tell(epoch);
-    if write_control(&mut writer, dialled.version, &tell, &mut buf)
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let Some(frames) = peer_count(&mut reader).await else {
-        return;
-    };
-    let mut last = migration.resumable.sequence().unreceived(epoch, frames);
-    while let Ok(Outbound::Frame(control)) = queue.try_recv() {
-        last.push(control);
-    }
-    for control in &last {
-        if write_control(&mut writer, dialled.version, control, &mut buf)
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
-    tracing::info!(migration = %migration.spec.id, "the control link is back after the end: its last frames were delivered");
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut writer).await;
-    // Read what the destination still sends (heartbeats) until it closes, briefly: closing
-    // with unread bytes would reset the link under its last frames.
-    let drained = async { while let Ok(Some(_)) = read_control(&mut reader, &mut buf).await {} };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
-}
-
-/// The destination's count of the epoch's frames: its first sequenced word on a link that
-/// takes over (progress and heartbeats may come before it).
-async fn peer_count(reader: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u64> {
-    let mut buf = Vec::new();
-    let count = async {
-        loop {
-            match read_control(reader, &mut buf).await {
-                Ok(Some(Control::Received { frames })) => return Some(frames),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return None,
-            }
-        }
-    };
-    tokio::time::timeout(PEER_COUNT_WAIT, count)
-        .await
-        .ok()
-        .flatten()
 }
