@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::chart::{self, Bar, Panel};
 use crate::measure::{BenchError, cores, cpu_seconds, free_port, machine};
-use crate::report::{Spread, Target, median_of, render_targets};
+use crate::report::{Paired, Spread, Target, median_of, render_targets};
 use crate::{daemons, pki};
 
 /// One path's migration times, as the table and the chart show them.
@@ -37,6 +37,10 @@ pub struct PathTimes {
     pub cpu_floor: f64,
     /// Guest RAM migrated, GiB.
     pub gib: f64,
+    /// Each repetition's wall time and proxies' CPU, by repetition, for ratios paired by
+    /// repetition.
+    pub walls: Vec<(usize, f64)>,
+    pub proxy_cpus: Vec<(usize, f64)>,
 }
 
 /// One measured migration.
@@ -519,6 +523,8 @@ fn summarise(times: &[(Path_, Vec<Run>)], gib: f64) -> Vec<PathTimes> {
                         .map(|r| (r.qemu_cpu + r.proxy_cpu) / cores() as f64),
                 ),
                 gib,
+                walls: wall.iter().copied().enumerate().collect(),
+                proxy_cpus: runs.iter().map(|r| r.proxy_cpu).enumerate().collect(),
             }
         })
         .collect()
@@ -643,10 +649,14 @@ fn resumable_targets(rows: &[PathTimes]) -> Vec<Target> {
     let mut targets = Vec::new();
     for (without, with, speed, cpu) in pairs {
         let both = row(without).zip(row(with));
+        // Ratios of the medians, and the same paired by repetition (each repetition runs
+        // every path back to back): speed is the time without over the time with.
         let faster = both.map(|(a, b)| a.seconds.median / b.seconds.median);
-        targets.push(Target::ratio(speed, faster, 0.95));
+        let paired = both.and_then(|(a, b)| Paired::of(&b.walls, &a.walls));
+        targets.push(Target::ratio(speed, faster, 0.95).paired(paired));
         let dearer = both.map(|(a, b)| b.proxy_cpu / a.proxy_cpu);
-        targets.push(Target::at_most(cpu, dearer, 1.10, "×"));
+        let paired = both.and_then(|(a, b)| Paired::of(&a.proxy_cpus, &b.proxy_cpus));
+        targets.push(Target::at_most(cpu, dearer, 1.10, "×").paired(paired));
     }
     targets
 }
@@ -668,6 +678,8 @@ mod tests {
             busy_cores: 1.6,
             cpu_floor: 0.45,
             gib: 1.0,
+            walls: vec![(0, median)],
+            proxy_cpus: vec![(0, 0.0)],
         };
         let rows = [
             row("direct TCP", 0.55, 0.52, 2.42),
