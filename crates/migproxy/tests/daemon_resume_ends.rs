@@ -116,6 +116,23 @@ async fn a_source_cancelled_while_the_destination_failed_at_its_deadline_each_he
         let errors = doc.validate(doc.schema("Migration"), &view);
         assert!(errors.is_empty(), "{errors:?} in {view}");
     }
+    // And so do both CLIs' reports.
+    for (daemon, there) in [
+        (&destination, "cancelled by the source host"),
+        (&source, "failed: peer link, seen from the destination"),
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_migproxy"))
+            .args(["migration", "--api"])
+            .arg(&daemon.api)
+            .args(["show", "l1"])
+            .output()
+            .await
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        let line =
+            format!("the peer daemon, heard once the link came back after both had ended: {there}");
+        assert!(report.contains(&line), "{report}");
+    }
     // Once: the credential admits no second link with last frames.
     let credential = source.daemon.get("l1").unwrap().data_credential();
     let again = Hello {
