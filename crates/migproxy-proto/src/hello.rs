@@ -67,9 +67,11 @@ pub const FLAG_CANCEL: u8 = 16;
 /// dialler's migration ended while no control link was up, and this link only carries the
 /// last frames each side queued for the other (`Received` counts first, then the frames
 /// the other has not had: a cancel, a failure). A destination whose migration is still
-/// running takes the link over as any other; one whose migration has ended too accepts it
-/// (rather than refusing it `expired`), once, and both record what the other said
-/// of its end, heard late. Nothing attaches either way.
+/// running takes the link over as any other; one whose migration has ended too, with its
+/// own link down, accepts it (rather than refusing it `expired` or `cancelled`) once, with
+/// ` ended` as the acceptance's message, and both record what the other said of its end,
+/// heard late. Nothing attaches either way. A destination built before the flag refuses it
+/// as malformed: the source dials again without it.
 pub const FLAG_ENDED: u8 = 32;
 /// Every flag a hello may carry.
 const FLAGS: u8 =

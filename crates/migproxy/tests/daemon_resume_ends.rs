@@ -78,6 +78,19 @@ async fn a_source_cancelled_while_the_destination_failed_at_its_deadline_each_he
     let failed = destination.wait_final("l1", Duration::from_secs(10)).await;
     assert_eq!(failed["state"], "failed", "{failed}");
     assert_eq!(failed["peer_view"]["ended_late"], Value::Null, "{failed}");
+    // Someone without the credential, with last frames to tell: refused, and the one link
+    // the destination takes for them is still the source's.
+    let credential = source.daemon.get("l1").unwrap().data_credential();
+    let last_frames = |token| Hello {
+        version: VERSION,
+        kind: Kind::Control,
+        migration: "l1".into(),
+        channel: 0,
+        token,
+        flags: FLAG_RESUME | FLAG_ENDED,
+    };
+    let (status, message) = hello_answer(&destination.peer, &last_frames([7; 32])).await;
+    assert_eq!(status, Status::BadToken, "{message}");
     outage.restore();
     // The link that comes back carries each host's last frames: neither changes its own
     // verdict (each is what it knew), and each shows the other's.
@@ -134,15 +147,7 @@ async fn a_source_cancelled_while_the_destination_failed_at_its_deadline_each_he
         assert!(report.contains(&line), "{report}");
     }
     // Once: the credential admits no second link with last frames.
-    let credential = source.daemon.get("l1").unwrap().data_credential();
-    let again = Hello {
-        version: VERSION,
-        kind: Kind::Control,
-        migration: "l1".into(),
-        channel: 0,
-        token: *credential.bytes(),
-        flags: FLAG_RESUME | FLAG_ENDED,
-    };
+    let again = last_frames(*credential.bytes());
     let (status, message) = hello_answer(&destination.peer, &again).await;
     assert_eq!(status, Status::Expired, "{message}");
     assert!(message.contains("is failed"), "{message}");

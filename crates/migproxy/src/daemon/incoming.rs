@@ -415,19 +415,20 @@ fn vet(
     if let Some(identity) = identity {
         allowed(daemon, identity).map_err(refused)?;
     }
-    let migration = admit(daemon, hello, identity)?;
+    let (migration, last) = admit(daemon, hello, identity)?;
+    if last {
+        // Admitted only to carry the source's last frames, both having ended.
+        return Ok(Vetted {
+            migration,
+            joined: Joined::LastFrames,
+            handed_out: last_frames::ENDED.to_owned(),
+        });
+    }
     if hello.kind == Kind::Control && hello.flags & migproxy_proto::FLAG_CANCEL != 0 {
         return Err(cancel_told(&migration));
     }
     if hello.kind == Kind::Control && hello.flags & migproxy_proto::FLAG_RESUME != 0 {
-        if migration.state().is_final() {
-            // Admitted only to carry the source's last frames, both having ended.
-            return Ok(Vetted {
-                migration,
-                joined: Joined::LastFrames,
-                handed_out: last_frames::ENDED.to_owned(),
-            });
-        }
+        // (One that ended since `admit` has no link to take over: refused.)
         return take_over(migration);
     }
     kernel::fit(&migration, hello, clear, daemon.config.tls.is_some()).map_err(refused)?;
@@ -626,8 +627,10 @@ fn unjoin(migration: &Arc<Migration>, joined: Joined, channel: u32, error: &std:
             migration.fail(link.epoch, blame);
         }
         Joined::Data(_) => migration.channel_abandoned(channel),
-        // The channel waits on for its next connection; an ended one has nothing to undo.
-        Joined::Resume | Joined::LastFrames => {}
+        // The channel waits on for its next connection.
+        Joined::Resume => {}
+        // The source may come again with its last frames.
+        Joined::LastFrames => migration.last_frames_undone(),
     }
 }
 
@@ -645,12 +648,13 @@ fn busy_reply(message: &str) -> Vec<u8> {
 }
 
 /// Finds the migration a hello names and checks its token; a resume's certificate too,
-/// before anything of the migration's state is told.
+/// before anything of the migration's state is told. True beside it: admitted, once the
+/// migration has ended, only to carry the source's last frames.
 fn admit(
     daemon: &Daemon,
     hello: &Hello,
     identity: Option<&Identity>,
-) -> Result<Arc<Migration>, (Status, String)> {
+) -> Result<(Arc<Migration>, bool), (Status, String)> {
     let unknown = || {
         (
             Status::UnknownMigration,
@@ -717,13 +721,13 @@ fn admit(
         ));
     }
     match migration.state() {
-        State::Pending | State::Active | State::Resuming | State::Paused => Ok(migration),
+        State::Pending | State::Active | State::Resuming | State::Paused => Ok((migration, false)),
         // The source ended too, and brings its last frames: heard once (`last_frames`).
         _ if takes_over
             && hello.flags & migproxy_proto::FLAG_ENDED != 0
             && migration.takes_last_frames() =>
         {
-            Ok(migration)
+            Ok((migration, true))
         }
         state => Err((
             // Said outright to a source that can act on it (it ends cancelled too).

@@ -19,14 +19,18 @@ impl Migration {
         self.ended_with_link_down() && !self.last_frames_taken.swap(true, Ordering::SeqCst)
     }
 
+    /// The link taken for the source's last frames went before its reply: the source may
+    /// come again.
+    pub fn last_frames_undone(&self) {
+        self.last_frames_taken.store(false, Ordering::SeqCst);
+    }
+
     /// Records the peer's end, said in one of its last frames after this host had ended:
-    /// a cancel, its failure, or its channels' clean end.
+    /// a cancel, its failure for good, or its channels' clean end.
     pub fn heard_late(&self, control: &Control) {
         let (state, cancelled_by, error) = match control {
             Control::Cancel { by } => (State::Cancelled, Some(HostName::from(*by)), None),
-            Control::GaveUp(blame) | Control::Failed(blame) => {
-                (State::Failed, None, Some(attribution::Report::from(blame)))
-            }
+            Control::GaveUp(blame) => (State::Failed, None, Some(attribution::Report::from(blame))),
             Control::Done {
                 verdict: Verdict::Unknown,
                 ..

@@ -12,7 +12,7 @@ use migproxy_proto::{FLAG_ENDED, FLAG_RESUME, Hello, Kind, Op, Status};
 use super::super::Daemon;
 use super::super::channel::resumable::{self as channel, Ends, Redial};
 use super::super::migration::{Admitted, Epoch, Link, Migration, State};
-use super::super::peer::PeerError;
+use super::super::peer::{Dialled, PeerError};
 use super::super::{control, last_frames};
 use super::dial::{dial_again, hello};
 use crate::human::Chain;
@@ -128,6 +128,7 @@ async fn take_over(
     let hello = takeover_hello(migration);
     let mut pause = Duration::ZERO;
     let mut ended: Option<tokio::time::Instant> = None;
+    let mut plain = false;
     let mut tried_at = tokio::time::Instant::now();
     loop {
         if ended.is_none() && migration.is_stopped() {
@@ -155,41 +156,27 @@ async fn take_over(
             .link_attempts
             .fetch_add(1, Ordering::Relaxed);
         // Ended: the link only carries the last frames, which a destination that has ended
-        // too takes rather than refuse.
-        let flags = hello.flags | ended.map_or(0, |_| FLAG_ENDED);
+        // too takes rather than refuse (one of an older build refuses the flag).
+        let last = ended.is_some() && !plain;
         let this = Hello {
-            flags,
+            flags: hello.flags | if last { FLAG_ENDED } else { 0 },
             ..hello.clone()
         };
         let refusal = match dial_again(daemon, migration, &this).await {
-            Ok(dialled) => match migration.rejoin() {
-                Ok(link) => return Some((dialled.stream, link, dialled.version)),
-                Err(_) => {
-                    let hear = dialled.message == last_frames::ENDED;
-                    last_frames::exchange(migration, dialled.stream, dialled.version, hear).await;
-                    return None;
+            Ok(dialled) => return rejoin_or_deliver(migration, dialled).await,
+            Err(error) => match after(migration, (ended.is_some(), last), error) {
+                After::Again => continue,
+                After::Soon => {
+                    pause = Duration::from_millis(20);
+                    continue;
                 }
+                After::Plain => {
+                    plain = true;
+                    continue;
+                }
+                After::Stop => return None,
+                After::Fail(refusal) => refusal,
             },
-            Err(PeerError::Refused {
-                status: Status::Busy,
-                ..
-            }) => {
-                pause = Duration::from_millis(20);
-                continue;
-            }
-            // Ended here, and refused there: nothing to deliver to (it has ended too).
-            Err(PeerError::Refused { .. }) if ended.is_some() => return None,
-            Err(_) if ended.is_some() => continue,
-            // Cancelled there while the link was down: cancelled here too (`dial_again`).
-            Err(PeerError::Refused {
-                status: Status::Cancelled,
-                ..
-            }) => return None,
-            Err(refused @ PeerError::Refused { .. }) => refused,
-            Err(error) => {
-                tracing::debug!(migration = %migration.spec.id, error = %Chain(&error), "the control link is not back yet");
-                continue;
-            }
         };
         let message = format!(
             "the destination refused the control link's return: {}",
@@ -198,6 +185,56 @@ async fn take_over(
         let blame = migration.peer_link_failure(Op::Handshake, None, message);
         migration.fail(epoch, blame);
         return None;
+    }
+}
+
+/// A link that takes over, or (the migration having ended) one that carries its last
+/// frames.
+async fn rejoin_or_deliver(
+    migration: &Arc<Migration>,
+    dialled: Dialled,
+) -> Option<(Stream, Link, u16)> {
+    match migration.rejoin() {
+        Ok(link) => Some((dialled.stream, link, dialled.version)),
+        Err(_) => {
+            let hear = dialled.message == last_frames::ENDED;
+            last_frames::exchange(migration, dialled.stream, dialled.version, hear).await;
+            None
+        }
+    }
+}
+
+/// What a failed dial for a link that takes over leads to.
+enum After {
+    /// Dial again at the next pause.
+    Again,
+    /// Dial again soon: the destination was busy.
+    Soon,
+    /// Dial again without `FLAG_ENDED`, which an older destination refuses as malformed.
+    Plain,
+    Stop,
+    /// The destination refused it: the migration fails.
+    Fail(PeerError),
+}
+
+/// `ended`: the migration has ended here; `last`: the dial carried `FLAG_ENDED`.
+fn after(migration: &Migration, (ended, last): (bool, bool), error: PeerError) -> After {
+    let PeerError::Refused { status, .. } = &error else {
+        if !ended {
+            tracing::debug!(migration = %migration.spec.id, error = %Chain(&error), "the control link is not back yet");
+        }
+        return After::Again;
+    };
+    match status {
+        Status::Busy => After::Soon,
+        Status::Malformed if last => After::Plain,
+        // Ended here, and refused there: nothing to deliver to (it has ended too).
+        _ if ended => After::Stop,
+        // Cancelled there while the link was down: cancelled here too (`dial_again`).
+        Status::Cancelled => After::Stop,
+        // Ended here while the dial was under way: the next one carries the last frames.
+        _ if migration.is_stopped() => After::Again,
+        _ => After::Fail(error),
     }
 }
 
