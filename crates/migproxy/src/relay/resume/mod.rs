@@ -176,7 +176,10 @@ impl<L: PeerLink> Channel<L> {
             let broke = Instant::now();
             let settled = self.settled_without_connection();
             let (connection, peer, attempts) = tokio::select! {
-                again = self.reconnect(cause.take()) => again?,
+                again = self.reconnect(cause.take()) => match again {
+                    Err(ResumeError::Refused(error)) => return self.refused(error).await,
+                    again => again?,
+                },
                 () = settled => return self.end_without_connection().await,
             };
             sessions += 1;
@@ -312,6 +315,19 @@ impl<L: PeerLink> Channel<L> {
             if peer.wait_for(told).await.is_err() {
                 std::future::pending::<()>().await;
             }
+        }
+    }
+
+    /// The peer refused a new connection: it holds nothing to resume. The channel may have
+    /// ended there with all done, its last progress still on its way on the control link,
+    /// which races the data connection's close (seen in CI: a multifd channel failed after
+    /// QEMU completed on both hosts). That progress, within the end grace, settles it;
+    /// otherwise the refusal stands.
+    async fn refused(&mut self, error: io::Error) -> Result<(), ResumeError> {
+        let settled = self.settled_without_connection();
+        match tokio::time::timeout(self.options.end_grace, settled).await {
+            Ok(()) => self.end_without_connection().await,
+            Err(_) => Err(ResumeError::Refused(error)),
         }
     }
 

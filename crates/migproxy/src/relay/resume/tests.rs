@@ -222,6 +222,78 @@ async fn a_fin_short_of_the_announced_end_is_a_break_not_the_end() {
     assert!(error.to_string().contains("after it broke"), "{error}");
 }
 
+/// Dials the stand-in once; every later connection is refused, as a destination whose
+/// channel ended refuses it.
+struct OnceThenRefused(Option<SocketAddr>);
+
+impl PeerLink for OnceThenRefused {
+    async fn connect(&mut self) -> io::Result<Stream> {
+        match self.0.take() {
+            Some(addr) => Dial(addr).connect().await,
+            None => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "channel 2 is not a resumable channel running here",
+            )),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_that_races_the_peers_last_progress_is_the_end_not_a_failure() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sides, peer) = sides();
+    let (qemu, local) = UnixStream::pair().unwrap();
+    let (mut qemu_r, mut qemu_w) = qemu.into_split();
+    qemu_w.write_all(b"abc").await.unwrap();
+    qemu_w.shutdown().await.unwrap();
+    let Sides {
+        mine: peer_says,
+        peer: mut heard,
+        ..
+    } = peer;
+    tokio::spawn(async move {
+        let (mut connection, _) = listener.accept().await.unwrap();
+        connection
+            .write_all(&Progress::default().encode())
+            .await
+            .unwrap();
+        let mut got = vec![0; PROGRESS_LEN + 3];
+        connection.read_exact(&mut got).await.unwrap();
+        // Everything came, and the engine said its direction ended: the peer's channel
+        // ends, and its data connection goes (reset, as a socket closed with bytes unread)
+        // before its last progress (delivered all, its own direction empty) goes out on
+        // the control link.
+        heard.wait_for(|p| p.end == Some(3)).await.unwrap();
+        socket2::SockRef::from(&connection)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(connection);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peer_says.send_replace(Progress {
+            delivered: 3,
+            end: Some(0),
+        });
+        // Held until the engine is done.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let link = OnceThenRefused(Some(addr));
+    let report = carry(
+        Stream::Unix(local),
+        link,
+        sides,
+        small(),
+        CancellationToken::new(),
+    );
+    let report = tokio::time::timeout(Duration::from_secs(5), report).await;
+    let report = report.unwrap().unwrap();
+    assert_eq!(report.sent, 3, "{report:?}");
+    // QEMU's side of the peer's direction ends too.
+    let mut rest = Vec::new();
+    qemu_r.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+}
+
 #[tokio::test]
 async fn a_cancel_ends_the_channel_at_once() {
     let (_qemu, local) = UnixStream::pair().unwrap();
