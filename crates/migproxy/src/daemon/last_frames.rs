@@ -38,8 +38,19 @@ pub const ENDED: &str = " ended";
 
 /// Sends the epoch's frames the peer has not had and what the migration queued for it
 /// (its end), once the peer has said how many it has; reads what the peer sends until it
-/// closes. `hear`: the peer has ended too, and its end, if it says it, is recorded.
+/// closes. `hear`: the peer has ended too, and its end, if it says it, is recorded. Bounded
+/// as a whole: a peer that stops reading holds the task no longer than that.
 pub async fn exchange(migration: &Migration, stream: Stream, version: u16, hear: bool) {
+    let exchanged = frames(migration, stream, version, hear);
+    if tokio::time::timeout(PEER_WAIT * 3, exchanged)
+        .await
+        .is_err()
+    {
+        tracing::info!(migration = %migration.spec.id, "the peer took too long over the last frames: link closed");
+    }
+}
+
+async fn frames(migration: &Migration, stream: Stream, version: u16, hear: bool) {
     let mut queue = migration.left_queued();
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = Vec::new();
@@ -82,8 +93,8 @@ pub async fn exchange(migration: &Migration, stream: Stream, version: u16, hear:
     }
 }
 
-/// The peer's end among the frames it sent: the last of them wins (a pause, then its end
-/// for good).
+/// The peer's end among the frames it sent ([`Migration::end_said`]): the last of them
+/// wins.
 #[derive(Default)]
 struct Heard {
     end: Option<Control>,
@@ -91,10 +102,7 @@ struct Heard {
 
 impl Heard {
     fn frame(&mut self, control: Control) {
-        if matches!(
-            control,
-            Control::Cancel { .. } | Control::GaveUp(_) | Control::Failed(_) | Control::Done { .. }
-        ) {
+        if Migration::end_said(&control).is_some() {
             self.end = Some(control);
         }
     }

@@ -106,7 +106,8 @@ pub async fn link_down(daemon: &TestDaemon, id: &str) {
         .await;
 }
 
-/// Dials the destination daemon with `hello` as a data connection; returns its answer.
+/// Dials the destination daemon's peer port with `hello` (of either kind); returns its
+/// answer.
 pub async fn hello_answer(peer: &str, hello: &Hello) -> (Status, String) {
     let mut stream = TcpStream::connect(peer).await.unwrap();
     let mut wire = Vec::new();

@@ -25,10 +25,12 @@ impl Migration {
         self.last_frames_taken.store(false, Ordering::SeqCst);
     }
 
-    /// Records the peer's end, said in one of its last frames after this host had ended:
-    /// a cancel, its failure for good, or its channels' clean end.
-    pub fn heard_late(&self, control: &Control) {
-        let (state, cancelled_by, error) = match control {
+    /// The end a frame says: a cancel, a failure for good, or every channel's clean end
+    /// (with QEMU's word or without). A pause (`Failed`) is no end.
+    pub fn end_said(
+        control: &Control,
+    ) -> Option<(State, Option<HostName>, Option<attribution::Report>)> {
+        Some(match control {
             Control::Cancel { by } => (State::Cancelled, Some(HostName::from(*by)), None),
             Control::GaveUp(blame) => (State::Failed, None, Some(attribution::Report::from(blame))),
             Control::Done {
@@ -36,7 +38,15 @@ impl Migration {
                 ..
             } => (State::Transferred, None, None),
             Control::Done { .. } => (State::Completed, None, None),
-            _ => return,
+            _ => return None,
+        })
+    }
+
+    /// Records the peer's end, said in one of its last frames after this host had ended
+    /// ([`end_said`](Self::end_said)); any other frame is ignored.
+    pub fn heard_late(&self, control: &Control) {
+        let Some((state, cancelled_by, error)) = Self::end_said(control) else {
+            return;
         };
         let end = LateEnd {
             state,

@@ -13,10 +13,10 @@
 //!   socket, or read through a small buffer into TLS: [`Out`]), otherwise (a tapped
 //!   direction) read into the retention's memory and written from it. Not vmsplice(2)
 //!   from that memory: it hands the retention's own pages to the kernel, and an
-//!   acknowledgement does not mean the kernel let go of them. Spliced on, they can wait in the peer's QEMU's socket (on
-//!   one machine, loopback passes pages from socket to socket) after the peer acknowledged
-//!   them, while the retention rewrites them with newer bytes; the test
-//!   `a_slow_reader_behind_a_direct_link_…` (tests/resume.rs) caught exactly that.
+//!   acknowledgement does not mean the kernel let go of them. Spliced on, they can wait in
+//!   the peer's QEMU's socket (on one machine, loopback passes pages from socket to socket)
+//!   after the peer acknowledged them, while the retention rewrites them with newer bytes;
+//!   the test `a_slow_reader_behind_a_direct_link_…` (tests/resume.rs) caught exactly that.
 
 use std::io;
 use std::os::fd::AsRawFd;
